@@ -1,0 +1,69 @@
+"""ckptmigrate: versioned PyTorch checkpoints and the migrations that keep them loadable.
+
+>>> import ckptmigrate as cm
+>>> schema = cm.Schema("tinylm", current="2.0.0", build=lambda hp: TinyLM(**hp))
+>>> ckpt = cm.load("old.pth", schema=schema)   # upgraded on the way in
+
+Importing this package does not import torch: paths that only read metadata stay fast.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import errors, ops
+from .api import attach, load, load_into, save
+from .checkpoint import Checkpoint
+from .errors import (
+    BreakingMigrationError,
+    CheckpointFormatError,
+    CkptMigrateError,
+    DuplicateSchemaError,
+    FutureVersionError,
+    LoadMismatchError,
+    MigrationError,
+    MigrationGraphError,
+    NoMigrationPathError,
+    SchemaMismatchError,
+    UnsafeCheckpointError,
+    UnversionedCheckpointError,
+    VersionConflictError,
+)
+from .report import LoadReport
+from .schema import Schema
+from .upgrade import upgrade
+
+__all__ = [
+    "BreakingMigrationError",
+    "Checkpoint",
+    "CheckpointFormatError",
+    "CkptMigrateError",
+    "DuplicateSchemaError",
+    "FutureVersionError",
+    "LoadMismatchError",
+    "LoadReport",
+    "MigrationError",
+    "MigrationGraphError",
+    "NoMigrationPathError",
+    "Schema",
+    "SchemaMismatchError",
+    "UnsafeCheckpointError",
+    "UnversionedCheckpointError",
+    "VersionConflictError",
+    "attach",
+    "errors",
+    "load",
+    "load_into",
+    "ops",
+    "save",
+    "upgrade",
+]
+
+
+def __getattr__(name: str) -> object:
+    # diff pulls in deepdiff; import it on first use only
+    if name == "diff":
+        from .diff import diff
+
+        return diff
+    raise AttributeError(f"module 'ckptmigrate' has no attribute {name!r}")

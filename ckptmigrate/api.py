@@ -1,0 +1,227 @@
+"""The top-level calls: save, load (upgrading on the way in), load_into and attach."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from packaging.version import Version
+
+from .checkpoint import Checkpoint
+from .errors import (
+    BreakingMigrationError,
+    SchemaMismatchError,
+    UnversionedCheckpointError,
+    VersionConflictError,
+)
+from .files import read_checkpoint, write_checkpoint
+from .schema import Schema
+from .upgrade import check_belongs
+from .upgrade import upgrade as upgrade_checkpoint
+from .version import parse_version
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _resolve_schema(schema: Schema | str | None) -> Schema | None:
+    if schema is None or isinstance(schema, Schema):
+        return schema
+    from .discovery import find_schemas
+
+    found = find_schemas()
+    if schema not in found:
+        raise SchemaMismatchError(schema, "none of the discovered schemas") from None
+    return found[schema]
+
+
+def save(
+    path: str | os.PathLike[str],
+    obj: Checkpoint | Mapping[str, Any],
+    *,
+    schema: Schema | str | None = None,
+    version: str | Version | None = None,
+    hparams: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> Checkpoint:
+    """Write a stamped checkpoint atomically and return what was written.
+
+    ``obj`` is a state_dict (then ``schema`` is required, and ``version`` too when the schema
+    is given by name) or a :class:`Checkpoint`, written in the layout it was read in. A path
+    ending in ``.safetensors`` writes safetensors; anything else an ordinary torch.save file.
+
+    >>> cm.save("model.pth", model.state_dict(), schema=schema, hparams={"d_model": 64})
+    >>> cm.save("old.pth", sd, schema="tinylm", version="1.0.0")
+    """
+    if isinstance(obj, Checkpoint):
+        ckpt = obj.copy()
+        if schema is not None:
+            ckpt.schema = schema.name if isinstance(schema, Schema) else schema
+        if version is not None:
+            ckpt.version = parse_version(version)
+        if hparams is not None:
+            ckpt.hparams = dict(hparams)
+        if meta is not None:
+            ckpt.meta = dict(meta)
+    else:
+        if not isinstance(obj, Mapping):
+            raise TypeError(f"save takes a state_dict or a Checkpoint, got {type(obj).__name__}")
+        if schema is None:
+            raise TypeError("save(path, state_dict) needs schema= (a Schema or its name)")
+        if version is None:
+            if not isinstance(schema, Schema):
+                raise TypeError(
+                    f"schema {schema!r} is given by name, so pass version= as well "
+                    "(with a Schema object it defaults to schema.current)"
+                )
+            version = schema.current
+        module_metadata = getattr(obj, "_metadata", None)
+        ckpt = Checkpoint(
+            state_dict=dict(obj),
+            hparams=dict(hparams or {}),
+            meta=dict(meta or {}),
+            schema=schema.name if isinstance(schema, Schema) else schema,
+            version=parse_version(version),
+            module_metadata=dict(module_metadata) if module_metadata is not None else None,
+        )
+        if ckpt.module_metadata and "" in ckpt.module_metadata:
+            ckpt.module_metadata[""] = {
+                k: v for k, v in ckpt.module_metadata[""].items() if k != "__ckptmigrate__"
+            }
+    write_checkpoint(path, ckpt)
+    return ckpt
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    schema: Schema | str | None = None,
+    to: str | Version | None = None,
+    upgrade: bool = True,
+    from_version: str | Version | None = None,
+    map_location: Any = "cpu",
+    mmap: bool = False,
+    safe_globals: Iterable[Any] = (),
+) -> Checkpoint:
+    """Read a checkpoint file and upgrade it to ``to`` (default: ``schema.current``).
+
+    Reads our files, plain ``torch.save(model.state_dict())`` files, Lightning, nested
+    ``{"model": ..., "optimizer": ...}`` and tutorial dicts, safetensors and legacy pre-zip
+    files, with torch's weights-only loader: nothing in the file runs. Tensors land on the
+    CPU unless ``map_location`` says otherwise. Never writes a file.
+
+    ``upgrade=False`` returns the file as stored; ``from_version`` gives an unstamped file its
+    version (``"auto"`` guesses it from the keys); ``safe_globals`` allows trusted classes.
+
+    >>> ckpt = cm.load("model.pth", schema=schema)
+    >>> raw = cm.load("legacy.pt", schema=schema, from_version="1.0.0")
+    """
+    resolved = _resolve_schema(schema)
+    ckpt = read_checkpoint(path, map_location=map_location, mmap=mmap, safe_globals=safe_globals)
+    ckpt = _apply_from_version(ckpt, resolved, from_version, path=path)
+    if not upgrade or resolved is None:
+        return ckpt
+    check_belongs(ckpt, resolved, path=path)
+    return upgrade_checkpoint(ckpt, resolved, to=to)
+
+
+def _apply_from_version(
+    ckpt: Checkpoint, schema: Schema | None, from_version: Any, *, path: Any
+) -> Checkpoint:
+    if from_version is None:
+        return ckpt
+    if isinstance(from_version, str) and from_version == "auto":
+        if schema is None:
+            raise TypeError("from_version='auto' needs schema= to compare signatures with")
+        from .guess import guess_version
+
+        from_version = guess_version(ckpt, schema).version
+    given = parse_version(from_version, what="from_version")
+    if ckpt.version is not None:
+        if ckpt.version != given:
+            raise VersionConflictError(ckpt.version, given, path=path)
+        return ckpt
+    if schema is None:
+        raise TypeError("from_version= needs schema= to say which schema the file belongs to")
+    return replace(ckpt, schema=schema.name, version=given)
+
+
+def load_into(
+    model: torch.nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    schema: Schema | str,
+    strict: bool = True,
+    **load_kwargs: Any,
+) -> Checkpoint:
+    """Load ``path``, upgrade it, and ``model.load_state_dict`` it; returns the Checkpoint.
+
+    The model should be built from the migrated hparams (``schema.build(ckpt.hparams)``) when
+    the chain has a BC-breaking step. ``ckpt.report`` lists missing, unexpected and
+    shape-mismatched keys (with ``strict=False``) and silent dtype casts.
+
+    >>> ckpt = cm.load_into(model, "model.pth", schema=schema)
+    """
+    from .report import load_report
+
+    ckpt = load(path, schema=schema, **load_kwargs)
+    report = load_report(model, ckpt.state_dict)
+    if strict and not report.clean_for_strict:
+        report.raise_for_strict()
+    sd = ckpt.state_dict_for_torch()
+    if not strict:
+        sd = type(sd)((k, v) for k, v in sd.items() if k not in report.shape_mismatched_keys)
+        if ckpt.module_metadata is not None:
+            sd._metadata = ckpt.state_dict_for_torch()._metadata  # type: ignore[attr-defined]
+    model.load_state_dict(sd, strict=strict)
+    ckpt.report = report
+    return ckpt
+
+
+def attach(model: torch.nn.Module, schema: Schema, *, default_version: str | None = None) -> Any:
+    """Let plain ``model.load_state_dict(old_sd)`` upgrade ``old_sd`` first.
+
+    The model is already built with today's hparams, so only non-breaking steps may run: a
+    plan with a BC-breaking step raises :class:`BreakingMigrationError`, saying to use
+    ``cm.load_into`` on a model built from the migrated hparams. The version comes from the
+    stamp a flat file carries in ``_metadata``, or ``default_version`` for unstamped dicts.
+    Returns the hook handle (``handle.remove()`` detaches).
+
+    >>> cm.attach(model, schema)
+    >>> model.load_state_dict(torch.load("old.pth", weights_only=True))
+    """
+    from .layout import split
+
+    def hook(module: Any, state_dict: Any, prefix: str, *args: Any) -> None:
+        if prefix:
+            return  # only the root module rewrites the whole dict
+        ckpt = split(state_dict)
+        if ckpt.version is None:
+            if default_version is None:
+                raise UnversionedCheckpointError(schema=schema.name)
+            ckpt = replace(ckpt, schema=schema.name, version=parse_version(default_version))
+        check_belongs(ckpt, schema)
+        plan = schema.plan(ckpt.version)  # type: ignore[arg-type]
+        breaking = [p for p in plan if p.step.breaking]
+        if breaking:
+            p = breaking[0]
+            raise BreakingMigrationError(
+                schema.name,
+                p.source,
+                p.target,
+                p.name,
+                "this step is BC-breaking, so a model built with today's hparams would not "
+                "reproduce the old outputs: use cm.load_into(schema.build(ckpt.hparams), path, "
+                "schema=schema) on a model built from the migrated hparams",
+            )
+        new = upgrade_checkpoint(ckpt, schema)
+        metadata = getattr(state_dict, "_metadata", None)
+        state_dict.clear()
+        state_dict.update(new.state_dict)
+        if metadata is not None and new.module_metadata is not None:
+            metadata.clear()
+            metadata.update(new.module_metadata)
+
+    return model.register_load_state_dict_pre_hook(hook)

@@ -1,0 +1,143 @@
+"""Where migrations come from: folders of Python files, dotted modules, pyproject, entry points.
+
+Importing a migration module is what registers its schemas: every module-level
+:class:`Schema` it defines is collected by name. Two different schemas with one name is an
+error naming both places.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .errors import CkptMigrateError, DuplicateSchemaError
+from .schema import Schema
+
+ENTRY_POINT_GROUP = "ckptmigrate.migrations"
+
+
+def _read_pyproject(root: Path) -> dict[str, Any]:
+    path = root / "pyproject.toml"
+    if not path.is_file():
+        return {}
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, ValueError) as exc:
+        raise CkptMigrateError(f"cannot read {path}: {exc}") from None
+    section = data.get("tool", {}).get("ckptmigrate", {})
+    return section if isinstance(section, dict) else {}
+
+
+def configured(key: str, root: str | os.PathLike[str] | None = None) -> list[str]:
+    """``[tool.ckptmigrate] key = [...]`` from ``root``'s pyproject.toml, paths made absolute."""
+    base = Path(root or os.getcwd())
+    value = _read_pyproject(base).get(key, [])
+    items = [value] if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        candidate = base / item
+        out.append(str(candidate) if candidate.exists() else str(item))
+    return out
+
+
+def import_source(source: str) -> list[ModuleType]:
+    """Import a folder of Python files (each on its own) or a dotted module name."""
+    path = Path(source)
+    if path.is_dir():
+        return [_import_file(f) for f in sorted(path.glob("*.py")) if not f.name.startswith("_")]
+    if path.suffix == ".py" and path.is_file():
+        return [_import_file(path)]
+    try:
+        return [importlib.import_module(source)]
+    except ImportError as exc:
+        raise CkptMigrateError(
+            f"cannot import migrations from {source!r}: it is neither a folder, a .py file nor "
+            f"an importable module ({exc})"
+        ) from None
+
+
+def _import_file(path: Path) -> ModuleType:
+    resolved = path.resolve()
+    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
+    name = f"ckptmigrate_migrations_{digest}.{resolved.stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, resolved)
+    if spec is None or spec.loader is None:
+        raise CkptMigrateError(f"cannot import migrations file {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise CkptMigrateError(
+            f"importing migrations file {path} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    return module
+
+
+def schemas_in(obj: Any) -> list[Schema]:
+    """The Schema objects an imported module (or an entry point's value) defines."""
+    if isinstance(obj, Schema):
+        return [obj]
+    if isinstance(obj, ModuleType):
+        return [v for v in vars(obj).values() if isinstance(v, Schema)]
+    if isinstance(obj, (list, tuple)):
+        return [s for s in obj if isinstance(s, Schema)]
+    return []
+
+
+def collect(items: Iterable[tuple[str, Any]]) -> dict[str, Schema]:
+    """Register schemas by name from ``(origin, module-or-schema)`` pairs; refuse clashes."""
+    found: dict[str, Schema] = {}
+    for origin, obj in items:
+        for schema in schemas_in(obj):
+            schema.origin = schema.origin or origin
+            other = found.get(schema.name)
+            if other is not None and other is not schema:
+                raise DuplicateSchemaError(schema.name, other.origin or "?", origin)
+            found[schema.name] = schema
+    return found
+
+
+def _entry_points() -> list[tuple[str, Any]]:
+    from importlib.metadata import entry_points
+
+    out = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            out.append((f"entry point {ep.name} ({ep.value})", ep.load()))
+        except Exception as exc:
+            raise CkptMigrateError(
+                f"loading migrations entry point {ep.name} ({ep.value}) failed: {exc}"
+            ) from exc
+    return out
+
+
+def find_schemas(
+    sources: Sequence[str] | None = None, *, root: str | os.PathLike[str] | None = None
+) -> dict[str, Schema]:
+    """Discover schemas: ``sources`` if given, else pyproject's ``[tool.ckptmigrate]
+    migrations``, else the installed ``ckptmigrate.migrations`` entry points.
+
+    >>> schemas = find_schemas(["migrations"])
+    >>> schemas["tinylm"].current
+    """
+    sources = list(sources or []) or configured("migrations", root)
+    if sources:
+        items = [(src, module) for src in sources for module in import_source(src)]
+        return collect((f"{getattr(m, '__file__', src)}", m) for src, m in items)
+    return collect(_entry_points())

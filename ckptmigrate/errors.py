@@ -1,0 +1,183 @@
+"""The one hierarchy of errors ckptmigrate raises.
+
+Every error carries its facts as attributes and builds its message from them, so a caller can
+act on the data and a person can read the sentence: what was expected, what was found, what to
+do next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class CkptMigrateError(Exception):
+    """Base class of every error ckptmigrate raises on purpose."""
+
+
+class CheckpointFormatError(CkptMigrateError, ValueError):
+    """The file is not a checkpoint we can read: truncated, corrupt, foreign or malformed."""
+
+    def __init__(self, message: str, *, path: object = None) -> None:
+        self.path = None if path is None else str(path)
+        prefix = f"{self.path}: " if self.path else ""
+        super().__init__(prefix + message)
+
+
+class UnsafeCheckpointError(CkptMigrateError):
+    """The file's pickle asks for a global that the safe loader does not allow."""
+
+    def __init__(self, global_name: str, *, path: object = None, detail: str = "") -> None:
+        self.global_name = global_name
+        self.path = None if path is None else str(path)
+        prefix = f"{self.path}: " if self.path else ""
+        extra = f" ({detail})" if detail else ""
+        super().__init__(
+            f"{prefix}refusing to load: the pickle asks for {global_name!r}{extra}, which the "
+            "safe loader does not allow, and loading it could run code from the file. If you "
+            f"trust this file, allow it by name: safe_globals=[{global_name!r}] in Python, or "
+            f"--allow-global {global_name} on the command line."
+        )
+
+
+class UnversionedCheckpointError(CkptMigrateError):
+    """The checkpoint carries no stamp and no ``from_version`` was given."""
+
+    def __init__(self, *, path: object = None, schema: str | None = None) -> None:
+        self.path = None if path is None else str(path)
+        self.schema = schema
+        where = self.path or "this checkpoint"
+        name = schema or "SCHEMA"
+        super().__init__(
+            f"{where} carries no ckptmigrate stamp, so its version is unknown. Pass "
+            f"from_version='X.Y.Z' (or from_version='auto' to guess it from its keys), or stamp "
+            f"the file once: ckptmigrate stamp {self.path or 'CKPT'} --schema {name} "
+            "--version X.Y.Z --in-place"
+        )
+
+
+class SchemaMismatchError(CkptMigrateError):
+    """The checkpoint belongs to another schema than the one asked for."""
+
+    def __init__(self, expected: str, found: str, *, path: object = None) -> None:
+        self.expected = expected
+        self.found = found
+        self.path = None if path is None else str(path)
+        where = f"{self.path} " if self.path else "the checkpoint "
+        super().__init__(
+            f"{where}was written for schema {found!r}, not {expected!r}: load it with the "
+            f"{found!r} schema, or check that you picked the right file."
+        )
+
+
+class FutureVersionError(CkptMigrateError):
+    """The stored version is newer than the code's current version (or the target)."""
+
+    def __init__(self, schema: str, stored: object, current: object) -> None:
+        self.schema = schema
+        self.stored = stored
+        self.current = current
+        super().__init__(
+            f"checkpoint of schema {schema!r} is at version {stored}, newer than {current}, the "
+            "newest this code knows: upgrade the code (or its migrations), or downgrade the "
+            "file with code that knows its version."
+        )
+
+
+class VersionConflictError(CkptMigrateError, ValueError):
+    """``from_version`` was given for a file whose stamp says another version."""
+
+    def __init__(self, stamped: object, given: object, *, path: object = None) -> None:
+        self.stamped = stamped
+        self.given = given
+        self.path = None if path is None else str(path)
+        where = self.path or "the checkpoint"
+        super().__init__(
+            f"{where} is stamped as version {stamped}, but from_version={str(given)!r} was given: "
+            "drop from_version (the stamp wins), or fix the stamp with ckptmigrate stamp."
+        )
+
+
+class NoMigrationPathError(CkptMigrateError):
+    """No single path leads from the stored version to the target: a gap, or an ambiguity."""
+
+    def __init__(
+        self,
+        schema: str,
+        start: object,
+        target: object,
+        *,
+        paths: Sequence[Sequence[str]] = (),
+        reason: str = "",
+    ) -> None:
+        self.schema = schema
+        self.start = start
+        self.target = target
+        self.paths = [list(p) for p in paths]
+        if self.paths:
+            shown = "; ".join(" -> ".join(p) for p in self.paths)
+            msg = (
+                f"schema {schema!r}: more than one migration path leads from {start} to "
+                f"{target} ({shown}) and none is preferred: mark one step preferred=True."
+            )
+        else:
+            msg = (
+                f"schema {schema!r}: no migration path leads from {start} to {target}"
+                f"{': ' + reason if reason else ''}. Register the missing step(s) with "
+                "@schema.migration(from, to)."
+            )
+        super().__init__(msg)
+
+
+class MigrationGraphError(CkptMigrateError, ValueError):
+    """A step was registered that the graph cannot hold (backwards, duplicate, bad version)."""
+
+
+class DuplicateSchemaError(CkptMigrateError):
+    """Two different schemas with the same name were found while discovering migrations."""
+
+    def __init__(self, name: str, first: str, second: str) -> None:
+        self.name = name
+        self.first = first
+        self.second = second
+        super().__init__(
+            f"two different schemas are named {name!r}: one in {first}, one in {second}. "
+            "Rename one of them, or load only one of the two migration sources."
+        )
+
+
+class MigrationError(CkptMigrateError):
+    """A migration step failed; nothing the caller holds was changed. ``__cause__`` is why."""
+
+    def __init__(
+        self, schema: str, from_version: object, to_version: object, step: str, problem: str
+    ) -> None:
+        self.schema = schema
+        self.from_version = from_version
+        self.to_version = to_version
+        self.step = step
+        self.problem = problem
+        super().__init__(
+            f"migration {schema} {from_version} -> {to_version} ({step}) failed: {problem}"
+        )
+
+
+class BreakingMigrationError(MigrationError):
+    """A plan needs a BC-breaking step where only non-breaking ones may run (``attach``)."""
+
+
+def describe(value: Any) -> str:
+    """A short description of a value for error messages."""
+    return f"{type(value).__name__} {value!r}"[:120]
+
+
+class LoadMismatchError(CkptMigrateError, RuntimeError):
+    """A strict load would fail: keys missing, unexpected, or of another shape."""
+
+    def __init__(self, report: Any) -> None:
+        self.report = report
+        super().__init__(
+            f"the checkpoint does not fit the model strictly: {report.summary()}. Check that the "
+            "model was built from the migrated hparams, that a migration covers these keys, or "
+            "pass strict=False and read ckpt.report"
+        )

@@ -1,0 +1,134 @@
+"""Checkpoint files: pick the format, read or write it, and map it to a :class:`Checkpoint`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import Checkpoint
+from .errors import CheckpointFormatError
+from .formats.detect import detect_format
+from .layout import assemble, split
+from .stamp import make_stamp, parse_stamp
+
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def _from_safetensors(tensors: dict[str, Any], metadata: dict[str, str], path: Path) -> Checkpoint:
+    from .formats import safetensors_file as st
+
+    raw_stamp = st.decode_json_entry(metadata, st.STAMP, path=path)
+    stamp = parse_stamp(raw_stamp, path=path) if raw_stamp is not None else None
+    parts = {}
+    for slot, key in (("hparams", st.HPARAMS), ("meta", st.META)):
+        value = st.decode_json_entry(metadata, key, path=path) or {}
+        if not isinstance(value, dict):
+            raise CheckpointFormatError(f"header entry {key!r} must be a JSON object", path=path)
+        parts[slot] = value
+    module_metadata = st.decode_json_entry(metadata, st.MODULE_METADATA, path=path)
+    foreign = {k: v for k, v in metadata.items() if not k.startswith("ckptmigrate.")}
+    return Checkpoint(
+        state_dict=tensors,
+        hparams=parts["hparams"],
+        meta=parts["meta"],
+        schema=stamp.schema if stamp else None,
+        version=stamp.version if stamp else None,
+        history=stamp.history if stamp else [],
+        extra={"safetensors_metadata": foreign} if foreign else {},
+        module_metadata=module_metadata if isinstance(module_metadata, dict) else None,
+        layout="safetensors",
+    )
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    map_location: Any = "cpu",
+    mmap: bool = False,
+    safe_globals: Iterable[Any] = (),
+) -> Checkpoint:
+    """Load every tensor of a checkpoint file (no migration)."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "safetensors":
+        from .formats.safetensors_file import read_safetensors
+
+        tensors, metadata = read_safetensors(path, map_location=map_location)
+        return _from_safetensors(tensors, metadata, path)
+    if fmt in ("torch-zip", "torch-legacy"):
+        from .formats.torchfile import read_torch
+
+        obj = read_torch(path, map_location=map_location, mmap=mmap, safe_globals=safe_globals)
+        return split(obj, path=path)
+    raise CheckpointFormatError(f"reading a {fmt} checkpoint is not supported yet", path=path)
+
+
+def read_metadata(
+    path: str | os.PathLike[str], *, allowed_globals: Iterable[str] = ()
+) -> Checkpoint:
+    """The checkpoint with metadata stubs for tensors: no tensor data read, torch not imported."""
+    from .formats.tensorinfo import TensorStub
+
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "safetensors":
+        from .formats.safetensors_file import ALIASES, decode_json_entry
+        from .formats.safetensors_header import read_safetensors_header
+
+        infos, metadata = read_safetensors_header(path)
+        tensors: dict[str, Any] = {k: TensorStub(info) for k, info in infos.items()}
+        for alias, source in (decode_json_entry(metadata, ALIASES, path=path) or {}).items():
+            if source in tensors:
+                tensors[alias] = tensors[source]
+        return _from_safetensors(tensors, metadata, path)
+    if fmt in ("torch-zip", "torch-legacy"):
+        from .formats.pickle_meta import read_torch_metadata
+
+        obj = read_torch_metadata(path, allowed_globals=list(allowed_globals))
+        return split(obj, path=path)
+    raise CheckpointFormatError(f"reading a {fmt} checkpoint is not supported yet", path=path)
+
+
+def write_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
+    """Write ``ckpt`` atomically: safetensors by suffix, else torch.save in its layout."""
+    path = Path(path)
+    stamp = None
+    if ckpt.schema is not None and ckpt.version is not None:
+        stamp = make_stamp(ckpt.schema, ckpt.version, ckpt.history)
+    if path.suffix == SAFETENSORS_SUFFIX:
+        from .formats import safetensors_file as st
+
+        extra = dict(ckpt.extra)
+        passthrough = extra.pop("safetensors_metadata", None)
+        if ckpt.optimizer is not None or extra:
+            raise ValueError(
+                "a .safetensors file holds tensors only, but this checkpoint has optimizer "
+                f"state or extra entries ({', '.join(extra) or 'optimizer'}): save it as .pth"
+            )
+        st.write_safetensors(
+            path,
+            ckpt.state_dict,
+            {
+                st.STAMP: stamp,
+                st.HPARAMS: ckpt.hparams if stamp or ckpt.hparams else None,
+                st.META: ckpt.meta if stamp or ckpt.meta else None,
+                st.MODULE_METADATA: ckpt.module_metadata,
+            },
+            passthrough=passthrough if isinstance(passthrough, dict) else None,
+        )
+        return
+    from .formats.torchfile import write_torch
+
+    if ckpt.layout == "safetensors":
+        ckpt = _as_layout(ckpt, "ckptmigrate")
+    write_torch(path, assemble(ckpt, stamp))
+
+
+def _as_layout(ckpt: Checkpoint, layout: str) -> Checkpoint:
+    from dataclasses import replace
+
+    extra = dict(ckpt.extra)
+    extra.pop("safetensors_metadata", None)
+    return replace(ckpt, layout=layout, extra=extra)

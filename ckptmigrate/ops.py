@@ -1,0 +1,473 @@
+"""Declarative migration ops: key mapping as data, each with its inverse where one exists.
+
+A list of ops registered with ``schema.add_migration`` is one step; the step is reversible
+(usable for downgrades) when every op in it has an inverse. Keys are matched either by a regex
+(``re.fullmatch``) or by a template whose ``{name}`` fields match any run of characters::
+
+    cm.ops.Split("{p}.c_attn.{kind}", ["{p}.q.{kind}", "{p}.k.{kind}", "{p}.v.{kind}"], dim=0)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .checkpoint import Checkpoint
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "ABSENT",
+    "AddKey",
+    "Cast",
+    "DropHparam",
+    "DropKeys",
+    "Merge",
+    "Op",
+    "RenameHparam",
+    "RenameKeys",
+    "RenamePrefix",
+    "Reshape",
+    "SetHparam",
+    "Split",
+    "StripPrefix",
+    "Transpose",
+]
+
+
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+#: ``previous=ABSENT``: the hparam did not exist before the op (the inverse drops it).
+ABSENT: Any = _Marker("ABSENT")
+#: The previous value is unknown, so the op cannot be inverted.
+UNKNOWN: Any = _Marker("UNKNOWN")
+
+
+class OpError(ValueError):
+    """An op cannot apply to this checkpoint (a collision, a missing key, a bad shape)."""
+
+
+class Op:
+    """Base class: ``apply`` rewrites a checkpoint in place; ``inverse`` undoes it, or is None."""
+
+    def apply(self, ckpt: Checkpoint) -> None:
+        raise NotImplementedError
+
+    def inverse(self) -> Op | None:
+        return None
+
+    @property
+    def reversible(self) -> bool:
+        return self.inverse() is not None
+
+    def describe(self) -> str:
+        return repr(self)
+
+    def renamed_keys(self, keys: Sequence[str]) -> dict[str, str]:
+        """Old key -> new key for pure renames (tensors unchanged); used to move optimizer state."""
+        return {}
+
+
+def template_regex(template: str) -> re.Pattern[str]:
+    """``"{p}.c_attn.{kind}"`` -> a regex with named groups ``p`` and ``kind``."""
+    parts = re.split(r"\{(\w+)\}", template)
+    out = []
+    for i, part in enumerate(parts):
+        out.append(f"(?P<{part}>.+?)" if i % 2 else re.escape(part))
+    return re.compile("".join(out))
+
+
+def _fill(template: str, groups: dict[str, str]) -> str:
+    try:
+        return template.format(**groups)
+    except KeyError as exc:
+        raise OpError(f"template {template!r} uses field {exc} that the source does not") from None
+
+
+def _rename_all(ckpt: Checkpoint, mapping: dict[str, str], what: str) -> None:
+    if not mapping:
+        return
+    targets: dict[str, str] = {}
+    for old, new in mapping.items():
+        if new in targets:
+            raise OpError(f"{what}: {old!r} and {targets[new]!r} would both become {new!r}")
+        if new in ckpt.state_dict and new not in mapping:
+            raise OpError(f"{what}: renaming {old!r} to {new!r}, but {new!r} already exists")
+        targets[new] = old
+    ckpt.state_dict = {mapping.get(k, k): v for k, v in ckpt.state_dict.items()}
+    if ckpt.module_metadata:
+        ckpt.module_metadata = type(ckpt.module_metadata)(
+            (_rename_module(prefix, mapping), value)
+            for prefix, value in ckpt.module_metadata.items()
+        )
+
+
+def _rename_module(prefix: str, mapping: dict[str, str]) -> str:
+    """A module prefix follows its parameters: ``blocks.0`` -> ``layers.0``."""
+    if not prefix:
+        return prefix
+    for old, new in mapping.items():
+        if old.startswith(prefix + "."):
+            suffix = old[len(prefix) :]
+            if new.endswith(suffix):
+                return new[: -len(suffix)]
+    return prefix
+
+
+@dataclass
+class RenamePrefix(Op):
+    """Rename every key that starts with ``old`` to start with ``new`` instead."""
+
+    old: str
+    new: str
+
+    def renamed_keys(self, keys: Sequence[str]) -> dict[str, str]:
+        return {k: self.new + k[len(self.old) :] for k in keys if k.startswith(self.old)}
+
+    def apply(self, ckpt: Checkpoint) -> None:
+        mapping = self.renamed_keys(list(ckpt.state_dict))
+        if not mapping and self.old and any(k.startswith(self.new) for k in ckpt.state_dict):
+            raise OpError(
+                f"{self.describe()}: no key starts with {self.old!r} but some start with "
+                f"{self.new!r}: the checkpoint already has the new layout"
+            )
+        _rename_all(ckpt, mapping, self.describe())
+
+    def inverse(self) -> Op:
+        return RenamePrefix(self.new, self.old)
+
+    def describe(self) -> str:
+        return f"rename prefix {self.old!r} -> {self.new!r}"
+
+
+def StripPrefix(prefix: str) -> RenamePrefix:  # noqa: N802 - reads as an op
+    """Drop a wrapper's prefix, e.g. ``module.`` (DataParallel) or ``_orig_mod.`` (compile)."""
+    return RenamePrefix(prefix, "")
+
+
+@dataclass
+class RenameKeys(Op):
+    """Rename keys that fully match ``pattern`` to ``match.expand(repl)``.
+
+    Pass ``reverse=(pattern, repl)`` to make the rename invertible.
+    """
+
+    pattern: str
+    repl: str
+    reverse: tuple[str, str] | None = None
+
+    def renamed_keys(self, keys: Sequence[str]) -> dict[str, str]:
+        rx = re.compile(self.pattern)
+        out = {}
+        for key in keys:
+            m = rx.fullmatch(key)
+            if m:
+                new = m.expand(self.repl)
+                if new != key:
+                    out[key] = new
+        return out
+
+    def apply(self, ckpt: Checkpoint) -> None:
+        _rename_all(ckpt, self.renamed_keys(list(ckpt.state_dict)), self.describe())
+
+    def inverse(self) -> Op | None:
+        return (
+            RenameKeys(*self.reverse, reverse=(self.pattern, self.repl)) if self.reverse else None
+        )
+
+    def describe(self) -> str:
+        return f"rename keys {self.pattern!r} -> {self.repl!r}"
+
+
+@dataclass
+class DropKeys(Op):
+    """Drop every key that fully matches ``pattern``."""
+
+    pattern: str
+
+    def apply(self, ckpt: Checkpoint) -> None:
+        rx = re.compile(self.pattern)
+        ckpt.state_dict = {k: v for k, v in ckpt.state_dict.items() if not rx.fullmatch(k)}
+
+    def describe(self) -> str:
+        return f"drop keys {self.pattern!r}"
+
+
+@dataclass
+class AddKey(Op):
+    """Add ``key`` with a default tensor (or ``default(ckpt)``); refuses to overwrite."""
+
+    key: str
+    default: Any = field(repr=False)
+
+    def apply(self, ckpt: Checkpoint) -> None:
+        if self.key in ckpt.state_dict:
+            raise OpError(f"{self.describe()}: {self.key!r} already exists")
+        value = self.default(ckpt) if callable(self.default) else self.default
+        if not hasattr(value, "clone"):
+            raise OpError(f"{self.describe()}: the default is a {type(value).__name__}")
+        # a fresh tensor per checkpoint, so that no two files share one default
+        ckpt.state_dict[self.key] = value.clone()
+
+    def inverse(self) -> Op:
+        return DropKeys(re.escape(self.key))
+
+    def describe(self) -> str:
+        return f"add key {self.key!r}"
+
+
+def _matches(template: str, keys: Sequence[str]) -> list[tuple[str, dict[str, str]]]:
+    rx = template_regex(template)
+    return [(k, m.groupdict()) for k in keys if (m := rx.fullmatch(k))]
+
+
+@dataclass
+class Split(Op):
+    """Split each key matching ``source`` into ``targets`` along ``dim`` (fused q/k/v)."""
+
+    source: str
+    targets: Sequence[str]
+    dim: int = 0
+    sizes: Sequence[int] | None = None
+
+    def apply(self, ckpt: Checkpoint) -> None:
+        import torch
+
+        for key, groups in _matches(self.source, list(ckpt.state_dict)):
+            tensor = ckpt.state_dict[key]
+            if self.sizes is None:
+                if tensor.shape[self.dim] % len(self.targets):
+                    raise OpError(
+                        f"{self.describe()}: {key!r} has size {tensor.shape[self.dim]} along dim "
+                        f"{self.dim}, not divisible into {len(self.targets)} parts"
+                    )
+                parts = torch.chunk(tensor, len(self.targets), dim=self.dim)
+            else:
+                parts = torch.split(tensor, list(self.sizes), dim=self.dim)
+            new = {_fill(t, groups): p.contiguous() for t, p in zip(self.targets, parts)}
+            clash = [k for k in new if k in ckpt.state_dict]
+            if clash:
+                raise OpError(f"{self.describe()}: splitting {key!r}, but {clash} already exist")
+            ckpt.state_dict = _replace_at(ckpt.state_dict, [key], new)
+
+    def inverse(self) -> Op:
+        return Merge(list(self.targets), self.source, self.dim, self.sizes)
+
+    def describe(self) -> str:
+        return f"split {self.source!r} -> {list(self.targets)!r} (dim {self.dim})"
+
+
+@dataclass
+class Merge(Op):
+    """Concatenate the keys matching ``sources`` (all present) into ``target`` along ``dim``."""
+
+    sources: Sequence[str]
+    target: str
+    dim: int = 0
+    sizes: Sequence[int] | None = None
+
+    def apply(self, ckpt: Checkpoint) -> None:
+        import torch
+
+        for first, groups in _matches(self.sources[0], list(ckpt.state_dict)):
+            keys = [first] + [_fill(t, groups) for t in self.sources[1:]]
+            missing = [k for k in keys if k not in ckpt.state_dict]
+            if missing:
+                raise OpError(f"{self.describe()}: merging {first!r}, but {missing} are missing")
+            new_key = _fill(self.target, groups)
+            if new_key in ckpt.state_dict and new_key not in keys:
+                raise OpError(f"{self.describe()}: {new_key!r} already exists")
+            merged = torch.cat([ckpt.state_dict[k] for k in keys], dim=self.dim)
+            ckpt.state_dict = _replace_at(ckpt.state_dict, keys, {new_key: merged})
+
+    def inverse(self) -> Op:
+        return Split(self.target, list(self.sources), self.dim, self.sizes)
+
+    def describe(self) -> str:
+        return f"merge {list(self.sources)!r} -> {self.target!r} (dim {self.dim})"
+
+
+def _replace_at(sd: dict[str, Any], old: list[str], new: dict[str, Any]) -> dict[str, Any]:
+    """Replace ``old`` keys by ``new`` ones at the position of the first old key."""
+    out: dict[str, Any] = {}
+    for key, value in sd.items():
+        if key == old[0]:
+            out.update(new)
+        elif key not in old:
+            out[key] = value
+    return out
+
+
+@dataclass
+class _TensorOp(Op):
+    template: str
+
+    def transform(self, tensor: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply(self, ckpt: Checkpoint) -> None:
+        for key, _ in _matches(self.template, list(ckpt.state_dict)):
+            ckpt.state_dict[key] = self.transform(ckpt.state_dict[key])
+
+
+@dataclass
+class Reshape(_TensorOp):
+    """Reshape matching tensors to ``shape``; invertible when ``from_shape`` is given."""
+
+    shape: Sequence[int] = ()
+    from_shape: Sequence[int] | None = None
+
+    def transform(self, tensor: torch.Tensor) -> torch.Tensor:
+        try:
+            return tensor.reshape(tuple(self.shape)).clone()
+        except RuntimeError as exc:
+            raise OpError(f"{self.describe()}: {exc}") from None
+
+    def inverse(self) -> Op | None:
+        if self.from_shape is None:
+            return None
+        return Reshape(self.template, tuple(self.from_shape), tuple(self.shape))
+
+    def describe(self) -> str:
+        return f"reshape {self.template!r} to {tuple(self.shape)}"
+
+
+@dataclass
+class Transpose(_TensorOp):
+    """Swap two dims of matching tensors (its own inverse)."""
+
+    dim0: int = 0
+    dim1: int = 1
+
+    def transform(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.transpose(self.dim0, self.dim1).contiguous()
+
+    def inverse(self) -> Op:
+        return Transpose(self.template, self.dim0, self.dim1)
+
+    def describe(self) -> str:
+        return f"transpose {self.template!r} dims {self.dim0},{self.dim1}"
+
+
+def _dtype(name: Any) -> Any:
+    import torch
+
+    if isinstance(name, torch.dtype):
+        return name
+    value = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise OpError(f"{name!r} is not a torch dtype")
+    return value
+
+
+@dataclass
+class Cast(_TensorOp):
+    """Cast matching tensors to ``dtype``; invertible when ``from_dtype`` is given."""
+
+    dtype: Any = None
+    from_dtype: Any = None
+
+    def transform(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(_dtype(self.dtype), copy=True)
+
+    def inverse(self) -> Op | None:
+        if self.from_dtype is None:
+            return None
+        return Cast(self.template, self.from_dtype, self.dtype)
+
+    def describe(self) -> str:
+        return f"cast {self.template!r} to {str(self.dtype).removeprefix('torch.')}"
+
+
+@dataclass
+class SetHparam(Op):
+    """Set hparam ``name``; ``previous`` (a value, or ``ABSENT``) makes it invertible.
+
+    With ``overwrite=False`` it only fills a missing value, the usual way to pin an old
+    default: ``SetHparam("norm_eps", 1e-5, overwrite=False, previous=ABSENT)``.
+    """
+
+    name: str
+    value: Any
+    previous: Any = UNKNOWN
+    overwrite: bool = True
+
+    def apply(self, ckpt: Checkpoint) -> None:
+        if self.overwrite or self.name not in ckpt.hparams:
+            ckpt.hparams[self.name] = self.value
+
+    def inverse(self) -> Op | None:
+        if self.previous is UNKNOWN:
+            return None
+        if self.previous is ABSENT:
+            return DropHparam(self.name, default=self.value)
+        return SetHparam(self.name, self.previous, previous=self.value)
+
+    def describe(self) -> str:
+        return f"set hparam {self.name}={self.value!r}"
+
+
+@dataclass
+class RenameHparam(Op):
+    """Rename hparam ``old`` to ``new`` (missing: nothing to do; both present: an error)."""
+
+    old: str
+    new: str
+
+    def apply(self, ckpt: Checkpoint) -> None:
+        if self.old not in ckpt.hparams:
+            return
+        if self.new in ckpt.hparams:
+            raise OpError(f"{self.describe()}: hparam {self.new!r} already exists")
+        ckpt.hparams = {(self.new if k == self.old else k): v for k, v in ckpt.hparams.items()}
+
+    def inverse(self) -> Op:
+        return RenameHparam(self.new, self.old)
+
+    def describe(self) -> str:
+        return f"rename hparam {self.old} -> {self.new}"
+
+
+@dataclass
+class DropHparam(Op):
+    """Drop hparam ``name``; ``default`` (what to restore) makes it invertible."""
+
+    name: str
+    default: Any = UNKNOWN
+
+    def apply(self, ckpt: Checkpoint) -> None:
+        ckpt.hparams.pop(self.name, None)
+
+    def inverse(self) -> Op | None:
+        if self.default is UNKNOWN:
+            return None
+        return SetHparam(self.name, self.default, previous=ABSENT)
+
+    def describe(self) -> str:
+        return f"drop hparam {self.name}"
+
+
+@dataclass
+class Call(Op):
+    """Run a plain function as an op (not invertible unless ``inverse_fn`` is given)."""
+
+    fn: Callable[[Checkpoint], Any]
+    inverse_fn: Callable[[Checkpoint], Any] | None = None
+
+    def apply(self, ckpt: Checkpoint) -> None:
+        self.fn(ckpt)
+
+    def inverse(self) -> Op | None:
+        return Call(self.inverse_fn, self.fn) if self.inverse_fn else None
+
+    def describe(self) -> str:
+        return f"call {getattr(self.fn, '__qualname__', self.fn)!r}"

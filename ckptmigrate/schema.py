@@ -1,0 +1,149 @@
+"""A schema: the name, current version, model factory and migration steps of one model family."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from packaging.version import Version
+
+from .checkpoint import Checkpoint
+from .errors import MigrationGraphError
+from .graph import MigrationGraph, PlannedStep, Step
+from .ops import Op
+from .version import parse_version
+
+MigrationFn = Callable[[Checkpoint], "Checkpoint | None"]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Schema:
+    """The versions of one model family and the migrations between them.
+
+    Creating a schema registers nothing globally: a test may build several with one name.
+
+    >>> schema = Schema("tinylm", current="3.0.0", build=lambda hp: TinyLM(**hp))
+    >>> @schema.migration("1.0.0", "1.1.0")
+    ... def rename_blocks(ckpt):
+    ...     ckpt.state_dict = {k.replace("blocks.", "layers."): v for k, v in ckpt.state_dict.items()}
+    """
+
+    def __init__(
+        self,
+        name: str,
+        current: str | Version,
+        build: Callable[[dict[str, Any]], Any] | None = None,
+        example_input: Callable[[], Any] | None = None,
+        *,
+        optimizer: Callable[..., Any] | None = None,
+        train_step: Callable[..., Any] | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise MigrationGraphError(f"a schema name must be a non-empty string, got {name!r}")
+        self.name = name
+        self.current = parse_version(current, what="current version")
+        self.graph = MigrationGraph(name, self.current)
+        self._build = build
+        self._example_input = example_input
+        self.optimizer = optimizer
+        self.train_step = train_step
+        self.origin: str | None = None  # where discovery found it, for error messages
+
+    def __repr__(self) -> str:
+        return f"Schema({self.name!r}, current={str(self.current)!r}, steps={len(self.steps)})"
+
+    @property
+    def steps(self) -> list[Step]:
+        """Every registered step, oldest first."""
+        return self.graph.steps
+
+    def migration(
+        self,
+        source: str,
+        target: str,
+        *,
+        breaking: bool = False,
+        preferred: bool = False,
+        inverse: MigrationFn | None = None,
+    ) -> Callable[[F], F]:
+        """Register the decorated function as the step ``source`` -> ``target``.
+
+        The function mutates the checkpoint it gets, or returns a new one. Mark a step that
+        changes behaviour ``breaking=True`` and pin the old behaviour in ``ckpt.hparams``.
+        """
+
+        def register(fn: F) -> F:
+            name = getattr(fn, "__qualname__", repr(fn))
+            self._add(source, target, name, fn, breaking, preferred, inverse is not None, inverse)
+            return fn
+
+        return register
+
+    def add_migration(
+        self,
+        source: str,
+        target: str,
+        ops: Sequence[Op],
+        *,
+        breaking: bool = False,
+        preferred: bool = False,
+        name: str | None = None,
+    ) -> Step:
+        """Register a list of declarative ops (``cm.ops``) as the step ``source`` -> ``target``.
+
+        The step is reversible, so usable for downgrades, when every op has an inverse.
+        """
+        ops = list(ops)
+        bad = [op for op in ops if not isinstance(op, Op)]
+        if bad:
+            raise MigrationGraphError(
+                f"schema {self.name!r}: add_migration takes cm.ops objects, got {bad[0]!r}; "
+                "register functions with @schema.migration instead"
+            )
+        label = name or "; ".join(op.describe() for op in ops) or "no-op"
+        reversible = all(op.inverse() is not None for op in ops)
+        return self._add(source, target, label, ops, breaking, preferred, reversible, None)
+
+    def _add(
+        self,
+        source: str,
+        target: str,
+        name: str,
+        action: Any,
+        breaking: bool,
+        preferred: bool,
+        reversible: bool,
+        inverse: Any,
+    ) -> Step:
+        step = Step(
+            source=parse_version(source, what="step source version"),
+            target=parse_version(target, what="step target version"),
+            name=name,
+            action=(action, inverse),
+            breaking=breaking,
+            preferred=preferred,
+            reversible=reversible,
+        )
+        return self.graph.add(step)
+
+    def plan(self, start: str | Version, target: str | Version | None = None) -> list[PlannedStep]:
+        """The steps from ``start`` to ``target`` (default: current), validated before running."""
+        return self.graph.plan(start, target)
+
+    def build(self, hparams: dict[str, Any]) -> Any:
+        """Build today's model from (migrated) hparams with the schema's ``build`` factory."""
+        if self._build is None:
+            raise MigrationGraphError(
+                f"schema {self.name!r} has no build= factory: pass build=lambda hp: Model(**hp)"
+            )
+        return self._build(dict(hparams))
+
+    @property
+    def can_build(self) -> bool:
+        return self._build is not None
+
+    def example_input(self) -> Any:
+        """The schema's example input, for golden checks."""
+        if self._example_input is None:
+            raise MigrationGraphError(f"schema {self.name!r} has no example_input=")
+        return self._example_input()

@@ -1,0 +1,27 @@
+"""PEP 440 versions for schemas and checkpoints, parsed once and compared as versions."""
+
+from __future__ import annotations
+
+from packaging.version import InvalidVersion, Version
+
+from .errors import MigrationGraphError
+
+
+def parse_version(value: str | Version, *, what: str = "version") -> Version:
+    """Return ``value`` as a :class:`packaging.version.Version`.
+
+    >>> parse_version("1.10.0") > parse_version("1.9.0")
+    True
+    """
+    if isinstance(value, Version):
+        return value
+    if not isinstance(value, str):
+        raise MigrationGraphError(
+            f"{what} must be a PEP 440 version string such as '1.2.0', got {type(value).__name__}"
+        )
+    try:
+        return Version(value)
+    except InvalidVersion:
+        raise MigrationGraphError(
+            f"{what} {value!r} is not a PEP 440 version: use a string such as '1.2.0'"
+        ) from None
