@@ -181,3 +181,23 @@ class LoadMismatchError(CkptMigrateError, RuntimeError):
             "model was built from the migrated hparams, that a migration covers these keys, or "
             "pass strict=False and read ckpt.report"
         )
+
+
+class AmbiguousVersionError(UnversionedCheckpointError):
+    """An unstamped file's signature matches no version, or several equally well."""
+
+    def __init__(self, schema: str, candidates: Sequence[tuple[str, float]], *, path: object = None):
+        self.schema = schema
+        self.candidates = list(candidates)
+        self.path = None if path is None else str(path)
+        where = self.path or "the checkpoint"
+        if self.candidates:
+            shown = ", ".join(f"{v} ({score:.0%})" for v, score in self.candidates)
+            what = f"matches several versions of {schema!r} equally well: {shown}"
+        else:
+            what = f"matches no recorded version of {schema!r}"
+        CkptMigrateError.__init__(
+            self,
+            f"{where} carries no stamp and its keys {what}. Pass from_version= explicitly, or "
+            f"stamp it: ckptmigrate stamp {self.path or 'CKPT'} --schema {schema} --version X.Y.Z",
+        )

@@ -48,6 +48,14 @@ class Schema:
         self.optimizer = optimizer
         self.train_step = train_step
         self.origin: str | None = None  # where discovery found it, for error messages
+        self.signatures: dict[Version, list[frozenset]] = {}
+
+    def add_signature(self, version: str | Version, state_dict: dict[str, Any]) -> None:
+        """Record what a state_dict of ``version`` looks like, for ``from_version="auto"``."""
+        from .guess import signature_of
+
+        v = parse_version(version)
+        self.signatures.setdefault(v, []).append(signature_of(state_dict))
 
     def __repr__(self) -> str:
         return f"Schema({self.name!r}, current={str(self.current)!r}, steps={len(self.steps)})"

@@ -1,0 +1,118 @@
+"""Which version is an unstamped file? Compare its key signature with each version's.
+
+A signature is the set of ``(key pattern, ndim, dtype)`` of a state_dict, with layer indices
+folded (``layers.3.q.weight`` -> ``layers.#.q.weight``), so that models of other sizes of the
+same version still match. Each version's signatures come from the schema's legacy fixtures (the
+files the old code wrote) or from ``schema.add_signature``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from packaging.version import Version
+
+from .checkpoint import Checkpoint
+from .errors import AmbiguousVersionError, CkptMigrateError
+from .report import signature as tensor_signature
+from .schema import Schema
+
+Signature = frozenset[tuple[str, int, str]]
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
+
+
+def key_pattern(key: str) -> str:
+    """``blocks.3.attn.weight`` -> ``blocks.#.attn.weight``."""
+    return _INDEX.sub("#", key)
+
+
+def signature_of(state_dict: Mapping[str, Any]) -> Signature:
+    """The signature of a state_dict of tensors or metadata stubs."""
+    out = set()
+    for key, value in state_dict.items():
+        if hasattr(value, "shape") and hasattr(value, "dtype"):
+            shape, dtype = tensor_signature(value)
+            out.add((key_pattern(key), len(shape), dtype))
+    return frozenset(out)
+
+
+def similarity(a: Signature, b: Signature) -> float:
+    """Jaccard similarity of two signatures (1.0: same keys, ranks and dtypes)."""
+    if not a and not b:
+        return 1.0
+    return len(a & b) / len(a | b)
+
+
+@dataclass(frozen=True)
+class Guess:
+    """The version an unstamped file most likely has, how sure, and the runners-up."""
+
+    version: Version
+    confidence: float
+    candidates: list[tuple[str, float]]
+
+
+def signatures_from_fixtures(
+    schema: Schema, roots: Iterable[str | os.PathLike[str]]
+) -> dict[Version, list[Signature]]:
+    """Each version's signatures, read (metadata only) from the schema's fixtures."""
+    from .files import read_metadata
+    from .fixtures import find_fixtures
+
+    found: dict[Version, list[Signature]] = {}
+    for root in roots:
+        if not os.path.isdir(root):
+            continue
+        for fixture in find_fixtures(root):
+            if fixture.schema != schema.name:
+                continue
+            try:
+                ckpt = read_metadata(fixture.path)
+            except CkptMigrateError:
+                continue
+            found.setdefault(Version(str(fixture.version)), []).append(
+                signature_of(ckpt.state_dict)
+            )
+    return found
+
+
+def guess_version(
+    ckpt: Checkpoint,
+    schema: Schema,
+    *,
+    fixtures: Iterable[str | os.PathLike[str]] | None = None,
+    threshold: float = 0.95,
+) -> Guess:
+    """Identify the version of an unstamped checkpoint by its signature.
+
+    Raises :class:`AmbiguousVersionError` (listing the candidates) when two versions match
+    equally well or none matches at least ``threshold``.
+
+    >>> guess_version(cm.load("old.pt", upgrade=False), schema).version
+    <Version('1.0.0')>
+    """
+    known: dict[Version, list[Signature]] = {
+        v: list(sigs) for v, sigs in schema.signatures.items()
+    }
+    if fixtures is None:
+        from .discovery import configured
+
+        fixtures = configured("fixtures") or ["fixtures"]
+    for version, sigs in signatures_from_fixtures(schema, fixtures).items():
+        known.setdefault(version, []).extend(sigs)
+    mine = signature_of(ckpt.state_dict)
+    scores = sorted(
+        ((max(similarity(mine, s) for s in sigs), v) for v, sigs in known.items() if sigs),
+        key=lambda item: (-item[0], item[1]),
+    )
+    ranked = [(str(v), round(score, 4)) for score, v in scores]
+    if not scores or scores[0][0] < threshold:
+        raise AmbiguousVersionError(schema.name, ranked[:3])
+    best = scores[0][0]
+    tied = [(v, s) for v, s in ranked if s == round(best, 4)]
+    if len(tied) > 1:
+        raise AmbiguousVersionError(schema.name, tied)
+    return Guess(scores[0][1], best, ranked)
