@@ -9,6 +9,10 @@ Importing this package does not import torch: paths that only read metadata stay
 
 from __future__ import annotations
 
+import sys as _sys
+import types as _types
+from typing import Any
+
 __version__ = "0.1.0"
 
 from . import errors, ops
@@ -60,10 +64,18 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    # diff pulls in deepdiff; import it on first use only
-    if name == "diff":
+class _Package(_types.ModuleType):
+    # `import ckptmigrate.diff` binds the submodule to the name `diff`; `cm.diff` must stay the
+    # function, imported on first use (it pulls in deepdiff)
+    @property
+    def diff(self) -> Any:
         from .diff import diff
 
         return diff
-    raise AttributeError(f"module 'ckptmigrate' has no attribute {name!r}")
+
+    @diff.setter
+    def diff(self, value: Any) -> None:
+        pass
+
+
+_sys.modules[__name__].__class__ = _Package

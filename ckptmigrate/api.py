@@ -12,7 +12,7 @@ from packaging.version import Version
 from .checkpoint import Checkpoint
 from .errors import (
     BreakingMigrationError,
-    SchemaMismatchError,
+    UnknownSchemaError,
     UnversionedCheckpointError,
     VersionConflictError,
 )
@@ -33,7 +33,7 @@ def _resolve_schema(schema: Schema | str | None) -> Schema | None:
 
     found = find_schemas()
     if schema not in found:
-        raise SchemaMismatchError(schema, "none of the discovered schemas") from None
+        raise UnknownSchemaError(schema, list(found))
     return found[schema]
 
 

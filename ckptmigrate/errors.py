@@ -70,6 +70,22 @@ class SchemaMismatchError(CkptMigrateError):
         )
 
 
+class UnknownSchemaError(SchemaMismatchError):
+    """A schema was asked for by name, but no discovered migration module defines it."""
+
+    def __init__(self, name: str, known: Sequence[str]) -> None:
+        self.expected = name
+        self.found = None
+        self.path = None
+        self.known = sorted(known)
+        CkptMigrateError.__init__(
+            self,
+            f"no schema named {name!r} was discovered (found: {', '.join(self.known) or 'none'}): "
+            "pass the Schema object, or list its module in [tool.ckptmigrate] migrations in "
+            "pyproject.toml or in a ckptmigrate.migrations entry point.",
+        )
+
+
 class FutureVersionError(CkptMigrateError):
     """The stored version is newer than the code's current version (or the target)."""
 
@@ -186,7 +202,9 @@ class LoadMismatchError(CkptMigrateError, RuntimeError):
 class AmbiguousVersionError(UnversionedCheckpointError):
     """An unstamped file's signature matches no version, or several equally well."""
 
-    def __init__(self, schema: str, candidates: Sequence[tuple[str, float]], *, path: object = None):
+    def __init__(
+        self, schema: str, candidates: Sequence[tuple[str, float]], *, path: object = None
+    ):
         self.schema = schema
         self.candidates = list(candidates)
         self.path = None if path is None else str(path)

@@ -94,9 +94,7 @@ def guess_version(
     >>> guess_version(cm.load("old.pt", upgrade=False), schema).version
     <Version('1.0.0')>
     """
-    known: dict[Version, list[Signature]] = {
-        v: list(sigs) for v, sigs in schema.signatures.items()
-    }
+    known: dict[Version, list[Signature]] = {v: list(sigs) for v, sigs in schema.signatures.items()}
     if fixtures is None:
         from .discovery import configured
 

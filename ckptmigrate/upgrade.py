@@ -58,9 +58,8 @@ def apply_step(ckpt: Checkpoint, planned: PlannedStep, schema: Schema) -> Checkp
     try:
         if isinstance(action, list):
             ops = [op.inverse() for op in reversed(action)] if planned.downgrade else action
-            for op in ops:
-                op.apply(candidate)
-            result = candidate
+            # guarded too: a Call op runs user code that could write into an input tensor
+            result = _run_guarded(lambda c: _apply_ops(ops, c), candidate)
         else:
             fn = inverse_fn if planned.downgrade else action
             result = _run_guarded(fn, candidate)
@@ -88,6 +87,11 @@ def apply_step(ckpt: Checkpoint, planned: PlannedStep, schema: Schema) -> Checkp
         }
     )
     return result
+
+
+def _apply_ops(ops: list[Any], ckpt: Checkpoint) -> None:
+    for op in ops:
+        op.apply(ckpt)
 
 
 def _check_result(result: Any, before: Checkpoint) -> str | None:
@@ -178,42 +182,78 @@ def _rewrap(out: Any) -> Any:
         return out
     if isinstance(out, (tuple, list)):
         return type(out)(_rewrap(o) for o in out)
+    if type(out).__module__ == "numpy" and hasattr(out, "flags"):
+        out.flags.writeable = False  # t.numpy() shares memory and bypasses the version counter
     return out
 
 
 def _run_guarded(fn: Any, ckpt: Checkpoint) -> Any:
-    """Call ``fn(ckpt)`` with the state_dict's tensors behind the read-only guard."""
+    """Call ``fn(ckpt)`` with the checkpoint's tensors behind the read-only guard."""
     import torch
 
     guard = _guard_class()
     originals: dict[int, torch.Tensor] = {}
     wrapped: dict[int, Any] = {}
     versions: list[tuple[str, torch.Tensor, int]] = []
-    guarded_sd = {}
-    for key, value in ckpt.state_dict.items():
-        if isinstance(value, torch.Tensor) and not isinstance(value, guard):
-            if id(value) not in wrapped:
-                w = value.as_subclass(guard)
-                wrapped[id(value)] = w
-                originals[id(w)] = value
-                versions.append((key, value, value._version))
-                sid = _storage_id(value)
-                if sid:
-                    _GUARDED_STORAGES.add(sid)
-            value = wrapped[id(value)]
-        guarded_sd[key] = value
-    ckpt.state_dict = guarded_sd
+
+    def wrap(value: torch.Tensor, label: str) -> Any:
+        if isinstance(value, guard):
+            return value
+        if id(value) not in wrapped:
+            w = value.as_subclass(guard)
+            wrapped[id(value)] = w
+            originals[id(w)] = value
+            versions.append((label, value, value._version))
+            sid = _storage_id(value)
+            if sid:
+                _GUARDED_STORAGES.add(sid)
+        return wrapped[id(value)]
+
+    ckpt.state_dict = {
+        key: wrap(value, key) if isinstance(value, torch.Tensor) else value
+        for key, value in ckpt.state_dict.items()
+    }
+    # optimizer state, extra entries and hparams share their tensors with the input too
+    for slot in _OTHER_SLOTS:
+        setattr(ckpt, slot, _map_tensors(getattr(ckpt, slot), lambda t, s=slot: wrap(t, s)))
     try:
         result = fn(ckpt)
     finally:
         _GUARDED_STORAGES.clear()
     result = ckpt if result is None else result
-    if isinstance(result, Checkpoint) and isinstance(result.state_dict, dict):
-        result.state_dict = {k: _unwrap(v, originals, guard) for k, v in result.state_dict.items()}
+    if isinstance(result, Checkpoint):
+        if isinstance(result.state_dict, dict):
+            result.state_dict = {
+                k: _unwrap(v, originals, guard) for k, v in result.state_dict.items()
+            }
+        for slot in _OTHER_SLOTS:
+            value = getattr(result, slot)
+            setattr(result, slot, _map_tensors(value, lambda t: _unwrap(t, originals, guard)))
     changed = [key for key, tensor, version in versions if tensor._version != version]
     if changed:
         raise _InPlaceWrite(f"it wrote into input tensor {changed[0]!r} in place")
     return result
+
+
+_OTHER_SLOTS = ("optimizer", "extra", "hparams", "meta")
+
+
+def _map_tensors(value: Any, fn: Any) -> Any:
+    """Replace every tensor in (the step's private copies of) nested containers by fn(tensor)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        for key in value:
+            value[key] = _map_tensors(value[key], fn)
+        return value
+    if isinstance(value, list):
+        value[:] = [_map_tensors(v, fn) for v in value]
+        return value
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_map_tensors(v, fn) for v in value)
+    return value
 
 
 def _unwrap(value: Any, originals: dict[int, Any], guard: Any) -> Any:

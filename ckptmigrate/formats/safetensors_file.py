@@ -41,11 +41,15 @@ def read_safetensors(
     path = Path(path)
     _, metadata = read_safetensors_header(path)  # validates before the library maps it
     device = str(map_location) if map_location is not None else "cpu"
+    # safetensors cannot open onto "meta": read on the CPU, then move, as torch.load would
+    moved_to = device if device.startswith("meta") else None
     try:
         tensors: dict[str, Any] = {}
-        with safe_open(str(path), framework="pt", device=device) as f:
+        with safe_open(str(path), framework="pt", device="cpu" if moved_to else device) as f:
             for key in f.keys():
                 tensors[key] = f.get_tensor(key)
+                if moved_to:
+                    tensors[key] = tensors[key].to(moved_to)
     except Exception as exc:
         raise CheckpointFormatError(
             f"safetensors could not read it ({type(exc).__name__}: {exc})", path=path
