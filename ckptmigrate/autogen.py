@@ -1,0 +1,261 @@
+"""Write a migration from the drift between two checkpoints (``ckptmigrate new``).
+
+What ``diff`` can infer becomes declarative ops: renames (generalised to one regex where that
+regex renames exactly the detected keys, checked against the old file's keys), drops and
+casts. What it cannot infer (values for added keys, shape changes, hparam changes) becomes a
+``todo(...)`` placeholder that raises NotImplementedError until someone writes it.
+
+>>> code = generate_migration(cm.diff("v1.pth", "v2.pth"), keys_of_v1, "tinylm", "1.0.0", "2.0.0")
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+from collections.abc import Mapping, Sequence
+
+from .diff import Diff
+from .ops import DropKeys, Op, RenameKeys, RenamePrefix
+
+__all__ = ["generate_migration", "infer_drops", "infer_renames", "module_name"]
+
+_PRE = r"(?P<pre>(?:.*\.)?)"
+_POST = r"(?P<post>(?:\..*)?)"
+
+
+def module_name(schema: str, source: str, target: str) -> str:
+    """``tinylm``, ``1.0.0``, ``2.0.0`` -> ``tinylm_1_0_0_to_2_0_0.py``."""
+
+    def clean(text: str) -> str:
+        return re.sub(r"\W", "_", text)
+
+    return f"{clean(schema)}_{clean(source)}_to_{clean(target)}.py"
+
+
+def _mid_rule(mid_from: list[str], mid_to: list[str]) -> tuple[str, str]:
+    """Regex and replacement for one run of tokens, layer indices captured when both keep them."""
+    digits_from = [t for t in mid_from if t.isdigit()]
+    digits_to = [t for t in mid_to if t.isdigit()]
+    generalise = bool(digits_from) and digits_from == digits_to
+    pattern, repl = [], []
+    index = 0
+    for token in mid_from:
+        if generalise and token.isdigit():
+            pattern.append(rf"(?P<i{index}>\d+)")
+            index += 1
+        else:
+            pattern.append(re.escape(token))
+    index = 0
+    for token in mid_to:
+        if generalise and token.isdigit():
+            repl.append(rf"\g<i{index}>")
+            index += 1
+        else:
+            repl.append(token.replace("\\", "\\\\"))
+    return r"\.".join(pattern), ".".join(repl)
+
+
+def _candidate_ops(old: str, new: str) -> list[Op]:
+    """Rename ops for ``old -> new``, from the most general to the exact one."""
+    a, b = old.split("."), new.split(".")
+    p = 0
+    while p < min(len(a), len(b)) and a[p] == b[p]:
+        p += 1
+    s = 0
+    while s < min(len(a), len(b)) - p and a[-1 - s] == b[-1 - s]:
+        s += 1
+    mid_a, mid_b = a[p : len(a) - s], b[p : len(b) - s]
+    out: list[Op] = []
+    if mid_a and mid_b:
+        pattern, repl = _mid_rule(mid_a, mid_b)
+        back_pattern, back_repl = _mid_rule(mid_b, mid_a)
+        out.append(
+            RenameKeys(
+                _PRE + pattern + _POST,
+                r"\g<pre>" + repl + r"\g<post>",
+                reverse=(_PRE + back_pattern + _POST, r"\g<pre>" + back_repl + r"\g<post>"),
+            )
+        )
+    if s:
+        head_a, head_b = ".".join(a[: len(a) - s]), ".".join(b[: len(b) - s])
+        out.append(RenamePrefix(head_a + "." if head_a else "", head_b + "." if head_b else ""))
+    escaped_new, escaped_old = new.replace("\\", "\\\\"), old.replace("\\", "\\\\")
+    out.append(RenameKeys(re.escape(old), escaped_new, reverse=(re.escape(new), escaped_old)))
+    return out
+
+
+def infer_renames(keys: Sequence[str], renames: Mapping[str, str]) -> list[Op]:
+    """Few rename ops that turn exactly ``renames`` (old -> new) and nothing else in ``keys``.
+
+    Each candidate op is checked with the op's own matching against the keys as they are when
+    it runs, so a general regex is kept only when it renames no other key.
+
+    >>> infer_renames(["blocks.0.w", "blocks.1.w"], {"blocks.0.w": "layers.0.w", ...})
+    [RenameKeys(pattern='(?P<pre>(?:.*\\\\.)?)blocks(?P<post>(?:\\\\..*)?)', ...)]
+    """
+    pending = dict(renames)
+    current = list(keys)
+    ops: list[Op] = []
+    while pending:
+        old, new = next(iter(pending.items()))
+        for op in _candidate_ops(old, new):
+            mapping = op.renamed_keys(current)
+            if mapping.get(old) == new and all(pending.get(k) == v for k, v in mapping.items()):
+                break
+        else:  # pragma: no cover - the exact rename always qualifies
+            raise AssertionError(f"no rename op renames {old!r} to {new!r}")
+        ops.append(op)
+        for key in mapping:
+            del pending[key]
+        current = [mapping.get(k, k) for k in current]
+    return ops
+
+
+def infer_drops(keys: Sequence[str], dropped: Sequence[str]) -> list[DropKeys]:
+    """DropKeys ops for ``dropped``: one per module whose every key goes, else one per key."""
+    gone = set(dropped)
+    ops: list[DropKeys] = []
+    covered: set[str] = set()
+    for key in dropped:
+        if key in covered:
+            continue
+        module = key.rsplit(".", 1)[0] if "." in key else ""
+        members = [k for k in keys if module and k.startswith(module + ".")]
+        if module and len(members) > 1 and all(k in gone for k in members):
+            ops.append(DropKeys(re.escape(module) + r"\..*"))
+            covered.update(members)
+        else:
+            ops.append(DropKeys(re.escape(key)))
+            covered.add(key)
+    return ops
+
+
+def _literal(text: str) -> str:
+    """A Python string literal, raw when that reads better and stays valid."""
+    if "\\" in text and '"' not in text and not text.endswith("\\") and "\n" not in text:
+        return f'r"{text}"'
+    return json.dumps(text)  # a JSON string is a valid Python literal, in black's quotes
+
+
+def _call(name: str, args: list[str]) -> list[str]:
+    """``cm.ops.Name(args),`` on one line, or one argument per line when that is too long."""
+    line = f"cm.ops.{name}({', '.join(args)}),"
+    if len(line) <= 88:
+        return [line]
+    return [f"cm.ops.{name}("] + [f"    {arg}," for arg in args] + ["),"]
+
+
+def _op_code(op: Op) -> list[str]:
+    if isinstance(op, RenameKeys):
+        args = [_literal(op.pattern), _literal(op.repl)]
+        if op.reverse:
+            args.append(f"reverse=({_literal(op.reverse[0])}, {_literal(op.reverse[1])})")
+        return _call("RenameKeys", args)
+    if isinstance(op, RenamePrefix):
+        return _call("RenamePrefix", [_literal(op.old), _literal(op.new)])
+    if isinstance(op, DropKeys):
+        return _call("DropKeys", [_literal(op.pattern)])
+    raise TypeError(f"no code for {op!r}")  # pragma: no cover
+
+
+_TODO_HELPER = '''
+
+def todo(what: str) -> Callable[[cm.Checkpoint], Any]:
+    """A placeholder that fails the step, naming what is left to write."""
+
+    def fail(ckpt: cm.Checkpoint) -> Any:
+        raise NotImplementedError(f"TODO in {__file__}: {what}")
+
+    return fail
+'''
+
+
+def generate_migration(
+    d: Diff,
+    old_keys: Sequence[str],
+    schema: str,
+    source: str,
+    target: str,
+    *,
+    existing_origin: str | None = None,
+    sources: tuple[str, str] | None = None,
+) -> str:
+    """Python source of a migration ``source -> target`` that covers the drift ``d``.
+
+    ``old_keys`` are every key of the old checkpoint: a generalised rename must leave the
+    keys that did not change alone.
+
+    For a new schema it is a standalone module defining ``schema = cm.Schema(...)``; for one
+    that exists (``existing_origin``: where it is defined) it is a snippet to paste there,
+    since discovery refuses two different schemas with one name.
+    """
+    renames = {r["from"]: r["to"] for r in d.renamed}
+    rename_ops = infer_renames(old_keys, renames)
+    after = [renames.get(k, k) for k in old_keys]
+    drop_ops = infer_drops(after, [r["key"] for r in d.removed])
+
+    lines: list[str] = []
+    if rename_ops:
+        lines.append("# renamed: same shape and dtype, similar names (check the confidence)")
+        for r in d.renamed:
+            lines.append(f"#   {r['from']} -> {r['to']}  ({r['confidence']:.2f})")
+        lines += [line for op in rename_ops for line in _op_code(op)]
+    if drop_ops:
+        lines.append("# removed in the new version")
+        lines += [line for op in drop_ops for line in _op_code(op)]
+    if d.added:
+        lines.append("# added in the new version: give each a value (a tensor or a function)")
+        for r in d.added:
+            what = f"a value for {r['key']!r}: shape {r['shape']}, {r['dtype']}"
+            lines += _call("AddKey", [_literal(r["key"]), f"todo({_literal(what)})"])
+    for c in d.dtype_changed:
+        if c["key"] not in {s["key"] for s in d.shape_changed}:
+            args = [_literal(c["key"]), _literal(c["b"]), f"from_dtype={_literal(c['a'])}"]
+            lines += _call("Cast", args)
+    manual = [f"shape of {c['key']!r}: {c['a']} -> {c['b']}" for c in d.shape_changed]
+    manual += [f"hparam {h['path']}: {h['a']!r} -> {h['b']!r} ({h['change']})" for h in d.hparams]
+    if manual:
+        lines.append("# TODO: not inferable, write these (cm.ops.Reshape/Transpose/Split/Merge,")
+        lines.append(
+            "# cm.ops.SetHparam(name, old_default, overwrite=False, previous=cm.ops.ABSENT)"
+        )
+        lines.append("# to pin an old default, or a function), then delete the todo below:")
+        lines += [f"#   {m}" for m in manual]
+        summary = "; ".join(manual)
+        if len(summary) > 300:
+            summary = summary[:300] + f"... ({len(manual)} items, see the comments above)"
+        lines += _call("Call", [f"todo({_literal(summary)})"])
+
+    when = _dt.date.today().isoformat()
+    origin = f" from {sources[0]} and {sources[1]}" if sources else ""
+    body = "".join(f"        {line}\n" for line in lines or ["# no drift"])
+    step = (
+        f"schema.add_migration(\n    {_literal(source)},\n    {_literal(target)},\n"
+        f"    [\n{body}    ],\n)\n"
+    )
+    needs_todo = "todo(" in step
+    helper = _TODO_HELPER if needs_todo else ""
+    imports = (
+        "from collections.abc import Callable\nfrom typing import Any\n\n" if needs_todo else ""
+    )
+    if existing_origin is not None:
+        return (
+            f"# {schema} {source} -> {target}, generated by `ckptmigrate new`{origin} on {when}.\n"
+            f"# Paste into {existing_origin} beside the other steps, and raise the schema's\n"
+            f"# current= to {target!r}. Review the inferred ops before relying on them.\n"
+            f"{helper}\n\n{step}"
+        )
+    unfinished = (
+        "What could not be inferred fails the step (see todo) until it is written.\n"
+        if needs_todo
+        else ""
+    )
+    return (
+        f'"""{schema} {source} -> {target}, generated by `ckptmigrate new`{origin} on {when}.\n\n'
+        "Review it: renames and drops were inferred from key names and shapes.\n"
+        f'{unfinished}"""\n\n'
+        f"{imports}import ckptmigrate as cm\n\n"
+        f"schema = cm.Schema({_literal(schema)}, current={_literal(target)})\n"
+        f"{helper}\n\n{step}"
+    )

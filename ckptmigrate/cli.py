@@ -1,0 +1,895 @@
+"""The ``ckptmigrate`` command line: one thin function per command, each calling the library.
+
+Heavy modules (torch, rich, deepdiff, the user's migrations) are imported inside the commands
+that need them, so ``--help``, ``diff`` without ``--values``/``--upgrade`` and ``info`` on an
+unstamped file start fast and never import torch.
+
+Exit codes: 0 success (no drift), 1 drift (``diff``) or a failing fixture (``check``), 2 trouble,
+reported as one line ``ckptmigrate: error: ...`` on stderr (a traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+    from .diff import Diff
+    from .graph import PlannedStep
+    from .schema import Schema
+
+PROG = "ckptmigrate"
+EXIT_OK, EXIT_DRIFT, EXIT_TROUBLE = 0, 1, 2
+
+
+class CommandError(Exception):
+    """A usage problem found by a command (not by argparse): one line, exit 2."""
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _console(stream: Any = None) -> Any:
+    from rich.console import Console
+
+    return Console(file=stream or sys.stdout, highlight=False)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str) -> Iterator[Callable[..., None] | None]:
+    """A rich progress bar on stderr when it is a terminal; ``None`` (no bar) when piped."""
+    if not _is_terminal(sys.stderr):
+        yield None
+        return
+    from rich.progress import Progress
+
+    with Progress(console=_console(sys.stderr), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int, *_: Any) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _fmt(value: Any) -> str:
+    return "(absent)" if value is None else repr(value) if isinstance(value, str) else str(value)
+
+
+def _stamp_text(stamp: dict[str, Any] | None) -> str:
+    if not stamp:
+        return "unstamped"
+    return f"{stamp.get('schema')} {stamp.get('version')}"
+
+
+# -- diff --------------------------------------------------------------------------------------
+
+
+def _diff_rows(d: Diff, arrow: str) -> list[tuple[str, str, str]]:
+    """(kind, key, detail) rows in a fixed order: renames, removals, additions, changes."""
+    rows: list[tuple[str, str, str]] = []
+
+    def sig(record: dict[str, Any]) -> str:
+        return f"{record['shape']} {record['dtype']}"
+
+    for r in d.renamed:
+        rows.append(
+            ("renamed", f"{r['from']} {arrow} {r['to']}", f"{sig(r)} (conf {r['confidence']:.2f})")
+        )
+    rows += [("removed", r["key"], sig(r)) for r in d.removed]
+    rows += [("added", r["key"], sig(r)) for r in d.added]
+    rows += [("shape", c["key"], f"{c['a']} {arrow} {c['b']}") for c in d.shape_changed]
+    rows += [("dtype", c["key"], f"{c['a']} {arrow} {c['b']}") for c in d.dtype_changed]
+    rows += [("values", v["key"], f"max abs diff {v['max_abs_diff']}") for v in d.value_changes]
+    rows += [("hparam", h["path"], f"{_fmt(h['a'])} {arrow} {_fmt(h['b'])}") for h in d.hparams]
+    rows += [
+        ("meta", m["path"], f"{_fmt(m['a'])} {arrow} {_fmt(m['b'])} (not drift)") for m in d.meta
+    ]
+    return rows
+
+
+def _diff_summary(d: Diff) -> str:
+    parts = [
+        f"{len(items)} {label}"
+        for label, items in (
+            ("renamed", d.renamed),
+            ("removed", d.removed),
+            ("added", d.added),
+            ("shape changed", d.shape_changed),
+            ("dtype changed", d.dtype_changed),
+            ("values differ", d.value_changes),
+            ("hparams changed", d.hparams),
+        )
+        if items
+    ]
+    if not parts:
+        same = f"; {len(d.values)} tensors compared, all equal" if d.values is not None else ""
+        return f"no drift{same}"
+    return "drift: " + ", ".join(parts)
+
+
+def _upgrade_line(d: Diff, arrow: str) -> str | None:
+    if d.upgrade is None:
+        return None
+    u = d.upgrade
+    return (
+        f"A upgraded first: {u['schema']} {u['from']} {arrow} {u['to']} ({len(u['steps'])} steps)"
+    )
+
+
+def render_diff_plain(d: Diff, write: Callable[[str], Any]) -> None:
+    """The diff as plain lines, for pipes and logs."""
+    write(f"A: {d.a} ({_stamp_text(d.stamps.get('a'))})")
+    write(f"B: {d.b} ({_stamp_text(d.stamps.get('b'))})")
+    line = _upgrade_line(d, "->")
+    if line:
+        write(line)
+    rows = _diff_rows(d, "->")
+    width = max((len(kind) for kind, _, _ in rows), default=0)
+    for kind, key, detail in rows:
+        write(f"{kind.ljust(width)}  {key}  {detail}")
+    write(_diff_summary(d))
+
+
+_STYLES = {
+    "renamed": "yellow",
+    "removed": "red",
+    "added": "green",
+    "shape": "magenta",
+    "dtype": "magenta",
+    "values": "magenta",
+    "hparam": "cyan",
+    "meta": "dim",
+}
+
+
+def _group_of(kind: str, key: str) -> str:
+    if kind in ("hparam", "meta"):
+        return f"({kind}s)"
+    return key.split(".", 1)[0] if "." in key else "(top level)"
+
+
+def render_diff_rich(d: Diff, console: Any) -> None:
+    """The diff as a coloured table grouped by top-level module, with counts."""
+    from rich.table import Table
+
+    console.print(f"[bold]A[/]: {d.a} [dim]({_stamp_text(d.stamps.get('a'))})[/]")
+    console.print(f"[bold]B[/]: {d.b} [dim]({_stamp_text(d.stamps.get('b'))})[/]")
+    line = _upgrade_line(d, "→")
+    if line:
+        console.print(f"[dim]{line}[/]")
+    rows = _diff_rows(d, "→")
+    if rows:
+        groups: dict[str, list[tuple[str, str, str]]] = {}
+        for row in rows:
+            groups.setdefault(_group_of(row[0], row[1]), []).append(row)
+        table = Table(show_edge=False, pad_edge=False)
+        table.add_column("change")
+        table.add_column("key")
+        table.add_column("detail")
+        for name, members in groups.items():
+            table.add_row(f"[bold]{name}[/]", f"[dim]{len(members)} changes[/]", "")
+            for kind, key, detail in members:
+                style = _STYLES.get(kind, "")
+                table.add_row(f"[{style}]{kind}[/]", f"  {key}", detail)
+        console.print(table)
+    colour = "red" if d.has_drift else "green"
+    console.print(f"[{colour}]{_diff_summary(d)}[/]")
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from .diff import diff
+
+    schemas = _schemas(args) if args.upgrade else None
+    with progress_bar("comparing values") as progress:
+        result = diff(
+            args.a,
+            args.b,
+            values=args.values,
+            upgrade=args.upgrade,
+            schemas=schemas,
+            schema=args.schema,
+            from_version=args.from_version,
+            allowed_globals=args.allow_global,
+            progress=progress,
+        )
+    if args.json:
+        print(result.to_json())
+    elif _is_terminal(sys.stdout):
+        render_diff_rich(result, _console())
+    else:
+        render_diff_plain(result, print)
+    return EXIT_DRIFT if result.has_drift else EXIT_OK
+
+
+# -- info --------------------------------------------------------------------------------------
+
+
+def _tensor_bytes(value: Any) -> int:
+    info = getattr(value, "info", None)
+    if info is not None:
+        return int(info.nbytes)
+    from .formats.tensorinfo import DTYPE_SIZES
+    from .report import signature
+
+    shape, dtype = signature(value)
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count * DTYPE_SIZES.get(dtype, 0)
+
+
+def _schema_status(ckpt: Checkpoint, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Whether a stamped checkpoint is behind its registered schema (imports migrations)."""
+    from .errors import CkptMigrateError
+
+    if ckpt.schema is None or ckpt.version is None:
+        return None
+    try:
+        schemas = _schemas(args)
+    except CkptMigrateError as exc:
+        print(f"{PROG}: warning: migrations not loaded: {exc}", file=sys.stderr)
+        return {"registered": None, "error": str(exc)}
+    schema = schemas.get(ckpt.schema)
+    if schema is None:
+        return {"registered": False}
+    status: dict[str, Any] = {"registered": True, "current": str(schema.current)}
+    try:
+        plan = schema.plan(ckpt.version)
+    except CkptMigrateError as exc:
+        status.update(behind=ckpt.version < schema.current, plan=None, error=str(exc))
+        return status
+    status.update(behind=bool(plan), plan=[_step_record(p) for p in plan])
+    return status
+
+
+def _step_record(planned: PlannedStep) -> dict[str, Any]:
+    return {
+        "from": str(planned.source),
+        "to": str(planned.target),
+        "step": planned.name,
+        "breaking": planned.step.breaking,
+        "downgrade": planned.downgrade,
+    }
+
+
+def info_record(path: str, args: argparse.Namespace) -> dict[str, Any]:
+    """What ``ckptmigrate info`` shows, as JSON-able data (metadata read only)."""
+    from .diff import plain
+    from .files import read_metadata
+    from .formats.detect import detect_format
+    from .layout import is_tensor_like
+    from .report import signature
+
+    fmt = detect_format(path)
+    ckpt = read_metadata(path, allowed_globals=args.allow_global)
+    tensors = {k: v for k, v in ckpt.state_dict.items() if is_tensor_like(v)}
+    dtypes: dict[str, int] = {}
+    for value in tensors.values():
+        dtype = signature(value)[1]
+        dtypes[dtype] = dtypes.get(dtype, 0) + 1
+    return {
+        "path": str(path),
+        "format": fmt,
+        "layout": ckpt.layout,
+        "file_bytes": os.path.getsize(path),
+        "schema": ckpt.schema,
+        "version": None if ckpt.version is None else str(ckpt.version),
+        "history": plain(ckpt.history),
+        "tensors": len(tensors),
+        "tensor_bytes": sum(_tensor_bytes(v) for v in tensors.values()),
+        "dtypes": dict(sorted(dtypes.items())),
+        "hparams": plain(ckpt.hparams),
+        "meta": plain(ckpt.meta),
+        "optimizer": ckpt.optimizer is not None,
+        "extra": sorted(str(k) for k in ckpt.extra),
+        "status": _schema_status(ckpt, args),
+    }
+
+
+def _status_lines(status: dict[str, Any] | None) -> list[str]:
+    if status is None:
+        return ["unstamped: stamp it with `ckptmigrate stamp CKPT --schema S --version V`"]
+    if status.get("registered") is None:
+        return [f"schema status unknown: {status.get('error')}"]
+    if not status["registered"]:
+        return ["schema not registered in the discovered migrations (pass --migrations PATH)"]
+    if status.get("plan") is None:
+        return [f"cannot plan to current {status['current']}: {status.get('error')}"]
+    if not status["behind"]:
+        return [f"up to date (schema current is {status['current']})"]
+    lines = [f"behind: schema current is {status['current']}; planned steps:"]
+    for step in status["plan"]:
+        mark = " [breaking]" if step["breaking"] else ""
+        lines.append(f"  {step['from']} -> {step['to']}  {step['step']}{mark}")
+    return lines
+
+
+def render_info_plain(info: dict[str, Any], write: Callable[[str], Any]) -> None:
+    """``info`` as ``field: value`` lines."""
+    stamp = f"{info['schema']} {info['version']}" if info["schema"] else "unstamped"
+    write(f"path: {info['path']}")
+    write(f"format: {info['format']} (layout {info['layout']})")
+    write(f"size: {_human_bytes(info['file_bytes'])} on disk")
+    write(f"stamp: {stamp}")
+    write(
+        f"tensors: {info['tensors']} ({_human_bytes(info['tensor_bytes'])}); dtypes: "
+        + (", ".join(f"{k} x{v}" for k, v in info["dtypes"].items()) or "none")
+    )
+    for entry in info["history"]:
+        if isinstance(entry, dict):
+            write(f"history: {entry.get('from')} -> {entry.get('to')}  {entry.get('step', '')}")
+    for key, value in info["hparams"].items():
+        write(f"hparam: {key} = {value!r}")
+    for key, value in info["meta"].items():
+        write(f"meta: {key} = {value!r}")
+    if info["optimizer"] or info["extra"]:
+        extra = ", ".join(info["extra"])
+        write(f"also holds: {'optimizer state' if info['optimizer'] else ''} {extra}".rstrip())
+    for line in _status_lines(info["status"]):
+        write(f"status: {line}" if not line.startswith("  ") else line)
+
+
+def render_info_rich(info: dict[str, Any], console: Any) -> None:
+    """``info`` as a two-column table."""
+    from rich.table import Table
+
+    table = Table(show_header=False, show_edge=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    lines: list[str] = []
+    render_info_plain(info, lines.append)
+    for line in lines:
+        name, _, value = line.partition(": ")
+        table.add_row(name if value else "", value if value else line)
+    console.print(table)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = info_record(args.ckpt, args)
+    if args.json:
+        print(json.dumps(info, indent=2, allow_nan=False))
+    elif _is_terminal(sys.stdout):
+        render_info_rich(info, _console())
+    else:
+        render_info_plain(info, print)
+    return EXIT_OK
+
+
+# -- upgrade -----------------------------------------------------------------------------------
+
+
+@dataclass
+class UpgradeOutcome:
+    """What :func:`upgrade_file` did: the plan, and the files it wrote (none on a dry run)."""
+
+    schema: str
+    source_version: str
+    target_version: str
+    plan: list[dict[str, Any]] = field(default_factory=list)
+    written: str | None = None
+    backup: str | None = None
+
+
+def _pick_schema(
+    ckpt: Checkpoint, schemas: dict[str, Schema], name: str | None, path: str
+) -> Schema:
+    from .errors import SchemaMismatchError, UnversionedCheckpointError
+
+    chosen = ckpt.schema or name
+    if chosen is None and len(schemas) == 1:
+        chosen = next(iter(schemas))
+    if chosen is None:
+        raise UnversionedCheckpointError(path=path)
+    if ckpt.schema is not None and name is not None and name != ckpt.schema:
+        raise SchemaMismatchError(name, ckpt.schema, path=path)
+    if chosen not in schemas:
+        known = ", ".join(sorted(schemas)) or "none"
+        raise CommandError(
+            f"no migrations for schema {chosen!r} were found (discovered: {known}); pass "
+            "--migrations PATH, or list them in pyproject's [tool.ckptmigrate] migrations"
+        )
+    return schemas[chosen]
+
+
+def backup_path(path: str | os.PathLike[str], version: object) -> Path:
+    """Where an in-place upgrade keeps the old file: ``model.pth`` -> ``model.pth.1.0.0.bak``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{version}.bak")
+
+
+def upgrade_file(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str] | None,
+    *,
+    schemas: dict[str, Schema],
+    schema: str | None = None,
+    to: str | None = None,
+    from_version: str | None = None,
+    dry_run: bool = False,
+    backup: bool = True,
+    allowed_globals: Sequence[str] = (),
+    on_plan: Callable[[UpgradeOutcome], Any] | None = None,
+    progress: Callable[..., Any] | None = None,
+) -> UpgradeOutcome:
+    """Read ``src``, plan its upgrade, and write it to ``dst`` (``None``: in place, with backup).
+
+    This is the one read-plan-write sequence the CLI's ``upgrade`` runs; a per-file lock for
+    concurrent in-place upgrades belongs around its body (re-reading the file under the lock).
+
+    >>> upgrade_file("model.pth", None, schemas=find_schemas(["migrations"]))
+    """
+    import shutil
+
+    from .api import save
+    from .errors import VersionConflictError
+    from .files import read_checkpoint
+    from .formats.atomic import atomic_path
+    from .upgrade import apply_step, check_belongs
+    from .version import parse_version
+
+    # LOCK SEAM: take the lock beside ``src`` here (in-place only) and hold it until the write.
+    ckpt = read_checkpoint(src, mmap=True, safe_globals=list(allowed_globals))
+    found = _pick_schema(ckpt, schemas, schema, str(src))
+    newly_stamped = ckpt.version is None and from_version is not None
+    if from_version is not None:
+        given = parse_version(from_version, what="--from-version")
+        if ckpt.version is not None and ckpt.version != given:
+            raise VersionConflictError(ckpt.version, given, path=src)
+        if ckpt.version is None:
+            ckpt = ckpt.copy()
+            ckpt.schema, ckpt.version = found.name, given
+    version = check_belongs(ckpt, found, path=src)
+    plan = found.plan(version, to)
+    outcome = UpgradeOutcome(
+        schema=found.name,
+        source_version=str(version),
+        target_version=str(plan[-1].target if plan else version),
+        plan=[_step_record(p) for p in plan],
+    )
+    if on_plan is not None:
+        on_plan(outcome)
+    in_place = dst is None
+    if dry_run or (in_place and not plan and not newly_stamped):
+        return outcome
+    work = ckpt.copy()
+    for done, planned in enumerate(plan, 1):
+        work = apply_step(work, planned, found)
+        if progress is not None:
+            progress(done, len(plan))
+    target = Path(src if in_place else dst)  # type: ignore[arg-type]
+    if in_place and backup:
+        kept = backup_path(src, version)
+        if kept.exists():
+            raise CommandError(
+                f"backup {kept} already exists: move it away, or pass --no-backup to upgrade "
+                "without one"
+            )
+        with atomic_path(kept) as tmp:
+            shutil.copyfile(src, tmp)
+        outcome.backup = str(kept)
+    save(target, work)
+    outcome.written = str(target)
+    return outcome
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    if (args.output is None) == (not args.in_place):
+        raise CommandError("upgrade needs exactly one of -o DST or --in-place")
+    if args.no_backup and not args.in_place:
+        raise CommandError("--no-backup only applies to --in-place")
+
+    def show_plan(outcome: UpgradeOutcome) -> None:
+        head = f"{args.src}: {outcome.schema} {outcome.source_version}"
+        if not outcome.plan:
+            print(f"{head}: already at {outcome.target_version}, no steps to run")
+            return
+        print(f"{head} -> {outcome.target_version}, {len(outcome.plan)} step(s):")
+        for step in outcome.plan:
+            marks = " [breaking]" if step["breaking"] else ""
+            marks += " [downgrade]" if step["downgrade"] else ""
+            print(f"  {step['from']} -> {step['to']}  {step['step']}{marks}")
+        sys.stdout.flush()
+
+    with progress_bar("upgrading") as progress:
+        outcome = upgrade_file(
+            args.src,
+            None if args.in_place else args.output,
+            schemas=_schemas(args),
+            schema=args.schema,
+            to=args.to,
+            from_version=args.from_version,
+            dry_run=args.dry_run,
+            backup=not args.no_backup,
+            allowed_globals=args.allow_global,
+            on_plan=show_plan,
+            progress=progress,
+        )
+    if args.dry_run:
+        print("dry run: nothing written")
+    elif outcome.written:
+        kept = f" (backup: {outcome.backup})" if outcome.backup else ""
+        print(f"wrote {outcome.written}{kept}")
+    return EXIT_OK
+
+
+# -- history -----------------------------------------------------------------------------------
+
+
+def history_record(schema: Schema) -> dict[str, Any]:
+    """The migration graph of ``schema``, oldest step first."""
+    return {
+        "schema": schema.name,
+        "current": str(schema.current),
+        "origin": schema.origin,
+        "versions": [str(v) for v in schema.graph.versions],
+        "steps": [
+            {
+                "from": str(s.source),
+                "to": str(s.target),
+                "step": s.name,
+                "breaking": s.breaking,
+                "reversible": s.reversible,
+                "preferred": s.preferred,
+            }
+            for s in schema.steps
+        ],
+    }
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    schemas = _schemas(args)
+    if args.schema not in schemas:
+        known = ", ".join(sorted(schemas)) or "none"
+        raise CommandError(
+            f"no schema named {args.schema!r} in the discovered migrations (found: {known}); "
+            "pass --migrations PATH"
+        )
+    record = history_record(schemas[args.schema])
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return EXIT_OK
+    print(f"{record['schema']} (current {record['current']}; from {record['origin'] or '?'})")
+    if not record["steps"]:
+        print("  no migration steps")
+    for step in record["steps"]:
+        marks = [m for m in ("breaking", "reversible", "preferred") if step[m]]
+        shown = f"  [{', '.join(marks)}]" if marks else ""
+        print(f"  {step['from']} -> {step['to']}  {step['step']}{shown}")
+    return EXIT_OK
+
+
+# -- check -------------------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .discovery import configured
+    from .fixtures import check_fixtures
+
+    root = args.dir or (configured("fixtures") or ["fixtures"])[0]
+    schemas = _schemas(args)
+    with progress_bar("checking fixtures") as progress:
+        results = check_fixtures(root, schemas, progress=progress)
+    rows = [
+        {
+            "schema": r.fixture.schema,
+            "version": r.fixture.version,
+            "variant": r.fixture.variant,
+            "path": str(r.fixture.path),
+            "steps_applied": r.steps_applied,
+            "max_abs_error": r.max_abs_error,
+            "ok": r.ok,
+            "reason": r.reason,
+        }
+        for r in results
+    ]
+    failed = [r for r in rows if not r["ok"]]
+    if args.json:
+        print(json.dumps({"root": str(root), "fixtures": rows, "failed": len(failed)}, indent=2))
+    else:
+        if not rows:
+            print(f"{PROG}: warning: no fixtures under {root}", file=sys.stderr)
+        for r in rows:
+            error = "-" if r["max_abs_error"] is None else f"{r['max_abs_error']:.3g}"
+            verdict = "ok" if r["ok"] else f"FAIL: {r['reason']}"
+            print(
+                f"{r['schema']}  {r['version']}  {r['variant'] or '-'}  "
+                f"steps={r['steps_applied']}  max_abs_error={error}  {verdict}"
+            )
+        print(f"{len(rows) - len(failed)} of {len(rows)} fixtures ok")
+    return EXIT_DRIFT if failed else EXIT_OK
+
+
+# -- stamp -------------------------------------------------------------------------------------
+
+
+def cmd_stamp(args: argparse.Namespace) -> int:
+    from .api import save
+    from .files import read_checkpoint
+    from .version import parse_version
+
+    if (args.output is None) == (not args.in_place):
+        raise CommandError("stamp needs exactly one of -o DST or --in-place")
+    if (args.version is None) == (not args.guess):
+        raise CommandError("stamp needs exactly one of --version V or --guess")
+    ckpt = read_checkpoint(args.ckpt, mmap=True, safe_globals=args.allow_global)
+    if ckpt.schema is not None:
+        raise CommandError(
+            f"{args.ckpt} is already stamped as {ckpt.schema} {ckpt.version}: use "
+            "`ckptmigrate upgrade` to move it to another version"
+        )
+    if args.guess:
+        version = _guess(ckpt, args)
+    else:
+        version = parse_version(args.version, what="--version")
+    ckpt = ckpt.copy()
+    ckpt.schema, ckpt.version = args.schema, version
+    target = args.ckpt if args.in_place else args.output
+    save(target, ckpt)  # keeps the file's layout; the stamp goes beside it
+    print(f"stamped {target} as {args.schema} {version} (layout {ckpt.layout})")
+    return EXIT_OK
+
+
+def _guess(ckpt: Checkpoint, args: argparse.Namespace) -> Any:
+    try:
+        from .guess import guess_version
+    except ImportError:
+        raise CommandError(
+            "version guessing is not available in this build: pass --version V"
+        ) from None
+    schemas = _schemas(args)
+    if args.schema not in schemas:
+        raise CommandError(
+            f"--guess needs the migrations of schema {args.schema!r} (pass --migrations PATH)"
+        )
+    guess = guess_version(ckpt, schemas[args.schema])
+    print(f"guessed version {guess.version} (confidence {guess.confidence:.2f})")
+    return guess.version
+
+
+# -- new ---------------------------------------------------------------------------------------
+
+
+def _default_migrations_dir() -> Path:
+    from .discovery import configured
+
+    for source in configured("migrations"):
+        if Path(source).is_dir():
+            return Path(source)
+    return Path("migrations")
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    from .autogen import generate_migration, module_name
+    from .diff import diff
+    from .errors import CkptMigrateError
+    from .version import parse_version
+
+    v1 = parse_version(args.from_version, what="--from-version")
+    v2 = parse_version(args.to_version, what="--to-version")
+    if v2 <= v1:
+        raise CommandError(f"--to-version {v2} must be newer than --from-version {v1}")
+    try:
+        existing = _schemas(args).get(args.schema)
+    except CkptMigrateError as exc:
+        raise CommandError(
+            f"cannot load the existing migrations to check for {args.schema!r}: {exc}"
+        ) from None
+    from .files import read_metadata
+
+    result = diff(args.from_file, args.to_file, allowed_globals=args.allow_global)
+    old_keys = list(read_metadata(args.from_file, allowed_globals=args.allow_global).state_dict)
+    code = generate_migration(
+        result,
+        old_keys,
+        args.schema,
+        str(v1),
+        str(v2),
+        existing_origin=(existing.origin or "its module") if existing is not None else None,
+        sources=(args.from_file, args.to_file),
+    )
+    if args.output is not None:
+        target: Path | None = Path(args.output)
+    elif existing is not None:
+        target = None  # a snippet for an existing schema: printed, to paste beside its steps
+    else:
+        folder = Path(args.migrations_dir) if args.migrations_dir else _default_migrations_dir()
+        target = folder / module_name(args.schema, str(v1), str(v2))
+    if target is None:
+        print(code)
+        print(
+            f"{PROG}: schema {args.schema!r} already exists ({existing.origin}): paste the step "  # type: ignore[union-attr]
+            f"above beside its other steps and raise its current= to {v2}",
+            file=sys.stderr,
+        )
+        return EXIT_OK
+    if target.exists() and not args.force:
+        raise CommandError(f"{target} already exists: pick another -o, or pass --force")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(code, encoding="utf-8")
+    todo = code.count("todo(")
+    note = f"; {todo - 1} TODO(s) to finish before it runs" if todo > 1 else ""
+    print(f"wrote {target}{note}")
+    return EXIT_OK
+
+
+# -- plumbing ------------------------------------------------------------------------------------
+
+
+def _schemas(args: argparse.Namespace) -> dict[str, Schema]:
+    from .discovery import find_schemas
+
+    return find_schemas(args.migrations or None)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error format of every other failure."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f" (see `{self.prog} --help`)"
+        self.exit(EXIT_TROUBLE, f"{PROG}: error: {message}{hint}\n")
+
+
+def _common(sub: argparse.ArgumentParser, *, reads_files: bool) -> None:
+    sub.add_argument(
+        "--migrations",
+        action="append",
+        metavar="PATH",
+        help="folder of migration .py files or a dotted module (repeatable); default: "
+        "pyproject [tool.ckptmigrate] migrations, else installed entry points",
+    )
+    sub.add_argument("--debug", action="store_true", help="show tracebacks")
+    if reads_files:
+        sub.add_argument(
+            "--allow-global",
+            action="append",
+            default=[],
+            metavar="module.Name",
+            help="let a trusted class through the safe loader (repeatable)",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    parser = _Parser(
+        prog=PROG,
+        description="Versioned PyTorch checkpoints: diff, inspect, upgrade and stamp them.",
+        epilog="exit codes: 0 ok / no drift, 1 drift (diff) or failing fixture (check), 2 error",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_library_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = commands.add_parser("diff", help="key/shape/dtype/hparam drift from A to B")
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
+    p.add_argument("--json", action="store_true", help="print the JSON object (docs/cli.md)")
+    p.add_argument("--values", action="store_true", help="also compare tensor contents")
+    p.add_argument(
+        "--upgrade", action="store_true", help="migrate A to B's version first (what it misses)"
+    )
+    p.add_argument("--schema", help="with --upgrade: A's schema when A carries no stamp")
+    p.add_argument(
+        "--from-version", metavar="V", help="with --upgrade: A's version when it has no stamp"
+    )
+    _common(p, reads_files=True)
+    p.set_defaults(func=cmd_diff)
+
+    p = commands.add_parser("info", help="what a checkpoint holds and whether it is behind")
+    p.add_argument("ckpt", metavar="CKPT")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    _common(p, reads_files=True)
+    p.set_defaults(func=cmd_info)
+
+    p = commands.add_parser("upgrade", help="migrate a file to a newer (or older) version")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("-o", "--output", metavar="DST", help="write the upgraded file here")
+    p.add_argument("--in-place", action="store_true", help="replace SRC (a backup stays beside)")
+    p.add_argument("--no-backup", action="store_true", help="with --in-place: keep no backup")
+    p.add_argument("--to", metavar="V", help="target version (default: the schema's current)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    p.add_argument("--from-version", metavar="V", help="SRC's version when it has no stamp")
+    p.add_argument("--schema", help="SRC's schema when it has no stamp")
+    _common(p, reads_files=True)
+    p.set_defaults(func=cmd_upgrade)
+
+    p = commands.add_parser("history", help="the migration graph of a schema, oldest first")
+    p.add_argument("schema", metavar="SCHEMA")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    _common(p, reads_files=False)
+    p.set_defaults(func=cmd_history)
+
+    p = commands.add_parser("check", help="upgrade and verify every legacy fixture under DIR")
+    p.add_argument(
+        "dir", metavar="DIR", nargs="?", help="default: pyproject fixtures, else fixtures"
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    _common(p, reads_files=False)
+    p.set_defaults(func=cmd_check)
+
+    p = commands.add_parser("stamp", help="give an unversioned legacy file its stamp")
+    p.add_argument("ckpt", metavar="CKPT")
+    p.add_argument("--schema", required=True)
+    p.add_argument("--version", metavar="V")
+    p.add_argument("--guess", action="store_true", help="guess the version from the keys")
+    p.add_argument("-o", "--output", metavar="DST")
+    p.add_argument("--in-place", action="store_true")
+    _common(p, reads_files=True)
+    p.set_defaults(func=cmd_stamp)
+
+    p = commands.add_parser("new", help="generate a migration from two checkpoints")
+    p.add_argument("schema", metavar="SCHEMA")
+    p.add_argument("--from-version", required=True, metavar="V1")
+    p.add_argument("--to-version", required=True, metavar="V2")
+    p.add_argument("--from-file", required=True, metavar="OLD")
+    p.add_argument("--to-file", required=True, metavar="NEW")
+    p.add_argument("--migrations-dir", metavar="DIR", help="where to write the module")
+    p.add_argument("-o", "--output", metavar="FILE", help="write exactly here")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    _common(p, reads_files=True)
+    p.set_defaults(func=cmd_new)
+    return parser
+
+
+def _library_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (``ckptmigrate diff a.pth b.pth``)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (``| head``): not our trouble; silence the flush at exit
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_TROUBLE
+
+
+def _one_line(exc: BaseException) -> str:
+    from .errors import CkptMigrateError
+
+    text = " ".join(str(exc).split())
+    if isinstance(exc, (CkptMigrateError, CommandError)):
+        return text
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or text}"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,566 @@
+"""Drift between two checkpoints: keys added, removed, renamed, reshaped or recast; hparams.
+
+Without ``values`` or ``upgrade`` both sides are read from file metadata only (no tensor data,
+no torch import), so diffing two multi-gigabyte files takes as long as reading their headers.
+
+>>> d = cm.diff("old.pth", "new.safetensors")
+>>> d.has_drift, [r["to"] for r in d.renamed]
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from packaging.version import Version
+
+from .checkpoint import Checkpoint
+from .errors import CkptMigrateError, SchemaMismatchError, UnversionedCheckpointError
+from .layout import is_tensor_like, split
+from .report import signature
+from .schema import Schema
+from .version import parse_version
+
+__all__ = ["Diff", "MIN_RENAME_CONFIDENCE", "diff", "name_similarity"]
+
+#: Name similarity a same-shape removed/added pair needs to be reported as a rename.
+MIN_RENAME_CONFIDENCE = 0.6
+#: Above this many leftover pairs in one (shape, dtype) group, pairs that differ in layer
+#: indices or leaf name are not scored (they rarely pass the threshold, and cost quadratic time).
+_MAX_CROSS_PAIRS = 20_000
+#: Elements compared per chunk with ``values=True``, so float64 copies stay small.
+_VALUE_CHUNK = 1 << 22
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Diff:
+    """The drift from checkpoint A to checkpoint B, as plain JSON-able records.
+
+    ``added``/``removed``: ``{key, shape, dtype}``; ``renamed``: ``{from, to, shape, dtype,
+    confidence, reason}``; ``shape_changed``/``dtype_changed``: ``{key, a, b}``; ``hparams`` and
+    ``meta``: ``{path, a, b, change}`` with change one of added/removed/changed; ``values`` (only
+    with ``values=True``): ``{key, max_abs_diff, equal}`` (and ``from`` for a renamed key).
+    Stamps and meta are shown but are not drift.
+    """
+
+    a: str = "A"
+    b: str = "B"
+    added: list[dict[str, Any]] = field(default_factory=list)
+    removed: list[dict[str, Any]] = field(default_factory=list)
+    renamed: list[dict[str, Any]] = field(default_factory=list)
+    shape_changed: list[dict[str, Any]] = field(default_factory=list)
+    dtype_changed: list[dict[str, Any]] = field(default_factory=list)
+    hparams: list[dict[str, Any]] = field(default_factory=list)
+    values: list[dict[str, Any]] | None = None
+    stamps: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    meta: list[dict[str, Any]] = field(default_factory=list)
+    upgrade: dict[str, Any] | None = None
+
+    @property
+    def value_changes(self) -> list[dict[str, Any]]:
+        """The ``values`` entries whose tensors differ."""
+        return [v for v in self.values or [] if not v["equal"]]
+
+    @property
+    def has_drift(self) -> bool:
+        """Whether anything but stamps and meta differs (what ``ckptmigrate diff`` exits 1 on)."""
+        return bool(
+            self.added
+            or self.removed
+            or self.renamed
+            or self.shape_changed
+            or self.dtype_changed
+            or self.hparams
+            or self.value_changes
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The documented JSON object (see docs/cli.md), built from plain values only."""
+        return {
+            "a": self.a,
+            "b": self.b,
+            "has_drift": self.has_drift,
+            "added": self.added,
+            "removed": self.removed,
+            "renamed": self.renamed,
+            "shape_changed": self.shape_changed,
+            "dtype_changed": self.dtype_changed,
+            "hparams": self.hparams,
+            "values": self.values,
+            "stamps": self.stamps,
+            "meta": self.meta,
+            "upgrade": self.upgrade,
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """``to_dict()`` as JSON text (non-finite floats written as strings, so it is valid)."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+
+def diff(
+    a: Any,
+    b: Any,
+    *,
+    values: bool = False,
+    upgrade: bool = False,
+    schemas: Mapping[str, Schema] | Sequence[Schema] | Schema | None = None,
+    schema: str | Schema | None = None,
+    from_version: str | Version | None = None,
+    allowed_globals: Iterable[str] = (),
+    progress: Progress | None = None,
+) -> Diff:
+    """Compare checkpoint ``a`` with ``b``: paths, :class:`Checkpoint` objects or state_dicts.
+
+    ``values=True`` also compares tensor contents (max abs diff per common key) and lets equal
+    tensors reveal renames. ``upgrade=True`` first migrates ``a`` to ``b``'s version (the
+    schema's current one when ``b`` has no stamp) with the schema of ``a``'s stamp, found in
+    ``schemas`` (default: discovered); ``schema``/``from_version`` name them for an unstamped
+    ``a``. ``allowed_globals`` (``"module.Name"``) lets trusted pickled classes through.
+
+    >>> d = cm.diff("v1.pth", "v2.pth", upgrade=True)   # what the migrations still miss
+    >>> d.has_drift
+    False
+    """
+    allowed = list(allowed_globals)
+    need_tensors = values or upgrade
+    ckpt_a, label_a = _as_checkpoint(a, "A", tensors=need_tensors, allowed=allowed)
+    ckpt_b, label_b = _as_checkpoint(b, "B", tensors=values, allowed=allowed)
+    result = Diff(a=label_a, b=label_b)
+    if upgrade:
+        ckpt_a, result.upgrade = _upgrade_to_b(
+            ckpt_a, ckpt_b, schemas, schema, from_version, label_a, label_b
+        )
+    result.stamps = {"a": _stamp_of(ckpt_a), "b": _stamp_of(ckpt_b)}
+
+    sd_a, sd_b = ckpt_a.state_dict, ckpt_b.state_dict
+    sig_a = {k: _signature(v) for k, v in sd_a.items()}
+    sig_b = {k: _signature(v) for k, v in sd_b.items()}
+    removed = {k: s for k, s in sig_a.items() if k not in sig_b}
+    added = {k: s for k, s in sig_b.items() if k not in sig_a}
+
+    same_values = None
+    if values:
+        fingerprints_a = {k: _fingerprint(sd_a[k]) for k in removed}
+        fingerprints_b = {k: _fingerprint(sd_b[k]) for k in added}
+
+        def same_values(old: str, new: str) -> bool:
+            fa, fb = fingerprints_a[old], fingerprints_b[new]
+            return fa is not None and fa == fb
+
+    result.renamed = match_renames(removed, added, same_values)
+    gone = {r["from"] for r in result.renamed}
+    came = {r["to"] for r in result.renamed}
+    result.removed = [_key_record(k, s) for k, s in removed.items() if k not in gone]
+    result.added = [_key_record(k, s) for k, s in added.items() if k not in came]
+    for key, (shape_a, dtype_a) in sig_a.items():
+        if key not in sig_b:
+            continue
+        shape_b, dtype_b = sig_b[key]
+        if shape_a != shape_b:
+            result.shape_changed.append({"key": key, "a": _shape(shape_a), "b": _shape(shape_b)})
+        if dtype_a != dtype_b:
+            result.dtype_changed.append({"key": key, "a": dtype_a, "b": dtype_b})
+
+    result.hparams = compare_mappings(ckpt_a.hparams, ckpt_b.hparams)
+    result.meta = compare_mappings(ckpt_a.meta, ckpt_b.meta)
+    if values:
+        result.values = _compare_values(sd_a, sd_b, sig_a, sig_b, result.renamed, progress)
+    return result
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+def _as_checkpoint(
+    obj: Any, side: str, *, tensors: bool, allowed: list[str]
+) -> tuple[Checkpoint, str]:
+    if isinstance(obj, Checkpoint):
+        ckpt, label = obj, f"<{side}: Checkpoint>"
+    elif isinstance(obj, Mapping):
+        # a dict loaded with torch.load may be any layout, not only a flat state_dict
+        ckpt, label = split(dict(obj) if not isinstance(obj, dict) else obj), f"<{side}: dict>"
+    elif isinstance(obj, (str, os.PathLike)):
+        from . import files
+
+        if tensors:
+            ckpt = files.read_checkpoint(obj, mmap=True, safe_globals=allowed)
+        else:
+            ckpt = files.read_metadata(obj, allowed_globals=allowed)
+        return ckpt, os.fspath(obj)
+    else:
+        raise TypeError(
+            f"diff compares paths, Checkpoints or state_dicts; {side} is a {type(obj).__name__}"
+        )
+    if tensors and any(type(v).__name__ == "TensorStub" for v in ckpt.state_dict.values()):
+        raise TypeError(
+            f"{side} holds metadata stubs, not tensors: values=/upgrade= need tensors, so pass "
+            "a path or a checkpoint loaded with cm.load"
+        )
+    return ckpt, label
+
+
+def _schema_table(schemas: Any) -> dict[str, Schema]:
+    if schemas is None:
+        from .discovery import find_schemas
+
+        return find_schemas()
+    if isinstance(schemas, Schema):
+        return {schemas.name: schemas}
+    if isinstance(schemas, Mapping):
+        return dict(schemas)
+    return {s.name: s for s in schemas}
+
+
+def _upgrade_to_b(
+    ckpt_a: Checkpoint,
+    ckpt_b: Checkpoint,
+    schemas: Any,
+    schema: str | Schema | None,
+    from_version: str | Version | None,
+    label_a: str,
+    label_b: str,
+) -> tuple[Checkpoint, dict[str, Any]]:
+    from .upgrade import upgrade as upgrade_checkpoint
+
+    if isinstance(schema, Schema):
+        table = {schema.name: schema}
+        name: str | None = schema.name
+    else:
+        table = _schema_table(schemas)
+        name = schema
+    name = ckpt_a.schema or name or ckpt_b.schema
+    if name is None and len(table) == 1:
+        name = next(iter(table))
+    if name is None:
+        raise UnversionedCheckpointError(path=label_a)
+    if name not in table:
+        known = ", ".join(sorted(table)) or "none"
+        raise CkptMigrateError(
+            f"{label_a} belongs to schema {name!r}, but no migrations for it were found "
+            f"(discovered schemas: {known}): pass --migrations PATH (or schemas=) to point at them"
+        )
+    found = table[name]
+    if ckpt_b.schema is not None and ckpt_b.schema != found.name:
+        raise SchemaMismatchError(found.name, ckpt_b.schema, path=label_b)
+    if ckpt_a.version is None:
+        if from_version is None:
+            raise UnversionedCheckpointError(path=label_a, schema=found.name)
+        ckpt_a = ckpt_a.copy()
+        ckpt_a.schema, ckpt_a.version = found.name, parse_version(from_version)
+    target = ckpt_b.version if ckpt_b.version is not None else found.current
+    plan = found.plan(ckpt_a.version, target)  # type: ignore[arg-type]
+    upgraded = upgrade_checkpoint(ckpt_a, found, to=target)
+    record = {
+        "schema": found.name,
+        "from": str(ckpt_a.version),
+        "to": str(target),
+        "steps": [
+            {
+                "from": str(p.source),
+                "to": str(p.target),
+                "step": p.name,
+                "breaking": p.step.breaking,
+            }
+            for p in plan
+        ],
+    }
+    return upgraded, record
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+def _signature(value: Any) -> tuple[tuple[int, ...] | None, str]:
+    if is_tensor_like(value):
+        return signature(value)
+    return None, f"object:{type(value).__name__}"  # a non-tensor ``_extra_state`` entry
+
+
+def _shape(shape: tuple[int, ...] | None) -> list[int] | None:
+    return None if shape is None else list(shape)
+
+
+def _key_record(key: str, sig: tuple[tuple[int, ...] | None, str]) -> dict[str, Any]:
+    return {"key": key, "shape": _shape(sig[0]), "dtype": sig[1]}
+
+
+def _stamp_of(ckpt: Checkpoint) -> dict[str, Any] | None:
+    if ckpt.schema is None and ckpt.version is None:
+        return None
+    version = None if ckpt.version is None else str(ckpt.version)
+    return {"schema": ckpt.schema, "version": version}
+
+
+_TOKEN_SPLIT = re.compile(r"[._]")
+
+
+def _skeleton(key: str) -> tuple[tuple[str, ...], str]:
+    """The layer indices and leaf name of a key: renames keep both."""
+    parts = key.split(".")
+    return tuple(p for p in parts if p.isdigit()), parts[-1]
+
+
+def name_similarity(old: str, new: str) -> float:
+    """How alike two key names are, 0..1: characters and ``._`` tokens, penalised when the
+    layer indices or the leaf name (``weight``/``bias``) differ.
+
+    >>> name_similarity("blocks.0.attn.weight", "layers.0.attn.weight")
+    0.775
+    """
+    chars = difflib.SequenceMatcher(None, old, new, autojunk=False).ratio()
+    tokens = difflib.SequenceMatcher(
+        None, _TOKEN_SPLIT.split(old), _TOKEN_SPLIT.split(new), autojunk=False
+    ).ratio()
+    score = (chars + tokens) / 2
+    (digits_a, leaf_a), (digits_b, leaf_b) = _skeleton(old), _skeleton(new)
+    if digits_a != digits_b:
+        score *= 0.75  # another layer index: most likely another module, not a rename
+    if leaf_a != leaf_b:
+        score *= 0.8  # weight vs bias of one module often share a shape
+    return round(score, 3)
+
+
+def match_renames(
+    removed: Mapping[str, tuple[Any, str]],
+    added: Mapping[str, tuple[Any, str]],
+    same_values: Callable[[str, str], bool] | None = None,
+) -> list[dict[str, Any]]:
+    """Pair removed with added keys of the same shape and dtype, one to one, best first.
+
+    A pair is a rename when its names are close (``name_similarity`` at least
+    :data:`MIN_RENAME_CONFIDENCE`) or, when ``same_values`` is given, its tensors are equal.
+    """
+    groups: dict[Any, tuple[list[str], list[str]]] = {}
+    for key, sig in removed.items():
+        groups.setdefault(sig, ([], []))[0].append(key)
+    for key, sig in added.items():
+        if sig in groups:
+            groups[sig][1].append(key)
+
+    order_a = {k: i for i, k in enumerate(removed)}
+    order_b = {k: i for i, k in enumerate(added)}
+    taken_old: set[str] = set()
+    taken_new: set[str] = set()
+    renamed: list[dict[str, Any]] = []
+    # first pairs that keep layer indices and leaf name (cheap: small buckets), then the rest
+    for same_skeleton in (True, False):
+        candidates: list[tuple[float, int, int, str, str, str]] = []
+        for old_keys, new_keys in groups.values():
+            olds = [k for k in old_keys if k not in taken_old]
+            news = [k for k in new_keys if k not in taken_new]
+            if not same_skeleton and len(olds) * len(news) > _MAX_CROSS_PAIRS:
+                continue
+            by_skeleton: dict[Any, list[str]] = {}
+            for new in news:
+                by_skeleton.setdefault(_skeleton(new), []).append(new)
+            for old in olds:
+                skeleton = _skeleton(old)
+                if same_skeleton:
+                    pool = by_skeleton.get(skeleton, [])
+                else:
+                    pool = [n for n in news if _skeleton(n) != skeleton]
+                for new in pool:
+                    scored = _score(old, new, same_values)
+                    if scored is not None:
+                        candidates.append(
+                            (scored[0], order_a[old], order_b[new], old, new, scored[1])
+                        )
+        # greedy by confidence; ties go to file order, so the result is deterministic
+        candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+        for confidence, _, _, old, new, reason in candidates:
+            if old in taken_old or new in taken_new:
+                continue
+            taken_old.add(old)
+            taken_new.add(new)
+            shape, dtype = removed[old]
+            renamed.append(
+                {
+                    "from": old,
+                    "to": new,
+                    "shape": _shape(shape),
+                    "dtype": dtype,
+                    "confidence": confidence,
+                    "reason": reason,
+                }
+            )
+    renamed.sort(key=lambda r: order_a[r["from"]])
+    return renamed
+
+
+def _score(
+    old: str, new: str, same_values: Callable[[str, str], bool] | None
+) -> tuple[float, str] | None:
+    """(confidence, reason) when ``old -> new`` qualifies as a rename, else None."""
+    similarity = name_similarity(old, new)
+    if same_values is not None and same_values(old, new):
+        return round(0.75 + 0.25 * similarity, 3), f"equal values; name similarity {similarity:.2f}"
+    if similarity >= MIN_RENAME_CONFIDENCE:
+        return similarity, f"same shape and dtype; name similarity {similarity:.2f}"
+    return None
+
+
+# -- hparams and meta ---------------------------------------------------------------------------
+
+
+_ADDED = ("dictionary_item_added", "iterable_item_added", "attribute_added", "set_item_added")
+_REMOVED = (
+    "dictionary_item_removed",
+    "iterable_item_removed",
+    "attribute_removed",
+    "set_item_removed",
+)
+_CHANGED = ("values_changed", "type_changes")
+
+
+def _same(x: Any, y: Any) -> bool:
+    if type(x) is not type(y) and not (_is_number(x) and _is_number(y)):
+        return False
+    try:
+        return bool(x == y)
+    except Exception:  # an object whose == is not a bool (an array...) is compared by repr
+        return repr(x) == repr(y)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def compare_mappings(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Changes from ``a`` to ``b`` as ``{path, a, b, change}`` records (nested via deepdiff).
+
+    >>> compare_mappings({"eps": 1e-5}, {"eps": 1e-6, "act": "gelu"})
+    [{'path': 'eps', 'a': 1e-05, 'b': 1e-06, 'change': 'changed'}, {'path': 'act', ...}]
+    """
+    out: list[dict[str, Any]] = []
+    for key in list(a) + [k for k in b if k not in a]:
+        if key not in b:
+            out.append(_change(str(key), a[key], None, "removed"))
+        elif key not in a:
+            out.append(_change(str(key), None, b[key], "added"))
+        elif not _same(a[key], b[key]):
+            nested = isinstance(a[key], (dict, list, tuple)) and type(a[key]) is type(b[key])
+            if nested:
+                out.extend(_nested_changes(str(key), a[key], b[key]))
+            else:
+                out.append(_change(str(key), a[key], b[key], "changed"))
+    return out
+
+
+def _nested_changes(root: str, a: Any, b: Any) -> list[dict[str, Any]]:
+    from deepdiff import DeepDiff  # costs ~0.25 s (numpy); only nested changes pay it
+
+    tree = DeepDiff(a, b, view="tree", ignore_numeric_type_changes=True).tree
+    out = []
+    for kinds, change in ((_REMOVED, "removed"), (_ADDED, "added"), (_CHANGED, "changed")):
+        for kind in kinds:
+            for level in tree.get(kind, []):
+                path = _render_path(root, level.path(output_format="list"))
+                old = None if change == "added" else level.t1
+                new = None if change == "removed" else level.t2
+                out.append(_change(path, old, new, change))
+    return out or [_change(root, a, b, "changed")]
+
+
+def _render_path(root: str, parts: list[Any]) -> str:
+    path = root
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def _change(path: str, a: Any, b: Any, change: str) -> dict[str, Any]:
+    return {"path": path, "a": plain(a), "b": plain(b), "change": change}
+
+
+def plain(value: Any) -> Any:
+    """``value`` as JSON-able data: containers rebuilt, versions as strings, the rest repr'd."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        return [plain(v) for v in items]
+    if isinstance(value, Version):
+        return str(value)
+    return repr(value)
+
+
+# -- values --------------------------------------------------------------------------------------
+
+
+def _fingerprint(value: Any) -> str | None:
+    """A hash of a tensor's dtype, shape and bytes, to find equal tensors without pairwise work."""
+    if not is_tensor_like(value) or getattr(value, "is_quantized", False):
+        return None
+    tensor = value.detach().cpu().contiguous().reshape(-1)
+    digest = hashlib.blake2b(f"{tensor.dtype}{tuple(value.shape)}".encode(), digest_size=16)
+    if tensor.numel():
+        digest.update(memoryview(tensor.view(_byte_dtype()).numpy()))
+    return digest.hexdigest()
+
+
+def _byte_dtype() -> Any:
+    import torch
+
+    return torch.uint8
+
+
+def _compare_values(
+    sd_a: Mapping[str, Any],
+    sd_b: Mapping[str, Any],
+    sig_a: Mapping[str, Any],
+    sig_b: Mapping[str, Any],
+    renamed: list[dict[str, Any]],
+    progress: Progress | None,
+) -> list[dict[str, Any]]:
+    pairs = [(k, k) for k in sig_a if k in sig_b and sig_a[k][0] == sig_b[k][0]]
+    pairs += [(r["from"], r["to"]) for r in renamed]
+    out = []
+    for done, (old, new) in enumerate(pairs, 1):
+        max_abs, equal = value_difference(sd_a[old], sd_b[new])
+        record: dict[str, Any] = {"key": new, "max_abs_diff": plain(max_abs), "equal": equal}
+        if old != new:
+            record["from"] = old
+        out.append(record)
+        if progress is not None:
+            progress(done, len(pairs))
+    return out
+
+
+def value_difference(x: Any, y: Any) -> tuple[float | None, bool]:
+    """(max abs difference, equal) of two same-shape tensors; NaNs in the same place are equal.
+
+    >>> value_difference(torch.zeros(3), torch.tensor([0.0, 0.5, 0.0]))
+    (0.5, False)
+    """
+    import torch
+
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        equal = _same(x, y)
+        return (0.0 if equal else None), equal
+    if x.dtype == y.dtype and torch.equal(x, y):
+        return 0.0, True
+    wide = torch.complex128 if (x.is_complex() or y.is_complex()) else torch.float64
+    flat_x, flat_y = x.detach().reshape(-1), y.detach().reshape(-1)
+    worst = 0.0
+    for start in range(0, flat_x.numel(), _VALUE_CHUNK):
+        cx = flat_x[start : start + _VALUE_CHUNK].to(wide)
+        cy = flat_y[start : start + _VALUE_CHUNK].to(wide)
+        same = (cx == cy) | (cx.isnan() & cy.isnan())
+        if bool(same.all()):
+            continue
+        gap = (cx - cy).abs()[~same]
+        worst = max(worst, float(gap.nan_to_num(nan=math.inf).max()))
+    return worst, worst == 0.0

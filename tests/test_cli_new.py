@@ -1,0 +1,137 @@
+"""``ckptmigrate new``: a migration generated from the drift between two real checkpoints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckptmigrate as cm
+from ckptmigrate import cli
+from ckptmigrate.autogen import infer_drops, infer_renames
+from ckptmigrate.discovery import find_schemas
+
+
+def gpt_sd(prefix: str = "blocks", layers: int = 3) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    sd = {"wte.weight": torch.randn(8, 4)}
+    for i in range(layers):
+        sd[f"{prefix}.{i}.attn.c_attn.weight"] = torch.randn(12, 4)
+        sd[f"{prefix}.{i}.ln_1.weight"] = torch.ones(4)
+        sd[f"{prefix}.{i}.ln_1.bias"] = torch.zeros(4)
+    sd["ln_f.weight"] = torch.ones(4)
+    return sd
+
+
+def run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ckptmigrate", *args], capture_output=True, text=True, cwd=cwd
+    )
+
+
+NEW = ["new", "gpt", "--from-version", "1.0.0", "--to-version", "2.0.0"]
+
+
+def test_rename_only_drift_gives_a_migration_that_leaves_no_drift(tmp_path: Path) -> None:
+    old = gpt_sd()
+    new = {k.replace("blocks.", "h."): v for k, v in old.items()}
+    cm.save(tmp_path / "old.pth", old, schema="gpt", version="1.0.0")
+    cm.save(tmp_path / "new.safetensors", new, schema="gpt", version="2.0.0")
+    before = run(tmp_path, "diff", "old.pth", "new.safetensors")
+    assert before.returncode == 1
+
+    made = run(tmp_path, *NEW, "--from-file", "old.pth", "--to-file", "new.safetensors")
+    assert made.returncode == 0, made.stderr
+    module = tmp_path / "migrations" / "gpt_1_0_0_to_2_0_0.py"
+    code = module.read_text()
+    assert code.count("cm.ops.RenameKeys(") == 1  # one general rule, not one per key
+    assert "todo(" not in code and "NotImplementedError" not in code
+
+    after = run(
+        tmp_path, "diff", "--upgrade", "old.pth", "new.safetensors", "--migrations", str(module)
+    )
+    assert after.returncode == 0, after.stdout + after.stderr
+    schema = find_schemas([str(module)])["gpt"]
+    assert schema.steps[0].reversible  # the generated rename carries its inverse
+
+
+def test_what_cannot_be_inferred_becomes_a_todo_that_fails_the_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = gpt_sd()
+    new = {k.replace("blocks.", "layers."): v for k, v in old.items()}
+    del new["layers.2.ln_1.bias"]
+    new["embed_scale"] = torch.tensor(2.0)
+    new["wte.weight"] = torch.randn(8, 5)
+    new["ln_f.weight"] = new["ln_f.weight"].half()
+    cm.save(tmp_path / "old.pth", old, schema="gpt", version="1.0.0", hparams={"eps": 1e-5})
+    cm.save(tmp_path / "new.pth", new, schema="gpt", version="2.0.0", hparams={"eps": 1e-6})
+    out = tmp_path / "gen" / "step.py"
+    args = [*NEW, "--from-file", str(tmp_path / "old.pth"), "--to-file", str(tmp_path / "new.pth")]
+    assert cli.main([*args, "-o", str(out)]) == 0
+    assert "TODO(s)" in capsys.readouterr().out
+    code = out.read_text()
+    assert 'cm.ops.DropKeys(r"blocks\\.2\\.ln_1\\.bias")' in code
+    assert 'cm.ops.AddKey("embed_scale", todo(' in code
+    assert 'cm.ops.Cast("ln_f.weight", "float16", from_dtype="float32")' in code
+    assert "shape of 'wte.weight': [8, 4] -> [8, 5]" in code and "hparam eps" in code
+
+    schema = find_schemas([str(out)])["gpt"]
+    ckpt = cm.load(tmp_path / "old.pth", upgrade=False)
+    with pytest.raises(cm.MigrationError, match="TODO") as info:
+        cm.upgrade(ckpt, schema)
+    assert isinstance(info.value.__cause__, NotImplementedError)
+    assert cli.main([*args, "-o", str(out)]) == 2  # no silent overwrite
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_an_existing_schema_gets_a_snippet_to_paste_not_a_second_schema(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "mig").mkdir()
+    (tmp_path / "mig" / "gpt.py").write_text(
+        'import ckptmigrate as cm\nschema = cm.Schema("gpt", current="1.0.0")\n'
+    )
+    cm.save(tmp_path / "old.pth", gpt_sd(), schema="gpt", version="1.0.0")
+    cm.save(tmp_path / "new.pth", gpt_sd("layers"), schema="gpt", version="2.0.0")
+    args = [*NEW, "--from-file", str(tmp_path / "old.pth"), "--to-file", str(tmp_path / "new.pth")]
+    assert cli.main([*args, "--migrations", str(tmp_path / "mig")]) == 0
+    captured = capsys.readouterr()
+    assert (
+        captured.out.startswith("# gpt 1.0.0 -> 2.0.0") and "schema.add_migration(" in captured.out
+    )
+    assert "cm.Schema(" not in captured.out
+    assert "raise its current= to 2.0.0" in captured.err
+    assert sorted(p.name for p in (tmp_path / "mig").iterdir()) == ["gpt.py"]
+
+
+def test_a_general_rename_is_kept_only_when_it_touches_no_other_key() -> None:
+    keys = ["blocks.0.w", "blocks.1.w", "blocks.2.w", "head.w"]
+    ops = infer_renames(keys, {f"blocks.{i}.w": f"layers.{i}.w" for i in range(3)})
+    assert len(ops) == 1
+    assert ops[0].renamed_keys(keys) == {f"blocks.{i}.w": f"layers.{i}.w" for i in range(3)}
+
+    partial = infer_renames(keys, {"blocks.0.w": "layers.0.w", "blocks.1.w": "layers.1.w"})
+    renamed: dict[str, str] = {}
+    current = list(keys)
+    for op in partial:
+        step = op.renamed_keys(current)
+        renamed.update(step)
+        current = [step.get(k, k) for k in current]
+    assert current == ["layers.0.w", "layers.1.w", "blocks.2.w", "head.w"]
+
+
+def test_indices_inside_a_renamed_span_are_carried_over() -> None:
+    keys = [f"h.{i}.attn.w" for i in range(3)]
+    ops = infer_renames(keys, {f"h.{i}.attn.w": f"layers.{i}.attention.w" for i in range(3)})
+    assert len(ops) == 1
+    assert ops[0].renamed_keys(keys)["h.2.attn.w"] == "layers.2.attention.w"
+
+
+def test_a_module_that_goes_entirely_is_dropped_with_one_pattern() -> None:
+    keys = ["aux.0.w", "aux.0.b", "keep.w", "mixed.a", "mixed.b"]
+    ops = infer_drops(keys, ["aux.0.w", "aux.0.b", "mixed.a"])
+    assert [op.pattern for op in ops] == [r"aux\.0\..*", r"mixed\.a"]
