@@ -1,0 +1,284 @@
+"""Legacy fixtures: old checkpoints with the golden outputs their own code produced.
+
+A fixture is a checkpoint file written by an earlier version of the model code, with a golden
+record beside it, ``<stem>.golden.pt``: a ``torch.save`` dict holding ``fixture`` (the file
+name), ``schema``, ``version``, ``variant``, ``input``, ``output``, ``atol``, ``rtol`` and the
+old code's ``hparams``. Checking a fixture proves the migration chain end to end: it upgrades to
+the current version, loads with ``strict=True`` into the model built from the migrated hparams,
+and reproduces the golden output.
+
+>>> results = check_fixtures("fixtures", find_schemas(["migrations"]))
+>>> [r.reason for r in results if not r.ok]
+[]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import Checkpoint
+from .errors import CheckpointFormatError, CkptMigrateError
+from .schema import Schema
+from .version import parse_version
+
+GOLDEN_SUFFIX = ".golden.pt"
+REQUIRED_KEYS = ("fixture", "schema", "version", "input", "output")
+DEFAULT_ATOL = 1e-5
+DEFAULT_RTOL = 1e-5
+
+
+@dataclass(frozen=True)
+class Fixture:
+    """One legacy checkpoint and its golden record; the version comes from the record."""
+
+    path: Path
+    golden_path: Path
+    schema: str
+    version: str
+    variant: str | None = None
+    atol: float = DEFAULT_ATOL
+    rtol: float = DEFAULT_RTOL
+
+    @property
+    def label(self) -> str:
+        """``"tinyconv 1.0.0 stripes"``: schema, version and variant, for reports."""
+        return " ".join(p for p in (self.schema, self.version, self.variant) if p)
+
+
+@dataclass(frozen=True)
+class FixtureResult:
+    """What checking one fixture found; ``reason`` says in one line why it failed."""
+
+    fixture: Fixture
+    steps_applied: int = 0
+    max_abs_error: float | None = None
+    ok: bool = False
+    reason: str | None = None
+
+
+ProgressCallback = Callable[[int, int, FixtureResult], None]
+
+
+def read_golden(golden_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The golden record as stored, read with torch's weights-only loader."""
+    import torch
+
+    path = Path(golden_path)
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointFormatError(
+            f"not a readable golden record ({type(exc).__name__}: {_one_line(exc)})", path=path
+        ) from exc
+    if not isinstance(record, dict):
+        raise CheckpointFormatError(
+            f"a golden record is a dict, found a {type(record).__name__}", path=path
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        raise CheckpointFormatError(
+            f"golden record lacks {', '.join(missing)}; it needs {', '.join(REQUIRED_KEYS)}",
+            path=path,
+        )
+    return record
+
+
+def fixture_from_golden(golden_path: str | os.PathLike[str]) -> Fixture:
+    """The :class:`Fixture` a golden record describes (its checkpoint lies beside it)."""
+    golden_path = Path(golden_path)
+    record = read_golden(golden_path)
+    variant = record.get("variant")
+    return Fixture(
+        path=golden_path.parent / str(record["fixture"]),
+        golden_path=golden_path,
+        schema=str(record["schema"]),
+        version=str(parse_version(str(record["version"]), what="golden record version")),
+        variant=None if variant is None else str(variant),
+        atol=float(record.get("atol", DEFAULT_ATOL)),
+        rtol=float(record.get("rtol", DEFAULT_RTOL)),
+    )
+
+
+def find_fixtures(root: str | os.PathLike[str]) -> list[Fixture]:
+    """Every fixture whose golden record (``*.golden.pt``) lies under ``root``, sorted by path.
+
+    >>> [f.label for f in find_fixtures("fixtures/tinylm")]
+    ['tinylm 1.0.0', 'tinylm 1.0.0 unstamped', ...]
+    """
+    root = Path(root)
+    if root.is_file() and root.name.endswith(GOLDEN_SUFFIX):
+        return [fixture_from_golden(root)]
+    if not root.is_dir():
+        raise CkptMigrateError(
+            f"no fixtures folder at {root}: pass the folder that holds the *{GOLDEN_SUFFIX} "
+            "golden records (e.g. fixtures/)"
+        )
+    return [fixture_from_golden(p) for p in sorted(root.rglob(f"*{GOLDEN_SUFFIX}"))]
+
+
+def load_fixture(
+    fixture: Fixture, schema: Schema, *, to: str | None = None, upgrade: bool = True
+) -> Checkpoint:
+    """Read a fixture and upgrade it (to ``schema.current`` unless ``to``).
+
+    An unstamped file takes its version from the golden record, and its hparams too (a legacy
+    file carries none; the record holds what the old code was built with).
+    """
+    from . import api
+    from .upgrade import upgrade as run_upgrade
+
+    stored = api.load(fixture.path, schema=schema, upgrade=False)
+    if stored.version is None:
+        stored = api.load(fixture.path, schema=schema, upgrade=False, from_version=fixture.version)
+    elif str(stored.version) != fixture.version:
+        raise CkptMigrateError(
+            f"{fixture.path} is stamped {stored.schema} {stored.version}, but its golden record "
+            f"says version {fixture.version}: one of the two is wrong"
+        )
+    if not stored.hparams:
+        hparams = read_golden(fixture.golden_path).get("hparams") or {}
+        stored = replace(stored, hparams=dict(hparams))
+    if not upgrade:
+        return stored
+    return run_upgrade(stored, schema, to=to)
+
+
+def check_fixture(fixture: Fixture, schemas: Mapping[str, Schema]) -> FixtureResult:
+    """Upgrade, build, load strictly and run one fixture; a failure is a result, not a raise.
+
+    >>> check_fixture(find_fixtures("fixtures")[0], schemas).ok
+    True
+    """
+    schema = schemas.get(fixture.schema)
+    if schema is None:
+        known = ", ".join(sorted(schemas)) or "none"
+        return FixtureResult(
+            fixture,
+            reason=f"no schema named {fixture.schema!r} was discovered (found: {known}); "
+            "point --migrations (or [tool.ckptmigrate] migrations) at its migrations",
+        )
+    from .report import load_report
+    from .upgrade import upgrade as run_upgrade
+
+    steps = 0
+    stage = "reading the golden record"
+    try:
+        golden = read_golden(fixture.golden_path)
+        stage = "loading"
+        stored = load_fixture(fixture, schema, upgrade=False)
+        stage = "upgrading"
+        upgraded = run_upgrade(stored, schema)
+        steps = len(upgraded.history) - len(stored.history)
+        stage = "building the model from the migrated hparams"
+        model = schema.build(upgraded.hparams)
+        stage = "load_state_dict(strict=True)"
+        report = load_report(model, upgraded.state_dict)
+        if not report.clean_for_strict:
+            return FixtureResult(fixture, steps, reason=f"{stage} would fail: {report.summary()}")
+        model.load_state_dict(upgraded.state_dict_for_torch(), strict=True)
+        stage = "running the golden input"
+        output = _run(model, golden["input"])
+    except Exception as exc:
+        return FixtureResult(fixture, steps, reason=f"{stage}: {_describe(exc)}")
+    error, problem = compare_outputs(output, golden["output"], fixture.atol, fixture.rtol)
+    return FixtureResult(fixture, steps, error, ok=problem is None, reason=problem)
+
+
+def check_fixtures(
+    root: str | os.PathLike[str],
+    schemas: Mapping[str, Schema],
+    *,
+    progress: ProgressCallback | None = None,
+) -> list[FixtureResult]:
+    """Check every fixture under ``root``; ``progress(done, total, result)`` after each one."""
+    fixtures = find_fixtures(root)
+    results = []
+    for i, fixture in enumerate(fixtures, start=1):
+        results.append(check_fixture(fixture, schemas))
+        if progress is not None:
+            progress(i, len(fixtures), results[-1])
+    return results
+
+
+def compare_outputs(
+    output: Any, golden: Any, atol: float, rtol: float
+) -> tuple[float | None, str | None]:
+    """Largest absolute difference, and why the outputs differ (None when within tolerance).
+
+    Tensors are compared like ``torch.allclose``; tuples, lists and dicts element by element.
+    """
+    import torch
+
+    pairs: list[tuple[str, Any, Any]] = []
+    problem = _pair_up("output", output, golden, pairs)
+    if problem:
+        return None, problem
+    worst: float | None = None
+    for where, got, want in pairs:
+        if not isinstance(got, torch.Tensor):
+            if got != want:
+                return worst, f"{where} is {got!r}, the golden one {want!r}"
+            continue
+        if got.shape != want.shape:
+            return (
+                worst,
+                f"{where} has shape {tuple(got.shape)}, the golden one {tuple(want.shape)}",
+            )
+        got, want = got.detach().double().cpu(), want.detach().double().cpu()
+        diff = (got - want).abs()
+        error = float(diff.max()) if diff.numel() else 0.0
+        worst = error if worst is None else max(worst, error)
+        if not torch.allclose(got, want, atol=atol, rtol=rtol, equal_nan=True):
+            return worst, (
+                f"{where} differs from the golden output: max abs error {error:.3g} "
+                f"(allowed: atol {atol:g} + rtol {rtol:g} * |golden|)"
+            )
+    return worst, None
+
+
+def _pair_up(where: str, got: Any, want: Any, out: list[tuple[str, Any, Any]]) -> str | None:
+    if isinstance(want, (tuple, list)):
+        if not isinstance(got, (tuple, list)) or len(got) != len(want):
+            return f"{where} is a {type(got).__name__}, the golden one a {len(want)}-sequence"
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            problem = _pair_up(f"{where}[{i}]", g, w, out)
+            if problem:
+                return problem
+        return None
+    if isinstance(want, Mapping):
+        if not isinstance(got, Mapping) or set(got) != set(want):
+            found = sorted(got) if isinstance(got, Mapping) else type(got).__name__
+            return f"{where} has keys {found}, the golden one {sorted(want)}"
+        for key in want:
+            problem = _pair_up(f"{where}[{key!r}]", got[key], want[key], out)
+            if problem:
+                return problem
+        return None
+    out.append((where, got, want))
+    return None
+
+
+def _run(model: Any, golden_input: Any) -> Any:
+    """Eval mode, no grad; a tuple/list input is positional arguments, a dict keywords."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        if isinstance(golden_input, (tuple, list)):
+            return model(*golden_input)
+        if isinstance(golden_input, Mapping):
+            return model(**golden_input)
+        return model(golden_input)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_one_line(exc)}"
+
+
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
