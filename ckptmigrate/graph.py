@@ -26,6 +26,8 @@ class Step:
     breaking: bool = False
     preferred: bool = False
     reversible: bool = False
+    #: for function steps: maps optimizer state onto parameters whose tensor the step replaced
+    optimizer_hook: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,10 @@ class MigrationGraph:
             )
         self._steps[(step.source, step.target)] = step
         return step
+
+    def replace(self, step: Step) -> None:
+        """Swap a registered step for an updated copy (same versions)."""
+        self._steps[(step.source, step.target)] = step
 
     def plan(self, start: Version | str, target: Version | str | None = None) -> list[PlannedStep]:
         """The steps from ``start`` to ``target`` (default: current), in the order they run.

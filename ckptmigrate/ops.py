@@ -57,7 +57,17 @@ class OpError(ValueError):
 
 
 class Op:
-    """Base class: ``apply`` rewrites a checkpoint in place; ``inverse`` undoes it, or is None."""
+    """Base class: ``apply`` rewrites a checkpoint in place; ``inverse`` undoes it, or is None.
+
+    ``trace`` says, by key names only, where each key after the op came from, so optimizer
+    state can follow; ``transforms_state`` ops (split, transpose...) also reshape the state
+    tensors shaped like their parameter, by applying themselves to them.
+    """
+
+    #: whether the op reshapes tensors, so per-parameter optimizer state must be pushed through it
+    transforms_state: bool = False
+    #: whether applying it runs caller code (then the step runs behind the read-only guard)
+    runs_user_code: bool = False
 
     def apply(self, ckpt: Checkpoint) -> None:
         raise NotImplementedError
@@ -72,9 +82,24 @@ class Op:
     def describe(self) -> str:
         return repr(self)
 
-    def renamed_keys(self, keys: Sequence[str]) -> dict[str, str]:
-        """Old key -> new key for pure renames (tensors unchanged); used to move optimizer state."""
-        return {}
+    def trace(self, keys: Sequence[str]) -> dict[str, list[str]] | None:
+        """Each key after the op -> the keys it came from; None when no key changes."""
+        return None
+
+    def touches(self, keys: Sequence[str]) -> bool:
+        """Whether the op changes any of ``keys`` (their names or their tensors)."""
+        trace = self.trace(keys)
+        return trace is not None and (
+            len(trace) != len(keys) or any(src != [k] for k, src in trace.items())
+        )
+
+    def new_parameters(self, keys: Sequence[str]) -> set[str]:
+        """Keys the op adds that are trainable parameters (they join the optimizer, stateless)."""
+        return set()
+
+
+def _rename_trace(mapping: dict[str, str], keys: Sequence[str]) -> dict[str, list[str]]:
+    return {mapping.get(k, k): [k] for k in keys}
 
 
 def template_regex(template: str) -> re.Pattern[str]:
@@ -133,6 +158,9 @@ class RenamePrefix(Op):
     def renamed_keys(self, keys: Sequence[str]) -> dict[str, str]:
         return {k: self.new + k[len(self.old) :] for k in keys if k.startswith(self.old)}
 
+    def trace(self, keys: Sequence[str]) -> dict[str, list[str]]:
+        return _rename_trace(self.renamed_keys(keys), keys)
+
     def apply(self, ckpt: Checkpoint) -> None:
         mapping = self.renamed_keys(list(ckpt.state_dict))
         if not mapping and self.old and any(k.startswith(self.new) for k in ckpt.state_dict):
@@ -176,6 +204,9 @@ class RenameKeys(Op):
                     out[key] = new
         return out
 
+    def trace(self, keys: Sequence[str]) -> dict[str, list[str]]:
+        return _rename_trace(self.renamed_keys(keys), keys)
+
     def apply(self, ckpt: Checkpoint) -> None:
         _rename_all(ckpt, self.renamed_keys(list(ckpt.state_dict)), self.describe())
 
@@ -194,6 +225,10 @@ class DropKeys(Op):
 
     pattern: str
 
+    def trace(self, keys: Sequence[str]) -> dict[str, list[str]]:
+        rx = re.compile(self.pattern)
+        return {k: [k] for k in keys if not rx.fullmatch(k)}
+
     def apply(self, ckpt: Checkpoint) -> None:
         rx = re.compile(self.pattern)
         ckpt.state_dict = {k: v for k, v in ckpt.state_dict.items() if not rx.fullmatch(k)}
@@ -208,6 +243,18 @@ class AddKey(Op):
 
     key: str
     default: Any = field(repr=False)
+    #: a trainable parameter (it joins the optimizer's first group, with fresh state)
+    parameter: bool = False
+
+    @property
+    def runs_user_code(self) -> bool:  # type: ignore[override]
+        return callable(self.default)
+
+    def trace(self, keys: Sequence[str]) -> dict[str, list[str]]:
+        return {**{k: [k] for k in keys}, self.key: []}
+
+    def new_parameters(self, keys: Sequence[str]) -> set[str]:
+        return {self.key} if self.parameter else set()
 
     def apply(self, ckpt: Checkpoint) -> None:
         if self.key in ckpt.state_dict:
@@ -238,6 +285,17 @@ class Split(Op):
     targets: Sequence[str]
     dim: int = 0
     sizes: Sequence[int] | None = None
+    transforms_state = True
+
+    def trace(self, keys: Sequence[str]) -> dict[str, list[str]]:
+        split = {k: g for k, g in _matches(self.source, keys)}
+        out: dict[str, list[str]] = {}
+        for key in keys:
+            if key in split:
+                out.update({_fill(t, split[key]): [key] for t in self.targets})
+            else:
+                out[key] = [key]
+        return out
 
     def apply(self, ckpt: Checkpoint) -> None:
         import torch
@@ -274,6 +332,23 @@ class Merge(Op):
     target: str
     dim: int = 0
     sizes: Sequence[int] | None = None
+    transforms_state = True
+
+    def trace(self, keys: Sequence[str]) -> dict[str, list[str]]:
+        present = set(keys)
+        merged: dict[str, list[str]] = {}
+        for first, groups in _matches(self.sources[0], keys):
+            group = [first] + [_fill(t, groups) for t in self.sources[1:]]
+            if all(k in present for k in group):
+                merged[first] = group
+        members = {k for group in merged.values() for k in group}
+        out: dict[str, list[str]] = {}
+        for key in keys:
+            if key in merged:
+                out[_fill(self.target, dict(_matches(self.sources[0], [key]))[key])] = merged[key]
+            elif key not in members:
+                out[key] = [key]
+        return out
 
     def apply(self, ckpt: Checkpoint) -> None:
         import torch
@@ -310,6 +385,10 @@ def _replace_at(sd: dict[str, Any], old: list[str], new: dict[str, Any]) -> dict
 @dataclass
 class _TensorOp(Op):
     template: str
+    transforms_state = True
+
+    def touches(self, keys: Sequence[str]) -> bool:
+        return bool(_matches(self.template, keys))
 
     def transform(self, tensor: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -375,6 +454,10 @@ class Cast(_TensorOp):
 
     dtype: Any = None
     from_dtype: Any = None
+    transforms_state = False  # optimizer state stays in its own (usually fp32) dtype
+
+    def touches(self, keys: Sequence[str]) -> bool:
+        return False
 
     def transform(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(_dtype(self.dtype), copy=True)
@@ -462,6 +545,7 @@ class Call(Op):
 
     fn: Callable[[Checkpoint], Any]
     inverse_fn: Callable[[Checkpoint], Any] | None = None
+    runs_user_code = True
 
     def apply(self, ckpt: Checkpoint) -> None:
         self.fn(ckpt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -73,16 +74,27 @@ class Schema:
         breaking: bool = False,
         preferred: bool = False,
         inverse: MigrationFn | None = None,
+        optimizer_state: Callable[..., Any] | None = None,
     ) -> Callable[[F], F]:
         """Register the decorated function as the step ``source`` -> ``target``.
 
         The function mutates the checkpoint it gets, or returns a new one. Mark a step that
         changes behaviour ``breaking=True`` and pin the old behaviour in ``ckpt.hparams``.
+        ``inverse`` (a function) makes the step usable for downgrades.
+
+        Optimizer state follows every tensor the function moves unchanged under a new name.
+        A parameter whose tensor it replaces starts with fresh state (a warning and the history
+        say so) unless ``optimizer_state(states, before, after)`` returns its state: ``states``
+        maps old parameter names to their state dicts; return ``{new_name: state}``.
         """
 
         def register(fn: F) -> F:
             name = getattr(fn, "__qualname__", repr(fn))
-            self._add(source, target, name, fn, breaking, preferred, inverse is not None, inverse)
+            step = self._add(
+                source, target, name, fn, breaking, preferred, inverse is not None, inverse
+            )
+            if optimizer_state is not None:
+                self.graph.replace(dataclasses.replace(step, optimizer_hook=optimizer_state))
             return fn
 
         return register

@@ -7,6 +7,8 @@ writes (and torch's version counters catch what slips past the guard).
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
@@ -14,6 +16,16 @@ from packaging.version import Version
 from .checkpoint import Checkpoint
 from .errors import MigrationError, SchemaMismatchError, UnversionedCheckpointError
 from .graph import PlannedStep
+from .ops import Op, OpError
+from .optimizer import (
+    NamedOptimizer,
+    ParamNamesUnknown,
+    follow_trace,
+    from_named,
+    is_optimizer_state,
+    shaped_state_fields,
+    to_named,
+)
 from .schema import Schema
 from .stamp import library_version, utc_now
 
@@ -30,11 +42,19 @@ def check_belongs(ckpt: Checkpoint, schema: Schema, *, path: object = None) -> V
     return ckpt.version
 
 
-def upgrade(ckpt: Checkpoint, schema: Schema, to: str | Version | None = None) -> Checkpoint:
+def upgrade(
+    ckpt: Checkpoint,
+    schema: Schema,
+    to: str | Version | None = None,
+    *,
+    param_names: Sequence[str] | None = None,
+) -> Checkpoint:
     """Return ``ckpt`` migrated to ``to`` (default: ``schema.current``); the input is untouched.
 
     An older ``to`` downgrades through reversible steps. The plan is checked before any step
     runs; a failing step raises :class:`MigrationError` naming it, with the cause chained.
+    Optimizer state in the checkpoint follows its parameters; where it is keyed by position
+    only and the file has no ``param_names``, pass ``param_names`` (position order).
 
     >>> new = cm.upgrade(ckpt, schema)            # to schema.current
     >>> old = cm.upgrade(new, schema, to="1.0.0")  # back, through inverse ops
@@ -42,14 +62,25 @@ def upgrade(ckpt: Checkpoint, schema: Schema, to: str | Version | None = None) -
     version = check_belongs(ckpt, schema)
     plan = schema.plan(version, to)
     work = ckpt.copy()
+    if not plan:
+        return work
+    followers = OptimizerFollowers.from_checkpoint(work, param_names)
     for planned in plan:
-        work = apply_step(work, planned, schema)
+        work = apply_step(work, planned, schema, followers)
+    followers.write_back(work)
     return work
 
 
-def apply_step(ckpt: Checkpoint, planned: PlannedStep, schema: Schema) -> Checkpoint:
+def apply_step(
+    ckpt: Checkpoint,
+    planned: PlannedStep,
+    schema: Schema,
+    followers: OptimizerFollowers | None = None,
+) -> Checkpoint:
     """Apply one planned step to a copy of ``ckpt`` and return the checked, stamped result."""
     action, inverse_fn = planned.step.action
+    followers = followers or OptimizerFollowers([])
+    reset: list[str] = []
 
     def fail(problem: str) -> MigrationError:
         return MigrationError(schema.name, planned.source, planned.target, planned.name, problem)
@@ -58,11 +89,22 @@ def apply_step(ckpt: Checkpoint, planned: PlannedStep, schema: Schema) -> Checkp
     try:
         if isinstance(action, list):
             ops = [op.inverse() for op in reversed(action)] if planned.downgrade else action
-            # guarded too: a Call op runs user code that could write into an input tensor
-            result = _run_guarded(lambda c: _apply_ops(ops, c), candidate)
+
+            def run_ops(c: Checkpoint) -> None:
+                for op in ops:
+                    reset.extend(followers.through_op(op, c))
+
+            if any(op.runs_user_code for op in ops):
+                result = _run_guarded(run_ops, candidate)
+            else:  # our own ops write no input tensor: skip the guard's per-tensor cost
+                run_ops(candidate)
+                result = candidate
         else:
             fn = inverse_fn if planned.downgrade else action
             result = _run_guarded(fn, candidate)
+            if isinstance(result, Checkpoint) and isinstance(result.state_dict, dict):
+                hook = None if planned.downgrade else planned.step.optimizer_hook
+                reset.extend(followers.through_function(ckpt, result, hook))
     except MigrationError:
         raise
     except _InPlaceWrite as exc:
@@ -75,23 +117,139 @@ def apply_step(ckpt: Checkpoint, planned: PlannedStep, schema: Schema) -> Checkp
         raise fail(problem)
     result.schema = schema.name
     result.version = planned.target
-    result.history.append(
-        {
-            "from": str(planned.source),
-            "to": str(planned.target),
-            "step": planned.name,
-            "breaking": planned.step.breaking,
-            "downgrade": planned.downgrade,
-            "applied_at": utc_now(),
-            "by": f"ckptmigrate {library_version()}",
-        }
-    )
+    entry = {
+        "from": str(planned.source),
+        "to": str(planned.target),
+        "step": planned.name,
+        "breaking": planned.step.breaking,
+        "downgrade": planned.downgrade,
+        "applied_at": utc_now(),
+        "by": f"ckptmigrate {library_version()}",
+    }
+    if reset:
+        entry["optimizer_state_reset"] = sorted(set(reset))
+        warnings.warn(
+            f"migration {schema.name} {planned.source} -> {planned.target} ({planned.name}) "
+            f"replaced the tensors of {len(set(reset))} parameter(s) with optimizer state "
+            f"({', '.join(sorted(set(reset))[:3])}...): their state starts fresh. Register "
+            "optimizer_state= on the migration to carry it over.",
+            stacklevel=3,
+        )
+    result.history.append(entry)
     return result
 
 
-def _apply_ops(ops: list[Any], ckpt: Checkpoint) -> None:
-    for op in ops:
+class OptimizerFollowers:
+    """The optimizer states of one checkpoint, keyed by name while a plan runs."""
+
+    def __init__(self, slots: list[tuple[Any, Any]]) -> None:
+        # each slot: (where it lives in ckpt.optimizer, NamedOptimizer or ParamNamesUnknown)
+        self.slots = slots
+
+    @classmethod
+    def from_checkpoint(
+        cls, ckpt: Checkpoint, param_names: Sequence[str] | None
+    ) -> OptimizerFollowers:
+        slots: list[tuple[Any, Any]] = []
+        for where, opt_sd in _optimizer_states(ckpt.optimizer):
+            try:
+                slots.append((where, to_named(opt_sd, param_names)))
+            except ParamNamesUnknown as exc:
+                slots.append((where, exc))
+        return cls(slots)
+
+    def _named(self) -> list[NamedOptimizer]:
+        out = []
+        for _, named in self.slots:
+            if isinstance(named, ParamNamesUnknown):
+                raise named
+            out.append(named)
+        return out
+
+    def through_op(self, op: Op, ckpt: Checkpoint) -> list[str]:
+        """Apply ``op`` to ``ckpt`` and carry the optimizer state along."""
+        keys = list(ckpt.state_dict)
+        if not self.slots or not op.touches(keys):
+            if op.runs_user_code and self.slots:
+                before = ckpt.copy()
+                op.apply(ckpt)
+                return self.through_function(before, ckpt, None)
+            op.apply(ckpt)
+            return []
+        named_opts = self._named()
+        shapes = {k: tuple(v.shape) for k, v in ckpt.state_dict.items() if hasattr(v, "shape")}
         op.apply(ckpt)
+        trace = op.trace(keys) or {k: [k] for k in keys}
+        new_params = op.new_parameters(keys)
+        for named in named_opts:
+            transformed: dict[str, dict[str, Any]] = {}
+            if op.transforms_state:
+                for fld, tensors in shaped_state_fields(named, shapes).items():
+                    pseudo = Checkpoint(dict(tensors))
+                    try:
+                        op.apply(pseudo)
+                    except OpError:
+                        continue  # e.g. a merge whose parts lack this field: state starts fresh
+                    transformed[fld] = pseudo.state_dict
+            follow_trace(named, trace, transformed, new_params)
+        return []
+
+    def through_function(self, before: Checkpoint, after: Checkpoint, hook: Any) -> list[str]:
+        """Follow tensors a function moved unchanged; report parameters whose tensor it replaced."""
+        if not self.slots:
+            return []
+        where = {}
+        for key, value in before.state_dict.items():
+            where.setdefault(id(value), key)
+        trace: dict[str, list[str]] = {}
+        replaced = []
+        for key, value in after.state_dict.items():
+            if id(value) in where:
+                trace[key] = [where[id(value)]]
+            elif key in before.state_dict:  # same name, new tensor: stays in its group
+                trace[key] = [key]
+                replaced.append(key)
+            else:
+                trace[key] = []
+        unchanged = len(trace) == len(before.state_dict) and all(s == [k] for k, s in trace.items())
+        if unchanged and not replaced:
+            return []
+        reset = []
+        for named in self._named():
+            mapped = hook(dict(named.states), before, after) if hook else {}
+            follow_trace(named, trace, {}, set(mapped))
+            for key in replaced:
+                if key in named.states and key not in mapped:
+                    del named.states[key]
+                    reset.append(key)
+            lost = [k for k, src in trace.items() if not src and k not in mapped]
+            reset += [k for k in lost if any(k in g["names"] for g in named.groups)]
+            named.states.update(mapped)
+        return reset
+
+    def write_back(self, ckpt: Checkpoint) -> None:
+        order = list(ckpt.state_dict)
+        for where, named in self.slots:
+            if isinstance(named, NamedOptimizer):
+                ckpt.optimizer = _put(ckpt.optimizer, where, from_named(named, order))
+
+
+def _optimizer_states(optimizer: Any) -> list[tuple[Any, Any]]:
+    """(where, state_dict) of each torch optimizer state found in ``ckpt.optimizer``."""
+    if is_optimizer_state(optimizer):
+        return [(None, optimizer)]
+    if isinstance(optimizer, list):
+        return [(i, o) for i, o in enumerate(optimizer) if is_optimizer_state(o)]
+    if isinstance(optimizer, dict):
+        return [(k, o) for k, o in optimizer.items() if is_optimizer_state(o)]
+    return []
+
+
+def _put(container: Any, where: Any, value: Any) -> Any:
+    if where is None:
+        return value
+    container[where] = value
+    return container
 
 
 def _check_result(result: Any, before: Checkpoint) -> str | None:
