@@ -9,15 +9,12 @@ Importing this package does not import torch: paths that only read metadata stay
 
 from __future__ import annotations
 
-import sys as _sys
-import types as _types
-from typing import Any
-
 __version__ = "0.1.0"
 
 from . import errors, ops
 from .api import attach, load, load_into, save
 from .checkpoint import Checkpoint
+from .diff import diff  # binds the function over the submodule; deepdiff loads on first use
 from .errors import (
     BreakingMigrationError,
     CheckpointFormatError,
@@ -55,6 +52,7 @@ __all__ = [
     "UnversionedCheckpointError",
     "VersionConflictError",
     "attach",
+    "diff",
     "errors",
     "load",
     "load_into",
@@ -62,20 +60,3 @@ __all__ = [
     "save",
     "upgrade",
 ]
-
-
-class _Package(_types.ModuleType):
-    # `import ckptmigrate.diff` binds the submodule to the name `diff`; `cm.diff` must stay the
-    # function, imported on first use (it pulls in deepdiff)
-    @property
-    def diff(self) -> Any:
-        from .diff import diff
-
-        return diff
-
-    @diff.setter
-    def diff(self, value: Any) -> None:
-        pass
-
-
-_sys.modules[__name__].__class__ = _Package
