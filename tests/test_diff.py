@@ -13,6 +13,7 @@ import torch
 
 import ckptmigrate as cm
 from ckptmigrate.diff import Diff, diff, match_renames, name_similarity
+from ckptmigrate.discovery import find_schemas
 
 
 def model_sd(prefix: str = "blocks", layers: int = 2, width: int = 4) -> dict[str, torch.Tensor]:
@@ -183,7 +184,7 @@ def test_plain_state_dicts_checkpoints_and_paths_mix(tmp_path: Path) -> None:
 
 def test_upgrade_migrates_a_to_b_version_then_shows_what_is_left(tmp_path: Path) -> None:
     (tmp_path / "mig.py").write_text(MIGRATIONS)
-    schemas = cm.discovery.find_schemas([str(tmp_path / "mig.py")])
+    schemas = find_schemas([str(tmp_path / "mig.py")])
     cm.save(tmp_path / "a.pth", model_sd(), schema="toy", version="1.0.0")
     full = renamed(model_sd())
     cm.save(tmp_path / "b.pth", full, schema="toy", version="2.0.0")
@@ -200,7 +201,7 @@ def test_upgrade_migrates_a_to_b_version_then_shows_what_is_left(tmp_path: Path)
 
 def test_upgrade_of_an_unstamped_file_needs_from_version(tmp_path: Path) -> None:
     (tmp_path / "mig.py").write_text(MIGRATIONS)
-    schemas = cm.discovery.find_schemas([str(tmp_path / "mig.py")])
+    schemas = find_schemas([str(tmp_path / "mig.py")])
     torch.save(model_sd(), tmp_path / "raw.pth")
     cm.save(tmp_path / "b.pth", renamed(model_sd()), schema="toy", version="2.0.0")
     with pytest.raises(cm.UnversionedCheckpointError):
