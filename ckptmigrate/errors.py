@@ -203,17 +203,24 @@ class AmbiguousVersionError(UnversionedCheckpointError):
     """An unstamped file's signature matches no version, or several equally well."""
 
     def __init__(
-        self, schema: str, candidates: Sequence[tuple[str, float]], *, path: object = None
-    ):
+        self,
+        schema: str,
+        candidates: Sequence[tuple[str, float]],
+        *,
+        tied: bool = True,
+        path: object = None,
+    ) -> None:
         self.schema = schema
         self.candidates = list(candidates)
+        self.tied = tied
         self.path = None if path is None else str(path)
         where = self.path or "the checkpoint"
-        if self.candidates:
-            shown = ", ".join(f"{v} ({score:.0%})" for v, score in self.candidates)
-            what = f"matches several versions of {schema!r} equally well: {shown}"
+        shown = ", ".join(f"{v} ({score:.0%})" for v, score in self.candidates)
+        if tied:
+            what = f"match several versions of {schema!r} equally well: {shown}"
         else:
-            what = f"matches no recorded version of {schema!r}"
+            closest = f" (closest: {shown})" if shown else ""
+            what = f"match no recorded version of {schema!r}{closest}"
         CkptMigrateError.__init__(
             self,
             f"{where} carries no stamp and its keys {what}. Pass from_version= explicitly, or "

@@ -109,7 +109,7 @@ def guess_version(
     )
     ranked = [(str(v), round(score, 4)) for score, v in scores]
     if not scores or scores[0][0] < threshold:
-        raise AmbiguousVersionError(schema.name, ranked[:3])
+        raise AmbiguousVersionError(schema.name, ranked[:3], tied=False)
     best = scores[0][0]
     tied = [(v, s) for v, s in ranked if s == round(best, 4)]
     if len(tied) > 1:
