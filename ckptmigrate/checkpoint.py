@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -55,15 +54,24 @@ class Checkpoint:
             history=[dict(h) for h in self.history],
             optimizer=copy_containers(self.optimizer),
             extra=copy_containers(self.extra),
-            module_metadata=copy.deepcopy(self.module_metadata),
+            module_metadata=copy_module_metadata(self.module_metadata),
         )
 
     def state_dict_for_torch(self) -> OrderedDict[str, Any]:
         """The state_dict as ``model.load_state_dict`` wants it, with ``_metadata`` attached."""
         sd: OrderedDict[str, Any] = OrderedDict(self.state_dict)
         if self.module_metadata is not None:
-            sd._metadata = copy.deepcopy(self.module_metadata)  # type: ignore[attr-defined]
+            sd._metadata = copy_module_metadata(self.module_metadata)  # type: ignore[attr-defined]
         return sd
+
+
+def copy_module_metadata(
+    metadata: dict[str, dict[str, Any]] | None,
+) -> dict[str, dict[str, Any]] | None:
+    """A copy of torch's per-module metadata (prefix -> small dict), one level deep."""
+    if metadata is None:
+        return None
+    return type(metadata)((k, dict(v) if isinstance(v, dict) else v) for k, v in metadata.items())
 
 
 def copy_containers(value: Any) -> Any:
@@ -71,7 +79,7 @@ def copy_containers(value: Any) -> Any:
     if isinstance(value, OrderedDict):
         out: Any = OrderedDict((k, copy_containers(v)) for k, v in value.items())
         if hasattr(value, "_metadata"):
-            out._metadata = copy.deepcopy(value._metadata)
+            out._metadata = copy_module_metadata(value._metadata)
         return out
     if isinstance(value, dict):
         return {k: copy_containers(v) for k, v in value.items()}
