@@ -30,8 +30,11 @@ from .errors import (
     UnversionedCheckpointError,
     VersionConflictError,
 )
+from .inplace import stamp_in_place, upgrade_in_place
+from .optimizer import ParamNamesUnknown
 from .report import LoadReport
 from .schema import Schema
+from .streaming import FileUpgrade, upgrade_file
 from .upgrade import upgrade
 
 __all__ = [
@@ -46,6 +49,7 @@ __all__ = [
     "MigrationError",
     "MigrationGraphError",
     "NoMigrationPathError",
+    "ParamNamesUnknown",
     "Schema",
     "SchemaMismatchError",
     "UnsafeCheckpointError",
@@ -54,6 +58,10 @@ __all__ = [
     "attach",
     "diff",
     "errors",
+    "FileUpgrade",
+    "upgrade_file",
+    "upgrade_in_place",
+    "stamp_in_place",
     "load",
     "load_into",
     "ops",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +104,7 @@ def load(
     map_location: Any = "cpu",
     mmap: bool = False,
     safe_globals: Iterable[Any] = (),
+    param_names: Sequence[str] | None = None,
 ) -> Checkpoint:
     """Read a checkpoint file and upgrade it to ``to`` (default: ``schema.current``).
 
@@ -114,6 +115,9 @@ def load(
 
     ``upgrade=False`` returns the file as stored; ``from_version`` gives an unstamped file its
     version (``"auto"`` guesses it from the keys); ``safe_globals`` allows trusted classes.
+    Optimizer state follows its parameters; ``param_names`` (the names in the order the
+    optimizer got its parameters) is needed only when the file's optimizer state is keyed by
+    position and carries no ``param_names`` of its own.
 
     >>> ckpt = cm.load("model.pth", schema=schema)
     >>> raw = cm.load("legacy.pt", schema=schema, from_version="1.0.0")
@@ -124,7 +128,7 @@ def load(
     if not upgrade or resolved is None:
         return ckpt
     check_belongs(ckpt, resolved, path=path)
-    return upgrade_checkpoint(ckpt, resolved, to=to)
+    return upgrade_checkpoint(ckpt, resolved, to=to, param_names=param_names)
 
 
 def _apply_from_version(
@@ -154,20 +158,39 @@ def load_into(
     *,
     schema: Schema | str,
     strict: bool = True,
+    strip_wrappers: bool = True,
     **load_kwargs: Any,
 ) -> Checkpoint:
     """Load ``path``, upgrade it, and ``model.load_state_dict`` it; returns the Checkpoint.
 
     The model should be built from the migrated hparams (``schema.build(ckpt.hparams)``) when
-    the chain has a BC-breaking step. ``ckpt.report`` lists missing, unexpected and
-    shape-mismatched keys (with ``strict=False``) and silent dtype casts.
+    the chain has a BC-breaking step. ``ckpt.report`` (a :class:`~ckptmigrate.LoadReport`)
+    lists missing, unexpected and shape-mismatched keys (with ``strict=False``), silent dtype
+    casts, and unexpected keys that are non-persistent buffers of the model. A file saved from
+    a ``DataParallel`` or ``torch.compile`` wrapper (every key under ``module.`` or
+    ``_orig_mod.``, none of the model's) is unwrapped first, and the report says so
+    (``strip_wrappers=False`` turns that off). ``load_kwargs`` go to :func:`load`.
 
-    >>> ckpt = cm.load_into(model, "model.pth", schema=schema)
+    >>> ckpt = cm.load_into(model, "model.pth", schema=schema, strict=False)
+    >>> ckpt.report.missing, ckpt.report.unexpected
     """
+    from .ops import strip_wrappers as wrapper_ops
     from .report import load_report
 
     ckpt = load(path, schema=schema, **load_kwargs)
-    report = load_report(model, ckpt.state_dict)
+    stripped: list[str] = []
+    if strip_wrappers:
+        model_keys = list(model.state_dict())
+        ops = wrapper_ops()
+        while ckpt.state_dict:  # compile(DataParallel(m)) nests both prefixes
+            op = next((op for op in ops if op.wraps(ckpt.state_dict, model_keys)), None)
+            if op is None:
+                break
+            ckpt = ckpt.copy()
+            op.apply(ckpt)
+            stripped.append(op.old)
+    report = load_report(model, ckpt.state_dict, ckpt.module_metadata)
+    report.stripped_prefixes = stripped
     if strict and not report.clean_for_strict:
         report.raise_for_strict()
     sd = ckpt.state_dict_for_torch()

@@ -16,9 +16,11 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
+
+# the read-plan-write sequence, and the lock around in-place rewrites, live in the library
+from .inplace import UpgradeOutcome, backup_path, migrate_file  # noqa: F401
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -201,9 +203,52 @@ def render_diff_rich(d: Diff, console: Any) -> None:
     console.print(f"[{colour}]{_diff_summary(d)}[/]")
 
 
+def cmd_diff_model(args: argparse.Namespace) -> int:
+    """``diff CKPT --model SCHEMA``: what a strict load into today's model would say."""
+    from .diff import diff_model
+
+    if args.b is not None or args.values or args.upgrade:
+        raise CommandError(
+            "--model compares one checkpoint with a model: drop B/--values/--upgrade"
+        )
+    result = diff_model(
+        args.a,
+        args.model,
+        schemas=_schemas(args),
+        from_version=args.from_version,
+        allowed_globals=args.allow_global,
+    )
+    if args.json:
+        print(result.to_json())
+        return EXIT_DRIFT if result.has_drift else EXIT_OK
+    if result.upgrade and result.upgrade["steps"]:
+        print(f"upgraded {result.upgrade['from']} -> {result.upgrade['to']} first")
+    report = result.report
+    for key in report.missing:
+        print(f"missing     {key}")
+    for key in report.unexpected:
+        hidden = " (non-persistent buffer of the model)" if key in report.non_persistent else ""
+        print(f"unexpected  {key}{hidden}")
+    for m in report.shape_mismatched:
+        print(
+            f"shape       {m['key']}  {list(m['checkpoint'])} (file) vs {list(m['model'])} (model)"
+        )
+    for c in report.dtype_casts:
+        print(f"dtype cast  {c['key']}  {c['checkpoint']} (file) -> {c['model']} (model)")
+    verdict = (
+        "a strict load would succeed" if report.clean_for_strict else "a strict load would fail"
+    )
+    print(f"{verdict}: {report.summary()}" if result.has_drift else f"{verdict}: clean")
+    return EXIT_DRIFT if result.has_drift else EXIT_OK
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
     from .diff import diff
 
+    if args.model is not None:
+        return cmd_diff_model(args)
+    if args.b is None:
+        raise CommandError("diff needs two checkpoints A B, or one with --model SCHEMA")
     schemas = _schemas(args) if args.upgrade else None
     with progress_bar("comparing values") as progress:
         result = diff(
@@ -383,120 +428,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 # -- upgrade -----------------------------------------------------------------------------------
 
 
-@dataclass
-class UpgradeOutcome:
-    """What :func:`upgrade_file` did: the plan, and the files it wrote (none on a dry run)."""
-
-    schema: str
-    source_version: str
-    target_version: str
-    plan: list[dict[str, Any]] = field(default_factory=list)
-    written: str | None = None
-    backup: str | None = None
-
-
-def _pick_schema(
-    ckpt: Checkpoint, schemas: dict[str, Schema], name: str | None, path: str
-) -> Schema:
-    from .errors import SchemaMismatchError, UnversionedCheckpointError
-
-    chosen = ckpt.schema or name
-    if chosen is None and len(schemas) == 1:
-        chosen = next(iter(schemas))
-    if chosen is None:
-        raise UnversionedCheckpointError(path=path)
-    if ckpt.schema is not None and name is not None and name != ckpt.schema:
-        raise SchemaMismatchError(name, ckpt.schema, path=path)
-    if chosen not in schemas:
-        known = ", ".join(sorted(schemas)) or "none"
-        raise CommandError(
-            f"no migrations for schema {chosen!r} were found (discovered: {known}); pass "
-            "--migrations PATH, or list them in pyproject's [tool.ckptmigrate] migrations"
-        )
-    return schemas[chosen]
-
-
-def backup_path(path: str | os.PathLike[str], version: object) -> Path:
-    """Where an in-place upgrade keeps the old file: ``model.pth`` -> ``model.pth.1.0.0.bak``."""
-    path = Path(path)
-    return path.with_name(f"{path.name}.{version}.bak")
-
-
-def upgrade_file(
-    src: str | os.PathLike[str],
-    dst: str | os.PathLike[str] | None,
-    *,
-    schemas: dict[str, Schema],
-    schema: str | None = None,
-    to: str | None = None,
-    from_version: str | None = None,
-    dry_run: bool = False,
-    backup: bool = True,
-    allowed_globals: Sequence[str] = (),
-    on_plan: Callable[[UpgradeOutcome], Any] | None = None,
-    progress: Callable[..., Any] | None = None,
-) -> UpgradeOutcome:
-    """Read ``src``, plan its upgrade, and write it to ``dst`` (``None``: in place, with backup).
-
-    This is the one read-plan-write sequence the CLI's ``upgrade`` runs; a per-file lock for
-    concurrent in-place upgrades belongs around its body (re-reading the file under the lock).
-
-    >>> upgrade_file("model.pth", None, schemas=find_schemas(["migrations"]))
-    """
-    import shutil
-
-    from .api import save
-    from .errors import VersionConflictError
-    from .files import read_checkpoint
-    from .formats.atomic import atomic_path
-    from .upgrade import apply_step, check_belongs
-    from .version import parse_version
-
-    # LOCK SEAM: take the lock beside ``src`` here (in-place only) and hold it until the write.
-    ckpt = read_checkpoint(src, mmap=True, safe_globals=list(allowed_globals))
-    found = _pick_schema(ckpt, schemas, schema, str(src))
-    newly_stamped = ckpt.version is None and from_version is not None
-    if from_version is not None:
-        given = parse_version(from_version, what="--from-version")
-        if ckpt.version is not None and ckpt.version != given:
-            raise VersionConflictError(ckpt.version, given, path=src)
-        if ckpt.version is None:
-            ckpt = ckpt.copy()
-            ckpt.schema, ckpt.version = found.name, given
-    version = check_belongs(ckpt, found, path=src)
-    plan = found.plan(version, to)
-    outcome = UpgradeOutcome(
-        schema=found.name,
-        source_version=str(version),
-        target_version=str(plan[-1].target if plan else version),
-        plan=[_step_record(p) for p in plan],
-    )
-    if on_plan is not None:
-        on_plan(outcome)
-    in_place = dst is None
-    if dry_run or (in_place and not plan and not newly_stamped):
-        return outcome
-    work = ckpt.copy()
-    for done, planned in enumerate(plan, 1):
-        work = apply_step(work, planned, found)
-        if progress is not None:
-            progress(done, len(plan))
-    target = Path(src if in_place else dst)  # type: ignore[arg-type]
-    if in_place and backup:
-        kept = backup_path(src, version)
-        if kept.exists():
-            raise CommandError(
-                f"backup {kept} already exists: move it away, or pass --no-backup to upgrade "
-                "without one"
-            )
-        with atomic_path(kept) as tmp:
-            shutil.copyfile(src, tmp)
-        outcome.backup = str(kept)
-    save(target, work)
-    outcome.written = str(target)
-    return outcome
-
-
 def cmd_upgrade(args: argparse.Namespace) -> int:
     if (args.output is None) == (not args.in_place):
         raise CommandError("upgrade needs exactly one of -o DST or --in-place")
@@ -516,7 +447,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     with progress_bar("upgrading") as progress:
-        outcome = upgrade_file(
+        outcome = migrate_file(
             args.src,
             None if args.in_place else args.output,
             schemas=_schemas(args),
@@ -535,6 +466,30 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         kept = f" (backup: {outcome.backup})" if outcome.backup else ""
         print(f"wrote {outcome.written}{kept}")
     return EXIT_OK
+
+
+# -- scan --------------------------------------------------------------------------------------
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from .scan import scan
+
+    with progress_bar("scanning") as progress:
+        rows = scan(args.dir, _schemas(args), workers=args.workers, progress=progress)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+    else:
+        for r in rows:
+            if r.error and r.behind is None:
+                state = f"?  {r.error}"
+            elif r.behind:
+                state = f"{r.schema} {r.version} -> {r.current}: behind, {len(r.steps)} step(s)"
+            else:
+                state = f"{r.schema} {r.version}: current"
+            print(f"{r.path}  {state}")
+        behind = sum(1 for r in rows if r.behind)
+        print(f"{len(rows)} checkpoint(s), {behind} behind")
+    return EXIT_DRIFT if args.fail_behind and any(r.behind for r in rows) else EXIT_OK
 
 
 # -- history -----------------------------------------------------------------------------------
@@ -636,6 +591,13 @@ def cmd_stamp(args: argparse.Namespace) -> int:
         raise CommandError("stamp needs exactly one of -o DST or --in-place")
     if (args.version is None) == (not args.guess):
         raise CommandError("stamp needs exactly one of --version V or --guess")
+    if args.in_place:
+        from .inplace import stamp_in_place
+
+        given = (lambda c: _guess(c, args)) if args.guess else args.version
+        ckpt = stamp_in_place(args.ckpt, args.schema, given, safe_globals=args.allow_global)
+        print(f"stamped {args.ckpt} as {args.schema} {ckpt.version} (layout {ckpt.layout})")
+        return EXIT_OK
     ckpt = read_checkpoint(args.ckpt, mmap=True, safe_globals=args.allow_global)
     if ckpt.schema is not None:
         raise CommandError(
@@ -648,7 +610,7 @@ def cmd_stamp(args: argparse.Namespace) -> int:
         version = parse_version(args.version, what="--version")
     ckpt = ckpt.copy()
     ckpt.schema, ckpt.version = args.schema, version
-    target = args.ckpt if args.in_place else args.output
+    target = args.output
     save(target, ckpt)  # keeps the file's layout; the stamp goes beside it
     print(f"stamped {target} as {args.schema} {version} (layout {ckpt.layout})")
     return EXIT_OK
@@ -785,7 +747,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("diff", help="key/shape/dtype/hparam drift from A to B")
     p.add_argument("a", metavar="A")
-    p.add_argument("b", metavar="B")
+    p.add_argument("b", metavar="B", nargs="?", help="omitted with --model")
+    p.add_argument(
+        "--model",
+        metavar="SCHEMA",
+        help="compare A (upgraded) with the model SCHEMA's build makes: a strict load, before it",
+    )
     p.add_argument("--json", action="store_true", help="print the JSON object (docs/cli.md)")
     p.add_argument("--values", action="store_true", help="also compare tensor contents")
     p.add_argument(
@@ -815,6 +782,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema", help="SRC's schema when it has no stamp")
     _common(p, reads_files=True)
     p.set_defaults(func=cmd_upgrade)
+
+    p = commands.add_parser("scan", help="schema, version and drift of every checkpoint in DIR")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per file")
+    p.add_argument("--fail-behind", action="store_true", help="exit 1 if any file is behind")
+    p.add_argument("--workers", type=int, default=None, help="parallel readers (default: 4/core)")
+    _common(p, reads_files=False)
+    p.set_defaults(func=cmd_scan)
 
     p = commands.add_parser("history", help="the migration graph of a schema, oldest first")
     p.add_argument("schema", metavar="SCHEMA")

@@ -28,7 +28,7 @@ from .report import signature
 from .schema import Schema
 from .version import parse_version
 
-__all__ = ["Diff", "MIN_RENAME_CONFIDENCE", "diff", "name_similarity"]
+__all__ = ["Diff", "MIN_RENAME_CONFIDENCE", "ModelDiff", "diff", "diff_model", "name_similarity"]
 
 #: Name similarity a same-shape removed/added pair needs to be reported as a rename.
 MIN_RENAME_CONFIDENCE = 0.6
@@ -175,6 +175,80 @@ def diff(
     if values:
         result.values = _compare_values(sd_a, sd_b, sig_a, sig_b, result.renamed, progress)
     return result
+
+
+@dataclass
+class ModelDiff:
+    """What a strict load of checkpoint ``a`` (upgraded) into ``schema.build(hparams)`` would say.
+
+    ``report`` is the :class:`~ckptmigrate.report.LoadReport` (missing, unexpected and
+    shape-mismatched keys, silent dtype casts, non-persistent buffers the file carries);
+    ``upgrade`` the steps applied first.
+    """
+
+    a: str
+    schema: str
+    report: Any
+    upgrade: dict[str, Any] | None = None
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_drift(self) -> bool:
+        """Anything a load would complain about or do silently (what exits 1)."""
+        r = self.report
+        return bool(r.missing or r.unexpected or r.shape_mismatched or r.dtype_casts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "a": self.a,
+            "model": self.schema,
+            "has_drift": self.has_drift,
+            **plain(self.report.to_dict()),
+            "hparams": plain(self.hparams),
+            "upgrade": self.upgrade,
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+
+def diff_model(
+    a: Any,
+    schema: str | Schema,
+    *,
+    schemas: Mapping[str, Schema] | Sequence[Schema] | Schema | None = None,
+    from_version: str | Version | None = None,
+    allowed_globals: Iterable[str] = (),
+) -> ModelDiff:
+    """Compare checkpoint ``a``, upgraded to the schema's current version, with the state_dict
+    of the model ``schema.build`` makes from the migrated hparams: a strict load, before it.
+
+    >>> from ckptmigrate.diff import diff_model
+    >>> d = diff_model("old.pth", "tinylm")   # ckptmigrate diff old.pth --model tinylm
+    >>> d.report.missing, d.report.unexpected, d.has_drift
+    """
+    from .report import load_report
+
+    found = schema if isinstance(schema, Schema) else _schema_table(schemas).get(schema)
+    if found is None:
+        known = ", ".join(sorted(_schema_table(schemas))) or "none"
+        raise CkptMigrateError(
+            f"no schema named {schema!r} was found (discovered: {known}): pass --migrations PATH "
+            "(or schemas=) to point at its migrations"
+        )
+    ckpt_a, label = _as_checkpoint(a, "A", tensors=True, allowed=list(allowed_globals))
+    target = Checkpoint({}, schema=found.name, version=found.current)
+    upgraded, record = _upgrade_to_b(
+        ckpt_a, target, {found.name: found}, found, from_version, label, ""
+    )
+    model = found.build(upgraded.hparams)
+    return ModelDiff(
+        label,
+        found.name,
+        load_report(model, upgraded.state_dict, upgraded.module_metadata),
+        record,
+        upgraded.hparams,
+    )
 
 
 # -- reading -----------------------------------------------------------------------------------

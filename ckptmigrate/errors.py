@@ -226,3 +226,37 @@ class AmbiguousVersionError(UnversionedCheckpointError):
             f"{where} carries no stamp and its keys {what}. Pass from_version= explicitly, or "
             f"stamp it: ckptmigrate stamp {self.path or 'CKPT'} --schema {schema} --version X.Y.Z",
         )
+
+
+class AlreadyStampedError(CkptMigrateError):
+    """``stamp`` was asked to stamp a file that already carries a stamp."""
+
+    def __init__(self, schema: object, version: object, *, path: object = None) -> None:
+        self.schema = schema
+        self.version = version
+        self.path = None if path is None else str(path)
+        where = self.path or "the checkpoint"
+        super().__init__(
+            f"{where} is already stamped as {schema} {version}: stamping again would rewrite its "
+            f"history; use `ckptmigrate upgrade {self.path or 'CKPT'}` to move it to another version"
+        )
+
+
+class LockError(CkptMigrateError):
+    """The lock beside a file could not be taken or released."""
+
+
+class LockTimeoutError(LockError):
+    """Another process held the lock beside the file for longer than we waited."""
+
+    def __init__(self, path: object, lock_path: object, holder: object, timeout: float) -> None:
+        self.path = str(path)
+        self.lock_path = str(lock_path)
+        self.holder = holder
+        self.timeout = timeout
+        held = f" by {holder}" if holder else ""
+        super().__init__(
+            f"{self.path} is being rewritten by another process: its lock {self.lock_path} is "
+            f"held{held} and was not released within {timeout:g} s. Wait and retry; if no such "
+            f"process is running, remove {self.lock_path}"
+        )

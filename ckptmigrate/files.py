@@ -42,6 +42,12 @@ def _from_safetensors(tensors: dict[str, Any], metadata: dict[str, str], path: P
     )
 
 
+def _detect(path: Path) -> str:
+    from .formats.sharded import is_index_file
+
+    return "sharded" if is_index_file(path) else detect_format(path)
+
+
 def read_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -51,7 +57,15 @@ def read_checkpoint(
 ) -> Checkpoint:
     """Load every tensor of a checkpoint file (no migration)."""
     path = Path(path)
-    fmt = detect_format(path)
+    fmt = _detect(path)
+    if fmt == "sharded":
+        from .formats.sharded import read_sharded
+
+        return read_sharded(path, map_location=map_location, mmap=mmap)
+    if fmt == "dcp":
+        from .formats.dcp import read_dcp
+
+        return read_dcp(path)
     if fmt == "safetensors":
         from .formats.safetensors_file import read_safetensors
 
@@ -72,7 +86,15 @@ def read_metadata(
     from .formats.tensorinfo import TensorStub
 
     path = Path(path)
-    fmt = detect_format(path)
+    fmt = _detect(path)
+    if fmt == "sharded":
+        from .formats.sharded import read_sharded_metadata
+
+        return read_sharded_metadata(path, allowed_globals=list(allowed_globals))[0]
+    if fmt == "dcp":
+        from .formats.dcp import read_dcp_metadata_checkpoint
+
+        return read_dcp_metadata_checkpoint(path)
     if fmt == "safetensors":
         from .formats.safetensors_file import ALIASES, decode_json_entry
         from .formats.safetensors_header import read_safetensors_header

@@ -7,6 +7,12 @@ old code's ``hparams``. Checking a fixture proves the migration chain end to end
 the current version, loads with ``strict=True`` into the model built from the migrated hparams,
 and reproduces the golden output.
 
+A *resume* fixture also holds optimizer state, and its record a ``resume`` entry: the
+``batches`` the old code trained on next and the ``losses`` it computed (``atol``/``rtol``
+optional). Checking it also builds today's optimizer with the schema's ``optimizer(model)``,
+loads the migrated optimizer state into it, runs the schema's ``train_step`` on each batch and
+compares the losses: it fails when the optimizer state was lost or misplaced on the way.
+
 >>> results = check_fixtures("fixtures", find_schemas(["migrations"]))
 >>> [r.reason for r in results if not r.ok]
 []
@@ -58,6 +64,8 @@ class FixtureResult:
     max_abs_error: float | None = None
     ok: bool = False
     reason: str | None = None
+    #: for resume fixtures: the largest loss difference from the old code's next steps
+    resume_max_abs_error: float | None = None
 
 
 ProgressCallback = Callable[[int, int, FixtureResult], None]
@@ -176,7 +184,7 @@ def check_fixture(fixture: Fixture, schemas: Mapping[str, Schema]) -> FixtureRes
         stage = "building the model from the migrated hparams"
         model = schema.build(upgraded.hparams)
         stage = "load_state_dict(strict=True)"
-        report = load_report(model, upgraded.state_dict)
+        report = load_report(model, upgraded.state_dict, upgraded.module_metadata)
         if not report.clean_for_strict:
             return FixtureResult(fixture, steps, reason=f"{stage} would fail: {report.summary()}")
         model.load_state_dict(upgraded.state_dict_for_torch(), strict=True)
@@ -185,7 +193,57 @@ def check_fixture(fixture: Fixture, schemas: Mapping[str, Schema]) -> FixtureRes
     except Exception as exc:
         return FixtureResult(fixture, steps, reason=f"{stage}: {_describe(exc)}")
     error, problem = compare_outputs(output, golden["output"], fixture.atol, fixture.rtol)
-    return FixtureResult(fixture, steps, error, ok=problem is None, reason=problem)
+    if problem is not None or "resume" not in golden:
+        return FixtureResult(fixture, steps, error, ok=problem is None, reason=problem)
+    try:
+        resume_error, problem = check_resume(schema, model, upgraded, golden["resume"])
+    except Exception as exc:
+        return FixtureResult(fixture, steps, error, reason=f"resuming training: {_describe(exc)}")
+    return FixtureResult(fixture, steps, error, problem is None, problem, resume_error)
+
+
+def check_resume(
+    schema: Schema, model: Any, upgraded: Checkpoint, record: Mapping[str, Any]
+) -> tuple[float | None, str | None]:
+    """Resume training ``model`` (loaded from ``upgraded``) and compare the next losses.
+
+    Builds the optimizer with ``schema.optimizer(model)``, loads ``upgraded.optimizer`` into
+    it and runs ``schema.train_step(model, optimizer, batch)`` on each recorded batch. Returns
+    the largest loss difference and why the losses differ (None when within tolerance).
+    """
+    import torch
+
+    if schema.optimizer is None or schema.train_step is None:
+        return None, (
+            f"the fixture records resumed training, but schema {schema.name!r} does not say how "
+            "to train: pass optimizer=lambda model: ... and train_step=(model, optimizer, batch) "
+            "-> loss to its Schema"
+        )
+    state = upgraded.optimizer
+    if isinstance(state, list) and len(state) == 1:
+        state = state[0]  # Lightning's optimizer_states
+    if state is None:
+        return None, "the fixture records resumed training, but its file holds no optimizer state"
+    optimizer = schema.optimizer(model)
+    optimizer.load_state_dict(state)
+    want = torch.as_tensor(record["losses"], dtype=torch.float64)
+    got = torch.tensor(
+        [float(schema.train_step(model, optimizer, batch)) for batch in record["batches"]],
+        dtype=torch.float64,
+    )
+    atol = float(record.get("atol", DEFAULT_ATOL))
+    rtol = float(record.get("rtol", DEFAULT_RTOL))
+    diff = (got - want).abs()
+    worst = float(diff.max()) if diff.numel() else 0.0
+    bad = (diff > atol + rtol * want.abs()).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        return worst, (
+            f"resumed training differs from the old code at step {i + 1} of {len(want)}: loss "
+            f"{float(got[i]):.6g}, the old code's {float(want[i]):.6g} (allowed: atol {atol:g} + "
+            f"rtol {rtol:g} * |loss|); was the optimizer state migrated with the weights?"
+        )
+    return worst, None
 
 
 def check_fixtures(

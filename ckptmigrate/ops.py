@@ -31,10 +31,13 @@ __all__ = [
     "RenameKeys",
     "RenamePrefix",
     "Reshape",
+    "STRIP_COMPILE",
+    "STRIP_DATAPARALLEL",
     "SetHparam",
     "Split",
     "StripPrefix",
     "Transpose",
+    "strip_wrappers",
 ]
 
 
@@ -130,22 +133,36 @@ def _rename_all(ckpt: Checkpoint, mapping: dict[str, str], what: str) -> None:
         targets[new] = old
     ckpt.state_dict = {mapping.get(k, k): v for k, v in ckpt.state_dict.items()}
     if ckpt.module_metadata:
+        modules = _module_renames(mapping)
         ckpt.module_metadata = type(ckpt.module_metadata)(
-            (_rename_module(prefix, mapping), value)
-            for prefix, value in ckpt.module_metadata.items()
+            (modules.get(prefix, prefix), value) for prefix, value in ckpt.module_metadata.items()
         )
 
 
-def _rename_module(prefix: str, mapping: dict[str, str]) -> str:
-    """A module prefix follows its parameters: ``blocks.0`` -> ``layers.0``."""
-    if not prefix:
-        return prefix
+def _module_renames(mapping: dict[str, str]) -> dict[str, str]:
+    """A module prefix follows its parameters: ``blocks.0`` -> ``layers.0``.
+
+    Each prefix takes the rename of the first parameter under it whose tail is unchanged.
+    Walking up from each key's parent stops at a prefix already settled with its ancestors,
+    so a 100k-key rename costs about one dict lookup per key.
+    """
+    out: dict[str, str] = {}
+    settled: set[str] = set()  # prefixes whose every ancestor is in ``out`` too
     for old, new in mapping.items():
-        if old.startswith(prefix + "."):
-            suffix = old[len(prefix) :]
-            if new.endswith(suffix):
-                return new[: -len(suffix)]
-    return prefix
+        prefix = old.rpartition(".")[0]
+        if not prefix or prefix in settled:
+            continue
+        walked = []
+        while prefix and prefix not in settled:
+            if prefix not in out:
+                suffix = old[len(prefix) :]
+                if new.endswith(suffix):
+                    out[prefix] = new[: -len(suffix)]
+            walked.append(prefix)
+            prefix = prefix.rpartition(".")[0]
+        if all(p in out for p in walked):
+            settled.update(walked)
+    return out
 
 
 @dataclass
@@ -161,9 +178,19 @@ class RenamePrefix(Op):
     def trace(self, keys: Sequence[str]) -> dict[str, list[str]]:
         return _rename_trace(self.renamed_keys(keys), keys)
 
+    def wraps(self, keys: Sequence[str], model_keys: Sequence[str]) -> bool:
+        """Whether every key has ``old`` in front and none of ``model_keys`` does (a wrapper)."""
+        return (
+            bool(self.old)
+            and bool(keys)
+            and all(k.startswith(self.old) for k in keys)
+            and not any(k.startswith(self.old) for k in model_keys)
+        )
+
     def apply(self, ckpt: Checkpoint) -> None:
         mapping = self.renamed_keys(list(ckpt.state_dict))
-        if not mapping and self.old and any(k.startswith(self.new) for k in ckpt.state_dict):
+        already = self.old and self.new and any(k.startswith(self.new) for k in ckpt.state_dict)
+        if not mapping and already:
             raise OpError(
                 f"{self.describe()}: no key starts with {self.old!r} but some start with "
                 f"{self.new!r}: the checkpoint already has the new layout"
@@ -178,8 +205,25 @@ class RenamePrefix(Op):
 
 
 def StripPrefix(prefix: str) -> RenamePrefix:  # noqa: N802 - reads as an op
-    """Drop a wrapper's prefix, e.g. ``module.`` (DataParallel) or ``_orig_mod.`` (compile)."""
+    """Drop a wrapper's prefix, e.g. ``module.`` (DataParallel) or ``_orig_mod.`` (compile).
+
+    Keys without the prefix are left alone, so the step is a no-op on an unwrapped file.
+    """
     return RenamePrefix(prefix, "")
+
+
+#: ``module.``: what ``nn.DataParallel``/``DistributedDataParallel`` put in front of every key.
+STRIP_DATAPARALLEL = StripPrefix("module.")
+#: ``_orig_mod.``: what a ``torch.compile``d module puts in front of every key.
+STRIP_COMPILE = StripPrefix("_orig_mod.")
+
+
+def strip_wrappers() -> list[RenamePrefix]:
+    """The ops that unwrap DataParallel and torch.compile keys, for ``add_migration``.
+
+    >>> schema.add_migration("1.0.0", "1.0.1", cm.ops.strip_wrappers())
+    """
+    return [STRIP_COMPILE, STRIP_DATAPARALLEL]
 
 
 @dataclass
@@ -194,21 +238,29 @@ class RenameKeys(Op):
     reverse: tuple[str, str] | None = None
 
     def renamed_keys(self, keys: Sequence[str]) -> dict[str, str]:
-        rx = re.compile(self.pattern)
+        # one anchored sub per key: unlike match.expand, sub caches the parsed template
+        rx = re.compile(f"\\A(?:{self.pattern})\\Z")
         out = {}
         for key in keys:
-            m = rx.fullmatch(key)
-            if m:
-                new = m.expand(self.repl)
-                if new != key:
-                    out[key] = new
+            new = rx.sub(self.repl, key, count=1)
+            if new is not key and new != key:
+                out[key] = new
         return out
 
     def trace(self, keys: Sequence[str]) -> dict[str, list[str]]:
         return _rename_trace(self.renamed_keys(keys), keys)
 
     def apply(self, ckpt: Checkpoint) -> None:
-        _rename_all(ckpt, self.renamed_keys(list(ckpt.state_dict)), self.describe())
+        keys = list(ckpt.state_dict)
+        mapping = self.renamed_keys(keys)
+        if not mapping and self.reverse is not None:
+            done = RenameKeys(*self.reverse).renamed_keys(keys)
+            if done:
+                raise OpError(
+                    f"{self.describe()}: no key matches, but {next(iter(done))!r} already has "
+                    "the new name: the checkpoint already has the new layout"
+                )
+        _rename_all(ckpt, mapping, self.describe())
 
     def inverse(self) -> Op | None:
         return (
@@ -300,7 +352,10 @@ class Split(Op):
     def apply(self, ckpt: Checkpoint) -> None:
         import torch
 
-        for key, groups in _matches(self.source, list(ckpt.state_dict)):
+        found = _matches(self.source, list(ckpt.state_dict))
+        if not found:
+            _refuse_new_layout(self, self.targets[0], ckpt)
+        for key, groups in found:
             tensor = ckpt.state_dict[key]
             if self.sizes is None:
                 if tensor.shape[self.dim] % len(self.targets):
@@ -353,7 +408,10 @@ class Merge(Op):
     def apply(self, ckpt: Checkpoint) -> None:
         import torch
 
-        for first, groups in _matches(self.sources[0], list(ckpt.state_dict)):
+        found = _matches(self.sources[0], list(ckpt.state_dict))
+        if not found:
+            _refuse_new_layout(self, self.target, ckpt)
+        for first, groups in found:
             keys = [first] + [_fill(t, groups) for t in self.sources[1:]]
             missing = [k for k in keys if k not in ckpt.state_dict]
             if missing:
@@ -369,6 +427,16 @@ class Merge(Op):
 
     def describe(self) -> str:
         return f"merge {list(self.sources)!r} -> {self.target!r} (dim {self.dim})"
+
+
+def _refuse_new_layout(op: Op, new_template: str, ckpt: Checkpoint) -> None:
+    """An op with nothing to do whose results already exist was applied before: say so."""
+    done = _matches(new_template, list(ckpt.state_dict))
+    if done:
+        raise OpError(
+            f"{op.describe()}: no key matches its source, but {done[0][0]!r} matches its result: "
+            "the checkpoint already has the new layout (was this step applied already?)"
+        )
 
 
 def _replace_at(sd: dict[str, Any], old: list[str], new: dict[str, Any]) -> dict[str, Any]:

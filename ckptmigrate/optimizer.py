@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoint import Checkpoint
+from .errors import CkptMigrateError
 
 #: A step's hook for function migrations: (states by name, before, after) -> states by name.
 OptimizerHook = Callable[[dict[str, dict[str, Any]], Checkpoint, Checkpoint], dict[str, dict]]
 
 
-class ParamNamesUnknown(ValueError):
+class ParamNamesUnknown(CkptMigrateError, ValueError):
     """The optimizer state is keyed by position and nothing says which name each one is."""
 
 
@@ -80,9 +81,42 @@ def to_named(opt_sd: Mapping[str, Any], param_names: Sequence[str] | None) -> Na
     return NamedOptimizer(states, groups, wrote, extra)
 
 
+def module_order(keys: Sequence[str]) -> list[str]:
+    """``keys`` in the order ``nn.Module`` would list them: a module's own entries, then its
+    children's, each child where it first appears.
+
+    A state_dict written by a module is already in this order (so this changes nothing for
+    it); a migrated one may not be: splitting ``c_attn.weight`` and ``c_attn.bias`` in place
+    gives ``q.weight, k.weight, v.weight, q.bias, ...``, while today's model lists ``q.weight,
+    q.bias, k.weight, ...``, the order its optimizer numbers its parameters in.
+    """
+    tree: dict[str, Any] = {}
+    for key in keys:
+        node = tree
+        *path, leaf = key.split(".")
+        for part in path:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):  # a name both a leaf and a module: keep file order
+                return list(keys)
+            node = child
+        node[leaf] = key
+
+    out: list[str] = []
+
+    def walk(node: dict[str, Any]) -> None:
+        out.extend(v for v in node.values() if isinstance(v, str))
+        for child in node.values():
+            if isinstance(child, dict):
+                walk(child)
+
+    walk(tree)
+    return out
+
+
 def from_named(named: NamedOptimizer, order: Sequence[str]) -> dict[str, Any]:
-    """Back to torch's positional layout, numbering parameters in ``order`` (state_dict order)."""
-    rank = {name: i for i, name in enumerate(order)}
+    """Back to torch's positional layout, numbering each group's parameters in module order
+    (see :func:`module_order`) of ``order``, the migrated state_dict's keys."""
+    rank = {name: i for i, name in enumerate(module_order(order))}
     state: dict[int, dict[str, Any]] = {}
     groups = []
     position = 0
@@ -117,6 +151,7 @@ def follow_trace(
     new_states: dict[str, dict[str, Any]] = {}
     membership = {name: gi for gi, g in enumerate(named.groups) for name in g["names"]}
     new_members: dict[int, list[str]] = {gi: [] for gi in range(len(named.groups))}
+    handed_out: set[str] = set()
     for new_key, sources in trace.items():
         sources = [s for s in sources if s in membership]
         if not sources:
@@ -128,7 +163,14 @@ def follow_trace(
         state = {}
         for name, value in first.items():
             moved = transformed.get(name, {})
-            state[name] = moved[new_key] if new_key in moved else value
+            if new_key in moved:
+                state[name] = moved[new_key]
+            elif sources[0] in handed_out and hasattr(value, "clone"):
+                # a split's parts each get their own ``step``: torch's Adam increments it in place
+                state[name] = value.clone()
+            else:
+                state[name] = value
+        handed_out.add(sources[0])
         new_states[new_key] = state
     # parameters the step added (no source) join the first group, with fresh (no) state
     grouped = {n for names in new_members.values() for n in names}

@@ -23,7 +23,24 @@ class Schema:
 
     Creating a schema registers nothing globally: a test may build several with one name.
 
-    >>> schema = Schema("tinylm", current="3.0.0", build=lambda hp: TinyLM(**hp))
+    ``build(hparams)`` makes today's model from (migrated) hparams; ``example_input()`` gives
+    an input for golden checks. For resume checks (fixtures whose golden record holds
+    ``resume`` batches and losses), two more describe how the model trains today:
+
+    - ``optimizer(model)`` returns today's optimizer for ``model``, e.g.
+      ``lambda m: torch.optim.Adam(m.named_parameters(), lr=1e-2)``. It must group the
+      parameters as the code that wrote the checkpoints did (same groups, parameters in
+      ``model.named_parameters()`` order within each), because torch loads optimizer state by
+      position; building it from ``named_parameters()`` also stores ``param_names``, so the
+      files it writes can be migrated without ``param_names=``.
+    - ``train_step(model, optimizer, batch)`` runs one training step on ``batch`` and returns
+      the loss computed *before* the update (a float or a 0-d tensor): zero the gradients,
+      forward, backward, ``optimizer.step()``. It must be deterministic (no dropout, no
+      sampling), so that the old code's losses can be reproduced.
+
+    >>> schema = Schema("tinylm", current="3.0.0", build=lambda hp: TinyLM(**hp),
+    ...                 optimizer=lambda m: torch.optim.Adam(m.named_parameters(), lr=1e-2),
+    ...                 train_step=lm_train_step)
     >>> @schema.migration("1.0.0", "1.1.0")
     ... def rename_blocks(ckpt):
     ...     ckpt.state_dict = {k.replace("blocks.", "layers."): v for k, v in ckpt.state_dict.items()}
@@ -108,10 +125,17 @@ class Schema:
         breaking: bool = False,
         preferred: bool = False,
         name: str | None = None,
+        reversible: bool | None = None,
     ) -> Step:
         """Register a list of declarative ops (``cm.ops``) as the step ``source`` -> ``target``.
 
         The step is reversible, so usable for downgrades, when every op has an inverse.
+        Declare it: ``reversible=True`` refuses, at registration, a list with an op that has
+        no inverse (naming it); ``reversible=False`` keeps the step forward-only even when its
+        ops could be inverted. ``ckptmigrate history`` shows which steps are reversible.
+
+        >>> schema.add_migration("1.0.0", "1.1.0", [cm.ops.RenamePrefix("blocks.", "layers.")],
+        ...                      reversible=True)
         """
         ops = list(ops)
         bad = [op for op in ops if not isinstance(op, Op)]
@@ -121,8 +145,16 @@ class Schema:
                 "register functions with @schema.migration instead"
             )
         label = name or "; ".join(op.describe() for op in ops) or "no-op"
-        reversible = all(op.inverse() is not None for op in ops)
-        return self._add(source, target, label, ops, breaking, preferred, reversible, None)
+        one_way = [op for op in ops if op.inverse() is None]
+        if reversible and one_way:
+            raise MigrationGraphError(
+                f"schema {self.name!r}: step {source} -> {target} is declared reversible, but "
+                f"{one_way[0].describe()} has no inverse; give it one (e.g. RenameKeys(..., "
+                "reverse=...), Reshape(..., from_shape=...), SetHparam(..., previous=...)) or "
+                "declare reversible=False"
+            )
+        can_reverse = not one_way if reversible is None else reversible
+        return self._add(source, target, label, ops, breaking, preferred, can_reverse, None)
 
     def _add(
         self,

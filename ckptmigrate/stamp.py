@@ -7,7 +7,9 @@ weights-only loader and a safetensors header (as JSON) can both carry it.
 from __future__ import annotations
 
 import datetime as _dt
+import sys
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any
 
 from packaging.version import InvalidVersion, Version
@@ -43,11 +45,12 @@ class Stamp:
 def make_stamp(schema: str, version: Version, history: list[dict[str, Any]]) -> dict[str, Any]:
     """The stamp dict to write beside a checkpoint's tensors."""
     written_by = {"ckptmigrate": library_version(), "time": utc_now()}
+    torch = sys.modules.get("torch")
     try:
-        import torch
-
-        written_by["torch"] = torch.__version__.split("+")[0]
-    except ImportError:  # pragma: no cover - torch is a dependency
+        # the installed version, without importing torch (seconds) on metadata-only paths
+        version_text = torch.__version__ if torch is not None else metadata.version("torch")
+        written_by["torch"] = str(version_text).split("+")[0]
+    except metadata.PackageNotFoundError:  # pragma: no cover - torch is a dependency
         pass
     return {
         "schema": schema,

@@ -77,9 +77,15 @@ def apply_step(
     schema: Schema,
     followers: OptimizerFollowers | None = None,
 ) -> Checkpoint:
-    """Apply one planned step to a copy of ``ckpt`` and return the checked, stamped result."""
+    """Apply one planned step to a copy of ``ckpt`` and return the checked, stamped result.
+
+    Optimizer state follows the parameters; ``followers`` carries it by name across several
+    steps (``upgrade`` passes one), without it the step names and numbers it on its own.
+    """
     action, inverse_fn = planned.step.action
-    followers = followers or OptimizerFollowers([])
+    own_followers = followers is None
+    if followers is None:
+        followers = OptimizerFollowers.from_checkpoint(ckpt, None)
     reset: list[str] = []
 
     def fail(problem: str) -> MigrationError:
@@ -105,7 +111,8 @@ def apply_step(
             if isinstance(result, Checkpoint) and isinstance(result.state_dict, dict):
                 hook = None if planned.downgrade else planned.step.optimizer_hook
                 reset.extend(followers.through_function(ckpt, result, hook))
-    except MigrationError:
+                _follow_module_metadata(ckpt, result)
+    except (MigrationError, ParamNamesUnknown):
         raise
     except _InPlaceWrite as exc:
         raise fail(str(exc)) from None
@@ -136,7 +143,28 @@ def apply_step(
             stacklevel=3,
         )
     result.history.append(entry)
+    if own_followers:
+        followers.write_back(result)
     return result
+
+
+def _follow_module_metadata(before: Checkpoint, after: Checkpoint) -> None:
+    """Per-module versions (``_metadata``) follow the tensors a function moved to a new name."""
+    from .ops import _module_renames
+
+    if not after.module_metadata or after.module_metadata != before.module_metadata:
+        return  # none, or the step wrote its own
+    where = {id(v): k for k, v in before.state_dict.items()}
+    moved = {
+        where[id(v)]: k
+        for k, v in after.state_dict.items()
+        if id(v) in where and where[id(v)] != k and where[id(v)] not in after.state_dict
+    }
+    if moved:
+        modules = _module_renames(moved)
+        after.module_metadata = type(after.module_metadata)(
+            (modules.get(prefix, prefix), value) for prefix, value in after.module_metadata.items()
+        )
 
 
 class OptimizerFollowers:
@@ -214,16 +242,25 @@ class OptimizerFollowers:
         unchanged = len(trace) == len(before.state_dict) and all(s == [k] for k, s in trace.items())
         if unchanged and not replaced:
             return []
+        followed = {s for sources in trace.values() for s in sources}
+        renamed_and_replaced = any(not sources for sources in trace.values())
         reset = []
         for named in self._named():
-            mapped = hook(dict(named.states), before, after) if hook else {}
+            mapped = dict(hook(dict(named.states), before, after)) if hook else {}
+            # parameters whose tensor left under a new name: the state cannot follow by identity
+            vanished = [
+                name
+                for group in named.groups
+                for name in group["names"]
+                if name not in followed and name in named.states
+            ]
             follow_trace(named, trace, {}, set(mapped))
             for key in replaced:
                 if key in named.states and key not in mapped:
                     del named.states[key]
                     reset.append(key)
-            lost = [k for k, src in trace.items() if not src and k not in mapped]
-            reset += [k for k in lost if any(k in g["names"] for g in named.groups)]
+            if renamed_and_replaced and not mapped:
+                reset += vanished
             named.states.update(mapped)
         return reset
 

@@ -10,6 +10,11 @@ The history replays changes that happened to real transformer code bases:
 - 4.0.0  a persistent ``embed_scale`` buffer (Gemma-style sqrt(d_model) embedding scaling for
          new models); older checkpoints get 1.0, which is what their code computed.
 
+Every step is reversible where the older code can represent the checkpoint (exact GELU, a unit
+embedding scale, the default norm eps), so ``cm.upgrade(ckpt, schema, to="1.0.0")`` writes files
+that the 1.0.0 code loads. The schema also says how tinylm trains (``optimizer=``,
+``train_step=``), so that resume fixtures can check that Adam's state survives the migrations.
+
 This file is imported on its own by discovery: it may import torch and ckptmigrate only.
 """
 
@@ -126,14 +131,37 @@ def example_input() -> torch.Tensor:
     return (torch.arange(16).reshape(2, 8) * 7) % 32
 
 
+LEARNING_RATE = 1e-2
+
+
+def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """tinylm trains with Adam over ``named_parameters()`` (so its state carries param_names)."""
+    return torch.optim.Adam(model.named_parameters(), lr=LEARNING_RATE)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor) -> float:
+    """One next-token step on ``batch`` (token ids, ``(batch, length + 1)``); the loss before it."""
+    model.train()
+    optimizer.zero_grad()
+    logits = model(batch[:, :-1])
+    loss = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+    )
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 schema = cm.Schema(
     "tinylm",
     current="4.0.0",
     build=lambda hparams: TinyLM(**hparams),
     example_input=example_input,
+    optimizer=make_optimizer,
+    train_step=train_step,
 )
 
-schema.add_migration("1.0.0", "1.1.0", [cm.ops.RenamePrefix("blocks.", "layers.")])
+schema.add_migration("1.0.0", "1.1.0", [cm.ops.RenamePrefix("blocks.", "layers.")], reversible=True)
 
 schema.add_migration(
     "1.1.0",
@@ -150,16 +178,36 @@ schema.add_migration(
             dim=0,
         )
     ],
+    reversible=True,
 )
 
 
-@schema.migration("2.0.0", "3.0.0", breaking=True)
+def unpin_exact_gelu(ckpt: cm.Checkpoint) -> None:
+    """Back to 2.0.0, whose code had exact GELU only and no ``activation`` hparam."""
+    activation = ckpt.hparams.pop("activation", "gelu_tanh")  # 3.0.0's default
+    if activation != "gelu":
+        raise ValueError(
+            f"tinylm 2.0.0 code computes exact GELU only; this checkpoint uses {activation!r}"
+        )
+
+
+@schema.migration("2.0.0", "3.0.0", breaking=True, inverse=unpin_exact_gelu)
 def pin_exact_gelu(ckpt: cm.Checkpoint) -> None:
     """3.0.0 made tanh-approximated GELU the default; older checkpoints used exact GELU."""
     ckpt.hparams.setdefault("activation", "gelu")
 
 
-@schema.migration("3.0.0", "4.0.0")
+def drop_unit_embed_scale(ckpt: cm.Checkpoint) -> None:
+    """Back to 3.0.0, which neither scaled embeddings nor let norm eps be chosen."""
+    scale = ckpt.state_dict.pop("embed_scale", None)
+    if scale is not None and float(scale) != 1.0:
+        raise ValueError(f"tinylm 3.0.0 code cannot scale embeddings (embed_scale={float(scale)})")
+    norm_eps = ckpt.hparams.pop("norm_eps", 1e-5)  # 4.0.0's default
+    if norm_eps != 1e-5:
+        raise ValueError(f"tinylm 3.0.0 code has LayerNorm eps 1e-5 only, this has {norm_eps}")
+
+
+@schema.migration("3.0.0", "4.0.0", inverse=drop_unit_embed_scale)
 def add_unit_embed_scale(ckpt: cm.Checkpoint) -> None:
     """4.0.0 scales token embeddings by a buffer; 1.0 reproduces what older code computed."""
     ckpt.state_dict["embed_scale"] = torch.tensor(1.0)

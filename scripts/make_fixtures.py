@@ -226,6 +226,24 @@ class TinyLM_4_0(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
+def lm_optimizer_1_0(model: nn.Module) -> torch.optim.Optimizer:
+    """How tinylm 1.0.0 trained: Adam over named_parameters (its state carries param_names)."""
+    return torch.optim.Adam(model.named_parameters(), lr=1e-2)
+
+
+def lm_train_step_1_0(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor):
+    """tinylm 1.0.0's training step: next-token cross-entropy; returns the loss before it."""
+    model.train()
+    optimizer.zero_grad()
+    logits = model(batch[:, :-1])
+    loss = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+    )
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 # ---------------------------------------------------------------------------------------------
 # tinyconv, as it was
 # ---------------------------------------------------------------------------------------------
@@ -364,6 +382,9 @@ class FixtureSpec:
     input: Callable[[torch.Generator], torch.Tensor]
     storage: str = "stamped"  # stamped | safetensors | unstamped | unstamped-legacy-format
     meta: dict[str, Any] = field(default_factory=dict)
+    #: a resume fixture: train this many steps with the old code's optimizer, then save the
+    #: model with its optimizer state, and record the losses of the next ``RESUME_STEPS`` steps
+    train_steps: int = 0
 
     @property
     def stem(self) -> str:
@@ -383,6 +404,16 @@ def images(generator: torch.Generator) -> torch.Tensor:
 
 
 LM = {"vocab_size": 32, "d_model": 16, "n_layers": 2, "n_heads": 2, "max_len": 16}
+#: resume fixtures hold Adam's two moments as well: a narrower model keeps the file small
+LM_RESUME = {"vocab_size": 32, "d_model": 8, "n_layers": 1, "n_heads": 2, "max_len": 16}
+RESUME_STEPS = 4
+RESUME_ATOL = 1e-5
+RESUME_RTOL = 1e-5
+
+
+def lm_batch(generator: torch.Generator) -> torch.Tensor:
+    """Token ids ``(4, 9)``: inputs are the first 8 columns, targets the last 8."""
+    return torch.randint(0, 32, (4, 9), generator=generator)
 
 
 def conv_specs(version: str, model: Callable[..., nn.Module], extra: dict[str, Any]) -> list:
@@ -425,6 +456,19 @@ def all_specs() -> list[FixtureSpec]:
             meta=lm_meta,
         ),
     ]
+    # model + Adam state after a few steps of the 1.0.0 code (before the q/k/v split)
+    specs.append(
+        FixtureSpec(
+            "tinylm",
+            "1.0.0",
+            "resume",
+            TinyLM_1_0,
+            LM_RESUME,
+            tokens,
+            meta={"dataset": "random-tokens", "note": "trained 3 Adam steps"},
+            train_steps=3,
+        )
+    )
     specs += conv_specs("1.0.0", TinyConv_1_0, {})
     specs += conv_specs("1.1.0", TinyConv_1_1, {})
     specs += conv_specs("2.0.0", TinyConv_2_0, {})
@@ -471,12 +515,26 @@ def write_fixture(spec: FixtureSpec, folder: Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     model = build_old_model(spec)
     generator = torch.Generator().manual_seed(seed_of(spec) + 1)
+    resume = None
+    if spec.train_steps:
+        model, optimizer_state, resume = train_old_model(spec, model, generator)
     golden_input = spec.input(generator)
     with torch.no_grad():
         golden_output = model(golden_input)
     state_dict = model.state_dict()
     path = folder / spec.file_name
-    if spec.storage in ("stamped", "safetensors"):
+    if resume is not None:
+        ckpt = cm.Checkpoint(
+            state_dict=dict(state_dict),
+            hparams=dict(spec.hparams),
+            meta=dict(spec.meta),
+            schema=spec.schema,
+            version=spec.version,
+            optimizer=optimizer_state,
+            module_metadata=dict(state_dict._metadata),  # type: ignore[attr-defined]
+        )
+        cm.save(path, ckpt)
+    elif spec.storage in ("stamped", "safetensors"):
         cm.save(
             path,
             state_dict,
@@ -503,9 +561,36 @@ def write_fixture(spec: FixtureSpec, folder: Path) -> tuple[Path, Path]:
         "hparams": spec.hparams,
         "torch": str(torch.__version__),
     }
+    if resume is not None:
+        golden["resume"] = resume
     golden_path = folder / f"{spec.stem}.golden.pt"
     torch.save(golden, golden_path)
     return path, golden_path
+
+
+def train_old_model(
+    spec: FixtureSpec, model: nn.Module, generator: torch.Generator
+) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Train with the old code, then record the next steps' losses from a copy of that state.
+
+    Returns the model as saved (eval mode), its optimizer state, and the ``resume`` record:
+    the batches and the losses the old code computed on them when it went on training.
+    """
+    import copy
+
+    optimizer = lm_optimizer_1_0(model)
+    for _ in range(spec.train_steps):
+        lm_train_step_1_0(model, optimizer, lm_batch(generator))
+    batches = [lm_batch(generator) for _ in range(RESUME_STEPS)]
+    saved_model, saved_state = copy.deepcopy(model), copy.deepcopy(optimizer.state_dict())
+    losses = [lm_train_step_1_0(model, optimizer, batch) for batch in batches]
+    resume = {
+        "batches": batches,
+        "losses": torch.tensor(losses, dtype=torch.float64),
+        "atol": RESUME_ATOL,
+        "rtol": RESUME_RTOL,
+    }
+    return saved_model.eval(), saved_state, resume
 
 
 def read_tensors(path: Path) -> dict[str, Any]:
@@ -522,6 +607,9 @@ def read_tensors(path: Path) -> dict[str, Any]:
         elif isinstance(value, dict):
             for key, item in value.items():
                 walk(f"{prefix}/{key}", item)
+        elif isinstance(value, list):  # resume batches, optimizer param groups
+            for i, item in enumerate(value):
+                walk(f"{prefix}/{i}", item)
 
     walk("", torch.load(path, weights_only=True))
     return found

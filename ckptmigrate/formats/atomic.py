@@ -1,27 +1,60 @@
 """Atomic file replacement: write beside the target, fsync, rename over it, fsync the folder.
 
-A crash (or Ctrl-C) at any moment leaves the old file or the new one, never half of one, and
-no temporary file behind when Python gets the chance to clean up.
+A crash (or Ctrl-C, or SIGKILL) at any moment leaves the old file or the new one, never half
+of one. Python cleans the temporary file up when it gets the chance; after SIGKILL a stale one
+may stay (``NAME.ckptmigrate-tmp-PID-TOKEN``), and :func:`remove_stale_temps` clears those of
+dead writers.
+
+``CKPTMIGRATE_CRASH_AT`` is a test hook: ``EVENT`` or ``EVENT:N`` (the Nth time) SIGKILLs the
+process at one of :data:`CRASH_EVENTS`, so tests can check the promise at every step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import secrets
+import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
 TEMP_MARKER = ".ckptmigrate-tmp-"
+CRASH_ENV = "CKPTMIGRATE_CRASH_AT"
+#: Where ``CKPTMIGRATE_CRASH_AT`` can kill: each write() into a temporary file, before the
+#: temporary is fsynced, before and after the rename, and before the folder is fsynced.
+CRASH_EVENTS = ("write", "fsync", "replace", "replaced", "fsync-dir")
+
+_crash_state: dict[str, Any] = {"spec": None, "seen": 0}
+_TEMP_PID = re.compile(re.escape(TEMP_MARKER) + r"(\d+)-[0-9a-f]+$")
+
+
+def crash_point(event: str) -> None:
+    """SIGKILL this process if ``CKPTMIGRATE_CRASH_AT`` names ``event`` (test hook; a no-op
+    unless that variable is set)."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    if spec != _crash_state["spec"]:
+        _crash_state.update(spec=spec, seen=0)
+    name, _, nth = spec.partition(":")
+    if name != event:
+        return
+    _crash_state["seen"] += 1
+    if _crash_state["seen"] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def temp_path_for(path: Path) -> Path:
     """A fresh temporary name in the target's folder (never starting with a dot)."""
-    return path.with_name(f"{path.name}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+    return path.with_name(f"{path.name}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(8)}")
 
 
 def fsync_path(path: Path) -> None:
     """Flush a file's (or folder's) contents to disk."""
+    crash_point("fsync-dir" if path.is_dir() else "fsync")
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -29,25 +62,109 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _claim(tmp: Path) -> None:
+    # O_EXCL|O_NOFOLLOW: the name is ours, and not a link someone planted to redirect the write.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    os.close(os.open(tmp, flags, 0o666))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path`` atomically.
+
+    The temporary exists (empty) when the body starts; it is fsynced, given the old file's
+    permissions and renamed over ``path``; on any error it is removed and ``path`` untouched.
 
     >>> with atomic_path("model.pth") as tmp:
     ...     torch.save(obj, tmp)
     """
     target = Path(path)
     tmp = temp_path_for(target)
+    _claim(tmp)
     try:
         yield tmp
         if not tmp.exists():
-            raise FileNotFoundError(f"nothing was written to {tmp}")
+            raise FileNotFoundError(errno.ENOENT, "nothing was written", str(tmp))
         with contextlib.suppress(FileNotFoundError):
             os.chmod(tmp, target.stat().st_mode & 0o7777)
         fsync_path(tmp)
+        crash_point("replace")
         os.replace(tmp, target)
+        crash_point("replaced")
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
     fsync_path(target.parent if str(target.parent) else Path("."))
+
+
+class _KeptErrorWriter:
+    """A binary file that remembers the first error its write() raised (torch.save hides a
+    full disk, or a Ctrl-C, behind a RuntimeError from closing its zip); passes the crash
+    hook first."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self.error: BaseException | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            crash_point("write")
+            return self._file.write(data)
+        except BaseException as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Yield a binary file to write; on success its contents replace ``path`` atomically.
+
+    >>> with atomic_file("model.pth") as f:
+    ...     torch.save(obj, f)
+    """
+    with atomic_path(path) as tmp:
+        with open(tmp, "r+b") as f:
+            writer = _KeptErrorWriter(f)
+            try:
+                yield writer  # type: ignore[misc]
+            except BaseException as exc:
+                if writer.error is not None and exc is not writer.error:
+                    raise writer.error from exc  # the disk's error, not the writer's symptom
+                raise
+
+
+def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporaries of ``path`` left by writers that died (their pid is gone).
+
+    Only safe under the in-place lock (:mod:`ckptmigrate.lock`), which every writer of an
+    in-place file holds; returns what it removed.
+    """
+    target = Path(path)
+    removed = []
+    with contextlib.suppress(OSError):
+        for child in target.parent.iterdir():
+            match = _TEMP_PID.fullmatch(child.name[len(target.name) :])
+            if not child.name.startswith(target.name) or match is None:
+                continue
+            if _pid_alive(int(match.group(1))):
+                continue
+            with contextlib.suppress(OSError):
+                child.unlink()
+                removed.append(child)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True

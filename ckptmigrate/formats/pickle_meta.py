@@ -30,7 +30,8 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from math import prod
-from typing import Any, BinaryIO
+from types import FunctionType
+from typing import Any, BinaryIO, NoReturn
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from .detect import TORCH_LEGACY_MAGIC, detect_format, open_regular_file
@@ -74,6 +75,54 @@ _FORMAT_ERRORS = (
 _BLOCKED_MODULES = frozenset({"sys", "os", "posix", "nt"})
 
 
+# --------------------------------------------------------------------------- BUILD guards
+# A pickle's BUILD opcode sets attributes on the object below it, through __setstate__, the
+# object's __dict__ (even of a frozen dataclass) or setattr. Aimed at a global it would rewrite
+# our shared allow-list (turn torch.float32 into float64 for every later file) or a class for
+# the whole process (collections.Counter). torch's loader refuses BUILD on anything but
+# tensors, parameters and OrderedDicts; so does every object a global resolves to here.
+
+
+def _refuse_build(what: str) -> NoReturn:
+    raise UnsafeCheckpointError(
+        f"BUILD on {what}",
+        detail="the BUILD opcode sets attributes on a value that only OrderedDicts, tensors "
+        "and allowed classes may receive",
+    )
+
+
+class _GuardedType(type):
+    """Metaclass of the classes a global resolves to: neither BUILD nor setattr changes them."""
+
+    def __setstate__(cls, state: Any) -> None:
+        _refuse_build(cls.__name__)
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        _refuse_build(cls.__name__)
+
+
+class _GuardedCall:
+    """A function a global resolves to, wrapped so BUILD cannot set its ``__defaults__``."""
+
+    __slots__ = ("_func", "_name")
+
+    def __init__(self, func: Callable[..., Any], name: str) -> None:
+        object.__setattr__(self, "_func", func)
+        object.__setattr__(self, "_name", name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._func(*args, **kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        _refuse_build(self._name)
+
+    def __setstate__(self, state: Any) -> None:
+        _refuse_build(self._name)
+
+    def __repr__(self) -> str:
+        return self._name
+
+
 # --------------------------------------------------------------------------- placeholders
 
 
@@ -85,6 +134,12 @@ class TorchConstant:
 
     def __repr__(self) -> str:
         return self.name
+
+    def __reduce__(self) -> Any:
+        return (TorchConstant, (self.name,))  # copies rebuild it; they never set its state
+
+    def __setstate__(self, state: Any) -> None:
+        _refuse_build(self.name)
 
 
 @dataclass(eq=False)
@@ -103,7 +158,7 @@ class OpaqueObject:
         self.state = state
 
 
-class _OpaqueMeta(type):
+class _OpaqueMeta(_GuardedType):
     def __repr__(cls) -> str:
         return f"<opaque global {cls.global_name}>"  # type: ignore[attr-defined]
 
@@ -162,6 +217,12 @@ class _StorageType:
     def __repr__(self) -> str:
         return self.name
 
+    def __reduce__(self) -> Any:
+        return (_StorageType, (self.name, self.dtype))
+
+    def __setstate__(self, state: Any) -> None:
+        _refuse_build(self.name)
+
 
 @dataclass(frozen=True)
 class _StorageRef:
@@ -179,8 +240,11 @@ class _StorageRef:
     def stored_numel(self) -> int:
         return self.numel if self.root_numel < 0 else self.root_numel
 
+    def __setstate__(self, state: Any) -> None:
+        _refuse_build(f"storage {self.key!r}")  # it was checked; it must stay as checked
 
-class _TensorType:
+
+class _TensorType(metaclass=_GuardedType):
     """``torch.Tensor``: accepted as a sub-type marker, never constructed."""
 
     def __new__(cls, *args: Any) -> Any:  # type: ignore[misc]
@@ -190,7 +254,7 @@ class _TensorType:
         )
 
 
-class _ParameterType:
+class _ParameterType(metaclass=_GuardedType):
     """``torch.nn.parameter.Parameter``: NEWOBJ on it wraps a stub as a parameter."""
 
     def __new__(cls, data: Any = None, requires_grad: bool = True) -> Any:  # type: ignore[misc]
@@ -198,14 +262,14 @@ class _ParameterType:
         return TensorStub(stub.info, requires_grad=requires_grad, is_parameter=True)
 
 
-class _SizeType:
+class _SizeType(metaclass=_GuardedType):
     """``torch.Size``: decodes to a plain tuple of ints."""
 
     def __new__(cls, dims: Any = ()) -> Any:  # type: ignore[misc]
         return _expect_dims(dims, "torch.Size")
 
 
-class _DeviceType:
+class _DeviceType(metaclass=_GuardedType):
     """``torch.device``: decodes to its string form, e.g. ``"cuda:0"``."""
 
     def __new__(cls, kind: Any, index: Any = None) -> Any:  # type: ignore[misc]
@@ -214,7 +278,14 @@ class _DeviceType:
         return kind if index is None or ":" in kind else f"{kind}:{index}"
 
 
-class _SafeBytearray:
+class _CounterType(metaclass=_GuardedType):
+    """``collections.Counter``: builds a real Counter, but BUILD cannot patch the class."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+        return Counter(*args, **kwargs)
+
+
+class _SafeBytearray(metaclass=_GuardedType):
     """``builtins.bytearray`` from data only: an int argument would allocate that many bytes."""
 
     def __new__(cls, *args: Any) -> Any:  # type: ignore[misc]
@@ -402,7 +473,7 @@ def _weights_only_globals() -> dict[str, Any]:
     """Every global torch's weights-only unpickler accepts, mapped to what we decode it to."""
     allowed: dict[str, Any] = {
         "collections.OrderedDict": OrderedDict,
-        "collections.Counter": Counter,
+        "collections.Counter": _CounterType,
         "torch.nn.parameter.Parameter": _ParameterType,
         "torch.serialization._get_layout": _get_layout,
         "torch.Size": _SizeType,
@@ -446,7 +517,10 @@ def _weights_only_globals() -> dict[str, Any]:
     }
     for name, rebuild in rebuilds.items():
         allowed[f"torch._utils.{name}"] = rebuild
-    return allowed
+    return {
+        name: _GuardedCall(value, name) if isinstance(value, FunctionType) else value
+        for name, value in allowed.items()
+    }
 
 
 _ALLOWED = _weights_only_globals()
@@ -512,6 +586,10 @@ def _python3_name(module: str, name: str) -> str:
     return f"{module}.{name}"
 
 
+class _MemoBomb(CheckpointFormatError):
+    """A pickle whose memo indices would make the unpickler allocate far more than its size."""
+
+
 def _scan(file: BinaryIO, allowed: dict[str, Any] | None, path: object = None) -> list[str]:
     """Walk a pickle's opcodes without running it; list its globals, refusing unsafe ones.
 
@@ -544,6 +622,10 @@ def _scan(file: BinaryIO, allowed: dict[str, Any] | None, path: object = None) -
         if name in ("FRAME", "PROTO"):
             continue  # framing only; may fall between STACK_GLOBAL's two strings
         if name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            if int(arg) > _pos + 1024:
+                # The C unpickler sizes its memo to the index: LONG_BINPUT 2**31 asks for
+                # gigabytes. A real pickle numbers its memo from 0, never past its own length.
+                raise _MemoBomb(f"memo index {int(arg)} at byte {_pos} is out of range")
             memo[int(arg)] = recent[-1] if recent else None
         elif name == "MEMOIZE":
             memo[len(memo)] = recent[-1] if recent else None
@@ -568,7 +650,7 @@ def _load_pickle(
     scan_error: Exception | None = None
     try:
         _scan(file, allowed, path)
-    except UnsafeCheckpointError:
+    except (UnsafeCheckpointError, _MemoBomb):
         raise
     except CheckpointFormatError as exc:
         scan_error = exc
@@ -886,7 +968,7 @@ def read_torch_metadata(
             return _read_legacy(path, allowed)
     except (CheckpointFormatError, UnsafeCheckpointError) as exc:
         raise _with_path(exc, path) from exc.__cause__
-    except _FORMAT_ERRORS as exc:
+    except _FORMAT_ERRORS + (OSError,) as exc:  # OSError: zipfile seeks to offsets a lie gave
         raise CheckpointFormatError(f"corrupt checkpoint ({exc})", path=path) from exc
     raise CheckpointFormatError(f"is a {kind} checkpoint, not a torch.save file", path=path)
 

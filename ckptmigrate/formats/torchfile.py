@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointFormatError, CkptMigrateError, UnsafeCheckpointError
-from .atomic import atomic_path
+from .atomic import atomic_file
 from .detect import detect_format
 from .pickle_meta import read_torch_metadata
 
@@ -67,12 +67,26 @@ def read_torch(
         raise
     except Exception as exc:
         text = str(exc)
+        reason = _weights_only_reason(text)
+        if "Unsupported operand" in reason:
+            # an opcode torch's loader lacks (POP, ...), after our reader found nothing unsafe
+            raise CheckpointFormatError(
+                f"torch's weights-only loader cannot decode its pickle ({reason})", path=path
+            ) from None
         if "Unsupported global" in text or "Weights only load failed" in text:
-            raise UnsafeCheckpointError(_unsupported_name(text), path=path) from None
+            detail = "" if "Unsupported global" in text else f"torch says: {reason}"
+            raise UnsafeCheckpointError(_unsupported_name(text), path=path, detail=detail) from None
         raise CheckpointFormatError(
             f"torch could not read it ({type(exc).__name__}: {text.splitlines()[0][:200]})",
             path=path,
         ) from exc
+
+
+def _weights_only_reason(text: str) -> str:
+    """The line of a weights-only failure that says what torch refused."""
+    _, _, tail = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[0][:200] if lines else ""
 
 
 def _unsupported_name(text: str) -> str:
@@ -86,6 +100,5 @@ def write_torch(path: str | os.PathLike[str], obj: Any) -> None:
     """``torch.save`` ``obj`` to ``path`` atomically."""
     import torch
 
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+    with atomic_file(path) as f:
+        torch.save(obj, f)

@@ -1,0 +1,359 @@
+"""Scale benchmarks for issue 7; appends a dated section to benchmarks/RESULTS.md.
+
+Run from the repository root (generated data goes to benchmarks/data/scale/, removed at the end):
+
+    .venv/bin/python benchmarks/bench_scale.py            # everything, ~10 minutes
+    .venv/bin/python benchmarks/bench_scale.py --keep     # keep benchmarks/data/scale/ afterwards
+
+Whole-process figures are the median of 3 runs under ``/usr/bin/time -v`` (wall time and peak
+RSS, mapped file pages included); in-process figures the median of 5. The page cache is warm
+for every contender alike (each reads the same file just before).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DATA = ROOT / "data" / "scale"  # ours only: other benchmarks keep their data beside it
+RESULTS = ROOT / "RESULTS.md"
+BIG_TENSORS = 300  # x 1M fp32 = 1.2 GB
+
+
+def bench_schema():  # the schema every run uses: 1.0.0 -> 2.0.0 renames blocks. -> layers.
+    import ckptmigrate as cm
+
+    schema = cm.Schema("bench", current="2.0.0")
+    schema.add_migration("1.0.0", "2.0.0", [cm.ops.RenamePrefix("blocks.", "layers.")])
+    return schema
+
+
+# ---------------------------------------------------------------- one whole-process run each
+
+
+def run_one(method: str, src: str, dst: str) -> None:
+    if method == "stream":
+        from ckptmigrate.streaming import upgrade_file
+
+        assert upgrade_file(src, dst, bench_schema()).streamed
+    elif method == "baseline":
+        import torch
+
+        obj = torch.load(src, mmap=True, weights_only=True)
+        obj["state_dict"] = {
+            "layers." + k[len("blocks.") :] if k.startswith("blocks.") else k: v
+            for k, v in obj["state_dict"].items()
+        }
+        torch.save(obj, dst)
+    else:
+        raise SystemExit(f"unknown method {method}")
+
+
+def timed_process(cmd: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of one process under /usr/bin/time -v."""
+    out = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{cmd} failed: {out.stderr[-2000:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", out.stderr)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr)
+    assert wall and rss, out.stderr
+    h, m, s = wall.groups()
+    return int(h or 0) * 3600 + int(m) * 60 + float(s), int(rss.group(1)) * 1024
+
+
+def median_runs(cmd: list[str], n: int = 3) -> tuple[float, int, list[float]]:
+    runs = [timed_process(cmd) for _ in range(n)]
+    walls = [w for w, _ in runs]
+    return statistics.median(walls), int(statistics.median(r for _, r in runs)), walls
+
+
+# ---------------------------------------------------------------- data
+
+
+def make_big(path: Path) -> None:
+    import torch
+
+    import ckptmigrate as cm
+
+    gen = torch.Generator().manual_seed(0)
+    sd = {f"blocks.{i}.weight": torch.randn(1024, 1024, generator=gen) for i in range(BIG_TENSORS)}
+    cm.save(path, sd, schema="bench", version="1.0.0", hparams={"d": 1024})
+
+
+def make_sharded(folder: Path, shards: int = 4, per_shard: int = 128) -> None:
+    """A 2 GB safetensors set (4 x 512 MB), stamped 1.0.0 in its index."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(1)
+    weight_map = {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {
+            f"blocks.{s * per_shard + i}.weight": torch.randn(1024, 1024, generator=gen)
+            for i in range(per_shard)
+        }
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        weight_map.update((k, name) for k in part)
+        del part
+    stamp = {"schema": "bench", "version": "1.0.0"}
+    index = {"metadata": {"ckptmigrate.stamp": stamp}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def make_small_files(folder: Path, n: int = 1000) -> None:
+    import torch
+
+    import ckptmigrate as cm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {f"blocks.{i}.weight": torch.zeros(4, 4) for i in range(20)}
+    for i in range(n):
+        sub = folder / f"team{i % 10}"
+        sub.mkdir(exist_ok=True)
+        cm.save(sub / f"run{i}.pth", sd, schema="bench", version="1.0.0" if i % 2 else "2.0.0")
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def bench_upgrade(big: Path) -> dict:
+    size = big.stat().st_size
+    py = sys.executable
+    me = str(Path(__file__).resolve())
+    out = {"file_bytes": size}
+    for label, cmd in (
+        ("cp", ["cp", "--reflink=never", str(big), str(DATA / "cp.pth")]),
+        ("baseline", [py, me, "--one", "baseline", str(big), str(DATA / "baseline.pth")]),
+        ("stream", [py, me, "--one", "stream", str(big), str(DATA / "stream.pth")]),
+    ):
+        wall, rss, walls = median_runs(cmd)
+        out[label] = {"wall_s": wall, "rss_bytes": rss, "runs": walls}
+    for name in ("cp.pth", "baseline.pth", "stream.pth"):
+        (DATA / name).unlink(missing_ok=True)
+    return out
+
+
+def bench_load(big: Path) -> dict:
+    import torch
+
+    import ckptmigrate as cm
+
+    schema = bench_schema()
+
+    def median(fn) -> float:
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    base = median(lambda: torch.load(big, mmap=True, weights_only=True))
+    ours = median(lambda: cm.load(big, schema=schema, mmap=True))
+    ours_plain = median(lambda: cm.load(big, schema=schema))
+    return {"torch_load_mmap_s": base, "cm_load_mmap_s": ours, "cm_load_default_s": ours_plain}
+
+
+def bench_sharded(folder: Path) -> dict:
+    import ckptmigrate as cm
+    from ckptmigrate.files import read_checkpoint
+    from ckptmigrate.streaming import upgrade_file
+
+    other = DATA / "sharded-v2"
+    t = time.perf_counter()
+    result = upgrade_file(folder, other, bench_schema())
+    upgrade_s = time.perf_counter() - t
+    t = time.perf_counter()
+    d = cm.diff(folder, other)
+    diff_s = time.perf_counter() - t
+    t = time.perf_counter()
+    read_checkpoint(folder)
+    load_s = time.perf_counter() - t
+    total = sum(p.stat().st_size for p in folder.iterdir())
+    return {
+        "set_bytes": total,
+        "diff_s": diff_s,
+        "full_load_s": load_s,
+        "upgrade_s": upgrade_s,
+        "upgrade_streamed": result.streamed,
+        "diff_renamed": len(getattr(d, "renamed", []) or []),
+    }
+
+
+def bench_scan(folder: Path) -> dict:
+    from ckptmigrate.scan import scan
+
+    out = {}
+    for workers in (1, 8):
+        t = time.perf_counter()
+        rows = scan(folder, [bench_schema()], workers=workers)
+        out[f"workers_{workers}_s"] = time.perf_counter() - t
+    out["files"] = len(rows)
+    out["behind"] = sum(1 for r in rows if r.behind)
+    return out
+
+
+def bench_chain(n_keys: int = 100_000, n_steps: int = 20) -> dict:
+    import ckptmigrate as cm
+    from ckptmigrate.formats.tensorinfo import TensorInfo, TensorStub
+    from ckptmigrate.streaming import upgrade_stubs
+
+    schema = cm.Schema("chain", current=str(n_steps + 1))
+    for i in range(1, n_steps + 1):
+        op = (
+            cm.ops.RenameKeys(rf"layer{i - 1}\.(.*)", rf"layer{i}.\1")
+            if i % 2
+            else cm.ops.RenamePrefix(f"layer{i - 1}.", f"layer{i}.")
+        )
+        schema.add_migration(str(i), str(i + 1), [op])
+    stub = TensorStub(TensorInfo((1,), "float32", 4))
+    sd = {f"layer0.block{j // 10}.p{j % 10}": stub for j in range(n_keys)}
+    modules = {
+        "": {"version": 1},
+        **{f"layer0.block{b}": {"version": 1} for b in range(n_keys // 10)},
+    }
+    ckpt = cm.Checkpoint(sd, schema="chain", version="1", module_metadata=modules)
+    t = time.perf_counter()
+    plan = schema.plan("1")
+    plan_s = time.perf_counter() - t
+    t = time.perf_counter()
+    new = upgrade_stubs(ckpt, schema)
+    apply_s = time.perf_counter() - t
+    assert new is not None and next(iter(new.state_dict)).startswith(f"layer{n_steps}.")
+    return {"keys": n_keys, "steps": len(plan), "plan_s": plan_s, "apply_stubs_s": apply_s}
+
+
+# ---------------------------------------------------------------- report
+
+
+def machine() -> str:
+    def sh(cmd: str) -> str:
+        try:
+            return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return "?"
+
+    model = sh("lscpu | grep 'Model name' | sed 's/.*: *//'")
+    return (
+        f"nproc {os.cpu_count()}, CPU {model}, Python {platform.python_version()}\n\n"
+        f"```\n{sh('free -g')}\n```"
+    )
+
+
+def report(r: dict) -> str:
+    import torch
+
+    u = r["upgrade"]
+    size = u["file_bytes"]
+    gb = size / 1e9
+
+    def row(label: str, d: dict) -> str:
+        return (
+            f"| {label} | {d['wall_s']:.2f} | {d['rss_bytes'] / 2**20:.0f} MiB "
+            f"({100 * d['rss_bytes'] / size:.1f}% of file) | "
+            + ", ".join(f"{w:.2f}" for w in d["runs"])
+            + " |"
+        )
+
+    s, b, c = u["stream"], u["baseline"], u["cp"]
+    ld, sh, sc, ch = r["load"], r["sharded"], r["scan"], r["chain"]
+    lines = [
+        f"## Scale (issue 7): {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+        "",
+        f"Machine: {machine()}",
+        "",
+        f"torch {torch.__version__}. Command: `.venv/bin/python benchmarks/bench_scale.py`.",
+        "",
+        f"### Upgrade of a {gb:.2f} GB fp32 file (rename-only, {BIG_TENSORS} tensors)",
+        "",
+        "Median of 3 whole-process runs (`/usr/bin/time -v`), warm page cache.",
+        "",
+        "| method | wall s | peak RSS | runs |",
+        "| --- | --- | --- | --- |",
+        row("`cm.upgrade_file` (streamed)", s),
+        row("`torch.load(mmap=True)` + rename + `torch.save`", b),
+        row("`cp --reflink=never`", c),
+        "",
+        f"- upgrade / load+rename+save: **{s['wall_s'] / b['wall_s']:.2f}x** (goal <= 1.0x)",
+        f"- upgrade / cp: **{s['wall_s'] / c['wall_s']:.2f}x** (stretch goal <= 1.3x)",
+        f"- upgrade peak RSS: **{100 * s['rss_bytes'] / size:.1f}%** of the file (goal <= 25%)",
+        "",
+        "### cm.load with a rename-only upgrade vs torch.load(mmap=True), median of 5 in-process",
+        "",
+        f"- torch.load(mmap=True): {ld['torch_load_mmap_s'] * 1e3:.0f} ms",
+        f"- cm.load(mmap=True, schema=...): {ld['cm_load_mmap_s'] * 1e3:.0f} ms "
+        f"(**{100 * (ld['cm_load_mmap_s'] / ld['torch_load_mmap_s'] - 1):+.1f}%**, goal <= +5%)",
+        f"- cm.load(schema=...) without mmap: {ld['cm_load_default_s'] * 1e3:.0f} ms",
+        "",
+        f"### Sharded set, {sh['set_bytes'] / 1e9:.2f} GB (4 safetensors shards)",
+        "",
+        f"- `cm.diff(set, upgraded set)` (metadata only): {sh['diff_s'] * 1e3:.0f} ms",
+        f"- full load of the set (`read_checkpoint`): {sh['full_load_s'] * 1e3:.0f} ms "
+        f"(ratio full load / diff **{sh['full_load_s'] / sh['diff_s']:.2f}x**; safetensors maps "
+        "shards lazily, so this load touches little data)",
+        f"- streamed upgrade of the set to a new folder: {sh['upgrade_s']:.2f} s "
+        f"(streamed: {sh['upgrade_streamed']})",
+        "",
+        f"### Scan of {sc['files']} small files ({sc['behind']} behind)",
+        "",
+        f"- 1 worker: {sc['workers_1_s']:.2f} s; 8 threads: {sc['workers_8_s']:.2f} s",
+        "",
+        f"### Chain: {ch['steps']} rename steps over {ch['keys']} keys (stubs)",
+        "",
+        f"- plan: {ch['plan_s'] * 1e3:.1f} ms; apply: {ch['apply_stubs_s']:.2f} s "
+        "(goal: plan + apply < 1 s)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--one", nargs=3, metavar=("METHOD", "SRC", "DST"))
+    parser.add_argument("--keep", action="store_true", help="keep benchmarks/data/scale/")
+    args = parser.parse_args()
+    if args.one:
+        run_one(*args.one)
+        return
+    if not Path("/usr/bin/time").exists():
+        raise SystemExit("needs /usr/bin/time: apt-get install -y time")
+    DATA.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    try:
+        big = DATA / "big.pth"
+        make_big(big)
+        results["upgrade"] = bench_upgrade(big)
+        results["load"] = bench_load(big)
+        big.unlink()
+        make_sharded(DATA / "sharded")
+        results["sharded"] = bench_sharded(DATA / "sharded")
+        shutil.rmtree(DATA / "sharded")
+        shutil.rmtree(DATA / "sharded-v2", ignore_errors=True)
+        make_small_files(DATA / "small")
+        results["scan"] = bench_scan(DATA / "small")
+        results["chain"] = bench_chain()
+    finally:
+        if not args.keep:
+            shutil.rmtree(DATA, ignore_errors=True)
+    text = report(results)
+    print(text)
+    print(json.dumps(results, indent=2))
+    with RESULTS.open("a") as f:
+        f.write(("\n" if RESULTS.exists() and RESULTS.stat().st_size else "") + text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""torch.distributed.checkpoint (DCP) folders: ``.metadata``, ``*.distcp`` data, our stamp.
+
+DCP's ``.metadata`` is a pickle that torch's ``FileSystemReader`` reads with plain
+``pickle.load``. We never let that run: :func:`read_dcp_metadata` decodes it with a restricted
+unpickler that resolves only DCP's own metadata classes (and torch dtypes, ``torch.Size``,
+paths), refusing anything else with :class:`~ckptmigrate.errors.UnsafeCheckpointError`;
+:class:`SafeFileSystemReader` plugs that into torch's loader, and the non-tensor values DCP
+stores as bytes are read with ``torch.load(weights_only=True)``.
+
+The stamp lives in ``ckptmigrate.json`` beside ``.metadata``::
+
+    {"stamp": {...the stamp...}, "hparams": {...}, "meta": {...}}
+
+(``hparams`` and ``meta`` only when the checkpoint's layout has no place for them in the state
+dict). Keys, shapes and dtypes come from ``.metadata`` alone, without torch
+(:func:`read_dcp_metadata_checkpoint`); :func:`read_dcp` loads tensors through DCP's own loader
+and :func:`write_dcp` saves through ``torch.distributed.checkpoint``'s writer, into a new folder
+that then replaces the old one.
+
+>>> ckpt = read_dcp_metadata_checkpoint("ckpt/step-1000")  # doctest: +SKIP
+>>> ckpt.state_dict["model.fc.weight"]
+TensorStub(Tensor, shape=(10, 20), dtype=float32)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import secrets
+import shutil
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import Checkpoint
+from ..errors import CheckpointFormatError, UnsafeCheckpointError
+from ..layout import LAYOUTS, assemble, split
+from ..stamp import make_stamp, parse_stamp
+from .atomic import atomic_path, fsync_path
+from .pickle_meta import TorchConstant, _python3_name, _scan
+from .tensorinfo import DTYPE_SIZES, TensorInfo, TensorStub
+
+__all__ = [
+    "DCP_GLOBALS",
+    "STAMP_FILE",
+    "DcpValue",
+    "SafeFileSystemReader",
+    "read_dcp",
+    "read_dcp_metadata",
+    "read_dcp_metadata_checkpoint",
+    "write_dcp",
+]
+
+METADATA_FILE = ".metadata"
+#: Our stamp file beside ``.metadata``.
+STAMP_FILE = "ckptmigrate.json"
+_MD = "torch.distributed.checkpoint.metadata."
+_DCP_CLASSES = [
+    _MD + name
+    for name in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    )
+] + ["torch.distributed.checkpoint.filesystem._StorageInfo"]
+_PLAIN = ["collections.OrderedDict", "builtins.set", "builtins.frozenset"]
+_PATHS = [
+    "pathlib.PosixPath",
+    "pathlib.WindowsPath",
+    "pathlib.PurePosixPath",
+    "pathlib.PureWindowsPath",
+]
+_TORCH_VALUES = ["torch.Size", "torch.serialization._get_layout"] + [
+    f"torch.{name}" for name in DTYPE_SIZES
+]
+#: Every global a DCP ``.metadata`` pickle may name; anything else is refused.
+DCP_GLOBALS: frozenset[str] = frozenset(_DCP_CLASSES + _PLAIN + _PATHS + _TORCH_VALUES)
+
+
+class DcpValue:
+    """A non-tensor entry of a DCP checkpoint, seen from its metadata (the value is not read)."""
+
+    def __init__(self, fqn: str) -> None:
+        self.fqn = fqn
+
+    def __repr__(self) -> str:
+        return f"<value stored in DCP: {self.fqn}>"
+
+
+class _Record:
+    """A torch-free stand-in for a DCP metadata dataclass: keeps what BUILD gives it."""
+
+    dcp_name = ""
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+            state = {**(state[0] or {}), **state[1]}  # (dict state, slot state)
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.__dict__["state"] = state
+
+    def __repr__(self) -> str:
+        return f"{self.dcp_name.rpartition('.')[2]}({self.__dict__})"
+
+
+def _stand_ins() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in _DCP_CLASSES:
+        out[name] = type(name.rpartition(".")[2], (_Record,), {"dcp_name": name})
+    out[_MD + "_MEM_FORMAT_ENCODING"] = int
+    for name in _PATHS:
+        out[name] = lambda *parts: os.path.join(*map(str, parts)) if parts else ""
+    out["torch.Size"] = lambda dims=(): tuple(dims)
+    out["torch.serialization._get_layout"] = TorchConstant
+    for name in DTYPE_SIZES:
+        out[f"torch.{name}"] = TorchConstant(f"torch.{name}")
+    out.update({"collections.OrderedDict": OrderedDict, "builtins.set": set})
+    out["builtins.frozenset"] = frozenset
+    return out
+
+
+def _real_classes() -> dict[str, Any]:
+    import importlib
+    import pathlib
+
+    out: dict[str, Any] = {}
+    for name in DCP_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        out[name] = getattr(importlib.import_module(module), attr)
+    # a Windows path cannot be built on POSIX (and vice versa): keep the pure form
+    out["pathlib.WindowsPath"] = pathlib.PureWindowsPath
+    out["pathlib.PosixPath"] = pathlib.PurePosixPath if os.name == "nt" else pathlib.PosixPath
+    return out
+
+
+class _DcpUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any, resolve: dict[str, Any], path: object) -> None:
+        super().__init__(file)
+        self._resolve = resolve
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        full = _python3_name(module, name)
+        if full not in self._resolve:
+            raise UnsafeCheckpointError(
+                full, path=self._path, detail="not one of DCP's metadata classes"
+            )
+        return self._resolve[full]
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise CheckpointFormatError("DCP metadata has a persistent id", path=self._path)
+
+
+def _metadata_path(path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    return path / METADATA_FILE if path.is_dir() else path
+
+
+def read_dcp_metadata(path: str | os.PathLike[str], *, torch_classes: bool = False) -> Any:
+    """Decode a DCP folder's ``.metadata`` with the restricted unpickler.
+
+    With ``torch_classes=False`` (metadata-only use) torch is not imported and the dataclasses
+    come back as stand-ins with the same attributes; with ``True`` they are torch's own, as
+    torch's loader needs them. A global outside :data:`DCP_GLOBALS` raises
+    :class:`UnsafeCheckpointError` before anything is built.
+    """
+    md_path = _metadata_path(path)
+    try:
+        data = md_path.read_bytes()
+    except OSError as exc:
+        raise CheckpointFormatError(f"cannot read DCP metadata ({exc})", path=md_path) from None
+    allowed = dict.fromkeys(DCP_GLOBALS)
+    try:
+        _scan(io.BytesIO(data), allowed, md_path)  # unsafe beats corrupt: refuse before building
+    except UnsafeCheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointFormatError(f"corrupt DCP metadata ({exc})", path=md_path) from None
+    resolve = _real_classes() if torch_classes else _stand_ins()
+    try:
+        return _DcpUnpickler(io.BytesIO(data), resolve, md_path).load()
+    except (UnsafeCheckpointError, CheckpointFormatError):
+        raise
+    except Exception as exc:
+        raise CheckpointFormatError(f"corrupt DCP metadata ({exc})", path=md_path) from exc
+
+
+def _dtype_name(properties: Any) -> str:
+    dtype = getattr(properties, "dtype", None)
+    if dtype is None and isinstance(getattr(properties, "state", None), tuple):
+        dtype = properties.state[0]  # TensorProperties pickles a tuple, dtype first
+    name = str(getattr(dtype, "name", dtype)).removeprefix("torch.")
+    if name not in DTYPE_SIZES:
+        raise CheckpointFormatError(f"DCP metadata names an unknown dtype {dtype!r}")
+    return name
+
+
+def _set_path(tree: dict[Any, Any], path: tuple[Any, ...], value: Any) -> None:
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = value
+
+
+def read_stamp_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``ckptmigrate.json`` of a DCP folder, or ``{}`` when it has none."""
+    stamp_path = Path(path) / STAMP_FILE
+    if not stamp_path.is_file():
+        return {}
+    try:
+        data = json.loads(stamp_path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointFormatError(f"unreadable stamp file ({exc})", path=stamp_path) from None
+    if not isinstance(data, dict):
+        raise CheckpointFormatError("the stamp file must hold a JSON object", path=stamp_path)
+    return data
+
+
+def _checkpoint(obj: dict[str, Any], folder: Path) -> Checkpoint:
+    ckpt = split(obj, path=folder)
+    ckpt.layout = "dcp-" + ckpt.layout
+    data = read_stamp_file(folder)
+    if data.get("stamp") is not None:
+        stamp = parse_stamp(data["stamp"], path=folder / STAMP_FILE)
+        ckpt.schema, ckpt.version, ckpt.history = stamp.schema, stamp.version, stamp.history
+    for slot in ("hparams", "meta"):
+        value = data.get(slot)
+        if isinstance(value, dict):
+            setattr(ckpt, slot, dict(value))
+    return ckpt
+
+
+def read_dcp_metadata_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """A DCP folder as a Checkpoint of stubs (values stored as bytes are :class:`DcpValue`)."""
+    folder = Path(path)
+    md = read_dcp_metadata(folder)
+    entries = getattr(md, "state_dict_metadata", None)
+    if not isinstance(entries, dict):
+        raise CheckpointFormatError("DCP metadata has no state_dict_metadata", path=folder)
+    planner_data = getattr(md, "planner_data", None) or {}
+    obj: dict[Any, Any] = {}
+    for fqn, entry in entries.items():
+        route = planner_data.get(fqn) if isinstance(planner_data, dict) else None
+        route = tuple(route) if isinstance(route, (tuple, list)) and route else (fqn,)
+        if hasattr(entry, "chunks") or hasattr(entry, "size"):
+            shape = tuple(int(d) for d in entry.size)
+            dtype = _dtype_name(entry.properties)
+            nbytes = DTYPE_SIZES[dtype]
+            for d in shape:
+                nbytes *= d
+            value: Any = TensorStub(TensorInfo(shape, dtype, nbytes, storage_key=fqn))
+        else:
+            value = DcpValue(fqn)
+        _set_path(obj, route, value)
+    return _checkpoint(obj, folder)
+
+
+def _torch_reader_classes() -> tuple[type, type]:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class _SafeFileSystemReader(FileSystemReader):
+        """torch's FileSystemReader, reading ``.metadata`` with the restricted unpickler."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            path = self._get_metadata_path(kwargs.get("rank"))
+            md = read_dcp_metadata(path, torch_classes=True)
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    class _SafeEmptyPlanner(_EmptyStateDictLoadPlanner):
+        """Rebuilds the whole state dict; values stored as bytes load weights-only."""
+
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            import torch
+            from torch.distributed.checkpoint._nested_dict import set_element
+
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(
+                    self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded
+                )
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return _SafeFileSystemReader, _SafeEmptyPlanner
+
+
+def SafeFileSystemReader(path: str | os.PathLike[str]) -> Any:  # noqa: N802 - a class to callers
+    """A ``FileSystemReader`` whose ``read_metadata`` never runs torch's plain pickle.load.
+
+    >>> dcp.load(state_dict, storage_reader=SafeFileSystemReader("ckpt/"))  # doctest: +SKIP
+    """
+    return _torch_reader_classes()[0](path)
+
+
+def read_dcp(path: str | os.PathLike[str]) -> Checkpoint:
+    """Load every tensor and value of a DCP folder (single process) into a Checkpoint."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    folder = Path(path)
+    read_dcp_metadata(folder)  # refuse a hostile .metadata with our error, not DCP's wrapper
+    reader_cls, planner_cls = _torch_reader_classes()
+    state: dict[str, Any] = {}
+    try:
+        _load_state_dict(
+            state, storage_reader=reader_cls(folder), planner=planner_cls(), no_dist=True
+        )
+    except (UnsafeCheckpointError, CheckpointFormatError):
+        raise
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        if "Weights only load failed" in str(exc) or "Unsupported global" in str(cause):
+            raise UnsafeCheckpointError(
+                "a value stored in the DCP checkpoint", path=folder
+            ) from exc
+        raise CheckpointFormatError(
+            f"DCP could not load it ({type(exc).__name__}: {exc})", path=folder
+        ) from exc
+    return _checkpoint(state, folder)
+
+
+def write_dcp(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
+    """Save ``ckpt`` as a DCP folder at ``path`` (replacing one there), stamp file included.
+
+    The new folder is written beside the target and swapped in with two renames, so a crash
+    leaves the old folder or the new one (at worst under a ``.ckptmigrate-old-`` name).
+    """
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
+
+    target = Path(path)
+    layout = ckpt.layout.removeprefix("dcp-")
+    stamp = make_stamp(ckpt.schema, ckpt.version, ckpt.history) if ckpt.stamped else None
+    plain = Checkpoint(**{**ckpt.__dict__, "layout": layout, "module_metadata": None})
+    obj = assemble(plain, None)  # the stamp goes to the JSON file, not into DCP's bytes
+    data: dict[str, Any] = {"stamp": stamp}
+    slots = LAYOUTS.get(layout, LAYOUTS["ckptmigrate"])
+    if slots.hparams_key is None:
+        data["hparams"] = ckpt.hparams
+    if slots.meta_key is None:
+        data["meta"] = ckpt.meta
+    tmp = target.with_name(f"{target.name}.ckptmigrate-tmp-{secrets.token_hex(4)}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "torch.distributed is disabled...": single process
+            _save_state_dict(obj, storage_writer=FileSystemWriter(tmp), no_dist=True)
+        with atomic_path(tmp / STAMP_FILE) as stamp_tmp:
+            stamp_tmp.write_text(json.dumps(data, indent=2) + "\n", "utf-8")
+        swap_folder(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def swap_folder(new: Path, target: Path) -> None:
+    """Move folder ``new`` to ``target``, replacing what is there, with two renames."""
+    fsync_path(new)
+    if not target.exists():
+        os.replace(new, target)
+    else:
+        old = target.with_name(f"{target.name}.ckptmigrate-old-{secrets.token_hex(4)}")
+        os.replace(target, old)
+        try:
+            os.replace(new, target)
+        except BaseException:
+            os.replace(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        fsync_path(target.parent)

@@ -1,0 +1,279 @@
+"""Hugging Face-style sharded checkpoints: an index JSON naming the shard of every tensor.
+
+A set is ``model.safetensors.index.json`` (or ``pytorch_model.bin.index.json``) plus the
+shards its ``weight_map`` names, read as one logical checkpoint. Our stamp, hparams and meta
+live in the index's ``metadata`` as the JSON objects ``ckptmigrate.stamp``,
+``ckptmigrate.hparams`` and ``ckptmigrate.meta`` (and, for safetensors, in every shard's header
+too, so a shard alone still says what it is). The index is the commit point: new shards are
+written under new names first, the index replaces the old one atomically, and only then are
+shards that nothing references any more removed.
+
+>>> ckpt = read_sharded_metadata("llama-7b/")  # doctest: +SKIP
+>>> len(ckpt.state_dict), ckpt.version
+(291, <Version('2.0.0')>)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import Checkpoint
+from ..errors import CheckpointFormatError
+from ..stamp import parse_stamp
+from .atomic import atomic_path
+from .safetensors_copy import data_start
+from .tensorinfo import TensorStub
+
+__all__ = [
+    "INDEX_SUFFIX",
+    "ShardedSet",
+    "find_index",
+    "is_index_file",
+    "read_index",
+    "read_sharded",
+    "read_sharded_metadata",
+    "shard_name",
+    "write_index",
+]
+
+INDEX_SUFFIX = ".index.json"
+STAMP = "ckptmigrate.stamp"
+HPARAMS = "ckptmigrate.hparams"
+META = "ckptmigrate.meta"
+_DIGEST = re.compile(r"-[0-9a-f]{8}$")
+
+
+@dataclass
+class ShardedSet:
+    """A parsed index: where it lies, its raw JSON, and which shard holds each key."""
+
+    index_path: Path
+    index: dict[str, Any]
+    weight_map: dict[str, str]
+    kind: str  # "safetensors" or "bin"
+    sources: dict[int, tuple[Path, int]] = field(default_factory=dict)  # id(stub) -> bytes
+    graphs: dict[str, Any] = field(default_factory=dict)  # .bin shard -> its ZipGraph
+    headers: dict[str, dict[str, str]] = field(default_factory=dict)  # other tools' entries
+
+    @property
+    def folder(self) -> Path:
+        return self.index_path.parent
+
+    @property
+    def shards(self) -> list[str]:
+        """Shard file names in the order the weight map first names them."""
+        return list(dict.fromkeys(self.weight_map.values()))
+
+
+def is_index_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names a sharded set's index JSON file."""
+    return str(path).endswith(INDEX_SUFFIX) and Path(path).is_file()
+
+
+def find_index(path: str | os.PathLike[str]) -> Path:
+    """The index JSON of a set given by its folder or by the index file itself."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    found = sorted(path.glob("*" + INDEX_SUFFIX))
+    if len(found) != 1:
+        names = ", ".join(p.name for p in found) or "none"
+        raise CheckpointFormatError(
+            f"expected exactly one *{INDEX_SUFFIX} file in the folder, found {names}: pass the "
+            "index file itself",
+            path=path,
+        )
+    return found[0]
+
+
+def read_index(path: str | os.PathLike[str]) -> ShardedSet:
+    """Parse and check a sharded set's index (shards must exist beside it)."""
+    index_path = find_index(path)
+    try:
+        index = json.loads(index_path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointFormatError(f"unreadable index JSON ({exc})", path=index_path) from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointFormatError("the index has no weight_map of key -> shard", path=index_path)
+    for shard in set(weight_map.values()):
+        if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+            raise CheckpointFormatError(f"shard name {shard!r} leaves the folder", path=index_path)
+        if not (index_path.parent / shard).is_file():
+            raise CheckpointFormatError(f"shard {shard!r} is missing", path=index_path)
+    kinds = {"safetensors" if s.endswith(".safetensors") else "bin" for s in weight_map.values()}
+    if len(kinds) > 1:
+        raise CheckpointFormatError("the index mixes safetensors and .bin shards", path=index_path)
+    kind = kinds.pop() if kinds else "safetensors"
+    return ShardedSet(index_path, index, dict(weight_map), kind)
+
+
+def _stamp_parts(sset: ShardedSet) -> dict[str, Any]:
+    metadata = sset.index.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointFormatError("the index's metadata is not an object", path=sset.index_path)
+    raw = metadata.get(STAMP)
+    stamp = parse_stamp(raw, path=sset.index_path) if raw is not None else None
+    parts: dict[str, Any] = {}
+    for slot, key in (("hparams", HPARAMS), ("meta", META)):
+        value = metadata.get(key) or {}
+        if not isinstance(value, dict):
+            raise CheckpointFormatError(
+                f"index entry {key!r} is not an object", path=sset.index_path
+            )
+        parts[slot] = dict(value)
+    return {
+        **parts,
+        "schema": stamp.schema if stamp else None,
+        "version": stamp.version if stamp else None,
+        "history": stamp.history if stamp else [],
+    }
+
+
+def _ordered(sset: ShardedSet, tensors: dict[str, Any]) -> dict[str, Any]:
+    missing = [k for k in sset.weight_map if k not in tensors]
+    if missing:
+        raise CheckpointFormatError(
+            f"the index names {missing[0]!r}, which its shard {sset.weight_map[missing[0]]!r} "
+            "does not hold",
+            path=sset.index_path,
+        )
+    return {k: tensors[k] for k in sset.weight_map}
+
+
+def read_sharded_metadata(
+    path: str | os.PathLike[str], *, allowed_globals: Any = ()
+) -> tuple[Checkpoint, ShardedSet]:
+    """The set as one Checkpoint of stubs (no tensor data read) and its parsed index.
+
+    ``sset.sources`` maps each safetensors stub to its bytes, for copying them later.
+    """
+    sset = read_index(path)
+    tensors: dict[str, Any] = {}
+    for shard in sset.shards:
+        shard_path = sset.folder / shard
+        if sset.kind == "safetensors":
+            from .safetensors_file import ALIASES, decode_json_entry
+            from .safetensors_header import read_safetensors_header
+
+            infos, metadata = read_safetensors_header(shard_path)
+            start = data_start(shard_path)
+            sset.headers[shard] = {
+                k: v for k, v in metadata.items() if not k.startswith("ckptmigrate.")
+            }
+            for key, info in infos.items():
+                stub = TensorStub(info)
+                tensors[key] = stub
+                sset.sources[id(stub)] = (shard_path, start + (info.data_offsets or (0, 0))[0])
+            for alias, src in (decode_json_entry(metadata, ALIASES, path=shard_path) or {}).items():
+                if src in infos:
+                    tensors[alias] = tensors[src]
+        else:
+            from .detect import detect_format
+            from .pickle_meta import read_torch_metadata
+            from .torchzip import read_zip_graph
+
+            names = list(allowed_globals)
+            if detect_format(shard_path) == "torch-zip":
+                # decoded with rebuild recipes, so an upgrade can copy its storages later
+                sset.graphs[shard] = read_zip_graph(shard_path, allowed_globals=names)
+                obj = sset.graphs[shard].obj
+            else:
+                obj = read_torch_metadata(shard_path, allowed_globals=names)
+            if not isinstance(obj, dict):
+                raise CheckpointFormatError("a .bin shard must hold a dict", path=shard_path)
+            tensors.update(obj)
+    return _checkpoint(sset, _ordered(sset, tensors)), sset
+
+
+def read_sharded(
+    path: str | os.PathLike[str], *, map_location: Any = "cpu", mmap: bool = False
+) -> Checkpoint:
+    """Load every tensor of a sharded set into one Checkpoint (no migration)."""
+    sset = read_index(path)
+    tensors: dict[str, Any] = {}
+    for shard in sset.shards:
+        shard_path = sset.folder / shard
+        if sset.kind == "safetensors":
+            from .safetensors_file import read_safetensors
+
+            tensors.update(read_safetensors(shard_path, map_location=map_location)[0])
+        else:
+            from .torchfile import read_torch
+
+            tensors.update(read_torch(shard_path, map_location=map_location, mmap=mmap))
+    return _checkpoint(sset, _ordered(sset, tensors))
+
+
+def _checkpoint(sset: ShardedSet, tensors: dict[str, Any]) -> Checkpoint:
+    return Checkpoint(state_dict=tensors, layout="sharded", **_stamp_parts(sset))
+
+
+def shard_name(old: str, digest_of: Any) -> str:
+    """A new shard name: the old one with a content digest, so the old set stays intact.
+
+    >>> shard_name("model-00001-of-00002.safetensors", ["2.0.0", ["w"]])  # doctest: +SKIP
+    'model-00001-of-00002-3f2a9c1b.safetensors'
+    """
+    stem, dot, ext = old.partition(".")
+    digest = hashlib.sha256(json.dumps(digest_of, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{_DIGEST.sub('', stem)}-{digest}{dot}{ext}"
+
+
+def index_metadata(ckpt: Checkpoint, stamp: dict[str, Any] | None) -> dict[str, Any]:
+    """Our entries for the index's ``metadata`` object."""
+    out: dict[str, Any] = {}
+    if stamp is not None:
+        out[STAMP] = stamp
+    if stamp is not None or ckpt.hparams:
+        out[HPARAMS] = ckpt.hparams
+    if stamp is not None or ckpt.meta:
+        out[META] = ckpt.meta
+    return out
+
+
+def write_index(
+    folder: Path,
+    name: str,
+    base: dict[str, Any],
+    weight_map: dict[str, str],
+    total_size: int,
+    ours: dict[str, Any],
+) -> Path:
+    """Write the index atomically (the commit point of a set); keeps other tools' entries."""
+    index = {k: v for k, v in base.items() if k not in ("metadata", "weight_map")}
+    metadata = {
+        k: v for k, v in (base.get("metadata") or {}).items() if not k.startswith("ckptmigrate.")
+    }
+    metadata["total_size"] = total_size
+    metadata.update(ours)
+    try:
+        json.dumps(ours)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"hparams and meta must be JSON-serialisable in an index ({exc})"
+        ) from None
+    index = {"metadata": metadata, **index, "weight_map": weight_map}
+    target = folder / name
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(index, indent=2) + "\n", "utf-8")
+    return target
+
+
+def remove_unreferenced(folder: Path, old: list[str], weight_map: dict[str, str]) -> list[str]:
+    """Delete old shards the new index no longer names; returns their names."""
+    keep = set(weight_map.values())
+    gone = [s for s in old if s not in keep]
+    for shard in gone:
+        with contextlib.suppress(FileNotFoundError):
+            (folder / shard).unlink()
+    return gone

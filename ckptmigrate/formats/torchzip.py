@@ -1,0 +1,223 @@
+"""Rewrite a torch.save zip checkpoint's object graph while copying its tensor data as stored.
+
+:func:`read_zip_graph` decodes ``data.pkl`` with the restricted metadata reader and also
+records, for every tensor stub, the exact rebuild call the pickle made (function, storage,
+offset, size, stride, ...). :func:`write_zip_graph` pickles a new object graph holding those
+stubs the way ``torch.save`` would (protocol 2, ``('storage', <storage type>, key, location,
+numel)`` persistent ids, ``torch._utils._rebuild_tensor_v2`` reduces) and copies every storage
+record it references byte for byte, so ``torch.load(weights_only=True)`` and
+``torch.load(mmap=True)`` read the result. Torch is not imported.
+
+>>> graph = read_zip_graph("model.pth")  # doctest: +SKIP
+>>> write_zip_graph("renamed.pth", graph, {"new.weight": graph.obj["old.weight"]})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointFormatError, UnsafeCheckpointError
+from .atomic import atomic_path
+from .detect import open_regular_file
+from .pickle_meta import (
+    MAX_PICKLE_BYTES,
+    WEIGHTS_ONLY_GLOBALS,
+    TorchConstant,
+    ZipRecordInfo,
+    _allowed_map,
+    _find_data_pkl,
+    _load_pickle,
+    _StorageRef,
+    _StorageTable,
+    _StorageType,
+    _with_path,
+    _zip_infos,
+    read_zip_records,
+)
+from .tensorinfo import TensorStub
+from .zipwriter import TorchZipWriter
+
+__all__ = ["ZipGraph", "NotReplayable", "read_zip_graph", "write_zip_graph"]
+
+#: The pickle protocol torch.save uses (``torch.serialization.DEFAULT_PROTOCOL``).
+TORCH_PICKLE_PROTOCOL = 2
+# Globals whose decoded value would not pickle back to the same thing (a device as a str,
+# a Size as a tuple, a layout constant): a graph naming them is rewritten by the full path.
+_LOSSY = ("torch.device", "torch.Size", "torch.serialization._get_layout")
+
+
+class NotReplayable(CheckpointFormatError):
+    """The file's pickle holds something the byte-copying writer cannot reproduce faithfully."""
+
+
+@dataclass
+class ZipGraph:
+    """A torch zip checkpoint's decoded object graph plus what is needed to write it back."""
+
+    path: Path
+    obj: Any
+    prefix: str  # the archive folder, e.g. "model/"
+    records: dict[str, ZipRecordInfo]
+    recipes: dict[int, tuple[str, tuple[Any, ...]]]  # id(stub) -> (rebuild global, args)
+    pids: dict[int, tuple[Any, ...]]  # id(storage ref) -> the persistent id as read
+    lossy: list[str] = field(default_factory=list)
+    keepalive: list[Any] = field(default_factory=list, repr=False)
+
+
+def _recording(name: str, fn: Callable[..., Any], graph: ZipGraph) -> Callable[..., Any]:
+    def rebuild(*args: Any) -> Any:
+        out = fn(*args)
+        if isinstance(out, TensorStub):
+            graph.recipes[id(out)] = (name, args)
+            graph.keepalive.append(out)  # ids must stay unique while recipes are looked up
+        return out
+
+    return rebuild
+
+
+def _flagging(name: str, fn: Callable[..., Any], graph: ZipGraph) -> Callable[..., Any]:
+    def call(*args: Any) -> Any:
+        graph.lossy.append(name)
+        return fn(*args)
+
+    return call
+
+
+def read_zip_graph(
+    path: str | os.PathLike[str], *, allowed_globals: Iterable[str] = ()
+) -> ZipGraph:
+    """Decode a torch zip checkpoint into stubs, recording how each tensor was rebuilt.
+
+    Refuses unsafe pickles exactly like :func:`~.pickle_meta.read_torch_metadata`.
+    """
+    path = Path(path)
+    records = read_zip_records(path)
+    graph = ZipGraph(path, None, "", records, {}, {})
+    allowed = _allowed_map(allowed_globals)
+    for name, value in list(allowed.items()):
+        if (
+            name.startswith("torch._utils._rebuild")
+            or name == "torch._tensor._rebuild_from_type_v2"
+        ):
+            allowed[name] = _recording(name, value, graph)
+        elif name in _LOSSY or name not in WEIGHTS_ONLY_GLOBALS:
+            if callable(value):
+                allowed[name] = _flagging(name, value, graph)
+    try:
+        with open_regular_file(path) as f, zipfile.ZipFile(f) as zf:
+            data_pkl = _find_data_pkl(_zip_infos(zf, path), path)
+            if data_pkl.file_size > MAX_PICKLE_BYTES:
+                raise CheckpointFormatError("data.pkl is too large", path=path)
+            with zf.open(data_pkl) as member:
+                data = member.read()
+        graph.prefix = data_pkl.filename[: -len("data.pkl")]
+        table = _StorageTable(legacy=False, key_prefix=graph.prefix + "data/")
+
+        def persistent_load(pid: Any) -> Any:
+            ref = table.load(pid)
+            graph.pids[id(ref)] = pid
+            graph.keepalive.append(ref)
+            return ref
+
+        graph.obj = _load_pickle(io.BytesIO(data), allowed, persistent_load, path)
+    except (CheckpointFormatError, UnsafeCheckpointError) as exc:
+        raise _with_path(exc, path) from exc.__cause__
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointFormatError(f"corrupt zip archive ({exc})", path=path) from exc
+    missing = [k for k in table.storages if k not in records]
+    if missing:
+        raise CheckpointFormatError(f"storage record {missing[0]!r} is missing", path=path)
+    return graph
+
+
+class _GlobalName:
+    """A global to emit by name (a rebuild function, a dtype, a storage class)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args: Any) -> Any:  # pickle's save_reduce wants a callable
+        raise TypeError("a placeholder for pickling only")
+
+
+class _ReplayPickler(pickle._Pickler):  # type: ignore[name-defined, misc]
+    """Pickles stubs back into torch's tensor reduces and storage persistent ids."""
+
+    def __init__(self, file: Any, graph: ZipGraph) -> None:
+        super().__init__(file, protocol=TORCH_PICKLE_PROTOCOL)
+        self.graph = graph
+        self.storage_keys: dict[str, None] = {}  # insertion-ordered set
+        self.globals: dict[str, _GlobalName] = {}
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, _StorageRef):
+            self.storage_keys[obj.key] = None
+            return self.graph.pids[id(obj)]
+        return None
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, TensorStub):
+            recipe = self.graph.recipes.get(id(obj))
+            if recipe is None:
+                raise NotReplayable(f"a tensor {obj!r} was not decoded from {self.graph.path}")
+            name, args = recipe
+            return (self.globals.setdefault(name, _GlobalName(name)), args)
+        return NotImplemented
+
+    def save(self, obj: Any, save_persistent_id: bool = True) -> None:
+        if isinstance(obj, (_GlobalName, TorchConstant, _StorageType)):
+            memo = self.memo.get(id(obj))
+            if memo is not None:
+                self.write(self.get(memo[0]))
+                return
+            module, _, attr = obj.name.rpartition(".")
+            self.write(pickle.GLOBAL + f"{module}\n{attr}\n".encode())
+            self.memoize(obj)
+            return
+        if callable(obj) and getattr(obj, "__module__", "").startswith("ckptmigrate"):
+            raise NotReplayable(f"the graph holds a decoder object {obj!r}")
+        super().save(obj, save_persistent_id)
+
+
+def dump_graph(obj: Any, graph: ZipGraph) -> tuple[bytes, list[str]]:
+    """The new ``data.pkl`` for ``obj`` and the storage records (full names) it references."""
+    if graph.lossy:
+        raise NotReplayable(f"the pickle names {sorted(set(graph.lossy))[0]}")
+    buf = io.BytesIO()
+    pickler = _ReplayPickler(buf, graph)
+    pickler.dump(obj)
+    return buf.getvalue(), list(pickler.storage_keys)
+
+
+def write_zip_graph(dst: str | os.PathLike[str], graph: ZipGraph, obj: Any) -> TorchZipWriter:
+    """Write ``obj`` (stubs from ``graph``) to ``dst`` atomically; storages copied as stored.
+
+    Records other than ``data.pkl`` and the storages (``byteorder``, ``version``,
+    ``.data/serialization_id``...) are copied as they are; storages nothing references are left
+    out. Returns the writer, whose ``bytes_copied`` / ``bytes_through_python`` tell what moved.
+    """
+    data, keys = dump_graph(obj, graph)
+    used = set(keys)
+    data_prefix = graph.prefix + "data/"
+    with atomic_path(dst) as tmp:
+        with open_regular_file(graph.path) as src, open(tmp, "wb") as out:
+            writer = TorchZipWriter(out.fileno())
+            for name, record in graph.records.items():
+                if name == graph.prefix + "data.pkl":
+                    writer.add_bytes(name, data)
+                elif (
+                    name.startswith(data_prefix) and name.count("/") == graph.prefix.count("/") + 1
+                ):
+                    if name in used:
+                        writer.copy_member(name, src.fileno(), record)
+                else:
+                    writer.copy_member(name, src.fileno(), record)
+            writer.close()
+    return writer

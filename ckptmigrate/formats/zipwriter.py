@@ -1,0 +1,191 @@
+"""Write a zip archive the way torch.save lays one out, copying members byte for byte.
+
+torch reads members that are stored (not compressed) and whose data start on a 64-byte
+boundary, which ``torch.load(mmap=True)`` relies on; like torch's own writer we pad the local
+header with an ``FB`` extra field to get there. A member copied from another archive keeps its
+stored bytes and CRC and moves with ``os.copy_file_range``, inside the kernel, so its data never
+passes through Python.
+
+>>> with open("new.pth", "wb") as f:  # doctest: +SKIP
+...     zw = TorchZipWriter(f.fileno())
+...     zw.add_bytes("archive/data.pkl", pickled)
+...     zw.copy_member("archive/data/0", src_fd, records["archive/data/0"])
+...     zw.close()
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+
+from ..errors import CheckpointFormatError
+from .pickle_meta import ZipRecordInfo
+
+__all__ = ["ALIGNMENT", "TorchZipWriter", "copy_range"]
+
+#: torch aligns every member's data to this many bytes (``torch.serialization`` storage alignment).
+ALIGNMENT = 64
+_LIMIT = 0xFFFFFFFF
+_CHUNK = 8 << 20
+# copy_file_range is missing or refused across some filesystems: fall back to pread/pwrite
+_NO_KERNEL_COPY = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
+
+
+def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int) -> int:
+    """Copy ``count`` bytes between file offsets; returns how many went through Python.
+
+    Uses ``os.copy_file_range`` (no user-space copy) and falls back to 8 MiB pread/pwrite
+    chunks where the kernel refuses, so memory stays bounded either way.
+    """
+    through_python = 0
+    kernel = hasattr(os, "copy_file_range")
+    while count > 0:
+        if kernel:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, count, src_offset, dst_offset)
+            except OSError as exc:
+                if exc.errno not in _NO_KERNEL_COPY:
+                    raise
+                kernel = False
+                continue
+        else:
+            data = os.pread(src_fd, min(count, _CHUNK), src_offset)
+            n = len(data)
+            if n:
+                written = 0
+                while written < n:
+                    written += os.pwrite(dst_fd, data[written:], dst_offset + written)
+                through_python += n
+        if n == 0:
+            raise CheckpointFormatError(f"source ends {count} bytes early while copying a member")
+        src_offset += n
+        dst_offset += n
+        count -= n
+    return through_python
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: bytes
+    offset: int
+    size: int
+    crc: int
+
+
+class TorchZipWriter:
+    """A stored-only zip64 archive writer with torch's 64-byte data alignment."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._pos = 0
+        self._entries: list[_Entry] = []
+        self.bytes_copied = 0
+        self.bytes_through_python = 0
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, self._pos)
+            view = view[n:]
+            self._pos += n
+
+    def _local_header(self, name: str, size: int, crc: int) -> bytes:
+        raw = name.encode("utf-8")
+        zip64 = size >= _LIMIT
+        extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
+        # the FB field's own 4-byte header counts before its padding
+        pad = -(self._pos + 30 + len(raw) + len(extra) + 4) % ALIGNMENT
+        extra += b"FB" + struct.pack("<H", pad) + b"Z" * pad
+        stored = _LIMIT if zip64 else size
+        self._entries.append(_Entry(raw, self._pos, size, crc))
+        header = struct.pack(
+            "<IHHHHHIIIHH",
+            0x04034B50,
+            45 if zip64 else 20,
+            0,
+            0,
+            0,
+            0,
+            crc,
+            stored,
+            stored,
+            len(raw),
+            len(extra),
+        )
+        return header + raw + extra
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        """Add a member from bytes (a new data.pkl, a small record)."""
+        self._write(self._local_header(name, len(data), zlib.crc32(data)))
+        self._write(data)
+
+    def copy_member(self, name: str, src_fd: int, record: ZipRecordInfo) -> None:
+        """Copy a stored member of another archive as it is, CRC included, under ``name``."""
+        if record.compress_type != 0 or record.compressed_size != record.size:
+            raise CheckpointFormatError(
+                f"zip member {record.name!r} is compressed; torch writes stored members only"
+            )
+        self._write(self._local_header(name, record.size, record.crc))
+        self.bytes_through_python += copy_range(
+            src_fd, record.data_offset, self._fd, self._pos, record.size
+        )
+        self._pos += record.size
+        self.bytes_copied += record.size
+
+    def close(self) -> None:
+        """Write the central directory and the (zip64) end records, as torch does."""
+        start = self._pos
+        central = bytearray()
+        for e in self._entries:
+            fields = []
+            if e.size >= _LIMIT:
+                fields += [e.size, e.size]
+            if e.offset >= _LIMIT:
+                fields.append(e.offset)
+            extra = (
+                struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
+            )
+            version = 45 if fields else 20
+            central += struct.pack(
+                "<IHHHHHHIIIHHHHHII",
+                0x02014B50,
+                version,
+                version,
+                0,
+                0,
+                0,
+                0,
+                e.crc,
+                min(e.size, _LIMIT),
+                min(e.size, _LIMIT),
+                len(e.name),
+                len(extra),
+                0,
+                0,
+                0,
+                0,
+                min(e.offset, _LIMIT),
+            )
+            central += e.name + extra
+        self._write(bytes(central))
+        count, size, eocd64 = len(self._entries), len(central), self._pos
+        self._write(
+            struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, size, start)
+        )
+        self._write(struct.pack("<IIQI", 0x07064B50, 0, eocd64, 1))
+        self._write(
+            struct.pack(
+                "<IHHHHIIH",
+                0x06054B50,
+                0,
+                0,
+                min(count, 0xFFFF),
+                min(count, 0xFFFF),
+                min(size, _LIMIT),
+                min(start, _LIMIT),
+                0,
+            )
+        )

@@ -1,0 +1,314 @@
+"""Rewrite a checkpoint file: upgrade it (to a new file or in place) or stamp it in place.
+
+An in-place rewrite holds the lock beside the file (:mod:`ckptmigrate.lock`) from the first
+read to the rename, so it reads, plans and writes a file nobody else is rewriting: when several
+processes upgrade one file at once, each step runs once, and the others find the file current
+(or fail with a clear error). The old file is copied to a backup first (``model.pth`` ->
+``model.pth.1.0.0.bak``) unless ``backup=False``; every write is atomic, so a crash leaves the
+old file or the new one, never half of one.
+
+>>> upgrade_in_place("model.pth", schema)            # backup, lock, atomic rename
+>>> stamp_in_place("legacy.pth", "tinylm", "1.0.0")
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    AlreadyStampedError,
+    CkptMigrateError,
+    SchemaMismatchError,
+    UnknownSchemaError,
+    UnversionedCheckpointError,
+    VersionConflictError,
+)
+from .lock import DEFAULT_TIMEOUT, file_lock
+
+if TYPE_CHECKING:
+    from packaging.version import Version
+
+    from .checkpoint import Checkpoint
+    from .graph import PlannedStep
+    from .schema import Schema
+
+__all__ = [
+    "BackupExistsError",
+    "UpgradeOutcome",
+    "backup_path",
+    "stamp_in_place",
+    "migrate_file",
+    "upgrade_in_place",
+]
+
+
+class BackupExistsError(CkptMigrateError):
+    """An in-place upgrade would overwrite a different backup left by an earlier one."""
+
+    def __init__(self, backup: object) -> None:
+        self.backup = str(backup)
+        super().__init__(
+            f"backup {self.backup} already exists and differs from the file: move it away, or "
+            "pass --no-backup (backup=False) to upgrade without one"
+        )
+
+
+@dataclass
+class UpgradeOutcome:
+    """What an upgrade did: the plan, and the files it wrote (none on a dry run)."""
+
+    schema: str
+    source_version: str
+    target_version: str
+    plan: list[dict[str, Any]] = field(default_factory=list)
+    written: str | None = None
+    backup: str | None = None
+
+
+def backup_path(path: str | os.PathLike[str], version: object) -> Path:
+    """Where an in-place upgrade keeps the old file: ``model.pth`` -> ``model.pth.1.0.0.bak``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{version}.bak")
+
+
+def step_record(planned: PlannedStep) -> dict[str, Any]:
+    """One planned step as JSON-able data."""
+    return {
+        "from": str(planned.source),
+        "to": str(planned.target),
+        "step": planned.name,
+        "breaking": planned.step.breaking,
+        "downgrade": planned.downgrade,
+    }
+
+
+def _schema_table(schema: Schema | Mapping[str, Schema]) -> dict[str, Schema]:
+    if isinstance(schema, Mapping):
+        return dict(schema)
+    return {schema.name: schema}
+
+
+def _pick_schema(
+    ckpt: Checkpoint, schemas: dict[str, Schema], name: str | None, path: object
+) -> Schema:
+    chosen = ckpt.schema or name
+    if chosen is None and len(schemas) == 1:
+        chosen = next(iter(schemas))
+    if chosen is None:
+        raise UnversionedCheckpointError(path=path)
+    if ckpt.schema is not None and name is not None and name != ckpt.schema:
+        raise SchemaMismatchError(name, ckpt.schema, path=path)
+    if chosen not in schemas:
+        raise UnknownSchemaError(chosen, list(schemas))
+    return schemas[chosen]
+
+
+def _in_place_target(path: str | os.PathLike[str]) -> Path:
+    # Through a symlink, rewrite the file it names (and lock beside that), not the link.
+    return Path(os.path.realpath(path))
+
+
+def migrate_file(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str] | None,
+    *,
+    schemas: Schema | Mapping[str, Schema],
+    schema: str | None = None,
+    to: str | Version | None = None,
+    from_version: str | Version | None = None,
+    dry_run: bool = False,
+    backup: bool = True,
+    allowed_globals: Iterable[Any] = (),
+    on_plan: Callable[[UpgradeOutcome], Any] | None = None,
+    progress: Callable[..., Any] | None = None,
+    lock_timeout: float = DEFAULT_TIMEOUT,
+) -> UpgradeOutcome:
+    """Read ``src``, plan its upgrade, and write it to ``dst`` (``None``: in place, locked).
+
+    ``schemas`` is a Schema or the discovered table; ``schema`` names the one to use for an
+    unstamped file.
+
+    >>> migrate_file("model.pth", "model-v3.pth", schemas=find_schemas(["migrations"]))
+    """
+    table = _schema_table(schemas)
+    options: dict[str, Any] = dict(
+        name=schema,
+        to=to,
+        from_version=from_version,
+        dry_run=dry_run,
+        backup=backup,
+        allowed_globals=list(allowed_globals),
+        on_plan=on_plan,
+        progress=progress,
+    )
+    if dst is not None:
+        return _upgrade(Path(src), Path(dst), table, **options)
+    if dry_run:
+        return _upgrade(Path(src), None, table, **options)
+    target = _in_place_target(src)
+    with file_lock(target, timeout=lock_timeout):
+        from .formats.atomic import remove_stale_temps
+
+        remove_stale_temps(target)
+        return _upgrade(target, None, table, **options)
+
+
+def upgrade_in_place(
+    path: str | os.PathLike[str],
+    schema: Schema | Mapping[str, Schema],
+    *,
+    to: str | Version | None = None,
+    from_version: str | Version | None = None,
+    backup: bool = True,
+    dry_run: bool = False,
+    safe_globals: Iterable[Any] = (),
+    schema_name: str | None = None,
+    on_plan: Callable[[UpgradeOutcome], Any] | None = None,
+    progress: Callable[..., Any] | None = None,
+    lock_timeout: float = DEFAULT_TIMEOUT,
+) -> UpgradeOutcome:
+    """Upgrade the file at ``path`` in place: lock, re-read, plan, back up, write atomically.
+
+    A file already at the target is left alone (``outcome.plan == []``, nothing written).
+    Waits up to ``lock_timeout`` seconds for another process rewriting the same file, then
+    raises :class:`~ckptmigrate.errors.LockTimeoutError`.
+
+    >>> outcome = upgrade_in_place("model.pth", schema)
+    >>> outcome.backup
+    'model.pth.1.0.0.bak'
+    """
+    return migrate_file(
+        path,
+        None,
+        schemas=schema,
+        schema=schema_name,
+        to=to,
+        from_version=from_version,
+        dry_run=dry_run,
+        backup=backup,
+        allowed_globals=safe_globals,
+        on_plan=on_plan,
+        progress=progress,
+        lock_timeout=lock_timeout,
+    )
+
+
+def _upgrade(
+    src: Path,
+    dst: Path | None,
+    schemas: dict[str, Schema],
+    *,
+    name: str | None,
+    to: Any,
+    from_version: Any,
+    dry_run: bool,
+    backup: bool,
+    allowed_globals: list[Any],
+    on_plan: Callable[[UpgradeOutcome], Any] | None,
+    progress: Callable[..., Any] | None,
+) -> UpgradeOutcome:
+    from .api import save
+    from .files import read_checkpoint
+    from .upgrade import apply_step, check_belongs
+    from .version import parse_version
+
+    ckpt = read_checkpoint(src, mmap=True, safe_globals=allowed_globals)
+    found = _pick_schema(ckpt, schemas, name, src)
+    newly_stamped = ckpt.version is None and from_version is not None
+    if from_version is not None:
+        given = parse_version(from_version, what="--from-version")
+        if ckpt.version is not None and ckpt.version != given:
+            raise VersionConflictError(ckpt.version, given, path=src)
+        if ckpt.version is None:
+            ckpt = ckpt.copy()
+            ckpt.schema, ckpt.version = found.name, given
+    version = check_belongs(ckpt, found, path=src)
+    plan = found.plan(version, to)
+    outcome = UpgradeOutcome(
+        schema=found.name,
+        source_version=str(version),
+        target_version=str(plan[-1].target if plan else version),
+        plan=[step_record(p) for p in plan],
+    )
+    if on_plan is not None:
+        on_plan(outcome)
+    in_place = dst is None
+    if dry_run or (in_place and not plan and not newly_stamped):
+        return outcome
+    work = ckpt.copy()
+    for done, planned in enumerate(plan, 1):
+        work = apply_step(work, planned, found)
+        if progress is not None:
+            progress(done, len(plan))
+    target = src if dst is None else dst
+    if in_place and backup:
+        outcome.backup = str(_write_backup(src, version))
+    from .streaming import write_streamed
+
+    # rename/drop/hparam plans on big files, sharded sets and DCP folders copy tensor bytes
+    streamed = write_streamed(
+        src, target, found, to=to, from_version=from_version, work=work, allowed=allowed_globals
+    )
+    if not streamed:
+        save(target, work)
+    outcome.written = str(target)
+    return outcome
+
+
+def _write_backup(src: Path, version: object) -> Path:
+    """Copy ``src`` beside itself atomically; an identical backup (a rerun after a crash) is
+    kept, a different one is an error."""
+    import shutil
+
+    from .formats.atomic import atomic_path, remove_stale_temps
+
+    kept = backup_path(src, version)
+    remove_stale_temps(kept)  # a half-copied backup of a killed run
+    if kept.exists():
+        if kept.is_file() and filecmp.cmp(kept, src, shallow=False):
+            return kept
+        raise BackupExistsError(kept)
+    with atomic_path(kept) as tmp:
+        shutil.copyfile(src, tmp)
+    return kept
+
+
+def stamp_in_place(
+    path: str | os.PathLike[str],
+    schema: str,
+    version: str | Version | Callable[[Checkpoint], Any],
+    *,
+    safe_globals: Iterable[Any] = (),
+    lock_timeout: float = DEFAULT_TIMEOUT,
+) -> Checkpoint:
+    """Give the unstamped file at ``path`` its stamp, in place, keeping its layout.
+
+    Holds the lock beside the file while it reads and writes; a file that is (meanwhile)
+    stamped raises :class:`~ckptmigrate.errors.AlreadyStampedError`. ``version`` may be a
+    function of the read checkpoint (to guess it). Returns the checkpoint as written.
+
+    >>> stamp_in_place("legacy.pth", "tinylm", "1.0.0")
+    """
+    from .api import save
+    from .files import read_checkpoint
+    from .formats.atomic import remove_stale_temps
+    from .version import parse_version
+
+    given = None if callable(version) else parse_version(version, what="version")
+    target = _in_place_target(path)
+    with file_lock(target, timeout=lock_timeout):
+        remove_stale_temps(target)
+        ckpt = read_checkpoint(target, mmap=True, safe_globals=list(safe_globals))
+        if ckpt.schema is not None:
+            raise AlreadyStampedError(ckpt.schema, ckpt.version, path=path)
+        if given is None:
+            given = parse_version(version(ckpt), what="version")  # type: ignore[operator]
+        ckpt = ckpt.copy()
+        ckpt.schema, ckpt.version = schema, given
+        save(target, ckpt)  # keeps the file's layout; the stamp goes beside it
+    return ckpt

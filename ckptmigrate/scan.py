@@ -1,0 +1,118 @@
+"""Scan a tree of checkpoints (a model registry): schema, version and what each one is behind.
+
+Metadata only (stamps, keys and shapes from headers and pickles, never tensor data), in
+parallel across files. A sharded set or a DCP folder counts as one checkpoint.
+
+>>> rows = scan("registry/", schemas)
+>>> [r.path for r in rows if r.behind]
+['registry/old/model.pth']
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CkptMigrateError
+from .schema import Schema
+
+__all__ = ["CHECKPOINT_SUFFIXES", "ScanRow", "find_checkpoints", "scan"]
+
+#: File names that :func:`scan` treats as checkpoints.
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+
+
+@dataclass
+class ScanRow:
+    """One checkpoint found by :func:`scan`; ``error`` says why the rest may be missing."""
+
+    path: str
+    format: str | None = None
+    schema: str | None = None
+    version: str | None = None
+    current: str | None = None
+    behind: bool | None = None  # None: unknown (no stamp, unknown schema, unreadable)
+    steps: list[str] = field(default_factory=list)
+    tensors: int = 0
+    nbytes: int = 0
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def find_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
+    """Every checkpoint under ``root``, sorted; a DCP or sharded folder is one entry."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    found: list[Path] = []
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        if ".metadata" in files or any(f.endswith(".index.json") for f in files):
+            found.append(here)
+            dirs[:] = []  # its shards are part of it
+            continue
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(here / f for f in files if f.endswith(CHECKPOINT_SUFFIXES))
+    return sorted(found)
+
+
+def _scan_one(path: Path, schemas: Mapping[str, Schema]) -> ScanRow:
+    from .files import _detect, read_metadata
+
+    row = ScanRow(str(path))
+    try:
+        row.format = _detect(path)
+        ckpt = read_metadata(path)
+        unique = {id(v): v for v in ckpt.state_dict.values() if hasattr(v, "info")}
+        row.tensors = len(ckpt.state_dict)
+        row.nbytes = sum(v.info.nbytes for v in unique.values())
+        row.schema = ckpt.schema
+        row.version = str(ckpt.version) if ckpt.version is not None else None
+        if ckpt.schema is None or ckpt.version is None:
+            row.error = "no ckptmigrate stamp"
+            return row
+        schema = schemas.get(ckpt.schema)
+        if schema is None:
+            row.error = f"schema {ckpt.schema!r} is not among the discovered schemas"
+            return row
+        row.current = str(schema.current)
+        row.behind = ckpt.version < schema.current
+        row.steps = [p.name for p in schema.plan(ckpt.version)] if row.behind else []
+    except CkptMigrateError as exc:
+        row.error = str(exc)
+    except OSError as exc:
+        row.error = f"cannot read it: {exc}"
+    return row
+
+
+def scan(
+    root: str | os.PathLike[str],
+    schemas: Mapping[str, Schema] | Iterable[Schema] = (),
+    *,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[ScanRow]:
+    """Scan every checkpoint under ``root`` against ``schemas`` (by name), in parallel.
+
+    Reads metadata only. ``progress(done, total)`` is called as files finish. Rows come back
+    in path order; a file that cannot be read gets a row with ``error`` set.
+
+    >>> rows = scan("registry/", [schema], workers=8)
+    """
+    by_name = schemas if isinstance(schemas, Mapping) else {s.name: s for s in schemas}
+    paths = find_checkpoints(root)
+    workers = workers or min(32, (os.cpu_count() or 1) * 4)
+    rows: list[ScanRow] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for done, row in enumerate(pool.map(lambda p: _scan_one(p, by_name), paths), 1):
+            rows.append(row)
+            if progress is not None:
+                progress(done, len(paths))
+    return rows

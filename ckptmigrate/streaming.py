@@ -1,0 +1,495 @@
+"""Upgrade checkpoint files at close to disk speed: rewrite the metadata, copy the tensor bytes.
+
+When every planned step is a list of key or hparam ops (:data:`KEY_OPS`: renames, drops,
+hparam changes), the plan runs on a checkpoint of metadata stubs and the output is written by
+copying each kept tensor's stored bytes with ``os.copy_file_range``: no tensor is loaded, and
+memory stays a small multiple of the pickle or header size.
+
+- torch.save zip files: a new ``data.pkl`` (torch's own pickle layout) plus every storage record
+  it references, byte for byte (CRC and 64-byte alignment kept); dropped storages are left out.
+- safetensors files: a new header plus the kept tensors' bytes.
+- sharded sets: each shard rewritten under a new name, the index replaced last, atomically.
+- DCP folders: see :mod:`ckptmigrate.formats.dcp`.
+
+Anything else (a function step, a tensor op such as Split/Merge/Cast, a pickle the byte copier
+cannot reproduce, optimizer state that must follow the renames, a legacy pre-zip file) takes
+the full path: ``torch.load(mmap=True)`` (pages mapped, not read up front), ``cm.upgrade``, and an
+atomic ``torch.save``. :attr:`FileUpgrade.streamed` says which path ran.
+
+>>> result = cm.upgrade_file("big.pth", "big-v2.pth", schema)
+>>> result.streamed, result.bytes_copied
+(True, 1207959552)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from packaging.version import Version
+
+from .checkpoint import Checkpoint
+from .errors import MigrationError
+from .formats.detect import detect_format
+from .graph import PlannedStep
+from .layout import assemble, split
+from .ops import DropHparam, DropKeys, Op, RenameHparam, RenameKeys, RenamePrefix, SetHparam
+from .schema import Schema
+from .stamp import library_version, make_stamp, utc_now
+from .upgrade import check_belongs
+
+__all__ = ["KEY_OPS", "FileUpgrade", "upgrade_file", "upgrade_stubs", "write_streamed"]
+
+#: Ops that touch only key names and hparams, so they run on metadata stubs.
+KEY_OPS: tuple[type[Op], ...] = (
+    RenamePrefix,
+    RenameKeys,
+    DropKeys,
+    SetHparam,
+    RenameHparam,
+    DropHparam,
+)
+
+
+class _NeedsLoad(Exception):
+    """The byte copier cannot reproduce this shard: take the full path."""
+
+
+@dataclass
+class FileUpgrade:
+    """What :func:`upgrade_file` did."""
+
+    src: Path
+    dst: Path
+    format: str
+    source_version: Version | None
+    target_version: Version | None
+    steps: list[str] = field(default_factory=list)
+    streamed: bool = False  # True: tensor bytes copied as stored; False: loaded and re-saved
+    bytes_copied: int = 0
+    bytes_through_python: int = 0
+    removed: list[str] = field(default_factory=list)  # old shards deleted after the swap
+
+
+def _key_ops(planned: PlannedStep) -> list[Op] | None:
+    action, _ = planned.step.action
+    if not isinstance(action, list):
+        return None
+    ops = [op.inverse() for op in reversed(action)] if planned.downgrade else list(action)
+    # exact types: a subclass may override apply() to touch tensor data
+    if not all(type(op) in KEY_OPS for op in ops):
+        return None
+    return ops
+
+
+def upgrade_stubs(
+    ckpt: Checkpoint, schema: Schema, to: str | Version | None = None
+) -> Checkpoint | None:
+    """Run the plan on a checkpoint of tensor stubs, or return None if a step needs data.
+
+    Same result, history and errors as :func:`ckptmigrate.upgrade` for plans made of
+    :data:`KEY_OPS` only; torch is not imported.
+
+    >>> new = upgrade_stubs(cm.files.read_metadata("model.pth"), schema)
+    """
+    version = check_belongs(ckpt, schema)
+    plan = schema.plan(version, to)
+    steps = [_key_ops(planned) for planned in plan]
+    if any(ops is None for ops in steps):
+        return None
+    work = ckpt.copy()
+    for planned, ops in zip(plan, steps):
+        candidate = work.copy()
+        try:
+            for op in ops or []:
+                op.apply(candidate)
+        except Exception as exc:
+            raise MigrationError(
+                schema.name,
+                planned.source,
+                planned.target,
+                planned.name,
+                f"{type(exc).__name__}: {exc}",
+            ) from exc
+        candidate.schema = schema.name
+        candidate.version = planned.target
+        # the same record as ckptmigrate.upgrade.apply_step writes
+        candidate.history.append(
+            {
+                "from": str(planned.source),
+                "to": str(planned.target),
+                "step": planned.name,
+                "breaking": planned.step.breaking,
+                "downgrade": planned.downgrade,
+                "applied_at": utc_now(),
+                "by": f"ckptmigrate {library_version()}",
+            }
+        )
+        work = candidate
+    return work
+
+
+def _stamp_of(ckpt: Checkpoint) -> dict[str, Any] | None:
+    if ckpt.schema is None or ckpt.version is None:
+        return None
+    return make_stamp(ckpt.schema, ckpt.version, ckpt.history)
+
+
+def upgrade_file(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    schema: Schema,
+    *,
+    to: str | Version | None = None,
+    from_version: str | Version | None = None,
+    safe_globals: Iterable[Any] = (),
+) -> FileUpgrade:
+    """Upgrade the checkpoint at ``src`` to ``to`` (default: current) and write it to ``dst``.
+
+    ``src`` may be a torch.save file, a safetensors file, a sharded set (its folder or index
+    JSON) or a DCP folder; ``dst`` gets the same format (``dst == src`` upgrades in place,
+    atomically). Rename/drop/hparam plans copy tensor bytes as stored (see the module doc);
+    other plans load with ``mmap=True``, upgrade and save. ``from_version`` stamps an
+    unversioned file on the way. Raises before writing anything if the plan is invalid.
+
+    >>> cm.upgrade_file("model.pth", "model-v3.pth", schema)
+    >>> cm.upgrade_file("llama/", "llama/", schema)          # sharded set, in place
+    """
+    from .formats.sharded import is_index_file
+
+    src, dst = Path(src), Path(dst)
+    fmt = "sharded" if is_index_file(src) else detect_format(src)
+    if fmt == "dcp":
+        return _upgrade_dcp(src, dst, schema, to, from_version)
+    if fmt == "sharded":
+        return _upgrade_sharded(src, dst, schema, to, from_version, safe_globals)
+    streamed = _try_stream(src, dst, fmt, schema, to, from_version, _names(safe_globals))
+    if streamed is not None:
+        return streamed
+    return _upgrade_loaded(src, dst, fmt, schema, to, from_version, safe_globals)
+
+
+def _with_version(ckpt: Checkpoint, schema: Schema, from_version: Any, path: Path) -> Checkpoint:
+    if from_version is None:
+        return ckpt
+    from .api import _apply_from_version
+
+    return _apply_from_version(ckpt, schema, from_version, path=path)
+
+
+def _result(
+    src: Path, dst: Path, fmt: str, old: Checkpoint, new: Checkpoint, schema: Schema, to: Any
+) -> FileUpgrade:
+    steps = [h.get("step", "") for h in new.history[len(old.history) :]]
+    return FileUpgrade(src, dst, fmt, old.version, new.version, steps)
+
+
+def _safetensors_metadata(ckpt: Checkpoint) -> dict[str, str]:
+    """The header strings ``files.write_checkpoint`` writes for a checkpoint."""
+    import json
+
+    from .formats import safetensors_file as st
+
+    extra = dict(ckpt.extra)
+    passthrough = extra.pop("safetensors_metadata", None) or {}
+    if ckpt.optimizer is not None or extra:
+        raise ValueError("a .safetensors file holds tensors only; save this checkpoint as .pth")
+    stamp = _stamp_of(ckpt)
+    out = dict(passthrough)
+    for key, value in (
+        (st.STAMP, stamp),
+        (st.HPARAMS, ckpt.hparams if stamp or ckpt.hparams else None),
+        (st.META, ckpt.meta if stamp or ckpt.meta else None),
+        (st.MODULE_METADATA, ckpt.module_metadata),
+    ):
+        if value is not None:
+            try:
+                out[key] = json.dumps(value)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"{key.split('.')[-1]} must be JSON-serialisable for safetensors ({exc})"
+                ) from None
+    return out
+
+
+def _upgrade_loaded(
+    src: Path,
+    dst: Path,
+    fmt: str,
+    schema: Schema,
+    to: Any,
+    from_version: Any,
+    safe_globals: Iterable[Any],
+) -> FileUpgrade:
+    """The full path: load (memory-mapped where torch can), upgrade, save atomically."""
+    from .files import read_checkpoint, write_checkpoint
+    from .upgrade import upgrade
+
+    ckpt = read_checkpoint(src, mmap=fmt == "torch-zip", safe_globals=safe_globals)
+    ckpt = _with_version(ckpt, schema, from_version, src)
+    new = upgrade(ckpt, schema, to)
+    write_checkpoint(dst, new)
+    return _result(src, dst, fmt, ckpt, new, schema, to)
+
+
+def _upgrade_sharded(
+    src: Path,
+    dst: Path,
+    schema: Schema,
+    to: Any,
+    from_version: Any,
+    safe_globals: Iterable[Any],
+) -> FileUpgrade:
+    """Rewrite a sharded set shard by shard; the new index replaces the old one last."""
+    from .formats import sharded
+
+    names = _names(safe_globals)
+    ckpt, sset = sharded.read_sharded_metadata(src, allowed_globals=names)
+    ckpt = _with_version(ckpt, schema, from_version, src)
+    new = upgrade_stubs(ckpt, schema, to)
+    folder = dst if dst.is_dir() or not dst.suffix else dst.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    index_name = sset.index_path.name if dst.is_dir() or not dst.suffix else dst.name
+    stamp = _stamp_of(new if new is not None else ckpt)
+    result = _result(src, folder, "sharded", ckpt, new or ckpt, schema, to)
+    if new is None:
+        return _upgrade_sharded_loaded(src, folder, index_name, sset, schema, to, from_version)
+
+    # which old shard each kept stub came from, in the new key order
+    home: dict[int, str] = {}
+    for key, value in ckpt.state_dict.items():
+        home.setdefault(id(value), sset.weight_map[key])
+    by_shard: dict[str, list[tuple[str, Any]]] = {s: [] for s in sset.shards}
+    for key, value in new.state_dict.items():
+        by_shard[home[id(value)]].append((key, value))
+
+    written: list[Path] = []
+    weight_map: dict[str, str] = {}
+    total = 0
+    old_names = set(sset.shards) if folder.resolve() == sset.folder.resolve() else set()
+    try:
+        for shard, entries in by_shard.items():
+            if not entries:
+                continue
+            name = sharded.shard_name(
+                shard, [str(new.version), shard, [(k, list(v.shape)) for k, v in entries]]
+            )
+            target = folder / name
+            if sset.kind == "safetensors":
+                from .formats.safetensors_copy import write_safetensors_copy
+
+                meta = _safetensors_metadata(
+                    Checkpoint({}, new.hparams, new.meta, new.schema, new.version, new.history)
+                )
+                meta = {**sset.headers.get(shard, {}), **meta}
+                copied, through = write_safetensors_copy(target, entries, sset.sources, meta)
+            else:
+                if shard not in sset.graphs:
+                    raise _NeedsLoad
+                copied, through = _rewrite_bin_shard(sset.graphs[shard], target, entries)
+            if name not in old_names:
+                written.append(target)
+            result.bytes_copied += copied
+            result.bytes_through_python += through
+            weight_map.update((key, name) for key, _ in entries)
+            total += sum(v.info.nbytes for v in {id(v): v for _, v in entries}.values())
+        sharded.write_index(
+            folder,
+            index_name,
+            sset.index,
+            weight_map,
+            total,
+            sharded.index_metadata(new, stamp),
+        )
+    except BaseException as exc:
+        for path in written:  # the old index still names the old shards: drop the new ones
+            with contextlib.suppress(OSError):
+                path.unlink()
+        from .formats.torchzip import NotReplayable
+
+        if isinstance(exc, (_NeedsLoad, NotReplayable)):
+            return _upgrade_sharded_loaded(src, folder, index_name, sset, schema, to, from_version)
+        raise
+    if old_names:
+        result.removed = sharded.remove_unreferenced(folder, sset.shards, weight_map)
+    result.streamed = True
+    return result
+
+
+def _rewrite_bin_shard(graph: Any, dst: Path, entries: list[tuple[str, Any]]) -> tuple[int, int]:
+    """A .bin shard holds a flat state_dict: re-pickle the kept keys, copy their storages."""
+    from collections import OrderedDict
+
+    from .formats.torchzip import write_zip_graph
+
+    obj: OrderedDict[str, Any] = OrderedDict(entries)
+    metadata = getattr(graph.obj, "_metadata", None)
+    if metadata is not None:
+        obj._metadata = metadata  # type: ignore[attr-defined]
+    writer = write_zip_graph(dst, graph, obj)
+    return writer.bytes_copied, writer.bytes_through_python
+
+
+def _upgrade_sharded_loaded(
+    src: Path,
+    folder: Path,
+    index_name: str,
+    sset: Any,
+    schema: Schema,
+    to: Any,
+    from_version: Any,
+) -> FileUpgrade:
+    """The full path for sets: load (mmap), upgrade, re-shard by the old largest shard size."""
+    from .formats import sharded
+    from .formats.safetensors_file import write_safetensors
+    from .formats.torchfile import write_torch
+    from .upgrade import upgrade
+
+    ckpt = _with_version(sharded.read_sharded(src, mmap=True), schema, from_version, src)
+    new = upgrade(ckpt, schema, to)
+    limit = max((sset.folder / s).stat().st_size for s in sset.shards) if sset.shards else 1 << 30
+    groups: list[dict[str, Any]] = [{}]
+    size = 0
+    for key, tensor in new.state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if groups[-1] and size + nbytes > limit:
+            groups.append({})
+            size = 0
+        groups[-1][key] = tensor
+        size += nbytes
+    ext = ".safetensors" if sset.kind == "safetensors" else ".bin"
+    base = "model" if sset.kind == "safetensors" else "pytorch_model"
+    stamp = _stamp_of(new)
+    weight_map: dict[str, str] = {}
+    written: list[Path] = []
+    total = 0
+    old_names = set(sset.shards) if folder.resolve() == sset.folder.resolve() else set()
+    try:
+        for i, group in enumerate(groups, 1):
+            digest_of = [str(new.version), [(k, list(v.shape)) for k, v in group.items()]]
+            name = sharded.shard_name(f"{base}-{i:05d}-of-{len(groups):05d}{ext}", digest_of)
+            if sset.kind == "safetensors":
+                meta = _safetensors_metadata(
+                    Checkpoint({}, new.hparams, new.meta, new.schema, new.version, new.history)
+                )
+                write_safetensors(folder / name, group, {}, passthrough=meta)
+            else:
+                write_torch(folder / name, dict(group))
+            if name not in old_names:
+                written.append(folder / name)
+            weight_map.update((k, name) for k in group)
+            total += sum(t.numel() * t.element_size() for t in group.values())
+        sharded.write_index(
+            folder, index_name, sset.index, weight_map, total, sharded.index_metadata(new, stamp)
+        )
+    except BaseException:
+        for path in written:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise
+    result = _result(src, folder, "sharded", ckpt, new, schema, to)
+    if old_names:
+        result.removed = sharded.remove_unreferenced(folder, sset.shards, weight_map)
+    return result
+
+
+def _upgrade_dcp(src: Path, dst: Path, schema: Schema, to: Any, from_version: Any) -> FileUpgrade:
+    """Load through DCP's own loader (restricted metadata), upgrade, save with DCP's writer."""
+    from .formats import dcp
+    from .upgrade import upgrade
+
+    # plan (and refuse) from the metadata alone, before any tensor is read
+    stubs = _with_version(dcp.read_dcp_metadata_checkpoint(src), schema, from_version, src)
+    schema.plan(check_belongs(stubs, schema, path=src), to)
+    ckpt = _with_version(dcp.read_dcp(src), schema, from_version, src)
+    new = upgrade(ckpt, schema, to)
+    dcp.write_dcp(dst, new)
+    return _result(src, dst, "dcp", ckpt, new, schema, to)
+
+
+def _names(safe_globals: Iterable[Any]) -> list[str]:
+    return [g if isinstance(g, str) else f"{g.__module__}.{g.__qualname__}" for g in safe_globals]
+
+
+def _try_stream(
+    src: Path, dst: Path, fmt: str, schema: Schema, to: Any, from_version: Any, names: list[str]
+) -> FileUpgrade | None:
+    """Upgrade a single file by copying tensor bytes, or return None (nothing written)."""
+    if fmt == "torch-zip" and dst.suffix != ".safetensors":
+        from .formats.torchzip import NotReplayable, read_zip_graph, write_zip_graph
+
+        graph = read_zip_graph(src, allowed_globals=names)
+        ckpt = _with_version(split(graph.obj, path=src), schema, from_version, src)
+        new = upgrade_stubs(ckpt, schema, to)
+        if new is not None and new.optimizer is None:
+            result = _result(src, dst, fmt, ckpt, new, schema, to)
+            try:
+                writer = write_zip_graph(dst, graph, assemble(new, _stamp_of(new)))
+            except NotReplayable:
+                pass
+            else:
+                result.streamed = True
+                result.bytes_copied = writer.bytes_copied
+                result.bytes_through_python = writer.bytes_through_python
+                return result
+    if fmt == "safetensors" and dst.suffix == ".safetensors":
+        from .files import read_metadata
+
+        ckpt = _with_version(read_metadata(src), schema, from_version, src)
+        new = upgrade_stubs(ckpt, schema, to)
+        if new is not None:
+            from .formats.safetensors_copy import data_start, write_safetensors_copy
+
+            start = data_start(src)
+            sources = {
+                id(stub): (src, start + stub.info.data_offsets[0])
+                for stub in ckpt.state_dict.values()
+                if getattr(stub, "info", None) is not None and stub.info.data_offsets
+            }
+            result = _result(src, dst, fmt, ckpt, new, schema, to)
+            copied, through = write_safetensors_copy(
+                dst, list(new.state_dict.items()), sources, _safetensors_metadata(new)
+            )
+            result.streamed, result.bytes_copied, result.bytes_through_python = (
+                True,
+                copied,
+                through,
+            )
+            return result
+    return None
+
+
+def write_streamed(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    schema: Schema,
+    *,
+    to: str | Version | None = None,
+    from_version: str | Version | None = None,
+    work: Checkpoint | None = None,
+    allowed: Iterable[Any] = (),
+) -> FileUpgrade | None:
+    """Write the upgrade of ``src`` to ``dst`` the fast way; None when the caller must save.
+
+    For the CLI's read-plan-write sequence (:mod:`ckptmigrate.inplace`), which has already
+    planned and, for folders, upgraded ``work``: sharded sets and DCP folders are always written
+    here (``torch.save`` cannot write them); single files only when the bytes can be copied.
+    """
+    from .formats.sharded import is_index_file
+
+    src, dst = Path(src), Path(dst)
+    fmt = "sharded" if is_index_file(src) else detect_format(src)
+    if fmt == "dcp":
+        if work is None:
+            return _upgrade_dcp(src, dst, schema, to, from_version)
+        from .formats import dcp
+
+        dcp.write_dcp(dst, work)
+        return FileUpgrade(src, dst, fmt, None, work.version)
+    if fmt == "sharded":
+        return _upgrade_sharded(src, dst, schema, to, from_version, allowed)
+    return _try_stream(src, dst, fmt, schema, to, from_version, _names(allowed))

@@ -1,0 +1,446 @@
+"""Crash-consistency of in-place rewrites: SIGKILL at any moment, or a failing disk, leaves the
+complete old file or the complete new one, never a partial one, never none.
+
+Kill points are deterministic: ``CKPTMIGRATE_CRASH_AT=EVENT:N`` makes ckptmigrate SIGKILL
+itself at the Nth ``write()`` into a temporary file, before the fsync of a temporary, before
+or after the rename, or before the fsync of the folder (``formats/atomic.py``). The upgrade
+runs in a forked child (torch is already imported, so a kill point costs milliseconds) and a
+few in real ``ckptmigrate`` processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hostile import TOY_MIGRATIONS, toy_schema
+
+import ckptmigrate as cm
+from ckptmigrate.errors import AlreadyStampedError
+from ckptmigrate.formats import atomic
+from ckptmigrate.inplace import BackupExistsError, stamp_in_place, upgrade_in_place
+from ckptmigrate.lock import LOCK_SUFFIX
+
+KILL_POINTS = 100
+
+
+def big_sd(prefix: str = "blocks") -> dict[str, torch.Tensor]:
+    """60 tensors: enough write() calls to kill in the middle of many records."""
+    gen = torch.Generator().manual_seed(0)
+    return {f"{prefix}.{i}.weight": torch.randn(16, 16, generator=gen) for i in range(60)}
+
+
+def expected_new() -> dict[str, torch.Tensor]:
+    return {k.replace("blocks.", "layers.", 1): v for k, v in big_sd().items()}
+
+
+def _litter(folder: Path) -> list[str]:
+    return sorted(
+        p.name for p in folder.iterdir() if atomic.TEMP_MARKER in p.name or LOCK_SUFFIX in p.name
+    )
+
+
+def fast_folder(tmp_path: Path) -> Path:
+    """A folder on tmpfs when there is one: fsync is free there, and the rename logic under
+    test is the same on any POSIX file system."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        folder = Path(tempfile.mkdtemp(dir=shm, prefix="ckptmigrate-crash-"))
+        _cleanup.append(folder)
+        return folder
+    folder = tmp_path / "w"
+    folder.mkdir()
+    return folder
+
+
+_cleanup: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def _remove_fast_folders():
+    yield
+    while _cleanup:
+        shutil.rmtree(_cleanup.pop(), ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- recording
+
+
+def _events_of(action: Callable[[], object], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Run ``action`` once, recording every crash point it passes, in order."""
+    seen: list[str] = []
+    monkeypatch.setenv(atomic.CRASH_ENV, "record-only")  # wraps writes; kills nothing
+    monkeypatch.setattr(atomic, "crash_point", seen.append)
+    action()
+    monkeypatch.undo()
+    return seen
+
+
+def _spread(events: list[str], count: int) -> list[str]:
+    """``count`` kill specs (``EVENT:N``) spread evenly over the recorded events."""
+    picks = sorted({round(i * (len(events) - 1) / (count - 1)) for i in range(count)})
+    if len(picks) < count:  # fewer events than kill points: take all of them
+        picks = list(range(len(events)))
+    specs = []
+    for index in picks:
+        event = events[index]
+        specs.append(f"{event}:{events[: index + 1].count(event)}")
+    return specs
+
+
+def _killed_child(spec: str, action: Callable[[], object]) -> int:
+    """Fork; the child runs ``action`` with the crash hook armed. Returns its wait status."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 3
+        try:
+            os.environ[atomic.CRASH_ENV] = spec
+            action()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"child for {spec} hung")
+        time.sleep(0.002)
+
+
+# ----------------------------------------------------------------------------- SIGKILL
+
+
+def _check_survivor(path: Path, old: bytes, new_version: str, new_sd: dict) -> str:
+    """The file is the old bytes or a complete new file; returns which."""
+    assert path.exists(), "the file is gone"
+    data = path.read_bytes()
+    if data == old:
+        return "old"
+    ckpt = cm.load(path, upgrade=False)  # a partial file would raise here
+    assert str(ckpt.version) == new_version
+    assert ckpt.state_dict.keys() == new_sd.keys()
+    for key, value in new_sd.items():
+        assert torch.equal(ckpt.state_dict[key], value), key
+    return "new"
+
+
+@pytest.mark.parametrize("kind", ["upgrade", "stamp"])
+def test_sigkill_at_100_moments_leaves_the_old_or_the_new_file(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    schema = toy_schema()
+    original = tmp_path / "original.pth"
+    if kind == "upgrade":
+        cm.save(original, big_sd(), schema="toy", version="1.0.0", hparams={"width": 4})
+        new_version, new_sd = "3.0.0", expected_new()
+    else:
+        torch.save(big_sd(), original)
+        new_version, new_sd = "1.0.0", big_sd()
+    old = original.read_bytes()
+    work = fast_folder(tmp_path)
+    target = work / "model.pth"
+
+    def action() -> object:
+        if kind == "upgrade":
+            return upgrade_in_place(target, schema)
+        return stamp_in_place(target, "toy", "1.0.0")
+
+    shutil.copyfile(original, target)
+    events = _events_of(action, monkeypatch)
+    assert events.count("write") > KILL_POINTS // 2 and "replace" in events
+    specs = _spread(events, KILL_POINTS)
+    assert len(specs) == KILL_POINTS
+    outcomes = {"old": 0, "new": 0}
+    for i, spec in enumerate(specs):
+        for child in work.iterdir():
+            child.unlink()
+        shutil.copyfile(original, target)
+        status = _killed_child(spec, action)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, spec
+        outcomes[_check_survivor(target, old, new_version, new_sd)] += 1
+        backup = work / "model.pth.1.0.0.bak"
+        if backup.exists():
+            assert backup.read_bytes() == old, spec  # a backup is whole, or absent
+        if i % 4 and i != len(specs) - 1:
+            continue
+        # running again finishes the job and clears what the killed writer left
+        again = action if kind == "upgrade" else (lambda: _stamp_or_done(target))
+        again()
+        _check_survivor(target, b"", new_version, new_sd)
+        assert _litter(work) == [], spec
+    assert outcomes["old"] > 0 and outcomes["new"] > 0, outcomes
+
+
+def _stamp_or_done(target: Path) -> None:
+    with contextlib.suppress(AlreadyStampedError):  # the killed one got as far as the rename
+        stamp_in_place(target, "toy", "1.0.0")
+
+
+def test_sigkill_of_a_safetensors_upgrade_at_each_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """safetensors writes from Rust (no Python write() to hook): kill at every other step."""
+    schema = toy_schema()
+    target = tmp_path / "model.safetensors"
+    cm.save(target, big_sd(), schema="toy", version="1.0.0")
+    old = target.read_bytes()
+    events = _events_of(lambda: upgrade_in_place(target, schema), monkeypatch)
+    target.write_bytes(old)
+    for child in tmp_path.iterdir():
+        if child != target:
+            child.unlink()
+    specs = _spread(events, len(events))
+    assert len(specs) >= 8
+    for spec in specs:
+        status = _killed_child(spec, lambda: upgrade_in_place(target, schema))
+        assert os.WIFSIGNALED(status), spec
+        _check_survivor(target, old, "3.0.0", expected_new())
+        upgrade_in_place(target, schema)
+        assert _litter(tmp_path) == []
+        target.write_bytes(old)
+        for child in tmp_path.iterdir():
+            if child != target:
+                child.unlink()
+
+
+@pytest.mark.parametrize("spec", ["write:7", "replaced:2"])
+def test_a_real_cli_process_killed_mid_upgrade_leaves_a_whole_file(
+    spec: str, tmp_path: Path
+) -> None:
+    (tmp_path / "mig").mkdir()
+    (tmp_path / "mig" / "toy_migrations.py").write_text(TOY_MIGRATIONS)
+    target = tmp_path / "model.pth"
+    cm.save(target, big_sd(), schema="toy", version="1.0.0")
+    old = target.read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "-m", "ckptmigrate", "upgrade", str(target), "--in-place"]
+        + ["--migrations", str(tmp_path / "mig")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, atomic.CRASH_ENV: spec},
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    which = _check_survivor(target, old, "3.0.0", expected_new())
+    assert which == ("new" if spec == "replaced:2" else "old")
+
+
+# ----------------------------------------------------------------------------- injected faults
+
+
+def _fail_at(event: str, nth: int, exc: BaseException) -> Callable[[str], None]:
+    count = {"n": 0}
+
+    def hook(seen: str) -> None:
+        if seen == event:
+            count["n"] += 1
+            if count["n"] == nth:
+                raise exc
+
+    return hook
+
+
+def _enospc() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _eio() -> OSError:
+    return OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+Inject = Callable[[pytest.MonkeyPatch, str], None]  # (monkeypatch, "upgrade" | "stamp")
+FAULTS: dict[str, tuple[str, Inject]] = {}
+
+
+def fault(name: str, outcome: str = "old") -> Callable[[Inject], Inject]:
+    def register(inject: Inject) -> Inject:
+        FAULTS[name] = (outcome, inject)
+        return inject
+
+    return register
+
+
+def _armed(monkeypatch: pytest.MonkeyPatch, hook: Callable[[str], None]) -> None:
+    monkeypatch.setenv(atomic.CRASH_ENV, "faults")  # route writes through the hook
+    monkeypatch.setattr(atomic, "crash_point", hook)
+
+
+for _nth in (1, 20, 60):
+    for _make, _label in ((_enospc, "ENOSPC"), (_eio, "EIO")):
+
+        def _write_fault(mp: pytest.MonkeyPatch, kind: str, nth=_nth, make=_make) -> None:
+            _armed(mp, _fail_at("write", nth, make()))
+
+        FAULTS[f"{_label}-at-write-{_nth}"] = ("old", _write_fault)
+
+
+@fault("KeyboardInterrupt-at-write-30")
+def _(mp: pytest.MonkeyPatch, kind: str) -> None:
+    _armed(mp, _fail_at("write", 30, KeyboardInterrupt()))
+
+
+def _failing_os(name: str, make: Callable[[], BaseException], nth: int = 1):
+    real = getattr(os, name)
+    count = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == nth:
+            raise make()
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
+# An in-place upgrade first writes its backup (fsync #1, rename #1, folder fsync #2), then the
+# file (fsync #3, rename #2); a stamp writes the file only.
+def _main_fsync(kind: str) -> int:
+    return 3 if kind == "upgrade" else 1
+
+
+def _main_rename(kind: str) -> int:
+    return 2 if kind == "upgrade" else 1
+
+
+@fault("EIO-at-fsync-of-the-temporary")
+def _(mp: pytest.MonkeyPatch, kind: str) -> None:
+    mp.setattr(os, "fsync", _failing_os("fsync", _eio, _main_fsync(kind)))
+
+
+@fault("ENOSPC-at-fsync-of-the-temporary")
+def _(mp: pytest.MonkeyPatch, kind: str) -> None:
+    mp.setattr(os, "fsync", _failing_os("fsync", _enospc, _main_fsync(kind)))
+
+
+@fault("EIO-at-rename")
+def _(mp: pytest.MonkeyPatch, kind: str) -> None:
+    mp.setattr(os, "replace", _failing_os("replace", _eio, _main_rename(kind)))
+
+
+@fault("EXDEV-at-rename")
+def _(mp: pytest.MonkeyPatch, kind: str) -> None:
+    exdev = lambda: OSError(errno.EXDEV, "cross-device link")  # noqa: E731
+    mp.setattr(os, "replace", _failing_os("replace", exdev, _main_rename(kind)))
+
+
+@fault("EIO-at-fsync-of-the-folder", outcome="new")
+def _(mp: pytest.MonkeyPatch, kind: str) -> None:
+    _armed(mp, _fail_at("fsync-dir", 2 if kind == "upgrade" else 1, _eio()))
+
+
+@fault("ENOSPC-while-copying-the-backup", outcome="old-no-backup")
+def _(mp: pytest.MonkeyPatch, kind: str) -> None:
+    def copy_half(src, dst, **kwargs):
+        Path(dst).write_bytes(Path(src).read_bytes()[:100])
+        raise _enospc()
+
+    mp.setattr(shutil, "copyfile", copy_half)
+
+
+@fault("EIO-at-fsync-of-the-backup", outcome="old-no-backup")
+def _(mp: pytest.MonkeyPatch, kind: str) -> None:
+    mp.setattr(os, "fsync", _failing_os("fsync", _eio, 1))
+
+
+@fault("EIO-at-rename-of-the-backup", outcome="old-no-backup")
+def _(mp: pytest.MonkeyPatch, kind: str) -> None:
+    mp.setattr(os, "replace", _failing_os("replace", _eio, 1))
+
+
+@pytest.mark.parametrize("name", list(FAULTS))
+@pytest.mark.parametrize("kind", ["upgrade", "stamp"])
+def test_an_injected_fault_leaves_the_old_file_and_no_litter(
+    name: str, kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outcome, inject = FAULTS[name]
+    schema = toy_schema()
+    target = tmp_path / "model.pth"
+    if kind == "upgrade":
+        cm.save(target, big_sd(), schema="toy", version="1.0.0")
+        new_version, new_sd = "3.0.0", expected_new()
+        action: Callable[[], object] = lambda: upgrade_in_place(target, schema)  # noqa: E731
+    else:
+        if "backup" in name:
+            pytest.skip("stamping keeps no backup")
+        torch.save(big_sd(), target)
+        new_version, new_sd = "1.0.0", big_sd()
+        action = lambda: stamp_in_place(target, "toy", "1.0.0")  # noqa: E731
+    old = target.read_bytes()
+    inject(monkeypatch, kind)
+    with pytest.raises((OSError, KeyboardInterrupt)):
+        action()
+    monkeypatch.undo()
+    which = _check_survivor(target, old, new_version, new_sd)
+    assert which == ("new" if outcome == "new" else "old"), name
+    assert _litter(tmp_path) == [], name
+    backups = list(tmp_path.glob("*.bak"))
+    if kind == "upgrade" and outcome == "old":
+        assert [p.read_bytes() == old for p in backups] == [True]  # made before the write
+    elif outcome == "old-no-backup":
+        assert backups == []
+    if which == "old":
+        action()  # the next attempt succeeds (reusing an identical backup)
+    _check_survivor(target, b"", new_version, new_sd)
+    assert _litter(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- backups
+
+
+def test_in_place_upgrade_keeps_a_backup_unless_told_not_to(tmp_path: Path) -> None:
+    schema = toy_schema()
+    target = tmp_path / "model.pth"
+    cm.save(target, big_sd(), schema="toy", version="1.0.0")
+    old = target.read_bytes()
+    outcome = upgrade_in_place(target, schema, to="2.0.0")
+    assert outcome.backup == str(tmp_path / "model.pth.1.0.0.bak")
+    assert Path(outcome.backup).read_bytes() == old
+    outcome = upgrade_in_place(target, schema, backup=False)
+    assert outcome.backup is None and outcome.written == str(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth", "model.pth.1.0.0.bak"]
+
+
+def test_a_different_backup_in_the_way_stops_the_upgrade_before_writing(tmp_path: Path) -> None:
+    target = tmp_path / "model.pth"
+    cm.save(target, big_sd(), schema="toy", version="1.0.0")
+    old = target.read_bytes()
+    (tmp_path / "model.pth.1.0.0.bak").write_bytes(b"someone else's backup")
+    with pytest.raises(BackupExistsError, match="already exists"):
+        upgrade_in_place(target, toy_schema())
+    assert target.read_bytes() == old
+    assert (tmp_path / "model.pth.1.0.0.bak").read_bytes() == b"someone else's backup"
+    assert _litter(tmp_path) == []
+
+
+def test_upgrading_through_a_symlink_rewrites_the_file_it_names(tmp_path: Path) -> None:
+    real = tmp_path / "store" / "model.pth"
+    real.parent.mkdir()
+    cm.save(real, big_sd(), schema="toy", version="1.0.0")
+    link = tmp_path / "model.pth"
+    link.symlink_to(real)
+    upgrade_in_place(link, toy_schema())
+    assert link.is_symlink() and str(cm.load(link, upgrade=False).version) == "3.0.0"
+    assert (real.parent / "model.pth.1.0.0.bak").exists()
+
+
+def test_a_new_file_keeps_the_permissions_of_the_old_one(tmp_path: Path) -> None:
+    target = tmp_path / "model.pth"
+    cm.save(target, big_sd(), schema="toy", version="1.0.0")
+    target.chmod(0o640)
+    upgrade_in_place(target, toy_schema(), backup=False)
+    assert target.stat().st_mode & 0o777 == 0o640

@@ -1,0 +1,124 @@
+"""DCP folders: metadata read through a restricted unpickler, upgrade through DCP's own APIs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.filesystem as dcp_fs
+
+import ckptmigrate as cm
+from ckptmigrate.files import read_checkpoint, read_metadata
+from ckptmigrate.formats.dcp import STAMP_FILE, SafeFileSystemReader
+from ckptmigrate.streaming import upgrade_file
+
+
+def _schema() -> cm.Schema:
+    schema = cm.Schema("lm", current="2.0.0")
+    schema.add_migration(
+        "1.0.0",
+        "2.0.0",
+        [
+            cm.ops.RenamePrefix("blocks.", "layers."),
+            cm.ops.DropKeys(r".*\.rotary"),
+            cm.ops.SetHparam("eps", 1e-6),
+        ],
+    )
+    return schema
+
+
+def _model_sd() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {
+        "blocks.0.weight": torch.randn(6, 4),
+        "blocks.0.rotary": torch.randn(3),
+        "head.bias": torch.arange(5),
+    }
+
+
+@pytest.fixture()
+def dcp_dir(tmp_path):
+    folder = tmp_path / "step-100"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # single process, no process group
+        dcp.save({"model": _model_sd(), "epoch": 7}, checkpoint_id=folder)
+    return folder
+
+
+@pytest.fixture()
+def no_plain_pickle(monkeypatch):
+    """torch's FileSystemReader reads .metadata with pickle.load: make that fail loudly."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch's unguarded pickle.load ran on .metadata")
+
+    monkeypatch.setattr(dcp_fs.pickle, "load", refuse)
+
+
+def test_metadata_read_lists_keys_shapes_and_dtypes(dcp_dir, no_plain_pickle):
+    ckpt = read_metadata(dcp_dir)
+    assert list(ckpt.state_dict) == ["blocks.0.weight", "blocks.0.rotary", "head.bias"]
+    assert ckpt.state_dict["blocks.0.weight"].shape == (6, 4)
+    assert ckpt.state_dict["head.bias"].dtype == "int64"
+    assert "epoch" in ckpt.extra
+
+
+def test_full_read_goes_through_the_restricted_reader(dcp_dir, no_plain_pickle):
+    ckpt = read_checkpoint(dcp_dir)
+    assert torch.equal(ckpt.state_dict["blocks.0.weight"], _model_sd()["blocks.0.weight"])
+    assert ckpt.extra["epoch"] == 7
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_hostile_metadata_is_refused_before_anything_runs(dcp_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (dcp_dir / ".metadata").write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(cm.UnsafeCheckpointError, match="system"):
+        read_metadata(dcp_dir)
+    with pytest.raises(cm.UnsafeCheckpointError):
+        read_checkpoint(dcp_dir)
+    with pytest.raises(BaseException):  # noqa: B017 - DCP wraps our refusal in its own error
+        dcp.load({}, storage_reader=SafeFileSystemReader(dcp_dir))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_upgrade_renames_drops_sets_hparams_and_stamps(dcp_dir, tmp_path, no_plain_pickle):
+    out = tmp_path / "upgraded"
+    result = upgrade_file(dcp_dir, out, _schema(), from_version="1.0.0")
+    assert str(result.target_version) == "2.0.0"
+    assert (out / STAMP_FILE).is_file()
+    meta = read_metadata(out)
+    assert list(meta.state_dict) == ["layers.0.weight", "head.bias"]
+    assert str(meta.version) == "2.0.0" and meta.hparams == {"eps": 1e-6}
+    loaded = read_checkpoint(out)
+    assert torch.equal(loaded.state_dict["layers.0.weight"], _model_sd()["blocks.0.weight"])
+    assert loaded.extra["epoch"] == 7
+    # torch's own loader reads it into a model-shaped state dict
+    target = {
+        "model": {
+            "layers.0.weight": torch.zeros(6, 4),
+            "head.bias": torch.zeros(5, dtype=torch.long),
+        }
+    }
+    dcp.load(target, storage_reader=SafeFileSystemReader(out))
+    assert torch.equal(target["model"]["head.bias"], torch.arange(5))
+
+
+def test_in_place_upgrade_replaces_the_folder(dcp_dir):
+    upgrade_file(dcp_dir, dcp_dir, _schema(), from_version="1.0.0")
+    assert str(read_metadata(dcp_dir).version) == "2.0.0"
+    assert [p.name for p in dcp_dir.parent.iterdir()] == [dcp_dir.name]
+
+
+def test_unstamped_folder_without_from_version_is_refused_untouched(dcp_dir, tmp_path):
+    with pytest.raises(cm.UnversionedCheckpointError):
+        upgrade_file(dcp_dir, tmp_path / "out", _schema())
+    assert not (tmp_path / "out").exists()

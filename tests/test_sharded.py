@@ -1,0 +1,150 @@
+"""Sharded sets (index JSON + shards) read, diff and upgrade as one logical checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import ckptmigrate as cm
+from ckptmigrate.files import read_checkpoint, read_metadata
+from ckptmigrate.formats import sharded
+from ckptmigrate.formats.safetensors_header import read_safetensors_header
+from ckptmigrate.streaming import upgrade_file
+
+
+def _schema() -> cm.Schema:
+    schema = cm.Schema("lm", current="2.0.0")
+    schema.add_migration(
+        "1.0.0",
+        "2.0.0",
+        [
+            cm.ops.RenamePrefix("blocks.", "layers."),
+            cm.ops.DropKeys(r".*\.rotary"),
+            cm.ops.SetHparam("eps", 1e-6),
+        ],
+    )
+    return schema
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {
+        "embed.weight": torch.randn(16, 8),
+        "blocks.0.weight": torch.randn(8, 8),
+        "blocks.0.rotary": torch.randn(4),
+        "blocks.1.weight": torch.randn(8, 8).half(),
+        "head.weight": torch.randn(4, 8),
+    }
+
+
+def _make_set(folder: Path, kind: str) -> dict[str, torch.Tensor]:
+    folder.mkdir()
+    tensors = _tensors()
+    keys = list(tensors)
+    parts = [keys[:2], keys[2:]]
+    ext, base = (".safetensors", "model") if kind == "safetensors" else (".bin", "pytorch_model")
+    weight_map = {}
+    for i, part in enumerate(parts, 1):
+        name = f"{base}-{i:05d}-of-00002{ext}"
+        shard = {k: tensors[k] for k in part}
+        if kind == "safetensors":
+            save_file(shard, str(folder / name), metadata={"format": "pt"})
+        else:
+            torch.save(shard, folder / name)
+        weight_map.update((k, name) for k in part)
+    index = {"metadata": {"total_size": 1234}, "weight_map": weight_map}
+    (folder / f"{base}{ext}.index.json").write_text(json.dumps(index))
+    return tensors
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_metadata_read_sees_every_shard_as_one_checkpoint(tmp_path, kind):
+    tensors = _make_set(tmp_path / "set", kind)
+    ckpt = read_metadata(tmp_path / "set")
+    assert list(ckpt.state_dict) == list(tensors)
+    assert ckpt.state_dict["blocks.1.weight"].dtype == "float16"
+    assert ckpt.version is None and ckpt.layout == "sharded"
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_in_place_upgrade_rewrites_shards_then_swaps_the_index(tmp_path, kind):
+    tensors = _make_set(tmp_path / "set", kind)
+    old_shards = sorted(p.name for p in (tmp_path / "set").iterdir() if "index" not in p.name)
+    result = upgrade_file(tmp_path / "set", tmp_path / "set", _schema(), from_version="1.0.0")
+    assert result.streamed and result.bytes_through_python == 0
+    assert sorted(result.removed) == old_shards
+    index_path = sharded.find_index(tmp_path / "set")
+    index = json.loads(index_path.read_text())
+    assert index["metadata"]["ckptmigrate.stamp"]["version"] == "2.0.0"
+    assert index["metadata"]["ckptmigrate.hparams"] == {"eps": 1e-6}
+    on_disk = sorted(p.name for p in (tmp_path / "set").iterdir() if p != index_path)
+    assert on_disk == sorted(set(index["weight_map"].values()))
+    loaded = read_checkpoint(tmp_path / "set")
+    assert str(loaded.version) == "2.0.0" and "layers.0.rotary" not in loaded.state_dict
+    assert torch.equal(loaded.state_dict["layers.1.weight"], tensors["blocks.1.weight"])
+    assert torch.equal(loaded.state_dict["embed.weight"], tensors["embed.weight"])
+    if kind == "safetensors":
+        for shard in set(index["weight_map"].values()):
+            _, header = read_safetensors_header(tmp_path / "set" / shard)
+            assert json.loads(header["ckptmigrate.stamp"])["version"] == "2.0.0"
+            assert header["format"] == "pt"  # other tools' header entries survive
+
+
+def test_upgrade_to_another_folder_leaves_the_source_set_untouched(tmp_path):
+    _make_set(tmp_path / "set", "safetensors")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "set").iterdir()}
+    upgrade_file(tmp_path / "set", tmp_path / "out", _schema(), from_version="1.0.0")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "set").iterdir()} == before
+    assert str(read_metadata(tmp_path / "out").version) == "2.0.0"
+
+
+def test_a_failure_before_the_index_swap_leaves_the_old_set_loadable(tmp_path, monkeypatch):
+    tensors = _make_set(tmp_path / "set", "safetensors")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "set").iterdir()}
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt("killed before the index was written")
+
+    monkeypatch.setattr(sharded, "write_index", crash)
+    with pytest.raises(KeyboardInterrupt):
+        upgrade_file(tmp_path / "set", tmp_path / "set", _schema(), from_version="1.0.0")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "set").iterdir()} == before
+    loaded = read_checkpoint(tmp_path / "set")
+    assert torch.equal(loaded.state_dict["blocks.0.weight"], tensors["blocks.0.weight"])
+
+
+def test_tensor_op_takes_the_loaded_path_and_reshards(tmp_path):
+    tensors = _make_set(tmp_path / "set", "safetensors")
+    schema = cm.Schema("lm", current="2.0.0")
+    schema.add_migration("1.0.0", "2.0.0", [cm.ops.Cast("blocks.1.weight", dtype="float32")])
+    result = upgrade_file(tmp_path / "set", tmp_path / "set", schema, from_version="1.0.0")
+    assert not result.streamed
+    loaded = read_checkpoint(tmp_path / "set")
+    assert loaded.state_dict["blocks.1.weight"].dtype == torch.float32
+    assert torch.equal(loaded.state_dict["blocks.1.weight"], tensors["blocks.1.weight"].float())
+    assert str(loaded.version) == "2.0.0"
+
+
+def test_unversioned_set_without_from_version_is_refused_before_writing(tmp_path):
+    _make_set(tmp_path / "set", "bin")
+    before = sorted(p.name for p in (tmp_path / "set").iterdir())
+    with pytest.raises(cm.UnversionedCheckpointError):
+        upgrade_file(tmp_path / "set", tmp_path / "set", _schema())
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == before
+
+
+def test_cli_upgrade_path_writes_sharded_sets_through_the_streaming_writer(tmp_path):
+    from ckptmigrate.inplace import migrate_file as cli_upgrade_file
+
+    tensors = _make_set(tmp_path / "set", "safetensors")
+    outcome = cli_upgrade_file(
+        tmp_path / "set", tmp_path / "out", schemas=_schema(), from_version="1.0.0"
+    )
+    assert outcome.written
+    loaded = read_checkpoint(tmp_path / "out")
+    assert str(loaded.version) == "2.0.0"
+    assert torch.equal(loaded.state_dict["layers.0.weight"], tensors["blocks.0.weight"])
