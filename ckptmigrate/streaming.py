@@ -33,14 +33,13 @@ from typing import Any
 from packaging.version import Version
 
 from .checkpoint import Checkpoint
-from .errors import MigrationError
 from .formats.detect import detect_format
 from .graph import PlannedStep
 from .layout import assemble, split
 from .ops import DropHparam, DropKeys, Op, RenameHparam, RenameKeys, RenamePrefix, SetHparam
 from .schema import Schema
-from .stamp import library_version, make_stamp, utc_now
-from .upgrade import check_belongs
+from .stamp import make_stamp
+from .upgrade import check_belongs, upgrade
 
 __all__ = ["KEY_OPS", "FileUpgrade", "upgrade_file", "upgrade_stubs", "write_streamed"]
 
@@ -98,39 +97,10 @@ def upgrade_stubs(
     """
     version = check_belongs(ckpt, schema)
     plan = schema.plan(version, to)
-    steps = [_key_ops(planned) for planned in plan]
-    if any(ops is None for ops in steps):
+    if any(_key_ops(planned) is None for planned in plan):
         return None
-    work = ckpt.copy()
-    for planned, ops in zip(plan, steps):
-        candidate = work.copy()
-        try:
-            for op in ops or []:
-                op.apply(candidate)
-        except Exception as exc:
-            raise MigrationError(
-                schema.name,
-                planned.source,
-                planned.target,
-                planned.name,
-                f"{type(exc).__name__}: {exc}",
-            ) from exc
-        candidate.schema = schema.name
-        candidate.version = planned.target
-        # the same record as ckptmigrate.upgrade.apply_step writes
-        candidate.history.append(
-            {
-                "from": str(planned.source),
-                "to": str(planned.target),
-                "step": planned.name,
-                "breaking": planned.step.breaking,
-                "downgrade": planned.downgrade,
-                "applied_at": utc_now(),
-                "by": f"ckptmigrate {library_version()}",
-            }
-        )
-        work = candidate
-    return work
+    # key-only ops run by the ordinary upgrade touch no tensor and import no torch
+    return upgrade(ckpt, schema, to)
 
 
 def _stamp_of(ckpt: Checkpoint) -> dict[str, Any] | None:
