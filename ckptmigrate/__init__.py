@@ -9,6 +9,8 @@ Importing this package does not import torch: paths that only read metadata stay
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
 from . import errors, ops
@@ -30,11 +32,9 @@ from .errors import (
     UnversionedCheckpointError,
     VersionConflictError,
 )
-from .inplace import stamp_in_place, upgrade_in_place
 from .optimizer import ParamNamesUnknown
 from .report import LoadReport
 from .schema import Schema
-from .streaming import FileUpgrade, upgrade_file
 from .upgrade import upgrade
 
 __all__ = [
@@ -68,3 +68,27 @@ __all__ = [
     "save",
     "upgrade",
 ]
+
+if TYPE_CHECKING:
+    from .inplace import stamp_in_place, upgrade_in_place
+    from .streaming import FileUpgrade, upgrade_file
+
+# file rewriting pulls in the zip writer, sharded and DCP formats and the lock: on first use
+_LAZY = {
+    "upgrade_file": "streaming",
+    "FileUpgrade": "streaming",
+    "upgrade_in_place": "inplace",
+    "stamp_in_place": "inplace",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'ckptmigrate' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -20,12 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 # the read-plan-write sequence, and the lock around in-place rewrites, live in the library
-from .inplace import UpgradeOutcome, backup_path, migrate_file  # noqa: F401
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
     from .diff import Diff
-    from .graph import PlannedStep
     from .schema import Schema
 
 PROG = "ckptmigrate"
@@ -308,18 +306,10 @@ def _schema_status(ckpt: Checkpoint, args: argparse.Namespace) -> dict[str, Any]
     except CkptMigrateError as exc:
         status.update(behind=ckpt.version < schema.current, plan=None, error=str(exc))
         return status
-    status.update(behind=bool(plan), plan=[_step_record(p) for p in plan])
+    from .inplace import step_record
+
+    status.update(behind=bool(plan), plan=[step_record(p) for p in plan])
     return status
-
-
-def _step_record(planned: PlannedStep) -> dict[str, Any]:
-    return {
-        "from": str(planned.source),
-        "to": str(planned.target),
-        "step": planned.name,
-        "breaking": planned.step.breaking,
-        "downgrade": planned.downgrade,
-    }
 
 
 def info_record(path: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -433,6 +423,8 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         raise CommandError("upgrade needs exactly one of -o DST or --in-place")
     if args.no_backup and not args.in_place:
         raise CommandError("--no-backup only applies to --in-place")
+
+    from .inplace import UpgradeOutcome, migrate_file
 
     def show_plan(outcome: UpgradeOutcome) -> None:
         head = f"{args.src}: {outcome.schema} {outcome.source_version}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as _dt
 import sys
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
 
 from packaging.version import InvalidVersion, Version
@@ -45,6 +44,8 @@ class Stamp:
 def make_stamp(schema: str, version: Version, history: list[dict[str, Any]]) -> dict[str, Any]:
     """The stamp dict to write beside a checkpoint's tensors."""
     written_by = {"ckptmigrate": library_version(), "time": utc_now()}
+    from importlib import metadata  # ~40 ms: only when writing
+
     torch = sys.modules.get("torch")
     try:
         # the installed version, without importing torch (seconds) on metadata-only paths
