@@ -745,7 +745,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SCHEMA",
         help="compare A (upgraded) with the model SCHEMA's build makes: a strict load, before it",
     )
-    p.add_argument("--json", action="store_true", help="print the JSON object (docs/cli.md)")
+    p.add_argument(
+        "--json", action="store_true", help="print the JSON object (README: diff --json)"
+    )
     p.add_argument("--values", action="store_true", help="also compare tensor contents")
     p.add_argument(
         "--upgrade", action="store_true", help="migrate A to B's version first (what it misses)"

@@ -84,7 +84,7 @@ class Diff:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """The documented JSON object (see docs/cli.md), built from plain values only."""
+        """The documented JSON object (see the README, "diff --json"), built from plain values only."""
         return {
             "a": self.a,
             "b": self.b,
