@@ -260,3 +260,14 @@ class LockTimeoutError(LockError):
             f"held{held} and was not released within {timeout:g} s. Wait and retry; if no such "
             f"process is running, remove {self.lock_path}"
         )
+
+
+class BackupExistsError(CkptMigrateError):
+    """An in-place upgrade would overwrite a different backup left by an earlier one."""
+
+    def __init__(self, backup: object) -> None:
+        self.backup = str(backup)
+        super().__init__(
+            f"backup {self.backup} already exists and differs from the file: move it away, or "
+            "pass --no-backup (backup=False) to upgrade without one"
+        )

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     AlreadyStampedError,
-    CkptMigrateError,
+    BackupExistsError,
     SchemaMismatchError,
     UnknownSchemaError,
     UnversionedCheckpointError,
@@ -45,17 +45,6 @@ __all__ = [
     "migrate_file",
     "upgrade_in_place",
 ]
-
-
-class BackupExistsError(CkptMigrateError):
-    """An in-place upgrade would overwrite a different backup left by an earlier one."""
-
-    def __init__(self, backup: object) -> None:
-        self.backup = str(backup)
-        super().__init__(
-            f"backup {self.backup} already exists and differs from the file: move it away, or "
-            "pass --no-backup (backup=False) to upgrade without one"
-        )
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,13 @@ def test_stamp_guess_refuses_a_tie_listing_both_candidates(tmp_path, monkeypatch
     assert code == 2
     assert err.startswith("ckptmigrate: error:") and "2.0.0" in err and "3.0.0" in err
     assert cm.load(path, upgrade=False).version is None  # nothing written
+
+
+STAMPED = [f for f in ALL if cm.load(f.path, upgrade=False).version is not None]
+
+
+@pytest.mark.parametrize("fixture", STAMPED, ids=[f.label for f in STAMPED])
+def test_info_reports_the_schema_and_version_of_each_stamped_fixture(fixture, capsys):
+    assert cli.main(["info", str(fixture.path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["schema"], info["version"]) == (fixture.schema, fixture.version)
