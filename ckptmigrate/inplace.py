@@ -259,12 +259,45 @@ def _write_backup(src: Path, version: object) -> Path:
     kept = backup_path(src, version)
     remove_stale_temps(kept)  # a half-copied backup of a killed run
     if kept.exists():
-        if kept.is_file() and filecmp.cmp(kept, src, shallow=False):
+        if _same_contents(kept, src):
             return kept
         raise BackupExistsError(kept)
+    if src.is_dir():  # a sharded set or a DCP folder: copy the tree, then rename it into place
+        _copy_tree_atomically(src, kept)
+        return kept
     with atomic_path(kept) as tmp:
         shutil.copyfile(src, tmp)
     return kept
+
+
+def _same_contents(a: Path, b: Path) -> bool:
+    if a.is_file() and b.is_file():
+        return filecmp.cmp(a, b, shallow=False)
+    if not (a.is_dir() and b.is_dir()):
+        return False
+    names = sorted(p.name for p in a.iterdir())
+    if names != sorted(p.name for p in b.iterdir()):
+        return False
+    return all(_same_contents(a / n, b / n) for n in names)
+
+
+def _copy_tree_atomically(src: Path, dst: Path) -> None:
+    import shutil
+
+    from .formats.atomic import fsync_path, temp_path_for
+
+    tmp = temp_path_for(dst)
+    try:
+        shutil.copytree(src, tmp, symlinks=True)
+        for path in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if not path.is_symlink():
+                fsync_path(path)
+        fsync_path(tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_path(dst.parent)
 
 
 def stamp_in_place(

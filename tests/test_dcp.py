@@ -122,3 +122,21 @@ def test_unstamped_folder_without_from_version_is_refused_untouched(dcp_dir, tmp
     with pytest.raises(cm.UnversionedCheckpointError):
         upgrade_file(dcp_dir, tmp_path / "out", _schema())
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_in_place_upgrade_of_a_dcp_folder_keeps_a_folder_backup(dcp_dir, tmp_path, capsys):
+    from ckptmigrate import cli
+
+    before = {p.name: p.read_bytes() for p in dcp_dir.iterdir()}
+    mig = tmp_path / "mig.py"
+    mig.write_text(
+        "import ckptmigrate as cm\n"
+        "schema = cm.Schema('lm', current='2.0.0')\n"
+        "schema.add_migration('1.0.0', '2.0.0', [cm.ops.RenamePrefix('blocks.', 'layers.')])\n"
+    )
+    args = ["upgrade", str(dcp_dir), "--in-place", "--migrations", str(mig), "--schema", "lm"]
+    assert cli.main([*args, "--from-version", "1.0.0"]) == 0, capsys.readouterr()
+    backup = dcp_dir.with_name(dcp_dir.name + ".1.0.0.bak")
+    assert {p.name: p.read_bytes() for p in backup.iterdir()} == before
+    ckpt = read_checkpoint(dcp_dir)
+    assert str(ckpt.version) == "2.0.0" and "layers.0.weight" in ckpt.state_dict

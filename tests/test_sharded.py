@@ -148,3 +148,23 @@ def test_cli_upgrade_path_writes_sharded_sets_through_the_streaming_writer(tmp_p
     loaded = read_checkpoint(tmp_path / "out")
     assert str(loaded.version) == "2.0.0"
     assert torch.equal(loaded.state_dict["layers.0.weight"], tensors["blocks.0.weight"])
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_cli_in_place_upgrade_of_a_set_keeps_a_folder_backup(tmp_path, kind, capsys):
+    from ckptmigrate import cli
+
+    _make_set(tmp_path / "set", kind)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "set").iterdir()}
+    mig = tmp_path / "mig.py"
+    mig.write_text(
+        "import ckptmigrate as cm\n"
+        "schema = cm.Schema('lm', current='2.0.0')\n"
+        "schema.add_migration('1.0.0', '2.0.0', [cm.ops.RenamePrefix('blocks.', 'layers.')])\n"
+    )
+    args = ["upgrade", str(tmp_path / "set"), "--in-place", "--migrations", str(mig)]
+    assert cli.main([*args, "--from-version", "1.0.0", "--schema", "lm"]) == 0, capsys.readouterr()
+    backup = tmp_path / "set.1.0.0.bak"
+    assert {p.name: p.read_bytes() for p in backup.iterdir()} == before
+    assert str(read_checkpoint(tmp_path / "set").version) == "2.0.0"
+    assert not list(tmp_path.glob("*ckptmigrate-tmp*"))
