@@ -121,7 +121,7 @@ def apply_step(
     except Exception as exc:
         raise fail(f"{type(exc).__name__}: {exc}") from exc
 
-    problem = None if trusted else _check_result(result, ckpt)
+    problem = None if trusted else _check_result(result)
     if problem:
         raise fail(problem)
     result.schema = schema.name
@@ -291,7 +291,7 @@ def _put(container: Any, where: Any, value: Any) -> Any:
     return container
 
 
-def _check_result(result: Any, before: Checkpoint) -> str | None:
+def _check_result(result: Any) -> str | None:
     import torch
 
     if not isinstance(result, Checkpoint):

@@ -10,25 +10,12 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.filesystem as dcp_fs
+from folder_schema import rename_drop_schema
 
 import ckptmigrate as cm
 from ckptmigrate.files import read_checkpoint, read_metadata
 from ckptmigrate.formats.dcp import STAMP_FILE, SafeFileSystemReader
 from ckptmigrate.streaming import upgrade_file
-
-
-def _schema() -> cm.Schema:
-    schema = cm.Schema("lm", current="2.0.0")
-    schema.add_migration(
-        "1.0.0",
-        "2.0.0",
-        [
-            cm.ops.RenamePrefix("blocks.", "layers."),
-            cm.ops.DropKeys(r".*\.rotary"),
-            cm.ops.SetHparam("eps", 1e-6),
-        ],
-    )
-    return schema
 
 
 def _model_sd() -> dict[str, torch.Tensor]:
@@ -92,7 +79,7 @@ def test_hostile_metadata_is_refused_before_anything_runs(dcp_dir, tmp_path, mon
 
 def test_upgrade_renames_drops_sets_hparams_and_stamps(dcp_dir, tmp_path, no_plain_pickle):
     out = tmp_path / "upgraded"
-    result = upgrade_file(dcp_dir, out, _schema(), from_version="1.0.0")
+    result = upgrade_file(dcp_dir, out, rename_drop_schema(), from_version="1.0.0")
     assert str(result.target_version) == "2.0.0"
     assert (out / STAMP_FILE).is_file()
     meta = read_metadata(out)
@@ -113,14 +100,14 @@ def test_upgrade_renames_drops_sets_hparams_and_stamps(dcp_dir, tmp_path, no_pla
 
 
 def test_in_place_upgrade_replaces_the_folder(dcp_dir):
-    upgrade_file(dcp_dir, dcp_dir, _schema(), from_version="1.0.0")
+    upgrade_file(dcp_dir, dcp_dir, rename_drop_schema(), from_version="1.0.0")
     assert str(read_metadata(dcp_dir).version) == "2.0.0"
     assert [p.name for p in dcp_dir.parent.iterdir()] == [dcp_dir.name]
 
 
 def test_unstamped_folder_without_from_version_is_refused_untouched(dcp_dir, tmp_path):
     with pytest.raises(cm.UnversionedCheckpointError):
-        upgrade_file(dcp_dir, tmp_path / "out", _schema())
+        upgrade_file(dcp_dir, tmp_path / "out", rename_drop_schema())
     assert not (tmp_path / "out").exists()
 
 

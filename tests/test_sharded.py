@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from folder_schema import rename_drop_schema
 from safetensors.torch import save_file
 
 import ckptmigrate as cm
@@ -14,20 +15,6 @@ from ckptmigrate.files import read_checkpoint, read_metadata
 from ckptmigrate.formats import sharded
 from ckptmigrate.formats.safetensors_header import read_safetensors_header
 from ckptmigrate.streaming import upgrade_file
-
-
-def _schema() -> cm.Schema:
-    schema = cm.Schema("lm", current="2.0.0")
-    schema.add_migration(
-        "1.0.0",
-        "2.0.0",
-        [
-            cm.ops.RenamePrefix("blocks.", "layers."),
-            cm.ops.DropKeys(r".*\.rotary"),
-            cm.ops.SetHparam("eps", 1e-6),
-        ],
-    )
-    return schema
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -74,7 +61,9 @@ def test_metadata_read_sees_every_shard_as_one_checkpoint(tmp_path, kind):
 def test_in_place_upgrade_rewrites_shards_then_swaps_the_index(tmp_path, kind):
     tensors = _make_set(tmp_path / "set", kind)
     old_shards = sorted(p.name for p in (tmp_path / "set").iterdir() if "index" not in p.name)
-    result = upgrade_file(tmp_path / "set", tmp_path / "set", _schema(), from_version="1.0.0")
+    result = upgrade_file(
+        tmp_path / "set", tmp_path / "set", rename_drop_schema(), from_version="1.0.0"
+    )
     assert result.streamed and result.bytes_through_python == 0
     assert sorted(result.removed) == old_shards
     index_path = sharded.find_index(tmp_path / "set")
@@ -97,7 +86,7 @@ def test_in_place_upgrade_rewrites_shards_then_swaps_the_index(tmp_path, kind):
 def test_upgrade_to_another_folder_leaves_the_source_set_untouched(tmp_path):
     _make_set(tmp_path / "set", "safetensors")
     before = {p.name: p.read_bytes() for p in (tmp_path / "set").iterdir()}
-    upgrade_file(tmp_path / "set", tmp_path / "out", _schema(), from_version="1.0.0")
+    upgrade_file(tmp_path / "set", tmp_path / "out", rename_drop_schema(), from_version="1.0.0")
     assert {p.name: p.read_bytes() for p in (tmp_path / "set").iterdir()} == before
     assert str(read_metadata(tmp_path / "out").version) == "2.0.0"
 
@@ -111,7 +100,7 @@ def test_a_failure_before_the_index_swap_leaves_the_old_set_loadable(tmp_path, m
 
     monkeypatch.setattr(sharded, "write_index", crash)
     with pytest.raises(KeyboardInterrupt):
-        upgrade_file(tmp_path / "set", tmp_path / "set", _schema(), from_version="1.0.0")
+        upgrade_file(tmp_path / "set", tmp_path / "set", rename_drop_schema(), from_version="1.0.0")
     assert {p.name: p.read_bytes() for p in (tmp_path / "set").iterdir()} == before
     loaded = read_checkpoint(tmp_path / "set")
     assert torch.equal(loaded.state_dict["blocks.0.weight"], tensors["blocks.0.weight"])
@@ -133,7 +122,7 @@ def test_unversioned_set_without_from_version_is_refused_before_writing(tmp_path
     _make_set(tmp_path / "set", "bin")
     before = sorted(p.name for p in (tmp_path / "set").iterdir())
     with pytest.raises(cm.UnversionedCheckpointError):
-        upgrade_file(tmp_path / "set", tmp_path / "set", _schema())
+        upgrade_file(tmp_path / "set", tmp_path / "set", rename_drop_schema())
     assert sorted(p.name for p in (tmp_path / "set").iterdir()) == before
 
 
@@ -142,7 +131,7 @@ def test_cli_upgrade_path_writes_sharded_sets_through_the_streaming_writer(tmp_p
 
     tensors = _make_set(tmp_path / "set", "safetensors")
     outcome = cli_upgrade_file(
-        tmp_path / "set", tmp_path / "out", schemas=_schema(), from_version="1.0.0"
+        tmp_path / "set", tmp_path / "out", schemas=rename_drop_schema(), from_version="1.0.0"
     )
     assert outcome.written
     loaded = read_checkpoint(tmp_path / "out")
