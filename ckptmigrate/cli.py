@@ -306,9 +306,7 @@ def _schema_status(ckpt: Checkpoint, args: argparse.Namespace) -> dict[str, Any]
     except CkptMigrateError as exc:
         status.update(behind=ckpt.version < schema.current, plan=None, error=str(exc))
         return status
-    from .inplace import step_record
-
-    status.update(behind=bool(plan), plan=[step_record(p) for p in plan])
+    status.update(behind=bool(plan), plan=[p.record() for p in plan])
     return status
 
 

@@ -49,6 +49,16 @@ class PlannedStep:
     def name(self) -> str:
         return f"inverse of {self.step.name}" if self.downgrade else self.step.name
 
+    def record(self) -> dict[str, Any]:
+        """The step as JSON-able data (a plan listing; history entries add when and by whom)."""
+        return {
+            "from": str(self.source),
+            "to": str(self.target),
+            "step": self.name,
+            "breaking": self.step.breaking,
+            "downgrade": self.downgrade,
+        }
+
 
 class MigrationGraph:
     """The steps of one schema, validated on registration and planned on demand."""

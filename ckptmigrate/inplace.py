@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from packaging.version import Version
 
     from .checkpoint import Checkpoint
-    from .graph import PlannedStep
     from .schema import Schema
 
 __all__ = [
@@ -63,17 +62,6 @@ def backup_path(path: str | os.PathLike[str], version: object) -> Path:
     """Where an in-place upgrade keeps the old file: ``model.pth`` -> ``model.pth.1.0.0.bak``."""
     path = Path(path)
     return path.with_name(f"{path.name}.{version}.bak")
-
-
-def step_record(planned: PlannedStep) -> dict[str, Any]:
-    """One planned step as JSON-able data."""
-    return {
-        "from": str(planned.source),
-        "to": str(planned.target),
-        "step": planned.name,
-        "breaking": planned.step.breaking,
-        "downgrade": planned.downgrade,
-    }
 
 
 def _schema_table(schema: Schema | Mapping[str, Schema]) -> dict[str, Schema]:
@@ -222,7 +210,7 @@ def _upgrade(
         schema=found.name,
         source_version=str(version),
         target_version=str(plan[-1].target if plan else version),
-        plan=[step_record(p) for p in plan],
+        plan=[p.record() for p in plan],
     )
     if on_plan is not None:
         on_plan(outcome)

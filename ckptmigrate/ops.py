@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint
+from .compose import literal_prefix_rename
 
 if TYPE_CHECKING:
     import torch
@@ -100,6 +101,13 @@ class Op:
         """Keys the op adds that are trainable parameters (they join the optimizer, stateless)."""
         return set()
 
+    def prefix_rename(self) -> tuple[str, str] | None:
+        """``(old, new)`` when the op only swaps the key prefix ``old`` for ``new``.
+
+        Such ops compose into one pass over the keys (see :mod:`ckptmigrate.compose`).
+        """
+        return None
+
 
 def _rename_trace(mapping: dict[str, str], keys: Sequence[str]) -> dict[str, list[str]]:
     return {mapping.get(k, k): [k] for k in keys}
@@ -121,7 +129,12 @@ def _fill(template: str, groups: dict[str, str]) -> str:
         raise OpError(f"template {template!r} uses field {exc} that the source does not") from None
 
 
-def _rename_all(ckpt: Checkpoint, mapping: dict[str, str], what: str) -> None:
+def _rename_all(
+    ckpt: Checkpoint,
+    mapping: dict[str, str],
+    what: str,
+    move_module: Callable[[str], str] | None = None,
+) -> None:
     if not mapping:
         return
     new_keys = [mapping.get(k, k) for k in ckpt.state_dict]
@@ -129,8 +142,21 @@ def _rename_all(ckpt: Checkpoint, mapping: dict[str, str], what: str) -> None:
         _raise_collision(ckpt.state_dict, mapping, what)
     ckpt.state_dict = dict(zip(new_keys, ckpt.state_dict.values()))
     if ckpt.module_metadata:
-        modules = _module_renames(mapping)
-        _rename_modules(ckpt, lambda prefix: modules.get(prefix, prefix))
+        if move_module is None:
+            modules = _module_renames(mapping)
+            move_module = lambda prefix: modules.get(prefix, prefix)  # noqa: E731
+        _rename_modules(ckpt, move_module)
+
+
+def prefix_mover(old: str, new: str) -> Callable[[str], str]:
+    """How a module prefix follows a prefix rename: ``blocks.0`` under ``blocks.`` -> ``layers.0``."""
+    cut = len(old)
+
+    def move(prefix: str) -> str:
+        dotted = prefix + "."
+        return (new + dotted[cut:])[:-1] if prefix and dotted.startswith(old) else prefix
+
+    return move
 
 
 def _rename_modules(ckpt: Checkpoint, rename: Callable[[str], str]) -> None:
@@ -216,12 +242,10 @@ class RenamePrefix(Op):
             _raise_collision(ckpt.state_dict, self.renamed_keys(keys), self.describe())
         ckpt.state_dict = dict(zip(new_keys, ckpt.state_dict.values()))
         if ckpt.module_metadata:
-            # a module follows its parameters: `blocks.0` under `blocks.` -> `layers.0`
-            def rename(prefix: str) -> str:
-                dotted = prefix + "."
-                return (new + dotted[cut:])[:-1] if prefix and dotted.startswith(old) else prefix
+            _rename_modules(ckpt, prefix_mover(old, new))
 
-            _rename_modules(ckpt, rename)
+    def prefix_rename(self) -> tuple[str, str] | None:
+        return (self.old, self.new) if self.old != self.new else None
 
     def inverse(self) -> Op:
         return RenamePrefix(self.new, self.old)
@@ -290,7 +314,13 @@ class RenameKeys(Op):
                     f"{self.describe()}: no key matches, but {next(iter(done))!r} already has "
                     "the new name: the checkpoint already has the new layout"
                 )
-        _rename_all(ckpt, mapping, self.describe())
+        pair = self.prefix_rename()
+        move = prefix_mover(*pair) if pair else None  # modules move as with RenamePrefix
+        _rename_all(ckpt, mapping, self.describe(), move)
+
+    def prefix_rename(self) -> tuple[str, str] | None:
+        pair = literal_prefix_rename(self.pattern, self.repl)
+        return pair if pair is not None and pair[0] != pair[1] else None
 
     def inverse(self) -> Op | None:
         return (

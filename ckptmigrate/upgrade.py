@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 from packaging.version import Version
 
 from .checkpoint import Checkpoint
+from .compose import PrefixMap
 from .errors import MigrationError, SchemaMismatchError, UnversionedCheckpointError
 from .graph import PlannedStep
-from .ops import Op, OpError
+from .ops import DropHparam, Op, OpError, RenameHparam, SetHparam
 from .optimizer import (
     NamedOptimizer,
     ParamNamesUnknown,
@@ -65,10 +66,109 @@ def upgrade(
     if not plan:
         return work
     followers = OptimizerFollowers.from_checkpoint(work, param_names)
-    for planned in plan:
-        work = apply_step(work, planned, schema, followers)
+    for run in _runs(plan):
+        composed = _apply_composed(work, run, schema, followers) if len(run) > 1 else None
+        if composed is not None:
+            work = composed
+            continue
+        for planned in run:
+            work = apply_step(work, planned, schema, followers)
     followers.write_back(work)
     return work
+
+
+_HPARAM_OPS = (SetHparam, RenameHparam, DropHparam)
+
+
+def _step_ops(planned: PlannedStep) -> list[Op] | None:
+    """The ops a step runs, when they are all prefix renames or hparam ops; else None."""
+    action, _ = planned.step.action
+    if not isinstance(action, list):
+        return None
+    ops = [op.inverse() for op in reversed(action)] if planned.downgrade else action
+    if all(
+        op is not None and (isinstance(op, _HPARAM_OPS) or op.prefix_rename() is not None)
+        for op in ops
+    ):
+        return ops
+    return None
+
+
+def _runs(plan: Sequence[PlannedStep]) -> list[list[PlannedStep]]:
+    """The plan cut into runs of composable steps, and single other steps."""
+    runs: list[list[PlannedStep]] = []
+    extend = False  # whether the last run is a composable one
+    for planned in plan:
+        composable = _step_ops(planned) is not None
+        if composable and extend:
+            runs[-1].append(planned)
+        else:
+            runs.append([planned])
+        extend = composable
+    return runs
+
+
+def _apply_composed(
+    ckpt: Checkpoint,
+    run: list[PlannedStep],
+    schema: Schema,
+    followers: OptimizerFollowers,
+) -> Checkpoint | None:
+    """Apply a run of prefix-rename/hparam steps with one pass over the keys, or return None.
+
+    The result, history and optimizer state are those of applying the steps one by one.
+    None (nothing changed) when the composite cannot vouch for that: a step renames no key,
+    two keys collide, a key holds a newline; the step-by-step path then gives the exact error.
+    """
+    step_ops = [_step_ops(planned) or [] for planned in run]
+    rules = PrefixMap()
+    renaming: set[int] = set()
+    for i, ops in enumerate(step_ops):
+        for op in ops:
+            pair = op.prefix_rename()
+            if pair is not None:
+                rules.then(*pair, step=i)
+                renaming.add(i)
+    keys = list(ckpt.state_dict)
+    if rules.too_big or not all(isinstance(k, str) for k in keys) or "\n" in "".join(keys):
+        return None
+    if ckpt.module_metadata and not all(
+        len(new) > 1 and new.endswith(".") for new, _ in rules.rules.values()
+    ):
+        return None  # modules follow only dot-aligned renames the same way composed
+    new_keys, fired = rules.apply(keys)
+    if fired != renaming or len(set(new_keys)) != len(new_keys):
+        return None
+    try:
+        named_opts = followers._named() if followers.slots and renaming else []
+    except ParamNamesUnknown:
+        return None
+    result = ckpt.copy()
+    result.state_dict = dict(zip(new_keys, ckpt.state_dict.values()))
+    if result.module_metadata:
+        move = rules.module_renamer()
+        result.module_metadata = type(result.module_metadata)(
+            (move(prefix), value) for prefix, value in result.module_metadata.items()
+        )
+    try:
+        for ops in step_ops:
+            for op in ops:
+                if op.prefix_rename() is None:
+                    op.apply(result)  # hparam ops: independent of the keys
+    except Exception:
+        return None
+    if named_opts:
+        trace = {new: [old] for old, new in zip(keys, new_keys)}
+        for named in named_opts:
+            follow_trace(named, trace, {}, set())
+    result.schema = schema.name
+    result.version = run[-1].target
+    result.history.extend(_history_entry(planned) for planned in run)
+    return result
+
+
+def _history_entry(planned: PlannedStep) -> dict[str, Any]:
+    return {**planned.record(), "applied_at": utc_now(), "by": f"ckptmigrate {library_version()}"}
 
 
 def apply_step(
@@ -126,15 +226,7 @@ def apply_step(
         raise fail(problem)
     result.schema = schema.name
     result.version = planned.target
-    entry = {
-        "from": str(planned.source),
-        "to": str(planned.target),
-        "step": planned.name,
-        "breaking": planned.step.breaking,
-        "downgrade": planned.downgrade,
-        "applied_at": utc_now(),
-        "by": f"ckptmigrate {library_version()}",
-    }
+    entry = _history_entry(planned)
     if reset:
         entry["optimizer_state_reset"] = sorted(set(reset))
         warnings.warn(
