@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, copy_containers
 from .compose import PrefixMap
 from .errors import MigrationError, SchemaMismatchError, UnversionedCheckpointError
 from .graph import PlannedStep
@@ -143,13 +144,18 @@ def _apply_composed(
         named_opts = followers._named() if followers.slots and renaming else []
     except ParamNamesUnknown:
         return None
-    result = ckpt.copy()
-    result.state_dict = dict(zip(new_keys, ckpt.state_dict.values()))
-    if result.module_metadata:
+    modules = ckpt.module_metadata
+    if modules:
         move = rules.module_renamer()
-        result.module_metadata = type(result.module_metadata)(
-            (move(prefix), value) for prefix, value in result.module_metadata.items()
-        )
+        modules = type(modules)((move(prefix), value) for prefix, value in modules.items())
+    # new containers for what the run changes; the rest is shared with ``ckpt``, left as it was
+    result = replace(
+        ckpt,
+        state_dict=dict(zip(new_keys, ckpt.state_dict.values())),
+        hparams=copy_containers(ckpt.hparams),
+        history=[dict(h) for h in ckpt.history],
+        module_metadata=modules,
+    )
     try:
         for ops in step_ops:
             for op in ops:
