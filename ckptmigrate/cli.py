@@ -573,8 +573,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_stamp(args: argparse.Namespace) -> int:
-    from .api import save
     from .files import read_checkpoint
+    from .inplace import write_stamped
     from .version import parse_version
 
     if (args.output is None) == (not args.in_place):
@@ -601,7 +601,7 @@ def cmd_stamp(args: argparse.Namespace) -> int:
     ckpt = ckpt.copy()
     ckpt.schema, ckpt.version = args.schema, version
     target = args.output
-    save(target, ckpt)  # keeps the file's layout; the stamp goes beside it
+    write_stamped(args.ckpt, target, ckpt)
     print(f"stamped {target} as {args.schema} {version} (layout {ckpt.layout})")
     return EXIT_OK
 

@@ -304,7 +304,6 @@ def stamp_in_place(
 
     >>> stamp_in_place("legacy.pth", "tinylm", "1.0.0")
     """
-    from .api import save
     from .files import read_checkpoint
     from .formats.atomic import remove_stale_temps
     from .version import parse_version
@@ -320,5 +319,35 @@ def stamp_in_place(
             given = parse_version(version(ckpt), what="version")  # type: ignore[operator]
         ckpt = ckpt.copy()
         ckpt.schema, ckpt.version = schema, given
-        save(target, ckpt)  # keeps the file's layout; the stamp goes beside it
+        write_stamped(target, target, ckpt)
     return ckpt
+
+
+def write_stamped(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], ckpt: Checkpoint
+) -> None:
+    """Write ``ckpt`` (read from ``src``, now stamped) to ``dst`` in ``src``'s format and layout.
+
+    A file is saved whole, the stamp beside its state_dict. A DCP folder gets
+    ``ckptmigrate.json`` (its data files are kept as they are); a sharded set is rewritten the
+    way an upgrade writes it (the stamp in the index and every safetensors shard header).
+    """
+    from .files import _detect
+
+    fmt = _detect(Path(src))
+    if fmt == "dcp":
+        from .formats.dcp import stamp_dcp
+
+        stamp_dcp(src, dst, ckpt)  # only ckptmigrate.json is new; every rank's file is kept
+        return
+    if fmt == "sharded":
+        from .schema import Schema
+        from .streaming import upgrade_file
+
+        assert ckpt.schema is not None and ckpt.version is not None
+        stamp_only = Schema(ckpt.schema, current=ckpt.version)  # no steps: the plan is empty
+        upgrade_file(src, dst, stamp_only, from_version=ckpt.version)
+        return
+    from .api import save
+
+    save(dst, ckpt)  # keeps the file's layout; the stamp goes beside it

@@ -264,13 +264,6 @@ def test_stamped_through_upgrade_then_upgraded_from_the_stamp(gloo_dir, tmp_path
     assert str(meta.version) == "2.0.0" and [str(h["from"]) for h in meta.history] == ["1.0.0"]
 
 
-_STAMP_BUG = (
-    "files.write_checkpoint has no DCP branch: api.save (used by stamp_in_place and "
-    "`ckptmigrate stamp`) writes a DCP checkpoint with write_torch as one torch.save file"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=IsADirectoryError, reason=_STAMP_BUG)
 def test_stamp_in_place_stamps_a_dcp_folder(gloo_dir, tmp_path):
     folder = tmp_path / "step-100"
     shutil.copytree(gloo_dir, folder)
@@ -279,7 +272,6 @@ def test_stamp_in_place_stamps_a_dcp_folder(gloo_dir, tmp_path):
     assert (folder / STAMP_FILE).is_file() and (folder / "__1_0.distcp").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason=_STAMP_BUG)
 def test_cli_stamp_output_of_a_dcp_folder_is_a_dcp_folder(gloo_dir, tmp_path, capsys):
     from ckptmigrate import cli
 

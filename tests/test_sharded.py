@@ -157,3 +157,25 @@ def test_cli_in_place_upgrade_of_a_set_keeps_a_folder_backup(tmp_path, kind, cap
     assert {p.name: p.read_bytes() for p in backup.iterdir()} == before
     assert str(read_checkpoint(tmp_path / "set").version) == "2.0.0"
     assert not list(tmp_path.glob("*ckptmigrate-tmp*"))
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+@pytest.mark.parametrize("how", ["in-place", "output"])
+def test_stamp_writes_a_set_with_the_stamp_in_its_index(tmp_path, kind, how, capsys):
+    from ckptmigrate import cli
+
+    tensors = _make_set(tmp_path / "set", kind)
+    args = ["stamp", str(tmp_path / "set"), "--schema", "lm", "--version", "1.0.0"]
+    args += ["--in-place"] if how == "in-place" else ["-o", str(tmp_path / "stamped")]
+    assert cli.main(args) == 0, capsys.readouterr()
+    out = tmp_path / ("set" if how == "in-place" else "stamped")
+    assert out.is_dir()
+    meta = read_metadata(out)
+    assert (meta.schema, str(meta.version), meta.layout) == ("lm", "1.0.0", "sharded")
+    index = next(out.glob("*.index.json"))
+    assert json.loads(index.read_text())["metadata"]["ckptmigrate.stamp"]["version"] == "1.0.0"
+    loaded = read_checkpoint(out)
+    assert list(loaded.state_dict) == list(tensors)
+    assert all(torch.equal(loaded.state_dict[k], v) for k, v in tensors.items())
+    if how == "output":  # the source set is left unstamped
+        assert read_metadata(tmp_path / "set").version is None

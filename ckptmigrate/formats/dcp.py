@@ -343,26 +343,62 @@ def write_dcp(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
 
     target = Path(path)
     layout = ckpt.layout.removeprefix("dcp-")
-    stamp = make_stamp(ckpt.schema, ckpt.version, ckpt.history) if ckpt.stamped else None
     plain = Checkpoint(**{**ckpt.__dict__, "layout": layout, "module_metadata": None})
     obj = assemble(plain, None)  # the stamp goes to the JSON file, not into DCP's bytes
+    tmp = _temp_beside(target)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "torch.distributed is disabled...": single process
+            _save_state_dict(obj, storage_writer=FileSystemWriter(tmp), no_dist=True)
+        write_stamp_file(tmp, ckpt)
+        swap_folder(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_stamp_file(folder: str | os.PathLike[str], ckpt: Checkpoint) -> None:
+    """Write ``ckpt``'s stamp (and hparams/meta its layout has no slot for) as ``ckptmigrate.json``."""
+    layout = ckpt.layout.removeprefix("dcp-")
+    stamp = make_stamp(ckpt.schema, ckpt.version, ckpt.history) if ckpt.stamped else None
     data: dict[str, Any] = {"stamp": stamp}
     slots = LAYOUTS.get(layout, LAYOUTS["ckptmigrate"])
     if slots.hparams_key is None:
         data["hparams"] = ckpt.hparams
     if slots.meta_key is None:
         data["meta"] = ckpt.meta
-    tmp = target.with_name(f"{target.name}.ckptmigrate-tmp-{secrets.token_hex(4)}")
+    with atomic_path(Path(folder) / STAMP_FILE) as stamp_tmp:
+        stamp_tmp.write_text(json.dumps(data, indent=2) + "\n", "utf-8")
+
+
+def stamp_dcp(src: str | os.PathLike[str], dst: str | os.PathLike[str], ckpt: Checkpoint) -> None:
+    """Give the DCP folder ``src`` the stamp of ``ckpt`` (read from it), at ``dst``.
+
+    Only ``ckptmigrate.json`` is new: in place it is written atomically beside ``.metadata``;
+    elsewhere the folder is copied as it is (every rank's data file, fsynced), stamped, and
+    swapped in.
+    """
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and os.path.samefile(src, dst):
+        write_stamp_file(src, ckpt)
+        return
+    tmp = _temp_beside(dst)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "torch.distributed is disabled...": single process
-            _save_state_dict(obj, storage_writer=FileSystemWriter(tmp), no_dist=True)
-        with atomic_path(tmp / STAMP_FILE) as stamp_tmp:
-            stamp_tmp.write_text(json.dumps(data, indent=2) + "\n", "utf-8")
-        swap_folder(tmp, target)
+        shutil.copytree(src, tmp, copy_function=_copy_synced)
+        write_stamp_file(tmp, ckpt)
+        swap_folder(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _copy_synced(src: str, dst: str) -> None:
+    shutil.copy2(src, dst)
+    fsync_path(Path(dst))
+
+
+def _temp_beside(target: Path) -> Path:
+    return target.with_name(f"{target.name}.ckptmigrate-tmp-{secrets.token_hex(4)}")
 
 
 def swap_folder(new: Path, target: Path) -> None:
