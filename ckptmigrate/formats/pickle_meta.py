@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import io
+import mmap
 import os
 import pickle
 import pickletools
@@ -27,11 +28,12 @@ import struct
 import zipfile
 import zlib
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from math import prod
 from types import FunctionType
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, BinaryIO, NoReturn, TypeVar
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from .detect import TORCH_LEGACY_MAGIC, detect_format, open_regular_file
@@ -590,53 +592,370 @@ class _MemoBomb(CheckpointFormatError):
     """A pickle whose memo indices would make the unpickler allocate far more than its size."""
 
 
-def _scan(file: BinaryIO, allowed: dict[str, Any] | None, path: object = None) -> list[str]:
-    """Walk a pickle's opcodes without running it; list its globals, refusing unsafe ones.
+class _ScanCorrupt(CheckpointFormatError):
+    """The opcode walk found a malformed pickle; ``pos`` is where the bad opcode starts."""
 
-    With ``allowed`` given, the first unsafe global or opcode raises at once, so that a file
-    which is both malicious and corrupt is reported as malicious.
-    """
-    seen: list[str] = []
-    recent: list[Any] = []  # last values pushed, enough to name STACK_GLOBAL's operands
-    memo: dict[int, Any] = {}
-    for opcode, arg, _pos in pickletools.genops(file):
-        name = opcode.name
+    def __init__(self, message: str, pos: int) -> None:
+        super().__init__(message)
+        self.pos = pos
+
+
+# --------------------------------------------------------------------------- the opcode walk
+# A hand-written walk over a pickle's bytes, checked against pickletools in the tests. It only
+# parses each opcode's argument length (the C unpickler checks the contents), names globals,
+# refuses opcodes that build objects outside the allow-list and memo indices the C unpickler
+# would allocate gigabytes for. It never slices a string or bytes argument it does not need.
+
+_ARG_FIXED = {"uint1": 1, "uint2": 2, "int4": 4, "uint4": 4, "uint8": 8, "float8": 8}
+_ARG_COUNTED = {  # argument = a little-endian byte count of this width, then that many bytes
+    "long1": (1, False),
+    "string1": (1, False),
+    "bytes1": (1, False),
+    "unicodestring1": (1, False),
+    "bytes4": (4, False),
+    "unicodestring4": (4, False),
+    "long4": (4, True),
+    "string4": (4, True),
+    "bytes8": (8, False),
+    "unicodestring8": (8, False),
+    "bytearray8": (8, False),
+}
+_ARG_LINES = {  # argument = this many newline-terminated lines
+    "decimalnl_short": 1,
+    "decimalnl_long": 1,
+    "stringnl": 1,
+    "unicodestringnl": 1,
+    "floatnl": 1,
+    "stringnl_noescape": 1,
+    "stringnl_noescape_pair": 2,
+}
+
+# Per opcode byte: FIXED[op] = argument bytes when fixed (-1 unknown opcode, -2 variable).
+_FIXED = [-1] * 256
+_COUNTED: dict[int, tuple[int, bool]] = {}
+_LINES: dict[int, int] = {}
+_OPCODE_NAMES: dict[int, str] = {}
+for _op in pickletools.opcodes:
+    _code = ord(_op.code)
+    _OPCODE_NAMES[_code] = _op.name
+    _arg = _op.arg.name if _op.arg is not None else None
+    if _arg is None:
+        _FIXED[_code] = 0
+    elif _arg in _ARG_FIXED:
+        _FIXED[_code] = _ARG_FIXED[_arg]
+    elif _arg in _ARG_COUNTED:
+        _FIXED[_code], _COUNTED[_code] = -2, _ARG_COUNTED[_arg]
+    else:
+        _FIXED[_code], _LINES[_code] = -2, _ARG_LINES[_arg]  # KeyError: a new argument kind
+del _op, _code, _arg
+
+_OP = {name: code for code, name in _OPCODE_NAMES.items()}
+_FORBIDDEN = frozenset(_OP[n] for n in ("INST", "OBJ", "EXT1", "EXT2", "EXT4"))
+_STRINGS = frozenset(_OP[n] for n in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"))
+_PUTS = frozenset(_OP[n] for n in ("PUT", "BINPUT", "LONG_BINPUT"))
+_GETS = frozenset(_OP[n] for n in ("GET", "BINGET", "LONG_BINGET"))
+_STOP, _GLOBAL, _INST = _OP["STOP"], _OP["GLOBAL"], _OP["INST"]
+_STACK_GLOBAL, _MEMOIZE, _UNICODE = _OP["STACK_GLOBAL"], _OP["MEMOIZE"], _OP["UNICODE"]
+_NO_PUSH = frozenset(_OP[n] for n in ("FRAME", "PROTO"))  # framing only
+_PROTO = _OP["PROTO"]
+#: The opcodes torch's weights-only unpickler implements (torch/_weights_only_unpickler.py).
+TORCH_OPCODES = frozenset(
+    _OP[n]
+    for n in (
+        "APPEND APPENDS BINFLOAT BINGET LONG_BINGET BININT BININT1 BININT2 BINPERSID BINPUT "
+        "LONG_BINPUT BINUNICODE BUILD EMPTY_DICT EMPTY_LIST EMPTY_SET EMPTY_TUPLE GLOBAL LONG1 "
+        "MARK NEWFALSE NEWOBJ NEWTRUE NONE PROTO REDUCE SETITEM SETITEMS SHORT_BINSTRING STOP "
+        "TUPLE TUPLE1 TUPLE2 TUPLE3"
+    ).split()
+)
+
+# Opcodes the walk must look at beyond their length: when STACK_GLOBAL operands are tracked,
+# every opcode that pushes a string or touches the memo; always globals, forbidden ones, STOP,
+# PROTO, LONG_BINPUT / PUT (the memo indices that can be large) and those torch lacks.
+_ALWAYS = (
+    frozenset({_STOP, _GLOBAL, _INST, _PROTO, _OP["LONG_BINPUT"], _OP["PUT"]})
+    | _FORBIDDEN
+    | (frozenset(range(256)) - TORCH_OPCODES)
+)
+_SPECIAL_TRACKED = bytes(
+    1 if code in _ALWAYS | _STRINGS | _PUTS | _GETS | _NO_PUSH | {_STACK_GLOBAL, _MEMOIZE} else 0
+    for code in range(256)
+)
+_INT_FORMATS = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
+_UNPACK = {size: struct.Struct(fmt).unpack_from for size, fmt in _INT_FORMATS.items()}
+
+# The plain walk's dispatch: what to do with each opcode byte, and how far _K_SKIP skips
+# (the whole opcode) or how wide _K_COUNTED's unsigned byte count is.
+_K_SKIP, _K_COUNTED, _K_LONG_BINPUT, _K_STOP, _K_STACK_GLOBAL, _K_OTHER = range(6)
+_KIND = bytearray([_K_OTHER] * 256)
+_SKIP = bytearray(256)
+for _code in range(256):
+    if _FIXED[_code] >= 0 and _code not in _ALWAYS | {_STACK_GLOBAL}:
+        _KIND[_code], _SKIP[_code] = _K_SKIP, 1 + _FIXED[_code]
+    elif _code in _COUNTED and not _COUNTED[_code][1] and _code not in _ALWAYS:
+        _KIND[_code], _SKIP[_code] = _K_COUNTED, _COUNTED[_code][0]
+_KIND[_OP["LONG_BINPUT"]] = _K_LONG_BINPUT
+_KIND[_STOP] = _K_STOP
+_KIND[_STACK_GLOBAL] = _K_STACK_GLOBAL
+del _code
+
+
+@dataclass
+class _ScanResult:
+    """What the walk found: globals in order, the end of the pickle, the opcodes it used."""
+
+    globals: list[str]
+    end: int  # just past STOP
+    protocol: int | None = None  # the last PROTO's argument
+    outside_torch: set[str] = field(default_factory=set)  # opcodes outside TORCH_OPCODES
+
+
+class _PickleWalk:
+    """One walk over ``buf[pos:end]``; see :func:`_scan_pickle`."""
+
+    def __init__(
+        self, buf: Any, pos: int, end: int, allowed: dict[str, Any] | None, path: object
+    ) -> None:
+        self.buf = buf
+        self.pos = pos
+        self.end = end
+        self.allowed = allowed
+        self.path = path
+        self.seen: list[str] = []
+        self.protocol: int | None = None
+        self.outside_torch: set[str] = set()
+        # STACK_GLOBAL takes its names from the stack: once one is met, the walk starts over
+        # tracking the last two values pushed (a string's (start, end, opcode) or None).
+        self.track = False
+        self.recent: list[Any] = [None, None]
+        self.memo: dict[int, Any] = {}
+
+    def corrupt(self, message: str, at: int) -> NoReturn:
+        raise _ScanCorrupt(message, at)
+
+    def need(self, opcode_at: int, at: int, size: int) -> int:
+        """Position after ``size`` argument bytes at ``at``; corrupt when the pickle ends first."""
+        stop = at + size
+        if stop > self.end:
+            self.corrupt(f"pickle ends inside the opcode at byte {opcode_at}", opcode_at)
+        return stop
+
+    def uint(self, opcode_at: int, at: int, size: int, signed: bool = False) -> int:
+        self.need(opcode_at, at, size)
+        fmt = _INT_FORMATS[size]
+        return struct.unpack_from(fmt.lower() if signed else fmt, self.buf, at)[0]
+
+    def line(self, at: int, opcode_at: int) -> int:
+        """Position of the newline ending the line that starts at ``at``."""
+        newline = self.buf.find(b"\n", at, self.end)
+        if newline < 0:
+            self.corrupt(f"no newline after the opcode at byte {opcode_at}", opcode_at)
+        return newline
+
+    def text(self, start: int, stop: int, encoding: str = "utf-8") -> str:
+        return str(self.buf[start:stop], encoding, "surrogatepass")
+
+    def run(self) -> _ScanResult:
+        result = self.walk_plain()
+        if result is None:  # a STACK_GLOBAL: walk again, tracking the strings it may name
+            self.seen, self.track, self.outside_torch = [], True, set()
+            result = self.walk_tracked()
+        return result
+
+    def walk_plain(self) -> _ScanResult | None:
+        """The common case, no STACK_GLOBAL: skip every argument but globals' and memo indices.
+
+        Returns None at the first STACK_GLOBAL.
+        """
+        buf, end, kinds, skips = self.buf, self.end, _KIND, _SKIP
+        pos = self.pos
+        while pos < end:
+            op = buf[pos]
+            kind = kinds[op]
+            if kind == _K_SKIP:
+                pos += skips[op]
+            elif kind == _K_COUNTED:
+                width = skips[op]
+                if pos + 1 + width > end:
+                    self.corrupt(f"pickle ends inside the opcode at byte {pos}", pos)
+                pos += 1 + width + _UNPACK[width](buf, pos + 1)[0]
+            elif kind == _K_LONG_BINPUT:
+                if pos + 5 > end:
+                    self.corrupt(f"pickle ends inside the opcode at byte {pos}", pos)
+                index = _UNPACK[4](buf, pos + 1)[0]
+                if index > pos + 1024:
+                    raise _MemoBomb(f"memo index {index} at byte {pos} is out of range")
+                pos += 5
+            elif kind == _K_STOP:
+                return self.result(pos + 1)
+            elif kind == _K_STACK_GLOBAL:
+                return None
+            else:
+                pos = self.special(op, pos)
+        return self.ran_out(pos)
+
+    def walk_tracked(self) -> _ScanResult:
+        buf, end = self.buf, self.end
+        fixed, special = _FIXED, _SPECIAL_TRACKED
+        pos = self.pos
+        recent = self.recent
+        while pos < end:
+            op = buf[pos]
+            size = fixed[op]
+            if size >= 0 and not special[op]:
+                pos += 1 + size
+                recent[0], recent[1] = recent[1], None
+                continue
+            if op == _STOP:
+                return self.result(pos + 1)
+            pos = self.special(op, pos)
+        return self.ran_out(pos)
+
+    def result(self, end: int) -> _ScanResult:
+        names = {_OPCODE_NAMES[op] for op in self.outside_torch}
+        return _ScanResult(self.seen, end, self.protocol, names)
+
+    def ran_out(self, pos: int) -> NoReturn:
+        if pos > self.end:
+            self.corrupt(f"pickle ends inside an opcode before byte {self.end}", self.end)
+        self.corrupt("pickle exhausted before seeing STOP", self.end)
+
+    def special(self, op: int, at: int) -> int:
+        """Handle one opcode that needs more than skipping; returns the next position."""
+        arg = at + 1
+        size = _FIXED[op]
+        if size == -1:
+            self.corrupt(f"at position {at}, opcode {bytes([op])!r} unknown", at)
+        if size >= 0:
+            after = self.need(at, arg, size)
+        elif op in _COUNTED:
+            width, signed = _COUNTED[op]
+            count = self.uint(at, arg, width, signed)
+            if count < 0:
+                self.corrupt(f"negative byte count at byte {at}", at)
+            after = self.need(at, arg + width, count)
+        else:
+            after = self.line(arg, at)
+            if _LINES[op] == 2:
+                after = self.line(after + 1, at)
+            after += 1
         found: str | None = None
-        if name in ("GLOBAL", "INST"):
-            module, _, attr = str(arg).partition(" ")
-            found = _python3_name(module, attr)
-        elif name == "STACK_GLOBAL" and len(recent) >= 2:
-            module, attr = recent[-2], recent[-1]
-            if isinstance(module, str) and isinstance(attr, str):
-                found = _python3_name(module, attr)
+        pushed: Any = None
+        if op not in TORCH_OPCODES:
+            self.outside_torch.add(op)
+        if op == _PROTO:
+            self.protocol = self.buf[arg]
+        if op == _GLOBAL or op == _INST:
+            found = self.global_name(arg, after, at, strict=op == _GLOBAL)
+        elif op == _STACK_GLOBAL:
+            found = self.stack_global_name()
         if found is not None:
-            seen.append(found)
-            if allowed is not None:
-                _check_global(found, allowed, path)
-        if allowed is not None and name in ("INST", "OBJ", "EXT1", "EXT2", "EXT4"):
+            self.seen.append(found)
+            if self.allowed is not None:
+                _check_global(found, self.allowed, self.path)
+        if self.allowed is not None and op in _FORBIDDEN:
+            name = _OPCODE_NAMES[op]
             raise UnsafeCheckpointError(
                 found or f"{name} opcode",
-                path=path,
+                path=self.path,
                 detail=f"the {name} opcode builds objects outside the allow-list",
             )
-        if name in ("FRAME", "PROTO"):
-            continue  # framing only; may fall between STACK_GLOBAL's two strings
-        if name in ("PUT", "BINPUT", "LONG_BINPUT"):
-            if int(arg) > _pos + 1024:
+        if op in _NO_PUSH:
+            return after
+        if op in _PUTS:
+            index = self.memo_index(op, arg, after, at)
+            if index > at + 1024:
                 # The C unpickler sizes its memo to the index: LONG_BINPUT 2**31 asks for
                 # gigabytes. A real pickle numbers its memo from 0, never past its own length.
-                raise _MemoBomb(f"memo index {int(arg)} at byte {_pos} is out of range")
-            memo[int(arg)] = recent[-1] if recent else None
-        elif name == "MEMOIZE":
-            memo[len(memo)] = recent[-1] if recent else None
-        elif name in ("GET", "BINGET", "LONG_BINGET"):
-            recent.append(memo.get(int(arg)))
-        elif name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
-            recent.append(arg)
-        else:
-            recent.append(None)
-        del recent[:-2]
-    return seen
+                raise _MemoBomb(f"memo index {index} at byte {at} is out of range")
+            if self.track:
+                self.memo[index] = self.recent[1]
+            return after
+        if op == _MEMOIZE:
+            if self.track:
+                self.memo[len(self.memo)] = self.recent[1]
+            return after
+        if op in _GETS:
+            pushed = self.memo.get(self.memo_index(op, arg, after, at)) if self.track else None
+        elif op == _UNICODE:
+            pushed = (arg, after - 1, op)
+        elif op in _STRINGS:
+            pushed = (arg + _COUNTED[op][0], after, op)
+        self.recent[0], self.recent[1] = self.recent[1], pushed
+        return after
+
+    def memo_index(self, op: int, arg: int, after: int, at: int) -> int:
+        size = _FIXED[op]
+        if size > 0:
+            return self.uint(at, arg, size)
+        try:
+            return int(self.text(arg, after - 1, "ascii"))
+        except ValueError:
+            self.corrupt(f"memo index at byte {at} is not a number", at)
+
+    def global_name(self, arg: int, after: int, at: int, *, strict: bool) -> str | None:
+        """``module.name`` of GLOBAL / INST, decoded as the C unpickler decodes it (UTF-8)."""
+        split = self.buf.find(b"\n", arg, after)
+        try:
+            module, name = self.text(arg, split), self.text(split + 1, after - 1)
+        except UnicodeDecodeError:
+            if strict:
+                self.corrupt(f"global name at byte {at} is not UTF-8", at)
+            return None
+        return _python3_name(module, name)
+
+    def stack_global_name(self) -> str | None:
+        names = []
+        for value in self.recent:
+            if value is None:
+                return None
+            start, stop, op = value
+            try:
+                codec = "raw-unicode-escape" if op == _UNICODE else "utf-8"
+                text = self.text(start, stop, codec)
+            except UnicodeDecodeError:
+                return None
+            names.append(text)
+        return _python3_name(names[0], names[1])
+
+
+def _scan_pickle(
+    buf: Any, pos: int, end: int, allowed: dict[str, Any] | None, path: object = None
+) -> _ScanResult:
+    """Walk the pickle at ``buf[pos:end]`` (bytes or mmap) without running it.
+
+    Lists its globals; with ``allowed`` given, the first unsafe global or opcode raises
+    :class:`UnsafeCheckpointError` at once, so a file both malicious and corrupt is reported as
+    malicious. A memo index far past the pickle's length raises :class:`_MemoBomb`; a malformed
+    pickle :class:`_ScanCorrupt`, whose ``pos`` is where the walk stopped.
+    """
+    return _PickleWalk(buf, pos, end, allowed, path).run()
+
+
+def _scan(file: BinaryIO, allowed: dict[str, Any] | None, path: object = None) -> list[str]:
+    """:func:`_scan_pickle` from ``file``'s position; leaves the position unchanged."""
+    start = file.tell()
+    with _pickle_bytes(file) as (buf, end):
+        return _scan_pickle(buf, start, end, allowed, path).globals
+
+
+@contextmanager
+def _pickle_bytes(file: BinaryIO) -> Iterator[tuple[Any, int]]:
+    """The bytes ``file`` reads from, indexed by its positions, and where its data ends.
+
+    A BytesIO shares its bytes (no copy); a :class:`_BoundedReader` over a file is mapped.
+    """
+    if isinstance(file, io.BytesIO):
+        data = file.getvalue()
+        yield data, len(data)
+    elif isinstance(file, _BoundedReader):
+        if os.fstat(file.fileno()).st_size == 0:
+            yield b"", 0
+            return
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            yield mapped, min(file.limit, len(mapped))
+    else:
+        raise TypeError(f"cannot scan a pickle from {type(file).__name__}")
 
 
 def _load_pickle(
@@ -646,22 +965,36 @@ def _load_pickle(
     path: object = None,
 ) -> Any:
     """Scan, then decode one pickle from ``file``'s current position; unsafe beats corrupt."""
+    return _load_pickle_scanned(file, allowed, persistent_load, path)[0]
+
+
+def _load_pickle_scanned(
+    file: BinaryIO,
+    allowed: dict[str, Any],
+    persistent_load: Callable[[Any], Any] | None = None,
+    path: object = None,
+) -> tuple[Any, _ScanResult]:
+    """:func:`_load_pickle`, also returning what the opcode walk found.
+
+    Only the opcodes the walk has seen reach the C unpickler: when the walk stops on a
+    malformed opcode, the unpickler gets the pickle cut there (a global it names might still
+    be refused as unsafe, but no memo index the walk has not checked is ever read).
+    """
     start = file.tell()
-    scan_error: Exception | None = None
-    try:
-        _scan(file, allowed, path)
-    except (UnsafeCheckpointError, _MemoBomb):
-        raise
-    except CheckpointFormatError as exc:
-        scan_error = exc
-    except _FORMAT_ERRORS as exc:
-        scan_error = exc
+    scan_error: _ScanCorrupt | None = None
+    with _pickle_bytes(file) as (buf, end):
+        try:
+            scan = _scan_pickle(buf, start, end, allowed, path)
+        except _ScanCorrupt as exc:
+            scan_error = exc
+            scan = _ScanResult([], exc.pos)
     file.seek(start)
+    source = file if scan_error is None else _BoundedReader(file, scan.end)
     try:
         unpickler = _MetadataUnpickler(
-            file, allowed=allowed, persistent_load=persistent_load, path=path
+            source, allowed=allowed, persistent_load=persistent_load, path=path
         )
-        return unpickler.load()
+        obj = unpickler.load()
     except (UnsafeCheckpointError, CheckpointFormatError):
         raise
     except _FORMAT_ERRORS as exc:
@@ -669,6 +1002,9 @@ def _load_pickle(
         raise CheckpointFormatError(
             f"corrupt pickle ({type(problem).__name__}: {problem})"
         ) from exc
+    if scan_error is not None:  # cannot happen: the cut pickle has no STOP
+        raise CheckpointFormatError(f"corrupt pickle (_ScanCorrupt: {scan_error})")
+    return obj, scan
 
 
 class _BoundedReader(io.RawIOBase):
@@ -679,6 +1015,14 @@ class _BoundedReader(io.RawIOBase):
         super().__init__()
         self._file = file
         self._limit = limit
+
+    @property
+    def limit(self) -> int:
+        """The position no read may pass."""
+        return self._limit
+
+    def fileno(self) -> int:
+        return self._file.fileno()
 
     def readable(self) -> bool:
         return True
@@ -846,7 +1190,29 @@ def _find_data_pkl(infos: list[zipfile.ZipInfo], path: object) -> zipfile.ZipInf
     return candidates[0]
 
 
+@dataclass
+class _ZipDecoded:
+    """A torch zip checkpoint's decoded graph (stubs) with what was found on the way."""
+
+    obj: Any
+    infos: list[zipfile.ZipInfo]
+    prefix: str  # the archive folder with its slash, e.g. "archive/"
+    scan: _ScanResult
+
+
 def _read_zip(path: str | os.PathLike[str], allowed: dict[str, Any]) -> Any:
+    return _decode_zip(path, allowed).obj
+
+
+def _decode_zip(
+    path: str | os.PathLike[str],
+    allowed: dict[str, Any],
+    on_storage: Callable[[_StorageRef], None] | None = None,
+) -> _ZipDecoded:
+    """Decode ``data.pkl`` to stubs and check every storage it names against the archive.
+
+    ``on_storage`` sees each storage reference as the pickle loads it, in order.
+    """
     with open_regular_file(path) as f:
         with zipfile.ZipFile(f) as zf:
             infos = _zip_infos(zf, path)
@@ -859,9 +1225,16 @@ def _read_zip(path: str | os.PathLike[str], allowed: dict[str, Any]) -> Any:
                 )
             with zf.open(data_pkl) as member:
                 data = member.read(MAX_PICKLE_BYTES + 1)
-    prefix = data_pkl.filename[: -len("data.pkl")] + "data/"
-    table = _StorageTable(legacy=False, key_prefix=prefix)
-    obj = _load_pickle(io.BytesIO(data), allowed, table.load, path)
+    prefix = data_pkl.filename[: -len("data.pkl")]
+    table = _StorageTable(legacy=False, key_prefix=prefix + "data/")
+
+    def load_storage(pid: Any) -> _StorageRef:
+        ref = table.load(pid)
+        if on_storage is not None:
+            on_storage(ref)
+        return ref
+
+    obj, scan = _load_pickle_scanned(io.BytesIO(data), allowed, load_storage, path)
     sizes = {info.filename: info.file_size for info in infos}
     for key, ref in table.storages.items():
         if key not in sizes:
@@ -872,7 +1245,7 @@ def _read_zip(path: str | os.PathLike[str], allowed: dict[str, Any]) -> Any:
                 f"storage shorter than its tensor claims: record {key!r} holds {sizes[key]} "
                 f"bytes, the pickle declares {needed}"
             )
-    return obj
+    return _ZipDecoded(obj, infos, prefix, scan)
 
 
 # --------------------------------------------------------------------------- legacy files
@@ -961,16 +1334,24 @@ def read_torch_metadata(
     """
     allowed = _allowed_map(allowed_globals)
     kind = detect_format(path)
+    if kind == "torch-zip":
+        return _reading(path, lambda: _read_zip(path, allowed))
+    if kind == "torch-legacy":
+        return _reading(path, lambda: _read_legacy(path, allowed))
+    raise CheckpointFormatError(f"is a {kind} checkpoint, not a torch.save file", path=path)
+
+
+_T = TypeVar("_T")
+
+
+def _reading(path: str | os.PathLike[str], read: Callable[[], _T]) -> _T:
+    """``read()``, its errors as :func:`read_torch_metadata` raises them (with the path)."""
     try:
-        if kind == "torch-zip":
-            return _read_zip(path, allowed)
-        if kind == "torch-legacy":
-            return _read_legacy(path, allowed)
+        return read()
     except (CheckpointFormatError, UnsafeCheckpointError) as exc:
         raise _with_path(exc, path) from exc.__cause__
     except _FORMAT_ERRORS + (OSError,) as exc:  # OSError: zipfile seeks to offsets a lie gave
         raise CheckpointFormatError(f"corrupt checkpoint ({exc})", path=path) from exc
-    raise CheckpointFormatError(f"is a {kind} checkpoint, not a torch.save file", path=path)
 
 
 def scan_pickle_globals(path: str | os.PathLike[str]) -> list[str]:
