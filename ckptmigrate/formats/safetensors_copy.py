@@ -2,7 +2,8 @@
 
 A rename or drop changes only the header; the data of each kept tensor moves with
 ``os.copy_file_range`` from wherever it lies (one file, or the shards of a set), so no tensor
-passes through Python. Tied names (one stub under several keys) are stored once and recorded as
+passes through Python, and the disk writes behind the copy (:class:`~.atomic.Writeback`).
+Tied names (one stub under several keys) are stored once and recorded as
 ``ckptmigrate.aliases``, as :mod:`.safetensors_file` does.
 
 >>> write_safetensors_copy("new.safetensors", [("w", stub)], {id(stub): (src, 1024)}, {})  # doctest: +SKIP
@@ -16,7 +17,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_path
+from .atomic import Writeback, atomic_fd
 from .detect import open_regular_file
 from .safetensors_file import ALIASES
 from .tensorinfo import SAFETENSORS_DTYPES, TensorStub
@@ -73,20 +74,26 @@ def write_safetensors_copy(
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors pads it
     head = struct.pack("<Q", len(raw)) + raw
     copied = through_python = 0
-    with atomic_path(dst) as tmp:
-        with open(tmp, "wb") as out:
-            out.write(head)
-            out.flush()
-            opened: dict[Path, Any] = {}
-            try:
-                for src, offset, position, nbytes in copies:
-                    if src not in opened:
-                        opened[src] = open_regular_file(src)
-                    through_python += copy_range(
-                        opened[src].fileno(), offset, out.fileno(), len(head) + position, nbytes
-                    )
-                    copied += nbytes
-            finally:
-                for f in opened.values():
-                    f.close()
+    with atomic_fd(dst) as out:
+        _pwrite_all(out, head, 0)
+        writeback = Writeback(out)
+        opened: dict[Path, Any] = {}
+        try:
+            for src, offset, position, nbytes in copies:
+                if src not in opened:
+                    opened[src] = open_regular_file(src)
+                through_python += copy_range(
+                    opened[src].fileno(), offset, out, len(head) + position, nbytes, writeback
+                )
+                copied += nbytes
+        finally:
+            for f in opened.values():
+                f.close()
     return copied, through_python
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
