@@ -32,7 +32,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from packaging.version import Version
 
@@ -44,10 +44,6 @@ from .ops import DropHparam, DropKeys, Op, RenameHparam, RenameKeys, RenamePrefi
 from .schema import Schema
 from .stamp import make_stamp
 from .upgrade import check_belongs, upgrade
-
-if TYPE_CHECKING:
-    from .formats.torchzip import ZipGraph
-    from .formats.zipwriter import TorchZipWriter
 
 __all__ = ["KEY_OPS", "FileUpgrade", "upgrade_file", "upgrade_stubs", "write_streamed"]
 
@@ -306,31 +302,10 @@ def _rewrite_bin_shard(graph: Any, dst: Path, entries: list[tuple[str, Any]]) ->
     metadata = getattr(graph.obj, "_metadata", None)
     if metadata is not None:
         obj._metadata = metadata  # type: ignore[attr-defined]
-    writer = _write_graph(dst, graph, obj)
+    from .formats.torchzip import write_zip_graph
+
+    writer = write_zip_graph(dst, graph, obj)
     return writer.bytes_copied, writer.bytes_through_python
-
-
-def _write_graph(dst: Path, graph: ZipGraph, obj: Any) -> TorchZipWriter:
-    """``torchzip.write_zip_graph``'s archive (a new ``data.pkl``, the storages it references
-    and the other records, copied as stored), written by :func:`.zipwriter.write_zip_copy`:
-    the temporary is not truncated and the disk writes behind the copy, so the fsync before
-    the rename waits for little. Raises ``NotReplayable`` before writing anything."""
-    from .formats.torchzip import dump_graph
-    from .formats.zipwriter import write_zip_copy
-
-    data, keys = dump_graph(obj, graph)
-    used = set(keys)
-    data_prefix = graph.prefix + "data/"
-    depth = graph.prefix.count("/") + 1
-    members: list[tuple[str, Any]] = []
-    for name, record in graph.records.items():
-        if name == graph.prefix + "data.pkl":
-            members.append((name, data))
-        elif name.startswith(data_prefix) and name.count("/") == depth and name not in used:
-            continue  # a storage only dropped keys referenced
-        else:
-            members.append((name, record))
-    return write_zip_copy(dst, graph.path, members)
 
 
 def _upgrade_sharded_loaded(
@@ -419,7 +394,7 @@ def _try_stream(
 ) -> FileUpgrade | None:
     """Upgrade a single file by copying tensor bytes, or return None (nothing written)."""
     if fmt == "torch-zip" and dst.suffix != ".safetensors":
-        from .formats.torchzip import NotReplayable, read_zip_graph
+        from .formats.torchzip import NotReplayable, read_zip_graph, write_zip_graph
 
         graph = read_zip_graph(src, allowed_globals=names)
         ckpt = _with_version(split(graph.obj, path=src), schema, from_version, src)
@@ -427,7 +402,7 @@ def _try_stream(
         if new is not None and new.optimizer is None:
             result = _result(src, dst, fmt, ckpt, new, schema, to)
             try:
-                writer = _write_graph(dst, graph, assemble(new, _stamp_of(new)))
+                writer = write_zip_graph(dst, graph, assemble(new, _stamp_of(new)))
             except NotReplayable:
                 pass
             else:

@@ -164,24 +164,6 @@ def test_safetensors_rename_streams_header_and_bytes(tmp_path):
 # ---------------------------------------------------------------- durable writing at disk speed
 
 
-def test_streamed_archive_is_byte_identical_to_write_zip_graph(old_file, tmp_path):
-    """streaming writes through zipwriter.write_zip_copy; torchzip.write_zip_graph is the
-    reference layout (same members, same order, same bytes)."""
-    from ckptmigrate.formats.torchzip import read_zip_graph, write_zip_graph
-    from ckptmigrate.layout import assemble, split
-    from ckptmigrate.streaming import _write_graph, upgrade_stubs
-
-    graph = read_zip_graph(old_file)
-    new = upgrade_stubs(split(graph.obj, path=old_file), _schema())
-    assert new is not None
-    obj = assemble(new, {"schema": "net", "version": "2.0.0"})
-    ours, reference = tmp_path / "ours.pth", tmp_path / "reference.pth"
-    writer = _write_graph(ours, graph, obj)
-    write_zip_graph(reference, graph, obj)
-    assert ours.read_bytes() == reference.read_bytes()
-    assert writer.bytes_copied > 0 and writer.bytes_through_python == 0
-
-
 def test_the_temporary_is_never_truncated_and_fsynced_before_the_rename(
     old_file, tmp_path, monkeypatch
 ):

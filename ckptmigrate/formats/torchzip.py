@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
-from .atomic import atomic_path
 from .detect import open_regular_file
 from .pickle_meta import (
     MAX_PICKLE_BYTES,
@@ -42,7 +41,7 @@ from .pickle_meta import (
     read_zip_records,
 )
 from .tensorinfo import TensorStub
-from .zipwriter import TorchZipWriter
+from .zipwriter import TorchZipWriter, write_zip_copy
 
 __all__ = ["ZipGraph", "NotReplayable", "read_zip_graph", "write_zip_graph"]
 
@@ -201,23 +200,21 @@ def write_zip_graph(dst: str | os.PathLike[str], graph: ZipGraph, obj: Any) -> T
 
     Records other than ``data.pkl`` and the storages (``byteorder``, ``version``,
     ``.data/serialization_id``...) are copied as they are; storages nothing references are left
-    out. Returns the writer, whose ``bytes_copied`` / ``bytes_through_python`` tell what moved.
+    out. The archive goes through :func:`.zipwriter.write_zip_copy` (the temporary is not
+    truncated, the disk writes behind the copy). Raises ``NotReplayable`` before writing
+    anything. Returns the writer, whose ``bytes_copied`` / ``bytes_through_python`` tell what
+    moved.
     """
     data, keys = dump_graph(obj, graph)
     used = set(keys)
     data_prefix = graph.prefix + "data/"
-    with atomic_path(dst) as tmp:
-        with open_regular_file(graph.path) as src, open(tmp, "wb") as out:
-            writer = TorchZipWriter(out.fileno())
-            for name, record in graph.records.items():
-                if name == graph.prefix + "data.pkl":
-                    writer.add_bytes(name, data)
-                elif (
-                    name.startswith(data_prefix) and name.count("/") == graph.prefix.count("/") + 1
-                ):
-                    if name in used:
-                        writer.copy_member(name, src.fileno(), record)
-                else:
-                    writer.copy_member(name, src.fileno(), record)
-            writer.close()
-    return writer
+    depth = graph.prefix.count("/") + 1
+    members: list[tuple[str, Any]] = []
+    for name, record in graph.records.items():
+        if name == graph.prefix + "data.pkl":
+            members.append((name, data))
+        elif name.startswith(data_prefix) and name.count("/") == depth and name not in used:
+            continue  # a storage only dropped keys referenced
+        else:
+            members.append((name, record))
+    return write_zip_copy(dst, graph.path, members)
