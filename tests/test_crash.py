@@ -205,7 +205,7 @@ def test_sigkill_of_a_safetensors_upgrade_at_each_step(
         if child != target:
             child.unlink()
     specs = _spread(events, len(events))
-    assert len(specs) >= 8
+    assert len(specs) >= 5  # link the backup, fsync, replace, replaced, fsync the folder
     for spec in specs:
         status = _killed_child(spec, lambda: upgrade_in_place(target, schema))
         assert os.WIFSIGNALED(status), spec
@@ -218,7 +218,7 @@ def test_sigkill_of_a_safetensors_upgrade_at_each_step(
                 child.unlink()
 
 
-@pytest.mark.parametrize("spec", ["write:7", "replaced:2"])
+@pytest.mark.parametrize("spec", ["write:7", "replaced:1"])  # the backup is a link: no replace
 def test_a_real_cli_process_killed_mid_upgrade_leaves_a_whole_file(
     spec: str, tmp_path: Path
 ) -> None:
@@ -237,7 +237,7 @@ def test_a_real_cli_process_killed_mid_upgrade_leaves_a_whole_file(
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     which = _check_survivor(target, old, "3.0.0", expected_new())
-    assert which == ("new" if spec == "replaced:2" else "old")
+    assert which == ("new" if spec == "replaced:1" else "old")
 
 
 # ----------------------------------------------------------------------------- injected faults
@@ -307,8 +307,9 @@ def _failing_os(name: str, make: Callable[[], BaseException], nth: int = 1):
     return wrapper
 
 
-# An in-place upgrade first writes its backup (fsync #1, rename #1, folder fsync #2), then the
-# file (fsync #3, rename #2); a stamp writes the file only.
+# These faults run where hard links are refused (``os.link`` fails), so an in-place upgrade
+# first copies its backup (fsync #1, rename #1, folder fsync #2), then writes the file (fsync
+# #3, rename #2); a stamp writes the file only. The linked backup has its own tests below.
 def _main_fsync(kind: str) -> int:
     return 3 if kind == "upgrade" else 1
 
@@ -362,6 +363,10 @@ def _(mp: pytest.MonkeyPatch, kind: str) -> None:
     mp.setattr(os, "replace", _failing_os("replace", _eio, 1))
 
 
+def _no_links(src: object, dst: object, **kwargs: object) -> None:
+    raise OSError(errno.EPERM, "hard links refused here")
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 @pytest.mark.parametrize("kind", ["upgrade", "stamp"])
 def test_an_injected_fault_leaves_the_old_file_and_no_litter(
@@ -381,6 +386,7 @@ def test_an_injected_fault_leaves_the_old_file_and_no_litter(
         new_version, new_sd = "1.0.0", big_sd()
         action = lambda: stamp_in_place(target, "toy", "1.0.0")  # noqa: E731
     old = target.read_bytes()
+    monkeypatch.setattr(os, "link", _no_links)
     inject(monkeypatch, kind)
     with pytest.raises((OSError, KeyboardInterrupt)):
         action()
@@ -444,3 +450,47 @@ def test_a_new_file_keeps_the_permissions_of_the_old_one(tmp_path: Path) -> None
     target.chmod(0o640)
     upgrade_in_place(target, toy_schema(), backup=False)
     assert target.stat().st_mode & 0o777 == 0o640
+
+
+# ----------------------------------------------------------------------------- linked backups
+
+
+def test_the_backup_is_a_hard_link_that_keeps_the_old_bytes(tmp_path: Path) -> None:
+    target = tmp_path / "model.pth"
+    cm.save(target, big_sd(), schema="toy", version="1.0.0")
+    old, old_inode = target.read_bytes(), target.stat().st_ino
+    outcome = upgrade_in_place(target, toy_schema())
+    backup = Path(outcome.backup)
+    assert backup.stat().st_ino == old_inode and backup.stat().st_nlink == 1
+    assert backup.read_bytes() == old  # the upgrade renamed a new file over the name
+    assert target.stat().st_ino != old_inode
+    assert _check_survivor(target, old, "3.0.0", expected_new()) == "new"
+
+
+def test_a_failed_write_after_the_linked_backup_leaves_both_names_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "model.pth"
+    cm.save(target, big_sd(), schema="toy", version="1.0.0")
+    old = target.read_bytes()
+    monkeypatch.setattr(os, "fsync", _failing_os("fsync", _eio, 1))  # the new file's fsync
+    with pytest.raises(OSError):
+        upgrade_in_place(target, toy_schema())
+    monkeypatch.undo()
+    assert target.read_bytes() == old and _litter(tmp_path) == []
+    assert [p.read_bytes() == old for p in tmp_path.glob("*.bak")] == [True]
+    upgrade_in_place(target, toy_schema())  # the rerun keeps the identical backup
+    assert _check_survivor(target, old, "3.0.0", expected_new()) == "new"
+    assert [p.read_bytes() == old for p in tmp_path.glob("*.bak")] == [True]
+
+
+def test_a_set_backup_links_its_shards(tmp_path: Path) -> None:
+    from ckptmigrate.inplace import _write_backup
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"a" * 100)
+    (folder / "b.bin").write_bytes(b"b" * 100)
+    kept = _write_backup(folder, "1.0.0")
+    assert sorted(p.name for p in kept.iterdir()) == ["a.bin", "b.bin"]
+    assert all((kept / n).stat().st_ino == (folder / n).stat().st_ino for n in ("a.bin", "b.bin"))
