@@ -85,26 +85,30 @@ def make_big(path: Path) -> None:
     cm.save(path, sd, schema="bench", version="1.0.0", hparams={"d": 1024})
 
 
-def make_sharded(folder: Path, shards: int = 4, per_shard: int = 128) -> None:
-    """A 2 GB safetensors set (4 x 512 MB), stamped 1.0.0 in its index."""
+def make_sharded(folder: Path, kind: str, shards: int = 4, per_shard: int = 128) -> None:
+    """A 2 GB set (4 x 512 MB) of safetensors or torch.save ``.bin`` shards, stamped 1.0.0."""
     import torch
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(1)
+    ext, base = (".safetensors", "model") if kind == "safetensors" else (".bin", "pytorch_model")
     weight_map = {}
     for s in range(shards):
-        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        name = f"{base}-{s + 1:05d}-of-{shards:05d}{ext}"
         part = {
             f"blocks.{s * per_shard + i}.weight": torch.randn(1024, 1024, generator=gen)
             for i in range(per_shard)
         }
-        save_file(part, str(folder / name), metadata={"format": "pt"})
+        if kind == "safetensors":
+            save_file(part, str(folder / name), metadata={"format": "pt"})
+        else:
+            torch.save(part, folder / name)
         weight_map.update((k, name) for k in part)
         del part
     stamp = {"schema": "bench", "version": "1.0.0"}
     index = {"metadata": {"ckptmigrate.stamp": stamp}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / f"{base}{ext}.index.json").write_text(json.dumps(index))
 
 
 def make_small_files(folder: Path, n: int = 1000) -> None:
@@ -184,12 +188,12 @@ def bench_load(big: Path) -> dict:
     return {"torch_load_mmap_s": base, "cm_load_mmap_s": ours, "cm_load_default_s": ours_plain}
 
 
-def bench_sharded(folder: Path) -> dict:
+def bench_sharded(folder: Path, kind: str) -> dict:
     import ckptmigrate as cm
     from ckptmigrate.files import read_checkpoint
     from ckptmigrate.streaming import upgrade_file
 
-    other = DATA / "sharded-v2"
+    other = folder.with_name(folder.name + "-v2")
     t = time.perf_counter()
     result = upgrade_file(folder, other, bench_schema())
     upgrade_s = time.perf_counter() - t
@@ -197,16 +201,18 @@ def bench_sharded(folder: Path) -> dict:
     d = cm.diff(folder, other)
     diff_s = time.perf_counter() - t
     t = time.perf_counter()
-    read_checkpoint(folder)
+    read_checkpoint(folder, mmap=True)
     lazy_s = time.perf_counter() - t
     t = time.perf_counter()
-    full_diff(folder, other)
+    full_diff(folder, other, kind)
     load_s = time.perf_counter() - t
     total = sum(p.stat().st_size for p in folder.iterdir())
+    shutil.rmtree(other, ignore_errors=True)
     return {
+        "kind": kind,
         "set_bytes": total,
         "diff_s": diff_s,
-        "lazy_read_s": lazy_s,
+        "mapped_read_s": lazy_s,
         "full_load_s": load_s,
         "upgrade_s": upgrade_s,
         "upgrade_streamed": result.streamed,
@@ -214,14 +220,19 @@ def bench_sharded(folder: Path) -> dict:
     }
 
 
-def full_diff(a: Path, b: Path) -> list[str]:
-    """What a user would write without ckptmigrate: load every shard of both sets, compare."""
+def full_diff(a: Path, b: Path, kind: str) -> list[str]:
+    """What a user would write without ckptmigrate: load every shard of both sets, compare.
+
+    ``safetensors.torch.load_file`` maps the shards (it reads no tensor data until used);
+    ``torch.load`` of a ``.bin`` shard reads all of it.
+    """
+    import torch
     from safetensors.torch import load_file
 
     def load_set(folder: Path) -> dict:
         out = {}
-        for shard in sorted(folder.glob("*.safetensors")):
-            out.update(load_file(str(shard)))
+        for shard in sorted(folder.glob(f"*{'.safetensors' if kind == 'safetensors' else '.bin'}")):
+            out.update(load_file(str(shard)) if kind == "safetensors" else torch.load(shard))
         return out
 
     x, y = load_set(a), load_set(b)
@@ -319,6 +330,25 @@ def machine() -> str:
     )
 
 
+def sharded_lines(sh: dict) -> list[str]:
+    baseline = (
+        "`safetensors.torch.load_file` per shard, which maps them"
+        if sh["kind"] == "safetensors"
+        else "`torch.load` per shard, which reads them whole"
+    )
+    return [
+        f"### Sharded set, {sh['set_bytes'] / 1e9:.2f} GB (4 {sh['kind']} shards)",
+        "",
+        f"- `cm.diff(set, upgraded set)` (metadata only): {sh['diff_s'] * 1e3:.0f} ms",
+        f"- load both sets and compare ({baseline}): {sh['full_load_s'] * 1e3:.0f} ms, "
+        f"**{sh['full_load_s'] / sh['diff_s']:.1f}x** the diff",
+        f"- `read_checkpoint(set, mmap=True)`: {sh['mapped_read_s'] * 1e3:.0f} ms",
+        f"- streamed upgrade of the set to a new folder: {sh['upgrade_s']:.2f} s "
+        f"(streamed: {sh['upgrade_streamed']})",
+        "",
+    ]
+
+
 def report(r: dict) -> str:
     import torch
 
@@ -335,7 +365,7 @@ def report(r: dict) -> str:
         )
 
     s, b, c, cs = u["stream"], u["baseline"], u["cp"], u["cp_sync"]
-    ld, sh, sc, ch = r["load"], r["sharded"], r["scan"], r["chain"]
+    ld, shs, sc, ch = r["load"], r["sharded"], r["scan"], r["chain"]
     lines = [
         f"## Scale (issue 7): {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         "",
@@ -369,16 +399,7 @@ def report(r: dict) -> str:
         f"(**{100 * (ld['cm_load_mmap_s'] / ld['torch_load_mmap_s'] - 1):+.1f}%**, goal <= +5%)",
         f"- cm.load(schema=...) without mmap: {ld['cm_load_default_s'] * 1e3:.0f} ms",
         "",
-        f"### Sharded set, {sh['set_bytes'] / 1e9:.2f} GB (4 safetensors shards)",
-        "",
-        f"- `cm.diff(set, upgraded set)` (metadata only): {sh['diff_s'] * 1e3:.0f} ms",
-        f"- full load of both sets and compare (`safetensors.torch.load_file` per shard): "
-        f"{sh['full_load_s']:.2f} s, **{sh['full_load_s'] / sh['diff_s']:.0f}x** the diff",
-        f"- `read_checkpoint(set)` (tensors mapped lazily, not read): "
-        f"{sh['lazy_read_s'] * 1e3:.0f} ms",
-        f"- streamed upgrade of the set to a new folder: {sh['upgrade_s']:.2f} s "
-        f"(streamed: {sh['upgrade_streamed']})",
-        "",
+        *(line for sh in shs for line in sharded_lines(sh)),
         f"### Scan of {sc['files']} small files ({sc['behind']} behind)",
         "",
         f"- 1 worker: {sc['workers_1_s']:.2f} s; 8 threads: {sc['workers_8_s']:.2f} s",
@@ -415,10 +436,12 @@ def main() -> None:
         results["upgrade"] = bench_upgrade(big)
         results["load"] = bench_load(big)
         big.unlink()
-        make_sharded(DATA / "sharded")
-        results["sharded"] = bench_sharded(DATA / "sharded")
-        shutil.rmtree(DATA / "sharded")
-        shutil.rmtree(DATA / "sharded-v2", ignore_errors=True)
+        results["sharded"] = []
+        for kind in ("safetensors", "bin"):
+            folder = DATA / f"sharded-{kind}"
+            make_sharded(folder, kind)
+            results["sharded"].append(bench_sharded(folder, kind))
+            shutil.rmtree(folder)
         make_small_files(DATA / "small")
         results["scan"] = bench_scan(DATA / "small")
         results["chain"] = bench_chain()
