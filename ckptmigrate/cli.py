@@ -465,7 +465,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from .scan import scan
 
     with progress_bar("scanning") as progress:
-        rows = scan(args.dir, _schemas(args), workers=args.workers, progress=progress)
+        rows = scan(
+            args.dir,
+            _schemas(args),
+            workers=args.workers,
+            processes=None if args.threads is None else not args.threads,
+            progress=progress,
+        )
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
     else:
@@ -779,7 +785,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per file")
     p.add_argument("--fail-behind", action="store_true", help="exit 1 if any file is behind")
-    p.add_argument("--workers", type=int, default=None, help="parallel readers (default: 4/core)")
+    p.add_argument("--workers", type=int, default=None, help="parallel readers")
+    p.add_argument(
+        "--threads",
+        action="store_true",
+        default=None,
+        help="read with threads (good for network storage); default: worker processes for "
+        "64 files or more, one per core",
+    )
     _common(p, reads_files=False)
     p.set_defaults(func=cmd_scan)
 

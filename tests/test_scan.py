@@ -34,6 +34,24 @@ def test_scan_reports_version_behind_and_planned_steps_per_file(tmp_path):
     assert rows["broken.pth"].error and rows["broken.pth"].format is None
 
 
+def test_worker_processes_give_the_rows_threads_give(tmp_path):
+    for i in range(12):
+        version = "1.0.0" if i % 3 else "2.0.0"
+        path = tmp_path / f"t{i % 2}" / f"{i}.pth"
+        path.parent.mkdir(exist_ok=True)
+        cm.save(path, {"a.w": torch.zeros(i + 1)}, schema="net", version=version)
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "raw.pt")
+    seen = []
+    by_processes = scan(
+        tmp_path, [_schema()], workers=2, processes=True, progress=lambda *a: seen.append(a)
+    )
+    by_threads = scan(tmp_path, [_schema()], workers=2)
+    assert [r.to_dict() for r in by_processes] == [r.to_dict() for r in by_threads]
+    assert len(by_processes) == 14 and seen[-1] == (14, 14)
+    assert sum(1 for r in by_processes if r.behind) == 8
+
+
 def test_sharded_set_counts_as_one_checkpoint(tmp_path):
     save_file({"a.w": torch.zeros(3)}, str(tmp_path / "model-1.safetensors"))
     save_file({"a.v": torch.zeros(3)}, str(tmp_path / "model-2.safetensors"))
@@ -84,3 +102,16 @@ def test_cli_scan_json_and_fail_behind_exit_codes(tmp_path):
     (row,) = json.loads(out.stdout)
     assert row["behind"] is True and row["current"] == "2.0.0"
     assert subprocess.run([*base, "--fail-behind"], capture_output=True).returncode == 1
+
+
+def test_cli_scan_of_many_files_reads_them_in_processes_or_threads_alike(tmp_path, capsys):
+    from ckptmigrate import cli
+
+    for i in range(64):
+        cm.save(tmp_path / f"{i:02d}.pth", {"a.w": torch.zeros(1)}, schema="net", version="1.0.0")
+    outputs = []
+    for extra in ([], ["--threads"]):
+        assert cli.main(["scan", str(tmp_path), "--json", *extra]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 64
+    assert outputs[0][0]["version"] == "1.0.0"
