@@ -192,7 +192,7 @@ def _upgrade(
 ) -> UpgradeOutcome:
     from .api import save
     from .files import read_checkpoint
-    from .upgrade import apply_step, check_belongs
+    from .upgrade import check_belongs, run_plan
     from .version import parse_version
 
     ckpt = read_checkpoint(src, mmap=True, safe_globals=allowed_globals)
@@ -218,11 +218,7 @@ def _upgrade(
     in_place = dst is None
     if dry_run or (in_place and not plan and not newly_stamped):
         return outcome
-    work = ckpt.copy()
-    for done, planned in enumerate(plan, 1):
-        work = apply_step(work, planned, found)
-        if progress is not None:
-            progress(done, len(plan))
+    work = run_plan(ckpt, plan, found, progress=progress)
     target = src if dst is None else dst
     if in_place and backup:
         outcome.backup = str(_write_backup(src, version))

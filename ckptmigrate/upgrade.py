@@ -8,7 +8,7 @@ writes (and torch's version counters catch what slips past the guard).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -62,18 +62,38 @@ def upgrade(
     >>> old = cm.upgrade(new, schema, to="1.0.0")  # back, through inverse ops
     """
     version = check_belongs(ckpt, schema)
-    plan = schema.plan(version, to)
+    return run_plan(ckpt, schema.plan(version, to), schema, param_names=param_names)
+
+
+def run_plan(
+    ckpt: Checkpoint,
+    plan: Sequence[PlannedStep],
+    schema: Schema,
+    *,
+    param_names: Sequence[str] | None = None,
+    progress: Callable[[int, int], Any] | None = None,
+) -> Checkpoint:
+    """Apply a checked ``plan`` to a copy of ``ckpt``: what :func:`upgrade` does once planned.
+
+    ``progress(done, total)`` is called as steps finish (a composed run finishes at once).
+    """
     work = ckpt.copy()
     if not plan:
         return work
     followers = OptimizerFollowers.from_checkpoint(work, param_names)
+    done = 0
     for run in _runs(plan):
         composed = _apply_composed(work, run, schema, followers) if len(run) > 1 else None
         if composed is not None:
-            work = composed
+            work, done = composed, done + len(run)
+            if progress is not None:
+                progress(done, len(plan))
             continue
         for planned in run:
             work = apply_step(work, planned, schema, followers)
+            done += 1
+            if progress is not None:
+                progress(done, len(plan))
     followers.write_back(work)
     return work
 

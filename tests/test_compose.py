@@ -197,3 +197,18 @@ def test_a_newline_in_a_key_keeps_regex_semantics(monkeypatch):
     out = cm.upgrade(ckpt, schema)
     assert list(out.state_dict) == ["stage2.a", "stage0.b\nc"]  # `.` stops at the newline
     same(out, one_by_one(monkeypatch, ckpt, schema))
+
+
+def test_an_in_place_upgrade_composes_the_run_and_reports_progress(tmp_path, monkeypatch):
+    from ckptmigrate.inplace import migrate_file
+
+    target = tmp_path / "model.pth"
+    ckpt = chain_checkpoint()
+    cm.save(target, ckpt.state_dict, schema="chain", version="1", hparams=ckpt.hparams)
+    monkeypatch.setattr(upgrade_mod, "apply_step", None)  # a step run on its own would fail
+    seen = []
+    migrate_file(target, None, schemas=chain_schema(), progress=lambda *a: seen.append(a))
+    assert seen == [(8, 8)]
+    out = cm.load(target)
+    assert list(out.state_dict)[0] == "stage8.block0.w" and out.hparams["h3"] == 3
+    assert [h["to"] for h in out.history] == [str(v) for v in range(2, 10)]
