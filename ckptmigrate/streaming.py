@@ -378,7 +378,9 @@ def _upgrade_dcp(src: Path, dst: Path, schema: Schema, to: Any, from_version: An
 
     # plan (and refuse) from the metadata alone, before any tensor is read
     stubs = _with_version(dcp.read_dcp_metadata_checkpoint(src), schema, from_version, src)
-    schema.plan(check_belongs(stubs, schema, path=src), to)
+    if not schema.plan(check_belongs(stubs, schema, path=src), to):
+        dcp.stamp_dcp(src, dst, stubs)  # nothing to run: only the stamp file is (re)written
+        return _result(src, dst, "dcp", stubs, stubs, schema, to)
     ckpt = _with_version(dcp.read_dcp(src), schema, from_version, src)
     new = upgrade(ckpt, schema, to)
     dcp.write_dcp(dst, new)

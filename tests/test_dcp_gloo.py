@@ -256,6 +256,8 @@ def test_stamped_through_upgrade_then_upgraded_from_the_stamp(gloo_dir, tmp_path
     upgrade_file(gloo_dir, stamped, rename_drop_schema(), to="1.0.0", from_version="1.0.0")
     meta = read_metadata(stamped)
     assert (meta.schema, str(meta.version)) == ("lm", "1.0.0")
+    for name in (".metadata", "__0_0.distcp", "__1_0.distcp"):  # nothing to run: copied as is
+        assert (stamped / name).read_bytes() == (gloo_dir / name).read_bytes()
     _assert_values(read_checkpoint(stamped).state_dict, _expected())
     out = tmp_path / "upgraded"
     result = upgrade_file(stamped, out, rename_drop_schema())  # version from the stamp
