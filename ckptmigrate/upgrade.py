@@ -138,36 +138,34 @@ def _apply_composed(
     """Apply a run of prefix-rename/hparam steps with one pass over the keys, or return None.
 
     The result, history and optimizer state are those of applying the steps one by one.
-    None (nothing changed) when the composite cannot vouch for that: a step renames no key,
-    two keys collide, a key holds a newline; the step-by-step path then gives the exact error.
+    None (nothing changed) when the composite cannot vouch for that: a rename that renames no
+    key (it may have a check to make), two keys or two modules that collide, a key with a
+    newline, a module that would pass through the root; the step-by-step path then gives the
+    exact result or error.
     """
     step_ops = [_step_ops(planned) or [] for planned in run]
     rules = PrefixMap()
-    renaming: set[int] = set()
-    for i, ops in enumerate(step_ops):
-        for op in ops:
-            pair = op.prefix_rename()
-            if pair is not None:
-                rules.then(*pair, step=i)
-                renaming.add(i)
+    pairs = [pair for ops in step_ops for op in ops if (pair := op.prefix_rename()) is not None]
+    for n, pair in enumerate(pairs):  # each rename on its own: every one must rename a key
+        rules.then(*pair, step=n)
     keys = list(ckpt.state_dict)
     if rules.too_big or not all(isinstance(k, str) for k in keys) or "\n" in "".join(keys):
         return None
-    if ckpt.module_metadata and not all(
-        len(new) > 1 and new.endswith(".") for new, _ in rules.rules.values()
-    ):
-        return None  # modules follow only dot-aligned renames the same way composed
+    if ckpt.module_metadata and not all(len(new) > 1 and new.endswith(".") for _, new in pairs):
+        return None  # a module renamed to the root ("") merges into it one by one
     new_keys, fired = rules.apply(keys)
-    if fired != renaming or len(set(new_keys)) != len(new_keys):
+    if len(fired) != len(pairs) or len(set(new_keys)) != len(new_keys):
         return None
     try:
-        named_opts = followers._named() if followers.slots and renaming else []
+        named_opts = followers._named() if followers.slots and pairs else []
     except ParamNamesUnknown:
         return None
     modules = ckpt.module_metadata
     if modules:
         move = rules.module_renamer()
         modules = type(modules)((move(prefix), value) for prefix, value in modules.items())
+        if len(modules) != len(ckpt.module_metadata):
+            return None  # two modules became one: which value wins depends on the order
     # new containers for what the run changes; the rest is shared with ``ckpt``, left as it was
     result = replace(
         ckpt,

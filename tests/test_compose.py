@@ -212,3 +212,92 @@ def test_an_in_place_upgrade_composes_the_run_and_reports_progress(tmp_path, mon
     out = cm.load(target)
     assert list(out.state_dict)[0] == "stage8.block0.w" and out.hparams["h3"] == 3
     assert [h["to"] for h in out.history] == [str(v) for v in range(2, 10)]
+
+
+def _outcome(fn):
+    try:
+        out = fn()
+    except MigrationError as exc:
+        return str(exc)
+    return (
+        list(out.state_dict),
+        out.module_metadata,
+        out.hparams,
+        [{k: v for k, v in h.items() if k != "applied_at"} for h in out.history],
+    )
+
+
+def _schema_of(steps: list[list]) -> cm.Schema:
+    schema = cm.Schema("s", current=str(len(steps) + 1))
+    for i, ops in enumerate(steps, 1):
+        schema.add_migration(str(i), str(i + 1), ops)
+    return schema
+
+
+RP, SET = cm.ops.RenamePrefix, cm.ops.SetHparam
+
+
+@pytest.mark.parametrize(
+    ("steps", "keys", "modules"),
+    [
+        # one rename of a step finds the new layout: that step's error, not a silent pass
+        (
+            [[RP("enc.", "encoder."), RP("dec.", "decoder.")], [SET("x", 1)]],
+            ["enc.w", "decoder.w"],
+            None,
+        ),
+        # a rename that renames no key moves no module
+        (
+            [[RP("enc.", "encoder."), RP("dec.", "decoder.")], [SET("x", 1)]],
+            ["enc.w"],
+            ["", "enc", "dec"],
+        ),
+        # a module stripped to the root merges into it one by one
+        (
+            [[cm.ops.STRIP_DATAPARALLEL], [RP("", "model.")]],
+            ["module.fc.w"],
+            ["", "module", "module.fc"],
+        ),
+        # two modules that meet: the one-by-one order decides which value stays
+        ([[RP("a.", "b.")], [RP("c.", "b.")]], ["a.w", "c.k"], ["a", "c", "b"]),
+    ],
+)
+def test_composed_runs_agree_with_the_steps_in_corner_cases(monkeypatch, steps, keys, modules):
+    schema = _schema_of(steps)
+    metadata = {m: {"version": i} for i, m in enumerate(modules)} if modules else None
+    ckpt = cm.Checkpoint(
+        {k: torch.zeros(1) for k in keys}, schema="s", version="1", module_metadata=metadata
+    )
+    fast = _outcome(lambda: cm.upgrade(ckpt, schema))
+    assert fast == _outcome(lambda: one_by_one(monkeypatch, ckpt, schema))
+
+
+OPS = st.one_of(
+    st.builds(RP, PREFIX, PREFIX).filter(lambda op: op.old != op.new),
+    st.builds(
+        lambda old, new: cm.ops.RenameKeys(re.escape(old) + "(.*)", new + r"\1"), PREFIX, PREFIX
+    ),
+    st.builds(lambda v: SET("h", v), st.integers(0, 3)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(st.lists(OPS, min_size=1, max_size=2), min_size=2, max_size=5),
+    keys=st.lists(TEXT, max_size=6, unique=True),
+    modules=st.lists(st.text(alphabet="ab.", min_size=1, max_size=4), max_size=4, unique=True),
+)
+def test_composed_runs_agree_with_the_steps(steps, keys, modules):
+    schema = _schema_of(steps)
+    metadata = {"": {"v": -1}, **{m: {"v": i} for i, m in enumerate(modules)}}
+    ckpt = cm.Checkpoint(
+        {k: torch.zeros(1) for k in keys}, schema="s", version="1", module_metadata=metadata
+    )
+    fast = _outcome(lambda: cm.upgrade(ckpt, schema))
+    real = upgrade_mod._apply_composed
+    upgrade_mod._apply_composed = lambda *a: None
+    try:
+        slow = _outcome(lambda: cm.upgrade(ckpt, schema))
+    finally:
+        upgrade_mod._apply_composed = real
+    assert fast == slow
