@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import pickle
 import pickletools
+import struct
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -345,3 +346,81 @@ def test_a_big_memo_file_maps_like_torch(tmp_path: Path) -> None:
     ckpt = cm.load(path, schema=schema, mmap=True)
     assert list(ckpt.state_dict) == [f"layers.{i}.weight" for i in range(400)]
     assert torch.equal(ckpt.state_dict["layers.399.weight"], torch.full((2,), 399.0))
+
+
+# ---------------------------------------------------------------- frames (review findings)
+
+
+def _framed(frame: bytes, after: bytes) -> bytes:
+    return b"\x80\x04\x95" + struct.pack("<Q", len(frame)) + frame + after
+
+
+def test_an_opcode_that_runs_past_its_frame_is_corrupt_before_the_c_unpickler_sees_it() -> None:
+    # LONG1 says 10 bytes follow but the frame holds 2: the C unpickler drops the frame's tail
+    # and reads the rest as new opcodes (here a LONG_BINPUT 2**27: 2 GiB of memo).
+    frame = b"\x8a\x0aAB"
+    after = b"01234567\x8c\x05r" + struct.pack("<I", 2**27) + b"."
+    data = _framed(frame, after)
+    with pytest.raises(_ScanCorrupt, match="frame ends inside an opcode"):
+        _scan_pickle(data, 0, len(data), None)
+    with pytest.raises(CheckpointFormatError):
+        pickle_meta._load_pickle(io.BytesIO(data), pickle_meta._ALLOWED)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _framed(b"\x95" + struct.pack("<Q", 1) + b"N", b"."),  # a frame inside a frame
+        b"\x80\x04\x95" + struct.pack("<Q", 100) + b"N.",  # a frame past the pickle's end
+        _framed(b"Vab", b"c\n."),  # the newline lies outside the frame
+    ],
+)
+def test_broken_frames_are_corrupt(data: bytes) -> None:
+    with pytest.raises(_ScanCorrupt):
+        _scan_pickle(data, 0, len(data), None)
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_pickles_with_many_frames_walk_like_pickletools(protocol: int) -> None:
+    obj = {f"k{i}": ("x" * 300, i, [float(i)] * 20) for i in range(2000)}  # ~100 frames
+    data = pickle.dumps(obj, protocol=protocol)
+    assert data.count(b"\x95") > 10
+    assert _scan_pickle(data, 0, len(data), None).end == len(data)
+    assert pickle_meta._load_pickle(io.BytesIO(data), pickle_meta._ALLOWED) == obj
+
+
+# ---------------------------------------------------------------- mapped load edge cases
+
+
+def test_a_mapped_load_reports_what_torch_refuses_as_the_plain_load_does(tmp_path: Path) -> None:
+    src = tmp_path / "int.pth"
+    torch.save({"t": torch.arange(4)}, src)
+    bad = tmp_path / "int-requires-grad.pth"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(bad, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("data.pkl"):
+                assert data.count(b"\x89") == 1  # NEWFALSE: requires_grad
+                data = data.replace(b"\x89", b"\x88")  # an int tensor that requires grad
+            zout.writestr(info, data)
+    for mmap in (False, True):
+        with pytest.raises(CheckpointFormatError):
+            cm.load(bad, mmap=mmap)
+
+
+def test_a_file_without_byteorder_follows_the_default_load_endianness(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "w.pth"
+    torch.save({"w": torch.tensor([1.0, 2.0])}, src)
+    old = tmp_path / "no-byteorder.pth"  # as torch < 2.1 wrote it
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(old, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            if not info.filename.endswith("/byteorder"):
+                zout.writestr(info, zin.read(info))
+    ts = torch.serialization
+    monkeypatch.setattr(ts, "get_default_load_endianness", lambda: ts.LoadEndianness.BIG)
+    expected = torch.load(old, weights_only=True)["w"]
+    assert not torch.equal(expected, torch.tensor([1.0, 2.0]))  # byte-swapped, as asked
+    for mmap in (False, True):
+        assert torch.equal(cm.load(old, mmap=mmap).state_dict["w"], expected)

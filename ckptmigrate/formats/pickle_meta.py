@@ -657,7 +657,7 @@ _GETS = frozenset(_OP[n] for n in ("GET", "BINGET", "LONG_BINGET"))
 _STOP, _GLOBAL, _INST = _OP["STOP"], _OP["GLOBAL"], _OP["INST"]
 _STACK_GLOBAL, _MEMOIZE, _UNICODE = _OP["STACK_GLOBAL"], _OP["MEMOIZE"], _OP["UNICODE"]
 _NO_PUSH = frozenset(_OP[n] for n in ("FRAME", "PROTO"))  # framing only
-_PROTO = _OP["PROTO"]
+_PROTO, _FRAME = _OP["PROTO"], _OP["FRAME"]
 #: The opcodes torch's weights-only unpickler implements (torch/_weights_only_unpickler.py).
 TORCH_OPCODES = frozenset(
     _OP[n]
@@ -719,6 +719,10 @@ class _PickleWalk:
         self.buf = buf
         self.pos = pos
         self.end = end
+        # Inside a FRAME, no opcode may run past the frame's end: the C unpickler would drop
+        # the frame's tail and read on from the next bytes, out of step with this walk (the
+        # pure-Python unpickler refuses such a pickle, and so does the walk).
+        self.limit = end
         self.allowed = allowed
         self.path = path
         self.seen: list[str] = []
@@ -736,7 +740,7 @@ class _PickleWalk:
     def need(self, opcode_at: int, at: int, size: int) -> int:
         """Position after ``size`` argument bytes at ``at``; corrupt when the pickle ends first."""
         stop = at + size
-        if stop > self.end:
+        if stop > self.limit:
             self.corrupt(f"pickle ends inside the opcode at byte {opcode_at}", opcode_at)
         return stop
 
@@ -747,7 +751,7 @@ class _PickleWalk:
 
     def line(self, at: int, opcode_at: int) -> int:
         """Position of the newline ending the line that starts at ``at``."""
-        newline = self.buf.find(b"\n", at, self.end)
+        newline = self.buf.find(b"\n", at, self.limit)
         if newline < 0:
             self.corrupt(f"no newline after the opcode at byte {opcode_at}", opcode_at)
         return newline
@@ -759,17 +763,26 @@ class _PickleWalk:
         result = self.walk_plain()
         if result is None:  # a STACK_GLOBAL: walk again, tracking the strings it may name
             self.seen, self.track, self.outside_torch = [], True, set()
+            self.recent, self.memo, self.limit, self.protocol = [None, None], {}, self.end, None
             result = self.walk_tracked()
         return result
+
+    def frame_done(self, pos: int) -> bool:
+        """At the end of the current frame: the walk goes on to the pickle's end."""
+        if pos == self.limit < self.end:
+            self.limit = self.end
+            return True
+        return False
 
     def walk_plain(self) -> _ScanResult | None:
         """The common case, no STACK_GLOBAL: skip every argument but globals' and memo indices.
 
         Returns None at the first STACK_GLOBAL.
         """
-        buf, end, kinds, skips = self.buf, self.end, _KIND, _SKIP
+        buf, kinds, skips = self.buf, _KIND, _SKIP
         pos = self.pos
-        while pos < end:
+        end = self.limit
+        while pos < end or self.frame_done(pos) and pos < (end := self.limit):
             op = buf[pos]
             kind = kinds[op]
             if kind == _K_SKIP:
@@ -792,14 +805,16 @@ class _PickleWalk:
                 return None
             else:
                 pos = self.special(op, pos)
+                end = self.limit
         return self.ran_out(pos)
 
     def walk_tracked(self) -> _ScanResult:
-        buf, end = self.buf, self.end
+        buf = self.buf
         fixed, special = _FIXED, _SPECIAL_TRACKED
         pos = self.pos
+        end = self.limit
         recent = self.recent
-        while pos < end:
+        while pos < end or self.frame_done(pos) and pos < (end := self.limit):
             op = buf[pos]
             size = fixed[op]
             if size >= 0 and not special[op]:
@@ -809,6 +824,7 @@ class _PickleWalk:
             if op == _STOP:
                 return self.result(pos + 1)
             pos = self.special(op, pos)
+            end = self.limit
         return self.ran_out(pos)
 
     def result(self, end: int) -> _ScanResult:
@@ -816,8 +832,9 @@ class _PickleWalk:
         return _ScanResult(self.seen, end, self.protocol, names)
 
     def ran_out(self, pos: int) -> NoReturn:
-        if pos > self.end:
-            self.corrupt(f"pickle ends inside an opcode before byte {self.end}", self.end)
+        if pos > self.limit:
+            where = "frame" if self.limit < self.end else "pickle"
+            self.corrupt(f"the {where} ends inside an opcode before byte {self.limit}", self.limit)
         self.corrupt("pickle exhausted before seeing STOP", self.end)
 
     def special(self, op: int, at: int) -> int:
@@ -845,6 +862,13 @@ class _PickleWalk:
             self.outside_torch.add(op)
         if op == _PROTO:
             self.protocol = self.buf[arg]
+        elif op == _FRAME:
+            if self.limit < self.end:
+                self.corrupt(f"a frame begins at byte {at}, before the current one ends", at)
+            stop = after + self.uint(at, arg, 8)
+            if stop > self.end:
+                self.corrupt(f"the frame at byte {at} runs past the end of the pickle", at)
+            self.limit = stop
         if op == _GLOBAL or op == _INST:
             found = self.global_name(arg, after, at, strict=op == _GLOBAL)
         elif op == _STACK_GLOBAL:

@@ -176,6 +176,10 @@ def load_mapped(path: Path, map_location: Any) -> tuple[bool, Any]:
         return True, _Rebuild(torch, recipes, storages).value(decoded.obj)
     except (_NotMapped, RecursionError):
         return False, None
+    except (RuntimeError, TypeError, ValueError, OverflowError, AssertionError):
+        # torch's rebuild refused what our stubs let through (an int tensor that requires
+        # grad, a negative stride...): torch.load reports it the usual way
+        return False, None
 
 
 def _mapped_setting(torch: Any, map_location: Any) -> bool:
@@ -255,7 +259,12 @@ def _archive_checks(f: Any, decoded: _ZipDecoded) -> bool:
     if not text.isdigit() or not 1 <= int(text) <= _MAX_FORMAT_VERSION:
         return False
     has_byteorder = any(i.filename == decoded.prefix + "byteorder" for i in decoded.infos)
-    return not has_byteorder or _read_record(f, decoded, "byteorder") == b"little"
+    if has_byteorder:
+        return _read_record(f, decoded, "byteorder") == b"little"
+    # no record (torch < 2.1 wrote none): torch.load follows set_default_load_endianness
+    import torch.serialization as ts
+
+    return ts.get_default_load_endianness() in (None, ts.LoadEndianness.LITTLE)
 
 
 def _map_storages(
