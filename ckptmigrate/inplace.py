@@ -244,7 +244,10 @@ def _write_backup(src: Path, version: object) -> Path:
     backup's name, and a 100 GB file is backed up in microseconds.
     """
     from .formats.atomic import atomic_path, fsync_path, remove_stale_temps
+    from .formats.sharded import is_index_file
 
+    if is_index_file(src):  # a set named by its index: its shards are rewritten too
+        src = src.parent
     kept = backup_path(src, version)
     remove_stale_temps(kept)  # a half-copied backup of a killed run
     if kept.exists():

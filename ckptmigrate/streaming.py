@@ -27,7 +27,6 @@ atomic ``torch.save``. :attr:`FileUpgrade.streamed` says which path ran.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -280,9 +279,7 @@ def _upgrade_sharded(
             sharded.index_metadata(new, stamp),
         )
     except BaseException as exc:
-        for path in written:  # the old index still names the old shards: drop the new ones
-            with contextlib.suppress(OSError):
-                path.unlink()
+        sharded.drop_uncommitted(folder / index_name, written)
         from .formats.torchzip import NotReplayable
 
         if isinstance(exc, (_NeedsLoad, NotReplayable)):
@@ -361,9 +358,7 @@ def _upgrade_sharded_loaded(
             folder, index_name, sset.index, weight_map, total, sharded.index_metadata(new, stamp)
         )
     except BaseException:
-        for path in written:
-            with contextlib.suppress(OSError):
-                path.unlink()
+        sharded.drop_uncommitted(folder / index_name, written)
         raise
     result = _result(src, folder, "sharded", ckpt, new, schema, to)
     if old_names:

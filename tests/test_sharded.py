@@ -179,3 +179,36 @@ def test_stamp_writes_a_set_with_the_stamp_in_its_index(tmp_path, kind, how, cap
     assert all(torch.equal(loaded.state_dict[k], v) for k, v in tensors.items())
     if how == "output":  # the source set is left unstamped
         assert read_metadata(tmp_path / "set").version is None
+
+
+def test_in_place_upgrade_through_the_index_path_backs_up_the_whole_set(tmp_path):
+    tensors = _make_set(tmp_path / "set", "safetensors")
+    index = tmp_path / "set" / "model.safetensors.index.json"
+    out = cm.upgrade_in_place(index, rename_drop_schema(), from_version="1.0.0")
+    backup = Path(out.backup)
+    assert backup.is_dir()  # the shards are rewritten too: an index alone would name nothing
+    old = read_checkpoint(backup)
+    assert old.version is None and list(old.state_dict) == list(tensors)
+    assert all(torch.equal(old.state_dict[k], v) for k, v in tensors.items())
+    assert str(read_metadata(tmp_path / "set").version) == "2.0.0"
+
+
+def test_an_interrupt_after_the_new_index_landed_keeps_the_shards_it_names(tmp_path, monkeypatch):
+    from ckptmigrate.formats import atomic
+
+    _make_set(tmp_path / "set", "safetensors")
+    index = tmp_path / "set" / "model.safetensors.index.json"
+    real = atomic.fsync_path
+
+    def fsync_path(path):
+        if path.is_dir() and "ckptmigrate.stamp" in index.read_text():
+            raise KeyboardInterrupt  # Ctrl-C while the folder is fsynced, after the rename
+        return real(path)
+
+    monkeypatch.setattr(atomic, "fsync_path", fsync_path)
+    with pytest.raises(KeyboardInterrupt):
+        upgrade_file(tmp_path / "set", tmp_path / "set", rename_drop_schema(), from_version="1.0.0")
+    monkeypatch.undo()
+    named = set(json.loads(index.read_text())["weight_map"].values())
+    assert all((tmp_path / "set" / name).is_file() for name in named)
+    assert str(read_checkpoint(tmp_path / "set").version) == "2.0.0"

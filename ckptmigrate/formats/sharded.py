@@ -269,6 +269,22 @@ def write_index(
     return target
 
 
+def drop_uncommitted(index_path: Path, written: list[Path]) -> None:
+    """After a failed upgrade, delete the new shards the index on disk does not name.
+
+    The failure may come after the new index was renamed into place (a Ctrl-C, a failing
+    folder fsync): then the index names the new shards, and they must stay.
+    """
+    try:
+        named = set(json.loads(index_path.read_text("utf-8"))["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        named = set()
+    for path in written:
+        if path.name not in named:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 def remove_unreferenced(folder: Path, old: list[str], weight_map: dict[str, str]) -> list[str]:
     """Delete old shards the new index no longer names; returns their names."""
     keep = set(weight_map.values())
