@@ -494,3 +494,18 @@ def test_a_set_backup_links_its_shards(tmp_path: Path) -> None:
     kept = _write_backup(folder, "1.0.0")
     assert sorted(p.name for p in kept.iterdir()) == ["a.bin", "b.bin"]
     assert all((kept / n).stat().st_ino == (folder / n).stat().st_ino for n in ("a.bin", "b.bin"))
+
+
+def test_a_dead_writers_temporary_folder_is_swept(tmp_path: Path) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(dead.stdout)  # that process has exited
+    target = tmp_path / "set.1.0.0.bak"
+    stale = tmp_path / f"set.1.0.0.bak{atomic.TEMP_MARKER}{pid}-0123abcd"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "shard.safetensors").write_bytes(b"half a copy")
+    live = tmp_path / f"set.1.0.0.bak{atomic.TEMP_MARKER}{os.getpid()}-0123abcd"
+    live.mkdir()
+    assert atomic.remove_stale_temps(target) == [stale]
+    assert not stale.exists() and live.exists()

@@ -16,6 +16,7 @@ import errno
 import os
 import re
 import secrets
+import shutil
 import signal
 import sys
 from collections.abc import Iterator
@@ -228,7 +229,10 @@ def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
             if _pid_alive(int(match.group(1))):
                 continue
             with contextlib.suppress(OSError):
-                child.unlink()
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)  # a half-copied folder backup or set
+                else:
+                    child.unlink()
                 removed.append(child)
     return removed
 

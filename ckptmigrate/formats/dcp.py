@@ -40,7 +40,7 @@ from ..checkpoint import Checkpoint
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from ..layout import LAYOUTS, assemble, split
 from ..stamp import make_stamp, parse_stamp
-from .atomic import atomic_path, fsync_path
+from .atomic import atomic_path, fsync_path, temp_path_for
 from .pickle_meta import TorchConstant, _python3_name, _scan
 from .tensorinfo import DTYPE_SIZES, TensorInfo, TensorStub
 
@@ -398,7 +398,7 @@ def _copy_synced(src: str, dst: str) -> None:
 
 
 def _temp_beside(target: Path) -> Path:
-    return target.with_name(f"{target.name}.ckptmigrate-tmp-{secrets.token_hex(4)}")
+    return temp_path_for(target)  # names the writer's pid: a dead writer's folder is swept
 
 
 def swap_folder(new: Path, target: Path) -> None:
