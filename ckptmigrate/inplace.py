@@ -226,7 +226,13 @@ def _upgrade(
 
     # rename/drop/hparam plans on big files, sharded sets and DCP folders copy tensor bytes
     streamed = write_streamed(
-        src, target, found, to=to, from_version=from_version, work=work, allowed=allowed_globals
+        src,
+        target,
+        found,
+        to=to,
+        from_version=from_version,
+        work=work if plan else None,  # nothing to run: a DCP folder only gets its stamp file
+        allowed=allowed_globals,
     )
     if not streamed:
         save(target, work)

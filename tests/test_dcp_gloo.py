@@ -282,3 +282,13 @@ def test_cli_stamp_output_of_a_dcp_folder_is_a_dcp_folder(gloo_dir, tmp_path, ca
     assert cli.main(args) == 0, capsys.readouterr()
     assert out.is_dir(), "wrote a single torch.save file, not a DCP folder"
     assert read_metadata(out).layout.startswith("dcp-")
+
+
+def test_in_place_upgrade_with_nothing_to_run_only_stamps(gloo_dir, tmp_path):
+    folder = tmp_path / "step-200"
+    shutil.copytree(gloo_dir, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    cm.upgrade_in_place(folder, rename_drop_schema(), to="1.0.0", from_version="1.0.0")
+    assert str(read_metadata(folder).version) == "1.0.0"
+    after = {p.name: p.read_bytes() for p in folder.iterdir() if p.name != STAMP_FILE}
+    assert after == before  # every rank's file as it was, no re-save through DCP
