@@ -82,8 +82,10 @@ def run_plan(
         return work
     followers = OptimizerFollowers.from_checkpoint(work, param_names)
     done = 0
-    for run in _runs(plan):
-        composed = _apply_composed(work, run, schema, followers) if len(run) > 1 else None
+    for run, step_ops in _runs(plan):
+        composed = None
+        if step_ops is not None and len(run) > 1:
+            composed = _apply_composed(work, run, step_ops, schema, followers)
         if composed is not None:
             work, done = composed, done + len(run)
             if progress is not None:
@@ -115,23 +117,23 @@ def _step_ops(planned: PlannedStep) -> list[Op] | None:
     return None
 
 
-def _runs(plan: Sequence[PlannedStep]) -> list[list[PlannedStep]]:
-    """The plan cut into runs of composable steps, and single other steps."""
-    runs: list[list[PlannedStep]] = []
-    extend = False  # whether the last run is a composable one
+def _runs(plan: Sequence[PlannedStep]) -> list[tuple[list[PlannedStep], list[list[Op]] | None]]:
+    """The plan cut into runs of composable steps (with each step's ops), and other steps."""
+    runs: list[tuple[list[PlannedStep], list[list[Op]] | None]] = []
     for planned in plan:
-        composable = _step_ops(planned) is not None
-        if composable and extend:
-            runs[-1].append(planned)
+        ops = _step_ops(planned)
+        if ops is not None and runs and runs[-1][1] is not None:
+            runs[-1][0].append(planned)
+            runs[-1][1].append(ops)
         else:
-            runs.append([planned])
-        extend = composable
+            runs.append(([planned], None if ops is None else [ops]))
     return runs
 
 
 def _apply_composed(
     ckpt: Checkpoint,
     run: list[PlannedStep],
+    step_ops: list[list[Op]],
     schema: Schema,
     followers: OptimizerFollowers,
 ) -> Checkpoint | None:
@@ -143,7 +145,6 @@ def _apply_composed(
     newline, a module that would pass through the root; the step-by-step path then gives the
     exact result or error.
     """
-    step_ops = [_step_ops(planned) or [] for planned in run]
     rules = PrefixMap()
     pairs = [pair for ops in step_ops for op in ops if (pair := op.prefix_rename()) is not None]
     for n, pair in enumerate(pairs):  # each rename on its own: every one must rename a key
@@ -177,8 +178,8 @@ def _apply_composed(
     try:
         for ops in step_ops:
             for op in ops:
-                if op.prefix_rename() is None:
-                    op.apply(result)  # hparam ops: independent of the keys
+                if isinstance(op, _HPARAM_OPS):
+                    op.apply(result)  # independent of the keys
     except Exception:
         return None
     if named_opts:
