@@ -579,8 +579,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_stamp(args: argparse.Namespace) -> int:
-    from .files import read_checkpoint
-    from .inplace import write_stamped
+    from .inplace import read_for_stamp, write_stamped
     from .version import parse_version
 
     if (args.output is None) == (not args.in_place):
@@ -594,7 +593,7 @@ def cmd_stamp(args: argparse.Namespace) -> int:
         ckpt = stamp_in_place(args.ckpt, args.schema, given, safe_globals=args.allow_global)
         print(f"stamped {args.ckpt} as {args.schema} {ckpt.version} (layout {ckpt.layout})")
         return EXIT_OK
-    ckpt = read_checkpoint(args.ckpt, mmap=True, safe_globals=args.allow_global)
+    ckpt = read_for_stamp(args.ckpt, args.allow_global)
     if ckpt.schema is not None:
         raise CommandError(
             f"{args.ckpt} is already stamped as {ckpt.schema} {ckpt.version}: use "
@@ -607,7 +606,7 @@ def cmd_stamp(args: argparse.Namespace) -> int:
     ckpt = ckpt.copy()
     ckpt.schema, ckpt.version = args.schema, version
     target = args.output
-    write_stamped(args.ckpt, target, ckpt)
+    write_stamped(args.ckpt, target, ckpt, args.allow_global)
     print(f"stamped {target} as {args.schema} {version} (layout {ckpt.layout})")
     return EXIT_OK
 

@@ -266,23 +266,23 @@ def _write_backup(src: Path, version: object) -> Path:
     try:
         os.link(src, kept)  # appears whole or not at all
     except OSError:  # no hard links here (another device, FAT, a policy): copy
+        import shutil
+
         with atomic_path(kept) as tmp:
-            _link_or_copy(str(src), str(tmp), link=False)
+            shutil.copyfile(src, tmp)
     else:
         fsync_path(kept.parent)
     return kept
 
 
-def _link_or_copy(src: str, dst: str, *, link: bool = True) -> None:
+def _link_or_copy(src: str, dst: str) -> None:
+    """A backup file: a hard link (the original is only ever renamed over), else a copy."""
     import shutil
 
-    if link:
-        try:
-            os.link(src, dst)
-            return
-        except OSError:
-            pass
-    shutil.copyfile(src, dst)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _same_contents(a: Path, b: Path) -> bool:
@@ -299,15 +299,11 @@ def _same_contents(a: Path, b: Path) -> bool:
 def _copy_tree_atomically(src: Path, dst: Path) -> None:
     import shutil
 
-    from .formats.atomic import fsync_path, temp_path_for
+    from .formats.atomic import copy_tree_synced, fsync_path, temp_path_for
 
     tmp = temp_path_for(dst)
     try:
-        shutil.copytree(src, tmp, symlinks=True, copy_function=_link_or_copy)
-        for path in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-            if not path.is_symlink():
-                fsync_path(path)
-        fsync_path(tmp)
+        copy_tree_synced(src, tmp, _link_or_copy)
         os.replace(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -331,7 +327,6 @@ def stamp_in_place(
 
     >>> stamp_in_place("legacy.pth", "tinylm", "1.0.0")
     """
-    from .files import read_checkpoint
     from .formats.atomic import remove_stale_temps
     from .version import parse_version
 
@@ -339,19 +334,33 @@ def stamp_in_place(
     target = _in_place_target(path)
     with file_lock(target, timeout=lock_timeout):
         remove_stale_temps(target)
-        ckpt = read_checkpoint(target, mmap=True, safe_globals=list(safe_globals))
+        ckpt = read_for_stamp(target, safe_globals)
         if ckpt.schema is not None:
             raise AlreadyStampedError(ckpt.schema, ckpt.version, path=path)
         if given is None:
             given = parse_version(version(ckpt), what="version")  # type: ignore[operator]
         ckpt = ckpt.copy()
         ckpt.schema, ckpt.version = schema, given
-        write_stamped(target, target, ckpt)
+        write_stamped(target, target, ckpt, safe_globals)
     return ckpt
 
 
+def read_for_stamp(path: str | os.PathLike[str], safe_globals: Iterable[Any] = ()) -> Checkpoint:
+    """What stamping needs: a file whole (it is saved back with its tensors), a sharded set or
+    DCP folder by its metadata only (the folder writers copy the tensors as they are)."""
+    from .files import _detect, read_checkpoint, read_metadata
+    from .formats.torchfile import global_name
+
+    if _detect(Path(path)) in ("dcp", "sharded"):
+        return read_metadata(path, allowed_globals=[global_name(g) for g in safe_globals])
+    return read_checkpoint(path, mmap=True, safe_globals=list(safe_globals))
+
+
 def write_stamped(
-    src: str | os.PathLike[str], dst: str | os.PathLike[str], ckpt: Checkpoint
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    ckpt: Checkpoint,
+    safe_globals: Iterable[Any] = (),
 ) -> None:
     """Write ``ckpt`` (read from ``src``, now stamped) to ``dst`` in ``src``'s format and layout.
 
@@ -373,7 +382,7 @@ def write_stamped(
 
         assert ckpt.schema is not None and ckpt.version is not None
         stamp_only = Schema(ckpt.schema, current=ckpt.version)  # no steps: the plan is empty
-        upgrade_file(src, dst, stamp_only, from_version=ckpt.version)
+        upgrade_file(src, dst, stamp_only, from_version=ckpt.version, safe_globals=safe_globals)
         return
     from .api import save
 

@@ -383,7 +383,9 @@ def _upgrade_dcp(src: Path, dst: Path, schema: Schema, to: Any, from_version: An
 
 
 def _names(safe_globals: Iterable[Any]) -> list[str]:
-    return [g if isinstance(g, str) else f"{g.__module__}.{g.__qualname__}" for g in safe_globals]
+    from .formats.torchfile import global_name
+
+    return [global_name(g) for g in safe_globals]
 
 
 def _try_stream(

@@ -19,7 +19,7 @@ import secrets
 import shutil
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -211,6 +211,17 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
                 if writer.error is not None and exc is not writer.error:
                     raise writer.error from exc  # the disk's error, not the writer's symptom
                 raise
+
+
+def copy_tree_synced(
+    src: Path, dst: Path, copy_function: Callable[[str, str], object] = shutil.copy2
+) -> None:
+    """Copy the tree ``src`` to the new path ``dst`` and flush every file and folder in it."""
+    shutil.copytree(src, dst, symlinks=True, copy_function=copy_function)
+    for path in sorted(dst.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if not path.is_symlink():
+            fsync_path(path)
+    fsync_path(dst)
 
 
 def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:

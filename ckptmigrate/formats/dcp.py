@@ -40,7 +40,7 @@ from ..checkpoint import Checkpoint
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from ..layout import LAYOUTS, assemble, split
 from ..stamp import make_stamp, parse_stamp
-from .atomic import atomic_path, fsync_path, temp_path_for
+from .atomic import atomic_path, copy_tree_synced, fsync_path, temp_path_for
 from .pickle_meta import TorchConstant, _python3_name, _scan
 from .tensorinfo import DTYPE_SIZES, TensorInfo, TensorStub
 
@@ -384,17 +384,12 @@ def stamp_dcp(src: str | os.PathLike[str], dst: str | os.PathLike[str], ckpt: Ch
         return
     tmp = _temp_beside(dst)
     try:
-        shutil.copytree(src, tmp, copy_function=_copy_synced)
+        copy_tree_synced(src, tmp)
         write_stamp_file(tmp, ckpt)
         swap_folder(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _copy_synced(src: str, dst: str) -> None:
-    shutil.copy2(src, dst)
-    fsync_path(Path(dst))
 
 
 def _temp_beside(target: Path) -> Path:
