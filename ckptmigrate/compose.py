@@ -111,26 +111,34 @@ class PrefixMap:
             for other in self.rules
         )
 
-    def _lengths(self) -> list[int]:
-        return sorted({len(a) for a in self.rules}, reverse=True)
+    def matcher(self) -> Callable[[str], tuple[str, str] | None]:
+        """For a string: the longest rule prefix it starts with and the string renamed by it,
+        or None when no rule matches."""
+        rules = self.rules
+        lengths = sorted({len(a) for a in rules}, reverse=True)
+
+        def match(s: str) -> tuple[str, str] | None:
+            for n in lengths:
+                a = s[:n]  # a short string is its own slice: a rule equal to it matches
+                rule = rules.get(a)
+                if rule is not None:
+                    return a, rule[0] + s[len(a) :]
+            return None
+
+        return match
 
     def apply(self, keys: Sequence[str]) -> tuple[list[str], set[int]]:
-        """The renamed keys (same order) and the steps that changed at least one of them."""
-        get = self.rules.get
-        lengths = self._lengths()
+        """The renamed keys (same order) and the renames that changed at least one of them."""
+        match = self.matcher()
         used: set[str] = set()
         out = []
-        append = out.append
         for key in keys:
-            for n in lengths:
-                a = key[:n]  # a short key is its own slice: a rule equal to it matches
-                rule = get(a)
-                if rule is not None:
-                    append(rule[0] + key[len(a) :])
-                    used.add(a)
-                    break
+            hit = match(key)
+            if hit is None:
+                out.append(key)
             else:
-                append(key)
+                used.add(hit[0])
+                out.append(hit[1])
         fired: set[int] = set()
         for a in used:
             fired |= self.rules[a][1]
@@ -138,18 +146,10 @@ class PrefixMap:
 
     def module_renamer(self) -> Callable[[str], str]:
         """Module prefixes follow their keys, the way ``RenamePrefix`` moves them (root stays)."""
-        get = self.rules.get
-        lengths = self._lengths()
+        match = self.matcher()
 
-        def rename(prefix: str) -> str:
-            if not prefix:
-                return prefix
-            dotted = prefix + "."
-            for n in lengths:
-                a = dotted[:n]
-                rule = get(a)
-                if rule is not None:
-                    return (rule[0] + dotted[len(a) :])[:-1]
-            return prefix
+        def move(prefix: str) -> str:
+            hit = match(prefix + ".") if prefix else None
+            return prefix if hit is None else hit[1][:-1]
 
-        return rename
+        return move
