@@ -452,6 +452,38 @@ def test_a_new_file_keeps_the_permissions_of_the_old_one(tmp_path: Path) -> None
     assert target.stat().st_mode & 0o777 == 0o640
 
 
+def test_a_temporary_killed_mid_write_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    # a 0644 temporary let another user read a private checkpoint while it was being written,
+    # and a kill left that partial copy behind for anyone to read
+    target = tmp_path / "model.pth"
+    cm.save(target, big_sd(), schema="toy", version="1.0.0")
+    target.chmod(0o644)
+
+    status = _killed_child("write:3", lambda: upgrade_in_place(target, toy_schema(), backup=False))
+
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    partial = [p for p in tmp_path.iterdir() if atomic.TEMP_MARKER in p.name]
+    assert partial and all(p.stat().st_mode & 0o777 == 0o600 for p in partial)
+
+
+def test_a_new_file_gets_the_umask_permissions_and_a_replaced_one_keeps_its_owner(
+    tmp_path: Path,
+) -> None:
+    previous = os.umask(0o027)
+    try:
+        fresh = tmp_path / "fresh.pth"
+        cm.save(fresh, big_sd(), schema="toy", version="1.0.0")
+        assert fresh.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(previous)
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    os.chown(fresh, 1234, 5678)
+    upgrade_in_place(fresh, toy_schema(), backup=False)
+    st = fresh.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (1234, 5678, 0o640)
+
+
 # ----------------------------------------------------------------------------- linked backups
 
 

@@ -66,16 +66,43 @@ def fsync_path(path: Path) -> None:
 
 def _claim(tmp: Path) -> None:
     # O_EXCL|O_NOFOLLOW: the name is ours, and not a link someone planted to redirect the write.
+    # 0600 until the last byte is in: a checkpoint being written (or left by a kill) is never
+    # readable by another user, whatever the final permissions will be.
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    os.close(os.open(tmp, flags, 0o666))
+    os.close(os.open(tmp, flags, 0o600))
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where the system tells it."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: the classic read (set and restore)
+    os.umask(mask)
+    return mask
+
+
+def _give_final_mode(tmp: Path, target: Path) -> None:
+    """The replaced file's permissions, owner and group; a new file's are the umask's."""
+    try:
+        st = target.stat()
+    except FileNotFoundError:
+        os.chmod(tmp, 0o666 & ~_umask())
+        return
+    if hasattr(os, "chown"):
+        with contextlib.suppress(PermissionError):  # only root may give a file to another user
+            os.chown(tmp, st.st_uid, st.st_gid)
+    os.chmod(tmp, st.st_mode & 0o7777)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path`` atomically.
 
-    The temporary exists (empty) when the body starts; it is fsynced, given the old file's
-    permissions and renamed over ``path``; on any error it is removed and ``path`` untouched.
+    The temporary exists (empty, mode 0600) when the body starts; it is fsynced, given the old
+    file's permissions, owner and group (a new file: the umask's permissions) and renamed over
+    ``path``; on any error it is removed and ``path`` untouched.
 
     >>> with atomic_path("model.pth") as tmp:
     ...     torch.save(obj, tmp)
@@ -87,8 +114,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(errno.ENOENT, "nothing was written", str(tmp))
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(tmp, target.stat().st_mode & 0o7777)
+        _give_final_mode(tmp, target)
         fsync_path(tmp)
         crash_point("replace")
         os.replace(tmp, target)
