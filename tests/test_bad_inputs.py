@@ -123,6 +123,30 @@ def _(folder: Path, ref: Path) -> Path:
     return replace_member(_good_zip(ref), folder / "x.pth", "/data.pkl", b"")
 
 
+def _compressed_data_pkl(method: int) -> Maker:
+    # torch.save never compresses a record: a compressed data.pkl is a decompression bomb in
+    # waiting (8 MiB of padding after STOP packs into kilobytes here; 63 KB reached 4.4 GiB)
+    def make(folder: Path, ref: Path) -> Path:
+        import zipfile
+
+        members = zip_members(_good_zip(ref))
+        out = folder / "bomb.pth"
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
+            for name, data in members.items():
+                if name.endswith("/data.pkl"):
+                    zf.writestr(name, data + bytes(8 << 20), compress_type=method)
+                else:
+                    zf.writestr(name, data)
+        return out
+
+    return make
+
+
+CASES["zip-deflate-data-pkl"] = _compressed_data_pkl(8)
+CASES["zip-bzip2-data-pkl"] = _compressed_data_pkl(12)
+CASES["zip-lzma-data-pkl"] = _compressed_data_pkl(14)
+
+
 @case("zip-garbage-data-pkl")
 def _(folder: Path, ref: Path) -> Path:
     junk = random.Random(2).randbytes(300)

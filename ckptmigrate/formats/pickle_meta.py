@@ -1241,6 +1241,15 @@ def _decode_zip(
         with zipfile.ZipFile(f) as zf:
             infos = _zip_infos(zf, path)
             data_pkl = _find_data_pkl(infos, path)
+            if data_pkl.compress_type != zipfile.ZIP_STORED or data_pkl.flag_bits & 1:
+                # torch.save stores every record; a compressed data.pkl only inflates (a 63 KB
+                # DEFLATE member unpacks to gigabytes before any size check could see it)
+                raise CheckpointFormatError(
+                    f"{data_pkl.filename} is compressed or encrypted (zip method "
+                    f"{data_pkl.compress_type}, flags {data_pkl.flag_bits:#x}); torch.save "
+                    "stores it uncompressed, so this is not a file torch wrote",
+                    path=path,
+                )
             if data_pkl.file_size > MAX_PICKLE_BYTES:
                 raise CheckpointFormatError(
                     f"data.pkl is {data_pkl.file_size} bytes, over the {MAX_PICKLE_BYTES}-byte "
