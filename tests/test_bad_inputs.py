@@ -230,6 +230,64 @@ def _(folder: Path, ref: Path) -> Path:
     return replace_member(_good_zip(ref), folder / "deep.pth", "/data.pkl", body)
 
 
+def _tuple_key_nested(depth: int) -> bytes:
+    # {((...(),),): 1}: EMPTY_DICT MARK EMPTY_TUPLE TUPLE1*depth BININT1 SETITEMS STOP; hashing
+    # the key recurses in C with no check (a million deep segfaulted every command)
+    return b"\x80\x02}()" + b"\x85" * depth + b"K\x01u."
+
+
+def _shared_lists(levels: int) -> bytes:
+    # hparams x = [x, x] `levels` deep: a small DAG, 2**levels nodes walked as a tree
+    x: list = []
+    for _ in range(levels):
+        x = [x, x]
+    return pickle.dumps({"state_dict": {}, "hparams": {"x": x}}, protocol=2)
+
+
+@case("zip-tuple-key-300k-deep")
+def _(folder: Path, ref: Path) -> Path:
+    body = _tuple_key_nested(300_000)  # CPython 3.11 overflows an 8 MiB stack at about 140k
+    return replace_member(_good_zip(ref), folder / "deep.pth", "/data.pkl", body)
+
+
+@case("zip-hparams-shared-forty-levels")
+def _(folder: Path, ref: Path) -> Path:
+    return replace_member(_good_zip(ref), folder / "dag.pth", "/data.pkl", _shared_lists(40))
+
+
+@case("zip-dict-contains-itself")
+def _(folder: Path, ref: Path) -> Path:
+    body = b"\x80\x02}q\x00X\x01\x00\x00\x00ah\x00s."  # d = {}; d["a"] = d
+    return replace_member(_good_zip(ref), folder / "cycle.pth", "/data.pkl", body)
+
+
+def test_a_tuple_key_a_million_deep_is_refused_by_a_real_process(tmp_path: Path) -> None:
+    # the file: 1 MB, and every command died of SIGSEGV inside the C unpickler
+    torch.save({"w": torch.zeros(2)}, tmp_path / "good.pth")
+    bad = replace_member(
+        tmp_path / "good.pth", tmp_path / "deep.pth", "/data.pkl", _tuple_key_nested(1_000_000)
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "ckptmigrate", "info", str(bad)], capture_output=True, text=True
+    )
+    assert done.returncode == 2, done
+    assert done.stderr.startswith("ckptmigrate: error:") and "nests containers" in done.stderr
+
+
+@pytest.mark.parametrize("body", ["tuple-key", "shared-lists"])
+def test_dcp_metadata_that_nests_or_shares_too_much_is_refused_by_every_command(
+    tmp_path: Path, body: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "dcp"
+    folder.mkdir()
+    pkl = _tuple_key_nested(300_000) if body == "tuple-key" else _shared_lists(40)
+    (folder / ".metadata").write_bytes(pkl)
+    for argv in (["info", str(folder)], ["diff", str(folder), str(folder)]):
+        code, _, err = _cli(argv, capsys)
+        assert code == 2 and err.startswith("ckptmigrate: error:"), (argv, err)
+        assert "nests containers" in err or "expands" in err, err
+
+
 # ----------------------------------------------------------------------------- legacy files
 
 
@@ -260,6 +318,13 @@ def _(folder: Path, ref: Path) -> Path:
 @case("legacy-pickle-declares-1tib-string")
 def _(folder: Path, ref: Path) -> Path:
     body = b"\x80\x04\x8d" + struct.pack("<Q", 1 << 40) + b"abc"  # BINUNICODE8
+    (folder / "x.pth").write_bytes(legacy_with_main_pickle(_good_legacy(ref), body))
+    return folder / "x.pth"
+
+
+@case("legacy-tuple-key-300k-deep")
+def _(folder: Path, ref: Path) -> Path:
+    body = _tuple_key_nested(300_000)
     (folder / "x.pth").write_bytes(legacy_with_main_pickle(_good_legacy(ref), body))
     return folder / "x.pth"
 

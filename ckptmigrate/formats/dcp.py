@@ -41,6 +41,7 @@ from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from ..layout import LAYOUTS, assemble, split
 from ..stamp import make_stamp, parse_stamp
 from .atomic import atomic_path, copy_tree_synced, fsync_path, temp_path_for
+from .pickle_bounds import decode_bounded, tuple_chain_bound
 from .pickle_meta import TorchConstant, _python3_name, _scan
 from .tensorinfo import DTYPE_SIZES, TensorInfo, TensorStub
 
@@ -111,6 +112,10 @@ class _Record:
 
     def __repr__(self) -> str:
         return f"{self.dcp_name.rpartition('.')[2]}({self.__dict__})"
+
+    def graph_children(self) -> tuple[Any, ...]:
+        """What it holds, for :func:`pickle_bounds.check_graph`."""
+        return tuple(self.__dict__.values())
 
 
 def _stand_ins() -> dict[str, Any]:
@@ -187,8 +192,11 @@ def read_dcp_metadata(path: str | os.PathLike[str], *, torch_classes: bool = Fal
     except Exception as exc:
         raise CheckpointFormatError(f"corrupt DCP metadata ({exc})", path=md_path) from None
     resolve = _real_classes() if torch_classes else _stand_ins()
+    bound = tuple_chain_bound(data, 0, len(data))
     try:
-        return _DcpUnpickler(io.BytesIO(data), resolve, md_path).load()
+        return decode_bounded(
+            _DcpUnpickler(io.BytesIO(data), resolve, md_path).load, bound, md_path
+        )
     except (UnsafeCheckpointError, CheckpointFormatError):
         raise
     except Exception as exc:

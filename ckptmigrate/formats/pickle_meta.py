@@ -37,6 +37,7 @@ from typing import Any, BinaryIO, NoReturn, TypeVar
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from .detect import TORCH_LEGACY_MAGIC, detect_format, open_regular_file
+from .pickle_bounds import decode_bounded, tuple_chain_bound
 from .tensorinfo import DTYPE_SIZES, TensorInfo, TensorStub
 
 __all__ = [
@@ -158,6 +159,10 @@ class OpaqueObject:
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
+
+    def graph_children(self) -> tuple[Any, ...]:
+        """What it holds, for :func:`pickle_bounds.check_graph`."""
+        return (self.args, self.state, self.kwargs)
 
 
 class _OpaqueMeta(_GuardedType):
@@ -1012,13 +1017,14 @@ def _load_pickle_scanned(
         except _ScanCorrupt as exc:
             scan_error = exc
             scan = _ScanResult([], exc.pos)
+        tuple_bound = tuple_chain_bound(buf, start, scan.end)
     file.seek(start)
     source = file if scan_error is None else _BoundedReader(file, scan.end)
     try:
         unpickler = _MetadataUnpickler(
             source, allowed=allowed, persistent_load=persistent_load, path=path
         )
-        obj = unpickler.load()
+        obj = decode_bounded(unpickler.load, tuple_bound, path)
     except (UnsafeCheckpointError, CheckpointFormatError):
         raise
     except _FORMAT_ERRORS as exc:

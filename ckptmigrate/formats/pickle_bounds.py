@@ -1,0 +1,202 @@
+"""Bounds on what a decoded pickle may build: nesting depth and shared-reference blow-up.
+
+Two ways a small pickle kills or stalls its reader without running any code:
+
+- **Deep tuples.** CPython hashes a tuple by hashing its items, recursively in C, with no
+  recursion check: a 1 MB pickle whose dict key is a tuple nested a million deep overflows the
+  C stack (a segfault) inside the C unpickler, before any Python code could look at it. The
+  nesting is bounded by the number of tuple-building opcodes, so a pickle with few of them
+  cannot get there; one with many (a real file with 100k tensors has about 300k) is decoded on
+  a thread whose stack is sized for that bound.
+- **Deep or shared containers.** ``x = [x, x]`` forty levels deep is 2 KB on disk and 2**40
+  nodes to any code that walks it as a tree (``repr``, copies, diffs). After decoding,
+  :func:`check_graph` walks the graph once, each shared container once, and refuses one nested
+  deeper than :data:`MAX_NESTING`, one that refers back to itself, or one whose tree expands past
+  :data:`MAX_EXPANSION` times its distinct nodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ..errors import CheckpointFormatError
+from .tensorinfo import TensorStub
+
+T = TypeVar("T")
+
+#: Containers nest at most this deep (real checkpoints: under 20; Python's recursion limit,
+#: which every recursive reader of the result meets, is 1000).
+MAX_NESTING = 200
+#: A tree walk of the result may visit at most this many times the objects and references of
+#: its graph (plus a constant allowance, for tied entries shared a few times).
+MAX_EXPANSION = 4
+EXPANSION_ALLOWANCE = 100_000
+
+#: Opcode bytes that build a tuple: TUPLE, TUPLE1, TUPLE2, TUPLE3. Counting these bytes over
+#: the pickle (argument bytes too) bounds how deep its tuples can nest.
+_TUPLE_OPCODES = (b"t", b"\x85", b"\x86", b"\x87")
+#: Up to this many, hashing the deepest possible tuple fits in any thread's C stack (CPython
+#: 3.11 overflows 8 MiB at about 140k levels: 60 bytes a level).
+SAFE_TUPLE_CHAIN = 20_000
+_STACK_PER_LEVEL = 128
+_STACK_BASE = 16 << 20
+MAX_DECODE_STACK = 1 << 30
+
+_stack_lock = threading.Lock()
+
+
+def tuple_chain_bound(buf: Any, start: int, end: int) -> int:
+    """An upper bound on how deep the tuples of the pickle at ``buf[start:end]`` can nest.
+
+    ``buf`` is bytes or an mmap (which has no ``count`` before Python 3.13: read in chunks).
+    """
+    if isinstance(buf, bytes):
+        return sum(buf.count(code, start, end) for code in _TUPLE_OPCODES)
+    total = 0
+    for at in range(start, end, _CHUNK):
+        chunk = buf[at : min(at + _CHUNK, end)]
+        total += sum(chunk.count(code) for code in _TUPLE_OPCODES)
+    return total
+
+
+_CHUNK = 16 << 20
+
+
+def decode_bounded(load: Callable[[], T], bound: int, path: object) -> T:
+    """Run ``load`` (a C unpickler's ``load``) where tuples nested up to ``bound`` deep (see
+    :func:`tuple_chain_bound`) cannot overflow the C stack; then :func:`check_graph`."""
+    obj = _decode(load, bound, path)
+    check_graph(obj, path)
+    return obj
+
+
+def _decode(load: Callable[[], T], bound: int, path: object) -> T:
+    if bound <= SAFE_TUPLE_CHAIN:
+        return load()
+    stack = _STACK_BASE + bound * _STACK_PER_LEVEL
+    if stack > MAX_DECODE_STACK:
+        raise CheckpointFormatError(
+            f"the pickle has {bound} tuple-building opcode bytes: its tuples could nest deeper "
+            f"than a {MAX_DECODE_STACK >> 20} MiB stack can hash",
+            path=path,
+        )
+    return _on_thread(load, stack, path)
+
+
+def _on_thread(load: Callable[[], T], stack: int, path: object) -> T:
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = load()
+        except BaseException as exc:  # handed to the caller's thread below
+            outcome["error"] = exc
+
+    with _stack_lock:  # threading.stack_size is process-wide: set, start, restore
+        previous = threading.stack_size()
+        try:
+            threading.stack_size(stack)
+            thread = threading.Thread(target=run, name="ckptmigrate-decode", daemon=True)
+            thread.start()
+        except (RuntimeError, ValueError, MemoryError) as exc:
+            raise CheckpointFormatError(
+                f"cannot reserve a {stack >> 20} MiB stack to decode a pickle this large "
+                f"({exc})",
+                path=path,
+            ) from exc
+        finally:
+            threading.stack_size(previous)
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+_BUILTIN_CONTAINERS = (dict, list, tuple, set, frozenset)
+_container_types: dict[type, bool] = {}
+
+
+def _holds_objects(kind: type) -> bool:
+    """Whether values of this type hold other objects the walk must visit (cached by type)."""
+    known = _container_types.get(kind)
+    if known is None:
+        known = (
+            issubclass(kind, _BUILTIN_CONTAINERS)
+            or hasattr(kind, "graph_children")  # a decoded placeholder: its args and state
+            or (dataclasses.is_dataclass(kind) and not issubclass(kind, TensorStub))
+        )
+        if len(_container_types) > 4096:  # placeholder classes are made per global name
+            _container_types.clear()
+        _container_types[kind] = known
+    return known
+
+
+def _children(node: Any) -> Any:
+    if isinstance(node, dict):
+        return itertools.chain(node.keys(), node.values())
+    if isinstance(node, _BUILTIN_CONTAINERS):
+        return node
+    if hasattr(node, "graph_children"):
+        return node.graph_children()
+    return [getattr(node, f.name, None) for f in dataclasses.fields(node)]  # DCP's records
+
+
+def check_graph(root: Any, path: object = None) -> None:
+    """Refuse a decoded object graph too deep, cyclic, or too large walked as a tree.
+
+    Iterative, each container visited once: linear in the graph, whatever its shape.
+    """
+    holds = _holds_objects
+    if not holds(type(root)):
+        return
+    done: dict[int, tuple[int, int]] = {}  # id -> (depth, tree size)
+    inside: dict[int, tuple[list[Any], int]] = {}  # on the walk's path: (containers, leaves)
+    keep: list[Any] = []  # every visited container stays alive, so ids stay unique
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    graph_size = 1  # nodes and references, each shared container counted once
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            containers, leaves = inside.pop(key)
+            depth, size = 1, 1 + leaves
+            for child in containers:
+                child_depth, child_size = done[id(child)]
+                if child_depth >= depth:
+                    depth = child_depth + 1
+                size += child_size
+            done[key] = (depth, size)
+            continue
+        if key in done:
+            continue
+        if key in inside:
+            raise CheckpointFormatError(
+                "the pickle builds a container that contains itself", path=path
+            )
+        if len(inside) >= MAX_NESTING:
+            raise CheckpointFormatError(
+                f"the pickle nests containers more than {MAX_NESTING} deep", path=path
+            )
+        containers = []
+        count = 0
+        for child in _children(node):
+            count += 1
+            if holds(type(child)):
+                containers.append(child)
+        graph_size += count
+        inside[key] = (containers, count - len(containers))
+        keep.append(node)
+        stack.append((node, True))
+        stack.extend((child, False) for child in containers if id(child) not in done)
+    expanded = done[id(root)][1]
+    if expanded > MAX_EXPANSION * graph_size + EXPANSION_ALLOWANCE:
+        raise CheckpointFormatError(
+            f"the pickle shares containers so that its graph of {graph_size} objects expands "
+            f"to {expanded} when walked as a tree (limit: {MAX_EXPANSION} times as many, plus "
+            f"{EXPANSION_ALLOWANCE})",
+            path=path,
+        )
