@@ -131,11 +131,62 @@ def infer_drops(keys: Sequence[str], dropped: Sequence[str]) -> list[DropKeys]:
     return ops
 
 
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(text: str) -> str:
+    """``text`` in printable ASCII: quotes, backslashes and every other character escaped."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif 0x20 <= code < 0x7F:
+            out.append(ch)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
 def _literal(text: str) -> str:
-    """A Python string literal, raw when that reads better and stays valid."""
-    if "\\" in text and '"' not in text and not text.endswith("\\") and "\n" not in text:
-        return f'r"{text}"'
-    return json.dumps(text)  # a JSON string is a valid Python literal, in black's quotes
+    """A Python string literal equal to ``text``, in printable ASCII on one line.
+
+    Every string taken from a file (a key, an hparam path) reaches generated code this way, so
+    a newline, ``\\r``, NUL, U+2028 or a quote in it stays inside the literal.
+    """
+    printable = all(0x20 <= ord(ch) < 0x7F for ch in text)
+    if printable and "\\" in text and '"' not in text and not text.endswith("\\"):
+        return f'r"{text}"'  # raw reads better for regexes, and is valid here
+    return f'"{_escaped(text)}"'
+
+
+_BARE = re.compile(r"[\w.\-/]+", re.ASCII)
+
+
+def _text(text: str) -> str:
+    """``text`` for a comment or docstring: bare when it is a plain name, else a literal."""
+    return text if _BARE.fullmatch(text) else f'"{_escaped(text)}"'
+
+
+def _value_text(value: object) -> str:
+    """An hparam value for a comment: its ``ascii()`` repr, anything odd in it escaped."""
+    return "".join(ch if 0x20 <= ord(ch) < 0x7F else _escaped(ch) for ch in ascii(value))
+
+
+def _checked(code: str) -> str:
+    """``code`` after checking it is one-line-per-line printable ASCII that compiles.
+
+    It is compiled, never run: a string from a file that escaped its literal would show here.
+    """
+    odd = [ch for ch in set(code) if ch != "\n" and not 0x20 <= ord(ch) < 0x7F]
+    if odd:  # pragma: no cover - every interpolation goes through _literal/_text
+        raise AssertionError(f"generated code holds the characters {sorted(odd)!r}")
+    compile(code, "<ckptmigrate new>", "exec", dont_inherit=True)
+    return code
 
 
 def _call(name: str, args: list[str]) -> list[str]:
@@ -199,7 +250,7 @@ def generate_migration(
     if rename_ops:
         lines.append("# renamed: same shape and dtype, similar names (check the confidence)")
         for r in d.renamed:
-            lines.append(f"#   {r['from']} -> {r['to']}  ({r['confidence']:.2f})")
+            lines.append(f"#   {_text(r['from'])} -> {_text(r['to'])}  ({r['confidence']:.2f})")
         lines += [line for op in rename_ops for line in _op_code(op)]
     if drop_ops:
         lines.append("# removed in the new version")
@@ -207,14 +258,17 @@ def generate_migration(
     if d.added:
         lines.append("# added in the new version: give each a value (a tensor or a function)")
         for r in d.added:
-            what = f"a value for {r['key']!r}: shape {r['shape']}, {r['dtype']}"
+            what = f"a value for {ascii(r['key'])}: shape {r['shape']}, {r['dtype']}"
             lines += _call("AddKey", [_literal(r["key"]), f"todo({_literal(what)})"])
     for c in d.dtype_changed:
         if c["key"] not in {s["key"] for s in d.shape_changed}:
             args = [_literal(c["key"]), _literal(c["b"]), f"from_dtype={_literal(c['a'])}"]
             lines += _call("Cast", args)
-    manual = [f"shape of {c['key']!r}: {c['a']} -> {c['b']}" for c in d.shape_changed]
-    manual += [f"hparam {h['path']}: {h['a']!r} -> {h['b']!r} ({h['change']})" for h in d.hparams]
+    manual = [f"shape of {ascii(c['key'])}: {c['a']} -> {c['b']}" for c in d.shape_changed]
+    manual += [
+        f"hparam {_text(h['path'])}: {_value_text(h['a'])} -> {_value_text(h['b'])} ({h['change']})"
+        for h in d.hparams
+    ]
     if manual:
         lines.append("# TODO: not inferable, write these (cm.ops.Reshape/Transpose/Split/Merge,")
         lines.append(
@@ -228,7 +282,7 @@ def generate_migration(
         lines += _call("Call", [f"todo({_literal(summary)})"])
 
     when = _dt.date.today().isoformat()
-    origin = f" from {sources[0]} and {sources[1]}" if sources else ""
+    origin = f" from {_text(sources[0])} and {_text(sources[1])}" if sources else ""
     body = "".join(f"        {line}\n" for line in lines or ["# no drift"])
     step = (
         f"schema.add_migration(\n    {_literal(source)},\n    {_literal(target)},\n"
