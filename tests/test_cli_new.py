@@ -33,6 +33,7 @@ def run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 NEW = ["new", "gpt", "--from-version", "1.0.0", "--to-version", "2.0.0"]
+NEW_NET = ["new", "net", "--from-version", "1.0.0", "--to-version", "2.0.0"]
 
 
 def test_rename_only_drift_gives_a_migration_that_leaves_no_drift(tmp_path: Path) -> None:
@@ -135,3 +136,60 @@ def test_a_module_that_goes_entirely_is_dropped_with_one_pattern() -> None:
     keys = ["aux.0.w", "aux.0.b", "keep.w", "mixed.a", "mixed.b"]
     ops = infer_drops(keys, ["aux.0.w", "aux.0.b", "mixed.a"])
     assert [op.pattern for op in ops] == [r"aux\.0\..*", r"mixed\.a"]
+
+
+class OldNet(torch.nn.Module):
+    """The model as it was: a stack of Linear, LayerNorm, ReLU, Linear called ``input_stack``."""
+
+    def __init__(self, stack: str = "input_stack") -> None:
+        super().__init__()
+        layers = torch.nn.Sequential(
+            torch.nn.Linear(16, 32),
+            torch.nn.LayerNorm(32),
+            torch.nn.ReLU(),
+            torch.nn.Linear(32, 32),
+        )
+        setattr(self, stack, layers)
+        self.stack = stack
+        self.head = torch.nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(getattr(self, self.stack)(x))
+
+
+def trained(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """``model`` with every parameter moved off its initialisation, as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen))
+    return model
+
+
+def test_a_renamed_module_keeps_its_trained_weights_and_biases(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    old_model = trained(OldNet("input_stack"))
+    new_model = OldNet("stem")  # today's code: the stack is called stem, freshly initialised
+    cm.save(tmp_path / "old.pth", old_model.state_dict(), schema="net", version="1.0.0")
+    cm.save(tmp_path / "new.pth", new_model.state_dict(), schema="net", version="2.0.0")
+
+    made = run(tmp_path, *NEW_NET, "--from-file", "old.pth", "--to-file", "new.pth")
+    assert made.returncode == 0, made.stderr
+    module = tmp_path / "migrations" / "net_1_0_0_to_2_0_0.py"
+    code = module.read_text()
+    assert "DropKeys" not in code and "AddKey" not in code and "todo(" not in code
+
+    up = run(tmp_path, "upgrade", "old.pth", "-o", "up.pth", "--migrations", str(module))
+    assert up.returncode == 0, up.stderr
+    upgraded = cm.load(tmp_path / "up.pth", upgrade=False).state_dict
+    for key, value in old_model.state_dict().items():
+        # a rename moves the tensor: equal exactly (tolerance 0), no re-initialised bias
+        torch.testing.assert_close(
+            upgraded[key.replace("input_stack.", "stem.")], value, rtol=0, atol=0
+        )
+    new_model.load_state_dict(upgraded, strict=True)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(new_model(x), old_model(x), rtol=0, atol=1e-6)
+
+    drift = run(tmp_path, "diff", "--upgrade", "old.pth", "new.pth", "--migrations", str(module))
+    assert drift.returncode == 0, drift.stdout + drift.stderr
