@@ -193,3 +193,97 @@ def test_a_renamed_module_keeps_its_trained_weights_and_biases(tmp_path: Path) -
 
     drift = run(tmp_path, "diff", "--upgrade", "old.pth", "new.pth", "--migrations", str(module))
     assert drift.returncode == 0, drift.stdout + drift.stderr
+
+
+NET_MODULE = """
+import torch
+from ckptmigrate import Schema
+
+
+class Net(torch.nn.Module):
+    def __init__(self, width, gain=False):
+        super().__init__()
+        self.stem = torch.nn.Sequential(
+            torch.nn.Linear(16, width), torch.nn.LayerNorm(width), torch.nn.ReLU(),
+            torch.nn.Linear(width, width),
+        )
+        self.head = torch.nn.Linear(width, 4)
+        if gain:
+            self.gain = torch.nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return self.head(self.stem(x))
+
+
+net_schema = Schema("net", current="1.0.0", build=lambda hp: Net(**hp))
+"""
+
+
+def net_project(tmp_path: Path, hparams: dict[str, object]) -> OldNet:
+    (tmp_path / "mig").mkdir()
+    (tmp_path / "mig" / "net.py").write_text(NET_MODULE)
+    old_model = trained(OldNet("input_stack"))
+    cm.save(
+        tmp_path / "old.pth", old_model.state_dict(), schema="net", version="1.0.0", hparams=hparams
+    )
+    return old_model
+
+
+def paste(tmp_path: Path, snippet: str) -> None:
+    module = tmp_path / "mig" / "net.py"
+    text = module.read_text().replace('current="1.0.0"', 'current="2.0.0"')
+    module.write_text(text + "\n\n" + snippet)
+
+
+TO_MODEL = [*NEW_NET, "--from-file", "old.pth", "--to-model", "--migrations", "mig"]
+
+
+def test_to_model_compares_with_what_build_makes_today_and_the_snippet_runs_pasted(
+    tmp_path: Path,
+) -> None:
+    old_model = net_project(tmp_path, {"width": 32})
+    made = run(tmp_path, *TO_MODEL)
+    assert made.returncode == 0, made.stderr
+    assert "net_schema.add_migration(" in made.stdout  # the module's own name for the schema
+    assert "RenameKeys" in made.stdout and "AddKey" not in made.stdout
+    paste(tmp_path, made.stdout)
+
+    up = run(tmp_path, "upgrade", "old.pth", "-o", "up.pth", "--migrations", "mig")
+    assert up.returncode == 0, up.stderr
+    upgraded = cm.load(tmp_path / "up.pth", upgrade=False)
+    model = find_schemas([str(tmp_path / "mig")])["net"].build(upgraded.hparams)
+    model.load_state_dict(upgraded.state_dict, strict=True)
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(model(x), old_model(x), rtol=0, atol=1e-6)
+
+
+def test_a_pasted_snippet_with_a_todo_imports_what_it_uses(tmp_path: Path) -> None:
+    net_project(tmp_path, {"width": 32, "gain": True})  # today's model has a new parameter
+    made = run(tmp_path, *TO_MODEL)
+    assert made.returncode == 0, made.stderr
+    assert "todo(" in made.stdout and "import ckptmigrate as cm" in made.stdout
+    paste(tmp_path, made.stdout)  # the module itself imports only `from ckptmigrate import Schema`
+
+    history = run(tmp_path, "history", "net", "--migrations", "mig")
+    assert history.returncode == 0, history.stderr
+    up = run(tmp_path, "upgrade", "old.pth", "-o", "up.pth", "--migrations", "mig")
+    assert up.returncode == 2 and "TODO" in up.stderr and "'gain'" in up.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "extra", "message"),
+    [
+        (NET_MODULE.replace(", build=lambda hp: Net(**hp)", ""), [], "has no build= factory"),
+        (NET_MODULE, ["--values"], "drop --values, or pass --to-file NEW"),
+        (NET_MODULE.replace("Net(**hp)", "Net(**hp, depth=2)"), [], "could not build today's"),
+    ],
+)
+def test_to_model_trouble_is_one_line_naming_the_flag_to_use(
+    tmp_path: Path, module: str, extra: list[str], message: str
+) -> None:
+    net_project(tmp_path, {"width": 32})
+    (tmp_path / "mig" / "net.py").write_text(module)
+    made = run(tmp_path, *TO_MODEL, *extra)
+    assert made.returncode == 2
+    assert made.stderr.startswith("ckptmigrate: error: ") and made.stderr.count("\n") == 1
+    assert message in made.stderr and "--to-file NEW" in made.stderr
