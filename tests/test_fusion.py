@@ -127,7 +127,7 @@ def test_new_values_writes_one_confirmed_merge_that_upgrades_and_downgrades(
 
 
 def test_a_split_without_values_is_written_but_marked_unconfirmed(tmp_path: Path) -> None:
-    new_sd = separate(layers=1)
+    new_sd = separate(layers=2)
     old_sd = fused(new_sd)  # the old code had the fused projection, the new one splits it
     cm.save(tmp_path / "old.pth", old_sd, schema="mlp", version="1.0.0")
     cm.save(tmp_path / "new.pth", new_sd, schema="mlp", version="2.0.0")
@@ -135,7 +135,7 @@ def test_a_split_without_values_is_written_but_marked_unconfirmed(tmp_path: Path
     made = run(tmp_path, *NEW)
     assert made.returncode == 0, made.stderr
     code = (tmp_path / "step.py").read_text()
-    assert code.count("cm.ops.Split(") == 1 and "UNCONFIRMED" in code
+    assert code.count("cm.ops.Split(") == 1 and "UNCONFIRMED" in code  # one for both layers
     assert "rerun with --values" in made.stderr
 
     up = run(tmp_path, "upgrade", "old.pth", "-o", "up.pth", "--migrations", "step.py")
@@ -156,3 +156,25 @@ def test_with_values_a_fresh_fused_tensor_stays_a_todo_not_a_guessed_merge(tmp_p
     code = (tmp_path / "step.py").read_text()
     assert "cm.ops.Merge(" not in code
     assert re.search(r'cm\.ops\.AddKey\(\s*"layers\.0\.mlp\.gate_up\.weight",\s*todo\(', code)
+
+
+def test_unequal_parts_along_dim_1_round_trip_with_their_sizes(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(3)
+    old = {"attn.q_proj.weight": torch.randn(16, 8, generator=gen)}
+    old["attn.kv_proj.weight"] = torch.randn(16, 16, generator=gen)
+    new = {"attn.qkv_proj.weight": torch.cat(list(old.values()), dim=1)}
+    cm.save(tmp_path / "old.pth", old, schema="mlp", version="1.0.0")
+    cm.save(tmp_path / "new.pth", new, schema="mlp", version="2.0.0")
+    made = run(tmp_path, *NEW, "--values")
+    assert made.returncode == 0, made.stderr
+    code = " ".join((tmp_path / "step.py").read_text().split())
+    assert "dim=1, sizes=[8, 16]" in code
+
+    schema = find_schemas([str(tmp_path / "step.py")])["mlp"]
+    upgraded = cm.upgrade(cm.load(tmp_path / "old.pth", upgrade=False), schema)
+    torch.testing.assert_close(
+        upgraded.state_dict["attn.qkv_proj.weight"], new["attn.qkv_proj.weight"], rtol=0, atol=0
+    )
+    back = cm.upgrade(upgraded, schema, to="1.0.0")
+    for key, value in old.items():  # splitting back needs the unequal sizes
+        torch.testing.assert_close(back.state_dict[key], value, rtol=0, atol=0)
