@@ -10,6 +10,7 @@ casts. What it cannot infer (values for added keys, shape changes, hparam change
 
 from __future__ import annotations
 
+import ast
 import datetime as _dt
 import keyword
 import os
@@ -268,14 +269,14 @@ def _value_text(value: object) -> str:
 
 
 def _checked(code: str) -> str:
-    """``code`` after checking it is one-line-per-line printable ASCII that compiles.
+    """``code`` after checking it is printable ASCII, line by line, and parses.
 
-    It is compiled, never run: a string from a file that escaped its literal would show here.
+    It is parsed, never run: a string from a file that escaped its literal would show here.
     """
     odd = [ch for ch in set(code) if ch != "\n" and not 0x20 <= ord(ch) < 0x7F]
     if odd:  # pragma: no cover - every interpolation goes through _literal/_text
         raise AssertionError(f"generated code holds the characters {sorted(odd)!r}")
-    compile(code, "<ckptmigrate new>", "exec", dont_inherit=True)
+    ast.parse(code)
     return code
 
 

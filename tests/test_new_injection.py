@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import ckptmigrate as cm
 
@@ -118,3 +120,12 @@ def test_a_hostile_file_name_stays_in_the_docstring(tmp_path: Path, name: str) -
     history = run(tmp_path, "history", "evil", "--migrations", "step.py")
     assert history.returncode == 0, history.stderr
     assert pwned(tmp_path) == []
+
+
+@given(st.text())
+def test_every_string_becomes_a_one_line_ascii_literal_equal_to_it(text: str) -> None:
+    from ckptmigrate.autogen import _literal
+
+    literal = _literal(text)
+    assert literal.isascii() and literal.isprintable()
+    assert ast.literal_eval(literal) == text
