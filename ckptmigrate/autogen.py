@@ -10,15 +10,35 @@ casts. What it cannot infer (values for added keys, shape changes, hparam change
 
 from __future__ import annotations
 
+import ast
 import datetime as _dt
-import json
+import keyword
+import os
 import re
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from .diff import Diff
-from .ops import DropKeys, Op, RenameKeys, RenamePrefix
+from .checkpoint import Checkpoint
+from .diff import Diff, diff
+from .errors import ModelBuildError
+from .fusion import Fusion, infer_fusions
+from .ops import DropKeys, Merge, Op, RenameKeys, RenamePrefix, Split
+from .schema import Schema
 
-__all__ = ["generate_migration", "infer_drops", "infer_renames", "module_name"]
+__all__ = [
+    "Draft",
+    "build_migration",
+    "draft_migration",
+    "generate_migration",
+    "infer_drops",
+    "infer_fusion_ops",
+    "infer_renames",
+    "model_target",
+    "module_name",
+    "schema_variable",
+]
 
 _PRE = r"(?P<pre>(?:.*\.)?)"
 _POST = r"(?P<post>(?:\..*)?)"
@@ -131,11 +151,133 @@ def infer_drops(keys: Sequence[str], dropped: Sequence[str]) -> list[DropKeys]:
     return ops
 
 
+def _template(key: str) -> str:
+    """``layers.3.mlp.gate.weight`` -> ``layers.{i0}.mlp.gate.weight``: indices become fields."""
+    out, index = [], 0
+    for token in key.split("."):
+        if token.isdigit():
+            out.append(f"{{i{index}}}")
+            index += 1
+        else:
+            out.append(token)
+    return ".".join(out)
+
+
+def _fusion_op(fusion: Fusion, template: Callable[[str], str]) -> Merge | Split:
+    sizes = None if len(set(fusion.sizes)) == 1 else list(fusion.sizes)
+    parts = [template(k) for k in fusion.parts]
+    if fusion.kind == "merge":
+        return Merge(parts, template(fusion.whole), dim=fusion.dim, sizes=sizes)
+    return Split(template(fusion.whole), parts, dim=fusion.dim, sizes=sizes)
+
+
+def _fused_by(op: Merge | Split, keys: Sequence[str]) -> set[tuple[str, tuple[str, ...]]]:
+    """(whole, parts) of every fusion ``op`` performs on ``keys``."""
+    traced = op.trace(keys)
+    if isinstance(op, Merge):
+        return {(new, tuple(old)) for new, old in traced.items() if old != [new]}
+    parts: dict[str, list[str]] = {}
+    for new, old in traced.items():
+        if old != [new]:
+            parts.setdefault(old[0], []).append(new)
+    return {(whole, tuple(news)) for whole, news in parts.items()}
+
+
+def infer_fusion_ops(
+    keys: Sequence[str], fusions: Sequence[Fusion]
+) -> list[tuple[Merge | Split, list[Fusion]]]:
+    """``Merge``/``Split`` ops for ``fusions`` on ``keys`` (the old keys after renames).
+
+    Fusions that differ only in layer indices share one templated op when, traced over
+    ``keys``, it fuses exactly them; otherwise each gets an op on its exact keys.
+    """
+    groups: dict[tuple[Any, ...], list[Fusion]] = {}
+    for f in fusions:
+        shape = (f.kind, _template(f.whole), tuple(map(_template, f.parts)), f.dim)
+        groups.setdefault((*shape, tuple(f.sizes)), []).append(f)
+    out: list[tuple[Merge | Split, list[Fusion]]] = []
+    for group in groups.values():
+        general = _fusion_op(group[0], _template)
+        expected = {(f.whole, tuple(f.parts)) for f in group}
+        if len(group) > 1 and _fused_by(general, keys) == expected:
+            out.append((general, group))
+        else:
+            out += [(_fusion_op(f, lambda k: k), [f]) for f in group]
+    return out
+
+
+def _fusion_comment(group: Sequence[Fusion]) -> list[str]:
+    f = group[0]
+    parts = " + ".join(_text(k) for k in f.parts)
+    verb = "fused" if f.kind == "merge" else "split"
+    line = f"# {verb}: {parts} <-> {_text(f.whole)} (dim {f.dim}, parts in this order)"
+    if len(group) > 1:
+        line += f", and {len(group) - 1} more like it"
+    if all(g.confirmed for g in group):
+        return [line, "#   confirmed by values: torch.cat of the parts equals the whole"]
+    return [
+        line,
+        "#   UNCONFIRMED: found from names and shapes only. Check the order of the parts,",
+        "#   or rerun `ckptmigrate new ... --values` against a converted file to confirm it.",
+    ]
+
+
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(text: str) -> str:
+    """``text`` in printable ASCII: quotes, backslashes and every other character escaped."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif 0x20 <= code < 0x7F:
+            out.append(ch)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
 def _literal(text: str) -> str:
-    """A Python string literal, raw when that reads better and stays valid."""
-    if "\\" in text and '"' not in text and not text.endswith("\\") and "\n" not in text:
-        return f'r"{text}"'
-    return json.dumps(text)  # a JSON string is a valid Python literal, in black's quotes
+    """A Python string literal equal to ``text``, in printable ASCII on one line.
+
+    Every string taken from a file (a key, an hparam path) reaches generated code this way, so
+    a newline, ``\\r``, NUL, U+2028 or a quote in it stays inside the literal.
+    """
+    printable = all(0x20 <= ord(ch) < 0x7F for ch in text)
+    if printable and "\\" in text and '"' not in text and not text.endswith("\\"):
+        return f'r"{text}"'  # raw reads better for regexes, and is valid here
+    return f'"{_escaped(text)}"'
+
+
+_BARE = re.compile(r"[\w.\-/]+", re.ASCII)
+
+
+def _text(text: str) -> str:
+    """``text`` for a comment or docstring: bare when it is a plain name, else a literal."""
+    return text if _BARE.fullmatch(text) else f'"{_escaped(text)}"'
+
+
+def _value_text(value: object) -> str:
+    """An hparam value for a comment: its ``ascii()`` repr, anything odd in it escaped."""
+    return "".join(ch if 0x20 <= ord(ch) < 0x7F else _escaped(ch) for ch in ascii(value))
+
+
+def _checked(code: str) -> str:
+    """``code`` after checking it is printable ASCII, line by line, and parses.
+
+    It is parsed, never run: a string from a file that escaped its literal would show here.
+    """
+    odd = [ch for ch in set(code) if ch != "\n" and not 0x20 <= ord(ch) < 0x7F]
+    if odd:  # pragma: no cover - every interpolation goes through _literal/_text
+        raise AssertionError(f"generated code holds the characters {sorted(odd)!r}")
+    ast.parse(code)
+    return code
 
 
 def _call(name: str, args: list[str]) -> list[str]:
@@ -156,8 +298,18 @@ def _op_code(op: Op) -> list[str]:
         return _call("RenamePrefix", [_literal(op.old), _literal(op.new)])
     if isinstance(op, DropKeys):
         return _call("DropKeys", [_literal(op.pattern)])
+    if isinstance(op, (Merge, Split)):
+        many, one = (op.sources, op.target) if isinstance(op, Merge) else (op.targets, op.source)
+        listed = "[" + ", ".join(_literal(k) for k in many) + "]"
+        args = [listed, _literal(one)] if isinstance(op, Merge) else [_literal(one), listed]
+        args.append(f"dim={op.dim}")
+        if op.sizes is not None:
+            args.append(f"sizes={list(op.sizes)}")
+        return _call(type(op).__name__, args)
     raise TypeError(f"no code for {op!r}")  # pragma: no cover
 
+
+_TODO_IMPORTS = "from collections.abc import Callable\nfrom typing import Any\n"
 
 _TODO_HELPER = '''
 
@@ -177,44 +329,73 @@ def generate_migration(
     schema: str,
     source: str,
     target: str,
-    *,
-    existing_origin: str | None = None,
-    sources: tuple[str, str] | None = None,
+    **options: Any,
 ) -> str:
-    """Python source of a migration ``source -> target`` that covers the drift ``d``.
+    """Python source of a migration ``source -> target`` that covers the drift ``d``
+    (:func:`build_migration`'s code; it takes the same options)."""
+    return build_migration(d, old_keys, schema, source, target, **options).code
+
+
+def build_migration(
+    d: Diff,
+    old_keys: Sequence[str],
+    schema: str,
+    source: str,
+    target: str,
+    *,
+    fusions: Sequence[Fusion] = (),
+    existing_origin: str | None = None,
+    schema_variable: str = "schema",
+    sources: tuple[str, str] | None = None,
+) -> Draft:
+    """A migration ``source -> target`` that covers the drift ``d``, and what it leaves to do.
 
     ``old_keys`` are every key of the old checkpoint: a generalised rename must leave the
-    keys that did not change alone.
+    keys that did not change alone. ``fusions`` (from :func:`ckptmigrate.fusion.infer_fusions`
+    on ``d.removed``/``d.added``) become ``Merge``/``Split`` ops instead of drops and adds.
 
     For a new schema it is a standalone module defining ``schema = cm.Schema(...)``; for one
-    that exists (``existing_origin``: where it is defined) it is a snippet to paste there,
-    since discovery refuses two different schemas with one name.
+    that exists (``existing_origin``: where it is defined, as ``schema_variable``) it is a
+    snippet to paste there, since discovery refuses two different schemas with one name; it
+    imports what it uses, so it runs where it is pasted.
     """
     renames = {r["from"]: r["to"] for r in d.renamed}
     rename_ops = infer_renames(old_keys, renames)
     after = [renames.get(k, k) for k in old_keys]
-    drop_ops = infer_drops(after, [r["key"] for r in d.removed])
+    fusion_ops = infer_fusion_ops(after, fusions)
+    fused_old = {k for f in fusions for k in f.old_keys}
+    fused_new = {k for f in fusions for k in f.new_keys}
+    after = [k for k in after if k not in fused_old] + sorted(fused_new)
+    drop_ops = infer_drops(after, [r["key"] for r in d.removed if r["key"] not in fused_old])
+    added = [r for r in d.added if r["key"] not in fused_new]
 
     lines: list[str] = []
     if rename_ops:
         lines.append("# renamed: same shape and dtype, similar names (check the confidence)")
         for r in d.renamed:
-            lines.append(f"#   {r['from']} -> {r['to']}  ({r['confidence']:.2f})")
+            lines.append(f"#   {_text(r['from'])} -> {_text(r['to'])}  ({r['confidence']:.2f})")
         lines += [line for op in rename_ops for line in _op_code(op)]
+    for op, group in fusion_ops:
+        lines += _fusion_comment(group)
+        lines += _op_code(op)
     if drop_ops:
         lines.append("# removed in the new version")
         lines += [line for op in drop_ops for line in _op_code(op)]
-    if d.added:
+    if added:
         lines.append("# added in the new version: give each a value (a tensor or a function)")
-        for r in d.added:
-            what = f"a value for {r['key']!r}: shape {r['shape']}, {r['dtype']}"
+        for r in added:
+            what = f"a value for {ascii(r['key'])}: shape {r['shape']}, {r['dtype']}"
             lines += _call("AddKey", [_literal(r["key"]), f"todo({_literal(what)})"])
+    todos = len(added)
     for c in d.dtype_changed:
         if c["key"] not in {s["key"] for s in d.shape_changed}:
             args = [_literal(c["key"]), _literal(c["b"]), f"from_dtype={_literal(c['a'])}"]
             lines += _call("Cast", args)
-    manual = [f"shape of {c['key']!r}: {c['a']} -> {c['b']}" for c in d.shape_changed]
-    manual += [f"hparam {h['path']}: {h['a']!r} -> {h['b']!r} ({h['change']})" for h in d.hparams]
+    manual = [f"shape of {ascii(c['key'])}: {c['a']} -> {c['b']}" for c in d.shape_changed]
+    manual += [
+        f"hparam {_text(h['path'])}: {_value_text(h['a'])} -> {_value_text(h['b'])} ({h['change']})"
+        for h in d.hparams
+    ]
     if manual:
         lines.append("# TODO: not inferable, write these (cm.ops.Reshape/Transpose/Split/Merge,")
         lines.append(
@@ -226,36 +407,131 @@ def generate_migration(
         if len(summary) > 300:
             summary = summary[:300] + f"... ({len(manual)} items, see the comments above)"
         lines += _call("Call", [f"todo({_literal(summary)})"])
+        todos += 1
 
     when = _dt.date.today().isoformat()
-    origin = f" from {sources[0]} and {sources[1]}" if sources else ""
+    origin = f" from {_text(sources[0])} and {_text(sources[1])}" if sources else ""
+    title = f"{_text(schema)} {_text(source)} -> {_text(target)}"
     body = "".join(f"        {line}\n" for line in lines or ["# no drift"])
     step = (
-        f"schema.add_migration(\n    {_literal(source)},\n    {_literal(target)},\n"
+        f"{schema_variable}.add_migration(\n    {_literal(source)},\n    {_literal(target)},\n"
         f"    [\n{body}    ],\n)\n"
     )
-    needs_todo = "todo(" in step
+    needs_todo = todos > 0
     helper = _TODO_HELPER if needs_todo else ""
-    imports = (
-        "from collections.abc import Callable\nfrom typing import Any\n\n" if needs_todo else ""
-    )
-    if existing_origin is not None:
-        return (
-            f"# {schema} {source} -> {target}, generated by `ckptmigrate new`{origin} on {when}.\n"
-            f"# Paste into {existing_origin} beside the other steps, and raise the schema's\n"
-            f"# current= to {target!r}. Review the inferred ops before relying on them.\n"
-            f"{helper}\n\n{step}"
-        )
+    imports = _TODO_IMPORTS + "\n" if needs_todo else ""
     unfinished = (
         "What could not be inferred fails the step (see todo) until it is written.\n"
         if needs_todo
         else ""
     )
-    return (
-        f'"""{schema} {source} -> {target}, generated by `ckptmigrate new`{origin} on {when}.\n\n'
-        "Review it: renames and drops were inferred from key names and shapes.\n"
-        f'{unfinished}"""\n\n'
-        f"{imports}import ckptmigrate as cm\n\n"
-        f"schema = cm.Schema({_literal(schema)}, current={_literal(target)})\n"
-        f"{helper}\n\n{step}"
+    if existing_origin is not None:
+        code = (
+            f"# {title}, generated by `ckptmigrate new`{origin} on {when}.\n"
+            f"# Paste into {_text(existing_origin)} beside the other steps, and raise the\n"
+            f"# schema's current= to {_text(target)}. Review the inferred ops before relying on"
+            " them.\n"
+            f"{imports}import ckptmigrate as cm\n"
+            f"{helper}\n\n{step}"
+        )
+    else:
+        code = (
+            f'"""{title}, generated by `ckptmigrate new`{origin} on {when}.\n\n'
+            "Review it: renames and drops were inferred from key names and shapes.\n"
+            f'{unfinished}"""\n\n'
+            f"{imports}import ckptmigrate as cm\n\n"
+            f"schema = cm.Schema({_literal(schema)}, current={_literal(target)})\n"
+            f"{helper}\n\n{step}"
+        )
+    unconfirmed = sum(1 for _, group in fusion_ops if not all(f.confirmed for f in group))
+    return Draft(_checked(code), todos, unconfirmed)
+
+
+# -- from files ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Draft:
+    """A generated migration: its source, and what is left for a person to do."""
+
+    code: str
+    todos: int  # placeholders that fail the step until written
+    unconfirmed: int  # Merge/Split ops found from names and shapes only
+
+
+def model_target(schema: Schema, hparams: Mapping[str, Any], *, path: object = None) -> Checkpoint:
+    """What ``schema.build(hparams)`` makes today, as a checkpoint (keys, shapes, dtypes).
+
+    The hparams are carried over unchanged: a model has no hparams of its own to compare.
+    """
+    try:
+        model = schema.build(dict(hparams))
+    except Exception as exc:
+        raise ModelBuildError(schema.name, exc, path=path) from exc
+    return Checkpoint(dict(model.state_dict()), hparams=dict(hparams), schema=schema.name)
+
+
+def draft_migration(
+    old: str | os.PathLike[str],
+    new: str | os.PathLike[str] | Schema,
+    schema: str,
+    source: str,
+    target: str,
+    *,
+    values: bool = False,
+    allowed_globals: Iterable[str] = (),
+    existing: Schema | None = None,
+) -> Draft:
+    """The migration ``source -> target`` from file ``old`` to file ``new``, or to what the
+    schema ``new`` builds today from ``old``'s hparams (as Alembic compares with the models).
+
+    ``values=True`` reads the tensors: equal values confirm renames, merges and splits.
+    ``existing``: the discovered schema of that name, for which a snippet is written instead
+    of a module.
+
+    >>> draft = draft_migration("v1.pth", "v2.pth", "tinylm", "1.0.0", "2.0.0")
+    >>> print(draft.code)
+    """
+    from . import files
+
+    allowed = list(allowed_globals)
+
+    def read(path: str | os.PathLike[str]) -> Checkpoint:
+        if values:
+            return files.read_checkpoint(path, mmap=True, safe_globals=allowed)
+        return files.read_metadata(path, allowed_globals=allowed)
+
+    if values and isinstance(new, Schema):
+        raise ValueError("values=True compares two files' tensors; a built model has fresh ones")
+    old_ckpt = read(old)
+    new_ckpt = (
+        model_target(new, old_ckpt.hparams, path=old) if isinstance(new, Schema) else read(new)
     )
+    d = diff(old_ckpt, new_ckpt, values=values)
+    removed = {r["key"]: (r["shape"], r["dtype"]) for r in d.removed}
+    added = {r["key"]: (r["shape"], r["dtype"]) for r in d.added}
+    tensors = (old_ckpt.state_dict, new_ckpt.state_dict) if values else None
+    fusions = infer_fusions(removed, added, tensors=tensors)
+    to_label = f"what {new.name}.build makes" if isinstance(new, Schema) else os.fspath(new)
+    return build_migration(
+        d,
+        list(old_ckpt.state_dict),
+        schema,
+        source,
+        target,
+        fusions=fusions,
+        existing_origin=(existing.origin or "its module") if existing is not None else None,
+        schema_variable=schema_variable(existing) if existing is not None else "schema",
+        sources=(os.fspath(old), to_label),
+    )
+
+
+def schema_variable(schema: Schema) -> str:
+    """The name its module binds ``schema`` to (``schema`` when none is found)."""
+    for module in list(sys.modules.values()):
+        if schema.origin is None or getattr(module, "__file__", None) != schema.origin:
+            continue
+        for name, value in vars(module).items():
+            if value is schema and name.isidentifier() and not keyword.iskeyword(name):
+                return name
+    return "schema"

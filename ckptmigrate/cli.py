@@ -641,8 +641,7 @@ def _default_migrations_dir() -> Path:
 
 
 def cmd_new(args: argparse.Namespace) -> int:
-    from .autogen import generate_migration, module_name
-    from .diff import diff
+    from .autogen import draft_migration, module_name
     from .errors import CkptMigrateError
     from .version import parse_version
 
@@ -650,25 +649,39 @@ def cmd_new(args: argparse.Namespace) -> int:
     v2 = parse_version(args.to_version, what="--to-version")
     if v2 <= v1:
         raise CommandError(f"--to-version {v2} must be newer than --from-version {v1}")
+    if args.to_model and args.values:
+        raise CommandError(
+            "--values compares the tensors of two files, and --to-model has only a freshly "
+            "built model: drop --values, or pass --to-file NEW (a file the new code saved)"
+        )
     try:
-        existing = _schemas(args).get(args.schema)
+        schemas = _schemas(args)
     except CkptMigrateError as exc:
         raise CommandError(
             f"cannot load the existing migrations to check for {args.schema!r}: {exc}"
         ) from None
-    from .files import read_metadata
-
-    result = diff(args.from_file, args.to_file, allowed_globals=args.allow_global)
-    old_keys = list(read_metadata(args.from_file, allowed_globals=args.allow_global).state_dict)
-    code = generate_migration(
-        result,
-        old_keys,
+    existing = schemas.get(args.schema)
+    new: Any = args.to_file
+    if args.to_model:
+        if existing is None or not existing.can_build:
+            found = "it has no build= factory" if existing else "no such schema was discovered"
+            raise CommandError(
+                f"--to-model compares with what schema {args.schema!r} builds today, but {found}: "
+                "pass --migrations PATH to its module (with build=lambda hp: Model(**hp)), or "
+                "--to-file NEW"
+            )
+        new = existing
+    draft = draft_migration(
+        args.from_file,
+        new,
         args.schema,
         str(v1),
         str(v2),
-        existing_origin=(existing.origin or "its module") if existing is not None else None,
-        sources=(args.from_file, args.to_file),
+        values=args.values,
+        allowed_globals=args.allow_global,
+        existing=existing,
     )
+    code = draft.code
     if args.output is not None:
         target: Path | None = Path(args.output)
     elif existing is not None:
@@ -683,15 +696,26 @@ def cmd_new(args: argparse.Namespace) -> int:
             f"above beside its other steps and raise its current= to {v2}",
             file=sys.stderr,
         )
+        _warn_unconfirmed(draft.unconfirmed)
         return EXIT_OK
     if target.exists() and not args.force:
         raise CommandError(f"{target} already exists: pick another -o, or pass --force")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(code, encoding="utf-8")
-    todo = code.count("todo(")
-    note = f"; {todo - 1} TODO(s) to finish before it runs" if todo > 1 else ""
+    note = f"; {draft.todos} TODO(s) to finish before it runs" if draft.todos else ""
     print(f"wrote {target}{note}")
+    _warn_unconfirmed(draft.unconfirmed)
     return EXIT_OK
+
+
+def _warn_unconfirmed(count: int) -> None:
+    if count:
+        print(
+            f"{PROG}: {count} Merge/Split op(s) found from names and shapes only (marked "
+            "UNCONFIRMED): check the order of the parts, or rerun with --values against a "
+            "converted file",
+            file=sys.stderr,
+        )
 
 
 # -- plumbing ------------------------------------------------------------------------------------
@@ -824,7 +848,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-version", required=True, metavar="V1")
     p.add_argument("--to-version", required=True, metavar="V2")
     p.add_argument("--from-file", required=True, metavar="OLD")
-    p.add_argument("--to-file", required=True, metavar="NEW")
+    to = p.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to-file", metavar="NEW", help="a file the new code saved")
+    to.add_argument(
+        "--to-model", action="store_true", help="compare with what the schema's build= makes today"
+    )
+    p.add_argument(
+        "--values", action="store_true", help="compare tensors: confirms renames, merges, splits"
+    )
     p.add_argument("--migrations-dir", metavar="DIR", help="where to write the module")
     p.add_argument("-o", "--output", metavar="FILE", help="write exactly here")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")

@@ -412,6 +412,8 @@ def match_renames(
 
     A pair is a rename when its names are close (``name_similarity`` at least
     :data:`MIN_RENAME_CONFIDENCE`) or, when ``same_values`` is given, its tensors are equal.
+    Renames are then found per module: a rename of ``a.0.weight`` to ``b.0.weight`` carries
+    ``a.0.bias`` to a free ``b.0.bias`` of its shape and dtype, at the weight's confidence.
     """
     groups: dict[Any, tuple[list[str], list[str]]] = {}
     for key, sig in removed.items():
@@ -466,8 +468,57 @@ def match_renames(
                     "reason": reason,
                 }
             )
+    renamed += _sibling_renames(removed, added, renamed, taken_old, taken_new)
     renamed.sort(key=lambda r: order_a[r["from"]])
     return renamed
+
+
+def _sibling_renames(
+    removed: Mapping[str, tuple[Any, str]],
+    added: Mapping[str, tuple[Any, str]],
+    renamed: list[dict[str, Any]],
+    taken_old: set[str],
+    taken_new: set[str],
+) -> list[dict[str, Any]]:
+    """Renames found per module: once ``a.0.weight -> b.0.weight`` is a rename, ``a.0.bias``
+    goes to ``b.0.bias`` when that is free with its shape and dtype, whatever its own score.
+    """
+    modules: dict[str, set[str]] = {}
+    best: dict[str, dict[str, Any]] = {}
+    for r in renamed:
+        module_a, _, leaf_a = r["from"].rpartition(".")
+        module_b, _, leaf_b = r["to"].rpartition(".")
+        if module_a and module_b and leaf_a == leaf_b:
+            modules.setdefault(module_a, set()).add(module_b)
+            if r["confidence"] > best.get(module_a, {"confidence": -1.0})["confidence"]:
+                best[module_a] = r
+    out: list[dict[str, Any]] = []
+    for old, sig in removed.items():
+        module_a, _, leaf = old.rpartition(".")
+        targets = modules.get(module_a, set())
+        if old in taken_old or len(targets) != 1:
+            continue  # not in a renamed module, or that module went two ways
+        new = f"{next(iter(targets))}.{leaf}"
+        if new in taken_new or added.get(new) != sig:
+            continue
+        sibling = best[module_a]
+        similarity = name_similarity(old, new)
+        taken_old.add(old)
+        taken_new.add(new)
+        out.append(
+            {
+                "from": old,
+                "to": new,
+                "shape": _shape(sig[0]),
+                "dtype": sig[1],
+                "confidence": max(similarity, sibling["confidence"]),
+                "reason": (
+                    f"same shape and dtype; its module's {sibling['from']} -> "
+                    f"{sibling['to']} is a rename; name similarity {similarity:.2f}"
+                ),
+            }
+        )
+    return out
 
 
 def _score(

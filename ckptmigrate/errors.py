@@ -271,3 +271,18 @@ class BackupExistsError(CkptMigrateError):
             f"backup {self.backup} already exists and differs from the file: move it away, or "
             "pass --no-backup (backup=False) to upgrade without one"
         )
+
+
+class ModelBuildError(CkptMigrateError):
+    """``schema.build(hparams)`` failed, so there is no model to compare a checkpoint with."""
+
+    def __init__(self, schema: str, cause: BaseException, *, path: object = None) -> None:
+        self.schema = schema
+        self.path = None if path is None else str(path)
+        self.cause = cause
+        where = f"the hparams of {self.path}" if self.path else "the checkpoint's hparams"
+        super().__init__(
+            f"schema {schema!r} could not build today's model from {where}: "
+            f"{type(cause).__name__}: {cause}; if the model now takes other hparams, compare "
+            "with a file the new code saved instead (--to-file NEW)"
+        )
