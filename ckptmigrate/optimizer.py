@@ -160,7 +160,7 @@ def from_named(named: NamedOptimizer) -> dict[str, Any]:
             if name in named.states:
                 state[key] = named.states[name]
         out = {k: v for k, v in group.items() if k != "names"}
-        if named.wrote_param_names:
+        if named.wrote_param_names or "param_names" in out:
             out["param_names"] = names
         out["params"] = keys
         groups.append(out)

@@ -25,7 +25,8 @@ __all__ = ["PositionalState", "deduce_param_names", "keeps_positions", "read_par
 def keeps_positions(keys: Sequence[str], trace: Mapping[str, Sequence[str]]) -> bool:
     """Whether a step mapping ``keys`` to ``trace`` (key after -> its sources) only renames.
 
-    It must be a bijection, and listing the keys before it in module order and renaming them
+    It must be a bijection that maps modules to modules (a module's entries stay together,
+    apart from other modules' entries: the order inside a module is the model's), and listing the keys before it in module order and renaming them
     must give the keys after it in module order: ``encoder.`` -> ``backbone.`` keeps every
     position, swapping ``layers.0`` and ``layers.1`` or moving a tensor into another module
     does not.
@@ -37,8 +38,19 @@ def keeps_positions(keys: Sequence[str], trace: Mapping[str, Sequence[str]]) -> 
         after_of[sources[0]] = after
     if set(after_of) != set(keys):
         return False
+    # modules map to modules: a module's entries stay together, and apart from the others'
+    parent_of: dict[str, str] = {}
+    for before, after in after_of.items():
+        if parent_of.setdefault(_parent(before), _parent(after)) != _parent(after):
+            return False
+    if len(set(parent_of.values())) != len(parent_of):
+        return False
     renamed = [after_of[k] for k in module_order(keys)]
     return renamed == module_order([after_of[k] for k in keys])
+
+
+def _parent(key: str) -> str:
+    return key.rpartition(".")[0]
 
 
 def read_param_names(path: str) -> list[str]:
