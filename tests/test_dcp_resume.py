@@ -27,6 +27,7 @@ if not (dist.is_available() and dist.is_gloo_available()):
 from test_dcp_gloo import WORLD, _init, _run_ranks  # noqa: E402
 
 import ckptmigrate as cm  # noqa: E402
+from ckptmigrate.files import read_checkpoint  # noqa: E402
 
 #: both runs do the same float operations in the same order; the slack covers summation order
 RTOL, ATOL = 1e-6, 1e-7
@@ -112,12 +113,12 @@ def _resume_worker(rank: int, store: str, folder: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-MIGRATION = '''
+MIGRATION = """
 import ckptmigrate as cm
 
 schema = cm.Schema("net", current="2.0.0")
 schema.add_migration("1.0.0", "2.0.0", [cm.ops.RenamePrefix("body.", "encoder.")])
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +148,49 @@ def test_two_ranks_resume_after_the_cli_migrates_fqn_keyed_adam_state(saved, tmp
         torch.testing.assert_close(
             torch.tensor(resumed), torch.tensor(expected), rtol=RTOL, atol=ATOL
         )
+
+
+def _saved_state(saved: Path) -> dict:
+    """Adam's state as rank 0 held it when the ranks saved (FQN-keyed)."""
+    return torch.load(saved / "optim_saved.pt", weights_only=True)
+
+
+def test_fqn_keyed_state_is_placed_by_name_whatever_the_names_given(saved):
+    rename = cm.Schema("net", current="2.0.0")
+    rename.add_migration("1.0.0", "2.0.0", [cm.ops.RenamePrefix("body.", "encoder.")])
+    given = ["head.bias", "head.weight", "body.bias", "body.weight"]  # ignored: the state names
+    ckpt = cm.load(saved / "old", schema=rename, from_version="1.0.0", param_names=given)
+    want = _saved_state(saved)
+    got = ckpt.optimizer
+    assert got["param_groups"][0]["params"] == [
+        "encoder.weight",
+        "encoder.bias",
+        "head.weight",
+        "head.bias",
+    ]  # Adam(model.parameters())'s order, keyed by name as the file was
+    for name, state in want["state"].items():
+        new_name = name.replace("body.", "encoder.")
+        for field in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(got["state"][new_name][field], state[field]), (name, field)
+
+
+def test_fqn_keyed_state_follows_a_split_and_a_drop_and_is_written_back_by_name(saved, tmp_path):
+    schema = cm.Schema("net", current="2.0.0")
+    split = cm.ops.Split("body.{kind}", ["a.{kind}", "b.{kind}"])
+    schema.add_migration("1.0.0", "2.0.0", [split, cm.ops.DropKeys(r"^head\.bias$")])
+    cm.upgrade_file(saved / "old", tmp_path / "new", schema, from_version="1.0.0")
+    written = read_checkpoint(tmp_path / "new").optimizer  # through DCP's own loader
+    assert written["param_groups"][0]["params"] == [
+        "a.weight",
+        "a.bias",
+        "b.weight",
+        "b.bias",
+        "head.weight",
+    ]
+    assert sorted(written["state"]) == sorted(written["param_groups"][0]["params"])
+    want = _saved_state(saved)["state"]
+    for part, rows in (("a", slice(0, 4)), ("b", slice(4, 8))):
+        for kind in ("weight", "bias"):
+            got = written["state"][f"{part}.{kind}"]["exp_avg"]
+            assert torch.equal(got, want[f"body.{kind}"]["exp_avg"][rows]), (part, kind)
+    assert torch.equal(written["state"]["head.weight"]["exp_avg"], want["head.weight"]["exp_avg"])
