@@ -449,6 +449,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
             allowed_globals=args.allow_global,
             on_plan=show_plan,
             progress=progress,
+            param_names=_param_names(args),
         )
     if args.dry_run:
         print("dry run: nothing written")
@@ -456,6 +457,15 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         kept = f" (backup: {outcome.backup})" if outcome.backup else ""
         print(f"wrote {outcome.written}{kept}")
     return EXIT_OK
+
+
+def _param_names(args: argparse.Namespace) -> list[str] | None:
+    """``--param-names FILE``: one parameter name a line, in the optimizer's order."""
+    if args.param_names is None:
+        return None
+    from .positions import read_param_names
+
+    return read_param_names(args.param_names)
 
 
 # -- scan --------------------------------------------------------------------------------------
@@ -801,6 +811,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     p.add_argument("--from-version", metavar="V", help="SRC's version when it has no stamp")
     p.add_argument("--schema", help="SRC's schema when it has no stamp")
+    p.add_argument(
+        "--param-names",
+        metavar="FILE",
+        help="names of position-keyed optimizer state, one a line in the optimizer's order "
+        "(needed when a step splits, merges or drops parameters and the file cannot tell)",
+    )
     _common(p, reads_files=True)
     p.set_defaults(func=cmd_upgrade)
 

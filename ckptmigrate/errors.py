@@ -286,3 +286,24 @@ class ModelBuildError(CkptMigrateError):
             f"{type(cause).__name__}: {cause}; if the model now takes other hparams, compare "
             "with a file the new code saved instead (--to-file NEW)"
         )
+
+
+class ParamNamesUnknown(CkptMigrateError, ValueError):
+    """Optimizer state keyed by position meets a step that needs each position's name.
+
+    ``reason`` says why the names could not be found (the file's own parameter order did not
+    verify, or a given list did not fit); ``step`` names the step that needs them, when known.
+    """
+
+    def __init__(self, reason: str, *, step: str | None = None) -> None:
+        self.reason = reason
+        self.step = step
+        needs = f"step {step} " if step else "the migration "
+        super().__init__(
+            f"the optimizer state is keyed by position only, and {needs}splits, merges, drops, "
+            f"reshapes or reorders parameters, so each position's name must be known: {reason}. "
+            "Pass --param-names FILE (one parameter name a line, in the order the optimizer got "
+            "them) on the command line, or param_names=[...] in Python (the names of "
+            "model.named_parameters() in that order); or save the optimizer from "
+            "torch.optim.X(model.named_parameters()) so that its state_dict carries param_names"
+        )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import filecmp
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,11 +105,13 @@ def migrate_file(
     on_plan: Callable[[UpgradeOutcome], Any] | None = None,
     progress: Callable[..., Any] | None = None,
     lock_timeout: float = DEFAULT_TIMEOUT,
+    param_names: Sequence[str] | None = None,
 ) -> UpgradeOutcome:
     """Read ``src``, plan its upgrade, and write it to ``dst`` (``None``: in place, locked).
 
     ``schemas`` is a Schema or the discovered table; ``schema`` names the one to use for an
-    unstamped file.
+    unstamped file; ``param_names`` names position-keyed optimizer state for the steps that
+    need its names (see :func:`ckptmigrate.upgrade`).
 
     >>> migrate_file("model.pth", "model-v3.pth", schemas=find_schemas(["migrations"]))
     """
@@ -123,6 +125,7 @@ def migrate_file(
         allowed_globals=list(allowed_globals),
         on_plan=on_plan,
         progress=progress,
+        param_names=param_names,
     )
     if dst is not None:
         return _upgrade(Path(src), Path(dst), table, **options)
@@ -149,8 +152,12 @@ def upgrade_in_place(
     on_plan: Callable[[UpgradeOutcome], Any] | None = None,
     progress: Callable[..., Any] | None = None,
     lock_timeout: float = DEFAULT_TIMEOUT,
+    param_names: Sequence[str] | None = None,
 ) -> UpgradeOutcome:
     """Upgrade the file at ``path`` in place: lock, re-read, plan, back up, write atomically.
+
+    ``param_names`` (the old parameter names in the optimizer's order) names position-keyed
+    optimizer state for steps that split, merge or drop parameters.
 
     A file already at the target is left alone (``outcome.plan == []``, nothing written).
     Waits up to ``lock_timeout`` seconds for another process rewriting the same file, then
@@ -173,6 +180,7 @@ def upgrade_in_place(
         on_plan=on_plan,
         progress=progress,
         lock_timeout=lock_timeout,
+        param_names=param_names,
     )
 
 
@@ -189,6 +197,7 @@ def _upgrade(
     allowed_globals: list[Any],
     on_plan: Callable[[UpgradeOutcome], Any] | None,
     progress: Callable[..., Any] | None,
+    param_names: Sequence[str] | None = None,
 ) -> UpgradeOutcome:
     from .api import save
     from .files import read_checkpoint
@@ -218,7 +227,7 @@ def _upgrade(
     in_place = dst is None
     if dry_run or (in_place and not plan and not newly_stamped):
         return outcome
-    work = run_plan(ckpt, plan, found, progress=progress)
+    work = run_plan(ckpt, plan, found, progress=progress, param_names=param_names)
     target = src if dst is None else dst
     if in_place and backup:
         outcome.backup = str(_write_backup(src, version))

@@ -28,7 +28,7 @@ atomic ``torch.save``. :attr:`FileUpgrade.streamed` says which path ran.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,7 @@ def upgrade_file(
     to: str | Version | None = None,
     from_version: str | Version | None = None,
     safe_globals: Iterable[Any] = (),
+    param_names: Sequence[str] | None = None,
 ) -> FileUpgrade:
     """Upgrade the checkpoint at ``src`` to ``to`` (default: current) and write it to ``dst``.
 
@@ -128,6 +129,8 @@ def upgrade_file(
     atomically). Rename/drop/hparam plans copy tensor bytes as stored (see the module doc);
     other plans load with ``mmap=True``, upgrade and save. ``from_version`` stamps an
     unversioned file on the way. Raises before writing anything if the plan is invalid.
+    ``param_names`` names position-keyed optimizer state for steps that need its names (see
+    :func:`ckptmigrate.upgrade`).
 
     >>> cm.upgrade_file("model.pth", "model-v3.pth", schema)
     >>> cm.upgrade_file("llama/", "llama/", schema)          # sharded set, in place
@@ -137,13 +140,13 @@ def upgrade_file(
     src, dst = Path(src), Path(dst)
     fmt = "sharded" if is_index_file(src) else detect_format(src)
     if fmt == "dcp":
-        return _upgrade_dcp(src, dst, schema, to, from_version)
+        return _upgrade_dcp(src, dst, schema, to, from_version, param_names)
     if fmt == "sharded":
         return _upgrade_sharded(src, dst, schema, to, from_version, safe_globals)
     streamed = _try_stream(src, dst, fmt, schema, to, from_version, _names(safe_globals))
     if streamed is not None:
         return streamed
-    return _upgrade_loaded(src, dst, fmt, schema, to, from_version, safe_globals)
+    return _upgrade_loaded(src, dst, fmt, schema, to, from_version, safe_globals, param_names)
 
 
 def _with_version(ckpt: Checkpoint, schema: Schema, from_version: Any, path: Path) -> Checkpoint:
@@ -197,6 +200,7 @@ def _upgrade_loaded(
     to: Any,
     from_version: Any,
     safe_globals: Iterable[Any],
+    param_names: Sequence[str] | None = None,
 ) -> FileUpgrade:
     """The full path: load (memory-mapped where torch can), upgrade, save atomically."""
     from .files import read_checkpoint, write_checkpoint
@@ -204,7 +208,7 @@ def _upgrade_loaded(
 
     ckpt = read_checkpoint(src, mmap=fmt == "torch-zip", safe_globals=safe_globals)
     ckpt = _with_version(ckpt, schema, from_version, src)
-    new = upgrade(ckpt, schema, to)
+    new = upgrade(ckpt, schema, to, param_names=param_names)
     write_checkpoint(dst, new)
     return _result(src, dst, fmt, ckpt, new, schema, to)
 
@@ -366,7 +370,14 @@ def _upgrade_sharded_loaded(
     return result
 
 
-def _upgrade_dcp(src: Path, dst: Path, schema: Schema, to: Any, from_version: Any) -> FileUpgrade:
+def _upgrade_dcp(
+    src: Path,
+    dst: Path,
+    schema: Schema,
+    to: Any,
+    from_version: Any,
+    param_names: Sequence[str] | None = None,
+) -> FileUpgrade:
     """Load through DCP's own loader (restricted metadata), upgrade, save with DCP's writer."""
     from .formats import dcp
     from .upgrade import upgrade
@@ -377,7 +388,7 @@ def _upgrade_dcp(src: Path, dst: Path, schema: Schema, to: Any, from_version: An
         dcp.stamp_dcp(src, dst, stubs)  # nothing to run: only the stamp file is (re)written
         return _result(src, dst, "dcp", stubs, stubs, schema, to)
     ckpt = _with_version(dcp.read_dcp(src), schema, from_version, src)
-    new = upgrade(ckpt, schema, to)
+    new = upgrade(ckpt, schema, to, param_names=param_names)
     dcp.write_dcp(dst, new)
     return _result(src, dst, "dcp", ckpt, new, schema, to)
 
@@ -397,8 +408,9 @@ def _try_stream(
 
         graph = read_zip_graph(src, allowed_globals=names)
         ckpt = _with_version(split(graph.obj, path=src), schema, from_version, src)
-        new = upgrade_stubs(ckpt, schema, to)
-        if new is not None and new.optimizer is None:
+        # optimizer state is rewritten, not copied: the loaded path follows it
+        new = None if ckpt.optimizer is not None else upgrade_stubs(ckpt, schema, to)
+        if new is not None:
             result = _result(src, dst, fmt, ckpt, new, schema, to)
             try:
                 writer = write_zip_graph(dst, graph, assemble(new, _stamp_of(new)))

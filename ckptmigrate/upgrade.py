@@ -22,12 +22,14 @@ from .ops import DropHparam, Op, OpError, RenameHparam, SetHparam
 from .optimizer import (
     NamedOptimizer,
     ParamNamesUnknown,
+    carries_names,
     follow_trace,
     from_named,
     is_optimizer_state,
     shaped_state_fields,
     to_named,
 )
+from .positions import PositionalState, keeps_positions
 from .schema import Schema
 from .stamp import library_version, utc_now
 
@@ -55,8 +57,9 @@ def upgrade(
 
     An older ``to`` downgrades through reversible steps. The plan is checked before any step
     runs; a failing step raises :class:`MigrationError` naming it, with the cause chained.
-    Optimizer state in the checkpoint follows its parameters; where it is keyed by position
-    only and the file has no ``param_names``, pass ``param_names`` (position order).
+    Optimizer state in the checkpoint follows its parameters. Position-keyed state passes
+    through steps that only rename; other steps need its names: ``param_names`` (the old
+    names in the optimizer's order), else the file's own parameter order once verified.
 
     >>> new = cm.upgrade(ckpt, schema)            # to schema.current
     >>> old = cm.upgrade(new, schema, to="1.0.0")  # back, through inverse ops
@@ -80,7 +83,9 @@ def run_plan(
     work = ckpt.copy()
     if not plan:
         return work
-    followers = OptimizerFollowers.from_checkpoint(work, param_names)
+    followers = OptimizerFollowers.from_checkpoint(
+        work, param_names, buffers=lambda: _buffer_keys(work, plan, schema)
+    )
     done = 0
     for run, step_ops in _runs(plan):
         composed = None
@@ -157,10 +162,9 @@ def _apply_composed(
     new_keys, fired = rules.apply(keys)
     if len(fired) != len(pairs) or len(set(new_keys)) != len(new_keys):
         return None
-    try:
-        named_opts = followers._named() if followers.slots and pairs else []
-    except ParamNamesUnknown:
-        return None
+    trace = {new: [old] for old, new in zip(keys, new_keys)}
+    if followers.needs_names(keys, trace):
+        return None  # step by step, each step's own renames decide, and an error names it
     modules = ckpt.module_metadata
     if modules:
         move = rules.module_renamer()
@@ -182,9 +186,8 @@ def _apply_composed(
                     op.apply(result)  # independent of the keys
     except Exception:
         return None
-    if named_opts:
-        trace = {new: [old] for old, new in zip(keys, new_keys)}
-        for named in named_opts:
+    if pairs:
+        for named in followers.follow(keys, trace):
             follow_trace(named, trace, {}, set())
     result.schema = schema.name
     result.version = run[-1].target
@@ -212,6 +215,7 @@ def apply_step(
     if followers is None:
         followers = OptimizerFollowers.from_checkpoint(ckpt, None)
     reset: list[str] = []
+    followers.step = f"{schema.name} {planned.source} -> {planned.target} ({planned.name})"
 
     def fail(problem: str) -> MigrationError:
         return MigrationError(schema.name, planned.source, planned.target, planned.name, problem)
@@ -286,31 +290,71 @@ def _follow_module_metadata(before: Checkpoint, after: Checkpoint) -> None:
         )
 
 
-class OptimizerFollowers:
-    """The optimizer states of one checkpoint, keyed by name while a plan runs."""
+def _buffer_keys(ckpt: Checkpoint, plan: Sequence[PlannedStep], schema: Schema) -> set[str] | None:
+    """The keys of ``ckpt`` that are buffers of the model ``schema.build`` makes once migrated.
 
-    def __init__(self, slots: list[tuple[Any, Any]]) -> None:
-        # each slot: (where it lives in ckpt.optimizer, NamedOptimizer or ParamNamesUnknown)
-        self.slots = slots
+    Runs the plan on a copy without optimizer state and follows each tensor by identity to
+    today's model; None when the schema cannot build one.
+    """
+    if not schema.can_build:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            migrated = run_plan(replace(ckpt, optimizer=None), plan, schema)
+            parameters = {name for name, _ in schema.build(migrated.hparams).named_parameters()}
+    except Exception:  # the real run reports a failing step; here it only means "unknown"
+        return None
+    now = {id(v): k for k, v in migrated.state_dict.items()}
+    return {k for k, v in ckpt.state_dict.items() if id(v) in now and now[id(v)] not in parameters}
+
+
+class OptimizerFollowers:
+    """The optimizer states of one checkpoint while a plan runs: keyed by name, or kept by
+    position (:class:`~ckptmigrate.positions.PositionalState`) until a step needs names."""
+
+    def __init__(self, slots: list[tuple[Any, NamedOptimizer | PositionalState]]) -> None:
+        self.slots = slots  # (where it lives in ckpt.optimizer, its state)
+        self.step: str | None = None  # the step running, for the error that needs names
 
     @classmethod
     def from_checkpoint(
-        cls, ckpt: Checkpoint, param_names: Sequence[str] | None
+        cls,
+        ckpt: Checkpoint,
+        param_names: Sequence[str] | None,
+        buffers: Callable[[], set[str] | None] = lambda: None,
     ) -> OptimizerFollowers:
-        slots: list[tuple[Any, Any]] = []
+        slots: list[tuple[Any, NamedOptimizer | PositionalState]] = []
         for where, opt_sd in _optimizer_states(ckpt.optimizer):
-            try:
-                slots.append((where, to_named(opt_sd, param_names)))
-            except ParamNamesUnknown as exc:
-                slots.append((where, exc))
+            if carries_names(opt_sd):
+                slots.append((where, to_named(opt_sd, None)))
+            else:
+                slots.append((where, PositionalState(opt_sd, ckpt, param_names, buffers)))
         return cls(slots)
 
-    def _named(self) -> list[NamedOptimizer]:
+    def needs_names(
+        self, keys: Sequence[str], trace: dict[str, list[str]], reshapes: bool = False
+    ) -> bool:
+        """Whether a step mapping ``keys`` by ``trace`` needs position-keyed state's names."""
+        if not any(isinstance(slot, PositionalState) for _, slot in self.slots):
+            return False
+        return reshapes or not keeps_positions(keys, trace)
+
+    def follow(
+        self, keys: Sequence[str], trace: dict[str, list[str]], reshapes: bool = False
+    ) -> list[NamedOptimizer]:
+        """The states keyed by name that must follow this step (naming positional ones first
+        when it needs their names); positional state it keeps only notes the renames."""
+        needs = self.needs_names(keys, trace, reshapes)
         out = []
-        for _, named in self.slots:
-            if isinstance(named, ParamNamesUnknown):
-                raise named
-            out.append(named)
+        for i, (where, slot) in enumerate(self.slots):
+            if isinstance(slot, PositionalState):
+                if not needs:
+                    slot.follow_renames(trace)
+                    continue
+                slot = slot.named(self.step)
+                self.slots[i] = (where, slot)
+            out.append(slot)
         return out
 
     def through_op(self, op: Op, ckpt: Checkpoint) -> list[str]:
@@ -323,10 +367,10 @@ class OptimizerFollowers:
                 return self.through_function(before, ckpt, None)
             op.apply(ckpt)
             return []
-        named_opts = self._named()
+        trace = op.trace(keys) or {k: [k] for k in keys}
+        named_opts = self.follow(keys, trace, reshapes=op.transforms_state)
         shapes = {k: tuple(v.shape) for k, v in ckpt.state_dict.items() if hasattr(v, "shape")}
         op.apply(ckpt)
-        trace = op.trace(keys) or {k: [k] for k in keys}
         new_params = op.new_parameters(keys)
         for named in named_opts:
             transformed: dict[str, dict[str, Any]] = {}
@@ -342,7 +386,11 @@ class OptimizerFollowers:
         return []
 
     def through_function(self, before: Checkpoint, after: Checkpoint, hook: Any) -> list[str]:
-        """Follow tensors a function moved unchanged; report parameters whose tensor it replaced."""
+        """Follow tensors a function moved unchanged; report parameters whose tensor it replaced.
+
+        For position-keyed state, the function only renamed when its output holds exactly the
+        input's tensors (by identity), each once, under names that keep their module order.
+        """
         if not self.slots:
             return []
         where = {}
@@ -364,7 +412,7 @@ class OptimizerFollowers:
         followed = {s for sources in trace.values() for s in sources}
         renamed_and_replaced = any(not sources for sources in trace.values())
         reset = []
-        for named in self._named():
+        for named in self.follow(list(before.state_dict), trace, reshapes=bool(replaced)):
             mapped = dict(hook(dict(named.states), before, after)) if hook else {}
             # parameters whose tensor left under a new name: the state cannot follow by identity
             vanished = [
@@ -384,10 +432,10 @@ class OptimizerFollowers:
         return reset
 
     def write_back(self, ckpt: Checkpoint) -> None:
-        order = list(ckpt.state_dict)
+        """Put each state keyed by name back in the file's layout; positional state stays."""
         for where, named in self.slots:
             if isinstance(named, NamedOptimizer):
-                ckpt.optimizer = _put(ckpt.optimizer, where, from_named(named, order))
+                ckpt.optimizer = _put(ckpt.optimizer, where, from_named(named))
 
 
 def _optimizer_states(optimizer: Any) -> list[tuple[Any, Any]]:
