@@ -313,7 +313,7 @@ def _schema_status(ckpt: Checkpoint, args: argparse.Namespace) -> dict[str, Any]
 def info_record(path: str, args: argparse.Namespace) -> dict[str, Any]:
     """What ``ckptmigrate info`` shows, as JSON-able data (metadata read only)."""
     from .diff import plain
-    from .files import read_metadata
+    from .files import checkpoint_bytes, read_metadata
     from .formats.detect import detect_format
     from .layout import is_tensor_like
     from .report import signature
@@ -329,7 +329,7 @@ def info_record(path: str, args: argparse.Namespace) -> dict[str, Any]:
         "path": str(path),
         "format": fmt,
         "layout": ckpt.layout,
-        "file_bytes": os.path.getsize(path),
+        "file_bytes": checkpoint_bytes(path),
         "schema": ckpt.schema,
         "version": None if ckpt.version is None else str(ckpt.version),
         "history": plain(ckpt.history),
