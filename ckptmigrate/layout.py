@@ -193,6 +193,10 @@ def _pop_dict(
         return {}
     if isinstance(value, dict):
         return dict(value)
+    from .formats.pickle_meta import OpaqueObject
+
+    if isinstance(value, OpaqueObject) and value.fields() is not None:  # an allowed global
+        return value.fields()  # type: ignore[return-value]
     if hasattr(value, "__dict__") and not is_tensor_like(value):  # argparse.Namespace and kin
         return dict(vars(value))
     raise CheckpointFormatError(f"{slot} must be a dict, found {type(value).__name__}", path=path)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from test_cli import run
 
 transformers = pytest.importorskip("transformers")
 huggingface_hub = pytest.importorskip("huggingface_hub")
@@ -43,12 +42,6 @@ MIGRATIONS = {
         """,
 }
 INPUT = torch.tensor([[1, 2, 3, 4, 5]])
-
-
-def run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ckptmigrate", *args], cwd=cwd, capture_output=True, text=True
-    )
 
 
 @pytest.fixture(scope="module")
