@@ -23,6 +23,7 @@ from types import ModuleType
 from typing import Any
 
 from .errors import CkptMigrateError, DuplicateSchemaError
+from .layout import Layout, declare_layout
 from .schema import Schema
 
 ENTRY_POINT_GROUP = "ckptmigrate.migrations"
@@ -155,9 +156,17 @@ def schemas_in(obj: Any) -> list[Schema]:
 
 
 def collect(items: Iterable[tuple[str, Any]]) -> dict[str, Schema]:
-    """Register schemas by name from ``(origin, module-or-schema)`` pairs; refuse clashes."""
+    """Register schemas by name from ``(origin, module-or-schema)`` pairs; refuse clashes.
+
+    A module's module-level :class:`~ckptmigrate.layout.Layout` values are declared, so that
+    files in those layouts read (:func:`~ckptmigrate.layout.declare_layout`).
+    """
     found: dict[str, Schema] = {}
     for origin, obj in items:
+        if isinstance(obj, ModuleType):
+            for value in vars(obj).values():
+                if isinstance(value, Layout):
+                    declare_layout(value)
         for schema in schemas_in(obj):
             schema.origin = schema.origin or origin
             other = found.get(schema.name)
