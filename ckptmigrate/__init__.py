@@ -23,15 +23,18 @@ from .errors import (
     CkptMigrateError,
     DuplicateSchemaError,
     FutureVersionError,
+    LayoutNameError,
     LoadMismatchError,
     MigrationError,
     MigrationGraphError,
     NoMigrationPathError,
     SchemaMismatchError,
+    UnknownLayoutError,
     UnsafeCheckpointError,
     UnversionedCheckpointError,
     VersionConflictError,
 )
+from .layout import Layout, declare_layout
 from .optimizer import ParamNamesUnknown
 from .report import LoadReport
 from .schema import Schema
@@ -44,6 +47,8 @@ __all__ = [
     "CkptMigrateError",
     "DuplicateSchemaError",
     "FutureVersionError",
+    "Layout",
+    "LayoutNameError",
     "LoadMismatchError",
     "LoadReport",
     "MigrationError",
@@ -52,10 +57,12 @@ __all__ = [
     "ParamNamesUnknown",
     "Schema",
     "SchemaMismatchError",
+    "UnknownLayoutError",
     "UnsafeCheckpointError",
     "UnversionedCheckpointError",
     "VersionConflictError",
     "attach",
+    "declare_layout",
     "diff",
     "errors",
     "FileUpgrade",

@@ -313,13 +313,18 @@ def _schema_status(ckpt: Checkpoint, args: argparse.Namespace) -> dict[str, Any]
 def info_record(path: str, args: argparse.Namespace) -> dict[str, Any]:
     """What ``ckptmigrate info`` shows, as JSON-able data (metadata read only)."""
     from .diff import plain
-    from .files import read_metadata
+    from .errors import UnknownLayoutError
+    from .files import checkpoint_bytes, read_metadata
     from .formats.detect import detect_format
     from .layout import is_tensor_like
     from .report import signature
 
     fmt = detect_format(path)
-    ckpt = read_metadata(path, allowed_globals=args.allow_global)
+    try:
+        ckpt = read_metadata(path, allowed_globals=args.allow_global)
+    except UnknownLayoutError:
+        _schemas(args)  # the migrations may declare the file's layout (cm.Layout)
+        ckpt = read_metadata(path, allowed_globals=args.allow_global)
     tensors = {k: v for k, v in ckpt.state_dict.items() if is_tensor_like(v)}
     dtypes: dict[str, int] = {}
     for value in tensors.values():
@@ -329,7 +334,7 @@ def info_record(path: str, args: argparse.Namespace) -> dict[str, Any]:
         "path": str(path),
         "format": fmt,
         "layout": ckpt.layout,
-        "file_bytes": os.path.getsize(path),
+        "file_bytes": checkpoint_bytes(path),
         "schema": ckpt.schema,
         "version": None if ckpt.version is None else str(ckpt.version),
         "history": plain(ckpt.history),

@@ -1,5 +1,8 @@
 """Where migrations come from: folders of Python files, dotted modules, pyproject, entry points.
 
+The configuration is the ``[tool.ckptmigrate]`` table of the nearest pyproject.toml up from
+the working folder; its folder is first on ``sys.path`` while migrations import.
+
 Importing a migration module is what registers its schemas: every module-level
 :class:`Schema` it defines is collected by name. Two different schemas with one name is an
 error naming both places.
@@ -12,21 +15,36 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from .errors import CkptMigrateError, DuplicateSchemaError
+from .layout import Layout, declare_layout
 from .schema import Schema
 
 ENTRY_POINT_GROUP = "ckptmigrate.migrations"
 
 
-def _read_pyproject(root: Path) -> dict[str, Any]:
-    path = root / "pyproject.toml"
+PYPROJECT = "pyproject.toml"
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    """The ``[tool.ckptmigrate]`` table of a project and the folder of its pyproject.toml."""
+
+    folder: Path
+    section: dict[str, Any]
+
+
+def _read_section(folder: Path) -> dict[str, Any] | None:
+    """``[tool.ckptmigrate]`` of ``folder``'s pyproject.toml; None without the file or table."""
+    path = folder / PYPROJECT
     if not path.is_file():
-        return {}
+        return None
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
@@ -36,20 +54,57 @@ def _read_pyproject(root: Path) -> dict[str, Any]:
             data = tomllib.load(f)
     except (OSError, ValueError) as exc:
         raise CkptMigrateError(f"cannot read {path}: {exc}") from None
-    section = data.get("tool", {}).get("ckptmigrate", {})
-    return section if isinstance(section, dict) else {}
+    tool = data.get("tool")
+    section = tool.get("ckptmigrate") if isinstance(tool, dict) else None
+    return section if isinstance(section, dict) else None
+
+
+def find_config(start: str | os.PathLike[str] | None = None) -> ProjectConfig | None:
+    """The nearest pyproject.toml with a ``[tool.ckptmigrate]`` table, walking up from
+    ``start`` (default: the working folder) as git and pytest do.
+
+    The walk stops at the top of a git work tree (a folder holding ``.git``): a pyproject.toml
+    above the repository belongs to another project.
+
+    >>> find_config("src/models").folder  # doctest: +SKIP
+    PosixPath('/home/me/project')
+    """
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        section = _read_section(folder)
+        if section is not None:
+            return ProjectConfig(folder, section)
+        if (folder / ".git").exists():
+            return None
+    return None
 
 
 def configured(key: str, root: str | os.PathLike[str] | None = None) -> list[str]:
-    """``[tool.ckptmigrate] key = [...]`` from ``root``'s pyproject.toml, paths made absolute."""
-    base = Path(root or os.getcwd())
-    value = _read_pyproject(base).get(key, [])
+    """``[tool.ckptmigrate] key = [...]`` of the project found from ``root`` (see
+    :func:`find_config`), relative paths made absolute against the pyproject.toml's folder."""
+    config = find_config(root)
+    if config is None:
+        return []
+    value = config.section.get(key, [])
     items = [value] if isinstance(value, str) else list(value)
     out = []
     for item in items:
-        candidate = base / item
+        candidate = config.folder / item
         out.append(str(candidate) if candidate.exists() else str(item))
     return out
+
+
+@contextmanager
+def project_on_sys_path(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Put ``folder`` first on ``sys.path`` while migrations import (as Alembic's
+    ``prepend_sys_path``), so ``from mynet import MyNet`` finds the project's own code."""
+    entry = str(folder)
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        if entry in sys.path:
+            sys.path.remove(entry)
 
 
 def import_source(source: str) -> list[ModuleType]:
@@ -101,9 +156,17 @@ def schemas_in(obj: Any) -> list[Schema]:
 
 
 def collect(items: Iterable[tuple[str, Any]]) -> dict[str, Schema]:
-    """Register schemas by name from ``(origin, module-or-schema)`` pairs; refuse clashes."""
+    """Register schemas by name from ``(origin, module-or-schema)`` pairs; refuse clashes.
+
+    A module's module-level :class:`~ckptmigrate.layout.Layout` values are declared, so that
+    files in those layouts read (:func:`~ckptmigrate.layout.declare_layout`).
+    """
     found: dict[str, Schema] = {}
     for origin, obj in items:
+        if isinstance(obj, ModuleType):
+            for value in vars(obj).values():
+                if isinstance(value, Layout):
+                    declare_layout(value)
         for schema in schemas_in(obj):
             schema.origin = schema.origin or origin
             other = found.get(schema.name)
@@ -130,14 +193,21 @@ def _entry_points() -> list[tuple[str, Any]]:
 def find_schemas(
     sources: Sequence[str] | None = None, *, root: str | os.PathLike[str] | None = None
 ) -> dict[str, Schema]:
-    """Discover schemas: ``sources`` if given, else pyproject's ``[tool.ckptmigrate]
-    migrations``, else the installed ``ckptmigrate.migrations`` entry points.
+    """Discover schemas: ``sources`` if given, else ``[tool.ckptmigrate] migrations`` of the
+    nearest configuring pyproject.toml (:func:`find_config`), else the installed
+    ``ckptmigrate.migrations`` entry points.
+
+    While sources import, the project's folder (that pyproject.toml's, else ``root`` or the
+    working folder) is first on ``sys.path``.
 
     >>> schemas = find_schemas(["migrations"])
     >>> schemas["tinylm"].current
     """
     sources = list(sources or []) or configured("migrations", root)
     if sources:
-        items = [(src, module) for src in sources for module in import_source(src)]
+        config = find_config(root)
+        project = config.folder if config is not None else Path(root or os.getcwd())
+        with project_on_sys_path(project):
+            items = [(src, module) for src in sources for module in import_source(src)]
         return collect((f"{getattr(m, '__file__', src)}", m) for src, m in items)
     return collect(_entry_points())

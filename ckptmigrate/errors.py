@@ -24,6 +24,35 @@ class CheckpointFormatError(CkptMigrateError, ValueError):
         super().__init__(prefix + message)
 
 
+class UnknownLayoutError(CheckpointFormatError):
+    """A checkpoint dict in none of the known layouts: no state_dict where one is looked for."""
+
+    def __init__(self, keys: list[str], *, path: object = None) -> None:
+        self.keys = keys
+        shown = ", ".join(repr(k) for k in keys[:8])
+        super().__init__(
+            "found no state_dict: expected a dict of tensors, or a dict with 'state_dict', "
+            "'model_state_dict', 'model' or 'model_state'; top-level keys are "
+            f"{shown}. If the file keeps its parts elsewhere, name them in your migrations "
+            'module: layout = cm.Layout("mine", state_dict="net", hparams="cfg", '
+            'optimizer="opt"), then pass --migrations PATH',
+            path=path,
+        )
+
+
+class LayoutNameError(CkptMigrateError):
+    """A declared :class:`~ckptmigrate.layout.Layout` takes a name another layout has."""
+
+    def __init__(self, name: str, *, builtin: bool) -> None:
+        self.name = name
+        self.builtin = builtin
+        owner = "a built-in layout" if builtin else "another declared layout"
+        super().__init__(
+            f"the layout name {name!r} is taken by {owner} with other keys: give your "
+            "cm.Layout another name"
+        )
+
+
 class UnsafeCheckpointError(CkptMigrateError):
     """The file's pickle asks for a global that the safe loader does not allow."""
 

@@ -42,12 +42,6 @@ def _from_safetensors(tensors: dict[str, Any], metadata: dict[str, str], path: P
     )
 
 
-def _detect(path: Path) -> str:
-    from .formats.sharded import is_index_file
-
-    return "sharded" if is_index_file(path) else detect_format(path)
-
-
 def read_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -57,7 +51,7 @@ def read_checkpoint(
 ) -> Checkpoint:
     """Load every tensor of a checkpoint file (no migration)."""
     path = Path(path)
-    fmt = _detect(path)
+    fmt = detect_format(path)
     if fmt == "sharded":
         from .formats.sharded import read_sharded
 
@@ -86,7 +80,7 @@ def read_metadata(
     from .formats.tensorinfo import TensorStub
 
     path = Path(path)
-    fmt = _detect(path)
+    fmt = detect_format(path)
     if fmt == "sharded":
         from .formats.sharded import read_sharded_metadata
 
@@ -111,6 +105,23 @@ def read_metadata(
         obj = read_torch_metadata(path, allowed_globals=list(allowed_globals))
         return split(obj, path=path)
     raise CheckpointFormatError(f"reading a {fmt} checkpoint is not supported yet", path=path)
+
+
+def checkpoint_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes the checkpoint at ``path`` takes on disk: a file's size; a sharded set's index
+    and shards (given by its folder or index); every file under a DCP folder."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "sharded":
+        from .formats.sharded import read_index
+
+        sset = read_index(path)
+        files = [sset.index_path, *(sset.folder / s for s in sset.shards)]
+    elif fmt == "dcp":
+        files = [p for p in path.rglob("*") if p.is_file()]
+    else:
+        files = [path]
+    return sum(p.stat().st_size for p in files)
 
 
 def write_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:

@@ -357,10 +357,11 @@ def stamp_in_place(
 def read_for_stamp(path: str | os.PathLike[str], safe_globals: Iterable[Any] = ()) -> Checkpoint:
     """What stamping needs: a file whole (it is saved back with its tensors), a sharded set or
     DCP folder by its metadata only (the folder writers copy the tensors as they are)."""
-    from .files import _detect, read_checkpoint, read_metadata
+    from .files import read_checkpoint, read_metadata
+    from .formats.detect import detect_format
     from .formats.torchfile import global_name
 
-    if _detect(Path(path)) in ("dcp", "sharded"):
+    if detect_format(path) in ("dcp", "sharded"):
         return read_metadata(path, allowed_globals=[global_name(g) for g in safe_globals])
     return read_checkpoint(path, mmap=True, safe_globals=list(safe_globals))
 
@@ -377,9 +378,9 @@ def write_stamped(
     ``ckptmigrate.json`` (its data files are kept as they are); a sharded set is rewritten the
     way an upgrade writes it (the stamp in the index and every safetensors shard header).
     """
-    from .files import _detect
+    from .formats.detect import detect_format
 
-    fmt = _detect(Path(src))
+    fmt = detect_format(src)
     if fmt == "dcp":
         from .formats.dcp import stamp_dcp
 

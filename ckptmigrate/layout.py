@@ -1,4 +1,5 @@
-"""Where a checkpoint keeps its parts: ours, Lightning, nested, the tutorial's, or a flat dict.
+"""Where a checkpoint keeps its parts: ours, Lightning, nested dicts, the tutorial's, a flat
+dict, or a layout a migrations module declares.
 
 Torch-free: it works on decoded objects whose tensors may be real or metadata stubs, so the
 full loader and the metadata-only reader share it. ``split`` takes a file's top-level object
@@ -13,32 +14,84 @@ from dataclasses import dataclass
 from typing import Any
 
 from .checkpoint import Checkpoint
-from .errors import CheckpointFormatError
+from .errors import CheckpointFormatError, LayoutNameError, UnknownLayoutError
 from .stamp import STAMP_KEY, parse_stamp
+
+KeyPath = tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class Layout:
-    """The top-level keys of one checkpoint layout; ``None`` means "kept in the stamp"."""
+    """Where one checkpoint layout keeps its parts: a top-level key, a path of keys into nested
+    dicts (``("model", "state_dict")``), or ``None`` for "kept in the stamp".
+
+    A layout no built-in one covers is named in a migrations module, at module level, and
+    discovery declares it (:func:`declare_layout`)::
+
+        layout = cm.Layout("trainer", state_dict="net", hparams=("cfg", "model"), optimizer="opt")
+    """
 
     name: str
-    state_dict_key: str | None
-    hparams_key: str | None
-    optimizer_key: str | None
-    meta_key: str | None
+    state_dict: str | KeyPath | None
+    hparams: str | KeyPath | None = None
+    optimizer: str | KeyPath | None = None
+    meta: str | KeyPath | None = None
+    markers: tuple[str, ...] = ()  # top-level keys of which one must be present
+
+    def __post_init__(self) -> None:
+        for slot in ("state_dict", "hparams", "optimizer", "meta"):
+            value = getattr(self, slot)
+            path = (value,) if isinstance(value, str) else value
+            if path is not None and (not path or not all(isinstance(p, str) for p in path)):
+                raise TypeError(f"Layout {slot}= must be a key, a tuple of keys or None")
+            object.__setattr__(self, slot, None if path is None else tuple(path))
+
+    def matches(self, obj: dict[Any, Any]) -> bool:
+        """Whether ``obj`` (a file's top-level dict) has this layout."""
+        if self.state_dict is None:
+            return all(is_tensor_like(v) or _is_extra_state(k) for k, v in obj.items())
+        if self.markers and not any(marker in obj for marker in self.markers):
+            return False
+        return isinstance(_get(obj, self.state_dict), dict)  # type: ignore[arg-type]
 
 
 LAYOUTS: dict[str, Layout] = {
     layout.name: layout
     for layout in (
+        Layout(
+            "lightning",
+            "state_dict",
+            "hyper_parameters",
+            "optimizer_states",
+            markers=("hyper_parameters", "optimizer_states", "pytorch-lightning_version"),
+        ),
         Layout("ckptmigrate", "state_dict", "hparams", "optimizer", "meta"),
-        Layout("lightning", "state_dict", "hyper_parameters", "optimizer_states", None),
-        Layout("tutorial", "model_state_dict", None, "optimizer_state_dict", None),
-        Layout("nested", "model", None, "optimizer", None),
-        Layout("flat", None, None, None, None),
+        Layout("tutorial", "model_state_dict", None, "optimizer_state_dict"),
+        Layout("nested-args", ("model", "state_dict"), ("model", "model_args"), "optimizer"),
+        Layout("nested", "model", None, "optimizer"),
+        Layout("model-state", "model_state", None, "optimizer_state"),
+        Layout("flat", None),
     )
 }
-_LIGHTNING_MARKERS = ("hyper_parameters", "optimizer_states", "pytorch-lightning_version")
+_DECLARED: dict[str, Layout] = {}
+
+
+def declare_layout(layout: Layout) -> Layout:
+    """Make ``layout`` known to every reader in this process (tried before the built-in ones).
+
+    Discovery declares the :class:`Layout` values a migrations module defines; declaring the
+    same layout again is a no-op, another one under a taken name a :class:`LayoutNameError`.
+    """
+    taken = LAYOUTS.get(layout.name) or _DECLARED.get(layout.name)
+    if taken is not None and taken != layout:
+        raise LayoutNameError(layout.name, builtin=layout.name in LAYOUTS)
+    _DECLARED[layout.name] = layout
+    return layout
+
+
+def layout_named(name: str) -> Layout | None:
+    """The built-in or declared layout called ``name``."""
+    return LAYOUTS.get(name) or _DECLARED.get(name)
 
 
 def is_tensor_like(value: Any) -> bool:
@@ -54,32 +107,20 @@ def detect_layout(obj: Any, *, path: object = None) -> Layout:
             f"{type(obj).__name__}",
             path=path,
         )
-    if isinstance(obj.get("state_dict"), dict):
-        if any(marker in obj for marker in _LIGHTNING_MARKERS):
-            return LAYOUTS["lightning"]
-        return LAYOUTS["ckptmigrate"]
-    if isinstance(obj.get("model_state_dict"), dict):
-        return LAYOUTS["tutorial"]
-    if isinstance(obj.get("model"), dict):
-        return LAYOUTS["nested"]
-    if all(is_tensor_like(v) or _is_extra_state(k) for k, v in obj.items()):
-        return LAYOUTS["flat"]
-    keys = ", ".join(repr(k) for k in list(obj)[:8])
-    raise CheckpointFormatError(
-        "found no state_dict: expected a dict of tensors, or a dict with 'state_dict', "
-        f"'model_state_dict' or 'model'; top-level keys are {keys}",
-        path=path,
-    )
+    for layout in (*_DECLARED.values(), *LAYOUTS.values()):
+        if layout.matches(obj):
+            return layout
+    raise UnknownLayoutError([str(k) for k in obj], path=path)
 
 
 def split(obj: Any, *, path: object = None) -> Checkpoint:
     """Take a file's top-level object apart into a :class:`Checkpoint` (stamp parsed)."""
     layout = detect_layout(obj, path=path)
-    if layout.state_dict_key is None:
+    if layout.state_dict is None:
         raw_sd, rest = obj, {}
     else:
         rest = dict(obj)
-        raw_sd = rest.pop(layout.state_dict_key)
+        raw_sd = _pop(rest, layout.state_dict)
     state_dict = _check_state_dict(raw_sd, path=path)
     module_metadata = _module_metadata(raw_sd)
 
@@ -90,9 +131,9 @@ def split(obj: Any, *, path: object = None) -> Checkpoint:
     if raw_stamp is not None:
         stamp = parse_stamp(raw_stamp, path=path)
         stamp_extras = raw_stamp
-    hparams = _pop_dict(rest, layout.hparams_key, stamp_extras, "hparams", path)
-    meta = _pop_dict(rest, layout.meta_key, stamp_extras, "meta", path)
-    optimizer = rest.pop(layout.optimizer_key, None) if layout.optimizer_key else None
+    hparams = _pop_dict(rest, layout.hparams, stamp_extras, "hparams", path)
+    meta = _pop_dict(rest, layout.meta, stamp_extras, "meta", path)
+    optimizer = _pop(rest, layout.optimizer) if layout.optimizer else None
     return Checkpoint(
         state_dict=state_dict,
         hparams=hparams,
@@ -109,7 +150,7 @@ def split(obj: Any, *, path: object = None) -> Checkpoint:
 
 def assemble(ckpt: Checkpoint, stamp: dict[str, Any] | None) -> Any:
     """The object to write for ``ckpt`` in its layout, carrying ``stamp`` when given."""
-    layout = LAYOUTS.get(ckpt.layout, LAYOUTS["ckptmigrate"])
+    layout = layout_named(ckpt.layout) or LAYOUTS["ckptmigrate"]
     sd: OrderedDict[str, Any] = OrderedDict(ckpt.state_dict)
     metadata = copy.deepcopy(ckpt.module_metadata) if ckpt.module_metadata is not None else None
     stamp_out = dict(stamp) if stamp is not None else None
@@ -131,24 +172,69 @@ def assemble(ckpt: Checkpoint, stamp: dict[str, Any] | None) -> Any:
 
     if metadata is not None:
         sd._metadata = metadata  # type: ignore[attr-defined]
-    out: dict[str, Any] = {layout.state_dict_key: sd}  # type: ignore[dict-item]
+    out: dict[str, Any] = {}
+    _put(out, layout.state_dict, sd)  # type: ignore[arg-type]
     for key, value, slot in (
-        (layout.hparams_key, ckpt.hparams, "hparams"),
-        (layout.meta_key, ckpt.meta, "meta"),
+        (layout.hparams, ckpt.hparams, "hparams"),
+        (layout.meta, ckpt.meta, "meta"),
     ):
         if key is not None:
-            out[key] = value
+            _put(out, key, value)
         elif stamp_out is not None:
             stamp_out[slot] = value
-    if ckpt.optimizer is not None and layout.optimizer_key is not None:
-        out[layout.optimizer_key] = ckpt.optimizer
-    clash = [k for k in ckpt.extra if k in out or k == STAMP_KEY]
+    if ckpt.optimizer is not None and layout.optimizer is not None:
+        _put(out, layout.optimizer, ckpt.optimizer)
+    nested = {
+        p[0]
+        for p in (layout.state_dict, layout.hparams, layout.optimizer, layout.meta)
+        if p and p[1:]
+    }
+    clash = [k for k, v in ckpt.extra.items() if k == STAMP_KEY or not _merge(out, k, v, nested)]
     if clash:
         raise ValueError(f"extra entries {clash} clash with the {layout.name} layout's own keys")
-    out.update(ckpt.extra)
     if stamp_out is not None:
         out[STAMP_KEY] = stamp_out
     return out
+
+
+def _get(obj: Any, path: KeyPath) -> Any:
+    for key in path:
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return obj
+
+
+def _pop(rest: dict[str, Any], path: KeyPath) -> Any:
+    """Take the value at ``path`` out of ``rest`` (copying the dicts above it; a dict left
+    empty goes too), or None."""
+    head, *tail = path
+    if not tail:
+        return rest.pop(head, None)
+    inner = rest.get(head)
+    if not isinstance(inner, dict):
+        return None
+    inner = rest[head] = dict(inner)
+    value = _pop(inner, tuple(tail))
+    if not inner:
+        del rest[head]
+    return value
+
+
+def _put(out: dict[str, Any], path: KeyPath, value: Any) -> None:
+    for key in path[:-1]:
+        out = out.setdefault(key, {})
+    out[path[-1]] = value
+
+
+def _merge(out: dict[str, Any], key: str, value: Any, nested: set[str]) -> bool:
+    """Put an extra entry back beside the layout's parts (the rest of a dict a part sits in
+    goes back into it); False if they clash."""
+    if key not in out:
+        out[key] = value
+        return True
+    if key not in nested or not isinstance(value, dict) or any(k in out[key] for k in value):
+        return False
+    out[key].update(value)
+    return True
 
 
 def _is_extra_state(key: Any) -> bool:
@@ -183,16 +269,20 @@ def _module_metadata(raw_sd: Any) -> dict[str, dict[str, Any]] | None:
 
 def _pop_dict(
     rest: dict[str, Any],
-    key: str | None,
+    key: KeyPath | None,
     stamp: dict[str, Any],
     slot: str,
     path: object,
 ) -> dict[str, Any]:
-    value = rest.pop(key, None) if key is not None else stamp.get(slot)
+    value = _pop(rest, key) if key is not None else stamp.get(slot)
     if value is None:
         return {}
     if isinstance(value, dict):
         return dict(value)
+    from .formats.pickle_meta import OpaqueObject
+
+    if isinstance(value, OpaqueObject) and value.fields() is not None:  # an allowed global
+        return value.fields()  # type: ignore[return-value]
     if hasattr(value, "__dict__") and not is_tensor_like(value):  # argparse.Namespace and kin
         return dict(vars(value))
     raise CheckpointFormatError(f"{slot} must be a dict, found {type(value).__name__}", path=path)

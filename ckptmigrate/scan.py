@@ -66,12 +66,13 @@ def find_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
 def read_row(path: str | os.PathLike[str]) -> ScanRow:
     """The metadata half of a row (format, stamp, tensors, bytes): no schema needed, torch-free,
     so a worker process can compute it."""
-    from .files import _detect, read_metadata
+    from .files import read_metadata
+    from .formats.detect import detect_format
 
     row = ScanRow(str(path))
     path = Path(path)
     try:
-        row.format = _detect(path)
+        row.format = detect_format(path)
         ckpt = read_metadata(path)
         unique = {id(v): v for v in ckpt.state_dict.values() if hasattr(v, "info")}
         row.tensors = len(ckpt.state_dict)

@@ -135,10 +135,8 @@ def upgrade_file(
     >>> cm.upgrade_file("model.pth", "model-v3.pth", schema)
     >>> cm.upgrade_file("llama/", "llama/", schema)          # sharded set, in place
     """
-    from .formats.sharded import is_index_file
-
     src, dst = Path(src), Path(dst)
-    fmt = "sharded" if is_index_file(src) else detect_format(src)
+    fmt = detect_format(src)
     if fmt == "dcp":
         return _upgrade_dcp(src, dst, schema, to, from_version, param_names)
     if fmt == "sharded":
@@ -274,6 +272,7 @@ def _upgrade_sharded(
             result.bytes_through_python += through
             weight_map.update((key, name) for key, _ in entries)
             total += sum(v.info.nbytes for v in {id(v): v for _, v in entries}.values())
+        sharded.copy_companions(sset, folder)
         sharded.write_index(
             folder,
             index_name,
@@ -351,6 +350,8 @@ def _upgrade_sharded_loaded(
                 meta = _safetensors_metadata(
                     Checkpoint({}, new.hparams, new.meta, new.schema, new.version, new.history)
                 )
+                # the set's own header entries (HF's format: pt) on every re-grouped shard
+                meta = {**sset.shared_header, **meta}
                 write_safetensors(folder / name, group, {}, passthrough=meta)
             else:
                 write_torch(folder / name, dict(group))
@@ -358,6 +359,7 @@ def _upgrade_sharded_loaded(
                 written.append(folder / name)
             weight_map.update((k, name) for k in group)
             total += sum(t.numel() * t.element_size() for t in group.values())
+        sharded.copy_companions(sset, folder)
         sharded.write_index(
             folder, index_name, sset.index, weight_map, total, sharded.index_metadata(new, stamp)
         )
@@ -464,10 +466,8 @@ def write_streamed(
     planned and, for folders, upgraded ``work``: sharded sets and DCP folders are always written
     here (``torch.save`` cannot write them); single files only when the bytes can be copied.
     """
-    from .formats.sharded import is_index_file
-
     src, dst = Path(src), Path(dst)
-    fmt = "sharded" if is_index_file(src) else detect_format(src)
+    fmt = detect_format(src)
     if fmt == "dcp":
         if work is None:
             return _upgrade_dcp(src, dst, schema, to, from_version)

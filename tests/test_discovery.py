@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
+import subprocess
+import sys
 import textwrap
 import uuid
 from pathlib import Path
@@ -165,3 +168,114 @@ def test_a_migration_file_that_fails_to_import_is_a_clear_error(tmp_path):
     with pytest.raises(cm.CkptMigrateError, match="broken.py") as info:
         find_schemas([str(tmp_path / "bad")])
     assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+# -- the project's configuration, found from any subfolder ---------------------------------------
+
+MYNET = """
+from torch import nn
+
+
+class MyNet(nn.Module):
+    def __init__(self, width=4):
+        super().__init__()
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.proj(x)
+"""
+
+MYNET_MIGRATIONS = """
+import ckptmigrate as cm
+from mynet import MyNet  # the project's own model code, beside pyproject.toml
+
+schema = cm.Schema("mynet", current="2.0.0", build=lambda hp: MyNet(**hp))
+schema.add_migration("1.0.0", "2.0.0", [cm.ops.RenamePrefix("fc.", "proj.")])
+"""
+
+
+@pytest.fixture
+def mynet_project(tmp_path) -> Path:
+    """A project whose migrations file ``migrations/mynet.py`` imports ``mynet`` from its root."""
+    root = tmp_path / "project"
+    write(root / "pyproject.toml", '[tool.ckptmigrate]\nmigrations = ["migrations"]\n')
+    write(root / "mynet.py", MYNET)
+    write(root / "migrations" / "mynet.py", MYNET_MIGRATIONS)
+    (root / "src" / "deep").mkdir(parents=True)
+    return root
+
+
+def test_the_configuring_pyproject_is_found_from_a_subfolder(mynet_project, monkeypatch):
+    write(mynet_project / "src" / "pyproject.toml", "[tool.black]\nline-length = 100\n")
+    monkeypatch.chdir(mynet_project / "src" / "deep")
+    config = discovery.find_config()
+    assert config is not None and config.folder == mynet_project.resolve()
+    # relative paths resolve against that pyproject's folder, not the working folder
+    assert discovery.configured("migrations") == [str(mynet_project.resolve() / "migrations")]
+
+
+def test_the_walk_stops_at_the_top_of_a_git_work_tree(tmp_path, monkeypatch):
+    write(tmp_path / "pyproject.toml", '[tool.ckptmigrate]\nmigrations = ["migrations"]\n')
+    (tmp_path / "repo" / ".git").mkdir(parents=True)
+    (tmp_path / "repo" / "src").mkdir()
+    monkeypatch.chdir(tmp_path / "repo" / "src")
+    assert discovery.find_config() is None
+    assert discovery.configured("migrations") == []
+
+
+def test_the_project_folder_is_on_sys_path_only_while_migrations_import(mynet_project, monkeypatch):
+    monkeypatch.chdir(mynet_project / "src" / "deep")
+    monkeypatch.delitem(sys.modules, "mynet", raising=False)
+    before = list(sys.path)
+    found = find_schemas()
+    assert list(found) == ["mynet"]
+    assert type(found["mynet"].build({"width": 3})).__name__ == "MyNet"
+    assert sys.path == before
+
+
+def console_script(name: str) -> str:
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    assert found, f"the {name} console script is not installed"
+    return found
+
+
+def test_the_console_script_imports_the_projects_code_from_a_subfolder(mynet_project):
+    """``ckptmigrate`` (not ``python -m``) has no working folder on sys.path of its own."""
+    old = mynet_project / "src" / "deep" / "old.pth"
+    cm.save(old, {"fc.weight": torch.ones(4, 4)}, schema="mynet", version="1.0.0")
+    done = subprocess.run(
+        [console_script("ckptmigrate"), "upgrade", "old.pth", "-o", "new.pth"],
+        cwd=old.parent,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert list(torch.load(old.parent / "new.pth", weights_only=True)["state_dict"]) == [
+        "proj.weight"
+    ]
+
+
+def test_the_pytest_plugin_imports_the_projects_code_from_a_subfolder(mynet_project):
+    from test_pytest_plugin import run_pytest, summary, write_fixture
+
+    class OldNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+    write(
+        mynet_project / "pyproject.toml",
+        '[tool.ckptmigrate]\nmigrations = ["migrations"]\nfixtures = ["fixtures"]\n',
+    )
+    fixture = write_fixture(mynet_project / "fixtures" / "mynet", OldNet(), "1.0.0", {})
+    raw = torch.load(fixture, weights_only=True)  # write_fixture stamps its own schema name
+    raw["__ckptmigrate__"]["schema"] = "mynet"
+    torch.save(raw, fixture)
+    golden = torch.load(fixture.with_name("1.0.0.golden.pt"), weights_only=True)
+    golden["schema"] = "mynet"
+    torch.save(golden, fixture.with_name("1.0.0.golden.pt"))
+    done = run_pytest(mynet_project / "src" / "deep")
+    assert "1 passed" in summary(done), done.stdout + done.stderr

@@ -371,9 +371,9 @@ def write_stamp_file(folder: str | os.PathLike[str], ckpt: Checkpoint) -> None:
     stamp = make_stamp(ckpt.schema, ckpt.version, ckpt.history) if ckpt.stamped else None
     data: dict[str, Any] = {"stamp": stamp}
     slots = LAYOUTS.get(layout, LAYOUTS["ckptmigrate"])
-    if slots.hparams_key is None:
+    if slots.hparams is None:
         data["hparams"] = ckpt.hparams
-    if slots.meta_key is None:
+    if slots.meta is None:
         data["meta"] = ckpt.meta
     with atomic_path(Path(folder) / STAMP_FILE) as stamp_tmp:
         stamp_tmp.write_text(json.dumps(data, indent=2) + "\n", "utf-8")

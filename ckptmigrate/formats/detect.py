@@ -15,11 +15,13 @@ from typing import BinaryIO
 
 from ..errors import CheckpointFormatError
 
-__all__ = ["FORMATS", "detect_format", "open_regular_file"]
+__all__ = ["FORMATS", "INDEX_SUFFIX", "detect_format", "open_regular_file"]
 
 #: Every value :func:`detect_format` can return.
 FORMATS = ("torch-zip", "torch-legacy", "safetensors", "dcp", "sharded")
 
+#: How the index file of a Hugging Face-style sharded set is named (``model.safetensors.index.json``).
+INDEX_SUFFIX = ".index.json"
 ZIP_MAGIC = b"PK\x03\x04"
 EMPTY_ZIP_MAGIC = b"PK\x05\x06"
 #: The int torch pickles first in a pre-zip (legacy) ``torch.save`` file.
@@ -96,7 +98,7 @@ def _is_safetensors(head: bytes, file_size: int) -> bool:
 def _detect_directory(path: Path) -> str:
     if (path / ".metadata").is_file():
         return "dcp"
-    if any(child.is_file() for child in path.glob("*.index.json")):
+    if any(child.is_file() for child in path.glob("*" + INDEX_SUFFIX)):
         return "sharded"
     raise CheckpointFormatError(
         "is a directory but neither a torch.distributed checkpoint (no .metadata file) nor a "
@@ -108,7 +110,8 @@ def _detect_directory(path: Path) -> str:
 def detect_format(path: str | os.PathLike[str]) -> str:
     """Return the format of the checkpoint at ``path``: one of :data:`FORMATS`.
 
-    Files are told apart by their magic bytes; directories by their index files. Raises
+    Files are told apart by their magic bytes; directories by their index files; a sharded
+    set may also be named by its index file (``*.index.json`` holding a JSON object). Raises
     :class:`~ckptmigrate.errors.CheckpointFormatError` for anything else.
 
     >>> detect_format("weights.safetensors")  # doctest: +SKIP
@@ -125,6 +128,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         if size == 0:
             raise CheckpointFormatError("is empty (0 bytes), expected a checkpoint", path=path)
         head = f.read(64)
+    if str(path).endswith(INDEX_SUFFIX) and head.lstrip().startswith(b"{"):
+        return "sharded"
     if head.startswith(ZIP_MAGIC) or head.startswith(EMPTY_ZIP_MAGIC):
         return "torch-zip"
     if _is_legacy_torch_pickle(head):

@@ -149,20 +149,33 @@ class TorchConstant:
 class OpaqueObject:
     """What a caller-allowed global (``allowed_globals``) decodes to: its name and its args.
 
-    ``state`` holds what the pickle's BUILD opcode would have passed to ``__setstate__``.
+    ``state`` holds what the pickle's BUILD opcode would have passed to ``__setstate__``;
+    ``items`` what SETITEMS stored into it (a dict subclass such as Lightning's AttributeDict).
     """
 
     name: str
     args: tuple[Any, ...] = ()
     state: Any = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    items: dict[Any, Any] = field(default_factory=dict)
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
 
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.items[key] = value
+
+    def fields(self) -> dict[Any, Any] | None:
+        """The mapping the object held: its dict items and the attributes BUILD set
+        (``argparse.Namespace``); None when it held neither."""
+        attributes = self.state if isinstance(self.state, dict) else {}
+        if not self.items and not attributes:
+            return None
+        return {**self.items, **attributes}
+
     def graph_children(self) -> tuple[Any, ...]:
         """What it holds, for :func:`pickle_bounds.check_graph`."""
-        return (self.args, self.state, self.kwargs)
+        return (self.args, self.state, self.kwargs, self.items)
 
 
 class _OpaqueMeta(_GuardedType):

@@ -28,6 +28,7 @@ from ..checkpoint import Checkpoint
 from ..errors import CheckpointFormatError
 from ..stamp import parse_stamp
 from .atomic import atomic_path
+from .detect import INDEX_SUFFIX
 from .safetensors_copy import data_start
 from .tensorinfo import TensorStub
 
@@ -43,7 +44,6 @@ __all__ = [
     "write_index",
 ]
 
-INDEX_SUFFIX = ".index.json"
 STAMP = "ckptmigrate.stamp"
 HPARAMS = "ckptmigrate.hparams"
 META = "ckptmigrate.meta"
@@ -70,6 +70,13 @@ class ShardedSet:
     def shards(self) -> list[str]:
         """Shard file names in the order the weight map first names them."""
         return list(dict.fromkeys(self.weight_map.values()))
+
+    @property
+    def shared_header(self) -> dict[str, str]:
+        """Other tools' header entries every shard carries alike (HF's ``format: pt``), for
+        shards written anew when tensors move between them."""
+        first, *others = [self.headers.get(s, {}) for s in self.shards] or [{}]
+        return {k: v for k, v in first.items() if all(h.get(k) == v for h in others)}
 
 
 def is_index_file(path: str | os.PathLike[str]) -> bool:
@@ -267,6 +274,43 @@ def write_index(
     with atomic_path(target) as tmp:
         tmp.write_text(json.dumps(index, indent=2) + "\n", "utf-8")
     return target
+
+
+def companion_files(sset: ShardedSet) -> list[Path]:
+    """The files beside a set that make it a model folder (``config.json``, generation and
+    tokenizer files...): every top-level file but the set itself, another set in the folder,
+    and ckptmigrate's own lock and temporary files."""
+    from ..lock import LOCK_SUFFIX
+    from .atomic import TEMP_MARKER
+
+    skip = {sset.index_path.name, *sset.weight_map.values()}
+    for other in sset.folder.glob("*" + INDEX_SUFFIX):
+        skip.add(other.name)
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+            skip.update(json.loads(other.read_text("utf-8"))["weight_map"].values())
+    return sorted(
+        p
+        for p in sset.folder.iterdir()
+        if p.is_file()
+        and p.name not in skip
+        and not p.name.endswith(LOCK_SUFFIX)
+        and TEMP_MARKER not in p.name
+    )
+
+
+def copy_companions(sset: ShardedSet, folder: Path) -> list[Path]:
+    """Copy :func:`companion_files` into ``folder`` (atomically each), unless it is the set's
+    own folder, so that ``from_pretrained(folder)`` finds its config and tokenizer."""
+    import shutil
+
+    if folder.resolve() == sset.folder.resolve():
+        return []
+    copied = []
+    for source in companion_files(sset):
+        with atomic_path(folder / source.name) as tmp:
+            shutil.copyfile(source, tmp)
+        copied.append(folder / source.name)
+    return copied
 
 
 def drop_uncommitted(index_path: Path, written: list[Path]) -> None:

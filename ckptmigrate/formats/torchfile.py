@@ -80,7 +80,9 @@ def read_torch(
             return obj
     else:
         read_torch_metadata(path, allowed_globals=names)  # raises Unsafe/Format before torch
-    objects = [resolve_global(g) if isinstance(g, str) else g for g in allowed]
+    objects = [
+        _loadable(resolve_global(g) if isinstance(g, str) else g, n) for g, n in zip(allowed, names)
+    ]
     try:
         with torch.serialization.safe_globals(objects):
             return torch.load(
@@ -106,6 +108,14 @@ def read_torch(
             f"torch could not read it ({type(exc).__name__}: {text.splitlines()[0][:200]})",
             path=path,
         ) from exc
+
+
+def _loadable(obj: Any, name: str) -> Any:
+    """What torch's weights-only loader gets for an allowed global: a dict subclass (Lightning's
+    ``AttributeDict``) loads as a plain dict of its items, since that loader fills only dicts."""
+    if isinstance(obj, type) and issubclass(obj, dict) and obj.__module__ != "collections":
+        return (dict, name)
+    return obj
 
 
 def _weights_only_reason(text: str) -> str:

@@ -28,11 +28,13 @@ from .detect import open_regular_file
 from .pickle_meta import (
     MAX_PICKLE_BYTES,
     WEIGHTS_ONLY_GLOBALS,
+    OpaqueObject,
     TorchConstant,
     ZipRecordInfo,
     _allowed_map,
     _find_data_pkl,
     _load_pickle,
+    _OpaqueMeta,
     _StorageRef,
     _StorageTable,
     _StorageType,
@@ -107,7 +109,9 @@ def read_zip_graph(
         ):
             allowed[name] = _recording(name, value, graph)
         elif name in _LOSSY or name not in WEIGHTS_ONLY_GLOBALS:
-            if callable(value):
+            # an allowed global's class stays a class (NEWOBJ needs one); the replay pickler
+            # refuses its placeholders instead
+            if callable(value) and not isinstance(value, _OpaqueMeta):
                 allowed[name] = _flagging(name, value, graph)
     try:
         with open_regular_file(path) as f, zipfile.ZipFile(f) as zf:
@@ -180,6 +184,8 @@ class _ReplayPickler(pickle._Pickler):  # type: ignore[name-defined, misc]
             self.write(pickle.GLOBAL + f"{module}\n{attr}\n".encode())
             self.memoize(obj)
             return
+        if isinstance(obj, OpaqueObject):
+            raise NotReplayable(f"the graph holds a placeholder of the allowed global {obj.name}")
         if callable(obj) and getattr(obj, "__module__", "").startswith("ckptmigrate"):
             raise NotReplayable(f"the graph holds a decoder object {obj!r}")
         super().save(obj, save_persistent_id)
