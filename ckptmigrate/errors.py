@@ -178,6 +178,56 @@ class MigrationError(CkptMigrateError):
         )
 
 
+class OpMatchedNothingError(MigrationError):
+    """A declarative op of a step found no key (or hparam) to act on.
+
+    ``op`` names the op (``RenamePrefix('encoder.', 'enc.')``), ``noun`` what it looked for
+    (``"key"`` or ``"hparam"``), ``starts`` the leading key components the checkpoint has
+    (``['net.']``), ``nearest`` the keys (or hparams) closest to what the op looked for, and
+    ``prefix`` the key prefix under which the op would match, when there is one.
+    """
+
+    def __init__(
+        self,
+        schema: str,
+        from_version: object,
+        to_version: object,
+        step: str,
+        *,
+        op: str,
+        noun: str,
+        starts: Sequence[str],
+        nearest: Sequence[str],
+        prefix: str | None,
+    ) -> None:
+        self.op = op
+        self.noun = noun
+        self.starts = list(starts)
+        self.nearest = list(nearest)
+        self.prefix = prefix
+        found = []
+        if self.starts:
+            found.append(f"{noun}s start with {', '.join(repr(s) for s in self.starts)}")
+        if self.nearest:
+            found.append(f"nearest: {', '.join(repr(k) for k in self.nearest)}")
+        seen = "; ".join(found) if found else f"the checkpoint has no {noun}s"
+        if prefix:
+            advice = (
+                f"the schema looks mounted at {prefix!r}: stamp the file with "
+                f"`ckptmigrate stamp --prefix {prefix}` (or cm.save(..., prefix={prefix!r}))"
+            )
+        else:
+            advice = "check that the step fits this file's layout"
+        super().__init__(
+            schema,
+            from_version,
+            to_version,
+            step,
+            f"{op} matched no {noun}; {seen}. {advice}, or give the op missing_ok=True if "
+            "what it acts on is optional",
+        )
+
+
 class BreakingMigrationError(MigrationError):
     """A plan needs a BC-breaking step where only non-breaking ones may run (``attach``)."""
 

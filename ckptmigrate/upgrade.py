@@ -16,9 +16,14 @@ from packaging.version import Version
 
 from .checkpoint import Checkpoint, copy_containers
 from .compose import PrefixMap
-from .errors import MigrationError, SchemaMismatchError, UnversionedCheckpointError
+from .errors import (
+    MigrationError,
+    OpMatchedNothingError,
+    SchemaMismatchError,
+    UnversionedCheckpointError,
+)
 from .graph import PlannedStep
-from .ops import DropHparam, Op, OpError, RenameHparam, SetHparam
+from .ops import DropHparam, NothingMatched, Op, OpError, RenameHparam, SetHparam
 from .optimizer import (
     NamedOptimizer,
     ParamNamesUnknown,
@@ -243,6 +248,9 @@ def apply_step(
         raise
     except _InPlaceWrite as exc:
         raise fail(str(exc)) from None
+    except NothingMatched as exc:
+        where = (schema.name, planned.source, planned.target, planned.name)
+        raise OpMatchedNothingError(*where, **exc.details()) from exc
     except Exception as exc:
         raise fail(f"{type(exc).__name__}: {exc}") from exc
 
@@ -335,6 +343,8 @@ class OptimizerFollowers:
                     pseudo = Checkpoint(dict(tensors))
                     try:
                         op.apply(pseudo)
+                    except NothingMatched:
+                        pass  # no state of this field for the op's keys: it stays as it is
                     except OpError:
                         continue  # e.g. a merge whose parts lack this field: state starts fresh
                     transformed[fld] = pseudo.state_dict
