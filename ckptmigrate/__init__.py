@@ -26,6 +26,7 @@ from .errors import (
     LoadMismatchError,
     MigrationError,
     MigrationGraphError,
+    MountError,
     NoMigrationPathError,
     OpMatchedNothingError,
     SchemaMismatchError,
@@ -36,6 +37,7 @@ from .errors import (
 from .optimizer import ParamNamesUnknown
 from .report import LoadReport
 from .schema import Schema
+from .stamp import Mount
 from .upgrade import upgrade
 
 __all__ = [
@@ -47,8 +49,10 @@ __all__ = [
     "FutureVersionError",
     "LoadMismatchError",
     "LoadReport",
+    "Mount",
     "MigrationError",
     "MigrationGraphError",
+    "MountError",
     "NoMigrationPathError",
     "OpMatchedNothingError",
     "ParamNamesUnknown",

@@ -228,6 +228,11 @@ class OpMatchedNothingError(MigrationError):
         )
 
 
+class MountError(CkptMigrateError, ValueError):
+    """A schema cannot be mounted (or found) at that key prefix: none of the keys start with it,
+    it overlaps another mount, or a mount's migration reached into another mount's keys."""
+
+
 class BreakingMigrationError(MigrationError):
     """A plan needs a BC-breaking step where only non-breaking ones may run (``attach``)."""
 
@@ -281,13 +286,17 @@ class AmbiguousVersionError(UnversionedCheckpointError):
 class AlreadyStampedError(CkptMigrateError):
     """``stamp`` was asked to stamp a file that already carries a stamp."""
 
-    def __init__(self, schema: object, version: object, *, path: object = None) -> None:
+    def __init__(
+        self, schema: object, version: object, *, path: object = None, prefix: str = ""
+    ) -> None:
         self.schema = schema
         self.version = version
         self.path = None if path is None else str(path)
+        self.prefix = prefix
         where = self.path or "the checkpoint"
+        at = f" at prefix {prefix!r}" if prefix else ""
         super().__init__(
-            f"{where} is already stamped as {schema} {version}: stamping again would rewrite its "
+            f"{where} is already stamped as {schema} {version}{at}: stamping again would rewrite its "
             f"history; use `ckptmigrate upgrade {self.path or 'CKPT'}` to move it to another version"
         )
 

@@ -65,7 +65,13 @@ def upgrade(
 
     >>> new = cm.upgrade(ckpt, schema)            # to schema.current
     >>> old = cm.upgrade(new, schema, to="1.0.0")  # back, through inverse ops
+
+    A checkpoint with mounts has each mount that holds ``schema`` upgraded on its own keys.
     """
+    if ckpt.mounts:
+        from .mounts import upgrade_mounts_of
+
+        return upgrade_mounts_of(ckpt, schema, to, param_names=param_names)
     version = check_belongs(ckpt, schema)
     return run_plan(ckpt, schema.plan(version, to), schema, param_names=param_names)
 
