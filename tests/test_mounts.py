@@ -22,6 +22,7 @@ schema.add_migration("1.0.0", "2.0.0", [cm.ops.RenamePrefix("encoder.", "enc.")]
 LIT_MODULE = """
 import lightning as L
 import torch
+from torch import nn
 
 
 class Net(nn.Module):
