@@ -27,7 +27,9 @@ from .errors import (
     LoadMismatchError,
     MigrationError,
     MigrationGraphError,
+    MountError,
     NoMigrationPathError,
+    OpMatchedNothingError,
     SchemaMismatchError,
     UnknownLayoutError,
     UnsafeCheckpointError,
@@ -38,6 +40,7 @@ from .layout import Layout, declare_layout
 from .optimizer import ParamNamesUnknown
 from .report import LoadReport
 from .schema import Schema
+from .stamp import Mount
 from .upgrade import upgrade
 
 __all__ = [
@@ -51,9 +54,12 @@ __all__ = [
     "LayoutNameError",
     "LoadMismatchError",
     "LoadReport",
+    "Mount",
     "MigrationError",
     "MigrationGraphError",
+    "MountError",
     "NoMigrationPathError",
+    "OpMatchedNothingError",
     "ParamNamesUnknown",
     "Schema",
     "SchemaMismatchError",

@@ -45,6 +45,8 @@ def save(
     version: str | Version | None = None,
     hparams: Mapping[str, Any] | None = None,
     meta: Mapping[str, Any] | None = None,
+    prefix: str = "",
+    hparams_key: str | None = None,
 ) -> Checkpoint:
     """Write a stamped checkpoint atomically and return what was written.
 
@@ -54,7 +56,18 @@ def save(
 
     >>> cm.save("model.pth", model.state_dict(), schema=schema, hparams={"d_model": 64})
     >>> cm.save("old.pth", sd, schema="tinylm", version="1.0.0")
+
+    ``prefix`` mounts the schema at a key prefix instead of the root: the keys under it are the
+    schema's (``prefix="net."`` for a LightningModule's ``self.net``); saving a Checkpoint with
+    a prefix adds (or replaces) that mount and keeps the others. ``hparams_key`` names the
+    entry of ``hparams`` that is the mount's own dict (default: the mount sees all hparams).
+
+    >>> cm.save("lit.ckpt", lit.state_dict(), schema=net_schema, prefix="net.")
     """
+    if prefix:
+        return _save_mounted(path, obj, schema, version, hparams, meta, prefix, hparams_key)
+    if hparams_key is not None:
+        raise TypeError("hparams_key= names a mount's hparams entry, so it needs prefix= too")
     if isinstance(obj, Checkpoint):
         ckpt = obj.copy()
         if schema is not None:
@@ -94,6 +107,42 @@ def save(
     return ckpt
 
 
+def _save_mounted(
+    path: str | os.PathLike[str],
+    obj: Checkpoint | Mapping[str, Any],
+    schema: Schema | str | None,
+    version: str | Version | None,
+    hparams: Mapping[str, Any] | None,
+    meta: Mapping[str, Any] | None,
+    prefix: str,
+    hparams_key: str | None,
+) -> Checkpoint:
+    from .mounts import mount
+
+    if schema is None:
+        raise TypeError("save(path, obj, prefix=...) needs schema= (a Schema or its name)")
+    if version is None and not isinstance(schema, Schema):
+        raise TypeError(f"schema {schema!r} is given by name, so pass version= as well")
+    name = schema.name if isinstance(schema, Schema) else schema
+    chosen = version if version is not None else schema.current  # type: ignore[union-attr]
+    if isinstance(obj, Checkpoint):
+        ckpt = obj.copy()
+        ckpt.mounts = [m for m in ckpt.mounts if m.prefix != prefix]
+    else:
+        metadata = getattr(obj, "_metadata", None)
+        ckpt = Checkpoint(
+            state_dict=dict(obj),
+            module_metadata=dict(metadata) if metadata is not None else None,
+        )
+    if hparams is not None:
+        ckpt.hparams = dict(hparams)
+    if meta is not None:
+        ckpt.meta = dict(meta)
+    ckpt = mount(ckpt, prefix, name, chosen, hparams=hparams_key)
+    write_checkpoint(path, ckpt)
+    return ckpt
+
+
 def load(
     path: str | os.PathLike[str],
     *,
@@ -127,7 +176,8 @@ def load(
     ckpt = _apply_from_version(ckpt, resolved, from_version, path=path)
     if not upgrade or resolved is None:
         return ckpt
-    check_belongs(ckpt, resolved, path=path)
+    if not ckpt.mounts:
+        check_belongs(ckpt, resolved, path=path)
     return upgrade_checkpoint(ckpt, resolved, to=to, param_names=param_names)
 
 

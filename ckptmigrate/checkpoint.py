@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 
 from .version import parse_version
+
+if TYPE_CHECKING:
+    from .stamp import Mount
 
 
 @dataclass
@@ -19,6 +22,8 @@ class Checkpoint:
     ``module_metadata`` is torch's ``state_dict._metadata`` (per-module versions read by
     ``_load_from_state_dict``), kept apart so that a migration rebuilding the dict keeps it.
     ``layout`` says how the file stored it, so it is written back the same way.
+    ``schema``/``version``/``history`` are the mount at ``""``; ``mounts`` places other schemas
+    at key prefixes (see :mod:`ckptmigrate.mounts`).
 
     >>> ckpt = Checkpoint({"w": torch.zeros(2)}, hparams={"d": 2}, schema="m", version="1.0")
     """
@@ -34,6 +39,7 @@ class Checkpoint:
     module_metadata: dict[str, dict[str, Any]] | None = None
     layout: str = "ckptmigrate"
     report: Any = None
+    mounts: list[Mount] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.version, str):
@@ -55,6 +61,7 @@ class Checkpoint:
             optimizer=copy_containers(self.optimizer),
             extra=copy_containers(self.extra),
             module_metadata=copy_module_metadata(self.module_metadata),
+            mounts=[replace(m, history=[dict(h) for h in m.history]) for m in self.mounts],
         )
 
     def state_dict_for_torch(self) -> OrderedDict[str, Any]:

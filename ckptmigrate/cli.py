@@ -286,25 +286,27 @@ def _tensor_bytes(value: Any) -> int:
     return count * DTYPE_SIZES.get(dtype, 0)
 
 
-def _schema_status(ckpt: Checkpoint, args: argparse.Namespace) -> dict[str, Any] | None:
-    """Whether a stamped checkpoint is behind its registered schema (imports migrations)."""
+def _schema_status(
+    name: str | None, version: Any, args: argparse.Namespace
+) -> dict[str, Any] | None:
+    """Whether a stamp (or mount) is behind its registered schema (imports migrations)."""
     from .errors import CkptMigrateError
 
-    if ckpt.schema is None or ckpt.version is None:
+    if name is None or version is None:
         return None
     try:
         schemas = _schemas(args)
     except CkptMigrateError as exc:
         print(f"{PROG}: warning: migrations not loaded: {exc}", file=sys.stderr)
         return {"registered": None, "error": str(exc)}
-    schema = schemas.get(ckpt.schema)
+    schema = schemas.get(name)
     if schema is None:
         return {"registered": False}
     status: dict[str, Any] = {"registered": True, "current": str(schema.current)}
     try:
-        plan = schema.plan(ckpt.version)
+        plan = schema.plan(version)
     except CkptMigrateError as exc:
-        status.update(behind=ckpt.version < schema.current, plan=None, error=str(exc))
+        status.update(behind=version < schema.current, plan=None, error=str(exc))
         return status
     status.update(behind=bool(plan), plan=[p.record() for p in plan])
     return status
@@ -317,6 +319,7 @@ def info_record(path: str, args: argparse.Namespace) -> dict[str, Any]:
     from .files import checkpoint_bytes, read_metadata
     from .formats.detect import detect_format
     from .layout import is_tensor_like
+    from .mounts import all_mounts
     from .report import signature
 
     fmt = detect_format(path)
@@ -345,7 +348,22 @@ def info_record(path: str, args: argparse.Namespace) -> dict[str, Any]:
         "meta": plain(ckpt.meta),
         "optimizer": ckpt.optimizer is not None,
         "extra": sorted(str(k) for k in ckpt.extra),
-        "status": _schema_status(ckpt, args),
+        "status": _schema_status(ckpt.schema, ckpt.version, args) if not ckpt.mounts else None,
+        "mounts": (
+            [
+                {
+                    "prefix": m.prefix,
+                    "schema": m.schema,
+                    "version": str(m.version),
+                    "history": plain(m.history),
+                    "tensors": sum(1 for k in tensors if k.startswith(m.prefix)),
+                    "status": _schema_status(m.schema, m.version, args),
+                }
+                for m in all_mounts(ckpt)
+            ]
+            if ckpt.mounts
+            else []
+        ),
     }
 
 
@@ -370,6 +388,8 @@ def _status_lines(status: dict[str, Any] | None) -> list[str]:
 def render_info_plain(info: dict[str, Any], write: Callable[[str], Any]) -> None:
     """``info`` as ``field: value`` lines."""
     stamp = f"{info['schema']} {info['version']}" if info["schema"] else "unstamped"
+    if info["mounts"] and not info["schema"]:
+        stamp = f"{len(info['mounts'])} mount(s)"
     write(f"path: {info['path']}")
     write(f"format: {info['format']} (layout {info['layout']})")
     write(f"size: {_human_bytes(info['file_bytes'])} on disk")
@@ -388,8 +408,13 @@ def render_info_plain(info: dict[str, Any], write: Callable[[str], Any]) -> None
     if info["optimizer"] or info["extra"]:
         extra = ", ".join(info["extra"])
         write(f"also holds: {'optimizer state' if info['optimizer'] else ''} {extra}".rstrip())
-    for line in _status_lines(info["status"]):
-        write(f"status: {line}" if not line.startswith("  ") else line)
+    if not info["mounts"]:
+        for line in _status_lines(info["status"]):
+            write(f"status: {line}" if not line.startswith("  ") else line)
+    for m in info["mounts"]:
+        write(f"mount: {m['prefix']!r} {m['schema']} {m['version']} ({m['tensors']} tensors)")
+        for line in _status_lines(m["status"]):
+            write(f"  status: {line}" if not line.startswith("  ") else "  " + line)
 
 
 def render_info_rich(info: dict[str, Any], console: Any) -> None:
@@ -430,7 +455,8 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     from .inplace import UpgradeOutcome, migrate_file
 
     def show_plan(outcome: UpgradeOutcome) -> None:
-        head = f"{args.src}: {outcome.schema} {outcome.source_version}"
+        at = f" at {outcome.prefix!r}" if outcome.prefix else ""
+        head = f"{args.src}: {outcome.schema}{at} {outcome.source_version}"
         if not outcome.plan:
             print(f"{head}: already at {outcome.target_version}, no steps to run")
             return
@@ -594,7 +620,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_stamp(args: argparse.Namespace) -> int:
-    from .inplace import read_for_stamp, write_stamped
+    from .inplace import read_for_stamp, refuse_restamp, with_stamp, write_stamped
     from .version import parse_version
 
     if (args.output is None) == (not args.in_place):
@@ -605,25 +631,28 @@ def cmd_stamp(args: argparse.Namespace) -> int:
         from .inplace import stamp_in_place
 
         given = (lambda c: _guess(c, args)) if args.guess else args.version
-        ckpt = stamp_in_place(args.ckpt, args.schema, given, safe_globals=args.allow_global)
-        print(f"stamped {args.ckpt} as {args.schema} {ckpt.version} (layout {ckpt.layout})")
+        ckpt = stamp_in_place(
+            args.ckpt, args.schema, given, safe_globals=args.allow_global, prefix=args.prefix
+        )
+        print(f"stamped {args.ckpt} as {args.schema} {_stamped_as(ckpt, args)}")
         return EXIT_OK
     ckpt = read_for_stamp(args.ckpt, args.allow_global)
-    if ckpt.schema is not None:
-        raise CommandError(
-            f"{args.ckpt} is already stamped as {ckpt.schema} {ckpt.version}: use "
-            "`ckptmigrate upgrade` to move it to another version"
-        )
+    refuse_restamp(ckpt, args.prefix, path=args.ckpt)
     if args.guess:
         version = _guess(ckpt, args)
     else:
         version = parse_version(args.version, what="--version")
-    ckpt = ckpt.copy()
-    ckpt.schema, ckpt.version = args.schema, version
+    ckpt = with_stamp(ckpt, args.schema, version, args.prefix)
     target = args.output
     write_stamped(args.ckpt, target, ckpt, args.allow_global)
-    print(f"stamped {target} as {args.schema} {version} (layout {ckpt.layout})")
+    print(f"stamped {target} as {args.schema} {_stamped_as(ckpt, args)}")
     return EXIT_OK
+
+
+def _stamped_as(ckpt: Checkpoint, args: argparse.Namespace) -> str:
+    version = next((m.version for m in ckpt.mounts if m.prefix == args.prefix), ckpt.version)
+    at = f" at prefix {args.prefix!r}" if args.prefix else ""
+    return f"{version}{at} (layout {ckpt.layout})"
 
 
 def _guess(ckpt: Checkpoint, args: argparse.Namespace) -> Any:
@@ -859,6 +888,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema", required=True)
     p.add_argument("--version", metavar="V")
     p.add_argument("--guess", action="store_true", help="guess the version from the keys")
+    p.add_argument(
+        "--prefix",
+        default="",
+        metavar="P",
+        help="mount the schema at the key prefix P (e.g. net. for a LightningModule's self.net)",
+    )
     p.add_argument("-o", "--output", metavar="DST")
     p.add_argument("--in-place", action="store_true")
     _common(p, reads_files=True)

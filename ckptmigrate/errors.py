@@ -207,6 +207,61 @@ class MigrationError(CkptMigrateError):
         )
 
 
+class OpMatchedNothingError(MigrationError):
+    """A declarative op of a step found no key (or hparam) to act on.
+
+    ``op`` names the op (``RenamePrefix('encoder.', 'enc.')``), ``noun`` what it looked for
+    (``"key"`` or ``"hparam"``), ``starts`` the leading key components the checkpoint has
+    (``['net.']``), ``nearest`` the keys (or hparams) closest to what the op looked for, and
+    ``prefix`` the key prefix under which the op would match, when there is one.
+    """
+
+    def __init__(
+        self,
+        schema: str,
+        from_version: object,
+        to_version: object,
+        step: str,
+        *,
+        op: str,
+        noun: str,
+        starts: Sequence[str],
+        nearest: Sequence[str],
+        prefix: str | None,
+    ) -> None:
+        self.op = op
+        self.noun = noun
+        self.starts = list(starts)
+        self.nearest = list(nearest)
+        self.prefix = prefix
+        found = []
+        if self.starts:
+            found.append(f"{noun}s start with {', '.join(repr(s) for s in self.starts)}")
+        if self.nearest:
+            found.append(f"nearest: {', '.join(repr(k) for k in self.nearest)}")
+        seen = "; ".join(found) if found else f"the checkpoint has no {noun}s"
+        if prefix:
+            advice = (
+                f"the schema looks mounted at {prefix!r}: stamp the file with "
+                f"`ckptmigrate stamp --prefix {prefix}` (or cm.save(..., prefix={prefix!r}))"
+            )
+        else:
+            advice = "check that the step fits this file's layout"
+        super().__init__(
+            schema,
+            from_version,
+            to_version,
+            step,
+            f"{op} matched no {noun}; {seen}. {advice}, or give the op missing_ok=True if "
+            "what it acts on is optional",
+        )
+
+
+class MountError(CkptMigrateError, ValueError):
+    """A schema cannot be mounted (or found) at that key prefix: none of the keys start with it,
+    it overlaps another mount, or a mount's migration reached into another mount's keys."""
+
+
 class BreakingMigrationError(MigrationError):
     """A plan needs a BC-breaking step where only non-breaking ones may run (``attach``)."""
 
@@ -260,13 +315,17 @@ class AmbiguousVersionError(UnversionedCheckpointError):
 class AlreadyStampedError(CkptMigrateError):
     """``stamp`` was asked to stamp a file that already carries a stamp."""
 
-    def __init__(self, schema: object, version: object, *, path: object = None) -> None:
+    def __init__(
+        self, schema: object, version: object, *, path: object = None, prefix: str = ""
+    ) -> None:
         self.schema = schema
         self.version = version
         self.path = None if path is None else str(path)
+        self.prefix = prefix
         where = self.path or "the checkpoint"
+        at = f" at prefix {prefix!r}" if prefix else ""
         super().__init__(
-            f"{where} is already stamped as {schema} {version}: stamping again would rewrite its "
+            f"{where} is already stamped as {schema} {version}{at}: stamping again would rewrite its "
             f"history; use `ckptmigrate upgrade {self.path or 'CKPT'}` to move it to another version"
         )
 

@@ -11,7 +11,7 @@ from .checkpoint import Checkpoint
 from .errors import CheckpointFormatError
 from .formats.detect import detect_format
 from .layout import assemble, split
-from .stamp import make_stamp, parse_stamp
+from .stamp import parse_stamp, stamp_of
 
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -36,6 +36,7 @@ def _from_safetensors(tensors: dict[str, Any], metadata: dict[str, str], path: P
         schema=stamp.schema if stamp else None,
         version=stamp.version if stamp else None,
         history=stamp.history if stamp else [],
+        mounts=stamp.mounts if stamp else [],
         extra={"safetensors_metadata": foreign} if foreign else {},
         module_metadata=module_metadata if isinstance(module_metadata, dict) else None,
         layout="safetensors",
@@ -127,9 +128,7 @@ def checkpoint_bytes(path: str | os.PathLike[str]) -> int:
 def write_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
     """Write ``ckpt`` atomically: safetensors by suffix, else torch.save in its layout."""
     path = Path(path)
-    stamp = None
-    if ckpt.schema is not None and ckpt.version is not None:
-        stamp = make_stamp(ckpt.schema, ckpt.version, ckpt.history)
+    stamp = stamp_of(ckpt)
     if path.suffix == SAFETENSORS_SUFFIX:
         from .formats import safetensors_file as st
 

@@ -57,6 +57,10 @@ class UpgradeOutcome:
     plan: list[dict[str, Any]] = field(default_factory=list)
     written: str | None = None
     backup: str | None = None
+    #: the key prefix of the mount this outcome is about ("" for the stamp's root)
+    prefix: str = ""
+    #: for a file with mounts: one outcome per mount upgraded (each passed to ``on_plan``)
+    mounts: list[UpgradeOutcome] = field(default_factory=list)
 
 
 def backup_path(path: str | os.PathLike[str], version: object) -> Path:
@@ -205,6 +209,20 @@ def _upgrade(
     from .version import parse_version
 
     ckpt = read_checkpoint(src, mmap=True, safe_globals=allowed_globals)
+    if ckpt.mounts:
+        if from_version is not None:
+            raise VersionConflictError(ckpt.mounts[0].version, from_version, path=src)
+        return _upgrade_mounted(
+            ckpt,
+            src,
+            dst,
+            schemas,
+            name=name,
+            to=to,
+            dry_run=dry_run,
+            backup=backup,
+            on_plan=on_plan,
+        )
     found = _pick_schema(ckpt, schemas, name, src)
     newly_stamped = ckpt.version is None and from_version is not None
     if from_version is not None:
@@ -247,6 +265,69 @@ def _upgrade(
         save(target, work)
     outcome.written = str(target)
     return outcome
+
+
+def _upgrade_mounted(
+    ckpt: Checkpoint,
+    src: Path,
+    dst: Path | None,
+    schemas: dict[str, Schema],
+    *,
+    name: str | None,
+    to: Any,
+    dry_run: bool,
+    backup: bool,
+    on_plan: Callable[[UpgradeOutcome], Any] | None,
+) -> UpgradeOutcome:
+    """Upgrade each mount of ``ckpt`` (those of schema ``name`` when given) with its schema."""
+    from .api import save
+    from .errors import MountError
+    from .mounts import all_mounts, mount_plan, upgrade_mount
+
+    chosen = [m for m in all_mounts(ckpt) if name is None or m.schema == name]
+    if not chosen:
+        held = ", ".join(f"{m.schema} at {m.prefix!r}" for m in all_mounts(ckpt))
+        raise SchemaMismatchError(str(name), held, path=src)
+    if to is not None and len({m.schema for m in chosen}) > 1:
+        raise MountError(
+            f"--to {to} is one schema's version, but {src} mounts several schemas: pass "
+            "--schema S too"
+        )
+    for m in chosen:
+        if m.schema not in schemas:
+            raise UnknownSchemaError(m.schema, list(schemas))
+    outcomes = []
+    for m in chosen:
+        plan = mount_plan(ckpt, schemas[m.schema], m.prefix, to)
+        outcome = UpgradeOutcome(
+            schema=m.schema,
+            source_version=str(m.version),
+            target_version=str(plan[-1].target if plan else m.version),
+            plan=[p.record() for p in plan],
+            prefix=m.prefix,
+        )
+        outcomes.append((m, plan, outcome))
+        if on_plan is not None:
+            on_plan(outcome)
+    total = UpgradeOutcome(
+        schema="+".join(o.schema for _, _, o in outcomes),
+        source_version="+".join(o.source_version for _, _, o in outcomes),
+        target_version="+".join(o.target_version for _, _, o in outcomes),
+        plan=[step for _, _, o in outcomes for step in o.plan],
+        mounts=[o for _, _, o in outcomes],
+    )
+    if dry_run or (dst is None and not total.plan):
+        return total
+    work = ckpt
+    for m, plan, _ in outcomes:
+        work = upgrade_mount(work, schemas[m.schema], prefix=m.prefix, plan=plan)
+    if dst is None and backup:
+        label = "+".join(f"{m.schema}-{m.version}" for m in all_mounts(ckpt))
+        total.backup = str(_write_backup(src, label))
+    target = src if dst is None else dst
+    save(target, work)
+    total.written = str(target)
+    return total
 
 
 def _write_backup(src: Path, version: object) -> Path:
@@ -327,6 +408,7 @@ def stamp_in_place(
     *,
     safe_globals: Iterable[Any] = (),
     lock_timeout: float = DEFAULT_TIMEOUT,
+    prefix: str = "",
 ) -> Checkpoint:
     """Give the unstamped file at ``path`` its stamp, in place, keeping its layout.
 
@@ -335,6 +417,7 @@ def stamp_in_place(
     function of the read checkpoint (to guess it). Returns the checkpoint as written.
 
     >>> stamp_in_place("legacy.pth", "tinylm", "1.0.0")
+    >>> stamp_in_place("lightning.ckpt", "net", "1.0.0", prefix="net.")  # a mount at net.
     """
     from .formats.atomic import remove_stale_temps
     from .version import parse_version
@@ -344,14 +427,28 @@ def stamp_in_place(
     with file_lock(target, timeout=lock_timeout):
         remove_stale_temps(target)
         ckpt = read_for_stamp(target, safe_globals)
-        if ckpt.schema is not None:
-            raise AlreadyStampedError(ckpt.schema, ckpt.version, path=path)
+        refuse_restamp(ckpt, prefix, path=path)
         if given is None:
             given = parse_version(version(ckpt), what="version")  # type: ignore[operator]
-        ckpt = ckpt.copy()
-        ckpt.schema, ckpt.version = schema, given
+        ckpt = with_stamp(ckpt, schema, given, prefix)
         write_stamped(target, target, ckpt, safe_globals)
     return ckpt
+
+
+def refuse_restamp(ckpt: Checkpoint, prefix: str, *, path: object = None) -> None:
+    """A stamp (or a mount at ``prefix``) already there is an :class:`AlreadyStampedError`."""
+    held = [m for m in ckpt.mounts if m.prefix == prefix]
+    if prefix == "" and ckpt.schema is not None:
+        raise AlreadyStampedError(ckpt.schema, ckpt.version, path=path)
+    if held:
+        raise AlreadyStampedError(held[0].schema, held[0].version, path=path, prefix=prefix)
+
+
+def with_stamp(ckpt: Checkpoint, schema: str, version: Version, prefix: str = "") -> Checkpoint:
+    """A copy of ``ckpt`` stamped as ``schema`` ``version`` at the root, or mounted at ``prefix``."""
+    from .mounts import mount
+
+    return mount(ckpt, prefix, schema, version)
 
 
 def read_for_stamp(path: str | os.PathLike[str], safe_globals: Iterable[Any] = ()) -> Checkpoint:

@@ -141,6 +141,7 @@ def split(obj: Any, *, path: object = None) -> Checkpoint:
         schema=stamp.schema if raw_stamp is not None else None,
         version=stamp.version if raw_stamp is not None else None,
         history=stamp.history if raw_stamp is not None else [],
+        mounts=stamp.mounts if raw_stamp is not None else [],
         optimizer=optimizer,
         extra=rest,
         module_metadata=module_metadata,

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint
 from .compose import literal_prefix_rename
+from .nearest import leading_components, literal_head, longest_literal, mount_prefix, nearest
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +28,7 @@ __all__ = [
     "DropHparam",
     "DropKeys",
     "Merge",
+    "NothingMatched",
     "Op",
     "RenameHparam",
     "RenameKeys",
@@ -60,6 +62,38 @@ class OpError(ValueError):
     """An op cannot apply to this checkpoint (a collision, a missing key, a bad shape)."""
 
 
+class NothingMatched(OpError):
+    """An op found no key (or hparam) to act on and was not given ``missing_ok=True``.
+
+    Raised before the op changes anything. ``names`` are the keys (or hparams) it searched;
+    ``head`` the literal text every match starts with, ``needle`` the text to find near
+    names by. ``apply_step`` turns it into :class:`~ckptmigrate.errors.OpMatchedNothingError`.
+    """
+
+    def __init__(
+        self, op: Op, names: Sequence[str], *, noun: str = "key", head: str = "", needle: str = ""
+    ) -> None:
+        self.op = op
+        self.names = names
+        self.noun = noun
+        self.head = head
+        self.needle = needle or head
+        super().__init__(f"{op.label()} matched no {noun}")
+
+    def details(self) -> dict[str, Any]:
+        """``starts``, ``nearest`` and ``prefix``, as :class:`OpMatchedNothingError` takes them."""
+        names = list(self.names)
+        close = nearest(self.needle, names)
+        keys = self.noun == "key"
+        return {
+            "op": self.op.label(),
+            "noun": self.noun,
+            "starts": leading_components(names) if keys else [],
+            "nearest": close,
+            "prefix": mount_prefix(self.head, close) if keys else None,
+        }
+
+
 class Op:
     """Base class: ``apply`` rewrites a checkpoint in place; ``inverse`` undoes it, or is None.
 
@@ -72,6 +106,8 @@ class Op:
     transforms_state: bool = False
     #: whether applying it runs caller code (then the step runs behind the read-only guard)
     runs_user_code: bool = False
+    #: whether finding nothing to act on is fine (else :class:`NothingMatched`)
+    missing_ok: bool = False
 
     def apply(self, ckpt: Checkpoint) -> None:
         raise NotImplementedError
@@ -85,6 +121,22 @@ class Op:
 
     def describe(self) -> str:
         return repr(self)
+
+    def label(self) -> str:
+        """The op by its defining arguments, as a migration writes it: ``DropKeys('x\\..*')``."""
+        if not is_dataclass(self):
+            return type(self).__name__
+        args = [
+            repr(getattr(self, f.name))
+            for f in fields(self)
+            if f.repr and not f.kw_only and f.default is MISSING and f.default_factory is MISSING
+        ]
+        return f"{type(self).__name__}({', '.join(args)})"
+
+    def found_nothing(self, names: Sequence[str], **where: str) -> None:
+        """Raise :class:`NothingMatched` unless the op was given ``missing_ok=True``."""
+        if not self.missing_ok:
+            raise NothingMatched(self, names, **where)
 
     def trace(self, keys: Sequence[str]) -> dict[str, list[str]] | None:
         """Each key after the op -> the keys it came from; None when no key changes."""
@@ -210,6 +262,7 @@ class RenamePrefix(Op):
 
     old: str
     new: str
+    missing_ok: bool = field(default=False, kw_only=True)
 
     def renamed_keys(self, keys: Sequence[str]) -> dict[str, str]:
         return {k: self.new + k[len(self.old) :] for k in keys if k.startswith(self.old)}
@@ -237,6 +290,8 @@ class RenamePrefix(Op):
                     f"{self.describe()}: no key starts with {old!r} but some start with "
                     f"{new!r}: the checkpoint already has the new layout"
                 )
+            if old != new:
+                self.found_nothing(keys, head=old)
             return
         if len(set(new_keys)) != len(new_keys):
             _raise_collision(ckpt.state_dict, self.renamed_keys(keys), self.describe())
@@ -248,24 +303,26 @@ class RenamePrefix(Op):
         return (self.old, self.new) if self.old != self.new else None
 
     def inverse(self) -> Op:
-        return RenamePrefix(self.new, self.old)
+        return RenamePrefix(self.new, self.old, missing_ok=self.missing_ok)
 
     def describe(self) -> str:
         return f"rename prefix {self.old!r} -> {self.new!r}"
 
 
-def StripPrefix(prefix: str) -> RenamePrefix:  # noqa: N802 - reads as an op
+def StripPrefix(prefix: str, *, missing_ok: bool = False) -> RenamePrefix:  # noqa: N802 - an op
     """Drop a wrapper's prefix, e.g. ``module.`` (DataParallel) or ``_orig_mod.`` (compile).
 
-    Keys without the prefix are left alone, so the step is a no-op on an unwrapped file.
+    Keys without the prefix are left alone; a file with no such key is an error unless
+    ``missing_ok=True`` (the step then is a no-op on an unwrapped file).
     """
-    return RenamePrefix(prefix, "")
+    return RenamePrefix(prefix, "", missing_ok=missing_ok)
 
 
-#: ``module.``: what ``nn.DataParallel``/``DistributedDataParallel`` put in front of every key.
-STRIP_DATAPARALLEL = StripPrefix("module.")
-#: ``_orig_mod.``: what a ``torch.compile``d module puts in front of every key.
-STRIP_COMPILE = StripPrefix("_orig_mod.")
+#: ``module.``: what ``nn.DataParallel``/``DistributedDataParallel`` put in front of every key
+#: (optional: an unwrapped file passes unchanged).
+STRIP_DATAPARALLEL = StripPrefix("module.", missing_ok=True)
+#: ``_orig_mod.``: what a ``torch.compile``d module puts in front of every key (optional too).
+STRIP_COMPILE = StripPrefix("_orig_mod.", missing_ok=True)
 
 
 def strip_wrappers() -> list[RenamePrefix]:
@@ -286,6 +343,7 @@ class RenameKeys(Op):
     pattern: str
     repl: str
     reverse: tuple[str, str] | None = None
+    missing_ok: bool = field(default=False, kw_only=True)
 
     def renamed_keys(self, keys: Sequence[str]) -> dict[str, str]:
         rx = re.compile(self.pattern)
@@ -314,6 +372,8 @@ class RenameKeys(Op):
                     f"{self.describe()}: no key matches, but {next(iter(done))!r} already has "
                     "the new name: the checkpoint already has the new layout"
                 )
+        if not mapping and not any(map(re.compile(self.pattern).fullmatch, keys)):
+            self.found_nothing(keys, **_regex_where(self.pattern))
         pair = self.prefix_rename()
         move = prefix_mover(*pair) if pair else None  # modules move as with RenamePrefix
         _rename_all(ckpt, mapping, self.describe(), move)
@@ -324,11 +384,24 @@ class RenameKeys(Op):
 
     def inverse(self) -> Op | None:
         return (
-            RenameKeys(*self.reverse, reverse=(self.pattern, self.repl)) if self.reverse else None
+            RenameKeys(*self.reverse, reverse=(self.pattern, self.repl), missing_ok=self.missing_ok)
+            if self.reverse
+            else None
         )
 
     def describe(self) -> str:
         return f"rename keys {self.pattern!r} -> {self.repl!r}"
+
+
+def _regex_where(pattern: str) -> dict[str, str]:
+    """Where a regex op looked, for :class:`NothingMatched`."""
+    return {"head": literal_head(pattern), "needle": longest_literal(pattern)}
+
+
+def _template_where(template: str) -> dict[str, str]:
+    """Where a template op looked: its text before the first field, its longest literal part."""
+    parts = re.split(r"\{\w+\}", template)
+    return {"head": parts[0], "needle": max(parts, key=len)}
 
 
 _GROUP_REF = re.compile(r"\\(\d+)|\\g<(\w+)>")
@@ -362,9 +435,10 @@ def _format_repl(repl: str, rx: re.Pattern[str]) -> str | None:
 
 @dataclass
 class DropKeys(Op):
-    """Drop every key that fully matches ``pattern``."""
+    """Drop every key that fully matches ``pattern`` (none matching: an error unless ``missing_ok``)."""
 
     pattern: str
+    missing_ok: bool = field(default=False, kw_only=True)
 
     def trace(self, keys: Sequence[str]) -> dict[str, list[str]]:
         rx = re.compile(self.pattern)
@@ -372,7 +446,10 @@ class DropKeys(Op):
 
     def apply(self, ckpt: Checkpoint) -> None:
         rx = re.compile(self.pattern)
-        ckpt.state_dict = {k: v for k, v in ckpt.state_dict.items() if not rx.fullmatch(k)}
+        kept = {k: v for k, v in ckpt.state_dict.items() if not rx.fullmatch(k)}
+        if len(kept) == len(ckpt.state_dict):
+            self.found_nothing(list(ckpt.state_dict), **_regex_where(self.pattern))
+        ckpt.state_dict = kept
 
     def describe(self) -> str:
         return f"drop keys {self.pattern!r}"
@@ -426,6 +503,7 @@ class Split(Op):
     targets: Sequence[str]
     dim: int = 0
     sizes: Sequence[int] | None = None
+    missing_ok: bool = field(default=False, kw_only=True)
     transforms_state = True
 
     def trace(self, keys: Sequence[str]) -> dict[str, list[str]]:
@@ -444,6 +522,7 @@ class Split(Op):
         found = _matches(self.source, list(ckpt.state_dict))
         if not found:
             _refuse_new_layout(self, self.targets[0], ckpt)
+            self.found_nothing(list(ckpt.state_dict), **_template_where(self.source))
         for key, groups in found:
             tensor = ckpt.state_dict[key]
             if self.sizes is None:
@@ -462,7 +541,9 @@ class Split(Op):
             ckpt.state_dict = _replace_at(ckpt.state_dict, [key], new)
 
     def inverse(self) -> Op:
-        return Merge(list(self.targets), self.source, self.dim, self.sizes)
+        return Merge(
+            list(self.targets), self.source, self.dim, self.sizes, missing_ok=self.missing_ok
+        )
 
     def describe(self) -> str:
         return f"split {self.source!r} -> {list(self.targets)!r} (dim {self.dim})"
@@ -476,6 +557,7 @@ class Merge(Op):
     target: str
     dim: int = 0
     sizes: Sequence[int] | None = None
+    missing_ok: bool = field(default=False, kw_only=True)
     transforms_state = True
 
     def trace(self, keys: Sequence[str]) -> dict[str, list[str]]:
@@ -500,6 +582,7 @@ class Merge(Op):
         found = _matches(self.sources[0], list(ckpt.state_dict))
         if not found:
             _refuse_new_layout(self, self.target, ckpt)
+            self.found_nothing(list(ckpt.state_dict), **_template_where(self.sources[0]))
         for first, groups in found:
             keys = [first] + [_fill(t, groups) for t in self.sources[1:]]
             missing = [k for k in keys if k not in ckpt.state_dict]
@@ -512,7 +595,9 @@ class Merge(Op):
             ckpt.state_dict = _replace_at(ckpt.state_dict, keys, {new_key: merged})
 
     def inverse(self) -> Op:
-        return Split(self.target, list(self.sources), self.dim, self.sizes)
+        return Split(
+            self.target, list(self.sources), self.dim, self.sizes, missing_ok=self.missing_ok
+        )
 
     def describe(self) -> str:
         return f"merge {list(self.sources)!r} -> {self.target!r} (dim {self.dim})"
@@ -542,6 +627,7 @@ def _replace_at(sd: dict[str, Any], old: list[str], new: dict[str, Any]) -> dict
 @dataclass
 class _TensorOp(Op):
     template: str
+    missing_ok: bool = field(default=False, kw_only=True)
     transforms_state = True
 
     def touches(self, keys: Sequence[str]) -> bool:
@@ -551,7 +637,10 @@ class _TensorOp(Op):
         raise NotImplementedError
 
     def apply(self, ckpt: Checkpoint) -> None:
-        for key, _ in _matches(self.template, list(ckpt.state_dict)):
+        found = _matches(self.template, list(ckpt.state_dict))
+        if not found:
+            self.found_nothing(list(ckpt.state_dict), **_template_where(self.template))
+        for key, _ in found:
             ckpt.state_dict[key] = self.transform(ckpt.state_dict[key])
 
 
@@ -571,7 +660,9 @@ class Reshape(_TensorOp):
     def inverse(self) -> Op | None:
         if self.from_shape is None:
             return None
-        return Reshape(self.template, tuple(self.from_shape), tuple(self.shape))
+        return Reshape(
+            self.template, tuple(self.from_shape), tuple(self.shape), missing_ok=self.missing_ok
+        )
 
     def describe(self) -> str:
         return f"reshape {self.template!r} to {tuple(self.shape)}"
@@ -588,7 +679,7 @@ class Transpose(_TensorOp):
         return tensor.transpose(self.dim0, self.dim1).contiguous()
 
     def inverse(self) -> Op:
-        return Transpose(self.template, self.dim0, self.dim1)
+        return Transpose(self.template, self.dim0, self.dim1, missing_ok=self.missing_ok)
 
     def describe(self) -> str:
         return f"transpose {self.template!r} dims {self.dim0},{self.dim1}"
@@ -622,7 +713,7 @@ class Cast(_TensorOp):
     def inverse(self) -> Op | None:
         if self.from_dtype is None:
             return None
-        return Cast(self.template, self.from_dtype, self.dtype)
+        return Cast(self.template, self.from_dtype, self.dtype, missing_ok=self.missing_ok)
 
     def describe(self) -> str:
         return f"cast {self.template!r} to {str(self.dtype).removeprefix('torch.')}"
@@ -658,20 +749,22 @@ class SetHparam(Op):
 
 @dataclass
 class RenameHparam(Op):
-    """Rename hparam ``old`` to ``new`` (missing: nothing to do; both present: an error)."""
+    """Rename hparam ``old`` to ``new`` (missing: an error unless ``missing_ok``; both: an error)."""
 
     old: str
     new: str
+    missing_ok: bool = field(default=False, kw_only=True)
 
     def apply(self, ckpt: Checkpoint) -> None:
         if self.old not in ckpt.hparams:
+            self.found_nothing(list(ckpt.hparams), noun="hparam", needle=self.old)
             return
         if self.new in ckpt.hparams:
             raise OpError(f"{self.describe()}: hparam {self.new!r} already exists")
         ckpt.hparams = {(self.new if k == self.old else k): v for k, v in ckpt.hparams.items()}
 
     def inverse(self) -> Op:
-        return RenameHparam(self.new, self.old)
+        return RenameHparam(self.new, self.old, missing_ok=self.missing_ok)
 
     def describe(self) -> str:
         return f"rename hparam {self.old} -> {self.new}"
@@ -679,12 +772,16 @@ class RenameHparam(Op):
 
 @dataclass
 class DropHparam(Op):
-    """Drop hparam ``name``; ``default`` (what to restore) makes it invertible."""
+    """Drop hparam ``name`` (missing: an error unless ``missing_ok``); ``default`` (what to
+    restore) makes it invertible."""
 
     name: str
     default: Any = UNKNOWN
+    missing_ok: bool = field(default=False, kw_only=True)
 
     def apply(self, ckpt: Checkpoint) -> None:
+        if self.name not in ckpt.hparams:
+            self.found_nothing(list(ckpt.hparams), noun="hparam", needle=self.name)
         ckpt.hparams.pop(self.name, None)
 
     def inverse(self) -> Op | None:

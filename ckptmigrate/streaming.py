@@ -41,7 +41,7 @@ from .graph import PlannedStep
 from .layout import assemble, split
 from .ops import DropHparam, DropKeys, Op, RenameHparam, RenameKeys, RenamePrefix, SetHparam
 from .schema import Schema
-from .stamp import make_stamp
+from .stamp import stamp_of as _stamp_of
 from .upgrade import check_belongs, upgrade
 
 __all__ = ["KEY_OPS", "FileUpgrade", "upgrade_file", "upgrade_stubs", "write_streamed"]
@@ -104,12 +104,6 @@ def upgrade_stubs(
         return None
     # key-only ops run by the ordinary upgrade touch no tensor and import no torch
     return upgrade(ckpt, schema, to)
-
-
-def _stamp_of(ckpt: Checkpoint) -> dict[str, Any] | None:
-    if ckpt.schema is None or ckpt.version is None:
-        return None
-    return make_stamp(ckpt.schema, ckpt.version, ckpt.history)
 
 
 def upgrade_file(

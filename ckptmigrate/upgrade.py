@@ -16,9 +16,14 @@ from packaging.version import Version
 
 from .checkpoint import Checkpoint, copy_containers
 from .compose import PrefixMap
-from .errors import MigrationError, SchemaMismatchError, UnversionedCheckpointError
+from .errors import (
+    MigrationError,
+    OpMatchedNothingError,
+    SchemaMismatchError,
+    UnversionedCheckpointError,
+)
 from .graph import PlannedStep
-from .ops import DropHparam, Op, OpError, RenameHparam, SetHparam
+from .ops import DropHparam, NothingMatched, Op, OpError, RenameHparam, SetHparam
 from .optimizer import (
     NamedOptimizer,
     ParamNamesUnknown,
@@ -63,7 +68,13 @@ def upgrade(
 
     >>> new = cm.upgrade(ckpt, schema)            # to schema.current
     >>> old = cm.upgrade(new, schema, to="1.0.0")  # back, through inverse ops
+
+    A checkpoint with mounts has each mount that holds ``schema`` upgraded on its own keys.
     """
+    if ckpt.mounts:
+        from .mounts import upgrade_mounts_of
+
+        return upgrade_mounts_of(ckpt, schema, to, param_names=param_names)
     version = check_belongs(ckpt, schema)
     return run_plan(ckpt, schema.plan(version, to), schema, param_names=param_names)
 
@@ -247,6 +258,9 @@ def apply_step(
         raise
     except _InPlaceWrite as exc:
         raise fail(str(exc)) from None
+    except NothingMatched as exc:
+        where = (schema.name, planned.source, planned.target, planned.name)
+        raise OpMatchedNothingError(*where, **exc.details()) from exc
     except Exception as exc:
         raise fail(f"{type(exc).__name__}: {exc}") from exc
 
@@ -379,6 +393,8 @@ class OptimizerFollowers:
                     pseudo = Checkpoint(dict(tensors))
                     try:
                         op.apply(pseudo)
+                    except NothingMatched:
+                        pass  # no state of this field for the op's keys: it stays as it is
                     except OpError:
                         continue  # e.g. a merge whose parts lack this field: state starts fresh
                     transformed[fld] = pseudo.state_dict

@@ -9,10 +9,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packaging.version import Version
 
 import ckptmigrate as cm
 from ckptmigrate.compose import PrefixMap, literal_prefix_rename
-from ckptmigrate.errors import MigrationError
+from ckptmigrate.errors import MigrationError, OpMatchedNothingError
 
 upgrade_mod = importlib.import_module("ckptmigrate.upgrade")  # cm.upgrade is the function
 # a tiny alphabet makes prefixes overlap, extend and collide often
@@ -185,8 +186,13 @@ def test_a_step_with_nothing_to_rename_is_left_to_the_steps(monkeypatch):
     with pytest.raises(MigrationError) as slow:
         one_by_one(monkeypatch, ckpt, schema)
     assert str(fast.value) == str(slow.value) and "already has the new layout" in str(fast.value)
-    ckpt.state_dict = {"head.w": torch.ones(2)}  # nothing to rename anywhere: steps are no-ops
-    same(cm.upgrade(ckpt, schema), one_by_one(monkeypatch, ckpt, schema))
+    ckpt.state_dict = {"head.w": torch.ones(2)}  # nothing to rename anywhere: the same error
+    with pytest.raises(OpMatchedNothingError) as fast:
+        cm.upgrade(ckpt, schema)
+    with pytest.raises(OpMatchedNothingError) as slow:
+        one_by_one(monkeypatch, ckpt, schema)
+    assert str(fast.value) == str(slow.value) and "matched no key" in str(fast.value)
+    assert fast.value.to_version == slow.value.to_version == Version("2")
 
 
 def test_a_newline_in_a_key_keeps_regex_semantics(monkeypatch):

@@ -432,7 +432,9 @@ def test_map_location_is_honoured(tmp_path, monkeypatch, schema, where, suffix):
 
 def namespace_file(tmp_path: Path) -> Path:
     p = tmp_path / "ns.pth"
-    torch.save({"state_dict": {"w": torch.ones(2)}, "hparams": argparse.Namespace(d=4)}, p)
+    # a key the schema's 1.0.0 -> 2.0.0 rename acts on: a migration that matched nothing would fail
+    sd = {"blocks.0.w": torch.ones(2)}
+    torch.save({"state_dict": sd, "hparams": argparse.Namespace(d=4)}, p)
     return p
 
 
@@ -548,7 +550,7 @@ def test_missing_file_raises_checkpoint_format_error(tmp_path, schema):
 
 def test_from_version_for_a_stamped_file_with_another_version_conflicts(tmp_path, schema):
     p = tmp_path / "m.pth"
-    cm.save(p, {"w": torch.ones(1)}, schema="tiny", version="1.0.0")
+    cm.save(p, {"blocks.w": torch.ones(1)}, schema="tiny", version="1.0.0")
     with pytest.raises(cm.VersionConflictError, match="1.0.0"):
         cm.load(p, schema=schema, from_version="2.0.0")
     assert cm.load(p, schema=schema, from_version="1.0").version == Version("2.0.0")

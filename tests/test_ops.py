@@ -145,8 +145,11 @@ def test_rename_keys_uses_regex_groups_and_fullmatch():
     out = applied(op)
     assert "module.blocks.0.mlp.weight" in out.state_dict
     assert "module.blocks.0.fc.weight" not in out.state_dict
-    # fullmatch: a pattern matching only part of a key renames nothing
-    assert list(applied(ops.RenameKeys(r"fc", "mlp")).state_dict) == list(base().state_dict)
+    # fullmatch: a pattern matching only part of a key matches nothing, an error unless optional
+    with pytest.raises(ops.NothingMatched, match=r"RenameKeys\('fc', 'mlp'\) matched no key"):
+        applied(ops.RenameKeys(r"fc", "mlp"))
+    optional = ops.RenameKeys(r"fc", "mlp", missing_ok=True)
+    assert list(applied(optional).state_dict) == list(base().state_dict)
 
 
 def test_rename_keys_onto_an_existing_key_raises():
@@ -300,7 +303,9 @@ def test_set_hparam_inverse_restores_previous_value_or_absence():
 def test_rename_hparam_renames_and_refuses_a_collision():
     out = applied(ops.RenameHparam("d", "d_model"))
     assert out.hparams == {"d_model": 4, "eps": 1e-5}
-    assert applied(ops.RenameHparam("missing", "x")).hparams == base().hparams
+    with pytest.raises(ops.NothingMatched, match="matched no hparam"):
+        applied(ops.RenameHparam("missing", "x"))
+    assert applied(ops.RenameHparam("missing", "x", missing_ok=True)).hparams == base().hparams
     with pytest.raises(OpError, match="already exists"):
         applied(ops.RenameHparam("d", "eps"))
 

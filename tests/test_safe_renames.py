@@ -62,9 +62,12 @@ def test_a_step_applied_twice_fails_naming_the_step():
         cm.upgrade(mislabelled, schema)
 
 
-def test_strip_prefix_on_an_unwrapped_checkpoint_does_nothing():
+def test_strip_prefix_on_an_unwrapped_checkpoint_raises_unless_optional():
     c = ckpt("a.w")
-    cm.ops.StripPrefix("module.").apply(c)
+    with pytest.raises(cm.ops.NothingMatched, match="StripPrefix|RenamePrefix"):
+        cm.ops.StripPrefix("module.").apply(c)
+    cm.ops.StripPrefix("module.", missing_ok=True).apply(c)
+    cm.ops.STRIP_DATAPARALLEL.apply(c)  # the shipped wrapper ops are optional
     assert list(c.state_dict) == ["a.w"]
 
 

@@ -39,7 +39,7 @@ from typing import Any
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from ..layout import LAYOUTS, assemble, split
-from ..stamp import make_stamp, parse_stamp
+from ..stamp import parse_stamp, stamp_of
 from .atomic import atomic_path, copy_tree_synced, fsync_path, temp_path_for
 from .pickle_bounds import decode_bounded, tuple_chain_bound
 from .pickle_meta import TorchConstant, _python3_name, _scan
@@ -240,6 +240,7 @@ def _checkpoint(obj: dict[str, Any], folder: Path) -> Checkpoint:
     if data.get("stamp") is not None:
         stamp = parse_stamp(data["stamp"], path=folder / STAMP_FILE)
         ckpt.schema, ckpt.version, ckpt.history = stamp.schema, stamp.version, stamp.history
+        ckpt.mounts = stamp.mounts
     for slot in ("hparams", "meta"):
         value = data.get(slot)
         if isinstance(value, dict):
@@ -368,7 +369,7 @@ def write_dcp(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
 def write_stamp_file(folder: str | os.PathLike[str], ckpt: Checkpoint) -> None:
     """Write ``ckpt``'s stamp (and hparams/meta its layout has no slot for) as ``ckptmigrate.json``."""
     layout = ckpt.layout.removeprefix("dcp-")
-    stamp = make_stamp(ckpt.schema, ckpt.version, ckpt.history) if ckpt.stamped else None
+    stamp = stamp_of(ckpt)
     data: dict[str, Any] = {"stamp": stamp}
     slots = LAYOUTS.get(layout, LAYOUTS["ckptmigrate"])
     if slots.hparams is None:

@@ -143,6 +143,7 @@ def _stamp_parts(sset: ShardedSet) -> dict[str, Any]:
         "schema": stamp.schema if stamp else None,
         "version": stamp.version if stamp else None,
         "history": stamp.history if stamp else [],
+        "mounts": stamp.mounts if stamp else [],
     }
 
 
