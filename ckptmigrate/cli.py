@@ -497,8 +497,8 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         count = styled(f"{len(outcome.plan)} step(s)", "behind")
         out.line(f"{head} -> {outcome.target_version}, ", count, ":")
         for step in outcome.plan:
-            marks = [styled(" [breaking]", "breaking")] if step["breaking"] else []
-            marks += [styled(" [downgrade]", "downgrade")] if step["downgrade"] else []
+            marks = [" ", styled("[breaking]", "breaking")] if step["breaking"] else []
+            marks += [" ", styled("[downgrade]", "downgrade")] if step["downgrade"] else []
             out.line(f"  {step['from']} -> {step['to']}  {step['step']}", *marks)
         sys.stdout.flush()
 
@@ -619,7 +619,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         out.line(styled("  no migration steps", "note"))
     for step in record["steps"]:
         marks = [m for m in ("breaking", "reversible", "preferred") if step[m]]
-        shown = [styled(f"  [{', '.join(marks)}]", "breaking" if step["breaking"] else "note")]
+        shown = ["  ", styled(f"[{', '.join(marks)}]", "breaking" if step["breaking"] else "note")]
         out.line(f"  {step['from']} -> {step['to']}  {step['step']}", *(shown if marks else []))
     return EXIT_OK
 

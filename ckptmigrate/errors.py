@@ -160,8 +160,8 @@ class TargetPastCurrentError(FutureVersionError):
             else f"Pass to= at most {str(self.current)!r}, or leave it out for the current version"
         )
         return (
-            f"{given} is past the current version of schema {self.schema!r}, {self.current}: "
-            f"no migration leads beyond it. {remedy}, or register the newer steps."
+            f"{given} is newer than {self.current}, the current version of schema "
+            f"{self.schema!r}: no migration leads past it. {remedy}, or register the newer steps."
         )
 
 
