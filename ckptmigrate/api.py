@@ -189,9 +189,9 @@ def _apply_from_version(
     if isinstance(from_version, str) and from_version == "auto":
         if schema is None:
             raise TypeError("from_version='auto' needs schema= to compare signatures with")
-        from .guess import guess_version
+        from .guess import resolve_from_version
 
-        from_version = guess_version(ckpt, schema).version
+        from_version = resolve_from_version(ckpt, schema, from_version, path=path)
     given = parse_version(from_version, what="from_version")
     if ckpt.version is not None:
         if ckpt.version != given:
@@ -253,35 +253,42 @@ def load_into(
     return ckpt
 
 
-def attach(model: torch.nn.Module, schema: Schema, *, default_version: str | None = None) -> Any:
+def attach(
+    model: torch.nn.Module, schema: Schema | str, *, default_version: str | None = None
+) -> Any:
     """Let plain ``model.load_state_dict(old_sd)`` upgrade ``old_sd`` first.
 
     The model is already built with today's hparams, so only non-breaking steps may run: a
     plan with a BC-breaking step raises :class:`BreakingMigrationError`, saying to use
     ``cm.load_into`` on a model built from the migrated hparams. The version comes from the
     stamp a flat file carries in ``_metadata``, or ``default_version`` for unstamped dicts.
-    Returns the hook handle (``handle.remove()`` detaches).
+    Returns the hook handle (``handle.remove()`` detaches). A schema given by name is looked
+    up in the discovered migrations now, so an unknown name raises here, not at load time.
 
-    >>> cm.attach(model, schema)
+    >>> cm.attach(model, schema)          # or cm.attach(model, "tinylm")
     >>> model.load_state_dict(torch.load("old.pth", weights_only=True))
     """
     from .layout import split
+
+    found = _resolve_schema(schema)
+    assert found is not None  # a name resolves or raises UnknownSchemaError
+    default = None if default_version is None else parse_version(default_version)
 
     def hook(module: Any, state_dict: Any, prefix: str, *args: Any) -> None:
         if prefix:
             return  # only the root module rewrites the whole dict
         ckpt = split(state_dict)
         if ckpt.version is None:
-            if default_version is None:
-                raise UnversionedCheckpointError(schema=schema.name)
-            ckpt = replace(ckpt, schema=schema.name, version=parse_version(default_version))
-        check_belongs(ckpt, schema)
-        plan = schema.plan(ckpt.version)  # type: ignore[arg-type]
+            if default is None:
+                raise UnversionedCheckpointError(schema=found.name)
+            ckpt = replace(ckpt, schema=found.name, version=default)
+        check_belongs(ckpt, found)
+        plan = found.plan(ckpt.version)  # type: ignore[arg-type]
         breaking = [p for p in plan if p.step.breaking]
         if breaking:
             p = breaking[0]
             raise BreakingMigrationError(
-                schema.name,
+                found.name,
                 p.source,
                 p.target,
                 p.name,
@@ -289,7 +296,7 @@ def attach(model: torch.nn.Module, schema: Schema, *, default_version: str | Non
                 "reproduce the old outputs: use cm.load_into(schema.build(ckpt.hparams), path, "
                 "schema=schema) on a model built from the migrated hparams",
             )
-        new = upgrade_checkpoint(ckpt, schema)
+        new = upgrade_checkpoint(ckpt, found)
         metadata = getattr(state_dict, "_metadata", None)
         state_dict.clear()
         state_dict.update(new.state_dict)

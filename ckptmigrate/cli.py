@@ -13,11 +13,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
+
+from .readable import human_bytes as _human_bytes
+from .readable import readable
+from .terminal import Output, progress_bar, styled
+from .terminal import console as _console
+from .terminal import is_terminal as _is_terminal
 
 # the read-plan-write sequence, and the lock around in-place rewrites, live in the library
 
@@ -37,47 +44,8 @@ class CommandError(Exception):
 # -- output ------------------------------------------------------------------------------------
 
 
-def _is_terminal(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
-
-
-def _console(stream: Any = None) -> Any:
-    from rich.console import Console
-
-    return Console(file=stream or sys.stdout, highlight=False)
-
-
-@contextlib.contextmanager
-def progress_bar(description: str) -> Iterator[Callable[..., None] | None]:
-    """A rich progress bar on stderr when it is a terminal; ``None`` (no bar) when piped."""
-    if not _is_terminal(sys.stderr):
-        yield None
-        return
-    from rich.progress import Progress
-
-    with Progress(console=_console(sys.stderr), transient=True) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int, *_: Any) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
-
-
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
 def _fmt(value: Any) -> str:
-    return "(absent)" if value is None else repr(value) if isinstance(value, str) else str(value)
+    return "(absent)" if value is None else readable(value)
 
 
 def _stamp_text(stamp: dict[str, Any] | None) -> str:
@@ -89,27 +57,46 @@ def _stamp_text(stamp: dict[str, Any] | None) -> str:
 # -- diff --------------------------------------------------------------------------------------
 
 
-def _diff_rows(d: Diff, arrow: str) -> list[tuple[str, str, str]]:
-    """(kind, key, detail) rows in a fixed order: renames, removals, additions, changes."""
-    rows: list[tuple[str, str, str]] = []
+#: (kind, key, detail, how many key changes the row stands for)
+DiffRow = tuple[str, str, str, int]
+
+
+def _rename_rows(d: Diff, arrow: str) -> list[DiffRow]:
+    """A rename per row, or one row per pattern of many (``blocks.N.* -> layers.N.* (x1200)``)."""
+    from .rename_groups import group_renames
+
+    rows: list[DiffRow] = []
+    for group in group_renames(d.renamed):
+        if group.summarised:
+            n = len(group.members)
+            rows.append(
+                ("renamed", f"{group.pattern_from} {arrow} {group.pattern_to}", f"(x{n})", n)
+            )
+            continue
+        for r in group.members:
+            detail = f"{r['shape']} {r['dtype']} (conf {r['confidence']:.2f})"
+            rows.append(("renamed", f"{r['from']} {arrow} {r['to']}", detail, 1))
+    return rows
+
+
+def _diff_rows(d: Diff, arrow: str) -> list[DiffRow]:
+    """(kind, key, detail, count) rows in a fixed order: renames, removals, additions, changes."""
 
     def sig(record: dict[str, Any]) -> str:
         return f"{record['shape']} {record['dtype']}"
 
-    for r in d.renamed:
-        rows.append(
-            ("renamed", f"{r['from']} {arrow} {r['to']}", f"{sig(r)} (conf {r['confidence']:.2f})")
-        )
-    rows += [("removed", r["key"], sig(r)) for r in d.removed]
-    rows += [("added", r["key"], sig(r)) for r in d.added]
-    rows += [("shape", c["key"], f"{c['a']} {arrow} {c['b']}") for c in d.shape_changed]
-    rows += [("dtype", c["key"], f"{c['a']} {arrow} {c['b']}") for c in d.dtype_changed]
-    rows += [("values", v["key"], f"max abs diff {v['max_abs_diff']}") for v in d.value_changes]
-    rows += [("hparam", h["path"], f"{_fmt(h['a'])} {arrow} {_fmt(h['b'])}") for h in d.hparams]
-    rows += [
+    singles: list[tuple[str, str, str]] = [("removed", r["key"], sig(r)) for r in d.removed]
+    singles += [("added", r["key"], sig(r)) for r in d.added]
+    singles += [("shape", c["key"], f"{c['a']} {arrow} {c['b']}") for c in d.shape_changed]
+    singles += [("dtype", c["key"], f"{c['a']} {arrow} {c['b']}") for c in d.dtype_changed]
+    singles += [
+        ("values", v["key"], f"max abs diff {readable(v['max_abs_diff'])}") for v in d.value_changes
+    ]
+    singles += [("hparam", h["path"], f"{_fmt(h['a'])} {arrow} {_fmt(h['b'])}") for h in d.hparams]
+    singles += [
         ("meta", m["path"], f"{_fmt(m['a'])} {arrow} {_fmt(m['b'])} (not drift)") for m in d.meta
     ]
-    return rows
+    return _rename_rows(d, arrow) + [(kind, key, detail, 1) for kind, key, detail in singles]
 
 
 def _diff_summary(d: Diff) -> str:
@@ -149,8 +136,8 @@ def render_diff_plain(d: Diff, write: Callable[[str], Any]) -> None:
     if line:
         write(line)
     rows = _diff_rows(d, "->")
-    width = max((len(kind) for kind, _, _ in rows), default=0)
-    for kind, key, detail in rows:
+    width = max((len(row[0]) for row in rows), default=0)
+    for kind, key, detail, _ in rows:
         write(f"{kind.ljust(width)}  {key}  {detail}")
     write(_diff_summary(d))
 
@@ -176,6 +163,7 @@ def _group_of(kind: str, key: str) -> str:
 def render_diff_rich(d: Diff, console: Any) -> None:
     """The diff as a coloured table grouped by top-level module, with counts."""
     from rich.table import Table
+    from rich.text import Text
 
     console.print(f"[bold]A[/]: {d.a} [dim]({_stamp_text(d.stamps.get('a'))})[/]")
     console.print(f"[bold]B[/]: {d.b} [dim]({_stamp_text(d.stamps.get('b'))})[/]")
@@ -184,7 +172,7 @@ def render_diff_rich(d: Diff, console: Any) -> None:
         console.print(f"[dim]{line}[/]")
     rows = _diff_rows(d, "→")
     if rows:
-        groups: dict[str, list[tuple[str, str, str]]] = {}
+        groups: dict[str, list[DiffRow]] = {}
         for row in rows:
             groups.setdefault(_group_of(row[0], row[1]), []).append(row)
         table = Table(show_edge=False, pad_edge=False)
@@ -192,10 +180,12 @@ def render_diff_rich(d: Diff, console: Any) -> None:
         table.add_column("key")
         table.add_column("detail")
         for name, members in groups.items():
-            table.add_row(f"[bold]{name}[/]", f"[dim]{len(members)} changes[/]", "")
-            for kind, key, detail in members:
-                style = _STYLES.get(kind, "")
-                table.add_row(f"[{style}]{kind}[/]", f"  {key}", detail)
+            count = sum(row[3] for row in members)
+            table.add_row(Text(name, style="bold"), Text(f"{count} changes", style="dim"), "")
+            for kind, key, detail, _ in members:
+                table.add_row(
+                    Text(kind, style=_STYLES.get(kind, "")), Text(f"  {key}"), Text(detail)
+                )
         console.print(table)
     colour = "red" if d.has_drift else "green"
     console.print(f"[{colour}]{_diff_summary(d)}[/]")
@@ -280,10 +270,26 @@ def _tensor_bytes(value: Any) -> int:
     from .report import signature
 
     shape, dtype = signature(value)
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count * DTYPE_SIZES.get(dtype, 0)
+    return math.prod(shape) * DTYPE_SIZES.get(dtype, 0)
+
+
+def key_rows(tensors: dict[str, Any]) -> list[dict[str, Any]]:
+    """``info --keys``: one row per tensor (name, shape, dtype, parameters, bytes), from stubs."""
+    from .report import signature
+
+    rows = []
+    for name, value in tensors.items():
+        shape, dtype = signature(value)
+        rows.append(
+            {
+                "key": name,
+                "shape": list(shape),
+                "dtype": dtype,
+                "params": math.prod(shape),
+                "bytes": _tensor_bytes(value),
+            }
+        )
+    return rows
 
 
 def _schema_status(
@@ -333,7 +339,7 @@ def info_record(path: str, args: argparse.Namespace) -> dict[str, Any]:
     for value in tensors.values():
         dtype = signature(value)[1]
         dtypes[dtype] = dtypes.get(dtype, 0) + 1
-    return {
+    record = {
         "path": str(path),
         "format": fmt,
         "layout": ckpt.layout,
@@ -365,6 +371,9 @@ def info_record(path: str, args: argparse.Namespace) -> dict[str, Any]:
             else []
         ),
     }
+    if getattr(args, "keys", False):
+        record["keys"] = key_rows(tensors)
+    return record
 
 
 def _status_lines(status: dict[str, Any] | None) -> list[str]:
@@ -386,7 +395,13 @@ def _status_lines(status: dict[str, Any] | None) -> list[str]:
 
 
 def render_info_plain(info: dict[str, Any], write: Callable[[str], Any]) -> None:
-    """``info`` as ``field: value`` lines."""
+    """``info`` as ``field: value`` lines (then the tensor table with ``--keys``)."""
+    _render_info_fields(info, write)
+    if "keys" in info:
+        render_keys_plain(info["keys"], write)
+
+
+def _render_info_fields(info: dict[str, Any], write: Callable[[str], Any]) -> None:
     stamp = f"{info['schema']} {info['version']}" if info["schema"] else "unstamped"
     if info["mounts"] and not info["schema"]:
         stamp = f"{len(info['mounts'])} mount(s)"
@@ -402,9 +417,9 @@ def render_info_plain(info: dict[str, Any], write: Callable[[str], Any]) -> None
         if isinstance(entry, dict):
             write(f"history: {entry.get('from')} -> {entry.get('to')}  {entry.get('step', '')}")
     for key, value in info["hparams"].items():
-        write(f"hparam: {key} = {value!r}")
+        write(f"hparam: {key} = {readable(value)}")
     for key, value in info["meta"].items():
-        write(f"meta: {key} = {value!r}")
+        write(f"meta: {key} = {readable(value)}")
     if info["optimizer"] or info["extra"]:
         extra = ", ".join(info["extra"])
         write(f"also holds: {'optimizer state' if info['optimizer'] else ''} {extra}".rstrip())
@@ -417,19 +432,66 @@ def render_info_plain(info: dict[str, Any], write: Callable[[str], Any]) -> None
             write(f"  status: {line}" if not line.startswith("  ") else "  " + line)
 
 
+_KEY_COLUMNS = ("key", "shape", "dtype", "params", "bytes")
+
+
+def _key_cells(row: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        row["key"],
+        "[" + ", ".join(str(d) for d in row["shape"]) + "]",
+        row["dtype"],
+        f"{row['params']:,}",
+        _human_bytes(row["bytes"]),
+    )
+
+
+def render_keys_plain(rows: list[dict[str, Any]], write: Callable[[str], Any]) -> None:
+    """``info --keys`` as aligned columns under a header, totals last."""
+    cells = [_KEY_COLUMNS, *(_key_cells(r) for r in rows)]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(_KEY_COLUMNS))]
+    for c in cells:
+        text = "  ".join(
+            v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths))
+        )
+        write(text.rstrip())
+    params = sum(r["params"] for r in rows)
+    write(
+        f"{len(rows)} tensors, {params:,} parameters, {_human_bytes(sum(r['bytes'] for r in rows))}"
+    )
+
+
+def render_keys_rich(rows: list[dict[str, Any]], console: Any) -> None:
+    """``info --keys`` as a table, numbers right-aligned."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(show_edge=False, pad_edge=False)
+    for i, name in enumerate(_KEY_COLUMNS):
+        table.add_column(name, justify="right" if i >= 3 else "left")
+    for row in rows:
+        table.add_row(*(Text(c) for c in _key_cells(row)))
+    console.print(table)
+    params = sum(r["params"] for r in rows)
+    total = _human_bytes(sum(r["bytes"] for r in rows))
+    console.print(Text(f"{len(rows)} tensors, {params:,} parameters, {total}", style="bold"))
+
+
 def render_info_rich(info: dict[str, Any], console: Any) -> None:
     """``info`` as a two-column table."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(show_header=False, show_edge=False, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
     lines: list[str] = []
-    render_info_plain(info, lines.append)
+    _render_info_fields(info, lines.append)
     for line in lines:
         name, _, value = line.partition(": ")
-        table.add_row(name if value else "", value if value else line)
+        table.add_row(Text(name if value else ""), Text(value if value else line))
     console.print(table)
+    if "keys" in info:
+        render_keys_rich(info["keys"], console)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -454,17 +516,21 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
     from .inplace import UpgradeOutcome, migrate_file
 
+    out = Output()
+
     def show_plan(outcome: UpgradeOutcome) -> None:
         at = f" at {outcome.prefix!r}" if outcome.prefix else ""
         head = f"{args.src}: {outcome.schema}{at} {outcome.source_version}"
         if not outcome.plan:
-            print(f"{head}: already at {outcome.target_version}, no steps to run")
+            out.line(head, ": ", styled(f"already at {outcome.target_version}", "current"))
+            out.line("  no steps to run")
             return
-        print(f"{head} -> {outcome.target_version}, {len(outcome.plan)} step(s):")
+        count = styled(f"{len(outcome.plan)} step(s)", "behind")
+        out.line(f"{head} -> {outcome.target_version}, ", count, ":")
         for step in outcome.plan:
-            marks = " [breaking]" if step["breaking"] else ""
-            marks += " [downgrade]" if step["downgrade"] else ""
-            print(f"  {step['from']} -> {step['to']}  {step['step']}{marks}")
+            marks = [" ", styled("[breaking]", "breaking")] if step["breaking"] else []
+            marks += [" ", styled("[downgrade]", "downgrade")] if step["downgrade"] else []
+            out.line(f"  {step['from']} -> {step['to']}  {step['step']}", *marks)
         sys.stdout.flush()
 
     with progress_bar("upgrading") as progress:
@@ -483,10 +549,10 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
             param_names=_param_names(args),
         )
     if args.dry_run:
-        print("dry run: nothing written")
+        out.line(styled("dry run: nothing written", "dry run"))
     elif outcome.written:
         kept = f" (backup: {outcome.backup})" if outcome.backup else ""
-        print(f"wrote {outcome.written}{kept}")
+        out.line(styled("wrote", "ok"), f" {outcome.written}{kept}")
     return EXIT_OK
 
 
@@ -512,21 +578,29 @@ def cmd_scan(args: argparse.Namespace) -> int:
             workers=args.workers,
             processes=None if args.threads is None else not args.threads,
             progress=progress,
+            allowed_globals=args.allow_global,
         )
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
-    else:
-        for r in rows:
-            if r.error and r.behind is None:
-                state = f"?  {r.error}"
-            elif r.behind:
-                state = f"{r.schema} {r.version} -> {r.current}: behind, {len(r.steps)} step(s)"
-            else:
-                state = f"{r.schema} {r.version}: current"
-            print(f"{r.path}  {state}")
-        behind = sum(1 for r in rows if r.behind)
-        print(f"{len(rows)} checkpoint(s), {behind} behind")
-    return EXIT_DRIFT if args.fail_behind and any(r.behind for r in rows) else EXIT_OK
+        return EXIT_DRIFT if args.fail_behind and any(r.behind for r in rows) else EXIT_OK
+    out = Output()
+    for r in rows:
+        if r.error and r.behind is None:
+            out.line(f"{r.path}  ", styled("?", "error"), f"  {r.error}")
+        elif r.behind:
+            steps = f", {len(r.steps)} step(s)"
+            out.line(
+                f"{r.path}  {r.schema} {r.version} -> {r.current}: ",
+                styled("behind", "behind"),
+                steps,
+            )
+        else:
+            out.line(f"{r.path}  {r.schema} {r.version}: ", styled("current", "current"))
+    behind = sum(1 for r in rows if r.behind)
+    out.line(
+        f"{len(rows)} checkpoint(s), ", styled(f"{behind} behind", "behind" if behind else "ok")
+    )
+    return EXIT_DRIFT if args.fail_behind and behind else EXIT_OK
 
 
 # -- history -----------------------------------------------------------------------------------
@@ -553,25 +627,62 @@ def history_record(schema: Schema) -> dict[str, Any]:
     }
 
 
+def schema_list_record(schemas: dict[str, Schema]) -> list[dict[str, Any]]:
+    """Every discovered schema: name, current version, step count and where it came from."""
+    return [
+        {
+            "schema": s.name,
+            "current": str(s.current),
+            "steps": len(s.steps),
+            "origin": s.origin,
+        }
+        for _, s in sorted(schemas.items())
+    ]
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     schemas = _schemas(args)
+    if args.schema is None:
+        return _list_schemas(schemas, args)
     if args.schema not in schemas:
         known = ", ".join(sorted(schemas)) or "none"
         raise CommandError(
             f"no schema named {args.schema!r} in the discovered migrations (found: {known}); "
-            "pass --migrations PATH"
+            "pass --migrations PATH, or run `ckptmigrate history` to list them"
         )
     record = history_record(schemas[args.schema])
     if args.json:
         print(json.dumps(record, indent=2))
         return EXIT_OK
-    print(f"{record['schema']} (current {record['current']}; from {record['origin'] or '?'})")
+    out = Output()
+    out.line(f"{record['schema']} (current {record['current']}; from {record['origin'] or '?'})")
     if not record["steps"]:
-        print("  no migration steps")
+        out.line(styled("  no migration steps", "note"))
     for step in record["steps"]:
         marks = [m for m in ("breaking", "reversible", "preferred") if step[m]]
-        shown = f"  [{', '.join(marks)}]" if marks else ""
-        print(f"  {step['from']} -> {step['to']}  {step['step']}{shown}")
+        shown = ["  ", styled(f"[{', '.join(marks)}]", "breaking" if step["breaking"] else "note")]
+        out.line(f"  {step['from']} -> {step['to']}  {step['step']}", *(shown if marks else []))
+    return EXIT_OK
+
+
+def _list_schemas(schemas: dict[str, Schema], args: argparse.Namespace) -> int:
+    record = schema_list_record(schemas)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return EXIT_OK
+    out = Output()
+    if not record:
+        print(
+            f"{PROG}: warning: no schemas discovered: pass --migrations PATH, or list them in "
+            "[tool.ckptmigrate] migrations in pyproject.toml",
+            file=sys.stderr,
+        )
+    for row in record:
+        origin = row["origin"] or "?"
+        out.line(
+            styled(row["schema"], "ok"),
+            f"  current {row['current']}  {row['steps']} step(s)  from {origin}",
+        )
     return EXIT_OK
 
 
@@ -585,7 +696,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     root = args.dir or (configured("fixtures") or ["fixtures"])[0]
     schemas = _schemas(args)
     with progress_bar("checking fixtures") as progress:
-        results = check_fixtures(root, schemas, progress=progress)
+        results = check_fixtures(root, schemas, progress=progress, safe_globals=args.allow_global)
     rows = [
         {
             "schema": r.fixture.schema,
@@ -602,17 +713,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     failed = [r for r in rows if not r["ok"]]
     if args.json:
         print(json.dumps({"root": str(root), "fixtures": rows, "failed": len(failed)}, indent=2))
-    else:
-        if not rows:
-            print(f"{PROG}: warning: no fixtures under {root}", file=sys.stderr)
-        for r in rows:
-            error = "-" if r["max_abs_error"] is None else f"{r['max_abs_error']:.3g}"
-            verdict = "ok" if r["ok"] else f"FAIL: {r['reason']}"
-            print(
-                f"{r['schema']}  {r['version']}  {r['variant'] or '-'}  "
-                f"steps={r['steps_applied']}  max_abs_error={error}  {verdict}"
-            )
-        print(f"{len(rows) - len(failed)} of {len(rows)} fixtures ok")
+        return EXIT_DRIFT if failed else EXIT_OK
+    out = Output()
+    if not rows:
+        print(f"{PROG}: warning: no fixtures under {root}", file=sys.stderr)
+    for r in rows:
+        error = "-" if r["max_abs_error"] is None else readable(r["max_abs_error"])
+        verdict = styled("ok", "ok") if r["ok"] else styled(f"FAIL: {r['reason']}", "fail")
+        head = f"{r['schema']}  {r['version']}  {r['variant'] or '-'}  "
+        if r["schema"] == "?":  # an unreadable golden record: name the file it came from
+            head = f"{r['path']}  "
+        out.line(f"{head}steps={r['steps_applied']}  max_abs_error={error}  ", verdict)
+    summary = f"{len(rows) - len(failed)} of {len(rows)} fixtures ok"
+    out.line(styled(summary, "fail" if failed else "ok"))
     return EXIT_DRIFT if failed else EXIT_OK
 
 
@@ -809,8 +922,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = commands.add_parser("diff", help="key/shape/dtype/hparam drift from A to B")
-    p.add_argument("a", metavar="A")
-    p.add_argument("b", metavar="B", nargs="?", help="omitted with --model")
+    p.add_argument("a", metavar="A", help="the old checkpoint (file, folder or URL)")
+    p.add_argument("b", metavar="B", nargs="?", help="the new checkpoint; omitted with --model")
     p.add_argument(
         "--model",
         metavar="SCHEMA",
@@ -825,25 +938,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--schema", help="with --upgrade: A's schema when A carries no stamp")
     p.add_argument(
-        "--from-version", metavar="V", help="with --upgrade: A's version when it has no stamp"
+        "--from-version",
+        metavar="V",
+        help="with --upgrade or --model: A's version when it has no stamp (auto: guess it)",
     )
     _common(p, reads_files=True)
     p.set_defaults(func=cmd_diff)
 
     p = commands.add_parser("info", help="what a checkpoint holds and whether it is behind")
-    p.add_argument("ckpt", metavar="CKPT")
+    p.add_argument("ckpt", metavar="CKPT", help="the checkpoint to describe")
     p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.add_argument(
+        "--keys",
+        action="store_true",
+        help="list every tensor: name, shape, dtype, parameters, bytes (from metadata only)",
+    )
     _common(p, reads_files=True)
     p.set_defaults(func=cmd_info)
 
     p = commands.add_parser("upgrade", help="migrate a file to a newer (or older) version")
-    p.add_argument("src", metavar="SRC")
+    p.add_argument("src", metavar="SRC", help="the checkpoint to migrate")
     p.add_argument("-o", "--output", metavar="DST", help="write the upgraded file here")
     p.add_argument("--in-place", action="store_true", help="replace SRC (a backup stays beside)")
     p.add_argument("--no-backup", action="store_true", help="with --in-place: keep no backup")
     p.add_argument("--to", metavar="V", help="target version (default: the schema's current)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
-    p.add_argument("--from-version", metavar="V", help="SRC's version when it has no stamp")
+    p.add_argument(
+        "--from-version",
+        metavar="V",
+        help="SRC's version when it has no stamp (auto: guess it from its keys)",
+    )
     p.add_argument("--schema", help="SRC's schema when it has no stamp")
     p.add_argument(
         "--param-names",
@@ -855,10 +979,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_upgrade)
 
     p = commands.add_parser("scan", help="schema, version and drift of every checkpoint in DIR")
-    p.add_argument("dir", metavar="DIR")
+    p.add_argument("dir", metavar="DIR", help="the folder (or one file) to scan; it must exist")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per file")
     p.add_argument("--fail-behind", action="store_true", help="exit 1 if any file is behind")
-    p.add_argument("--workers", type=int, default=None, help="parallel readers")
+    p.add_argument(
+        "--workers", type=int, default=None, metavar="N", help="parallel readers (default: auto)"
+    )
     p.add_argument(
         "--threads",
         action="store_true",
@@ -866,11 +992,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="read with threads (good for network storage); default: worker processes for "
         "64 files or more, one per core",
     )
-    _common(p, reads_files=False)
+    _common(p, reads_files=True)
     p.set_defaults(func=cmd_scan)
 
-    p = commands.add_parser("history", help="the migration graph of a schema, oldest first")
-    p.add_argument("schema", metavar="SCHEMA")
+    p = commands.add_parser(
+        "history", help="the migration graph of a schema, oldest first (no SCHEMA: list them)"
+    )
+    p.add_argument(
+        "schema", metavar="SCHEMA", nargs="?", help="omit to list every discovered schema"
+    )
     p.add_argument("--json", action="store_true", help="print a JSON object")
     _common(p, reads_files=False)
     p.set_defaults(func=cmd_history)
@@ -880,13 +1010,13 @@ def build_parser() -> argparse.ArgumentParser:
         "dir", metavar="DIR", nargs="?", help="default: pyproject fixtures, else fixtures"
     )
     p.add_argument("--json", action="store_true", help="print a JSON object")
-    _common(p, reads_files=False)
+    _common(p, reads_files=True)
     p.set_defaults(func=cmd_check)
 
     p = commands.add_parser("stamp", help="give an unversioned legacy file its stamp")
-    p.add_argument("ckpt", metavar="CKPT")
-    p.add_argument("--schema", required=True)
-    p.add_argument("--version", metavar="V")
+    p.add_argument("ckpt", metavar="CKPT", help="the unstamped checkpoint")
+    p.add_argument("--schema", required=True, help="the schema the file belongs to")
+    p.add_argument("--version", metavar="V", help="the version the file was written at")
     p.add_argument("--guess", action="store_true", help="guess the version from the keys")
     p.add_argument(
         "--prefix",
@@ -894,18 +1024,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="mount the schema at the key prefix P (e.g. net. for a LightningModule's self.net)",
     )
-    p.add_argument("-o", "--output", metavar="DST")
-    p.add_argument("--in-place", action="store_true")
+    p.add_argument("-o", "--output", metavar="DST", help="write the stamped copy here")
+    p.add_argument("--in-place", action="store_true", help="stamp CKPT itself (atomically)")
     _common(p, reads_files=True)
     p.set_defaults(func=cmd_stamp)
 
     p = commands.add_parser("new", help="generate a migration from two checkpoints")
-    p.add_argument("schema", metavar="SCHEMA")
-    p.add_argument("--from-version", required=True, metavar="V1")
-    p.add_argument("--to-version", required=True, metavar="V2")
-    p.add_argument("--from-file", required=True, metavar="OLD")
+    p.add_argument("schema", metavar="SCHEMA", help="the schema the step belongs to")
+    p.add_argument("--from-version", required=True, metavar="V1", help="the step's old version")
+    p.add_argument("--to-version", required=True, metavar="V2", help="the step's new version")
+    p.add_argument("--from-file", required=True, metavar="OLD", help="a checkpoint at V1")
     to = p.add_mutually_exclusive_group(required=True)
-    to.add_argument("--to-file", metavar="NEW", help="a file the new code saved")
+    to.add_argument("--to-file", metavar="NEW", help="a checkpoint the new code saved, at V2")
     to.add_argument(
         "--to-model", action="store_true", help="compare with what the schema's build= makes today"
     )
@@ -950,7 +1080,9 @@ def _one_line(exc: BaseException) -> str:
     from .errors import CkptMigrateError
 
     text = " ".join(str(exc).split())
-    if isinstance(exc, (CkptMigrateError, CommandError)):
+    if isinstance(exc, CkptMigrateError):
+        return " ".join(exc.render(cli=True).split())
+    if isinstance(exc, CommandError):
         return text
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror or text}"

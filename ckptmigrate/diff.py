@@ -22,11 +22,14 @@ from typing import Any
 from packaging.version import Version
 
 from .checkpoint import Checkpoint
-from .errors import CkptMigrateError, SchemaMismatchError, UnversionedCheckpointError
+from .errors import (
+    SchemaMismatchError,
+    UnknownSchemaError,
+    UnversionedCheckpointError,
+)
 from .layout import is_tensor_like, split
 from .report import signature
 from .schema import Schema
-from .version import parse_version
 
 __all__ = ["Diff", "MIN_RENAME_CONFIDENCE", "ModelDiff", "diff", "diff_model", "name_similarity"]
 
@@ -231,11 +234,7 @@ def diff_model(
 
     found = schema if isinstance(schema, Schema) else _schema_table(schemas).get(schema)
     if found is None:
-        known = ", ".join(sorted(_schema_table(schemas))) or "none"
-        raise CkptMigrateError(
-            f"no schema named {schema!r} was found (discovered: {known}): pass --migrations PATH "
-            "(or schemas=) to point at its migrations"
-        )
+        raise UnknownSchemaError(str(schema), list(_schema_table(schemas)))
     ckpt_a, label = _as_checkpoint(a, "A", tensors=True, allowed=list(allowed_globals))
     target = Checkpoint({}, schema=found.name, version=found.current)
     upgraded, record = _upgrade_to_b(
@@ -317,19 +316,20 @@ def _upgrade_to_b(
     if name is None:
         raise UnversionedCheckpointError(path=label_a)
     if name not in table:
-        known = ", ".join(sorted(table)) or "none"
-        raise CkptMigrateError(
-            f"{label_a} belongs to schema {name!r}, but no migrations for it were found "
-            f"(discovered schemas: {known}): pass --migrations PATH (or schemas=) to point at them"
-        )
+        raise UnknownSchemaError(name, list(table))
     found = table[name]
     if ckpt_b.schema is not None and ckpt_b.schema != found.name:
         raise SchemaMismatchError(found.name, ckpt_b.schema, path=label_b)
     if ckpt_a.version is None:
         if from_version is None:
             raise UnversionedCheckpointError(path=label_a, schema=found.name)
+        from .guess import resolve_from_version
+
+        version = resolve_from_version(
+            ckpt_a, found, from_version, what="--from-version", path=label_a
+        )
         ckpt_a = ckpt_a.copy()
-        ckpt_a.schema, ckpt_a.version = found.name, parse_version(from_version)
+        ckpt_a.schema, ckpt_a.version = found.name, version
     target = ckpt_b.version if ckpt_b.version is not None else found.current
     plan = found.plan(ckpt_a.version, target)  # type: ignore[arg-type]
     upgraded = upgrade_checkpoint(ckpt_a, found, to=target)

@@ -2,7 +2,8 @@
 
 Every error carries its facts as attributes and builds its message from them, so a caller can
 act on the data and a person can read the sentence: what was expected, what was found, what to
-do next.
+do next. The remedy is said for whoever reads it: ``str(exc)`` names Python arguments
+(``from_version=``), ``exc.render(cli=True)`` the command-line flags (``--from-version``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,14 @@ from typing import Any
 
 class CkptMigrateError(Exception):
     """Base class of every error ckptmigrate raises on purpose."""
+
+    def render(self, *, cli: bool = False) -> str:
+        """The message, its remedy phrased for Python (default) or as command-line flags.
+
+        >>> exc.render(cli=True)
+        "a.pth carries no ckptmigrate stamp, ... pass --from-version X.Y.Z ..."
+        """
+        return str(self)
 
 
 class CheckpointFormatError(CkptMigrateError, ValueError):
@@ -53,19 +62,38 @@ class LayoutNameError(CkptMigrateError):
         )
 
 
+class PathNotFoundError(CkptMigrateError, FileNotFoundError):
+    """A folder or file the caller named does not exist (a typo must not pass as "nothing")."""
+
+    def __init__(self, path: object, what: str, expected: str) -> None:
+        self.path = str(path)
+        self.what = what
+        self.expected = expected
+        super().__init__(f"no {what} at {self.path}: pass {expected}")
+
+
 class UnsafeCheckpointError(CkptMigrateError):
     """The file's pickle asks for a global that the safe loader does not allow."""
 
     def __init__(self, global_name: str, *, path: object = None, detail: str = "") -> None:
         self.global_name = global_name
         self.path = None if path is None else str(path)
+        self.detail = detail
+        super().__init__(self.render())
+
+    def render(self, *, cli: bool = False) -> str:
         prefix = f"{self.path}: " if self.path else ""
-        extra = f" ({detail})" if detail else ""
-        super().__init__(
-            f"{prefix}refusing to load: the pickle asks for {global_name!r}{extra}, which the "
-            "safe loader does not allow, and loading it could run code from the file. If you "
-            f"trust this file, allow it by name: safe_globals=[{global_name!r}] in Python, or "
-            f"--allow-global {global_name} on the command line."
+        extra = f" ({self.detail})" if self.detail else ""
+        name = self.global_name
+        remedy = (
+            f"pass --allow-global {name}"
+            if cli
+            else f"safe_globals=[{name!r}] in Python, or --allow-global {name} on the command line"
+        )
+        return (
+            f"{prefix}refusing to load: the pickle asks for {name!r}{extra}, which the safe "
+            "loader does not allow, and loading it could run code from the file. If you trust "
+            f"this file, allow it by name: {remedy}."
         )
 
 
@@ -75,12 +103,21 @@ class UnversionedCheckpointError(CkptMigrateError):
     def __init__(self, *, path: object = None, schema: str | None = None) -> None:
         self.path = None if path is None else str(path)
         self.schema = schema
+        super().__init__(self.render())
+
+    def render(self, *, cli: bool = False) -> str:
         where = self.path or "this checkpoint"
-        name = schema or "SCHEMA"
-        super().__init__(
-            f"{where} carries no ckptmigrate stamp, so its version is unknown. Pass "
-            f"from_version='X.Y.Z' (or from_version='auto' to guess it from its keys), or stamp "
-            f"the file once: ckptmigrate stamp {self.path or 'CKPT'} --schema {name} "
+        name = self.schema or "SCHEMA"
+        if cli:
+            which = "" if self.schema else "--schema SCHEMA "
+            remedy = (
+                f"{which}--from-version X.Y.Z (or --from-version auto to guess it from its keys)"
+            )
+        else:
+            remedy = "from_version='X.Y.Z' (or from_version='auto' to guess it from its keys)"
+        return (
+            f"{where} carries no ckptmigrate stamp, so its version is unknown. Pass {remedy}, "
+            f"or stamp the file once: ckptmigrate stamp {self.path or 'CKPT'} --schema {name} "
             "--version X.Y.Z --in-place"
         )
 
@@ -107,11 +144,17 @@ class UnknownSchemaError(SchemaMismatchError):
         self.found = None
         self.path = None
         self.known = sorted(known)
-        CkptMigrateError.__init__(
-            self,
-            f"no schema named {name!r} was discovered (found: {', '.join(self.known) or 'none'}): "
-            "pass the Schema object, or list its module in [tool.ckptmigrate] migrations in "
-            "pyproject.toml or in a ckptmigrate.migrations entry point.",
+        CkptMigrateError.__init__(self, self.render())
+
+    def render(self, *, cli: bool = False) -> str:
+        found = ", ".join(self.known) or "none"
+        remedy = (
+            "pass --migrations PATH (its folder or module)" if cli else "pass the Schema object"
+        )
+        return (
+            f"no schema named {self.expected!r} was discovered (found: {found}): {remedy}, or "
+            "list its module in [tool.ckptmigrate] migrations in pyproject.toml or in a "
+            "ckptmigrate.migrations entry point."
         )
 
 
@@ -129,6 +172,28 @@ class FutureVersionError(CkptMigrateError):
         )
 
 
+class TargetPastCurrentError(FutureVersionError):
+    """The target version asked for is newer than the schema's current version."""
+
+    def __init__(self, schema: str, target: object, current: object) -> None:
+        self.schema = schema
+        self.stored = self.target = target
+        self.current = current
+        CkptMigrateError.__init__(self, self.render())
+
+    def render(self, *, cli: bool = False) -> str:
+        given = f"--to {self.target}" if cli else f"to={str(self.target)!r}"
+        remedy = (
+            f"Pass --to {self.current} or older, or drop --to to upgrade to the current version"
+            if cli
+            else f"Pass to= at most {str(self.current)!r}, or leave it out for the current version"
+        )
+        return (
+            f"{given} is newer than {self.current}, the current version of schema "
+            f"{self.schema!r}: no migration leads past it. {remedy}, or register the newer steps."
+        )
+
+
 class VersionConflictError(CkptMigrateError, ValueError):
     """``from_version`` was given for a file whose stamp says another version."""
 
@@ -136,10 +201,15 @@ class VersionConflictError(CkptMigrateError, ValueError):
         self.stamped = stamped
         self.given = given
         self.path = None if path is None else str(path)
+        super().__init__(self.render())
+
+    def render(self, *, cli: bool = False) -> str:
         where = self.path or "the checkpoint"
-        super().__init__(
-            f"{where} is stamped as version {stamped}, but from_version={str(given)!r} was given: "
-            "drop from_version (the stamp wins), or fix the stamp with ckptmigrate stamp."
+        flag = "--from-version" if cli else "from_version"
+        given = f"--from-version {self.given}" if cli else f"from_version={str(self.given)!r}"
+        return (
+            f"{where} is stamped as version {self.stamped}, but {given} was given: drop {flag} "
+            "(the stamp wins), or fix the stamp with ckptmigrate stamp."
         )
 
 
@@ -276,10 +346,18 @@ class LoadMismatchError(CkptMigrateError, RuntimeError):
 
     def __init__(self, report: Any) -> None:
         self.report = report
-        super().__init__(
-            f"the checkpoint does not fit the model strictly: {report.summary()}. Check that the "
-            "model was built from the migrated hparams, that a migration covers these keys, or "
-            "pass strict=False and read ckpt.report"
+        super().__init__(self.render())
+
+    def render(self, *, cli: bool = False) -> str:
+        remedy = (
+            "see every key with `ckptmigrate diff CKPT --model SCHEMA`"
+            if cli
+            else "pass strict=False and read ckpt.report"
+        )
+        return (
+            f"the checkpoint does not fit the model strictly: {self.report.summary()}. Check "
+            "that the model was built from the migrated hparams, that a migration covers these "
+            f"keys, or {remedy}"
         )
 
 
@@ -298,17 +376,20 @@ class AmbiguousVersionError(UnversionedCheckpointError):
         self.candidates = list(candidates)
         self.tied = tied
         self.path = None if path is None else str(path)
+        CkptMigrateError.__init__(self, self.render())
+
+    def render(self, *, cli: bool = False) -> str:
         where = self.path or "the checkpoint"
         shown = ", ".join(f"{v} ({score:.0%})" for v, score in self.candidates)
-        if tied:
-            what = f"match several versions of {schema!r} equally well: {shown}"
+        if self.tied:
+            what = f"match several versions of {self.schema!r} equally well: {shown}"
         else:
             closest = f" (closest: {shown})" if shown else ""
-            what = f"match no recorded version of {schema!r}{closest}"
-        CkptMigrateError.__init__(
-            self,
-            f"{where} carries no stamp and its keys {what}. Pass from_version= explicitly, or "
-            f"stamp it: ckptmigrate stamp {self.path or 'CKPT'} --schema {schema} --version X.Y.Z",
+            what = f"match no recorded version of {self.schema!r}{closest}"
+        remedy = "--from-version X.Y.Z" if cli else "from_version='X.Y.Z'"
+        return (
+            f"{where} carries no stamp and its keys {what}. Pass {remedy} explicitly, or stamp "
+            f"it: ckptmigrate stamp {self.path or 'CKPT'} --schema {self.schema} --version X.Y.Z"
         )
 
 
@@ -355,9 +436,13 @@ class BackupExistsError(CkptMigrateError):
 
     def __init__(self, backup: object) -> None:
         self.backup = str(backup)
-        super().__init__(
+        super().__init__(self.render())
+
+    def render(self, *, cli: bool = False) -> str:
+        remedy = "--no-backup" if cli else "backup=False"
+        return (
             f"backup {self.backup} already exists and differs from the file: move it away, or "
-            "pass --no-backup (backup=False) to upgrade without one"
+            f"pass {remedy} to upgrade without one"
         )
 
 

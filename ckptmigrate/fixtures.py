@@ -21,13 +21,13 @@ compares the losses: it fails when the optimizer state was lost or misplaced on 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint
-from .errors import CheckpointFormatError, CkptMigrateError
+from .errors import CheckpointFormatError, CkptMigrateError, PathNotFoundError
 from .schema import Schema
 from .version import parse_version
 
@@ -117,19 +117,30 @@ def find_fixtures(root: str | os.PathLike[str]) -> list[Fixture]:
     >>> [f.label for f in find_fixtures("fixtures/tinylm")]
     ['tinylm 1.0.0', 'tinylm 1.0.0 unstamped', ...]
     """
+    return [fixture_from_golden(p) for p in golden_paths(root)]
+
+
+def golden_paths(root: str | os.PathLike[str]) -> list[Path]:
+    """Every golden record (``*.golden.pt``) under ``root`` (or ``root`` itself), sorted."""
     root = Path(root)
     if root.is_file() and root.name.endswith(GOLDEN_SUFFIX):
-        return [fixture_from_golden(root)]
+        return [root]
     if not root.is_dir():
-        raise CkptMigrateError(
-            f"no fixtures folder at {root}: pass the folder that holds the *{GOLDEN_SUFFIX} "
-            "golden records (e.g. fixtures/)"
+        raise PathNotFoundError(
+            root,
+            "fixtures folder",
+            f"the folder that holds the *{GOLDEN_SUFFIX} golden records (e.g. fixtures/)",
         )
-    return [fixture_from_golden(p) for p in sorted(root.rglob(f"*{GOLDEN_SUFFIX}"))]
+    return sorted(root.rglob(f"*{GOLDEN_SUFFIX}"))
 
 
 def load_fixture(
-    fixture: Fixture, schema: Schema, *, to: str | None = None, upgrade: bool = True
+    fixture: Fixture,
+    schema: Schema,
+    *,
+    to: str | None = None,
+    upgrade: bool = True,
+    safe_globals: Iterable[Any] = (),
 ) -> Checkpoint:
     """Read a fixture and upgrade it (to ``schema.current`` unless ``to``).
 
@@ -139,9 +150,16 @@ def load_fixture(
     from . import api
     from .upgrade import upgrade as run_upgrade
 
-    stored = api.load(fixture.path, schema=schema, upgrade=False)
+    allowed = list(safe_globals)
+    stored = api.load(fixture.path, schema=schema, upgrade=False, safe_globals=allowed)
     if stored.version is None:
-        stored = api.load(fixture.path, schema=schema, upgrade=False, from_version=fixture.version)
+        stored = api.load(
+            fixture.path,
+            schema=schema,
+            upgrade=False,
+            from_version=fixture.version,
+            safe_globals=allowed,
+        )
     elif str(stored.version) != fixture.version:
         raise CkptMigrateError(
             f"{fixture.path} is stamped {stored.schema} {stored.version}, but its golden record "
@@ -155,8 +173,12 @@ def load_fixture(
     return run_upgrade(stored, schema, to=to)
 
 
-def check_fixture(fixture: Fixture, schemas: Mapping[str, Schema]) -> FixtureResult:
+def check_fixture(
+    fixture: Fixture, schemas: Mapping[str, Schema], *, safe_globals: Iterable[Any] = ()
+) -> FixtureResult:
     """Upgrade, build, load strictly and run one fixture; a failure is a result, not a raise.
+
+    ``safe_globals`` lets trusted classes in the fixture's pickle through the safe loader.
 
     >>> check_fixture(find_fixtures("fixtures")[0], schemas).ok
     True
@@ -177,7 +199,7 @@ def check_fixture(fixture: Fixture, schemas: Mapping[str, Schema]) -> FixtureRes
     try:
         golden = read_golden(fixture.golden_path)
         stage = "loading"
-        stored = load_fixture(fixture, schema, upgrade=False)
+        stored = load_fixture(fixture, schema, upgrade=False, safe_globals=safe_globals)
         stage = "upgrading"
         upgraded = run_upgrade(stored, schema)
         steps = len(upgraded.history) - len(stored.history)
@@ -251,15 +273,32 @@ def check_fixtures(
     schemas: Mapping[str, Schema],
     *,
     progress: ProgressCallback | None = None,
+    safe_globals: Iterable[Any] = (),
 ) -> list[FixtureResult]:
-    """Check every fixture under ``root``; ``progress(done, total, result)`` after each one."""
-    fixtures = find_fixtures(root)
+    """Check every fixture under ``root``; ``progress(done, total, result)`` after each one.
+
+    A golden record that cannot be read fails its own fixture (a result with the reason);
+    the others are still checked.
+    """
+    goldens = golden_paths(root)
+    allowed = list(safe_globals)
     results = []
-    for i, fixture in enumerate(fixtures, start=1):
-        results.append(check_fixture(fixture, schemas))
+    for i, golden in enumerate(goldens, start=1):
+        try:
+            fixture = fixture_from_golden(golden)
+        except CkptMigrateError as exc:
+            results.append(_unreadable(golden, exc))
+        else:
+            results.append(check_fixture(fixture, schemas, safe_globals=allowed))
         if progress is not None:
-            progress(i, len(fixtures), results[-1])
+            progress(i, len(goldens), results[-1])
     return results
+
+
+def _unreadable(golden: Path, exc: CkptMigrateError) -> FixtureResult:
+    """The failed result of a golden record that does not say which fixture it is."""
+    fixture = Fixture(path=golden, golden_path=golden, schema="?", version="?")
+    return FixtureResult(fixture, reason=f"unreadable golden record: {_one_line(exc)}")
 
 
 def compare_outputs(

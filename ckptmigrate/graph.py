@@ -11,7 +11,12 @@ from typing import Any
 
 from packaging.version import Version
 
-from .errors import FutureVersionError, MigrationGraphError, NoMigrationPathError
+from .errors import (
+    FutureVersionError,
+    MigrationGraphError,
+    NoMigrationPathError,
+    TargetPastCurrentError,
+)
 from .version import parse_version
 
 
@@ -118,7 +123,7 @@ class MigrationGraph:
         if start > self.current:
             raise FutureVersionError(self.schema, start, self.current)
         if target > self.current:
-            raise FutureVersionError(self.schema, target, self.current)
+            raise TargetPastCurrentError(self.schema, target, self.current)
         if start == target:
             return []
         downgrade = target < start

@@ -86,11 +86,12 @@ def guess_version(
     *,
     fixtures: Iterable[str | os.PathLike[str]] | None = None,
     threshold: float = 0.95,
+    path: object = None,
 ) -> Guess:
     """Identify the version of an unstamped checkpoint by its signature.
 
     Raises :class:`AmbiguousVersionError` (listing the candidates) when two versions match
-    equally well or none matches at least ``threshold``.
+    equally well or none matches at least ``threshold``; ``path`` names the file in it.
 
     >>> guess_version(cm.load("old.pt", upgrade=False), schema).version
     <Version('1.0.0')>
@@ -109,9 +110,31 @@ def guess_version(
     )
     ranked = [(str(v), round(score, 4)) for score, v in scores]
     if not scores or scores[0][0] < threshold:
-        raise AmbiguousVersionError(schema.name, ranked[:3], tied=False)
+        raise AmbiguousVersionError(schema.name, ranked[:3], tied=False, path=path)
     best = scores[0][0]
     tied = [(v, s) for v, s in ranked if s == round(best, 4)]
     if len(tied) > 1:
-        raise AmbiguousVersionError(schema.name, tied)
+        raise AmbiguousVersionError(schema.name, tied, path=path)
     return Guess(scores[0][1], best, ranked)
+
+
+def resolve_from_version(
+    ckpt: Checkpoint,
+    schema: Schema,
+    given: str | Version,
+    *,
+    what: str = "from_version",
+    path: object = None,
+) -> Version:
+    """The version ``given`` for a file: ``"auto"`` is its stamp, else guessed from its keys.
+
+    >>> resolve_from_version(cm.load("old.pt", upgrade=False), schema, "auto")
+    <Version('1.0.0')>
+    """
+    from .version import parse_version
+
+    if isinstance(given, str) and given == "auto":
+        if ckpt.version is not None:
+            return ckpt.version
+        return guess_version(ckpt, schema, path=path).version
+    return parse_version(given, what=what)

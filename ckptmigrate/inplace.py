@@ -205,8 +205,8 @@ def _upgrade(
 ) -> UpgradeOutcome:
     from .api import save
     from .files import read_checkpoint
+    from .guess import resolve_from_version
     from .upgrade import check_belongs, run_plan
-    from .version import parse_version
 
     ckpt = read_checkpoint(src, mmap=True, safe_globals=allowed_globals)
     if ckpt.mounts:
@@ -226,7 +226,8 @@ def _upgrade(
     found = _pick_schema(ckpt, schemas, name, src)
     newly_stamped = ckpt.version is None and from_version is not None
     if from_version is not None:
-        given = parse_version(from_version, what="--from-version")
+        given = resolve_from_version(ckpt, found, from_version, what="--from-version", path=src)
+        from_version = given  # "auto" is guessed once; the writer below gets the version
         if ckpt.version is not None and ckpt.version != given:
             raise VersionConflictError(ckpt.version, given, path=src)
         if ckpt.version is None:

@@ -10,6 +10,7 @@ parallel across files. A sharded set or a DCP folder counts as one checkpoint.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CkptMigrateError
+from .errors import CkptMigrateError, PathNotFoundError
 from .schema import Schema
 
 __all__ = ["CHECKPOINT_SUFFIXES", "ScanRow", "find_checkpoints", "judge", "read_row", "scan"]
@@ -47,10 +48,16 @@ class ScanRow:
 
 
 def find_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
-    """Every checkpoint under ``root``, sorted; a DCP or sharded folder is one entry."""
+    """Every checkpoint under ``root``, sorted; a DCP or sharded folder is one entry.
+
+    A ``root`` that does not exist raises :class:`PathNotFoundError`: a typo is not an empty
+    registry.
+    """
     root = Path(root)
     if root.is_file():
         return [root]
+    if not root.is_dir():
+        raise PathNotFoundError(root, "checkpoint folder", "an existing folder or file to scan")
     found: list[Path] = []
     for folder, dirs, files in os.walk(root):
         here = Path(folder)
@@ -63,9 +70,9 @@ def find_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
     return sorted(found)
 
 
-def read_row(path: str | os.PathLike[str]) -> ScanRow:
+def read_row(path: str | os.PathLike[str], allowed_globals: Iterable[str] = ()) -> ScanRow:
     """The metadata half of a row (format, stamp, tensors, bytes): no schema needed, torch-free,
-    so a worker process can compute it."""
+    so a worker process can compute it. ``allowed_globals`` lets trusted classes through."""
     from .files import read_metadata
     from .formats.detect import detect_format
 
@@ -73,7 +80,7 @@ def read_row(path: str | os.PathLike[str]) -> ScanRow:
     path = Path(path)
     try:
         row.format = detect_format(path)
-        ckpt = read_metadata(path)
+        ckpt = read_metadata(path, allowed_globals=list(allowed_globals))
         unique = {id(v): v for v in ckpt.state_dict.values() if hasattr(v, "info")}
         row.tensors = len(ckpt.state_dict)
         row.nbytes = sum(v.info.nbytes for v in unique.values())
@@ -116,6 +123,7 @@ def scan(
     workers: int | None = None,
     processes: bool | None = False,
     progress: Callable[[int, int], None] | None = None,
+    allowed_globals: Iterable[str] = (),
 ) -> list[ScanRow]:
     """Scan every checkpoint under ``root`` against ``schemas`` (by name), in parallel.
 
@@ -127,7 +135,8 @@ def scan(
     ``processes=True`` reads with ``workers`` processes (default: one per CPU) and is faster
     for many files; ``processes=None`` picks them for 64 files or more on a multi-core
     machine. Worker processes start by spawning, so a script that calls it needs the usual
-    ``if __name__ == "__main__":`` guard (the CLI has one).
+    ``if __name__ == "__main__":`` guard (the CLI has one). ``allowed_globals``
+    (``"module.Name"``) lets trusted pickled classes through the safe reader.
 
     >>> rows = scan("registry/", [schema], workers=8)
     """
@@ -149,8 +158,9 @@ def scan(
         pool = ThreadPoolExecutor(max_workers=workers or min(32, cpus * 4))
         chunk = 1
     rows: list[ScanRow] = []
+    read = functools.partial(read_row, allowed_globals=tuple(allowed_globals))
     with pool:
-        for done, row in enumerate(pool.map(read_row, paths, chunksize=chunk), 1):
+        for done, row in enumerate(pool.map(read, paths, chunksize=chunk), 1):
             rows.append(judge(row, by_name))
             if progress is not None:
                 progress(done, len(paths))

@@ -268,6 +268,33 @@ def test_attach_refuses_a_plan_with_a_breaking_step_and_points_to_load_into(tmp_
         model.load_state_dict(torch.load(path, weights_only=True))
 
 
+LINEAR_MIGRATIONS = """
+import ckptmigrate as cm
+
+schema = cm.Schema("linear", current="2.0.0")
+schema.add_migration("1.0.0", "2.0.0", [cm.ops.RenamePrefix("old.", "")])
+"""
+
+
+def test_attach_by_name_resolves_the_schema_through_discovery_at_once(tmp_path, monkeypatch):
+    (tmp_path / "mig").mkdir()
+    (tmp_path / "mig" / "linear_schema.py").write_text(LINEAR_MIGRATIONS)
+    (tmp_path / "pyproject.toml").write_text('[tool.ckptmigrate]\nmigrations = ["mig"]\n')
+    monkeypatch.chdir(tmp_path)
+    model = nn.Linear(2, 2)
+    cm.attach(model, "linear", default_version="1.0.0")
+    old = {"old.weight": torch.ones(2, 2), "old.bias": torch.full((2,), 3.0)}
+    model.load_state_dict(old)
+    assert torch.equal(model.weight, old["old.weight"]) and torch.equal(model.bias, old["old.bias"])
+
+    other = nn.Linear(2, 2)
+    with pytest.raises(cm.SchemaMismatchError, match="no schema named 'lniear'.*found: linear"):
+        cm.attach(other, "lniear")  # refused here, not later inside load_state_dict
+    with pytest.raises(cm.MigrationGraphError, match="not a PEP 440 version"):
+        cm.attach(other, "linear", default_version="one")
+    assert not other._load_state_dict_pre_hooks  # nothing half-attached
+
+
 def test_attach_needs_a_version_for_an_unstamped_dict():
     model = DenseNet()
     cm.attach(model, densenet_schema())

@@ -1,0 +1,208 @@
+"""What the CLI prints: colours and progress bars on a terminal only, a row per tensor with
+``info --keys``, many same-pattern renames as one line, floats at a readable precision."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import files, run, write_fixture
+
+import ckptmigrate as cm
+from ckptmigrate.readable import readable, readable_float
+from ckptmigrate.rename_groups import MIN_GROUP, group_renames, rename_pattern
+
+__all__ = ["files"]  # the fixture, shared with test_cli
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def run_on_terminal(cwd: Path, *args: str) -> tuple[int, str]:
+    """Run ``python -m ckptmigrate ARGS`` with stdout and stderr on a pseudo-terminal."""
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "TERM")}
+    env.update(TERM="xterm-256color", COLUMNS="160")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckptmigrate", *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        cwd=cwd,
+        env=env,
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([master], [], [], 0.1)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    proc.wait(timeout=120)
+    os.close(master)
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+# -- colour and progress on a terminal, plain in a pipe ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "verdict"),
+    [
+        (("scan", ".", "--migrations", "mig"), "behind"),
+        (("history", "toy", "--migrations", "mig"), "[breaking]"),
+        (("upgrade", "a.pth", "-o", "c.pth", "--migrations", "mig"), "wrote"),
+        (("check", "fixtures", "--migrations", "mig"), "1 of 1 fixtures ok"),
+    ],
+    ids=lambda v: v[0] if isinstance(v, tuple) else None,
+)
+def test_verdicts_are_coloured_on_a_terminal_and_plain_when_piped(
+    files: Path, args: tuple[str, ...], verdict: str
+) -> None:
+    write_fixture(files)
+    code, shown = run_on_terminal(files, *args)
+    assert code == 0, shown
+    coloured = re.search(r"\x1b\[[0-9;]*m" + re.escape(verdict), shown)
+    assert coloured, shown
+    (files / "c.pth").unlink(missing_ok=True)
+    piped = run(files, *args)
+    assert piped.returncode == 0, piped.stderr
+    assert verdict in piped.stdout and "\x1b[" not in piped.stdout + piped.stderr
+
+
+def test_progress_bars_show_the_count_and_the_time_left_on_a_terminal(files: Path) -> None:
+    code, shown = run_on_terminal(files, "scan", ".", "--migrations", "mig")
+    assert code == 0, shown
+    text = ANSI.sub("", shown)
+    assert re.search(r"scanning .*3/3 left \d+:\d\d:\d\d", text), text
+    piped = run(files, "scan", ".", "--migrations", "mig")
+    assert "3/3" not in piped.stdout + piped.stderr
+
+
+# -- info --keys ---------------------------------------------------------------------------------
+
+
+def test_info_keys_lists_every_tensor_with_shape_dtype_parameters_and_bytes(files: Path) -> None:
+    sd = {"emb.weight": torch.zeros(10, 3), "head.bias": torch.zeros(7, dtype=torch.float16)}
+    sd["mask"] = torch.zeros(2, 2, 2, dtype=torch.bool)
+    cm.save(files / "k.pth", sd, schema="toy", version="3.0.0")
+    info = json.loads(run(files, "info", "k.pth", "--keys", "--json").stdout)
+    rows = {r["key"]: r for r in info["keys"]}
+    assert set(rows) == set(sd)
+    for key, tensor in sd.items():
+        row = rows[key]
+        assert row["shape"] == list(tensor.shape)
+        assert row["dtype"] == str(tensor.dtype).removeprefix("torch.")
+        assert row["params"] == tensor.numel()
+        assert row["bytes"] == tensor.numel() * tensor.element_size()
+    assert "keys" not in json.loads(run(files, "info", "k.pth", "--json").stdout)
+    plain = run(files, "info", "k.pth", "--keys").stdout.splitlines()
+    line = next(line for line in plain if line.startswith("emb.weight"))
+    assert line.split()[:5] == ["emb.weight", "[10,", "3]", "float32", "30"]
+    assert f"3 tensors, {sum(t.numel() for t in sd.values())} parameters" in plain[-1]
+
+
+def test_info_keys_reads_metadata_only_and_never_imports_torch(files: Path) -> None:
+    torch.save({"w": torch.zeros(3, 5)}, files / "plain.pth")
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "ckptmigrate", "info", "plain.pth", "--keys"],
+        capture_output=True,
+        text=True,
+        cwd=files,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()}
+    assert "torch" not in imported
+    assert re.search(r"^w\s+\[3, 5\]\s+float32\s+15\s+60 B$", proc.stdout, re.M), proc.stdout
+
+
+# -- renames summarised --------------------------------------------------------------------------
+
+
+def test_hundreds_of_same_pattern_renames_print_as_one_line_and_json_keeps_every_key(
+    files: Path,
+) -> None:
+    old = {f"blocks.{i}.{m}.weight": torch.full((2,), float(i)) for i in range(150) for m in "qk"}
+    old["fc.weight"] = torch.zeros(3)
+    torch.save(old, files / "old.pth")
+    new = {k.replace("blocks.", "layers.").replace("fc.", "head."): v for k, v in old.items()}
+    torch.save(new, files / "new.pth")
+    plain = run(files, "diff", "old.pth", "new.pth").stdout
+    assert "blocks.N.* -> layers.N.*  (x300)" in plain
+    assert "fc.weight -> head.weight" in plain  # a pattern of one stays key by key
+    assert "blocks.17.q.weight" not in plain and len(plain.splitlines()) < 10
+    renamed = json.loads(run(files, "diff", "old.pth", "new.pth", "--json").stdout)["renamed"]
+    assert {(r["from"], r["to"]) for r in renamed} == {(k, k2) for k, k2 in zip(old, new)}
+
+    from rich.console import Console
+
+    from ckptmigrate import cli
+
+    console = Console(record=True, width=160, force_terminal=True)
+    cli.render_diff_rich(cm.diff(files / "old.pth", files / "new.pth"), console)
+    text = console.export_text()
+    assert "blocks.N.* → layers.N.*" in text and "(x300)" in text and "300 changes" in text
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "pattern"),
+    [
+        ("blocks.3.attn.w", "layers.3.attn.w", ("blocks.N.*", "layers.N.*")),
+        ("enc.2.q.weight", "enc.2.query.weight", ("enc.N.q.*", "enc.N.query.*")),
+        ("fc.weight", "head.weight", ("fc.*", "head.*")),
+        ("blocks.3.w", "blocks.4.w", ("blocks.3.w", "blocks.4.w")),  # renumbered: its own
+    ],
+)
+def test_rename_patterns_fold_indices_and_the_shared_tail(old, new, pattern) -> None:
+    assert rename_pattern(old, new) == pattern
+
+
+def test_only_patterns_of_many_renames_are_summarised() -> None:
+    few = [{"from": f"a.{i}.w", "to": f"b.{i}.w"} for i in range(MIN_GROUP - 1)]
+    assert [g.summarised for g in group_renames(few)] == [False]
+    many = few + [{"from": "a.99.w", "to": "b.99.w"}]
+    assert [(g.summarised, len(g.members)) for g in group_renames(many)] == [(True, MIN_GROUP)]
+
+
+# -- floats --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(0.1 + 0.2, "0.3"), (1e-5, "1e-05"), (3.4e-06, "3.4e-06"), (2.0, "2.0"), (1 / 3, "0.333333")],
+)
+def test_floats_print_at_six_significant_digits(value: float, shown: str) -> None:
+    assert readable_float(value) == shown
+    assert abs(float(shown) - value) <= 5e-6 * abs(value)  # half a unit in the 6th digit
+
+
+def test_diff_and_info_print_hparams_and_value_differences_readably(files: Path) -> None:
+    sd = {"w": torch.zeros(4)}
+    cm.save(files / "x.pth", sd, schema="toy", version="3.0.0", hparams={"lr": 0.1 + 0.2})
+    nudged = {"w": torch.tensor([0.0, 0.0, 3.4e-6, 0.0])}
+    cm.save(files / "y.pth", nudged, schema="toy", version="3.0.0", hparams={"lr": 1e-5})
+    shown = run(files, "diff", "x.pth", "y.pth", "--values").stdout
+    assert "lr  0.3 -> 1e-05" in shown and "0.30000000000000004" not in shown
+    match = re.search(r"max abs diff (\S+)", shown)
+    assert match and match.group(1) == readable_float(float(torch.tensor(3.4e-6)))
+    exact = json.loads(run(files, "diff", "x.pth", "y.pth", "--json").stdout)["hparams"]
+    assert exact[0]["a"] == 0.1 + 0.2  # --json keeps the exact value
+    assert "hparam: lr = 0.3" in run(files, "info", "x.pth").stdout
+    assert (
+        readable({"betas": (0.9, 0.999), "eps": [1e-8]})
+        == "{'betas': (0.9, 0.999), 'eps': [1e-08]}"
+    )
