@@ -111,7 +111,9 @@ def import_source(source: str) -> list[ModuleType]:
     """Import a folder of Python files (each on its own) or a dotted module name."""
     path = Path(source)
     if path.is_dir():
-        return [_import_file(f) for f in sorted(path.glob("*.py")) if not f.name.startswith("_")]
+        # regular files only: opening a FIFO named x.py would block the import forever
+        files = sorted(f for f in path.glob("*.py") if not f.name.startswith("_") and f.is_file())
+        return [_import_file(f) for f in files]
     if path.suffix == ".py" and path.is_file():
         return [_import_file(path)]
     try:

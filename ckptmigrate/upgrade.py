@@ -261,7 +261,7 @@ def apply_step(
     except NothingMatched as exc:
         where = (schema.name, planned.source, planned.target, planned.name)
         raise OpMatchedNothingError(*where, **exc.details()) from exc
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a step calling sys.exit() failed, it did not end us
         raise fail(f"{type(exc).__name__}: {exc}") from exc
 
     problem = None if trusted else _check_result(result)

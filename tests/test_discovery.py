@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,20 @@ def test_a_folder_of_migration_files_registers_each_schema(folder):
     assert str(found["beta"].current) == "3.0.0"
     assert [(str(s.source), str(s.target)) for s in found["alpha"].steps] == [("1.0.0", "2.0.0")]
     assert found["alpha"].origin.endswith("alpha.py")
+
+
+def test_a_fifo_named_like_a_migration_file_is_skipped_not_opened(folder):
+    # opening a FIFO blocks until a writer comes: the import would hang every command
+    fifo = folder / "x.py"
+    os.mkfifo(fifo)
+    done = subprocess.run(
+        [sys.executable, "-m", "ckptmigrate", "history", "--migrations", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "alpha" in done.stdout and "beta" in done.stdout
 
 
 def test_a_single_python_file_is_a_source(folder):

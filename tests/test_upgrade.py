@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from packaging.version import Version
@@ -401,6 +404,39 @@ def test_tied_tensors_stay_one_object_after_an_op_step():
 
 
 # ---------------------------------------------------------------- belonging
+
+
+def test_a_step_that_calls_sys_exit_is_a_failed_step_not_the_end_of_the_process():
+    # SystemExit is no Exception: it went past the step's handler and ended the command with
+    # the step's exit code and no message
+    def bail_out(ckpt):
+        sys.exit(5)
+
+    with pytest.raises(cm.MigrationError) as info:
+        cm.upgrade(make_ckpt(), schema_with(bail_out, source="1.0.0", target="1.1.0"))
+    assert isinstance(info.value.__cause__, SystemExit)
+    assert "bail_out" in str(info.value) and "SystemExit: 5" in str(info.value)
+
+
+def test_the_cli_reports_a_step_calling_sys_exit_in_one_line(tmp_path):
+    migrations = tmp_path / "mig.py"
+    migrations.write_text(
+        "import sys\nimport ckptmigrate as cm\n"
+        "schema = cm.Schema('m', current='2.0.0')\n"
+        "@schema.migration('1.0.0', '2.0.0')\n"
+        "def bail_out(ckpt):\n    sys.exit(5)\n"
+    )
+    src = tmp_path / "a.pth"
+    cm.save(src, {"w": torch.zeros(2)}, schema="m", version="1.0.0")
+    done = subprocess.run(
+        [sys.executable, "-m", "ckptmigrate", "upgrade", str(src), "-o", str(tmp_path / "b.pth")]
+        + ["--migrations", str(migrations)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2, done
+    assert done.stderr.startswith("ckptmigrate: error:") and "bail_out" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "b.pth").exists()
 
 
 def test_checkpoint_of_another_schema_raises_schema_mismatch_before_any_step():
