@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -75,6 +77,33 @@ def test_hostile_metadata_is_refused_before_anything_runs(dcp_dir, tmp_path, mon
     with pytest.raises(BaseException):  # noqa: B017 - DCP wraps our refusal in its own error
         dcp.load({}, storage_reader=SafeFileSystemReader(dcp_dir))
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("command", ["upgrade", "diff-values"])
+def test_a_truncated_rank_file_is_one_error_line_and_exit_2(dcp_dir, tmp_path, command):
+    # DCP raises CheckpointException, a BaseException: it escaped every handler as 48 lines of
+    # traceback and exit 1, which diff documents as "drift"
+    for rank_file in dcp_dir.glob("*.distcp"):
+        rank_file.write_bytes(rank_file.read_bytes()[:40])
+    argv = {
+        "upgrade": ["upgrade", str(dcp_dir), "-o", str(tmp_path / "out.pth"), "--from-version"]
+        + ["1.0.0", "--schema", "lm"],
+        "diff-values": ["diff", "--values", str(dcp_dir), str(dcp_dir)],
+    }[command]
+    migrations = tmp_path / "lm.py"
+    migrations.write_text(
+        "import ckptmigrate as cm\nschema = cm.Schema('lm', current='2.0.0')\n"
+        "schema.add_migration('1.0.0', '2.0.0', [cm.ops.RenamePrefix('blocks.', 'layers.')])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "ckptmigrate", *argv, "--migrations", str(migrations)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2, done
+    assert done.stderr.startswith("ckptmigrate: error:"), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "out.pth").exists()
 
 
 def test_upgrade_renames_drops_sets_hparams_and_stamps(dcp_dir, tmp_path, no_plain_pickle):

@@ -317,6 +317,7 @@ def SafeFileSystemReader(path: str | os.PathLike[str]) -> Any:  # noqa: N802 - a
 
 def read_dcp(path: str | os.PathLike[str]) -> Checkpoint:
     """Load every tensor and value of a DCP folder (single process) into a Checkpoint."""
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     folder = Path(path)
@@ -329,8 +330,12 @@ def read_dcp(path: str | os.PathLike[str]) -> Checkpoint:
         )
     except (UnsafeCheckpointError, CheckpointFormatError):
         raise
-    except Exception as exc:
+    # DCP's CheckpointException derives from BaseException: it went past every handler, and a
+    # truncated .distcp printed a 48-line traceback
+    except (Exception, CheckpointException) as exc:
         cause = exc.__cause__ or exc
+        if isinstance(exc, CheckpointException) and exc.failures:
+            exc = cause = next(iter(exc.failures.values()))[0]  # (the rank's error, traceback)
         if "Weights only load failed" in str(exc) or "Unsupported global" in str(cause):
             raise UnsafeCheckpointError(
                 "a value stored in the DCP checkpoint", path=folder
