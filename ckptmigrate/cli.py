@@ -16,7 +16,8 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -1060,7 +1061,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (``ckptmigrate diff a.pth b.pth``)."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        with _warnings_as_lines(show_torch=args.debug):
+            return int(args.func(args))
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130
@@ -1074,6 +1076,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_TROUBLE
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(*, show_torch: bool) -> Iterator[None]:
+    """Our warnings as one ``ckptmigrate: warning:`` line each; torch's notes about its own
+    internals (a pickle protocol it did not write, a deprecated call) only with ``--debug``."""
+
+    def show(message: Any, category: Any, filename: str, lineno: int, *rest: Any) -> None:
+        if not show_torch and f"{os.sep}torch{os.sep}" in filename:
+            return
+        print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def _one_line(exc: BaseException) -> str:

@@ -439,6 +439,31 @@ def test_the_cli_reports_a_step_calling_sys_exit_in_one_line(tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "b.pth").exists()
 
 
+def test_the_cli_prints_our_warnings_as_one_line_and_torchs_internal_notes_not_at_all(tmp_path):
+    # torch warns about its own internals (a pickle protocol 4 file); that was a second,
+    # two-line stderr message beside ours
+    migrations = tmp_path / "mig.py"
+    migrations.write_text(
+        "import os, warnings\nimport torch\nimport ckptmigrate as cm\n"
+        "schema = cm.Schema('m', current='2.0.0')\n"
+        "@schema.migration('1.0.0', '2.0.0')\n"
+        "def noisy(ckpt):\n"
+        "    torch_file = os.path.join(os.path.dirname(torch.__file__), 'serialization.py')\n"
+        "    warnings.warn_explicit('a note torch makes', UserWarning, torch_file, 1)\n"
+        "    warnings.warn('head.bias starts from\\nzero')\n"
+    )
+    src = tmp_path / "a.pth"
+    cm.save(src, {"w": torch.zeros(2)}, schema="m", version="1.0.0")
+    done = subprocess.run(
+        [sys.executable, "-m", "ckptmigrate", "upgrade", str(src), "-o", str(tmp_path / "b.pth")]
+        + ["--migrations", str(migrations)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done
+    assert done.stderr.splitlines() == ["ckptmigrate: warning: head.bias starts from zero"]
+
+
 def test_checkpoint_of_another_schema_raises_schema_mismatch_before_any_step():
     calls = []
     ckpt = make_ckpt(schema="other")
