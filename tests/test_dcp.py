@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import subprocess
@@ -15,6 +16,7 @@ import torch.distributed.checkpoint.filesystem as dcp_fs
 from folder_schema import rename_drop_schema
 
 import ckptmigrate as cm
+from ckptmigrate import cli as cm_cli
 from ckptmigrate.files import read_checkpoint, read_metadata
 from ckptmigrate.formats.dcp import STAMP_FILE, SafeFileSystemReader
 from ckptmigrate.streaming import upgrade_file
@@ -104,6 +106,53 @@ def test_a_truncated_rank_file_is_one_error_line_and_exit_2(dcp_dir, tmp_path, c
     assert done.stderr.startswith("ckptmigrate: error:"), done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "out.pth").exists()
+
+
+def _point_storage_at(folder, name: str | None = None, *, length: int | None = None) -> None:
+    """Rewrite ``.metadata`` so that its first storage entry names ``name`` (or claims
+    ``length`` bytes), as a hostile file would."""
+    md_path = folder / ".metadata"
+    with md_path.open("rb") as f:
+        md = pickle.load(f)  # our own test file: torch's classes, written just now
+    index, info = next(iter(md.storage_data.items()))
+    changes = {"relative_path": name} if name is not None else {"length": length}
+    md.storage_data[index] = dataclasses.replace(info, **changes)
+    with md_path.open("wb") as f:
+        pickle.dump(md, f)
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    ["parent", "absolute", "symlink-to-dev-zero", "fifo", "past-the-end", "missing"],
+)
+def test_storage_paths_stay_inside_the_checkpoint(dcp_dir, tmp_path, hostile, capsys):
+    # another checkpoint beside it, whose tensors a "../" path would read and copy in
+    other = tmp_path / "other"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": {"blocks.0.weight": torch.full((6, 4), 7.0)}}, checkpoint_id=other)
+    rank_file = next(dcp_dir.glob("*.distcp")).name
+    if hostile == "parent":
+        _point_storage_at(dcp_dir, f"../other/{next(other.glob('*.distcp')).name}")
+    elif hostile == "absolute":
+        _point_storage_at(dcp_dir, str(next(other.glob("*.distcp"))))
+    elif hostile == "symlink-to-dev-zero":
+        (dcp_dir / "zero.distcp").symlink_to("/dev/zero")
+        _point_storage_at(dcp_dir, "zero.distcp")
+    elif hostile == "fifo":
+        os.mkfifo(dcp_dir / "pipe.distcp")
+        _point_storage_at(dcp_dir, "pipe.distcp")
+    elif hostile == "past-the-end":
+        _point_storage_at(dcp_dir, length=(dcp_dir / rank_file).stat().st_size + 1)
+    else:
+        _point_storage_at(dcp_dir, "nowhere.distcp")
+
+    with pytest.raises(cm.CheckpointFormatError, match="DCP metadata"):
+        read_checkpoint(dcp_dir)
+    code = cm_cli.main(["diff", "--values", str(dcp_dir), str(dcp_dir)])
+    assert code == 2 and "DCP metadata" in capsys.readouterr().err
+    code = cm_cli.main(["info", str(dcp_dir)])
+    assert code == 2
 
 
 def test_upgrade_renames_drops_sets_hparams_and_stamps(dcp_dir, tmp_path, no_plain_pickle):

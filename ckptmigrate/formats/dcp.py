@@ -31,6 +31,7 @@ import os
 import pickle
 import secrets
 import shutil
+import stat
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -194,13 +195,66 @@ def read_dcp_metadata(path: str | os.PathLike[str], *, torch_classes: bool = Fal
     resolve = _real_classes() if torch_classes else _stand_ins()
     bound = tuple_chain_bound(data, 0, len(data))
     try:
-        return decode_bounded(
-            _DcpUnpickler(io.BytesIO(data), resolve, md_path).load, bound, md_path
-        )
+        md = decode_bounded(_DcpUnpickler(io.BytesIO(data), resolve, md_path).load, bound, md_path)
     except (UnsafeCheckpointError, CheckpointFormatError):
         raise
     except Exception as exc:
         raise CheckpointFormatError(f"corrupt DCP metadata ({exc})", path=md_path) from exc
+    check_storage_data(md, md_path.parent, md_path)
+    return md
+
+
+def check_storage_data(md: Any, folder: Path, md_path: object = None) -> None:
+    """Every byte range ``.metadata`` points to lies in a regular file inside ``folder``.
+
+    torch's reader opens ``folder / relative_path`` as it finds it: ``../x`` or an absolute
+    path read another checkpoint's tensors, a FIFO blocks forever, ``/dev/zero`` never ends.
+    """
+    storage = getattr(md, "storage_data", None)
+    if storage is None:
+        return
+    if not isinstance(storage, dict):
+        raise CheckpointFormatError("DCP metadata's storage_data is not a dict", path=md_path)
+    sizes: dict[str, int] = {}
+    for info in storage.values():
+        name = getattr(info, "relative_path", None)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if (
+            not isinstance(name, str)
+            or name in ("", ".", "..")
+            or any(c in name for c in ("/", "\\", "\0"))
+        ):
+            raise CheckpointFormatError(
+                f"DCP metadata points to {name!r}: only the plain name of a file in the "
+                "checkpoint's folder is allowed",
+                path=md_path,
+            )
+        if name not in sizes:
+            try:
+                st = os.lstat(folder / name)
+            except OSError:
+                raise CheckpointFormatError(
+                    f"DCP metadata points to {name!r}, which is not in the folder", path=md_path
+                ) from None
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointFormatError(
+                    f"DCP metadata points to {name!r}, which is not a regular file (a link, a "
+                    "FIFO or a device)",
+                    path=md_path,
+                )
+            sizes[name] = st.st_size
+        if not (
+            type(offset) is int
+            and type(length) is int
+            and 0 <= offset
+            and 0 <= length
+            and offset + length <= sizes[name]
+        ):
+            raise CheckpointFormatError(
+                f"DCP metadata claims bytes {offset!r}+{length!r} of {name!r}, a file of "
+                f"{sizes[name]} bytes",
+                path=md_path,
+            )
 
 
 def _dtype_name(properties: Any) -> str:
