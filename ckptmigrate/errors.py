@@ -434,15 +434,20 @@ class LockTimeoutError(LockError):
 class BackupExistsError(CkptMigrateError):
     """An in-place upgrade would overwrite a different backup left by an earlier one."""
 
-    def __init__(self, backup: object) -> None:
+    def __init__(self, backup: object, *, link: bool = False) -> None:
         self.backup = str(backup)
+        self.link = link  # a symbolic link: it would follow the file to its new version
         super().__init__(self.render())
 
     def render(self, *, cli: bool = False) -> str:
         remedy = "--no-backup" if cli else "backup=False"
+        found = (
+            "is a symbolic link, which would show the new version, not keep the old one"
+            if self.link
+            else "already exists and differs from the file"
+        )
         return (
-            f"backup {self.backup} already exists and differs from the file: move it away, or "
-            f"pass {remedy} to upgrade without one"
+            f"backup {self.backup} {found}: move it away, or pass {remedy} to upgrade without one"
         )
 
 

@@ -347,6 +347,8 @@ def _write_backup(src: Path, version: object) -> Path:
         src = src.parent
     kept = backup_path(src, version)
     remove_stale_temps(kept)  # a half-copied backup of a killed run
+    if kept.is_symlink():  # "identical" through the link today, the new version tomorrow
+        raise BackupExistsError(kept, link=True)
     if kept.exists():
         if _same_contents(kept, src):
             return kept

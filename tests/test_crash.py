@@ -484,6 +484,26 @@ def test_a_new_file_gets_the_umask_permissions_and_a_replaced_one_keeps_its_owne
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (1234, 5678, 0o640)
 
 
+@pytest.mark.parametrize("points_to", ["the file", "elsewhere"])
+def test_a_backup_name_that_is_a_symlink_is_refused_and_the_old_version_kept(
+    tmp_path: Path, points_to: str
+) -> None:
+    # a model.pth.1.0.0.bak symlink to model.pth looked "identical" and was kept: after the
+    # upgrade it showed the new version, and the old one was gone
+    target = tmp_path / "model.pth"
+    cm.save(target, big_sd(), schema="toy", version="1.0.0")
+    old = target.read_bytes()
+    elsewhere = tmp_path / "elsewhere.pth"
+    elsewhere.write_bytes(b"someone else's file")
+    (tmp_path / "model.pth.1.0.0.bak").symlink_to(target if points_to == "the file" else elsewhere)
+
+    with pytest.raises(BackupExistsError, match="symbolic link"):
+        upgrade_in_place(target, toy_schema())
+
+    assert target.read_bytes() == old
+    assert elsewhere.read_bytes() == b"someone else's file"
+
+
 # ----------------------------------------------------------------------------- linked backups
 
 
