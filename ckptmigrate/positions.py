@@ -96,9 +96,19 @@ def deduce_param_names(
 
     Parameters are the floating-point entries that are not ``buffers`` (told by building the
     model; without it every floating-point tensor counts, so a float buffer such as
-    ``running_mean`` makes the count differ and the deduction is refused). Verified: as many
-    parameters as the optimizer holds, and every state tensor shaped like its parameter.
+    ``running_mean`` makes the count differ and the deduction is refused). Verified: one param
+    group (``Optimizer(model.parameters())``, Lightning's default: several groups split the
+    parameters in an order the file does not record), as many parameters as the optimizer
+    holds, and every state tensor shaped like its parameter.
     """
+    groups = opt_sd["param_groups"]
+    if len(groups) > 1:
+        # model.parameters() lists them in the file's order; param groups split them by
+        # choice (a head at another lr, listed first): nothing in the file says how
+        raise ParamNamesUnknown(
+            f"the optimizer has {len(groups)} param groups, and the file's order cannot tell "
+            "which parameters went into which group"
+        )
     candidates = [
         k
         for k, v in state_dict.items()

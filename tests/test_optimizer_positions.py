@@ -346,3 +346,29 @@ def test_named_state_is_placed_by_name_not_by_the_files_key_order(mig, tmp_path)
     opt_sd = _save_old(tmp_path / "old.pth", model, opt, schema="fused", order=order)
     ckpt = cm.load(tmp_path / "old.pth", schema=mig["fused"], param_names=NAMES)
     _split_expectations(opt_sd, ckpt, mig)
+
+
+def test_several_param_groups_are_never_named_from_the_files_order(tmp_path):
+    # a head at another lr listed first: positions 0 = head, 1 = body, while the file lists
+    # body first; with equal shapes the "verified" deduction put body's state on head
+    torch.manual_seed(0)
+    body, head = torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False)
+    model = torch.nn.ModuleDict({"body": body, "head": head})
+    opt = torch.optim.Adam(
+        [{"params": head.parameters(), "lr": 1e-3}, {"params": body.parameters(), "lr": 1e-4}]
+    )
+    head(body(torch.randn(3, 4))).sum().backward()
+    opt.step()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "g.pth")
+    schema = cm.Schema("grp", current="2.0.0")
+    schema.add_migration("1.0.0", "2.0.0", [cm.ops.Transpose("head.weight")])
+
+    with pytest.raises(cm.ParamNamesUnknown, match="2 param groups"):
+        cm.load(tmp_path / "g.pth", schema=schema, from_version="1.0.0")
+
+    names = ["head.weight", "body.weight"]  # the order the optimizer got them
+    ckpt = cm.load(tmp_path / "g.pth", schema=schema, from_version="1.0.0", param_names=names)
+    old = opt.state_dict()["state"]
+    new = ckpt.optimizer["state"]
+    assert torch.equal(new[0]["exp_avg"], old[0]["exp_avg"].T)  # head's state followed head
+    assert torch.equal(new[1]["exp_avg"], old[1]["exp_avg"])
