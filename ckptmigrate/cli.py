@@ -125,7 +125,8 @@ def _upgrade_line(d: Diff, arrow: str) -> str | None:
         return None
     u = d.upgrade
     return (
-        f"A upgraded first: {u['schema']} {u['from']} {arrow} {u['to']} ({len(u['steps'])} steps)"
+        f"A upgraded first: {u['schema']} {u['from']} {arrow} {u['to']} "
+        f"({len(u['steps'])} step{'' if len(u['steps']) == 1 else 's'})"
     )
 
 
