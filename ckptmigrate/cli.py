@@ -1062,7 +1062,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (``ckptmigrate diff a.pth b.pth``)."""
     args = build_parser().parse_args(argv)
     try:
-        with _warnings_as_lines(show_torch=args.debug):
+        with _warnings_as_lines(show_torch=args.debug), _project_importable():
             return int(args.func(args))
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted", file=sys.stderr)
@@ -1077,6 +1077,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_TROUBLE
+
+
+@contextlib.contextmanager
+def _project_importable() -> Iterator[None]:
+    """The project's folder first on sys.path for the whole command: migrations import its
+    model code, and a ``build=`` may do so only when it runs (``diff --model``, ``check``)."""
+    from .discovery import project_folder, project_on_sys_path
+
+    try:
+        folder = project_folder()
+    except Exception:  # an unreadable pyproject.toml is reported where migrations are found
+        yield
+        return
+    with project_on_sys_path(folder):
+        yield
 
 
 @contextlib.contextmanager

@@ -1,7 +1,9 @@
 """Where migrations come from: folders of Python files, dotted modules, pyproject, entry points.
 
 The configuration is the ``[tool.ckptmigrate]`` table of the nearest pyproject.toml up from
-the working folder; its folder is first on ``sys.path`` while migrations import.
+the working folder; its folder is first on ``sys.path`` while migrations import (and, under the
+CLI and the pytest plugin, for the whole command or session: a ``build=`` may import the
+project's code late).
 
 Importing a migration module is what registers its schemas: every module-level
 :class:`Schema` it defines is collected by name. Two different schemas with one name is an
@@ -92,6 +94,13 @@ def configured(key: str, root: str | os.PathLike[str] | None = None) -> list[str
         candidate = config.folder / item
         out.append(str(candidate) if candidate.exists() else str(item))
     return out
+
+
+def project_folder(root: str | os.PathLike[str] | None = None) -> Path:
+    """The folder of the configuring pyproject.toml (:func:`find_config`), else ``root`` or the
+    working folder: where the project's own model code is imported from."""
+    config = find_config(root)
+    return config.folder if config is not None else Path(root or os.getcwd())
 
 
 @contextmanager
@@ -207,9 +216,7 @@ def find_schemas(
     """
     sources = list(sources or []) or configured("migrations", root)
     if sources:
-        config = find_config(root)
-        project = config.folder if config is not None else Path(root or os.getcwd())
-        with project_on_sys_path(project):
+        with project_on_sys_path(project_folder(root)):
             items = [(src, module) for src in sources for module in import_source(src)]
         return collect((f"{getattr(m, '__file__', src)}", m) for src, m in items)
     return collect(_entry_points())

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 GOLDEN_SUFFIX = ".golden.pt"
 _DIRS = pytest.StashKey[list[Path]]()
 _SCHEMAS = pytest.StashKey[Any]()
+_SYS_PATH = pytest.StashKey[str]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -149,10 +150,32 @@ def _schemas(config: pytest.Config) -> dict[str, Schema]:
             config.stash[_SCHEMAS] = find_schemas(sources or None, root=_base(config))
         except Exception as exc:  # reported by every fixture test, not as a crash
             config.stash[_SCHEMAS] = exc
+        _keep_project_importable(config)
     found = config.stash[_SCHEMAS]
     if isinstance(found, Exception):
         raise CkptFixtureFailure(f"discovering the migrations failed: {found}")
     return found
+
+
+def _keep_project_importable(config: pytest.Config) -> None:
+    """The project's folder stays on sys.path for the session (a ``build=`` may import the
+    project's model code when a fixture is checked); pytest_unconfigure takes it off."""
+    import sys
+
+    from .discovery import project_folder
+
+    entry = str(project_folder(_base(config)))
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
+        config.stash[_SYS_PATH] = entry
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import sys
+
+    entry = config.stash.get(_SYS_PATH, None)
+    if entry is not None and entry in sys.path:
+        sys.path.remove(entry)
 
 
 class CkptFixtureFailure(Exception):

@@ -270,8 +270,12 @@ def test_the_console_script_imports_the_projects_code_from_a_subfolder(mynet_pro
     ]
 
 
-def test_the_pytest_plugin_imports_the_projects_code_from_a_subfolder(mynet_project):
+@pytest.mark.parametrize("when", ["at import", "when building"])
+def test_the_pytest_plugin_imports_the_projects_code_from_a_subfolder(mynet_project, when):
     from test_pytest_plugin import run_pytest, summary, write_fixture
+
+    if when == "when building":
+        write(mynet_project / "migrations" / "mynet.py", LAZY_MIGRATIONS)
 
     class OldNet(torch.nn.Module):
         def __init__(self) -> None:
@@ -294,3 +298,39 @@ def test_the_pytest_plugin_imports_the_projects_code_from_a_subfolder(mynet_proj
     torch.save(golden, fixture.with_name("1.0.0.golden.pt"))
     done = run_pytest(mynet_project / "src" / "deep")
     assert "1 passed" in summary(done), done.stdout + done.stderr
+
+
+LAZY_MIGRATIONS = """
+import ckptmigrate as cm
+
+
+def build(hp):
+    from mynet import MyNet  # imported only when a model is built, after discovery
+
+    return MyNet(**hp)
+
+
+schema = cm.Schema("mynet", current="2.0.0", build=build)
+schema.add_migration("1.0.0", "2.0.0", [cm.ops.RenamePrefix("fc.", "proj.")])
+"""
+
+
+def test_a_build_that_imports_the_projects_code_late_works_under_the_console_script(
+    mynet_project,
+):
+    write(mynet_project / "migrations" / "mynet.py", LAZY_MIGRATIONS)
+    old = mynet_project / "src" / "deep" / "old.pth"
+    cm.save(
+        old,
+        {"fc.weight": torch.ones(4, 4), "fc.bias": torch.zeros(4)},
+        schema="mynet",
+        version="1.0.0",
+        hparams={"width": 4},
+    )
+    done = subprocess.run(
+        [console_script("ckptmigrate"), "diff", "old.pth", "--model", "mynet"],
+        cwd=old.parent,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
