@@ -354,6 +354,24 @@ def _st_case(name: str, header: object = None, data: bytes | None = None, **kw: 
     CASES[f"safetensors-{name}"] = make
 
 
+def _with_metadata(**entries: str) -> dict:
+    header, _ = good_safetensors_header()
+    stamp_json = json.dumps(stamp())
+    return {**header, "__metadata__": {"ckptmigrate.stamp": stamp_json, **entries}}
+
+
+# our hparams JSON nested past the bound: json's own RecursionError at ~1000 levels escaped
+# untyped, and 900 levels broke the readers after it
+for _depth in (900, 100_000):
+    _st_case(
+        f"hparams-json-nested-{_depth}",
+        _with_metadata(**{"ckptmigrate.hparams": "[" * _depth + "]" * _depth}),
+    )
+_st_case(
+    "header-nested-900", {**good_safetensors_header()[0], "x": json.loads("[" * 900 + "]" * 900)}
+)
+
+
 def _entry(offsets: object = (0, 8), shape: object = (2,), dtype: object = "F32") -> dict:
     return {
         "dtype": dtype,

@@ -42,7 +42,7 @@ from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from ..layout import LAYOUTS, assemble, split
 from ..stamp import parse_stamp, stamp_of
 from .atomic import atomic_path, copy_tree_synced, fsync_path, temp_path_for
-from .pickle_bounds import decode_bounded, tuple_chain_bound
+from .bounds import decode_bounded, loads_json, tuple_chain_bound
 from .pickle_meta import TorchConstant, _python3_name, _scan
 from .tensorinfo import DTYPE_SIZES, TensorInfo, TensorStub
 
@@ -115,7 +115,7 @@ class _Record:
         return f"{self.dcp_name.rpartition('.')[2]}({self.__dict__})"
 
     def graph_children(self) -> tuple[Any, ...]:
-        """What it holds, for :func:`pickle_bounds.check_graph`."""
+        """What it holds, for :func:`bounds.check_graph`."""
         return tuple(self.__dict__.values())
 
 
@@ -279,9 +279,10 @@ def read_stamp_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not stamp_path.is_file():
         return {}
     try:
-        data = json.loads(stamp_path.read_text("utf-8"))
+        text = stamp_path.read_text("utf-8")
     except (OSError, ValueError) as exc:
         raise CheckpointFormatError(f"unreadable stamp file ({exc})", path=stamp_path) from None
+    data = loads_json(text, what="the stamp file", path=stamp_path)
     if not isinstance(data, dict):
         raise CheckpointFormatError("the stamp file must hold a JSON object", path=stamp_path)
     return data

@@ -36,8 +36,8 @@ from types import FunctionType
 from typing import Any, BinaryIO, NoReturn, TypeVar
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
+from .bounds import decode_bounded, tuple_chain_bound
 from .detect import TORCH_LEGACY_MAGIC, detect_format, open_regular_file
-from .pickle_bounds import decode_bounded, tuple_chain_bound
 from .tensorinfo import DTYPE_SIZES, TensorInfo, TensorStub
 
 __all__ = [
@@ -174,7 +174,7 @@ class OpaqueObject:
         return {**self.items, **attributes}
 
     def graph_children(self) -> tuple[Any, ...]:
-        """What it holds, for :func:`pickle_bounds.check_graph`."""
+        """What it holds, for :func:`bounds.check_graph`."""
         return (self.args, self.state, self.kwargs, self.items)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import CheckpointFormatError
 from .atomic import atomic_path
+from .bounds import loads_json
 from .safetensors_header import read_safetensors_header
 
 STAMP = "ckptmigrate.stamp"
@@ -26,10 +27,7 @@ def decode_json_entry(metadata: dict[str, str], key: str, *, path: object) -> An
     """One of our JSON header entries, or None when absent."""
     if key not in metadata:
         return None
-    try:
-        return json.loads(metadata[key])
-    except ValueError:
-        raise CheckpointFormatError(f"header entry {key!r} is not valid JSON", path=path) from None
+    return loads_json(metadata[key], what=f"header entry {key!r}", path=path)
 
 
 def read_safetensors(

@@ -28,6 +28,7 @@ from ..checkpoint import Checkpoint
 from ..errors import CheckpointFormatError
 from ..stamp import parse_stamp
 from .atomic import atomic_path
+from .bounds import loads_json
 from .detect import INDEX_SUFFIX
 from .safetensors_copy import data_start
 from .tensorinfo import TensorStub
@@ -104,9 +105,10 @@ def read_index(path: str | os.PathLike[str]) -> ShardedSet:
     """Parse and check a sharded set's index (shards must exist beside it)."""
     index_path = find_index(path)
     try:
-        index = json.loads(index_path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        text = index_path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise CheckpointFormatError(f"unreadable index JSON ({exc})", path=index_path) from None
+    index = loads_json(text, what="the index JSON", path=index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -288,7 +290,9 @@ def companion_files(sset: ShardedSet) -> list[Path]:
     for other in sset.folder.glob("*" + INDEX_SUFFIX):
         skip.add(other.name)
         with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
-            skip.update(json.loads(other.read_text("utf-8"))["weight_map"].values())
+            skip.update(
+                loads_json(other.read_text("utf-8"), what="an index")["weight_map"].values()
+            )
     return sorted(
         p
         for p in sset.folder.iterdir()
@@ -321,7 +325,9 @@ def drop_uncommitted(index_path: Path, written: list[Path]) -> None:
     folder fsync): then the index names the new shards, and they must stay.
     """
     try:
-        named = set(json.loads(index_path.read_text("utf-8"))["weight_map"].values())
+        named = set(
+            loads_json(index_path.read_text("utf-8"), what="the index")["weight_map"].values()
+        )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         named = set()
     for path in written:

@@ -1,4 +1,4 @@
-"""Bounds on what a decoded pickle may build: nesting depth and shared-reference blow-up.
+"""Bounds on what a decoded pickle or JSON text may build: nesting depth and shared references.
 
 Two ways a small pickle kills or stalls its reader without running any code:
 
@@ -145,10 +145,11 @@ def _children(node: Any) -> Any:
     return [getattr(node, f.name, None) for f in dataclasses.fields(node)]  # DCP's records
 
 
-def check_graph(root: Any, path: object = None) -> None:
+def check_graph(root: Any, path: object = None, *, what: str = "the pickle") -> None:
     """Refuse a decoded object graph too deep, cyclic, or too large walked as a tree.
 
-    Iterative, each container visited once: linear in the graph, whatever its shape.
+    Iterative, each container visited once: linear in the graph, whatever its shape. ``what``
+    names the source in the message (``"the pickle"``, ``"header entry 'ckptmigrate.hparams'"``).
     """
     holds = _holds_objects
     if not holds(type(root)):
@@ -175,11 +176,11 @@ def check_graph(root: Any, path: object = None) -> None:
             continue
         if key in inside:
             raise CheckpointFormatError(
-                "the pickle builds a container that contains itself", path=path
+                f"{what} builds a container that contains itself", path=path
             )
         if len(inside) >= MAX_NESTING:
             raise CheckpointFormatError(
-                f"the pickle nests containers more than {MAX_NESTING} deep", path=path
+                f"{what} nests containers more than {MAX_NESTING} deep", path=path
             )
         containers = []
         count = 0
@@ -195,8 +196,24 @@ def check_graph(root: Any, path: object = None) -> None:
     expanded = done[id(root)][1]
     if expanded > MAX_EXPANSION * graph_size + EXPANSION_ALLOWANCE:
         raise CheckpointFormatError(
-            f"the pickle shares containers so that its graph of {graph_size} objects expands "
+            f"{what} shares containers so that its graph of {graph_size} objects expands "
             f"to {expanded} when walked as a tree (limit: {MAX_EXPANSION} times as many, plus "
             f"{EXPANSION_ALLOWANCE})",
             path=path,
         )
+
+
+def loads_json(text: str | bytes, *, what: str, path: object = None, **options: Any) -> Any:
+    """``json.loads`` for text from a file: malformed or nested past :data:`MAX_NESTING` is a
+    :class:`CheckpointFormatError` naming ``what`` (json's own RecursionError, at about 1000
+    levels, escaped as an untyped error; a few hundred levels broke later readers)."""
+    import json
+
+    try:
+        value = json.loads(text, **options)
+    except RecursionError:
+        raise CheckpointFormatError(f"{what} is nested too deeply", path=path) from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointFormatError(f"{what} is not valid JSON ({exc})", path=path) from None
+    check_graph(value, path, what=what)
+    return value
