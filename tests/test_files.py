@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hostile import replace_member
 from packaging.version import Version
 from torch import nn
 
 import ckptmigrate as cm
 from ckptmigrate import ops
+from ckptmigrate.files import read_metadata
 
 TEMP_GLOB = "*.ckptmigrate-tmp-*"
 
@@ -668,3 +670,46 @@ def test_a_successful_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
     cm.save(p, {"w": torch.zeros(2)}, schema="tiny", version="2.0.0")
     assert torch.equal(torch.load(p, weights_only=True)["state_dict"]["w"], torch.zeros(2))
     assert [c.name for c in tmp_path.iterdir()] == ["model.pth"]
+
+
+def _text(value: str) -> bytes:
+    raw = value.encode()
+    return b"X" + len(raw).to_bytes(4, "little") + raw  # BINUNICODE
+
+
+def test_a_size_list_appended_to_after_its_rebuild_call_does_not_change_the_mapped_shape(
+    tmp_path,
+):
+    # {"state_dict": {"w": rebuild(storage of 4 floats, 0, size=[2], stride=[1])},
+    #  "hparams": {"z": size + [2], "y": stride + [2]}}: the lists are memoised and APPENDed
+    # to after the rebuild call; torch.load builds (2,), and so must the mapped load
+    tensor = (
+        b"ctorch._utils\n_rebuild_tensor_v2\nq\x02((" + _text("storage") + b"q\x03"
+        b"ctorch\nFloatStorage\nq\x04" + _text("0") + b"q\x05" + _text("cpu") + b"q\x06"
+        b"K\x04tq\x07QK\x00]q\x08K\x02a]q\tK\x01a\x89ccollections\nOrderedDict\nq\n)Rq\x0b"
+        b"tq\x0cRq\r"
+    )
+    pkl = (
+        b"\x80\x02}q\x00"
+        + _text("state_dict")
+        + b"}q\x0e"
+        + _text("w")
+        + tensor
+        + b"ss"
+        + _text("hparams")
+        + b"}q\x0f"
+        + _text("z")
+        + b"h\x08K\x02as"
+        + _text("y")
+        + b"h\tK\x02as"
+        + b"s."
+    )
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "good.pth")
+    path = replace_member(tmp_path / "good.pth", tmp_path / "appended.pth", "/data.pkl", pkl)
+
+    stored = torch.load(path, weights_only=True)["state_dict"]["w"]
+    assert stored.shape == (2,)
+    assert read_metadata(path).state_dict["w"].shape == (2,)
+    mapped = cm.load(path, mmap=True).state_dict["w"]
+    assert mapped.shape == (2,) and mapped.stride() == (1,)
+    assert torch.equal(mapped, stored)

@@ -208,6 +208,10 @@ def _recording(
 ) -> Callable[..., Any]:
     def rebuild(*args: Any) -> Any:
         stub = build(*args)  # checks the arguments against the storage, as the reader does
+        if name == _V2:
+            # torch gets the size and stride as they were checked: the pickle may APPEND to a
+            # memoised list after this call (torch.load builds the tensor now, so never sees it)
+            args = (*args[:2], tuple(args[2]), tuple(args[3]), *args[4:])
         recipes[id(stub)] = (name, args, stub)  # the stub stays alive, so its id stays unique
         return stub
 
