@@ -510,11 +510,28 @@ def cmd_info(args: argparse.Namespace) -> int:
 # -- upgrade -----------------------------------------------------------------------------------
 
 
+def _same_checkpoint(src: str, dst: str) -> bool:
+    """Whether ``dst`` names ``src`` (the same file, folder, or a set's index and its folder)."""
+    try:
+        if os.path.samefile(src, dst):
+            return True
+    except OSError:
+        return False
+    a, b = Path(src).resolve(), Path(dst).resolve()
+    index = a if a.name.endswith(".index.json") else b if b.name.endswith(".index.json") else None
+    return index is not None and {a, b} == {index, index.parent}  # a set: index and folder
+
+
 def cmd_upgrade(args: argparse.Namespace) -> int:
     if (args.output is None) == (not args.in_place):
         raise CommandError("upgrade needs exactly one of -o DST or --in-place")
     if args.no_backup and not args.in_place:
         raise CommandError("--no-backup only applies to --in-place")
+    if args.output is not None and _same_checkpoint(args.src, args.output):
+        raise CommandError(
+            f"-o {args.output} is {args.src} itself: pass --in-place instead (it locks the "
+            "checkpoint and keeps a backup of the old version)"
+        )
 
     from .inplace import UpgradeOutcome, migrate_file
 

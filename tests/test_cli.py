@@ -377,3 +377,22 @@ def test_check_exits_0_when_fixtures_reproduce_and_1_with_the_reason(
     assert out["fixtures"][0]["max_abs_error"] == pytest.approx(0.1, rel=1e-3)
     assert out["fixtures"][0]["reason"]
     assert cli.main(["check", str(files / "nowhere"), "--migrations", str(files / "mig")]) == 2
+
+
+@pytest.mark.parametrize("how", ["same path", "another name for it"])
+def test_upgrade_onto_its_own_source_is_refused_and_names_in_place(tmp_path, how):
+    src = tmp_path / "a.pth"
+    cm.save(src, {"blocks.0.w": torch.ones(2)}, schema="tinylm", version="1.0.0")
+    before = src.read_bytes()
+    dst = src
+    if how == "another name for it":
+        dst = tmp_path / "link.pth"
+        dst.symlink_to(src)
+    done = subprocess.run(
+        [sys.executable, "-m", "ckptmigrate", "upgrade", str(src), "-o", str(dst)]
+        + ["--migrations", str(Path(__file__).resolve().parent.parent / "migrations")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "--in-place" in done.stderr, done
+    assert src.read_bytes() == before
