@@ -29,6 +29,7 @@ from .errors import (
     UnversionedCheckpointError,
     VersionConflictError,
 )
+from .formats.atomic import permissions_from
 from .lock import DEFAULT_TIMEOUT, file_lock
 
 if TYPE_CHECKING:
@@ -132,7 +133,8 @@ def migrate_file(
         param_names=param_names,
     )
     if dst is not None:
-        return _upgrade(Path(src), Path(dst), table, **options)
+        with permissions_from(src):
+            return _upgrade(Path(src), Path(dst), table, **options)
     if dry_run:
         return _upgrade(Path(src), None, table, **options)
     target = _in_place_target(src)

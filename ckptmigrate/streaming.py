@@ -36,6 +36,7 @@ from typing import Any
 from packaging.version import Version
 
 from .checkpoint import Checkpoint
+from .formats.atomic import permissions_from
 from .formats.detect import detect_format
 from .graph import PlannedStep
 from .layout import assemble, split
@@ -131,14 +132,15 @@ def upgrade_file(
     """
     src, dst = Path(src), Path(dst)
     fmt = detect_format(src)
-    if fmt == "dcp":
-        return _upgrade_dcp(src, dst, schema, to, from_version, param_names)
-    if fmt == "sharded":
-        return _upgrade_sharded(src, dst, schema, to, from_version, safe_globals)
-    streamed = _try_stream(src, dst, fmt, schema, to, from_version, _names(safe_globals))
-    if streamed is not None:
-        return streamed
-    return _upgrade_loaded(src, dst, fmt, schema, to, from_version, safe_globals, param_names)
+    with permissions_from(src):  # a private source gives a private copy
+        if fmt == "dcp":
+            return _upgrade_dcp(src, dst, schema, to, from_version, param_names)
+        if fmt == "sharded":
+            return _upgrade_sharded(src, dst, schema, to, from_version, safe_globals)
+        streamed = _try_stream(src, dst, fmt, schema, to, from_version, _names(safe_globals))
+        if streamed is not None:
+            return streamed
+        return _upgrade_loaded(src, dst, fmt, schema, to, from_version, safe_globals, param_names)
 
 
 def _with_version(ckpt: Checkpoint, schema: Schema, from_version: Any, path: Path) -> Checkpoint:

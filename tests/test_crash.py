@@ -504,6 +504,22 @@ def test_a_backup_name_that_is_a_symlink_is_refused_and_the_old_version_kept(
     assert elsewhere.read_bytes() == b"someone else's file"
 
 
+@pytest.mark.parametrize("writer", ["cli -o", "upgrade_file"])
+def test_an_upgraded_copy_of_a_private_checkpoint_is_private(tmp_path: Path, writer: str) -> None:
+    src, dst = tmp_path / "private.pth", tmp_path / "copy.pth"
+    cm.save(src, big_sd(), schema="toy", version="1.0.0")
+    src.chmod(0o600)
+    if writer == "cli -o":
+        from ckptmigrate import cli
+
+        migrations = tmp_path / "toy.py"
+        migrations.write_text(TOY_MIGRATIONS)
+        assert cli.main(["upgrade", str(src), "-o", str(dst), "--migrations", str(migrations)]) == 0
+    else:
+        cm.upgrade_file(src, dst, toy_schema())
+    assert dst.stat().st_mode & 0o777 == 0o600
+
+
 # ----------------------------------------------------------------------------- linked backups
 
 

@@ -12,6 +12,7 @@ process at one of :data:`CRASH_EVENTS`, so tests can check the promise at every 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import os
 import re
@@ -83,12 +84,44 @@ def _umask() -> int:
     return mask
 
 
+#: The checkpoint a new file is written from (see :func:`permissions_from`).
+_MODE_SOURCE: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "ckptmigrate_mode_source", default=None
+)
+
+
+@contextlib.contextmanager
+def permissions_from(source: str | os.PathLike[str]) -> Iterator[None]:
+    """New files written inside get the permission bits of the file ``source`` (an upgrade's
+    ``-o`` of a private 0600 checkpoint stays 0600), not the umask's.
+
+    >>> with permissions_from("private.pth"):
+    ...     write_checkpoint("copy.pth", ckpt)
+    """
+    token = _MODE_SOURCE.set(Path(source))
+    try:
+        yield
+    finally:
+        _MODE_SOURCE.reset(token)
+
+
+def _new_file_mode() -> int:
+    source = _MODE_SOURCE.get()
+    if source is not None:
+        with contextlib.suppress(OSError):
+            st = source.stat()
+            if not os.path.isdir(source):  # a set or a DCP folder: its files' modes vary
+                return st.st_mode & 0o777
+    return 0o666 & ~_umask()
+
+
 def _give_final_mode(tmp: Path, target: Path) -> None:
-    """The replaced file's permissions, owner and group; a new file's are the umask's."""
+    """The replaced file's permissions, owner and group; a new file's from the checkpoint it
+    is written from (:func:`permissions_from`), else the umask's."""
     try:
         st = target.stat()
     except FileNotFoundError:
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, _new_file_mode())
         return
     if hasattr(os, "chown"):
         with contextlib.suppress(PermissionError):  # only root may give a file to another user
