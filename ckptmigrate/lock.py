@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LockError, LockTimeoutError
+from .formats.detect import INDEX_SUFFIX
 
 try:
     import fcntl
@@ -51,8 +52,15 @@ _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 def lock_path_for(path: str | os.PathLike[str]) -> Path:
-    """``model.pth`` -> ``model.pth.ckptmigrate.lock`` (same folder)."""
-    path = Path(path)
+    """``model.pth`` -> ``model.pth.ckptmigrate.lock`` (same folder).
+
+    One checkpoint, one lock, whatever name it goes by: a link resolves to what it names, and
+    a sharded set named by its index file locks as its folder does (``llama/`` and
+    ``llama/model.safetensors.index.json`` both take ``llama.ckptmigrate.lock``).
+    """
+    path = Path(os.path.realpath(path))
+    if path.name.endswith(INDEX_SUFFIX):
+        path = path.parent
     return path.with_name(path.name + LOCK_SUFFIX)
 
 

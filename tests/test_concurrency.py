@@ -182,6 +182,33 @@ def test_a_waiter_gives_up_after_its_timeout_naming_the_holder(tmp_path: Path, m
     assert "if no such process is running, remove" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "held, wanted", [("folder", "index"), ("index", "folder"), ("link", "index")]
+)
+def test_a_set_named_by_its_folder_by_its_index_or_through_a_link_takes_one_lock(
+    tmp_path: Path, held: str, wanted: str
+) -> None:
+    # two names took two lock files: two in-place upgrades of one set ran at once, and one
+    # failed on a shard the other had deleted
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    (tmp_path / "link").symlink_to(folder)
+    names = {
+        "folder": folder,
+        "index": folder / "model.safetensors.index.json",
+        "link": tmp_path / "link",
+    }
+    assert (
+        lock_path_for(names[held])
+        == lock_path_for(names[wanted])
+        == tmp_path / ("llama" + ".ckptmigrate.lock")
+    )
+    with file_lock(names[held]):
+        with pytest.raises(LockTimeoutError):
+            FileLock(names[wanted], timeout=0.2).acquire()
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
