@@ -295,3 +295,25 @@ def test_importing_ckptmigrate_and_diff_module_stays_torch_free() -> None:
         """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_values_of_expanded_tensors_compare_what_is_stored_not_the_views(tmp_path):
+    # torch.zeros(1).expand(2**31, 2**31) is 1.5 KB on disk and 2**62 elements as a view:
+    # comparing the views ran for years
+    torch.save({"w": torch.zeros(1).expand(2**31, 2**31)}, tmp_path / "a.pth")
+    torch.save({"w": torch.ones(1).expand(2**31, 2**31)}, tmp_path / "b.pth")
+    n = 2**20  # stored 2 * 2**20 elements, 2**40 when crossed
+    torch.save({"w": torch.zeros(n, 1).expand(n, n)}, tmp_path / "rows.pth")
+    torch.save({"w": torch.zeros(1, n).expand(n, n)}, tmp_path / "cols.pth")
+
+    d = cm.diff(tmp_path / "a.pth", tmp_path / "b.pth", values=True)
+    assert d.values == [{"key": "w", "max_abs_diff": 1.0, "equal": False}]
+    assert cm.diff(tmp_path / "a.pth", tmp_path / "a.pth", values=True).values[0]["equal"]
+    done = subprocess.run(
+        [sys.executable, "-m", "ckptmigrate", "diff", "--values"]
+        + [str(tmp_path / "rows.pth"), str(tmp_path / "cols.pth")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "not compared" in done.stderr, done
