@@ -299,9 +299,8 @@ def _check_positions_hold(ckpt: Checkpoint, done: Checkpoint, prefix: str, owns:
     after = [_shape(v) for v in done.state_dict.values()]
     if before != after:
         raise ParamNamesUnknown(
-            f"the optimizer state is keyed by position only, and the migration of the mount at "
-            f"{prefix!r} changes its parameters (not only their names), so each position's name "
-            "must be known: pass param_names=[...] (--param-names FILE on the command line)"
+            f"the migration of the mount at {prefix!r} changes its parameters (not only their "
+            "names)"
         )
 
 
