@@ -321,7 +321,6 @@ def _schema_status(
 def info_record(path: str, args: argparse.Namespace) -> dict[str, Any]:
     """What ``ckptmigrate info`` shows, as JSON-able data (metadata read only)."""
     from .diff import plain
-    from .errors import UnknownLayoutError
     from .files import checkpoint_bytes, read_metadata
     from .formats.detect import detect_format
     from .layout import is_tensor_like
@@ -329,11 +328,7 @@ def info_record(path: str, args: argparse.Namespace) -> dict[str, Any]:
     from .report import signature
 
     fmt = detect_format(path)
-    try:
-        ckpt = read_metadata(path, allowed_globals=args.allow_global)
-    except UnknownLayoutError:
-        _schemas(args)  # the migrations may declare the file's layout (cm.Layout)
-        ckpt = read_metadata(path, allowed_globals=args.allow_global)
+    ckpt = read_metadata(path, allowed_globals=args.allow_global)
     tensors = {k: v for k, v in ckpt.state_dict.items() if is_tensor_like(v)}
     dtypes: dict[str, int] = {}
     for value in tensors.values():
@@ -1050,6 +1045,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _migrations_layouts(args: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
+    """A command that reads files reads the layouts its migrations declare (``cm.Layout``):
+    a file in none of the known layouts imports them, once, and is matched again."""
+    if not hasattr(args, "allow_global"):
+        return contextlib.nullcontext()
+    from .layout import layouts_from
+
+    return layouts_from(lambda: _schemas(args))
+
+
 def _library_version() -> str:
     from . import __version__
 
@@ -1060,7 +1065,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (``ckptmigrate diff a.pth b.pth``)."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        with _migrations_layouts(args):
+            return int(args.func(args))
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130
