@@ -51,7 +51,15 @@ def _fmt(value: Any) -> str:
 def _stamp_text(stamp: dict[str, Any] | None) -> str:
     if not stamp:
         return "unstamped"
+    if stamp.get("mounts"):
+        return "; ".join(_mount_text(m, m["version"]) for m in stamp["mounts"])
     return f"{stamp.get('schema')} {stamp.get('version')}"
+
+
+def _mount_text(mount: dict[str, Any], version: str) -> str:
+    """``net at 'net.' 1.0.0`` (the mount at "" without its prefix)."""
+    at = f" at {mount['prefix']!r}" if mount["prefix"] else ""
+    return f"{mount['schema']}{at} {version}"
 
 
 # -- diff --------------------------------------------------------------------------------------
@@ -119,21 +127,21 @@ def _diff_summary(d: Diff) -> str:
     return "drift: " + ", ".join(parts)
 
 
-def _upgrade_line(d: Diff, arrow: str) -> str | None:
+def _upgrade_lines(d: Diff, arrow: str) -> list[str]:
     if d.upgrade is None:
-        return None
-    u = d.upgrade
-    return (
-        f"A upgraded first: {u['schema']} {u['from']} {arrow} {u['to']} ({len(u['steps'])} steps)"
-    )
+        return []
+    return [
+        f"A upgraded first: {_mount_text(u, u['from'])} {arrow} {u['to']} "
+        f"({len(u['steps'])} steps)"
+        for u in d.upgrade.get("mounts") or [{**d.upgrade, "prefix": ""}]
+    ]
 
 
 def render_diff_plain(d: Diff, write: Callable[[str], Any]) -> None:
     """The diff as plain lines, for pipes and logs."""
     write(f"A: {d.a} ({_stamp_text(d.stamps.get('a'))})")
     write(f"B: {d.b} ({_stamp_text(d.stamps.get('b'))})")
-    line = _upgrade_line(d, "->")
-    if line:
+    for line in _upgrade_lines(d, "->"):
         write(line)
     rows = _diff_rows(d, "->")
     width = max((len(row[0]) for row in rows), default=0)
@@ -167,9 +175,8 @@ def render_diff_rich(d: Diff, console: Any) -> None:
 
     console.print(f"[bold]A[/]: {d.a} [dim]({_stamp_text(d.stamps.get('a'))})[/]")
     console.print(f"[bold]B[/]: {d.b} [dim]({_stamp_text(d.stamps.get('b'))})[/]")
-    line = _upgrade_line(d, "→")
-    if line:
-        console.print(f"[dim]{line}[/]")
+    for line in _upgrade_lines(d, "→"):
+        console.print(Text(line, style="dim"))
     rows = _diff_rows(d, "→")
     if rows:
         groups: dict[str, list[DiffRow]] = {}
@@ -205,6 +212,7 @@ def cmd_diff_model(args: argparse.Namespace) -> int:
         schemas=_schemas(args),
         from_version=args.from_version,
         allowed_globals=args.allow_global,
+        param_names=_param_names(args),
     )
     if args.json:
         print(result.to_json())
@@ -237,6 +245,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
         return cmd_diff_model(args)
     if args.b is None:
         raise CommandError("diff needs two checkpoints A B, or one with --model SCHEMA")
+    if args.param_names is not None and not args.upgrade:
+        raise CommandError(
+            "--param-names names the optimizer state an upgrade needs: add --upgrade"
+        )
     schemas = _schemas(args) if args.upgrade else None
     with progress_bar("comparing values") as progress:
         result = diff(
@@ -249,6 +261,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
             from_version=args.from_version,
             allowed_globals=args.allow_global,
             progress=progress,
+            param_names=_param_names(args),
         )
     if args.json:
         print(result.to_json())
@@ -906,6 +919,15 @@ def _common(sub: argparse.ArgumentParser, *, reads_files: bool) -> None:
         )
 
 
+def _param_names_option(sub: argparse.ArgumentParser, when: str = "") -> None:
+    sub.add_argument(
+        "--param-names",
+        metavar="FILE",
+        help=f"{when}names of position-keyed optimizer state, one a line in the optimizer's "
+        "order (needed when a step splits, merges or drops parameters and the file cannot tell)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     parser = _Parser(
@@ -937,6 +959,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="V",
         help="with --upgrade or --model: A's version when it has no stamp (auto: guess it)",
     )
+    _param_names_option(p, "with --upgrade or --model: ")
     _common(p, reads_files=True)
     p.set_defaults(func=cmd_diff)
 
@@ -964,12 +987,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="SRC's version when it has no stamp (auto: guess it from its keys)",
     )
     p.add_argument("--schema", help="SRC's schema when it has no stamp")
-    p.add_argument(
-        "--param-names",
-        metavar="FILE",
-        help="names of position-keyed optimizer state, one a line in the optimizer's order "
-        "(needed when a step splits, merges or drops parameters and the file cannot tell)",
-    )
+    _param_names_option(p)
     _common(p, reads_files=True)
     p.set_defaults(func=cmd_upgrade)
 

@@ -35,6 +35,8 @@ __all__ = [
     "all_mounts",
     "mount",
     "mount_plan",
+    "mount_view",
+    "model_view",
     "mounts_of_schema",
     "upgrade_mount",
     "upgrade_mounts_of",
@@ -150,6 +152,44 @@ def upgrade_mounts_of(
     return out if out is not ckpt else ckpt.copy()
 
 
+def mount_view(ckpt: Checkpoint, prefix: str) -> Checkpoint:
+    """What the model of the mount at ``prefix`` sees: its keys without the prefix, their
+    modules' metadata, its hparams (its named entry, else the whole hparams), its stamp.
+
+    >>> model.load_state_dict(mount_view(ckpt, "net.").state_dict_for_torch(), strict=True)
+    """
+    return _view(ckpt, prefix, None)[0]
+
+
+def model_view(ckpt: Checkpoint, schema: str, prefix: str | None = None) -> Checkpoint:
+    """What the model ``schema`` builds loads from ``ckpt``: the whole checkpoint when it has
+    no mounts, else the view of its mount of ``schema`` (at ``prefix``, needed when several
+    mounts hold it).
+
+    >>> view = model_view(ckpt, "net")   # the keys under net., without the prefix
+    """
+    if not ckpt.mounts and not prefix:
+        return ckpt
+    mine = [m.prefix for m in all_mounts(ckpt) if m.schema == schema]
+    if prefix is not None:
+        if prefix not in mine:
+            raise MountError(
+                f"the checkpoint has no mount of {schema!r} at {prefix!r}; it has " f"{_held(ckpt)}"
+            )
+        return mount_view(ckpt, prefix)
+    if len(mine) != 1:
+        found = "no mount" if not mine else f"{len(mine)} mounts ({', '.join(map(repr, mine))})"
+        raise MountError(
+            f"the model of {schema!r} loads one mount, but the checkpoint has {found} of it "
+            f"({_held(ckpt)}): name the mount's prefix"
+        )
+    return mount_view(ckpt, mine[0])
+
+
+def _held(ckpt: Checkpoint) -> str:
+    return ", ".join(f"{m.schema} at {m.prefix!r}" for m in all_mounts(ckpt)) or "no mounts"
+
+
 def _find(ckpt: Checkpoint, prefix: str) -> Mount:
     for m in all_mounts(ckpt):
         if m.prefix == prefix:
@@ -191,7 +231,7 @@ def _view(
         version=found.version,
         history=[dict(h) for h in found.history],
         mounts=[],
-        optimizer=_sub_optimizers(named, owns, cut, ckpt) if named else None,
+        optimizer=_sub_optimizers(named, owns, cut) if named else None,
     )
     view.hparams = dict(hparams)
     return view, named
@@ -228,7 +268,7 @@ def _put_back(ckpt: Checkpoint, prefix: str, done: Checkpoint, named: list[Any])
         out.hparams = done.hparams
     out.meta, out.extra = done.meta, done.extra
     if named:
-        out.optimizer = _merge_optimizers(ckpt, named, done, owns, prefix, list(state_dict))
+        out.optimizer = _merge_optimizers(ckpt, named, done, owns, prefix)
     elif ckpt.optimizer is not None:
         _check_positions_hold(ckpt, done, prefix, owns)
     if prefix:
@@ -255,7 +295,7 @@ def _named_optimizers(ckpt: Checkpoint, param_names: Sequence[str] | None) -> li
     return out
 
 
-def _sub_optimizers(named: list[Any], owns: Any, cut: int, ckpt: Checkpoint) -> list[Any]:
+def _sub_optimizers(named: list[Any], owns: Any, cut: int) -> list[Any]:
     """The mount's part of each optimizer, by its own (prefix-less) names, as torch state."""
     from .optimizer import NamedOptimizer, from_named
 
@@ -264,12 +304,12 @@ def _sub_optimizers(named: list[Any], owns: Any, cut: int, ckpt: Checkpoint) -> 
         groups = [{**g, "names": [n[cut:] for n in g["names"] if owns(n)]} for g in full.groups]
         states = {n[cut:]: st for n, st in full.states.items() if owns(n)}
         sub = NamedOptimizer(states, groups, True, dict(full.extra))
-        subs.append(from_named(sub, [k[cut:] for k in ckpt.state_dict if owns(k)]))
+        subs.append(from_named(sub))
     return subs
 
 
 def _merge_optimizers(
-    ckpt: Checkpoint, named: list[Any], done: Checkpoint, owns: Any, prefix: str, order: list[str]
+    ckpt: Checkpoint, named: list[Any], done: Checkpoint, owns: Any, prefix: str
 ) -> Any:
     """Each optimizer with the mount's state replaced by what its migration made of it."""
     from .optimizer import from_named, to_named
@@ -283,7 +323,7 @@ def _merge_optimizers(
             group["names"] = names + [prefix + n for n in sub_group["names"]]
         full.states = {n: st for n, st in full.states.items() if not owns(n)}
         full.states.update({prefix + n: st for n, st in sub.states.items()})
-        optimizer = _put(optimizer, where, from_named(full, order))
+        optimizer = _put(optimizer, where, from_named(full))
     return optimizer
 
 

@@ -349,3 +349,42 @@ def test_named_state_is_placed_by_name_not_by_the_files_key_order(mig, tmp_path)
     opt_sd = _save_old(tmp_path / "old.pth", model, opt, schema="fused", order=order)
     ckpt = cm.load(tmp_path / "old.pth", schema=mig["fused"], param_names=NAMES)
     _split_expectations(opt_sd, ckpt, mig)
+
+
+def test_diff_upgrade_takes_param_names_for_a_plan_that_needs_them(mig, tmp_path, names_file):
+    model, opt, _ = _trained(mig)
+    _save_old(tmp_path / "old.pth", model, opt, schema="fused")
+    args = ["--migrations", "migrations", "--param-names", str(names_file)]
+    assert _cli("upgrade", "old.pth", "-o", "new.pth", *args, cwd=tmp_path).returncode == 0
+    diff = ["diff", "old.pth", "new.pth", "--upgrade", "--values", "--migrations", "migrations"]
+    refused = _cli(*diff, cwd=tmp_path)
+    assert refused.returncode == 2 and "--param-names FILE" in refused.stderr
+    assert "param_names=" not in refused.stderr
+    done = _cli(*diff, "--param-names", str(names_file), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no drift" in done.stdout
+    lone = _cli("diff", "old.pth", "new.pth", "--param-names", str(names_file), cwd=tmp_path)
+    assert lone.returncode == 2 and "add --upgrade" in lone.stderr
+
+
+def test_param_names_reach_a_mount_whose_plan_splits_its_parameters(mig, tmp_path):
+    from packaging.version import Version
+
+    from ckptmigrate.stamp import Mount
+
+    model, opt, _ = _trained(mig)
+    opt_sd = copy.deepcopy(opt.state_dict())
+    sd = {f"m.{k}": v for k, v in model.state_dict().items()}
+    mounted = cm.Checkpoint(sd, optimizer=opt_sd, mounts=[Mount("m.", "fused", Version("1.0.0"))])
+    cm.save(tmp_path / "old.pth", mounted)
+    (tmp_path / "names.txt").write_text("".join(f"m.{n}\n" for n in NAMES))
+    args = ["upgrade", "old.pth", "-o", "new.pth", "--migrations", "migrations"]
+    refused = _cli(*args, cwd=tmp_path)
+    assert refused.returncode == 2 and "--param-names FILE" in refused.stderr
+    done = _cli(*args, "--param-names", "names.txt", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    new = cm.load(tmp_path / "new.pth", upgrade=False)
+    view = cm.Checkpoint(
+        {k[2:]: v for k, v in new.state_dict.items()}, optimizer=new.optimizer
+    )  # what today's Net (at m.) and Adam(model.parameters()) load
+    _split_expectations(opt_sd, view, mig)
