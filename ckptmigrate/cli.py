@@ -593,20 +593,24 @@ def cmd_scan(args: argparse.Namespace) -> int:
         return EXIT_DRIFT if args.fail_behind and any(r.behind for r in rows) else EXIT_OK
     out = Output()
     for r in rows:
+        where = f"{r.path} [{r.prefix}]" if r.prefix else r.path
         if r.error and r.behind is None:
-            out.line(f"{r.path}  ", styled("?", "error"), f"  {r.error}")
+            out.line(f"{where}  ", styled("?", "error"), f"  {r.error}")
         elif r.behind:
             steps = f", {len(r.steps)} step(s)"
             out.line(
-                f"{r.path}  {r.schema} {r.version} -> {r.current}: ",
+                f"{where}  {r.schema} {r.version} -> {r.current}: ",
                 styled("behind", "behind"),
                 steps,
             )
         else:
-            out.line(f"{r.path}  {r.schema} {r.version}: ", styled("current", "current"))
+            out.line(f"{where}  {r.schema} {r.version}: ", styled("current", "current"))
     behind = sum(1 for r in rows if r.behind)
+    files = len({r.path for r in rows})
+    mounts = f"{len(rows)} mount(s), " if len(rows) != files else ""
     out.line(
-        f"{len(rows)} checkpoint(s), ", styled(f"{behind} behind", "behind" if behind else "ok")
+        f"{files} checkpoint(s), {mounts}",
+        styled(f"{behind} behind", "behind" if behind else "ok"),
     )
     return EXIT_DRIFT if args.fail_behind and behind else EXIT_OK
 

@@ -38,6 +38,7 @@ __all__ = [
     "mount_view",
     "model_view",
     "mounts_of_schema",
+    "owner_of",
     "upgrade_mount",
     "upgrade_mounts_of",
 ]
@@ -196,6 +197,16 @@ def _find(ckpt: Checkpoint, prefix: str) -> Mount:
             return m
     held = ", ".join(repr(m.prefix) for m in all_mounts(ckpt)) or "none"
     raise MountError(f"the checkpoint has no mount at {prefix!r}; its mounts are at {held}")
+
+
+def owner_of(ckpt: Checkpoint) -> Any:
+    """A function from a key to the prefix of the mount that owns it (``""``: the root)."""
+    prefixes = [m.prefix for m in ckpt.mounts]
+
+    def owner(key: str) -> str:
+        return next((p for p in prefixes if key.startswith(p)), "")
+
+    return owner
 
 
 def _owns(ckpt: Checkpoint, prefix: str) -> Any:

@@ -190,3 +190,15 @@ def test_stamp_to_a_new_file_in_a_declared_layout_keeps_the_layout(tmp_path):
     assert raw["__ckptmigrate__"]["version"] == "1.0.0" and list(raw["net"]) == list(
         model.state_dict()
     )
+
+
+def test_scan_worker_processes_read_the_layouts_the_migrations_declare(tmp_path):
+    from ckptmigrate.discovery import find_schemas
+    from ckptmigrate.scan import scan
+
+    model, optimizer = trained()
+    (tmp_path / "reg").mkdir()
+    _trainer_file(tmp_path / "reg" / "trainer.pt", model, optimizer)
+    found = find_schemas([str(migrations(tmp_path, TRAINER_LAYOUT))])
+    (row,) = scan(tmp_path / "reg", found, workers=1, processes=True)
+    assert (row.tensors, row.error) == (4, "no ckptmigrate stamp")  # read, in a fresh process

@@ -74,3 +74,66 @@ def test_diff_upgrade_takes_each_mount_to_its_current_when_b_has_no_stamp(two: P
     assert "A upgraded first: backbone at 'backbone.' 1.0.0 -> 2.0.0 (1 steps)" in proc.stdout
     assert "A upgraded first: head at 'head.' 1.0.0 -> 1.1.0 (1 steps)" in proc.stdout
     assert torch.equal(both.state_dict["head.w"], HEAD_V1["w"].T)
+
+
+def _registry(two: Path) -> Path:
+    """``reg/``: the two-mount file behind on both mounts, a copy with only the backbone
+    current, and a root-stamped file that is current."""
+    backbone, _ = schemas()
+    reg = two / "reg"
+    reg.mkdir()
+    (two / "two.pth").rename(reg / "a_two.pth")
+    cm.save(reg / "b_half.pth", cm.load(reg / "a_two.pth", schema=backbone))
+    cm.save(reg / "c_root.pth", {"w": torch.ones(2)}, schema="head", version="1.1.0")
+    return reg
+
+
+def test_scan_gives_one_row_per_mount_and_fail_behind_counts_any_mount(two: Path) -> None:
+    reg = _registry(two)
+    proc = run(two, "scan", "reg", "--json", "--fail-behind", "--migrations", "mig")
+    assert proc.returncode == 1, proc.stderr
+    rows = [
+        (Path(r["path"]).name, r["prefix"], r["schema"], r["version"], r["behind"])
+        for r in json.loads(proc.stdout)
+    ]
+    assert rows == [
+        ("a_two.pth", "backbone.", "backbone", "1.0.0", True),
+        ("a_two.pth", "head.", "head", "1.0.0", True),
+        ("b_half.pth", "backbone.", "backbone", "2.0.0", False),
+        ("b_half.pth", "head.", "head", "1.0.0", True),
+        ("c_root.pth", "", "head", "1.1.0", False),
+    ]
+    by_mount = {(Path(r["path"]).name, r["prefix"]): r for r in json.loads(proc.stdout)}
+    assert by_mount[("a_two.pth", "backbone.")]["tensors"] == 1
+    assert by_mount[("a_two.pth", "head.")]["nbytes"] == 6 * 4
+
+    plain = run(two, "scan", "reg", "--migrations", "mig")
+    assert plain.returncode == 0, plain.stderr
+    assert "a_two.pth [head.]  head 1.0.0 -> 1.1.0: behind, 1 step(s)" in plain.stdout
+    assert "b_half.pth [backbone.]  backbone 2.0.0: current" in plain.stdout
+    assert "3 checkpoint(s), 5 mount(s), 3 behind" in plain.stdout
+
+    # only the half-current file's head is behind: still a failing gate
+    for name in ("a_two.pth", "c_root.pth"):
+        (reg / name).unlink()
+    gate = run(two, "scan", "reg", "--fail-behind", "--migrations", "mig")
+    assert gate.returncode == 1 and "1 behind" in gate.stdout
+
+
+def test_scan_rows_per_mount_are_coloured_on_a_terminal(two: Path) -> None:
+    from test_cli_display import run_on_terminal
+
+    _registry(two)
+    code, text = run_on_terminal(two, "scan", "reg", "--migrations", "mig")
+    assert code == 0
+    assert "a_two.pth [head.]  head 1.0.0 -> 1.1.0: \x1b[33mbehind\x1b[0m" in text
+
+
+def test_scan_worker_processes_give_the_same_rows_per_mount(two: Path) -> None:
+    from ckptmigrate.scan import scan
+
+    reg = _registry(two)
+    by_threads = scan(reg, schemas(), workers=2)
+    by_processes = scan(reg, schemas(), workers=2, processes=True)
+    assert [r.to_dict() for r in by_processes] == [r.to_dict() for r in by_threads]
+    assert [r.prefix for r in by_processes] == ["backbone.", "head.", "backbone.", "head.", ""]
