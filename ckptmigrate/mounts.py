@@ -16,7 +16,7 @@ mount at ``""`` (the stamp's root fields) owns the keys outside every other moun
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ __all__ = [
     "model_view",
     "mounts_of_schema",
     "owner_of",
+    "upgrade_every_mount",
     "upgrade_mount",
     "upgrade_mounts_of",
 ]
@@ -189,6 +190,27 @@ def model_view(ckpt: Checkpoint, schema: str, prefix: str | None = None) -> Chec
 
 def _held(ckpt: Checkpoint) -> str:
     return ", ".join(f"{m.schema} at {m.prefix!r}" for m in all_mounts(ckpt)) or "no mounts"
+
+
+def upgrade_every_mount(ckpt: Checkpoint, schemas: Mapping[str, Schema]) -> Checkpoint:
+    """``ckpt`` with every mount migrated to its schema's current version (the schemas found
+    by name in ``schemas``; a mount of another one is an :class:`UnknownSchemaError`); each
+    plan is checked before any mount runs.
+
+    >>> ckpt = upgrade_every_mount(ckpt, find_schemas(["migrations"]))
+    """
+    from .errors import UnknownSchemaError
+
+    plans = []
+    for m in all_mounts(ckpt):
+        if m.schema not in schemas:
+            raise UnknownSchemaError(m.schema, list(schemas))
+        schema = schemas[m.schema]
+        plans.append((m.prefix, schema, mount_plan(ckpt, schema, m.prefix)))
+    out = ckpt
+    for prefix, schema, plan in plans:
+        out = upgrade_mount(out, schema, prefix=prefix, plan=plan)
+    return out if out is not ckpt else ckpt.copy()
 
 
 def _find(ckpt: Checkpoint, prefix: str) -> Mount:

@@ -137,3 +137,117 @@ def test_scan_worker_processes_give_the_same_rows_per_mount(two: Path) -> None:
     by_processes = scan(reg, schemas(), workers=2, processes=True)
     assert [r.to_dict() for r in by_processes] == [r.to_dict() for r in by_threads]
     assert [r.prefix for r in by_processes] == ["backbone.", "head.", "backbone.", "head.", ""]
+
+
+# -- check and the pytest plugin -----------------------------------------------------------------
+
+NET_MIGRATIONS = """
+import torch
+from torch import nn
+
+import ckptmigrate as cm
+
+
+class Net(nn.Module):  # today: encoder renamed enc
+    def __init__(self, width):
+        super().__init__()
+        self.enc = nn.Linear(3, width)
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.enc(x)))
+
+
+net = cm.Schema("net", current="2.0.0", build=lambda hp: Net(hp["width"]))
+net.add_migration("1.0.0", "2.0.0", [cm.ops.RenamePrefix("encoder.", "enc.")])
+"""
+
+
+class OldNet(torch.nn.Module):
+    """The user's module as it was at net 1.0.0, held by a LightningModule as ``self.net``."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Linear(3, width)
+        self.head = torch.nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.encoder(x)))
+
+
+@pytest.fixture()
+def lit_project(tmp_path: Path) -> Path:
+    """A Lightning-style fixture (the model at ``net.``, a loss module beside it) stamped with
+    the mount ``net`` 1.0.0, its golden record, migrations and a pyproject."""
+    (tmp_path / "migrations").mkdir()
+    (tmp_path / "migrations" / "net.py").write_text(NET_MIGRATIONS)
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.ckptmigrate]\nmigrations = ["migrations"]\nfixtures = ["fixtures"]\n'
+    )
+    folder = tmp_path / "fixtures" / "net"
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    old = OldNet().eval()
+    sd = {f"net.{k}": v for k, v in old.state_dict().items()}
+    sd["criterion.pos_weight"] = torch.tensor([2.0])  # the LightningModule's own, not the net's
+    raw = {"state_dict": sd, "hyper_parameters": {"width": 4}, "epoch": 3, "global_step": 12}
+    torch.save(raw, folder / "1.0.0-lit.ckpt")
+    stamp = ["stamp", "fixtures/net/1.0.0-lit.ckpt", "--schema", "net", "--version", "1.0.0"]
+    done = run(tmp_path, *stamp, "--prefix", "net.", "--in-place")
+    assert done.returncode == 0, done.stderr
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        golden = {"fixture": "1.0.0-lit.ckpt", "schema": "net", "version": "1.0.0"}
+        torch.save(
+            {**golden, "variant": "lit", "input": x, "output": old(x)},
+            folder / "1.0.0-lit.golden.pt",
+        )
+    return tmp_path
+
+
+def test_check_upgrades_each_mount_and_loads_the_models_mount_strictly(lit_project: Path) -> None:
+    done = run(lit_project, "check", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (row,) = json.loads(done.stdout)["fixtures"]
+    assert row["ok"] and row["steps_applied"] == 1 and row["max_abs_error"] == 0.0
+
+
+def test_check_fails_a_mounted_fixture_whose_output_drifts(lit_project: Path) -> None:
+    path = lit_project / "fixtures" / "net" / "1.0.0-lit.ckpt"
+    raw = torch.load(path, weights_only=True)
+    raw["state_dict"]["net.head.bias"] += 1e-3
+    torch.save(raw, path)
+    done = run(lit_project, "check")
+    assert done.returncode == 1 and "differs from the golden output" in done.stdout
+
+
+def test_check_upgrades_every_mount_so_an_undiscovered_one_fails(lit_project: Path) -> None:
+    path = lit_project / "fixtures" / "net" / "1.0.0-lit.ckpt"
+    cm.save(path, cm.load(path), schema="lossmod", version="1.0.0", prefix="criterion.")
+    done = run(lit_project, "check")
+    assert done.returncode == 1 and "upgrading:" in done.stdout and "'lossmod'" in done.stdout
+
+
+def test_a_golden_record_names_the_mount_by_prefix(lit_project: Path) -> None:
+    golden = lit_project / "fixtures" / "net" / "1.0.0-lit.golden.pt"
+    record = torch.load(golden, weights_only=True)
+    torch.save({**record, "prefix": "net."}, golden)
+    assert run(lit_project, "check").returncode == 0
+    torch.save({**record, "prefix": "model."}, golden)
+    done = run(lit_project, "check")
+    assert done.returncode == 1 and "no mount of 'net' at 'model.'" in done.stdout
+
+
+def test_the_pytest_plugin_checks_a_mounted_fixture(lit_project: Path) -> None:
+    from test_pytest_plugin import run_pytest, summary
+
+    (lit_project / "tests").mkdir()
+    (lit_project / "tests" / "test_load.py").write_text(
+        "def test_loads(ckpt_fixture):\n"
+        "    ckpt = ckpt_fixture('fixtures/net/1.0.0-lit.ckpt')\n"
+        "    assert [str(m.version) for m in ckpt.mounts] == ['2.0.0']\n"
+        "    assert 'net.enc.weight' in ckpt.state_dict and 'criterion.pos_weight' in ckpt.state_dict\n"
+    )
+    done = run_pytest(lit_project, "fixtures", "tests")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "net-1.0.0-lit PASSED" in done.stdout and "2 passed" in summary(done)
