@@ -52,7 +52,15 @@ def _fmt(value: Any) -> str:
 def _stamp_text(stamp: dict[str, Any] | None) -> str:
     if not stamp:
         return "unstamped"
+    if stamp.get("mounts"):
+        return "; ".join(_mount_text(m, m["version"]) for m in stamp["mounts"])
     return f"{stamp.get('schema')} {stamp.get('version')}"
+
+
+def _mount_text(mount: dict[str, Any], version: str) -> str:
+    """``net at 'net.' 1.0.0`` (the mount at "" without its prefix)."""
+    at = f" at {mount['prefix']!r}" if mount["prefix"] else ""
+    return f"{mount['schema']}{at} {version}"
 
 
 # -- diff --------------------------------------------------------------------------------------
@@ -120,22 +128,21 @@ def _diff_summary(d: Diff) -> str:
     return "drift: " + ", ".join(parts)
 
 
-def _upgrade_line(d: Diff, arrow: str) -> str | None:
+def _upgrade_lines(d: Diff, arrow: str) -> list[str]:
     if d.upgrade is None:
-        return None
-    u = d.upgrade
-    return (
-        f"A upgraded first: {u['schema']} {u['from']} {arrow} {u['to']} "
+        return []
+    return [
+        f"A upgraded first: {_mount_text(u, u['from'])} {arrow} {u['to']} "
         f"({len(u['steps'])} step{'' if len(u['steps']) == 1 else 's'})"
-    )
+        for u in d.upgrade.get("mounts") or [{**d.upgrade, "prefix": ""}]
+    ]
 
 
 def render_diff_plain(d: Diff, write: Callable[[str], Any]) -> None:
     """The diff as plain lines, for pipes and logs."""
     write(f"A: {d.a} ({_stamp_text(d.stamps.get('a'))})")
     write(f"B: {d.b} ({_stamp_text(d.stamps.get('b'))})")
-    line = _upgrade_line(d, "->")
-    if line:
+    for line in _upgrade_lines(d, "->"):
         write(line)
     rows = _diff_rows(d, "->")
     width = max((len(row[0]) for row in rows), default=0)
@@ -169,9 +176,8 @@ def render_diff_rich(d: Diff, console: Any) -> None:
 
     console.print(f"[bold]A[/]: {d.a} [dim]({_stamp_text(d.stamps.get('a'))})[/]")
     console.print(f"[bold]B[/]: {d.b} [dim]({_stamp_text(d.stamps.get('b'))})[/]")
-    line = _upgrade_line(d, "→")
-    if line:
-        console.print(f"[dim]{line}[/]")
+    for line in _upgrade_lines(d, "→"):
+        console.print(Text(line, style="dim"))
     rows = _diff_rows(d, "→")
     if rows:
         groups: dict[str, list[DiffRow]] = {}
@@ -207,6 +213,7 @@ def cmd_diff_model(args: argparse.Namespace) -> int:
         schemas=_schemas(args),
         from_version=args.from_version,
         allowed_globals=args.allow_global,
+        param_names=_param_names(args),
     )
     if args.json:
         print(result.to_json())
@@ -239,6 +246,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
         return cmd_diff_model(args)
     if args.b is None:
         raise CommandError("diff needs two checkpoints A B, or one with --model SCHEMA")
+    if args.param_names is not None and not args.upgrade:
+        raise CommandError(
+            "--param-names names the optimizer state an upgrade needs: add --upgrade"
+        )
     schemas = _schemas(args) if args.upgrade else None
     with progress_bar("comparing values") as progress:
         result = diff(
@@ -251,6 +262,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
             from_version=args.from_version,
             allowed_globals=args.allow_global,
             progress=progress,
+            param_names=_param_names(args),
         )
     if args.json:
         print(result.to_json())
@@ -323,7 +335,6 @@ def _schema_status(
 def info_record(path: str, args: argparse.Namespace) -> dict[str, Any]:
     """What ``ckptmigrate info`` shows, as JSON-able data (metadata read only)."""
     from .diff import plain
-    from .errors import UnknownLayoutError
     from .files import checkpoint_bytes, read_metadata
     from .formats.detect import detect_format
     from .layout import is_tensor_like
@@ -331,11 +342,7 @@ def info_record(path: str, args: argparse.Namespace) -> dict[str, Any]:
     from .report import signature
 
     fmt = detect_format(path)
-    try:
-        ckpt = read_metadata(path, allowed_globals=args.allow_global)
-    except UnknownLayoutError:
-        _schemas(args)  # the migrations may declare the file's layout (cm.Layout)
-        ckpt = read_metadata(path, allowed_globals=args.allow_global)
+    ckpt = read_metadata(path, allowed_globals=args.allow_global)
     tensors = {k: v for k, v in ckpt.state_dict.items() if is_tensor_like(v)}
     dtypes: dict[str, int] = {}
     for value in tensors.values():
@@ -604,20 +611,24 @@ def cmd_scan(args: argparse.Namespace) -> int:
         return EXIT_DRIFT if args.fail_behind and any(r.behind for r in rows) else EXIT_OK
     out = Output()
     for r in rows:
+        where = f"{r.path} [{r.prefix}]" if r.prefix else r.path
         if r.error and r.behind is None:
-            out.line(f"{r.path}  ", styled("?", "error"), f"  {r.error}")
+            out.line(f"{where}  ", styled("?", "error"), f"  {r.error}")
         elif r.behind:
             steps = f", {len(r.steps)} step(s)"
             out.line(
-                f"{r.path}  {r.schema} {r.version} -> {r.current}: ",
+                f"{where}  {r.schema} {r.version} -> {r.current}: ",
                 styled("behind", "behind"),
                 steps,
             )
         else:
-            out.line(f"{r.path}  {r.schema} {r.version}: ", styled("current", "current"))
+            out.line(f"{where}  {r.schema} {r.version}: ", styled("current", "current"))
     behind = sum(1 for r in rows if r.behind)
+    files = len({r.path for r in rows})
+    mounts = f"{len(rows)} mount(s), " if len(rows) != files else ""
     out.line(
-        f"{len(rows)} checkpoint(s), ", styled(f"{behind} behind", "behind" if behind else "ok")
+        f"{files} checkpoint(s), {mounts}",
+        styled(f"{behind} behind", "behind" if behind else "ok"),
     )
     return EXIT_DRIFT if args.fail_behind and behind else EXIT_OK
 
@@ -930,6 +941,15 @@ def _common(sub: argparse.ArgumentParser, *, reads_files: bool) -> None:
         )
 
 
+def _param_names_option(sub: argparse.ArgumentParser, when: str = "") -> None:
+    sub.add_argument(
+        "--param-names",
+        metavar="FILE",
+        help=f"{when}names of position-keyed optimizer state, one a line in the optimizer's "
+        "order (needed when a step splits, merges or drops parameters and the file cannot tell)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     parser = _Parser(
@@ -961,6 +981,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="V",
         help="with --upgrade or --model: A's version when it has no stamp (auto: guess it)",
     )
+    _param_names_option(p, "with --upgrade or --model: ")
     _common(p, reads_files=True)
     p.set_defaults(func=cmd_diff)
 
@@ -988,12 +1009,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="SRC's version when it has no stamp (auto: guess it from its keys)",
     )
     p.add_argument("--schema", help="SRC's schema when it has no stamp")
-    p.add_argument(
-        "--param-names",
-        metavar="FILE",
-        help="names of position-keyed optimizer state, one a line in the optimizer's order "
-        "(needed when a step splits, merges or drops parameters and the file cannot tell)",
-    )
+    _param_names_option(p)
     _common(p, reads_files=True)
     p.set_defaults(func=cmd_upgrade)
 
@@ -1069,6 +1085,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _migrations_layouts(args: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
+    """A command that reads files reads the layouts its migrations declare (``cm.Layout``):
+    a file in none of the known layouts imports them, once, and is matched again."""
+    if not hasattr(args, "allow_global"):
+        return contextlib.nullcontext()
+    from .layout import layouts_from
+
+    return layouts_from(lambda: _schemas(args))
+
+
 def _library_version() -> str:
     from . import __version__
 
@@ -1079,7 +1105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (``ckptmigrate diff a.pth b.pth``)."""
     args = build_parser().parse_args(argv)
     try:
-        with _warnings_as_lines(show_torch=args.debug), _project_importable():
+        with (
+            _warnings_as_lines(show_torch=args.debug),
+            _project_importable(),
+            _migrations_layouts(args),
+        ):
             return int(args.func(args))
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted", file=sys.stderr)

@@ -121,6 +121,7 @@ def diff(
     from_version: str | Version | None = None,
     allowed_globals: Iterable[str] = (),
     progress: Progress | None = None,
+    param_names: Sequence[str] | None = None,
 ) -> Diff:
     """Compare checkpoint ``a`` with ``b``: paths, :class:`Checkpoint` objects or state_dicts.
 
@@ -128,7 +129,10 @@ def diff(
     tensors reveal renames. ``upgrade=True`` first migrates ``a`` to ``b``'s version (the
     schema's current one when ``b`` has no stamp) with the schema of ``a``'s stamp, found in
     ``schemas`` (default: discovered); ``schema``/``from_version`` name them for an unstamped
-    ``a``. ``allowed_globals`` (``"module.Name"``) lets trusted pickled classes through.
+    ``a``; a checkpoint with mounts has each mount upgraded (to ``b``'s mount at the same
+    prefix, else to its schema's current version). ``param_names`` names position-keyed
+    optimizer state for steps that need it. ``allowed_globals`` (``"module.Name"``) lets
+    trusted pickled classes through.
 
     >>> d = cm.diff("v1.pth", "v2.pth", upgrade=True)   # what the migrations still miss
     >>> d.has_drift
@@ -141,7 +145,7 @@ def diff(
     result = Diff(a=label_a, b=label_b)
     if upgrade:
         ckpt_a, result.upgrade = _upgrade_to_b(
-            ckpt_a, ckpt_b, schemas, schema, from_version, label_a, label_b
+            ckpt_a, ckpt_b, schemas, schema, from_version, label_a, label_b, param_names
         )
     result.stamps = {"a": _stamp_of(ckpt_a), "b": _stamp_of(ckpt_b)}
 
@@ -223,6 +227,7 @@ def diff_model(
     schemas: Mapping[str, Schema] | Sequence[Schema] | Schema | None = None,
     from_version: str | Version | None = None,
     allowed_globals: Iterable[str] = (),
+    param_names: Sequence[str] | None = None,
 ) -> ModelDiff:
     """Compare checkpoint ``a``, upgraded to the schema's current version, with the state_dict
     of the model ``schema.build`` makes from the migrated hparams: a strict load, before it.
@@ -231,6 +236,7 @@ def diff_model(
     >>> d = diff_model("old.pth", "tinylm")   # ckptmigrate diff old.pth --model tinylm
     >>> d.report.missing, d.report.unexpected, d.has_drift
     """
+    from .mounts import model_view
     from .report import load_report
 
     found = schema if isinstance(schema, Schema) else _schema_table(schemas).get(schema)
@@ -239,15 +245,16 @@ def diff_model(
     ckpt_a, label = _as_checkpoint(a, "A", tensors=True, allowed=list(allowed_globals))
     target = Checkpoint({}, schema=found.name, version=found.current)
     upgraded, record = _upgrade_to_b(
-        ckpt_a, target, {found.name: found}, found, from_version, label, ""
+        ckpt_a, target, {found.name: found}, found, from_version, label, "", param_names
     )
-    model = found.build(upgraded.hparams)
+    view = model_view(upgraded, found.name)  # a file with mounts: the mount of the model
+    model = found.build(view.hparams)
     return ModelDiff(
         label,
         found.name,
-        load_report(model, upgraded.state_dict, upgraded.module_metadata),
+        load_report(model, view.state_dict, view.module_metadata),
         record,
-        upgraded.hparams,
+        view.hparams,
     )
 
 
@@ -302,6 +309,7 @@ def _upgrade_to_b(
     from_version: str | Version | None,
     label_a: str,
     label_b: str,
+    param_names: Sequence[str] | None = None,
 ) -> tuple[Checkpoint, dict[str, Any]]:
     from .upgrade import upgrade as upgrade_checkpoint
 
@@ -311,6 +319,8 @@ def _upgrade_to_b(
     else:
         table = _schema_table(schemas)
         name = schema
+    if ckpt_a.mounts:
+        return _upgrade_mounts_to_b(ckpt_a, ckpt_b, table, name, label_a, label_b, param_names)
     name = ckpt_a.schema or name or ckpt_b.schema
     if name is None and len(table) == 1:
         name = next(iter(table))
@@ -333,22 +343,62 @@ def _upgrade_to_b(
         ckpt_a.schema, ckpt_a.version = found.name, version
     target = ckpt_b.version if ckpt_b.version is not None else found.current
     plan = found.plan(ckpt_a.version, target)  # type: ignore[arg-type]
-    upgraded = upgrade_checkpoint(ckpt_a, found, to=target)
+    upgraded = upgrade_checkpoint(ckpt_a, found, to=target, param_names=param_names)
+    record = _upgrade_record(found.name, ckpt_a.version, target, plan)
+    return upgraded, {**record, "mounts": []}
+
+
+def _upgrade_mounts_to_b(
+    ckpt_a: Checkpoint,
+    ckpt_b: Checkpoint,
+    table: dict[str, Schema],
+    name: str | None,
+    label_a: str,
+    label_b: str,
+    param_names: Sequence[str] | None,
+) -> tuple[Checkpoint, dict[str, Any]]:
+    """Each mount of A (of schema ``name`` when given) to B's mount at the same prefix, else to
+    its schema's current version; every plan is checked before any mount runs."""
+    from .mounts import all_mounts, mount_plan, upgrade_mount
+
+    chosen = [m for m in all_mounts(ckpt_a) if name is None or m.schema == name]
+    if not chosen:
+        held = ", ".join(f"{m.schema} at {m.prefix!r}" for m in all_mounts(ckpt_a))
+        raise SchemaMismatchError(str(name), held, path=label_a)
+    in_b = {m.prefix: m for m in all_mounts(ckpt_b)}
+    plans = []
+    for m in chosen:
+        if m.schema not in table:
+            raise UnknownSchemaError(m.schema, list(table))
+        found = table[m.schema]
+        other = in_b.get(m.prefix)
+        if other is not None and other.schema != found.name:
+            raise SchemaMismatchError(found.name, other.schema, path=label_b)
+        target = other.version if other is not None else found.current
+        plans.append((m, found, target, mount_plan(ckpt_a, found, m.prefix, target)))
+    upgraded = ckpt_a
+    mounts = []
+    for m, found, target, plan in plans:
+        upgraded = upgrade_mount(
+            upgraded, found, prefix=m.prefix, plan=plan, param_names=param_names
+        )
+        mounts.append({"prefix": m.prefix, **_upgrade_record(found.name, m.version, target, plan)})
     record = {
-        "schema": found.name,
-        "from": str(ckpt_a.version),
-        "to": str(target),
-        "steps": [
-            {
-                "from": str(p.source),
-                "to": str(p.target),
-                "step": p.name,
-                "breaking": p.step.breaking,
-            }
-            for p in plan
-        ],
+        "schema": "+".join(r["schema"] for r in mounts),
+        "from": "+".join(r["from"] for r in mounts),
+        "to": "+".join(r["to"] for r in mounts),
+        "steps": [step for r in mounts for step in r["steps"]],
+        "mounts": mounts,
     }
     return upgraded, record
+
+
+def _upgrade_record(name: str, source: Any, target: Any, plan: Sequence[Any]) -> dict[str, Any]:
+    steps = [
+        {"from": str(p.source), "to": str(p.target), "step": p.name, "breaking": p.step.breaking}
+        for p in plan
+    ]
+    return {"schema": name, "from": str(source), "to": str(target), "steps": steps}
 
 
 # -- keys ----------------------------------------------------------------------------------------
@@ -369,10 +419,18 @@ def _key_record(key: str, sig: tuple[tuple[int, ...] | None, str]) -> dict[str, 
 
 
 def _stamp_of(ckpt: Checkpoint) -> dict[str, Any] | None:
-    if ckpt.schema is None and ckpt.version is None:
+    from .mounts import all_mounts
+
+    if ckpt.schema is None and ckpt.version is None and not ckpt.mounts:
         return None
     version = None if ckpt.version is None else str(ckpt.version)
-    return {"schema": ckpt.schema, "version": version}
+    stamp: dict[str, Any] = {"schema": ckpt.schema, "version": version}
+    if ckpt.mounts:
+        stamp["mounts"] = [
+            {"prefix": m.prefix, "schema": m.schema, "version": str(m.version)}
+            for m in all_mounts(ckpt)
+        ]
+    return stamp
 
 
 _TOKEN_SPLIT = re.compile(r"[._]")

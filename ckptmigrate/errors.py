@@ -476,12 +476,20 @@ class ParamNamesUnknown(CkptMigrateError, ValueError):
     def __init__(self, reason: str, *, step: str | None = None) -> None:
         self.reason = reason
         self.step = step
-        needs = f"step {step} " if step else "the migration "
-        super().__init__(
+        super().__init__(self.render())
+
+    def render(self, *, cli: bool = False) -> str:
+        needs = f"step {self.step} " if self.step else "the migration "
+        remedy = (
+            "pass --param-names FILE (one parameter name a line, in the order the optimizer "
+            "got them)"
+            if cli
+            else "pass param_names=[...] (the names of model.named_parameters(), in the order "
+            "the optimizer got them)"
+        )
+        return (
             f"the optimizer state is keyed by position only, and {needs}splits, merges, drops, "
-            f"reshapes or reorders parameters, so each position's name must be known: {reason}. "
-            "Pass --param-names FILE (one parameter name a line, in the order the optimizer got "
-            "them) on the command line, or param_names=[...] in Python (the names of "
-            "model.named_parameters() in that order); or save the optimizer from "
+            f"reshapes or reorders parameters, so each position's name must be known: "
+            f"{self.reason}. {remedy}; or save the optimizer from "
             "torch.optim.X(model.named_parameters()) so that its state_dict carries param_names"
         )

@@ -7,6 +7,11 @@ old code's ``hparams``. Checking a fixture proves the migration chain end to end
 the current version, loads with ``strict=True`` into the model built from the migrated hparams,
 and reproduces the golden output.
 
+A fixture whose stamp has mounts (a Lightning checkpoint with the model at ``net.``) has every
+mount upgraded with its own schema; the model of the record's ``schema`` loads its mount's view
+(keys without the prefix, the mount's hparams). The record's optional ``prefix`` names that
+mount when several hold the schema.
+
 A *resume* fixture also holds optimizer state, and its record a ``resume`` entry: the
 ``batches`` the old code trained on next and the ``losses`` it computed (``atol``/``rtol``
 optional). Checking it also builds today's optimizer with the schema's ``optimizer(model)``,
@@ -48,6 +53,9 @@ class Fixture:
     variant: str | None = None
     atol: float = DEFAULT_ATOL
     rtol: float = DEFAULT_RTOL
+    #: the mount whose schema builds the model (None: the only mount of ``schema``, or the
+    #: whole file when it has no mounts)
+    prefix: str | None = None
 
     @property
     def label(self) -> str:
@@ -108,6 +116,7 @@ def fixture_from_golden(golden_path: str | os.PathLike[str]) -> Fixture:
         variant=None if variant is None else str(variant),
         atol=float(record.get("atol", DEFAULT_ATOL)),
         rtol=float(record.get("rtol", DEFAULT_RTOL)),
+        prefix=None if record.get("prefix") is None else str(record["prefix"]),
     )
 
 
@@ -152,6 +161,9 @@ def load_fixture(
 
     allowed = list(safe_globals)
     stored = api.load(fixture.path, schema=schema, upgrade=False, safe_globals=allowed)
+    if stored.mounts or fixture.prefix:
+        _check_mount_version(fixture, stored)
+        return run_upgrade(stored, schema, to=to) if upgrade else stored
     if stored.version is None:
         stored = api.load(
             fixture.path,
@@ -173,6 +185,18 @@ def load_fixture(
     return run_upgrade(stored, schema, to=to)
 
 
+def _check_mount_version(fixture: Fixture, stored: Checkpoint) -> None:
+    from .mounts import model_view
+
+    view = model_view(stored, fixture.schema, fixture.prefix)
+    if str(view.version) != fixture.version:
+        at = f" at {fixture.prefix!r}" if fixture.prefix else ""
+        raise CkptMigrateError(
+            f"{fixture.path} mounts {fixture.schema}{at} at version {view.version}, but its "
+            f"golden record says version {fixture.version}: one of the two is wrong"
+        )
+
+
 def check_fixture(
     fixture: Fixture, schemas: Mapping[str, Schema], *, safe_globals: Iterable[Any] = ()
 ) -> FixtureResult:
@@ -191,6 +215,7 @@ def check_fixture(
             reason=f"no schema named {fixture.schema!r} was discovered (found: {known}); "
             "point --migrations (or [tool.ckptmigrate] migrations) at its migrations",
         )
+    from .mounts import model_view, upgrade_every_mount
     from .report import load_report
     from .upgrade import upgrade as run_upgrade
 
@@ -201,7 +226,11 @@ def check_fixture(
         stage = "loading"
         stored = load_fixture(fixture, schema, upgrade=False, safe_globals=safe_globals)
         stage = "upgrading"
-        upgraded = run_upgrade(stored, schema)
+        if stored.mounts:  # every mount, each with its schema; the model loads its own
+            upgraded = model_view(upgrade_every_mount(stored, schemas), schema.name, fixture.prefix)
+            stored = model_view(stored, schema.name, fixture.prefix)
+        else:
+            upgraded = run_upgrade(stored, schema)
         steps = len(upgraded.history) - len(stored.history)
         stage = "building the model from the migrated hparams"
         model = schema.build(upgraded.hparams)

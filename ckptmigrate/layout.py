@@ -8,8 +8,11 @@ apart into a :class:`Checkpoint`; ``assemble`` puts one back together in the sam
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +77,9 @@ LAYOUTS: dict[str, Layout] = {
     )
 }
 _DECLARED: dict[str, Layout] = {}
+#: what declares more layouts when a file matches none (the CLI: import the migrations)
+_SOURCES: list[Callable[[], object]] = []
+_SOURCES_LOCK = threading.Lock()
 
 
 def declare_layout(layout: Layout) -> Layout:
@@ -87,6 +93,37 @@ def declare_layout(layout: Layout) -> Layout:
         raise LayoutNameError(layout.name, builtin=layout.name in LAYOUTS)
     _DECLARED[layout.name] = layout
     return layout
+
+
+def declared_layouts() -> list[Layout]:
+    """The layouts declared in this process (to declare them again in a worker process)."""
+    return list(_DECLARED.values())
+
+
+@contextlib.contextmanager
+def layouts_from(source: Callable[[], object]) -> Iterator[None]:
+    """While inside, a file in none of the known layouts first calls ``source`` (once), which
+    declares more of them, and is matched again: migrations are imported only when a file
+    needs their layouts.
+
+    >>> with layouts_from(lambda: find_schemas(["migrations"])):
+    ...     ckpt = read_metadata("trainer.pt")   # a layout migrations/ declares
+    """
+    _SOURCES.append(source)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            _SOURCES.remove(source)
+
+
+def _declare_more() -> None:
+    """Run the waiting layout sources, each once."""
+    with _SOURCES_LOCK:
+        waiting = list(_SOURCES)
+        _SOURCES.clear()
+        for source in waiting:
+            source()
 
 
 def layout_named(name: str) -> Layout | None:
@@ -107,9 +144,12 @@ def detect_layout(obj: Any, *, path: object = None) -> Layout:
             f"{type(obj).__name__}",
             path=path,
         )
-    for layout in (*_DECLARED.values(), *LAYOUTS.values()):
-        if layout.matches(obj):
-            return layout
+    for attempt in range(2):
+        for layout in (*_DECLARED.values(), *LAYOUTS.values()):
+            if layout.matches(obj):
+                return layout
+        if attempt == 0:
+            _declare_more()  # returns once any source another thread runs has finished
     raise UnknownLayoutError([str(k) for k in obj], path=path)
 
 

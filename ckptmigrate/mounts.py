@@ -16,7 +16,7 @@ mount at ``""`` (the stamp's root fields) owns the keys outside every other moun
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,11 @@ __all__ = [
     "all_mounts",
     "mount",
     "mount_plan",
+    "mount_view",
+    "model_view",
     "mounts_of_schema",
+    "owner_of",
+    "upgrade_every_mount",
     "upgrade_mount",
     "upgrade_mounts_of",
 ]
@@ -150,12 +154,81 @@ def upgrade_mounts_of(
     return out if out is not ckpt else ckpt.copy()
 
 
+def mount_view(ckpt: Checkpoint, prefix: str) -> Checkpoint:
+    """What the model of the mount at ``prefix`` sees: its keys without the prefix, their
+    modules' metadata, its hparams (its named entry, else the whole hparams), its stamp.
+
+    >>> model.load_state_dict(mount_view(ckpt, "net.").state_dict_for_torch(), strict=True)
+    """
+    return _view(ckpt, prefix, None)[0]
+
+
+def model_view(ckpt: Checkpoint, schema: str, prefix: str | None = None) -> Checkpoint:
+    """What the model ``schema`` builds loads from ``ckpt``: the whole checkpoint when it has
+    no mounts, else the view of its mount of ``schema`` (at ``prefix``, needed when several
+    mounts hold it).
+
+    >>> view = model_view(ckpt, "net")   # the keys under net., without the prefix
+    """
+    if not ckpt.mounts and not prefix:
+        return ckpt
+    mine = [m.prefix for m in all_mounts(ckpt) if m.schema == schema]
+    if prefix is not None:
+        if prefix not in mine:
+            raise MountError(
+                f"the checkpoint has no mount of {schema!r} at {prefix!r}; it has " f"{_held(ckpt)}"
+            )
+        return mount_view(ckpt, prefix)
+    if len(mine) != 1:
+        found = "no mount" if not mine else f"{len(mine)} mounts ({', '.join(map(repr, mine))})"
+        raise MountError(
+            f"the model of {schema!r} loads one mount, but the checkpoint has {found} of it "
+            f"({_held(ckpt)}): name the mount's prefix"
+        )
+    return mount_view(ckpt, mine[0])
+
+
+def _held(ckpt: Checkpoint) -> str:
+    return ", ".join(f"{m.schema} at {m.prefix!r}" for m in all_mounts(ckpt)) or "no mounts"
+
+
+def upgrade_every_mount(ckpt: Checkpoint, schemas: Mapping[str, Schema]) -> Checkpoint:
+    """``ckpt`` with every mount migrated to its schema's current version (the schemas found
+    by name in ``schemas``; a mount of another one is an :class:`UnknownSchemaError`); each
+    plan is checked before any mount runs.
+
+    >>> ckpt = upgrade_every_mount(ckpt, find_schemas(["migrations"]))
+    """
+    from .errors import UnknownSchemaError
+
+    plans = []
+    for m in all_mounts(ckpt):
+        if m.schema not in schemas:
+            raise UnknownSchemaError(m.schema, list(schemas))
+        schema = schemas[m.schema]
+        plans.append((m.prefix, schema, mount_plan(ckpt, schema, m.prefix)))
+    out = ckpt
+    for prefix, schema, plan in plans:
+        out = upgrade_mount(out, schema, prefix=prefix, plan=plan)
+    return out if out is not ckpt else ckpt.copy()
+
+
 def _find(ckpt: Checkpoint, prefix: str) -> Mount:
     for m in all_mounts(ckpt):
         if m.prefix == prefix:
             return m
     held = ", ".join(repr(m.prefix) for m in all_mounts(ckpt)) or "none"
     raise MountError(f"the checkpoint has no mount at {prefix!r}; its mounts are at {held}")
+
+
+def owner_of(ckpt: Checkpoint) -> Any:
+    """A function from a key to the prefix of the mount that owns it (``""``: the root)."""
+    prefixes = [m.prefix for m in ckpt.mounts]
+
+    def owner(key: str) -> str:
+        return next((p for p in prefixes if key.startswith(p)), "")
+
+    return owner
 
 
 def _owns(ckpt: Checkpoint, prefix: str) -> Any:
@@ -191,7 +264,7 @@ def _view(
         version=found.version,
         history=[dict(h) for h in found.history],
         mounts=[],
-        optimizer=_sub_optimizers(named, owns, cut, ckpt) if named else None,
+        optimizer=_sub_optimizers(named, owns, cut) if named else None,
     )
     view.hparams = dict(hparams)
     return view, named
@@ -228,7 +301,7 @@ def _put_back(ckpt: Checkpoint, prefix: str, done: Checkpoint, named: list[Any])
         out.hparams = done.hparams
     out.meta, out.extra = done.meta, done.extra
     if named:
-        out.optimizer = _merge_optimizers(ckpt, named, done, owns, prefix, list(state_dict))
+        out.optimizer = _merge_optimizers(ckpt, named, done, owns, prefix)
     elif ckpt.optimizer is not None:
         _check_positions_hold(ckpt, done, prefix, owns)
     if prefix:
@@ -255,7 +328,7 @@ def _named_optimizers(ckpt: Checkpoint, param_names: Sequence[str] | None) -> li
     return out
 
 
-def _sub_optimizers(named: list[Any], owns: Any, cut: int, ckpt: Checkpoint) -> list[Any]:
+def _sub_optimizers(named: list[Any], owns: Any, cut: int) -> list[Any]:
     """The mount's part of each optimizer, by its own (prefix-less) names, as torch state."""
     from .optimizer import NamedOptimizer, from_named
 
@@ -264,12 +337,12 @@ def _sub_optimizers(named: list[Any], owns: Any, cut: int, ckpt: Checkpoint) -> 
         groups = [{**g, "names": [n[cut:] for n in g["names"] if owns(n)]} for g in full.groups]
         states = {n[cut:]: st for n, st in full.states.items() if owns(n)}
         sub = NamedOptimizer(states, groups, True, dict(full.extra))
-        subs.append(from_named(sub, [k[cut:] for k in ckpt.state_dict if owns(k)]))
+        subs.append(from_named(sub))
     return subs
 
 
 def _merge_optimizers(
-    ckpt: Checkpoint, named: list[Any], done: Checkpoint, owns: Any, prefix: str, order: list[str]
+    ckpt: Checkpoint, named: list[Any], done: Checkpoint, owns: Any, prefix: str
 ) -> Any:
     """Each optimizer with the mount's state replaced by what its migration made of it."""
     from .optimizer import from_named, to_named
@@ -283,7 +356,7 @@ def _merge_optimizers(
             group["names"] = names + [prefix + n for n in sub_group["names"]]
         full.states = {n: st for n, st in full.states.items() if not owns(n)}
         full.states.update({prefix + n: st for n, st in sub.states.items()})
-        optimizer = _put(optimizer, where, from_named(full, order))
+        optimizer = _put(optimizer, where, from_named(full))
     return optimizer
 
 
@@ -299,9 +372,8 @@ def _check_positions_hold(ckpt: Checkpoint, done: Checkpoint, prefix: str, owns:
     after = [_shape(v) for v in done.state_dict.values()]
     if before != after:
         raise ParamNamesUnknown(
-            f"the optimizer state is keyed by position only, and the migration of the mount at "
-            f"{prefix!r} changes its parameters (not only their names), so each position's name "
-            "must be known: pass param_names=[...] (--param-names FILE on the command line)"
+            f"the migration of the mount at {prefix!r} changes its parameters (not only their "
+            "names)"
         )
 
 

@@ -157,7 +157,7 @@ class PositionalState:
         try:
             if self.given is not None:
                 names = list(self.given)
-                _verify(self.opt_sd, names, sd, "the names given (--param-names, param_names=)")
+                _verify(self.opt_sd, names, sd, "the names given")
             else:
                 names = deduce_param_names(self.opt_sd, sd, self.buffers())
         except ParamNamesUnknown as exc:

@@ -1,7 +1,8 @@
 """Scan a tree of checkpoints (a model registry): schema, version and what each one is behind.
 
 Metadata only (stamps, keys and shapes from headers and pickles, never tensor data), in
-parallel across files. A sharded set or a DCP folder counts as one checkpoint.
+parallel across files. A sharded set or a DCP folder counts as one checkpoint; a checkpoint
+with mounts gets one row per mount (``prefix``), each judged against its own schema.
 
 >>> rows = scan("registry/", schemas)
 >>> [r.path for r in rows if r.behind]
@@ -12,16 +13,19 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import CkptMigrateError, PathNotFoundError
 from .schema import Schema
 
-__all__ = ["CHECKPOINT_SUFFIXES", "ScanRow", "find_checkpoints", "judge", "read_row", "scan"]
+if TYPE_CHECKING:
+    from .layout import Layout
+
+__all__ = ["CHECKPOINT_SUFFIXES", "ScanRow", "find_checkpoints", "judge", "read_rows", "scan"]
 
 #: File names that :func:`scan` treats as checkpoints.
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
@@ -29,9 +33,11 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 
 @dataclass
 class ScanRow:
-    """One checkpoint found by :func:`scan`; ``error`` says why the rest may be missing."""
+    """One checkpoint (or one mount of it, at ``prefix``) found by :func:`scan`; ``error`` says
+    why the rest may be missing. ``tensors`` and ``nbytes`` count the mount's own keys."""
 
     path: str
+    prefix: str = ""
     format: str | None = None
     schema: str | None = None
     version: str | None = None
@@ -70,27 +76,54 @@ def find_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
     return sorted(found)
 
 
-def read_row(path: str | os.PathLike[str], allowed_globals: Iterable[str] = ()) -> ScanRow:
-    """The metadata half of a row (format, stamp, tensors, bytes): no schema needed, torch-free,
-    so a worker process can compute it. ``allowed_globals`` lets trusted classes through."""
+def read_rows(
+    path: str | os.PathLike[str],
+    allowed_globals: Iterable[str] = (),
+    layouts: Sequence[Layout] = (),
+) -> list[ScanRow]:
+    """The metadata half of a file's rows (format, stamp, tensors, bytes), one per mount (one
+    row without mounts): no schema needed, torch-free, so a worker process can compute it.
+    ``allowed_globals`` lets trusted classes through; ``layouts`` are declared first (a worker
+    process has none of the layouts its parent's migrations declared)."""
     from .files import read_metadata
     from .formats.detect import detect_format
+    from .layout import declare_layout
+    from .mounts import all_mounts, owner_of
 
+    for layout in layouts:
+        declare_layout(layout)
     row = ScanRow(str(path))
     path = Path(path)
     try:
         row.format = detect_format(path)
         ckpt = read_metadata(path, allowed_globals=list(allowed_globals))
-        unique = {id(v): v for v in ckpt.state_dict.values() if hasattr(v, "info")}
-        row.tensors = len(ckpt.state_dict)
-        row.nbytes = sum(v.info.nbytes for v in unique.values())
-        row.schema = ckpt.schema
-        row.version = str(ckpt.version) if ckpt.version is not None else None
     except CkptMigrateError as exc:
         row.error = str(exc)
+        return [row]
     except OSError as exc:
         row.error = f"cannot read it: {exc}"
-    return row
+        return [row]
+    mounts = all_mounts(ckpt) if ckpt.mounts else []
+    if not mounts:
+        row.schema = ckpt.schema
+        row.version = str(ckpt.version) if ckpt.version is not None else None
+        _count(row, ckpt.state_dict.values())
+        return [row]
+    owner = owner_of(ckpt)
+    rows = []
+    for m in mounts:
+        mine = [v for k, v in ckpt.state_dict.items() if owner(k) == m.prefix]
+        mount_row = replace(row, prefix=m.prefix, schema=m.schema, version=str(m.version))
+        _count(mount_row, mine)
+        rows.append(mount_row)
+    return rows
+
+
+def _count(row: ScanRow, values: Iterable[Any]) -> None:
+    values = list(values)
+    unique = {id(v): v for v in values if hasattr(v, "info")}
+    row.tensors = len(values)
+    row.nbytes = sum(v.info.nbytes for v in unique.values())
 
 
 def judge(row: ScanRow, schemas: Mapping[str, Schema]) -> ScanRow:
@@ -128,7 +161,8 @@ def scan(
     """Scan every checkpoint under ``root`` against ``schemas`` (by name), in parallel.
 
     Reads metadata only. ``progress(done, total)`` is called as files finish. Rows come back
-    in path order; a file that cannot be read gets a row with ``error`` set.
+    in path order, a file with mounts as one row per mount (root first, then by the stamp's
+    order); a file that cannot be read gets a row with ``error`` set.
 
     Threads (the default) overlap waiting on slow storage (a network file system); decoding
     headers is CPU work that one interpreter runs one thread at a time, so on local disks
@@ -157,11 +191,15 @@ def scan(
     else:
         pool = ThreadPoolExecutor(max_workers=workers or min(32, cpus * 4))
         chunk = 1
+    from .layout import declared_layouts
+
     rows: list[ScanRow] = []
-    read = functools.partial(read_row, allowed_globals=tuple(allowed_globals))
+    read = functools.partial(
+        read_rows, allowed_globals=tuple(allowed_globals), layouts=tuple(declared_layouts())
+    )
     with pool:
-        for done, row in enumerate(pool.map(read, paths, chunksize=chunk), 1):
-            rows.append(judge(row, by_name))
+        for done, file_rows in enumerate(pool.map(read, paths, chunksize=chunk), 1):
+            rows.extend(judge(row, by_name) for row in file_rows)
             if progress is not None:
                 progress(done, len(paths))
     return rows

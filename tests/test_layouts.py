@@ -151,3 +151,54 @@ def test_a_declared_layout_cannot_take_a_taken_name():
     assert declare_layout(cm.Layout(name, "net")) == first  # the same layout again: no-op
     with pytest.raises(cm.LayoutNameError, match="another declared layout"):
         declare_layout(cm.Layout(name, "model_weights"))
+
+
+def _trainer_file(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    torch.save(
+        {"net": model.state_dict(), "cfg": {"width": 4}, "opt": optimizer.state_dict()}, path
+    )
+
+
+def test_diff_of_files_in_a_declared_layout_imports_the_migrations_that_declare_it(tmp_path):
+    model, optimizer = trained()
+    _trainer_file(tmp_path / "a.pt", model, optimizer)
+    with torch.no_grad():
+        model[1].bias.add_(1.0)
+    _trainer_file(tmp_path / "b.pt", model, optimizer)
+    mig = migrations(tmp_path, TRAINER_LAYOUT)
+    args = ("diff", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--json")
+    refused = run(tmp_path, *args)
+    assert refused.returncode == 2 and "cm.Layout(" in refused.stderr
+    done = run(tmp_path, *args, "--values", "--migrations", str(mig))
+    assert done.returncode == 1, done.stderr
+    changed = [v["key"] for v in json.loads(done.stdout)["values"] if not v["equal"]]
+    assert changed == ["1.bias"]
+
+
+def test_stamp_to_a_new_file_in_a_declared_layout_keeps_the_layout(tmp_path):
+    model, optimizer = trained()
+    src, out = tmp_path / "trainer.pt", tmp_path / "stamped.pt"
+    _trainer_file(src, model, optimizer)
+    mig = migrations(tmp_path, TRAINER_LAYOUT)
+    stamp = ("stamp", str(src), "--schema", "seq", "--version", "1.0.0", "-o", str(out))
+    assert run(tmp_path, *stamp).returncode == 2  # no migrations: the layout is unknown
+    done = run(tmp_path, *stamp, "--migrations", str(mig))
+    assert done.returncode == 0, done.stderr
+    assert "layout trainer" in done.stdout
+    raw = torch.load(out, weights_only=True)
+    assert set(raw) == {"net", "cfg", "opt", "__ckptmigrate__"}
+    assert raw["__ckptmigrate__"]["version"] == "1.0.0" and list(raw["net"]) == list(
+        model.state_dict()
+    )
+
+
+def test_scan_worker_processes_read_the_layouts_the_migrations_declare(tmp_path):
+    from ckptmigrate.discovery import find_schemas
+    from ckptmigrate.scan import scan
+
+    model, optimizer = trained()
+    (tmp_path / "reg").mkdir()
+    _trainer_file(tmp_path / "reg" / "trainer.pt", model, optimizer)
+    found = find_schemas([str(migrations(tmp_path, TRAINER_LAYOUT))])
+    (row,) = scan(tmp_path / "reg", found, workers=1, processes=True)
+    assert (row.tensors, row.error) == (4, "no ckptmigrate stamp")  # read, in a fresh process

@@ -230,7 +230,9 @@ def test_a_function_step_that_only_renames_keeps_positional_state(mig, tmp_path)
 def test_a_function_step_that_replaces_tensors_needs_the_names(mig, tmp_path):
     model, opt, _ = _trained(mig)
     _save_old(tmp_path / "old.pth", model, opt)
-    with pytest.raises(cm.ParamNamesUnknown, match=r"swap_head_bias_and_scale.*--param-names"):
+    with pytest.raises(
+        cm.ParamNamesUnknown, match=r"swap_head_bias_and_scale.*param_names=\[\.\.\.\]"
+    ):
         cm.load(tmp_path / "old.pth", schema=_function_schema(swap_head_bias_and_scale))
 
 
@@ -239,8 +241,9 @@ def test_a_rename_that_moves_a_tensor_into_another_module_needs_the_names(mig, t
     _save_old(tmp_path / "old.pth", model, opt)
     schema = cm.Schema("net", current="2.0.0")  # body.bias now listed after head's entries
     schema.add_migration("1.0.0", "2.0.0", [cm.ops.RenameKeys(r"^body\.bias$", "head.extra")])
-    with pytest.raises(cm.ParamNamesUnknown, match="--param-names FILE"):
+    with pytest.raises(cm.ParamNamesUnknown, match=r"param_names=\[\.\.\.\]") as raised:
         cm.load(tmp_path / "old.pth", schema=schema)
+    assert "--param-names" not in str(raised.value)  # Python callers read the keyword only
 
 
 # -- other plans: names from the file's verified order, or given --------------------------------
@@ -269,7 +272,7 @@ def test_without_build_a_float_buffer_blocks_the_deduction_and_the_cli_names_the
     line = proc.stderr.strip()
     assert line.startswith("ckptmigrate: error: ") and "\n" not in line
     assert "5 floating-point tensors" in line and "4 parameters" in line
-    assert "--param-names FILE" in line
+    assert "--param-names FILE" in line and "param_names=" not in line
 
 
 def test_with_build_the_files_parameter_order_names_the_state(mig, tmp_path):
@@ -285,7 +288,7 @@ def test_the_deduction_is_refused_when_a_state_tensor_does_not_fit_its_parameter
     # head first in the file: position 0 (body.weight, 12x4) would be head.weight (3x4)
     order = ["head.weight", "head.bias", "body.weight", "body.bias", "scale"]
     _save_old(tmp_path / "old.pth", model, opt, schema="built", order=order)
-    with pytest.raises(cm.ParamNamesUnknown, match=r"\[3, 4\].*exp_avg.*\[12, 4\].*--param-names"):
+    with pytest.raises(cm.ParamNamesUnknown, match=r"\[3, 4\].*exp_avg.*\[12, 4\].*param_names="):
         cm.load(tmp_path / "old.pth", schema=mig["built"])
 
 
@@ -372,3 +375,42 @@ def test_several_param_groups_are_never_named_from_the_files_order(tmp_path):
     new = ckpt.optimizer["state"]
     assert torch.equal(new[0]["exp_avg"], old[0]["exp_avg"].T)  # head's state followed head
     assert torch.equal(new[1]["exp_avg"], old[1]["exp_avg"])
+
+
+def test_diff_upgrade_takes_param_names_for_a_plan_that_needs_them(mig, tmp_path, names_file):
+    model, opt, _ = _trained(mig)
+    _save_old(tmp_path / "old.pth", model, opt, schema="fused")
+    args = ["--migrations", "migrations", "--param-names", str(names_file)]
+    assert _cli("upgrade", "old.pth", "-o", "new.pth", *args, cwd=tmp_path).returncode == 0
+    diff = ["diff", "old.pth", "new.pth", "--upgrade", "--values", "--migrations", "migrations"]
+    refused = _cli(*diff, cwd=tmp_path)
+    assert refused.returncode == 2 and "--param-names FILE" in refused.stderr
+    assert "param_names=" not in refused.stderr
+    done = _cli(*diff, "--param-names", str(names_file), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no drift" in done.stdout
+    lone = _cli("diff", "old.pth", "new.pth", "--param-names", str(names_file), cwd=tmp_path)
+    assert lone.returncode == 2 and "add --upgrade" in lone.stderr
+
+
+def test_param_names_reach_a_mount_whose_plan_splits_its_parameters(mig, tmp_path):
+    from packaging.version import Version
+
+    from ckptmigrate.stamp import Mount
+
+    model, opt, _ = _trained(mig)
+    opt_sd = copy.deepcopy(opt.state_dict())
+    sd = {f"m.{k}": v for k, v in model.state_dict().items()}
+    mounted = cm.Checkpoint(sd, optimizer=opt_sd, mounts=[Mount("m.", "fused", Version("1.0.0"))])
+    cm.save(tmp_path / "old.pth", mounted)
+    (tmp_path / "names.txt").write_text("".join(f"m.{n}\n" for n in NAMES))
+    args = ["upgrade", "old.pth", "-o", "new.pth", "--migrations", "migrations"]
+    refused = _cli(*args, cwd=tmp_path)
+    assert refused.returncode == 2 and "--param-names FILE" in refused.stderr
+    done = _cli(*args, "--param-names", "names.txt", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    new = cm.load(tmp_path / "new.pth", upgrade=False)
+    view = cm.Checkpoint(
+        {k[2:]: v for k, v in new.state_dict.items()}, optimizer=new.optimizer
+    )  # what today's Net (at m.) and Adam(model.parameters()) load
+    _split_expectations(opt_sd, view, mig)
