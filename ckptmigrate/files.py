@@ -10,6 +10,7 @@ from typing import Any
 from .checkpoint import Checkpoint
 from .errors import CheckpointFormatError
 from .formats.detect import detect_format
+from .formats.model_folder import resolve
 from .layout import assemble, split
 from .stamp import parse_stamp, stamp_of
 
@@ -50,8 +51,9 @@ def read_checkpoint(
     mmap: bool = False,
     safe_globals: Iterable[Any] = (),
 ) -> Checkpoint:
-    """Load every tensor of a checkpoint file (no migration)."""
-    path = Path(path)
+    """Load every tensor of a checkpoint file (no migration); a model folder of one weights
+    file is read as that file."""
+    path = resolve(path)
     fmt = detect_format(path)
     if fmt == "sharded":
         from .formats.sharded import read_sharded
@@ -80,7 +82,7 @@ def read_metadata(
     """The checkpoint with metadata stubs for tensors: no tensor data read, torch not imported."""
     from .formats.tensorinfo import TensorStub
 
-    path = Path(path)
+    path = resolve(path)
     fmt = detect_format(path)
     if fmt == "sharded":
         from .formats.sharded import read_sharded_metadata
@@ -110,8 +112,9 @@ def read_metadata(
 
 def checkpoint_bytes(path: str | os.PathLike[str]) -> int:
     """Bytes the checkpoint at ``path`` takes on disk: a file's size; a sharded set's index
-    and shards (given by its folder or index); every file under a DCP folder."""
-    path = Path(path)
+    and shards (given by its folder or index); every file under a DCP folder; a model folder's
+    weights file."""
+    path = resolve(path)
     fmt = detect_format(path)
     if fmt == "sharded":
         from .formats.sharded import read_index
@@ -126,8 +129,9 @@ def checkpoint_bytes(path: str | os.PathLike[str]) -> int:
 
 
 def write_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
-    """Write ``ckpt`` atomically: safetensors by suffix, else torch.save in its layout."""
-    path = Path(path)
+    """Write ``ckpt`` atomically: safetensors by suffix, else torch.save in its layout; to an
+    existing model folder, over its weights file."""
+    path = resolve(path) if Path(path).is_dir() else Path(path)
     stamp = stamp_of(ckpt)
     if path.suffix == SAFETENSORS_SUFFIX:
         from .formats import safetensors_file as st

@@ -9,6 +9,7 @@ memory stays a small multiple of the pickle or header size.
   it references, byte for byte (CRC and 64-byte alignment kept); dropped storages are left out.
 - safetensors files: a new header plus the kept tensors' bytes.
 - sharded sets: each shard rewritten under a new name, the index replaced last, atomically.
+- model folders of one weights file (``save_pretrained`` of a small model): that file, as above.
 - DCP folders: see :mod:`ckptmigrate.formats.dcp`.
 
 Every file is written atomically and durably (temporary, fsync, rename, fsync of the folder);
@@ -27,8 +28,9 @@ atomic ``torch.save``. :attr:`FileUpgrade.streamed` says which path ran.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,8 +122,9 @@ def upgrade_file(
     """Upgrade the checkpoint at ``src`` to ``to`` (default: current) and write it to ``dst``.
 
     ``src`` may be a torch.save file, a safetensors file, a sharded set (its folder or index
-    JSON) or a DCP folder; ``dst`` gets the same format (``dst == src`` upgrades in place,
-    atomically). Rename/drop/hparam plans copy tensor bytes as stored (see the module doc);
+    JSON), a DCP folder or a model folder of one weights file (to a folder ``dst``: that file
+    under its name, the config and tokenizer files beside it); ``dst`` gets the same format
+    (``dst == src`` upgrades in place, atomically). Rename/drop/hparam plans copy tensor bytes as stored (see the module doc);
     other plans load with ``mmap=True``, upgrade and save. ``from_version`` stamps an
     unversioned file on the way. Raises before writing anything if the plan is invalid.
     ``param_names`` names position-keyed optimizer state for steps that need its names (see
@@ -137,6 +140,15 @@ def upgrade_file(
             return _upgrade_dcp(src, dst, schema, to, from_version, param_names)
         if fmt == "sharded":
             return _upgrade_sharded(src, dst, schema, to, from_version, safe_globals)
+        if src.is_dir():  # a model folder: upgrade its weights file
+            options: dict[str, Any] = dict(
+                to=to, from_version=from_version, param_names=param_names
+            )
+            return _upgrade_model_folder(
+                src,
+                dst,
+                lambda s, d: upgrade_file(s, d, schema, safe_globals=safe_globals, **options),
+            )
         streamed = _try_stream(src, dst, fmt, schema, to, from_version, _names(safe_globals))
         if streamed is not None:
             return streamed
@@ -368,6 +380,34 @@ def _upgrade_sharded_loaded(
     return result
 
 
+def _upgrade_model_folder(
+    src: Path, dst: Path, one: Callable[[Path, Path], FileUpgrade]
+) -> FileUpgrade:
+    """Upgrade a model folder's weights file with ``one(weights, target)``: in place, to a
+    file ``dst`` names, or into the folder ``dst`` (a name without a suffix) under the same
+    name, then the side files (config, tokenizer...) copied beside it as a sharded upgrade
+    copies them. A plan refused leaves no new folder behind."""
+    from .formats import model_folder
+
+    weights = model_folder.resolve(src)
+    if dst.exists() and dst.resolve() == src.resolve():
+        return one(weights, weights)
+    if dst.suffix and not dst.is_dir():
+        return one(weights, dst)
+    made = not dst.exists()
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        result = one(weights, dst / weights.name)
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                dst.rmdir()  # only if still empty
+        raise
+    model_folder.copy_side_files(src, [weights.name], dst)
+    result.src, result.dst = src, dst
+    return result
+
+
 def _upgrade_dcp(
     src: Path,
     dst: Path,
@@ -473,4 +513,26 @@ def write_streamed(
         return FileUpgrade(src, dst, fmt, None, work.version)
     if fmt == "sharded":
         return _upgrade_sharded(src, dst, schema, to, from_version, allowed)
+    if src.is_dir():  # a model folder: always written here, its weights file as a file is
+
+        def one(weights: Path, target: Path) -> FileUpgrade:
+            done = write_streamed(
+                weights,
+                target,
+                schema,
+                to=to,
+                from_version=from_version,
+                work=work,
+                allowed=allowed,
+            )
+            if done is not None:
+                return done
+            if work is None:
+                return _upgrade_loaded(weights, target, fmt, schema, to, from_version, allowed)
+            from .api import save
+
+            save(target, work)
+            return FileUpgrade(weights, target, fmt, None, work.version)
+
+        return _upgrade_model_folder(src, dst, one)
     return _try_stream(src, dst, fmt, schema, to, from_version, _names(allowed))

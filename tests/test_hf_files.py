@@ -44,13 +44,11 @@ MIGRATIONS = {
 INPUT = torch.tensor([[1, 2, 3, 4, 5]])
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    """A tiny GPT-2 with its tokenizer, saved as a sharded safetensors set and a .bin set."""
+def tiny_gpt2() -> tuple[object, object]:
+    """A tiny GPT-2 built from a config (seeded, eval mode) and a word-level tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    root = tmp_path_factory.mktemp("hf")
     vocab = {"[UNK]": 0, "hello": 1, "world": 2}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -59,7 +57,20 @@ def folders(tmp_path_factory) -> dict[str, Path]:
         vocab_size=16, n_positions=16, n_embd=8, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=2
     )
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(config).eval()
+    return GPT2LMHeadModel(config).eval(), tokenizer
+
+
+def write_migrations(root: Path) -> None:
+    """``split.py`` and ``streamed.py`` (:data:`MIGRATIONS`) into ``root``."""
+    for name, text in MIGRATIONS.items():
+        (root / f"{name}.py").write_text(textwrap.dedent(text))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """A tiny GPT-2 with its tokenizer, saved as a sharded safetensors set and a .bin set."""
+    root = tmp_path_factory.mktemp("hf")
+    model, tokenizer = tiny_gpt2()
     model.save_pretrained(root / "st", max_shard_size="4KB")
     tokenizer.save_pretrained(root / "st")
     (root / "bin").mkdir()
@@ -69,9 +80,25 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     model.config.save_pretrained(root / "bin")
     model.generation_config.save_pretrained(root / "bin")
     tokenizer.save_pretrained(root / "bin")
-    for name, text in MIGRATIONS.items():
-        (root / f"{name}.py").write_text(textwrap.dedent(text))
+    write_migrations(root)
     return {"root": root, "st": root / "st", "bin": root / "bin"}
+
+
+def upgrade_1_to_2(root: Path, migration: str, *args: str) -> None:
+    """``ckptmigrate upgrade ARGS`` from 1.0.0 with ``root/MIGRATION.py``; it must succeed."""
+    done = run(
+        root, "upgrade", *args, "--migrations", str(root / f"{migration}.py"),
+        "--schema", "tinygpt", "--from-version", "1.0.0",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def assert_same_tokens(a: Path, b: Path) -> None:
+    """The tokenizers of model folders ``a`` and ``b`` encode alike."""
+    from transformers import AutoTokenizer
+
+    tokens = AutoTokenizer.from_pretrained(a)("hello world")["input_ids"]
+    assert tokens == AutoTokenizer.from_pretrained(b)("hello world")["input_ids"]
 
 
 def index_of(folder: Path) -> Path:
@@ -131,14 +158,9 @@ def test_an_upgrade_that_loads_tensors_keeps_each_shards_foreign_header(folders,
 def test_upgrading_a_model_folder_to_a_new_one_keeps_it_loadable_by_from_pretrained(
     folders, tmp_path, kind, migration
 ):
-    from transformers import AutoTokenizer
 
     source, out = folders[kind], tmp_path / "upgraded"
-    done = run(
-        folders["root"], "upgrade", str(source), "-o", str(out), "--migrations",
-        str(folders["root"] / f"{migration}.py"), "--schema", "tinygpt", "--from-version", "1.0.0",
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    upgrade_1_to_2(folders["root"], migration, str(source), "-o", str(out))
     for name in ("config.json", "generation_config.json", "tokenizer.json"):
         assert (out / name).read_bytes() == (source / name).read_bytes(), name
     assert (
@@ -147,6 +169,5 @@ def test_upgrading_a_model_folder_to_a_new_one_keeps_it_loadable_by_from_pretrai
         - set(os.listdir(source))
     )
     torch.testing.assert_close(logits(out), logits(source), atol=1e-6, rtol=0)
-    tokens = AutoTokenizer.from_pretrained(out)("hello world")["input_ids"]
-    assert tokens == AutoTokenizer.from_pretrained(source)("hello world")["input_ids"]
+    assert_same_tokens(out, source)
     assert json.loads(run(out, "info", str(out), "--json").stdout)["version"] == "2.0.0"

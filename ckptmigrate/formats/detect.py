@@ -100,6 +100,11 @@ def _detect_directory(path: Path) -> str:
         return "dcp"
     if any(child.is_file() for child in path.glob("*" + INDEX_SUFFIX)):
         return "sharded"
+    from .model_folder import weights_file
+
+    weights = weights_file(path)  # a save_pretrained folder of one file: that file's format
+    if weights is not None:
+        return detect_format(weights)
     raise CheckpointFormatError(
         "is a directory but neither a torch.distributed checkpoint (no .metadata file) nor a "
         "sharded checkpoint (no *.index.json file)",
@@ -111,7 +116,9 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     """Return the format of the checkpoint at ``path``: one of :data:`FORMATS`.
 
     Files are told apart by their magic bytes; directories by their index files; a sharded
-    set may also be named by its index file (``*.index.json`` holding a JSON object). Raises
+    set may also be named by its index file (``*.index.json`` holding a JSON object). A model
+    folder holding one weights file and no index (:mod:`.model_folder`) has that file's
+    format. Raises
     :class:`~ckptmigrate.errors.CheckpointFormatError` for anything else.
 
     >>> detect_format("weights.safetensors")  # doctest: +SKIP

@@ -281,11 +281,14 @@ def write_index(
 
 def companion_files(sset: ShardedSet) -> list[Path]:
     """The files beside a set that make it a model folder (``config.json``, generation and
-    tokenizer files...): every top-level file but the set itself, another set in the folder,
-    and ckptmigrate's own lock and temporary files."""
-    from ..lock import LOCK_SUFFIX
-    from .atomic import TEMP_MARKER
+    tokenizer files...): :func:`~.model_folder.side_files`, less any other set in the folder."""
+    from .model_folder import side_files
 
+    return side_files(sset.folder, _own_files(sset))
+
+
+def _own_files(sset: ShardedSet) -> set[str]:
+    """The set's index and shards, and those of any other set in its folder."""
     skip = {sset.index_path.name, *sset.weight_map.values()}
     for other in sset.folder.glob("*" + INDEX_SUFFIX):
         skip.add(other.name)
@@ -293,29 +296,15 @@ def companion_files(sset: ShardedSet) -> list[Path]:
             skip.update(
                 loads_json(other.read_text("utf-8"), what="an index")["weight_map"].values()
             )
-    return sorted(
-        p
-        for p in sset.folder.iterdir()
-        if p.is_file()
-        and p.name not in skip
-        and not p.name.endswith(LOCK_SUFFIX)
-        and TEMP_MARKER not in p.name
-    )
+    return skip
 
 
 def copy_companions(sset: ShardedSet, folder: Path) -> list[Path]:
     """Copy :func:`companion_files` into ``folder`` (atomically each), unless it is the set's
     own folder, so that ``from_pretrained(folder)`` finds its config and tokenizer."""
-    import shutil
+    from .model_folder import copy_side_files
 
-    if folder.resolve() == sset.folder.resolve():
-        return []
-    copied = []
-    for source in companion_files(sset):
-        with atomic_path(folder / source.name) as tmp:
-            shutil.copyfile(source, tmp)
-        copied.append(folder / source.name)
-    return copied
+    return copy_side_files(sset.folder, _own_files(sset), folder)
 
 
 def drop_uncommitted(index_path: Path, written: list[Path]) -> None:
