@@ -222,6 +222,7 @@ def _upgrade(
             dry_run=dry_run,
             backup=backup,
             on_plan=on_plan,
+            param_names=param_names,
         )
     found = _pick_schema(ckpt, schemas, name, src)
     newly_stamped = ckpt.version is None and from_version is not None
@@ -279,8 +280,12 @@ def _upgrade_mounted(
     dry_run: bool,
     backup: bool,
     on_plan: Callable[[UpgradeOutcome], Any] | None,
+    param_names: Sequence[str] | None = None,
 ) -> UpgradeOutcome:
-    """Upgrade each mount of ``ckpt`` (those of schema ``name`` when given) with its schema."""
+    """Upgrade each mount of ``ckpt`` (those of schema ``name`` when given) with its schema.
+
+    ``param_names`` are the optimizer's names: the file's full keys, mount prefixes included.
+    """
     from .api import save
     from .errors import MountError
     from .mounts import all_mounts, mount_plan, upgrade_mount
@@ -321,7 +326,9 @@ def _upgrade_mounted(
         return total
     work = ckpt
     for m, plan, _ in outcomes:
-        work = upgrade_mount(work, schemas[m.schema], prefix=m.prefix, plan=plan)
+        work = upgrade_mount(
+            work, schemas[m.schema], prefix=m.prefix, plan=plan, param_names=param_names
+        )
     if dst is None and backup:
         label = "+".join(f"{m.schema}-{m.version}" for m in all_mounts(ckpt))
         total.backup = str(_write_backup(src, label))
