@@ -3,6 +3,7 @@ one is: a DCP folder stays a DCP folder, a sharded set a set, rename plans copy 
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from test_sharded import _make_set, _tensors
 
 import ckptmigrate as cm
 from ckptmigrate.formats.detect import detect_format
+from ckptmigrate.formats.safetensors_header import read_safetensors_header
 from ckptmigrate.inplace import migrate_file
 
 MIGRATION = (
@@ -84,6 +86,10 @@ def test_stamp_prefix_then_upgrade_keeps_the_format_out_and_in_place(
         assert sorted(ckpt.state_dict) == sorted(renamed)
         for key, value in renamed.items():
             assert torch.equal(ckpt.state_dict[key], value)
+    if kind == "sharded-safetensors":  # each shard's header says the set's stamp, mounts too
+        for shard in src.glob("*.safetensors"):
+            _, header = read_safetensors_header(shard)
+            assert json.loads(header["ckptmigrate.stamp"])["mounts"][0]["version"] == "2.0.0"
 
 
 @pytest.mark.parametrize("kind", ["pth", "safetensors"])
