@@ -224,6 +224,7 @@ def _upgrade(
             dry_run=dry_run,
             backup=backup,
             on_plan=on_plan,
+            allowed_globals=allowed_globals,
             param_names=param_names,
         )
     found = _pick_schema(ckpt, schemas, name, src)
@@ -282,12 +283,18 @@ def _upgrade_mounted(
     dry_run: bool,
     backup: bool,
     on_plan: Callable[[UpgradeOutcome], Any] | None,
+    allowed_globals: list[Any],
     param_names: Sequence[str] | None = None,
 ) -> UpgradeOutcome:
-    """Upgrade each mount of ``ckpt`` (those of schema ``name`` when given) with its schema."""
+    """Upgrade each mount of ``ckpt`` (those of schema ``name`` when given) with its schema.
+
+    ``param_names`` are the optimizer's names: the file's full keys, mount prefixes included.
+    The file is written by the writer of its format, as a root-stamped one would be.
+    """
     from .api import save
     from .errors import MountError
-    from .mounts import all_mounts, mount_plan, upgrade_mount
+    from .mounts import all_mounts, mount_plan
+    from .streaming import MountedUpgrade, write_streamed
 
     chosen = [m for m in all_mounts(ckpt) if name is None or m.schema == name]
     if not chosen:
@@ -323,16 +330,19 @@ def _upgrade_mounted(
     )
     if dry_run or (dst is None and not total.plan):
         return total
-    work = ckpt
-    for m, plan, _ in outcomes:
-        work = upgrade_mount(
-            work, schemas[m.schema], prefix=m.prefix, plan=plan, param_names=param_names
-        )
+    how = MountedUpgrade([(m.prefix, schemas[m.schema], plan) for m, plan, _ in outcomes])
+    how.param_names = param_names
+    work = how.run(ckpt)
     if dst is None and backup:
         label = "+".join(f"{m.schema}-{m.version}" for m in all_mounts(ckpt))
         total.backup = str(_write_backup(src, label))
     target = src if dst is None else dst
-    save(target, work)
+    # rename/drop/hparam plans copy tensor bytes; sets and DCP folders keep their layout
+    streamed = write_streamed(
+        src, target, how, work=work if total.plan else None, allowed=allowed_globals
+    )
+    if not streamed:
+        save(target, work)
     total.written = str(target)
     return total
 
@@ -493,12 +503,10 @@ def write_stamped(
         stamp_dcp(src, dst, ckpt)  # only ckptmigrate.json is new; every rank's file is kept
         return
     if fmt == "sharded":
-        from .schema import Schema
-        from .streaming import upgrade_file
+        from .streaming import MountedUpgrade, write_streamed
 
-        assert ckpt.schema is not None and ckpt.version is not None
-        stamp_only = Schema(ckpt.schema, current=ckpt.version)  # no steps: the plan is empty
-        upgrade_file(src, dst, stamp_only, from_version=ckpt.version, safe_globals=safe_globals)
+        # no steps: the set is rewritten with ckpt's stamp (root fields, mounts), bytes copied
+        write_streamed(src, dst, MountedUpgrade(stamp=ckpt), allowed=safe_globals)
         return
     from .api import save
 

@@ -9,22 +9,32 @@ mount's schema over a view of the checkpoint with the prefix taken off, then put
     >>> ckpt = upgrade_mount(ckpt, net_schema, prefix="net.")
 
 The view holds the keys under the prefix, their modules' ``_metadata`` entries, the mount's
-hparams (its named entry, else the whole hparams), the file's meta and extra entries, and the
-optimizer state of the mount's parameters, by name; keys outside the mount are untouched. The
+hparams (its named entry, else the whole hparams), the file's meta and extra entries; keys
+outside the mount are untouched, and the mount's keys stay where they were in the file. The
 mount at ``""`` (the stamp's root fields) owns the keys outside every other mount.
+
+The file's optimizer state follows the mount's parameters by the root's rules: state that
+carries names follows each op; position-keyed state stays as it is through steps that keep the
+mount's positions, other steps need the names of the whole optimizer's positions:
+``param_names`` (``--param-names FILE``), the file's full keys *with* the mount's prefix (what
+a LightningModule's ``self.parameters()`` lists: ``net.encoder.w``), else the file's own
+parameter order, used only once verified.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 
 from .checkpoint import Checkpoint
-from .errors import MountError, SchemaMismatchError, UnversionedCheckpointError
+from .errors import MountError, ParamNamesUnknown, SchemaMismatchError, UnversionedCheckpointError
+from .optimizer import NamedOptimizer, carries_names, from_named, to_named
+from .positions import PositionalState, _verify, deduce_param_names
 from .stamp import Mount, check_prefixes
+from .upgrade import _put
 from .version import parse_version
 
 if TYPE_CHECKING:
@@ -125,16 +135,37 @@ def upgrade_mount(
 ) -> Checkpoint:
     """``ckpt`` with its mount at ``prefix`` migrated to ``to``; the input is untouched.
 
+    Optimizer state follows the mount's parameters by the root's rules (see
+    :func:`ckptmigrate.upgrade`): state keyed by name follows each op; position-keyed state
+    stays as it is through steps that keep the mount's positions, other steps need each
+    position's name: ``param_names`` (the optimizer's names, the file's full keys with the
+    mount's prefix, e.g. ``net.encoder.w`` for a LightningModule's ``self.parameters()``),
+    else the file's own parameter order, once verified.
+
     >>> new = upgrade_mount(ckpt, net_schema, prefix="net.")
     """
-    from .upgrade import run_plan
+    from .upgrade import OptimizerFollowers, _buffer_keys, run_plan
 
     steps = list(plan) if plan is not None else mount_plan(ckpt, schema, prefix, to)
     if not steps:
         return ckpt.copy()
-    view, named = _view(ckpt, prefix, param_names)
-    done = run_plan(view, steps, schema)
-    return _put_back(ckpt, prefix, done, named)
+    view = _view(ckpt, prefix)
+    slots = _mount_optimizers(
+        ckpt, view, prefix, param_names, lambda: _buffer_keys(view, steps, schema)
+    )
+    followers = OptimizerFollowers([(where, slot) for where, slot, _ in slots])
+    done = run_plan(view, steps, schema, followers=followers)
+    out = _put_back(ckpt, prefix, done)
+    owns = _owns(ckpt, prefix)
+    for (where, first, whole), (_, now) in zip(slots, followers.slots):
+        if isinstance(now, NamedOptimizer):  # named (from the start, or once a step needed it)
+            if whole is None:
+                assert isinstance(first, _MountPositional) and first.rest is not None
+                whole = first.rest
+            merged = _merge_named(whole, now, owns, prefix)
+            out.optimizer = _put(out.optimizer, where, from_named(merged))
+        # else: position-keyed state the mount's steps kept, as it was
+    return out
 
 
 def upgrade_mounts_of(
@@ -160,7 +191,7 @@ def mount_view(ckpt: Checkpoint, prefix: str) -> Checkpoint:
 
     >>> model.load_state_dict(mount_view(ckpt, "net.").state_dict_for_torch(), strict=True)
     """
-    return _view(ckpt, prefix, None)[0]
+    return _view(ckpt, prefix)
 
 
 def model_view(ckpt: Checkpoint, schema: str, prefix: str | None = None) -> Checkpoint:
@@ -239,9 +270,12 @@ def _owns(ckpt: Checkpoint, prefix: str) -> Any:
     return lambda key: not key.startswith(others)
 
 
-def _view(
-    ckpt: Checkpoint, prefix: str, param_names: Sequence[str] | None
-) -> tuple[Checkpoint, list[Any]]:
+def _view(ckpt: Checkpoint, prefix: str) -> Checkpoint:
+    """The mount's own checkpoint: its keys without the prefix, its modules, hparams, stamp.
+
+    It holds no optimizer: the file's optimizer state follows the mount's parameters through
+    the followers :func:`upgrade_mount` hands the plan (see :func:`_mount_optimizers`).
+    """
     found = _find(ckpt, prefix)
     owns = _owns(ckpt, prefix)
     cut = len(prefix)
@@ -255,7 +289,6 @@ def _view(
     hparams = ckpt.hparams
     if found.hparams is not None:
         hparams = ckpt.hparams.get(found.hparams, {})
-    named = _named_optimizers(ckpt, param_names)
     view = replace(
         ckpt.copy(),
         state_dict={k[cut:]: v for k, v in ckpt.state_dict.items() if owns(k)},
@@ -264,13 +297,13 @@ def _view(
         version=found.version,
         history=[dict(h) for h in found.history],
         mounts=[],
-        optimizer=_sub_optimizers(named, owns, cut) if named else None,
+        optimizer=None,
     )
     view.hparams = dict(hparams)
-    return view, named
+    return view
 
 
-def _put_back(ckpt: Checkpoint, prefix: str, done: Checkpoint, named: list[Any]) -> Checkpoint:
+def _put_back(ckpt: Checkpoint, prefix: str, done: Checkpoint) -> Checkpoint:
     out = ckpt.copy()
     owns = _owns(ckpt, prefix)
     moved = {prefix + k: v for k, v in done.state_dict.items()}
@@ -280,14 +313,8 @@ def _put_back(ckpt: Checkpoint, prefix: str, done: Checkpoint, named: list[Any])
             f"the migration of the mount at {prefix!r} made key {strays[0]!r}, which belongs "
             "to another mount: a mount's migrations may only rename keys within it"
         )
-    state_dict: dict[str, Any] = {}
-    for key, value in ckpt.state_dict.items():
-        if not owns(key):
-            state_dict[key] = value
-        elif not state_dict.keys() >= moved.keys():
-            state_dict.update(moved)  # the mount's keys where its first key was
-    state_dict.update(moved)
-    out.state_dict = state_dict
+    order = _splice(list(ckpt.state_dict), owns, list(moved))  # each key where it was
+    out.state_dict = {k: moved[k] if k in moved else ckpt.state_dict[k] for k in order}
     if ckpt.module_metadata is not None or done.module_metadata:
         kept = {k: v for k, v in (ckpt.module_metadata or {}).items() if not owns(k + ".")}
         mine = {
@@ -300,10 +327,6 @@ def _put_back(ckpt: Checkpoint, prefix: str, done: Checkpoint, named: list[Any])
     else:
         out.hparams = done.hparams
     out.meta, out.extra = done.meta, done.extra
-    if named:
-        out.optimizer = _merge_optimizers(ckpt, named, done, owns, prefix)
-    elif ckpt.optimizer is not None:
-        _check_positions_hold(ckpt, done, prefix, owns)
     if prefix:
         out.mounts = [
             replace(m, version=done.version, history=done.history) if m.prefix == prefix else m
@@ -314,68 +337,121 @@ def _put_back(ckpt: Checkpoint, prefix: str, done: Checkpoint, named: list[Any])
     return out
 
 
-def _named_optimizers(ckpt: Checkpoint, param_names: Sequence[str] | None) -> list[Any]:
-    """``(where, NamedOptimizer)`` for each optimizer state, when all of them carry names."""
-    from .optimizer import ParamNamesUnknown, to_named
-    from .upgrade import _optimizer_states
+def _splice(items: list[str], owns: Any, new: list[str]) -> list[str]:
+    """``items`` with the ones ``owns`` replaced by ``new``, the others where they were.
 
-    out = []
-    for where, opt_sd in _optimizer_states(ckpt.optimizer):
-        try:
-            out.append((where, to_named(opt_sd, param_names)))
-        except ParamNamesUnknown:
-            return []
+    Each run of owned items takes as many of ``new`` as it held (the last run the rest), so a
+    mount's keys stay where they were, interleaved with the others' as before (the root
+    mount's keys around ``net.``'s), and a rename moves no key: the file's order, which names
+    position-keyed optimizer state, stays the model's.
+    """
+    runs: list[int] = []  # lengths of the runs of owned items
+    previous = False
+    for item in items:
+        mine = bool(owns(item))
+        if mine:
+            runs[-1:] = [runs[-1] + 1] if previous else runs[-1:] + [1]
+        previous = mine
+    if not runs:
+        return items + new
+    takes = runs[:-1]
+    fresh = iter(new)
+    out: list[str] = []
+    run, previous = 0, False
+    for item in items:
+        mine = bool(owns(item))
+        if mine and not previous:
+            count = takes[run] if run < len(takes) else len(new)
+            out.extend(k for _, k in zip(range(count), fresh))
+            run += 1
+        if not mine:
+            out.append(item)
+        previous = mine
+    out.extend(fresh)
     return out
 
 
-def _sub_optimizers(named: list[Any], owns: Any, cut: int) -> list[Any]:
-    """The mount's part of each optimizer, by its own (prefix-less) names, as torch state."""
-    from .optimizer import NamedOptimizer, from_named
+@dataclass
+class _MountPositional(PositionalState):
+    """The file's position-keyed state, seen from the mount at ``prefix``.
 
-    subs = []
-    for _, full in named:
-        groups = [{**g, "names": [n[cut:] for n in g["names"] if owns(n)]} for g in full.groups]
-        states = {n[cut:]: st for n, st in full.states.items() if owns(n)}
-        sub = NamedOptimizer(states, groups, True, dict(full.extra))
-        subs.append(from_named(sub))
-    return subs
+    It stays as it is while the mount's steps keep positions (``renamed`` follows the mount's
+    keys, without the prefix); a step that needs names names the whole state (the names
+    given, full keys; else the file's own parameter order, verified) and hands the step the
+    mount's part, keyed by its own names; ``rest`` keeps the whole, to merge back.
+    """
+
+    whole: Checkpoint | None = None
+    prefix: str = ""
+    rest: NamedOptimizer | None = None
+
+    def named(self, step: str | None) -> NamedOptimizer:
+        assert self.whole is not None
+        sd = self.whole.state_dict
+        owns, cut = _owns(self.whole, self.prefix), len(self.prefix)
+        try:
+            if self.given is not None:
+                names = list(self.given)
+                bare = [n for n in names if n not in sd and self.prefix + n in sd]
+                if bare and self.prefix:
+                    raise ParamNamesUnknown(
+                        f"the names given are the optimizer's, the file's full keys with the "
+                        f"mount's prefix: {bare[0]!r} is {self.prefix + bare[0]!r} in this file"
+                    )
+                _verify(self.opt_sd, names, sd, "the names given (--param-names, param_names=)")
+            else:
+                mine = self.buffers()
+                buffers = None if mine is None else {self.prefix + b for b in mine}
+                names = deduce_param_names(self.opt_sd, sd, buffers)
+        except ParamNamesUnknown as exc:
+            raise ParamNamesUnknown(exc.reason, step=step) from None
+        now = [self.prefix + self.renamed[n[cut:]] if owns(n) else n for n in names]
+        self.rest = to_named(self.opt_sd, now)
+        return _mount_part(self.rest, owns, cut)
 
 
-def _merge_optimizers(
-    ckpt: Checkpoint, named: list[Any], done: Checkpoint, owns: Any, prefix: str
-) -> Any:
-    """Each optimizer with the mount's state replaced by what its migration made of it."""
-    from .optimizer import from_named, to_named
-    from .upgrade import _put
-
-    optimizer = ckpt.copy().optimizer
-    for (where, full), sub_sd in zip(named, done.optimizer):
-        sub = to_named(sub_sd, None)
-        for group, sub_group in zip(full.groups, sub.groups):
-            names = [n for n in group["names"] if not owns(n)]
-            group["names"] = names + [prefix + n for n in sub_group["names"]]
-        full.states = {n: st for n, st in full.states.items() if not owns(n)}
-        full.states.update({prefix + n: st for n, st in sub.states.items()})
-        optimizer = _put(optimizer, where, from_named(full))
-    return optimizer
-
-
-def _check_positions_hold(ckpt: Checkpoint, done: Checkpoint, prefix: str, owns: Any) -> None:
-    """Optimizer state keyed by position only survives a plan that keeps the mount's tensors
-    (their number, order and shapes): renames, hparam changes."""
-    from .optimizer import ParamNamesUnknown
+def _mount_optimizers(
+    ckpt: Checkpoint,
+    view: Checkpoint,
+    prefix: str,
+    param_names: Sequence[str] | None,
+    buffers: Any,
+) -> list[tuple[Any, NamedOptimizer | PositionalState, NamedOptimizer | None]]:
+    """``(where, slot for the view's followers, the whole state by name or None)`` for each
+    optimizer state of ``ckpt``: the mount's part by name when the state carries names, else
+    the whole position-keyed state (see :class:`_MountPositional`)."""
     from .upgrade import _optimizer_states
 
-    if not _optimizer_states(ckpt.optimizer):
-        return
-    before = [_shape(v) for k, v in ckpt.state_dict.items() if owns(k)]
-    after = [_shape(v) for v in done.state_dict.values()]
-    if before != after:
-        raise ParamNamesUnknown(
-            f"the migration of the mount at {prefix!r} changes its parameters (not only their "
-            "names)"
-        )
+    owns, cut = _owns(ckpt, prefix), len(prefix)
+    out: list[tuple[Any, NamedOptimizer | PositionalState, NamedOptimizer | None]] = []
+    for where, opt_sd in _optimizer_states(ckpt.optimizer):
+        if carries_names(opt_sd):
+            whole = to_named(opt_sd, None)
+            out.append((where, _mount_part(whole, owns, cut), whole))
+        else:
+            slot = _MountPositional(opt_sd, view, param_names, buffers, whole=ckpt, prefix=prefix)
+            out.append((where, slot, None))
+    return out
 
 
-def _shape(value: Any) -> Any:
-    return tuple(value.shape) if hasattr(value, "shape") else None
+def _mount_part(whole: NamedOptimizer, owns: Any, cut: int) -> NamedOptimizer:
+    """The mount's parameters of ``whole``, by their names without the prefix."""
+    groups = [{**g, "names": [n[cut:] for n in g["names"] if owns(n)]} for g in whole.groups]
+    states = {n[cut:]: st for n, st in whole.states.items() if owns(n)}
+    return NamedOptimizer(
+        states, groups, whole.wrote_param_names, dict(whole.extra), whole.keyed_by_name
+    )
+
+
+def _merge_named(
+    whole: NamedOptimizer, part: NamedOptimizer, owns: Any, prefix: str
+) -> NamedOptimizer:
+    """``whole`` with the mount's parameters replaced by what its migration made of ``part``;
+    in each group the mount's names stay where its parameters were, in the optimizer's order."""
+    groups = [
+        {**group, "names": _splice(group["names"], owns, [prefix + n for n in mine["names"]])}
+        for group, mine in zip(whole.groups, part.groups)
+    ]
+    states = {n: st for n, st in whole.states.items() if not owns(n)}
+    states.update({prefix + n: st for n, st in part.states.items()})
+    return replace(whole, states=states, groups=groups)

@@ -47,7 +47,14 @@ from .schema import Schema
 from .stamp import stamp_of as _stamp_of
 from .upgrade import check_belongs, upgrade
 
-__all__ = ["KEY_OPS", "FileUpgrade", "upgrade_file", "upgrade_stubs", "write_streamed"]
+__all__ = [
+    "KEY_OPS",
+    "FileUpgrade",
+    "MountedUpgrade",
+    "upgrade_file",
+    "upgrade_stubs",
+    "write_streamed",
+]
 
 #: Ops that touch only key names and hparams, so they run on metadata stubs.
 KEY_OPS: tuple[type[Op], ...] = (
@@ -80,6 +87,61 @@ class FileUpgrade:
     removed: list[str] = field(default_factory=list)  # old shards deleted after the swap
 
 
+@dataclass
+class MountedUpgrade:
+    """What the writers run on a file with mounts, in place of one schema's plan: each
+    mount's checked plan (its key prefix, schema and steps), by
+    :func:`~ckptmigrate.mounts.upgrade_mount`. ``stamp``: a checkpoint whose stamp (root
+    fields and mounts) the file gets as it is read (stamping a set: no plans)."""
+
+    plans: list[tuple[str, Schema, list[PlannedStep]]] = field(default_factory=list)
+    param_names: Sequence[str] | None = None
+    stamp: Checkpoint | None = None
+
+    def steps(self) -> list[PlannedStep]:
+        return [planned for _, _, plan in self.plans for planned in plan]
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        from .mounts import upgrade_mount
+
+        out = ckpt.copy()
+        for prefix, schema, plan in self.plans:
+            out = upgrade_mount(out, schema, prefix=prefix, plan=plan, param_names=self.param_names)
+        return out
+
+    def prepare(self, ckpt: Checkpoint) -> Checkpoint:
+        if self.stamp is None:
+            return ckpt
+        out = ckpt.copy()
+        given = self.stamp
+        out.schema, out.version, out.history = given.schema, given.version, list(given.history)
+        out.mounts = list(given.mounts)
+        return out
+
+
+#: One schema's upgrade (to ``to``), or the mounts' (see :class:`MountedUpgrade`).
+Upgrade = Schema | MountedUpgrade
+
+
+def _plan(ckpt: Checkpoint, how: Upgrade, to: Any, path: object = None) -> list[PlannedStep]:
+    if isinstance(how, MountedUpgrade):
+        return how.steps()
+    return how.plan(check_belongs(ckpt, how, path=path), to)
+
+
+def _run(ckpt: Checkpoint, how: Upgrade, to: Any, param_names: Any = None) -> Checkpoint:
+    if isinstance(how, MountedUpgrade):
+        return how.run(ckpt)
+    return upgrade(ckpt, how, to, param_names=param_names)
+
+
+def _header_stamp(new: Checkpoint) -> Checkpoint:
+    """What a shard's header says of the set: its stamp, mounts included, hparams and meta."""
+    return Checkpoint(
+        {}, new.hparams, new.meta, new.schema, new.version, new.history, mounts=new.mounts
+    )
+
+
 def _key_ops(planned: PlannedStep) -> list[Op] | None:
     action, _ = planned.step.action
     if not isinstance(action, list):
@@ -92,7 +154,7 @@ def _key_ops(planned: PlannedStep) -> list[Op] | None:
 
 
 def upgrade_stubs(
-    ckpt: Checkpoint, schema: Schema, to: str | Version | None = None
+    ckpt: Checkpoint, schema: Upgrade, to: str | Version | None = None
 ) -> Checkpoint | None:
     """Run the plan on a checkpoint of tensor stubs, or return None if a step needs data.
 
@@ -101,12 +163,11 @@ def upgrade_stubs(
 
     >>> new = upgrade_stubs(cm.files.read_metadata("model.pth"), schema)
     """
-    version = check_belongs(ckpt, schema)
-    plan = schema.plan(version, to)
+    plan = _plan(ckpt, schema, to)
     if any(_key_ops(planned) is None for planned in plan):
         return None
     # key-only ops run by the ordinary upgrade touch no tensor and import no torch
-    return upgrade(ckpt, schema, to)
+    return _run(ckpt, schema, to)
 
 
 def upgrade_file(
@@ -155,7 +216,9 @@ def upgrade_file(
         return _upgrade_loaded(src, dst, fmt, schema, to, from_version, safe_globals, param_names)
 
 
-def _with_version(ckpt: Checkpoint, schema: Schema, from_version: Any, path: Path) -> Checkpoint:
+def _with_version(ckpt: Checkpoint, schema: Upgrade, from_version: Any, path: Path) -> Checkpoint:
+    if isinstance(schema, MountedUpgrade):
+        return schema.prepare(ckpt)
     if from_version is None:
         return ckpt
     from .api import _apply_from_version
@@ -164,7 +227,7 @@ def _with_version(ckpt: Checkpoint, schema: Schema, from_version: Any, path: Pat
 
 
 def _result(
-    src: Path, dst: Path, fmt: str, old: Checkpoint, new: Checkpoint, schema: Schema, to: Any
+    src: Path, dst: Path, fmt: str, old: Checkpoint, new: Checkpoint, schema: Upgrade, to: Any
 ) -> FileUpgrade:
     steps = [h.get("step", "") for h in new.history[len(old.history) :]]
     return FileUpgrade(src, dst, fmt, old.version, new.version, steps)
@@ -222,7 +285,7 @@ def _upgrade_loaded(
 def _upgrade_sharded(
     src: Path,
     dst: Path,
-    schema: Schema,
+    schema: Upgrade,
     to: Any,
     from_version: Any,
     safe_globals: Iterable[Any],
@@ -265,9 +328,7 @@ def _upgrade_sharded(
             if sset.kind == "safetensors":
                 from .formats.safetensors_copy import write_safetensors_copy
 
-                meta = _safetensors_metadata(
-                    Checkpoint({}, new.hparams, new.meta, new.schema, new.version, new.history)
-                )
+                meta = _safetensors_metadata(_header_stamp(new))
                 meta = {**sset.headers.get(shard, {}), **meta}
                 copied, through = write_safetensors_copy(target, entries, sset.sources, meta)
             else:
@@ -321,7 +382,7 @@ def _upgrade_sharded_loaded(
     folder: Path,
     index_name: str,
     sset: Any,
-    schema: Schema,
+    schema: Upgrade,
     to: Any,
     from_version: Any,
 ) -> FileUpgrade:
@@ -329,10 +390,9 @@ def _upgrade_sharded_loaded(
     from .formats import sharded
     from .formats.safetensors_file import write_safetensors
     from .formats.torchfile import write_torch
-    from .upgrade import upgrade
 
     ckpt = _with_version(sharded.read_sharded(src, mmap=True), schema, from_version, src)
-    new = upgrade(ckpt, schema, to)
+    new = _run(ckpt, schema, to)
     limit = max((sset.folder / s).stat().st_size for s in sset.shards) if sset.shards else 1 << 30
     groups: list[dict[str, Any]] = [{}]
     size = 0
@@ -355,9 +415,7 @@ def _upgrade_sharded_loaded(
             digest_of = [str(new.version), [(k, list(v.shape)) for k, v in group.items()]]
             name = sharded.shard_name(f"{base}-{i:05d}-of-{len(groups):05d}{ext}", digest_of)
             if sset.kind == "safetensors":
-                meta = _safetensors_metadata(
-                    Checkpoint({}, new.hparams, new.meta, new.schema, new.version, new.history)
-                )
+                meta = _safetensors_metadata(_header_stamp(new))
                 # the set's own header entries (HF's format: pt) on every re-grouped shard
                 meta = {**sset.shared_header, **meta}
                 write_safetensors(folder / name, group, {}, passthrough=meta)
@@ -411,22 +469,21 @@ def _upgrade_model_folder(
 def _upgrade_dcp(
     src: Path,
     dst: Path,
-    schema: Schema,
+    schema: Upgrade,
     to: Any,
     from_version: Any,
     param_names: Sequence[str] | None = None,
 ) -> FileUpgrade:
     """Load through DCP's own loader (restricted metadata), upgrade, save with DCP's writer."""
     from .formats import dcp
-    from .upgrade import upgrade
 
     # plan (and refuse) from the metadata alone, before any tensor is read
     stubs = _with_version(dcp.read_dcp_metadata_checkpoint(src), schema, from_version, src)
-    if not schema.plan(check_belongs(stubs, schema, path=src), to):
+    if not _plan(stubs, schema, to, path=src):
         dcp.stamp_dcp(src, dst, stubs)  # nothing to run: only the stamp file is (re)written
         return _result(src, dst, "dcp", stubs, stubs, schema, to)
     ckpt = _with_version(dcp.read_dcp(src), schema, from_version, src)
-    new = upgrade(ckpt, schema, to, param_names=param_names)
+    new = _run(ckpt, schema, to, param_names)
     dcp.write_dcp(dst, new)
     return _result(src, dst, "dcp", ckpt, new, schema, to)
 
@@ -438,7 +495,7 @@ def _names(safe_globals: Iterable[Any]) -> list[str]:
 
 
 def _try_stream(
-    src: Path, dst: Path, fmt: str, schema: Schema, to: Any, from_version: Any, names: list[str]
+    src: Path, dst: Path, fmt: str, schema: Upgrade, to: Any, from_version: Any, names: list[str]
 ) -> FileUpgrade | None:
     """Upgrade a single file by copying tensor bytes, or return None (nothing written)."""
     if fmt == "torch-zip" and dst.suffix != ".safetensors":
@@ -489,7 +546,7 @@ def _try_stream(
 def write_streamed(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
-    schema: Schema,
+    schema: Upgrade,
     *,
     to: str | Version | None = None,
     from_version: str | Version | None = None,
@@ -501,6 +558,8 @@ def write_streamed(
     For the CLI's read-plan-write sequence (:mod:`ckptmigrate.inplace`), which has already
     planned and, for folders, upgraded ``work``: sharded sets and DCP folders are always written
     here (``torch.save`` cannot write them); single files only when the bytes can be copied.
+    A file with mounts passes a :class:`MountedUpgrade` as ``schema``: the same writers, so a
+    mounted DCP folder stays a DCP folder and a mounted set a set.
     """
     src, dst = Path(src), Path(dst)
     fmt = detect_format(src)

@@ -86,17 +86,22 @@ def run_plan(
     *,
     param_names: Sequence[str] | None = None,
     progress: Callable[[int, int], Any] | None = None,
+    followers: OptimizerFollowers | None = None,
 ) -> Checkpoint:
     """Apply a checked ``plan`` to a copy of ``ckpt``: what :func:`upgrade` does once planned.
 
     ``progress(done, total)`` is called as steps finish (a composed run finishes at once).
+    ``followers`` carries optimizer state that is not ``ckpt.optimizer`` (a mount's part of
+    the file's state, see :mod:`ckptmigrate.mounts`); the caller then writes it back.
     """
     work = ckpt.copy()
     if not plan:
         return work
-    followers = OptimizerFollowers.from_checkpoint(
-        work, param_names, buffers=lambda: _buffer_keys(work, plan, schema)
-    )
+    own_followers = followers is None
+    if followers is None:
+        followers = OptimizerFollowers.from_checkpoint(
+            work, param_names, buffers=lambda: _buffer_keys(work, plan, schema)
+        )
     done = 0
     for run, step_ops in _runs(plan):
         composed = None
@@ -112,7 +117,8 @@ def run_plan(
             done += 1
             if progress is not None:
                 progress(done, len(plan))
-    followers.write_back(work)
+    if own_followers:
+        followers.write_back(work)
     return work
 
 
