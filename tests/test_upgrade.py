@@ -418,47 +418,43 @@ def test_a_step_that_calls_sys_exit_is_a_failed_step_not_the_end_of_the_process(
     assert "bail_out" in str(info.value) and "SystemExit: 5" in str(info.value)
 
 
-def test_the_cli_reports_a_step_calling_sys_exit_in_one_line(tmp_path):
+def upgrade_with_step(tmp_path, body: str, imports: str = "") -> subprocess.CompletedProcess:
+    """``ckptmigrate upgrade a.pth -o b.pth`` in a real process, the 1.0.0 -> 2.0.0 step
+    of schema ``m`` being a function with ``body``."""
     migrations = tmp_path / "mig.py"
     migrations.write_text(
-        "import sys\nimport ckptmigrate as cm\n"
+        f"{imports}import ckptmigrate as cm\n"
         "schema = cm.Schema('m', current='2.0.0')\n"
         "@schema.migration('1.0.0', '2.0.0')\n"
-        "def bail_out(ckpt):\n    sys.exit(5)\n"
+        f"def step(ckpt):\n{body}"
     )
     src = tmp_path / "a.pth"
     cm.save(src, {"w": torch.zeros(2)}, schema="m", version="1.0.0")
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "ckptmigrate", "upgrade", str(src), "-o", str(tmp_path / "b.pth")]
         + ["--migrations", str(migrations)],
         capture_output=True,
         text=True,
     )
+
+
+def test_the_cli_reports_a_step_calling_sys_exit_in_one_line(tmp_path):
+    done = upgrade_with_step(tmp_path, "    sys.exit(5)\n", imports="import sys\n")
     assert done.returncode == 2, done
-    assert done.stderr.startswith("ckptmigrate: error:") and "bail_out" in done.stderr
+    assert done.stderr.startswith("ckptmigrate: error:") and "step" in done.stderr
+    assert "SystemExit: 5" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "b.pth").exists()
 
 
 def test_the_cli_prints_our_warnings_as_one_line_and_torchs_internal_notes_not_at_all(tmp_path):
     # torch warns about its own internals (a pickle protocol 4 file); that was a second,
     # two-line stderr message beside ours
-    migrations = tmp_path / "mig.py"
-    migrations.write_text(
-        "import os, warnings\nimport torch\nimport ckptmigrate as cm\n"
-        "schema = cm.Schema('m', current='2.0.0')\n"
-        "@schema.migration('1.0.0', '2.0.0')\n"
-        "def noisy(ckpt):\n"
+    done = upgrade_with_step(
+        tmp_path,
         "    torch_file = os.path.join(os.path.dirname(torch.__file__), 'serialization.py')\n"
         "    warnings.warn_explicit('a note torch makes', UserWarning, torch_file, 1)\n"
-        "    warnings.warn('head.bias starts from\\nzero')\n"
-    )
-    src = tmp_path / "a.pth"
-    cm.save(src, {"w": torch.zeros(2)}, schema="m", version="1.0.0")
-    done = subprocess.run(
-        [sys.executable, "-m", "ckptmigrate", "upgrade", str(src), "-o", str(tmp_path / "b.pth")]
-        + ["--migrations", str(migrations)],
-        capture_output=True,
-        text=True,
+        "    warnings.warn('head.bias starts from\\nzero')\n",
+        imports="import os, warnings\nimport torch\n",
     )
     assert done.returncode == 0, done
     assert done.stderr.splitlines() == ["ckptmigrate: warning: head.bias starts from zero"]
