@@ -9,15 +9,13 @@ steps as an uninterrupted run of the old code.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from test_optimizer_positions import _cli
 from torch import nn
 
 L = pytest.importorskip("lightning")
@@ -90,17 +88,6 @@ import ckptmigrate as cm
 schema = cm.Schema("net", current="2.0.0")
 schema.add_migration("1.0.0", "2.0.0", [cm.ops.RenamePrefix("body.", "encoder.")])
 """
-
-
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.run(
-        [sys.executable, "-m", "ckptmigrate", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
 
 
 def test_a_lightning_run_resumes_after_the_cli_migrates_a_submodule_rename(tmp_path):
