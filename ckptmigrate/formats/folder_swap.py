@@ -30,7 +30,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .atomic import TEMP_MARKER, _pid_alive, crash_point, fsync_path, remove_stale_temps
+from . import atomic
+from .atomic import TEMP_MARKER, _pid_alive, fsync_path, remove_stale_temps
 
 __all__ = [
     "NEW_MARKER",
@@ -127,9 +128,9 @@ def _remove(path: Path) -> None:
 
 
 def _rename(src: Path, dst: Path) -> None:
-    crash_point("replace")
+    atomic.crash_point("replace")
     os.replace(src, dst)
-    crash_point("replaced")
+    atomic.crash_point("replaced")
 
 
 def swap_folder(new: Path, target: Path) -> None:
@@ -142,9 +143,9 @@ def swap_folder(new: Path, target: Path) -> None:
         _rename(new, target)  # nothing to replace: one atomic rename
         _fsync_parent(target)
         return
-    crash_point("replace")
+    atomic.crash_point("replace")
     if exchange(new, target):
-        crash_point("replaced")
+        atomic.crash_point("replaced")
         _fsync_parent(target)  # the new folder is at target on disk before the old one goes
         _remove(new)  # the old folder, now under the temporary's name
         _fsync_parent(target)
@@ -157,7 +158,7 @@ def _swap_by_renames(new: Path, target: Path) -> None:
     ready = target.with_name(f"{target.name}{NEW_MARKER}{token}")
     old = target.with_name(f"{target.name}{OLD_MARKER}{token}")
     os.replace(new, ready)  # complete and flushed: from here the next run may finish the swap
-    crash_point("replaced")
+    atomic.crash_point("replaced")
     _fsync_parent(target)
     try:
         _rename(target, old)
