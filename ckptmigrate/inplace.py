@@ -139,9 +139,9 @@ def migrate_file(
         return _upgrade(Path(src), None, table, **options)
     target = _in_place_target(src)
     with file_lock(target, timeout=lock_timeout):
-        from .formats.atomic import remove_stale_temps
+        from .formats.folder_swap import recover_interrupted_write
 
-        remove_stale_temps(target)
+        recover_interrupted_write(target)  # a killed run's half-done swap, its temporaries
         return _upgrade(target, None, table, **options)
 
 
@@ -438,13 +438,13 @@ def stamp_in_place(
     >>> stamp_in_place("legacy.pth", "tinylm", "1.0.0")
     >>> stamp_in_place("lightning.ckpt", "net", "1.0.0", prefix="net.")  # a mount at net.
     """
-    from .formats.atomic import remove_stale_temps
+    from .formats.folder_swap import recover_interrupted_write
     from .version import parse_version
 
     given = None if callable(version) else parse_version(version, what="version")
     target = _in_place_target(path)
     with file_lock(target, timeout=lock_timeout):
-        remove_stale_temps(target)
+        recover_interrupted_write(target)  # a killed run's half-done swap, its temporaries
         ckpt = read_for_stamp(target, safe_globals)
         refuse_restamp(ckpt, prefix, path=path)
         if given is None:

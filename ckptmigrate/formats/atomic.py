@@ -276,7 +276,12 @@ def copy_tree_synced(
     src: Path, dst: Path, copy_function: Callable[[str, str], object] = shutil.copy2
 ) -> None:
     """Copy the tree ``src`` to the new path ``dst`` and flush every file and folder in it."""
-    shutil.copytree(src, dst, symlinks=True, copy_function=copy_function)
+
+    def copy_one(a: str, b: str) -> object:
+        crash_point("write")
+        return copy_function(a, b)
+
+    shutil.copytree(src, dst, symlinks=True, copy_function=copy_one)
     for path in sorted(dst.rglob("*"), key=lambda p: len(p.parts), reverse=True):
         if not path.is_symlink():
             fsync_path(path)

@@ -29,7 +29,6 @@ import io
 import json
 import os
 import pickle
-import secrets
 import shutil
 import stat
 import warnings
@@ -41,8 +40,9 @@ from ..checkpoint import Checkpoint
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from ..layout import LAYOUTS, assemble, split
 from ..stamp import parse_stamp, stamp_of
-from .atomic import atomic_path, copy_tree_synced, fsync_path, temp_path_for
+from .atomic import _KeptErrorWriter, atomic_path, copy_tree_synced, temp_path_for
 from .bounds import decode_bounded, loads_json, tuple_chain_bound
+from .folder_swap import recover_interrupted_write, swap_folder
 from .pickle_meta import TorchConstant, _python3_name, _scan
 from .tensorinfo import DTYPE_SIZES, TensorInfo, TensorStub
 
@@ -404,13 +404,14 @@ def read_dcp(path: str | os.PathLike[str]) -> Checkpoint:
 def write_dcp(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
     """Save ``ckpt`` as a DCP folder at ``path`` (replacing one there), stamp file included.
 
-    The new folder is written beside the target and swapped in with two renames, so a crash
-    leaves the old folder or the new one (at worst under a ``.ckptmigrate-old-`` name).
+    The new folder is written beside the target and swapped in (:func:`swap_folder`), so a
+    crash leaves the old folder or the new one; what a killed writer left is finished or
+    removed first.
     """
-    from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 
     target = Path(path)
+    recover_interrupted_write(target)
     layout = ckpt.layout.removeprefix("dcp-")
     plain = Checkpoint(**{**ckpt.__dict__, "layout": layout, "module_metadata": None})
     obj = assemble(plain, None)  # the stamp goes to the JSON file, not into DCP's bytes
@@ -418,12 +419,28 @@ def write_dcp(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "torch.distributed is disabled...": single process
-            _save_state_dict(obj, storage_writer=FileSystemWriter(tmp), no_dist=True)
+            _save_state_dict(obj, storage_writer=_writer(tmp), no_dist=True)
         write_stamp_file(tmp, ckpt)
         swap_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _writer(folder: Path) -> Any:
+    """DCP's FileSystemWriter, each write() into its files passing the crash hook first."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class _HookedFileSystem(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, path: Any, mode: str) -> Any:
+            with super().create_stream(path, mode) as stream:
+                yield _KeptErrorWriter(stream) if "w" in mode else stream
+
+    writer = FileSystemWriter(folder)
+    writer.fs = _HookedFileSystem()
+    return writer
 
 
 def write_stamp_file(folder: str | os.PathLike[str], ckpt: Checkpoint) -> None:
@@ -451,6 +468,7 @@ def stamp_dcp(src: str | os.PathLike[str], dst: str | os.PathLike[str], ckpt: Ch
     if dst.exists() and os.path.samefile(src, dst):
         write_stamp_file(src, ckpt)
         return
+    recover_interrupted_write(dst)
     tmp = _temp_beside(dst)
     try:
         copy_tree_synced(src, tmp)
@@ -463,21 +481,3 @@ def stamp_dcp(src: str | os.PathLike[str], dst: str | os.PathLike[str], ckpt: Ch
 
 def _temp_beside(target: Path) -> Path:
     return temp_path_for(target)  # names the writer's pid: a dead writer's folder is swept
-
-
-def swap_folder(new: Path, target: Path) -> None:
-    """Move folder ``new`` to ``target``, replacing what is there, with two renames."""
-    fsync_path(new)
-    if not target.exists():
-        os.replace(new, target)
-    else:
-        old = target.with_name(f"{target.name}.ckptmigrate-old-{secrets.token_hex(4)}")
-        os.replace(target, old)
-        try:
-            os.replace(new, target)
-        except BaseException:
-            os.replace(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        fsync_path(target.parent)

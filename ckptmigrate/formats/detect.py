@@ -35,7 +35,11 @@ def _stat_regular(path: str | os.PathLike[str]) -> os.stat_result:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise CheckpointFormatError("no such file or directory", path=path) from None
+        from .folder_swap import interrupted_swap_hint
+
+        hint = interrupted_swap_hint(path)
+        detail = f"no such file or directory: {hint}" if hint else "no such file or directory"
+        raise CheckpointFormatError(detail, path=path) from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise CheckpointFormatError("symbolic link loop", path=path) from None
