@@ -189,3 +189,13 @@ def test_safetensors_file_with_20k_tensors_reads(tmp_path):
     save_file(tensors, str(path), metadata={"ckptmigrate.hparams": json.dumps({"n": 1})})
     found, metadata = read_safetensors_header(path)
     assert len(found) == 20_000 and "ckptmigrate.hparams" in metadata
+
+
+def test_dense_dcp_metadata_is_refused(tmp_path):
+    folder = tmp_path / "dcp"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(_empty_sets(2_000_000))
+    from ckptmigrate.formats.dcp import read_dcp_metadata
+
+    with pytest.raises(BudgetExceededError):
+        read_dcp_metadata(folder)
