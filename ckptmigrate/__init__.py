@@ -19,6 +19,7 @@ from .checkpoint import Checkpoint
 from .diff import diff  # binds the function over the submodule; deepdiff loads on first use
 from .errors import (
     BreakingMigrationError,
+    BudgetExceededError,
     CheckpointFormatError,
     CkptMigrateError,
     DuplicateSchemaError,
@@ -47,6 +48,7 @@ from .upgrade import upgrade
 
 __all__ = [
     "BreakingMigrationError",
+    "BudgetExceededError",
     "Checkpoint",
     "CheckpointFormatError",
     "CkptMigrateError",

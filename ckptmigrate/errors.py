@@ -33,6 +33,25 @@ class CheckpointFormatError(CkptMigrateError, ValueError):
         super().__init__(prefix + message)
 
 
+class BudgetExceededError(CheckpointFormatError):
+    """Reading the file would take more memory than its size allows (a decode budget).
+
+    ``what`` names the part read (``"the pickle"``, ``"the safetensors header"``), ``needed``
+    the estimated bytes, ``budget`` the bound and ``rule`` how the bound is set.
+    """
+
+    def __init__(
+        self, what: str, needed: int, budget: int, rule: str, *, path: object = None
+    ) -> None:
+        self.what, self.needed, self.budget, self.rule = what, needed, budget, rule
+        super().__init__(
+            f"{what} would take about {needed >> 20} MiB to read, over its budget of "
+            f"{budget >> 20} MiB ({rule}); a file this dense is not one torch or safetensors "
+            "wrote",
+            path=path,
+        )
+
+
 class UnknownLayoutError(CheckpointFormatError):
     """A checkpoint dict in none of the known layouts: no state_dict where one is looked for."""
 

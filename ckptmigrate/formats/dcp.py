@@ -41,9 +41,9 @@ from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from ..layout import LAYOUTS, assemble, split
 from ..stamp import parse_stamp, stamp_of
 from .atomic import _KeptErrorWriter, atomic_path, copy_tree_synced, temp_path_for
-from .bounds import decode_bounded, loads_json, tuple_chain_bound
+from .bounds import DecodeBudget, decode_bounded, loads_json, tuple_chain_bound
 from .folder_swap import recover_interrupted_write, swap_folder
-from .pickle_meta import TorchConstant, _python3_name, _scan
+from .pickle_meta import TorchConstant, _python3_name, _scan_pickle
 from .tensorinfo import DTYPE_SIZES, TensorInfo, TensorStub
 
 __all__ = [
@@ -187,7 +187,7 @@ def read_dcp_metadata(path: str | os.PathLike[str], *, torch_classes: bool = Fal
         raise CheckpointFormatError(f"cannot read DCP metadata ({exc})", path=md_path) from None
     allowed = dict.fromkeys(DCP_GLOBALS)
     try:
-        _scan(io.BytesIO(data), allowed, md_path)  # unsafe beats corrupt: refuse before building
+        scan = _scan_pickle(data, 0, len(data), allowed, md_path)  # unsafe beats corrupt
     except UnsafeCheckpointError:
         raise
     except Exception as exc:
@@ -195,7 +195,9 @@ def read_dcp_metadata(path: str | os.PathLike[str], *, torch_classes: bool = Fal
     resolve = _real_classes() if torch_classes else _stand_ins()
     bound = tuple_chain_bound(data, 0, len(data))
     try:
-        md = decode_bounded(_DcpUnpickler(io.BytesIO(data), resolve, md_path).load, bound, md_path)
+        budget = DecodeBudget(len(data), 2 * len(data) + scan.estimate, path=md_path)
+        unpickler = _DcpUnpickler(io.BytesIO(data), resolve, md_path)
+        md = decode_bounded(unpickler.load, bound, md_path, budget)
     except (UnsafeCheckpointError, CheckpointFormatError):
         raise
     except Exception as exc:

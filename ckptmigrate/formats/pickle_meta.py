@@ -36,7 +36,7 @@ from types import FunctionType
 from typing import Any, BinaryIO, NoReturn, TypeVar
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
-from .bounds import decode_bounded, tuple_chain_bound
+from .bounds import DecodeBudget, charge_decode, decode_bounded, tuple_chain_bound
 from .detect import TORCH_LEGACY_MAGIC, detect_format, open_regular_file
 from .tensorinfo import DTYPE_SIZES, TensorInfo, TensorStub
 
@@ -294,15 +294,39 @@ class _DeviceType(metaclass=_GuardedType):
 
     def __new__(cls, kind: Any, index: Any = None) -> Any:  # type: ignore[misc]
         if not isinstance(kind, str) or not (index is None or type(index) is int):
-            raise CheckpointFormatError(f"torch.device({kind!r}, {index!r}) is malformed")
+            raise CheckpointFormatError(f"torch.device({kind!r:.80}, {index!r}) is malformed")
+        charge_decode(len(kind) + 64)
         return kind if index is None or ":" in kind else f"{kind}:{index}"
+
+
+def _charge_copy(args: tuple[Any, ...], per_item: int) -> None:
+    """Charge the decode budget for a stand-in that copies its first argument's items."""
+    if args and hasattr(args[0], "__len__"):
+        charge_decode(per_item * len(args[0]) + 256)
 
 
 class _CounterType(metaclass=_GuardedType):
     """``collections.Counter``: builds a real Counter, but BUILD cannot patch the class."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+        _charge_copy(args, 128)  # each item may become a new key
         return Counter(*args, **kwargs)
+
+
+class _OrderedDictType(metaclass=_GuardedType):
+    """``collections.OrderedDict``: a real OrderedDict, its copied items charged first."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+        _charge_copy(args, 160)
+        return OrderedDict(*args, **kwargs)
+
+
+class _SetType(metaclass=_GuardedType):
+    """``builtins.set``: a real set, its copied items charged first."""
+
+    def __new__(cls, *args: Any) -> Any:  # type: ignore[misc]
+        _charge_copy(args, 64)
+        return set(*args)
 
 
 class _SafeBytearray(metaclass=_GuardedType):
@@ -312,8 +336,10 @@ class _SafeBytearray(metaclass=_GuardedType):
         if not args:
             return bytearray()
         if len(args) == 1 and isinstance(args[0], (bytes, bytearray, list)):
+            charge_decode(len(args[0]) + 64)  # a memoised value copied again and again
             return bytearray(args[0])
         if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
+            charge_decode(len(args[0]) + 64)
             return bytearray(args[0], "latin-1")
         raise CheckpointFormatError("bytearray(...) with unexpected arguments in the pickle")
 
@@ -322,6 +348,7 @@ def _codecs_encode(value: Any, encoding: Any = "utf-8", errors: Any = "strict") 
     # Protocol-2 pickles spell bytes as encode(str, "latin1"); no other codec is ever looked up.
     if not isinstance(value, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
         raise CheckpointFormatError("_codecs.encode(...) with an unexpected codec in the pickle")
+    charge_decode(len(value) + 48)
     return value.encode("latin-1")
 
 
@@ -336,7 +363,9 @@ def _get_layout(name: Any) -> TorchConstant:
 
 def _expect_dims(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, (tuple, list)) or not all(type(d) is int and d >= 0 for d in value):
-        raise CheckpointFormatError(f"{what} is {value!r}, expected a tuple of sizes")
+        raise CheckpointFormatError(f"{what} is {value!r:.200}, expected a tuple of sizes")
+    if type(value) is not tuple:
+        charge_decode(8 * len(value) + 64)  # a memoised size list copied per tensor
     return tuple(value)
 
 
@@ -459,6 +488,8 @@ def _rebuild_device_tensor_from_cpu_tensor(
 ) -> TensorStub:
     stub = _expect_stub(data, "device tensor")
     name = _dtype_name(dtype)
+    if not isinstance(device, str):  # str() of a shared list would build its whole tree
+        raise CheckpointFormatError(f"device tensor on {type(device).__name__}, not a device")
     info = TensorInfo(
         stub.shape,
         name,
@@ -492,7 +523,7 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> An
 def _weights_only_globals() -> dict[str, Any]:
     """Every global torch's weights-only unpickler accepts, mapped to what we decode it to."""
     allowed: dict[str, Any] = {
-        "collections.OrderedDict": OrderedDict,
+        "collections.OrderedDict": _OrderedDictType,
         "collections.Counter": _CounterType,
         "torch.nn.parameter.Parameter": _ParameterType,
         "torch.serialization._get_layout": _get_layout,
@@ -501,7 +532,7 @@ def _weights_only_globals() -> dict[str, Any]:
         "torch.device": _DeviceType,
         "_codecs.encode": _codecs_encode,
         "builtins.bytearray": _SafeBytearray,
-        "builtins.set": set,
+        "builtins.set": _SetType,
         "builtins.complex": complex,
         "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
     }
@@ -717,6 +748,39 @@ _KIND[_STOP] = _K_STOP
 _KIND[_STACK_GLOBAL] = _K_STACK_GLOBAL
 del _code
 
+# The decode's memory estimate (bounds.DecodeBudget): bytes each opcode makes the C unpickler
+# and the graph check allocate (CPython 3.11, 64-bit), and bytes per argument byte. Counting
+# objects, not bytes, is what matters: MARK and two million EMPTY_SETs are 2 MB on disk and
+# 800 MB decoded.
+_REF = 32  # a reference on the stack and in its container; a dict entry takes two
+_WALKED = 160  # what check_graph keeps for each container it walks
+_COST = [0] * 256
+_PER_BYTE = bytearray(256)
+for _op in pickletools.opcodes:
+    if _op.stack_after:
+        _COST[ord(_op.code)] = _REF
+for _names, _bytes in (
+    ("EMPTY_SET FROZENSET", 232 + _WALKED + _REF),
+    ("EMPTY_DICT DICT", 80 + _WALKED + _REF),
+    ("EMPTY_LIST LIST", 72 + _WALKED + _REF),
+    ("TUPLE TUPLE1 TUPLE2 TUPLE3", 80 + _WALKED + _REF),
+    ("BININT BININT2 INT LONG LONG1 LONG4 BINFLOAT FLOAT", 32 + _REF),
+    ("REDUCE NEWOBJ NEWOBJ_EX INST OBJ BINPERSID PERSID", 512 + _WALKED),
+    ("BUILD SETITEM", 64),
+    ("MARK PUT BINPUT LONG_BINPUT MEMOIZE", 16),
+):
+    for _name in _names.split():
+        _COST[_OP[_name]] = _bytes
+for _names, _factor, _bytes in (
+    ("SHORT_BINUNICODE BINUNICODE BINUNICODE8 UNICODE", 4, 80 + _REF),  # UCS-4 at worst
+    ("SHORT_BINSTRING BINSTRING STRING", 1, 80 + _REF),  # decoded as ASCII
+    ("SHORT_BINBYTES BINBYTES BINBYTES8 BYTEARRAY8", 1, 48 + _REF),
+    ("INT LONG LONG1 LONG4 FLOAT", 1, 32 + _REF),
+):
+    for _name in _names.split():
+        _COST[_OP[_name]], _PER_BYTE[_OP[_name]] = _bytes, _factor
+del _op, _names, _bytes, _name, _factor
+
 
 @dataclass
 class _ScanResult:
@@ -726,6 +790,7 @@ class _ScanResult:
     end: int  # just past STOP
     protocol: int | None = None  # the last PROTO's argument
     outside_torch: set[str] = field(default_factory=set)  # opcodes outside TORCH_OPCODES
+    estimate: int = 0  # bytes the decode allocates at most, before any copies (see _COST)
 
 
 class _PickleWalk:
@@ -751,6 +816,7 @@ class _PickleWalk:
         self.track = False
         self.recent: list[Any] = [None, None]
         self.memo: dict[int, Any] = {}
+        self.cost = 0
 
     def corrupt(self, message: str, at: int) -> NoReturn:
         raise _ScanCorrupt(message, at)
@@ -782,6 +848,7 @@ class _PickleWalk:
         if result is None:  # a STACK_GLOBAL: walk again, tracking the strings it may name
             self.seen, self.track, self.outside_torch = [], True, set()
             self.recent, self.memo, self.limit, self.protocol = [None, None], {}, self.end, None
+            self.cost = 0
             result = self.walk_tracked()
         return result
 
@@ -797,19 +864,23 @@ class _PickleWalk:
 
         Returns None at the first STACK_GLOBAL.
         """
-        buf, kinds, skips = self.buf, _KIND, _SKIP
+        buf, kinds, skips, costs = self.buf, _KIND, _SKIP, _COST
         pos = self.pos
         end = self.limit
+        cost = 0
         while pos < end or self.frame_done(pos) and pos < (end := self.limit):
             op = buf[pos]
             kind = kinds[op]
             if kind == _K_SKIP:
                 pos += skips[op]
+                cost += costs[op]
             elif kind == _K_COUNTED:
                 width = skips[op]
                 if pos + 1 + width > end:
                     self.corrupt(f"pickle ends inside the opcode at byte {pos}", pos)
-                pos += 1 + width + _UNPACK[width](buf, pos + 1)[0]
+                count = _UNPACK[width](buf, pos + 1)[0]
+                pos += 1 + width + count
+                cost += costs[op] + _PER_BYTE[op] * count
             elif kind == _K_LONG_BINPUT:
                 if pos + 5 > end:
                     self.corrupt(f"pickle ends inside the opcode at byte {pos}", pos)
@@ -817,7 +888,9 @@ class _PickleWalk:
                 if index > pos + 1024:
                     raise _MemoBomb(f"memo index {index} at byte {pos} is out of range")
                 pos += 5
+                cost += costs[op]
             elif kind == _K_STOP:
+                self.cost += cost
                 return self.result(pos + 1)
             elif kind == _K_STACK_GLOBAL:
                 return None
@@ -828,18 +901,21 @@ class _PickleWalk:
 
     def walk_tracked(self) -> _ScanResult:
         buf = self.buf
-        fixed, special = _FIXED, _SPECIAL_TRACKED
+        fixed, special, costs = _FIXED, _SPECIAL_TRACKED, _COST
         pos = self.pos
         end = self.limit
         recent = self.recent
+        cost = 0
         while pos < end or self.frame_done(pos) and pos < (end := self.limit):
             op = buf[pos]
             size = fixed[op]
             if size >= 0 and not special[op]:
                 pos += 1 + size
+                cost += costs[op]
                 recent[0], recent[1] = recent[1], None
                 continue
             if op == _STOP:
+                self.cost += cost
                 return self.result(pos + 1)
             pos = self.special(op, pos)
             end = self.limit
@@ -847,7 +923,7 @@ class _PickleWalk:
 
     def result(self, end: int) -> _ScanResult:
         names = {_OPCODE_NAMES[op] for op in self.outside_torch}
-        return _ScanResult(self.seen, end, self.protocol, names)
+        return _ScanResult(self.seen, end, self.protocol, names, self.cost)
 
     def ran_out(self, pos: int) -> NoReturn:
         if pos > self.limit:
@@ -874,6 +950,7 @@ class _PickleWalk:
             if _LINES[op] == 2:
                 after = self.line(after + 1, at)
             after += 1
+        self.cost += _COST[op] + _PER_BYTE[op] * (after - arg)
         found: str | None = None
         pushed: Any = None
         if op not in TORCH_OPCODES:
@@ -1031,13 +1108,16 @@ def _load_pickle_scanned(
             scan_error = exc
             scan = _ScanResult([], exc.pos)
         tuple_bound = tuple_chain_bound(buf, start, scan.end)
+    stored = scan.end - start
+    # the pickle's bytes are held, and a frame or string is read into a copy of its own
+    budget = DecodeBudget(stored, 2 * stored + scan.estimate, path=path)
     file.seek(start)
     source = file if scan_error is None else _BoundedReader(file, scan.end)
     try:
         unpickler = _MetadataUnpickler(
             source, allowed=allowed, persistent_load=persistent_load, path=path
         )
-        obj = decode_bounded(unpickler.load, tuple_bound, path)
+        obj = decode_bounded(unpickler.load, tuple_bound, path, budget)
     except (UnsafeCheckpointError, CheckpointFormatError):
         raise
     except _FORMAT_ERRORS as exc:
@@ -1137,6 +1217,7 @@ class _StorageTable:
 
     def load(self, pid: Any) -> _StorageRef:
         ref = _storage_ref(pid, legacy=self.legacy)
+        charge_decode(len(ref.key) + len(ref.location) + 256)  # a memoised key, one copy each
         ref = replace(ref, key=self.key_prefix + ref.key)
         known = self.storages.setdefault(ref.key, ref)
         if known.untyped or ref.untyped:

@@ -1,0 +1,201 @@
+"""Memory budgets: a file may not make its reader allocate more than a multiple of its bytes.
+
+Each hostile file below is small on disk and, before the budgets, took hundreds of MiB to
+decode; each is refused with a BudgetExceededError naming the budget, before the allocation.
+Real files of realistic size still load.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from hostile import replace_member, safetensors_bytes, save_torch
+
+import ckptmigrate as cm
+from ckptmigrate.errors import BudgetExceededError, CheckpointFormatError
+from ckptmigrate.formats.pickle_meta import read_torch_metadata
+from ckptmigrate.formats.safetensors_header import read_safetensors_header
+
+
+def _zip_with_pickle(tmp_path: Path, pkl: bytes, name: str = "bomb.pth") -> Path:
+    good = save_torch({"w": torch.zeros(2)}, tmp_path / "good.pth")
+    return replace_member(good, tmp_path / name, "/data.pkl", pkl)
+
+
+def _empty_sets(n: int) -> bytes:
+    return b"\x80\x04](" + b"\x8f" * n + b"e."  # MARK, n x EMPTY_SET, APPENDS
+
+
+def _empty_dicts(n: int) -> bytes:
+    return b"\x80\x02](" + b"}" * n + b"e."
+
+
+def _tuples(n: int) -> bytes:
+    return b"\x80\x02](" + b"N\x85" * n + b"e."  # NONE, TUPLE1
+
+
+def _bytearray_copies(n: int, size: int = 1 << 20) -> bytes:
+    """One memoised 1 MiB bytes, copied by ``bytearray(...)`` n times (6 bytes a copy)."""
+    head = b"\x80\x03cbuiltins\nbytearray\nq\x00B" + struct.pack("<I", size) + bytes(size)
+    return head + b"q\x01](" + b"h\x00h\x01\x85R" * n + b"e."
+
+
+def _size_copies(n: int, items: int = 100_000) -> bytes:
+    """One memoised list of 100k dims, turned into a new torch.Size n times."""
+    head = b"\x80\x02ctorch\nSize\nq\x00](" + b"K\x01" * items + b"eq\x01"
+    return head + b"](" + b"h\x00h\x01\x85R" * n + b"e."
+
+
+HOSTILE_PICKLES = {
+    "two million empty sets": lambda: _empty_sets(2_000_000),
+    "two million empty dicts": lambda: _empty_dicts(2_000_000),
+    "a million one-tuples": lambda: _tuples(1_000_000),
+    "a memoised bytes copied by bytearray": lambda: _bytearray_copies(200),
+    "a memoised size list copied by torch.Size": lambda: _size_copies(200),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_PICKLES))
+def test_dense_pickle_is_refused_before_decoding(tmp_path, name):
+    path = _zip_with_pickle(tmp_path, HOSTILE_PICKLES[name]())
+    with pytest.raises(BudgetExceededError) as info:
+        read_torch_metadata(path)
+    assert info.value.what == "the pickle"
+    assert info.value.needed > info.value.budget
+    assert "times its" in str(info.value) and "MiB" in str(info.value)
+    with pytest.raises(BudgetExceededError):
+        cm.load(path, upgrade=False)
+
+
+def test_dense_legacy_pickle_is_refused(tmp_path):
+    from hostile import legacy_with_main_pickle
+
+    good = save_torch({"w": torch.zeros(2)}, tmp_path / "good.pt", legacy=True)
+    path = tmp_path / "bomb.pt"
+    path.write_bytes(legacy_with_main_pickle(good, _empty_sets(2_000_000)))
+    with pytest.raises(BudgetExceededError):
+        read_torch_metadata(path)
+
+
+def test_budget_error_is_a_format_error_and_exits_2(tmp_path):
+    path = _zip_with_pickle(tmp_path, _empty_dicts(2_000_000))
+    with pytest.raises(CheckpointFormatError):
+        read_torch_metadata(path)
+    run = subprocess.run(
+        [sys.executable, "-m", "ckptmigrate", "info", str(path)], capture_output=True, text=True
+    )
+    assert run.returncode == 2
+    assert run.stderr.startswith("ckptmigrate: error:") and "budget" in run.stderr
+
+
+_PEAK = """
+import resource, sys
+from ckptmigrate.formats.pickle_meta import read_torch_metadata
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    read_torch_metadata(sys.argv[1])
+except Exception as exc:
+    print(type(exc).__name__)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
+"""
+
+
+def test_refused_pickle_stays_small_in_memory(tmp_path):
+    # 2 MB of EMPTY_SET decoded to 800 MiB before the budget
+    path = _zip_with_pickle(tmp_path, _empty_sets(2_000_000))
+    run = subprocess.run(
+        [sys.executable, "-c", _PEAK, str(path)], capture_output=True, text=True, check=True
+    )
+    error, grown_mib = run.stdout.split()
+    assert error == "BudgetExceededError"
+    assert int(grown_mib) < 100
+
+
+def test_state_dict_of_20k_tiny_tensors_loads(tmp_path):
+    sd = OrderedDict((f"layers.{i}.weight", torch.full((1,), float(i))) for i in range(20_000))
+    path = save_torch(sd, tmp_path / "many.pth")
+    meta = read_torch_metadata(path)
+    assert len(meta) == 20_000
+    assert meta["layers.19999.weight"].shape == (1,)
+
+
+def test_dense_but_real_pickles_load(tmp_path):
+    # what real files hold densely: 20k empty dicts, int lists, scalars, Counter and set
+    obj = {
+        "dicts": [{} for _ in range(20_000)],
+        "ints": [list(range(100)) for _ in range(200)],
+        "scalars": {f"p{i}": torch.zeros(()) for i in range(5_000)},
+        "counts": __import__("collections").Counter("abracadabra"),
+        "tags": {"a", "b"},
+    }
+    path = save_torch(obj, tmp_path / "dense.pth")
+    meta = read_torch_metadata(path)
+    assert len(meta["dicts"]) == 20_000 and meta["counts"]["a"] == 5
+    assert meta["tags"] == {"a", "b"}
+
+
+def test_device_tensor_with_a_list_for_device_is_refused():
+    from ckptmigrate.formats import pickle_meta
+
+    stub = pickle_meta._rebuild_meta_tensor_no_storage(
+        pickle_meta.TorchConstant("torch.float32"), (2,), (1,), False
+    )
+    with pytest.raises(CheckpointFormatError, match="not a device"):
+        pickle_meta._rebuild_device_tensor_from_cpu_tensor(
+            stub, pickle_meta.TorchConstant("torch.float32"), [[0] * 10] * 10, False
+        )
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def _header_file(tmp_path: Path, raw: bytes, data: bytes = b"") -> Path:
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(safetensors_bytes(None, data, raw_header=raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        "empty objects",  # 40 MB of "aN": {} took 1.08 GiB to parse
+        "empty lists",
+    ],
+)
+def test_dense_safetensors_header_is_refused_before_parsing(tmp_path, shape):
+    if shape == "empty objects":
+        raw = ("{" + ",".join(f'"a{i}":{{}}' for i in range(500_000)) + "}").encode()
+    else:
+        raw = ('{"a":[' + ",".join(["[]"] * 2_000_000) + "]}").encode()
+    path = _header_file(tmp_path, raw)
+    with pytest.raises(BudgetExceededError) as info:
+        read_safetensors_header(path)
+    assert info.value.what == "the safetensors header"
+    assert "16 times its" in str(info.value)
+
+
+def test_safetensors_file_with_20k_tensors_reads(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {f"layers.{i}.weight": torch.zeros(1) for i in range(20_000)}
+    path = tmp_path / "many.safetensors"
+    save_file(tensors, str(path), metadata={"ckptmigrate.hparams": json.dumps({"n": 1})})
+    found, metadata = read_safetensors_header(path)
+    assert len(found) == 20_000 and "ckptmigrate.hparams" in metadata
+
+
+def test_dense_dcp_metadata_is_refused(tmp_path):
+    folder = tmp_path / "dcp"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(_empty_sets(2_000_000))
+    from ckptmigrate.formats.dcp import read_dcp_metadata
+
+    with pytest.raises(BudgetExceededError):
+        read_dcp_metadata(folder)
