@@ -17,7 +17,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from .atomic import Writeback, atomic_fd
+from .atomic import Writeback, atomic_fd, crash_point
 from .detect import open_regular_file
 from .safetensors_file import ALIASES
 from .tensorinfo import SAFETENSORS_DTYPES, TensorStub
@@ -95,5 +95,6 @@ def write_safetensors_copy(
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
+        crash_point("write")
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
