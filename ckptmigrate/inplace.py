@@ -424,6 +424,7 @@ def _holds_copies(kept: Path, files: list[Path]) -> bool:
 def _copy_files_atomically(files: list[Path], dst: Path) -> None:
     import shutil
 
+    from .formats import atomic
     from .formats.atomic import fsync_path, temp_path_for
 
     tmp = temp_path_for(dst)
@@ -433,7 +434,9 @@ def _copy_files_atomically(files: list[Path], dst: Path) -> None:
             _link_or_copy(str(f), str(tmp / f.name))
             fsync_path(tmp / f.name)
         fsync_path(tmp)
+        atomic.crash_point("replace")
         os.replace(tmp, dst)
+        atomic.crash_point("replaced")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
