@@ -6,6 +6,7 @@ function runs once per upgrade, whichever path writes the set."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -102,23 +103,27 @@ def test_a_stamp_never_writes_over_a_file_the_old_index_does_not_name(tmp_path: 
 @pytest.mark.parametrize(
     "name",
     [
-        "../outside.safetensors",
+        "../outside.bin",
         "/etc/passwd",
-        "sub/inner.safetensors",
-        "back\\slash.safetensors",
-        "nul\0.safetensors",
+        "sub/inner.bin",
+        "back\\slash.bin",
+        "nul\0.bin",
         "..",
-        "model.safetensors.index.json",
-        "model.safetensors.index.json.ckptmigrate-pending",
-        f"model-00001-of-00002.safetensors{cm.formats.atomic.TEMP_MARKER}1-abcd",
+        "pytorch_model.bin.index.json",
+        # ckptmigrate's own files beside a set: a sweep would take them for debris
+        "pytorch_model.bin.index.json.ckptmigrate-pending",
+        f"model-00001-of-00002.bin{cm.formats.atomic.TEMP_MARKER}1-abcd",
+        "set.ckptmigrate.lock",
     ],
 )
 def test_a_shard_name_must_be_a_plain_file_of_the_set(tmp_path: Path, name: str) -> None:
     folder = tmp_path / "set"
-    index = write_set(folder, shards(), version="1.0.0")
+    index = write_set(folder, shards(".bin"), "pytorch_model.bin.index.json", version="1.0.0")
     raw = json.loads(index.read_text())
     raw["weight_map"]["blocks.0.weight"] = name
     index.write_text(json.dumps(raw))
+    if "ckptmigrate" in name:  # a whole shard under that name
+        shutil.copyfile(folder / "model-00001-of-00002.bin", folder / name)
     before = sorted(p.name for p in folder.iterdir())
     with pytest.raises(CheckpointFormatError, match="shard"):
         read_metadata(folder)

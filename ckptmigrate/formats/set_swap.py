@@ -213,16 +213,14 @@ def recover(path: str | os.PathLike[str]) -> list[str]:
     bases: set[str] = set()
     for journal in sorted(folder.glob("*" + PENDING_SUFFIX)):
         record = _read_journal(journal)
-        if record is not None and (record["host"] != host or pid_alive(record["pid"])):
+        if record is None:
+            continue  # not one of ours (ours are written atomically, so always whole): kept
+        if record["host"] != host or pid_alive(record["pid"]):
             continue  # a live writer's (or another host's, which we cannot tell): not ours
-        if record is not None:
-            bases.update(record["new"])
-            gone = [n for n in record["new"] if (folder / n).exists()]
-            removed += _settle(folder, journal, record["old"], record["new"])
-            removed += [n for n in gone if not (folder / n).exists()]
-        else:  # unreadable (a kill cannot leave one: it is written atomically)
-            with contextlib.suppress(FileNotFoundError):
-                journal.unlink()
+        bases.update(record["new"])
+        gone = [n for n in record["new"] if (folder / n).exists()]
+        removed += _settle(folder, journal, record["old"], record["new"])
+        removed += [n for n in gone if not (folder / n).exists()]
         removed.append(journal.name)
 
     def ours(base: str) -> bool:
