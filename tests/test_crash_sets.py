@@ -191,7 +191,7 @@ def test_sigkill_anywhere_in_a_set_rewrite_then_a_rerun_finishes_it_tidily(
 
 
 def test_the_next_run_keeps_an_old_shard_that_changed_after_the_killed_one_read_it(
-    work: Path,
+    work: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     case = Case("upgrade-streamed", ".safetensors")
     folder = case.lay_out(work)
@@ -201,15 +201,7 @@ def test_the_next_run_keeps_an_old_shard_that_changed_after_the_killed_one_read_
         case.run(folder)
 
     # the last "replaced" is the index's: killed after the commit, before the old shards went
-    seen: list[str] = []
-    real = atomic.crash_point
-    atomic.crash_point = seen.append  # type: ignore[assignment]
-    os.environ[atomic.CRASH_ENV] = "record-only"
-    try:
-        action()
-    finally:
-        atomic.crash_point = real  # type: ignore[assignment]
-        del os.environ[atomic.CRASH_ENV]
+    seen = _events_of(action, monkeypatch)
     folder = case.lay_out(work)
     status = _killed_child(f"replaced:{seen.count('replaced')}", action)
     assert os.WIFSIGNALED(status)
@@ -223,3 +215,27 @@ def test_the_next_run_keeps_an_old_shard_that_changed_after_the_killed_one_read_
     assert changed.read_bytes() == b"the user saved something else under this name"
     assert not any((folder / name).exists() for name in old_shards[1:])
     assert not list(folder.glob("*.ckptmigrate*")) and (folder / index_name).exists()
+
+
+def test_a_killed_upgrade_into_another_folder_leaves_no_orphans_after_the_rerun(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckptmigrate.inplace import migrate_file
+
+    case = Case("upgrade-streamed", ".safetensors")
+    folder = case.lay_out(work)
+    out = work / "out"
+
+    def action() -> None:
+        migrate_file(folder, out, schemas=toy_schema(), to="2.0.0")
+
+    events = _events_of(action, monkeypatch)
+    for spec in _spread(events, max(4, KILL_POINTS // 2)):
+        shutil.rmtree(out)
+        status = _killed_child(spec, action)
+        assert os.WIFSIGNALED(status), spec
+        action()  # the same command again
+        assert case.survivor(out) == "new"
+        index = out / "model.safetensors.index.json"
+        named = set(json.loads(index.read_text())["weight_map"].values())
+        assert sorted(p.name for p in out.iterdir()) == sorted({index.name, "notes.txt", *named})

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from . import sharded
-from .atomic import atomic_path, fsync_path, pid_alive, remove_stale_temps_where
+from .atomic import TEMP_MARKER, atomic_path, fsync_path, pid_alive, remove_stale_temps_where
 from .bounds import loads_json
 from .detect import INDEX_SUFFIX
 from .sharded import PENDING_SUFFIX, file_identity, shard_name, shard_name_problem
@@ -80,6 +80,7 @@ class SetSwap:
     ) -> SetSwap:
         """A rewrite of ``folder / index_name``; ``old``: the shards of the index it replaces
         as read (None: whatever index of that name is there now, if any)."""
+        recover(folder)  # what dead writers left here (in place, the caller did it already)
         if old is None:
             old = _shards_of(folder / index_name)
         swap = cls(folder, index_name, dict(old))
@@ -208,6 +209,8 @@ def recover(path: str | os.PathLike[str]) -> list[str]:
     folder = path if path.is_dir() else path.parent
     if not (path.is_dir() or path.name.endswith(INDEX_SUFFIX)):
         return []
+    if not any(folder.glob("*" + PENDING_SUFFIX)) and not any(folder.glob("*" + TEMP_MARKER + "*")):
+        return []  # the usual case: nothing was left
     removed: list[str] = []
     host = socket.gethostname()
     bases: set[str] = set()
