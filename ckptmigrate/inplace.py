@@ -139,10 +139,18 @@ def migrate_file(
         return _upgrade(Path(src), None, table, **options)
     target = _in_place_target(src)
     with file_lock(target, timeout=lock_timeout):
-        from .formats.folder_swap import recover_interrupted_write
-
-        recover_interrupted_write(target)  # a killed run's half-done swap, its temporaries
+        _sweep_killed_writers(target)
         return _upgrade(target, None, table, **options)
+
+
+def _sweep_killed_writers(target: Path) -> None:
+    """Under the lock, before the read: finish or undo what writers that died left half done
+    (a folder swap; a set rewrite, as its journal says) and remove their temporaries."""
+    from .formats.folder_swap import recover_interrupted_write
+    from .formats.set_swap import recover
+
+    recover_interrupted_write(target)
+    recover(target)
 
 
 def upgrade_in_place(
@@ -354,22 +362,31 @@ def _write_backup(src: Path, version: object) -> Path:
     The backup is a hard link where the file system allows one (else an fsynced copy): an
     in-place write never writes into the old file, it renames a new one over its name (a set
     gets new shards, a folder a new tree), so the old bytes stay as they were under the
-    backup's name, and a 100 GB file is backed up in microseconds.
+    backup's name, and a 100 GB file is backed up in microseconds. A sharded set's backup is
+    a folder of its index and the shards it names, nothing else of the folder they lie in.
     """
     from .formats.atomic import atomic_path, fsync_path, remove_stale_temps
+    from .formats.detect import INDEX_SUFFIX
     from .formats.sharded import is_index_file
 
-    if is_index_file(src):  # a set named by its index: its shards are rewritten too
-        src = src.parent
-    kept = backup_path(src, version)
+    files = None
+    if is_index_file(src) or (src.is_dir() and any(src.glob("*" + INDEX_SUFFIX))):
+        kept, files = _set_backup(src, version)
+    else:
+        kept = backup_path(src, version)
     remove_stale_temps(kept)  # a half-copied backup of a killed run
     if kept.is_symlink():  # "identical" through the link today, the new version tomorrow
         raise BackupExistsError(kept, link=True)
     if kept.exists():
-        if _same_contents(kept, src):
+        if files is not None and _holds_copies(kept, files):
+            return kept
+        if files is None and _same_contents(kept, src):
             return kept
         raise BackupExistsError(kept)
-    if src.is_dir():  # a sharded set or a DCP folder: copy the tree, then rename it into place
+    if files is not None:  # a set: its own files, linked into a folder renamed into place
+        _copy_files_atomically(files, kept)
+        return kept
+    if src.is_dir():  # a DCP folder: copy the tree, then rename it into place
         _copy_tree_atomically(src, kept)
         return kept
     try:
@@ -382,6 +399,48 @@ def _write_backup(src: Path, version: object) -> Path:
     else:
         fsync_path(kept.parent)
     return kept
+
+
+def _set_backup(src: Path, version: object) -> tuple[Path, list[Path]]:
+    """Where a set's backup goes (``llama.1.0.0.bak`` beside its folder; with other indexes
+    in the folder, one per index: ``llama.model.safetensors.1.0.0.bak``) and what it holds."""
+    from .formats.detect import INDEX_SUFFIX
+    from .formats.sharded import read_index
+
+    sset = read_index(src)
+    files = [sset.index_path, *(sset.folder / s for s in sset.shards)]
+    label = str(version)
+    if len(list(sset.folder.glob("*" + INDEX_SUFFIX))) > 1:
+        label = f"{sset.index_path.name[: -len(INDEX_SUFFIX)]}.{version}"
+    return backup_path(sset.folder, label), files
+
+
+def _holds_copies(kept: Path, files: list[Path]) -> bool:
+    if not kept.is_dir() or sorted(p.name for p in kept.iterdir()) != sorted(f.name for f in files):
+        return False
+    return all(_same_contents(kept / f.name, f) for f in files)
+
+
+def _copy_files_atomically(files: list[Path], dst: Path) -> None:
+    import shutil
+
+    from .formats import atomic
+    from .formats.atomic import fsync_path, temp_path_for
+
+    tmp = temp_path_for(dst)
+    try:
+        tmp.mkdir()
+        for f in files:
+            _link_or_copy(str(f), str(tmp / f.name))
+            fsync_path(tmp / f.name)
+        fsync_path(tmp)
+        atomic.crash_point("replace")
+        os.replace(tmp, dst)
+        atomic.crash_point("replaced")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_path(dst.parent)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -438,13 +497,12 @@ def stamp_in_place(
     >>> stamp_in_place("legacy.pth", "tinylm", "1.0.0")
     >>> stamp_in_place("lightning.ckpt", "net", "1.0.0", prefix="net.")  # a mount at net.
     """
-    from .formats.folder_swap import recover_interrupted_write
     from .version import parse_version
 
     given = None if callable(version) else parse_version(version, what="version")
     target = _in_place_target(path)
     with file_lock(target, timeout=lock_timeout):
-        recover_interrupted_write(target)  # a killed run's half-done swap, its temporaries
+        _sweep_killed_writers(target)
         ckpt = read_for_stamp(target, safe_globals)
         refuse_restamp(ckpt, prefix, path=path)
         if given is None:

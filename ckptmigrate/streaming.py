@@ -8,7 +8,8 @@ memory stays a small multiple of the pickle or header size.
 - torch.save zip files: a new ``data.pkl`` (torch's own pickle layout) plus every storage record
   it references, byte for byte (CRC and 64-byte alignment kept); dropped storages are left out.
 - safetensors files: a new header plus the kept tensors' bytes.
-- sharded sets: each shard rewritten under a new name, the index replaced last, atomically.
+- sharded sets: each shard rewritten under a fresh name, the index replaced last, atomically
+  (:mod:`~.formats.set_swap`).
 - model folders of one weights file (``save_pretrained`` of a small model): that file, as above.
 - DCP folders: see :mod:`ckptmigrate.formats.dcp`.
 
@@ -289,9 +290,15 @@ def _upgrade_sharded(
     to: Any,
     from_version: Any,
     safe_globals: Iterable[Any],
+    work: Checkpoint | None = None,
 ) -> FileUpgrade:
-    """Rewrite a sharded set shard by shard; the new index replaces the old one last."""
+    """Rewrite a sharded set shard by shard; the new index replaces the old one last.
+
+    ``work``: the set already upgraded by the caller (loaded, its steps run once), written as
+    it is when the plan cannot run on stubs, so no function step runs a second time.
+    """
     from .formats import sharded
+    from .formats.set_swap import SetSwap
 
     names = _names(safe_globals)
     ckpt, sset = sharded.read_sharded_metadata(src, allowed_globals=names)
@@ -302,8 +309,10 @@ def _upgrade_sharded(
     index_name = sset.index_path.name if dst.is_dir() or not dst.suffix else dst.name
     stamp = _stamp_of(new if new is not None else ckpt)
     result = _result(src, folder, "sharded", ckpt, new or ckpt, schema, to)
+    loaded = dict(src=src, folder=folder, index_name=index_name, sset=sset, schema=schema)
+    loaded.update(to=to, from_version=from_version, work=work, old=ckpt)
     if new is None:
-        return _upgrade_sharded_loaded(src, folder, index_name, sset, schema, to, from_version)
+        return _upgrade_sharded_loaded(**loaded)
 
     # which old shard each kept stub came from, in the new key order
     home: dict[int, str] = {}
@@ -313,17 +322,23 @@ def _upgrade_sharded(
     for key, value in new.state_dict.items():
         by_shard[home[id(value)]].append((key, value))
 
-    written: list[Path] = []
+    swap = SetSwap.replacing(folder, index_name, _replaced(sset, folder, index_name))
+    jobs = [
+        (
+            shard,
+            swap.fresh_name(
+                shard, [str(new.version), shard, [(k, list(v.shape)) for k, v in entries]]
+            ),
+            entries,
+        )
+        for shard, entries in by_shard.items()
+        if entries
+    ]
     weight_map: dict[str, str] = {}
     total = 0
-    old_names = set(sset.shards) if folder.resolve() == sset.folder.resolve() else set()
     try:
-        for shard, entries in by_shard.items():
-            if not entries:
-                continue
-            name = sharded.shard_name(
-                shard, [str(new.version), shard, [(k, list(v.shape)) for k, v in entries]]
-            )
+        swap.start()
+        for shard, name, entries in jobs:
             target = folder / name
             if sset.kind == "safetensors":
                 from .formats.safetensors_copy import write_safetensors_copy
@@ -335,32 +350,30 @@ def _upgrade_sharded(
                 if shard not in sset.graphs:
                     raise _NeedsLoad
                 copied, through = _rewrite_bin_shard(sset.graphs[shard], target, entries)
-            if name not in old_names:
-                written.append(target)
             result.bytes_copied += copied
             result.bytes_through_python += through
             weight_map.update((key, name) for key, _ in entries)
             total += sum(v.info.nbytes for v in {id(v): v for _, v in entries}.values())
         sharded.copy_companions(sset, folder)
-        sharded.write_index(
-            folder,
-            index_name,
-            sset.index,
-            weight_map,
-            total,
-            sharded.index_metadata(new, stamp),
-        )
+        swap.commit(sset.index, weight_map, total, sharded.index_metadata(new, stamp))
     except BaseException as exc:
-        sharded.drop_uncommitted(folder / index_name, written)
+        swap.abort()  # the new shards no index names go; after the commit, the old ones
         from .formats.torchzip import NotReplayable
 
         if isinstance(exc, (_NeedsLoad, NotReplayable)):
-            return _upgrade_sharded_loaded(src, folder, index_name, sset, schema, to, from_version)
+            return _upgrade_sharded_loaded(**loaded)
         raise
-    if old_names:
-        result.removed = sharded.remove_unreferenced(folder, sset.shards, weight_map)
+    result.removed = swap.finish()
     result.streamed = True
     return result
+
+
+def _replaced(sset: Any, folder: Path, index_name: str) -> dict[str, list[int]] | None:
+    """The shards the index written at ``folder / index_name`` replaces, as read: the set's
+    own when it is rewritten in place; else None (those of whatever index is there)."""
+    if (folder / index_name).resolve() == sset.index_path.resolve():
+        return dict(sset.identities)
+    return None
 
 
 def _rewrite_bin_shard(graph: Any, dst: Path, entries: list[tuple[str, Any]]) -> tuple[int, int]:
@@ -385,14 +398,22 @@ def _upgrade_sharded_loaded(
     schema: Upgrade,
     to: Any,
     from_version: Any,
+    work: Checkpoint | None = None,
+    old: Checkpoint | None = None,
 ) -> FileUpgrade:
-    """The full path for sets: load (mmap), upgrade, re-shard by the old largest shard size."""
+    """The full path for sets: load (mmap), upgrade, re-shard by the old largest shard size.
+
+    ``work`` (with ``old``, the set as read): the caller's upgraded set, written as it is."""
     from .formats import sharded
     from .formats.safetensors_file import write_safetensors
+    from .formats.set_swap import SetSwap
     from .formats.torchfile import write_torch
 
-    ckpt = _with_version(sharded.read_sharded(src, mmap=True), schema, from_version, src)
-    new = _run(ckpt, schema, to)
+    if work is not None and old is not None:
+        ckpt, new = old, work
+    else:
+        ckpt = _with_version(sharded.read_sharded(src, mmap=True), schema, from_version, src)
+        new = _run(ckpt, schema, to)
     limit = max((sset.folder / s).stat().st_size for s in sset.shards) if sset.shards else 1 << 30
     groups: list[dict[str, Any]] = [{}]
     size = 0
@@ -406,14 +427,19 @@ def _upgrade_sharded_loaded(
     ext = ".safetensors" if sset.kind == "safetensors" else ".bin"
     base = "model" if sset.kind == "safetensors" else "pytorch_model"
     stamp = _stamp_of(new)
+    swap = SetSwap.replacing(folder, index_name, _replaced(sset, folder, index_name))
+    names = [
+        swap.fresh_name(
+            f"{base}-{i:05d}-of-{len(groups):05d}{ext}",
+            [str(new.version), [(k, list(v.shape)) for k, v in group.items()]],
+        )
+        for i, group in enumerate(groups, 1)
+    ]
     weight_map: dict[str, str] = {}
-    written: list[Path] = []
     total = 0
-    old_names = set(sset.shards) if folder.resolve() == sset.folder.resolve() else set()
     try:
-        for i, group in enumerate(groups, 1):
-            digest_of = [str(new.version), [(k, list(v.shape)) for k, v in group.items()]]
-            name = sharded.shard_name(f"{base}-{i:05d}-of-{len(groups):05d}{ext}", digest_of)
+        swap.start()
+        for name, group in zip(names, groups):
             if sset.kind == "safetensors":
                 meta = _safetensors_metadata(_header_stamp(new))
                 # the set's own header entries (HF's format: pt) on every re-grouped shard
@@ -421,20 +447,15 @@ def _upgrade_sharded_loaded(
                 write_safetensors(folder / name, group, {}, passthrough=meta)
             else:
                 write_torch(folder / name, dict(group))
-            if name not in old_names:
-                written.append(folder / name)
             weight_map.update((k, name) for k in group)
             total += sum(t.numel() * t.element_size() for t in group.values())
         sharded.copy_companions(sset, folder)
-        sharded.write_index(
-            folder, index_name, sset.index, weight_map, total, sharded.index_metadata(new, stamp)
-        )
+        swap.commit(sset.index, weight_map, total, sharded.index_metadata(new, stamp))
     except BaseException:
-        sharded.drop_uncommitted(folder / index_name, written)
+        swap.abort()
         raise
     result = _result(src, folder, "sharded", ckpt, new, schema, to)
-    if old_names:
-        result.removed = sharded.remove_unreferenced(folder, sset.shards, weight_map)
+    result.removed = swap.finish()
     return result
 
 
@@ -571,7 +592,7 @@ def write_streamed(
         dcp.write_dcp(dst, work)
         return FileUpgrade(src, dst, fmt, None, work.version)
     if fmt == "sharded":
-        return _upgrade_sharded(src, dst, schema, to, from_version, allowed)
+        return _upgrade_sharded(src, dst, schema, to, from_version, allowed, work=work)
     if src.is_dir():  # a model folder: always written here, its weights file as a file is
 
         def one(weights: Path, target: Path) -> FileUpgrade:

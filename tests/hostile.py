@@ -153,3 +153,30 @@ def folder_state(root: Path) -> dict[str, tuple]:
             else:
                 state[rel] = ("other", st.st_mode)
     return state
+
+
+def write_set(
+    folder: Path,
+    shards: dict[str, dict[str, torch.Tensor]],
+    index_name: str = "model.safetensors.index.json",
+    version: str | None = None,
+) -> Path:
+    """A sharded set in ``folder``: each shard file (safetensors or ``torch.save``, by its
+    name) and an index naming it for its keys, stamped ``toy`` ``version`` when given.
+    Returns the index path."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    for name, tensors in shards.items():
+        if name.endswith(".safetensors"):
+            save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        else:
+            torch.save(tensors, folder / name)
+        weight_map.update((k, name) for k in tensors)
+    metadata: dict[str, object] = {"total_size": 0}
+    if version is not None:
+        metadata["ckptmigrate.stamp"] = stamp(version)
+    index = folder / index_name
+    index.write_text(json.dumps({"metadata": metadata, "weight_map": weight_map}))
+    return index

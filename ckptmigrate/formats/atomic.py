@@ -26,7 +26,8 @@ from typing import Any, BinaryIO
 
 TEMP_MARKER = ".ckptmigrate-tmp-"
 CRASH_ENV = "CKPTMIGRATE_CRASH_AT"
-#: Where ``CKPTMIGRATE_CRASH_AT`` can kill: each write() into a temporary file, before the
+#: Where ``CKPTMIGRATE_CRASH_AT`` can kill: each write() into a temporary file (a Python
+#: write, a pwrite or a copy_file_range call of the byte copiers), before the
 #: temporary is fsynced, before and after the rename, and before the folder is fsynced.
 CRASH_EVENTS = ("write", "fsync", "replace", "replaced", "fsync-dir")
 
@@ -295,13 +296,20 @@ def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
     in-place file holds; returns what it removed.
     """
     target = Path(path)
+    return remove_stale_temps_where(target.parent, lambda base: base == target.name)
+
+
+def remove_stale_temps_where(folder: Path, wanted: Callable[[str], bool]) -> list[Path]:
+    """Remove the temporaries in ``folder`` of dead writers whose target's name passes
+    ``wanted`` (a sharded set sweeps those of its index, journal and new shards at once)."""
     removed = []
     with contextlib.suppress(OSError):
-        for child in target.parent.iterdir():
-            match = _TEMP_PID.fullmatch(child.name[len(target.name) :])
-            if not child.name.startswith(target.name) or match is None:
+        for child in folder.iterdir():
+            base, marker, _ = child.name.partition(TEMP_MARKER)
+            match = _TEMP_PID.fullmatch(child.name[len(base) :]) if marker else None
+            if match is None or not wanted(base):
                 continue
-            if _pid_alive(int(match.group(1))):
+            if pid_alive(int(match.group(1))):
                 continue
             with contextlib.suppress(OSError):
                 if child.is_dir() and not child.is_symlink():
@@ -312,7 +320,8 @@ def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with ``pid`` runs (this one counts as running)."""
     if pid == os.getpid():
         return True
     try:

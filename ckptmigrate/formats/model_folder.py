@@ -78,10 +78,11 @@ def resolve(path: str | os.PathLike[str]) -> Path:
 
 def side_files(folder: Path, own: Iterable[str]) -> list[Path]:
     """The top-level files of ``folder`` that are not the checkpoint's ``own`` files, nor
-    their in-place backups (``model.safetensors.1.0.0.bak``), nor ckptmigrate's lock and
-    temporary files: what makes the folder loadable by ``from_pretrained`` beside the
+    their in-place backups (``model.safetensors.1.0.0.bak``), nor ckptmigrate's lock, journal
+    and temporary files: what makes the folder loadable by ``from_pretrained`` beside the
     weights."""
     from ..lock import LOCK_SUFFIX
+    from .sharded import PENDING_SUFFIX
 
     skip = set(own)
 
@@ -94,7 +95,7 @@ def side_files(folder: Path, own: Iterable[str]) -> list[Path]:
         if p.is_file()
         and p.name not in skip
         and not backup(p.name)
-        and not p.name.endswith(LOCK_SUFFIX)
+        and not p.name.endswith((LOCK_SUFFIX, PENDING_SUFFIX))
         and TEMP_MARKER not in p.name
     )
 

@@ -17,6 +17,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from . import atomic
 from .atomic import Writeback, atomic_fd
 from .detect import open_regular_file
 from .safetensors_file import ALIASES
@@ -95,5 +96,6 @@ def write_safetensors_copy(
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
+        atomic.crash_point("write")  # looked up here: tests record it
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n

@@ -5,8 +5,9 @@ shards its ``weight_map`` names, read as one logical checkpoint. Our stamp, hpar
 live in the index's ``metadata`` as the JSON objects ``ckptmigrate.stamp``,
 ``ckptmigrate.hparams`` and ``ckptmigrate.meta`` (and, for safetensors, in every shard's header
 too, so a shard alone still says what it is). The index is the commit point: new shards are
-written under new names first, the index replaces the old one atomically, and only then are
-shards that nothing references any more removed.
+written under fresh names first, the index replaces the old one atomically, and only then are
+old shards that no index names any more removed (:mod:`.set_swap` keeps the journal that lets
+the next run finish or undo a killed one).
 
 >>> ckpt = read_sharded_metadata("llama-7b/")  # doctest: +SKIP
 >>> len(ckpt.state_dict), ckpt.version
@@ -27,7 +28,7 @@ from typing import Any
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointFormatError
 from ..stamp import parse_stamp
-from .atomic import atomic_path
+from .atomic import TEMP_MARKER, atomic_path
 from .bounds import loads_json
 from .detect import INDEX_SUFFIX
 from .safetensors_copy import data_start
@@ -49,6 +50,11 @@ STAMP = "ckptmigrate.stamp"
 HPARAMS = "ckptmigrate.hparams"
 META = "ckptmigrate.meta"
 _DIGEST = re.compile(r"-[0-9a-f]{8}$")
+#: The journal of a set rewrite under way, beside its index (see :mod:`.set_swap`).
+PENDING_SUFFIX = ".ckptmigrate-pending"
+#: Parts of the names of files ckptmigrate keeps beside a set (never shards); the lock's
+#: suffix is spelled here because formats do not import :mod:`ckptmigrate.lock`.
+_OURS = (TEMP_MARKER, ".ckptmigrate.lock", PENDING_SUFFIX)
 
 
 @dataclass
@@ -60,6 +66,8 @@ class ShardedSet:
     weight_map: dict[str, str]
     kind: str  # "safetensors" or "bin"
     sources: dict[int, tuple[Path, int]] = field(default_factory=dict)  # id(stub) -> bytes
+    #: each shard's (device, inode, size, mtime) as read: only that file is ever deleted
+    identities: dict[str, list[int]] = field(default_factory=dict)
     graphs: dict[str, Any] = field(default_factory=dict)  # .bin shard -> its ZipGraph
     headers: dict[str, dict[str, str]] = field(default_factory=dict)  # other tools' entries
 
@@ -114,16 +122,35 @@ def read_index(path: str | os.PathLike[str]) -> ShardedSet:
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CheckpointFormatError("the index has no weight_map of key -> shard", path=index_path)
-    for shard in set(weight_map.values()):
-        if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
-            raise CheckpointFormatError(f"shard name {shard!r} leaves the folder", path=index_path)
+    identities = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        problem = shard_name_problem(shard)
+        if problem:
+            raise CheckpointFormatError(f"shard name {shard!r} {problem}", path=index_path)
         if not (index_path.parent / shard).is_file():
             raise CheckpointFormatError(f"shard {shard!r} is missing", path=index_path)
+        identities[shard] = file_identity(index_path.parent / shard)
     kinds = {"safetensors" if s.endswith(".safetensors") else "bin" for s in weight_map.values()}
     if len(kinds) > 1:
         raise CheckpointFormatError("the index mixes safetensors and .bin shards", path=index_path)
     kind = kinds.pop() if kinds else "safetensors"
-    return ShardedSet(index_path, index, dict(weight_map), kind)
+    return ShardedSet(index_path, index, dict(weight_map), kind, identities=identities)
+
+
+def shard_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a shard of a set (None if it can): a shard is a plain file of
+    the index's own folder, and none of the files ckptmigrate keeps beside a set."""
+    if name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\0")):
+        return "leaves the folder (a shard is a plain file name beside the index)"
+    if name.endswith(INDEX_SUFFIX) or any(m in name for m in _OURS):
+        return "names an index or a ckptmigrate lock, journal or temporary file, not a shard"
+    return None
+
+
+def file_identity(path: Path) -> list[int]:
+    """What tells the file at ``path`` from another one put under its name since."""
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
 
 
 def _stamp_parts(sset: ShardedSet) -> dict[str, Any]:
@@ -305,31 +332,3 @@ def copy_companions(sset: ShardedSet, folder: Path) -> list[Path]:
     from .model_folder import copy_side_files
 
     return copy_side_files(sset.folder, _own_files(sset), folder)
-
-
-def drop_uncommitted(index_path: Path, written: list[Path]) -> None:
-    """After a failed upgrade, delete the new shards the index on disk does not name.
-
-    The failure may come after the new index was renamed into place (a Ctrl-C, a failing
-    folder fsync): then the index names the new shards, and they must stay.
-    """
-    try:
-        named = set(
-            loads_json(index_path.read_text("utf-8"), what="the index")["weight_map"].values()
-        )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        named = set()
-    for path in written:
-        if path.name not in named:
-            with contextlib.suppress(OSError):
-                path.unlink()
-
-
-def remove_unreferenced(folder: Path, old: list[str], weight_map: dict[str, str]) -> list[str]:
-    """Delete old shards the new index no longer names; returns their names."""
-    keep = set(weight_map.values())
-    gone = [s for s in old if s not in keep]
-    for shard in gone:
-        with contextlib.suppress(FileNotFoundError):
-            (folder / shard).unlink()
-    return gone

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..errors import CheckpointFormatError
+from . import atomic
 from .atomic import Writeback, atomic_fd
 from .detect import open_regular_file
 from .pickle_meta import ZipRecordInfo
@@ -59,6 +60,7 @@ def copy_range(
     kernel = hasattr(os, "copy_file_range")
     step = WRITEBACK_STEP if writeback is not None else count
     while count > 0:
+        atomic.crash_point("write")  # looked up here: tests record it
         if kernel:
             try:
                 n = os.copy_file_range(src_fd, dst_fd, min(count, step), src_offset, dst_offset)
@@ -107,6 +109,7 @@ class TorchZipWriter:
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
+            atomic.crash_point("write")  # looked up here: tests record it
             n = os.pwrite(self._fd, view, self._pos)
             view = view[n:]
             self._pos += n

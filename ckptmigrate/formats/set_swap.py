@@ -1,0 +1,233 @@
+"""How a sharded set is rewritten so that a kill at any moment leaves the old set or the new
+one, whole, and the next run clears what the killed one left.
+
+A rewrite (an upgrade or a stamp, in place or into a folder) goes:
+
+1. new shard names are chosen **fresh**: never a name that is in the folder, that an index
+   there names, or that another rewrite's journal is about to write, so no file the old
+   index did not name is overwritten, and no shard of the old set is written into;
+2. the journal ``INDEX.ckptmigrate-pending`` is written (atomically): the shards the replaced
+   index names, each with its identity as read (device, inode, size, mtime), and the new names;
+3. the new shards are written, each atomically;
+4. the index is replaced: the commit point;
+5. the journal is **settled**: a new shard that no index in the folder names is deleted (the
+   commit did not happen), and so is an old shard that no index names (it did), when it is
+   still the very file that was read; then the journal goes.
+
+Step 5 needs no record of whether the commit happened: what the indexes on disk name decides,
+so it is the same after a clean run, an exception, or a SIGKILL (the next run, holding the
+lock, calls :func:`recover`, which settles the journals of dead writers and removes their
+temporaries). A file no journal lists, or one that any index still names (another set's shard,
+a hostile index's pick of a user's file), is never deleted. A later "write only what changed"
+keeps an unchanged shard's name in the new index and leaves it out of the journal's new names:
+neither direction of step 5 touches it.
+
+>>> swap = SetSwap.replacing(folder, "model.safetensors.index.json", old=sset.identities)
+>>> name = swap.fresh_name("model-00001-of-00002.safetensors", digest_of)
+>>> swap.start(); write_shard(folder / name); swap.commit(base, weight_map, total, ours)
+>>> removed = swap.finish()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import sharded
+from .atomic import TEMP_MARKER, atomic_path, fsync_path, pid_alive, remove_stale_temps_where
+from .bounds import loads_json
+from .detect import INDEX_SUFFIX
+from .sharded import PENDING_SUFFIX, file_identity, shard_name, shard_name_problem
+
+__all__ = ["SetSwap", "named_in", "recover"]
+
+
+def named_in(folder: Path) -> set[str] | None:
+    """Every name some index in ``folder`` names, or None when an index there cannot be read
+    (then nothing it might name can be told apart, and nothing is deleted)."""
+    names: set[str] = set()
+    for index in folder.glob("*" + INDEX_SUFFIX):
+        try:
+            weight_map = loads_json(index.read_text("utf-8"), what="an index")["weight_map"]
+            names.update(str(v) for v in weight_map.values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+    return names
+
+
+@dataclass
+class SetSwap:
+    """One rewrite of the set whose index is ``folder / index_name`` (see the module doc)."""
+
+    folder: Path
+    index_name: str
+    #: shards the replaced index names (this folder's) -> their identity as read
+    old: dict[str, list[int]] = field(default_factory=dict)
+    #: names chosen for shards this rewrite writes
+    new: list[str] = field(default_factory=list)
+    _taken: set[str] = field(default_factory=set, repr=False)
+    _started: bool = field(default=False, repr=False)
+
+    @classmethod
+    def replacing(
+        cls, folder: Path, index_name: str, old: dict[str, list[int]] | None = None
+    ) -> SetSwap:
+        """A rewrite of ``folder / index_name``; ``old``: the shards of the index it replaces
+        as read (None: whatever index of that name is there now, if any)."""
+        recover(folder)  # what dead writers left here (in place, the caller did it already)
+        if old is None:
+            old = _shards_of(folder / index_name)
+        swap = cls(folder, index_name, dict(old))
+        swap._taken = set(os.listdir(folder)) | (named_in(folder) or set()) | _pending_in(folder)
+        return swap
+
+    @property
+    def journal(self) -> Path:
+        return self.folder / (self.index_name + PENDING_SUFFIX)
+
+    def fresh_name(self, old_name: str, digest_of: Any) -> str:
+        """A shard name from ``old_name`` and a digest of ``digest_of`` that nothing in the
+        folder has, names or is about to write."""
+        n = 0
+        while True:
+            name = shard_name(old_name, digest_of if n == 0 else [digest_of, n])
+            if name not in self._taken:
+                self._taken.add(name)
+                self.new.append(name)
+                return name
+            n += 1
+
+    def start(self) -> None:
+        """Write the journal: from here on, a kill leaves nothing the next run cannot find."""
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "index": self.index_name,
+            "old": self.old,
+            "new": self.new,
+        }
+        with atomic_path(self.journal) as tmp:
+            tmp.write_text(json.dumps(record, indent=1) + "\n", "utf-8")
+        self._started = True
+
+    def commit(
+        self,
+        base: dict[str, Any],
+        weight_map: dict[str, str],
+        total_size: int,
+        ours: dict[str, Any],
+    ) -> Path:
+        """Replace the index (the commit point); see :func:`.sharded.write_index`."""
+        return sharded.write_index(self.folder, self.index_name, base, weight_map, total_size, ours)
+
+    def finish(self) -> list[str]:
+        """Settle the journal (after a commit, or after a failure: the indexes decide);
+        returns the old shards removed."""
+        if not self._started:
+            return []
+        return _settle(self.folder, self.journal, self.old, self.new)
+
+    abort = finish
+
+
+def _shards_of(index: Path) -> dict[str, list[int]]:
+    """The plain-named shards an index names, with their identities (none if unreadable)."""
+    try:
+        weight_map = loads_json(index.read_text("utf-8"), what="an index")["weight_map"]
+        names = {str(v) for v in weight_map.values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+    out = {}
+    for name in sorted(names):
+        if shard_name_problem(name) is None:
+            with contextlib.suppress(OSError):
+                out[name] = file_identity(index.parent / name)
+    return out
+
+
+def _pending_in(folder: Path) -> set[str]:
+    """The new names every journal in ``folder`` lists (another rewrite's shards to be)."""
+    names: set[str] = set()
+    for journal in folder.glob("*" + PENDING_SUFFIX):
+        record = _read_journal(journal)
+        if record is not None:
+            names.update(record["new"])
+    return names
+
+
+def _read_journal(journal: Path) -> dict[str, Any] | None:
+    try:
+        record = loads_json(journal.read_text("utf-8"), what="a set rewrite's journal")
+        old = {str(k): [int(x) for x in v] for k, v in dict(record["old"]).items()}
+        new = [str(n) for n in record["new"]]
+        pid, host = int(record["pid"]), str(record["host"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return {"old": old, "new": new, "pid": pid, "host": host}
+
+
+def _settle(
+    folder: Path, journal: Path, old: dict[str, list[int]], new: Iterable[str]
+) -> list[str]:
+    named = named_in(folder)
+    removed: list[str] = []
+    if named is not None:
+        for name in new:
+            if name not in named and shard_name_problem(name) is None:
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / name).unlink()  # written by the rewrite, never committed
+        for name, identity in old.items():
+            if name in named or shard_name_problem(name) is not None:
+                continue
+            with contextlib.suppress(OSError):
+                if file_identity(folder / name) == identity:  # still the file that was read
+                    (folder / name).unlink()
+                    removed.append(name)
+    with contextlib.suppress(FileNotFoundError):
+        journal.unlink()
+    with contextlib.suppress(OSError):
+        fsync_path(folder)
+    return removed
+
+
+def recover(path: str | os.PathLike[str]) -> list[str]:
+    """Settle what dead writers left in a set's folder: their journals (see the module doc)
+    and their temporaries of the set's files. Call it holding the set's lock, before reading
+    the set; ``path`` is the set's folder or index (anything else: nothing to do). Returns
+    the names removed.
+
+    >>> recover("llama/")  # doctest: +SKIP
+    ['model-00001-of-00002-3f2a9c1b.safetensors', 'model.safetensors.index.json.ckptmigrate-pending']
+    """
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if not (path.is_dir() or path.name.endswith(INDEX_SUFFIX)):
+        return []
+    if not any(folder.glob("*" + PENDING_SUFFIX)) and not any(folder.glob("*" + TEMP_MARKER + "*")):
+        return []  # the usual case: nothing was left
+    removed: list[str] = []
+    host = socket.gethostname()
+    bases: set[str] = set()
+    for journal in sorted(folder.glob("*" + PENDING_SUFFIX)):
+        record = _read_journal(journal)
+        if record is None:
+            continue  # not one of ours (ours are written atomically, so always whole): kept
+        if record["host"] != host or pid_alive(record["pid"]):
+            continue  # a live writer's (or another host's, which we cannot tell): not ours
+        bases.update(record["new"])
+        gone = [n for n in record["new"] if (folder / n).exists()]
+        removed += _settle(folder, journal, record["old"], record["new"])
+        removed += [n for n in gone if not (folder / n).exists()]
+        removed.append(journal.name)
+
+    def ours(base: str) -> bool:
+        return base.endswith((INDEX_SUFFIX, PENDING_SUFFIX)) or base in bases
+
+    removed += [p.name for p in remove_stale_temps_where(folder, ours)]
+    return removed

@@ -1,0 +1,241 @@
+"""Crash-consistency of sharded sets: SIGKILL at any moment of an in-place upgrade or stamp of
+a set leaves the old set or the new one, whole; the next run of the same command succeeds and
+leaves no debris (no temporaries, orphaned shards, journal or lock; the backup as promised).
+
+Kill points are those of ``tests/test_crash.py`` (``CKPTMIGRATE_CRASH_AT=EVENT:N``: each
+write, pwrite or copy_file_range into a temporary, each fsync, before and after each rename),
+spread evenly over one run's events. CI runs ``CKPTMIGRATE_KILL_POINTS`` of them per case
+(default 8); by hand: ``CKPTMIGRATE_KILL_POINTS=200 pytest tests/test_crash_sets.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hostile import toy_schema, write_set
+
+from ckptmigrate.errors import AlreadyStampedError
+from ckptmigrate.files import read_checkpoint
+from ckptmigrate.formats import atomic
+from ckptmigrate.inplace import stamp_in_place, upgrade_in_place
+
+KILL_POINTS = int(os.environ.get("CKPTMIGRATE_KILL_POINTS", "8"))
+
+
+def set_shards(ext: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Three shards of 24 small tensors: many writes to kill between, in every shard."""
+    gen = torch.Generator().manual_seed(0)
+    return {
+        f"model-{i:05d}-of-00003{ext}": {
+            f"blocks.{i}.{j}.weight": torch.randn(8, 8, generator=gen) for j in range(24)
+        }
+        for i in range(1, 4)
+    }
+
+
+def flat(shards: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: v for tensors in shards.values() for k, v in tensors.items()}
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Iterator[Path]:
+    """A folder on tmpfs when there is one (fsync is free there; the logic is the same)."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        folder = Path(tempfile.mkdtemp(dir=shm, prefix="ckptmigrate-sets-"))
+        yield folder
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        yield tmp_path
+
+
+def _events_of(action: Callable[[], object], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    seen: list[str] = []
+    monkeypatch.setenv(atomic.CRASH_ENV, "record-only")
+    monkeypatch.setattr(atomic, "crash_point", seen.append)
+    action()
+    monkeypatch.undo()
+    return seen
+
+
+def _spread(events: list[str], count: int) -> list[str]:
+    """``count`` kill specs (``EVENT:N``) spread evenly over the events (all, if fewer)."""
+    if count >= len(events):
+        picks = list(range(len(events)))
+    else:
+        picks = sorted({round(i * (len(events) - 1) / (count - 1)) for i in range(count)})
+    return [f"{events[i]}:{events[: i + 1].count(events[i])}" for i in picks]
+
+
+def _killed_child(spec: str, action: Callable[[], object]) -> int:
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 3
+        try:
+            os.environ[atomic.CRASH_ENV] = spec
+            action()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"child for {spec} hung")
+        time.sleep(0.002)
+
+
+class Case:
+    """One command on one set: how to lay the set out, run the command, and tell old from new."""
+
+    def __init__(self, command: str, ext: str) -> None:
+        self.command, self.ext = command, ext
+        self.shards = set_shards(ext)
+        self.old_version = None if command == "stamp" else "1.0.0"
+        self.new_version = {"stamp": "1.0.0", "upgrade-streamed": "2.0.0"}.get(command, "3.0.0")
+        renamed = {k.replace("blocks.", "layers.", 1): v for k, v in flat(self.shards).items()}
+        self.old = flat(self.shards)
+        self.new = self.old if command == "stamp" else renamed
+
+    def lay_out(self, root: Path) -> Path:
+        for child in root.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        folder = root / "set"
+        index_name = f"model{self.ext}.index.json"
+        write_set(folder, self.shards, index_name, version=self.old_version)
+        (folder / "notes.txt").write_text("the user's notes")
+        return folder
+
+    def run(self, folder: Path) -> None:
+        if self.command == "stamp":
+            with contextlib.suppress(AlreadyStampedError):  # the killed one got to the commit
+                stamp_in_place(folder, "toy", "1.0.0")
+            return
+        upgrade_in_place(folder, toy_schema(), to=self.new_version)
+
+    def survivor(self, folder: Path) -> str:
+        """The set is the old one or the new one, every shard its index names whole."""
+        ckpt = read_checkpoint(folder)  # a missing or partial shard raises here
+        version = None if ckpt.version is None else str(ckpt.version)
+        which = "old" if version == self.old_version else "new"
+        assert version == (self.old_version if which == "old" else self.new_version)
+        expected = self.old if which == "old" else self.new
+        assert ckpt.state_dict.keys() == expected.keys()
+        assert all(torch.equal(ckpt.state_dict[k], v) for k, v in expected.items())
+        return which
+
+    def assert_tidy(self, root: Path, folder: Path, old_files: dict[str, bytes]) -> None:
+        """After the rerun: the new set, its files, the user's, the backup; nothing else."""
+        assert self.survivor(folder) == "new"
+        index = next(folder.glob("*.index.json"))
+        named = set(json.loads(index.read_text())["weight_map"].values())
+        assert sorted(p.name for p in folder.iterdir()) == sorted({index.name, "notes.txt", *named})
+        assert (folder / "notes.txt").read_text() == "the user's notes"
+        if self.command == "stamp":
+            assert sorted(p.name for p in root.iterdir()) == ["set"]
+            return
+        backup = root / "set.1.0.0.bak"
+        assert sorted(p.name for p in root.iterdir()) == ["set", backup.name]
+        assert {p.name: p.read_bytes() for p in backup.iterdir()} == old_files
+
+
+CASES = [
+    (command, ext)
+    for command in ("upgrade-streamed", "upgrade-loaded", "stamp")
+    for ext in (".safetensors", ".bin")
+]
+
+
+@pytest.mark.parametrize(("command", "ext"), CASES)
+def test_sigkill_anywhere_in_a_set_rewrite_then_a_rerun_finishes_it_tidily(
+    command: str, ext: str, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    case = Case(command, ext)
+    folder = case.lay_out(work)
+    old_files = {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "notes.txt"}
+
+    def action() -> None:
+        case.run(folder)
+
+    events = _events_of(action, monkeypatch)
+    # safetensors' own writer (the loaded path) writes from Rust: no write() to hook there
+    assert events.count("replaced") >= 4 and len(events) >= 20, events
+    specs = _spread(events, KILL_POINTS)
+    outcomes = {"old": 0, "new": 0}
+    for spec in specs:
+        assert case.lay_out(work) == folder
+        status = _killed_child(spec, action)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, spec
+        outcomes[case.survivor(folder)] += 1
+        backup = work / "set.1.0.0.bak"
+        if backup.is_dir():  # a backup is whole, or absent
+            assert {p.name: p.read_bytes() for p in backup.iterdir()} == old_files, spec
+        case.run(folder)  # the same command again: it succeeds...
+        case.assert_tidy(work, folder, old_files)  # ...and leaves no debris
+    assert outcomes["old"] > 0 and (outcomes["new"] > 0 or KILL_POINTS < 4), outcomes
+    print(f"{command}{ext}: {len(specs)} kill points of {len(events)} events, {outcomes}")
+
+
+def test_the_next_run_keeps_an_old_shard_that_changed_after_the_killed_one_read_it(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    case = Case("upgrade-streamed", ".safetensors")
+    folder = case.lay_out(work)
+    index_name = "model.safetensors.index.json"
+
+    def action() -> None:
+        case.run(folder)
+
+    # the last "replaced" is the index's: killed after the commit, before the old shards went
+    seen = _events_of(action, monkeypatch)
+    folder = case.lay_out(work)
+    status = _killed_child(f"replaced:{seen.count('replaced')}", action)
+    assert os.WIFSIGNALED(status)
+    old_shards = sorted(case.shards)
+    assert all((folder / name).exists() for name in old_shards)  # orphans, for now
+    assert case.survivor(folder) == "new"
+    changed = folder / old_shards[0]
+    changed.unlink()
+    changed.write_bytes(b"the user saved something else under this name")
+    case.run(folder)
+    assert changed.read_bytes() == b"the user saved something else under this name"
+    assert not any((folder / name).exists() for name in old_shards[1:])
+    assert not list(folder.glob("*.ckptmigrate*")) and (folder / index_name).exists()
+
+
+def test_a_killed_upgrade_into_another_folder_leaves_no_orphans_after_the_rerun(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckptmigrate.inplace import migrate_file
+
+    case = Case("upgrade-streamed", ".safetensors")
+    folder = case.lay_out(work)
+    out = work / "out"
+
+    def action() -> None:
+        migrate_file(folder, out, schemas=toy_schema(), to="2.0.0")
+
+    events = _events_of(action, monkeypatch)
+    for spec in _spread(events, max(4, KILL_POINTS // 2)):
+        shutil.rmtree(out)
+        status = _killed_child(spec, action)
+        assert os.WIFSIGNALED(status), spec
+        action()  # the same command again
+        assert case.survivor(out) == "new"
+        index = out / "model.safetensors.index.json"
+        named = set(json.loads(index.read_text())["weight_map"].values())
+        assert sorted(p.name for p in out.iterdir()) == sorted({index.name, "notes.txt", *named})
