@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic
-from .atomic import TEMP_MARKER, _pid_alive, fsync_path, remove_stale_temps
+from .atomic import fsync_path, pid_alive, remove_stale_temps, remove_stale_temps_where
 
 __all__ = [
     "NEW_MARKER",
@@ -46,7 +46,6 @@ __all__ = [
 OLD_MARKER = ".ckptmigrate-old-"
 NEW_MARKER = ".ckptmigrate-new-"
 _SWAP_NAME = re.compile(r"\.ckptmigrate-(old|new)-(\d+)-([0-9a-f]+)$")
-_TEMP_NAME = re.compile(re.escape(TEMP_MARKER) + r"(\d+)-[0-9a-f]+$")
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -201,7 +200,7 @@ def finish_interrupted_swap(target: str | os.PathLike[str]) -> list[str]:
     done = []
     leftovers = sorted(_swap_leftovers(target).items(), key=lambda kv: "new" not in kv[1])
     for _, parts in leftovers:
-        if _pid_alive(parts["pid"]):
+        if pid_alive(parts["pid"]):
             continue
         ready, old = parts.get("new"), parts.get("old")
         if not os.path.lexists(target):
@@ -228,13 +227,9 @@ def recover_interrupted_write(target: str | os.PathLike[str]) -> list[str]:
     done = finish_interrupted_swap(target)
     done += [f"removed {p.name}" for p in remove_stale_temps(target)]
     if target.is_dir() and not target.is_symlink():
-        with contextlib.suppress(OSError):
-            for child in target.iterdir():
-                match = _TEMP_NAME.search(child.name)
-                if match is None or _pid_alive(int(match.group(1))):
-                    continue
-                _remove(child)  # e.g. the stamp file's temporary of a killed in-place stamp
-                done.append(f"removed {target.name}/{child.name}")
+        # e.g. the stamp file's temporary of a killed in-place stamp
+        inside = remove_stale_temps_where(target, lambda base: True)
+        done += [f"removed {target.name}/{p.name}" for p in inside]
     return done
 
 
@@ -248,7 +243,7 @@ def interrupted_swap_hint(target: str | os.PathLike[str]) -> str | None:
     for parts in leftovers.values():
         keep = parts.get("new") or parts.get("old")
         what = "complete new" if keep is parts.get("new") else "old"
-        if _pid_alive(parts["pid"]):
+        if pid_alive(parts["pid"]):
             return (
                 f"process {parts['pid']} is replacing it right now (the {what} folder is "
                 f"{keep.name}); try again in a moment"
