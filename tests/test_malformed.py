@@ -482,24 +482,11 @@ _dcp("dcp-size-huge", _setting(_tensor_entry, "size", torch.Size([2**40, 2**40])
 # ----------------------------------------------------------------------------- fixtures
 
 #: Found escaping before this file existed; each mark goes with the commit that fixes it.
-_SAFETENSORS = "safetensors aliases/order/module_metadata: AttributeError, TypeError or accepted"
 _VERSION = "a version of 5000 digits: packaging's ValueError (int() digit limit)"
 _FLAT = "flat _metadata[''] not a dict: AttributeError/TypeError"
 _ZIP = "an encrypted zip member other than data.pkl: accepted, or zipfile's RuntimeError"
 _DCP = "malformed DCP metadata entries: TypeError/ValueError, or accepted"
 ESCAPES: dict[str, str] = {
-    "safetensors-alias-shadows-a-tensor": _SAFETENSORS,
-    "safetensors-alias-source-a-list": _SAFETENSORS,
-    "safetensors-alias-source-an-int": _SAFETENSORS,
-    "safetensors-alias-source-missing": _SAFETENSORS,
-    "safetensors-aliases-a-list": _SAFETENSORS,
-    "safetensors-aliases-a-string": _SAFETENSORS,
-    "safetensors-module-metadata-a-list": _SAFETENSORS,
-    "safetensors-module-metadata-root-an-int": _SAFETENSORS,
-    "safetensors-order-a-dict": _SAFETENSORS,
-    "safetensors-order-deep": _SAFETENSORS,
-    "safetensors-order-mixed-types": _SAFETENSORS,
-    "safetensors-order-of-dicts": _SAFETENSORS,
     "safetensors-stamp-version-of-5000-digits": _VERSION,
     "stamp-version-of-5000-digits": _VERSION,
     "index-stamp-version-of-5000-digits": _VERSION,
