@@ -482,15 +482,8 @@ _dcp("dcp-size-huge", _setting(_tensor_entry, "size", torch.Size([2**40, 2**40])
 # ----------------------------------------------------------------------------- fixtures
 
 #: Found escaping before this file existed; each mark goes with the commit that fixes it.
-_ZIP = "an encrypted zip member other than data.pkl: accepted, or zipfile's RuntimeError"
 _DCP = "malformed DCP metadata entries: TypeError/ValueError, or accepted"
 ESCAPES: dict[str, str] = {
-    "zip-encrypted-flag-on-.data-serialization_id": _ZIP,
-    "zip-encrypted-flag-on-byteorder": _ZIP,
-    "zip-encrypted-flag-on-data-0": _ZIP,
-    "zip-encrypted-flag-on-version": _ZIP,
-    "zip-strong-encryption-flag-on-data-0": _ZIP,
-    "index-bin-shard-with-encrypted-data-pkl": _ZIP,
     "dcp-bytes-entry-as-a-tensor-without-size": _DCP,
     "dcp-chunk-an-int": _DCP,
     "dcp-chunk-negative-offsets": _DCP,
