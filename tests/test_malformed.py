@@ -482,28 +482,7 @@ _dcp("dcp-size-huge", _setting(_tensor_entry, "size", torch.Size([2**40, 2**40])
 # ----------------------------------------------------------------------------- fixtures
 
 #: Found escaping before this file existed; each mark goes with the commit that fixes it.
-_DCP = "malformed DCP metadata entries: TypeError/ValueError, or accepted"
-ESCAPES: dict[str, str] = {
-    "dcp-bytes-entry-as-a-tensor-without-size": _DCP,
-    "dcp-chunk-an-int": _DCP,
-    "dcp-chunk-negative-offsets": _DCP,
-    "dcp-chunk-negative-sizes": _DCP,
-    "dcp-chunk-of-another-rank": _DCP,
-    "dcp-chunk-offsets-a-string": _DCP,
-    "dcp-chunk-past-the-tensor": _DCP,
-    "dcp-chunks-an-int": _DCP,
-    "dcp-chunks-none": _DCP,
-    "dcp-dtype-a-string": _DCP,
-    "dcp-entry-name-an-int": _DCP,
-    "dcp-planner-route-inside-a-tensor": _DCP,
-    "dcp-planner-routes-of-lists": _DCP,
-    "dcp-size-a-string": _DCP,
-    "dcp-size-negative": _DCP,
-    "dcp-size-none": _DCP,
-    "dcp-size-of-floats": _DCP,
-    "dcp-stamp-file-hparams-a-list": _DCP,
-    "dcp-stamp-file-meta-a-string": _DCP,
-}
+ESCAPES: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
