@@ -654,7 +654,6 @@ def test_a_real_process_prints_one_line_and_exits_2(name: str, tmp_path: Path, r
     assert "Error" not in proc.stderr.split(":", 2)[2][:40], proc.stderr  # a sentence, not a type
 
 
-@pytest.mark.xfail(strict=True, reason="the guard printed the bare exception")
 def test_an_unexpected_exception_is_one_internal_error_line_that_points_to_debug(
     tmp_path: Path, ref: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
