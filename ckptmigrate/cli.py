@@ -1166,7 +1166,14 @@ def _one_line(exc: BaseException) -> str:
         return text
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror or text}"
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    said = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if isinstance(exc, (OSError, ValueError)):  # the disk's error; a refusal said in a sentence
+        return said
+    # the readers raise typed errors for whatever a file holds: anything else is our bug
+    return (
+        f"internal error ({said[:300]}): rerun with --debug for the traceback, and please "
+        "report it"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,7 +28,7 @@ def _from_safetensors(tensors: dict[str, Any], metadata: dict[str, str], path: P
         if not isinstance(value, dict):
             raise CheckpointFormatError(f"header entry {key!r} must be a JSON object", path=path)
         parts[slot] = value
-    module_metadata = st.decode_json_entry(metadata, st.MODULE_METADATA, path=path)
+    module_metadata = st.module_metadata(metadata, path=path)
     foreign = {k: v for k, v in metadata.items() if not k.startswith("ckptmigrate.")}
     return Checkpoint(
         state_dict=tensors,
@@ -39,7 +39,7 @@ def _from_safetensors(tensors: dict[str, Any], metadata: dict[str, str], path: P
         history=stamp.history if stamp else [],
         mounts=stamp.mounts if stamp else [],
         extra={"safetensors_metadata": foreign} if foreign else {},
-        module_metadata=module_metadata if isinstance(module_metadata, dict) else None,
+        module_metadata=module_metadata,
         layout="safetensors",
     )
 
@@ -93,14 +93,14 @@ def read_metadata(
 
         return read_dcp_metadata_checkpoint(path)
     if fmt == "safetensors":
-        from .formats.safetensors_file import ALIASES, decode_json_entry
+        from .formats.safetensors_file import tensor_order, tied_aliases
         from .formats.safetensors_header import read_safetensors_header
 
         infos, metadata = read_safetensors_header(path)
         tensors: dict[str, Any] = {k: TensorStub(info) for k, info in infos.items()}
-        for alias, source in (decode_json_entry(metadata, ALIASES, path=path) or {}).items():
-            if source in tensors:
-                tensors[alias] = tensors[source]
+        tensor_order(metadata, path=path)  # checked as the full reader checks it
+        for alias, source in tied_aliases(metadata, infos, path=path).items():
+            tensors[alias] = tensors[source]
         return _from_safetensors(tensors, metadata, path)
     if fmt in ("torch-zip", "torch-legacy"):
         from .formats.pickle_meta import read_torch_metadata

@@ -166,7 +166,13 @@ def split(obj: Any, *, path: object = None) -> Checkpoint:
 
     raw_stamp = rest.pop(STAMP_KEY, None)
     if layout.name == "flat" and module_metadata is not None:
-        raw_stamp = module_metadata.get("", {}).pop(STAMP_KEY, None)
+        root = module_metadata.get("", {})
+        if not isinstance(root, dict):  # where torch keeps the root module's version record
+            raise CheckpointFormatError(
+                f"the state_dict's _metadata[''] must be a dict, found {type(root).__name__}",
+                path=path,
+            )
+        raw_stamp = root.pop(STAMP_KEY, None)
     stamp_extras: dict[str, Any] = {}
     if raw_stamp is not None:
         stamp = parse_stamp(raw_stamp, path=path)

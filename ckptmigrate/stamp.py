@@ -150,9 +150,9 @@ def _parse_version(raw: Any, what: str, path: object) -> Version:
         )
     try:
         return Version(raw)
-    except InvalidVersion:
+    except (InvalidVersion, ValueError):  # ValueError: a release number past int()'s digit limit
         raise CheckpointFormatError(
-            f"{what} version {raw!r} is not a PEP 440 version", path=path
+            f"{what} version {raw[:60]!r} is not a PEP 440 version", path=path
         ) from None
 
 

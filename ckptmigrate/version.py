@@ -21,7 +21,7 @@ def parse_version(value: str | Version, *, what: str = "version") -> Version:
         )
     try:
         return Version(value)
-    except InvalidVersion:
+    except (InvalidVersion, ValueError):  # ValueError: a release number past int()'s digit limit
         raise MigrationGraphError(
-            f"{what} {value!r} is not a PEP 440 version: use a string such as '1.2.0'"
+            f"{what} {value[:60]!r} is not a PEP 440 version: use a string such as '1.2.0'"
         ) from None

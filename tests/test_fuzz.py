@@ -1,28 +1,45 @@
-"""Fuzzing the readers: mutated torch zips, data.pkl bytes, legacy files and safetensors headers
+"""Fuzzing the readers: mutated torch zips, data.pkl bytes, legacy files, safetensors headers,
+DCP ``.metadata`` pickles and ``ckptmigrate.json``, sharded indexes, stamps and Lightning dicts
 raise nothing but our own errors, from the metadata-only reader and from the full loader.
 
-Brief in CI; for a long run by hand: ``CKPTMIGRATE_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz.py``.
+Byte mutations break containers; structure-aware ones decode a real file's tree (JSON, the
+stamp dict, DCP's Metadata objects), replace a node by another type, nest it deeper, duplicate
+or drop it, and write it back, so the mutation gets past the parser to the validating layer.
+
+Brief in CI; for a long run by hand: ``CKPTMIGRATE_FUZZ_EXAMPLES=3000 pytest tests/test_fuzz.py``.
+With ``CKPTMIGRATE_FUZZ_LOG=FILE`` each escape is appended to FILE (and the run goes on) and
+each example is counted there, per test, so that one long run reports every escape it finds.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
+import pickle
+import shutil
+import signal
 import struct
 import tempfile
-from collections.abc import Callable
+import traceback
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
-from hostile import data_pkl, replace_member, toy_sd
-from hypothesis import HealthCheck, given, settings
+from hostile import data_pkl, replace_member, stamp, toy_sd
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 import ckptmigrate as cm
 from ckptmigrate.errors import CkptMigrateError
 from ckptmigrate.files import read_checkpoint, read_metadata
 
-EXAMPLES = int(os.environ.get("CKPTMIGRATE_FUZZ_EXAMPLES", "30"))
+EXAMPLES = int(os.environ.get("CKPTMIGRATE_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -82,13 +99,58 @@ def mutate(data: bytes, edits: list[tuple[str, float, bytes]]) -> bytes:
     return bytes(out)
 
 
-def only_our_errors(path: Path) -> None:
-    """Both readers either read the file or raise a CkptMigrateError; nothing else escapes."""
-    for read in (lambda: read_metadata(path), lambda: read_checkpoint(path)):
+LOG = os.environ.get("CKPTMIGRATE_FUZZ_LOG")
+#: An example that takes longer than this is a hang (the readers take milliseconds).
+HANG_SECONDS = 30
+
+
+@contextmanager
+def _bounded(seconds: int) -> Iterator[None]:
+    def expire(*_: object) -> None:
+        raise TimeoutError(f"a reader ran past {seconds} s: a hang")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def only_our_errors(path: Path, *, mmap: bool = False) -> None:
+    """Both readers either read the file or raise a CkptMigrateError; nothing else escapes,
+    and no read hangs."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[-1].split(" ")[0]
+    reads: list[tuple[str, Callable[[], object]]] = [
+        ("read_metadata", lambda: read_metadata(path)),
+        ("read_checkpoint", lambda: read_checkpoint(path)),
+    ]
+    if mmap:
+        reads.append(("read_checkpoint mmap", lambda: read_checkpoint(path, mmap=True)))
+    for name, read in reads:
         try:
-            read()
+            with _bounded(HANG_SECONDS), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                read()
         except CkptMigrateError:
             pass
+        except BaseException as exc:  # an escape, a crash or a hang
+            if LOG is None or isinstance(exc, KeyboardInterrupt):
+                raise
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            with open(LOG, "a") as log:
+                log.write(
+                    json.dumps(
+                        {
+                            "test": test,
+                            "reader": name,
+                            "error": f"{type(exc).__name__}: {str(exc)[:200]}",
+                            "at": f"{Path(where.filename).name}:{where.lineno}",
+                        }
+                    )
+                    + "\n"
+                )
 
 
 def _write(name: str, data: bytes) -> Path:
@@ -169,9 +231,379 @@ def test_mutated_safetensors_files_raise_only_our_errors(
     only_our_errors(_write("mut.safetensors", mutated))
 
 
+# ----------------------------------------------------------------------------- tree mutations
+
+#: Stands for a tensor in a tree that is torch.saved: any node may become one.
+TENSOR = "\x00tensor"
+_values = _json | st.just(TENSOR)
+_tree_edit = st.tuples(
+    st.sampled_from(["replace", "deepen", "duplicate", "drop", "add", "retype"]),
+    st.floats(0, 1, exclude_max=True),
+    _values,
+    st.sampled_from([1, 2, 50, 199, 201, 400]),
+)
+
+
+def _children(node: Any) -> list[Any]:
+    """The keys (dict keys, list indices, dataclass fields) of a mutable view of ``node``."""
+    if isinstance(node, dict):
+        return list(node)
+    if isinstance(node, (list, tuple)):
+        return list(range(len(node)))
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return [f.name for f in dataclasses.fields(node)]
+    return []
+
+
+def _get(node: Any, key: Any) -> Any:
+    if isinstance(node, (dict, list, tuple)):
+        return node[key]
+    return getattr(node, key)
+
+
+def _paths(root: Any, limit: int = 400) -> list[tuple[Any, ...]]:
+    """Every node's path from the root (breadth first, the first ``limit``)."""
+    found: list[tuple[Any, ...]] = [()]
+    queue = [((), root)]
+    while queue and len(found) < limit:
+        path, node = queue.pop(0)
+        for key in _children(node):
+            child = _get(node, key)
+            found.append((*path, key))
+            queue.append(((*path, key), child))
+    return found
+
+
+def _with(node: Any, key: Any, value: Any) -> Any:
+    """A copy of ``node`` with ``key`` set to ``value`` (tuples and frozen dataclasses too)."""
+    if isinstance(node, dict):
+        out = copy.copy(node)
+        out[key] = value
+        return out
+    if isinstance(node, list):
+        return [value if i == key else v for i, v in enumerate(node)]
+    if isinstance(node, tuple):
+        items = [value if i == key else v for i, v in enumerate(node)]
+        try:
+            return type(node)(items)  # torch.Size, a plain tuple
+        except TypeError:
+            return tuple(items)
+    out = copy.copy(node)
+    object.__setattr__(out, key, value)
+    return out
+
+
+def _set_at(root: Any, path: tuple[Any, ...], value: Any) -> Any:
+    if not path:
+        return value
+    return _with(root, path[0], _set_at(_get(root, path[0]), path[1:], value))
+
+
+def _edit_node(node: Any, kind: str, value: Any, depth: int) -> Any:
+    if kind == "replace":
+        return value
+    if kind == "deepen":
+        for i in range(depth):
+            node = [node] if i % 2 else {"k": node}
+        return node
+    if kind == "duplicate":
+        return [node, node] if depth % 2 else {"a": node, "b": copy.deepcopy(node)}
+    if kind == "drop":
+        if isinstance(node, dict) and node:
+            return {k: v for i, (k, v) in enumerate(node.items()) if i != depth % len(node)}
+        if isinstance(node, (list, tuple)) and node:
+            return list(node)[:-1]
+        return None
+    if kind == "add":
+        if isinstance(node, dict):
+            return {**node, f"x{depth}": value}
+        if isinstance(node, (list, tuple)):
+            return [*node, value]
+        return [node, value]
+    # retype: the same content in a container of another kind
+    if isinstance(node, dict):
+        return list(node.items())
+    if isinstance(node, (list, tuple)):
+        return {str(i): v for i, v in enumerate(node)}
+    return str(node) if not isinstance(node, str) else [node]
+
+
+def mutate_tree(root: Any, edits: list[tuple[str, float, Any, int]]) -> Any:
+    """``root`` with each edit applied to one node picked from its current tree; deepening
+    adds at most 600 levels in all (past the readers' 200, short of what torch.save, json and
+    this harness can themselves nest)."""
+    budget = 600
+    for kind, where, value, depth in edits:
+        if kind == "deepen":
+            depth = min(depth, budget)
+            budget -= depth
+        paths = _paths(root)
+        path = paths[int(where * len(paths))]
+        node = root
+        for key in path:
+            node = _get(node, key)
+        root = _set_at(root, path, _edit_node(node, kind, value, depth))
+    return root
+
+
+def _tensors_in(tree: Any) -> Any:
+    """The tree with each TENSOR marker a real tensor (for torch.save)."""
+    if isinstance(tree, str) and tree == TENSOR:
+        return torch.ones(2)
+    if isinstance(tree, dict):
+        return {k: _tensors_in(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_tensors_in(v) for v in tree]
+    return tree
+
+
+def _json_safe(tree: Any) -> Any:
+    return json.loads(json.dumps(tree, default=str))
+
+
+_tree_edits = st.lists(_tree_edit, min_size=1, max_size=4)
+
+# ----------------------------------------------------------------------------- stamps, Lightning
+
+_STAMP = stamp("1.0.0")
+_MOUNTED = stamp(
+    "1.0.0",
+    format=2,
+    mounts=[{"prefix": "blocks.", "schema": "net", "version": "2.0.0", "history": []}],
+)
+
+
+@FUZZ
+@given(edits=_tree_edits, mounted=st.booleans(), legacy=st.booleans())
+def test_mutated_stamps_in_torch_files_raise_only_our_errors(
+    edits: list, mounted: bool, legacy: bool
+) -> None:
+    tree = {
+        "__ckptmigrate__": _MOUNTED if mounted else _STAMP,
+        "hparams": {"width": 4, "layers": [1, 2]},
+        "meta": {"note": "x"},
+    }
+    parts = _tensors_in(mutate_tree(tree, edits))
+    obj = {
+        "state_dict": toy_sd(),
+        **(parts if isinstance(parts, dict) else {"__ckptmigrate__": parts}),
+    }
+    path = _WORK / "stamp.pth"
+    torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+    only_our_errors(path, mmap=True)
+
+
+@FUZZ
+@given(edits=_tree_edits)
+def test_mutated_flat_metadata_raises_only_our_errors(edits: list) -> None:
+    tree = {"": {"version": 1, "__ckptmigrate__": {**_STAMP, "hparams": {}, "meta": {}}}}
+    sd = OrderedDict(toy_sd())
+    mutated = _tensors_in(mutate_tree(tree, edits))
+    sd._metadata = OrderedDict(mutated) if isinstance(mutated, dict) else mutated  # type: ignore[attr-defined]
+    path = _WORK / "flat.pth"
+    torch.save(sd, path)
+    only_our_errors(path, mmap=True)
+
+
+_LIGHTNING = {
+    "epoch": 3,
+    "global_step": 30,
+    "pytorch-lightning_version": "2.4.0",
+    "state_dict": {"net.w": TENSOR, "net.b": TENSOR},
+    "hyper_parameters": {"lr": 0.1, "dims": [4, 4]},
+    "optimizer_states": [
+        {
+            "state": {0: {"step": TENSOR, "exp_avg": TENSOR}},
+            "param_groups": [{"lr": 0.1, "params": [0, 1]}],
+        }
+    ],
+    "lr_schedulers": [{"last_epoch": 3}],
+    "callbacks": {"ModelCheckpoint": {"best": 0.5}},
+}
+
+
+@FUZZ
+@given(edits=_tree_edits)
+def test_mutated_lightning_dicts_raise_only_our_errors(edits: list) -> None:
+    path = _WORK / "lightning.ckpt"
+    torch.save(_tensors_in(mutate_tree(_LIGHTNING, edits)), path)
+    only_our_errors(path, mmap=True)
+
+
+# ----------------------------------------------------------------------------- safetensors JSON
+
+
+@FUZZ
+@given(edits=_tree_edits, as_string=st.booleans())
+def test_mutated_safetensors_header_trees_raise_only_our_errors(
+    edits: list, as_string: bool
+) -> None:
+    """Our header entries decoded to one tree with the tensor records, mutated, re-encoded."""
+    header = json.loads(json.dumps(ST_HEADER))
+    meta = header["__metadata__"]
+    meta["ckptmigrate.aliases"] = json.dumps({"tied": sorted(k for k in header if k[0] != "_")[0]})
+    tree = {
+        **{k: v for k, v in header.items() if k != "__metadata__"},
+        "__metadata__": {
+            k: json.loads(v) if k.startswith("ckptmigrate.") else v for k, v in meta.items()
+        },
+    }
+    mutated = _json_safe(mutate_tree(tree, edits))
+    if isinstance(mutated, dict) and isinstance(mutated.get("__metadata__"), dict) and as_string:
+        mutated["__metadata__"] = {
+            k: json.dumps(v) if str(k).startswith("ckptmigrate.") else v
+            for k, v in mutated["__metadata__"].items()
+        }
+    text = json.dumps(mutated).encode()
+    only_our_errors(_write("tree.safetensors", struct.pack("<Q", len(text)) + text + ST_DATA))
+
+
+# ----------------------------------------------------------------------------- sharded indexes
+
+
+def _make_set() -> Path:
+    from safetensors.torch import save_file
+
+    folder = _WORK / "set-seed"
+    folder.mkdir()
+    tensors = toy_sd()
+    keys = list(tensors)
+    weight_map = {}
+    for i, part in enumerate((keys[:2], keys[2:]), 1):
+        name = f"model-{i:05d}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, str(folder / name), metadata={"format": "pt"})
+        weight_map.update((k, name) for k in part)
+    index = {
+        "metadata": {
+            "total_size": 96,
+            "ckptmigrate.stamp": _STAMP,
+            "ckptmigrate.hparams": {"width": 4},
+            "ckptmigrate.meta": {},
+        },
+        "weight_map": weight_map,
+    }
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+SET_SEED = _make_set()
+SET_INDEX = json.loads((SET_SEED / "model.safetensors.index.json").read_text())
+
+
+def _set_with_index(text: str | bytes) -> Path:
+    folder = _WORK / "set"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(SET_SEED, folder)
+    index = folder / "model.safetensors.index.json"
+    index.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return folder
+
+
+@FUZZ
+@given(edits=_tree_edits)
+def test_mutated_sharded_index_trees_raise_only_our_errors(edits: list) -> None:
+    only_our_errors(_set_with_index(json.dumps(_json_safe(mutate_tree(SET_INDEX, edits)))))
+
+
+@FUZZ
+@given(edits=st.lists(_edit, min_size=1, max_size=4))
+def test_mutated_sharded_index_bytes_raise_only_our_errors(edits: list) -> None:
+    raw = (SET_SEED / "model.safetensors.index.json").read_bytes()
+    only_our_errors(_set_with_index(mutate(raw, edits)))
+
+
+# ----------------------------------------------------------------------------- DCP folders
+
+
+def _make_dcp() -> Path:
+    import torch.distributed.checkpoint as dcp
+
+    folder = _WORK / "dcp-seed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # single process, no process group
+        dcp.save({"model": toy_sd(), "epoch": 7, "opt": {"lr": [0.1]}}, checkpoint_id=folder)
+    (folder / "ckptmigrate.json").write_text(
+        json.dumps({"stamp": _STAMP, "hparams": {"width": 4}, "meta": {}})
+    )
+    return folder
+
+
+DCP_SEED = _make_dcp()
+DCP_METADATA = (DCP_SEED / ".metadata").read_bytes()
+DCP_STAMP = json.loads((DCP_SEED / "ckptmigrate.json").read_text())
+
+
+def _dcp_with(metadata: bytes | None = None, stamp_file: str | bytes | None = None) -> Path:
+    folder = _WORK / "dcp"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(DCP_SEED, folder)
+    if metadata is not None:
+        (folder / ".metadata").write_bytes(metadata)
+    if stamp_file is not None:
+        data = stamp_file if isinstance(stamp_file, bytes) else stamp_file.encode()
+        (folder / "ckptmigrate.json").write_bytes(data)
+    return folder
+
+
+def _dcp_values() -> st.SearchStrategy[Any]:
+    from torch.distributed.checkpoint import metadata as md
+
+    dims = st.lists(st.integers(-2, 10), max_size=3)
+    return (
+        _json
+        | dims.map(torch.Size)
+        | st.sampled_from([torch.float32, torch.int64, torch.bool, torch.strided])
+        | st.builds(
+            md.ChunkStorageMetadata, offsets=dims.map(torch.Size), sizes=dims.map(torch.Size)
+        )
+        | st.just(md.BytesStorageMetadata())
+        | st.builds(lambda: md.TensorProperties(dtype=torch.float32))
+    )
+
+
+@FUZZ
+@given(edits=st.lists(_edit, min_size=1, max_size=4))
+def test_mutated_dcp_metadata_bytes_raise_only_our_errors(edits: list) -> None:
+    only_our_errors(_dcp_with(metadata=mutate(DCP_METADATA, edits)))
+
+
+@FUZZ
+@given(
+    edits=st.lists(
+        st.tuples(
+            st.sampled_from(["replace", "deepen", "duplicate", "drop", "add", "retype"]),
+            st.floats(0, 1, exclude_max=True),
+            _dcp_values(),
+            st.sampled_from([1, 2, 50, 199, 201]),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_mutated_dcp_metadata_objects_raise_only_our_errors(edits: list) -> None:
+    """DCP's own Metadata, decoded with torch's classes, one node replaced, pickled again."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        md = pickle.loads(DCP_METADATA)  # our own seed, written by dcp.save above
+    try:
+        data = pickle.dumps(mutate_tree(md, edits))
+    except (RuntimeError, TypeError, ValueError, AttributeError, pickle.PicklingError):
+        reject()  # torch's own __getstate__ refused the mutation: nothing to write
+    only_our_errors(_dcp_with(metadata=data))
+
+
+@FUZZ
+@given(edits=_tree_edits, raw=st.lists(_edit, max_size=2))
+def test_mutated_dcp_stamp_files_raise_only_our_errors(edits: list, raw: list) -> None:
+    text = json.dumps(_json_safe(mutate_tree(DCP_STAMP, edits))).encode()
+    only_our_errors(_dcp_with(stamp_file=mutate(text, raw) if raw else text))
+
+
 def test_the_fuzz_seeds_themselves_load() -> None:
     read: Callable[[Path], object]
     for read in (read_metadata, read_checkpoint):
         read(_WORK / "ours.pth")
         read(_WORK / "legacy.pth")
         read(_WORK / "st.safetensors")
+        read(SET_SEED)
+        read(DCP_SEED)

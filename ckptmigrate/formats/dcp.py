@@ -203,7 +203,59 @@ def read_dcp_metadata(path: str | os.PathLike[str], *, torch_classes: bool = Fal
     except Exception as exc:
         raise CheckpointFormatError(f"corrupt DCP metadata ({exc})", path=md_path) from exc
     check_storage_data(md, md_path.parent, md_path)
+    check_state_dict_metadata(md, md_path)
     return md
+
+
+def _dims(value: Any, what: str, path: object) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or not all(type(d) is int and d >= 0 for d in value):
+        raise CheckpointFormatError(
+            f"{what} {value!r}, expected a tuple of non-negative integers"[:300], path=path
+        )
+    return tuple(value)
+
+
+def check_state_dict_metadata(md: Any, md_path: object = None) -> None:
+    """Every entry of ``.metadata`` is a value stored as bytes, or a tensor with a dtype, a
+    size and chunks that lie inside it: what the readers (ours and torch's) then rely on."""
+    entries = getattr(md, "state_dict_metadata", None)
+    if not isinstance(entries, dict):
+        raise CheckpointFormatError("DCP metadata has no state_dict_metadata", path=md_path)
+    for fqn, entry in entries.items():
+        if not isinstance(fqn, str):
+            raise CheckpointFormatError(
+                f"DCP metadata names an entry {fqn!r}: entry names are strings", path=md_path
+            )
+        kind = type(entry).__name__
+        if kind == "BytesStorageMetadata":
+            continue
+        where = f"DCP entry {fqn!r}"
+        if kind != "TensorStorageMetadata":
+            raise CheckpointFormatError(
+                f"{where} is a {kind}, expected tensor or bytes storage metadata", path=md_path
+            )
+        shape = _dims(getattr(entry, "size", None), f"{where} has size", md_path)
+        _dtype_name(getattr(entry, "properties", None), md_path)
+        chunks = getattr(entry, "chunks", None)
+        if not isinstance(chunks, list):
+            raise CheckpointFormatError(f"{where} has no list of chunks", path=md_path)
+        for chunk in chunks:
+            if type(chunk).__name__ != "ChunkStorageMetadata":
+                raise CheckpointFormatError(
+                    f"{where} has a chunk that is a {type(chunk).__name__}", path=md_path
+                )
+            offsets = _dims(getattr(chunk, "offsets", None), f"{where} has chunk offsets", md_path)
+            sizes = _dims(getattr(chunk, "sizes", None), f"{where} has chunk sizes", md_path)
+            if (
+                len(offsets) != len(shape)
+                or len(sizes) != len(shape)
+                or any(o + n > d for o, n, d in zip(offsets, sizes, shape))
+            ):
+                raise CheckpointFormatError(
+                    f"{where} of size {shape} has a chunk at {offsets} of size {sizes}, which "
+                    "does not lie inside it",
+                    path=md_path,
+                )
 
 
 def check_storage_data(md: Any, folder: Path, md_path: object = None) -> None:
@@ -259,20 +311,46 @@ def check_storage_data(md: Any, folder: Path, md_path: object = None) -> None:
             )
 
 
-def _dtype_name(properties: Any) -> str:
+def _dtype_name(properties: Any, path: object = None) -> str:
     dtype = getattr(properties, "dtype", None)
-    if dtype is None and isinstance(getattr(properties, "state", None), tuple):
-        dtype = properties.state[0]  # TensorProperties pickles a tuple, dtype first
-    name = str(getattr(dtype, "name", dtype)).removeprefix("torch.")
-    if name not in DTYPE_SIZES:
-        raise CheckpointFormatError(f"DCP metadata names an unknown dtype {dtype!r}")
-    return name
+    state = getattr(properties, "state", None)
+    if dtype is None and isinstance(state, tuple) and state:
+        dtype = state[0]  # TensorProperties pickles a tuple, dtype first
+    name = "" if isinstance(dtype, str) else str(getattr(dtype, "name", dtype))
+    if name.removeprefix("torch.") not in DTYPE_SIZES:  # a string is not a torch dtype
+        raise CheckpointFormatError(
+            f"DCP metadata names an unknown dtype {dtype!r}"[:200], path=path
+        )
+    return name.removeprefix("torch.")
 
 
-def _set_path(tree: dict[Any, Any], path: tuple[Any, ...], value: Any) -> None:
-    for part in path[:-1]:
+def _route(planner_data: Any, fqn: str, path: object) -> tuple[Any, ...]:
+    """Where DCP's planner put an entry in the nested state dict: keys and list indices."""
+    route = planner_data.get(fqn) if isinstance(planner_data, dict) else None
+    if route is None or (isinstance(route, (tuple, list)) and not route):
+        return (fqn,)
+    if not isinstance(route, (tuple, list)) or not all(
+        isinstance(p, str) or type(p) is int for p in route
+    ):
+        raise CheckpointFormatError(
+            f"DCP planner_data places {fqn!r} at {route!r}, expected a tuple of keys"[:200],
+            path=path,
+        )
+    return tuple(route)
+
+
+def _set_path(tree: dict[Any, Any], route: tuple[Any, ...], value: Any, path: object) -> None:
+    for part in route[:-1]:
         tree = tree.setdefault(part, {})
-    tree[path[-1]] = value
+        if not isinstance(tree, dict):
+            raise CheckpointFormatError(
+                f"DCP planner_data places an entry inside another at {route!r}"[:200], path=path
+            )
+    if route[-1] in tree:
+        raise CheckpointFormatError(
+            f"DCP planner_data places two entries at {route!r}"[:200], path=path
+        )
+    tree[route[-1]] = value
 
 
 def read_stamp_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -302,31 +380,34 @@ def _checkpoint(obj: dict[str, Any], folder: Path) -> Checkpoint:
         value = data.get(slot)
         if isinstance(value, dict):
             setattr(ckpt, slot, dict(value))
+        elif value is not None:
+            raise CheckpointFormatError(
+                f"the stamp file's {slot} must be a JSON object, found {type(value).__name__}",
+                path=folder / STAMP_FILE,
+            )
     return ckpt
 
 
 def read_dcp_metadata_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """A DCP folder as a Checkpoint of stubs (values stored as bytes are :class:`DcpValue`)."""
     folder = Path(path)
-    md = read_dcp_metadata(folder)
-    entries = getattr(md, "state_dict_metadata", None)
-    if not isinstance(entries, dict):
-        raise CheckpointFormatError("DCP metadata has no state_dict_metadata", path=folder)
-    planner_data = getattr(md, "planner_data", None) or {}
+    md = read_dcp_metadata(folder)  # its entries checked: check_state_dict_metadata
+    md_path = folder / METADATA_FILE
+    planner_data = getattr(md, "planner_data", None)
+    if planner_data is not None and not isinstance(planner_data, dict):
+        raise CheckpointFormatError("DCP metadata's planner_data is not a dict", path=md_path)
     obj: dict[Any, Any] = {}
-    for fqn, entry in entries.items():
-        route = planner_data.get(fqn) if isinstance(planner_data, dict) else None
-        route = tuple(route) if isinstance(route, (tuple, list)) and route else (fqn,)
-        if hasattr(entry, "chunks") or hasattr(entry, "size"):
-            shape = tuple(int(d) for d in entry.size)
-            dtype = _dtype_name(entry.properties)
+    for fqn, entry in md.state_dict_metadata.items():
+        if type(entry).__name__ == "TensorStorageMetadata":
+            shape = tuple(entry.size)
+            dtype = _dtype_name(entry.properties, md_path)
             nbytes = DTYPE_SIZES[dtype]
             for d in shape:
                 nbytes *= d
             value: Any = TensorStub(TensorInfo(shape, dtype, nbytes, storage_key=fqn))
         else:
             value = DcpValue(fqn)
-        _set_path(obj, route, value)
+        _set_path(obj, _route(planner_data, fqn, md_path), value, md_path)
     return _checkpoint(obj, folder)
 
 

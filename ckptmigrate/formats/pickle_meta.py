@@ -1256,11 +1256,22 @@ def _check_member_name(name: str, path: object) -> None:
         )
 
 
+#: General-purpose flag bits of an encrypted zip member (traditional, strong): zipfile's
+#: reader raises a bare RuntimeError on one, and torch.save never writes one.
+_ENCRYPTED_FLAGS = 0x0001 | 0x0040
+
+
 def _zip_infos(zf: zipfile.ZipFile, path: object) -> list[zipfile.ZipInfo]:
     infos = zf.infolist()
     names: set[str] = set()
     for info in infos:
         _check_member_name(info.filename, path)
+        if info.flag_bits & _ENCRYPTED_FLAGS:
+            raise CheckpointFormatError(
+                f"zip member {info.filename!r} is marked encrypted (flags {info.flag_bits:#x}); "
+                "torch.save never encrypts, so this is not a file torch wrote",
+                path=path,
+            )
         if info.filename in names:
             raise CheckpointFormatError(f"zip member {info.filename!r} appears twice", path=path)
         names.add(info.filename)

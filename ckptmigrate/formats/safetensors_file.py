@@ -21,6 +21,7 @@ HPARAMS = "ckptmigrate.hparams"
 META = "ckptmigrate.meta"
 ALIASES = "ckptmigrate.aliases"
 MODULE_METADATA = "ckptmigrate.module_metadata"
+ORDER = "ckptmigrate.order"
 
 
 def decode_json_entry(metadata: dict[str, str], key: str, *, path: object) -> Any:
@@ -28,6 +29,53 @@ def decode_json_entry(metadata: dict[str, str], key: str, *, path: object) -> An
     if key not in metadata:
         return None
     return loads_json(metadata[key], what=f"header entry {key!r}", path=path)
+
+
+def tied_aliases(metadata: dict[str, str], names: Any, *, path: object) -> dict[str, str]:
+    """The header's tied-weight aliases (alias -> the stored tensor it shares), checked: each
+    alias is a new name for a tensor the same file stores."""
+    aliases = decode_json_entry(metadata, ALIASES, path=path)
+    if aliases is None:
+        return {}
+    if not isinstance(aliases, dict):
+        raise CheckpointFormatError(
+            f"header entry {ALIASES!r} must map names to names, found a JSON "
+            f"{type(aliases).__name__}",
+            path=path,
+        )
+    for alias, source in aliases.items():
+        if not isinstance(source, str) or source not in names or alias in names:
+            raise CheckpointFormatError(
+                f"bad tied-weight alias {alias!r} -> {source!r}: an alias names a tensor the "
+                "file stores under another name",
+                path=path,
+            )
+    return aliases
+
+
+def tensor_order(metadata: dict[str, str], *, path: object) -> list[str] | None:
+    """The order the tensors were saved in (``ckptmigrate.order``), or None when absent."""
+    order = decode_json_entry(metadata, ORDER, path=path)
+    if order is not None and (
+        not isinstance(order, list) or not all(isinstance(k, str) for k in order)
+    ):
+        raise CheckpointFormatError(
+            f"header entry {ORDER!r} must be a list of tensor names", path=path
+        )
+    return order
+
+
+def module_metadata(metadata: dict[str, str], *, path: object) -> dict[str, Any] | None:
+    """``state_dict._metadata`` as saved (``ckptmigrate.module_metadata``): an object of
+    objects (module prefix -> its version record), or None when absent."""
+    value = decode_json_entry(metadata, MODULE_METADATA, path=path)
+    if value is not None and (
+        not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values())
+    ):
+        raise CheckpointFormatError(
+            f"header entry {MODULE_METADATA!r} must map module prefixes to objects", path=path
+        )
+    return value
 
 
 def read_safetensors(
@@ -52,15 +100,10 @@ def read_safetensors(
         raise CheckpointFormatError(
             f"safetensors could not read it ({type(exc).__name__}: {exc})", path=path
         ) from exc
-    aliases = decode_json_entry(metadata, ALIASES, path=path) or {}
-    if not isinstance(aliases, dict):
-        raise CheckpointFormatError("header entry 'ckptmigrate.aliases' must be a dict", path=path)
-    order = decode_json_entry(metadata, "ckptmigrate.order", path=path)
-    for alias, source in aliases.items():
-        if source not in tensors or alias in tensors:
-            raise CheckpointFormatError(f"bad tied-weight alias {alias!r} -> {source!r}", path=path)
+    order = tensor_order(metadata, path=path)
+    for alias, source in tied_aliases(metadata, tensors, path=path).items():
         tensors[alias] = tensors[source]
-    if isinstance(order, list) and sorted(order) == sorted(tensors):
+    if order is not None and sorted(order) == sorted(tensors):
         tensors = {k: tensors[k] for k in order}
     return tensors, metadata
 
@@ -115,7 +158,7 @@ def write_safetensors(
             ) from None
     if aliases:
         header[ALIASES] = json.dumps(aliases)
-    header["ckptmigrate.order"] = json.dumps(list(tensors))
+    header[ORDER] = json.dumps(list(tensors))
     with atomic_path(path) as tmp:
         save_file(unique, str(tmp), metadata=header)
 

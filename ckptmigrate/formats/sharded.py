@@ -199,7 +199,7 @@ def read_sharded_metadata(
     for shard in sset.shards:
         shard_path = sset.folder / shard
         if sset.kind == "safetensors":
-            from .safetensors_file import ALIASES, decode_json_entry
+            from .safetensors_file import tied_aliases
             from .safetensors_header import read_safetensors_header
 
             infos, metadata = read_safetensors_header(shard_path)
@@ -211,9 +211,8 @@ def read_sharded_metadata(
                 stub = TensorStub(info)
                 tensors[key] = stub
                 sset.sources[id(stub)] = (shard_path, start + (info.data_offsets or (0, 0))[0])
-            for alias, src in (decode_json_entry(metadata, ALIASES, path=shard_path) or {}).items():
-                if src in infos:
-                    tensors[alias] = tensors[src]
+            for alias, src in tied_aliases(metadata, infos, path=shard_path).items():
+                tensors[alias] = tensors[src]
         else:
             from .detect import detect_format
             from .pickle_meta import read_torch_metadata
