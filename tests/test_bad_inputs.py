@@ -271,7 +271,9 @@ def test_a_tuple_key_a_million_deep_is_refused_by_a_real_process(tmp_path: Path)
         [sys.executable, "-m", "ckptmigrate", "info", str(bad)], capture_output=True, text=True
     )
     assert done.returncode == 2, done
-    assert done.stderr.startswith("ckptmigrate: error:") and "nests containers" in done.stderr
+    # refused before the unpickler runs: by the decode budget (it is that dense) or the nesting
+    assert done.stderr.startswith("ckptmigrate: error:") and done.stderr.count("\n") == 1
+    assert "nests containers" in done.stderr or "budget" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("body", ["tuple-key", "shared-lists"])
