@@ -199,3 +199,82 @@ def test_dense_dcp_metadata_is_refused(tmp_path):
 
     with pytest.raises(BudgetExceededError):
         read_dcp_metadata(folder)
+
+
+# --------------------------------------------------------------------------- copies and hashing
+# Work the C unpickler does in proportion to what objects hold, not to opcode bytes; no code of
+# ours runs during it, so the opcode walk's stack model refuses it before decoding.
+
+
+def _build_copies(n: int, items: int = 100_000) -> bytes:
+    """A memoised dict of 100k entries copied by BUILD into n OrderedDicts' ``__dict__``
+    (7 bytes a copy: 1.2 MB took 750 MiB to decode)."""
+    head = b"\x80\x02ccollections\nOrderedDict\nq\x00}q\x01("
+    head += b"".join(b"J" + struct.pack("<i", i) + b"N" for i in range(items)) + b"u"
+    return head + b"](" + b"h\x00)Rh\x01b" * n + b"e."
+
+
+def _shared_tuple_key(levels: int, fetch: bytes = b"h\x00h\x00") -> bytes:
+    """``t = (t, t)`` ``levels`` deep through the memo, then a dict key: hashed as a tree."""
+    return b"\x80\x02)q\x00" + (fetch + b"\x86q\x00") * levels + b"}h\x00Ns."
+
+
+def test_build_copying_a_memoised_dict_is_refused_before_decoding(tmp_path):
+    path = _zip_with_pickle(tmp_path, _build_copies(200))
+    with pytest.raises(BudgetExceededError) as info:
+        read_torch_metadata(path)
+    assert "MiB" in str(info.value) and info.value.needed > info.value.budget
+
+
+@pytest.mark.parametrize(
+    "fetch", [b"h\x00h\x00", b"h\x002"], ids=["memo-get", "dup"]  # BINGET twice; BINGET, DUP
+)
+def test_hashing_a_shared_tuple_tree_is_refused_before_decoding(tmp_path, fetch):
+    # 27 levels took 1.2 s inside the C unpickler (doubling per level; 40 levels: hours)
+    import time
+
+    from ckptmigrate.errors import HashingBudgetExceededError
+
+    path = _zip_with_pickle(tmp_path, _shared_tuple_key(27, fetch))
+    started = time.perf_counter()
+    with pytest.raises(HashingBudgetExceededError) as info:
+        read_torch_metadata(path)
+    assert time.perf_counter() - started < 0.5
+    assert isinstance(info.value, BudgetExceededError) and "hash" in str(info.value)
+
+
+def test_hashing_a_shared_tuple_in_a_set_is_refused(tmp_path):
+    # the same tree as an item of EMPTY_SET + ADDITEMS, in a DCP .metadata (protocol 4)
+    levels = b"".join(b"h%ch%c\x86\x94" % (i, i) for i in range(27))  # MEMOIZE numbers up
+    pkl = b"\x80\x04)\x94" + levels + b"\x8f(h\x1b\x90."
+    from ckptmigrate.formats.dcp import read_dcp_metadata
+
+    folder = tmp_path / "dcp"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(pkl)
+    with pytest.raises(BudgetExceededError):
+        read_dcp_metadata(folder)
+
+
+def test_a_corrupt_tail_does_not_escape_the_budget(tmp_path):
+    # the opcodes before a bad one still run: two million EMPTY_SETs, then an unknown opcode,
+    # decoded to 450 MiB before the unpickler met the bad byte
+    path = _zip_with_pickle(tmp_path, _empty_sets(2_000_000)[:-2] + b"\xff")
+    with pytest.raises(BudgetExceededError):
+        read_torch_metadata(path)
+
+
+def test_state_dict_with_metadata_and_tied_weights_loads(tmp_path):
+    # torch.save's own BUILD (the state_dict's _metadata) and a tensor fetched twice from the
+    # memo (tied weights) take the stack model's path and still load
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    sd = model.state_dict()
+    sd["tied.weight"] = sd["0.weight"]
+    assert hasattr(sd, "_metadata")
+    path = save_torch(
+        {"model": sd, "shape_keys": {(1, 2): "a", (1, (2, 3)): "b"}}, tmp_path / "m.pth"
+    )
+    meta = read_torch_metadata(path)
+    assert meta["model"]["tied.weight"].shape == (4, 4)
+    assert meta["shape_keys"][(1, (2, 3))] == "b"
+    assert cm.load(path, upgrade=False) is not None

@@ -195,7 +195,9 @@ def read_dcp_metadata(path: str | os.PathLike[str], *, torch_classes: bool = Fal
     resolve = _real_classes() if torch_classes else _stand_ins()
     bound = tuple_chain_bound(data, 0, len(data))
     try:
-        budget = DecodeBudget(len(data), 2 * len(data) + scan.estimate, path=md_path)
+        budget = DecodeBudget(
+            len(data), 2 * len(data) + scan.estimate, path=md_path, hashed=scan.hashed
+        )
         unpickler = _DcpUnpickler(io.BytesIO(data), resolve, md_path)
         md = decode_bounded(unpickler.load, bound, md_path, budget)
     except (UnsafeCheckpointError, CheckpointFormatError):
