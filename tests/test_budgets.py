@@ -278,3 +278,83 @@ def test_state_dict_with_metadata_and_tied_weights_loads(tmp_path):
     assert meta["model"]["tied.weight"].shape == (4, 4)
     assert meta["shape_keys"][(1, (2, 3))] == "b"
     assert cm.load(path, upgrade=False) is not None
+
+
+# --------------------------------------------------------------------------- DCP transforms
+
+
+def _zstd_dcp(folder: Path) -> dict:
+    """A DCP folder torch writes with its zstd stream transform on every chunk."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint._extension import ZStandard
+
+    torch.manual_seed(0)
+    model = {"blocks.0.weight": torch.randn(32, 32), "blocks.0.rotary": torch.randn(3)}
+    state = {"model": {**model, "head.bias": torch.arange(5)}, "epoch": 7}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # single process, no process group
+        dcp.save(state, storage_writer=FileSystemWriter(folder, _extensions=[ZStandard()]))
+    return state
+
+
+def test_zstd_dcp_checkpoint_loads_and_upgrades(tmp_path):
+    pytest.importorskip("zstandard")
+    from folder_schema import rename_drop_schema
+
+    from ckptmigrate.files import read_checkpoint
+    from ckptmigrate.streaming import upgrade_file
+
+    state = _zstd_dcp(tmp_path / "z")
+    md = pickle_load_metadata(tmp_path / "z")
+    assert all(info.transform_descriptors for info in md.storage_data.values())
+    ckpt = read_checkpoint(tmp_path / "z")
+    weight = state["model"]["blocks.0.weight"]
+    assert torch.equal(ckpt.state_dict["blocks.0.weight"], weight) and ckpt.extra["epoch"] == 7
+    upgrade_file(tmp_path / "z", tmp_path / "out", rename_drop_schema(), from_version="1.0.0")
+    upgraded = read_checkpoint(tmp_path / "out")
+    assert torch.equal(upgraded.state_dict["layers.0.weight"], weight)
+    assert upgraded.extra["epoch"] == 7
+
+
+def pickle_load_metadata(folder: Path):
+    import pickle
+
+    return pickle.loads((folder / ".metadata").read_bytes())  # our own test file: trusted
+
+
+def _inflating_chunk(folder: Path, fqn: str, inflated: int) -> None:
+    """Point ``fqn``'s chunk at a zstd frame of ``inflated`` zero bytes (a few KB on disk)."""
+    import dataclasses
+    import pickle
+
+    import zstandard
+
+    md = pickle_load_metadata(folder)
+    index = next(i for i in md.storage_data if i.fqn == fqn)
+    info = md.storage_data[index]
+    compressor = zstandard.ZstdCompressor().compressobj()
+    zeros = bytes(1 << 20)
+    frame = b"".join(compressor.compress(zeros) for _ in range(inflated >> 20)) + compressor.flush()
+    with open(folder / info.relative_path, "ab") as f:
+        offset = f.tell()
+        f.write(frame)
+    md.storage_data[index] = dataclasses.replace(info, offset=offset, length=len(frame))
+    (folder / ".metadata").write_bytes(pickle.dumps(md))
+
+
+@pytest.mark.parametrize("fqn", ["model.blocks.0.weight", "epoch"], ids=["tensor", "bytes"])
+def test_zstd_chunk_inflating_past_its_declared_size_is_refused(tmp_path, fqn):
+    # the tensor declares 4 KiB; its chunk inflates to 256 MiB (torch read it whole first)
+    pytest.importorskip("zstandard")
+    from ckptmigrate.files import read_checkpoint
+
+    _zstd_dcp(tmp_path / "z")
+    _inflating_chunk(tmp_path / "z", fqn, 256 << 20)
+    assert (tmp_path / "z" / "__0_0.distcp").stat().st_size < 200_000
+    with pytest.raises(BudgetExceededError) as info:
+        read_checkpoint(tmp_path / "z")
+    assert repr(fqn) in info.value.what and "stream.zstd" in info.value.what
+    assert info.value.budget < (80 << 20)
