@@ -52,6 +52,26 @@ class BudgetExceededError(CheckpointFormatError):
         )
 
 
+class HashingBudgetExceededError(BudgetExceededError):
+    """Decoding would hash more items than the file's size allows: a tuple that shares its
+    items (``t = (t, t)``), hashed as a tree where it is a dict key or a set item.
+
+    ``needed`` and ``budget`` count items visited, not bytes.
+    """
+
+    def __init__(
+        self, what: str, needed: int, budget: int, rule: str, *, path: object = None
+    ) -> None:
+        self.what, self.needed, self.budget, self.rule = what, needed, budget, rule
+        CheckpointFormatError.__init__(
+            self,
+            f"{what} would hash about {needed} items to read (tuples sharing their items, "
+            f"hashed as trees), over its budget of {budget} ({rule}); no file torch wrote "
+            "needs that",
+            path=path,
+        )
+
+
 class UnknownLayoutError(CheckpointFormatError):
     """A checkpoint dict in none of the known layouts: no state_dict where one is looked for."""
 

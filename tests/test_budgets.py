@@ -199,3 +199,162 @@ def test_dense_dcp_metadata_is_refused(tmp_path):
 
     with pytest.raises(BudgetExceededError):
         read_dcp_metadata(folder)
+
+
+# --------------------------------------------------------------------------- copies and hashing
+# Work the C unpickler does in proportion to what objects hold, not to opcode bytes; no code of
+# ours runs during it, so the opcode walk's stack model refuses it before decoding.
+
+
+def _build_copies(n: int, items: int = 100_000) -> bytes:
+    """A memoised dict of 100k entries copied by BUILD into n OrderedDicts' ``__dict__``
+    (7 bytes a copy: 1.2 MB took 750 MiB to decode)."""
+    head = b"\x80\x02ccollections\nOrderedDict\nq\x00}q\x01("
+    head += b"".join(b"J" + struct.pack("<i", i) + b"N" for i in range(items)) + b"u"
+    return head + b"](" + b"h\x00)Rh\x01b" * n + b"e."
+
+
+def _shared_tuple_key(levels: int, fetch: bytes = b"h\x00h\x00") -> bytes:
+    """``t = (t, t)`` ``levels`` deep through the memo, then a dict key: hashed as a tree."""
+    return b"\x80\x02)q\x00" + (fetch + b"\x86q\x00") * levels + b"}h\x00Ns."
+
+
+def test_build_copying_a_memoised_dict_is_refused_before_decoding(tmp_path):
+    path = _zip_with_pickle(tmp_path, _build_copies(200))
+    with pytest.raises(BudgetExceededError) as info:
+        read_torch_metadata(path)
+    assert "MiB" in str(info.value) and info.value.needed > info.value.budget
+
+
+@pytest.mark.parametrize(
+    "fetch", [b"h\x00h\x00", b"h\x002"], ids=["memo-get", "dup"]  # BINGET twice; BINGET, DUP
+)
+def test_hashing_a_shared_tuple_tree_is_refused_before_decoding(tmp_path, fetch):
+    # 27 levels took 1.2 s inside the C unpickler (doubling per level; 40 levels: hours)
+    import time
+
+    from ckptmigrate.errors import HashingBudgetExceededError
+
+    path = _zip_with_pickle(tmp_path, _shared_tuple_key(27, fetch))
+    started = time.perf_counter()
+    with pytest.raises(HashingBudgetExceededError) as info:
+        read_torch_metadata(path)
+    assert time.perf_counter() - started < 0.5
+    assert isinstance(info.value, BudgetExceededError) and "hash" in str(info.value)
+
+
+def test_hashing_a_shared_tuple_in_a_set_is_refused(tmp_path):
+    # the same tree as an item of EMPTY_SET + ADDITEMS, in a DCP .metadata (protocol 4)
+    levels = b"".join(b"h%ch%c\x86\x94" % (i, i) for i in range(27))  # MEMOIZE numbers up
+    pkl = b"\x80\x04)\x94" + levels + b"\x8f(h\x1b\x90."
+    from ckptmigrate.formats.dcp import read_dcp_metadata
+
+    folder = tmp_path / "dcp"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(pkl)
+    with pytest.raises(BudgetExceededError):
+        read_dcp_metadata(folder)
+
+
+def test_a_corrupt_tail_does_not_escape_the_budget(tmp_path):
+    # the opcodes before a bad one still run: two million EMPTY_SETs, then an unknown opcode,
+    # decoded to 450 MiB before the unpickler met the bad byte
+    path = _zip_with_pickle(tmp_path, _empty_sets(2_000_000)[:-2] + b"\xff")
+    with pytest.raises(BudgetExceededError):
+        read_torch_metadata(path)
+
+
+def test_state_dict_with_metadata_and_tied_weights_loads(tmp_path):
+    # torch.save's own BUILD (the state_dict's _metadata) and a tensor fetched twice from the
+    # memo (tied weights) take the stack model's path and still load
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    sd = model.state_dict()
+    sd["tied.weight"] = sd["0.weight"]
+    assert hasattr(sd, "_metadata")
+    path = save_torch(
+        {"model": sd, "shape_keys": {(1, 2): "a", (1, (2, 3)): "b"}}, tmp_path / "m.pth"
+    )
+    meta = read_torch_metadata(path)
+    assert meta["model"]["tied.weight"].shape == (4, 4)
+    assert meta["shape_keys"][(1, (2, 3))] == "b"
+    assert cm.load(path, upgrade=False) is not None
+
+
+# --------------------------------------------------------------------------- DCP transforms
+
+
+def _zstd_dcp(folder: Path) -> dict:
+    """A DCP folder torch writes with its zstd stream transform on every chunk."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint._extension import ZStandard
+
+    torch.manual_seed(0)
+    model = {"blocks.0.weight": torch.randn(32, 32), "blocks.0.rotary": torch.randn(3)}
+    state = {"model": {**model, "head.bias": torch.arange(5)}, "epoch": 7}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # single process, no process group
+        dcp.save(state, storage_writer=FileSystemWriter(folder, _extensions=[ZStandard()]))
+    return state
+
+
+def test_zstd_dcp_checkpoint_loads_and_upgrades(tmp_path):
+    pytest.importorskip("zstandard")
+    from folder_schema import rename_drop_schema
+
+    from ckptmigrate.files import read_checkpoint
+    from ckptmigrate.streaming import upgrade_file
+
+    state = _zstd_dcp(tmp_path / "z")
+    md = pickle_load_metadata(tmp_path / "z")
+    assert all(info.transform_descriptors for info in md.storage_data.values())
+    ckpt = read_checkpoint(tmp_path / "z")
+    weight = state["model"]["blocks.0.weight"]
+    assert torch.equal(ckpt.state_dict["blocks.0.weight"], weight) and ckpt.extra["epoch"] == 7
+    upgrade_file(tmp_path / "z", tmp_path / "out", rename_drop_schema(), from_version="1.0.0")
+    upgraded = read_checkpoint(tmp_path / "out")
+    assert torch.equal(upgraded.state_dict["layers.0.weight"], weight)
+    assert upgraded.extra["epoch"] == 7
+
+
+def pickle_load_metadata(folder: Path):
+    import pickle
+
+    return pickle.loads((folder / ".metadata").read_bytes())  # our own test file: trusted
+
+
+def _inflating_chunk(folder: Path, fqn: str, inflated: int) -> None:
+    """Point ``fqn``'s chunk at a zstd frame of ``inflated`` zero bytes (a few KB on disk)."""
+    import dataclasses
+    import pickle
+
+    import zstandard
+
+    md = pickle_load_metadata(folder)
+    index = next(i for i in md.storage_data if i.fqn == fqn)
+    info = md.storage_data[index]
+    compressor = zstandard.ZstdCompressor().compressobj()
+    zeros = bytes(1 << 20)
+    frame = b"".join(compressor.compress(zeros) for _ in range(inflated >> 20)) + compressor.flush()
+    with open(folder / info.relative_path, "ab") as f:
+        offset = f.tell()
+        f.write(frame)
+    md.storage_data[index] = dataclasses.replace(info, offset=offset, length=len(frame))
+    (folder / ".metadata").write_bytes(pickle.dumps(md))
+
+
+@pytest.mark.parametrize("fqn", ["model.blocks.0.weight", "epoch"], ids=["tensor", "bytes"])
+def test_zstd_chunk_inflating_past_its_declared_size_is_refused(tmp_path, fqn):
+    # the tensor declares 4 KiB; its chunk inflates to 256 MiB (torch read it whole first)
+    pytest.importorskip("zstandard")
+    from ckptmigrate.files import read_checkpoint
+
+    _zstd_dcp(tmp_path / "z")
+    _inflating_chunk(tmp_path / "z", fqn, 256 << 20)
+    assert (tmp_path / "z" / "__0_0.distcp").stat().st_size < 200_000
+    with pytest.raises(BudgetExceededError) as info:
+        read_checkpoint(tmp_path / "z")
+    assert repr(fqn) in info.value.what and "stream.zstd" in info.value.what
+    assert info.value.budget < (80 << 20)

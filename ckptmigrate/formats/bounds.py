@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..errors import BudgetExceededError, CheckpointFormatError
+from ..errors import BudgetExceededError, CheckpointFormatError, HashingBudgetExceededError
 from .tensorinfo import TensorStub
 
 T = TypeVar("T")
@@ -53,6 +53,10 @@ _stack_lock = threading.Lock()
 #: (measured: a torch.save state_dict of 100k tensors peaks at 7-12 times its data.pkl, and the walk estimates 40-50).
 DECODE_FACTOR = 80
 DECODE_ALLOWANCE = 64 << 20
+#: Hashing during a decode may visit at most this many items per pickle byte, plus
+#: HASH_ALLOWANCE (a real state_dict hashes each key once: about one item per 50 bytes).
+HASH_FACTOR = 8
+HASH_ALLOWANCE = 1_000_000
 
 
 @dataclasses.dataclass
@@ -64,6 +68,7 @@ class DecodeBudget:
     used: int = 0
     what: str = "the pickle"
     path: object = None
+    hashed: int = 0  # items the decode's hashing visits (the opcode walk's count)
 
     @property
     def limit(self) -> int:
@@ -71,6 +76,14 @@ class DecodeBudget:
 
     def rule(self) -> str:
         return f"{DECODE_FACTOR} times its {self.stored} bytes plus {DECODE_ALLOWANCE >> 20} MiB"
+
+    def check_hashing(self) -> None:
+        """Refuse a decode whose dict keys and set items take too long to hash: the C
+        unpickler hashes a tuple as a tree, and nothing interrupts it once it has begun."""
+        limit = HASH_FACTOR * self.stored + HASH_ALLOWANCE
+        if self.hashed > limit:
+            rule = f"{HASH_FACTOR} per byte of its {self.stored} plus {HASH_ALLOWANCE}"
+            raise HashingBudgetExceededError(self.what, self.hashed, limit, rule, path=self.path)
 
     def charge(self, nbytes: int) -> None:
         """Count ``nbytes`` more; past the limit, refuse before they are allocated."""
@@ -118,6 +131,7 @@ def decode_bounded(
     """
     if budget is not None:
         budget.charge(0)
+        budget.check_hashing()
     context = contextvars.copy_context()
     context.run(_budget.set, budget)
     obj = _decode(lambda: context.run(load), bound, path)

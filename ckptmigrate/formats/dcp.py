@@ -37,11 +37,18 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import Checkpoint
-from ..errors import CheckpointFormatError, UnsafeCheckpointError
+from ..errors import BudgetExceededError, CheckpointFormatError, UnsafeCheckpointError
 from ..layout import LAYOUTS, assemble, split
 from ..stamp import parse_stamp, stamp_of
 from .atomic import _KeptErrorWriter, atomic_path, copy_tree_synced, temp_path_for
-from .bounds import DecodeBudget, decode_bounded, loads_json, tuple_chain_bound
+from .bounds import (
+    DECODE_ALLOWANCE,
+    DECODE_FACTOR,
+    DecodeBudget,
+    decode_bounded,
+    loads_json,
+    tuple_chain_bound,
+)
 from .folder_swap import recover_interrupted_write, swap_folder
 from .pickle_meta import TorchConstant, _python3_name, _scan_pickle
 from .tensorinfo import DTYPE_SIZES, TensorInfo, TensorStub
@@ -195,7 +202,9 @@ def read_dcp_metadata(path: str | os.PathLike[str], *, torch_classes: bool = Fal
     resolve = _real_classes() if torch_classes else _stand_ins()
     bound = tuple_chain_bound(data, 0, len(data))
     try:
-        budget = DecodeBudget(len(data), 2 * len(data) + scan.estimate, path=md_path)
+        budget = DecodeBudget(
+            len(data), 2 * len(data) + scan.estimate, path=md_path, hashed=scan.hashed
+        )
         unpickler = _DcpUnpickler(io.BytesIO(data), resolve, md_path)
         md = decode_bounded(unpickler.load, bound, md_path, budget)
     except (UnsafeCheckpointError, CheckpointFormatError):
@@ -411,13 +420,111 @@ def read_dcp_metadata_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     return _checkpoint(obj, folder)
 
 
+#: A transformed (zstd) tensor chunk may inflate to its declared bytes plus this much: the
+#: torch.save zip around one tensor (its pickle, records, padding) takes a few KiB.
+CHUNK_FRAMING_ALLOWANCE = 1 << 20
+
+
+class _InflateBound(io.RawIOBase):
+    """A DCP transform stream (zstd) that refuses to produce more than ``limit`` bytes.
+
+    torch's ``FileSystemReader.read_data`` reads a transformed chunk whole
+    (``transform_from.read(-1)``) before anything checks its size: 38 KB of zstd inflated
+    past 1.4 GiB.
+    """
+
+    def __init__(self, stream: Any, limit: int, what: str, rule: str, path: object) -> None:
+        super().__init__()
+        self._stream, self._limit, self._what, self._rule, self._path = (
+            stream,
+            limit,
+            what,
+            rule,
+            path,
+        )
+        self._produced = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), self._limit + 1 - self._produced)
+        data = self._stream.read(max(want, 1))
+        self._produced += len(data)
+        if self._produced > self._limit:
+            raise BudgetExceededError(
+                self._what, self._produced, self._limit, self._rule, path=self._path
+            )
+        buffer[: len(data)] = data
+        return len(data)
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size >= 0:
+            return super().read(size)
+        chunks = []
+        while data := super().read(1 << 20):
+            chunks.append(data)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._stream.close()
+        super().close()
+
+
+def _chunk_bound(md: Any, read_item: Any, stored: int) -> tuple[int, str]:
+    """How many bytes a transformed item may inflate to, and the rule, for the message."""
+    index = read_item.storage_index
+    entry = getattr(md, "state_dict_metadata", {}).get(index.fqn)
+    chunks = getattr(entry, "chunks", None)
+    if chunks is not None and isinstance(index.index, int) and 0 <= index.index < len(chunks):
+        nbytes = DTYPE_SIZES[_dtype_name(entry.properties)]
+        for size in chunks[index.index].sizes:
+            nbytes *= int(size)
+        rule = f"its declared {nbytes} bytes plus {CHUNK_FRAMING_ALLOWANCE >> 20} MiB"
+        return nbytes + CHUNK_FRAMING_ALLOWANCE, rule
+    # a value stored as bytes declares no size: the pickle budget's rule on its stored bytes
+    return DECODE_FACTOR * stored + DECODE_ALLOWANCE, (
+        f"{DECODE_FACTOR} times its {stored} stored bytes plus {DECODE_ALLOWANCE >> 20} MiB"
+    )
+
+
 def _torch_reader_classes() -> tuple[type, type]:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.filesystem import _StorageReaderTransforms
     from torch.distributed.checkpoint.metadata import StorageMeta
 
+    class _BoundedTransforms(_StorageReaderTransforms):
+        """torch's transforms (zstd), each stream bounded by what its item declares."""
+
+        def __init__(self, reader: Any) -> None:
+            super().__init__(reader.transforms.extension_registry)
+            self.reader = reader
+
+        def transform_load_stream(
+            self, read_item: Any, transform_descriptors: Any, raw_stream: Any
+        ) -> Any:
+            stream = super().transform_load_stream(read_item, transform_descriptors, raw_stream)
+            if not transform_descriptors:
+                return stream  # a plain byte range, already checked against the file
+            info = self.reader.storage_data[read_item.storage_index]
+            limit, rule = _chunk_bound(self.reader.metadata, read_item, info.length)
+            index = read_item.storage_index
+            what = (
+                f"chunk {index.index} of {index.fqn!r} (offset {tuple(index.offset or ())}) in "
+                f"{info.relative_path}, inflated by {', '.join(transform_descriptors)}"
+            )
+            return _InflateBound(stream, limit, what, rule, self.reader.path)
+
     class _SafeFileSystemReader(FileSystemReader):
-        """torch's FileSystemReader, reading ``.metadata`` with the restricted unpickler."""
+        """torch's FileSystemReader, reading ``.metadata`` with the restricted unpickler and
+        each transformed chunk no larger than it declares."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.metadata: Any = None
+            self.transforms = _BoundedTransforms(self)
 
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
             path = self._get_metadata_path(kwargs.get("rank"))
@@ -425,7 +532,12 @@ def _torch_reader_classes() -> tuple[type, type]:
             if getattr(md, "storage_meta", None) is None:
                 md.storage_meta = StorageMeta()
             md.storage_meta.load_id = self.load_id
+            self.metadata = md
             return md
+
+        def set_up_storage_reader(self, metadata: Any, *args: Any, **kwargs: Any) -> None:
+            super().set_up_storage_reader(metadata, *args, **kwargs)
+            self.metadata = metadata
 
     class _SafeEmptyPlanner(_EmptyStateDictLoadPlanner):
         """Rebuilds the whole state dict; values stored as bytes load weights-only."""
@@ -474,6 +586,8 @@ def read_dcp(path: str | os.PathLike[str]) -> Checkpoint:
         cause = exc.__cause__ or exc
         if isinstance(exc, CheckpointException) and exc.failures:
             exc = cause = next(iter(exc.failures.values()))[0]  # (the rank's error, traceback)
+        if isinstance(exc, CheckpointFormatError):  # a budget our reader's streams enforce
+            raise exc
         if "Weights only load failed" in str(exc) or "Unsupported global" in str(cause):
             raise UnsafeCheckpointError(
                 "a value stored in the DCP checkpoint", path=folder

@@ -36,7 +36,16 @@ from types import FunctionType
 from typing import Any, BinaryIO, NoReturn, TypeVar
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
-from .bounds import DecodeBudget, charge_decode, decode_bounded, tuple_chain_bound
+from .bounds import (
+    DECODE_ALLOWANCE,
+    DECODE_FACTOR,
+    HASH_ALLOWANCE,
+    HASH_FACTOR,
+    DecodeBudget,
+    charge_decode,
+    decode_bounded,
+    tuple_chain_bound,
+)
 from .detect import TORCH_LEGACY_MAGIC, detect_format, open_regular_file
 from .tensorinfo import DTYPE_SIZES, TensorInfo, TensorStub
 
@@ -642,11 +651,13 @@ class _MemoBomb(CheckpointFormatError):
 
 
 class _ScanCorrupt(CheckpointFormatError):
-    """The opcode walk found a malformed pickle; ``pos`` is where the bad opcode starts."""
+    """The opcode walk found a malformed pickle; ``pos`` is where the bad opcode starts and
+    ``effects`` what the opcodes before it do (the unpickler still runs them)."""
 
-    def __init__(self, message: str, pos: int) -> None:
+    def __init__(self, message: str, pos: int, effects: _Effects | None = None) -> None:
         super().__init__(message)
         self.pos = pos
+        self.effects = effects if effects is not None else _Effects()
 
 
 # --------------------------------------------------------------------------- the opcode walk
@@ -746,7 +757,30 @@ for _code in range(256):
 _KIND[_OP["LONG_BINPUT"]] = _K_LONG_BINPUT
 _KIND[_STOP] = _K_STOP
 _KIND[_STACK_GLOBAL] = _K_STACK_GLOBAL
-del _code
+# The plain walk also notes which memo slots may hold a container, tuple or object (not a
+# string, number or global): only a pickle that fetches one of those again (GET, DUP) can
+# make the unpickler copy or hash more than its opcodes build, and needs the stack model.
+_K_BINPUT, _K_BINGET, _K_LONG_BINGET, _K_MEMO = range(6, 10)
+_KIND[_OP["BINPUT"]], _KIND[_OP["BINGET"]] = _K_BINPUT, _K_BINGET
+_KIND[_OP["LONG_BINGET"]] = _K_LONG_BINGET
+for _name in ("PUT", "GET", "MEMOIZE", "DUP"):
+    _KIND[_OP[_name]] = _K_MEMO
+_LEAF, _HOLDER = 1, 2  # what the top of the stack is after an opcode
+_TOP = bytearray([_HOLDER] * 256)
+for _op in pickletools.opcodes:
+    if (
+        _op.stack_after
+        and all(
+            t.name not in ("any", "list", "dict", "set", "frozenset", "tuple")
+            for t in _op.stack_after
+        )
+        and _op.name != "BUILD"
+    ):
+        _TOP[ord(_op.code)] = _LEAF
+_TOP[_OP["MARK"]] = _HOLDER
+for _name in ("GLOBAL", "STACK_GLOBAL", "EMPTY_TUPLE", "BINPERSID", "PERSID"):
+    _TOP[_OP[_name]] = _LEAF
+del _code, _name, _op
 
 # The decode's memory estimate (bounds.DecodeBudget): bytes each opcode makes the C unpickler
 # and the graph check allocate (CPython 3.11, 64-bit), and bytes per argument byte. Counting
@@ -791,6 +825,7 @@ class _ScanResult:
     protocol: int | None = None  # the last PROTO's argument
     outside_torch: set[str] = field(default_factory=set)  # opcodes outside TORCH_OPCODES
     estimate: int = 0  # bytes the decode allocates at most, before any copies (see _COST)
+    hashed: int = 0  # items the decode's hashing visits at most (see _StackModel)
 
 
 class _PickleWalk:
@@ -817,6 +852,9 @@ class _PickleWalk:
         self.recent: list[Any] = [None, None]
         self.memo: dict[int, Any] = {}
         self.cost = 0
+        self.slots = bytearray()  # per memo slot: 0 unset, _LEAF or _HOLDER (plain walk)
+        self.filled = 0  # memo slots set, as MEMOIZE numbers them
+        self.shares = True  # fetches a container or object again; known after a plain walk
 
     def corrupt(self, message: str, at: int) -> NoReturn:
         raise _ScanCorrupt(message, at)
@@ -844,12 +882,21 @@ class _PickleWalk:
         return str(self.buf[start:stop], encoding, "surrogatepass")
 
     def run(self) -> _ScanResult:
-        result = self.walk_plain()
-        if result is None:  # a STACK_GLOBAL: walk again, tracking the strings it may name
-            self.seen, self.track, self.outside_torch = [], True, set()
-            self.recent, self.memo, self.limit, self.protocol = [None, None], {}, self.end, None
-            self.cost = 0
-            result = self.walk_tracked()
+        try:
+            result = self.walk_plain()
+            if result is None:  # a STACK_GLOBAL: walk again, tracking the strings it may name
+                self.seen, self.track, self.outside_torch = [], True, set()
+                self.recent, self.memo, self.limit = [None, None], {}, self.end
+                self.protocol, self.cost = None, 0
+                result = self.walk_tracked()
+            self.shares = self.shares or self.track
+        except _ScanCorrupt as exc:
+            if self.allowed is not None:  # the opcodes before the bad one still run
+                exc.effects = _StackModel(self, exc.pos).run()
+            raise
+        if self.allowed is not None and self.shares:
+            effects = _StackModel(self, result.end).run()
+            result.estimate, result.hashed = effects.estimate, effects.hashed
         return result
 
     def frame_done(self, pos: int) -> bool:
@@ -864,16 +911,19 @@ class _PickleWalk:
 
         Returns None at the first STACK_GLOBAL.
         """
+        self.shares = False
         buf, kinds, skips, costs = self.buf, _KIND, _SKIP, _COST
         pos = self.pos
         end = self.limit
         cost = 0
+        tops, slots, top = _TOP, self.slots, _HOLDER
         while pos < end or self.frame_done(pos) and pos < (end := self.limit):
             op = buf[pos]
             kind = kinds[op]
             if kind == _K_SKIP:
                 pos += skips[op]
                 cost += costs[op]
+                top = tops[op]
             elif kind == _K_COUNTED:
                 width = skips[op]
                 if pos + 1 + width > end:
@@ -881,23 +931,64 @@ class _PickleWalk:
                 count = _UNPACK[width](buf, pos + 1)[0]
                 pos += 1 + width + count
                 cost += costs[op] + _PER_BYTE[op] * count
-            elif kind == _K_LONG_BINPUT:
-                if pos + 5 > end:
+                top = _LEAF
+            elif kind == _K_BINGET or kind == _K_LONG_BINGET:
+                width = 1 if kind == _K_BINGET else 4
+                if pos + 1 + width > end:
                     self.corrupt(f"pickle ends inside the opcode at byte {pos}", pos)
-                index = _UNPACK[4](buf, pos + 1)[0]
+                index = buf[pos + 1] if width == 1 else _UNPACK[4](buf, pos + 1)[0]
+                top = slots[index] if index < len(slots) else 0
+                if top != _LEAF:
+                    self.shares = True
+                pos += 1 + width
+                cost += costs[op]
+            elif kind == _K_BINPUT or kind == _K_LONG_BINPUT:
+                width = 1 if kind == _K_BINPUT else 4
+                if pos + 1 + width > end:
+                    self.corrupt(f"pickle ends inside the opcode at byte {pos}", pos)
+                index = buf[pos + 1] if width == 1 else _UNPACK[4](buf, pos + 1)[0]
                 if index > pos + 1024:
                     raise _MemoBomb(f"memo index {index} at byte {pos} is out of range")
-                pos += 5
+                self.note_slot(index, top)
+                pos += 1 + width
                 cost += costs[op]
             elif kind == _K_STOP:
                 self.cost += cost
                 return self.result(pos + 1)
             elif kind == _K_STACK_GLOBAL:
                 return None
+            elif kind == _K_MEMO:
+                at, pos = pos, self.special(op, pos)
+                top = self.memo_op(op, at, pos, top)
+                end = self.limit
             else:
                 pos = self.special(op, pos)
                 end = self.limit
+                top = tops[op]
         return self.ran_out(pos)
+
+    def note_slot(self, index: int, top: int) -> None:
+        """Memo slot ``index`` now holds a value of kind ``top`` (_LEAF or _HOLDER)."""
+        slots = self.slots
+        if index >= len(slots):
+            slots.extend(bytes(index + 1 - len(slots) + 4096))
+        if not slots[index]:
+            self.filled += 1
+        slots[index] = top
+
+    def memo_op(self, op: int, at: int, after: int, top: int) -> int:
+        """PUT, GET, MEMOIZE or DUP in the plain walk; returns the kind of the new top."""
+        if op == _OP["DUP"]:
+            self.shares = self.shares or top != _LEAF
+        elif op == _OP["MEMOIZE"]:
+            self.note_slot(self.filled, top)
+        elif op == _OP["PUT"]:
+            self.note_slot(self.memo_index(op, at + 1, after, at), top)
+        else:
+            index = self.memo_index(op, at + 1, after, at)
+            top = self.slots[index] if index < len(self.slots) else 0
+            self.shares = self.shares or top != _LEAF
+        return top
 
     def walk_tracked(self) -> _ScanResult:
         buf = self.buf
@@ -1038,6 +1129,381 @@ class _PickleWalk:
         return _python3_name(names[0], names[1])
 
 
+# --------------------------------------------------------------------------- the stack model
+# Some work of the C unpickler is proportional to what the objects hold, not to opcode bytes:
+# BUILD copies its state dict into an OrderedDict's __dict__ (a memoised 100k-entry dict is
+# 7 bytes a copy), and hashing a dict key or set item walks a tuple as a tree (``t = (t, t)``
+# through the memo: 40 levels in 300 bytes, 2**40 steps). None of it can be interrupted once
+# the unpickler runs, so a second pass over the checked opcodes models the stack first:
+#
+# - an int is an immutable value: the number of items hashing it visits (1 for a leaf;
+#   1 + the items' for a tuple, capped at _WEIGHT_CAP);
+# - a tuple ``(weight, *items)`` is a pickle tuple holding a container or an object;
+# - a list ``[count, weight]`` is a container or an object a callable returned: ``count`` the
+#   items a copy of it makes, ``weight`` the items hashing what it holds can visit;
+# - a :class:`_SimGlobal` is a global, marked when calling it hashes its argument's items.
+
+_WEIGHT_CAP = 1 << 62
+#: Globals whose call (REDUCE, NEWOBJ) hashes the items of its argument: set(list), ...
+_HASHING_GLOBALS = frozenset(
+    {
+        "builtins.set",
+        "builtins.frozenset",
+        "collections.Counter",
+        "collections.OrderedDict",
+        "torch._tensor._rebuild_from_type_v2",  # calls its first argument on the rest
+    }
+)
+#: Bytes per entry a BUILD copies into an object's ``__dict__`` (measured: 39 on 3.11).
+_BUILD_ENTRY = 64
+
+
+class _SimGlobal:
+    __slots__ = ("hashes",)
+
+    def __init__(self, hashes: bool) -> None:
+        self.hashes = hashes
+
+
+def _weight(value: Any) -> int:
+    kind = type(value)
+    if kind is int:
+        return value
+    if kind is tuple:
+        return value[0]
+    if kind is list:
+        return value[1]
+    return 1
+
+
+def _count(value: Any) -> int:
+    """How many entries a dict or copy made from ``value`` can have."""
+    kind = type(value)
+    if kind is list:
+        return value[0]
+    if kind is tuple:
+        return sum(_weight(item) if type(item) is not list else item[0] for item in value[1:])
+    return 1
+
+
+(
+    _S_LEAF,
+    _S_PUT,
+    _S_GET,
+    _S_MEMOIZE,
+    _S_MARK,
+    _S_TUPLE,
+    _S_TUPLE_N,
+    _S_BOX,
+    _S_SETITEM,
+    _S_SETITEMS,
+    _S_APPEND,
+    _S_APPENDS,
+    _S_ADDITEMS,
+    _S_DICT,
+    _S_LIST,
+    _S_FROZENSET,
+    _S_REDUCE,
+    _S_NEWOBJ,
+    _S_NEWOBJ_EX,
+    _S_BUILD,
+    _S_POP,
+    _S_POP_MARK,
+    _S_DUP,
+    _S_GLOBAL,
+    _S_STACK_GLOBAL,
+    _S_PERSID,
+    _S_BINPERSID,
+    _S_INST,
+    _S_OBJ,
+    _S_NONE,
+    _S_SAME,
+    _S_LONG,
+) = range(32)
+_SIM = bytearray([_S_LEAF] * 256)
+for _names, _kind in (
+    ("PUT BINPUT LONG_BINPUT", _S_PUT),
+    ("GET BINGET LONG_BINGET", _S_GET),
+    ("MEMOIZE", _S_MEMOIZE),
+    ("MARK", _S_MARK),
+    ("TUPLE", _S_TUPLE),
+    ("EMPTY_TUPLE TUPLE1 TUPLE2 TUPLE3", _S_TUPLE_N),
+    ("EMPTY_LIST EMPTY_DICT EMPTY_SET", _S_BOX),
+    ("SETITEM", _S_SETITEM),
+    ("SETITEMS", _S_SETITEMS),
+    ("APPEND", _S_APPEND),
+    ("APPENDS", _S_APPENDS),
+    ("ADDITEMS", _S_ADDITEMS),
+    ("DICT", _S_DICT),
+    ("LIST", _S_LIST),
+    ("FROZENSET", _S_FROZENSET),
+    ("REDUCE", _S_REDUCE),
+    ("NEWOBJ", _S_NEWOBJ),
+    ("NEWOBJ_EX", _S_NEWOBJ_EX),
+    ("BUILD", _S_BUILD),
+    ("POP", _S_POP),
+    ("POP_MARK", _S_POP_MARK),
+    ("DUP", _S_DUP),
+    ("GLOBAL", _S_GLOBAL),
+    ("STACK_GLOBAL", _S_STACK_GLOBAL),
+    ("PERSID", _S_PERSID),
+    ("BINPERSID", _S_BINPERSID),
+    ("INST", _S_INST),
+    ("OBJ", _S_OBJ),
+    ("PROTO FRAME STOP", _S_NONE),
+    ("READONLY_BUFFER", _S_SAME),
+    ("INT LONG LONG1 LONG4", _S_LONG),  # hashing an int walks its digits
+):
+    for _name in _names.split():
+        _SIM[_OP[_name]] = _kind
+del _names, _kind, _name
+_TUPLE_N = {_OP["EMPTY_TUPLE"]: 0, _OP["TUPLE1"]: 1, _OP["TUPLE2"]: 2, _OP["TUPLE3"]: 3}
+
+
+@dataclass
+class _Effects:
+    """What the stack model found: bytes the decode allocates, items it hashes."""
+
+    estimate: int = 0
+    hashed: int = 0
+
+
+class _StackModel:
+    """Runs the opcodes of ``buf[pos:stop]`` (already checked by :class:`_PickleWalk`) on a
+    model of the unpickler's stack; see the comment above."""
+
+    def __init__(self, walk: _PickleWalk, stop: int) -> None:
+        self.walk = walk
+        self.stop = stop
+        self.effects = _Effects()
+
+    def corrupt(self, message: str, at: int) -> NoReturn:
+        raise _ScanCorrupt(f"{message} at byte {at}", at, self.effects)
+
+    def run(self) -> _Effects:
+        walk, buf, stop, effects = self.walk, self.walk.buf, self.stop, self.effects
+        sim, fixed, costs, per_byte = _SIM, _FIXED, _COST, _PER_BYTE
+        unpack4 = _UNPACK[4]
+        stack: list[Any] = []
+        marks: list[int] = []
+        memo: list[Any] = []
+        filled = 0  # memo slots set, as MEMOIZE numbers them
+        push, pop = stack.append, stack.pop
+        pos = walk.pos
+        cost = hashed = 0
+        # past either budget the decode is refused: stop before the model grows as large
+        most = DECODE_FACTOR * (stop - pos) + DECODE_ALLOWANCE
+        most_hashed = HASH_FACTOR * (stop - pos) + HASH_ALLOWANCE
+        check_at = pos
+        try:
+            while pos < stop:
+                if pos >= check_at:
+                    if cost > most or hashed > most_hashed:
+                        break
+                    check_at = pos + 65536
+                op = buf[pos]
+                kind = sim[op]
+                size = fixed[op]
+                if size >= 0:
+                    arg, after = pos + 1, pos + 1 + size
+                    cost += costs[op]
+                elif op in _COUNTED:
+                    width = _COUNTED[op][0]
+                    count = int.from_bytes(buf[pos + 1 : pos + 1 + width], "little", signed=True)
+                    arg, after = pos + 1 + width, pos + 1 + width + count
+                    cost += costs[op] + per_byte[op] * count
+                else:
+                    arg = pos + 1
+                    after = buf.find(b"\n", arg, stop) + 1
+                    if _LINES[op] == 2:
+                        after = buf.find(b"\n", after, stop) + 1
+                    if after <= 0:
+                        self.corrupt("no newline", pos)
+                    cost += costs[op] + per_byte[op] * (after - arg)
+                if kind == _S_LEAF:
+                    push(1)
+                elif kind == _S_PUT:
+                    if size == 1:
+                        index = buf[arg]
+                    elif size == 4:
+                        index = unpack4(buf, arg)[0]
+                    else:
+                        index = int(buf[arg : after - 1])
+                    if not stack or len(stack) == (marks[-1] if marks else -1):
+                        self.corrupt("memo put from an empty stack", pos)
+                    if index >= len(memo):
+                        memo.extend([None] * (index + 1 - len(memo)))
+                    if memo[index] is None:
+                        filled += 1
+                    memo[index] = stack[-1]
+                elif kind == _S_GET:
+                    if size == 1:
+                        index = buf[arg]
+                    elif size == 4:
+                        index = unpack4(buf, arg)[0]
+                    else:
+                        index = int(buf[arg : after - 1])
+                    value = memo[index] if index < len(memo) else None
+                    if value is None:
+                        self.corrupt(f"memo value {index} not found", pos)
+                    push(value)
+                elif kind == _S_MARK:
+                    marks.append(len(stack))
+                elif kind == _S_TUPLE_N:
+                    n = _TUPLE_N[op]
+                    if n:
+                        if len(stack) < n:
+                            self.corrupt("stack underflow", pos)
+                        items = stack[-n:]
+                        del stack[-n:]
+                        push(self.tuple_value(items))
+                    else:
+                        push(1)
+                elif kind == _S_TUPLE:
+                    items = self.take(stack, marks, pos)
+                    push(self.tuple_value(items))
+                elif kind == _S_BOX:
+                    push([0, 1])
+                elif kind == _S_SETITEM:
+                    if len(stack) < 3:
+                        self.corrupt("stack underflow", pos)
+                    value = pop()
+                    key = pop()
+                    hashed += _weight(key)
+                    self.add(stack[-1], 1, _weight(key) + _weight(value))
+                elif kind == _S_SETITEMS or kind == _S_APPENDS or kind == _S_ADDITEMS:
+                    items = self.take(stack, marks, pos)
+                    if not stack:
+                        self.corrupt("stack underflow", pos)
+                    weight = sum(map(_weight, items))
+                    if kind == _S_SETITEMS:
+                        keys = sum(map(_weight, items[::2]))
+                        hashed += keys
+                        self.add(stack[-1], len(items) // 2, weight)
+                    else:
+                        if kind == _S_ADDITEMS:
+                            hashed += weight
+                        self.add(stack[-1], len(items), weight)
+                elif kind == _S_APPEND:
+                    if len(stack) < 2:
+                        self.corrupt("stack underflow", pos)
+                    value = pop()
+                    self.add(stack[-1], 1, _weight(value))
+                elif kind == _S_DICT or kind == _S_LIST or kind == _S_FROZENSET:
+                    items = self.take(stack, marks, pos)
+                    weight = 1 + sum(map(_weight, items))
+                    if kind == _S_DICT:
+                        hashed += sum(map(_weight, items[::2]))
+                        push([len(items) // 2, weight])
+                    elif kind == _S_LIST:
+                        push([len(items), weight])
+                    else:
+                        hashed += weight
+                        push(min(weight, _WEIGHT_CAP))
+                elif kind == _S_REDUCE or kind == _S_NEWOBJ or kind == _S_NEWOBJ_EX:
+                    need = 3 if kind == _S_NEWOBJ_EX else 2
+                    if len(stack) < need:
+                        self.corrupt("stack underflow", pos)
+                    args = stack[-need + 1 :]
+                    del stack[-need + 1 :]
+                    callable_ = pop()
+                    count = sum(map(_count, args))
+                    weight = min(sum(map(_weight, args)), _WEIGHT_CAP)
+                    if type(callable_) is not _SimGlobal or callable_.hashes:
+                        hashed += weight
+                    push([count, weight])
+                elif kind == _S_BUILD:
+                    if len(stack) < 2:
+                        self.corrupt("stack underflow", pos)
+                    state = pop()
+                    # a copy of each entry (its key hashed again), or __setstate__ sees it
+                    copied = _count(state)
+                    cost += _BUILD_ENTRY * copied
+                    hashed += _weight(state)
+                    self.add(stack[-1], 0, _weight(state))
+                elif kind == _S_POP:
+                    if marks and marks[-1] == len(stack):
+                        marks.pop()
+                    elif stack:
+                        pop()
+                    else:
+                        self.corrupt("stack underflow", pos)
+                elif kind == _S_POP_MARK:
+                    self.take(stack, marks, pos)
+                elif kind == _S_DUP:
+                    if not stack:
+                        self.corrupt("stack underflow", pos)
+                    push(stack[-1])
+                elif kind == _S_GLOBAL:
+                    name = walk.global_name(arg, after, pos, strict=False)
+                    push(_SimGlobal(name is None or name in _HASHING_GLOBALS))
+                elif kind == _S_STACK_GLOBAL:
+                    if len(stack) < 2:
+                        self.corrupt("stack underflow", pos)
+                    del stack[-2:]
+                    push(_SimGlobal(True))  # its name came from the stack: assume the worst
+                elif kind == _S_PERSID:
+                    push([0, 1])
+                elif kind == _S_BINPERSID:
+                    if not stack:
+                        self.corrupt("stack underflow", pos)
+                    stack[-1] = [0, _weight(stack[-1])]
+                elif kind == _S_INST or kind == _S_OBJ:
+                    items = self.take(stack, marks, pos)
+                    push([sum(map(_count, items)), min(sum(map(_weight, items)), _WEIGHT_CAP)])
+                elif kind == _S_MEMOIZE:
+                    if not stack:
+                        self.corrupt("memo put from an empty stack", pos)
+                    if filled >= len(memo):
+                        memo.extend([None] * (filled + 1 - len(memo)))
+                    if memo[filled] is None:
+                        memo[filled] = stack[-1]
+                        filled += 1
+                    else:
+                        memo[filled] = stack[-1]
+                elif kind == _S_LONG:
+                    push(1 + (after - arg) // 8)
+                elif kind == _S_SAME:
+                    if not stack:
+                        self.corrupt("stack underflow", pos)
+                # _S_NONE: framing, STOP
+                pos = after
+        finally:
+            effects.estimate += cost
+            effects.hashed += hashed
+        return effects
+
+    def take(self, stack: list[Any], marks: list[int], at: int) -> list[Any]:
+        """Pop the items above the last MARK, and the mark."""
+        if not marks:
+            self.corrupt("no MARK", at)
+        mark = marks.pop()
+        items = stack[mark:]
+        del stack[mark:]
+        return items
+
+    @staticmethod
+    def tuple_value(items: list[Any]) -> Any:
+        weight = 1
+        plain = True
+        for item in items:
+            kind = type(item)
+            if kind is int:
+                weight += item
+            else:
+                plain = False
+                weight += item[0] if kind is tuple else item[1] if kind is list else 1
+        weight = min(weight, _WEIGHT_CAP)
+        return weight if plain else (weight, *items)
+
+    @staticmethod
+    def add(target: Any, count: int, weight: int) -> None:
+        """A container (or an object BUILD set state on) gains items."""
+        if type(target) is list:
+            target[0] += count
+            target[1] = min(target[1] + weight, _WEIGHT_CAP)
+
+
 def _scan_pickle(
     buf: Any, pos: int, end: int, allowed: dict[str, Any] | None, path: object = None
 ) -> _ScanResult:
@@ -1106,11 +1572,12 @@ def _load_pickle_scanned(
             scan = _scan_pickle(buf, start, end, allowed, path)
         except _ScanCorrupt as exc:
             scan_error = exc
-            scan = _ScanResult([], exc.pos)
+            scan = _ScanResult([], exc.pos, estimate=exc.effects.estimate)
+            scan.hashed = exc.effects.hashed
         tuple_bound = tuple_chain_bound(buf, start, scan.end)
     stored = scan.end - start
     # the pickle's bytes are held, and a frame or string is read into a copy of its own
-    budget = DecodeBudget(stored, 2 * stored + scan.estimate, path=path)
+    budget = DecodeBudget(stored, 2 * stored + scan.estimate, path=path, hashed=scan.hashed)
     file.seek(start)
     source = file if scan_error is None else _BoundedReader(file, scan.end)
     try:
