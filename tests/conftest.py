@@ -1,10 +1,14 @@
 """Fixtures shared by the test files. Plain builders live in modules beside this one
-(``toy``, ``processes``, ``hostile``); pytest puts this folder on sys.path."""
+(``toy``, ``processes``, ``crash_points``, ``hostile``); pytest puts this folder on sys.path."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -51,3 +55,17 @@ def old_code() -> ModuleType:
     sys.modules.setdefault("make_fixtures", module)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture()
+def fast_tmp_path(tmp_path: Path) -> Iterator[Path]:
+    """An empty folder on tmpfs where there is one (fsync is free there; the renames under
+    test are the same on any POSIX file system), else one under ``tmp_path``."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        folder = Path(tempfile.mkdtemp(dir=shm, prefix="ckptmigrate-test-"))
+        yield folder
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    (tmp_path / "fast").mkdir()
+    yield tmp_path / "fast"
