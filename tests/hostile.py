@@ -14,41 +14,7 @@ import zipfile
 from pathlib import Path
 
 import torch
-
-TOY_MIGRATIONS = """
-import ckptmigrate as cm
-
-schema = cm.Schema("toy", current="3.0.0")
-schema.add_migration("1.0.0", "2.0.0", [cm.ops.RenamePrefix("blocks.", "layers.")])
-
-
-@schema.migration("2.0.0", "3.0.0", breaking=True)
-def pin_width(ckpt):
-    ckpt.hparams.setdefault("width", 4)
-"""
-
-
-def toy_schema():
-    """The same toy schema as ``TOY_MIGRATIONS``, as an object."""
-    import ckptmigrate as cm
-
-    schema = cm.Schema("toy", current="3.0.0")
-    schema.add_migration("1.0.0", "2.0.0", [cm.ops.RenamePrefix("blocks.", "layers.")])
-
-    @schema.migration("2.0.0", "3.0.0", breaking=True)
-    def pin_width(ckpt):
-        ckpt.hparams.setdefault("width", 4)
-
-    return schema
-
-
-def toy_sd(prefix: str = "blocks", n: int = 2, width: int = 4) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    sd = {}
-    for i in range(n):
-        sd[f"{prefix}.{i}.weight"] = torch.randn(width, width, generator=gen)
-        sd[f"{prefix}.{i}.bias"] = torch.randn(width, generator=gen)
-    return sd
+from toy import TOY_MIGRATIONS, toy_schema, toy_sd  # noqa: F401 - safety tests import them here
 
 
 def stamp(version: str = "1.0.0", **changes: object) -> dict[str, object]:

@@ -28,7 +28,6 @@ from pathlib import Path
 import pytest
 import torch
 from hostile import (
-    TOY_MIGRATIONS,
     data_pkl,
     folder_state,
     good_safetensors_header,
@@ -38,11 +37,11 @@ from hostile import (
     safetensors_bytes,
     save_torch,
     stamp,
-    toy_schema,
-    toy_sd,
     write_zip,
     zip_members,
 )
+from processes import run
+from toy import TOY_MIGRATIONS, toy_schema, toy_sd
 
 import ckptmigrate as cm
 from ckptmigrate import cli
@@ -643,16 +642,6 @@ def test_every_command_refuses_it_with_one_error_line_and_exit_2(
     assert folder_state(ref) == ref_before
 
 
-def _run(cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ckptmigrate", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=timeout,
-    )
-
-
 @pytest.mark.parametrize(
     ("name", "command"),
     [
@@ -671,7 +660,7 @@ def test_a_real_process_exits_2_with_one_line_and_never_hangs(
     folder, bad = _make(name, tmp_path, ref)
     before = folder_state(folder)
     fields = {"bad": str(bad), "good": str(ref / "good.pth"), "mig": str(ref / "mig")}
-    proc = _run(folder, *[part.format(**fields) for part in command])
+    proc = run(folder, *[part.format(**fields) for part in command], timeout=60)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("ckptmigrate: error: "), proc.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -13,87 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import one_error_line, run
+from toy import toy_sd, write_toy_fixture
 
 import ckptmigrate as cm
 from ckptmigrate import cli
-
-TOY_MIGRATIONS = """
-import torch
-from torch import nn
-
-import ckptmigrate as cm
-
-
-class Toy(nn.Module):
-    def __init__(self, width=4, layers=2):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
-schema = cm.Schema(
-    "toy",
-    current="3.0.0",
-    build=lambda hp: Toy(hp.get("width", 4), hp.get("layers", 2)),
-    example_input=lambda: torch.ones(1, 4),
-)
-schema.add_migration("1.0.0", "2.0.0", [cm.ops.RenamePrefix("blocks.", "layers.")])
-
-
-@schema.migration("2.0.0", "3.0.0", breaking=True)
-def pin_width(ckpt):
-    ckpt.hparams.setdefault("width", 4)
-"""
-
-
-def toy_sd(prefix: str = "blocks", seed: int = 0) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    sd = {}
-    for i in range(2):
-        sd[f"{prefix}.{i}.weight"] = torch.randn(4, 4)
-        sd[f"{prefix}.{i}.bias"] = torch.randn(4)
-    return sd
-
-
-def run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m ckptmigrate ARGS`` in ``cwd`` (away from the repo's pyproject)."""
-    return subprocess.run(
-        [sys.executable, "-m", "ckptmigrate", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-
-
-def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    assert len(lines) == 1 and lines[0].startswith("ckptmigrate: error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
-
-
-@pytest.fixture()
-def files(tmp_path: Path) -> Path:
-    """a.pth (toy 1.0.0, blocks.*), b.pth (toy 3.0.0, layers.*), raw.pth (unstamped, flat)."""
-    cm.save(tmp_path / "a.pth", toy_sd(), schema="toy", version="1.0.0", hparams={"layers": 2})
-    cm.save(
-        tmp_path / "b.pth",
-        toy_sd("layers"),
-        schema="toy",
-        version="3.0.0",
-        hparams={"layers": 2, "width": 4},
-    )
-    torch.save(toy_sd(), tmp_path / "raw.pth")
-    (tmp_path / "mig").mkdir()
-    (tmp_path / "mig" / "toy.py").write_text(TOY_MIGRATIONS)
-    return tmp_path
-
 
 # -- diff ----------------------------------------------------------------------------------------
 
@@ -340,36 +263,15 @@ def test_stamp_keeps_the_layout_and_refuses_a_stamped_file(
     assert "exactly one of --version V or --guess" in capsys.readouterr().err
 
 
-def write_fixture(root: Path, width: int = 4, *, nudge: float = 0.0) -> None:
-    """A toy 1.0.0 fixture whose golden output comes from running the current model."""
-    folder = root / "fixtures" / "toy"
-    folder.mkdir(parents=True, exist_ok=True)
-    sd = toy_sd()
-    cm.save(folder / "toy_1.0.0.pth", sd, schema="toy", version="1.0.0", hparams={"layers": 2})
-    model = torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(2)))
-    model.load_state_dict({k.replace("blocks.", ""): v for k, v in sd.items()})
-    x = torch.ones(1, width)
-    record = {
-        "fixture": "toy_1.0.0.pth",
-        "schema": "toy",
-        "version": "1.0.0",
-        "variant": None,
-        "input": x,
-        "output": model(x).detach() + nudge,
-        "hparams": {"layers": 2},
-    }
-    torch.save(record, folder / "toy_1.0.0.golden.pt")
-
-
 def test_check_exits_0_when_fixtures_reproduce_and_1_with_the_reason(
     files: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    write_fixture(files)
+    write_toy_fixture(files)
     proc = run(files, "check", "fixtures", "--migrations", "mig")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "toy  1.0.0  -  steps=2" in proc.stdout and "1 of 1 fixtures ok" in proc.stdout
 
-    write_fixture(files, nudge=0.1)
+    write_toy_fixture(files, nudge=0.1)
     args = ["check", str(files / "fixtures"), "--migrations", str(files / "mig")]
     assert cli.main([*args, "--json"]) == 1
     out = json.loads(capsys.readouterr().out)

@@ -4,57 +4,21 @@
 from __future__ import annotations
 
 import json
-import os
-import pty
 import re
-import select
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_cli import files, run, write_fixture
+from processes import run, run_on_terminal
+from toy import write_toy_fixture
 
 import ckptmigrate as cm
 from ckptmigrate.readable import readable, readable_float
 from ckptmigrate.rename_groups import MIN_GROUP, group_renames, rename_pattern
 
-__all__ = ["files"]  # the fixture, shared with test_cli
-
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-def run_on_terminal(cwd: Path, *args: str) -> tuple[int, str]:
-    """Run ``python -m ckptmigrate ARGS`` with stdout and stderr on a pseudo-terminal."""
-    master, slave = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "TERM")}
-    env.update(TERM="xterm-256color", COLUMNS="160")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ckptmigrate", *args],
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        cwd=cwd,
-        env=env,
-    )
-    os.close(slave)
-    chunks = []
-    while True:
-        ready, _, _ = select.select([master], [], [], 0.1)
-        if ready:
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # the child closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
-        elif proc.poll() is not None:
-            break
-    proc.wait(timeout=120)
-    os.close(master)
-    return proc.returncode, b"".join(chunks).decode(errors="replace")
 
 
 # -- colour and progress on a terminal, plain in a pipe ------------------------------------------
@@ -73,7 +37,7 @@ def run_on_terminal(cwd: Path, *args: str) -> tuple[int, str]:
 def test_verdicts_are_coloured_on_a_terminal_and_plain_when_piped(
     files: Path, args: tuple[str, ...], verdict: str
 ) -> None:
-    write_fixture(files)
+    write_toy_fixture(files)
     code, shown = run_on_terminal(files, *args)
     assert code == 0, shown
     coloured = re.search(r"\x1b\[[0-9;]*m" + re.escape(verdict), shown)

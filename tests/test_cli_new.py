@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from processes import run
 
 import ckptmigrate as cm
 from ckptmigrate import cli
@@ -24,12 +23,6 @@ def gpt_sd(prefix: str = "blocks", layers: int = 3) -> dict[str, torch.Tensor]:
         sd[f"{prefix}.{i}.ln_1.bias"] = torch.zeros(4)
     sd["ln_f.weight"] = torch.ones(4)
     return sd
-
-
-def run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ckptmigrate", *args], capture_output=True, text=True, cwd=cwd
-    )
 
 
 NEW = ["new", "gpt", "--from-version", "1.0.0", "--to-version", "2.0.0"]

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import TOY_MIGRATIONS, files, one_error_line, run, toy_sd, write_fixture
+from processes import one_error_line, run
+from toy import TOY_MIGRATIONS_WITH_MODEL, toy_sd, write_toy_fixture
 
 import ckptmigrate as cm
 from ckptmigrate import cli
-
-__all__ = ["files"]  # the fixture, shared with test_cli
 
 #: how the Python API spells remedies; none may reach a person at the command line
 PYTHON_SPELLINGS = (
@@ -118,7 +117,7 @@ def test_each_error_says_its_remedy_for_python_and_for_the_command_line(
 
 
 def test_from_version_auto_upgrades_and_diffs_an_unstamped_file(files: Path) -> None:
-    (files / "mig" / "toy.py").write_text(TOY_MIGRATIONS + SIGNATURES)
+    (files / "mig" / "toy.py").write_text(TOY_MIGRATIONS_WITH_MODEL + SIGNATURES)
     proc = run(
         files,
         "upgrade",
@@ -174,7 +173,7 @@ def test_scan_and_check_accept_allow_global(files: Path) -> None:
     allowed = json.loads(proc.stdout)
     assert allowed[0]["error"] is None and allowed[0]["behind"] is True
 
-    write_fixture(files)
+    write_toy_fixture(files)
     fixture = files / "fixtures" / "toy" / "toy_1.0.0.pth"
     with_namespace(fixture, fixture)
     proc = run(files, "check", "fixtures", "--migrations", "mig")
@@ -197,7 +196,7 @@ def test_scan_of_a_missing_folder_is_an_error_so_fail_behind_cannot_pass_a_typo(
 
 
 def test_one_bad_golden_record_fails_its_fixture_and_the_others_still_run(files: Path) -> None:
-    write_fixture(files)
+    write_toy_fixture(files)
     (files / "fixtures" / "toy" / "broken.golden.pt").write_bytes(b"not a pickle")
     proc = run(files, "check", "fixtures", "--json", "--migrations", "mig")
     assert proc.returncode == 1, proc.stderr

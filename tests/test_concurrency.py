@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from hostile import toy_sd
+from crash_points import dead_pid
+from toy import toy_sd
 
 import ckptmigrate as cm
 from ckptmigrate import cli
@@ -209,16 +210,10 @@ def test_a_set_named_by_its_folder_by_its_index_or_through_a_link_takes_one_lock
             FileLock(names[wanted], timeout=0.2).acquire()
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
 @pytest.mark.parametrize("mode", ["flock", "exclusive"])
 def test_a_lock_file_left_by_a_dead_process_is_taken_over(tmp_path: Path, mode: str) -> None:
     target = tmp_path / "model.pth"
-    record = {"pid": _dead_pid(), "host": socket.gethostname(), "time": "2020-01-01T00:00:00"}
+    record = {"pid": dead_pid(), "host": socket.gethostname(), "time": "2020-01-01T00:00:00"}
     lock_path_for(target).write_text(json.dumps(record))
     with file_lock(target, timeout=2, mode=mode) as lock:
         assert read_lock_holder(lock.lock_path)["pid"] == os.getpid()  # type: ignore[index]

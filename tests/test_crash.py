@@ -17,14 +17,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from hostile import TOY_MIGRATIONS, toy_schema
+from crash_points import events_of, killed_child, spread
+from toy import TOY_MIGRATIONS, toy_schema
 
 import ckptmigrate as cm
 from ckptmigrate.errors import AlreadyStampedError
@@ -51,77 +50,6 @@ def _litter(folder: Path) -> list[str]:
     )
 
 
-def fast_folder(tmp_path: Path) -> Path:
-    """A folder on tmpfs when there is one: fsync is free there, and the rename logic under
-    test is the same on any POSIX file system."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        folder = Path(tempfile.mkdtemp(dir=shm, prefix="ckptmigrate-crash-"))
-        _cleanup.append(folder)
-        return folder
-    folder = tmp_path / "w"
-    folder.mkdir()
-    return folder
-
-
-_cleanup: list[Path] = []
-
-
-@pytest.fixture(autouse=True)
-def _remove_fast_folders():
-    yield
-    while _cleanup:
-        shutil.rmtree(_cleanup.pop(), ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- recording
-
-
-def _events_of(action: Callable[[], object], monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Run ``action`` once, recording every crash point it passes, in order."""
-    seen: list[str] = []
-    monkeypatch.setenv(atomic.CRASH_ENV, "record-only")  # wraps writes; kills nothing
-    monkeypatch.setattr(atomic, "crash_point", seen.append)
-    action()
-    monkeypatch.undo()
-    return seen
-
-
-def _spread(events: list[str], count: int) -> list[str]:
-    """``count`` kill specs (``EVENT:N``) spread evenly over the recorded events."""
-    picks = sorted({round(i * (len(events) - 1) / (count - 1)) for i in range(count)})
-    if len(picks) < count:  # fewer events than kill points: take all of them
-        picks = list(range(len(events)))
-    specs = []
-    for index in picks:
-        event = events[index]
-        specs.append(f"{event}:{events[: index + 1].count(event)}")
-    return specs
-
-
-def _killed_child(spec: str, action: Callable[[], object]) -> int:
-    """Fork; the child runs ``action`` with the crash hook armed. Returns its wait status."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 3
-        try:
-            os.environ[atomic.CRASH_ENV] = spec
-            action()
-            code = 0
-        finally:
-            os._exit(code)
-    deadline = time.monotonic() + 60
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError(f"child for {spec} hung")
-        time.sleep(0.002)
-
-
 # ----------------------------------------------------------------------------- SIGKILL
 
 
@@ -141,7 +69,7 @@ def _check_survivor(path: Path, old: bytes, new_version: str, new_sd: dict) -> s
 
 @pytest.mark.parametrize("kind", ["upgrade", "stamp"])
 def test_sigkill_at_100_moments_leaves_the_old_or_the_new_file(
-    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kind: str, tmp_path: Path, fast_tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     schema = toy_schema()
     original = tmp_path / "original.pth"
@@ -152,7 +80,7 @@ def test_sigkill_at_100_moments_leaves_the_old_or_the_new_file(
         torch.save(big_sd(), original)
         new_version, new_sd = "1.0.0", big_sd()
     old = original.read_bytes()
-    work = fast_folder(tmp_path)
+    work = fast_tmp_path
     target = work / "model.pth"
 
     def action() -> object:
@@ -161,16 +89,16 @@ def test_sigkill_at_100_moments_leaves_the_old_or_the_new_file(
         return stamp_in_place(target, "toy", "1.0.0")
 
     shutil.copyfile(original, target)
-    events = _events_of(action, monkeypatch)
+    events = events_of(action, monkeypatch)
     assert events.count("write") > KILL_POINTS // 2 and "replace" in events
-    specs = _spread(events, KILL_POINTS)
+    specs = spread(events, KILL_POINTS)
     assert len(specs) == KILL_POINTS
     outcomes = {"old": 0, "new": 0}
     for i, spec in enumerate(specs):
         for child in work.iterdir():
             child.unlink()
         shutil.copyfile(original, target)
-        status = _killed_child(spec, action)
+        status = killed_child(spec, action)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, spec
         outcomes[_check_survivor(target, old, new_version, new_sd)] += 1
         backup = work / "model.pth.1.0.0.bak"
@@ -199,15 +127,15 @@ def test_sigkill_of_a_safetensors_upgrade_at_each_step(
     target = tmp_path / "model.safetensors"
     cm.save(target, big_sd(), schema="toy", version="1.0.0")
     old = target.read_bytes()
-    events = _events_of(lambda: upgrade_in_place(target, schema), monkeypatch)
+    events = events_of(lambda: upgrade_in_place(target, schema), monkeypatch)
     target.write_bytes(old)
     for child in tmp_path.iterdir():
         if child != target:
             child.unlink()
-    specs = _spread(events, len(events))
+    specs = spread(events, len(events))
     assert len(specs) >= 5  # link the backup, fsync, replace, replaced, fsync the folder
     for spec in specs:
-        status = _killed_child(spec, lambda: upgrade_in_place(target, schema))
+        status = killed_child(spec, lambda: upgrade_in_place(target, schema))
         assert os.WIFSIGNALED(status), spec
         _check_survivor(target, old, "3.0.0", expected_new())
         upgrade_in_place(target, schema)
@@ -459,7 +387,7 @@ def test_a_temporary_killed_mid_write_is_readable_by_its_owner_only(tmp_path: Pa
     cm.save(target, big_sd(), schema="toy", version="1.0.0")
     target.chmod(0o644)
 
-    status = _killed_child("write:3", lambda: upgrade_in_place(target, toy_schema(), backup=False))
+    status = killed_child("write:3", lambda: upgrade_in_place(target, toy_schema(), backup=False))
 
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     partial = [p for p in tmp_path.iterdir() if atomic.TEMP_MARKER in p.name]

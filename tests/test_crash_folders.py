@@ -14,23 +14,21 @@ included), every fsync, before and after every rename. Folders are swapped with
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import os
 import shutil
 import signal
 import tempfile
-import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from hostile import TOY_MIGRATIONS
+from crash_points import dead_pid, events_of, killed_child, spread_keeping_steps
+from toy import TOY_MIGRATIONS
 
 import ckptmigrate as cm
 from ckptmigrate import cli
@@ -157,15 +155,8 @@ def originals(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture()
-def work(tmp_path: Path) -> Path:
-    """A folder on tmpfs where there is one (fsync is free there; the renames are the same)."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        folder = Path(tempfile.mkdtemp(dir=shm, prefix="ckptmigrate-crash-folders-"))
-        yield folder / "w"
-        shutil.rmtree(folder, ignore_errors=True)
-        return
-    yield tmp_path / "w"
+def work(fast_tmp_path: Path) -> Path:
+    return fast_tmp_path / "w"
 
 
 @pytest.fixture(params=["exchange", "two-renames"])
@@ -195,55 +186,6 @@ def _exchange_works(base: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- the harness
-
-
-def _events_of(action: Callable[[], object], monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Run ``action`` once, recording every crash point it passes, in order."""
-    seen: list[str] = []
-    with monkeypatch.context() as m:
-        m.setenv(atomic.CRASH_ENV, "record-only")
-        m.setattr(atomic, "crash_point", seen.append)
-        action()
-    return seen
-
-
-def _spread(events: list[str], count: int) -> list[str]:
-    """``count`` kill specs (``EVENT:N``): every fsync and rename, then ``write()`` calls
-    spread evenly over the rest (the swap's few moments are never skipped)."""
-    steps = [i for i, e in enumerate(events) if e != "write"]
-    writes = [i for i, e in enumerate(events) if e == "write"]
-    room = max(0, count - len(steps))
-    if room >= len(writes):
-        picks = sorted(steps + writes)
-    else:
-        spread = {writes[round(j * (len(writes) - 1) / max(1, room - 1))] for j in range(room)}
-        picks = sorted(set(steps) | spread)
-    return [f"{events[i]}:{events[: i + 1].count(events[i])}" for i in picks]
-
-
-def _killed_child(spec: str, action: Callable[[], object]) -> int:
-    """Fork; the child runs ``action`` with the crash hook armed. Returns its wait status."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 3
-        try:
-            os.environ[atomic.CRASH_ENV] = spec
-            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-                with contextlib.redirect_stderr(quiet):
-                    action()
-            code = 0
-        finally:
-            os._exit(code)
-    deadline = time.monotonic() + 60
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError(f"child for {spec} hung")
-        time.sleep(0.002)
 
 
 def check_survivor(s: Scenario, spec: str, gap_ok: bool = False) -> str:
@@ -302,12 +244,12 @@ def sweep(
 ) -> dict[str, int]:
     work.mkdir(exist_ok=True)
     s = scenario(kind, originals, work)
-    events = _events_of(lambda: cli.main(s.args), monkeypatch)
-    specs = _spread(events, count)
+    events = events_of(lambda: cli.main(s.args), monkeypatch)
+    specs = spread_keeping_steps(events, count)
     outcomes = {"old": 0, "new": 0, "between": 0}
     for i, spec in enumerate(specs):
         s = scenario(kind, originals, work)
-        status = _killed_child(spec, lambda s=s: cli.main(s.args))
+        status = killed_child(spec, lambda s=s: cli.main(s.args), quiet=True)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, spec
         outcomes[check_survivor(s, spec, gap_ok)] += 1
         if i % rerun_every == 0 or i == len(specs) - 1:
@@ -346,12 +288,12 @@ def _kill_between_the_renames(
     no_exchange(monkeypatch)
     work.mkdir(exist_ok=True)
     s = scenario(kind, originals, work)
-    events = _events_of(lambda: cli.main(s.args), monkeypatch)
+    events = events_of(lambda: cli.main(s.args), monkeypatch)
     replaced = [i for i, e in enumerate(events) if e == "replaced"]
     # the swap's renames are the last three: new -> ready, target -> old, ready -> target
     spec = f"replaced:{len(replaced) - 1}"
     s = scenario(kind, originals, work)
-    status = _killed_child(spec, lambda: cli.main(s.args))
+    status = killed_child(spec, lambda: cli.main(s.args), quiet=True)
     assert os.WIFSIGNALED(status), spec
     return s
 
@@ -400,19 +342,11 @@ def test_a_swap_of_a_live_writer_is_left_alone(tmp_path: Path) -> None:
 
 def test_a_dead_writers_swap_with_only_the_old_folder_is_undone(tmp_path: Path) -> None:
     target = tmp_path / "step"
-    old = tmp_path / f"step{folder_swap.OLD_MARKER}{_dead_pid()}-ab12"
+    old = tmp_path / f"step{folder_swap.OLD_MARKER}{dead_pid()}-ab12"
     old.mkdir()
     (old / "x").write_text("old")
     folder_swap.finish_interrupted_swap(target)
     assert (target / "x").read_text() == "old" and not old.exists()
-
-
-def _dead_pid() -> int:
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        os._exit(0)
-    os.waitpid(pid, 0)
-    return pid
 
 
 # ----------------------------------------------------------------------------- the exchange

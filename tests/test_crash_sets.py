@@ -15,18 +15,16 @@ import json
 import os
 import shutil
 import signal
-import tempfile
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from hostile import toy_schema, write_set
+from crash_points import events_of, killed_child, spread
+from hostile import write_set
+from toy import toy_schema
 
 from ckptmigrate.errors import AlreadyStampedError
 from ckptmigrate.files import read_checkpoint
-from ckptmigrate.formats import atomic
 from ckptmigrate.inplace import stamp_in_place, upgrade_in_place
 
 KILL_POINTS = int(os.environ.get("CKPTMIGRATE_KILL_POINTS", "8"))
@@ -48,55 +46,8 @@ def flat(shards: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture
-def work(tmp_path: Path) -> Iterator[Path]:
-    """A folder on tmpfs when there is one (fsync is free there; the logic is the same)."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        folder = Path(tempfile.mkdtemp(dir=shm, prefix="ckptmigrate-sets-"))
-        yield folder
-        shutil.rmtree(folder, ignore_errors=True)
-    else:
-        yield tmp_path
-
-
-def _events_of(action: Callable[[], object], monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    seen: list[str] = []
-    monkeypatch.setenv(atomic.CRASH_ENV, "record-only")
-    monkeypatch.setattr(atomic, "crash_point", seen.append)
-    action()
-    monkeypatch.undo()
-    return seen
-
-
-def _spread(events: list[str], count: int) -> list[str]:
-    """``count`` kill specs (``EVENT:N``) spread evenly over the events (all, if fewer)."""
-    if count >= len(events):
-        picks = list(range(len(events)))
-    else:
-        picks = sorted({round(i * (len(events) - 1) / (count - 1)) for i in range(count)})
-    return [f"{events[i]}:{events[: i + 1].count(events[i])}" for i in picks]
-
-
-def _killed_child(spec: str, action: Callable[[], object]) -> int:
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 3
-        try:
-            os.environ[atomic.CRASH_ENV] = spec
-            action()
-            code = 0
-        finally:
-            os._exit(code)
-    deadline = time.monotonic() + 60
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError(f"child for {spec} hung")
-        time.sleep(0.002)
+def work(fast_tmp_path: Path) -> Path:
+    return fast_tmp_path
 
 
 class Case:
@@ -171,14 +122,14 @@ def test_sigkill_anywhere_in_a_set_rewrite_then_a_rerun_finishes_it_tidily(
     def action() -> None:
         case.run(folder)
 
-    events = _events_of(action, monkeypatch)
+    events = events_of(action, monkeypatch)
     # safetensors' own writer (the loaded path) writes from Rust: no write() to hook there
     assert events.count("replaced") >= 4 and len(events) >= 20, events
-    specs = _spread(events, KILL_POINTS)
+    specs = spread(events, KILL_POINTS)
     outcomes = {"old": 0, "new": 0}
     for spec in specs:
         assert case.lay_out(work) == folder
-        status = _killed_child(spec, action)
+        status = killed_child(spec, action)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, spec
         outcomes[case.survivor(folder)] += 1
         backup = work / "set.1.0.0.bak"
@@ -201,9 +152,9 @@ def test_the_next_run_keeps_an_old_shard_that_changed_after_the_killed_one_read_
         case.run(folder)
 
     # the last "replaced" is the index's: killed after the commit, before the old shards went
-    seen = _events_of(action, monkeypatch)
+    seen = events_of(action, monkeypatch)
     folder = case.lay_out(work)
-    status = _killed_child(f"replaced:{seen.count('replaced')}", action)
+    status = killed_child(f"replaced:{seen.count('replaced')}", action)
     assert os.WIFSIGNALED(status)
     old_shards = sorted(case.shards)
     assert all((folder / name).exists() for name in old_shards)  # orphans, for now
@@ -229,10 +180,10 @@ def test_a_killed_upgrade_into_another_folder_leaves_no_orphans_after_the_rerun(
     def action() -> None:
         migrate_file(folder, out, schemas=toy_schema(), to="2.0.0")
 
-    events = _events_of(action, monkeypatch)
-    for spec in _spread(events, max(4, KILL_POINTS // 2)):
+    events = events_of(action, monkeypatch)
+    for spec in spread(events, max(4, KILL_POINTS // 2)):
         shutil.rmtree(out)
-        status = _killed_child(spec, action)
+        status = killed_child(spec, action)
         assert os.WIFSIGNALED(status), spec
         action()  # the same command again
         assert case.survivor(out) == "new"

@@ -272,7 +272,8 @@ def test_the_console_script_imports_the_projects_code_from_a_subfolder(mynet_pro
 
 @pytest.mark.parametrize("when", ["at import", "when building"])
 def test_the_pytest_plugin_imports_the_projects_code_from_a_subfolder(mynet_project, when):
-    from test_pytest_plugin import run_pytest, summary, write_fixture
+    from processes import run_pytest, summary
+    from toy import write_fixture
 
     if when == "when building":
         write(mynet_project / "migrations" / "mynet.py", LAZY_MIGRATIONS)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ import torch
 from packaging.version import Version
 
 import ckptmigrate as cm
-from ckptmigrate.discovery import find_schemas, import_source
+from ckptmigrate.discovery import import_source
 from ckptmigrate.errors import CheckpointFormatError
 from ckptmigrate.fixtures import (
     Fixture,
@@ -31,11 +30,6 @@ from ckptmigrate.fixtures import (
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"
 MIGRATIONS = REPO / "migrations"
-
-
-@pytest.fixture(scope="module")
-def schemas() -> dict[str, cm.Schema]:
-    return find_schemas([str(MIGRATIONS)])
 
 
 def model_module(name: str):
@@ -214,26 +208,19 @@ def run_generator(*args: str, capability: str | None = None) -> subprocess.Compl
     )
 
 
-def test_the_fixture_generator_never_overwrites_a_fixture_unless_forced(
-    tmp_path, monkeypatch, capsys
-):
-    script = REPO / "scripts" / "make_fixtures.py"
-    spec = importlib.util.spec_from_file_location("make_fixtures", script)
-    generator = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "make_fixtures", generator)  # its dataclasses look it up
-    spec.loader.exec_module(generator)
+def test_the_fixture_generator_never_overwrites_a_fixture_unless_forced(tmp_path, capsys, old_code):
     out = ["--out", str(tmp_path), "--schema", "tinylm"]
 
-    assert generator.main(out) == 0
+    assert old_code.main(out) == 0
     written = tmp_path / "tinylm" / "1.0.0.pth"
     written.write_bytes(b"stand-in for history")
     capsys.readouterr()
 
-    assert generator.main(out) == 0
+    assert old_code.main(out) == 0
     assert written.read_bytes() == b"stand-in for history"
     assert "kept" in capsys.readouterr().out
 
-    assert generator.main([*out, "--force"]) == 0
+    assert old_code.main([*out, "--force"]) == 0
     assert written.read_bytes() != b"stand-in for history"
 
 

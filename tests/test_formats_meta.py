@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hostile import data_pkl, replace_member, save_torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -120,30 +121,9 @@ def _rich_checkpoint(*, new_dtypes: bool) -> dict:
     return obj
 
 
-def _save(obj: object, path: Path, legacy: bool) -> Path:
-    torch.save(obj, path, **(LEGACY if legacy else {}))
-    return path
-
-
-def _replace_zip_member(src: Path, dst: Path, name_suffix: str, data: bytes | None) -> None:
-    """Copy a torch zip, replacing (or with None, dropping) the member ending in name_suffix."""
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
-        for info in zin.infolist():
-            if info.filename.endswith(name_suffix):
-                if data is not None:
-                    zout.writestr(info.filename, data)
-            else:
-                zout.writestr(info.filename, zin.read(info))
-
-
-def _data_pkl(path: Path) -> bytes:
-    with zipfile.ZipFile(path) as zf:
-        return zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
-
-
 @pytest.fixture
 def small_zip(tmp_path: Path) -> Path:
-    return _save({"w": torch.ones(2, 3), "b": torch.zeros(3)}, tmp_path / "small.pth", False)
+    return save_torch({"w": torch.ones(2, 3), "b": torch.zeros(3)}, tmp_path / "small.pth")
 
 
 # --------------------------------------------------------------------------- faithful decoding
@@ -151,7 +131,7 @@ def small_zip(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 def test_every_stub_matches_the_weights_only_load(tmp_path: Path, legacy: bool) -> None:
-    path = _save(_rich_checkpoint(new_dtypes=not legacy), tmp_path / "rich.pth", legacy)
+    path = save_torch(_rich_checkpoint(new_dtypes=not legacy), tmp_path / "rich.pth", legacy=legacy)
     real = torch.load(path, weights_only=True)
     stub = read_torch_metadata(path)
     real["size"] = tuple(real["size"])  # torch.Size decodes to a plain tuple
@@ -162,7 +142,7 @@ def test_every_stub_matches_the_weights_only_load(tmp_path: Path, legacy: bool) 
 def test_state_dict_metadata_survives_as_an_ordered_dict_attribute(
     tmp_path: Path, legacy: bool
 ) -> None:
-    path = _save(_Net().state_dict(), tmp_path / "sd.pth", legacy)
+    path = save_torch(_Net().state_dict(), tmp_path / "sd.pth", legacy=legacy)
     stub = read_torch_metadata(path)
     assert isinstance(stub, OrderedDict)
     assert stub._metadata == torch.load(path, weights_only=True)._metadata
@@ -174,7 +154,9 @@ def test_tied_tensors_share_one_storage_and_views_keep_their_offset(
     tmp_path: Path, legacy: bool
 ) -> None:
     base = torch.arange(12, dtype=torch.float32)
-    path = _save({"a": base, "b": base, "view": base[5:9]}, tmp_path / "tied.pth", legacy)
+    path = save_torch(
+        {"a": base, "b": base, "view": base[5:9]}, tmp_path / "tied.pth", legacy=legacy
+    )
     stub = read_torch_metadata(path)
     assert stub["a"] is stub["b"]
     assert stub["view"].info.storage_key == stub["a"].info.storage_key
@@ -183,7 +165,7 @@ def test_tied_tensors_share_one_storage_and_views_keep_their_offset(
 
 
 def test_zip_stubs_name_records_that_exist_and_hold_their_bytes(tmp_path: Path) -> None:
-    path = _save(_rich_checkpoint(new_dtypes=True), tmp_path / "rich.pth", False)
+    path = save_torch(_rich_checkpoint(new_dtypes=True), tmp_path / "rich.pth")
     records = read_zip_records(path)
     with zipfile.ZipFile(path) as zf:
         assert list(records) == zf.namelist()
@@ -199,7 +181,9 @@ def test_zip_stubs_name_records_that_exist_and_hold_their_bytes(tmp_path: Path) 
 
 
 def test_legacy_stubs_carry_the_storage_keys_of_the_file(tmp_path: Path) -> None:
-    path = _save({"x": torch.ones(3), "y": torch.zeros(2, dtype=torch.int64)}, tmp_path / "l", True)
+    path = save_torch(
+        {"x": torch.ones(3), "y": torch.zeros(2, dtype=torch.int64)}, tmp_path / "l", legacy=True
+    )
     stub = read_torch_metadata(path)
     assert stub["x"].info.storage_key != stub["y"].info.storage_key
     assert all(stub[k].info.storage_key.isdigit() for k in ("x", "y"))
@@ -255,7 +239,7 @@ def test_caller_allowed_global_decodes_to_an_opaque_placeholder(
     config_module.Config = _Config  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "myproject", type(sys)("myproject"))
     monkeypatch.setitem(sys.modules, "myproject.config", config_module)
-    path = _save({"cfg": _Config(), "w": torch.ones(2)}, tmp_path / "cfg.pth", legacy)
+    path = save_torch({"cfg": _Config(), "w": torch.ones(2)}, tmp_path / "cfg.pth", legacy=legacy)
     with pytest.raises(UnsafeCheckpointError) as info:
         read_torch_metadata(path)
     assert info.value.global_name == "myproject.config.Config"
@@ -287,7 +271,9 @@ def _canary_command(tmp_path: Path) -> tuple[Path, str]:
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 def test_reduce_to_os_system_is_refused_and_never_runs(tmp_path: Path, legacy: bool) -> None:
     canary, command = _canary_command(tmp_path)
-    path = _save({"w": torch.ones(2), "evil": _Evil(command)}, tmp_path / "evil.pth", legacy)
+    path = save_torch(
+        {"w": torch.ones(2), "evil": _Evil(command)}, tmp_path / "evil.pth", legacy=legacy
+    )
     with pytest.raises(UnsafeCheckpointError) as info:
         read_torch_metadata(path)
     assert info.value.global_name in ("posix.system", "os.system", "nt.system")
@@ -353,7 +339,7 @@ def test_hand_built_malicious_data_pkl_is_refused(
 ) -> None:
     canary, command = _canary_command(tmp_path)
     patched = tmp_path / "patched.pth"
-    _replace_zip_member(small_zip, patched, "/data.pkl", payload(command))
+    replace_member(small_zip, patched, "/data.pkl", payload(command))
     with pytest.raises(UnsafeCheckpointError) as info:
         read_torch_metadata(patched)
     if sys.platform != "win32" or "posix" not in global_name:
@@ -362,12 +348,12 @@ def test_hand_built_malicious_data_pkl_is_refused(
 
 
 def test_unsafe_global_wins_over_missing_storage_records(tmp_path: Path) -> None:
-    good = _save({"w": torch.ones(2)}, tmp_path / "good.pth", False)
-    body = _data_pkl(good)[2:-1]  # the dict, without PROTO and STOP
+    good = save_torch({"w": torch.ones(2)}, tmp_path / "good.pth")
+    body = data_pkl(good)[2:-1]  # the dict, without PROTO and STOP
     evil = _proto2(body + b"0" + _reduce_call("builtins", "exec", "pass") + b"0")
     patched = tmp_path / "patched.pth"
-    _replace_zip_member(good, tmp_path / "nodata.pth", "/data/0", None)
-    _replace_zip_member(tmp_path / "nodata.pth", patched, "/data.pkl", evil)
+    replace_member(good, tmp_path / "nodata.pth", "/data/0", None)
+    replace_member(tmp_path / "nodata.pth", patched, "/data.pkl", evil)
     with pytest.raises(UnsafeCheckpointError) as info:
         read_torch_metadata(patched)
     assert info.value.global_name == "builtins.exec"
@@ -379,12 +365,12 @@ def test_unsafe_global_wins_over_an_earlier_malformed_rebuild(
     bad_rebuild = b"ctorch._utils\n_rebuild_tensor_v2\n(NK\x00))\x89NtR0"
     patched = tmp_path / "patched.pth"
     evil = _proto2(bad_rebuild + _reduce_call("builtins", "exec", "pass"))
-    _replace_zip_member(small_zip, patched, "/data.pkl", evil)
+    replace_member(small_zip, patched, "/data.pkl", evil)
     with pytest.raises(UnsafeCheckpointError) as info:
         read_torch_metadata(patched)
     assert info.value.global_name == "builtins.exec"
     harmless = _proto2(bad_rebuild + b"N")
-    _replace_zip_member(small_zip, patched, "/data.pkl", harmless)
+    replace_member(small_zip, patched, "/data.pkl", harmless)
     with pytest.raises(CheckpointFormatError, match="not a storage"):
         read_torch_metadata(patched)
 
@@ -393,16 +379,16 @@ def test_persistent_id_that_is_not_a_storage_is_a_format_error(
     tmp_path: Path, small_zip: Path
 ) -> None:
     patched = tmp_path / "patched.pth"
-    _replace_zip_member(small_zip, patched, "/data.pkl", _proto2(_unicode("module") + b"\x85Q"))
+    replace_member(small_zip, patched, "/data.pkl", _proto2(_unicode("module") + b"\x85Q"))
     with pytest.raises(CheckpointFormatError, match="persistent id"):
         read_torch_metadata(patched)
 
 
 def test_build_on_a_tensor_stub_is_a_format_error(tmp_path: Path) -> None:
-    good = _save(torch.ones(2), tmp_path / "t.pth", False)
-    body = _data_pkl(good)[2:-1]
+    good = save_torch(torch.ones(2), tmp_path / "t.pth")
+    body = data_pkl(good)[2:-1]
     patched = tmp_path / "patched.pth"
-    _replace_zip_member(good, patched, "/data.pkl", _proto2(body + b"}b"))
+    replace_member(good, patched, "/data.pkl", _proto2(body + b"}b"))
     with pytest.raises(CheckpointFormatError):
         read_torch_metadata(patched)
 
@@ -413,7 +399,7 @@ def test_build_on_a_tensor_stub_is_a_format_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 @pytest.mark.parametrize("fraction", [0.0005, 0.01, 0.1, 0.3, 0.6, 0.9, 0.999])
 def test_truncated_file_is_a_format_error(tmp_path: Path, legacy: bool, fraction: float) -> None:
-    path = _save(_rich_checkpoint(new_dtypes=False), tmp_path / "rich.pth", legacy)
+    path = save_torch(_rich_checkpoint(new_dtypes=False), tmp_path / "rich.pth", legacy=legacy)
     data = path.read_bytes()
     cut = tmp_path / "cut.pth"
     cut.write_bytes(data[: max(1, int(len(data) * fraction))])
@@ -436,7 +422,7 @@ def test_bytes_that_are_no_checkpoint_are_a_format_error(tmp_path: Path, content
 
 def test_zip_without_data_pkl_is_a_format_error(tmp_path: Path, small_zip: Path) -> None:
     patched = tmp_path / "nopkl.pth"
-    _replace_zip_member(small_zip, patched, "/data.pkl", None)
+    replace_member(small_zip, patched, "/data.pkl", None)
     with pytest.raises(CheckpointFormatError, match="data.pkl"):
         read_torch_metadata(patched)
 
@@ -445,32 +431,32 @@ def test_zip_storage_record_shorter_than_its_tensor_is_a_format_error(
     tmp_path: Path, small_zip: Path
 ) -> None:
     patched = tmp_path / "short.pth"
-    _replace_zip_member(small_zip, patched, "/data/0", b"\x00" * 8)
+    replace_member(small_zip, patched, "/data/0", b"\x00" * 8)
     with pytest.raises(CheckpointFormatError, match="storage shorter than its tensor claims"):
         read_torch_metadata(patched)
 
 
 def test_zip_missing_storage_record_is_a_format_error(tmp_path: Path, small_zip: Path) -> None:
     patched = tmp_path / "missing.pth"
-    _replace_zip_member(small_zip, patched, "/data/1", None)
+    replace_member(small_zip, patched, "/data/1", None)
     with pytest.raises(CheckpointFormatError, match="missing"):
         read_torch_metadata(patched)
 
 
 def test_tensor_reaching_past_its_storage_is_a_format_error(tmp_path: Path) -> None:
-    good = _save(torch.ones(6), tmp_path / "t.pth", False)
-    pkl = _data_pkl(good)
+    good = save_torch(torch.ones(6), tmp_path / "t.pth")
+    pkl = data_pkl(good)
     # Same pickle, but the size tuple claims 7 elements of a 6-element storage.
     assert pkl.count(b"K\x00K\x06\x85") == 1  # offset 0, size (6,)
     lying = pkl.replace(b"K\x00K\x06\x85", b"K\x00K\x07\x85")
     patched = tmp_path / "lying.pth"
-    _replace_zip_member(good, patched, "/data.pkl", lying)
+    replace_member(good, patched, "/data.pkl", lying)
     with pytest.raises(CheckpointFormatError, match="storage shorter than its tensor claims"):
         read_torch_metadata(patched)
 
 
 def test_legacy_storage_count_smaller_than_declared_is_a_format_error(tmp_path: Path) -> None:
-    path = _save({"w": torch.ones(5)}, tmp_path / "l.pth", True)
+    path = save_torch({"w": torch.ones(5)}, tmp_path / "l.pth", legacy=True)
     data = bytearray(path.read_bytes())
     count_at = len(data) - 5 * 4 - 8  # the only storage: 8-byte count, then 5 floats
     assert struct.unpack("<q", data[count_at : count_at + 8]) == (5,)
@@ -485,7 +471,7 @@ def test_zip_member_outside_the_archive_is_refused(
     tmp_path: Path, small_zip: Path, name: str
 ) -> None:
     patched = tmp_path / "slip.pth"
-    _replace_zip_member(small_zip, patched, "/version", None)
+    replace_member(small_zip, patched, "/version", None)
     with zipfile.ZipFile(patched, "a") as zf:
         zf.writestr(zipfile.ZipInfo(name), b"x")
     with pytest.raises(CheckpointFormatError, match="outside the archive"):
@@ -512,7 +498,7 @@ def test_metadata_of_a_40mb_tensor_reads_far_fewer_bytes_than_the_file(
     if kind == "safetensors":
         save_file(tensors, path)
     else:
-        _save(tensors, path, kind == "legacy")
+        save_torch(tensors, path, legacy=kind == "legacy")
     size = path.stat().st_size
     assert size > 40_000_000
     before = _bytes_read_by_this_process()
@@ -526,8 +512,8 @@ def test_metadata_of_a_40mb_tensor_reads_far_fewer_bytes_than_the_file(
 
 
 def test_reading_metadata_never_imports_torch(tmp_path: Path) -> None:
-    zip_path = _save(_rich_checkpoint(new_dtypes=True), tmp_path / "z.pth", False)
-    legacy_path = _save(_rich_checkpoint(new_dtypes=False), tmp_path / "l.pth", True)
+    zip_path = save_torch(_rich_checkpoint(new_dtypes=True), tmp_path / "z.pth")
+    legacy_path = save_torch(_rich_checkpoint(new_dtypes=False), tmp_path / "l.pth", legacy=True)
     st_path = tmp_path / "w.safetensors"
     save_file({"a": torch.ones(2)}, st_path)
     script = (
@@ -549,8 +535,8 @@ def test_reading_metadata_never_imports_torch(tmp_path: Path) -> None:
 
 
 def test_detect_format_tells_each_file_kind_by_its_bytes(tmp_path: Path) -> None:
-    zip_path = _save({"a": torch.ones(1)}, tmp_path / "a.safetensors", False)  # names lie
-    legacy_path = _save({"a": torch.ones(1)}, tmp_path / "b.zip", True)
+    zip_path = save_torch({"a": torch.ones(1)}, tmp_path / "a.safetensors")  # names lie
+    legacy_path = save_torch({"a": torch.ones(1)}, tmp_path / "b.zip", legacy=True)
     st_path = tmp_path / "c.pth"
     save_file({"a": torch.ones(1)}, st_path)
     assert detect_format(zip_path) == "torch-zip"

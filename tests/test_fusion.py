@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from processes import run
 
 import ckptmigrate as cm
 from ckptmigrate.discovery import find_schemas
 from ckptmigrate.fusion import infer_fusions
 
 SQUARE = ((32, 32), "float32")
-
-
-def run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ckptmigrate", *args], capture_output=True, text=True, cwd=cwd
-    )
 
 
 NEW = ["new", "mlp", "--from-version", "1.0.0", "--to-version", "2.0.0"]

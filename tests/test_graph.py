@@ -10,7 +10,8 @@ import ckptmigrate as cm
 from ckptmigrate import ops
 
 
-def make_ckpt(version: str, schema: str = "m") -> cm.Checkpoint:
+def ckpt_at(version: str, schema: str = "m") -> cm.Checkpoint:
+    """Nothing but a tensor, stamped ``schema`` ``version``: all a plan needs."""
     return cm.Checkpoint({"w": torch.zeros(2)}, schema=schema, version=version)
 
 
@@ -46,7 +47,7 @@ def test_plan_goes_through_1_9_before_1_10():
     recording_step(schema, "1.9.0", "1.10.0", calls)
     recording_step(schema, "1.8.0", "1.9.0", calls)
     assert planned(schema, "1.8.0") == [("1.8.0", "1.9.0"), ("1.9.0", "1.10.0")]
-    out = cm.upgrade(make_ckpt("1.8.0"), schema)
+    out = cm.upgrade(ckpt_at("1.8.0"), schema)
     assert calls == [("1.8.0", "1.9.0"), ("1.9.0", "1.10.0")]
     assert out.version == Version("1.10.0")
 
@@ -56,7 +57,7 @@ def test_forward_plan_runs_every_step_in_order_and_stops_at_target():
     calls: list = []
     for a, b in [("1.0.0", "2.0.0"), ("2.0.0", "3.0.0"), ("3.0.0", "4.0.0")]:
         recording_step(schema, a, b, calls)
-    out = cm.upgrade(make_ckpt("1.0.0"), schema, to="3.0.0")
+    out = cm.upgrade(ckpt_at("1.0.0"), schema, to="3.0.0")
     assert calls == [("1.0.0", "2.0.0"), ("2.0.0", "3.0.0")]
     assert out.version == Version("3.0.0")
 
@@ -86,7 +87,7 @@ def test_gap_in_chain_raises_before_any_step_runs():
     recording_step(schema, "1.0.0", "2.0.0", calls)
     # no 2.0.0 -> 3.0.0 step
     with pytest.raises(cm.NoMigrationPathError) as info:
-        cm.upgrade(make_ckpt("1.0.0"), schema)
+        cm.upgrade(ckpt_at("1.0.0"), schema)
     assert calls == []
     assert info.value.start == Version("1.0.0")
     assert info.value.target == Version("3.0.0")
@@ -107,7 +108,7 @@ def test_two_paths_without_preference_raise_naming_both():
     recording_step(schema, "2.0.0", "3.0.0", calls)
     recording_step(schema, "1.0.0", "3.0.0", calls)
     with pytest.raises(cm.NoMigrationPathError) as info:
-        cm.upgrade(make_ckpt("1.0.0"), schema)
+        cm.upgrade(ckpt_at("1.0.0"), schema)
     assert calls == []
     assert sorted(info.value.paths) == [["1.0.0", "2.0.0", "3.0.0"], ["1.0.0", "3.0.0"]]
     assert "1.0.0 -> 2.0.0 -> 3.0.0" in str(info.value)
@@ -127,7 +128,7 @@ def test_preferred_step_resolves_two_paths(preferred_step, expected):
     calls: list = []
     for step in [("1.0.0", "2.0.0"), ("2.0.0", "3.0.0"), ("1.0.0", "3.0.0")]:
         recording_step(schema, *step, calls, preferred=step == preferred_step)
-    cm.upgrade(make_ckpt("1.0.0"), schema)
+    cm.upgrade(ckpt_at("1.0.0"), schema)
     assert calls == expected
 
 
@@ -183,7 +184,7 @@ def test_stored_version_newer_than_current_raises_future_version_error():
     schema = cm.Schema("m", current="2.0.0")
     schema.add_migration("1.0.0", "2.0.0", [])
     with pytest.raises(cm.FutureVersionError) as info:
-        cm.upgrade(make_ckpt("2.1.0"), schema)
+        cm.upgrade(ckpt_at("2.1.0"), schema)
     assert info.value.stored == Version("2.1.0")
     assert info.value.current == Version("2.0.0")
 

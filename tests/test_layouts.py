@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import run
+from processes import run
 
 import ckptmigrate as cm
 from ckptmigrate.layout import declare_layout

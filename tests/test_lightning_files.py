@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import run
+from processes import run
 
 pl = pytest.importorskip("pytorch_lightning")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_optimizer_positions import _cli
+from processes import run
 from torch import nn
 
 L = pytest.importorskip("lightning")
@@ -106,10 +106,10 @@ def test_a_lightning_run_resumes_after_the_cli_migrates_a_submodule_rename(tmp_p
 
     (tmp_path / "migrations").mkdir()
     (tmp_path / "migrations" / "net.py").write_text(textwrap.dedent(MIGRATION))
-    proc = _cli(
-        "upgrade", "old.ckpt", "-o", "new.ckpt", "--migrations", "migrations",
+    proc = run(
+        tmp_path, "upgrade", "old.ckpt", "-o", "new.ckpt", "--migrations", "migrations",
         "--schema", "net", "--from-version", "1.0.0",
-        cwd=tmp_path,
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     written = torch.load(tmp_path / "new.ckpt", weights_only=True)

@@ -25,15 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hostile import (
-    TOY_MIGRATIONS,
-    folder_state,
-    legacy_with_main_pickle,
-    replace_member,
-    save_torch,
-    toy_schema,
-    toy_sd,
-)
+from hostile import folder_state, legacy_with_main_pickle, replace_member, save_torch
+from toy import TOY_MIGRATIONS, toy_schema, toy_sd
 
 import ckptmigrate as cm
 from ckptmigrate import cli

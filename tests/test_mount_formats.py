@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import run
 from safetensors.torch import save_file
-from test_cli import run
 from test_sharded import _make_set, _tensors
 
 import ckptmigrate as cm

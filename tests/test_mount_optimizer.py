@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import run
+from processes import run
 from torch import nn
 
 import ckptmigrate as cm

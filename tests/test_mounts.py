@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import run
+from processes import run
 
 import ckptmigrate as cm
 from ckptmigrate.stamp import parse_stamp

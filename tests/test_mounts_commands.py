@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import run
+from processes import run
 from test_mounts import HEAD_V1, schemas, two_mounts
 
 import ckptmigrate as cm
@@ -121,7 +121,7 @@ def test_scan_gives_one_row_per_mount_and_fail_behind_counts_any_mount(two: Path
 
 
 def test_scan_rows_per_mount_are_coloured_on_a_terminal(two: Path) -> None:
-    from test_cli_display import run_on_terminal
+    from processes import run_on_terminal
 
     _registry(two)
     code, text = run_on_terminal(two, "scan", "reg", "--migrations", "mig")
@@ -239,7 +239,7 @@ def test_a_golden_record_names_the_mount_by_prefix(lit_project: Path) -> None:
 
 
 def test_the_pytest_plugin_checks_a_mounted_fixture(lit_project: Path) -> None:
-    from test_pytest_plugin import run_pytest, summary
+    from processes import run_pytest, summary
 
     (lit_project / "tests").mkdir()
     (lit_project / "tests" / "test_load.py").write_text(

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import ast
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from processes import run
 
 import ckptmigrate as cm
 
@@ -38,12 +38,6 @@ HOSTILE = [
     "j{brace}.weight",
     "k\U0001f600.emoji",
 ]
-
-
-def run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ckptmigrate", *args], capture_output=True, text=True, cwd=cwd
-    )
 
 
 def pwned(where: Path) -> list[str]:

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import run
 
 import ckptmigrate as cm
 
 REPO = Path(__file__).resolve().parents[1]
+THIS_REPO = {"PYTHONPATH": str(REPO)}  # the CLI runs imports this checkout's package
 #: the same float operations in the same order on both sides; slack for summation order only
 RTOL, ATOL = 1e-6, 1e-7
 
@@ -116,17 +118,6 @@ def _save_old(path: Path, model, opt, schema: str = "net", order=None) -> dict:
     return opt_sd
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "ckptmigrate", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-
-
 def _resumed_losses(mig: dict, model: torch.nn.Module, ckpt: cm.Checkpoint) -> list[float]:
     model.load_state_dict(ckpt.state_dict)
     opt = mig["adam"](model)
@@ -152,7 +143,9 @@ def _assert_same_state(got: dict, want: dict) -> None:
 def test_the_cli_upgrades_a_rename_only_plan_keeping_positional_state(mig, tmp_path):
     model, opt, ahead = _trained(mig)
     opt_sd = _save_old(tmp_path / "old.pth", model, opt)
-    proc = _cli("upgrade", "old.pth", "-o", "new.pth", "--migrations", "migrations", cwd=tmp_path)
+    proc = run(
+        tmp_path, "upgrade", "old.pth", "-o", "new.pth", "--migrations", "migrations", **THIS_REPO
+    )
     assert proc.returncode == 0, proc.stderr
     new = cm.load(tmp_path / "new.pth", upgrade=False)
     _assert_same_state(new.optimizer, opt_sd)
@@ -179,11 +172,11 @@ def test_check_and_the_pytest_plugin_pass_a_resume_fixture_with_positional_state
     record = {"fixture": "1.0.0.pth", "schema": "net", "version": "1.0.0", "input": x,
               "output": out, "resume": {"batches": BATCHES[3:], "losses": ahead}}  # fmt: skip
     torch.save(record, fixtures / "1.0.0.golden.pt")
-    proc = _cli("check", "fixtures", "--json", "--migrations", "migrations", cwd=tmp_path)
+    proc = run(tmp_path, "check", "fixtures", "--json", "--migrations", "migrations", **THIS_REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     nudged = {**record, "resume": {"batches": BATCHES[3:], "losses": [v + 1e-3 for v in ahead]}}
     torch.save(nudged, fixtures / "1.0.0.golden.pt")  # the resume check runs, and can fail
-    failed = _cli("check", "fixtures", "--migrations", "migrations", cwd=tmp_path)
+    failed = run(tmp_path, "check", "fixtures", "--migrations", "migrations", **THIS_REPO)
     assert failed.returncode == 1 and "resumed training differs" in failed.stdout
     torch.save(record, fixtures / "1.0.0.golden.pt")
 
@@ -194,12 +187,12 @@ def test_check_and_the_pytest_plugin_pass_a_resume_fixture_with_positional_state
     )
     (tmp_path / "pytest.ini").write_text("[pytest]\nckpt_migrations = migrations\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--ckpt-fixtures",
          "fixtures"], cwd=tmp_path, env=env, capture_output=True, text=True,
     )  # fmt: skip
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "2 passed" in run.stdout  # the collected fixture and the test that checks it
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 passed" in done.stdout  # the collected fixture and the test that checks it
 
 
 def _function_schema(fn) -> cm.Schema:
@@ -267,7 +260,9 @@ def test_without_build_a_float_buffer_blocks_the_deduction_and_the_cli_names_the
 ):
     model, opt, _ = _trained(mig)
     _save_old(tmp_path / "old.pth", model, opt, schema="fused")
-    proc = _cli("upgrade", "old.pth", "-o", "new.pth", "--migrations", "migrations", cwd=tmp_path)
+    proc = run(
+        tmp_path, "upgrade", "old.pth", "-o", "new.pth", "--migrations", "migrations", **THIS_REPO
+    )
     assert proc.returncode == 2 and not (tmp_path / "new.pth").exists()
     line = proc.stderr.strip()
     assert line.startswith("ckptmigrate: error: ") and "\n" not in line
@@ -278,7 +273,9 @@ def test_without_build_a_float_buffer_blocks_the_deduction_and_the_cli_names_the
 def test_with_build_the_files_parameter_order_names_the_state(mig, tmp_path):
     model, opt, _ = _trained(mig)
     opt_sd = _save_old(tmp_path / "old.pth", model, opt, schema="built")
-    proc = _cli("upgrade", "old.pth", "-o", "new.pth", "--migrations", "migrations", cwd=tmp_path)
+    proc = run(
+        tmp_path, "upgrade", "old.pth", "-o", "new.pth", "--migrations", "migrations", **THIS_REPO
+    )
     assert proc.returncode == 0, proc.stderr
     _split_expectations(opt_sd, cm.load(tmp_path / "new.pth", upgrade=False), mig)
 
@@ -308,10 +305,10 @@ def test_param_names_file_on_the_cli_upgrade_to_a_new_file_and_in_place(mig, tmp
     model, opt, _ = _trained(mig)
     opt_sd = _save_old(tmp_path / "old.pth", model, opt, schema="fused")
     args = ["--migrations", "migrations", "--param-names", str(names_file)]
-    proc = _cli("upgrade", "old.pth", "-o", "new.pth", *args, cwd=tmp_path)
+    proc = run(tmp_path, "upgrade", "old.pth", "-o", "new.pth", *args, **THIS_REPO)
     assert proc.returncode == 0, proc.stderr
     _split_expectations(opt_sd, cm.load(tmp_path / "new.pth", upgrade=False), mig)
-    proc = _cli("upgrade", "old.pth", "--in-place", *args, cwd=tmp_path)
+    proc = run(tmp_path, "upgrade", "old.pth", "--in-place", *args, **THIS_REPO)
     assert proc.returncode == 0, proc.stderr
     _split_expectations(opt_sd, cm.load(tmp_path / "old.pth", upgrade=False), mig)
 
@@ -321,7 +318,7 @@ def test_a_param_names_file_that_does_not_fit_is_refused(mig, tmp_path):
     _save_old(tmp_path / "old.pth", model, opt, schema="fused")
     (tmp_path / "names.txt").write_text("body.weight\nbody.bias\nhead.weight\n")
     args = ["--migrations", "migrations", "--param-names", "names.txt"]
-    proc = _cli("upgrade", "old.pth", "-o", "new.pth", *args, cwd=tmp_path)
+    proc = run(tmp_path, "upgrade", "old.pth", "-o", "new.pth", *args, **THIS_REPO)
     assert proc.returncode == 2 and "3 names, but the optimizer holds 4" in proc.stderr
 
 
@@ -381,15 +378,17 @@ def test_diff_upgrade_takes_param_names_for_a_plan_that_needs_them(mig, tmp_path
     model, opt, _ = _trained(mig)
     _save_old(tmp_path / "old.pth", model, opt, schema="fused")
     args = ["--migrations", "migrations", "--param-names", str(names_file)]
-    assert _cli("upgrade", "old.pth", "-o", "new.pth", *args, cwd=tmp_path).returncode == 0
+    assert run(tmp_path, "upgrade", "old.pth", "-o", "new.pth", *args, **THIS_REPO).returncode == 0
     diff = ["diff", "old.pth", "new.pth", "--upgrade", "--values", "--migrations", "migrations"]
-    refused = _cli(*diff, cwd=tmp_path)
+    refused = run(tmp_path, *diff, **THIS_REPO)
     assert refused.returncode == 2 and "--param-names FILE" in refused.stderr
     assert "param_names=" not in refused.stderr
-    done = _cli(*diff, "--param-names", str(names_file), cwd=tmp_path)
+    done = run(tmp_path, *diff, "--param-names", str(names_file), **THIS_REPO)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "no drift" in done.stdout
-    lone = _cli("diff", "old.pth", "new.pth", "--param-names", str(names_file), cwd=tmp_path)
+    lone = run(
+        tmp_path, "diff", "old.pth", "new.pth", "--param-names", str(names_file), **THIS_REPO
+    )
     assert lone.returncode == 2 and "add --upgrade" in lone.stderr
 
 
@@ -405,9 +404,9 @@ def test_param_names_reach_a_mount_whose_plan_splits_its_parameters(mig, tmp_pat
     cm.save(tmp_path / "old.pth", mounted)
     (tmp_path / "names.txt").write_text("".join(f"m.{n}\n" for n in NAMES))
     args = ["upgrade", "old.pth", "-o", "new.pth", "--migrations", "migrations"]
-    refused = _cli(*args, cwd=tmp_path)
+    refused = run(tmp_path, *args, **THIS_REPO)
     assert refused.returncode == 2 and "--param-names FILE" in refused.stderr
-    done = _cli(*args, "--param-names", "names.txt", cwd=tmp_path)
+    done = run(tmp_path, *args, "--param-names", "names.txt", **THIS_REPO)
     assert done.returncode == 0, done.stderr
     new = cm.load(tmp_path / "new.pth", upgrade=False)
     view = cm.Checkpoint(

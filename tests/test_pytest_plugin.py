@@ -6,14 +6,13 @@ import re
 import subprocess
 import sys
 import textwrap
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 import torch
+from processes import run_pytest, summary
 from torch import nn
-
-import ckptmigrate as cm
+from toy import write_fixture
 
 MIGRATIONS = '''
 """toy: 1.0.0 called its projection `fc`; 2.0.0 calls it `proj` and adds a `scale` hparam."""
@@ -66,20 +65,6 @@ class Toy_2_0(nn.Module):
         return self.proj(x) * self.scale
 
 
-def write_fixture(folder: Path, model: nn.Module, version: str, hparams: dict) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    x = torch.linspace(-1, 1, 8).reshape(2, 4)
-    with torch.no_grad():
-        y = model(x)
-    path = folder / f"{version}.pth"
-    cm.save(path, model.state_dict(), schema="toy", version=version, hparams=hparams)
-    golden = {"fixture": path.name, "schema": "toy", "version": version, "variant": None}
-    golden |= {"input": x, "output": y, "atol": 1e-6, "rtol": 1e-6, "hparams": hparams}
-    torch.save(golden, folder / f"{version}.golden.pt")
-    return path
-
-
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A user's project: migrations, fixtures written by old and current code, pyproject."""
@@ -94,23 +79,6 @@ def project(tmp_path: Path) -> Path:
             fixtures = ["fixtures"]
             """))
     return tmp_path
-
-
-# -v for per-test lines; no cache folder in the project; hypothesis' plugin only costs start-up
-QUIET_RUN = ["-v", "-p", "no:cacheprovider", "-p", "no:hypothesispytest"]
-
-
-def run_pytest(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    plugin_args: list[str] = []
-    if not any(ep.value == "ckptmigrate.pytest_plugin" for ep in entry_points(group="pytest11")):
-        plugin_args = ["-p", "ckptmigrate.pytest_plugin"]  # not installed: load it by name
-    command = [sys.executable, "-m", "pytest", *QUIET_RUN, *plugin_args, *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=cwd)
-
-
-def summary(done: subprocess.CompletedProcess[str]) -> str:
-    lines = [line for line in done.stdout.splitlines() if line.startswith("=")]
-    return lines[-1] if lines else done.stdout + done.stderr
 
 
 def nudge(path: Path, key: str) -> None:

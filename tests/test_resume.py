@@ -8,7 +8,6 @@ written through the inverse steps into the old model definitions of the fixture 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -17,30 +16,12 @@ import pytest
 import torch
 
 import ckptmigrate as cm
-from ckptmigrate.discovery import find_schemas
 from ckptmigrate.fixtures import check_fixture, check_fixtures, find_fixtures, read_golden
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"
 RESUME = FIXTURES / "tinylm" / "1.0.0-resume.golden.pt"
 upgrade_module = sys.modules["ckptmigrate.upgrade"]
-
-
-@pytest.fixture(scope="module")
-def schemas() -> dict[str, cm.Schema]:
-    return find_schemas([str(REPO / "migrations")])
-
-
-@pytest.fixture(scope="module")
-def old_code():
-    """scripts/make_fixtures.py: the old model definitions, as the fixtures were written."""
-    spec = importlib.util.spec_from_file_location(
-        "make_fixtures", REPO / "scripts/make_fixtures.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_fixtures", module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def resume_fixture():

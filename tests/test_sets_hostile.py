@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hostile import toy_schema, write_set
+from hostile import write_set
+from toy import toy_schema
 
 import ckptmigrate as cm
 from ckptmigrate import cli

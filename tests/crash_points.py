@@ -1,0 +1,89 @@
+"""The kill-point harness of the crash tests: record the crash points one run passes, pick
+``EVENT:N`` kill specs among them, and run the action in a forked child killed at one.
+
+``CKPTMIGRATE_CRASH_AT=EVENT:N`` makes ckptmigrate SIGKILL itself at the Nth EVENT
+(``formats/atomic.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+
+from ckptmigrate.formats import atomic
+
+
+def events_of(action: Callable[[], object], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Run ``action`` once, recording every crash point it passes, in order."""
+    seen: list[str] = []
+    with monkeypatch.context() as m:
+        m.setenv(atomic.CRASH_ENV, "record-only")  # wraps writes; kills nothing
+        m.setattr(atomic, "crash_point", seen.append)
+        action()
+    return seen
+
+
+def spread(events: list[str], count: int) -> list[str]:
+    """``count`` kill specs (``EVENT:N``) spread evenly over the events (all, if fewer)."""
+    if count >= len(events):
+        picks = list(range(len(events)))
+    else:
+        picks = sorted({round(i * (len(events) - 1) / (count - 1)) for i in range(count)})
+    return [f"{events[i]}:{events[: i + 1].count(events[i])}" for i in picks]
+
+
+def spread_keeping_steps(events: list[str], count: int) -> list[str]:
+    """``count`` kill specs (``EVENT:N``): every fsync and rename, then ``write()`` calls
+    spread evenly over the rest (a swap's few moments are never skipped)."""
+    steps = [i for i, e in enumerate(events) if e != "write"]
+    writes = [i for i, e in enumerate(events) if e == "write"]
+    room = max(0, count - len(steps))
+    if room >= len(writes):
+        picks = sorted(steps + writes)
+    else:
+        spread = {writes[round(j * (len(writes) - 1) / max(1, room - 1))] for j in range(room)}
+        picks = sorted(set(steps) | spread)
+    return [f"{events[i]}:{events[: i + 1].count(events[i])}" for i in picks]
+
+
+def killed_child(spec: str, action: Callable[[], object], *, quiet: bool = False) -> int:
+    """Fork; the child runs ``action`` with the crash hook armed (its output dropped when
+    ``quiet``). Returns its wait status."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 3
+        try:
+            os.environ[atomic.CRASH_ENV] = spec
+            with contextlib.ExitStack() as stack:
+                if quiet:
+                    devnull = stack.enter_context(open(os.devnull, "w"))
+                    stack.enter_context(contextlib.redirect_stdout(devnull))
+                    stack.enter_context(contextlib.redirect_stderr(devnull))
+                action()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"child for {spec} hung")
+        time.sleep(0.002)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
