@@ -322,7 +322,7 @@ def _schema_status(
         return {"registered": None, "error": str(exc)}
     status = schema_status(name, version, schemas)
     if not status.registered:
-        return {"registered": False}
+        return {"registered": False, "error": str(status.error)}
     record: dict[str, Any] = {
         "registered": True,
         "current": str(status.current),
