@@ -41,6 +41,7 @@ from .errors import (
 )
 from .layout import Layout, declare_layout
 from .optimizer import ParamNamesUnknown
+from .registry import get_schema, list_schemas
 from .report import LoadReport
 from .schema import Schema
 from .stamp import Mount
@@ -77,6 +78,8 @@ __all__ = [
     "declare_layout",
     "diff",
     "errors",
+    "get_schema",
+    "list_schemas",
     "FileUpgrade",
     "upgrade_file",
     "upgrade_in_place",

@@ -10,13 +10,9 @@ from typing import TYPE_CHECKING, Any
 from packaging.version import Version
 
 from .checkpoint import Checkpoint
-from .errors import (
-    BreakingMigrationError,
-    UnknownSchemaError,
-    UnversionedCheckpointError,
-    VersionConflictError,
-)
+from .errors import BreakingMigrationError, UnversionedCheckpointError
 from .files import read_checkpoint, write_checkpoint
+from .guess import apply_from_version
 from .schema import Schema
 from .upgrade import check_belongs
 from .upgrade import upgrade as upgrade_checkpoint
@@ -27,14 +23,12 @@ if TYPE_CHECKING:
 
 
 def _resolve_schema(schema: Schema | str | None) -> Schema | None:
-    if schema is None or isinstance(schema, Schema):
-        return schema
-    from .discovery import find_schemas
+    """A Schema as given; a name looked up in the discovered migrations (or raise)."""
+    if schema is None:
+        return None
+    from .registry import get_schema
 
-    found = find_schemas()
-    if schema not in found:
-        raise UnknownSchemaError(schema, list(found))
-    return found[schema]
+    return get_schema(schema)
 
 
 def save(
@@ -173,33 +167,12 @@ def load(
     """
     resolved = _resolve_schema(schema)
     ckpt = read_checkpoint(path, map_location=map_location, mmap=mmap, safe_globals=safe_globals)
-    ckpt = _apply_from_version(ckpt, resolved, from_version, path=path)
+    ckpt = apply_from_version(ckpt, resolved, from_version, path=path)
     if not upgrade or resolved is None:
         return ckpt
     if not ckpt.mounts:
         check_belongs(ckpt, resolved, path=path)
     return upgrade_checkpoint(ckpt, resolved, to=to, param_names=param_names)
-
-
-def _apply_from_version(
-    ckpt: Checkpoint, schema: Schema | None, from_version: Any, *, path: Any
-) -> Checkpoint:
-    if from_version is None:
-        return ckpt
-    if isinstance(from_version, str) and from_version == "auto":
-        if schema is None:
-            raise TypeError("from_version='auto' needs schema= to compare signatures with")
-        from .guess import resolve_from_version
-
-        from_version = resolve_from_version(ckpt, schema, from_version, path=path)
-    given = parse_version(from_version, what="from_version")
-    if ckpt.version is not None:
-        if ckpt.version != given:
-            raise VersionConflictError(ckpt.version, given, path=path)
-        return ckpt
-    if schema is None:
-        raise TypeError("from_version= needs schema= to say which schema the file belongs to")
-    return replace(ckpt, schema=schema.name, version=given)
 
 
 def load_into(

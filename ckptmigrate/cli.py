@@ -311,6 +311,7 @@ def _schema_status(
 ) -> dict[str, Any] | None:
     """Whether a stamp (or mount) is behind its registered schema (imports migrations)."""
     from .errors import CkptMigrateError
+    from .registry import schema_status
 
     if name is None or version is None:
         return None
@@ -319,17 +320,18 @@ def _schema_status(
     except CkptMigrateError as exc:
         print(f"{PROG}: warning: migrations not loaded: {exc}", file=sys.stderr)
         return {"registered": None, "error": str(exc)}
-    schema = schemas.get(name)
-    if schema is None:
-        return {"registered": False}
-    status: dict[str, Any] = {"registered": True, "current": str(schema.current)}
-    try:
-        plan = schema.plan(version)
-    except CkptMigrateError as exc:
-        status.update(behind=version < schema.current, plan=None, error=str(exc))
-        return status
-    status.update(behind=bool(plan), plan=[p.record() for p in plan])
-    return status
+    status = schema_status(name, version, schemas)
+    if not status.registered:
+        return {"registered": False, "error": str(status.error)}
+    record: dict[str, Any] = {
+        "registered": True,
+        "current": str(status.current),
+        "behind": status.behind,
+        "plan": None if status.plan is None else [p.record() for p in status.plan],
+    }
+    if status.error is not None:
+        record["error"] = str(status.error)
+    return record
 
 
 def info_record(path: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -612,7 +614,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     out = Output()
     for r in rows:
         where = f"{r.path} [{r.prefix}]" if r.prefix else r.path
-        if r.error and r.behind is None:
+        if r.error and not r.behind:  # unreadable, unknown, or newer than the code
             out.line(f"{where}  ", styled("?", "error"), f"  {r.error}")
         elif r.behind:
             steps = f", {len(r.steps)} step(s)"
@@ -671,16 +673,12 @@ def schema_list_record(schemas: dict[str, Schema]) -> list[dict[str, Any]]:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    from .registry import get_schema
+
     schemas = _schemas(args)
     if args.schema is None:
         return _list_schemas(schemas, args)
-    if args.schema not in schemas:
-        known = ", ".join(sorted(schemas)) or "none"
-        raise CommandError(
-            f"no schema named {args.schema!r} in the discovered migrations (found: {known}); "
-            "pass --migrations PATH, or run `ckptmigrate history` to list them"
-        )
-    record = history_record(schemas[args.schema])
+    record = history_record(get_schema(args.schema, schemas))
     if args.json:
         print(json.dumps(record, indent=2))
         return EXIT_OK
@@ -720,8 +718,8 @@ def _list_schemas(schemas: dict[str, Schema], args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .discovery import configured
     from .fixtures import check_fixtures
+    from .registry import configured
 
     root = args.dir or (configured("fixtures") or ["fixtures"])[0]
     schemas = _schemas(args)
@@ -805,12 +803,9 @@ def _guess(ckpt: Checkpoint, args: argparse.Namespace) -> Any:
         raise CommandError(
             "version guessing is not available in this build: pass --version V"
         ) from None
-    schemas = _schemas(args)
-    if args.schema not in schemas:
-        raise CommandError(
-            f"--guess needs the migrations of schema {args.schema!r} (pass --migrations PATH)"
-        )
-    guess = guess_version(ckpt, schemas[args.schema])
+    from .registry import get_schema
+
+    guess = guess_version(ckpt, get_schema(args.schema, _schemas(args)))
     print(f"guessed version {guess.version} (confidence {guess.confidence:.2f})")
     return guess.version
 
@@ -819,7 +814,7 @@ def _guess(ckpt: Checkpoint, args: argparse.Namespace) -> Any:
 
 
 def _default_migrations_dir() -> Path:
-    from .discovery import configured
+    from .registry import configured
 
     for source in configured("migrations"):
         if Path(source).is_dir():
@@ -909,7 +904,8 @@ def _warn_unconfirmed(count: int) -> None:
 
 
 def _schemas(args: argparse.Namespace) -> dict[str, Schema]:
-    from .discovery import find_schemas
+    """The schemas of ``--migrations PATH``, else the configured or installed ones."""
+    from .registry import find_schemas
 
     return find_schemas(args.migrations or None)
 
@@ -1130,7 +1126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _project_importable() -> Iterator[None]:
     """The project's folder first on sys.path for the whole command: migrations import its
     model code, and a ``build=`` may do so only when it runs (``diff --model``, ``check``)."""
-    from .discovery import project_folder, project_on_sys_path
+    from .registry import project_folder, project_on_sys_path
 
     try:
         folder = project_folder()

@@ -22,13 +22,9 @@ from typing import Any
 from packaging.version import Version
 
 from .checkpoint import Checkpoint
-from .errors import (
-    CheckpointFormatError,
-    SchemaMismatchError,
-    UnknownSchemaError,
-    UnversionedCheckpointError,
-)
+from .errors import CheckpointFormatError, SchemaMismatchError, UnversionedCheckpointError
 from .layout import is_tensor_like, split
+from .registry import get_schema, pick_schema, schema_table
 from .report import signature
 from .schema import Schema
 
@@ -239,9 +235,7 @@ def diff_model(
     from .mounts import model_view
     from .report import load_report
 
-    found = schema if isinstance(schema, Schema) else _schema_table(schemas).get(schema)
-    if found is None:
-        raise UnknownSchemaError(str(schema), list(_schema_table(schemas)))
+    found = get_schema(schema, schemas)
     ckpt_a, label = _as_checkpoint(a, "A", tensors=True, allowed=list(allowed_globals))
     target = Checkpoint({}, schema=found.name, version=found.current)
     upgraded, record = _upgrade_to_b(
@@ -289,18 +283,6 @@ def _as_checkpoint(
     return ckpt, label
 
 
-def _schema_table(schemas: Any) -> dict[str, Schema]:
-    if schemas is None:
-        from .discovery import find_schemas
-
-        return find_schemas()
-    if isinstance(schemas, Schema):
-        return {schemas.name: schemas}
-    if isinstance(schemas, Mapping):
-        return dict(schemas)
-    return {s.name: s for s in schemas}
-
-
 def _upgrade_to_b(
     ckpt_a: Checkpoint,
     ckpt_b: Checkpoint,
@@ -311,36 +293,19 @@ def _upgrade_to_b(
     label_b: str,
     param_names: Sequence[str] | None = None,
 ) -> tuple[Checkpoint, dict[str, Any]]:
+    from .guess import apply_from_version
     from .upgrade import upgrade as upgrade_checkpoint
 
-    if isinstance(schema, Schema):
-        table = {schema.name: schema}
-        name: str | None = schema.name
-    else:
-        table = _schema_table(schemas)
-        name = schema
+    table = schema_table(schema if isinstance(schema, Schema) else schemas)
+    name = schema.name if isinstance(schema, Schema) else schema
     if ckpt_a.mounts:
         return _upgrade_mounts_to_b(ckpt_a, ckpt_b, table, name, label_a, label_b, param_names)
-    name = ckpt_a.schema or name or ckpt_b.schema
-    if name is None and len(table) == 1:
-        name = next(iter(table))
-    if name is None:
-        raise UnversionedCheckpointError(path=label_a)
-    if name not in table:
-        raise UnknownSchemaError(name, list(table))
-    found = table[name]
+    found = pick_schema(ckpt_a, table, name, path=label_a, fallback=ckpt_b.schema)
     if ckpt_b.schema is not None and ckpt_b.schema != found.name:
         raise SchemaMismatchError(found.name, ckpt_b.schema, path=label_b)
-    if ckpt_a.version is None:
-        if from_version is None:
-            raise UnversionedCheckpointError(path=label_a, schema=found.name)
-        from .guess import resolve_from_version
-
-        version = resolve_from_version(
-            ckpt_a, found, from_version, what="--from-version", path=label_a
-        )
-        ckpt_a = ckpt_a.copy()
-        ckpt_a.schema, ckpt_a.version = found.name, version
+    if ckpt_a.version is None and from_version is None:
+        raise UnversionedCheckpointError(path=label_a, schema=found.name)
+    ckpt_a = apply_from_version(ckpt_a, found, from_version, what="--from-version", path=label_a)
     target = ckpt_b.version if ckpt_b.version is not None else found.current
     plan = found.plan(ckpt_a.version, target)  # type: ignore[arg-type]
     upgraded = upgrade_checkpoint(ckpt_a, found, to=target, param_names=param_names)
@@ -361,6 +326,8 @@ def _upgrade_mounts_to_b(
     its schema's current version; every plan is checked before any mount runs."""
     from .mounts import all_mounts, mount_plan, upgrade_mount
 
+    if name is not None:
+        get_schema(name, table)  # an unknown name is the first thing wrong
     chosen = [m for m in all_mounts(ckpt_a) if name is None or m.schema == name]
     if not chosen:
         held = ", ".join(f"{m.schema} at {m.prefix!r}" for m in all_mounts(ckpt_a))
@@ -368,9 +335,7 @@ def _upgrade_mounts_to_b(
     in_b = {m.prefix: m for m in all_mounts(ckpt_b)}
     plans = []
     for m in chosen:
-        if m.schema not in table:
-            raise UnknownSchemaError(m.schema, list(table))
-        found = table[m.schema]
+        found = get_schema(m.schema, table)
         other = in_b.get(m.prefix)
         if other is not None and other.schema != found.name:
             raise SchemaMismatchError(found.name, other.schema, path=label_b)
@@ -394,10 +359,7 @@ def _upgrade_mounts_to_b(
 
 
 def _upgrade_record(name: str, source: Any, target: Any, plan: Sequence[Any]) -> dict[str, Any]:
-    steps = [
-        {"from": str(p.source), "to": str(p.target), "step": p.name, "breaking": p.step.breaking}
-        for p in plan
-    ]
+    steps = [p.record() for p in plan]  # the one planned-step record (upgrade, info, history)
     return {"schema": name, "from": str(source), "to": str(target), "steps": steps}
 
 

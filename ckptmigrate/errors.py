@@ -175,25 +175,34 @@ class SchemaMismatchError(CkptMigrateError):
         )
 
 
-class UnknownSchemaError(SchemaMismatchError):
-    """A schema was asked for by name, but no discovered migration module defines it."""
+class UnknownSchemaError(SchemaMismatchError, LookupError):
+    """A schema was asked for by name, but no discovered migration module defines it.
+
+    The one error of every lookup by name (:func:`ckptmigrate.registry.get_schema`): ``known``
+    lists the names there are, ``nearest`` the closest one (None when none is close).
+    """
 
     def __init__(self, name: str, known: Sequence[str]) -> None:
+        from .nearest import nearest
+
         self.expected = name
         self.found = None
         self.path = None
         self.known = sorted(known)
+        close = nearest(name, self.known, n=1) if name else []
+        self.nearest = close[0] if close else None
         CkptMigrateError.__init__(self, self.render())
 
     def render(self, *, cli: bool = False) -> str:
         found = ", ".join(self.known) or "none"
+        guess = f"; did you mean {self.nearest!r}?" if self.nearest else ""
         remedy = (
             "pass --migrations PATH (its folder or module)" if cli else "pass the Schema object"
         )
         return (
-            f"no schema named {self.expected!r} was discovered (found: {found}): {remedy}, or "
-            "list its module in [tool.ckptmigrate] migrations in pyproject.toml or in a "
-            "ckptmigrate.migrations entry point."
+            f"no schema named {self.expected!r} was discovered (found: {found}{guess}): "
+            f"{remedy}, or list its module in [tool.ckptmigrate] migrations in pyproject.toml "
+            "or in a ckptmigrate.migrations entry point."
         )
 
 

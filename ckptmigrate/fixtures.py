@@ -207,14 +207,13 @@ def check_fixture(
     >>> check_fixture(find_fixtures("fixtures")[0], schemas).ok
     True
     """
-    schema = schemas.get(fixture.schema)
-    if schema is None:
-        known = ", ".join(sorted(schemas)) or "none"
-        return FixtureResult(
-            fixture,
-            reason=f"no schema named {fixture.schema!r} was discovered (found: {known}); "
-            "point --migrations (or [tool.ckptmigrate] migrations) at its migrations",
-        )
+    from .errors import UnknownSchemaError
+    from .registry import get_schema
+
+    try:
+        schema = get_schema(fixture.schema, schemas)
+    except UnknownSchemaError as exc:
+        return FixtureResult(fixture, reason=exc.render(cli=True))
     from .mounts import model_view, upgrade_every_mount
     from .report import load_report
     from .upgrade import upgrade as run_upgrade

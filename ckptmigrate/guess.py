@@ -98,7 +98,7 @@ def guess_version(
     """
     known: dict[Version, list[Signature]] = {v: list(sigs) for v, sigs in schema.signatures.items()}
     if fixtures is None:
-        from .discovery import configured
+        from .registry import configured
 
         fixtures = configured("fixtures") or ["fixtures"]
     for version, sigs in signatures_from_fixtures(schema, fixtures).items():
@@ -138,3 +138,42 @@ def resolve_from_version(
             return ckpt.version
         return guess_version(ckpt, schema, path=path).version
     return parse_version(given, what=what)
+
+
+def apply_from_version(
+    ckpt: Checkpoint,
+    schema: Schema | None,
+    from_version: str | Version | None,
+    *,
+    what: str = "from_version",
+    path: object = None,
+) -> Checkpoint:
+    """``ckpt`` with the version ``from_version`` says (``"auto"``: guessed), for an unstamped
+    file; a stamped one is returned as it is when the two agree.
+
+    None changes nothing. A stamp that says another version is a
+    :class:`~ckptmigrate.errors.VersionConflictError`: the stamp wins, so the caller is told.
+
+    >>> apply_from_version(raw, schema, "1.0.0").version
+    <Version('1.0.0')>
+    """
+    from dataclasses import replace
+
+    from .errors import VersionConflictError
+    from .version import parse_version
+
+    if from_version is None:
+        return ckpt
+    if schema is not None:
+        given = resolve_from_version(ckpt, schema, from_version, what=what, path=path)
+    elif isinstance(from_version, str) and from_version == "auto":
+        raise TypeError("from_version='auto' needs schema= to compare signatures with")
+    else:
+        given = parse_version(from_version, what=what)
+    if ckpt.version is not None:
+        if ckpt.version != given:
+            raise VersionConflictError(ckpt.version, given, path=path)
+        return ckpt
+    if schema is None:
+        raise TypeError("from_version= needs schema= to say which schema the file belongs to")
+    return replace(ckpt, schema=schema.name, version=given)

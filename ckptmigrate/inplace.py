@@ -25,12 +25,11 @@ from .errors import (
     AlreadyStampedError,
     BackupExistsError,
     SchemaMismatchError,
-    UnknownSchemaError,
-    UnversionedCheckpointError,
     VersionConflictError,
 )
 from .formats.atomic import permissions_from
 from .lock import DEFAULT_TIMEOUT, file_lock
+from .registry import get_schema, pick_schema, schema_table
 
 if TYPE_CHECKING:
     from packaging.version import Version
@@ -70,27 +69,6 @@ def backup_path(path: str | os.PathLike[str], version: object) -> Path:
     return path.with_name(f"{path.name}.{version}.bak")
 
 
-def _schema_table(schema: Schema | Mapping[str, Schema]) -> dict[str, Schema]:
-    if isinstance(schema, Mapping):
-        return dict(schema)
-    return {schema.name: schema}
-
-
-def _pick_schema(
-    ckpt: Checkpoint, schemas: dict[str, Schema], name: str | None, path: object
-) -> Schema:
-    chosen = ckpt.schema or name
-    if chosen is None and len(schemas) == 1:
-        chosen = next(iter(schemas))
-    if chosen is None:
-        raise UnversionedCheckpointError(path=path)
-    if ckpt.schema is not None and name is not None and name != ckpt.schema:
-        raise SchemaMismatchError(name, ckpt.schema, path=path)
-    if chosen not in schemas:
-        raise UnknownSchemaError(chosen, list(schemas))
-    return schemas[chosen]
-
-
 def _in_place_target(path: str | os.PathLike[str]) -> Path:
     # Through a symlink, rewrite the file it names (and lock beside that), not the link.
     return Path(os.path.realpath(path))
@@ -120,7 +98,7 @@ def migrate_file(
 
     >>> migrate_file("model.pth", "model-v3.pth", schemas=find_schemas(["migrations"]))
     """
-    table = _schema_table(schemas)
+    table = schema_table(schemas)
     options: dict[str, Any] = dict(
         name=schema,
         to=to,
@@ -215,7 +193,7 @@ def _upgrade(
 ) -> UpgradeOutcome:
     from .api import save
     from .files import read_checkpoint
-    from .guess import resolve_from_version
+    from .guess import apply_from_version
     from .upgrade import check_belongs, run_plan
 
     ckpt = read_checkpoint(src, mmap=True, safe_globals=allowed_globals)
@@ -235,16 +213,11 @@ def _upgrade(
             allowed_globals=allowed_globals,
             param_names=param_names,
         )
-    found = _pick_schema(ckpt, schemas, name, src)
+    found = pick_schema(ckpt, schemas, name, path=src)
     newly_stamped = ckpt.version is None and from_version is not None
+    ckpt = apply_from_version(ckpt, found, from_version, what="--from-version", path=src)
     if from_version is not None:
-        given = resolve_from_version(ckpt, found, from_version, what="--from-version", path=src)
-        from_version = given  # "auto" is guessed once; the writer below gets the version
-        if ckpt.version is not None and ckpt.version != given:
-            raise VersionConflictError(ckpt.version, given, path=src)
-        if ckpt.version is None:
-            ckpt = ckpt.copy()
-            ckpt.schema, ckpt.version = found.name, given
+        from_version = ckpt.version  # "auto" is guessed once; the writer below gets the version
     version = check_belongs(ckpt, found, path=src)
     plan = found.plan(version, to)
     outcome = UpgradeOutcome(
@@ -304,6 +277,8 @@ def _upgrade_mounted(
     from .mounts import all_mounts, mount_plan
     from .streaming import MountedUpgrade, write_streamed
 
+    if name is not None:
+        get_schema(name, schemas)  # an unknown name is the first thing wrong
     chosen = [m for m in all_mounts(ckpt) if name is None or m.schema == name]
     if not chosen:
         held = ", ".join(f"{m.schema} at {m.prefix!r}" for m in all_mounts(ckpt))
@@ -313,12 +288,10 @@ def _upgrade_mounted(
             f"--to {to} is one schema's version, but {src} mounts several schemas: pass "
             "--schema S too"
         )
-    for m in chosen:
-        if m.schema not in schemas:
-            raise UnknownSchemaError(m.schema, list(schemas))
+    found = {m.schema: get_schema(m.schema, schemas) for m in chosen}
     outcomes = []
     for m in chosen:
-        plan = mount_plan(ckpt, schemas[m.schema], m.prefix, to)
+        plan = mount_plan(ckpt, found[m.schema], m.prefix, to)
         outcome = UpgradeOutcome(
             schema=m.schema,
             source_version=str(m.version),
@@ -338,7 +311,7 @@ def _upgrade_mounted(
     )
     if dry_run or (dst is None and not total.plan):
         return total
-    how = MountedUpgrade([(m.prefix, schemas[m.schema], plan) for m, plan, _ in outcomes])
+    how = MountedUpgrade([(m.prefix, found[m.schema], plan) for m, plan, _ in outcomes])
     how.param_names = param_names
     work = how.run(ckpt)
     if dst is None and backup:

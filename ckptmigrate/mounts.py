@@ -230,13 +230,11 @@ def upgrade_every_mount(ckpt: Checkpoint, schemas: Mapping[str, Schema]) -> Chec
 
     >>> ckpt = upgrade_every_mount(ckpt, find_schemas(["migrations"]))
     """
-    from .errors import UnknownSchemaError
+    from .registry import get_schema
 
     plans = []
     for m in all_mounts(ckpt):
-        if m.schema not in schemas:
-            raise UnknownSchemaError(m.schema, list(schemas))
-        schema = schemas[m.schema]
+        schema = get_schema(m.schema, schemas)
         plans.append((m.prefix, schema, mount_plan(ckpt, schema, m.prefix)))
     out = ckpt
     for prefix, schema, plan in plans:

@@ -9,7 +9,7 @@ configured, in the first of these places that names some::
     ckpt_fixtures = ["fixtures"]
     ckpt_migrations = ["migrations"]
 
-    [tool.ckptmigrate]                   # shared with the ckptmigrate CLI
+    [tool.ckptmigrate]                   # found and read as the ckptmigrate CLI does
     fixtures = ["fixtures"]
     migrations = ["migrations"]
 
@@ -25,7 +25,6 @@ every project that has ckptmigrate installed.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,24 +61,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("ckpt_migrations", "migration folders or modules for ckptmigrate", type="args")
 
 
-def _tool_section(config: pytest.Config) -> dict[str, Any]:
-    """``[tool.ckptmigrate]`` of the project's pyproject.toml, or {}."""
-    inipath = config.inipath
-    path = inipath if inipath and inipath.name == "pyproject.toml" else None
-    path = path or config.rootpath / "pyproject.toml"
-    if not path.is_file():
-        return {}
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
+def _tool_configured(config: pytest.Config, key: str) -> list[str]:
+    """``[tool.ckptmigrate] key`` of the nearest configuring pyproject.toml up from the config
+    file's folder: the reader the CLI uses (:func:`ckptmigrate.registry.configured`)."""
+    from .errors import CkptMigrateError
+    from .registry import configured
 
     try:
-        with open(path, "rb") as f:
-            section = tomllib.load(f).get("tool", {}).get("ckptmigrate", {})
-    except (OSError, ValueError) as exc:
-        raise pytest.UsageError(f"ckptmigrate: cannot read {path}: {exc}") from None
-    return section if isinstance(section, dict) else {}
+        return configured(key, _base(config))
+    except CkptMigrateError as exc:
+        raise pytest.UsageError(f"ckptmigrate: {exc}") from None
 
 
 def _configured(config: pytest.Config, option: str, ini: str, tool_key: str) -> list[str]:
@@ -89,8 +80,7 @@ def _configured(config: pytest.Config, option: str, ini: str, tool_key: str) -> 
     given = list(config.getini(ini) or [])
     if given:
         return given
-    value = _tool_section(config).get(tool_key, [])
-    return [value] if isinstance(value, str) else [str(v) for v in value]
+    return _tool_configured(config, tool_key)
 
 
 def _base(config: pytest.Config) -> Path:
@@ -137,7 +127,7 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
 def _schemas(config: pytest.Config) -> dict[str, Schema]:
     """The schemas the configured migrations define, discovered once per session."""
     if _SCHEMAS not in config.stash:
-        from .discovery import find_schemas
+        from .registry import find_schemas
 
         sources = []
         for entry in _configured(config, "ckpt_migrations", "ckpt_migrations", "migrations"):
@@ -162,7 +152,7 @@ def _keep_project_importable(config: pytest.Config) -> None:
     project's model code when a fixture is checked); pytest_unconfigure takes it off."""
     import sys
 
-    from .discovery import project_folder
+    from .registry import project_folder
 
     entry = str(project_folder(_base(config)))
     if entry not in sys.path:
@@ -272,15 +262,11 @@ class CkptFixtures:
     ) -> Checkpoint:
         """The fixture's checkpoint upgraded to ``to`` (default: current), or as stored."""
         from .fixtures import load_fixture
+        from .registry import get_schema
 
         fixture = self.find(path)
-        schemas = self.schemas
-        if fixture.schema not in schemas:
-            raise LookupError(
-                f"{fixture.path} belongs to schema {fixture.schema!r}, which no configured "
-                f"migrations define (found: {', '.join(sorted(schemas)) or 'none'})"
-            )
-        return load_fixture(fixture, schemas[fixture.schema], to=to, upgrade=upgrade)
+        schema = get_schema(fixture.schema, self.schemas)  # UnknownSchemaError, a LookupError
+        return load_fixture(fixture, schema, to=to, upgrade=upgrade)
 
     def check(self, path: str | Path | Fixture) -> FixtureResult:
         """Run the full fixture check and return its result."""

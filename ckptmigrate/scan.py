@@ -127,25 +127,21 @@ def _count(row: ScanRow, values: Iterable[Any]) -> None:
 
 
 def judge(row: ScanRow, schemas: Mapping[str, Schema]) -> ScanRow:
-    """The schema half: current version, behind or not, the steps that would run."""
-    from .version import parse_version
+    """The schema half: current version, behind or not, the steps that would run (the same
+    answer as ``info``'s, from :func:`~ckptmigrate.registry.schema_status`)."""
+    from .registry import schema_status
 
     if row.error is not None:
         return row
     if row.schema is None or row.version is None:
         row.error = "no ckptmigrate stamp"
         return row
-    schema = schemas.get(row.schema)
-    if schema is None:
-        row.error = f"schema {row.schema!r} is not among the discovered schemas"
-        return row
-    try:
-        version = parse_version(row.version)
-        row.current = str(schema.current)
-        row.behind = version < schema.current
-        row.steps = [p.name for p in schema.plan(version)] if row.behind else []
-    except CkptMigrateError as exc:
-        row.error = str(exc)
+    status = schema_status(row.schema, row.version, schemas)
+    row.current = None if status.current is None else str(status.current)
+    row.behind = status.behind
+    row.steps = [p.name for p in status.plan or []]
+    if status.error is not None:
+        row.error = str(status.error)
     return row
 
 

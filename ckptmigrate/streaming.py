@@ -220,11 +220,9 @@ def upgrade_file(
 def _with_version(ckpt: Checkpoint, schema: Upgrade, from_version: Any, path: Path) -> Checkpoint:
     if isinstance(schema, MountedUpgrade):
         return schema.prepare(ckpt)
-    if from_version is None:
-        return ckpt
-    from .api import _apply_from_version
+    from .guess import apply_from_version
 
-    return _apply_from_version(ckpt, schema, from_version, path=path)
+    return apply_from_version(ckpt, schema, from_version, path=path)
 
 
 def _result(
