@@ -54,7 +54,8 @@ class BudgetExceededError(CheckpointFormatError):
 
 class HashingBudgetExceededError(BudgetExceededError):
     """Decoding would hash more items than the file's size allows: a tuple that shares its
-    items (``t = (t, t)``), hashed as a tree where it is a dict key or a set item.
+    items (``t = (t, t)``), hashed as a tree where it is a dict key or a set item, or many keys
+    of one hash (ints congruent modulo 2**61 - 1), each probing all the others.
 
     ``needed`` and ``budget`` count items visited, not bytes.
     """
@@ -66,7 +67,7 @@ class HashingBudgetExceededError(BudgetExceededError):
         CheckpointFormatError.__init__(
             self,
             f"{what} would hash about {needed} items to read (tuples sharing their items, "
-            f"hashed as trees), over its budget of {budget} ({rule}); no file torch wrote "
+            f"hashed as trees, or big int keys that may share one hash), over its budget of {budget} ({rule}); no file torch wrote "
             "needs that",
             path=path,
         )

@@ -280,6 +280,57 @@ def test_state_dict_with_metadata_and_tied_weights_loads(tmp_path):
     assert cm.load(path, upgrade=False) is not None
 
 
+def _int_keys(keys: list[int]) -> bytes:
+    """A dict of ``keys`` (to None), in SETITEMS batches of 1000 as pickle writes them, built
+    without hashing them here (a Python dict of them costs what the decode costs)."""
+    import pickle
+
+    def long1(k: int) -> bytes:
+        body = pickle.encode_long(k)
+        return b"\x8a" + bytes([len(body)]) + body
+
+    out = [b"\x80\x02}q\x00"]
+    for at in range(0, len(keys), 1000):
+        out.append(b"(" + b"".join(long1(k) + b"N" for k in keys[at : at + 1000]) + b"u")
+    return b"".join(out) + b"."
+
+
+def test_int_keys_of_one_hash_are_refused_before_decoding(tmp_path):
+    # k * (2**61 - 1) all hash to 0: 20k such keys (260 KB) took 2.6 s of n**2 / 2 probes in
+    # the C unpickler (2.6 MB: minutes); the walk counts them as keys that may all collide
+    path = _zip_with_pickle(tmp_path, _int_keys([k * (2**61 - 1) for k in range(1, 20_001)]))
+    code = (
+        "import sys; import ckptmigrate as cm\n"
+        "from ckptmigrate.errors import HashingBudgetExceededError as E\n"
+        "from ckptmigrate.formats.pickle_meta import read_torch_metadata\n"
+        "for read in (read_torch_metadata, lambda p: cm.load(p, upgrade=False)):\n"
+        "    try:\n"
+        "        read(sys.argv[1])\n"
+        "    except E as exc:\n"
+        "        assert 'hash' in str(exc)\n"
+        "    else:\n"
+        "        sys.exit('not refused')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_a_few_hundred_big_int_keys_still_load(tmp_path):
+    import random
+
+    rng = random.Random(7)
+    keys = {rng.getrandbits(64) | 1 << 63: i for i in range(300)}
+    keys.update({k * (2**61 - 1): "one hash" for k in range(1, 200)})  # few: 20k probes
+    path = save_torch({"model": {"w": torch.zeros(2)}, "ids": keys}, tmp_path / "ids.pth")
+    assert read_torch_metadata(path)["ids"] == keys
+    assert cm.load(path, upgrade=False) is not None
+    # a list of big ints (no keys) past the walk's threshold runs the model and loads too
+    many = save_torch({"w": torch.zeros(2), "seeds": list(keys) * 10}, tmp_path / "many.pth")
+    assert len(read_torch_metadata(many)["seeds"]) == 10 * len(keys)
+
+
 # --------------------------------------------------------------------------- DCP transforms
 
 

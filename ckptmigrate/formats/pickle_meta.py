@@ -742,6 +742,10 @@ _SPECIAL_TRACKED = bytes(
     for code in range(256)
 )
 _INT_FORMATS = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
+_LONG1 = _OP["LONG1"]
+_LONGS = frozenset(_OP[name] for name in ("INT", "LONG", "LONG1", "LONG4"))
+#: Long ints (see _PickleWalk.long_ints) a pickle may hold before the stack model runs.
+_LONG_INTS = 1024
 _UNPACK = {size: struct.Struct(fmt).unpack_from for size, fmt in _INT_FORMATS.items()}
 
 # The plain walk's dispatch: what to do with each opcode byte, and how far _K_SKIP skips
@@ -855,6 +859,9 @@ class _PickleWalk:
         self.slots = bytearray()  # per memo slot: 0 unset, _LEAF or _HOLDER (plain walk)
         self.filled = 0  # memo slots set, as MEMOIZE numbers them
         self.shares = True  # fetches a container or object again; known after a plain walk
+        # ints of 8+ bytes (or text digits): only those can share a hash (modulo 2**61 - 1), so
+        # past _LONG_INTS of them the stack model runs to count the keys that may collide
+        self.long_ints = 0
 
     def corrupt(self, message: str, at: int) -> NoReturn:
         raise _ScanCorrupt(message, at)
@@ -889,7 +896,7 @@ class _PickleWalk:
                 self.recent, self.memo, self.limit = [None, None], {}, self.end
                 self.protocol, self.cost = None, 0
                 result = self.walk_tracked()
-            self.shares = self.shares or self.track
+            self.shares = self.shares or self.track or self.long_ints > _LONG_INTS
         except _ScanCorrupt as exc:
             if self.allowed is not None:  # the opcodes before the bad one still run
                 exc.effects = _StackModel(self, exc.pos).run()
@@ -929,6 +936,8 @@ class _PickleWalk:
                 if pos + 1 + width > end:
                     self.corrupt(f"pickle ends inside the opcode at byte {pos}", pos)
                 count = _UNPACK[width](buf, pos + 1)[0]
+                if op == _LONG1 and count >= 8:
+                    self.long_ints += 1
                 pos += 1 + width + count
                 cost += costs[op] + _PER_BYTE[op] * count
                 top = _LEAF
@@ -1042,6 +1051,9 @@ class _PickleWalk:
                 after = self.line(after + 1, at)
             after += 1
         self.cost += _COST[op] + _PER_BYTE[op] * (after - arg)
+        if op in _LONGS:  # as _StackModel weighs it: 8+ bytes (LONG1, LONG4), or 8+ with "\n"
+            if after - arg - (_COUNTED[op][0] if op in _COUNTED else 0) >= 8:
+                self.long_ints += 1
         found: str | None = None
         pushed: Any = None
         if op not in TORCH_OPCODES:
@@ -1138,9 +1150,13 @@ class _PickleWalk:
 #
 # - an int is an immutable value: the number of items hashing it visits (1 for a leaf;
 #   1 + the items' for a tuple, capped at _WEIGHT_CAP);
-# - a tuple ``(weight, *items)`` is a pickle tuple holding a container or an object;
-# - a list ``[count, weight]`` is a container or an object a callable returned: ``count`` the
-#   items a copy of it makes, ``weight`` the items hashing what it holds can visit;
+# - a tuple ``(weight, *items)`` is a pickle tuple holding a container or an object, and
+#   ``(weight, *items, _COLLIDES)`` one whose hash can collide with others' (it holds a long
+#   int: its hash is the int's modulo 2**61 - 1, so k * (2**61 - 1) all hash alike); a long int
+#   (8+ bytes, or 8+ characters with its newline) is ``(weight, _COLLIDES)``;
+# - a list ``[count, weight, colliding]`` is a container or an object a callable returned:
+#   ``count`` the items a copy of it makes, ``weight`` the items hashing what it holds can
+#   visit, ``colliding`` how many of its items (keys) are such tuples;
 # - a :class:`_SimGlobal` is a global, marked when calling it hashes its argument's items.
 
 _WEIGHT_CAP = 1 << 62
@@ -1156,6 +1172,25 @@ _HASHING_GLOBALS = frozenset(
 )
 #: Bytes per entry a BUILD copies into an object's ``__dict__`` (measured: 39 on 3.11).
 _BUILD_ENTRY = 64
+
+
+#: Marks a modelled value whose hash may equal that of many others (see above).
+_COLLIDES = object()
+
+
+def _flagged(value: Any) -> bool:
+    """``value`` (a key or set item) may share its hash with other keys: it holds a long int."""
+    return type(value) is tuple and value[-1] is _COLLIDES
+
+
+def _held(value: Any) -> int:
+    """How many items (keys) of ``value`` may share one hash, as a hashing callable sees them."""
+    kind = type(value)
+    if kind is list:
+        return value[2]
+    if kind is tuple:
+        return sum(item[2] if type(item) is list else _flagged(item) for item in value[1:])
+    return 0
 
 
 class _SimGlobal:
@@ -1291,6 +1326,8 @@ class _StackModel:
         push, pop = stack.append, stack.pop
         pos = walk.pos
         cost = hashed = 0
+        longs = walk.long_ints > 0  # else no value is a long int: nothing to flag
+        colliding = 0  # keys and set items that may all share one hash (n**2 / 2 probes)
         # past either budget the decode is refused: stop before the model grows as large
         most = DECODE_FACTOR * (stop - pos) + DECODE_ALLOWANCE
         most_hashed = HASH_FACTOR * (stop - pos) + HASH_ALLOWANCE
@@ -1298,7 +1335,7 @@ class _StackModel:
         try:
             while pos < stop:
                 if pos >= check_at:
-                    if cost > most or hashed > most_hashed:
+                    if cost > most or hashed + colliding * colliding // 2 > most_hashed:
                         break
                     check_at = pos + 65536
                 op = buf[pos]
@@ -1363,14 +1400,16 @@ class _StackModel:
                     items = self.take(stack, marks, pos)
                     push(self.tuple_value(items))
                 elif kind == _S_BOX:
-                    push([0, 1])
+                    push([0, 1, 0])
                 elif kind == _S_SETITEM:
                     if len(stack) < 3:
                         self.corrupt("stack underflow", pos)
                     value = pop()
                     key = pop()
                     hashed += _weight(key)
-                    self.add(stack[-1], 1, _weight(key) + _weight(value))
+                    flagged = longs and _flagged(key)
+                    colliding += flagged
+                    self.add(stack[-1], 1, _weight(key) + _weight(value), flagged)
                 elif kind == _S_SETITEMS or kind == _S_APPENDS or kind == _S_ADDITEMS:
                     items = self.take(stack, marks, pos)
                     if not stack:
@@ -1379,27 +1418,37 @@ class _StackModel:
                     if kind == _S_SETITEMS:
                         keys = sum(map(_weight, items[::2]))
                         hashed += keys
-                        self.add(stack[-1], len(items) // 2, weight)
+                        flagged = sum(map(_flagged, items[::2])) if longs else 0
+                        colliding += flagged
+                        self.add(stack[-1], len(items) // 2, weight, flagged)
                     else:
+                        flagged = sum(map(_flagged, items)) if longs else 0
                         if kind == _S_ADDITEMS:
                             hashed += weight
-                        self.add(stack[-1], len(items), weight)
+                            colliding += flagged
+                        self.add(stack[-1], len(items), weight, flagged)
                 elif kind == _S_APPEND:
                     if len(stack) < 2:
                         self.corrupt("stack underflow", pos)
                     value = pop()
-                    self.add(stack[-1], 1, _weight(value))
+                    self.add(stack[-1], 1, _weight(value), longs and _flagged(value))
                 elif kind == _S_DICT or kind == _S_LIST or kind == _S_FROZENSET:
                     items = self.take(stack, marks, pos)
                     weight = 1 + sum(map(_weight, items))
                     if kind == _S_DICT:
                         hashed += sum(map(_weight, items[::2]))
-                        push([len(items) // 2, weight])
+                        flagged = sum(map(_flagged, items[::2])) if longs else 0
+                        colliding += flagged
+                        push([len(items) // 2, weight, flagged])
                     elif kind == _S_LIST:
-                        push([len(items), weight])
+                        push([len(items), weight, (sum(map(_flagged, items)) if longs else 0)])
                     else:
                         hashed += weight
-                        push(min(weight, _WEIGHT_CAP))
+                        flagged = sum(map(_flagged, items)) if longs else 0
+                        colliding += flagged
+                        # a frozenset's hash is made of its items': it collides as they do
+                        weight = min(weight, _WEIGHT_CAP)
+                        push((weight, _COLLIDES) if flagged else weight)
                 elif kind == _S_REDUCE or kind == _S_NEWOBJ or kind == _S_NEWOBJ_EX:
                     need = 3 if kind == _S_NEWOBJ_EX else 2
                     if len(stack) < need:
@@ -1409,9 +1458,11 @@ class _StackModel:
                     callable_ = pop()
                     count = sum(map(_count, args))
                     weight = min(sum(map(_weight, args)), _WEIGHT_CAP)
+                    flagged = sum(map(_held, args)) if longs else 0
                     if type(callable_) is not _SimGlobal or callable_.hashes:
                         hashed += weight
-                    push([count, weight])
+                        colliding += flagged
+                    push([count, weight, flagged])
                 elif kind == _S_BUILD:
                     if len(stack) < 2:
                         self.corrupt("stack underflow", pos)
@@ -1420,7 +1471,9 @@ class _StackModel:
                     copied = _count(state)
                     cost += _BUILD_ENTRY * copied
                     hashed += _weight(state)
-                    self.add(stack[-1], 0, _weight(state))
+                    flagged = _held(state) if longs else 0
+                    colliding += flagged
+                    self.add(stack[-1], 0, _weight(state), flagged)
                 elif kind == _S_POP:
                     if marks and marks[-1] == len(stack):
                         marks.pop()
@@ -1443,14 +1496,21 @@ class _StackModel:
                     del stack[-2:]
                     push(_SimGlobal(True))  # its name came from the stack: assume the worst
                 elif kind == _S_PERSID:
-                    push([0, 1])
+                    push([0, 1, 0])
                 elif kind == _S_BINPERSID:
                     if not stack:
                         self.corrupt("stack underflow", pos)
-                    stack[-1] = [0, _weight(stack[-1])]
+                    stack[-1] = [0, _weight(stack[-1]), 0]
                 elif kind == _S_INST or kind == _S_OBJ:
                     items = self.take(stack, marks, pos)
-                    push([sum(map(_count, items)), min(sum(map(_weight, items)), _WEIGHT_CAP)])
+                    weight = min(sum(map(_weight, items)), _WEIGHT_CAP)
+                    push(
+                        [
+                            sum(map(_count, items)),
+                            weight,
+                            (sum(map(_flagged, items)) if longs else 0),
+                        ]
+                    )
                 elif kind == _S_MEMOIZE:
                     if not stack:
                         self.corrupt("memo put from an empty stack", pos)
@@ -1462,7 +1522,8 @@ class _StackModel:
                     else:
                         memo[filled] = stack[-1]
                 elif kind == _S_LONG:
-                    push(1 + (after - arg) // 8)
+                    weight = 1 + (after - arg) // 8
+                    push((weight, _COLLIDES) if weight > 1 else 1)
                 elif kind == _S_SAME:
                     if not stack:
                         self.corrupt("stack underflow", pos)
@@ -1470,7 +1531,8 @@ class _StackModel:
                 pos = after
         finally:
             effects.estimate += cost
-            effects.hashed += hashed
+            # at worst every such key probes all those inserted before it
+            effects.hashed += hashed + colliding * colliding // 2
         return effects
 
     def take(self, stack: list[Any], marks: list[int], at: int) -> list[Any]:
@@ -1486,22 +1548,32 @@ class _StackModel:
     def tuple_value(items: list[Any]) -> Any:
         weight = 1
         plain = True
+        flagged = False
         for item in items:
             kind = type(item)
             if kind is int:
                 weight += item
             else:
                 plain = False
-                weight += item[0] if kind is tuple else item[1] if kind is list else 1
+                if kind is tuple:
+                    weight += item[0]
+                    flagged = flagged or item[-1] is _COLLIDES
+                else:
+                    weight += item[1] if kind is list else 1
         weight = min(weight, _WEIGHT_CAP)
-        return weight if plain else (weight, *items)
+        if plain:
+            return weight
+        # a tuple's hash is made of its items': one holding a long int collides as it does
+        return (weight, *items, _COLLIDES) if flagged else (weight, *items)
 
     @staticmethod
-    def add(target: Any, count: int, weight: int) -> None:
-        """A container (or an object BUILD set state on) gains items."""
+    def add(target: Any, count: int, weight: int, flagged: int = 0) -> None:
+        """A container (or an object BUILD set state on) gains items, ``flagged`` of them
+        keys that may share a hash."""
         if type(target) is list:
             target[0] += count
             target[1] = min(target[1] + weight, _WEIGHT_CAP)
+            target[2] += flagged
 
 
 def _scan_pickle(
