@@ -6,11 +6,14 @@ byte by byte: no binary is committed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import struct
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -146,3 +149,20 @@ def write_set(
     index = folder / index_name
     index.write_text(json.dumps({"metadata": metadata, "weight_map": weight_map}))
     return index
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 20) -> Iterator[None]:
+    """Fail instead of hanging: a reader still running after ``seconds`` raises TimeoutError
+    (a FIFO opened for reading blocks until a writer comes; a bomb may loop)."""
+
+    def expire(*_: object) -> None:
+        raise TimeoutError(f"still running after {seconds}s: a hang")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -11,13 +11,11 @@ exception is a CkptMigrateError.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
 import random
 import resource
-import signal
 import struct
 import subprocess
 import sys
@@ -32,6 +30,7 @@ from hostile import (
     folder_state,
     good_safetensors_header,
     legacy_with_main_pickle,
+    no_hang,
     our_layout,
     replace_member,
     safetensors_bytes,
@@ -538,22 +537,6 @@ def ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "mig").mkdir()
     (root / "mig" / "toy_migrations.py").write_text(TOY_MIGRATIONS)
     return root
-
-
-@contextlib.contextmanager
-def no_hang(seconds: int = 20):
-    """Fail instead of hanging (a FIFO opened for reading blocks until a writer comes)."""
-
-    def expire(*_: object) -> None:
-        raise TimeoutError(f"still running after {seconds}s")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _make(name: str, tmp_path: Path, ref: Path) -> tuple[Path, Path]:

@@ -19,19 +19,17 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import struct
 import tempfile
 import traceback
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from hostile import data_pkl, replace_member, stamp, toy_sd
+from hostile import data_pkl, no_hang, replace_member, stamp, toy_sd
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
@@ -104,20 +102,6 @@ LOG = os.environ.get("CKPTMIGRATE_FUZZ_LOG")
 HANG_SECONDS = 30
 
 
-@contextmanager
-def _bounded(seconds: int) -> Iterator[None]:
-    def expire(*_: object) -> None:
-        raise TimeoutError(f"a reader ran past {seconds} s: a hang")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def only_our_errors(path: Path, *, mmap: bool = False) -> None:
     """Both readers either read the file or raise a CkptMigrateError; nothing else escapes,
     and no read hangs."""
@@ -130,7 +114,7 @@ def only_our_errors(path: Path, *, mmap: bool = False) -> None:
         reads.append(("read_checkpoint mmap", lambda: read_checkpoint(path, mmap=True)))
     for name, read in reads:
         try:
-            with _bounded(HANG_SECONDS), warnings.catch_warnings():
+            with no_hang(HANG_SECONDS), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 read()
         except CkptMigrateError:

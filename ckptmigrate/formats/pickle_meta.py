@@ -1193,6 +1193,15 @@ def _held(value: Any) -> int:
     return 0
 
 
+def _memo_arg(buf: bytes, arg: int, after: int, size: int) -> int:
+    """The memo index a PUT or GET names: one byte, four bytes, or a line of digits."""
+    if size == 1:
+        return buf[arg]
+    if size == 4:
+        return _UNPACK[4](buf, arg)[0]
+    return int(buf[arg : after - 1])
+
+
 class _SimGlobal:
     __slots__ = ("hashes",)
 
@@ -1318,7 +1327,6 @@ class _StackModel:
     def run(self) -> _Effects:
         walk, buf, stop, effects = self.walk, self.walk.buf, self.stop, self.effects
         sim, fixed, costs, per_byte = _SIM, _FIXED, _COST, _PER_BYTE
-        unpack4 = _UNPACK[4]
         stack: list[Any] = []
         marks: list[int] = []
         memo: list[Any] = []
@@ -1360,12 +1368,7 @@ class _StackModel:
                 if kind == _S_LEAF:
                     push(1)
                 elif kind == _S_PUT:
-                    if size == 1:
-                        index = buf[arg]
-                    elif size == 4:
-                        index = unpack4(buf, arg)[0]
-                    else:
-                        index = int(buf[arg : after - 1])
+                    index = _memo_arg(buf, arg, after, size)
                     if not stack or len(stack) == (marks[-1] if marks else -1):
                         self.corrupt("memo put from an empty stack", pos)
                     if index >= len(memo):
@@ -1374,12 +1377,7 @@ class _StackModel:
                         filled += 1
                     memo[index] = stack[-1]
                 elif kind == _S_GET:
-                    if size == 1:
-                        index = buf[arg]
-                    elif size == 4:
-                        index = unpack4(buf, arg)[0]
-                    else:
-                        index = int(buf[arg : after - 1])
+                    index = _memo_arg(buf, arg, after, size)
                     value = memo[index] if index < len(memo) else None
                     if value is None:
                         self.corrupt(f"memo value {index} not found", pos)
