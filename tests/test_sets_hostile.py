@@ -16,7 +16,7 @@ from toy import toy_schema
 
 import ckptmigrate as cm
 from ckptmigrate import cli
-from ckptmigrate.errors import CheckpointFormatError
+from ckptmigrate.errors import CheckpointFormatError, CkptMigrateError
 from ckptmigrate.files import read_checkpoint, read_metadata
 from ckptmigrate.inplace import migrate_file, stamp_in_place, upgrade_in_place
 from ckptmigrate.streaming import upgrade_file
@@ -67,6 +67,30 @@ def test_an_upgrade_keeps_a_shard_that_another_index_in_the_folder_names(
     assert read_checkpoint(other).state_dict.keys() == mine.keys()  # the other set is whole
     assert_set(index, to, upgraded({**ours[1], **mine}))
     assert not (folder / ours[0]).exists()  # its own old shard, named by no index, is gone
+
+
+@pytest.mark.parametrize(
+    "planted", ["config.json", "notes-0badc0de.txt", "model-0badc0de.safetensors"]
+)
+def test_a_planted_journal_deletes_no_file_the_run_did_not_write(
+    tmp_path: Path, planted: str
+) -> None:
+    # a journal from a "dead writer" on this host, naming a user's files as its new shards
+    import socket
+
+    folder = tmp_path / "set"
+    index = write_set(folder, shards(), version="1.0.0")
+    (folder / planted).write_text("the user's own file")
+    journal = folder / (index.name + ".ckptmigrate-pending")
+    record = {"pid": 2**22 + 7, "host": socket.gethostname(), "index": index.name}
+    record |= {"old": {}, "new": [planted]}
+    journal.write_text(json.dumps(record))
+    with pytest.raises(CkptMigrateError, match="already stamped"):
+        stamp_in_place(index, "toy", "1.0.0")  # refused: already stamped
+    upgrade_in_place(index, toy_schema(), to="2.0.0")
+    assert (folder / planted).read_text() == "the user's own file"
+    assert not journal.exists()  # settled: nothing of it left
+    assert_set(index, "2.0.0", upgraded({k: v for p in shards().values() for k, v in p.items()}))
 
 
 @pytest.mark.parametrize("to", PATHS)

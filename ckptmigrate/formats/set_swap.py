@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -161,15 +162,33 @@ def _pending_in(folder: Path) -> set[str]:
     return names
 
 
+_FRESH = re.compile(r"-[0-9a-f]{8}$")  # what sharded.shard_name appends
+
+
 def _read_journal(journal: Path) -> dict[str, Any] | None:
     try:
         record = loads_json(journal.read_text("utf-8"), what="a set rewrite's journal")
         old = {str(k): [int(x) for x in v] for k, v in dict(record["old"]).items()}
         new = [str(n) for n in record["new"]]
         pid, host = int(record["pid"]), str(record["host"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError):
         return None
     return {"old": old, "new": new, "pid": pid, "host": host}
+
+
+def _written_by(path: Path, journal: Path, begun: int | None) -> bool:
+    """Whether ``path`` can be a new shard the journal's rewrite wrote: a shard name in the
+    fresh form (``-<8 hex digits>`` before the extension), written after the journal was (a
+    journal planted beside a user's files names nothing it may delete)."""
+    name = path.name
+    if shard_name_problem(name) is not None or not _FRESH.search(name.partition(".")[0]):
+        return False
+    if path.parent / journal.name != journal or begun is None:
+        return False
+    try:
+        return path.stat().st_mtime_ns >= begun
+    except OSError:
+        return False
 
 
 def _settle(
@@ -177,11 +196,16 @@ def _settle(
 ) -> list[str]:
     named = named_in(folder)
     removed: list[str] = []
+    try:
+        begun = journal.stat().st_mtime_ns
+    except OSError:
+        begun = None
     if named is not None:
         for name in new:
-            if name not in named and shard_name_problem(name) is None:
-                with contextlib.suppress(FileNotFoundError):
-                    (folder / name).unlink()  # written by the rewrite, never committed
+            if name in named or not _written_by(folder / name, journal, begun):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                (folder / name).unlink()  # written by the rewrite, never committed
         for name, identity in old.items():
             if name in named or shard_name_problem(name) is not None:
                 continue
