@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import torch
-from hostile import TOY_MIGRATIONS, our_layout, save_torch, stamp, toy_sd
+from hostile import TOY_MIGRATIONS, our_layout, save_torch, stamp, toy_sd, write_set
 
 import ckptmigrate as cm
 from ckptmigrate import cli
@@ -490,7 +490,6 @@ def ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """good.pth (toy 1.0.0), legacy.pth, good.safetensors, a DCP folder, two sharded sets
     (safetensors and .bin) and the toy migrations in mig/."""
     import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("ref")
     cm.save(root / "good.pth", toy_sd(), schema="toy", version="1.0.0")
@@ -502,19 +501,11 @@ def ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tensors = toy_sd()
     keys = list(tensors)
     for kind, ext, base in (("st", ".safetensors", "model"), ("bin", ".bin", "pytorch_model")):
-        folder = root / f"set-{kind}"
-        folder.mkdir()
-        weight_map = {}
-        for i, part in enumerate((keys[:2], keys[2:]), 1):
-            name = f"{base}-{i:05d}-of-00002{ext}"
-            shard = {k: tensors[k] for k in part}
-            if kind == "st":
-                save_file(shard, str(folder / name), metadata={"format": "pt"})
-            else:
-                torch.save(shard, folder / name)
-            weight_map.update((k, name) for k in part)
-        index = {"metadata": {"total_size": 1}, "weight_map": weight_map}
-        (folder / f"{base}{ext}.index.json").write_text(json.dumps(index))
+        parts = {
+            f"{base}-{i:05d}-of-00002{ext}": {k: tensors[k] for k in part}
+            for i, part in enumerate((keys[:2], keys[2:]), 1)
+        }
+        write_set(root / f"set-{kind}", parts, f"{base}{ext}.index.json")
     (root / "mig").mkdir()
     (root / "mig" / "toy_migrations.py").write_text(TOY_MIGRATIONS)
     return root
