@@ -1,7 +1,8 @@
 """A lock beside a checkpoint file, held while ckptmigrate rewrites it in place.
 
-The lock is the file ``NAME.ckptmigrate.lock`` next to ``NAME``, holding the holder's pid,
-host and start time (JSON) so that a waiter can say who holds it.
+The lock is the file ``NAME.ckptmigrate.lock`` next to ``NAME``, holding the holder's identity
+(pid, host, process start and boot id: :class:`.formats.atomic.WriterIdentity`) and the time it
+took the lock (JSON), so that a waiter can say who holds it.
 
 Where the OS and file system support it (Linux, macOS, NFSv4), the lock is an ``flock`` on that
 file: the kernel drops it when its holder exits, however it exits, so a lock left by a killed
@@ -11,8 +12,9 @@ meanwhile unlinked or replaced sees its inode differ from the path's and tries a
 
 Where ``flock`` is missing or refused (Windows, some network or FUSE file systems) the lock
 is the file's existence, created with ``O_CREAT|O_EXCL``. It is stale, and taken over, when its
-holder's pid is gone on this host, or when it has not been refreshed for ``stale_after``
-seconds (its holder refreshes it every ``stale_after / 4`` seconds while it works).
+holder is gone from this host (no process of its pid, or one that started at another time or
+boot), or when it has not been refreshed for ``stale_after`` seconds (its holder refreshes it
+every ``stale_after / 4`` seconds while it works).
 
 >>> with file_lock("model.pth", timeout=60):
 ...     ...  # re-read model.pth, plan, write it atomically
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LockError, LockTimeoutError
+from .formats.atomic import recorded_writer_alive, this_writer
 from .formats.detect import INDEX_SUFFIX
 
 try:
@@ -76,18 +79,8 @@ def read_lock_holder(lock: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 def _holder_record() -> bytes:
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "time": now}
+    record = {**this_writer().record(), "time": now}
     return json.dumps(record).encode()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # it exists but belongs to someone else
-    return True
 
 
 class FileLock:
@@ -224,7 +217,8 @@ class FileLock:
                 os.utime(self.lock_path)
 
     def is_stale(self) -> bool:
-        """True if the lock file's holder is gone (same host, dead pid) or stopped refreshing."""
+        """True if the lock file's holder is gone (from this host: see
+        :func:`.formats.atomic.writer_alive`) or stopped refreshing."""
         try:
             age = time.time() - os.stat(self.lock_path, follow_symlinks=False).st_mtime
         except FileNotFoundError:
@@ -234,8 +228,7 @@ class FileLock:
         holder = read_lock_holder(self.lock_path)
         if holder is None or holder.get("host") != socket.gethostname():
             return False  # being written right now, or another host's: only age tells
-        pid = holder.get("pid")
-        return type(pid) is int and pid > 0 and not _pid_alive(pid)
+        return not recorded_writer_alive(holder)
 
     def _break_if_stale(self) -> None:
         if not self.is_stale():

@@ -8,12 +8,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -87,3 +88,28 @@ def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+@contextlib.contextmanager
+def live_child() -> Iterator[int]:
+    """The pid of a ``sleep`` child that runs for the block (then killed and reaped)."""
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+#: Writers that had our pid but are not this process: a previous boot's, another container's
+#: (same boot, a process started at another time), another host's.
+NOT_US = {
+    "another start": {"start": 1},
+    "another boot": {"boot": "00000000-0000-0000-0000-000000000000"},
+    "another host": {"host": "another-host"},
+}
+
+
+def our_pid_but(changes: dict[str, object]) -> atomic.WriterIdentity:
+    """This process's writer identity with ``changes`` (see :data:`NOT_US`)."""
+    return dataclasses.replace(atomic.this_writer(), **changes)  # type: ignore[arg-type]

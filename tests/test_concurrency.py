@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from crash_points import dead_pid
+from crash_points import NOT_US, dead_pid, live_child, our_pid_but
 from toy import toy_sd
 
 import ckptmigrate as cm
 from ckptmigrate import cli
 from ckptmigrate.errors import AlreadyStampedError, LockTimeoutError
+from ckptmigrate.formats import atomic
 from ckptmigrate.inplace import stamp_in_place, upgrade_in_place
 from ckptmigrate.lock import FileLock, file_lock, lock_path_for, read_lock_holder
 
@@ -218,6 +219,29 @@ def test_a_lock_file_left_by_a_dead_process_is_taken_over(tmp_path: Path, mode: 
     with file_lock(target, timeout=2, mode=mode) as lock:
         assert read_lock_holder(lock.lock_path)["pid"] == os.getpid()  # type: ignore[index]
     assert not lock_path_for(target).exists()
+
+
+@pytest.mark.parametrize("writer", ["another start", "another boot"])
+def test_an_exclusive_lock_of_another_process_with_our_pid_is_taken_over(
+    tmp_path: Path, writer: str
+) -> None:
+    target = tmp_path / "model.pth"
+    record = {**our_pid_but(NOT_US[writer]).record(), "time": "2020-01-01T00:00:00"}
+    lock_path_for(target).write_text(json.dumps(record))
+    with file_lock(target, timeout=2, mode="exclusive") as lock:
+        holder = read_lock_holder(lock.lock_path) or {}
+        assert {k: holder[k] for k in record if k != "time"} == atomic.this_writer().record()
+
+
+def test_an_exclusive_lock_of_a_live_process_is_waited_for(tmp_path: Path) -> None:
+    target = tmp_path / "model.pth"
+    with live_child() as pid:
+        record = {**atomic.WriterIdentity.of(pid).record(), "time": "2020-01-01T00:00:00"}
+        lock_path_for(target).write_text(json.dumps(record))
+        with pytest.raises(LockTimeoutError):
+            FileLock(target, timeout=0.2, mode="exclusive").acquire()
+    with file_lock(target, timeout=2, mode="exclusive"):  # it died: taken over
+        pass
 
 
 def test_an_exclusive_lock_not_refreshed_for_too_long_is_stale(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from crash_points import events_of, killed_child, spread
+from crash_points import NOT_US, events_of, killed_child, live_child, our_pid_but, spread
 from toy import TOY_MIGRATIONS, toy_schema
 
 import ckptmigrate as cm
@@ -505,3 +505,29 @@ def test_a_dead_writers_temporary_folder_is_swept(tmp_path: Path) -> None:
     live.mkdir()
     assert atomic.remove_stale_temps(target) == [stale]
     assert not stale.exists() and live.exists()
+
+
+@pytest.mark.parametrize("writer", sorted(NOT_US))
+def test_a_temporary_of_another_writer_with_our_pid_is_swept_by_the_next_run(
+    tmp_path: Path, writer: str
+) -> None:
+    # a killed writer of a previous boot or another container had the pid we have now
+    target = tmp_path / "a.pth"
+    cm.save(target, big_sd(), schema="toy", version="1.0.0")
+    stale = tmp_path / f"a.pth{atomic.TEMP_MARKER}{our_pid_but(NOT_US[writer]).token}-0123abcd"
+    stale.write_bytes(b"half a file")
+    upgrade_in_place(target, toy_schema(), to="3.0.0", backup=False)
+    assert not stale.exists()
+    assert _litter(tmp_path) == []
+
+
+def test_a_temporary_of_a_live_writer_is_kept_until_it_dies(tmp_path: Path) -> None:
+    target = tmp_path / "a.pth"
+    cm.save(target, big_sd(), schema="toy", version="1.0.0")
+    with live_child() as pid:
+        token = atomic.WriterIdentity.of(pid).token
+        live = tmp_path / f"a.pth{atomic.TEMP_MARKER}{token}-0123abcd"
+        live.write_bytes(b"being written")
+        upgrade_in_place(target, toy_schema(), to="3.0.0", backup=False)
+        assert live.exists()
+    assert atomic.remove_stale_temps(target) == [live]  # it died: the same name goes

@@ -27,7 +27,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from crash_points import dead_pid, events_of, killed_child, spread_keeping_steps
+from crash_points import (
+    NOT_US,
+    dead_pid,
+    events_of,
+    killed_child,
+    live_child,
+    our_pid_but,
+    spread_keeping_steps,
+)
 from toy import TOY_MIGRATIONS
 
 import ckptmigrate as cm
@@ -338,6 +346,35 @@ def test_a_swap_of_a_live_writer_is_left_alone(tmp_path: Path) -> None:
     assert folder_swap.finish_interrupted_swap(target) == []
     assert ready.exists() and old.exists() and not target.exists()
     assert "replacing it right now" in (folder_swap.interrupted_swap_hint(target) or "")
+
+
+@pytest.mark.parametrize("writer", sorted(NOT_US))
+def test_a_swap_left_by_another_writer_with_our_pid_is_finished(
+    tmp_path: Path, writer: str
+) -> None:
+    target = tmp_path / "step"
+    token = f"{our_pid_but(NOT_US[writer]).token}-ab12"
+    ready = tmp_path / f"step{folder_swap.NEW_MARKER}{token}"
+    old = tmp_path / f"step{folder_swap.OLD_MARKER}{token}"
+    ready.mkdir()
+    (ready / "v").write_text("new")
+    old.mkdir()
+    assert "interrupted" in (folder_swap.interrupted_swap_hint(target) or "")
+    folder_swap.finish_interrupted_swap(target)
+    assert (target / "v").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step"]
+
+
+def test_a_swap_of_a_live_child_is_left_alone_until_it_dies(tmp_path: Path) -> None:
+    target = tmp_path / "step"
+    with live_child() as pid:
+        token = f"{atomic.WriterIdentity.of(pid).token}-ab12"
+        ready = tmp_path / f"step{folder_swap.NEW_MARKER}{token}"
+        ready.mkdir()
+        assert folder_swap.finish_interrupted_swap(target) == []
+        assert f"process {pid} is replacing it" in (folder_swap.interrupted_swap_hint(target) or "")
+    folder_swap.finish_interrupted_swap(target)
+    assert target.is_dir() and not ready.exists()
 
 
 def test_a_dead_writers_swap_with_only_the_old_folder_is_undone(tmp_path: Path) -> None:

@@ -2,8 +2,9 @@
 
 A crash (or Ctrl-C, or SIGKILL) at any moment leaves the old file or the new one, never half
 of one. Python cleans the temporary file up when it gets the chance; after SIGKILL a stale one
-may stay (``NAME.ckptmigrate-tmp-PID-TOKEN``), and :func:`remove_stale_temps` clears those of
-dead writers.
+may stay (``NAME.ckptmigrate-tmp-PID-TAG-TOKEN``), and :func:`remove_stale_temps` clears those of
+dead writers. ``PID-TAG`` names the writer (:class:`WriterIdentity`): a pid alone may be another
+process's after a reboot, in another container or on another host.
 
 ``CKPTMIGRATE_CRASH_AT`` is a test hook: ``EVENT`` or ``EVENT:N`` (the Nth time) SIGKILLs the
 process at one of :data:`CRASH_EVENTS`, so tests can check the promise at every step.
@@ -14,13 +15,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import hashlib
 import os
 import re
 import secrets
 import shutil
 import signal
+import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -32,7 +36,10 @@ CRASH_ENV = "CKPTMIGRATE_CRASH_AT"
 CRASH_EVENTS = ("write", "fsync", "replace", "replaced", "fsync-dir")
 
 _crash_state: dict[str, Any] = {"spec": None, "seen": 0}
-_TEMP_PID = re.compile(re.escape(TEMP_MARKER) + r"(\d+)-[0-9a-f]+$")
+#: The writer at the head of a temporary's or swap folder's token: ``PID-TAG-`` (groups: pid,
+#: tag), or ``PID-`` in names written before writers were tagged (tag None: the pid rule).
+WRITER_PATTERN = r"(\d+)-(?:([0-9a-f]{8})-)?"
+_TEMP_NAME = re.compile(re.escape(TEMP_MARKER) + WRITER_PATTERN + r"[0-9a-f]+$")
 
 
 def crash_point(event: str) -> None:
@@ -53,7 +60,8 @@ def crash_point(event: str) -> None:
 
 def temp_path_for(path: Path) -> Path:
     """A fresh temporary name in the target's folder (never starting with a dot)."""
-    return path.with_name(f"{path.name}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(8)}")
+    token = f"{this_writer().token}-{secrets.token_hex(8)}"
+    return path.with_name(f"{path.name}{TEMP_MARKER}{token}")
 
 
 def fsync_path(path: Path) -> None:
@@ -306,10 +314,10 @@ def remove_stale_temps_where(folder: Path, wanted: Callable[[str], bool]) -> lis
     with contextlib.suppress(OSError):
         for child in folder.iterdir():
             base, marker, _ = child.name.partition(TEMP_MARKER)
-            match = _TEMP_PID.fullmatch(child.name[len(base) :]) if marker else None
+            match = _TEMP_NAME.fullmatch(child.name[len(base) :]) if marker else None
             if match is None or not wanted(base):
                 continue
-            if pid_alive(int(match.group(1))):
+            if writer_alive(int(match.group(1)), match.group(2)):
                 continue
             with contextlib.suppress(OSError):
                 if child.is_dir() and not child.is_symlink():
@@ -321,7 +329,8 @@ def remove_stale_temps_where(folder: Path, wanted: Callable[[str], bool]) -> lis
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process of this host with ``pid`` runs (this one counts as running)."""
+    """Whether a process of this host with ``pid`` runs (this one counts as running): the rule
+    for names and records written before writers were tagged (:func:`writer_alive`)."""
     if pid == os.getpid():
         return True
     try:
@@ -331,3 +340,129 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return True  # exists, owned by someone else
     return True
+
+
+def _read_boot_id() -> str | None:
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        return Path("/proc/sys/kernel/random/boot_id").read_text("ascii").strip() or None
+    return None
+
+
+_BOOT_ID: list[str | None] = []  # [this boot's id or None], read on first use
+
+
+def _boot_id() -> str | None:
+    if not _BOOT_ID:
+        _BOOT_ID.append(_read_boot_id())
+    return _BOOT_ID[0]
+
+
+def process_start(pid: int) -> int | None:
+    """When the process ``pid`` started, in clock ticks after boot (``/proc/PID/stat`` field
+    22), or None where that cannot be read (no such process, no ``/proc``, hidden from us)."""
+    if pid <= 0:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        # field 2, the command, is in parentheses and may hold anything: count after the last ")"
+        return int(stat[stat.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass(frozen=True)
+class WriterIdentity:
+    """A process as the files it leaves name it: its pid, its start time and the boot and host
+    it runs on. A pid alone may name another process later: after a reboot, in another pid
+    namespace (containers sharing a volume) or on another host (NFS).
+
+    Names carry :attr:`token` (``PID-TAG``, the tag a digest of the rest); journals and lock
+    files carry :meth:`record`.
+
+    >>> WriterIdentity.of(os.getpid()).token  # doctest: +SKIP
+    '4242-9f3c01ab'
+    """
+
+    pid: int
+    #: clock ticks after boot (``/proc/PID/stat`` field 22); None where unknown
+    start: int | None
+    #: ``/proc/sys/kernel/random/boot_id``; None where unknown
+    boot: str | None
+    host: str
+
+    @classmethod
+    def of(cls, pid: int) -> WriterIdentity:
+        """The process ``pid`` of this boot and host, as it runs now."""
+        return cls(pid, process_start(pid), _boot_id(), socket.gethostname())
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> WriterIdentity | None:
+        """The identity :meth:`record` wrote, or None for a record without one (written before
+        writers were tagged, or not ours)."""
+        pid, start, boot, host = (record.get(k) for k in ("pid", "start", "boot", "host"))
+        if "boot" not in record or type(pid) is not int or not isinstance(host, str):
+            return None
+        if not (start is None or type(start) is int) or not (boot is None or type(boot) is str):
+            return None
+        return cls(pid, start, boot, host)
+
+    @property
+    def tag(self) -> str:
+        """8 hex digits that differ, but for chance, when the start, boot or host differ."""
+        text = f"{self.start}\0{self.boot}\0{self.host}"
+        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+    @property
+    def token(self) -> str:
+        """``PID-TAG``: what temporary and swap folder names carry."""
+        return f"{self.pid}-{self.tag}"
+
+    def record(self) -> dict[str, Any]:
+        """The identity as a journal or lock file keeps it (JSON)."""
+        return {"pid": self.pid, "start": self.start, "boot": self.boot, "host": self.host}
+
+    def alive(self) -> bool:
+        """Whether this very process still runs (see :func:`writer_alive`)."""
+        return writer_alive(self.pid, self.tag)
+
+
+_THIS_WRITER: dict[int, WriterIdentity] = {}  # by pid: a forked child is another writer
+
+
+def this_writer() -> WriterIdentity:
+    """This process's identity."""
+    pid = os.getpid()
+    if pid not in _THIS_WRITER:
+        _THIS_WRITER[pid] = WriterIdentity.of(pid)
+    return _THIS_WRITER[pid]
+
+
+def writer_alive(pid: int, tag: str | None) -> bool:
+    """Whether the writer that left ``PID-TAG`` in a name (or record) still runs: only if this
+    boot and host run a process ``pid`` that started when the tagged one did. Our own pid with
+    another start or boot is a previous container's or boot's writer, dead. ``tag`` None (a
+    name written before writers were tagged): :func:`pid_alive`, the pid rule.
+    """
+    if tag is None:
+        return pid_alive(pid)
+    if pid <= 0 or not pid_alive(pid):
+        return False
+    now = WriterIdentity.of(pid)
+    if now.start is None and os.path.isdir("/proc/self"):
+        return True  # it runs, but /proc hides its start from us (hidepid): it may be ours
+    return now.tag == tag
+
+
+def recorded_writer_alive(record: Mapping[str, Any]) -> bool:
+    """Whether the writer a journal or lock file records (its ``pid`` and ``host``, and since
+    writers are tagged its ``start`` and ``boot``) still runs, as :func:`writer_alive` tells.
+    A record of an older version (no ``boot``): on another host it cannot be told, so it
+    counts as running; on this one, :func:`pid_alive`.
+    """
+    writer = WriterIdentity.from_record(record)
+    if writer is not None:
+        return writer.alive()
+    pid = record.get("pid")
+    if record.get("host") != socket.gethostname() or type(pid) is not int or pid <= 0:
+        return True
+    return pid_alive(pid)

@@ -5,8 +5,11 @@ names in one step, ``renameat2(RENAME_EXCHANGE)``: the path always names a whole
 old one or the new one. Elsewhere (an overlayfs or NFS that refuses the flag, another OS) the
 swap takes two renames, and the names say what each folder is::
 
-    NAME.ckptmigrate-new-PID-TOKEN   the new folder, complete and flushed
-    NAME.ckptmigrate-old-PID-TOKEN   the old folder, moved aside
+    NAME.ckptmigrate-new-PID-TAG-TOKEN   the new folder, complete and flushed
+    NAME.ckptmigrate-old-PID-TAG-TOKEN   the old folder, moved aside
+
+(``PID-TAG``: the writer, :class:`.atomic.WriterIdentity`; names without a tag, of older
+versions, are judged by their pid.)
 
 A writer killed between the renames leaves nothing at ``NAME``;
 :func:`finish_interrupted_swap` (run by every command that writes the checkpoint) finishes
@@ -31,7 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic
-from .atomic import fsync_path, pid_alive, remove_stale_temps, remove_stale_temps_where
+from .atomic import (
+    WRITER_PATTERN,
+    fsync_path,
+    remove_stale_temps,
+    remove_stale_temps_where,
+    this_writer,
+    writer_alive,
+)
 
 __all__ = [
     "NEW_MARKER",
@@ -45,7 +55,7 @@ __all__ = [
 
 OLD_MARKER = ".ckptmigrate-old-"
 NEW_MARKER = ".ckptmigrate-new-"
-_SWAP_NAME = re.compile(r"\.ckptmigrate-(old|new)-(\d+)-([0-9a-f]+)$")
+_SWAP_NAME = re.compile(r"\.ckptmigrate-(old|new)-" + WRITER_PATTERN + r"([0-9a-f]+)$")
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -153,7 +163,7 @@ def swap_folder(new: Path, target: Path) -> None:
 
 
 def _swap_by_renames(new: Path, target: Path) -> None:
-    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    token = f"{this_writer().token}-{secrets.token_hex(4)}"
     ready = target.with_name(f"{target.name}{NEW_MARKER}{token}")
     old = target.with_name(f"{target.name}{OLD_MARKER}{token}")
     os.replace(new, ready)  # complete and flushed: from here the next run may finish the swap
@@ -173,7 +183,8 @@ def _swap_by_renames(new: Path, target: Path) -> None:
 
 
 def _swap_leftovers(target: Path) -> dict[str, dict[str, Any]]:
-    """``{token: {"pid": int, "old": Path, "new": Path}}`` for the swap names beside target."""
+    """``{token: {"pid": int, "tag": str | None, "old": Path, "new": Path}}`` for the swap
+    names beside target."""
     found: dict[str, dict[str, Any]] = {}
     with contextlib.suppress(OSError):
         for child in _parent(target).iterdir():
@@ -182,8 +193,8 @@ def _swap_leftovers(target: Path) -> dict[str, dict[str, Any]]:
             match = _SWAP_NAME.fullmatch(child.name[len(target.name) :])
             if match is None:
                 continue
-            kind, pid, token = match.groups()
-            entry = found.setdefault(f"{pid}-{token}", {"pid": int(pid)})
+            kind, pid, tag, token = match.groups()
+            entry = found.setdefault(f"{pid}-{tag}-{token}", {"pid": int(pid), "tag": tag})
             entry[kind] = child
     return found
 
@@ -200,7 +211,7 @@ def finish_interrupted_swap(target: str | os.PathLike[str]) -> list[str]:
     done = []
     leftovers = sorted(_swap_leftovers(target).items(), key=lambda kv: "new" not in kv[1])
     for _, parts in leftovers:
-        if pid_alive(parts["pid"]):
+        if writer_alive(parts["pid"], parts["tag"]):
             continue
         ready, old = parts.get("new"), parts.get("old")
         if not os.path.lexists(target):
@@ -243,7 +254,7 @@ def interrupted_swap_hint(target: str | os.PathLike[str]) -> str | None:
     for parts in leftovers.values():
         keep = parts.get("new") or parts.get("old")
         what = "complete new" if keep is parts.get("new") else "old"
-        if pid_alive(parts["pid"]):
+        if writer_alive(parts["pid"], parts["tag"]):
             return (
                 f"process {parts['pid']} is replacing it right now (the {what} folder is "
                 f"{keep.name}); try again in a moment"
