@@ -348,6 +348,7 @@ def _upgrade_sharded(
                 if shard not in sset.graphs:
                     raise _NeedsLoad
                 copied, through = _rewrite_bin_shard(sset.graphs[shard], target, entries)
+            swap.wrote(name)
             result.bytes_copied += copied
             result.bytes_through_python += through
             weight_map.update((key, name) for key, _ in entries)
@@ -445,6 +446,7 @@ def _upgrade_sharded_loaded(
                 write_safetensors(folder / name, group, {}, passthrough=meta)
             else:
                 write_torch(folder / name, dict(group))
+            swap.wrote(name)
             weight_map.update((k, name) for k in group)
             total += sum(t.numel() * t.element_size() for t in group.values())
         sharded.copy_companions(sset, folder)

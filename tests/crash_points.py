@@ -31,6 +31,27 @@ def events_of(action: Callable[[], object], monkeypatch: pytest.MonkeyPatch) -> 
     return seen
 
 
+def spec_where(
+    action: Callable[[], object], monkeypatch: pytest.MonkeyPatch, holds: Callable[[], bool]
+) -> str:
+    """The kill spec (``EVENT:N``) of the first crash point of ``action`` at which ``holds()``
+    is true (the state a kill there leaves)."""
+    seen: list[str] = []
+    found: list[str] = []
+
+    def point(event: str) -> None:
+        seen.append(event)
+        if not found and holds():
+            found.append(f"{event}:{seen.count(event)}")
+
+    with monkeypatch.context() as m:
+        m.setenv(atomic.CRASH_ENV, "record-only")
+        m.setattr(atomic, "crash_point", point)
+        action()
+    assert found, f"no crash point of {len(seen)} reaches the state"
+    return found[0]
+
+
 def spread(events: list[str], count: int) -> list[str]:
     """``count`` kill specs (``EVENT:N``) spread evenly over the events (all, if fewer)."""
     if count >= len(events):

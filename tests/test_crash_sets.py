@@ -19,12 +19,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from crash_points import events_of, killed_child, spread
+from crash_points import (
+    NOT_US,
+    events_of,
+    killed_child,
+    live_child,
+    our_pid_but,
+    spec_where,
+    spread,
+)
 from hostile import write_set
 from toy import toy_schema
 
 from ckptmigrate.errors import AlreadyStampedError
 from ckptmigrate.files import read_checkpoint
+from ckptmigrate.formats import atomic, set_swap
 from ckptmigrate.inplace import stamp_in_place, upgrade_in_place
 
 KILL_POINTS = int(os.environ.get("CKPTMIGRATE_KILL_POINTS", "8"))
@@ -190,3 +199,90 @@ def test_a_killed_upgrade_into_another_folder_leaves_no_orphans_after_the_rerun(
         index = out / "model.safetensors.index.json"
         named = set(json.loads(index.read_text())["weight_map"].values())
         assert sorted(p.name for p in out.iterdir()) == sorted({index.name, "notes.txt", *named})
+
+
+# ----------------------------------------------------------------------------- the journal
+
+
+def journal_of(folder: Path) -> Path:
+    return next(folder.glob("*.ckptmigrate-pending"))
+
+
+def recorded(folder: Path) -> list[str]:
+    """The new shards the journal on disk records as written whole."""
+    with contextlib.suppress(StopIteration, OSError, ValueError, KeyError):
+        return list(json.loads(journal_of(folder).read_text())["written"])
+    return []
+
+
+def killed_after_the_first_shard_is_recorded(
+    case: Case, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, str]:
+    """A run killed just after its journal records its first new shard: the folder and it."""
+    folder = case.lay_out(work)
+    spec = spec_where(lambda: case.run(folder), monkeypatch, lambda: len(recorded(folder)) == 1)
+    assert case.lay_out(work) == folder
+    status = killed_child(spec, lambda: case.run(folder))
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, spec
+    (name,) = recorded(folder)
+    return folder, name
+
+
+@pytest.mark.parametrize(("command", "ext"), CASES)
+def test_a_kill_after_a_shard_is_recorded_leaves_exactly_it_for_the_recovery(
+    command: str, ext: str, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    case = Case(command, ext)
+    old_files = {p.name: p.read_bytes() for p in case.lay_out(work).iterdir()}
+    folder, name = killed_after_the_first_shard_is_recorded(case, work, monkeypatch)
+    journal = journal_of(folder)
+    assert sorted(p.name for p in folder.iterdir()) == sorted({*old_files, journal.name, name})
+    assert sorted(set_swap.recover(folder)) == sorted([name, journal.name])
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == old_files
+    case.run(folder)
+    case.assert_tidy(work, folder, {k: v for k, v in old_files.items() if k != "notes.txt"})
+
+
+def test_a_file_put_under_a_recorded_shard_name_survives_the_recovery(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    case = Case("upgrade-streamed", ".safetensors")
+    folder, name = killed_after_the_first_shard_is_recorded(case, work, monkeypatch)
+    (folder / name).unlink()
+    (folder / name).write_bytes(b"the user's own file under that name")  # another file
+    set_swap.recover(folder)
+    assert (folder / name).read_bytes() == b"the user's own file under that name"
+    assert not list(folder.glob("*.ckptmigrate*")) and case.survivor(folder) == "old"
+    case.run(folder)
+    assert case.survivor(folder) == "new"
+    assert (folder / name).read_bytes() == b"the user's own file under that name"
+
+
+def rewrite_journal_writer(folder: Path, writer: atomic.WriterIdentity) -> None:
+    journal = journal_of(folder)
+    journal.write_text(json.dumps({**json.loads(journal.read_text()), **writer.record()}))
+
+
+@pytest.mark.parametrize("writer", sorted(NOT_US))
+def test_a_journal_of_another_writer_with_our_pid_is_settled_by_the_next_run(
+    writer: str, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    case = Case("upgrade-streamed", ".safetensors")
+    old_files = {p.name: p.read_bytes() for p in case.lay_out(work).iterdir()}
+    folder, name = killed_after_the_first_shard_is_recorded(case, work, monkeypatch)
+    rewrite_journal_writer(folder, our_pid_but(NOT_US[writer]))  # the dead writer had our pid
+    case.run(folder)  # its recorded shard gone, else an orphan beside the new set
+    case.assert_tidy(work, folder, {k: v for k, v in old_files.items() if k != "notes.txt"})
+
+
+def test_a_journal_of_a_live_writer_is_kept_until_it_dies(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    case = Case("upgrade-streamed", ".safetensors")
+    folder, name = killed_after_the_first_shard_is_recorded(case, work, monkeypatch)
+    journal = journal_of(folder)
+    with live_child() as pid:
+        rewrite_journal_writer(folder, atomic.WriterIdentity.of(pid))
+        assert set_swap.recover(folder) == []
+        assert journal.exists() and (folder / name).exists()
+    assert sorted(set_swap.recover(folder)) == sorted([name, journal.name])

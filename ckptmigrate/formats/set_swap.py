@@ -6,13 +6,16 @@ A rewrite (an upgrade or a stamp, in place or into a folder) goes:
 1. new shard names are chosen **fresh**: never a name that is in the folder, that an index
    there names, or that another rewrite's journal is about to write, so no file the old
    index did not name is overwritten, and no shard of the old set is written into;
-2. the journal ``INDEX.ckptmigrate-pending`` is written (atomically): the shards the replaced
-   index names, each with its identity as read (device, inode, size, mtime), and the new names;
-3. the new shards are written, each atomically;
+2. the journal ``INDEX.ckptmigrate-pending`` is written (atomically): its writer
+   (:class:`.atomic.WriterIdentity`), the shards the replaced index names, each with its
+   identity as read (device, inode, size, mtime), and the new names;
+3. the new shards are written, each atomically, and once each is whole the journal records
+   its identity (rewritten atomically);
 4. the index is replaced: the commit point;
 5. the journal is **settled**: a new shard that no index in the folder names is deleted (the
-   commit did not happen), and so is an old shard that no index names (it did), when it is
-   still the very file that was read; then the journal goes.
+   commit did not happen) when it is the very file the journal recorded, or, not recorded
+   yet, a fresh name written after the journal; and so is an old shard that no index names
+   (it did), when it is still the very file that was read; then the journal goes.
 
 Step 5 needs no record of whether the commit happened: what the indexes on disk name decides,
 so it is the same after a clean run, an exception, or a SIGKILL (the next run, holding the
@@ -34,14 +37,20 @@ import contextlib
 import json
 import os
 import re
-import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import sharded
-from .atomic import TEMP_MARKER, atomic_path, fsync_path, pid_alive, remove_stale_temps_where
+from .atomic import (
+    TEMP_MARKER,
+    atomic_path,
+    fsync_path,
+    recorded_writer_alive,
+    remove_stale_temps_where,
+    this_writer,
+)
 from .bounds import loads_json
 from .detect import INDEX_SUFFIX
 from .sharded import PENDING_SUFFIX, file_identity, shard_name, shard_name_problem
@@ -72,6 +81,8 @@ class SetSwap:
     old: dict[str, list[int]] = field(default_factory=dict)
     #: names chosen for shards this rewrite writes
     new: list[str] = field(default_factory=list)
+    #: new shards written whole -> their identity (what the journal records)
+    written: dict[str, list[int]] = field(default_factory=dict)
     _taken: set[str] = field(default_factory=set, repr=False)
     _started: bool = field(default=False, repr=False)
 
@@ -106,16 +117,26 @@ class SetSwap:
 
     def start(self) -> None:
         """Write the journal: from here on, a kill leaves nothing the next run cannot find."""
+        self._write_journal()
+        self._started = True
+
+    def wrote(self, name: str) -> None:
+        """The new shard ``name`` is written whole (flushed, renamed): the journal records
+        which file it is, so that the next run deletes that file and no other put under its
+        name, should the commit not happen."""
+        self.written[name] = file_identity(self.folder / name)
+        self._write_journal()
+
+    def _write_journal(self) -> None:
         record = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
+            **this_writer().record(),
             "index": self.index_name,
             "old": self.old,
             "new": self.new,
+            "written": self.written,
         }
         with atomic_path(self.journal) as tmp:
             tmp.write_text(json.dumps(record, indent=1) + "\n", "utf-8")
-        self._started = True
 
     def commit(
         self,
@@ -132,7 +153,7 @@ class SetSwap:
         returns the old shards removed."""
         if not self._started:
             return []
-        return _settle(self.folder, self.journal, self.old, self.new)
+        return _settle(self.folder, self.journal, self.old, self.new, self.written)
 
     abort = finish
 
@@ -170,20 +191,25 @@ def _read_journal(journal: Path) -> dict[str, Any] | None:
         record = loads_json(journal.read_text("utf-8"), what="a set rewrite's journal")
         old = {str(k): [int(x) for x in v] for k, v in dict(record["old"]).items()}
         new = [str(n) for n in record["new"]]
-        pid, host = int(record["pid"]), str(record["host"])
+        written = {str(k): [int(x) for x in v] for k, v in dict(record.get("written", {})).items()}
+        writer = {"pid": int(record["pid"]), "host": str(record["host"])}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError):
         return None
-    return {"old": old, "new": new, "pid": pid, "host": host}
+    written = {k: v for k, v in written.items() if k in new}
+    writer |= {k: record[k] for k in ("start", "boot") if k in record}
+    return {"old": old, "new": new, "written": written, "writer": writer}
+
+
+def _fresh(name: str) -> bool:
+    """A shard name in the form new shards get (``-<8 hex digits>`` before the extension)."""
+    return shard_name_problem(name) is None and bool(_FRESH.search(name.partition(".")[0]))
 
 
 def _written_by(path: Path, journal: Path, begun: int | None) -> bool:
-    """Whether ``path`` can be a new shard the journal's rewrite wrote: a shard name in the
-    fresh form (``-<8 hex digits>`` before the extension), written after the journal was (a
-    journal planted beside a user's files names nothing it may delete)."""
-    name = path.name
-    if shard_name_problem(name) is not None or not _FRESH.search(name.partition(".")[0]):
-        return False
-    if path.parent / journal.name != journal or begun is None:
+    """Whether ``path``, a new name the journal has not recorded yet, can be the shard its
+    rewrite was writing: a fresh name, written after the journal was (a journal planted beside
+    a user's files names nothing it may delete)."""
+    if not _fresh(path.name) or path.parent / journal.name != journal or begun is None:
         return False
     try:
         return path.stat().st_mtime_ns >= begun
@@ -191,8 +217,20 @@ def _written_by(path: Path, journal: Path, begun: int | None) -> bool:
         return False
 
 
+def _is_recorded(path: Path, identity: list[int]) -> bool:
+    """Whether ``path`` is the very new shard the journal recorded (not a file put there since)."""
+    try:
+        return _fresh(path.name) and file_identity(path) == identity
+    except OSError:
+        return False
+
+
 def _settle(
-    folder: Path, journal: Path, old: dict[str, list[int]], new: Iterable[str]
+    folder: Path,
+    journal: Path,
+    old: dict[str, list[int]],
+    new: Iterable[str],
+    written: Mapping[str, list[int]],
 ) -> list[str]:
     named = named_in(folder)
     removed: list[str] = []
@@ -202,7 +240,14 @@ def _settle(
         begun = None
     if named is not None:
         for name in new:
-            if name in named or not _written_by(folder / name, journal, begun):
+            if name in named:
+                continue
+            path = folder / name
+            if name in written:
+                ours = _is_recorded(path, written[name])
+            else:
+                ours = _written_by(path, journal, begun)
+            if not ours:
                 continue
             with contextlib.suppress(FileNotFoundError):
                 (folder / name).unlink()  # written by the rewrite, never committed
@@ -236,17 +281,16 @@ def recover(path: str | os.PathLike[str]) -> list[str]:
     if not any(folder.glob("*" + PENDING_SUFFIX)) and not any(folder.glob("*" + TEMP_MARKER + "*")):
         return []  # the usual case: nothing was left
     removed: list[str] = []
-    host = socket.gethostname()
     bases: set[str] = set()
     for journal in sorted(folder.glob("*" + PENDING_SUFFIX)):
         record = _read_journal(journal)
         if record is None:
             continue  # not one of ours (ours are written atomically, so always whole): kept
-        if record["host"] != host or pid_alive(record["pid"]):
-            continue  # a live writer's (or another host's, which we cannot tell): not ours
+        if recorded_writer_alive(record["writer"]):
+            continue  # a live writer's (or, journals of old versions, another host's): not ours
         bases.update(record["new"])
         gone = [n for n in record["new"] if (folder / n).exists()]
-        removed += _settle(folder, journal, record["old"], record["new"])
+        removed += _settle(folder, journal, record["old"], record["new"], record["written"])
         removed += [n for n in gone if not (folder / n).exists()]
         removed.append(journal.name)
 
