@@ -217,15 +217,25 @@ def recorded(folder: Path) -> list[str]:
 
 def killed_after_the_first_shard_is_recorded(
     case: Case, work: Path, monkeypatch: pytest.MonkeyPatch
-) -> tuple[Path, str]:
-    """A run killed just after its journal records its first new shard: the folder and it."""
+) -> tuple[Path, str, dict[str, bytes]]:
+    """A run killed just after its journal records its first new shard: the folder, that
+    shard's name, and the set's files before the run (what a backup of it holds)."""
     folder = case.lay_out(work)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "notes.txt"}
     spec = spec_where(lambda: case.run(folder), monkeypatch, lambda: len(recorded(folder)) == 1)
     assert case.lay_out(work) == folder
     status = killed_child(spec, lambda: case.run(folder))
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, spec
     (name,) = recorded(folder)
-    return folder, name
+    return folder, name, before
+
+
+@pytest.fixture
+def killed(work: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Case, Path, str, dict]:
+    """A streamed upgrade of a safetensors set killed just after its journal records its
+    first new shard: the case, then as :func:`killed_after_the_first_shard_is_recorded`."""
+    case = Case("upgrade-streamed", ".safetensors")
+    return (case, *killed_after_the_first_shard_is_recorded(case, work, monkeypatch))
 
 
 @pytest.mark.parametrize(("command", "ext"), CASES)
@@ -233,21 +243,20 @@ def test_a_kill_after_a_shard_is_recorded_leaves_exactly_it_for_the_recovery(
     command: str, ext: str, work: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     case = Case(command, ext)
-    old_files = {p.name: p.read_bytes() for p in case.lay_out(work).iterdir()}
-    folder, name = killed_after_the_first_shard_is_recorded(case, work, monkeypatch)
+    folder, name, before = killed_after_the_first_shard_is_recorded(case, work, monkeypatch)
     journal = journal_of(folder)
-    assert sorted(p.name for p in folder.iterdir()) == sorted({*old_files, journal.name, name})
+    expected = {**before, "notes.txt": b"the user's notes"}
+    assert sorted(p.name for p in folder.iterdir()) == sorted({*expected, journal.name, name})
     assert sorted(set_swap.recover(folder)) == sorted([name, journal.name])
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == old_files
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == expected
     case.run(folder)
-    case.assert_tidy(work, folder, {k: v for k, v in old_files.items() if k != "notes.txt"})
+    case.assert_tidy(work, folder, before)
 
 
 def test_a_file_put_under_a_recorded_shard_name_survives_the_recovery(
-    work: Path, monkeypatch: pytest.MonkeyPatch
+    killed: tuple[Case, Path, str, dict],
 ) -> None:
-    case = Case("upgrade-streamed", ".safetensors")
-    folder, name = killed_after_the_first_shard_is_recorded(case, work, monkeypatch)
+    case, folder, name, _ = killed
     (folder / name).unlink()
     (folder / name).write_bytes(b"the user's own file under that name")  # another file
     set_swap.recover(folder)
@@ -265,21 +274,18 @@ def rewrite_journal_writer(folder: Path, writer: atomic.WriterIdentity) -> None:
 
 @pytest.mark.parametrize("writer", sorted(NOT_US))
 def test_a_journal_of_another_writer_with_our_pid_is_settled_by_the_next_run(
-    writer: str, work: Path, monkeypatch: pytest.MonkeyPatch
+    writer: str, work: Path, killed: tuple[Case, Path, str, dict]
 ) -> None:
-    case = Case("upgrade-streamed", ".safetensors")
-    old_files = {p.name: p.read_bytes() for p in case.lay_out(work).iterdir()}
-    folder, name = killed_after_the_first_shard_is_recorded(case, work, monkeypatch)
+    case, folder, _, before = killed
     rewrite_journal_writer(folder, our_pid_but(NOT_US[writer]))  # the dead writer had our pid
     case.run(folder)  # its recorded shard gone, else an orphan beside the new set
-    case.assert_tidy(work, folder, {k: v for k, v in old_files.items() if k != "notes.txt"})
+    case.assert_tidy(work, folder, before)
 
 
 def test_a_journal_of_a_live_writer_is_kept_until_it_dies(
-    work: Path, monkeypatch: pytest.MonkeyPatch
+    killed: tuple[Case, Path, str, dict],
 ) -> None:
-    case = Case("upgrade-streamed", ".safetensors")
-    folder, name = killed_after_the_first_shard_is_recorded(case, work, monkeypatch)
+    _, folder, name, _ = killed
     journal = journal_of(folder)
     with live_child() as pid:
         rewrite_journal_writer(folder, atomic.WriterIdentity.of(pid))
