@@ -185,7 +185,9 @@ def upgrade_file(
     ``src`` may be a torch.save file, a safetensors file, a sharded set (its folder or index
     JSON), a DCP folder or a model folder of one weights file (to a folder ``dst``: that file
     under its name, the config and tokenizer files beside it); ``dst`` gets the same format
-    (``dst == src`` upgrades in place, atomically). Rename/drop/hparam plans copy tensor bytes as stored (see the module doc);
+    (``dst == src`` upgrades in place, atomically; for a set, ``X.index.json`` names the new
+    index, anything else a folder: :func:`~.formats.sharded.output_for`). Nothing ckptmigrate
+    did not write is replaced (:class:`~ckptmigrate.errors.OutputOccupiedError`). Rename/drop/hparam plans copy tensor bytes as stored (see the module doc);
     other plans load with ``mmap=True``, upgrade and save. ``from_version`` stamps an
     unversioned file on the way. Raises before writing anything if the plan is invalid.
     ``param_names`` names position-keyed optimizer state for steps that need its names (see
