@@ -500,6 +500,31 @@ class BackupExistsError(CkptMigrateError):
         )
 
 
+class OutputOccupiedError(CkptMigrateError):
+    """An output path (``-o``) holds files ckptmigrate did not write, which the write would
+    replace or delete: nothing is written.
+
+    ``path`` is the output, ``found`` the names there that are not ours to replace (empty: the
+    path is a file or a link where a folder would go), ``kind`` what the output would be
+    (``"a DCP checkpoint folder"``).
+    """
+
+    def __init__(self, path: object, found: Sequence[str], kind: str) -> None:
+        self.path = str(path)
+        self.found = list(found)
+        self.kind = kind
+        more = f" and {len(self.found) - 3} more" if len(self.found) > 3 else ""
+        held = (
+            f"holds {', '.join(self.found[:3])}{more}"
+            if self.found
+            else "is a file or a link, not a folder"
+        )
+        super().__init__(
+            f"{self.path} {held}, which writing {kind} there would replace or delete: nothing "
+            "was written; pass a new or empty folder, or move those files away"
+        )
+
+
 class ModelBuildError(CkptMigrateError):
     """``schema.build(hparams)`` failed, so there is no model to compare a checkpoint with."""
 

@@ -523,7 +523,9 @@ def write_stamped(
 
     A file is saved whole, the stamp beside its state_dict. A DCP folder gets
     ``ckptmigrate.json`` (its data files are kept as they are); a sharded set is rewritten the
-    way an upgrade writes it (the stamp in the index and every safetensors shard header).
+    way an upgrade writes it (the stamp in the index and every safetensors shard header); a
+    model folder's weights file is saved into the folder ``dst`` (or the file it names, or in
+    place) with the config and tokenizer files beside it, as an upgrade writes it.
     """
     from .formats.detect import detect_format
 
@@ -541,4 +543,9 @@ def write_stamped(
         return
     from .api import save
 
+    if Path(src).is_dir():  # a model folder: its weights file, into a folder of its layout
+        from .formats.model_folder import write_folder
+
+        write_folder(Path(src), Path(dst), lambda _, target: save(target, ckpt))
+        return
     save(dst, ckpt)  # keeps the file's layout; the stamp goes beside it

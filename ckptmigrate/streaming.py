@@ -29,7 +29,6 @@ atomic ``torch.save``. :attr:`FileUpgrade.streamed` says which path ran.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -186,7 +185,9 @@ def upgrade_file(
     ``src`` may be a torch.save file, a safetensors file, a sharded set (its folder or index
     JSON), a DCP folder or a model folder of one weights file (to a folder ``dst``: that file
     under its name, the config and tokenizer files beside it); ``dst`` gets the same format
-    (``dst == src`` upgrades in place, atomically). Rename/drop/hparam plans copy tensor bytes as stored (see the module doc);
+    (``dst == src`` upgrades in place, atomically; for a set, ``X.index.json`` names the new
+    index, anything else a folder: :func:`~.formats.sharded.output_for`). Nothing ckptmigrate
+    did not write is replaced (:class:`~ckptmigrate.errors.OutputOccupiedError`). Rename/drop/hparam plans copy tensor bytes as stored (see the module doc);
     other plans load with ``mmap=True``, upgrade and save. ``from_version`` stamps an
     unversioned file on the way. Raises before writing anything if the plan is invalid.
     ``param_names`` names position-keyed optimizer state for steps that need its names (see
@@ -302,12 +303,13 @@ def _upgrade_sharded(
     ckpt, sset = sharded.read_sharded_metadata(src, allowed_globals=names)
     ckpt = _with_version(ckpt, schema, from_version, src)
     new = upgrade_stubs(ckpt, schema, to)
-    folder = dst if dst.is_dir() or not dst.suffix else dst.parent
+    out = sharded.output_for(sset, dst)
+    sharded.check_output(sset, out)
+    folder, index_name = out.folder, out.index_name
     folder.mkdir(parents=True, exist_ok=True)
-    index_name = sset.index_path.name if dst.is_dir() or not dst.suffix else dst.name
     stamp = _stamp_of(new if new is not None else ckpt)
     result = _result(src, folder, "sharded", ckpt, new or ckpt, schema, to)
-    loaded = dict(src=src, folder=folder, index_name=index_name, sset=sset, schema=schema)
+    loaded = dict(src=src, out=out, sset=sset, schema=schema)
     loaded.update(to=to, from_version=from_version, work=work, old=ckpt)
     if new is None:
         return _upgrade_sharded_loaded(**loaded)
@@ -321,16 +323,17 @@ def _upgrade_sharded(
         by_shard[home[id(value)]].append((key, value))
 
     swap = SetSwap.replacing(folder, index_name, _replaced(sset, folder, index_name))
+    kept = [(shard, entries) for shard, entries in by_shard.items() if entries]
     jobs = [
         (
             shard,
             swap.fresh_name(
-                shard, [str(new.version), shard, [(k, list(v.shape)) for k, v in entries]]
+                out.shard(i, len(kept), sset.kind, like=shard),
+                [str(new.version), shard, [(k, list(v.shape)) for k, v in entries]],
             ),
             entries,
         )
-        for shard, entries in by_shard.items()
-        if entries
+        for i, (shard, entries) in enumerate(kept, 1)
     ]
     weight_map: dict[str, str] = {}
     total = 0
@@ -391,8 +394,7 @@ def _rewrite_bin_shard(graph: Any, dst: Path, entries: list[tuple[str, Any]]) ->
 
 def _upgrade_sharded_loaded(
     src: Path,
-    folder: Path,
-    index_name: str,
+    out: Any,
     sset: Any,
     schema: Upgrade,
     to: Any,
@@ -423,13 +425,12 @@ def _upgrade_sharded_loaded(
             size = 0
         groups[-1][key] = tensor
         size += nbytes
-    ext = ".safetensors" if sset.kind == "safetensors" else ".bin"
-    base = "model" if sset.kind == "safetensors" else "pytorch_model"
+    folder, index_name = out.folder, out.index_name
     stamp = _stamp_of(new)
     swap = SetSwap.replacing(folder, index_name, _replaced(sset, folder, index_name))
     names = [
         swap.fresh_name(
-            f"{base}-{i:05d}-of-{len(groups):05d}{ext}",
+            out.shard(i, len(groups), sset.kind),
             [str(new.version), [(k, list(v.shape)) for k, v in group.items()]],
         )
         for i, group in enumerate(groups, 1)
@@ -466,25 +467,15 @@ def _upgrade_model_folder(
     file ``dst`` names, or into the folder ``dst`` (a name without a suffix) under the same
     name, then the side files (config, tokenizer...) copied beside it as a sharded upgrade
     copies them. A plan refused leaves no new folder behind."""
-    from .formats import model_folder
+    from .formats.model_folder import write_folder
 
-    weights = model_folder.resolve(src)
-    if dst.exists() and dst.resolve() == src.resolve():
-        return one(weights, weights)
-    if dst.suffix and not dst.is_dir():
-        return one(weights, dst)
-    made = not dst.exists()
-    dst.mkdir(parents=True, exist_ok=True)
-    try:
-        result = one(weights, dst / weights.name)
-    except BaseException:
-        if made:
-            with contextlib.suppress(OSError):
-                dst.rmdir()  # only if still empty
-        raise
-    model_folder.copy_side_files(src, [weights.name], dst)
-    result.src, result.dst = src, dst
-    return result
+    def into(weights: Path, target: Path) -> FileUpgrade:
+        result = one(weights, target)
+        if target not in (weights, dst):  # into the folder dst: the result names the folders
+            result.src, result.dst = src, dst
+        return result
+
+    return write_folder(src, dst, into)
 
 
 def _upgrade_dcp(

@@ -29,6 +29,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import stat
 import warnings
@@ -37,10 +38,15 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import Checkpoint
-from ..errors import BudgetExceededError, CheckpointFormatError, UnsafeCheckpointError
+from ..errors import (
+    BudgetExceededError,
+    CheckpointFormatError,
+    OutputOccupiedError,
+    UnsafeCheckpointError,
+)
 from ..layout import LAYOUTS, assemble, split
 from ..stamp import parse_stamp, stamp_of
-from .atomic import _KeptErrorWriter, atomic_path, copy_tree_synced, temp_path_for
+from .atomic import TEMP_MARKER, _KeptErrorWriter, atomic_path, copy_tree_synced, temp_path_for
 from .bounds import (
     DECODE_ALLOWANCE,
     DECODE_FACTOR,
@@ -58,6 +64,7 @@ __all__ = [
     "STAMP_FILE",
     "DcpValue",
     "SafeFileSystemReader",
+    "check_replaceable",
     "read_dcp",
     "read_dcp_metadata",
     "read_dcp_metadata_checkpoint",
@@ -598,8 +605,41 @@ def read_dcp(path: str | os.PathLike[str]) -> Checkpoint:
     return _checkpoint(state, folder)
 
 
+#: The files of a DCP folder of ours: DCP's (``.metadata``, each rank's ``*.distcp``) and our stamp.
+_DCP_FILE = re.compile(r"\.metadata|[^/]*\.distcp|" + re.escape(STAMP_FILE))
+
+
+def check_replaceable(target: str | os.PathLike[str]) -> None:
+    """Refuse, with :class:`~ckptmigrate.errors.OutputOccupiedError` and before anything is
+    touched, to put a DCP folder at ``target`` over anything but nothing, an empty folder, or
+    a DCP folder: ``.metadata`` and nothing but ``.metadata``, ``*.distcp``,
+    ``ckptmigrate.json`` (and our temporaries of them), all plain files.
+
+    >>> check_replaceable("runs/notes")  # doctest: +SKIP
+    OutputOccupiedError: runs/notes holds notes.txt, which writing a DCP checkpoint folder ...
+    """
+    target = Path(target)
+    what = "a DCP checkpoint folder"
+    if not os.path.lexists(target):
+        return
+    if target.is_symlink() or not target.is_dir():
+        raise OutputOccupiedError(target, [], what)
+    names = sorted(os.listdir(target))
+    foreign = [
+        name
+        for name in names
+        if not _DCP_FILE.fullmatch(name.split(TEMP_MARKER)[0])
+        or not stat.S_ISREG(os.lstat(target / name).st_mode)
+    ]
+    if names and not foreign and METADATA_FILE not in names:
+        foreign = names  # DCP's names without a .metadata: a save not finished, not ours
+    if foreign:
+        raise OutputOccupiedError(target, foreign, what)
+
+
 def write_dcp(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
-    """Save ``ckpt`` as a DCP folder at ``path`` (replacing one there), stamp file included.
+    """Save ``ckpt`` as a DCP folder at ``path`` (replacing a DCP folder there, never other
+    files: :func:`check_replaceable`), stamp file included.
 
     The new folder is written beside the target and swapped in (:func:`swap_folder`), so a
     crash leaves the old folder or the new one; what a killed writer left is finished or
@@ -608,6 +648,7 @@ def write_dcp(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
     from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 
     target = Path(path)
+    check_replaceable(target)
     recover_interrupted_write(target)
     layout = ckpt.layout.removeprefix("dcp-")
     plain = Checkpoint(**{**ckpt.__dict__, "layout": layout, "module_metadata": None})
@@ -665,6 +706,7 @@ def stamp_dcp(src: str | os.PathLike[str], dst: str | os.PathLike[str], ckpt: Ch
     if dst.exists() and os.path.samefile(src, dst):
         write_stamp_file(src, ckpt)
         return
+    check_replaceable(dst)
     recover_interrupted_write(dst)
     tmp = _temp_beside(dst)
     try:

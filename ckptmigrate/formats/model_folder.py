@@ -13,22 +13,29 @@ PosixPath('tiny-gpt2/model.safetensors')
 
 from __future__ import annotations
 
+import contextlib
+import filecmp
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
-from ..errors import CheckpointFormatError
+from ..errors import CheckpointFormatError, OutputOccupiedError
 from .atomic import TEMP_MARKER, atomic_path
 
 __all__ = [
     "WEIGHTS_NAMES",
+    "check_side_files",
     "copy_side_files",
     "is_model_folder",
     "resolve",
     "side_files",
     "weights_file",
+    "write_folder",
 ]
+
+T = TypeVar("T")
 
 #: Weights files a model folder may hold, as transformers, PEFT and diffusers name them.
 WEIGHTS_NAMES = (
@@ -100,13 +107,64 @@ def side_files(folder: Path, own: Iterable[str]) -> list[Path]:
     )
 
 
+def _copy_of(path: Path, source: Path) -> bool:
+    return path.is_file() and not path.is_symlink() and filecmp.cmp(path, source, shallow=False)
+
+
+def check_side_files(folder: Path, own: Iterable[str], dst: Path, kind: str) -> None:
+    """Refuse (:class:`~ckptmigrate.errors.OutputOccupiedError`), before anything is written,
+    to copy the :func:`side_files` into a ``dst`` that holds another file under one of their
+    names (a user's ``config.json``): the copy would replace it."""
+    if not dst.is_dir() or dst.resolve() == folder.resolve():
+        return
+    held = [
+        s.name
+        for s in side_files(folder, own)
+        if os.path.lexists(dst / s.name) and not _copy_of(dst / s.name, s)
+    ]
+    if held:
+        raise OutputOccupiedError(dst, held, kind)
+
+
 def copy_side_files(folder: Path, own: Iterable[str], dst: Path) -> list[Path]:
-    """Copy :func:`side_files` into ``dst`` (atomically each), unless it is ``folder``."""
+    """Copy :func:`side_files` into ``dst`` (atomically each), unless it is ``folder``; one
+    already there as a copy is left as it is."""
     if dst.resolve() == folder.resolve():
         return []
     copied = []
     for source in side_files(folder, own):
+        if _copy_of(dst / source.name, source):
+            continue
         with atomic_path(dst / source.name) as tmp:
             shutil.copyfile(source, tmp)
         copied.append(dst / source.name)
     return copied
+
+
+def write_folder(src: Path, dst: Path, write: Callable[[Path, Path], T]) -> T:
+    """Write the model folder ``src``'s weights file with ``write(weights, target)``: in place,
+    to the file ``dst`` names (a suffix, not a folder), or into the folder ``dst`` under the
+    same name with the side files (config, tokenizer...) copied beside it, refused first when
+    ``dst`` holds other files of those names. A write refused leaves no new folder behind.
+
+    >>> write_folder(Path("tiny"), Path("tiny-v2"), lambda w, t: shutil.copyfile(w, t))  # doctest: +SKIP
+    """
+    weights = resolve(src)
+    if dst.exists() and dst.resolve() == src.resolve():
+        return write(weights, weights)
+    if dst.suffix and not dst.is_dir():
+        return write(weights, dst)
+    if os.path.lexists(dst) and not dst.is_dir():
+        raise OutputOccupiedError(dst, [], "a model folder")
+    check_side_files(src, [weights.name], dst, "a model folder")
+    made = not dst.exists()
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        result = write(weights, dst / weights.name)
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                dst.rmdir()  # only if still empty
+        raise
+    copy_side_files(src, [weights.name], dst)
+    return result

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import Checkpoint
-from ..errors import CheckpointFormatError
+from ..errors import CheckpointFormatError, OutputOccupiedError
 from ..stamp import parse_stamp
 from .atomic import TEMP_MARKER, atomic_path
 from .bounds import loads_json
@@ -36,9 +36,11 @@ from .tensorinfo import TensorStub
 
 __all__ = [
     "INDEX_SUFFIX",
+    "SetOutput",
     "ShardedSet",
     "find_index",
     "is_index_file",
+    "output_for",
     "read_index",
     "read_sharded",
     "read_sharded_metadata",
@@ -86,6 +88,63 @@ class ShardedSet:
         shards written anew when tensors move between them."""
         first, *others = [self.headers.get(s, {}) for s in self.shards] or [{}]
         return {k: v for k, v in first.items() if all(h.get(k) == v for h in others)}
+
+
+@dataclass(frozen=True)
+class SetOutput:
+    """Where a set's rewrite goes: its folder, its index, and how its shards are named (each
+    then given a fresh digest by :class:`~.set_swap.SetSwap`). Made by :func:`output_for`."""
+
+    folder: Path
+    index_name: str
+    #: set when ``-o`` named the index: the new shards are named after it
+    stem: str | None = None
+
+    def shard(self, i: int, n: int, kind: str, like: str | None = None) -> str:
+        """The name of the ``i``-th of ``n`` new shards: ``like`` (the old shard's name) unless
+        the index was named, else ``STEM-0000i-of-0000n.EXT``."""
+        if self.stem is None and like is not None:
+            return like
+        ext = ".safetensors" if kind == "safetensors" else ".bin"
+        stem = self.stem or ("model" if kind == "safetensors" else "pytorch_model")
+        return f"{stem}-{i:05d}-of-{n:05d}{ext}"
+
+
+def output_for(sset: ShardedSet, dst: str | os.PathLike[str]) -> SetOutput:
+    """Where writing ``sset`` to ``dst`` puts it, every name derived here.
+
+    ``dst`` naming the set itself (its folder or index): in place. ``dst`` ending in
+    ``.index.json``: that index, its shards beside it named after it
+    (``v2.safetensors.index.json`` -> ``v2-00001-of-00002-<digest>.safetensors``), so they are
+    told apart from the shards of another set in that folder. Anything else is a folder
+    (created if missing) that gets the index and shards under the set's own names. A file at
+    ``dst`` that is not an index is refused (:class:`~ckptmigrate.errors.OutputOccupiedError`).
+
+    >>> output_for(sset, "out/v2.safetensors.index.json")  # doctest: +SKIP
+    SetOutput(folder=PosixPath('out'), index_name='v2.safetensors.index.json', stem='v2')
+    """
+    dst = Path(dst)
+    if dst.is_dir():
+        return SetOutput(dst, sset.index_path.name)
+    if dst.name.endswith(INDEX_SUFFIX):
+        if dst.exists() and os.path.samefile(dst, sset.index_path):
+            return SetOutput(sset.folder, sset.index_path.name)
+        stem = dst.name[: -len(INDEX_SUFFIX)].removesuffix(".safetensors").removesuffix(".bin")
+        return SetOutput(dst.parent if str(dst.parent) else Path("."), dst.name, stem or "model")
+    if os.path.lexists(dst):
+        raise OutputOccupiedError(dst, [], "a sharded set's folder")
+    return SetOutput(dst, sset.index_path.name)
+
+
+def check_output(sset: ShardedSet, out: SetOutput) -> None:
+    """Refuse, before anything is written, an output whose index name is not a plain file's,
+    or that holds a file under a companion's name that is not that companion's copy."""
+    from .model_folder import check_side_files
+
+    index = out.folder / out.index_name
+    if os.path.lexists(index) and (index.is_symlink() or not index.is_file()):
+        raise OutputOccupiedError(out.folder, [out.index_name], "a sharded set")
+    check_side_files(sset.folder, _own_files(sset), out.folder, "a sharded set")
 
 
 def is_index_file(path: str | os.PathLike[str]) -> bool:
