@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from hostile import replace_member, safetensors_bytes, save_torch
 
 import ckptmigrate as cm
 from ckptmigrate.errors import BudgetExceededError, CheckpointFormatError
-from ckptmigrate.formats.pickle_meta import read_torch_metadata
+from ckptmigrate.formats.pickle_meta import MAX_PICKLE_BYTES, read_torch_metadata
 from ckptmigrate.formats.safetensors_header import read_safetensors_header
 
 
@@ -97,7 +98,7 @@ def test_budget_error_is_a_format_error_and_exits_2(tmp_path):
 
 _PEAK = """
 import resource, sys
-from ckptmigrate.formats.pickle_meta import read_torch_metadata
+from ckptmigrate.formats.pickle_meta import MAX_PICKLE_BYTES, read_torch_metadata
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     read_torch_metadata(sys.argv[1])
@@ -334,8 +335,9 @@ def test_a_few_hundred_big_int_keys_still_load(tmp_path):
 # --------------------------------------------------------------------------- DCP transforms
 
 
-def _zstd_dcp(folder: Path) -> dict:
-    """A DCP folder torch writes with its zstd stream transform on every chunk."""
+def _zstd_dcp(folder: Path, **values: object) -> dict:
+    """A DCP folder torch writes with its zstd stream transform on every chunk (``values``:
+    more entries it stores as bytes)."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
@@ -344,7 +346,7 @@ def _zstd_dcp(folder: Path) -> dict:
 
     torch.manual_seed(0)
     model = {"blocks.0.weight": torch.randn(32, 32), "blocks.0.rotary": torch.randn(3)}
-    state = {"model": {**model, "head.bias": torch.arange(5)}, "epoch": 7}
+    state = {"model": {**model, "head.bias": torch.arange(5)}, "epoch": 7, **values}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # single process, no process group
         dcp.save(state, storage_writer=FileSystemWriter(folder, _extensions=[ZStandard()]))
@@ -378,6 +380,12 @@ def pickle_load_metadata(folder: Path):
 
 def _inflating_chunk(folder: Path, fqn: str, inflated: int) -> None:
     """Point ``fqn``'s chunk at a zstd frame of ``inflated`` zero bytes (a few KB on disk)."""
+    _chunk_of(folder, fqn, (bytes(1 << 20) for _ in range(inflated >> 20)))
+
+
+def _chunk_of(folder: Path, fqn: str, pieces: Iterable[bytes], *, zstd: bool = True) -> None:
+    """Point ``fqn``'s chunk at a zstd frame of ``pieces`` (or at ``pieces`` as they are),
+    appended to its data file."""
     import dataclasses
     import pickle
 
@@ -386,22 +394,27 @@ def _inflating_chunk(folder: Path, fqn: str, inflated: int) -> None:
     md = pickle_load_metadata(folder)
     index = next(i for i in md.storage_data if i.fqn == fqn)
     info = md.storage_data[index]
-    compressor = zstandard.ZstdCompressor().compressobj()
-    zeros = bytes(1 << 20)
-    frame = b"".join(compressor.compress(zeros) for _ in range(inflated >> 20)) + compressor.flush()
+    if zstd:
+        compressor = zstandard.ZstdCompressor().compressobj()
+        frame = b"".join(compressor.compress(piece) for piece in pieces) + compressor.flush()
+    else:
+        frame = b"".join(pieces)
     with open(folder / info.relative_path, "ab") as f:
         offset = f.tell()
         f.write(frame)
-    md.storage_data[index] = dataclasses.replace(info, offset=offset, length=len(frame))
+    transforms = info.transform_descriptors if zstd else None
+    md.storage_data[index] = dataclasses.replace(
+        info, offset=offset, length=len(frame), transform_descriptors=transforms
+    )
     (folder / ".metadata").write_bytes(pickle.dumps(md))
 
 
-@pytest.mark.parametrize("fqn", ["model.blocks.0.weight", "epoch"], ids=["tensor", "bytes"])
-def test_zstd_chunk_inflating_past_its_declared_size_is_refused(tmp_path, fqn):
+def test_zstd_chunk_inflating_past_its_declared_size_is_refused(tmp_path):
     # the tensor declares 4 KiB; its chunk inflates to 256 MiB (torch read it whole first)
     pytest.importorskip("zstandard")
     from ckptmigrate.files import read_checkpoint
 
+    fqn = "model.blocks.0.weight"
     _zstd_dcp(tmp_path / "z")
     _inflating_chunk(tmp_path / "z", fqn, 256 << 20)
     assert (tmp_path / "z" / "__0_0.distcp").stat().st_size < 200_000
@@ -409,3 +422,42 @@ def test_zstd_chunk_inflating_past_its_declared_size_is_refused(tmp_path, fqn):
         read_checkpoint(tmp_path / "z")
     assert repr(fqn) in info.value.what and "stream.zstd" in info.value.what
     assert info.value.budget < (80 << 20)
+
+
+def test_zstd_value_inflating_past_the_pickle_cap_is_refused(tmp_path):
+    # a value stored as bytes declares no size: it may inflate to the 1 GiB cap of a data.pkl
+    pytest.importorskip("zstandard")
+    from ckptmigrate.files import read_checkpoint
+
+    _zstd_dcp(tmp_path / "z")
+    _inflating_chunk(tmp_path / "z", "epoch", MAX_PICKLE_BYTES + (2 << 20))
+    with pytest.raises(BudgetExceededError) as info:
+        read_checkpoint(tmp_path / "z")
+    assert info.value.what.startswith("value 'epoch' in __0_0.distcp, inflated by stream.zstd")
+    assert info.value.budget == MAX_PICKLE_BYTES and "None" not in str(info.value)
+
+
+def test_zstd_value_compressed_far_below_its_size_loads(tmp_path):
+    # 80 MB of text zstd keeps in a few KB: the bound on its stored bytes (64 MiB) refused it
+    pytest.importorskip("zstandard")
+    from ckptmigrate.files import read_checkpoint
+
+    log = "step ok\n" * 10_000_000
+    _zstd_dcp(tmp_path / "z", log=log)
+    assert (tmp_path / "z" / "__0_0.distcp").stat().st_size < 100_000
+    assert read_checkpoint(tmp_path / "z").extra["log"] == log
+    assert cm.load(tmp_path / "z", upgrade=False).extra["log"] == log
+
+
+@pytest.mark.parametrize("zstd", [True, False], ids=["zstd", "plain"])
+def test_dcp_value_of_a_dense_pickle_is_refused_before_torch_decodes_it(tmp_path, zstd):
+    # 2 MB of EMPTY_SET in a torch zip (zstd: a few KB): torch's loader took 800 MiB for it
+    pytest.importorskip("zstandard")
+    from ckptmigrate.files import read_checkpoint
+
+    _zstd_dcp(tmp_path / "z")
+    bomb = _zip_with_pickle(tmp_path, _empty_sets(2_000_000)).read_bytes()
+    _chunk_of(tmp_path / "z", "epoch", [bomb], zstd=zstd)
+    with pytest.raises(BudgetExceededError) as info:
+        read_checkpoint(tmp_path / "z")
+    assert info.value.what == "value 'epoch'" and info.value.path == str(tmp_path / "z")
