@@ -73,6 +73,27 @@ class HashingBudgetExceededError(BudgetExceededError):
         )
 
 
+class FileTooLargeError(BudgetExceededError):
+    """A file read whole (a set's index, a journal, ``ckptmigrate.json``, DCP ``.metadata``) is
+    larger than its cap: refused before it is read.
+
+    ``needed`` is the bytes found (at least that many: a file may still be growing), ``budget``
+    the cap and ``rule`` what the cap is for.
+    """
+
+    def __init__(
+        self, what: str, needed: int, budget: int, rule: str, *, path: object = None
+    ) -> None:
+        self.what, self.needed, self.budget, self.rule = what, needed, budget, rule
+        CheckpointFormatError.__init__(
+            self,
+            f"{what} holds {needed} bytes or more, over the {budget >> 20} MiB cap on {rule}: "
+            "refused without reading it; no file ckptmigrate, torch or Hugging Face writes is "
+            "that large",
+            path=path,
+        )
+
+
 class UnknownLayoutError(CheckpointFormatError):
     """A checkpoint dict in none of the known layouts: no state_dict where one is looked for."""
 
