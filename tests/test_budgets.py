@@ -8,6 +8,7 @@ Real files of realistic size still load.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hostile import replace_member, safetensors_bytes, save_torch
+from hostile import no_hang, replace_member, safetensors_bytes, save_torch, write_set
+from processes import one_error_line, run
 
 import ckptmigrate as cm
 from ckptmigrate.errors import BudgetExceededError, CheckpointFormatError
@@ -461,3 +463,117 @@ def test_dcp_value_of_a_dense_pickle_is_refused_before_torch_decodes_it(tmp_path
     with pytest.raises(BudgetExceededError) as info:
         read_checkpoint(tmp_path / "z")
     assert info.value.what == "value 'epoch'" and info.value.path == str(tmp_path / "z")
+
+
+# --------------------------------------------------------------------------- files read whole
+
+
+def _read_whole(tmp_path: Path, kind: str) -> tuple[Path, Path, int]:
+    """A real checkpoint whose ``kind`` of file ckptmigrate reads whole: (what to read, that
+    file, its cap)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from ckptmigrate.formats.bounds import MAX_JSON_FILE_BYTES
+    from ckptmigrate.formats.dcp import METADATA_FILE, STAMP_FILE
+    from ckptmigrate.inplace import stamp_in_place
+
+    if kind == "index":
+        index = write_set(tmp_path / "set", {"model-00001-of-00001.safetensors": _TENSORS})
+        return index, index, MAX_JSON_FILE_BYTES
+    folder = tmp_path / "dcp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # single process, no process group
+        dcp.save({"model": dict(_TENSORS), "epoch": 7}, checkpoint_id=folder)
+    stamp_in_place(folder, "toy", "1.0.0")  # its ckptmigrate.json
+    if kind == "dcp-metadata":
+        return folder, folder / METADATA_FILE, MAX_PICKLE_BYTES
+    return folder, folder / STAMP_FILE, MAX_JSON_FILE_BYTES
+
+
+_TENSORS = {"blocks.0.weight": torch.ones(2)}
+WHOLE_FILES = ["index", "dcp-metadata", "dcp-stamp"]
+
+
+def _reader_of(kind: str):
+    """The function that reads that kind of file whole."""
+    from ckptmigrate.formats import dcp, sharded
+
+    return {
+        "index": sharded.read_index,
+        "dcp-metadata": dcp.read_dcp_metadata,
+        "dcp-stamp": dcp.read_stamp_file,
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", WHOLE_FILES)
+def test_a_file_read_whole_past_its_cap_is_refused_before_it_is_read(tmp_path, kind):
+    # a 20 GB sparse model.safetensors.index.json made `info` read 20 GB into memory
+    from ckptmigrate.errors import FileTooLargeError
+    from ckptmigrate.files import read_metadata
+
+    path, whole, cap = _read_whole(tmp_path, kind)
+    assert read_metadata(path).state_dict.keys() == _TENSORS.keys()  # as written: it loads
+    with open(whole, "r+b") as f:
+        f.truncate(cap + 1)  # sparse: made at once, read whole it is cap + 1 bytes
+    for read in (_reader_of(kind), read_metadata, lambda p: cm.load(p, upgrade=False)):
+        with pytest.raises(FileTooLargeError) as info:
+            read(path)
+        assert info.value.budget == cap and info.value.path == str(whole)
+    with open(whole, "r+b") as f:
+        f.truncate(20 << 30)
+    # a real process, where reading 20 GB could only fail: refused at once, one line
+    line = one_error_line(run(tmp_path, "info", str(path), timeout=60, address_space=3 << 30))
+    assert f"holds {20 << 30} bytes or more, over the {cap >> 20} MiB cap" in line
+
+
+@pytest.mark.parametrize("kind", WHOLE_FILES)
+def test_a_fifo_named_as_a_file_read_whole_is_refused_without_blocking(tmp_path, kind):
+    from ckptmigrate.files import read_metadata
+
+    path, whole, _ = _read_whole(tmp_path, kind)
+    whole.unlink()
+    os.mkfifo(whole)
+    with no_hang():
+        with pytest.raises(CheckpointFormatError, match="not a regular file"):
+            _reader_of(kind)(path)
+        with pytest.raises(CheckpointFormatError):
+            read_metadata(path)
+    one_error_line(run(tmp_path, "info", str(path), timeout=60))
+
+
+@pytest.mark.parametrize("journal", ["sparse-20-gb", "fifo"])
+def test_a_journal_too_large_or_not_a_file_is_kept_and_the_set_upgrades(tmp_path, journal):
+    # every journal in the folder is read before a set is rewritten; one that cannot be read
+    # is not ours: kept, and the upgrade goes on
+    from toy import TOY_MIGRATIONS
+
+    from ckptmigrate.files import read_metadata
+
+    index = write_set(
+        tmp_path / "set", {"model-00001-of-00001.safetensors": _TENSORS}, version="1.0.0"
+    )
+    pending = index.parent / "other.safetensors.index.json.ckptmigrate-pending"
+    if journal == "fifo":
+        os.mkfifo(pending)
+    else:
+        with open(pending, "wb") as f:
+            f.truncate(20 << 30)
+    (tmp_path / "mig").mkdir()
+    (tmp_path / "mig" / "toy_migrations.py").write_text(TOY_MIGRATIONS)
+    mig = ["--migrations", str(tmp_path / "mig")]
+    done = run(
+        tmp_path,
+        "upgrade",
+        str(index),
+        "--in-place",
+        "--to",
+        "2.0.0",
+        *mig,
+        timeout=60,
+        address_space=3 << 30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert str(read_metadata(index).version) == "2.0.0"
+    assert pending.is_fifo() if journal == "fifo" else pending.stat().st_size == 20 << 30

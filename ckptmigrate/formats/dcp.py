@@ -46,9 +46,10 @@ from .bounds import (
     DECODE_FACTOR,
     DecodeBudget,
     decode_bounded,
-    loads_json,
+    read_json_file,
     tuple_chain_bound,
 )
+from .detect import read_bounded
 from .folder_swap import recover_interrupted_write, swap_folder
 from .pickle_meta import (
     MAX_PICKLE_BYTES,
@@ -191,13 +192,11 @@ def read_dcp_metadata(path: str | os.PathLike[str], *, torch_classes: bool = Fal
     With ``torch_classes=False`` (metadata-only use) torch is not imported and the dataclasses
     come back as stand-ins with the same attributes; with ``True`` they are torch's own, as
     torch's loader needs them. A global outside :data:`DCP_GLOBALS` raises
-    :class:`UnsafeCheckpointError` before anything is built.
+    :class:`UnsafeCheckpointError` before anything is built; a ``.metadata`` over
+    :data:`~.pickle_meta.MAX_PICKLE_BYTES` is refused unread.
     """
     md_path = _metadata_path(path)
-    try:
-        data = md_path.read_bytes()
-    except OSError as exc:
-        raise CheckpointFormatError(f"cannot read DCP metadata ({exc})", path=md_path) from None
+    data = read_bounded(md_path, MAX_PICKLE_BYTES, "DCP metadata", "a pickle (as on data.pkl)")
     allowed = dict.fromkeys(DCP_GLOBALS)
     try:
         scan = _scan_pickle(data, 0, len(data), allowed, md_path)  # unsafe beats corrupt
@@ -371,13 +370,9 @@ def _set_path(tree: dict[Any, Any], route: tuple[Any, ...], value: Any, path: ob
 def read_stamp_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``ckptmigrate.json`` of a DCP folder, or ``{}`` when it has none."""
     stamp_path = Path(path) / STAMP_FILE
-    if not stamp_path.is_file():
+    if not stamp_path.exists():
         return {}
-    try:
-        text = stamp_path.read_text("utf-8")
-    except (OSError, ValueError) as exc:
-        raise CheckpointFormatError(f"unreadable stamp file ({exc})", path=stamp_path) from None
-    data = loads_json(text, what="the stamp file", path=stamp_path)
+    data = read_json_file(stamp_path, what="the stamp file")  # a FIFO or folder is refused
     if not isinstance(data, dict):
         raise CheckpointFormatError("the stamp file must hold a JSON object", path=stamp_path)
     return data
