@@ -577,3 +577,22 @@ def test_a_journal_too_large_or_not_a_file_is_kept_and_the_set_upgrades(tmp_path
     assert done.returncode == 0, done.stderr
     assert str(read_metadata(index).version) == "2.0.0"
     assert pending.is_fifo() if journal == "fifo" else pending.stat().st_size == 20 << 30
+
+
+def test_a_file_that_grows_while_it_is_read_is_refused(tmp_path, monkeypatch):
+    # the size was checked on the descriptor; what is read past it counts too
+    from ckptmigrate.errors import FileTooLargeError
+    from ckptmigrate.formats.detect import read_bounded
+
+    path = tmp_path / "model.safetensors.index.json"
+    path.write_bytes(b"{}" + b" " * 98)
+    real_fstat = os.fstat
+
+    def fstat_before_growth(fd: int) -> os.stat_result:
+        st = real_fstat(fd)
+        return os.stat_result((*st[:6], 2, *st[7:10]))  # it held 2 bytes when looked at
+
+    monkeypatch.setattr(os, "fstat", fstat_before_growth)
+    with pytest.raises(FileTooLargeError) as info:
+        read_bounded(path, 50, "the index JSON", "a JSON file read whole")
+    assert info.value.needed == 51 and info.value.budget == 50
