@@ -44,11 +44,13 @@ class BudgetExceededError(CheckpointFormatError):
         self, what: str, needed: int, budget: int, rule: str, *, path: object = None
     ) -> None:
         self.what, self.needed, self.budget, self.rule = what, needed, budget, rule
-        super().__init__(
-            f"{what} would take about {needed >> 20} MiB to read, over its budget of "
-            f"{budget >> 20} MiB ({rule}); a file this dense is not one torch or safetensors "
-            "wrote",
-            path=path,
+        super().__init__(self._sentence(), path=path)
+
+    def _sentence(self) -> str:
+        return (
+            f"{self.what} would take about {self.needed >> 20} MiB to read, over its budget of "
+            f"{self.budget >> 20} MiB ({self.rule}); a file this dense is not one torch or "
+            "safetensors wrote"
         )
 
 
@@ -60,16 +62,27 @@ class HashingBudgetExceededError(BudgetExceededError):
     ``needed`` and ``budget`` count items visited, not bytes.
     """
 
-    def __init__(
-        self, what: str, needed: int, budget: int, rule: str, *, path: object = None
-    ) -> None:
-        self.what, self.needed, self.budget, self.rule = what, needed, budget, rule
-        CheckpointFormatError.__init__(
-            self,
-            f"{what} would hash about {needed} items to read (tuples sharing their items, "
-            f"hashed as trees, or big int keys that may share one hash), over its budget of {budget} ({rule}); no file torch wrote "
-            "needs that",
-            path=path,
+    def _sentence(self) -> str:
+        return (
+            f"{self.what} would hash about {self.needed} items to read (tuples sharing their "
+            "items, hashed as trees, or big int keys that may share one hash), over its budget "
+            f"of {self.budget} ({self.rule}); no file torch wrote needs that"
+        )
+
+
+class FileTooLargeError(BudgetExceededError):
+    """A file read whole (a set's index, a journal, ``ckptmigrate.json``, DCP ``.metadata``) is
+    larger than its cap: refused before it is read.
+
+    ``needed`` is the bytes found (at least that many: a file may still be growing), ``budget``
+    the cap and ``rule`` what the cap is for.
+    """
+
+    def _sentence(self) -> str:
+        return (
+            f"{self.what} holds {self.needed} bytes or more, over the {self.budget >> 20} MiB "
+            f"cap on {self.rule}: refused without reading it; no file ckptmigrate, torch or "
+            "Hugging Face writes is that large"
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pty
+import resource
 import select
 import subprocess
 import sys
@@ -12,10 +13,19 @@ from pathlib import Path
 
 
 def run(
-    cwd: Path | None, *args: str, timeout: float | None = None, **env: str
+    cwd: Path | None,
+    *args: str,
+    timeout: float | None = None,
+    address_space: int | None = None,
+    **env: str,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m ckptmigrate ARGS`` in ``cwd`` (away from the repo's pyproject), with
-    ``env`` over the environment."""
+    ``env`` over the environment; ``address_space``: its RLIMIT_AS in bytes (a reader that
+    tries to read gigabytes fails there instead of taking the machine's memory)."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+
     return subprocess.run(
         [sys.executable, "-m", "ckptmigrate", *args],
         capture_output=True,
@@ -23,6 +33,7 @@ def run(
         cwd=cwd,
         env={**os.environ, "COLUMNS": "200", **env},
         timeout=timeout,
+        preexec_fn=None if address_space is None else limit,
     )
 
 

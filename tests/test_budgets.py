@@ -8,19 +8,22 @@ Real files of realistic size still load.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import torch
-from hostile import replace_member, safetensors_bytes, save_torch
+from hostile import no_hang, replace_member, safetensors_bytes, save_torch, write_set
+from processes import one_error_line, run
 
 import ckptmigrate as cm
 from ckptmigrate.errors import BudgetExceededError, CheckpointFormatError
-from ckptmigrate.formats.pickle_meta import read_torch_metadata
+from ckptmigrate.formats.pickle_meta import MAX_PICKLE_BYTES, read_torch_metadata
 from ckptmigrate.formats.safetensors_header import read_safetensors_header
 
 
@@ -97,7 +100,7 @@ def test_budget_error_is_a_format_error_and_exits_2(tmp_path):
 
 _PEAK = """
 import resource, sys
-from ckptmigrate.formats.pickle_meta import read_torch_metadata
+from ckptmigrate.formats.pickle_meta import MAX_PICKLE_BYTES, read_torch_metadata
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     read_torch_metadata(sys.argv[1])
@@ -334,8 +337,9 @@ def test_a_few_hundred_big_int_keys_still_load(tmp_path):
 # --------------------------------------------------------------------------- DCP transforms
 
 
-def _zstd_dcp(folder: Path) -> dict:
-    """A DCP folder torch writes with its zstd stream transform on every chunk."""
+def _zstd_dcp(folder: Path, **values: object) -> dict:
+    """A DCP folder torch writes with its zstd stream transform on every chunk (``values``:
+    more entries it stores as bytes)."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
@@ -344,7 +348,7 @@ def _zstd_dcp(folder: Path) -> dict:
 
     torch.manual_seed(0)
     model = {"blocks.0.weight": torch.randn(32, 32), "blocks.0.rotary": torch.randn(3)}
-    state = {"model": {**model, "head.bias": torch.arange(5)}, "epoch": 7}
+    state = {"model": {**model, "head.bias": torch.arange(5)}, "epoch": 7, **values}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # single process, no process group
         dcp.save(state, storage_writer=FileSystemWriter(folder, _extensions=[ZStandard()]))
@@ -378,6 +382,12 @@ def pickle_load_metadata(folder: Path):
 
 def _inflating_chunk(folder: Path, fqn: str, inflated: int) -> None:
     """Point ``fqn``'s chunk at a zstd frame of ``inflated`` zero bytes (a few KB on disk)."""
+    _chunk_of(folder, fqn, (bytes(1 << 20) for _ in range(inflated >> 20)))
+
+
+def _chunk_of(folder: Path, fqn: str, pieces: Iterable[bytes], *, zstd: bool = True) -> None:
+    """Point ``fqn``'s chunk at a zstd frame of ``pieces`` (or at ``pieces`` as they are),
+    appended to its data file."""
     import dataclasses
     import pickle
 
@@ -386,22 +396,27 @@ def _inflating_chunk(folder: Path, fqn: str, inflated: int) -> None:
     md = pickle_load_metadata(folder)
     index = next(i for i in md.storage_data if i.fqn == fqn)
     info = md.storage_data[index]
-    compressor = zstandard.ZstdCompressor().compressobj()
-    zeros = bytes(1 << 20)
-    frame = b"".join(compressor.compress(zeros) for _ in range(inflated >> 20)) + compressor.flush()
+    if zstd:
+        compressor = zstandard.ZstdCompressor().compressobj()
+        frame = b"".join(compressor.compress(piece) for piece in pieces) + compressor.flush()
+    else:
+        frame = b"".join(pieces)
     with open(folder / info.relative_path, "ab") as f:
         offset = f.tell()
         f.write(frame)
-    md.storage_data[index] = dataclasses.replace(info, offset=offset, length=len(frame))
+    transforms = info.transform_descriptors if zstd else None
+    md.storage_data[index] = dataclasses.replace(
+        info, offset=offset, length=len(frame), transform_descriptors=transforms
+    )
     (folder / ".metadata").write_bytes(pickle.dumps(md))
 
 
-@pytest.mark.parametrize("fqn", ["model.blocks.0.weight", "epoch"], ids=["tensor", "bytes"])
-def test_zstd_chunk_inflating_past_its_declared_size_is_refused(tmp_path, fqn):
+def test_zstd_chunk_inflating_past_its_declared_size_is_refused(tmp_path):
     # the tensor declares 4 KiB; its chunk inflates to 256 MiB (torch read it whole first)
     pytest.importorskip("zstandard")
     from ckptmigrate.files import read_checkpoint
 
+    fqn = "model.blocks.0.weight"
     _zstd_dcp(tmp_path / "z")
     _inflating_chunk(tmp_path / "z", fqn, 256 << 20)
     assert (tmp_path / "z" / "__0_0.distcp").stat().st_size < 200_000
@@ -409,3 +424,175 @@ def test_zstd_chunk_inflating_past_its_declared_size_is_refused(tmp_path, fqn):
         read_checkpoint(tmp_path / "z")
     assert repr(fqn) in info.value.what and "stream.zstd" in info.value.what
     assert info.value.budget < (80 << 20)
+
+
+def test_zstd_value_inflating_past_the_pickle_cap_is_refused(tmp_path):
+    # a value stored as bytes declares no size: it may inflate to the 1 GiB cap of a data.pkl
+    pytest.importorskip("zstandard")
+    from ckptmigrate.files import read_checkpoint
+
+    _zstd_dcp(tmp_path / "z")
+    _inflating_chunk(tmp_path / "z", "epoch", MAX_PICKLE_BYTES + (2 << 20))
+    with pytest.raises(BudgetExceededError) as info:
+        read_checkpoint(tmp_path / "z")
+    assert info.value.what.startswith("value 'epoch' in __0_0.distcp, inflated by stream.zstd")
+    assert info.value.budget == MAX_PICKLE_BYTES and "None" not in str(info.value)
+
+
+def test_zstd_value_compressed_far_below_its_size_loads(tmp_path):
+    # 80 MB of text zstd keeps in a few KB: the bound on its stored bytes (64 MiB) refused it
+    pytest.importorskip("zstandard")
+    from ckptmigrate.files import read_checkpoint
+
+    log = "step ok\n" * 10_000_000
+    _zstd_dcp(tmp_path / "z", log=log)
+    assert (tmp_path / "z" / "__0_0.distcp").stat().st_size < 100_000
+    assert read_checkpoint(tmp_path / "z").extra["log"] == log
+    assert cm.load(tmp_path / "z", upgrade=False).extra["log"] == log
+
+
+@pytest.mark.parametrize("zstd", [True, False], ids=["zstd", "plain"])
+def test_dcp_value_of_a_dense_pickle_is_refused_before_torch_decodes_it(tmp_path, zstd):
+    # 2 MB of EMPTY_SET in a torch zip (zstd: a few KB): torch's loader took 800 MiB for it
+    pytest.importorskip("zstandard")
+    from ckptmigrate.files import read_checkpoint
+
+    _zstd_dcp(tmp_path / "z")
+    bomb = _zip_with_pickle(tmp_path, _empty_sets(2_000_000)).read_bytes()
+    _chunk_of(tmp_path / "z", "epoch", [bomb], zstd=zstd)
+    with pytest.raises(BudgetExceededError) as info:
+        read_checkpoint(tmp_path / "z")
+    assert info.value.what == "value 'epoch'" and info.value.path == str(tmp_path / "z")
+
+
+# --------------------------------------------------------------------------- files read whole
+
+
+def _read_whole(tmp_path: Path, kind: str) -> tuple[Path, Path, int]:
+    """A real checkpoint whose ``kind`` of file ckptmigrate reads whole: (what to read, that
+    file, its cap)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from ckptmigrate.formats.bounds import MAX_JSON_FILE_BYTES
+    from ckptmigrate.formats.dcp import METADATA_FILE, STAMP_FILE
+    from ckptmigrate.inplace import stamp_in_place
+
+    if kind == "index":
+        index = write_set(tmp_path / "set", {"model-00001-of-00001.safetensors": _TENSORS})
+        return index, index, MAX_JSON_FILE_BYTES
+    folder = tmp_path / "dcp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # single process, no process group
+        dcp.save({"model": dict(_TENSORS), "epoch": 7}, checkpoint_id=folder)
+    stamp_in_place(folder, "toy", "1.0.0")  # its ckptmigrate.json
+    if kind == "dcp-metadata":
+        return folder, folder / METADATA_FILE, MAX_PICKLE_BYTES
+    return folder, folder / STAMP_FILE, MAX_JSON_FILE_BYTES
+
+
+_TENSORS = {"blocks.0.weight": torch.ones(2)}
+WHOLE_FILES = ["index", "dcp-metadata", "dcp-stamp"]
+
+
+def _reader_of(kind: str):
+    """The function that reads that kind of file whole."""
+    from ckptmigrate.formats import dcp, sharded
+
+    return {
+        "index": sharded.read_index,
+        "dcp-metadata": dcp.read_dcp_metadata,
+        "dcp-stamp": dcp.read_stamp_file,
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", WHOLE_FILES)
+def test_a_file_read_whole_past_its_cap_is_refused_before_it_is_read(tmp_path, kind):
+    # a 20 GB sparse model.safetensors.index.json made `info` read 20 GB into memory
+    from ckptmigrate.errors import FileTooLargeError
+    from ckptmigrate.files import read_metadata
+
+    path, whole, cap = _read_whole(tmp_path, kind)
+    assert read_metadata(path).state_dict.keys() == _TENSORS.keys()  # as written: it loads
+    with open(whole, "r+b") as f:
+        f.truncate(cap + 1)  # sparse: made at once, read whole it is cap + 1 bytes
+    for read in (_reader_of(kind), read_metadata, lambda p: cm.load(p, upgrade=False)):
+        with pytest.raises(FileTooLargeError) as info:
+            read(path)
+        assert info.value.budget == cap and info.value.path == str(whole)
+    with open(whole, "r+b") as f:
+        f.truncate(20 << 30)
+    # a real process, where reading 20 GB could only fail: refused at once, one line
+    line = one_error_line(run(tmp_path, "info", str(path), timeout=60, address_space=3 << 30))
+    assert f"holds {20 << 30} bytes or more, over the {cap >> 20} MiB cap" in line
+
+
+@pytest.mark.parametrize("kind", WHOLE_FILES)
+def test_a_fifo_named_as_a_file_read_whole_is_refused_without_blocking(tmp_path, kind):
+    from ckptmigrate.files import read_metadata
+
+    path, whole, _ = _read_whole(tmp_path, kind)
+    whole.unlink()
+    os.mkfifo(whole)
+    with no_hang():
+        with pytest.raises(CheckpointFormatError, match="not a regular file"):
+            _reader_of(kind)(path)
+        with pytest.raises(CheckpointFormatError):
+            read_metadata(path)
+    one_error_line(run(tmp_path, "info", str(path), timeout=60))
+
+
+@pytest.mark.parametrize("journal", ["sparse-20-gb", "fifo"])
+def test_a_journal_too_large_or_not_a_file_is_kept_and_the_set_upgrades(tmp_path, journal):
+    # every journal in the folder is read before a set is rewritten; one that cannot be read
+    # is not ours: kept, and the upgrade goes on
+    from toy import TOY_MIGRATIONS
+
+    from ckptmigrate.files import read_metadata
+
+    index = write_set(
+        tmp_path / "set", {"model-00001-of-00001.safetensors": _TENSORS}, version="1.0.0"
+    )
+    pending = index.parent / "other.safetensors.index.json.ckptmigrate-pending"
+    if journal == "fifo":
+        os.mkfifo(pending)
+    else:
+        with open(pending, "wb") as f:
+            f.truncate(20 << 30)
+    (tmp_path / "mig").mkdir()
+    (tmp_path / "mig" / "toy_migrations.py").write_text(TOY_MIGRATIONS)
+    mig = ["--migrations", str(tmp_path / "mig")]
+    done = run(
+        tmp_path,
+        "upgrade",
+        str(index),
+        "--in-place",
+        "--to",
+        "2.0.0",
+        *mig,
+        timeout=60,
+        address_space=3 << 30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert str(read_metadata(index).version) == "2.0.0"
+    assert pending.is_fifo() if journal == "fifo" else pending.stat().st_size == 20 << 30
+
+
+def test_a_file_that_grows_while_it_is_read_is_refused(tmp_path, monkeypatch):
+    # the size was checked on the descriptor; what is read past it counts too
+    from ckptmigrate.errors import FileTooLargeError
+    from ckptmigrate.formats.detect import read_bounded
+
+    path = tmp_path / "model.safetensors.index.json"
+    path.write_bytes(b"{}" + b" " * 98)
+    real_fstat = os.fstat
+
+    def fstat_before_growth(fd: int) -> os.stat_result:
+        st = real_fstat(fd)
+        return os.stat_result((*st[:6], 2, *st[7:10]))  # it held 2 bytes when looked at
+
+    monkeypatch.setattr(os, "fstat", fstat_before_growth)
+    with pytest.raises(FileTooLargeError) as info:
+        read_bounded(path, 50, "the index JSON", "a JSON file read whole")
+    assert info.value.needed == 51 and info.value.budget == 50

@@ -20,11 +20,13 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import itertools
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..errors import BudgetExceededError, CheckpointFormatError, HashingBudgetExceededError
+from .detect import read_bounded
 from .tensorinfo import TensorStub
 
 T = TypeVar("T")
@@ -266,6 +268,26 @@ def check_graph(root: Any, path: object = None, *, what: str = "the pickle") -> 
             f"{EXPANSION_ALLOWANCE})",
             path=path,
         )
+
+
+#: A JSON file read whole (a set's index, a DCP folder's ``ckptmigrate.json``, a set rewrite's
+#: journal) may be at most this large: the index of a set of 100k tensors is under 10 MB.
+MAX_JSON_FILE_BYTES = 64 << 20
+
+
+def read_json_file(path: str | os.PathLike[str], *, what: str) -> Any:
+    """:func:`loads_json` of the UTF-8 file at ``path``, read with
+    :func:`~.detect.read_bounded` under :data:`MAX_JSON_FILE_BYTES`.
+
+    >>> read_json_file("model.safetensors.index.json", what="the index JSON")  # doctest: +SKIP
+    {'metadata': {...}, 'weight_map': {...}}
+    """
+    raw = read_bounded(path, MAX_JSON_FILE_BYTES, what, "a JSON file read whole")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointFormatError(f"{what} is not UTF-8 text ({exc})", path=path) from None
+    return loads_json(text, what=what, path=path)
 
 
 def loads_json(text: str | bytes, *, what: str, path: object = None, **options: Any) -> Any:

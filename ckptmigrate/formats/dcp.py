@@ -52,11 +52,18 @@ from .bounds import (
     DECODE_FACTOR,
     DecodeBudget,
     decode_bounded,
-    loads_json,
+    read_json_file,
     tuple_chain_bound,
 )
+from .detect import read_bounded
 from .folder_swap import recover_interrupted_write, swap_folder
-from .pickle_meta import TorchConstant, _python3_name, _scan_pickle
+from .pickle_meta import (
+    MAX_PICKLE_BYTES,
+    TorchConstant,
+    _python3_name,
+    _scan_pickle,
+    check_torch_bytes,
+)
 from .tensorinfo import DTYPE_SIZES, TensorInfo, TensorStub
 
 __all__ = [
@@ -192,13 +199,11 @@ def read_dcp_metadata(path: str | os.PathLike[str], *, torch_classes: bool = Fal
     With ``torch_classes=False`` (metadata-only use) torch is not imported and the dataclasses
     come back as stand-ins with the same attributes; with ``True`` they are torch's own, as
     torch's loader needs them. A global outside :data:`DCP_GLOBALS` raises
-    :class:`UnsafeCheckpointError` before anything is built.
+    :class:`UnsafeCheckpointError` before anything is built; a ``.metadata`` over
+    :data:`~.pickle_meta.MAX_PICKLE_BYTES` is refused unread.
     """
     md_path = _metadata_path(path)
-    try:
-        data = md_path.read_bytes()
-    except OSError as exc:
-        raise CheckpointFormatError(f"cannot read DCP metadata ({exc})", path=md_path) from None
+    data = read_bounded(md_path, MAX_PICKLE_BYTES, "DCP metadata", "a pickle (as on data.pkl)")
     allowed = dict.fromkeys(DCP_GLOBALS)
     try:
         scan = _scan_pickle(data, 0, len(data), allowed, md_path)  # unsafe beats corrupt
@@ -372,13 +377,9 @@ def _set_path(tree: dict[Any, Any], route: tuple[Any, ...], value: Any, path: ob
 def read_stamp_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``ckptmigrate.json`` of a DCP folder, or ``{}`` when it has none."""
     stamp_path = Path(path) / STAMP_FILE
-    if not stamp_path.is_file():
+    if not stamp_path.exists():
         return {}
-    try:
-        text = stamp_path.read_text("utf-8")
-    except (OSError, ValueError) as exc:
-        raise CheckpointFormatError(f"unreadable stamp file ({exc})", path=stamp_path) from None
-    data = loads_json(text, what="the stamp file", path=stamp_path)
+    data = read_json_file(stamp_path, what="the stamp file")  # a FIFO or folder is refused
     if not isinstance(data, dict):
         raise CheckpointFormatError("the stamp file must hold a JSON object", path=stamp_path)
     return data
@@ -479,8 +480,9 @@ class _InflateBound(io.RawIOBase):
         super().close()
 
 
-def _chunk_bound(md: Any, read_item: Any, stored: int) -> tuple[int, str]:
-    """How many bytes a transformed item may inflate to, and the rule, for the message."""
+def _chunk_bound(md: Any, read_item: Any, stored: int) -> tuple[int, str, str]:
+    """How many bytes a transformed item may inflate to, the rule (for the message), and the
+    item's name: a tensor chunk by its index, a value stored as bytes by its FQN."""
     index = read_item.storage_index
     entry = getattr(md, "state_dict_metadata", {}).get(index.fqn)
     chunks = getattr(entry, "chunks", None)
@@ -489,11 +491,16 @@ def _chunk_bound(md: Any, read_item: Any, stored: int) -> tuple[int, str]:
         for size in chunks[index.index].sizes:
             nbytes *= int(size)
         rule = f"its declared {nbytes} bytes plus {CHUNK_FRAMING_ALLOWANCE >> 20} MiB"
-        return nbytes + CHUNK_FRAMING_ALLOWANCE, rule
-    # a value stored as bytes declares no size: the pickle budget's rule on its stored bytes
-    return DECODE_FACTOR * stored + DECODE_ALLOWANCE, (
-        f"{DECODE_FACTOR} times its {stored} stored bytes plus {DECODE_ALLOWANCE >> 20} MiB"
+        item = f"chunk {index.index} of {index.fqn!r} (offset {tuple(index.offset or ())})"
+        return nbytes + CHUNK_FRAMING_ALLOWANCE, rule, item
+    # a value stored as bytes declares no size, and zstd shrinks an honest one (an LR history
+    # of 10M equal floats) 10,000 times: the cap of a data.pkl, then its pickle's own budget
+    budget = DECODE_FACTOR * stored + DECODE_ALLOWANCE
+    rule = (
+        f"the larger of {MAX_PICKLE_BYTES >> 20} MiB and {DECODE_FACTOR} times its {stored} "
+        f"stored bytes plus {DECODE_ALLOWANCE >> 20} MiB"
     )
+    return max(budget, MAX_PICKLE_BYTES), rule, f"value {index.fqn!r}"
 
 
 def _torch_reader_classes() -> tuple[type, type]:
@@ -516,12 +523,8 @@ def _torch_reader_classes() -> tuple[type, type]:
             if not transform_descriptors:
                 return stream  # a plain byte range, already checked against the file
             info = self.reader.storage_data[read_item.storage_index]
-            limit, rule = _chunk_bound(self.reader.metadata, read_item, info.length)
-            index = read_item.storage_index
-            what = (
-                f"chunk {index.index} of {index.fqn!r} (offset {tuple(index.offset or ())}) in "
-                f"{info.relative_path}, inflated by {', '.join(transform_descriptors)}"
-            )
+            limit, rule, item = _chunk_bound(self.reader.metadata, read_item, info.length)
+            what = f"{item} in {info.relative_path}, inflated by {', '.join(transform_descriptors)}"
             return _InflateBound(stream, limit, what, rule, self.reader.path)
 
     class _SafeFileSystemReader(FileSystemReader):
@@ -547,12 +550,17 @@ def _torch_reader_classes() -> tuple[type, type]:
             self.metadata = metadata
 
     class _SafeEmptyPlanner(_EmptyStateDictLoadPlanner):
-        """Rebuilds the whole state dict; values stored as bytes load weights-only."""
+        """Rebuilds the whole state dict; values stored as bytes load weights-only, once
+        their pickle fits its budget."""
+
+        path: object = None  # the folder, for errors
 
         def load_bytes(self, read_item: Any, value: Any) -> None:
             import torch
             from torch.distributed.checkpoint._nested_dict import set_element
 
+            fqn = read_item.storage_index.fqn
+            check_torch_bytes(value, what=f"value {fqn!r}", path=self.path)
             loaded = torch.load(value, weights_only=True)
             if self.flatten_state_dict:
                 set_element(
@@ -581,10 +589,10 @@ def read_dcp(path: str | os.PathLike[str]) -> Checkpoint:
     read_dcp_metadata(folder)  # refuse a hostile .metadata with our error, not DCP's wrapper
     reader_cls, planner_cls = _torch_reader_classes()
     state: dict[str, Any] = {}
+    planner = planner_cls()
+    planner.path = folder
     try:
-        _load_state_dict(
-            state, storage_reader=reader_cls(folder), planner=planner_cls(), no_dist=True
-        )
+        _load_state_dict(state, storage_reader=reader_cls(folder), planner=planner, no_dist=True)
     except (UnsafeCheckpointError, CheckpointFormatError):
         raise
     # DCP's CheckpointException derives from BaseException: it went past every handler, and a

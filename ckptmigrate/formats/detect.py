@@ -13,9 +13,9 @@ import struct
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import CheckpointFormatError
+from ..errors import CheckpointFormatError, FileTooLargeError
 
-__all__ = ["FORMATS", "INDEX_SUFFIX", "detect_format", "open_regular_file"]
+__all__ = ["FORMATS", "INDEX_SUFFIX", "detect_format", "open_regular_file", "read_bounded"]
 
 #: Every value :func:`detect_format` can return.
 FORMATS = ("torch-zip", "torch-legacy", "safetensors", "dcp", "sharded")
@@ -76,6 +76,31 @@ def open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def read_bounded(path: str | os.PathLike[str], limit: int, what: str, rule: str) -> bytes:
+    """The bytes of the regular file at ``path``, refused past ``limit`` bytes with a
+    :class:`~ckptmigrate.errors.FileTooLargeError` naming ``what`` and ``rule`` (the cap's
+    purpose).
+
+    Opened as :func:`open_regular_file` opens (a FIFO is refused and never blocks); the size is
+    read from the open descriptor, and at most ``limit + 1`` bytes are read, so a file that
+    grows while it is read is refused too (a 20 GB sparse index was read whole).
+
+    >>> read_bounded("ckpt/.metadata", 1 << 30, "DCP metadata", "a pickle")  # doctest: +SKIP
+    b'\\x80\\x04...'
+    """
+    with open_regular_file(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise FileTooLargeError(what, size, limit, rule, path=path)
+        try:
+            data = f.read(limit + 1)
+        except OSError as exc:
+            raise CheckpointFormatError(f"cannot read it: {exc.strerror}", path=path) from None
+    if len(data) > limit:
+        raise FileTooLargeError(what, len(data), limit, rule, path=path)
+    return data
 
 
 def _is_legacy_torch_pickle(head: bytes) -> bool:

@@ -55,6 +55,7 @@ __all__ = [
     "OpaqueObject",
     "TorchConstant",
     "ZipRecordInfo",
+    "check_torch_bytes",
     "read_torch_metadata",
     "read_zip_records",
     "scan_pickle_globals",
@@ -1872,6 +1873,55 @@ class _ZipDecoded:
     scan: _ScanResult
 
 
+def _zip_pickle(
+    file: BinaryIO, path: object
+) -> tuple[list[zipfile.ZipInfo], zipfile.ZipInfo, bytes]:
+    """The members of the torch zip ``file``, its ``data.pkl`` member and that member's bytes."""
+    with zipfile.ZipFile(file) as zf:
+        infos = _zip_infos(zf, path)
+        data_pkl = _find_data_pkl(infos, path)
+        if data_pkl.compress_type != zipfile.ZIP_STORED or data_pkl.flag_bits & 1:
+            # torch.save stores every record; a compressed data.pkl only inflates (a 63 KB
+            # DEFLATE member unpacks to gigabytes before any size check could see it)
+            raise CheckpointFormatError(
+                f"{data_pkl.filename} is compressed or encrypted (zip method "
+                f"{data_pkl.compress_type}, flags {data_pkl.flag_bits:#x}); torch.save "
+                "stores it uncompressed, so this is not a file torch wrote",
+                path=path,
+            )
+        if data_pkl.file_size > MAX_PICKLE_BYTES:
+            raise CheckpointFormatError(
+                f"data.pkl is {data_pkl.file_size} bytes, over the {MAX_PICKLE_BYTES}-byte "
+                "limit for a checkpoint's object graph",
+                path=path,
+            )
+        with zf.open(data_pkl) as member:
+            return infos, data_pkl, member.read(MAX_PICKLE_BYTES + 1)
+
+
+def check_torch_bytes(file: BinaryIO, *, what: str, path: object = None) -> None:
+    """Refuse ``torch.save`` bytes held in memory (a DCP value stored as bytes) whose pickle
+    would take more memory or hashing to decode than the pickle budget allows, before torch's
+    own loader decodes it; globals are left to that loader (weights-only). ``file`` is read
+    from its start and left there.
+
+    >>> check_torch_bytes(io.BytesIO(value), what="value 'epoch'")  # doctest: +SKIP
+    """
+    try:
+        file.seek(0)
+        _, _, pkl = _zip_pickle(file, path)
+        file.seek(0)
+        scan = _scan_pickle(pkl, 0, len(pkl), None, path)
+    except _ScanCorrupt as exc:
+        raise CheckpointFormatError(f"{what} is a corrupt pickle ({exc})", path=path) from None
+    except _FORMAT_ERRORS as exc:
+        raise CheckpointFormatError(f"{what} is not a torch.save zip ({exc})", path=path) from None
+    stored = len(pkl)
+    budget = DecodeBudget(stored, 2 * stored + scan.estimate, what, path, scan.hashed)
+    budget.charge(0)
+    budget.check_hashing()
+
+
 def _read_zip(path: str | os.PathLike[str], allowed: dict[str, Any]) -> Any:
     return _decode_zip(path, allowed).obj
 
@@ -1886,26 +1936,7 @@ def _decode_zip(
     ``on_storage`` sees each storage reference as the pickle loads it, in order.
     """
     with open_regular_file(path) as f:
-        with zipfile.ZipFile(f) as zf:
-            infos = _zip_infos(zf, path)
-            data_pkl = _find_data_pkl(infos, path)
-            if data_pkl.compress_type != zipfile.ZIP_STORED or data_pkl.flag_bits & 1:
-                # torch.save stores every record; a compressed data.pkl only inflates (a 63 KB
-                # DEFLATE member unpacks to gigabytes before any size check could see it)
-                raise CheckpointFormatError(
-                    f"{data_pkl.filename} is compressed or encrypted (zip method "
-                    f"{data_pkl.compress_type}, flags {data_pkl.flag_bits:#x}); torch.save "
-                    "stores it uncompressed, so this is not a file torch wrote",
-                    path=path,
-                )
-            if data_pkl.file_size > MAX_PICKLE_BYTES:
-                raise CheckpointFormatError(
-                    f"data.pkl is {data_pkl.file_size} bytes, over the {MAX_PICKLE_BYTES}-byte "
-                    "limit for a checkpoint's object graph",
-                    path=path,
-                )
-            with zf.open(data_pkl) as member:
-                data = member.read(MAX_PICKLE_BYTES + 1)
+        infos, data_pkl, data = _zip_pickle(f, path)
     prefix = data_pkl.filename[: -len("data.pkl")]
     table = _StorageTable(legacy=False, key_prefix=prefix + "data/")
 

@@ -51,7 +51,7 @@ from .atomic import (
     remove_stale_temps_where,
     this_writer,
 )
-from .bounds import loads_json
+from .bounds import read_json_file
 from .detect import INDEX_SUFFIX
 from .sharded import PENDING_SUFFIX, file_identity, shard_name, shard_name_problem
 
@@ -64,7 +64,7 @@ def named_in(folder: Path) -> set[str] | None:
     names: set[str] = set()
     for index in folder.glob("*" + INDEX_SUFFIX):
         try:
-            weight_map = loads_json(index.read_text("utf-8"), what="an index")["weight_map"]
+            weight_map = read_json_file(index, what="an index")["weight_map"]
             names.update(str(v) for v in weight_map.values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
@@ -161,7 +161,7 @@ class SetSwap:
 def _shards_of(index: Path) -> dict[str, list[int]]:
     """The plain-named shards an index names, with their identities (none if unreadable)."""
     try:
-        weight_map = loads_json(index.read_text("utf-8"), what="an index")["weight_map"]
+        weight_map = read_json_file(index, what="an index")["weight_map"]
         names = {str(v) for v in weight_map.values()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
@@ -188,7 +188,7 @@ _FRESH = re.compile(r"-[0-9a-f]{8}$")  # what sharded.shard_name appends
 
 def _read_journal(journal: Path) -> dict[str, Any] | None:
     try:
-        record = loads_json(journal.read_text("utf-8"), what="a set rewrite's journal")
+        record = read_json_file(journal, what="a set rewrite's journal")
         old = {str(k): [int(x) for x in v] for k, v in dict(record["old"]).items()}
         new = [str(n) for n in record["new"]]
         written = {str(k): [int(x) for x in v] for k, v in dict(record.get("written", {})).items()}

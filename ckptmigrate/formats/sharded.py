@@ -29,7 +29,7 @@ from ..checkpoint import Checkpoint
 from ..errors import CheckpointFormatError, OutputOccupiedError
 from ..stamp import parse_stamp
 from .atomic import TEMP_MARKER, atomic_path
-from .bounds import loads_json
+from .bounds import read_json_file
 from .detect import INDEX_SUFFIX
 from .safetensors_copy import data_start
 from .tensorinfo import TensorStub
@@ -171,11 +171,7 @@ def find_index(path: str | os.PathLike[str]) -> Path:
 def read_index(path: str | os.PathLike[str]) -> ShardedSet:
     """Parse and check a sharded set's index (shards must exist beside it)."""
     index_path = find_index(path)
-    try:
-        text = index_path.read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointFormatError(f"unreadable index JSON ({exc})", path=index_path) from None
-    index = loads_json(text, what="the index JSON", path=index_path)
+    index = read_json_file(index_path, what="the index JSON")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -378,9 +374,7 @@ def _own_files(sset: ShardedSet) -> set[str]:
     for other in sset.folder.glob("*" + INDEX_SUFFIX):
         skip.add(other.name)
         with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
-            skip.update(
-                loads_json(other.read_text("utf-8"), what="an index")["weight_map"].values()
-            )
+            skip.update(read_json_file(other, what="an index")["weight_map"].values())
     return skip
 
 
