@@ -603,8 +603,21 @@ def compare_mappings(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[st
 
 def _nested_changes(root: str, a: Any, b: Any) -> list[dict[str, Any]]:
     from deepdiff import DeepDiff  # costs ~0.25 s (numpy); only nested changes pay it
+    from deepdiff.operator import BaseOperator
 
-    tree = DeepDiff(a, b, view="tree", ignore_numeric_type_changes=True).tree
+    pairs = _PairWalk()
+    pairs.check(root, a, b)
+
+    class SkipEqual(BaseOperator):  # deepdiff walks a tree: equal shared parts once, here
+        def match(self, level: Any) -> bool:
+            return type(level.t1) in _NESTED
+
+        def give_up_diffing(self, level: Any, diff_instance: Any) -> bool:
+            return pairs.compare(level.t1, level.t2)[0]
+
+    tree = DeepDiff(
+        a, b, view="tree", ignore_numeric_type_changes=True, custom_operators=[SkipEqual()]
+    ).tree
     out = []
     for kinds, change in ((_REMOVED, "removed"), (_ADDED, "added"), (_CHANGED, "changed")):
         for kind in kinds:
@@ -614,6 +627,55 @@ def _nested_changes(root: str, a: Any, b: Any) -> list[dict[str, Any]]:
                 new = None if change == "removed" else level.t2
                 out.append(_change(path, old, new, change))
     return out or [_change(root, a, b, "changed")]
+
+
+_NESTED = (dict, list, tuple)
+
+
+class _PairWalk:
+    """Which containers of two values are equal, each pair of shared containers compared once,
+    and how many pairs a tree walk of their differences (deepdiff's) visits."""
+
+    def __init__(self) -> None:
+        self.memo: dict[tuple[int, int], tuple[bool, int]] = {}
+        self.edges = 0
+
+    def compare(self, a: Any, b: Any) -> tuple[bool, int]:
+        """``(equal, pairs a tree walk of the differences visits)``."""
+        kind = type(a)
+        if kind not in _NESTED or type(b) is not kind:
+            return _same(a, b), 1
+        key = (id(a), id(b))
+        known = self.memo.get(key)
+        if known is None:
+            if kind is dict:
+                children = [(a[k], b[k]) for k in a if k in b]
+                equal = len(children) == len(a) == len(b)
+            else:
+                children = list(zip(a, b))
+                equal = len(a) == len(b)
+            self.edges += len(children)
+            visits = 1
+            for x, y in children:
+                child_equal, child_visits = self.compare(x, y)
+                equal = equal and child_equal
+                visits += child_visits
+            known = self.memo[key] = (equal, 1 if equal else visits)
+        return known
+
+    def check(self, root: str, a: Any, b: Any) -> None:
+        """Refuse values whose differences a tree walk would visit far more often than their
+        graph holds pairs (``x = [x, x]`` changed at a leaf): as :func:`bounds.check_graph`."""
+        from .formats.bounds import EXPANSION_ALLOWANCE, MAX_EXPANSION
+
+        visits = self.compare(a, b)[1]
+        graph = len(self.memo) + self.edges
+        if visits > MAX_EXPANSION * graph + EXPANSION_ALLOWANCE:
+            raise CheckpointFormatError(
+                f"hparam {root!r} shares containers so that comparing it visits {visits} "
+                f"pairs of values where its graph has {graph} (limit: {MAX_EXPANSION} times "
+                f"as many, plus {EXPANSION_ALLOWANCE})"
+            )
 
 
 def _render_path(root: str, parts: list[Any]) -> str:
@@ -627,17 +689,26 @@ def _change(path: str, a: Any, b: Any, change: str) -> dict[str, Any]:
     return {"path": path, "a": plain(a), "b": plain(b), "change": change}
 
 
-def plain(value: Any) -> Any:
-    """``value`` as JSON-able data: containers rebuilt, versions as strings, the rest repr'd."""
+def plain(value: Any, _memo: dict[int, Any] | None = None) -> Any:
+    """``value`` as JSON-able data: containers rebuilt, versions as strings, the rest repr'd.
+
+    A container shared in ``value`` is rebuilt once, and shared in the result too.
+    """
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
-        return [plain(v) for v in items]
+    if isinstance(value, (Mapping, list, tuple, set, frozenset)):
+        memo = {} if _memo is None else _memo
+        done = memo.get(id(value))
+        if done is None:
+            if isinstance(value, Mapping):
+                done = {str(k): plain(v, memo) for k, v in value.items()}
+            else:
+                items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+                done = [plain(v, memo) for v in items]
+            memo[id(value)] = done  # value is alive in the caller: its id stays its own
+        return done
     if isinstance(value, Version):
         return str(value)
     return repr(value)

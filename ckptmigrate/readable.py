@@ -25,22 +25,33 @@ def readable_float(value: float) -> str:
     return text if any(c in text for c in ".e") else f"{text}.0"
 
 
-def readable(value: Any) -> str:
+def readable(value: Any, _memo: dict[int, str] | None = None) -> str:
     """A value as ``repr`` shows it, with every float in it at a readable precision.
 
     >>> readable({"lr": 0.1 + 0.2, "betas": (0.9, 0.999), "name": "adam"})
     "{'lr': 0.3, 'betas': (0.9, 0.999), 'name': 'adam'}"
+
+    A container shared in ``value`` is written once and its text reused.
     """
     if isinstance(value, bool) or not isinstance(value, (float, list, tuple, Mapping)):
         return repr(value)
     if isinstance(value, float):
         return readable_float(value)
+    memo = {} if _memo is None else _memo
+    done = memo.get(id(value))
+    if done is not None:
+        return done
     if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{readable(k)}: {readable(v)}" for k, v in value.items()) + "}"
-    items = ", ".join(readable(v) for v in value)
-    if isinstance(value, tuple):
-        return f"({items},)" if len(value) == 1 else f"({items})"
-    return f"[{items}]"
+        items = ", ".join(f"{readable(k, memo)}: {readable(v, memo)}" for k, v in value.items())
+        done = "{" + items + "}"
+    else:
+        items = ", ".join(readable(v, memo) for v in value)
+        if isinstance(value, tuple):
+            done = f"({items},)" if len(value) == 1 else f"({items})"
+        else:
+            done = f"[{items}]"
+    memo[id(value)] = done  # value is alive in the caller: its id stays its own
+    return done
 
 
 def human_bytes(n: int) -> str:

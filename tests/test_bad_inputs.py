@@ -39,7 +39,7 @@ from hostile import (
     write_zip,
     zip_members,
 )
-from processes import run
+from processes import one_error_line, run
 from toy import TOY_MIGRATIONS, toy_schema, toy_sd
 
 import ckptmigrate as cm
@@ -734,3 +734,49 @@ def test_readable_files_that_cannot_be_upgraded_raise_before_writing(
         code, _, stderr = _cli(["upgrade", str(bad), *args, *mig], capsys)
         assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
     assert folder_state(tmp_path) == before
+
+
+def _shared_config_file(path: Path, changed: bool = False) -> Path:
+    # one config dict of 50 entries that 20k layers share, as Python code reusing it writes
+    config = {f"opt{i}": float(i) for i in range(50)}
+    layers = [config] * 20_000
+    if changed:
+        layers[-1] = {**config, "opt3": 99.0}
+    return save_torch({"state_dict": {"w": torch.zeros(2)}, "hparams": {"layers": layers}}, path)
+
+
+def test_a_config_dict_shared_by_20k_layers_is_read_diffed_and_stamped(
+    tmp_path: Path, ref: Path
+) -> None:
+    # 20k x 50 as a tree, 20k objects as a graph: info, diff and stamp walk the shared dict once
+    shared = _shared_config_file(tmp_path / "shared.pth")
+    changed = _shared_config_file(tmp_path / "changed.pth", changed=True)
+    assert cm.load(shared, upgrade=False).hparams["layers"][-1]["opt3"] == 3.0
+    started = time.perf_counter()
+    info = run(tmp_path, "info", "--json", str(shared), timeout=120)
+    assert info.returncode == 0, info.stderr
+    assert len(json.loads(info.stdout)["hparams"]["layers"]) == 20_000
+    assert run(tmp_path, "diff", str(shared), str(shared), timeout=120).returncode == 0
+    diff = run(tmp_path, "diff", "--json", str(shared), str(changed), timeout=120)
+    assert diff.returncode == 1, diff.stderr
+    assert "layers[19999].opt3" in diff.stdout
+    args = ("stamp", "--schema", "toy", "--version", "1.0.0", "--migrations", str(ref / "mig"))
+    args += ("-o", str(tmp_path / "s.pth"))
+    stamp = run(tmp_path, *args, str(shared), timeout=120)
+    assert stamp.returncode == 0, stamp.stderr
+    assert time.perf_counter() - started < 90  # the diff alone took 100 s walked as a tree
+
+
+def test_comparing_a_shared_tree_changed_at_its_leaves_is_refused(
+    tmp_path: Path, ref: Path
+) -> None:
+    # x = [x, x] 19 levels loads (1M nodes as a tree); changed at the leaves, every path of
+    # its tree is a change: the diff is refused before deepdiff walks a million of them
+    good = _good_zip(ref)
+    a = replace_member(good, tmp_path / "a.pth", "/data.pkl", _shared_lists(19))
+    x: list = [1]
+    for _ in range(19):
+        x = [x, x]
+    body = pickle.dumps({"state_dict": {}, "hparams": {"x": x}}, protocol=2)
+    b = replace_member(good, tmp_path / "b.pth", "/data.pkl", body)
+    assert "comparing it visits" in one_error_line(run(tmp_path, "diff", str(a), str(b)))

@@ -334,6 +334,132 @@ def test_a_few_hundred_big_int_keys_still_load(tmp_path):
     assert len(read_torch_metadata(many)["seeds"]) == 10 * len(keys)
 
 
+def _time_ns_keys(n: int) -> dict[int, float]:
+    import time
+
+    start = time.time_ns()  # 64-bit ints (about 2**60.6): each hashes to itself
+    return {start + i * 997: float(i) for i in range(n)}
+
+
+def _random_keys(n: int) -> dict[int, int]:
+    import random
+
+    rng = random.Random(11)
+    return {rng.getrandbits(64) | 1 << 63: i for i in range(n)}  # hashes modulo 2**61 - 1
+
+
+ORDINARY_INT_KEYS = {
+    "2k time_ns keys": lambda: _time_ns_keys(2_000),
+    "20k time_ns keys": lambda: _time_ns_keys(20_000),
+    "20k random 64-bit keys": lambda: _random_keys(20_000),
+}
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+@pytest.mark.parametrize("name", sorted(ORDINARY_INT_KEYS))
+def test_many_ordinary_big_int_keys_load(tmp_path, name, legacy):
+    # only keys of one hash probe each other: distinct 64-bit ids cost no more than strings
+    keys = ORDINARY_INT_KEYS[name]()
+    hparams = {"ids": keys}
+    obj = {"model": {"w": torch.zeros(2)}, "hparams": hparams}
+    path = save_torch(obj, tmp_path / "ids.pt", legacy=legacy)
+    assert read_torch_metadata(path)["hparams"] == hparams
+    assert cm.load(path, upgrade=False) is not None
+
+
+def test_random_big_ints_in_every_hashed_container_load(tmp_path):
+    from processes import run
+
+    keys = list(_random_keys(20_000))
+    obj = {
+        "model": {"w": torch.zeros(2)},
+        "set": set(keys),  # builtins.set given a list
+        "ordered": OrderedDict((k, 1) for k in keys),  # SETITEMS on a REDUCE's result
+        "pairs": {(k, k + 1): 1 for k in keys},  # a tuple's hash, made of its items'
+    }
+    path = save_torch(obj, tmp_path / "keys.pth")
+    meta = read_torch_metadata(path)
+    assert meta["set"] == obj["set"] and meta["pairs"] == obj["pairs"]
+    assert cm.load(path, upgrade=False) is not None
+    proc = run(tmp_path, "info", str(path), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _colliding_tuples(n: int) -> list[tuple[int, int]]:
+    """``n`` pairs of long ints whose first items' hashes all differ and whose tuple hashes
+    are all one (CPython's tuple hash solved for the second item)."""
+    import random
+
+    mask, rng = (1 << 64) - 1, random.Random(3)
+    prime1, prime2, prime5 = 11400714785074694791, 14029467366897019727, 2870177450012600261
+
+    def lane(acc: int, item_hash: int) -> int:
+        acc = (acc + (item_hash & mask) * prime2) & mask
+        acc = ((acc << 31) | (acc >> 33)) & mask
+        return acc * prime1 & mask
+
+    target = lane(lane(prime5, 1 << 62), 1 << 62)  # after two lanes; the length adds alike
+    pairs = []
+    while len(pairs) < n:
+        first = rng.getrandbits(61) | 1 << 60
+        # undo the last lane: the second item's hash that brings the tuple to the target
+        acc = target * pow(prime1, -1, 1 << 64) & mask
+        acc = ((acc >> 31) | (acc << 33)) & mask
+        second = (acc - lane(prime5, first)) * pow(prime2, -1, 1 << 64) & mask
+        second -= (second >> 63) << 64
+        if 1 << 60 < abs(second) < 2**61 - 1:  # a long int that hashes to itself
+            pairs.append((first, second))
+    return pairs
+
+
+def _keys_pickle(keys: list[bytes]) -> bytes:
+    """A dict of pickled ``keys`` (to None), in SETITEMS batches of 1000."""
+    out = [b"\x80\x02}q\x00"]
+    for at in range(0, len(keys), 1000):
+        out.append(b"(" + b"N".join(keys[at : at + 1000]) + b"Nu")
+    return b"".join(out) + b"."
+
+
+def _long1(k: int) -> bytes:
+    import pickle
+
+    body = pickle.encode_long(k)
+    return b"\x8a" + bytes([len(body)]) + body
+
+
+_ONE_HASH = [k * (2**61 - 1) for k in range(1, 20_001)]
+INT_FLOODS = {
+    "frozenset of one hash": lambda: b"\x80\x04(" + b"".join(map(_long1, _ONE_HASH)) + b"\x91.",
+    "set() of a list": lambda: (
+        b"\x80\x02c__builtin__\nset\n](" + b"".join(map(_long1, _ONE_HASH)) + b"e\x85R."
+    ),
+    "set() of a tuple": lambda: (
+        b"\x80\x02c__builtin__\nset\n(" + b"".join(map(_long1, _ONE_HASH)) + b"t\x85R."
+    ),
+    "pairs of one tuple hash": lambda: _keys_pickle(
+        [_long1(a) + _long1(b) + b"\x86" for a, b in _colliding_tuples(20_000)]
+    ),
+    "20k random keys and 5k of one hash": lambda: _keys_pickle(
+        list(map(_long1, [*_random_keys(20_000), *_ONE_HASH[:5_000]]))
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INT_FLOODS))
+def test_int_floods_in_any_hashed_container_are_refused(tmp_path, name):
+    from ckptmigrate.errors import HashingBudgetExceededError
+
+    path = _zip_with_pickle(tmp_path, INT_FLOODS[name]())
+    with pytest.raises(HashingBudgetExceededError):
+        read_torch_metadata(path)
+
+
+def test_a_few_hundred_keys_of_one_hash_among_many_random_ones_load(tmp_path):
+    keys = {**_random_keys(20_000), **{k: "one hash" for k in _ONE_HASH[:300]}}  # 45k probes
+    path = save_torch({"model": {"w": torch.zeros(2)}, "ids": keys}, tmp_path / "mixed.pth")
+    assert read_torch_metadata(path)["ids"] == keys
+
+
 # --------------------------------------------------------------------------- DCP transforms
 
 

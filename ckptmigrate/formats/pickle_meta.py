@@ -1152,13 +1152,18 @@ class _PickleWalk:
 # - an int is an immutable value: the number of items hashing it visits (1 for a leaf;
 #   1 + the items' for a tuple, capped at _WEIGHT_CAP);
 # - a tuple ``(weight, *items)`` is a pickle tuple holding a container or an object, and
-#   ``(weight, *items, _COLLIDES)`` one whose hash can collide with others' (it holds a long
+#   ``(weight, *items, _Collides)`` one whose hash can collide with others' (it holds a long
 #   int: its hash is the int's modulo 2**61 - 1, so k * (2**61 - 1) all hash alike); a long int
-#   (8+ bytes, or 8+ characters with its newline) is ``(weight, _COLLIDES)``;
-# - a list ``[count, weight, colliding]`` is a container or an object a callable returned:
+#   (8+ bytes, or 8+ characters with its newline) is ``(weight, _Collides)``;
+# - a list ``[count, weight, keys]`` is a container or an object a callable returned:
 #   ``count`` the items a copy of it makes, ``weight`` the items hashing what it holds can
-#   visit, ``colliding`` how many of its items (keys) are such tuples;
+#   visit, ``keys`` the :class:`_KeyHashes` of its items (keys) that are such tuples;
 # - a :class:`_SimGlobal` is a global, marked when calling it hashes its argument's items.
+#
+# Only keys of one hash probe each other: each container counts its keys per hash, and a key
+# inserted is charged the earlier keys of its hash (random 64-bit keys: nothing; k * (2**61 -
+# 1): n**2 / 2). A tuple's hash is made of its items': the model knows it when every item is
+# a long int or such a tuple; otherwise it may equal any (_UNKNOWN), as charged before.
 
 _WEIGHT_CAP = 1 << 62
 #: Globals whose call (REDUCE, NEWOBJ) hashes the items of its argument: set(list), ...
@@ -1175,23 +1180,153 @@ _HASHING_GLOBALS = frozenset(
 _BUILD_ENTRY = 64
 
 
-#: Marks a modelled value whose hash may equal that of many others (see above).
-_COLLIDES = object()
+#: The hash of a key the model cannot tell: it may equal any other key's.
+_UNKNOWN = object()
+#: The model works out a tuple's hash only up to this weight (a shared tree hashes as a tree).
+_EXACT_WEIGHT = 32
 
 
-def _flagged(value: Any) -> bool:
-    """``value`` (a key or set item) may share its hash with other keys: it holds a long int."""
-    return type(value) is tuple and value[-1] is _COLLIDES
+class _Collides:
+    """Ends a modelled tuple whose hash may equal that of many others (see above).
+
+    ``proxy`` is a value of the same hash (None: unknown), ``key`` that hash or _UNKNOWN, and
+    ``items`` the :class:`_KeyHashes` of what a hashing callable given the value inserts
+    (counted from ``members``, a tuple's items, when first asked).
+    """
+
+    __slots__ = ("proxy", "key", "members", "counted")
+
+    def __init__(
+        self, proxy: Any, items: _KeyHashes | None = None, members: list[Any] | None = None
+    ) -> None:
+        self.proxy = proxy
+        self.key = _UNKNOWN if proxy is None else hash(proxy)
+        self.members = members
+        self.counted = items
+
+    @property
+    def items(self) -> _KeyHashes | None:
+        if self.members is not None:
+            self.counted, self.members = _item_keys(self.members), None
+        return self.counted
 
 
-def _held(value: Any) -> int:
-    """How many items (keys) of ``value`` may share one hash, as a hashing callable sees them."""
+class _KeyHashes:
+    """How many keys of a container (or items of a sequence) have each hash that may repeat."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts: dict[Any, int] = {}
+        self.total = 0
+
+    def insert(self, key: Any, times: int = 1) -> int:
+        """Count ``times`` keys of hash ``key``; returns the probes they make of earlier keys
+        of that hash (or of any, for _UNKNOWN) and of each other."""
+        counts = self.counts
+        if key is _UNKNOWN:
+            earlier = self.total
+        else:
+            earlier = counts.get(key, 0) + counts.get(_UNKNOWN, 0)
+        counts[key] = counts.get(key, 0) + times
+        self.total += times
+        return times * earlier + times * (times - 1) // 2
+
+    def insert_all(self, other: _KeyHashes) -> int:
+        """Insert every key ``other`` counts (a copy, or a hashing callable's insertions)."""
+        return sum(self.insert(key, times) for key, times in list(other.counts.items()))
+
+
+def _hash_key(value: Any) -> Any:
+    """The hash of ``value`` (a key or set item) if it may share it with other keys: it holds
+    a long int; else None."""
+    if type(value) is tuple:
+        last = value[-1]
+        if type(last) is _Collides:
+            return last.key
+    return None
+
+
+def _hashes(keys: list[Any]) -> Iterator[Any]:
+    """The hashes of those ``keys`` that may share theirs with others."""
+    for key in keys:
+        if type(key) is tuple and type(key[-1]) is _Collides:
+            yield key[-1].key
+
+
+def _proxy(value: Any) -> Any:
+    """A value hashing as ``value`` does, or None when the model cannot tell."""
+    if type(value) is tuple and type(value[-1]) is _Collides:
+        return value[-1].proxy
+    return None
+
+
+def _item_keys(items: list[Any]) -> _KeyHashes | None:
+    """The hashes a hashing callable given a sequence of ``items`` may insert: each item's,
+    and for a pair the first item's (``OrderedDict([(k, v), ...])``)."""
+    keys = None
+    for item in items:
+        key = _hash_key(item)
+        if key is not None:
+            keys = keys or _KeyHashes()
+            keys.insert(key)
+        if type(item) is tuple and len(item) == 3 + (key is not None):
+            first = _hash_key(item[1])
+            if first is not None:
+                keys = keys or _KeyHashes()
+                keys.insert(first)
+    return keys
+
+
+def _held(value: Any) -> tuple[_KeyHashes | None, int]:
+    """What a hashing callable given ``value`` (an argument tuple, or a BUILD state) inserts,
+    and the work of gathering it."""
     kind = type(value)
     if kind is list:
-        return value[2]
-    if kind is tuple:
-        return sum(item[2] if type(item) is list else _flagged(item) for item in value[1:])
-    return 0
+        return value[2], 0
+    if kind is not tuple:
+        return None, 0
+    parts = []
+    for item in value[1:]:
+        if type(item) is list:
+            parts.append(item[2])
+        elif type(item) is tuple and type(item[-1]) is _Collides:
+            parts.append(item[-1].items)
+    return _merged(parts)
+
+
+def _merged(parts: list[_KeyHashes | None]) -> tuple[_KeyHashes | None, int]:
+    """One argument's keys as they are; several merged, the work their distinct hashes."""
+    parts = [part for part in parts if part is not None]
+    if len(parts) <= 1:
+        return (parts[0] if parts else None), 0
+    merged = _KeyHashes()
+    for part in parts:
+        merged.insert_all(part)
+    return merged, sum(len(part.counts) for part in parts)
+
+
+def _insert_keys(target: Any, keys: Iterable[Any]) -> int:
+    """Insert ``keys`` (hashes) into the container ``target`` models; returns the probes."""
+    if type(target) is list:
+        if target[2] is None:
+            target[2] = _KeyHashes()
+        into = target[2]
+    else:
+        into = _KeyHashes()
+    return sum(into.insert(key) for key in keys)
+
+
+def _long_proxy(buf: Any, op: int, arg: int, after: int) -> Any:
+    """An int hashing as the long int of this opcode does (None: the model cannot tell)."""
+    if op in _COUNTED:
+        value = int.from_bytes(buf[arg:after], "little", signed=True)
+    else:
+        try:
+            value = int(bytes(buf[arg : after - 1]).rstrip(b"L"))
+        except ValueError:  # past int's digit limit: the unpickler refuses it too
+            return None
+    return hash(value)
 
 
 def _memo_arg(buf: bytes, arg: int, after: int, size: int) -> int:
@@ -1335,8 +1470,7 @@ class _StackModel:
         push, pop = stack.append, stack.pop
         pos = walk.pos
         cost = hashed = 0
-        longs = walk.long_ints > 0  # else no value is a long int: nothing to flag
-        colliding = 0  # keys and set items that may all share one hash (n**2 / 2 probes)
+        longs = walk.long_ints > 0  # else no value is a long int: no key shares a hash
         # past either budget the decode is refused: stop before the model grows as large
         most = DECODE_FACTOR * (stop - pos) + DECODE_ALLOWANCE
         most_hashed = HASH_FACTOR * (stop - pos) + HASH_ALLOWANCE
@@ -1344,7 +1478,7 @@ class _StackModel:
         try:
             while pos < stop:
                 if pos >= check_at:
-                    if cost > most or hashed + colliding * colliding // 2 > most_hashed:
+                    if cost > most or hashed > most_hashed:
                         break
                     check_at = pos + 65536
                 op = buf[pos]
@@ -1399,55 +1533,60 @@ class _StackModel:
                     items = self.take(stack, marks, pos)
                     push(self.tuple_value(items))
                 elif kind == _S_BOX:
-                    push([0, 1, 0])
+                    push([0, 1, None])
                 elif kind == _S_SETITEM:
                     if len(stack) < 3:
                         self.corrupt("stack underflow", pos)
                     value = pop()
                     key = pop()
                     hashed += _weight(key)
-                    flagged = longs and _flagged(key)
-                    colliding += flagged
-                    self.add(stack[-1], 1, _weight(key) + _weight(value), flagged)
+                    if longs and (same := _hash_key(key)) is not None:
+                        hashed += _insert_keys(stack[-1], (same,))
+                    self.add(stack[-1], 1, _weight(key) + _weight(value))
                 elif kind == _S_SETITEMS or kind == _S_APPENDS or kind == _S_ADDITEMS:
                     items = self.take(stack, marks, pos)
                     if not stack:
                         self.corrupt("stack underflow", pos)
                     weight = sum(map(_weight, items))
                     if kind == _S_SETITEMS:
-                        keys = sum(map(_weight, items[::2]))
-                        hashed += keys
-                        flagged = sum(map(_flagged, items[::2])) if longs else 0
-                        colliding += flagged
-                        self.add(stack[-1], len(items) // 2, weight, flagged)
+                        hashed += sum(map(_weight, items[::2]))
+                        if longs:
+                            hashed += _insert_keys(stack[-1], _hashes(items[::2]))
+                        self.add(stack[-1], len(items) // 2, weight)
                     else:
-                        flagged = sum(map(_flagged, items)) if longs else 0
                         if kind == _S_ADDITEMS:
                             hashed += weight
-                            colliding += flagged
-                        self.add(stack[-1], len(items), weight, flagged)
+                            if longs:
+                                hashed += _insert_keys(stack[-1], _hashes(items))
+                        elif longs:  # a list's items: hashed when a callable is given it
+                            self.record(stack[-1], items)
+                        self.add(stack[-1], len(items), weight)
                 elif kind == _S_APPEND:
                     if len(stack) < 2:
                         self.corrupt("stack underflow", pos)
                     value = pop()
-                    self.add(stack[-1], 1, _weight(value), longs and _flagged(value))
+                    if longs:
+                        self.record(stack[-1], [value])
+                    self.add(stack[-1], 1, _weight(value))
                 elif kind == _S_DICT or kind == _S_LIST or kind == _S_FROZENSET:
                     items = self.take(stack, marks, pos)
                     weight = 1 + sum(map(_weight, items))
                     if kind == _S_DICT:
                         hashed += sum(map(_weight, items[::2]))
-                        flagged = sum(map(_flagged, items[::2])) if longs else 0
-                        colliding += flagged
-                        push([len(items) // 2, weight, flagged])
+                        made = [len(items) // 2, weight, None]
+                        if longs:
+                            hashed += _insert_keys(made, _hashes(items[::2]))
+                        push(made)
                     elif kind == _S_LIST:
-                        push([len(items), weight, (sum(map(_flagged, items)) if longs else 0)])
+                        push([len(items), weight, _item_keys(items) if longs else None])
                     else:
                         hashed += weight
-                        flagged = sum(map(_flagged, items)) if longs else 0
-                        colliding += flagged
-                        # a frozenset's hash is made of its items': it collides as they do
                         weight = min(weight, _WEIGHT_CAP)
-                        push((weight, _COLLIDES) if flagged else weight)
+                        keys = _KeyHashes()
+                        if longs:
+                            hashed += sum(map(keys.insert, _hashes(items)))
+                        # a frozenset's hash is made of its items': it collides as they do
+                        push((weight, self.frozenset_hash(items, keys)) if keys.total else weight)
                 elif kind == _S_REDUCE or kind == _S_NEWOBJ or kind == _S_NEWOBJ_EX:
                     need = 3 if kind == _S_NEWOBJ_EX else 2
                     if len(stack) < need:
@@ -1457,11 +1596,19 @@ class _StackModel:
                     callable_ = pop()
                     count = sum(map(_count, args))
                     weight = min(sum(map(_weight, args)), _WEIGHT_CAP)
-                    flagged = sum(map(_held, args)) if longs else 0
+                    keys = None
+                    if longs:
+                        keys, work = self.gather(args)
+                        hashed += work
                     if type(callable_) is not _SimGlobal or callable_.hashes:
                         hashed += weight
-                        colliding += flagged
-                    push([count, weight, flagged])
+                        if keys is not None:  # a new container: its keys inserted afresh
+                            made = _KeyHashes()
+                            hashed += made.insert_all(keys)
+                            keys = made
+                            if hashed > most_hashed:
+                                break
+                    push([count, weight, keys])
                 elif kind == _S_BUILD:
                     if len(stack) < 2:
                         self.corrupt("stack underflow", pos)
@@ -1470,9 +1617,17 @@ class _StackModel:
                     copied = _count(state)
                     cost += _BUILD_ENTRY * copied
                     hashed += _weight(state)
-                    flagged = _held(state) if longs else 0
-                    colliding += flagged
-                    self.add(stack[-1], 0, _weight(state), flagged)
+                    if longs:
+                        keys, work = _held(state)
+                        if keys is not None:  # inserted into the object's __dict__
+                            target = stack[-1]
+                            if type(target) is list and target[2] is None:
+                                target[2] = _KeyHashes()
+                            into = target[2] if type(target) is list else _KeyHashes()
+                            hashed += work + into.insert_all(keys)
+                            if hashed > most_hashed:
+                                break
+                    self.add(stack[-1], 0, _weight(state))
                 elif kind == _S_POP:
                     if marks and marks[-1] == len(stack):
                         marks.pop()
@@ -1495,11 +1650,11 @@ class _StackModel:
                     del stack[-2:]
                     push(_SimGlobal(True))  # its name came from the stack: assume the worst
                 elif kind == _S_PERSID:
-                    push([0, 1, 0])
+                    push([0, 1, None])
                 elif kind == _S_BINPERSID:
                     if not stack:
                         self.corrupt("stack underflow", pos)
-                    stack[-1] = [0, _weight(stack[-1]), 0]
+                    stack[-1] = [0, _weight(stack[-1]), None]
                 elif kind == _S_INST or kind == _S_OBJ:
                     items = self.take(stack, marks, pos)
                     weight = min(sum(map(_weight, items)), _WEIGHT_CAP)
@@ -1507,7 +1662,7 @@ class _StackModel:
                         [
                             sum(map(_count, items)),
                             weight,
-                            (sum(map(_flagged, items)) if longs else 0),
+                            _item_keys(items) if longs else None,
                         ]
                     )
                 elif kind == _S_MEMOIZE:
@@ -1522,7 +1677,7 @@ class _StackModel:
                         memo[filled] = stack[-1]
                 elif kind == _S_LONG:
                     weight = 1 + (after - arg) // 8
-                    push((weight, _COLLIDES) if weight > 1 else 1)
+                    push((weight, _Collides(_long_proxy(buf, op, arg, after))) if weight > 1 else 1)
                 elif kind == _S_SAME:
                     if not stack:
                         self.corrupt("stack underflow", pos)
@@ -1530,8 +1685,7 @@ class _StackModel:
                 pos = after
         finally:
             effects.estimate += cost
-            # at worst every such key probes all those inserted before it
-            effects.hashed += hashed + colliding * colliding // 2
+            effects.hashed += hashed
         return effects
 
     def take(self, stack: list[Any], marks: list[int], at: int) -> list[Any]:
@@ -1556,23 +1710,53 @@ class _StackModel:
                 plain = False
                 if kind is tuple:
                     weight += item[0]
-                    flagged = flagged or item[-1] is _COLLIDES
+                    flagged = flagged or type(item[-1]) is _Collides
                 else:
                     weight += item[1] if kind is list else 1
         weight = min(weight, _WEIGHT_CAP)
         if plain:
             return weight
-        # a tuple's hash is made of its items': one holding a long int collides as it does
-        return (weight, *items, _COLLIDES) if flagged else (weight, *items)
+        if not flagged:
+            return (weight, *items)
+        # a tuple's hash is made of its items': one holding a long int collides as they do
+        proxies = None
+        if weight <= _EXACT_WEIGHT:
+            proxies = [_proxy(item) for item in items]
+            if None in proxies:
+                proxies = None
+        return (weight, *items, _Collides(proxies and tuple(proxies), members=items))
 
     @staticmethod
-    def add(target: Any, count: int, weight: int, flagged: int = 0) -> None:
-        """A container (or an object BUILD set state on) gains items, ``flagged`` of them
-        keys that may share a hash."""
+    def frozenset_hash(items: list[Any], keys: _KeyHashes) -> _Collides:
+        """The hash of a frozenset of ``items``, ``keys`` their hashes that may repeat."""
+        proxies = None
+        if len(keys.counts) == len(items) and _UNKNOWN not in keys.counts:
+            proxies = frozenset(map(_proxy, items))  # one proxy an item: none repeats
+        return _Collides(proxies, keys)
+
+    @staticmethod
+    def gather(args: list[Any]) -> tuple[_KeyHashes | None, int]:
+        """What a callable given ``args`` (its argument tuple, NEWOBJ_EX's keywords) holds."""
+        held = [_held(arg) for arg in args]
+        keys, work = _merged([keys for keys, _ in held])
+        return keys, work + sum(work for _, work in held)
+
+    @staticmethod
+    def record(target: Any, items: list[Any]) -> None:
+        """A list (or an object APPENDS extends) gains ``items``: count their hashes."""
+        keys = _item_keys(items)
+        if keys is not None and type(target) is list:
+            if target[2] is None:
+                target[2] = keys
+            else:
+                target[2].insert_all(keys)
+
+    @staticmethod
+    def add(target: Any, count: int, weight: int) -> None:
+        """A container (or an object BUILD set state on) gains items."""
         if type(target) is list:
             target[0] += count
             target[1] = min(target[1] + weight, _WEIGHT_CAP)
-            target[2] += flagged
 
 
 def _scan_pickle(
