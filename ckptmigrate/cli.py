@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .readable import human_bytes as _human_bytes
-from .readable import readable
+from .readable import key_text, readable
 from .terminal import Output, progress_bar, styled
 from .terminal import console as _console
 from .terminal import is_terminal as _is_terminal
@@ -364,7 +364,7 @@ def info_record(path: str, args: argparse.Namespace) -> dict[str, Any]:
         "hparams": plain(ckpt.hparams),
         "meta": plain(ckpt.meta),
         "optimizer": ckpt.optimizer is not None,
-        "extra": sorted(str(k) for k in ckpt.extra),
+        "extra": sorted(key_text(k) for k in ckpt.extra),
         "status": _schema_status(ckpt.schema, ckpt.version, args) if not ckpt.mounts else None,
         "mounts": (
             [
