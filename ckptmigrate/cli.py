@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .readable import human_bytes as _human_bytes
 from .readable import key_text, readable
-from .terminal import Output, progress_bar, styled
+from .terminal import Output, printable_output, progress_bar, styled
 from .terminal import console as _console
 from .terminal import is_terminal as _is_terminal
 
@@ -1099,6 +1099,11 @@ def _library_version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (``ckptmigrate diff a.pth b.pth``)."""
+    with printable_output():  # what a file says reaches the terminal escaped
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with (
