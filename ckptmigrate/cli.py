@@ -174,8 +174,9 @@ def render_diff_rich(d: Diff, console: Any) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    console.print(f"[bold]A[/]: {d.a} [dim]({_stamp_text(d.stamps.get('a'))})[/]")
-    console.print(f"[bold]B[/]: {d.b} [dim]({_stamp_text(d.stamps.get('b'))})[/]")
+    for side, path in (("A", d.a), ("B", d.b)):  # a stamp's text is never read as markup
+        stamp = _stamp_text(d.stamps.get(side.lower()))
+        console.print(Text.assemble((side, "bold"), f": {path} ", (f"({stamp})", "dim")))
     for line in _upgrade_lines(d, "→"):
         console.print(Text(line, style="dim"))
     rows = _diff_rows(d, "→")
@@ -196,7 +197,7 @@ def render_diff_rich(d: Diff, console: Any) -> None:
                 )
         console.print(table)
     colour = "red" if d.has_drift else "green"
-    console.print(f"[{colour}]{_diff_summary(d)}[/]")
+    console.print(Text(_diff_summary(d), style=colour))
 
 
 def cmd_diff_model(args: argparse.Namespace) -> int:

@@ -262,3 +262,11 @@ def test_on_a_terminal_a_file_cannot_clear_the_screen_or_ring(files: Path) -> No
         assert "\x1b[2J" not in shown and "\x07" not in shown and "\x1b]0;" not in shown
         assert "\\x1b[2J" in shown and "\\ud800" in shown
 
+
+def test_on_a_terminal_a_stamp_is_never_read_as_rich_markup(files: Path) -> None:
+    from hostile import our_layout, save_torch, stamp
+
+    save_torch(our_layout(stamp(schema="toy[/]")), files / "markup.pth")
+    code, shown = run_on_terminal(files, "diff", "a.pth", "markup.pth")
+    assert code == 1, shown  # was: internal error (MarkupError: closing tag '[/]' ...)
+    assert "toy[/] 1.0.0" in ANSI.sub("", shown) and "error" not in shown
