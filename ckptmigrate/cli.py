@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .readable import human_bytes as _human_bytes
-from .readable import readable
-from .terminal import Output, progress_bar, styled
+from .readable import key_text, readable
+from .terminal import Output, printable_output, progress_bar, styled
 from .terminal import console as _console
 from .terminal import is_terminal as _is_terminal
 
@@ -174,8 +174,9 @@ def render_diff_rich(d: Diff, console: Any) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    console.print(f"[bold]A[/]: {d.a} [dim]({_stamp_text(d.stamps.get('a'))})[/]")
-    console.print(f"[bold]B[/]: {d.b} [dim]({_stamp_text(d.stamps.get('b'))})[/]")
+    for side, path in (("A", d.a), ("B", d.b)):  # a stamp's text is never read as markup
+        stamp = _stamp_text(d.stamps.get(side.lower()))
+        console.print(Text.assemble((side, "bold"), f": {path} ", (f"({stamp})", "dim")))
     for line in _upgrade_lines(d, "→"):
         console.print(Text(line, style="dim"))
     rows = _diff_rows(d, "→")
@@ -196,7 +197,7 @@ def render_diff_rich(d: Diff, console: Any) -> None:
                 )
         console.print(table)
     colour = "red" if d.has_drift else "green"
-    console.print(f"[{colour}]{_diff_summary(d)}[/]")
+    console.print(Text(_diff_summary(d), style=colour))
 
 
 def cmd_diff_model(args: argparse.Namespace) -> int:
@@ -364,7 +365,7 @@ def info_record(path: str, args: argparse.Namespace) -> dict[str, Any]:
         "hparams": plain(ckpt.hparams),
         "meta": plain(ckpt.meta),
         "optimizer": ckpt.optimizer is not None,
-        "extra": sorted(str(k) for k in ckpt.extra),
+        "extra": sorted(key_text(k) for k in ckpt.extra),
         "status": _schema_status(ckpt.schema, ckpt.version, args) if not ckpt.mounts else None,
         "mounts": (
             [
@@ -1099,6 +1100,11 @@ def _library_version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (``ckptmigrate diff a.pth b.pth``)."""
+    with printable_output():  # what a file says reaches the terminal escaped
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with (

@@ -24,6 +24,7 @@ from packaging.version import Version
 from .checkpoint import Checkpoint
 from .errors import CheckpointFormatError, SchemaMismatchError, UnversionedCheckpointError
 from .layout import is_tensor_like, split
+from .readable import bounded_repr, int_text, key_text
 from .registry import get_schema, pick_schema, schema_table
 from .report import signature
 from .schema import Schema
@@ -589,15 +590,15 @@ def compare_mappings(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[st
     out: list[dict[str, Any]] = []
     for key in list(a) + [k for k in b if k not in a]:
         if key not in b:
-            out.append(_change(str(key), a[key], None, "removed"))
+            out.append(_change(key_text(key), a[key], None, "removed"))
         elif key not in a:
-            out.append(_change(str(key), None, b[key], "added"))
+            out.append(_change(key_text(key), None, b[key], "added"))
         elif not _same(a[key], b[key]):
             nested = isinstance(a[key], (dict, list, tuple)) and type(a[key]) is type(b[key])
             if nested:
-                out.extend(_nested_changes(str(key), a[key], b[key]))
+                out.extend(_nested_changes(key_text(key), a[key], b[key]))
             else:
-                out.append(_change(str(key), a[key], b[key], "changed"))
+                out.append(_change(key_text(key), a[key], b[key], "changed"))
     return out
 
 
@@ -681,7 +682,7 @@ class _PairWalk:
 def _render_path(root: str, parts: list[Any]) -> str:
     path = root
     for part in parts:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+        path += f"[{key_text(part)}]" if isinstance(part, int) else f".{key_text(part)}"
     return path
 
 
@@ -690,12 +691,16 @@ def _change(path: str, a: Any, b: Any, change: str) -> dict[str, Any]:
 
 
 def plain(value: Any, _memo: dict[int, Any] | None = None) -> Any:
-    """``value`` as JSON-able data: containers rebuilt, versions as strings, the rest repr'd.
+    """``value`` as JSON-able data: containers rebuilt, versions as strings, the rest repr'd
+    (an int past Python's int->str limit, which json cannot write, as ``<int of N digits>``).
 
     A container shared in ``value`` is rebuilt once, and shared in the result too.
     """
-    if value is None or isinstance(value, (bool, int, str)):
+    if value is None or isinstance(value, (bool, str)):
         return value
+    if isinstance(value, int):
+        shown = int_text(value)
+        return value if not shown.startswith("<") else shown
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, (Mapping, list, tuple, set, frozenset)):
@@ -703,7 +708,10 @@ def plain(value: Any, _memo: dict[int, Any] | None = None) -> Any:
         done = memo.get(id(value))
         if done is None:
             if isinstance(value, Mapping):
-                done = {str(k): plain(v, memo) for k, v in value.items()}
+                done = {
+                    k if isinstance(k, str) else key_text(k): plain(v, memo)
+                    for k, v in value.items()
+                }
             else:
                 items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
                 done = [plain(v, memo) for v in items]
@@ -711,7 +719,10 @@ def plain(value: Any, _memo: dict[int, Any] | None = None) -> Any:
         return done
     if isinstance(value, Version):
         return str(value)
-    return repr(value)
+    try:
+        return repr(value)
+    except Exception:  # a subclass holding a huge int, a decoded stand-in whose repr fails
+        return bounded_repr(value)
 
 
 # -- values --------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint
 from .errors import CheckpointFormatError, LayoutNameError, UnknownLayoutError
+from .readable import bounded_repr, key_text
 from .stamp import STAMP_KEY, parse_stamp
 
 KeyPath = tuple[str, ...]
@@ -150,7 +151,7 @@ def detect_layout(obj: Any, *, path: object = None) -> Layout:
                 return layout
         if attempt == 0:
             _declare_more()  # returns once any source another thread runs has finished
-    raise UnknownLayoutError([str(k) for k in obj], path=path)
+    raise UnknownLayoutError([key_text(k) for k in obj], path=path)
 
 
 def split(obj: Any, *, path: object = None) -> Checkpoint:
@@ -296,11 +297,13 @@ def _check_state_dict(raw: Any, *, path: object) -> dict[str, Any]:
     for key, value in raw.items():
         if not isinstance(key, str):
             raise CheckpointFormatError(
-                f"state_dict keys must be strings, found {type(key).__name__} {key!r}", path=path
+                f"state_dict keys must be strings, found {type(key).__name__} {bounded_repr(key)}",
+                path=path,
             )
         if not (is_tensor_like(value) or _is_extra_state(key)):
             raise CheckpointFormatError(
-                f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor", path=path
+                f"state_dict entry {bounded_repr(key)} is a {type(value).__name__}, not a tensor",
+                path=path,
             )
     return dict(raw)
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from packaging.version import InvalidVersion, Version
 
 from .errors import CheckpointFormatError
+from .readable import bounded_repr
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -132,21 +133,22 @@ def check_prefixes(prefixes: list[str], *, error: Any, path: object = None) -> N
     for prefix in prefixes:
         if not isinstance(prefix, str) or not prefix.endswith(".") or prefix == ".":
             raise fail(
-                f"a mount prefix must be a string ending with '.' (like 'net.'), found {prefix!r}"
+                "a mount prefix must be a string ending with '.' (like 'net.'), found "
+                f"{bounded_repr(prefix)}"
             )
     ordered = sorted(prefixes)
     for shorter, longer in zip(ordered, ordered[1:]):
         if longer.startswith(shorter):
             raise fail(
-                f"mount prefixes {shorter!r} and {longer!r} overlap: each key belongs to one "
-                "mount, so no prefix may start another"
+                f"mount prefixes {bounded_repr(shorter)} and {bounded_repr(longer)} overlap: "
+                "each key belongs to one mount, so no prefix may start another"
             )
 
 
 def _parse_version(raw: Any, what: str, path: object) -> Version:
     if not isinstance(raw, str):
         raise CheckpointFormatError(
-            f"{what} version must be a PEP 440 string, found {raw!r}", path=path
+            f"{what} version must be a PEP 440 string, found {bounded_repr(raw)}", path=path
         )
     try:
         return Version(raw)
@@ -165,22 +167,24 @@ def _parse_history(raw: Any, what: str, path: object) -> list[dict[str, Any]]:
 def _parse_mounts(raw: Any, path: object) -> list[Mount]:
     if not isinstance(raw, list) or not raw or not all(isinstance(m, dict) for m in raw):
         raise CheckpointFormatError(
-            f"the stamp's mounts must be a non-empty list of dicts, found {raw!r}"[:200], path=path
+            f"the stamp's mounts must be a non-empty list of dicts, found {bounded_repr(raw)}",
+            path=path,
         )
     mounts = []
     for entry in raw:
         prefix = entry.get("prefix")
         check_prefixes([prefix], error=CheckpointFormatError, path=path)
-        what = f"the mount at {prefix!r}:"
+        what = f"the mount at {bounded_repr(prefix)}:"
         schema = entry.get("schema")
         if not isinstance(schema, str) or not schema:
             raise CheckpointFormatError(
-                f"{what} schema must be a non-empty string, found {schema!r}", path=path
+                f"{what} schema must be a non-empty string, found {bounded_repr(schema)}", path=path
             )
         hparams = entry.get("hparams")
         if hparams is not None and (not isinstance(hparams, str) or not hparams):
             raise CheckpointFormatError(
-                f"{what} hparams must name an hparams entry (a string), found {hparams!r}",
+                f"{what} hparams must name an hparams entry (a string), found "
+                f"{bounded_repr(hparams)}",
                 path=path,
             )
         version = _parse_version(entry.get("version"), f"{what} its", path)
@@ -198,11 +202,13 @@ def parse_stamp(raw: Any, *, path: object = None) -> Stamp:
         )
     fmt = raw.get("format", ROOT_ONLY_FORMAT)
     if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
-        raise CheckpointFormatError(f"the stamp's format must be an int, found {fmt!r}", path=path)
+        raise CheckpointFormatError(
+            f"the stamp's format must be an int, found {bounded_repr(fmt)}", path=path
+        )
     if fmt > FORMAT_VERSION:
         raise CheckpointFormatError(
-            f"the stamp has format {fmt}, newer than {FORMAT_VERSION}, the newest this ckptmigrate "
-            "reads: upgrade ckptmigrate",
+            f"the stamp has format {bounded_repr(fmt)}, newer than {FORMAT_VERSION}, the newest "
+            "this ckptmigrate reads: upgrade ckptmigrate",
             path=path,
         )
     mounts = _parse_mounts(raw["mounts"], path) if "mounts" in raw else []
@@ -218,7 +224,8 @@ def parse_stamp(raw: Any, *, path: object = None) -> Stamp:
     if rooted:
         if not isinstance(schema, str) or not schema:
             raise CheckpointFormatError(
-                f"the stamp's schema must be a non-empty string, found {schema!r}", path=path
+                f"the stamp's schema must be a non-empty string, found {bounded_repr(schema)}",
+                path=path,
             )
         parsed = _parse_version(raw.get("version"), "the stamp's", path)
     history = _parse_history(raw.get("history", []), "the stamp's", path)

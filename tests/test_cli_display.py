@@ -170,3 +170,103 @@ def test_diff_and_info_print_hparams_and_value_differences_readably(files: Path)
         readable({"betas": (0.9, 0.999), "eps": [1e-8]})
         == "{'betas': (0.9, 0.999), 'eps': [1e-08]}"
     )
+
+
+# -- strings from files are shown escaped ---------------------------------------------------------
+
+#: what a hostile file's strings would make a terminal do: clear it, return the carriage, ring,
+#: retitle the window; and a lone surrogate, which no encoding can write
+HOSTILE_TEXT = "\x1b[2J\r\x07\x1b]0;pwned\x07\ud800"
+RAW_CONTROLS = ("\x1b", "\r", "\x07")
+
+
+def _hostile_files(root: Path) -> None:
+    """hostile.pth (toy 1.0.0) whose hparams, meta, history and a tensor key hold
+    HOSTILE_TEXT; odd/other.pth stamped with a schema named by it; odd/ also holds a DCP-like
+    stamp file (ckptmigrate.json) whose JSON escapes spell it."""
+    from hostile import our_layout, save_torch, stamp
+
+    history = [{"from": "0.9.0", "to": "1.0.0", "step": "rename" + HOSTILE_TEXT}]
+    obj = our_layout(
+        stamp(history=history),
+        hparams={"title" + HOSTILE_TEXT: HOSTILE_TEXT},
+        meta={"note": HOSTILE_TEXT},
+    )
+    obj["state_dict"]["blocks.0.weight" + HOSTILE_TEXT] = torch.ones(2)
+    save_torch(obj, root / "hostile.pth")
+    (root / "odd").mkdir()
+    save_torch(our_layout(stamp(schema="toy" + HOSTILE_TEXT)), root / "odd" / "other.pth")
+
+
+def _assert_shown_escaped(proc: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for stream in (proc.stdout, proc.stderr):
+        assert not any(c in stream for c in RAW_CONTROLS), repr(stream)
+    if proc.returncode == 2:
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith("ckptmigrate: error: "), proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (("info", "hostile.pth"), 0),
+        (("info", "hostile.pth", "--keys"), 0),
+        (("info", "hostile.pth", "--json"), 0),
+        (("info", "odd/other.pth", "--migrations", "mig"), 0),
+        (("diff", "a.pth", "hostile.pth"), 1),
+        (("diff", "hostile.pth", "a.pth", "--json"), 1),
+        (("scan", "odd", "--migrations", "mig"), 0),
+        (("upgrade", "odd/other.pth", "-o", "c.pth", "--migrations", "mig"), 2),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, tuple) else str(v),
+)
+def test_control_characters_and_surrogates_from_a_file_are_printed_escaped(
+    files: Path, args: tuple[str, ...], code: int
+) -> None:
+    _hostile_files(files)
+    proc = run(files, *args, timeout=120)
+    _assert_shown_escaped(proc)
+    assert proc.returncode == code, proc.stderr
+    shown = proc.stdout + proc.stderr
+    if "--json" in args:
+        json.loads(proc.stdout)
+    elif code == 2:
+        assert "no schema named 'toy\\x1b[2J" in proc.stderr  # the typed error, escaped
+    else:
+        assert "\\x1b[2J\\r\\x07\\x1b]0;pwned\\x07\\ud800" in shown  # shown, escaped
+
+
+def test_a_stamp_file_spelling_controls_in_json_escapes_is_printed_escaped(files: Path) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # single process, no process group
+        dcp.save({"model": {"w": torch.ones(2)}}, checkpoint_id=files / "dcp")
+    escapes = json.dumps({"title" + HOSTILE_TEXT: 1}, ensure_ascii=True)  # "\u001b[2J\r..."
+    assert "\\u001b" in escapes and "\\ud800" in escapes
+    (files / "dcp" / "ckptmigrate.json").write_text(f'{{"stamp": null, "hparams": {escapes}}}')
+    proc = run(files, "info", "dcp", timeout=120)
+    _assert_shown_escaped(proc)
+    assert proc.returncode == 0 and "\\ud800" in proc.stdout
+
+
+def test_on_a_terminal_a_file_cannot_clear_the_screen_or_ring(files: Path) -> None:
+    _hostile_files(files)
+    for args in (("info", "hostile.pth"), ("info", "hostile.pth", "--keys")):
+        code, shown = run_on_terminal(files, *args)
+        assert code == 0, shown
+        assert "Traceback" not in shown
+        assert "\x1b[2J" not in shown and "\x07" not in shown and "\x1b]0;" not in shown
+        assert "\\x1b[2J" in shown and "\\ud800" in shown
+
+
+def test_on_a_terminal_a_stamp_is_never_read_as_rich_markup(files: Path) -> None:
+    from hostile import our_layout, save_torch, stamp
+
+    save_torch(our_layout(stamp(schema="toy[/]")), files / "markup.pth")
+    code, shown = run_on_terminal(files, "diff", "a.pth", "markup.pth")
+    assert code == 1, shown  # was: internal error (MarkupError: closing tag '[/]' ...)
+    assert "toy[/] 1.0.0" in ANSI.sub("", shown) and "error" not in shown

@@ -41,6 +41,8 @@ TOLERATED: dict[str, Maker] = {}
 DEEP_LIST = "[" * 300 + "]" * 300
 DEEP_DICT = '{"a":' * 300 + "1" + "}" * 300
 DEEPER_LIST = "[" * 5000 + "]" * 5000  # past json's own recursion limit
+LONG_INT = 10**4999  # 5,000 digits: past Python's int->str limit (4,300), so str() raises
+LONG_INT_TEXT = "1" * 5000  # the same length in a JSON text, where json.loads raises
 
 
 def _register(table: dict[str, Maker], name: str, make: Maker) -> None:
@@ -129,6 +131,29 @@ _safetensors_with(
 _safetensors_with("safetensors-metadata-a-list", lambda h: h.__setitem__("__metadata__", ["x"]))
 
 
+def _safetensors_text(name: str, old: str, new: str) -> None:
+    """The reference safetensors file with ``old`` replaced by ``new`` in its header text
+    (json.dumps cannot write a number past Python's int->str limit)."""
+
+    def make(folder: Path, ref: Path) -> Path:
+        raw = (ref / "good.safetensors").read_bytes()
+        (length,) = struct.unpack("<Q", raw[:8])
+        text = raw[8 : 8 + length].decode()
+        assert old in text, old
+        changed = text.replace(old, new, 1).encode()
+        out = folder / "bad.safetensors"
+        out.write_bytes(struct.pack("<Q", len(changed)) + changed + raw[8 + length :])
+        return out
+
+    _register(REFUSED, name, make)
+
+
+_safetensors_text("safetensors-shape-of-5000-digits", '"shape":[', f'"shape":[{LONG_INT_TEXT},')
+_safetensors_text(
+    "safetensors-offsets-of-5000-digits", '"data_offsets":[0,', f'"data_offsets":[0,{LONG_INT_TEXT}'
+)
+
+
 # ----------------------------------------------------------------------------- torch files
 
 
@@ -194,6 +219,51 @@ _torch(
 _torch("flat-stamp-hparams-a-list", _flat({"__ckptmigrate__": stamp(hparams=[1])}))
 _torch("flat-stamp-version-invalid", _flat({"__ckptmigrate__": stamp("1..0")}))
 _torch("hparams-a-tensor", lambda: our_layout(stamp(), hparams=torch.ones(2)))
+_torch("stamp-format-of-5000-digits", lambda: our_layout(stamp(format=LONG_INT)))
+_torch("state-dict-key-an-int-of-5000-digits", lambda: {**toy_sd(), LONG_INT: torch.ones(1)})
+_torch(
+    "stamp-state-dict-key-an-int-of-5000-digits",
+    lambda: our_layout(stamp(), state_dict={**toy_sd(), LONG_INT: torch.ones(1)}),
+)
+
+
+class _SizedTensor:
+    """Pickles as torch's ``_rebuild_tensor_v2`` of a real one-element storage, with ``size``."""
+
+    def __init__(self, size: tuple[int, ...]) -> None:
+        self.size = size
+
+    def __reduce__(self) -> tuple[object, ...]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TypedStorage is deprecated; torch.save takes it
+            storage = torch.ones(1).storage()
+        stride = (1,) * len(self.size)
+        return torch._utils._rebuild_tensor_v2, (storage, 0, self.size, stride, False, {})
+
+
+def _sized(size: tuple[int, ...]) -> Callable[[], object]:
+    return lambda: {**toy_sd(), "odd": _SizedTensor(size)}
+
+
+_torch("tensor-size-of-5000-digits", _sized((LONG_INT,)))
+_torch("tensor-size-of-5000-digits-and-empty", _sized((LONG_INT, 0)))
+_torch("tensor-size-past-int64-and-empty", _sized((2**64, 0)))
+# values the reader keeps as stored: shown by their length, never str()'d whole
+_torch(
+    "hparam-of-5000-digits", lambda: our_layout(stamp(), hparams={"n": LONG_INT}), table=TOLERATED
+)
+_torch("meta-of-5000-digits", lambda: our_layout(stamp(), meta={"n": [LONG_INT]}), table=TOLERATED)
+_torch(
+    "stamp-history-of-5000-digits",
+    lambda: our_layout(stamp(history=[{"from": LONG_INT, "to": "1.0.0", "step": "x"}])),
+    table=TOLERATED,
+)
+_torch("flat-metadata-version-of-5000-digits", _flat({"version": LONG_INT}), table=TOLERATED)
+_torch(
+    "extra-key-an-int-of-5000-digits",
+    lambda: {**our_layout(stamp()), LONG_INT: 1},
+    table=TOLERATED,
+)
 
 _LIGHTNING = {"pytorch-lightning_version": "2.4.0", "epoch": 3, "global_step": 30}
 
@@ -314,6 +384,10 @@ _sharded(
 )
 _sharded("index-hparams-a-list", _metadata_entry("ckptmigrate.hparams", [1]))
 _sharded("index-meta-an-int", _metadata_entry("ckptmigrate.meta", 5))
+_sharded(
+    "index-total-size-of-5000-digits",
+    text='{"metadata": {"total_size": ' + LONG_INT_TEXT + '}, "weight_map": {}}',
+)
 _sharded("index-deep-weight-map", text='{"weight_map": ' + DEEP_LIST + "}")
 _sharded("index-deeper-than-json", text='{"weight_map": ' + DEEPER_LIST + "}")
 _sharded("index-deep-metadata", text='{"metadata": ' + DEEP_DICT + ', "weight_map": {}}')
@@ -465,6 +539,44 @@ _dcp(
 _dcp(
     "dcp-storage-negative-offset",
     lambda md: [object.__setattr__(v, "offset", -1) for v in md.storage_data.values()] and None,
+)
+_dcp("dcp-size-of-5000-digits", _setting(_tensor_entry, "size", torch.Size([LONG_INT, 4])))
+_dcp(
+    "dcp-size-of-5000-digits-around-its-chunk",
+    lambda md: [
+        object.__setattr__(_tensor_entry(md), "size", torch.Size([LONG_INT, 4])),
+        object.__setattr__(_chunk(md), "sizes", torch.Size([LONG_INT, 4])),
+    ]
+    and None,
+)
+_dcp("dcp-size-past-int64", _setting(_tensor_entry, "size", torch.Size([2**64, 4])))
+_dcp("dcp-chunk-offsets-of-5000-digits", _setting(_chunk, "offsets", torch.Size([LONG_INT, 0])))
+_dcp(
+    "dcp-dtype-an-int-of-5000-digits",
+    _setting(lambda md: _tensor_entry(md).properties, "dtype", LONG_INT),
+)
+_dcp(
+    "dcp-entry-name-an-int-of-5000-digits",
+    lambda md: md.state_dict_metadata.__setitem__(LONG_INT, md.state_dict_metadata.pop("epoch")),
+)
+_dcp(
+    "dcp-storage-offset-of-5000-digits",
+    lambda md: [object.__setattr__(v, "offset", LONG_INT) for v in md.storage_data.values()]
+    and None,
+)
+_dcp(
+    "dcp-storage-path-an-int-of-5000-digits",
+    lambda md: [object.__setattr__(v, "relative_path", LONG_INT) for v in md.storage_data.values()]
+    and None,
+)
+_dcp(
+    "dcp-stamp-file-hparam-of-5000-digits",
+    stamp_file='{"stamp": null, "hparams": {"n": ' + LONG_INT_TEXT + "}}",
+)
+_dcp(
+    "dcp-planner-route-an-int-of-5000-digits",
+    lambda md: object.__setattr__(md, "planner_data", {"epoch": (LONG_INT,)}),
+    table=TOLERATED,
 )
 _dcp("dcp-metadata-truncated", raw=b"\x80\x04\x95")
 _dcp("dcp-metadata-empty", raw=b"")
@@ -682,3 +794,20 @@ def test_a_version_of_5000_digits_on_the_command_line_is_one_error_line(
     with pytest.raises(CkptMigrateError):
         _cli([*args, "-o", str(tmp_path / "out.pth"), "--debug"], capsys)
     assert not (tmp_path / "out.pth").exists()
+
+
+def test_an_hparam_of_5000_digits_shows_as_its_length_and_info_exits_0(tmp_path: Path) -> None:
+    from processes import run
+
+    bad = save_torch(our_layout(stamp(), hparams={"n": LONG_INT}), tmp_path / "long.pth")
+    plain = run(tmp_path, "info", str(bad), timeout=120)
+    assert plain.returncode == 0, plain.stderr
+    # the value as --json holds it: a string that says what the int was
+    assert "hparam: n = '<int of 5000 digits>'" in plain.stdout.splitlines()
+    as_json = run(tmp_path, "info", str(bad), "--json", timeout=120)
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["hparams"] == {"n": "<int of 5000 digits>"}
+    short = save_torch(our_layout(stamp(), hparams={"n": 1}), tmp_path / "short.pth")
+    diff = run(tmp_path, "diff", str(short), str(bad), timeout=120)
+    assert diff.returncode == 1, diff.stderr
+    assert "n  1 -> '<int of 5000 digits>'" in diff.stdout

@@ -45,6 +45,7 @@ from ..errors import (
     UnsafeCheckpointError,
 )
 from ..layout import LAYOUTS, assemble, split
+from ..readable import bounded_repr
 from ..stamp import parse_stamp, stamp_of
 from .atomic import TEMP_MARKER, _KeptErrorWriter, atomic_path, copy_tree_synced, temp_path_for
 from .bounds import (
@@ -64,7 +65,7 @@ from .pickle_meta import (
     _scan_pickle,
     check_torch_bytes,
 )
-from .tensorinfo import DTYPE_SIZES, TensorInfo, TensorStub
+from .tensorinfo import DTYPE_SIZES, MAX_DIM, TensorInfo, TensorStub
 
 __all__ = [
     "DCP_GLOBALS",
@@ -229,9 +230,13 @@ def read_dcp_metadata(path: str | os.PathLike[str], *, torch_classes: bool = Fal
 
 
 def _dims(value: Any, what: str, path: object) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or not all(type(d) is int and d >= 0 for d in value):
+    if not isinstance(value, (tuple, list)) or not all(
+        type(d) is int and 0 <= d <= MAX_DIM for d in value
+    ):
         raise CheckpointFormatError(
-            f"{what} {value!r}, expected a tuple of non-negative integers"[:300], path=path
+            f"{what} {bounded_repr(value)}, expected a tuple of non-negative integers below "
+            "2**63",
+            path=path,
         )
     return tuple(value)
 
@@ -245,12 +250,13 @@ def check_state_dict_metadata(md: Any, md_path: object = None) -> None:
     for fqn, entry in entries.items():
         if not isinstance(fqn, str):
             raise CheckpointFormatError(
-                f"DCP metadata names an entry {fqn!r}: entry names are strings", path=md_path
+                f"DCP metadata names an entry {bounded_repr(fqn)}: entry names are strings",
+                path=md_path,
             )
         kind = type(entry).__name__
         if kind == "BytesStorageMetadata":
             continue
-        where = f"DCP entry {fqn!r}"
+        where = f"DCP entry {bounded_repr(fqn)}"
         if kind != "TensorStorageMetadata":
             raise CheckpointFormatError(
                 f"{where} is a {kind}, expected tensor or bytes storage metadata", path=md_path
@@ -273,8 +279,9 @@ def check_state_dict_metadata(md: Any, md_path: object = None) -> None:
                 or any(o + n > d for o, n, d in zip(offsets, sizes, shape))
             ):
                 raise CheckpointFormatError(
-                    f"{where} of size {shape} has a chunk at {offsets} of size {sizes}, which "
-                    "does not lie inside it",
+                    f"{where} of size {bounded_repr(shape)} has a chunk at "
+                    f"{bounded_repr(offsets)} of size {bounded_repr(sizes)}, which does not lie "
+                    "inside it",
                     path=md_path,
                 )
 
@@ -300,8 +307,8 @@ def check_storage_data(md: Any, folder: Path, md_path: object = None) -> None:
             or any(c in name for c in ("/", "\\", "\0"))
         ):
             raise CheckpointFormatError(
-                f"DCP metadata points to {name!r}: only the plain name of a file in the "
-                "checkpoint's folder is allowed",
+                f"DCP metadata points to {bounded_repr(name)}: only the plain name of a file "
+                "in the checkpoint's folder is allowed",
                 path=md_path,
             )
         if name not in sizes:
@@ -309,12 +316,13 @@ def check_storage_data(md: Any, folder: Path, md_path: object = None) -> None:
                 st = os.lstat(folder / name)
             except OSError:
                 raise CheckpointFormatError(
-                    f"DCP metadata points to {name!r}, which is not in the folder", path=md_path
+                    f"DCP metadata points to {bounded_repr(name)}, which is not in the folder",
+                    path=md_path,
                 ) from None
             if not stat.S_ISREG(st.st_mode):
                 raise CheckpointFormatError(
-                    f"DCP metadata points to {name!r}, which is not a regular file (a link, a "
-                    "FIFO or a device)",
+                    f"DCP metadata points to {bounded_repr(name)}, which is not a regular file "
+                    "(a link, a FIFO or a device)",
                     path=md_path,
                 )
             sizes[name] = st.st_size
@@ -326,7 +334,8 @@ def check_storage_data(md: Any, folder: Path, md_path: object = None) -> None:
             and offset + length <= sizes[name]
         ):
             raise CheckpointFormatError(
-                f"DCP metadata claims bytes {offset!r}+{length!r} of {name!r}, a file of "
+                f"DCP metadata claims bytes {bounded_repr(offset)}+{bounded_repr(length)} of "
+                f"{bounded_repr(name)}, a file of "
                 f"{sizes[name]} bytes",
                 path=md_path,
             )
@@ -337,10 +346,11 @@ def _dtype_name(properties: Any, path: object = None) -> str:
     state = getattr(properties, "state", None)
     if dtype is None and isinstance(state, tuple) and state:
         dtype = state[0]  # TensorProperties pickles a tuple, dtype first
-    name = "" if isinstance(dtype, str) else str(getattr(dtype, "name", dtype))
+    # a string or an int is no torch dtype (and str() of a 5,000-digit int raises)
+    name = "" if isinstance(dtype, (str, int)) else str(getattr(dtype, "name", dtype))
     if name.removeprefix("torch.") not in DTYPE_SIZES:  # a string is not a torch dtype
         raise CheckpointFormatError(
-            f"DCP metadata names an unknown dtype {dtype!r}"[:200], path=path
+            f"DCP metadata names an unknown dtype {bounded_repr(dtype)}", path=path
         )
     return name.removeprefix("torch.")
 
@@ -354,7 +364,8 @@ def _route(planner_data: Any, fqn: str, path: object) -> tuple[Any, ...]:
         isinstance(p, str) or type(p) is int for p in route
     ):
         raise CheckpointFormatError(
-            f"DCP planner_data places {fqn!r} at {route!r}, expected a tuple of keys"[:200],
+            f"DCP planner_data places {bounded_repr(fqn)} at {bounded_repr(route)}, expected a "
+            "tuple of keys",
             path=path,
         )
     return tuple(route)
@@ -365,11 +376,12 @@ def _set_path(tree: dict[Any, Any], route: tuple[Any, ...], value: Any, path: ob
         tree = tree.setdefault(part, {})
         if not isinstance(tree, dict):
             raise CheckpointFormatError(
-                f"DCP planner_data places an entry inside another at {route!r}"[:200], path=path
+                f"DCP planner_data places an entry inside another at {bounded_repr(route)}",
+                path=path,
             )
     if route[-1] in tree:
         raise CheckpointFormatError(
-            f"DCP planner_data places two entries at {route!r}"[:200], path=path
+            f"DCP planner_data places two entries at {bounded_repr(route)}", path=path
         )
     tree[route[-1]] = value
 

@@ -36,6 +36,7 @@ from types import FunctionType
 from typing import Any, BinaryIO, NoReturn, TypeVar
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
+from ..readable import bounded_repr
 from .bounds import (
     DECODE_ALLOWANCE,
     DECODE_FACTOR,
@@ -47,7 +48,7 @@ from .bounds import (
     tuple_chain_bound,
 )
 from .detect import TORCH_LEGACY_MAGIC, detect_format, open_regular_file
-from .tensorinfo import DTYPE_SIZES, TensorInfo, TensorStub
+from .tensorinfo import DTYPE_SIZES, MAX_DIM, TensorInfo, TensorStub
 
 __all__ = [
     "MAX_PICKLE_BYTES",
@@ -304,7 +305,9 @@ class _DeviceType(metaclass=_GuardedType):
 
     def __new__(cls, kind: Any, index: Any = None) -> Any:  # type: ignore[misc]
         if not isinstance(kind, str) or not (index is None or type(index) is int):
-            raise CheckpointFormatError(f"torch.device({kind!r:.80}, {index!r}) is malformed")
+            raise CheckpointFormatError(
+                f"torch.device({bounded_repr(kind, 80)}, {bounded_repr(index)}) is malformed"
+            )
         charge_decode(len(kind) + 64)
         return kind if index is None or ":" in kind else f"{kind}:{index}"
 
@@ -364,7 +367,7 @@ def _codecs_encode(value: Any, encoding: Any = "utf-8", errors: Any = "strict") 
 
 def _get_layout(name: Any) -> TorchConstant:
     if not isinstance(name, str) or not name.startswith("torch."):
-        raise CheckpointFormatError(f"unknown tensor layout {name!r}")
+        raise CheckpointFormatError(f"unknown tensor layout {bounded_repr(name)}")
     return TorchConstant(name)
 
 
@@ -372,8 +375,12 @@ def _get_layout(name: Any) -> TorchConstant:
 
 
 def _expect_dims(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or not all(type(d) is int and d >= 0 for d in value):
-        raise CheckpointFormatError(f"{what} is {value!r:.200}, expected a tuple of sizes")
+    if not isinstance(value, (tuple, list)) or not all(
+        type(d) is int and 0 <= d <= MAX_DIM for d in value
+    ):
+        raise CheckpointFormatError(
+            f"{what} is {bounded_repr(value, 200)}, expected a tuple of sizes below 2**63"
+        )
     if type(value) is not tuple:
         charge_decode(8 * len(value) + 64)  # a memoised size list copied per tensor
     return tuple(value)
@@ -390,7 +397,7 @@ def _dtype_name(value: Any) -> str:
         name = value.name[len("torch.") :]
         if name in DTYPE_SIZES:
             return name
-    raise CheckpointFormatError(f"{value!r} is not a torch dtype")
+    raise CheckpointFormatError(f"{bounded_repr(value)} is not a torch dtype")
 
 
 def _stub_from_storage(
@@ -405,9 +412,13 @@ def _stub_from_storage(
         raise CheckpointFormatError(f"tensor storage is {type(storage).__name__}, not a storage")
     shape = _expect_dims(size, "tensor size")
     if not isinstance(stride, (tuple, list)) or len(stride) != len(shape):
-        raise CheckpointFormatError(f"tensor stride {stride!r} does not match size {shape}")
+        raise CheckpointFormatError(
+            f"tensor stride {bounded_repr(stride)} does not match size {bounded_repr(shape)}"
+        )
     if not all(type(s) is int for s in stride) or type(offset) is not int or offset < 0:
-        raise CheckpointFormatError(f"tensor stride {stride!r} or offset {offset!r} is malformed")
+        raise CheckpointFormatError(
+            f"tensor stride {bounded_repr(stride)} or offset {bounded_repr(offset)} is malformed"
+        )
     dtype = dtype or storage.dtype
     itemsize = DTYPE_SIZES[dtype]
     numel = prod(shape)
@@ -416,9 +427,9 @@ def _stub_from_storage(
     available = storage.numel * DTYPE_SIZES[storage.dtype]
     if (offset + extent) * itemsize > available:
         raise CheckpointFormatError(
-            f"storage shorter than its tensor claims: storage {storage.key!r} holds "
-            f"{available} bytes, a {dtype} tensor of shape {shape} at offset {offset} needs "
-            f"{(offset + extent) * itemsize}"
+            f"storage shorter than its tensor claims: storage {bounded_repr(storage.key)} holds "
+            f"{available} bytes, a {dtype} tensor of shape {bounded_repr(shape)} at offset "
+            f"{bounded_repr(offset)} needs {bounded_repr((offset + extent) * itemsize)}"
         )
     info = TensorInfo(
         shape=shape,
@@ -1907,13 +1918,17 @@ def _storage_ref(pid: Any, *, legacy: bool) -> _StorageRef:
         raise CheckpointFormatError(f"unexpected persistent id {pid!r:.120}, expected a storage")
     storage_type, key, location, numel = pid[1:5]
     if not isinstance(storage_type, _StorageType) or storage_type.dtype is None:
-        raise CheckpointFormatError(f"persistent id names {storage_type!r}, not a storage class")
+        raise CheckpointFormatError(
+            f"persistent id names {bounded_repr(storage_type)}, not a storage class"
+        )
     if isinstance(location, bytes):
         location = location.decode("ascii", "replace")
     if not isinstance(key, str) or not isinstance(location, str):
-        raise CheckpointFormatError(f"storage key {key!r} or location {location!r} is malformed")
+        raise CheckpointFormatError(
+            f"storage key {bounded_repr(key)} or location {bounded_repr(location)} is malformed"
+        )
     if type(numel) is not int or numel < 0:
-        raise CheckpointFormatError(f"storage {key!r} has size {numel!r}")
+        raise CheckpointFormatError(f"storage {bounded_repr(key)} has size {bounded_repr(numel)}")
     untyped = storage_type.name == "torch.storage.UntypedStorage"
     ref = _StorageRef(key, storage_type.dtype, numel, location, untyped)
     view = pid[5] if legacy else None
@@ -1921,10 +1936,12 @@ def _storage_ref(pid: Any, *, legacy: bool) -> _StorageRef:
         if not (
             isinstance(view, tuple) and len(view) == 3 and all(type(v) is int for v in view[1:])
         ):
-            raise CheckpointFormatError(f"storage view {view!r} is malformed")
+            raise CheckpointFormatError(f"storage view {bounded_repr(view)} is malformed")
         _view_key, offset, view_size = view
         if offset < 0 or view_size < 0 or offset + view_size > numel:
-            raise CheckpointFormatError(f"storage view {view!r} lies outside storage {key!r}")
+            raise CheckpointFormatError(
+                f"storage view {bounded_repr(view)} lies outside storage {bounded_repr(key)}"
+            )
         ref = _StorageRef(key, ref.dtype, view_size, location, untyped, offset, numel)
     return ref
 
@@ -1946,7 +1963,7 @@ class _StorageTable:
             return ref
         if known.dtype != ref.dtype or known.stored_numel != ref.stored_numel:
             raise CheckpointFormatError(
-                f"storage {ref.key!r} is referenced both as {known.stored_numel} x "
+                f"storage {bounded_repr(ref.key)} is referenced both as {known.stored_numel} x "
                 f"{known.dtype} and as {ref.stored_numel} x {ref.dtype}"
             )
         return ref
@@ -2158,7 +2175,8 @@ def _read_legacy(path: str | os.PathLike[str], allowed: dict[str, Any]) -> Any:
         protocol = _load_pickle(f, header_only)
         if protocol != _LEGACY_PROTOCOL_VERSION:
             raise CheckpointFormatError(
-                f"legacy torch.save protocol {protocol!r}, expected {_LEGACY_PROTOCOL_VERSION}"
+                f"legacy torch.save protocol {bounded_repr(protocol)}, expected "
+                f"{_LEGACY_PROTOCOL_VERSION}"
             )
         sys_info = _load_pickle(f, header_only)
         if not isinstance(sys_info, dict):

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 from math import prod
 from typing import Any
 
 from ..errors import BudgetExceededError, CheckpointFormatError
+from ..readable import bounded_repr
 from .detect import open_regular_file
 from .tensorinfo import DTYPE_SIZES, SAFETENSORS_DTYPES, TensorInfo
 
@@ -45,7 +47,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise CheckpointFormatError(f"safetensors header repeats the key {key!r}")
+            raise CheckpointFormatError(f"safetensors header repeats the key {bounded_repr(key)}")
         result[key] = value
     return result
 
@@ -60,7 +62,7 @@ def _is_count(value: Any) -> bool:
 
 
 def _parse_entry(name: str, entry: Any, data_size: int) -> TensorInfo:
-    where = f"tensor {name!r} in the safetensors header"
+    where = f"tensor {bounded_repr(name)} in the safetensors header"
     if not isinstance(entry, dict):
         raise CheckpointFormatError(f"{where} is {type(entry).__name__}, expected an object")
     for field in ("dtype", "shape", "data_offsets"):
@@ -69,21 +71,26 @@ def _parse_entry(name: str, entry: Any, data_size: int) -> TensorInfo:
     code = entry["dtype"]
     if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
         known = ", ".join(SAFETENSORS_DTYPES)
-        raise CheckpointFormatError(f"{where} has unknown dtype {code!r} (known: {known})")
+        raise CheckpointFormatError(
+            f"{where} has unknown dtype {bounded_repr(code)} (known: {known})"
+        )
     dtype = SAFETENSORS_DTYPES[code]
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise CheckpointFormatError(
-            f"{where} has shape {shape!r}, expected a list of non-negative integers"
+            f"{where} has shape {bounded_repr(shape)}, expected a list of non-negative integers"
         )
     offsets = entry["data_offsets"]
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
         raise CheckpointFormatError(
-            f"{where} has data_offsets {offsets!r}, expected [begin, end] as non-negative integers"
+            f"{where} has data_offsets {bounded_repr(offsets)}, expected [begin, end] as "
+            "non-negative integers"
         )
     begin, end = offsets
     if begin > end:
-        raise CheckpointFormatError(f"{where} has data_offsets {offsets!r} with begin > end")
+        raise CheckpointFormatError(
+            f"{where} has data_offsets {bounded_repr(offsets)} with begin > end"
+        )
     if end > data_size:
         raise CheckpointFormatError(
             f"{where} ends at byte {end} of the data section, which holds only {data_size} "
@@ -92,8 +99,8 @@ def _parse_entry(name: str, entry: Any, data_size: int) -> TensorInfo:
     nbytes = prod(shape) * DTYPE_SIZES[dtype]
     if end - begin != nbytes:
         raise CheckpointFormatError(
-            f"{where} spans {end - begin} bytes, but shape {tuple(shape)} of {code} needs "
-            f"{nbytes} bytes"
+            f"{where} spans {end - begin} bytes, but shape {bounded_repr(tuple(shape))} of "
+            f"{code} needs {bounded_repr(nbytes)} bytes"
         )
     return TensorInfo(shape=tuple(shape), dtype=dtype, nbytes=nbytes, data_offsets=(begin, end))
 
@@ -107,12 +114,13 @@ def _check_layout(tensors: dict[str, TensorInfo], data_size: int) -> None:
         begin, end = info.data_offsets
         if begin < position:
             raise CheckpointFormatError(
-                f"tensors {previous!r} and {name!r} overlap in the safetensors data section"
+                f"tensors {bounded_repr(previous)} and {bounded_repr(name)} overlap in the "
+                "safetensors data section"
             )
         if begin > position:
             raise CheckpointFormatError(
                 f"safetensors data section has a gap of {begin - position} bytes before "
-                f"tensor {name!r}"
+                f"tensor {bounded_repr(name)}"
             )
         position = end
         previous = name
@@ -186,8 +194,15 @@ def _read(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], dict[str
         header = json.loads(
             text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant
         )
+    except CheckpointFormatError:  # a ValueError too: the hooks' refusals
+        raise
     except json.JSONDecodeError as exc:
         raise CheckpointFormatError(f"safetensors header is not JSON: {exc}") from None
+    except ValueError:  # json's int() of a number past Python's int->str limit
+        raise CheckpointFormatError(
+            f"safetensors header holds a number of more than {sys.get_int_max_str_digits()} "
+            "digits: no size or offset is that long"
+        ) from None
     except RecursionError:
         raise CheckpointFormatError("safetensors header is nested too deeply") from None
     if not isinstance(header, dict):

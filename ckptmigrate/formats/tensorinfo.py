@@ -10,7 +10,11 @@ from dataclasses import dataclass
 from math import prod
 from typing import Any
 
-__all__ = ["DTYPE_SIZES", "SAFETENSORS_DTYPES", "TensorInfo", "TensorStub"]
+__all__ = ["DTYPE_SIZES", "MAX_DIM", "SAFETENSORS_DTYPES", "TensorInfo", "TensorStub"]
+
+#: torch keeps sizes, strides and offsets as int64: a dimension past this is no tensor torch
+#: wrote (and one of thousands of digits cannot even be printed)
+MAX_DIM = 2**63 - 1
 
 #: Bytes per element for every torch dtype, by its name without ``torch.``.
 DTYPE_SIZES: dict[str, int] = {
