@@ -12,6 +12,7 @@ from typing import Any
 from packaging.version import Version
 
 from .errors import (
+    AmbiguousMigrationPathError,
     FutureVersionError,
     MigrationGraphError,
     NoMigrationPathError,
@@ -116,7 +117,8 @@ class MigrationGraph:
         """The steps from ``start`` to ``target`` (default: current), in the order they run.
 
         Forward when ``target`` is newer, through reversible steps backwards when older.
-        Raises :class:`FutureVersionError` or :class:`NoMigrationPathError` before anything runs.
+        Raises :class:`FutureVersionError`, :class:`NoMigrationPathError` or
+        :class:`AmbiguousMigrationPathError` before anything runs.
         """
         start = parse_version(start)
         target = self.current if target is None else parse_version(target, what="target version")
@@ -166,7 +168,7 @@ class MigrationGraph:
                 preferred = [s for s in candidates if s.preferred]
                 if len(preferred) != 1:
                     ambiguous = preferred or candidates
-                    raise NoMigrationPathError(
+                    raise AmbiguousMigrationPathError(
                         self.schema,
                         start,
                         target,

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import LockError, LockTimeoutError
+from .errors import LockError, LockTimeoutError, UsageError
 from .formats.detect import INDEX_SUFFIX
 
 try:
@@ -108,7 +108,7 @@ class FileLock:
         mode: str = "auto",
     ) -> None:
         if mode not in ("auto", "flock", "exclusive"):
-            raise ValueError(f"mode must be 'auto', 'flock' or 'exclusive', not {mode!r}")
+            raise UsageError(f"mode must be 'auto', 'flock' or 'exclusive', not {mode!r}")
         self.path = Path(path)
         self.lock_path = lock_path_for(self.path)
         self.timeout = timeout

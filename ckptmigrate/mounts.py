@@ -30,7 +30,12 @@ from typing import TYPE_CHECKING, Any
 from packaging.version import Version
 
 from .checkpoint import Checkpoint
-from .errors import MountError, ParamNamesUnknown, SchemaMismatchError, UnversionedCheckpointError
+from .errors import (
+    MountError,
+    ParamNamesUnknownError,
+    SchemaMismatchError,
+    UnversionedCheckpointError,
+)
 from .optimizer import NamedOptimizer, carries_names, from_named, to_named
 from .positions import PositionalState, _verify, deduce_param_names
 from .stamp import Mount, check_prefixes
@@ -392,7 +397,7 @@ class _MountPositional(PositionalState):
                 names = list(self.given)
                 bare = [n for n in names if n not in sd and self.prefix + n in sd]
                 if bare and self.prefix:
-                    raise ParamNamesUnknown(
+                    raise ParamNamesUnknownError(
                         f"the names given are the optimizer's, the file's full keys with the "
                         f"mount's prefix: {bare[0]!r} is {self.prefix + bare[0]!r} in this file"
                     )
@@ -401,8 +406,8 @@ class _MountPositional(PositionalState):
                 mine = self.buffers()
                 buffers = None if mine is None else {self.prefix + b for b in mine}
                 names = deduce_param_names(self.opt_sd, sd, buffers)
-        except ParamNamesUnknown as exc:
-            raise ParamNamesUnknown(exc.reason, step=step) from None
+        except ParamNamesUnknownError as exc:
+            raise ParamNamesUnknownError(exc.reason, step=step) from None
         now = [self.prefix + self.renamed[n[cut:]] if owns(n) else n for n in names]
         self.rest = to_named(self.opt_sd, now)
         return _mount_part(self.rest, owns, cut)

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint
 from .compose import literal_prefix_rename
-from .nearest import leading_components, literal_head, longest_literal, mount_prefix, nearest
+from .errors import NothingMatched, OpError
+from .nearest import literal_head, longest_literal
 
 if TYPE_CHECKING:
     import torch
@@ -56,42 +57,6 @@ class _Marker:
 ABSENT: Any = _Marker("ABSENT")
 #: The previous value is unknown, so the op cannot be inverted.
 UNKNOWN: Any = _Marker("UNKNOWN")
-
-
-class OpError(ValueError):
-    """An op cannot apply to this checkpoint (a collision, a missing key, a bad shape)."""
-
-
-class NothingMatched(OpError):
-    """An op found no key (or hparam) to act on and was not given ``missing_ok=True``.
-
-    Raised before the op changes anything. ``names`` are the keys (or hparams) it searched;
-    ``head`` the literal text every match starts with, ``needle`` the text to find near
-    names by. ``apply_step`` turns it into :class:`~ckptmigrate.errors.OpMatchedNothingError`.
-    """
-
-    def __init__(
-        self, op: Op, names: Sequence[str], *, noun: str = "key", head: str = "", needle: str = ""
-    ) -> None:
-        self.op = op
-        self.names = names
-        self.noun = noun
-        self.head = head
-        self.needle = needle or head
-        super().__init__(f"{op.label()} matched no {noun}")
-
-    def details(self) -> dict[str, Any]:
-        """``starts``, ``nearest`` and ``prefix``, as :class:`OpMatchedNothingError` takes them."""
-        names = list(self.names)
-        close = nearest(self.needle, names)
-        keys = self.noun == "key"
-        return {
-            "op": self.op.label(),
-            "noun": self.noun,
-            "starts": leading_components(names) if keys else [],
-            "nearest": close,
-            "prefix": mount_prefix(self.head, close) if keys else None,
-        }
 
 
 class Op:

@@ -39,6 +39,7 @@ from typing import Any
 from packaging.version import Version
 
 from .checkpoint import Checkpoint
+from .errors import CheckpointWriteError, NotReplayableError
 from .formats.atomic import permissions_from
 from .formats.detect import detect_format
 from .graph import PlannedStep
@@ -241,7 +242,9 @@ def _safetensors_metadata(ckpt: Checkpoint) -> dict[str, str]:
     extra = dict(ckpt.extra)
     passthrough = extra.pop("safetensors_metadata", None) or {}
     if ckpt.optimizer is not None or extra:
-        raise ValueError("a .safetensors file holds tensors only; save this checkpoint as .pth")
+        raise CheckpointWriteError(
+            "a .safetensors file holds tensors only; save this checkpoint as .pth"
+        )
     stamp = _stamp_of(ckpt)
     out = dict(passthrough)
     for key, value in (
@@ -254,7 +257,7 @@ def _safetensors_metadata(ckpt: Checkpoint) -> dict[str, str]:
             try:
                 out[key] = json.dumps(value)
             except (TypeError, ValueError) as exc:
-                raise ValueError(
+                raise CheckpointWriteError(
                     f"{key.split('.')[-1]} must be JSON-serialisable for safetensors ({exc})"
                 ) from None
     return out
@@ -356,9 +359,8 @@ def _upgrade_sharded(
         swap.commit(sset.index, weight_map, total, sharded.index_metadata(new, stamp))
     except BaseException as exc:
         swap.abort()  # the new shards no index names go; after the commit, the old ones
-        from .formats.torchzip import NotReplayable
 
-        if isinstance(exc, (_NeedsLoad, NotReplayable)):
+        if isinstance(exc, (_NeedsLoad, NotReplayableError)):
             return _upgrade_sharded_loaded(**loaded)
         raise
     result.removed = swap.finish()
@@ -518,7 +520,7 @@ def _try_stream(
 ) -> FileUpgrade | None:
     """Upgrade a single file by copying tensor bytes, or return None (nothing written)."""
     if fmt == "torch-zip" and dst.suffix != ".safetensors":
-        from .formats.torchzip import NotReplayable, read_zip_graph, write_zip_graph
+        from .formats.torchzip import read_zip_graph, write_zip_graph
 
         graph = read_zip_graph(src, allowed_globals=names)
         ckpt = _with_version(split(graph.obj, path=src), schema, from_version, src)
@@ -528,7 +530,7 @@ def _try_stream(
             result = _result(src, dst, fmt, ckpt, new, schema, to)
             try:
                 writer = write_zip_graph(dst, graph, assemble(new, _stamp_of(new)))
-            except NotReplayable:
+            except NotReplayableError:
                 pass
             else:
                 result.streamed = True

@@ -26,7 +26,7 @@ from .graph import PlannedStep
 from .ops import DropHparam, NothingMatched, Op, OpError, RenameHparam, SetHparam
 from .optimizer import (
     NamedOptimizer,
-    ParamNamesUnknown,
+    ParamNamesUnknownError,
     carries_names,
     follow_trace,
     from_named,
@@ -260,7 +260,7 @@ def apply_step(
                 hook = None if planned.downgrade else planned.step.optimizer_hook
                 reset.extend(followers.through_function(ckpt, result, hook))
                 _follow_module_metadata(ckpt, result)
-    except (MigrationError, ParamNamesUnknown):
+    except (MigrationError, ParamNamesUnknownError):
         raise
     except _InPlaceWrite as exc:
         raise fail(str(exc)) from None
