@@ -1,7 +1,7 @@
 """Upgrade checkpoint files at close to disk speed: rewrite the metadata, copy the tensor bytes.
 
-When every planned step is a list of key or hparam ops (:data:`KEY_OPS`: renames, drops,
-hparam changes), the plan runs on a checkpoint of metadata stubs and the output is written by
+When every planned step is a list of ops that change key names and hparams only
+(:attr:`~ckptmigrate.ops.Op.metadata_only`: renames, drops, hparam changes), the plan runs on a checkpoint of metadata stubs and the output is written by
 copying each kept tensor's stored bytes with ``os.copy_file_range``: no tensor is loaded, and
 memory stays a small multiple of the pickle or header size.
 
@@ -44,29 +44,18 @@ from .formats.atomic import permissions_from
 from .formats.detect import detect_format
 from .graph import PlannedStep
 from .layout import assemble, split
-from .ops import DropHparam, DropKeys, Op, RenameHparam, RenameKeys, RenamePrefix, SetHparam
+from .ops import Op
 from .schema import Schema
 from .stamp import stamp_of as _stamp_of
 from .upgrade import check_belongs, upgrade
 
 __all__ = [
-    "KEY_OPS",
     "FileUpgrade",
     "MountedUpgrade",
     "upgrade_file",
     "upgrade_stubs",
     "write_streamed",
 ]
-
-#: Ops that touch only key names and hparams, so they run on metadata stubs.
-KEY_OPS: tuple[type[Op], ...] = (
-    RenamePrefix,
-    RenameKeys,
-    DropKeys,
-    SetHparam,
-    RenameHparam,
-    DropHparam,
-)
 
 
 class _NeedsLoad(Exception):
@@ -145,14 +134,9 @@ def _header_stamp(new: Checkpoint) -> Checkpoint:
 
 
 def _key_ops(planned: PlannedStep) -> list[Op] | None:
-    action, _ = planned.step.action
-    if not isinstance(action, list):
-        return None
-    ops = [op.inverse() for op in reversed(action)] if planned.downgrade else list(action)
-    # exact types: a subclass may override apply() to touch tensor data
-    if not all(type(op) in KEY_OPS for op in ops):
-        return None
-    return ops
+    """The ops a step runs, when every one changes key names and hparams only; else None."""
+    ops = planned.ops
+    return ops if ops is not None and all(op.metadata_only for op in ops) else None
 
 
 def upgrade_stubs(
@@ -161,7 +145,7 @@ def upgrade_stubs(
     """Run the plan on a checkpoint of tensor stubs, or return None if a step needs data.
 
     Same result, history and errors as :func:`ckptmigrate.upgrade` for plans made of
-    :data:`KEY_OPS` only; torch is not imported.
+    metadata-only ops (:attr:`~ckptmigrate.ops.Op.metadata_only`); torch is not imported.
 
     >>> new = upgrade_stubs(cm.files.read_metadata("model.pth"), schema)
     """

@@ -18,12 +18,14 @@ from .checkpoint import Checkpoint, copy_containers
 from .compose import PrefixMap
 from .errors import (
     MigrationError,
+    NothingMatched,
+    OpError,
     OpMatchedNothingError,
     SchemaMismatchError,
     UnversionedCheckpointError,
 )
-from .graph import PlannedStep
-from .ops import DropHparam, NothingMatched, Op, OpError, RenameHparam, SetHparam
+from .graph import OpsStep, PlannedStep
+from .ops import HPARAMS, Op
 from .optimizer import (
     NamedOptimizer,
     ParamNamesUnknownError,
@@ -122,21 +124,10 @@ def run_plan(
     return work
 
 
-_HPARAM_OPS = (SetHparam, RenameHparam, DropHparam)
-
-
 def _step_ops(planned: PlannedStep) -> list[Op] | None:
-    """The ops a step runs, when they are all prefix renames or hparam ops; else None."""
-    action, _ = planned.step.action
-    if not isinstance(action, list):
-        return None
-    ops = [op.inverse() for op in reversed(action)] if planned.downgrade else action
-    if all(
-        op is not None and (isinstance(op, _HPARAM_OPS) or op.prefix_rename() is not None)
-        for op in ops
-    ):
-        return ops
-    return None
+    """The ops a step runs, when every one composes (prefix renames, hparam ops); else None."""
+    ops = planned.ops
+    return ops if ops is not None and all(op.composable for op in ops) else None
 
 
 def _runs(plan: Sequence[PlannedStep]) -> list[tuple[list[PlannedStep], list[list[Op]] | None]]:
@@ -199,7 +190,7 @@ def _apply_composed(
     try:
         for ops in step_ops:
             for op in ops:
-                if isinstance(op, _HPARAM_OPS):
+                if op.acts_on == {HPARAMS}:
                     op.apply(result)  # independent of the keys
     except Exception:
         return None
@@ -227,7 +218,7 @@ def apply_step(
     Optimizer state follows the parameters; ``followers`` carries it by name across several
     steps (``upgrade`` passes one), without it the step names and numbers it on its own.
     """
-    action, inverse_fn = planned.step.action
+    action = planned.step.action
     own_followers = followers is None
     if followers is None:
         followers = OptimizerFollowers.from_checkpoint(ckpt, None)
@@ -240,8 +231,8 @@ def apply_step(
     candidate = ckpt.copy()
     trusted = False  # only our own ops ran: their values need no re-check
     try:
-        if isinstance(action, list):
-            ops = [op.inverse() for op in reversed(action)] if planned.downgrade else action
+        if isinstance(action, OpsStep):
+            ops = action.run(planned.downgrade)
 
             def run_ops(c: Checkpoint) -> None:
                 for op in ops:
@@ -254,10 +245,9 @@ def apply_step(
                 result = candidate
                 trusted = True
         else:
-            fn = inverse_fn if planned.downgrade else action
-            result = _run_guarded(fn, candidate)
+            result = _run_guarded(action.function(planned.downgrade), candidate)
             if isinstance(result, Checkpoint) and isinstance(result.state_dict, dict):
-                hook = None if planned.downgrade else planned.step.optimizer_hook
+                hook = None if planned.downgrade else action.optimizer_state
                 reset.extend(followers.through_function(ckpt, result, hook))
                 _follow_module_metadata(ckpt, result)
     except (MigrationError, ParamNamesUnknownError):
