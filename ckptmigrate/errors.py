@@ -27,6 +27,7 @@ __all__ = [
     "FixtureNotFoundError",
     "FutureVersionError",
     "HashingBudgetExceededError",
+    "InPlaceWriteError",
     "InternalError",
     "LayoutNameError",
     "LoadMismatchError",
@@ -404,6 +405,11 @@ class MigrationError(CkptMigrateError):
         super().__init__(
             f"migration {schema} {from_version} -> {to_version} ({step}) failed: {problem}"
         )
+
+
+class InPlaceWriteError(CkptMigrateError, RuntimeError):
+    """A function step wrote into an input tensor in place; :func:`ckptmigrate.upgrade`
+    reports it as the step's :class:`MigrationError`, before the write where it can."""
 
 
 class OpMatchedNothingError(MigrationError):

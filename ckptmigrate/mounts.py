@@ -36,10 +36,10 @@ from .errors import (
     SchemaMismatchError,
     UnversionedCheckpointError,
 )
+from .followers import put
 from .optimizer import NamedOptimizer, carries_names, from_named, to_named
 from .positions import PositionalState, _verify, deduce_param_names
 from .stamp import Mount, check_prefixes
-from .upgrade import _put
 from .version import parse_version
 
 if TYPE_CHECKING:
@@ -149,14 +149,15 @@ def upgrade_mount(
 
     >>> new = upgrade_mount(ckpt, net_schema, prefix="net.")
     """
-    from .upgrade import OptimizerFollowers, _buffer_keys, run_plan
+    from .followers import OptimizerFollowers
+    from .upgrade import buffer_keys, run_plan
 
     steps = list(plan) if plan is not None else mount_plan(ckpt, schema, prefix, to)
     if not steps:
         return ckpt.copy()
     view = _view(ckpt, prefix)
     slots = _mount_optimizers(
-        ckpt, view, prefix, param_names, lambda: _buffer_keys(view, steps, schema)
+        ckpt, view, prefix, param_names, lambda: buffer_keys(view, steps, schema)
     )
     followers = OptimizerFollowers([(where, slot) for where, slot, _ in slots])
     done = run_plan(view, steps, schema, followers=followers)
@@ -168,7 +169,7 @@ def upgrade_mount(
                 assert isinstance(first, _MountPositional) and first.rest is not None
                 whole = first.rest
             merged = _merge_named(whole, now, owns, prefix)
-            out.optimizer = _put(out.optimizer, where, from_named(merged))
+            out.optimizer = put(out.optimizer, where, from_named(merged))
         # else: position-keyed state the mount's steps kept, as it was
     return out
 
@@ -423,11 +424,11 @@ def _mount_optimizers(
     """``(where, slot for the view's followers, the whole state by name or None)`` for each
     optimizer state of ``ckpt``: the mount's part by name when the state carries names, else
     the whole position-keyed state (see :class:`_MountPositional`)."""
-    from .upgrade import _optimizer_states
+    from .followers import optimizer_states
 
     owns, cut = _owns(ckpt, prefix), len(prefix)
     out: list[tuple[Any, NamedOptimizer | PositionalState, NamedOptimizer | None]] = []
-    for where, opt_sd in _optimizer_states(ckpt.optimizer):
+    for where, opt_sd in optimizer_states(ckpt.optimizer):
         if carries_names(opt_sd):
             whole = to_named(opt_sd, None)
             out.append((where, _mount_part(whole, owns, cut), whole))
