@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from packaging.version import Version
 
 from .checkpoint import Checkpoint
-from .errors import BreakingMigrationError, UnversionedCheckpointError
+from .errors import BreakingMigrationError, UnversionedCheckpointError, UsageError
 from .files import read_checkpoint, write_checkpoint
 from .guess import apply_from_version
 from .schema import Schema
@@ -61,7 +61,7 @@ def save(
     if prefix:
         return _save_mounted(path, obj, schema, version, hparams, meta, prefix, hparams_key)
     if hparams_key is not None:
-        raise TypeError("hparams_key= names a mount's hparams entry, so it needs prefix= too")
+        raise UsageError("hparams_key= names a mount's hparams entry, so it needs prefix= too")
     if isinstance(obj, Checkpoint):
         ckpt = obj.copy()
         if schema is not None:
@@ -74,12 +74,12 @@ def save(
             ckpt.meta = dict(meta)
     else:
         if not isinstance(obj, Mapping):
-            raise TypeError(f"save takes a state_dict or a Checkpoint, got {type(obj).__name__}")
+            raise UsageError(f"save takes a state_dict or a Checkpoint, got {type(obj).__name__}")
         if schema is None:
-            raise TypeError("save(path, state_dict) needs schema= (a Schema or its name)")
+            raise UsageError("save(path, state_dict) needs schema= (a Schema or its name)")
         if version is None:
             if not isinstance(schema, Schema):
-                raise TypeError(
+                raise UsageError(
                     f"schema {schema!r} is given by name, so pass version= as well "
                     "(with a Schema object it defaults to schema.current)"
                 )
@@ -114,9 +114,9 @@ def _save_mounted(
     from .mounts import mount
 
     if schema is None:
-        raise TypeError("save(path, obj, prefix=...) needs schema= (a Schema or its name)")
+        raise UsageError("save(path, obj, prefix=...) needs schema= (a Schema or its name)")
     if version is None and not isinstance(schema, Schema):
-        raise TypeError(f"schema {schema!r} is given by name, so pass version= as well")
+        raise UsageError(f"schema {schema!r} is given by name, so pass version= as well")
     name = schema.name if isinstance(schema, Schema) else schema
     chosen = version if version is not None else schema.current  # type: ignore[union-attr]
     if isinstance(obj, Checkpoint):

@@ -22,7 +22,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint
 from .diff import Diff, diff
-from .errors import ModelBuildError
+from .errors import InternalError, ModelBuildError, UsageError
 from .fusion import Fusion, infer_fusions
 from .ops import DropKeys, Merge, Op, RenameKeys, RenamePrefix, Split
 from .schema import Schema
@@ -124,7 +124,7 @@ def infer_renames(keys: Sequence[str], renames: Mapping[str, str]) -> list[Op]:
             if mapping.get(old) == new and all(pending.get(k) == v for k, v in mapping.items()):
                 break
         else:  # pragma: no cover - the exact rename always qualifies
-            raise AssertionError(f"no rename op renames {old!r} to {new!r}")
+            raise InternalError(f"no rename op renames {old!r} to {new!r}")
         ops.append(op)
         for key in mapping:
             del pending[key]
@@ -275,7 +275,7 @@ def _checked(code: str) -> str:
     """
     odd = [ch for ch in set(code) if ch != "\n" and not 0x20 <= ord(ch) < 0x7F]
     if odd:  # pragma: no cover - every interpolation goes through _literal/_text
-        raise AssertionError(f"generated code holds the characters {sorted(odd)!r}")
+        raise InternalError(f"generated code holds the characters {sorted(odd)!r}")
     ast.parse(code)
     return code
 
@@ -306,7 +306,7 @@ def _op_code(op: Op) -> list[str]:
         if op.sizes is not None:
             args.append(f"sizes={list(op.sizes)}")
         return _call(type(op).__name__, args)
-    raise TypeError(f"no code for {op!r}")  # pragma: no cover
+    raise InternalError(f"no code for {op!r}")  # pragma: no cover
 
 
 _TODO_IMPORTS = "from collections.abc import Callable\nfrom typing import Any\n"
@@ -502,7 +502,7 @@ def draft_migration(
         return files.read_metadata(path, allowed_globals=allowed)
 
     if values and isinstance(new, Schema):
-        raise ValueError("values=True compares two files' tensors; a built model has fresh ones")
+        raise UsageError("values=True compares two files' tensors; a built model has fresh ones")
     old_ckpt = read(old)
     new_ckpt = (
         model_target(new, old_ckpt.hparams, path=old) if isinstance(new, Schema) else read(new)

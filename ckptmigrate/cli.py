@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from .errors import CommandLineError
 from .readable import human_bytes as _human_bytes
 from .readable import key_text, readable
 from .terminal import Output, printable_output, progress_bar, styled
@@ -36,10 +37,6 @@ if TYPE_CHECKING:
 
 PROG = "ckptmigrate"
 EXIT_OK, EXIT_DRIFT, EXIT_TROUBLE = 0, 1, 2
-
-
-class CommandError(Exception):
-    """A usage problem found by a command (not by argparse): one line, exit 2."""
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -205,7 +202,7 @@ def cmd_diff_model(args: argparse.Namespace) -> int:
     from .diff import diff_model
 
     if args.b is not None or args.values or args.upgrade:
-        raise CommandError(
+        raise CommandLineError(
             "--model compares one checkpoint with a model: drop B/--values/--upgrade"
         )
     result = diff_model(
@@ -246,9 +243,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if args.model is not None:
         return cmd_diff_model(args)
     if args.b is None:
-        raise CommandError("diff needs two checkpoints A B, or one with --model SCHEMA")
+        raise CommandLineError("diff needs two checkpoints A B, or one with --model SCHEMA")
     if args.param_names is not None and not args.upgrade:
-        raise CommandError(
+        raise CommandLineError(
             "--param-names names the optimizer state an upgrade needs: add --upgrade"
         )
     schemas = _schemas(args) if args.upgrade else None
@@ -534,11 +531,11 @@ def _same_checkpoint(src: str, dst: str) -> bool:
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
     if (args.output is None) == (not args.in_place):
-        raise CommandError("upgrade needs exactly one of -o DST or --in-place")
+        raise CommandLineError("upgrade needs exactly one of -o DST or --in-place")
     if args.no_backup and not args.in_place:
-        raise CommandError("--no-backup only applies to --in-place")
+        raise CommandLineError("--no-backup only applies to --in-place")
     if args.output is not None and _same_checkpoint(args.src, args.output):
-        raise CommandError(
+        raise CommandLineError(
             f"-o {args.output} is {args.src} itself: pass --in-place instead (it locks the "
             "checkpoint and keeps a backup of the old version)"
         )
@@ -766,9 +763,9 @@ def cmd_stamp(args: argparse.Namespace) -> int:
     from .version import parse_version
 
     if (args.output is None) == (not args.in_place):
-        raise CommandError("stamp needs exactly one of -o DST or --in-place")
+        raise CommandLineError("stamp needs exactly one of -o DST or --in-place")
     if (args.version is None) == (not args.guess):
-        raise CommandError("stamp needs exactly one of --version V or --guess")
+        raise CommandLineError("stamp needs exactly one of --version V or --guess")
     if args.in_place:
         from .inplace import stamp_in_place
 
@@ -801,7 +798,7 @@ def _guess(ckpt: Checkpoint, args: argparse.Namespace) -> Any:
     try:
         from .guess import guess_version
     except ImportError:
-        raise CommandError(
+        raise CommandLineError(
             "version guessing is not available in this build: pass --version V"
         ) from None
     from .registry import get_schema
@@ -831,16 +828,16 @@ def cmd_new(args: argparse.Namespace) -> int:
     v1 = parse_version(args.from_version, what="--from-version")
     v2 = parse_version(args.to_version, what="--to-version")
     if v2 <= v1:
-        raise CommandError(f"--to-version {v2} must be newer than --from-version {v1}")
+        raise CommandLineError(f"--to-version {v2} must be newer than --from-version {v1}")
     if args.to_model and args.values:
-        raise CommandError(
+        raise CommandLineError(
             "--values compares the tensors of two files, and --to-model has only a freshly "
             "built model: drop --values, or pass --to-file NEW (a file the new code saved)"
         )
     try:
         schemas = _schemas(args)
     except CkptMigrateError as exc:
-        raise CommandError(
+        raise CommandLineError(
             f"cannot load the existing migrations to check for {args.schema!r}: {exc}"
         ) from None
     existing = schemas.get(args.schema)
@@ -848,7 +845,7 @@ def cmd_new(args: argparse.Namespace) -> int:
     if args.to_model:
         if existing is None or not existing.can_build:
             found = "it has no build= factory" if existing else "no such schema was discovered"
-            raise CommandError(
+            raise CommandLineError(
                 f"--to-model compares with what schema {args.schema!r} builds today, but {found}: "
                 "pass --migrations PATH to its module (with build=lambda hp: Model(**hp)), or "
                 "--to-file NEW"
@@ -882,7 +879,7 @@ def cmd_new(args: argparse.Namespace) -> int:
         _warn_unconfirmed(draft.unconfirmed)
         return EXIT_OK
     if target.exists() and not args.force:
-        raise CommandError(f"{target} already exists: pick another -o, or pass --force")
+        raise CommandLineError(f"{target} already exists: pick another -o, or pass --force")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(code, encoding="utf-8")
     note = f"; {draft.todos} TODO(s) to finish before it runs" if draft.todos else ""
@@ -1164,7 +1161,7 @@ def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     if isinstance(exc, CkptMigrateError):
         return " ".join(exc.render(cli=True).split())
-    if isinstance(exc, CommandError):
+    if isinstance(exc, CommandLineError):
         return text
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror or text}"

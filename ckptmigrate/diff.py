@@ -22,7 +22,12 @@ from typing import Any
 from packaging.version import Version
 
 from .checkpoint import Checkpoint
-from .errors import CheckpointFormatError, SchemaMismatchError, UnversionedCheckpointError
+from .errors import (
+    CheckpointFormatError,
+    SchemaMismatchError,
+    UnversionedCheckpointError,
+    UsageError,
+)
 from .layout import is_tensor_like, split
 from .readable import bounded_repr, int_text, key_text
 from .registry import get_schema, pick_schema, schema_table
@@ -273,11 +278,11 @@ def _as_checkpoint(
             ckpt = files.read_metadata(obj, allowed_globals=allowed)
         return ckpt, os.fspath(obj)
     else:
-        raise TypeError(
+        raise UsageError(
             f"diff compares paths, Checkpoints or state_dicts; {side} is a {type(obj).__name__}"
         )
     if tensors and any(type(v).__name__ == "TensorStub" for v in ckpt.state_dict.values()):
-        raise TypeError(
+        raise UsageError(
             f"{side} holds metadata stubs, not tensors: values=/upgrade= need tensors, so pass "
             "a path or a checkpoint loaded with cm.load"
         )

@@ -11,6 +11,53 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+__all__ = [
+    "AlreadyStampedError",
+    "AmbiguousMigrationPathError",
+    "AmbiguousVersionError",
+    "BackupExistsError",
+    "BreakingMigrationError",
+    "BudgetExceededError",
+    "CheckpointFormatError",
+    "CheckpointWriteError",
+    "CkptMigrateError",
+    "CommandLineError",
+    "DuplicateSchemaError",
+    "FileTooLargeError",
+    "FixtureCheckError",
+    "FixtureNotFoundError",
+    "FutureVersionError",
+    "HashingBudgetExceededError",
+    "InPlaceWriteError",
+    "InternalError",
+    "LayoutNameError",
+    "LoadMismatchError",
+    "LockError",
+    "LockTimeoutError",
+    "MigrationError",
+    "MigrationGraphError",
+    "MigrationPathError",
+    "ModelBuildError",
+    "MountError",
+    "NoMigrationPathError",
+    "NotReplayableError",
+    "NothingMatched",
+    "OpError",
+    "OpMatchedNothingError",
+    "OutputOccupiedError",
+    "ParamNamesUnknown",
+    "ParamNamesUnknownError",
+    "PathNotFoundError",
+    "SchemaMismatchError",
+    "TargetPastCurrentError",
+    "UnknownLayoutError",
+    "UnknownSchemaError",
+    "UnsafeCheckpointError",
+    "UnversionedCheckpointError",
+    "UsageError",
+    "VersionConflictError",
+]
+
 
 class CkptMigrateError(Exception):
     """Base class of every error ckptmigrate raises on purpose."""
@@ -22,6 +69,27 @@ class CkptMigrateError(Exception):
         "a.pth carries no ckptmigrate stamp, ... pass --from-version X.Y.Z ..."
         """
         return str(self)
+
+
+class UsageError(CkptMigrateError, TypeError, ValueError):
+    """A call the API (or the command line) does not accept: an argument missing, of the wrong
+    type or value, or contradicting another. The caller's mistake, not a problem with a file;
+    it is a ``TypeError`` and a ``ValueError`` too, as Python's own argument errors are."""
+
+
+class CommandLineError(UsageError):
+    """A usage problem a command finds (not argparse): printed as one line, exit 2."""
+
+
+class InternalError(CkptMigrateError, AssertionError):
+    """An invariant of ckptmigrate itself failed: a bug, never a property of the file. Report
+    it with the message."""
+
+
+class CheckpointWriteError(CkptMigrateError, ValueError):
+    """The checkpoint cannot be written as asked: the format cannot hold what it carries
+    (optimizer state in a ``.safetensors`` file, hparams that are not JSON in an index), or
+    an entry clashes with the layout's own keys. Nothing was written."""
 
 
 class CheckpointFormatError(CkptMigrateError, ValueError):
@@ -84,6 +152,11 @@ class FileTooLargeError(BudgetExceededError):
             f"cap on {self.rule}: refused without reading it; no file ckptmigrate, torch or "
             "Hugging Face writes is that large"
         )
+
+
+class NotReplayableError(CheckpointFormatError):
+    """The file's pickle holds something the byte-copying writer cannot reproduce faithfully,
+    so it is rewritten from the decoded objects instead (or, where it must be copied, refused)."""
 
 
 class UnknownLayoutError(CheckpointFormatError):
@@ -178,14 +251,17 @@ class UnversionedCheckpointError(CkptMigrateError):
 class SchemaMismatchError(CkptMigrateError):
     """The checkpoint belongs to another schema than the one asked for."""
 
-    def __init__(self, expected: str, found: str, *, path: object = None) -> None:
+    def __init__(self, expected: str, found: str | None, *, path: object = None) -> None:
         self.expected = expected
         self.found = found
         self.path = None if path is None else str(path)
+        super().__init__(self.render())
+
+    def render(self, *, cli: bool = False) -> str:
         where = f"{self.path} " if self.path else "the checkpoint "
-        super().__init__(
-            f"{where}was written for schema {found!r}, not {expected!r}: load it with the "
-            f"{found!r} schema, or check that you picked the right file."
+        return (
+            f"{where}was written for schema {self.found!r}, not {self.expected!r}: load it with "
+            f"the {self.found!r} schema, or check that you picked the right file."
         )
 
 
@@ -199,13 +275,10 @@ class UnknownSchemaError(SchemaMismatchError, LookupError):
     def __init__(self, name: str, known: Sequence[str]) -> None:
         from .nearest import nearest
 
-        self.expected = name
-        self.found = None
-        self.path = None
         self.known = sorted(known)
         close = nearest(name, self.known, n=1) if name else []
         self.nearest = close[0] if close else None
-        CkptMigrateError.__init__(self, self.render())
+        super().__init__(name, None)
 
     def render(self, *, cli: bool = False) -> str:
         found = ", ".join(self.known) or "none"
@@ -227,10 +300,13 @@ class FutureVersionError(CkptMigrateError):
         self.schema = schema
         self.stored = stored
         self.current = current
-        super().__init__(
-            f"checkpoint of schema {schema!r} is at version {stored}, newer than {current}, the "
-            "newest this code knows: upgrade the code (or its migrations), or downgrade the "
-            "file with code that knows its version."
+        super().__init__(self.render())
+
+    def render(self, *, cli: bool = False) -> str:
+        return (
+            f"checkpoint of schema {self.schema!r} is at version {self.stored}, newer than "
+            f"{self.current}, the newest this code knows: upgrade the code (or its migrations), "
+            "or downgrade the file with code that knows its version."
         )
 
 
@@ -238,10 +314,8 @@ class TargetPastCurrentError(FutureVersionError):
     """The target version asked for is newer than the schema's current version."""
 
     def __init__(self, schema: str, target: object, current: object) -> None:
-        self.schema = schema
-        self.stored = self.target = target
-        self.current = current
-        CkptMigrateError.__init__(self, self.render())
+        self.target = target
+        super().__init__(schema, target, current)
 
     def render(self, *, cli: bool = False) -> str:
         given = f"--to {self.target}" if cli else f"to={str(self.target)!r}"
@@ -275,35 +349,47 @@ class VersionConflictError(CkptMigrateError, ValueError):
         )
 
 
-class NoMigrationPathError(CkptMigrateError):
-    """No single path leads from the stored version to the target: a gap, or an ambiguity."""
+class MigrationPathError(CkptMigrateError):
+    """No plan can be made from the stored version to the target (see the two subclasses)."""
 
-    def __init__(
-        self,
-        schema: str,
-        start: object,
-        target: object,
-        *,
-        paths: Sequence[Sequence[str]] = (),
-        reason: str = "",
-    ) -> None:
+    def __init__(self, schema: str, start: object, target: object, message: str) -> None:
         self.schema = schema
         self.start = start
         self.target = target
+        super().__init__(message)
+
+
+class NoMigrationPathError(MigrationPathError):
+    """No path of registered steps leads from the stored version to the target: a gap."""
+
+    def __init__(self, schema: str, start: object, target: object, *, reason: str = "") -> None:
+        self.reason = reason
+        super().__init__(
+            schema,
+            start,
+            target,
+            f"schema {schema!r}: no migration path leads from {start} to {target}"
+            f"{': ' + reason if reason else ''}. Register the missing step(s) with "
+            "@schema.migration(from, to).",
+        )
+
+
+class AmbiguousMigrationPathError(MigrationPathError):
+    """More than one path leads to the target and none is preferred (alembic's multiple
+    heads). ``paths`` lists each path as its version strings."""
+
+    def __init__(
+        self, schema: str, start: object, target: object, *, paths: Sequence[Sequence[str]]
+    ) -> None:
         self.paths = [list(p) for p in paths]
-        if self.paths:
-            shown = "; ".join(" -> ".join(p) for p in self.paths)
-            msg = (
-                f"schema {schema!r}: more than one migration path leads from {start} to "
-                f"{target} ({shown}) and none is preferred: mark one step preferred=True."
-            )
-        else:
-            msg = (
-                f"schema {schema!r}: no migration path leads from {start} to {target}"
-                f"{': ' + reason if reason else ''}. Register the missing step(s) with "
-                "@schema.migration(from, to)."
-            )
-        super().__init__(msg)
+        shown = "; ".join(" -> ".join(p) for p in self.paths)
+        super().__init__(
+            schema,
+            start,
+            target,
+            f"schema {schema!r}: more than one migration path leads from {start} to {target} "
+            f"({shown}) and none is preferred: mark one step preferred=True.",
+        )
 
 
 class MigrationGraphError(CkptMigrateError, ValueError):
@@ -337,6 +423,11 @@ class MigrationError(CkptMigrateError):
         super().__init__(
             f"migration {schema} {from_version} -> {to_version} ({step}) failed: {problem}"
         )
+
+
+class InPlaceWriteError(CkptMigrateError, RuntimeError):
+    """A function step wrote into an input tensor in place; :func:`ckptmigrate.upgrade`
+    reports it as the step's :class:`MigrationError`, before the write where it can."""
 
 
 class OpMatchedNothingError(MigrationError):
@@ -389,6 +480,46 @@ class OpMatchedNothingError(MigrationError):
         )
 
 
+class OpError(CkptMigrateError, ValueError):
+    """An op cannot apply to this checkpoint (a collision, a missing key, a bad shape).
+
+    Raised by an op itself; the step that ran it turns it into a :class:`MigrationError`."""
+
+
+class NothingMatched(OpError):
+    """An op found no key (or hparam) to act on and was not given ``missing_ok=True``.
+
+    Raised before the op changes anything. ``names`` are the keys (or hparams) it searched;
+    ``head`` the literal text every match starts with, ``needle`` the text to find near
+    names by. ``apply_step`` turns it into :class:`OpMatchedNothingError`.
+    """
+
+    def __init__(
+        self, op: Any, names: Sequence[str], *, noun: str = "key", head: str = "", needle: str = ""
+    ) -> None:
+        self.op = op
+        self.names = names
+        self.noun = noun
+        self.head = head
+        self.needle = needle or head
+        super().__init__(f"{op.label()} matched no {noun}")
+
+    def details(self) -> dict[str, Any]:
+        """``starts``, ``nearest`` and ``prefix``, as :class:`OpMatchedNothingError` takes them."""
+        from .nearest import leading_components, mount_prefix, nearest
+
+        names = list(self.names)
+        close = nearest(self.needle, names)
+        keys = self.noun == "key"
+        return {
+            "op": self.op.label(),
+            "noun": self.noun,
+            "starts": leading_components(names) if keys else [],
+            "nearest": close,
+            "prefix": mount_prefix(self.head, close) if keys else None,
+        }
+
+
 class MountError(CkptMigrateError, ValueError):
     """A schema cannot be mounted (or found) at that key prefix: none of the keys start with it,
     it overlaps another mount, or a mount's migration reached into another mount's keys."""
@@ -434,11 +565,9 @@ class AmbiguousVersionError(UnversionedCheckpointError):
         tied: bool = True,
         path: object = None,
     ) -> None:
-        self.schema = schema
         self.candidates = list(candidates)
         self.tied = tied
-        self.path = None if path is None else str(path)
-        CkptMigrateError.__init__(self, self.render())
+        super().__init__(path=path, schema=schema)
 
     def render(self, *, cli: bool = False) -> str:
         where = self.path or "the checkpoint"
@@ -553,7 +682,20 @@ class ModelBuildError(CkptMigrateError):
         )
 
 
-class ParamNamesUnknown(CkptMigrateError, ValueError):
+class FixtureCheckError(CkptMigrateError):
+    """A legacy fixture no longer upgrades, loads strictly or reproduces its golden outputs;
+    the message is the one-line reason."""
+
+
+class FixtureNotFoundError(CkptMigrateError, LookupError):
+    """A path was asked for as a fixture, but no golden record beside it names it."""
+
+    def __init__(self, path: object) -> None:
+        self.path = str(path)
+        super().__init__(f"no golden record beside {self.path} names it as its fixture")
+
+
+class ParamNamesUnknownError(CkptMigrateError, ValueError):
     """Optimizer state keyed by position meets a step that needs each position's name.
 
     ``reason`` says why the names could not be found (the file's own parameter order did not
@@ -580,3 +722,7 @@ class ParamNamesUnknown(CkptMigrateError, ValueError):
             f"{self.reason}. {remedy}; or save the optimizer from "
             "torch.optim.X(model.named_parameters()) so that its state_dict carries param_names"
         )
+
+
+#: The old name of :class:`ParamNamesUnknownError`, kept so existing ``except`` clauses match.
+ParamNamesUnknown = ParamNamesUnknownError

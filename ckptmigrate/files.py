@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint
-from .errors import CheckpointFormatError
+from .errors import CheckpointFormatError, CheckpointWriteError
 from .formats.detect import detect_format
 from .formats.model_folder import resolve
 from .layout import assemble, split
@@ -139,7 +139,7 @@ def write_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
         extra = dict(ckpt.extra)
         passthrough = extra.pop("safetensors_metadata", None)
         if ckpt.optimizer is not None or extra:
-            raise ValueError(
+            raise CheckpointWriteError(
                 "a .safetensors file holds tensors only, but this checkpoint has optimizer "
                 f"state or extra entries ({', '.join(extra) or 'optimizer'}): save it as .pth"
             )

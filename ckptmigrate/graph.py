@@ -6,18 +6,58 @@ the one path between two versions, or says why there is none, before anything ru
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 
 from .errors import (
+    AmbiguousMigrationPathError,
     FutureVersionError,
     MigrationGraphError,
     NoMigrationPathError,
     TargetPastCurrentError,
 )
 from .version import parse_version
+
+if TYPE_CHECKING:
+    from .ops import Op
+
+
+@dataclass(frozen=True)
+class FunctionStep:
+    """A step written as a function (``@schema.migration``): it mutates the checkpoint it gets
+    or returns a new one; ``inverse`` is the function that undoes it, for downgrades."""
+
+    fn: Callable[[Any], Any]
+    inverse: Callable[[Any], Any] | None = None
+    #: maps optimizer state onto parameters whose tensor the step replaced (``optimizer_state=``)
+    optimizer_state: Callable[..., Any] | None = None
+
+    def function(self, downgrade: bool) -> Callable[[Any], Any]:
+        """The function to run: ``fn``, or ``inverse`` for a downgrade."""
+        fn = self.inverse if downgrade else self.fn
+        if fn is None:  # the graph plans downgrades through reversible steps only
+            raise MigrationGraphError(f"step {self.fn!r} has no inverse to downgrade with")
+        return fn
+
+
+@dataclass(frozen=True)
+class OpsStep:
+    """A step written as declarative ops (``schema.add_migration``); each op knows its inverse
+    and what it acts on (:attr:`ckptmigrate.ops.Op.acts_on`)."""
+
+    ops: tuple[Op, ...]
+
+    def run(self, downgrade: bool) -> list[Op]:
+        """The ops in the order they run: as given, or each one's inverse in reverse order."""
+        if not downgrade:
+            return list(self.ops)
+        inverses = [op.inverse() for op in reversed(self.ops)]
+        if any(op is None for op in inverses):
+            raise MigrationGraphError(f"step {self.ops!r} holds an op with no inverse")
+        return inverses  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -27,12 +67,10 @@ class Step:
     source: Version
     target: Version
     name: str
-    action: Any = field(compare=False, repr=False)
+    action: FunctionStep | OpsStep = field(compare=False, repr=False)
     breaking: bool = False
     preferred: bool = False
     reversible: bool = False
-    #: for function steps: maps optimizer state onto parameters whose tensor the step replaced
-    optimizer_hook: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -53,6 +91,12 @@ class PlannedStep:
     @property
     def name(self) -> str:
         return f"inverse of {self.step.name}" if self.downgrade else self.step.name
+
+    @property
+    def ops(self) -> list[Op] | None:
+        """The ops this step runs, in order (inverses for a downgrade); None for a function."""
+        action = self.step.action
+        return action.run(self.downgrade) if isinstance(action, OpsStep) else None
 
     def record(self) -> dict[str, Any]:
         """The step as JSON-able data (a plan listing; history entries add when and by whom)."""
@@ -108,15 +152,12 @@ class MigrationGraph:
         self._steps[(step.source, step.target)] = step
         return step
 
-    def replace(self, step: Step) -> None:
-        """Swap a registered step for an updated copy (same versions)."""
-        self._steps[(step.source, step.target)] = step
-
     def plan(self, start: Version | str, target: Version | str | None = None) -> list[PlannedStep]:
         """The steps from ``start`` to ``target`` (default: current), in the order they run.
 
         Forward when ``target`` is newer, through reversible steps backwards when older.
-        Raises :class:`FutureVersionError` or :class:`NoMigrationPathError` before anything runs.
+        Raises :class:`FutureVersionError`, :class:`NoMigrationPathError` or
+        :class:`AmbiguousMigrationPathError` before anything runs.
         """
         start = parse_version(start)
         target = self.current if target is None else parse_version(target, what="target version")
@@ -166,7 +207,7 @@ class MigrationGraph:
                 preferred = [s for s in candidates if s.preferred]
                 if len(preferred) != 1:
                     ambiguous = preferred or candidates
-                    raise NoMigrationPathError(
+                    raise AmbiguousMigrationPathError(
                         self.schema,
                         start,
                         target,

@@ -17,7 +17,7 @@ from typing import Any
 from packaging.version import Version
 
 from .checkpoint import Checkpoint
-from .errors import AmbiguousVersionError, CkptMigrateError
+from .errors import AmbiguousVersionError, CkptMigrateError, UsageError
 from .report import signature as tensor_signature
 from .schema import Schema
 
@@ -167,7 +167,7 @@ def apply_from_version(
     if schema is not None:
         given = resolve_from_version(ckpt, schema, from_version, what=what, path=path)
     elif isinstance(from_version, str) and from_version == "auto":
-        raise TypeError("from_version='auto' needs schema= to compare signatures with")
+        raise UsageError("from_version='auto' needs schema= to compare signatures with")
     else:
         given = parse_version(from_version, what=what)
     if ckpt.version is not None:
@@ -175,5 +175,5 @@ def apply_from_version(
             raise VersionConflictError(ckpt.version, given, path=path)
         return ckpt
     if schema is None:
-        raise TypeError("from_version= needs schema= to say which schema the file belongs to")
+        raise UsageError("from_version= needs schema= to say which schema the file belongs to")
     return replace(ckpt, schema=schema.name, version=given)

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .checkpoint import Checkpoint
-from .errors import CheckpointFormatError, LayoutNameError, UnknownLayoutError
+from .errors import (
+    CheckpointFormatError,
+    CheckpointWriteError,
+    LayoutNameError,
+    UnknownLayoutError,
+    UsageError,
+)
 from .readable import bounded_repr, key_text
 from .stamp import STAMP_KEY, parse_stamp
 
@@ -47,7 +53,7 @@ class Layout:
             value = getattr(self, slot)
             path = (value,) if isinstance(value, str) else value
             if path is not None and (not path or not all(isinstance(p, str) for p in path)):
-                raise TypeError(f"Layout {slot}= must be a key, a tuple of keys or None")
+                raise UsageError(f"Layout {slot}= must be a key, a tuple of keys or None")
             object.__setattr__(self, slot, None if path is None else tuple(path))
 
     def matches(self, obj: dict[Any, Any]) -> bool:
@@ -205,7 +211,7 @@ def assemble(ckpt: Checkpoint, stamp: dict[str, Any] | None) -> Any:
 
     if layout.name == "flat":
         if ckpt.optimizer is not None or ckpt.extra:
-            raise ValueError(
+            raise CheckpointWriteError(
                 "a flat state_dict file holds tensors only, but this checkpoint has optimizer "
                 "state or extra entries: save it with layout='ckptmigrate' to keep them"
             )
@@ -239,7 +245,9 @@ def assemble(ckpt: Checkpoint, stamp: dict[str, Any] | None) -> Any:
     }
     clash = [k for k, v in ckpt.extra.items() if k == STAMP_KEY or not _merge(out, k, v, nested)]
     if clash:
-        raise ValueError(f"extra entries {clash} clash with the {layout.name} layout's own keys")
+        raise CheckpointWriteError(
+            f"extra entries {clash} clash with the {layout.name} layout's own keys"
+        )
     if stamp_out is not None:
         out[STAMP_KEY] = stamp_out
     return out

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import LockError, LockTimeoutError
+from .errors import LockError, LockTimeoutError, UsageError
 from .formats.atomic import recorded_writer_alive, this_writer
 from .formats.detect import INDEX_SUFFIX
 
@@ -101,7 +101,7 @@ class FileLock:
         mode: str = "auto",
     ) -> None:
         if mode not in ("auto", "flock", "exclusive"):
-            raise ValueError(f"mode must be 'auto', 'flock' or 'exclusive', not {mode!r}")
+            raise UsageError(f"mode must be 'auto', 'flock' or 'exclusive', not {mode!r}")
         self.path = Path(path)
         self.lock_path = lock_path_for(self.path)
         self.timeout = timeout

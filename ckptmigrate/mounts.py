@@ -30,11 +30,16 @@ from typing import TYPE_CHECKING, Any
 from packaging.version import Version
 
 from .checkpoint import Checkpoint
-from .errors import MountError, ParamNamesUnknown, SchemaMismatchError, UnversionedCheckpointError
+from .errors import (
+    MountError,
+    ParamNamesUnknownError,
+    SchemaMismatchError,
+    UnversionedCheckpointError,
+)
+from .followers import put
 from .optimizer import NamedOptimizer, carries_names, from_named, to_named
 from .positions import PositionalState, _verify, deduce_param_names
 from .stamp import Mount, check_prefixes
-from .upgrade import _put
 from .version import parse_version
 
 if TYPE_CHECKING:
@@ -144,14 +149,15 @@ def upgrade_mount(
 
     >>> new = upgrade_mount(ckpt, net_schema, prefix="net.")
     """
-    from .upgrade import OptimizerFollowers, _buffer_keys, run_plan
+    from .followers import OptimizerFollowers
+    from .upgrade import buffer_keys, run_plan
 
     steps = list(plan) if plan is not None else mount_plan(ckpt, schema, prefix, to)
     if not steps:
         return ckpt.copy()
     view = _view(ckpt, prefix)
     slots = _mount_optimizers(
-        ckpt, view, prefix, param_names, lambda: _buffer_keys(view, steps, schema)
+        ckpt, view, prefix, param_names, lambda: buffer_keys(view, steps, schema)
     )
     followers = OptimizerFollowers([(where, slot) for where, slot, _ in slots])
     done = run_plan(view, steps, schema, followers=followers)
@@ -163,7 +169,7 @@ def upgrade_mount(
                 assert isinstance(first, _MountPositional) and first.rest is not None
                 whole = first.rest
             merged = _merge_named(whole, now, owns, prefix)
-            out.optimizer = _put(out.optimizer, where, from_named(merged))
+            out.optimizer = put(out.optimizer, where, from_named(merged))
         # else: position-keyed state the mount's steps kept, as it was
     return out
 
@@ -392,7 +398,7 @@ class _MountPositional(PositionalState):
                 names = list(self.given)
                 bare = [n for n in names if n not in sd and self.prefix + n in sd]
                 if bare and self.prefix:
-                    raise ParamNamesUnknown(
+                    raise ParamNamesUnknownError(
                         f"the names given are the optimizer's, the file's full keys with the "
                         f"mount's prefix: {bare[0]!r} is {self.prefix + bare[0]!r} in this file"
                     )
@@ -401,8 +407,8 @@ class _MountPositional(PositionalState):
                 mine = self.buffers()
                 buffers = None if mine is None else {self.prefix + b for b in mine}
                 names = deduce_param_names(self.opt_sd, sd, buffers)
-        except ParamNamesUnknown as exc:
-            raise ParamNamesUnknown(exc.reason, step=step) from None
+        except ParamNamesUnknownError as exc:
+            raise ParamNamesUnknownError(exc.reason, step=step) from None
         now = [self.prefix + self.renamed[n[cut:]] if owns(n) else n for n in names]
         self.rest = to_named(self.opt_sd, now)
         return _mount_part(self.rest, owns, cut)
@@ -418,11 +424,11 @@ def _mount_optimizers(
     """``(where, slot for the view's followers, the whole state by name or None)`` for each
     optimizer state of ``ckpt``: the mount's part by name when the state carries names, else
     the whole position-keyed state (see :class:`_MountPositional`)."""
-    from .upgrade import _optimizer_states
+    from .followers import optimizer_states
 
     owns, cut = _owns(ckpt, prefix), len(prefix)
     out: list[tuple[Any, NamedOptimizer | PositionalState, NamedOptimizer | None]] = []
-    for where, opt_sd in _optimizer_states(ckpt.optimizer):
+    for where, opt_sd in optimizer_states(ckpt.optimizer):
         if carries_names(opt_sd):
             whole = to_named(opt_sd, None)
             out.append((where, _mount_part(whole, owns, cut), whole))

@@ -12,11 +12,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .checkpoint import Checkpoint
 from .compose import literal_prefix_rename
-from .nearest import leading_components, literal_head, longest_literal, mount_prefix, nearest
+from .errors import NothingMatched, OpError
+from .nearest import literal_head, longest_literal
 
 if TYPE_CHECKING:
     import torch
@@ -58,40 +59,9 @@ ABSENT: Any = _Marker("ABSENT")
 UNKNOWN: Any = _Marker("UNKNOWN")
 
 
-class OpError(ValueError):
-    """An op cannot apply to this checkpoint (a collision, a missing key, a bad shape)."""
-
-
-class NothingMatched(OpError):
-    """An op found no key (or hparam) to act on and was not given ``missing_ok=True``.
-
-    Raised before the op changes anything. ``names`` are the keys (or hparams) it searched;
-    ``head`` the literal text every match starts with, ``needle`` the text to find near
-    names by. ``apply_step`` turns it into :class:`~ckptmigrate.errors.OpMatchedNothingError`.
-    """
-
-    def __init__(
-        self, op: Op, names: Sequence[str], *, noun: str = "key", head: str = "", needle: str = ""
-    ) -> None:
-        self.op = op
-        self.names = names
-        self.noun = noun
-        self.head = head
-        self.needle = needle or head
-        super().__init__(f"{op.label()} matched no {noun}")
-
-    def details(self) -> dict[str, Any]:
-        """``starts``, ``nearest`` and ``prefix``, as :class:`OpMatchedNothingError` takes them."""
-        names = list(self.names)
-        close = nearest(self.needle, names)
-        keys = self.noun == "key"
-        return {
-            "op": self.op.label(),
-            "noun": self.noun,
-            "starts": leading_components(names) if keys else [],
-            "nearest": close,
-            "prefix": mount_prefix(self.head, close) if keys else None,
-        }
+#: What an op may change (:attr:`Op.acts_on`): key names, hparams, tensor values, or anything,
+#: because it runs caller code.
+KEYS, HPARAMS, TENSORS, CODE = "keys", "hparams", "tensors", "code"
 
 
 class Op:
@@ -99,15 +69,42 @@ class Op:
 
     ``trace`` says, by key names only, where each key after the op came from, so optimizer
     state can follow; ``transforms_state`` ops (split, transpose...) also reshape the state
-    tensors shaped like their parameter, by applying themselves to them.
+    tensors shaped like their parameter, by applying themselves to them. ``acts_on`` says what
+    the op may change; every caller that must know (the composed fast path, the metadata-only
+    streamer, the read-only guard) asks it, never the op's type.
     """
 
+    #: what the op may change, from KEYS, HPARAMS, TENSORS and CODE; an op defined outside this
+    #: module that overrides ``apply`` or ``transform`` without declaring it acts on CODE
+    acts_on: ClassVar[frozenset[str]] = frozenset({CODE})
     #: whether the op reshapes tensors, so per-parameter optimizer state must be pushed through it
     transforms_state: bool = False
-    #: whether applying it runs caller code (then the step runs behind the read-only guard)
-    runs_user_code: bool = False
     #: whether finding nothing to act on is fine (else :class:`NothingMatched`)
     missing_ok: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        rewrites = "apply" in cls.__dict__ or "transform" in cls.__dict__
+        if cls.__module__ != __name__ and rewrites and "acts_on" not in cls.__dict__:
+            cls.acts_on = frozenset({CODE})  # it may do anything: treat it as caller code
+
+    @property
+    def runs_user_code(self) -> bool:
+        """Whether applying it runs caller code (then the step runs behind the read-only guard)."""
+        return CODE in self.acts_on
+
+    @property
+    def metadata_only(self) -> bool:
+        """Whether it changes key names and hparams only, so it runs on tensor stubs."""
+        return self.acts_on <= {KEYS, HPARAMS}
+
+    @property
+    def composable(self) -> bool:
+        """Whether it folds into one pass over the keys with its neighbours: a prefix rename
+        (:meth:`prefix_rename`) that touches nothing else, or an op on hparams alone."""
+        if self.acts_on == {HPARAMS}:
+            return True
+        return self.acts_on == {KEYS} and self.prefix_rename() is not None
 
     def apply(self, ckpt: Checkpoint) -> None:
         raise NotImplementedError
@@ -260,6 +257,7 @@ def _module_renames(mapping: dict[str, str]) -> dict[str, str]:
 class RenamePrefix(Op):
     """Rename every key that starts with ``old`` to start with ``new`` instead."""
 
+    acts_on = frozenset({KEYS})
     old: str
     new: str
     missing_ok: bool = field(default=False, kw_only=True)
@@ -340,6 +338,7 @@ class RenameKeys(Op):
     Pass ``reverse=(pattern, repl)`` to make the rename invertible.
     """
 
+    acts_on = frozenset({KEYS})
     pattern: str
     repl: str
     reverse: tuple[str, str] | None = None
@@ -437,6 +436,7 @@ def _format_repl(repl: str, rx: re.Pattern[str]) -> str | None:
 class DropKeys(Op):
     """Drop every key that fully matches ``pattern`` (none matching: an error unless ``missing_ok``)."""
 
+    acts_on = frozenset({KEYS})
     pattern: str
     missing_ok: bool = field(default=False, kw_only=True)
 
@@ -459,6 +459,7 @@ class DropKeys(Op):
 class AddKey(Op):
     """Add ``key`` with a default tensor (or ``default(ckpt)``); refuses to overwrite."""
 
+    acts_on = frozenset({KEYS, TENSORS})
     key: str
     default: Any = field(repr=False)
     #: a trainable parameter (it joins the optimizer's first group, with fresh state)
@@ -499,6 +500,7 @@ def _matches(template: str, keys: Sequence[str]) -> list[tuple[str, dict[str, st
 class Split(Op):
     """Split each key matching ``source`` into ``targets`` along ``dim`` (fused q/k/v)."""
 
+    acts_on = frozenset({KEYS, TENSORS})
     source: str
     targets: Sequence[str]
     dim: int = 0
@@ -553,6 +555,7 @@ class Split(Op):
 class Merge(Op):
     """Concatenate the keys matching ``sources`` (all present) into ``target`` along ``dim``."""
 
+    acts_on = frozenset({KEYS, TENSORS})
     sources: Sequence[str]
     target: str
     dim: int = 0
@@ -626,6 +629,7 @@ def _replace_at(sd: dict[str, Any], old: list[str], new: dict[str, Any]) -> dict
 
 @dataclass
 class _TensorOp(Op):
+    acts_on = frozenset({TENSORS})
     template: str
     missing_ok: bool = field(default=False, kw_only=True)
     transforms_state = True
@@ -727,6 +731,7 @@ class SetHparam(Op):
     default: ``SetHparam("norm_eps", 1e-5, overwrite=False, previous=ABSENT)``.
     """
 
+    acts_on = frozenset({HPARAMS})
     name: str
     value: Any
     previous: Any = UNKNOWN
@@ -751,6 +756,7 @@ class SetHparam(Op):
 class RenameHparam(Op):
     """Rename hparam ``old`` to ``new`` (missing: an error unless ``missing_ok``; both: an error)."""
 
+    acts_on = frozenset({HPARAMS})
     old: str
     new: str
     missing_ok: bool = field(default=False, kw_only=True)
@@ -775,6 +781,7 @@ class DropHparam(Op):
     """Drop hparam ``name`` (missing: an error unless ``missing_ok``); ``default`` (what to
     restore) makes it invertible."""
 
+    acts_on = frozenset({HPARAMS})
     name: str
     default: Any = UNKNOWN
     missing_ok: bool = field(default=False, kw_only=True)
@@ -797,9 +804,9 @@ class DropHparam(Op):
 class Call(Op):
     """Run a plain function as an op (not invertible unless ``inverse_fn`` is given)."""
 
+    acts_on = frozenset({CODE})
     fn: Callable[[Checkpoint], Any]
     inverse_fn: Callable[[Checkpoint], Any] | None = None
-    runs_user_code = True
 
     def apply(self, ckpt: Checkpoint) -> None:
         self.fn(ckpt)

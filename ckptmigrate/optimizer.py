@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoint import Checkpoint
-from .errors import ParamNamesUnknown
+from .errors import ParamNamesUnknownError
 
 #: A step's hook for function migrations: (states by name, before, after) -> states by name.
 OptimizerHook = Callable[[dict[str, dict[str, Any]], Checkpoint, Checkpoint], dict[str, dict]]
 
 
-__all__ = ["NamedOptimizer", "ParamNamesUnknown", "from_named", "to_named", "follow_trace"]
+__all__ = ["NamedOptimizer", "ParamNamesUnknownError", "from_named", "to_named", "follow_trace"]
 
 
 def is_optimizer_state(value: Any) -> bool:
@@ -75,7 +75,7 @@ def to_named(opt_sd: Mapping[str, Any], param_names: Sequence[str] | None) -> Na
     flat_names = list(param_names) if param_names is not None and not by_name else None
     total = sum(len(g["params"]) for g in opt_sd["param_groups"])
     if flat_names is not None and not wrote and len(flat_names) != total:
-        raise ParamNamesUnknown(
+        raise ParamNamesUnknownError(
             f"{len(flat_names)} parameter names were given, but the optimizer holds {total} "
             "parameters"
         )
@@ -89,7 +89,7 @@ def to_named(opt_sd: Mapping[str, Any], param_names: Sequence[str] | None) -> Na
         elif flat_names is not None:
             names = flat_names[cursor : cursor + len(positions)]
         else:
-            raise ParamNamesUnknown("nothing in the file names them")
+            raise ParamNamesUnknownError("nothing in the file names them")
         cursor += len(positions)
         position_name.update(zip(positions, names))
         groups.append({**group, "names": names})  # keeps torch's key order for write-back

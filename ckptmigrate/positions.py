@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoint import Checkpoint
-from .errors import ParamNamesUnknown
+from .errors import ParamNamesUnknownError
 from .optimizer import NamedOptimizer, module_order, to_named
 
 __all__ = ["PositionalState", "deduce_param_names", "keeps_positions", "read_param_names"]
@@ -73,17 +73,17 @@ def _verify(
     """Refuse ``names`` for the optimizer's positions unless every state tensor fits its name."""
     positions = [p for g in opt_sd["param_groups"] for p in g["params"]]
     if len(names) != len(positions):
-        raise ParamNamesUnknown(
+        raise ParamNamesUnknownError(
             f"{what}: {len(names)} names, but the optimizer holds {len(positions)} parameters"
         )
     for position, name in zip(positions, names):
         if name not in state_dict:
-            raise ParamNamesUnknown(f"{what}: {name!r} is not a key of the state_dict")
+            raise ParamNamesUnknownError(f"{what}: {name!r} is not a key of the state_dict")
         shape = tuple(getattr(state_dict[name], "shape", ()))
         for fld, value in opt_sd["state"].get(position, {}).items():
             got = tuple(getattr(value, "shape", ()))
             if got and got != shape:  # 0-d entries (Adam's step) fit any parameter
-                raise ParamNamesUnknown(
+                raise ParamNamesUnknownError(
                     f"{what}: position {position} would be {name!r} of shape "
                     f"{list(shape)}, but its state {fld!r} has shape {list(got)}"
                 )
@@ -105,7 +105,7 @@ def deduce_param_names(
     if len(groups) > 1:
         # model.parameters() lists them in the file's order; param groups split them by
         # choice (a head at another lr, listed first): nothing in the file says how
-        raise ParamNamesUnknown(
+        raise ParamNamesUnknownError(
             f"the optimizer has {len(groups)} param groups, and the file's order cannot tell "
             "which parameters went into which group"
         )
@@ -121,7 +121,7 @@ def deduce_param_names(
             if buffers is not None
             else "(buffers too: the schema has no build= to tell them apart)"
         )
-        raise ParamNamesUnknown(
+        raise ParamNamesUnknownError(
             f"the file's state_dict holds {len(candidates)} floating-point tensors {how}, but "
             f"its optimizer holds {total} parameters, so the file's order cannot name them"
         )
@@ -152,7 +152,7 @@ class PositionalState:
         self.renamed = {k: after_of.get(now, now) for k, now in self.renamed.items()}
 
     def named(self, step: str | None) -> NamedOptimizer:
-        """Key the state by the names it has now, or raise :class:`ParamNamesUnknown`."""
+        """Key the state by the names it has now, or raise :class:`ParamNamesUnknownError`."""
         sd = self.origin.state_dict
         try:
             if self.given is not None:
@@ -160,6 +160,6 @@ class PositionalState:
                 _verify(self.opt_sd, names, sd, "the names given")
             else:
                 names = deduce_param_names(self.opt_sd, sd, self.buffers())
-        except ParamNamesUnknown as exc:
-            raise ParamNamesUnknown(exc.reason, step=step) from None
+        except ParamNamesUnknownError as exc:
+            raise ParamNamesUnknownError(exc.reason, step=step) from None
         return to_named(self.opt_sd, [self.renamed[n] for n in names])

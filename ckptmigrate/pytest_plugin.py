@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from .errors import FixtureCheckError, FixtureNotFoundError
+
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
     from .fixtures import Fixture, FixtureResult
@@ -143,7 +145,7 @@ def _schemas(config: pytest.Config) -> dict[str, Schema]:
         _keep_project_importable(config)
     found = config.stash[_SCHEMAS]
     if isinstance(found, Exception):
-        raise CkptFixtureFailure(f"discovering the migrations failed: {found}")
+        raise FixtureCheckError(f"discovering the migrations failed: {found}")
     return found
 
 
@@ -166,10 +168,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     entry = config.stash.get(_SYS_PATH, None)
     if entry is not None and entry in sys.path:
         sys.path.remove(entry)
-
-
-class CkptFixtureFailure(Exception):
-    """A fixture check failed; the message is the one-line reason."""
 
 
 class GoldenRecordFile(pytest.File):
@@ -202,10 +200,10 @@ class CkptFixtureItem(pytest.Item):
         self.user_properties.append(("steps_applied", result.steps_applied))
         self.user_properties.append(("max_abs_error", result.max_abs_error))
         if not result.ok:
-            raise CkptFixtureFailure(result.reason)
+            raise FixtureCheckError(result.reason)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str:
-        if isinstance(excinfo.value, CkptFixtureFailure):
+        if isinstance(excinfo.value, FixtureCheckError):
             return f"{self.fixture.path}: {excinfo.value}"
         return str(super().repr_failure(excinfo, style=style))
 
@@ -249,7 +247,7 @@ class CkptFixtures:
             fixture = fixture_from_golden(golden)
             if fixture.path.name == candidate.name:
                 return fixture
-        raise LookupError(f"no golden record beside {candidate} names it as its fixture")
+        raise FixtureNotFoundError(candidate)
 
     def golden(self, path: str | Path | Fixture) -> dict[str, Any]:
         """The golden record (input, output, tolerance, hparams) of a fixture."""

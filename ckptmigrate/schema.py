@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -10,7 +9,7 @@ from packaging.version import Version
 
 from .checkpoint import Checkpoint
 from .errors import MigrationGraphError
-from .graph import MigrationGraph, PlannedStep, Step
+from .graph import FunctionStep, MigrationGraph, OpsStep, PlannedStep, Step
 from .ops import Op
 from .version import parse_version
 
@@ -107,11 +106,8 @@ class Schema:
 
         def register(fn: F) -> F:
             name = getattr(fn, "__qualname__", repr(fn))
-            step = self._add(
-                source, target, name, fn, breaking, preferred, inverse is not None, inverse
-            )
-            if optimizer_state is not None:
-                self.graph.replace(dataclasses.replace(step, optimizer_hook=optimizer_state))
+            action = FunctionStep(fn, inverse, optimizer_state)
+            self._add(source, target, name, action, breaking, preferred, inverse is not None)
             return fn
 
         return register
@@ -154,24 +150,25 @@ class Schema:
                 "declare reversible=False"
             )
         can_reverse = not one_way if reversible is None else reversible
-        return self._add(source, target, label, ops, breaking, preferred, can_reverse, None)
+        return self._add(
+            source, target, label, OpsStep(tuple(ops)), breaking, preferred, can_reverse
+        )
 
     def _add(
         self,
         source: str,
         target: str,
         name: str,
-        action: Any,
+        action: FunctionStep | OpsStep,
         breaking: bool,
         preferred: bool,
         reversible: bool,
-        inverse: Any,
     ) -> Step:
         step = Step(
             source=parse_version(source, what="step source version"),
             target=parse_version(target, what="step target version"),
             name=name,
-            action=(action, inverse),
+            action=action,
             breaking=breaking,
             preferred=preferred,
             reversible=reversible,

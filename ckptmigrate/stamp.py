@@ -85,6 +85,11 @@ class Stamp:
     mounts: list[Mount] = field(default_factory=list)
 
 
+def history_entry(planned: Any) -> dict[str, Any]:
+    """The history entry of a step that just ran: its record, when, and by which ckptmigrate."""
+    return {**planned.record(), "applied_at": utc_now(), "by": f"ckptmigrate {library_version()}"}
+
+
 def stamp_of(ckpt: Checkpoint) -> dict[str, Any] | None:
     """The stamp dict to write for ``ckpt``, or None when it has neither a stamp nor mounts."""
     if ckpt.stamped or ckpt.mounts:

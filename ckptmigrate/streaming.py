@@ -1,7 +1,7 @@
 """Upgrade checkpoint files at close to disk speed: rewrite the metadata, copy the tensor bytes.
 
-When every planned step is a list of key or hparam ops (:data:`KEY_OPS`: renames, drops,
-hparam changes), the plan runs on a checkpoint of metadata stubs and the output is written by
+When every planned step is a list of ops that change key names and hparams only
+(:attr:`~ckptmigrate.ops.Op.metadata_only`: renames, drops, hparam changes), the plan runs on a checkpoint of metadata stubs and the output is written by
 copying each kept tensor's stored bytes with ``os.copy_file_range``: no tensor is loaded, and
 memory stays a small multiple of the pickle or header size.
 
@@ -38,33 +38,23 @@ from typing import Any
 from packaging.version import Version
 
 from .checkpoint import Checkpoint
+from .errors import CheckpointWriteError, NotReplayableError
 from .formats.atomic import permissions_from
 from .formats.detect import detect_format
 from .graph import PlannedStep
 from .layout import assemble, split
-from .ops import DropHparam, DropKeys, Op, RenameHparam, RenameKeys, RenamePrefix, SetHparam
+from .ops import Op
 from .schema import Schema
 from .stamp import stamp_of as _stamp_of
 from .upgrade import check_belongs, upgrade
 
 __all__ = [
-    "KEY_OPS",
     "FileUpgrade",
     "MountedUpgrade",
     "upgrade_file",
     "upgrade_stubs",
     "write_streamed",
 ]
-
-#: Ops that touch only key names and hparams, so they run on metadata stubs.
-KEY_OPS: tuple[type[Op], ...] = (
-    RenamePrefix,
-    RenameKeys,
-    DropKeys,
-    SetHparam,
-    RenameHparam,
-    DropHparam,
-)
 
 
 class _NeedsLoad(Exception):
@@ -143,14 +133,9 @@ def _header_stamp(new: Checkpoint) -> Checkpoint:
 
 
 def _key_ops(planned: PlannedStep) -> list[Op] | None:
-    action, _ = planned.step.action
-    if not isinstance(action, list):
-        return None
-    ops = [op.inverse() for op in reversed(action)] if planned.downgrade else list(action)
-    # exact types: a subclass may override apply() to touch tensor data
-    if not all(type(op) in KEY_OPS for op in ops):
-        return None
-    return ops
+    """The ops a step runs, when every one changes key names and hparams only; else None."""
+    ops = planned.ops
+    return ops if ops is not None and all(op.metadata_only for op in ops) else None
 
 
 def upgrade_stubs(
@@ -159,7 +144,7 @@ def upgrade_stubs(
     """Run the plan on a checkpoint of tensor stubs, or return None if a step needs data.
 
     Same result, history and errors as :func:`ckptmigrate.upgrade` for plans made of
-    :data:`KEY_OPS` only; torch is not imported.
+    metadata-only ops (:attr:`~ckptmigrate.ops.Op.metadata_only`); torch is not imported.
 
     >>> new = upgrade_stubs(cm.files.read_metadata("model.pth"), schema)
     """
@@ -242,7 +227,9 @@ def _safetensors_metadata(ckpt: Checkpoint) -> dict[str, str]:
     extra = dict(ckpt.extra)
     passthrough = extra.pop("safetensors_metadata", None) or {}
     if ckpt.optimizer is not None or extra:
-        raise ValueError("a .safetensors file holds tensors only; save this checkpoint as .pth")
+        raise CheckpointWriteError(
+            "a .safetensors file holds tensors only; save this checkpoint as .pth"
+        )
     stamp = _stamp_of(ckpt)
     out = dict(passthrough)
     for key, value in (
@@ -255,7 +242,7 @@ def _safetensors_metadata(ckpt: Checkpoint) -> dict[str, str]:
             try:
                 out[key] = json.dumps(value)
             except (TypeError, ValueError) as exc:
-                raise ValueError(
+                raise CheckpointWriteError(
                     f"{key.split('.')[-1]} must be JSON-serialisable for safetensors ({exc})"
                 ) from None
     return out
@@ -360,9 +347,8 @@ def _upgrade_sharded(
         swap.commit(sset.index, weight_map, total, sharded.index_metadata(new, stamp))
     except BaseException as exc:
         swap.abort()  # the new shards no index names go; after the commit, the old ones
-        from .formats.torchzip import NotReplayable
 
-        if isinstance(exc, (_NeedsLoad, NotReplayable)):
+        if isinstance(exc, (_NeedsLoad, NotReplayableError)):
             return _upgrade_sharded_loaded(**loaded)
         raise
     result.removed = swap.finish()
@@ -511,7 +497,7 @@ def _try_stream(
 ) -> FileUpgrade | None:
     """Upgrade a single file by copying tensor bytes, or return None (nothing written)."""
     if fmt == "torch-zip" and dst.suffix != ".safetensors":
-        from .formats.torchzip import NotReplayable, read_zip_graph, write_zip_graph
+        from .formats.torchzip import read_zip_graph, write_zip_graph
 
         graph = read_zip_graph(src, allowed_globals=names)
         ckpt = _with_version(split(graph.obj, path=src), schema, from_version, src)
@@ -521,7 +507,7 @@ def _try_stream(
             result = _result(src, dst, fmt, ckpt, new, schema, to)
             try:
                 writer = write_zip_graph(dst, graph, assemble(new, _stamp_of(new)))
-            except NotReplayable:
+            except NotReplayableError:
                 pass
             else:
                 result.streamed = True

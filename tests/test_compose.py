@@ -129,7 +129,7 @@ def chain_checkpoint() -> cm.Checkpoint:
 
 def one_by_one(monkeypatch, *args, **kwargs):
     with monkeypatch.context() as m:
-        m.setattr(upgrade_mod, "_apply_composed", lambda *a: None)
+        m.setattr(upgrade_mod, "apply_composed", lambda *a: None)
         return cm.upgrade(*args, **kwargs)
 
 
@@ -300,10 +300,10 @@ def test_composed_runs_agree_with_the_steps(steps, keys, modules):
         {k: torch.zeros(1) for k in keys}, schema="s", version="1", module_metadata=metadata
     )
     fast = _outcome(lambda: cm.upgrade(ckpt, schema))
-    real = upgrade_mod._apply_composed
-    upgrade_mod._apply_composed = lambda *a: None
+    real = upgrade_mod.apply_composed
+    upgrade_mod.apply_composed = lambda *a: None
     try:
         slow = _outcome(lambda: cm.upgrade(ckpt, schema))
     finally:
-        upgrade_mod._apply_composed = real
+        upgrade_mod.apply_composed = real
     assert fast == slow

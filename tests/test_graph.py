@@ -107,9 +107,11 @@ def test_two_paths_without_preference_raise_naming_both():
     recording_step(schema, "1.0.0", "2.0.0", calls)
     recording_step(schema, "2.0.0", "3.0.0", calls)
     recording_step(schema, "1.0.0", "3.0.0", calls)
-    with pytest.raises(cm.NoMigrationPathError) as info:
+    with pytest.raises(cm.AmbiguousMigrationPathError) as info:
         cm.upgrade(ckpt_at("1.0.0"), schema)
     assert calls == []
+    assert not isinstance(info.value, cm.NoMigrationPathError)  # a gap and an ambiguity differ
+    assert isinstance(info.value, cm.MigrationPathError)
     assert sorted(info.value.paths) == [["1.0.0", "2.0.0", "3.0.0"], ["1.0.0", "3.0.0"]]
     assert "1.0.0 -> 2.0.0 -> 3.0.0" in str(info.value)
     assert "1.0.0 -> 3.0.0" in str(info.value)

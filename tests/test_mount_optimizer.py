@@ -167,7 +167,7 @@ def test_a_rename_under_a_mount_keeps_position_keyed_state_as_it_is(tmp_path: Pa
 def test_a_swap_under_a_mount_without_names_is_refused_once_worded(tmp_path: Path) -> None:
     lm, opt_sd = trained(named=False, buffer=True)  # 'scale' makes the file's order unusable
     lightning_file(tmp_path / "lit.ckpt", lm, opt_sd)
-    with pytest.raises(cm.errors.ParamNamesUnknown) as info:
+    with pytest.raises(cm.errors.ParamNamesUnknownError) as info:
         cm.upgrade(cm.load(tmp_path / "lit.ckpt", upgrade=False), schema("swap"))
     assert str(info.value).count("keyed by position only") == 1
     assert "net 1.0.0 -> 2.0.0" in str(info.value)
@@ -182,7 +182,9 @@ def test_param_names_with_the_mounts_prefix_name_the_state(tmp_path: Path) -> No
     now, old = state_of(out, LM(buffer=True)), by_name(lm, opt_sd)
     assert torch.equal(now["net.layers.0.weight"]["exp_avg"], old["net.layers.1.weight"]["exp_avg"])
     bare = [n.removeprefix("net.") for n in names]
-    with pytest.raises(cm.errors.ParamNamesUnknown, match="'layers.0.weight' is 'net.layers.0"):
+    with pytest.raises(
+        cm.errors.ParamNamesUnknownError, match="'layers.0.weight' is 'net.layers.0"
+    ):
         cm.upgrade(ckpt, schema("swap"), param_names=bare)
 
 

@@ -108,7 +108,7 @@ def test_a_composed_run_raises_the_error_a_step_by_step_run_raises(
     schema = net_schema([ops.RenamePrefix("net.", "model.")], [ops.RenamePrefix("blocks.", "x.")])
     with pytest.raises(OpMatchedNothingError) as composed:
         cm.upgrade(lightning_like(), schema)
-    monkeypatch.setattr(upgrade_mod, "_apply_composed", lambda *a, **k: None)
+    monkeypatch.setattr(upgrade_mod, "apply_composed", lambda *a, **k: None)
     with pytest.raises(OpMatchedNothingError) as stepwise:
         cm.upgrade(lightning_like(), schema)
     assert str(composed.value) == str(stepwise.value)

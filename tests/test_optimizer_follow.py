@@ -185,7 +185,9 @@ def test_positional_state_needs_param_names_and_the_refusal_says_which(tmp_path)
     ckpt = checkpoint_of(model, opt, "1.0.0")
     # a float buffer: the file's own order no longer verifies as the optimizer's (5 != 4)
     ckpt.state_dict["attn.scale"] = torch.ones(1)
-    with pytest.raises(cm.ParamNamesUnknown, match=r"param_names=\[\.\.\.\].*named_parameters"):
+    with pytest.raises(
+        cm.ParamNamesUnknownError, match=r"param_names=\[\.\.\.\].*named_parameters"
+    ):
         cm.upgrade(ckpt, make_schema(), to="2.0.0")
     names = [n for n, _ in model.named_parameters()]
     new = cm.upgrade(ckpt, make_schema(), to="2.0.0", param_names=names)

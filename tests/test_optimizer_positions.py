@@ -224,7 +224,7 @@ def test_a_function_step_that_replaces_tensors_needs_the_names(mig, tmp_path):
     model, opt, _ = _trained(mig)
     _save_old(tmp_path / "old.pth", model, opt)
     with pytest.raises(
-        cm.ParamNamesUnknown, match=r"swap_head_bias_and_scale.*param_names=\[\.\.\.\]"
+        cm.ParamNamesUnknownError, match=r"swap_head_bias_and_scale.*param_names=\[\.\.\.\]"
     ):
         cm.load(tmp_path / "old.pth", schema=_function_schema(swap_head_bias_and_scale))
 
@@ -234,7 +234,7 @@ def test_a_rename_that_moves_a_tensor_into_another_module_needs_the_names(mig, t
     _save_old(tmp_path / "old.pth", model, opt)
     schema = cm.Schema("net", current="2.0.0")  # body.bias now listed after head's entries
     schema.add_migration("1.0.0", "2.0.0", [cm.ops.RenameKeys(r"^body\.bias$", "head.extra")])
-    with pytest.raises(cm.ParamNamesUnknown, match=r"param_names=\[\.\.\.\]") as raised:
+    with pytest.raises(cm.ParamNamesUnknownError, match=r"param_names=\[\.\.\.\]") as raised:
         cm.load(tmp_path / "old.pth", schema=schema)
     assert "--param-names" not in str(raised.value)  # Python callers read the keyword only
 
@@ -285,7 +285,9 @@ def test_the_deduction_is_refused_when_a_state_tensor_does_not_fit_its_parameter
     # head first in the file: position 0 (body.weight, 12x4) would be head.weight (3x4)
     order = ["head.weight", "head.bias", "body.weight", "body.bias", "scale"]
     _save_old(tmp_path / "old.pth", model, opt, schema="built", order=order)
-    with pytest.raises(cm.ParamNamesUnknown, match=r"\[3, 4\].*exp_avg.*\[12, 4\].*param_names="):
+    with pytest.raises(
+        cm.ParamNamesUnknownError, match=r"\[3, 4\].*exp_avg.*\[12, 4\].*param_names="
+    ):
         cm.load(tmp_path / "old.pth", schema=mig["built"])
 
 
@@ -363,7 +365,7 @@ def test_several_param_groups_are_never_named_from_the_files_order(tmp_path):
     schema = cm.Schema("grp", current="2.0.0")
     schema.add_migration("1.0.0", "2.0.0", [cm.ops.Transpose("head.weight")])
 
-    with pytest.raises(cm.ParamNamesUnknown, match="2 param groups"):
+    with pytest.raises(cm.ParamNamesUnknownError, match="2 param groups"):
         cm.load(tmp_path / "g.pth", schema=schema, from_version="1.0.0")
 
     names = ["head.weight", "body.weight"]  # the order the optimizer got them

@@ -21,7 +21,7 @@ from ckptmigrate.fixtures import check_fixture, check_fixtures, find_fixtures, r
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"
 RESUME = FIXTURES / "tinylm" / "1.0.0-resume.golden.pt"
-upgrade_module = sys.modules["ckptmigrate.upgrade"]
+followers_module = sys.modules["ckptmigrate.followers"]  # optimizer state follows here
 
 
 def resume_fixture():
@@ -48,13 +48,13 @@ def test_the_resume_fixture_reproduces_the_old_codes_next_losses(schemas):
 
 
 def test_the_resume_check_fails_when_the_optimizer_state_is_left_behind(schemas, monkeypatch):
-    follow = upgrade_module.follow_trace
+    follow = followers_module.follow_trace
 
     def forget(named, *args, **kwargs):  # the weights migrate, the optimizer starts fresh
         follow(named, *args, **kwargs)
         named.states = {}
 
-    monkeypatch.setattr(upgrade_module, "follow_trace", forget)
+    monkeypatch.setattr(followers_module, "follow_trace", forget)
     result = check_fixture(resume_fixture(), schemas)
     assert not result.ok
     assert "resumed training differs from the old code at step 2" in result.reason
@@ -62,7 +62,7 @@ def test_the_resume_check_fails_when_the_optimizer_state_is_left_behind(schemas,
 
 
 def test_the_resume_check_fails_when_the_split_shares_adams_step_counter(schemas, monkeypatch):
-    follow = upgrade_module.follow_trace
+    follow = followers_module.follow_trace
 
     def share_steps(named, trace, transformed, new_params):
         follow(named, trace, transformed, new_params)
@@ -72,7 +72,7 @@ def test_the_resume_check_fails_when_the_split_shares_adams_step_counter(schemas
                 if part in name:
                     state["step"] = first.setdefault(name.replace(part, "*"), state["step"])
 
-    monkeypatch.setattr(upgrade_module, "follow_trace", share_steps)
+    monkeypatch.setattr(followers_module, "follow_trace", share_steps)
     assert not check_fixture(resume_fixture(), schemas).ok
 
 

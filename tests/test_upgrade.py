@@ -220,6 +220,41 @@ def test_a_write_that_slips_past_the_guard_is_still_caught_by_the_version_counte
         cm.upgrade(make_ckpt(), schema_with(sneaky))
 
 
+def test_two_threads_upgrading_at_once_keep_each_others_guard():
+    """One thread's step ending must not unguard another's: a view of an input taken after
+    it (``w[:2]``) still refuses the write, and the input keeps its values."""
+    import threading
+
+    b_inside, a_done = threading.Event(), threading.Event()
+    errors: dict[str, BaseException] = {}
+
+    def slow_writer(ckpt):
+        b_inside.set()
+        assert a_done.wait(30)
+        ckpt.state_dict["w"][:2].add_(100)  # a view made after the other step ended
+
+    def quick(ckpt):
+        pass
+
+    victim = make_ckpt()
+    before = snapshot(victim)
+
+    def run_b():
+        try:
+            cm.upgrade(victim, schema_with(slow_writer))
+        except BaseException as exc:  # noqa: BLE001 - kept for the assertion below
+            errors["b"] = exc
+
+    b = threading.Thread(target=run_b)
+    b.start()
+    assert b_inside.wait(30)
+    cm.upgrade(make_ckpt(), schema_with(quick))
+    a_done.set()
+    b.join(30)
+    assert isinstance(errors.get("b"), cm.MigrationError) and "in place" in str(errors["b"])
+    assert_unchanged(victim, before)  # refused before the write, not only noticed after it
+
+
 def test_a_call_op_writing_in_place_is_a_migration_error_and_the_input_is_unchanged():
     schema = cm.Schema("m", current="2.0.0")
     schema.add_migration("1.0.0", "2.0.0", [ops.Call(lambda c: c.state_dict["w"].add_(1))])

@@ -35,7 +35,7 @@ from math import prod
 from types import FunctionType
 from typing import Any, BinaryIO, NoReturn, TypeVar
 
-from ..errors import CheckpointFormatError, UnsafeCheckpointError
+from ..errors import CheckpointFormatError, UnsafeCheckpointError, UsageError
 from ..readable import bounded_repr
 from .bounds import (
     DECODE_ALLOWANCE,
@@ -635,7 +635,7 @@ def _allowed_map(allowed_globals: Iterable[str]) -> dict[str, Any]:
     allowed = dict(_ALLOWED)
     for name in allowed_globals:
         if not isinstance(name, str) or "." not in name:
-            raise TypeError(f"allowed_globals holds {name!r}, expected 'module.Name' strings")
+            raise UsageError(f"allowed_globals holds {name!r}, expected 'module.Name' strings")
         if name not in allowed:
             allowed[name] = _opaque_global(name)
     return allowed
@@ -656,10 +656,6 @@ def _python3_name(module: str, name: str) -> str:
     elif module in _compat_pickle.IMPORT_MAPPING:
         module = _compat_pickle.IMPORT_MAPPING[module]
     return f"{module}.{name}"
-
-
-class _MemoBomb(CheckpointFormatError):
-    """A pickle whose memo indices would make the unpickler allocate far more than its size."""
 
 
 class _ScanCorrupt(CheckpointFormatError):
@@ -969,7 +965,7 @@ class _PickleWalk:
                     self.corrupt(f"pickle ends inside the opcode at byte {pos}", pos)
                 index = buf[pos + 1] if width == 1 else _UNPACK[4](buf, pos + 1)[0]
                 if index > pos + 1024:
-                    raise _MemoBomb(f"memo index {index} at byte {pos} is out of range")
+                    raise CheckpointFormatError(f"memo index {index} at byte {pos} is out of range")
                 self.note_slot(index, top)
                 pos += 1 + width
                 cost += costs[op]
@@ -1101,7 +1097,7 @@ class _PickleWalk:
             if index > at + 1024:
                 # The C unpickler sizes its memo to the index: LONG_BINPUT 2**31 asks for
                 # gigabytes. A real pickle numbers its memo from 0, never past its own length.
-                raise _MemoBomb(f"memo index {index} at byte {at} is out of range")
+                raise CheckpointFormatError(f"memo index {index} at byte {at} is out of range")
             if self.track:
                 self.memo[index] = self.recent[1]
             return after
@@ -1777,7 +1773,7 @@ def _scan_pickle(
 
     Lists its globals; with ``allowed`` given, the first unsafe global or opcode raises
     :class:`UnsafeCheckpointError` at once, so a file both malicious and corrupt is reported as
-    malicious. A memo index far past the pickle's length raises :class:`_MemoBomb`; a malformed
+    malicious. A memo index far past the pickle's length raises :class:`CheckpointFormatError`; a malformed
     pickle :class:`_ScanCorrupt`, whose ``pos`` is where the walk stopped.
     """
     return _PickleWalk(buf, pos, end, allowed, path).run()
@@ -1806,7 +1802,7 @@ def _pickle_bytes(file: BinaryIO) -> Iterator[tuple[Any, int]]:
         with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             yield mapped, min(file.limit, len(mapped))
     else:
-        raise TypeError(f"cannot scan a pickle from {type(file).__name__}")
+        raise UsageError(f"cannot scan a pickle from {type(file).__name__}")
 
 
 def _load_pickle(

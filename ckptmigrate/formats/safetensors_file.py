@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointFormatError
+from ..errors import CheckpointFormatError, CheckpointWriteError
 from .atomic import atomic_path
 from .bounds import loads_json
 from .safetensors_header import read_safetensors_header
@@ -126,7 +126,7 @@ def write_safetensors(
     seen: dict[tuple, str] = {}
     for key, value in tensors.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(
+            raise CheckpointWriteError(
                 f"safetensors holds tensors only, but {key!r} is a {type(value).__name__}: "
                 "save this checkpoint as .pth instead"
             )
@@ -152,7 +152,7 @@ def write_safetensors(
         try:
             header[key] = json.dumps(value, sort_keys=False)
         except (TypeError, ValueError) as exc:
-            raise ValueError(
+            raise CheckpointWriteError(
                 f"{key.split('.')[-1]} must be JSON-serialisable for a .safetensors file ({exc}); "
                 "keep plain numbers, strings, lists and dicts there, or save as .pth"
             ) from None

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import Checkpoint
-from ..errors import CheckpointFormatError, OutputOccupiedError
+from ..errors import CheckpointFormatError, CheckpointWriteError, OutputOccupiedError
 from ..stamp import parse_stamp
 from .atomic import TEMP_MARKER, atomic_path
 from .bounds import read_json_file
@@ -350,7 +350,7 @@ def write_index(
     try:
         json.dumps(ours)
     except (TypeError, ValueError) as exc:
-        raise ValueError(
+        raise CheckpointWriteError(
             f"hparams and meta must be JSON-serialisable in an index ({exc})"
         ) from None
     index = {"metadata": metadata, **index, "weight_map": weight_map}

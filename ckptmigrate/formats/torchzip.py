@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointFormatError, UnsafeCheckpointError
+from ..errors import (
+    CheckpointFormatError,
+    InternalError,
+    NotReplayableError,
+    UnsafeCheckpointError,
+)
 from .detect import open_regular_file
 from .pickle_meta import (
     MAX_PICKLE_BYTES,
@@ -45,17 +50,13 @@ from .pickle_meta import (
 from .tensorinfo import TensorStub
 from .zipwriter import TorchZipWriter, write_zip_copy
 
-__all__ = ["ZipGraph", "NotReplayable", "read_zip_graph", "write_zip_graph"]
+__all__ = ["ZipGraph", "NotReplayableError", "read_zip_graph", "write_zip_graph"]
 
 #: The pickle protocol torch.save uses (``torch.serialization.DEFAULT_PROTOCOL``).
 TORCH_PICKLE_PROTOCOL = 2
 # Globals whose decoded value would not pickle back to the same thing (a device as a str,
 # a Size as a tuple, a layout constant): a graph naming them is rewritten by the full path.
 _LOSSY = ("torch.device", "torch.Size", "torch.serialization._get_layout")
-
-
-class NotReplayable(CheckpointFormatError):
-    """The file's pickle holds something the byte-copying writer cannot reproduce faithfully."""
 
 
 @dataclass
@@ -147,7 +148,7 @@ class _GlobalName:
         self.name = name
 
     def __call__(self, *args: Any) -> Any:  # pickle's save_reduce wants a callable
-        raise TypeError("a placeholder for pickling only")
+        raise InternalError("a placeholder for pickling only")
 
 
 class _ReplayPickler(pickle._Pickler):  # type: ignore[name-defined, misc]
@@ -169,7 +170,7 @@ class _ReplayPickler(pickle._Pickler):  # type: ignore[name-defined, misc]
         if isinstance(obj, TensorStub):
             recipe = self.graph.recipes.get(id(obj))
             if recipe is None:
-                raise NotReplayable(f"a tensor {obj!r} was not decoded from {self.graph.path}")
+                raise NotReplayableError(f"a tensor {obj!r} was not decoded from {self.graph.path}")
             name, args = recipe
             return (self.globals.setdefault(name, _GlobalName(name)), args)
         return NotImplemented
@@ -185,16 +186,18 @@ class _ReplayPickler(pickle._Pickler):  # type: ignore[name-defined, misc]
             self.memoize(obj)
             return
         if isinstance(obj, OpaqueObject):
-            raise NotReplayable(f"the graph holds a placeholder of the allowed global {obj.name}")
+            raise NotReplayableError(
+                f"the graph holds a placeholder of the allowed global {obj.name}"
+            )
         if callable(obj) and getattr(obj, "__module__", "").startswith("ckptmigrate"):
-            raise NotReplayable(f"the graph holds a decoder object {obj!r}")
+            raise NotReplayableError(f"the graph holds a decoder object {obj!r}")
         super().save(obj, save_persistent_id)
 
 
 def dump_graph(obj: Any, graph: ZipGraph) -> tuple[bytes, list[str]]:
     """The new ``data.pkl`` for ``obj`` and the storage records (full names) it references."""
     if graph.lossy:
-        raise NotReplayable(f"the pickle names {sorted(set(graph.lossy))[0]}")
+        raise NotReplayableError(f"the pickle names {sorted(set(graph.lossy))[0]}")
     buf = io.BytesIO()
     pickler = _ReplayPickler(buf, graph)
     pickler.dump(obj)
@@ -207,7 +210,7 @@ def write_zip_graph(dst: str | os.PathLike[str], graph: ZipGraph, obj: Any) -> T
     Records other than ``data.pkl`` and the storages (``byteorder``, ``version``,
     ``.data/serialization_id``...) are copied as they are; storages nothing references are left
     out. The archive goes through :func:`.zipwriter.write_zip_copy` (the temporary is not
-    truncated, the disk writes behind the copy). Raises ``NotReplayable`` before writing
+    truncated, the disk writes behind the copy). Raises ``NotReplayableError`` before writing
     anything. Returns the writer, whose ``bytes_copied`` / ``bytes_through_python`` tell what
     moved.
     """
