@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
 from . import errors, ops
 from .api import attach, load, load_into, save
 from .checkpoint import Checkpoint
@@ -69,6 +67,7 @@ from .report import LoadReport
 from .schema import Schema
 from .stamp import Mount
 from .upgrade import upgrade
+from .version import __version__ as __version__
 
 __all__ = [
     # errors: every one the package raises (ckptmigrate.errors.__all__)

@@ -1090,7 +1090,7 @@ def _migrations_layouts(args: argparse.Namespace) -> contextlib.AbstractContextM
 
 
 def _library_version() -> str:
-    from . import __version__
+    from .version import __version__
 
     return __version__
 

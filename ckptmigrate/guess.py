@@ -1,50 +1,35 @@
 """Which version is an unstamped file? Compare its key signature with each version's.
 
-A signature is the set of ``(key pattern, ndim, dtype)`` of a state_dict, with layer indices
-folded (``layers.3.q.weight`` -> ``layers.#.q.weight``), so that models of other sizes of the
-same version still match. Each version's signatures come from the schema's legacy fixtures (the
-files the old code wrote) or from ``schema.add_signature``.
+A signature (:mod:`ckptmigrate.signature`) is the set of ``(key pattern, ndim, dtype)`` of a
+state_dict. Each version's signatures come from the schema's legacy fixtures (the files the old
+code wrote) or from ``schema.add_signature``.
 """
 
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from packaging.version import Version
 
 from .checkpoint import Checkpoint
 from .errors import AmbiguousVersionError, CkptMigrateError, UsageError
-from .report import signature as tensor_signature
+from .golden import find_fixtures
 from .schema import Schema
+from .signature import Signature, key_pattern, signature_of, similarity
 
-Signature = frozenset[tuple[str, int, str]]
-_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
-
-
-def key_pattern(key: str) -> str:
-    """``blocks.3.attn.weight`` -> ``blocks.#.attn.weight``."""
-    return _INDEX.sub("#", key)
-
-
-def signature_of(state_dict: Mapping[str, Any]) -> Signature:
-    """The signature of a state_dict of tensors or metadata stubs."""
-    out = set()
-    for key, value in state_dict.items():
-        if hasattr(value, "shape") and hasattr(value, "dtype"):
-            shape, dtype = tensor_signature(value)
-            out.add((key_pattern(key), len(shape), dtype))
-    return frozenset(out)
-
-
-def similarity(a: Signature, b: Signature) -> float:
-    """Jaccard similarity of two signatures (1.0: same keys, ranks and dtypes)."""
-    if not a and not b:
-        return 1.0
-    return len(a & b) / len(a | b)
+__all__ = [
+    "Guess",
+    "Signature",
+    "apply_from_version",
+    "guess_version",
+    "key_pattern",
+    "resolve_from_version",
+    "signature_of",
+    "signatures_from_fixtures",
+    "similarity",
+]
 
 
 @dataclass(frozen=True)
@@ -61,7 +46,6 @@ def signatures_from_fixtures(
 ) -> dict[Version, list[Signature]]:
     """Each version's signatures, read (metadata only) from the schema's fixtures."""
     from .files import read_metadata
-    from .fixtures import find_fixtures
 
     found: dict[Version, list[Signature]] = {}
     for root in roots:

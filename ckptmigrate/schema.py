@@ -11,6 +11,7 @@ from .checkpoint import Checkpoint
 from .errors import MigrationGraphError
 from .graph import FunctionStep, MigrationGraph, OpsStep, PlannedStep, Step
 from .ops import Op
+from .signature import signature_of
 from .version import parse_version
 
 MigrationFn = Callable[[Checkpoint], "Checkpoint | None"]
@@ -69,8 +70,6 @@ class Schema:
 
     def add_signature(self, version: str | Version, state_dict: dict[str, Any]) -> None:
         """Record what a state_dict of ``version`` looks like, for ``from_version="auto"``."""
-        from .guess import signature_of
-
         v = parse_version(version)
         self.signatures.setdefault(v, []).append(signature_of(state_dict))
 

@@ -24,6 +24,7 @@ from packaging.version import InvalidVersion, Version
 
 from .errors import CheckpointFormatError
 from .readable import bounded_repr
+from .version import __version__
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -36,8 +37,6 @@ ROOT_ONLY_FORMAT = 1
 
 
 def library_version() -> str:
-    from . import __version__
-
     return __version__
 
 

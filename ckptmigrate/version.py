@@ -6,6 +6,9 @@ from packaging.version import InvalidVersion, Version
 
 from .errors import MigrationGraphError
 
+#: This library's own release (pyproject.toml says the same); stamps record it in written_by.
+__version__ = "0.1.0"
+
 
 def parse_version(value: str | Version, *, what: str = "version") -> Version:
     """Return ``value`` as a :class:`packaging.version.Version`.

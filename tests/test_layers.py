@@ -1,0 +1,179 @@
+"""The package's layers, and the rule that a module imports only its own layer or lower ones.
+
+Every ``import`` in ``ckptmigrate/`` is read from the source, the ones inside functions (lazy)
+and under ``TYPE_CHECKING`` included: hiding an import in a function does not change which
+layer depends on which. A module must be placed in :data:`LAYERS` before it can be imported
+by anything; a new one fails here until its author says where it lives.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import ckptmigrate as cm
+
+PACKAGE = Path(cm.__file__).parent
+
+#: The layers, lowest first, and the modules in each (dotted, below ``ckptmigrate``). An
+#: entry ``"formats.*"`` places every module of that package not named on its own.
+LAYERS: dict[str, tuple[str, ...]] = {
+    # the vocabulary every layer speaks: typed errors, versions, how a value is printed
+    "base": ("errors", "nearest", "readable", "version"),
+    # the values a read produces and a write consumes: a checkpoint, its stamp, a tensor stub
+    "values": ("checkpoint", "stamp", "formats.tensorinfo"),
+    # bytes on disk: one module per file format, the dict layouts inside them, the file lock
+    "formats": ("formats", "formats.*", "layout", "lock"),
+    # a path as a checkpoint: one open, one sniff, one dispatch; what a load would report
+    "checkpoint": ("files", "report", "signature", "golden"),
+    # what versions exist and how to go between them, knowing nothing about files
+    "schema": ("schema", "graph", "ops", "compose", "registry", "discovery"),
+    # running migrations on checkpoints: planning, guarding, following optimizer state, I/O
+    "engine": (
+        "upgrade",
+        "composed",
+        "guard",
+        "followers",
+        "optimizer",
+        "positions",
+        "mounts",
+        "guess",
+        "streaming",
+        "inplace",
+        "api",
+    ),
+    # looking at checkpoints: differences, fixtures checks, scans, drafts of migrations
+    "inspect": (
+        "diff",
+        "rename_groups",
+        "fusion",
+        "autogen",
+        "fixtures",
+        "scan",
+        "info",
+    ),
+    # what a person or a test runner touches: the package surface, the CLI and its output
+    "interface": ("", "__main__", "cli", "render", "terminal", "pytest_plugin"),
+}
+
+RANK = {name: rank for rank, name in enumerate(LAYERS)}
+
+
+def layer_of(module: str) -> str | None:
+    """The layer of ``module`` (dotted, below ``ckptmigrate``; ``""`` is the package)."""
+    for layer, members in LAYERS.items():
+        if module in members:
+            return layer
+    package = module.rpartition(".")[0]
+    while package:
+        for layer, members in LAYERS.items():
+            if f"{package}.*" in members:
+                return layer
+        package = package.rpartition(".")[0]
+    return None
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_package(path: Path) -> bool:
+    return path.name == "__init__.py"
+
+
+def imported_modules(source: str, module: str, *, package: bool) -> list[tuple[str, int]]:
+    """``(module, line)`` for each ckptmigrate module that ``source`` imports, anywhere in it."""
+    found: list[tuple[str, int]] = []
+    here = module.split(".") if module else []
+    if not package:
+        here = here[:-1]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "ckptmigrate" or alias.name.startswith("ckptmigrate."):
+                    found.append((alias.name.removeprefix("ckptmigrate").lstrip("."), node.lineno))
+            continue
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = here[: len(here) - (node.level - 1)]
+            target = ".".join([*base, *([node.module] if node.module else [])])
+        elif node.module == "ckptmigrate" or (node.module or "").startswith("ckptmigrate."):
+            target = node.module.removeprefix("ckptmigrate").lstrip(".")  # type: ignore[union-attr]
+        else:
+            continue
+        for alias in node.names:  # ``from . import api`` imports the submodule api
+            sub = f"{target}.{alias.name}" if target else alias.name
+            found.append((sub if _exists(sub) else target, node.lineno))
+    return found
+
+
+def _exists(module: str) -> bool:
+    path = PACKAGE.joinpath(*module.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def _modules() -> list[tuple[Path, str]]:
+    return [(path, _module_name(path)) for path in sorted(PACKAGE.rglob("*.py"))]
+
+
+def upward_imports() -> list[str]:
+    offenders = []
+    for path, module in _modules():
+        mine = layer_of(module)
+        if mine is None:
+            continue  # reported by test_every_module_has_a_layer
+        text = path.read_text(encoding="utf-8")
+        for target, line in imported_modules(text, module, package=_is_package(path)):
+            theirs = layer_of(target)
+            if theirs is not None and RANK[theirs] > RANK[mine]:
+                offenders.append(
+                    f"{path.relative_to(PACKAGE)}:{line} imports {target or 'ckptmigrate'}: "
+                    f"{mine} ({module or 'ckptmigrate'}) must not import {theirs}"
+                )
+    return offenders
+
+
+def test_every_module_has_a_layer():
+    unplaced = [
+        f"{path.relative_to(PACKAGE)}: place {module!r} in tests/test_layers.py LAYERS"
+        for path, module in _modules()
+        if layer_of(module) is None
+    ]
+    assert unplaced == []
+
+
+def test_every_layer_entry_names_a_module_that_exists():
+    named = [m for members in LAYERS.values() for m in members if not m.endswith(".*")]
+    assert [m for m in named if m and not _exists(m)] == []
+    assert len(named) == len(set(named)), "a module is placed in two layers"
+
+
+def test_no_module_imports_a_higher_layer():
+    assert upward_imports() == []
+
+
+@pytest.mark.parametrize(
+    ("module", "source", "imported"),
+    [
+        ("schema", "def f():\n    from .guess import signature_of\n", "guess"),  # lazy
+        ("stamp", "from . import __version__\n", ""),  # the package itself
+        ("formats.dcp", "from ..diff import diff\n", "diff"),
+        ("formats.dcp", "import ckptmigrate.cli\n", "cli"),
+        ("registry", "from ckptmigrate import api\n", "api"),
+    ],
+)
+def test_the_walk_sees_an_import_however_it_is_written(module, source, imported):
+    assert [t for t, _ in imported_modules(source, module, package=False)] == [imported]
+    assert RANK[layer_of(imported)] > RANK[layer_of(module)]  # each would be refused
+
+
+def test_a_module_of_a_placed_package_takes_its_layer_and_others_need_placing():
+    assert layer_of("formats.torch.pickle_meta") == "formats"
+    assert layer_of("formats.tensorinfo") == "values"
+    assert layer_of("brand_new_module") is None
