@@ -1,5 +1,10 @@
 """The ``ckptmigrate`` command line: one thin function per command, each calling the library.
 
+A command computes nothing about checkpoints itself: it calls the library for a record
+(:mod:`ckptmigrate.info`, :func:`ckptmigrate.diff.diff`, :func:`ckptmigrate.scan.scan`, ...),
+hands it to a renderer of :mod:`ckptmigrate.render` (or prints it as JSON), and returns the
+exit code.
+
 Heavy modules (torch, rich, deepdiff, the user's migrations) are imported inside the commands
 that need them, so ``--help``, ``diff`` without ``--values``/``--upgrade`` and ``info`` on an
 unstamped file start fast and never import torch.
@@ -13,17 +18,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import CommandLineError
-from .readable import human_bytes as _human_bytes
-from .readable import key_text, readable
+from .render import (
+    error_line,
+    render_check,
+    render_diff_plain,
+    render_diff_rich,
+    render_history,
+    render_info_plain,
+    render_info_rich,
+    render_model_diff_plain,
+    render_scan,
+    render_schema_list,
+)
 from .terminal import Output, printable_output, progress_bar, styled
 from .terminal import console as _console
 from .terminal import is_terminal as _is_terminal
@@ -32,169 +46,13 @@ from .terminal import is_terminal as _is_terminal
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
-    from .diff import Diff
     from .schema import Schema
 
 PROG = "ckptmigrate"
 EXIT_OK, EXIT_DRIFT, EXIT_TROUBLE = 0, 1, 2
 
 
-# -- output ------------------------------------------------------------------------------------
-
-
-def _fmt(value: Any) -> str:
-    return "(absent)" if value is None else readable(value)
-
-
-def _stamp_text(stamp: dict[str, Any] | None) -> str:
-    if not stamp:
-        return "unstamped"
-    if stamp.get("mounts"):
-        return "; ".join(_mount_text(m, m["version"]) for m in stamp["mounts"])
-    return f"{stamp.get('schema')} {stamp.get('version')}"
-
-
-def _mount_text(mount: dict[str, Any], version: str) -> str:
-    """``net at 'net.' 1.0.0`` (the mount at "" without its prefix)."""
-    at = f" at {mount['prefix']!r}" if mount["prefix"] else ""
-    return f"{mount['schema']}{at} {version}"
-
-
 # -- diff --------------------------------------------------------------------------------------
-
-
-#: (kind, key, detail, how many key changes the row stands for)
-DiffRow = tuple[str, str, str, int]
-
-
-def _rename_rows(d: Diff, arrow: str) -> list[DiffRow]:
-    """A rename per row, or one row per pattern of many (``blocks.N.* -> layers.N.* (x1200)``)."""
-    from .rename_groups import group_renames
-
-    rows: list[DiffRow] = []
-    for group in group_renames(d.renamed):
-        if group.summarised:
-            n = len(group.members)
-            rows.append(
-                ("renamed", f"{group.pattern_from} {arrow} {group.pattern_to}", f"(x{n})", n)
-            )
-            continue
-        for r in group.members:
-            detail = f"{r['shape']} {r['dtype']} (conf {r['confidence']:.2f})"
-            rows.append(("renamed", f"{r['from']} {arrow} {r['to']}", detail, 1))
-    return rows
-
-
-def _diff_rows(d: Diff, arrow: str) -> list[DiffRow]:
-    """(kind, key, detail, count) rows in a fixed order: renames, removals, additions, changes."""
-
-    def sig(record: dict[str, Any]) -> str:
-        return f"{record['shape']} {record['dtype']}"
-
-    singles: list[tuple[str, str, str]] = [("removed", r["key"], sig(r)) for r in d.removed]
-    singles += [("added", r["key"], sig(r)) for r in d.added]
-    singles += [("shape", c["key"], f"{c['a']} {arrow} {c['b']}") for c in d.shape_changed]
-    singles += [("dtype", c["key"], f"{c['a']} {arrow} {c['b']}") for c in d.dtype_changed]
-    singles += [
-        ("values", v["key"], f"max abs diff {readable(v['max_abs_diff'])}") for v in d.value_changes
-    ]
-    singles += [("hparam", h["path"], f"{_fmt(h['a'])} {arrow} {_fmt(h['b'])}") for h in d.hparams]
-    singles += [
-        ("meta", m["path"], f"{_fmt(m['a'])} {arrow} {_fmt(m['b'])} (not drift)") for m in d.meta
-    ]
-    return _rename_rows(d, arrow) + [(kind, key, detail, 1) for kind, key, detail in singles]
-
-
-def _diff_summary(d: Diff) -> str:
-    parts = [
-        f"{len(items)} {label}"
-        for label, items in (
-            ("renamed", d.renamed),
-            ("removed", d.removed),
-            ("added", d.added),
-            ("shape changed", d.shape_changed),
-            ("dtype changed", d.dtype_changed),
-            ("values differ", d.value_changes),
-            ("hparams changed", d.hparams),
-        )
-        if items
-    ]
-    if not parts:
-        same = f"; {len(d.values)} tensors compared, all equal" if d.values is not None else ""
-        return f"no drift{same}"
-    return "drift: " + ", ".join(parts)
-
-
-def _upgrade_lines(d: Diff, arrow: str) -> list[str]:
-    if d.upgrade is None:
-        return []
-    return [
-        f"A upgraded first: {_mount_text(u, u['from'])} {arrow} {u['to']} "
-        f"({len(u['steps'])} step{'' if len(u['steps']) == 1 else 's'})"
-        for u in d.upgrade.get("mounts") or [{**d.upgrade, "prefix": ""}]
-    ]
-
-
-def render_diff_plain(d: Diff, write: Callable[[str], Any]) -> None:
-    """The diff as plain lines, for pipes and logs."""
-    write(f"A: {d.a} ({_stamp_text(d.stamps.get('a'))})")
-    write(f"B: {d.b} ({_stamp_text(d.stamps.get('b'))})")
-    for line in _upgrade_lines(d, "->"):
-        write(line)
-    rows = _diff_rows(d, "->")
-    width = max((len(row[0]) for row in rows), default=0)
-    for kind, key, detail, _ in rows:
-        write(f"{kind.ljust(width)}  {key}  {detail}")
-    write(_diff_summary(d))
-
-
-_STYLES = {
-    "renamed": "yellow",
-    "removed": "red",
-    "added": "green",
-    "shape": "magenta",
-    "dtype": "magenta",
-    "values": "magenta",
-    "hparam": "cyan",
-    "meta": "dim",
-}
-
-
-def _group_of(kind: str, key: str) -> str:
-    if kind in ("hparam", "meta"):
-        return f"({kind}s)"
-    return key.split(".", 1)[0] if "." in key else "(top level)"
-
-
-def render_diff_rich(d: Diff, console: Any) -> None:
-    """The diff as a coloured table grouped by top-level module, with counts."""
-    from rich.table import Table
-    from rich.text import Text
-
-    for side, path in (("A", d.a), ("B", d.b)):  # a stamp's text is never read as markup
-        stamp = _stamp_text(d.stamps.get(side.lower()))
-        console.print(Text.assemble((side, "bold"), f": {path} ", (f"({stamp})", "dim")))
-    for line in _upgrade_lines(d, "→"):
-        console.print(Text(line, style="dim"))
-    rows = _diff_rows(d, "→")
-    if rows:
-        groups: dict[str, list[DiffRow]] = {}
-        for row in rows:
-            groups.setdefault(_group_of(row[0], row[1]), []).append(row)
-        table = Table(show_edge=False, pad_edge=False)
-        table.add_column("change")
-        table.add_column("key")
-        table.add_column("detail")
-        for name, members in groups.items():
-            count = sum(row[3] for row in members)
-            table.add_row(Text(name, style="bold"), Text(f"{count} changes", style="dim"), "")
-            for kind, key, detail, _ in members:
-                table.add_row(
-                    Text(kind, style=_STYLES.get(kind, "")), Text(f"  {key}"), Text(detail)
-                )
-        console.print(table)
-    colour = "red" if d.has_drift else "green"
-    console.print(Text(_diff_summary(d), style=colour))
 
 
 def cmd_diff_model(args: argparse.Namespace) -> int:
@@ -215,25 +73,8 @@ def cmd_diff_model(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(result.to_json())
-        return EXIT_DRIFT if result.has_drift else EXIT_OK
-    if result.upgrade and result.upgrade["steps"]:
-        print(f"upgraded {result.upgrade['from']} -> {result.upgrade['to']} first")
-    report = result.report
-    for key in report.missing:
-        print(f"missing     {key}")
-    for key in report.unexpected:
-        hidden = " (non-persistent buffer of the model)" if key in report.non_persistent else ""
-        print(f"unexpected  {key}{hidden}")
-    for m in report.shape_mismatched:
-        print(
-            f"shape       {m['key']}  {list(m['checkpoint'])} (file) vs {list(m['model'])} (model)"
-        )
-    for c in report.dtype_casts:
-        print(f"dtype cast  {c['key']}  {c['checkpoint']} (file) -> {c['model']} (model)")
-    verdict = (
-        "a strict load would succeed" if report.clean_for_strict else "a strict load would fail"
-    )
-    print(f"{verdict}: {report.summary()}" if result.has_drift else f"{verdict}: clean")
+    else:
+        render_model_diff_plain(result, print)
     return EXIT_DRIFT if result.has_drift else EXIT_OK
 
 
@@ -274,237 +115,17 @@ def cmd_diff(args: argparse.Namespace) -> int:
 # -- info --------------------------------------------------------------------------------------
 
 
-def _tensor_bytes(value: Any) -> int:
-    info = getattr(value, "info", None)
-    if info is not None:
-        return int(info.nbytes)
-    from .formats.tensorinfo import DTYPE_SIZES
-    from .report import signature
-
-    shape, dtype = signature(value)
-    return math.prod(shape) * DTYPE_SIZES.get(dtype, 0)
-
-
-def key_rows(tensors: dict[str, Any]) -> list[dict[str, Any]]:
-    """``info --keys``: one row per tensor (name, shape, dtype, parameters, bytes), from stubs."""
-    from .report import signature
-
-    rows = []
-    for name, value in tensors.items():
-        shape, dtype = signature(value)
-        rows.append(
-            {
-                "key": name,
-                "shape": list(shape),
-                "dtype": dtype,
-                "params": math.prod(shape),
-                "bytes": _tensor_bytes(value),
-            }
-        )
-    return rows
-
-
-def _schema_status(
-    name: str | None, version: Any, args: argparse.Namespace
-) -> dict[str, Any] | None:
-    """Whether a stamp (or mount) is behind its registered schema (imports migrations)."""
-    from .errors import CkptMigrateError
-    from .registry import schema_status
-
-    if name is None or version is None:
-        return None
-    try:
-        schemas = _schemas(args)
-    except CkptMigrateError as exc:
-        print(f"{PROG}: warning: migrations not loaded: {exc}", file=sys.stderr)
-        return {"registered": None, "error": str(exc)}
-    status = schema_status(name, version, schemas)
-    if not status.registered:
-        return {"registered": False, "error": str(status.error)}
-    record: dict[str, Any] = {
-        "registered": True,
-        "current": str(status.current),
-        "behind": status.behind,
-        "plan": None if status.plan is None else [p.record() for p in status.plan],
-    }
-    if status.error is not None:
-        record["error"] = str(status.error)
-    return record
-
-
-def info_record(path: str, args: argparse.Namespace) -> dict[str, Any]:
-    """What ``ckptmigrate info`` shows, as JSON-able data (metadata read only)."""
-    from .diff import plain
-    from .files import checkpoint_bytes, read_metadata
-    from .formats.detect import detect_format
-    from .layout import is_tensor_like
-    from .mounts import all_mounts
-    from .report import signature
-
-    fmt = detect_format(path)
-    ckpt = read_metadata(path, allowed_globals=args.allow_global)
-    tensors = {k: v for k, v in ckpt.state_dict.items() if is_tensor_like(v)}
-    dtypes: dict[str, int] = {}
-    for value in tensors.values():
-        dtype = signature(value)[1]
-        dtypes[dtype] = dtypes.get(dtype, 0) + 1
-    record = {
-        "path": str(path),
-        "format": fmt,
-        "layout": ckpt.layout,
-        "file_bytes": checkpoint_bytes(path),
-        "schema": ckpt.schema,
-        "version": None if ckpt.version is None else str(ckpt.version),
-        "history": plain(ckpt.history),
-        "tensors": len(tensors),
-        "tensor_bytes": sum(_tensor_bytes(v) for v in tensors.values()),
-        "dtypes": dict(sorted(dtypes.items())),
-        "hparams": plain(ckpt.hparams),
-        "meta": plain(ckpt.meta),
-        "optimizer": ckpt.optimizer is not None,
-        "extra": sorted(key_text(k) for k in ckpt.extra),
-        "status": _schema_status(ckpt.schema, ckpt.version, args) if not ckpt.mounts else None,
-        "mounts": (
-            [
-                {
-                    "prefix": m.prefix,
-                    "schema": m.schema,
-                    "version": str(m.version),
-                    "history": plain(m.history),
-                    "tensors": sum(1 for k in tensors if k.startswith(m.prefix)),
-                    "status": _schema_status(m.schema, m.version, args),
-                }
-                for m in all_mounts(ckpt)
-            ]
-            if ckpt.mounts
-            else []
-        ),
-    }
-    if getattr(args, "keys", False):
-        record["keys"] = key_rows(tensors)
-    return record
-
-
-def _status_lines(status: dict[str, Any] | None) -> list[str]:
-    if status is None:
-        return ["unstamped: stamp it with `ckptmigrate stamp CKPT --schema S --version V`"]
-    if status.get("registered") is None:
-        return [f"schema status unknown: {status.get('error')}"]
-    if not status["registered"]:
-        return ["schema not registered in the discovered migrations (pass --migrations PATH)"]
-    if status.get("plan") is None:
-        return [f"cannot plan to current {status['current']}: {status.get('error')}"]
-    if not status["behind"]:
-        return [f"up to date (schema current is {status['current']})"]
-    lines = [f"behind: schema current is {status['current']}; planned steps:"]
-    for step in status["plan"]:
-        mark = " [breaking]" if step["breaking"] else ""
-        lines.append(f"  {step['from']} -> {step['to']}  {step['step']}{mark}")
-    return lines
-
-
-def render_info_plain(info: dict[str, Any], write: Callable[[str], Any]) -> None:
-    """``info`` as ``field: value`` lines (then the tensor table with ``--keys``)."""
-    _render_info_fields(info, write)
-    if "keys" in info:
-        render_keys_plain(info["keys"], write)
-
-
-def _render_info_fields(info: dict[str, Any], write: Callable[[str], Any]) -> None:
-    stamp = f"{info['schema']} {info['version']}" if info["schema"] else "unstamped"
-    if info["mounts"] and not info["schema"]:
-        stamp = f"{len(info['mounts'])} mount(s)"
-    write(f"path: {info['path']}")
-    write(f"format: {info['format']} (layout {info['layout']})")
-    write(f"size: {_human_bytes(info['file_bytes'])} on disk")
-    write(f"stamp: {stamp}")
-    write(
-        f"tensors: {info['tensors']} ({_human_bytes(info['tensor_bytes'])}); dtypes: "
-        + (", ".join(f"{k} x{v}" for k, v in info["dtypes"].items()) or "none")
-    )
-    for entry in info["history"]:
-        if isinstance(entry, dict):
-            write(f"history: {entry.get('from')} -> {entry.get('to')}  {entry.get('step', '')}")
-    for key, value in info["hparams"].items():
-        write(f"hparam: {key} = {readable(value)}")
-    for key, value in info["meta"].items():
-        write(f"meta: {key} = {readable(value)}")
-    if info["optimizer"] or info["extra"]:
-        extra = ", ".join(info["extra"])
-        write(f"also holds: {'optimizer state' if info['optimizer'] else ''} {extra}".rstrip())
-    if not info["mounts"]:
-        for line in _status_lines(info["status"]):
-            write(f"status: {line}" if not line.startswith("  ") else line)
-    for m in info["mounts"]:
-        write(f"mount: {m['prefix']!r} {m['schema']} {m['version']} ({m['tensors']} tensors)")
-        for line in _status_lines(m["status"]):
-            write(f"  status: {line}" if not line.startswith("  ") else "  " + line)
-
-
-_KEY_COLUMNS = ("key", "shape", "dtype", "params", "bytes")
-
-
-def _key_cells(row: dict[str, Any]) -> tuple[str, ...]:
-    return (
-        row["key"],
-        "[" + ", ".join(str(d) for d in row["shape"]) + "]",
-        row["dtype"],
-        f"{row['params']:,}",
-        _human_bytes(row["bytes"]),
-    )
-
-
-def render_keys_plain(rows: list[dict[str, Any]], write: Callable[[str], Any]) -> None:
-    """``info --keys`` as aligned columns under a header, totals last."""
-    cells = [_KEY_COLUMNS, *(_key_cells(r) for r in rows)]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(_KEY_COLUMNS))]
-    for c in cells:
-        text = "  ".join(
-            v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths))
-        )
-        write(text.rstrip())
-    params = sum(r["params"] for r in rows)
-    write(
-        f"{len(rows)} tensors, {params:,} parameters, {_human_bytes(sum(r['bytes'] for r in rows))}"
-    )
-
-
-def render_keys_rich(rows: list[dict[str, Any]], console: Any) -> None:
-    """``info --keys`` as a table, numbers right-aligned."""
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(show_edge=False, pad_edge=False)
-    for i, name in enumerate(_KEY_COLUMNS):
-        table.add_column(name, justify="right" if i >= 3 else "left")
-    for row in rows:
-        table.add_row(*(Text(c) for c in _key_cells(row)))
-    console.print(table)
-    params = sum(r["params"] for r in rows)
-    total = _human_bytes(sum(r["bytes"] for r in rows))
-    console.print(Text(f"{len(rows)} tensors, {params:,} parameters, {total}", style="bold"))
-
-
-def render_info_rich(info: dict[str, Any], console: Any) -> None:
-    """``info`` as a two-column table."""
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(show_header=False, show_edge=False, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    lines: list[str] = []
-    _render_info_fields(info, lines.append)
-    for line in lines:
-        name, _, value = line.partition(": ")
-        table.add_row(Text(name if value else ""), Text(value if value else line))
-    console.print(table)
-    if "keys" in info:
-        render_keys_rich(info["keys"], console)
-
-
 def cmd_info(args: argparse.Namespace) -> int:
-    info = info_record(args.ckpt, args)
+    from .info import info_record, unloaded_migrations
+
+    info = info_record(
+        args.ckpt,
+        schemas=lambda: _schemas(args),
+        allowed_globals=args.allow_global,
+        keys=args.keys,
+    )
+    for error in unloaded_migrations(info):
+        print(f"{PROG}: warning: migrations not loaded: {error}", file=sys.stderr)
     if args.json:
         print(json.dumps(info, indent=2, allow_nan=False))
     elif _is_terminal(sys.stdout):
@@ -606,71 +227,19 @@ def cmd_scan(args: argparse.Namespace) -> int:
             progress=progress,
             allowed_globals=args.allow_global,
         )
+    behind = any(r.behind for r in rows)
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
-        return EXIT_DRIFT if args.fail_behind and any(r.behind for r in rows) else EXIT_OK
-    out = Output()
-    for r in rows:
-        where = f"{r.path} [{r.prefix}]" if r.prefix else r.path
-        if r.error and not r.behind:  # unreadable, unknown, or newer than the code
-            out.line(f"{where}  ", styled("?", "error"), f"  {r.error}")
-        elif r.behind:
-            steps = f", {len(r.steps)} step(s)"
-            out.line(
-                f"{where}  {r.schema} {r.version} -> {r.current}: ",
-                styled("behind", "behind"),
-                steps,
-            )
-        else:
-            out.line(f"{where}  {r.schema} {r.version}: ", styled("current", "current"))
-    behind = sum(1 for r in rows if r.behind)
-    files = len({r.path for r in rows})
-    mounts = f"{len(rows)} mount(s), " if len(rows) != files else ""
-    out.line(
-        f"{files} checkpoint(s), {mounts}",
-        styled(f"{behind} behind", "behind" if behind else "ok"),
-    )
+    else:
+        render_scan(rows, Output())
     return EXIT_DRIFT if args.fail_behind and behind else EXIT_OK
 
 
 # -- history -----------------------------------------------------------------------------------
 
 
-def history_record(schema: Schema) -> dict[str, Any]:
-    """The migration graph of ``schema``, oldest step first."""
-    return {
-        "schema": schema.name,
-        "current": str(schema.current),
-        "origin": schema.origin,
-        "versions": [str(v) for v in schema.graph.versions],
-        "steps": [
-            {
-                "from": str(s.source),
-                "to": str(s.target),
-                "step": s.name,
-                "breaking": s.breaking,
-                "reversible": s.reversible,
-                "preferred": s.preferred,
-            }
-            for s in schema.steps
-        ],
-    }
-
-
-def schema_list_record(schemas: dict[str, Schema]) -> list[dict[str, Any]]:
-    """Every discovered schema: name, current version, step count and where it came from."""
-    return [
-        {
-            "schema": s.name,
-            "current": str(s.current),
-            "steps": len(s.steps),
-            "origin": s.origin,
-        }
-        for _, s in sorted(schemas.items())
-    ]
-
-
 def cmd_history(args: argparse.Namespace) -> int:
+    from .info import history_record
     from .registry import get_schema
 
     schemas = _schemas(args)
@@ -679,36 +248,25 @@ def cmd_history(args: argparse.Namespace) -> int:
     record = history_record(get_schema(args.schema, schemas))
     if args.json:
         print(json.dumps(record, indent=2))
-        return EXIT_OK
-    out = Output()
-    out.line(f"{record['schema']} (current {record['current']}; from {record['origin'] or '?'})")
-    if not record["steps"]:
-        out.line(styled("  no migration steps", "note"))
-    for step in record["steps"]:
-        marks = [m for m in ("breaking", "reversible", "preferred") if step[m]]
-        shown = ["  ", styled(f"[{', '.join(marks)}]", "breaking" if step["breaking"] else "note")]
-        out.line(f"  {step['from']} -> {step['to']}  {step['step']}", *(shown if marks else []))
+    else:
+        render_history(record, Output())
     return EXIT_OK
 
 
 def _list_schemas(schemas: dict[str, Schema], args: argparse.Namespace) -> int:
+    from .info import schema_list_record
+
     record = schema_list_record(schemas)
     if args.json:
         print(json.dumps(record, indent=2))
         return EXIT_OK
-    out = Output()
     if not record:
         print(
             f"{PROG}: warning: no schemas discovered: pass --migrations PATH, or list them in "
             "[tool.ckptmigrate] migrations in pyproject.toml",
             file=sys.stderr,
         )
-    for row in record:
-        origin = row["origin"] or "?"
-        out.line(
-            styled(row["schema"], "ok"),
-            f"  current {row['current']}  {row['steps']} step(s)  from {origin}",
-        )
+    render_schema_list(record, Output())
     return EXIT_OK
 
 
@@ -717,41 +275,20 @@ def _list_schemas(schemas: dict[str, Schema], args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .fixtures import check_fixtures
-    from .registry import configured
+    from .registry import fixtures_folders
 
-    root = args.dir or (configured("fixtures") or ["fixtures"])[0]
+    root = args.dir or fixtures_folders()[0]
     schemas = _schemas(args)
     with progress_bar("checking fixtures") as progress:
         results = check_fixtures(root, schemas, progress=progress, safe_globals=args.allow_global)
-    rows = [
-        {
-            "schema": r.fixture.schema,
-            "version": r.fixture.version,
-            "variant": r.fixture.variant,
-            "path": str(r.fixture.path),
-            "steps_applied": r.steps_applied,
-            "max_abs_error": r.max_abs_error,
-            "ok": r.ok,
-            "reason": r.reason,
-        }
-        for r in results
-    ]
-    failed = [r for r in rows if not r["ok"]]
+    rows = [r.to_dict() for r in results]
+    failed = sum(1 for r in results if not r.ok)
     if args.json:
-        print(json.dumps({"root": str(root), "fixtures": rows, "failed": len(failed)}, indent=2))
+        print(json.dumps({"root": str(root), "fixtures": rows, "failed": failed}, indent=2))
         return EXIT_DRIFT if failed else EXIT_OK
-    out = Output()
     if not rows:
         print(f"{PROG}: warning: no fixtures under {root}", file=sys.stderr)
-    for r in rows:
-        error = "-" if r["max_abs_error"] is None else readable(r["max_abs_error"])
-        verdict = styled("ok", "ok") if r["ok"] else styled(f"FAIL: {r['reason']}", "fail")
-        head = f"{r['schema']}  {r['version']}  {r['variant'] or '-'}  "
-        if r["schema"] == "?":  # an unreadable golden record: name the file it came from
-            head = f"{r['path']}  "
-        out.line(f"{head}steps={r['steps_applied']}  max_abs_error={error}  ", verdict)
-    summary = f"{len(rows) - len(failed)} of {len(rows)} fixtures ok"
-    out.line(styled(summary, "fail" if failed else "ok"))
+    render_check(rows, Output())
     return EXIT_DRIFT if failed else EXIT_OK
 
 
@@ -811,18 +348,10 @@ def _guess(ckpt: Checkpoint, args: argparse.Namespace) -> Any:
 # -- new ---------------------------------------------------------------------------------------
 
 
-def _default_migrations_dir() -> Path:
-    from .registry import configured
-
-    for source in configured("migrations"):
-        if Path(source).is_dir():
-            return Path(source)
-    return Path("migrations")
-
-
 def cmd_new(args: argparse.Namespace) -> int:
     from .autogen import draft_migration, module_name
     from .errors import CkptMigrateError
+    from .registry import migrations_folder
     from .version import parse_version
 
     v1 = parse_version(args.from_version, what="--from-version")
@@ -867,7 +396,7 @@ def cmd_new(args: argparse.Namespace) -> int:
     elif existing is not None:
         target = None  # a snippet for an existing schema: printed, to paste beside its steps
     else:
-        folder = Path(args.migrations_dir) if args.migrations_dir else _default_migrations_dir()
+        folder = Path(args.migrations_dir) if args.migrations_dir else migrations_folder()
         target = folder / module_name(args.schema, str(v1), str(v2))
     if target is None:
         print(code)
@@ -1121,7 +650,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
         return EXIT_TROUBLE
 
 
@@ -1153,26 +682,6 @@ def _warnings_as_lines(*, show_torch: bool) -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.showwarning = show
         yield
-
-
-def _one_line(exc: BaseException) -> str:
-    from .errors import CkptMigrateError
-
-    text = " ".join(str(exc).split())
-    if isinstance(exc, CkptMigrateError):
-        return " ".join(exc.render(cli=True).split())
-    if isinstance(exc, CommandLineError):
-        return text
-    if isinstance(exc, OSError) and exc.filename is not None:
-        return f"{exc.filename}: {exc.strerror or text}"
-    said = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    if isinstance(exc, (OSError, ValueError)):  # the disk's error; a refusal said in a sentence
-        return said
-    # the readers raise typed errors for whatever a file holds: anything else is our bug
-    return (
-        f"internal error ({said[:300]}): rerun with --debug for the traceback, and please "
-        "report it"
-    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -79,6 +79,19 @@ class FixtureResult:
     #: for resume fixtures: the largest loss difference from the old code's next steps
     resume_max_abs_error: float | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """The row ``ckptmigrate check --json`` prints for this fixture."""
+        return {
+            "schema": self.fixture.schema,
+            "version": self.fixture.version,
+            "variant": self.fixture.variant,
+            "path": str(self.fixture.path),
+            "steps_applied": self.steps_applied,
+            "max_abs_error": self.max_abs_error,
+            "ok": self.ok,
+            "reason": self.reason,
+        }
+
 
 ProgressCallback = Callable[[int, int, FixtureResult], None]
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from packaging.version import Version
 
 from .checkpoint import Checkpoint
-from .errors import AmbiguousVersionError, CkptMigrateError, UsageError
+from .errors import AmbiguousVersionError, CkptMigrateError, UsageError, VersionConflictError
+from .files import read_metadata
 from .golden import find_fixtures
+from .registry import fixtures_folders
 from .schema import Schema
 from .signature import Signature, key_pattern, signature_of, similarity
+from .version import parse_version
 
 __all__ = [
     "Guess",
@@ -45,8 +48,6 @@ def signatures_from_fixtures(
     schema: Schema, roots: Iterable[str | os.PathLike[str]]
 ) -> dict[Version, list[Signature]]:
     """Each version's signatures, read (metadata only) from the schema's fixtures."""
-    from .files import read_metadata
-
     found: dict[Version, list[Signature]] = {}
     for root in roots:
         if not os.path.isdir(root):
@@ -82,9 +83,7 @@ def guess_version(
     """
     known: dict[Version, list[Signature]] = {v: list(sigs) for v, sigs in schema.signatures.items()}
     if fixtures is None:
-        from .registry import configured
-
-        fixtures = configured("fixtures") or ["fixtures"]
+        fixtures = fixtures_folders()
     for version, sigs in signatures_from_fixtures(schema, fixtures).items():
         known.setdefault(version, []).extend(sigs)
     mine = signature_of(ckpt.state_dict)
@@ -115,8 +114,6 @@ def resolve_from_version(
     >>> resolve_from_version(cm.load("old.pt", upgrade=False), schema, "auto")
     <Version('1.0.0')>
     """
-    from .version import parse_version
-
     if isinstance(given, str) and given == "auto":
         if ckpt.version is not None:
             return ckpt.version
@@ -141,11 +138,6 @@ def apply_from_version(
     >>> apply_from_version(raw, schema, "1.0.0").version
     <Version('1.0.0')>
     """
-    from dataclasses import replace
-
-    from .errors import VersionConflictError
-    from .version import parse_version
-
     if from_version is None:
         return ckpt
     if schema is not None:

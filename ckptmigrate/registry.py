@@ -63,9 +63,11 @@ __all__ = [
     "configured",
     "find_config",
     "find_schemas",
+    "fixtures_folders",
     "get_schema",
     "import_source",
     "list_schemas",
+    "migrations_folder",
     "pick_schema",
     "project_folder",
     "project_on_sys_path",
@@ -140,6 +142,20 @@ def configured(key: str, root: str | os.PathLike[str] | None = None) -> list[str
         candidate = config.folder / item
         out.append(str(candidate) if candidate.exists() else str(item))
     return out
+
+
+def fixtures_folders() -> list[str]:
+    """Where legacy fixtures live: ``[tool.ckptmigrate] fixtures``, else ``fixtures``."""
+    return configured("fixtures") or ["fixtures"]
+
+
+def migrations_folder() -> Path:
+    """Where a new migration module goes: the first configured migrations folder that
+    exists, else ``migrations``."""
+    for source in configured("migrations"):
+        if Path(source).is_dir():
+            return Path(source)
+    return Path("migrations")
 
 
 def project_folder(root: str | os.PathLike[str] | None = None) -> Path:
