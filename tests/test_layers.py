@@ -60,6 +60,13 @@ LAYERS: dict[str, tuple[str, ...]] = {
 
 RANK = {name: rank for rank, name in enumerate(LAYERS)}
 
+#: The import cycles left, each inside one layer, each with why; a new cycle fails. Cycles
+#: among the format modules are not listed: the formats are being regrouped by format.
+KNOWN_CYCLES = [
+    {"checkpoint", "stamp"},  # annotations only (TYPE_CHECKING): a Checkpoint holds Mounts
+    {"mounts", "upgrade"},  # upgrading a file upgrades each mount, each through run_plan
+]
+
 
 def layer_of(module: str) -> str | None:
     """The layer of ``module`` (dotted, below ``ckptmigrate``; ``""`` is the package)."""
@@ -122,6 +129,54 @@ def _modules() -> list[tuple[Path, str]]:
     return [(path, _module_name(path)) for path in sorted(PACKAGE.rglob("*.py"))]
 
 
+def import_graph() -> dict[str, set[str]]:
+    """Each module and the ckptmigrate modules it imports (lazily or not)."""
+    return {
+        module: {
+            target
+            for target, _ in imported_modules(
+                path.read_text(encoding="utf-8"), module, package=_is_package(path)
+            )
+            if target != module
+        }
+        for path, module in _modules()
+    }
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of ``graph`` with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[set[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in graph:
+                continue
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                member = stack.pop()
+                component.add(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(component)
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
 def upward_imports() -> list[str]:
     offenders = []
     for path, module in _modules():
@@ -145,7 +200,7 @@ def test_every_module_has_a_layer():
         for path, module in _modules()
         if layer_of(module) is None
     ]
-    assert unplaced == []
+    assert not unplaced, "\n" + "\n".join(unplaced)
 
 
 def test_every_layer_entry_names_a_module_that_exists():
@@ -155,7 +210,24 @@ def test_every_layer_entry_names_a_module_that_exists():
 
 
 def test_no_module_imports_a_higher_layer():
-    assert upward_imports() == []
+    offenders = upward_imports()
+    assert not offenders, "\n" + "\n".join(offenders)
+
+
+def test_the_only_import_cycles_are_the_known_ones_inside_one_layer():
+    cycles = [
+        sorted(c)
+        for c in import_cycles(import_graph())
+        if c not in KNOWN_CYCLES and {layer_of(m) for m in c} != {"formats"}
+    ]
+    assert cycles == []
+    assert all(len({layer_of(m) for m in c}) == 1 for c in KNOWN_CYCLES)
+
+
+def test_the_cycle_finder_finds_a_lazy_cycle_and_leaves_a_chain_alone():
+    graph = {"schema": {"graph"}, "graph": {"ops"}, "ops": {"schema"}, "guess": {"schema"}}
+    assert import_cycles(graph) == [{"schema", "graph", "ops"}]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
 
 
 @pytest.mark.parametrize(
