@@ -201,6 +201,33 @@ def test_a_killed_upgrade_into_another_folder_leaves_no_orphans_after_the_rerun(
         assert sorted(p.name for p in out.iterdir()) == sorted({index.name, "notes.txt", *named})
 
 
+def test_a_kill_while_a_companion_file_is_copied_leaves_no_temporary_after_the_rerun(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed with ``notes.txt``'s copy half written into the output folder, the rerun sweeps
+    that temporary too, not only those of shards and the index (found at 100 kill points)."""
+    from ckptmigrate.inplace import migrate_file
+
+    case = Case("upgrade-streamed", ".safetensors")
+    folder = case.lay_out(work)
+    out = work / "out"
+
+    def action() -> None:
+        migrate_file(folder, out, schemas=toy_schema(), to="2.0.0")
+
+    def copying_notes() -> bool:
+        return out.is_dir() and any(p.name.startswith("notes.txt.") for p in out.iterdir())
+
+    spec = spec_where(action, monkeypatch, copying_notes)
+    shutil.rmtree(out)
+    assert os.WIFSIGNALED(killed_child(spec, action)), spec
+    assert copying_notes()  # the kill left the half-written copy
+    action()
+    index = out / "model.safetensors.index.json"
+    named = set(json.loads(index.read_text())["weight_map"].values())
+    assert sorted(p.name for p in out.iterdir()) == sorted({index.name, "notes.txt", *named})
+
+
 # ----------------------------------------------------------------------------- the journal
 
 

@@ -281,21 +281,19 @@ def recover(path: str | os.PathLike[str]) -> list[str]:
     if not any(folder.glob("*" + PENDING_SUFFIX)) and not any(folder.glob("*" + TEMP_MARKER + "*")):
         return []  # the usual case: nothing was left
     removed: list[str] = []
-    bases: set[str] = set()
     for journal in sorted(folder.glob("*" + PENDING_SUFFIX)):
         record = _read_journal(journal)
         if record is None:
             continue  # not one of ours (ours are written atomically, so always whole): kept
         if recorded_writer_alive(record["writer"]):
             continue  # a live writer's (or, journals of old versions, another host's): not ours
-        bases.update(record["new"])
         gone = [n for n in record["new"] if (folder / n).exists()]
         removed += _settle(folder, journal, record["old"], record["new"], record["written"])
         removed += [n for n in gone if not (folder / n).exists()]
         removed.append(journal.name)
 
-    def ours(base: str) -> bool:
-        return base.endswith((INDEX_SUFFIX, PENDING_SUFFIX)) or base in bases
-
-    removed += [p.name for p in remove_stale_temps_where(folder, ours)]
+    # A temporary of a writer that died is never the only copy of anything (the file it was
+    # to replace stays until the rename): whatever it was for (a shard, the index, a copied
+    # config.json or tokenizer file), it is debris.
+    removed += [p.name for p in remove_stale_temps_where(folder, lambda base: True)]
     return removed
