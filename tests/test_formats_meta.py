@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from ckptmigrate.errors import CheckpointFormatError, UnsafeCheckpointError
 from ckptmigrate.formats.detect import detect_format
-from ckptmigrate.formats.pickle_meta import (
+from ckptmigrate.formats.torch.stack_model import (
     WEIGHTS_ONLY_GLOBALS,
     OpaqueObject,
     read_torch_metadata,
@@ -518,7 +518,8 @@ def test_reading_metadata_never_imports_torch(tmp_path: Path) -> None:
     save_file({"a": torch.ones(2)}, st_path)
     script = (
         "import sys\n"
-        "from ckptmigrate.formats import pickle_meta, safetensors_header, detect\n"
+        "from ckptmigrate.formats import safetensors_header, detect\n"
+        "from ckptmigrate.formats.torch import stack_model as pickle_meta\n"
         f"pickle_meta.read_torch_metadata({str(zip_path)!r})\n"
         f"pickle_meta.read_torch_metadata({str(legacy_path)!r})\n"
         f"safetensors_header.read_safetensors_header({str(st_path)!r})\n"

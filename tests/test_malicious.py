@@ -32,7 +32,7 @@ import ckptmigrate as cm
 from ckptmigrate import cli
 from ckptmigrate.errors import CheckpointFormatError, UnsafeCheckpointError
 from ckptmigrate.files import read_metadata
-from ckptmigrate.formats import pickle_meta
+from ckptmigrate.formats.torch import stack_model as pickle_meta
 from ckptmigrate.inplace import stamp_in_place, upgrade_in_place
 
 ROOT = Path(__file__).resolve().parent.parent

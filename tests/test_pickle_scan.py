@@ -23,8 +23,8 @@ import torch
 import ckptmigrate as cm
 from ckptmigrate.errors import CheckpointFormatError, UnsafeCheckpointError
 from ckptmigrate.files import read_metadata
-from ckptmigrate.formats import pickle_meta, torchfile
-from ckptmigrate.formats.pickle_meta import _scan_pickle, _ScanCorrupt
+from ckptmigrate.formats.torch import mapped as torchfile, stack_model as pickle_meta
+from ckptmigrate.formats.torch.stack_model import _scan_pickle, _ScanCorrupt
 
 # ----------------------------------------------------------------------------- reference walk
 

@@ -246,7 +246,7 @@ def test_writeback_gives_up_quietly_where_refused(monkeypatch):
 def test_copy_range_with_writeback_copies_every_byte_in_steps(tmp_path, monkeypatch):
     import os
 
-    from ckptmigrate.formats import zipwriter
+    from ckptmigrate.formats.torch import zip_writer as zipwriter
     from ckptmigrate.formats.atomic import Writeback, atomic_fd
 
     monkeypatch.setattr(zipwriter, "WRITEBACK_STEP", 1000)

@@ -58,7 +58,7 @@ from .bounds import (
 )
 from .detect import read_bounded
 from .folder_swap import recover_interrupted_write, swap_folder
-from .pickle_meta import (
+from .torch.stack_model import (
     MAX_PICKLE_BYTES,
     TorchConstant,
     _python3_name,

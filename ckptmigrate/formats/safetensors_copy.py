@@ -22,7 +22,7 @@ from .atomic import Writeback, atomic_fd
 from .detect import open_regular_file
 from .safetensors_file import ALIASES
 from .tensorinfo import SAFETENSORS_DTYPES, TensorStub
-from .zipwriter import copy_range
+from .torch.zip_writer import copy_range
 
 __all__ = ["data_start", "write_safetensors_copy"]
 

@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import (
+from ...errors import (
     CheckpointFormatError,
     InternalError,
     NotReplayableError,
     UnsafeCheckpointError,
 )
-from .detect import open_regular_file
-from .pickle_meta import (
+from ..detect import open_regular_file
+from .stack_model import (
     MAX_PICKLE_BYTES,
     WEIGHTS_ONLY_GLOBALS,
     OpaqueObject,
@@ -47,8 +47,8 @@ from .pickle_meta import (
     _zip_infos,
     read_zip_records,
 )
-from .tensorinfo import TensorStub
-from .zipwriter import TorchZipWriter, write_zip_copy
+from ..tensorinfo import TensorStub
+from .zip_writer import TorchZipWriter, write_zip_copy
 
 __all__ = ["ZipGraph", "NotReplayableError", "read_zip_graph", "write_zip_graph"]
 
@@ -97,7 +97,7 @@ def read_zip_graph(
 ) -> ZipGraph:
     """Decode a torch zip checkpoint into stubs, recording how each tensor was rebuilt.
 
-    Refuses unsafe pickles exactly like :func:`~.pickle_meta.read_torch_metadata`.
+    Refuses unsafe pickles exactly like :func:`~.stack_model.read_torch_metadata`.
     """
     path = Path(path)
     records = read_zip_records(path)
@@ -209,7 +209,7 @@ def write_zip_graph(dst: str | os.PathLike[str], graph: ZipGraph, obj: Any) -> T
 
     Records other than ``data.pkl`` and the storages (``byteorder``, ``version``,
     ``.data/serialization_id``...) are copied as they are; storages nothing references are left
-    out. The archive goes through :func:`.zipwriter.write_zip_copy` (the temporary is not
+    out. The archive goes through :func:`.zip_writer.write_zip_copy` (the temporary is not
     truncated, the disk writes behind the copy). Raises ``NotReplayableError`` before writing
     anything. Returns the writer, whose ``bytes_copied`` / ``bytes_through_python`` tell what
     moved.

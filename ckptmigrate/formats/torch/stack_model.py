@@ -35,9 +35,9 @@ from math import prod
 from types import FunctionType
 from typing import Any, BinaryIO, NoReturn, TypeVar
 
-from ..errors import CheckpointFormatError, UnsafeCheckpointError, UsageError
-from ..readable import bounded_repr
-from .bounds import (
+from ...errors import CheckpointFormatError, UnsafeCheckpointError, UsageError
+from ...readable import bounded_repr
+from ..bounds import (
     DECODE_ALLOWANCE,
     DECODE_FACTOR,
     HASH_ALLOWANCE,
@@ -47,8 +47,8 @@ from .bounds import (
     decode_bounded,
     tuple_chain_bound,
 )
-from .detect import TORCH_LEGACY_MAGIC, detect_format, open_regular_file
-from .tensorinfo import DTYPE_SIZES, MAX_DIM, TensorInfo, TensorStub
+from ..detect import TORCH_LEGACY_MAGIC, detect_format, open_regular_file
+from ..tensorinfo import DTYPE_SIZES, MAX_DIM, TensorInfo, TensorStub
 
 __all__ = [
     "MAX_PICKLE_BYTES",

@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointFormatError, CkptMigrateError, UnsafeCheckpointError
-from .atomic import atomic_file
-from .detect import detect_format, open_regular_file
-from .pickle_meta import (
+from ...errors import CheckpointFormatError, CkptMigrateError, UnsafeCheckpointError
+from ..atomic import atomic_file
+from ..detect import detect_format, open_regular_file
+from .stack_model import (
     _STORAGE_DTYPES,
     _allowed_map,
     _decode_zip,
@@ -36,7 +36,7 @@ from .pickle_meta import (
     _ZipDecoded,
     read_torch_metadata,
 )
-from .tensorinfo import TensorStub
+from ..tensorinfo import TensorStub
 
 
 def global_name(obj: Any) -> str:

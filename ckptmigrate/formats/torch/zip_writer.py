@@ -23,11 +23,11 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..errors import CheckpointFormatError
-from . import atomic
-from .atomic import Writeback, atomic_fd
-from .detect import open_regular_file
-from .pickle_meta import ZipRecordInfo
+from ...errors import CheckpointFormatError
+from .. import atomic
+from ..atomic import Writeback, atomic_fd
+from ..detect import open_regular_file
+from .stack_model import ZipRecordInfo
 
 __all__ = ["ALIGNMENT", "TorchZipWriter", "copy_range", "write_zip_copy"]
 

@@ -1,0 +1,1 @@
+"""torch.save files: read without torch, loaded with torch's weights-only loader, rewritten."""
