@@ -366,6 +366,8 @@ WEIGHTS_ONLY_GLOBALS: frozenset[str] = frozenset(_ALLOWED)
 
 
 def allowed_map(allowed_globals: Iterable[str]) -> dict[str, Any]:
+    """The weights-only allow-list plus ``allowed_globals`` (``"module.Name"``), each decoding
+    to an :class:`~.placeholders.OpaqueObject`; the shared map itself is never changed."""
     allowed = dict(_ALLOWED)
     for name in allowed_globals:
         if not isinstance(name, str) or "." not in name:
@@ -376,6 +378,7 @@ def allowed_map(allowed_globals: Iterable[str]) -> dict[str, Any]:
 
 
 def check_global(name: str, allowed: dict[str, Any], path: object) -> None:
+    """Refuse the global ``name`` unless ``allowed`` maps it; ``sys``, ``os``... never pass."""
     module = name.partition(".")[0]
     if module in _BLOCKED_MODULES:
         raise UnsafeCheckpointError(name, path=path, detail=f"module {module!r} is never allowed")

@@ -60,6 +60,8 @@ _ENCRYPTED_FLAGS = 0x0001 | 0x0040
 
 
 def zip_infos(zf: zipfile.ZipFile, path: object) -> list[zipfile.ZipInfo]:
+    """The members of ``zf``, refused when one is named outside the archive, is encrypted or
+    appears twice."""
     infos = zf.infolist()
     names: set[str] = set()
     for info in infos:
@@ -119,6 +121,7 @@ def read_zip_records(path: str | os.PathLike[str]) -> dict[str, ZipRecordInfo]:
 
 
 def find_data_pkl(infos: list[zipfile.ZipInfo], path: object) -> zipfile.ZipInfo:
+    """The one ``<name>/data.pkl`` member among ``infos``."""
     candidates = [
         i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1
     ]
@@ -203,6 +206,7 @@ def check_torch_bytes(file: BinaryIO, *, what: str, path: object = None) -> None
 
 
 def read_zip(path: str | os.PathLike[str], allowed: dict[str, Any]) -> Any:
+    """The decoded graph of the torch zip at ``path``, tensors as stubs."""
     return decode_zip(path, allowed).obj
 
 

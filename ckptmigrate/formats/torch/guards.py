@@ -15,14 +15,9 @@ from typing import Any, NoReturn
 
 from ...errors import UnsafeCheckpointError
 
-# A pickle's BUILD opcode sets attributes on the object below it, through __setstate__, the
-# object's __dict__ (even of a frozen dataclass) or setattr. Aimed at a global it would rewrite
-# our shared allow-list (turn torch.float32 into float64 for every later file) or a class for
-# the whole process (collections.Counter). torch's loader refuses BUILD on anything but
-# tensors, parameters and OrderedDicts; so does every object a global resolves to here.
-
 
 def refuse_build(what: str) -> NoReturn:
+    """Raise for a BUILD (or setattr) aimed at ``what``."""
     raise UnsafeCheckpointError(
         f"BUILD on {what}",
         detail="the BUILD opcode sets attributes on a value that only OrderedDicts, tensors "

@@ -22,6 +22,8 @@ _LEGACY_PROTOCOL_VERSION = 1001
 
 
 def read_legacy(path: str | os.PathLike[str], allowed: dict[str, Any]) -> Any:
+    """The decoded graph of the legacy torch.save file at ``path``, tensors as stubs; every
+    storage it names is checked against the stored ones."""
     header_only: dict[str, Any] = {}  # the three header pickles name no globals at all
     with open_regular_file(path) as raw:
         file_size = os.fstat(raw.fileno()).st_size

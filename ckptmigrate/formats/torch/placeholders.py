@@ -63,6 +63,8 @@ class OpaqueObject:
 
 
 class OpaqueMeta(GuardedType):
+    """Metaclass of the class a caller-allowed global resolves to (see :func:`opaque_global`)."""
+
     def __repr__(cls) -> str:
         return f"<opaque global {cls.global_name}>"  # type: ignore[attr-defined]
 
@@ -77,4 +79,6 @@ class _OpaqueGlobal(metaclass=OpaqueMeta):
 
 
 def opaque_global(name: str) -> type:
+    """The class the caller-allowed global ``name`` resolves to: calling it makes an
+    :class:`OpaqueObject`."""
     return OpaqueMeta(name.rpartition(".")[2], (_OpaqueGlobal,), {"global_name": name})

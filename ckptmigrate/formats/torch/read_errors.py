@@ -36,6 +36,7 @@ FORMAT_ERRORS = (
 
 
 def with_path(exc: CheckpointFormatError | UnsafeCheckpointError, path: object) -> Exception:
+    """``exc`` naming ``path`` (an unsafe error names its path already)."""
     if exc.path is not None or isinstance(exc, UnsafeCheckpointError):
         return exc  # unsafe errors are raised with their path already
     return CheckpointFormatError(str(exc), path=path)
