@@ -11,6 +11,7 @@ from ...readable import bounded_repr
 from ..bounds import charge_decode
 from .guards import refuse_build
 
+#: The element dtype of each typed storage class a pickle may name (``torch.FloatStorage``...).
 STORAGE_DTYPES: dict[str, str] = {
     "DoubleStorage": "float64",
     "FloatStorage": "float32",

@@ -27,7 +27,7 @@ MAX_PICKLE_BYTES = 1 << 30
 
 
 class MetadataUnpickler(pickle.Unpickler):
-    """Resolves globals only to our stub builders; storages only to :class:`StorageRef`."""
+    """Resolves globals only to our stub builders; storages only to :class:`~.storages.StorageRef`."""
 
     def __init__(
         self,
