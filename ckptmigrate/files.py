@@ -69,7 +69,7 @@ def read_checkpoint(
         tensors, metadata = read_safetensors(path, map_location=map_location)
         return _from_safetensors(tensors, metadata, path)
     if fmt in ("torch-zip", "torch-legacy"):
-        from .formats.torchfile import read_torch
+        from .formats.torch import read_torch
 
         obj = read_torch(path, map_location=map_location, mmap=mmap, safe_globals=safe_globals)
         return split(obj, path=path)
@@ -103,7 +103,7 @@ def read_metadata(
             tensors[alias] = tensors[source]
         return _from_safetensors(tensors, metadata, path)
     if fmt in ("torch-zip", "torch-legacy"):
-        from .formats.pickle_meta import read_torch_metadata
+        from .formats.torch import read_torch_metadata
 
         obj = read_torch_metadata(path, allowed_globals=list(allowed_globals))
         return split(obj, path=path)
@@ -155,7 +155,7 @@ def write_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
             passthrough=passthrough if isinstance(passthrough, dict) else None,
         )
         return
-    from .formats.torchfile import write_torch
+    from .formats.torch import write_torch
 
     if ckpt.layout == "safetensors":
         ckpt = _as_layout(ckpt, "ckptmigrate")

@@ -506,7 +506,7 @@ def read_for_stamp(path: str | os.PathLike[str], safe_globals: Iterable[Any] = (
     DCP folder by its metadata only (the folder writers copy the tensors as they are)."""
     from .files import read_checkpoint, read_metadata
     from .formats.detect import detect_format
-    from .formats.torchfile import global_name
+    from .formats.torch import global_name
 
     if detect_format(path) in ("dcp", "sharded"):
         return read_metadata(path, allowed_globals=[global_name(g) for g in safe_globals])

@@ -337,7 +337,7 @@ def _pop_dict(
         return {}
     if isinstance(value, dict):
         return dict(value)
-    from .formats.pickle_meta import OpaqueObject
+    from .formats.torch import OpaqueObject
 
     if isinstance(value, OpaqueObject) and value.fields() is not None:  # an allowed global
         return value.fields()  # type: ignore[return-value]

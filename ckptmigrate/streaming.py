@@ -372,7 +372,7 @@ def _rewrite_bin_shard(graph: Any, dst: Path, entries: list[tuple[str, Any]]) ->
     metadata = getattr(graph.obj, "_metadata", None)
     if metadata is not None:
         obj._metadata = metadata  # type: ignore[attr-defined]
-    from .formats.torchzip import write_zip_graph
+    from .formats.torch import write_zip_graph
 
     writer = write_zip_graph(dst, graph, obj)
     return writer.bytes_copied, writer.bytes_through_python
@@ -394,7 +394,7 @@ def _upgrade_sharded_loaded(
     from .formats import sharded
     from .formats.safetensors_file import write_safetensors
     from .formats.set_swap import SetSwap
-    from .formats.torchfile import write_torch
+    from .formats.torch import write_torch
 
     if work is not None and old is not None:
         ckpt, new = old, work
@@ -487,7 +487,7 @@ def _upgrade_dcp(
 
 
 def _names(safe_globals: Iterable[Any]) -> list[str]:
-    from .formats.torchfile import global_name
+    from .formats.torch import global_name
 
     return [global_name(g) for g in safe_globals]
 
@@ -497,7 +497,7 @@ def _try_stream(
 ) -> FileUpgrade | None:
     """Upgrade a single file by copying tensor bytes, or return None (nothing written)."""
     if fmt == "torch-zip" and dst.suffix != ".safetensors":
-        from .formats.torchzip import read_zip_graph, write_zip_graph
+        from .formats.torch import read_zip_graph, write_zip_graph
 
         graph = read_zip_graph(src, allowed_globals=names)
         ckpt = _with_version(split(graph.obj, path=src), schema, from_version, src)

@@ -23,8 +23,8 @@ from processes import one_error_line, run
 
 import ckptmigrate as cm
 from ckptmigrate.errors import BudgetExceededError, CheckpointFormatError
-from ckptmigrate.formats.pickle_meta import MAX_PICKLE_BYTES, read_torch_metadata
 from ckptmigrate.formats.safetensors_header import read_safetensors_header
+from ckptmigrate.formats.torch import MAX_PICKLE_BYTES, read_torch_metadata
 
 
 def _zip_with_pickle(tmp_path: Path, pkl: bytes, name: str = "bomb.pth") -> Path:
@@ -100,7 +100,7 @@ def test_budget_error_is_a_format_error_and_exits_2(tmp_path):
 
 _PEAK = """
 import resource, sys
-from ckptmigrate.formats.pickle_meta import MAX_PICKLE_BYTES, read_torch_metadata
+from ckptmigrate.formats.torch import MAX_PICKLE_BYTES, read_torch_metadata
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     read_torch_metadata(sys.argv[1])
@@ -145,14 +145,14 @@ def test_dense_but_real_pickles_load(tmp_path):
 
 
 def test_device_tensor_with_a_list_for_device_is_refused():
-    from ckptmigrate.formats import pickle_meta
+    from ckptmigrate.formats.torch import TorchConstant, allowlist
 
-    stub = pickle_meta._rebuild_meta_tensor_no_storage(
-        pickle_meta.TorchConstant("torch.float32"), (2,), (1,), False
+    stub = allowlist._rebuild_meta_tensor_no_storage(
+        TorchConstant("torch.float32"), (2,), (1,), False
     )
     with pytest.raises(CheckpointFormatError, match="not a device"):
-        pickle_meta._rebuild_device_tensor_from_cpu_tensor(
-            stub, pickle_meta.TorchConstant("torch.float32"), [[0] * 10] * 10, False
+        allowlist._rebuild_device_tensor_from_cpu_tensor(
+            stub, TorchConstant("torch.float32"), [[0] * 10] * 10, False
         )
 
 
@@ -305,7 +305,7 @@ def test_int_keys_of_one_hash_are_refused_before_decoding(tmp_path):
     code = (
         "import sys; import ckptmigrate as cm\n"
         "from ckptmigrate.errors import HashingBudgetExceededError as E\n"
-        "from ckptmigrate.formats.pickle_meta import read_torch_metadata\n"
+        "from ckptmigrate.formats.torch import read_torch_metadata\n"
         "for read in (read_torch_metadata, lambda p: cm.load(p, upgrade=False)):\n"
         "    try:\n"
         "        read(sys.argv[1])\n"

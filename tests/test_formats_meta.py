@@ -26,19 +26,19 @@ from safetensors.torch import save_file
 
 from ckptmigrate.errors import CheckpointFormatError, UnsafeCheckpointError
 from ckptmigrate.formats.detect import detect_format
-from ckptmigrate.formats.pickle_meta import (
-    WEIGHTS_ONLY_GLOBALS,
-    OpaqueObject,
-    read_torch_metadata,
-    read_zip_records,
-    scan_pickle_globals,
-)
 from ckptmigrate.formats.safetensors_header import read_safetensors_header
 from ckptmigrate.formats.tensorinfo import (
     DTYPE_SIZES,
     SAFETENSORS_DTYPES,
     TensorInfo,
     TensorStub,
+)
+from ckptmigrate.formats.torch import (
+    WEIGHTS_ONLY_GLOBALS,
+    OpaqueObject,
+    read_torch_metadata,
+    read_zip_records,
+    scan_pickle_globals,
 )
 
 LEGACY = {"_use_new_zipfile_serialization": False}
@@ -518,9 +518,10 @@ def test_reading_metadata_never_imports_torch(tmp_path: Path) -> None:
     save_file({"a": torch.ones(2)}, st_path)
     script = (
         "import sys\n"
-        "from ckptmigrate.formats import pickle_meta, safetensors_header, detect\n"
-        f"pickle_meta.read_torch_metadata({str(zip_path)!r})\n"
-        f"pickle_meta.read_torch_metadata({str(legacy_path)!r})\n"
+        "from ckptmigrate.formats import safetensors_header, detect\n"
+        "from ckptmigrate.formats.torch import read_torch_metadata\n"
+        f"read_torch_metadata({str(zip_path)!r})\n"
+        f"read_torch_metadata({str(legacy_path)!r})\n"
         f"safetensors_header.read_safetensors_header({str(st_path)!r})\n"
         f"detect.detect_format({str(st_path)!r})\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"

@@ -32,7 +32,7 @@ import ckptmigrate as cm
 from ckptmigrate import cli
 from ckptmigrate.errors import CheckpointFormatError, UnsafeCheckpointError
 from ckptmigrate.files import read_metadata
-from ckptmigrate.formats import pickle_meta
+from ckptmigrate.formats.torch import allowlist
 from ckptmigrate.inplace import stamp_in_place, upgrade_in_place
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -241,12 +241,12 @@ def ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _shared_state() -> tuple:
     """What a BUILD gadget would rewrite: the allow-list's objects and a process-wide class."""
-    allowed = pickle_meta._ALLOWED
+    allowed = allowlist._ALLOWED
     return (
         repr(allowed["torch.float32"]),
         allowed["torch.FloatStorage"].dtype,
-        pickle_meta._rebuild_tensor_v2.__defaults__,
-        dict(vars(pickle_meta._SizeType)),
+        allowlist._rebuild_tensor_v2.__defaults__,
+        dict(vars(allowlist._SizeType)),
         dict(vars(collections.Counter)),
     )
 

@@ -1,4 +1,4 @@
-"""The hand-written opcode walk (pickle_meta._scan_pickle) and the mapped load built on it.
+"""The hand-written opcode walk (formats.torch.walk.scan_pickle) and the mapped load built on it.
 
 The walk is checked against a reference walk over ``pickletools.genops`` on many real pickles
 (torch.save output and plain pickles of every protocol), then on hostile and broken ones. The
@@ -23,8 +23,11 @@ import torch
 import ckptmigrate as cm
 from ckptmigrate.errors import CheckpointFormatError, UnsafeCheckpointError
 from ckptmigrate.files import read_metadata
-from ckptmigrate.formats import pickle_meta, torchfile
-from ckptmigrate.formats.pickle_meta import _scan_pickle, _ScanCorrupt
+from ckptmigrate.formats.torch import python3_name, read_torch, scan_pickle
+from ckptmigrate.formats.torch.allowlist import _ALLOWED
+from ckptmigrate.formats.torch.opcodes import ScanCorrupt
+from ckptmigrate.formats.torch.unpickler import BoundedReader, MetadataUnpickler, load_pickle
+from ckptmigrate.formats.torch.walk import ScanResult
 
 # ----------------------------------------------------------------------------- reference walk
 
@@ -38,10 +41,10 @@ def reference_scan(data: bytes) -> list[str]:
         name = opcode.name
         if name in ("GLOBAL", "INST"):
             module, _, attr = str(arg).partition(" ")
-            seen.append(pickle_meta._python3_name(module, attr))
+            seen.append(python3_name(module, attr))
         elif name == "STACK_GLOBAL" and len(recent) >= 2:
             if isinstance(recent[-2], str) and isinstance(recent[-1], str):
-                seen.append(pickle_meta._python3_name(recent[-2], recent[-1]))
+                seen.append(python3_name(recent[-2], recent[-1]))
         if name in ("FRAME", "PROTO"):
             continue
         if name in ("PUT", "BINPUT", "LONG_BINPUT"):
@@ -58,8 +61,8 @@ def reference_scan(data: bytes) -> list[str]:
     return seen
 
 
-def walk(data: bytes, allowed: dict[str, Any] | None = None) -> pickle_meta._ScanResult:
-    return _scan_pickle(data, 0, len(data), allowed)
+def walk(data: bytes, allowed: dict[str, Any] | None = None) -> ScanResult:
+    return scan_pickle(data, 0, len(data), allowed)
 
 
 def torch_pickle(obj: object, tmp_path: Path, name: str = "x.pth") -> bytes:
@@ -99,7 +102,7 @@ def test_the_walk_names_what_pickletools_names_in_torch_save_output(
     index: int, tmp_path: Path
 ) -> None:
     data = torch_pickle(sample_objects()[index], tmp_path)
-    result = walk(data, pickle_meta._ALLOWED)
+    result = walk(data, _ALLOWED)
     assert result.globals == reference_scan(data)
     assert result.end == len(data)
     assert result.protocol == 2 and not result.outside_torch
@@ -154,11 +157,11 @@ def test_the_walk_stops_at_stop_and_reports_the_protocol() -> None:
 )
 def test_unsafe_globals_and_opcodes_are_refused(body: bytes) -> None:
     with pytest.raises(UnsafeCheckpointError):
-        walk(body, pickle_meta._ALLOWED)
+        walk(body, _ALLOWED)
     walk_globals = []
     try:
         walk_globals = walk(body).globals  # without an allow-list: listed, not refused
-    except _ScanCorrupt:
+    except ScanCorrupt:
         pass
     assert walk_globals == [] or "." in walk_globals[0]
 
@@ -175,7 +178,7 @@ def test_memo_bombs_are_refused_before_the_c_unpickler(
     body: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with pytest.raises(cm.CheckpointFormatError, match="memo index"):
-        walk(body, pickle_meta._ALLOWED)
+        walk(body, _ALLOWED)
     src = tmp_path / "good.pth"
     torch.save({"w": torch.zeros(2)}, src)
     bad = tmp_path / "bomb.pth"
@@ -187,7 +190,7 @@ def test_memo_bombs_are_refused_before_the_c_unpickler(
     def never(self: Any) -> Any:
         raise AssertionError("the C unpickler saw a memo bomb")
 
-    monkeypatch.setattr(pickle_meta._MetadataUnpickler, "load", never)
+    monkeypatch.setattr(MetadataUnpickler, "load", never)
     for read in (
         lambda: read_metadata(bad),
         lambda: cm.load(bad, upgrade=False),
@@ -211,11 +214,11 @@ def test_memo_bombs_are_refused_before_the_c_unpickler(
     ],
 )
 def test_malformed_pickles_are_corrupt(body: bytes) -> None:
-    with pytest.raises(_ScanCorrupt) as info:
-        walk(body, pickle_meta._ALLOWED)
+    with pytest.raises(ScanCorrupt) as info:
+        walk(body, _ALLOWED)
     assert 0 <= info.value.pos <= len(body)
     with pytest.raises(CheckpointFormatError):
-        pickle_meta._load_pickle(io.BytesIO(body), pickle_meta._ALLOWED)
+        load_pickle(io.BytesIO(body), _ALLOWED)
 
 
 def test_the_c_unpickler_never_reads_past_a_malformed_opcode() -> None:
@@ -223,7 +226,7 @@ def test_the_c_unpickler_never_reads_past_a_malformed_opcode() -> None:
     # the unknown opcode, so the bomb is never read
     body = b"\x80\x02]\xff]r\x00\x00\x00\x80."
     with pytest.raises(CheckpointFormatError, match="unknown"):
-        pickle_meta._load_pickle(io.BytesIO(body), pickle_meta._ALLOWED)
+        load_pickle(io.BytesIO(body), _ALLOWED)
 
 
 def test_the_walk_reads_a_bounded_region_of_a_mapped_file(tmp_path: Path) -> None:
@@ -232,13 +235,13 @@ def test_the_walk_reads_a_bounded_region_of_a_mapped_file(tmp_path: Path) -> Non
     path.write_bytes(b"junk" + data + b"\x00" * 100)
     with open(path, "rb") as raw:
         raw.seek(4)
-        reader = pickle_meta._BoundedReader(raw, 4 + len(data))
-        assert pickle_meta._load_pickle(reader, pickle_meta._ALLOWED) == {"a": [1, 2]}
+        reader = BoundedReader(raw, 4 + len(data))
+        assert load_pickle(reader, _ALLOWED) == {"a": [1, 2]}
         assert raw.tell() == 4 + len(data)
-        reader = pickle_meta._BoundedReader(raw, 4 + len(data) - 1)
+        reader = BoundedReader(raw, 4 + len(data) - 1)
         raw.seek(4)
         with pytest.raises(CheckpointFormatError):
-            pickle_meta._load_pickle(reader, pickle_meta._ALLOWED)
+            load_pickle(reader, _ALLOWED)
 
 
 # ----------------------------------------------------------------------------- mapped loads
@@ -287,7 +290,7 @@ def test_a_mapped_load_returns_what_torch_load_returns(
     calls: list[Any] = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a) or real_load(*a, **k))
-    got = torchfile.read_torch(path, mmap=True)
+    got = read_torch(path, mmap=True)
     assert_same(expected, got, {})
     if index != 4:  # sample 4 holds a set and bytes (builtins.set, _codecs.encode): torch's
         assert not calls
@@ -308,17 +311,17 @@ def test_a_mapped_load_hands_unusual_files_to_torch_load(
         path = tmp_path / f"{name}.pth"
         torch.save(obj, path)
         calls.clear()
-        got = torchfile.read_torch(path, mmap=True)
+        got = read_torch(path, mmap=True)
         assert calls, name
         assert_same(torch.load(path, mmap=True, weights_only=True), got, {})
     path = tmp_path / "plain.pth"
     torch.save({"w": torch.ones(3)}, path)
     for kwargs in ({"map_location": "meta"}, {"mmap": False}):
         calls.clear()
-        torchfile.read_torch(path, **{"mmap": True, **kwargs})
+        read_torch(path, **{"mmap": True, **kwargs})
         assert calls, kwargs
     calls.clear()
-    torchfile.read_torch(path, mmap=True, map_location=torch.device("cpu"))
+    read_torch(path, mmap=True, map_location=torch.device("cpu"))
     assert not calls
 
 
@@ -361,10 +364,10 @@ def test_an_opcode_that_runs_past_its_frame_is_corrupt_before_the_c_unpickler_se
     frame = b"\x8a\x0aAB"
     after = b"01234567\x8c\x05r" + struct.pack("<I", 2**27) + b"."
     data = _framed(frame, after)
-    with pytest.raises(_ScanCorrupt, match="frame ends inside an opcode"):
-        _scan_pickle(data, 0, len(data), None)
+    with pytest.raises(ScanCorrupt, match="frame ends inside an opcode"):
+        scan_pickle(data, 0, len(data), None)
     with pytest.raises(CheckpointFormatError):
-        pickle_meta._load_pickle(io.BytesIO(data), pickle_meta._ALLOWED)
+        load_pickle(io.BytesIO(data), _ALLOWED)
 
 
 @pytest.mark.parametrize(
@@ -376,8 +379,8 @@ def test_an_opcode_that_runs_past_its_frame_is_corrupt_before_the_c_unpickler_se
     ],
 )
 def test_broken_frames_are_corrupt(data: bytes) -> None:
-    with pytest.raises(_ScanCorrupt):
-        _scan_pickle(data, 0, len(data), None)
+    with pytest.raises(ScanCorrupt):
+        scan_pickle(data, 0, len(data), None)
 
 
 @pytest.mark.parametrize("protocol", [4, 5])
@@ -385,8 +388,8 @@ def test_pickles_with_many_frames_walk_like_pickletools(protocol: int) -> None:
     obj = {f"k{i}": ("x" * 300, i, [float(i)] * 20) for i in range(2000)}  # ~100 frames
     data = pickle.dumps(obj, protocol=protocol)
     assert data.count(b"\x95") > 10
-    assert _scan_pickle(data, 0, len(data), None).end == len(data)
-    assert pickle_meta._load_pickle(io.BytesIO(data), pickle_meta._ALLOWED) == obj
+    assert scan_pickle(data, 0, len(data), None).end == len(data)
+    assert load_pickle(io.BytesIO(data), _ALLOWED) == obj
 
 
 # ---------------------------------------------------------------- mapped load edge cases

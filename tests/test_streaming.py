@@ -246,17 +246,17 @@ def test_writeback_gives_up_quietly_where_refused(monkeypatch):
 def test_copy_range_with_writeback_copies_every_byte_in_steps(tmp_path, monkeypatch):
     import os
 
-    from ckptmigrate.formats import zipwriter
+    from ckptmigrate.formats import byte_copy
     from ckptmigrate.formats.atomic import Writeback, atomic_fd
 
-    monkeypatch.setattr(zipwriter, "WRITEBACK_STEP", 1000)
+    monkeypatch.setattr(byte_copy, "WRITEBACK_STEP", 1000)
     src = tmp_path / "src.bin"
     payload = os.urandom(10_500)
     src.write_bytes(b"x" * 7 + payload)
     dst = tmp_path / "dst.bin"
     seen = _recorded_writeback(monkeypatch)
     with open(src, "rb") as f, atomic_fd(dst) as fd:
-        assert zipwriter.copy_range(f.fileno(), 7, fd, 3, len(payload), Writeback(fd, 2000)) == 0
+        assert byte_copy.copy_range(f.fileno(), 7, fd, 3, len(payload), Writeback(fd, 2000)) == 0
     assert dst.read_bytes() == b"\0" * 3 + payload
     # one copy_file_range per 1000-byte step; the disk hears of every 2000 bytes written
     assert seen == [(0, 2003, 2)] + [(2003 + 2000 * i, 2000, 2) for i in range(4)]

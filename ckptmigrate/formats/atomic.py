@@ -242,7 +242,7 @@ class Writeback:
         self._started = end
 
 
-class _KeptErrorWriter:
+class KeptErrorWriter:
     """A binary file that remembers the first error its write() raised (torch.save hides a
     full disk, or a Ctrl-C, behind a RuntimeError from closing its zip); passes the crash
     hook first."""
@@ -272,7 +272,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """
     with atomic_path(path) as tmp:
         with open(tmp, "r+b") as f:
-            writer = _KeptErrorWriter(f)
+            writer = KeptErrorWriter(f)
             try:
                 yield writer  # type: ignore[misc]
             except BaseException as exc:

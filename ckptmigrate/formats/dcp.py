@@ -47,7 +47,7 @@ from ..errors import (
 from ..layout import LAYOUTS, assemble, split
 from ..readable import bounded_repr
 from ..stamp import parse_stamp, stamp_of
-from .atomic import TEMP_MARKER, _KeptErrorWriter, atomic_path, copy_tree_synced, temp_path_for
+from .atomic import TEMP_MARKER, KeptErrorWriter, atomic_path, copy_tree_synced, temp_path_for
 from .bounds import (
     DECODE_ALLOWANCE,
     DECODE_FACTOR,
@@ -58,14 +58,14 @@ from .bounds import (
 )
 from .detect import read_bounded
 from .folder_swap import recover_interrupted_write, swap_folder
-from .pickle_meta import (
+from .tensorinfo import DTYPE_SIZES, MAX_DIM, TensorInfo, TensorStub
+from .torch import (
     MAX_PICKLE_BYTES,
     TorchConstant,
-    _python3_name,
-    _scan_pickle,
     check_torch_bytes,
+    python3_name,
+    scan_pickle,
 )
-from .tensorinfo import DTYPE_SIZES, MAX_DIM, TensorInfo, TensorStub
 
 __all__ = [
     "DCP_GLOBALS",
@@ -178,7 +178,7 @@ class _DcpUnpickler(pickle.Unpickler):
         self._path = path
 
     def find_class(self, module: str, name: str) -> Any:
-        full = _python3_name(module, name)
+        full = python3_name(module, name)
         if full not in self._resolve:
             raise UnsafeCheckpointError(
                 full, path=self._path, detail="not one of DCP's metadata classes"
@@ -201,13 +201,13 @@ def read_dcp_metadata(path: str | os.PathLike[str], *, torch_classes: bool = Fal
     come back as stand-ins with the same attributes; with ``True`` they are torch's own, as
     torch's loader needs them. A global outside :data:`DCP_GLOBALS` raises
     :class:`UnsafeCheckpointError` before anything is built; a ``.metadata`` over
-    :data:`~.pickle_meta.MAX_PICKLE_BYTES` is refused unread.
+    :data:`~.torch.MAX_PICKLE_BYTES` is refused unread.
     """
     md_path = _metadata_path(path)
     data = read_bounded(md_path, MAX_PICKLE_BYTES, "DCP metadata", "a pickle (as on data.pkl)")
     allowed = dict.fromkeys(DCP_GLOBALS)
     try:
-        scan = _scan_pickle(data, 0, len(data), allowed, md_path)  # unsafe beats corrupt
+        scan = scan_pickle(data, 0, len(data), allowed, md_path)  # unsafe beats corrupt
     except UnsafeCheckpointError:
         raise
     except Exception as exc:
@@ -694,7 +694,7 @@ def _writer(folder: Path) -> Any:
         @contextlib.contextmanager
         def create_stream(self, path: Any, mode: str) -> Any:
             with super().create_stream(path, mode) as stream:
-                yield _KeptErrorWriter(stream) if "w" in mode else stream
+                yield KeptErrorWriter(stream) if "w" in mode else stream
 
     writer = FileSystemWriter(folder)
     writer.fs = _HookedFileSystem()

@@ -19,10 +19,10 @@ from typing import Any
 
 from . import atomic
 from .atomic import Writeback, atomic_fd
+from .byte_copy import copy_range
 from .detect import open_regular_file
 from .safetensors_file import ALIASES
 from .tensorinfo import SAFETENSORS_DTYPES, TensorStub
-from .zipwriter import copy_range
 
 __all__ = ["data_start", "write_safetensors_copy"]
 

@@ -270,8 +270,7 @@ def read_sharded_metadata(
                 tensors[alias] = tensors[src]
         else:
             from .detect import detect_format
-            from .pickle_meta import read_torch_metadata
-            from .torchzip import read_zip_graph
+            from .torch import read_torch_metadata, read_zip_graph
 
             names = list(allowed_globals)
             if detect_format(shard_path) == "torch-zip":
@@ -299,7 +298,7 @@ def read_sharded(
 
             tensors.update(read_safetensors(shard_path, map_location=map_location)[0])
         else:
-            from .torchfile import read_torch
+            from .torch import read_torch
 
             tensors.update(read_torch(shard_path, map_location=map_location, mmap=mmap))
     return _checkpoint(sset, _ordered(sset, tensors))

@@ -16,75 +16,24 @@ writing behind the copy (:class:`~.atomic.Writeback`) so the closing fsync waits
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..errors import CheckpointFormatError
-from . import atomic
-from .atomic import Writeback, atomic_fd
-from .detect import open_regular_file
-from .pickle_meta import ZipRecordInfo
+from ...errors import CheckpointFormatError
+from .. import atomic
+from ..atomic import Writeback, atomic_fd
+from ..byte_copy import copy_range
+from ..detect import open_regular_file
+from .archive import ZipRecordInfo
 
-__all__ = ["ALIGNMENT", "TorchZipWriter", "copy_range", "write_zip_copy"]
+__all__ = ["ALIGNMENT", "TorchZipWriter", "write_zip_copy"]
 
 #: torch aligns every member's data to this many bytes (``torch.serialization`` storage alignment).
 ALIGNMENT = 64
 _LIMIT = 0xFFFFFFFF
-_CHUNK = 8 << 20
-#: With a writeback, copy_file_range moves this much per call, so the disk hears of it early.
-WRITEBACK_STEP = 16 << 20
-# copy_file_range is missing or refused across some filesystems: fall back to pread/pwrite
-_NO_KERNEL_COPY = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
-
-
-def copy_range(
-    src_fd: int,
-    src_offset: int,
-    dst_fd: int,
-    dst_offset: int,
-    count: int,
-    writeback: Writeback | None = None,
-) -> int:
-    """Copy ``count`` bytes between file offsets; returns how many went through Python.
-
-    Uses ``os.copy_file_range`` (no user-space copy; one call, or one per writeback window)
-    and falls back to 8 MiB pread/pwrite chunks where the kernel refuses, so memory stays
-    bounded either way. ``writeback`` hears of every chunk written (see
-    :class:`~.atomic.Writeback`).
-    """
-    through_python = 0
-    kernel = hasattr(os, "copy_file_range")
-    step = WRITEBACK_STEP if writeback is not None else count
-    while count > 0:
-        atomic.crash_point("write")  # looked up here: tests record it
-        if kernel:
-            try:
-                n = os.copy_file_range(src_fd, dst_fd, min(count, step), src_offset, dst_offset)
-            except OSError as exc:
-                if exc.errno not in _NO_KERNEL_COPY:
-                    raise
-                kernel = False
-                continue
-        else:
-            data = os.pread(src_fd, min(count, _CHUNK), src_offset)
-            n = len(data)
-            if n:
-                written = 0
-                while written < n:
-                    written += os.pwrite(dst_fd, data[written:], dst_offset + written)
-                through_python += n
-        if n == 0:
-            raise CheckpointFormatError(f"source ends {count} bytes early while copying a member")
-        src_offset += n
-        dst_offset += n
-        count -= n
-        if writeback is not None:
-            writeback.wrote(dst_offset)
-    return through_python
 
 
 @dataclass(frozen=True)

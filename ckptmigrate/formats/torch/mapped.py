@@ -1,153 +1,39 @@
-"""torch.save files (zip and legacy pre-zip), read with the weights-only loader only.
+"""A memory-mapped CPU load rebuilt from our decoded graph, skipping torch's Python unpickler.
 
-Before torch sees a file, our own restricted reader walks its pickle: torch's weights-only
-loader fails alike on random bytes and on a hostile pickle, and we must tell the two apart.
+A zip file whose pickle holds only what ``torch.save(state_dict)`` writes (dicts, lists,
+tuples, plain values and tensors rebuilt by ``torch._utils._rebuild_tensor_v2`` /
+``_rebuild_parameter``) has been decoded and checked by our reader already, so each tensor is
+rebuilt from it with those same torch functions, over the same mapped storages ``torch.load``
+makes. Anything else goes through ``torch.load`` (:func:`.load.read_torch`).
 
-A memory-mapped load of a zip file whose pickle holds only what ``torch.save(state_dict)``
-writes (dicts, lists, tuples, plain values and tensors rebuilt by
-``torch._utils._rebuild_tensor_v2`` / ``_rebuild_parameter``) skips torch's pure-Python
-unpickler: our reader has decoded and checked the graph already, so each tensor is rebuilt
-from it with those same torch functions, over the same mapped storages ``torch.load`` makes.
-Anything else goes through ``torch.load``.
+>>> done, obj = load_mapped(Path("model.pth"), "cpu")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-import struct
 import sys
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointFormatError, CkptMigrateError, UnsafeCheckpointError
-from .atomic import atomic_file
-from .detect import detect_format, open_regular_file
-from .pickle_meta import (
-    _STORAGE_DTYPES,
-    _allowed_map,
-    _decode_zip,
-    _GuardedCall,
-    _reading,
-    _StorageRef,
-    _ZipDecoded,
-    read_torch_metadata,
-)
-from .tensorinfo import TensorStub
-
-
-def global_name(obj: Any) -> str:
-    """``module.Name`` of a class or function, or the string itself."""
-    if isinstance(obj, str):
-        return obj
-    return f"{obj.__module__}.{obj.__qualname__}"
-
-
-def resolve_global(name: str) -> Any:
-    """Import a trusted global given by name (the caller vouched for it)."""
-    module, _, attr = name.rpartition(".")
-    try:
-        value: Any = importlib.import_module(module)
-        for part in attr.split("."):
-            value = getattr(value, part)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise CkptMigrateError(f"cannot import the allowed global {name!r}: {exc}") from None
-    return value
-
-
-def read_torch(
-    path: str | os.PathLike[str],
-    *,
-    map_location: Any = "cpu",
-    mmap: bool = False,
-    safe_globals: Iterable[Any] = (),
-) -> Any:
-    """The top-level object of a torch.save file, loaded with ``weights_only=True``."""
-    import torch
-
-    path = Path(path)
-    fmt = detect_format(path)
-    if fmt not in ("torch-zip", "torch-legacy"):
-        raise CheckpointFormatError(f"expected a torch.save file, found {fmt}", path=path)
-    allowed = list(safe_globals)
-    names = [global_name(g) for g in allowed]
-    if mmap and fmt == "torch-zip" and not names:
-        done, obj = load_mapped(path, map_location)  # raises Unsafe/Format like the reader
-        if done:
-            return obj
-    else:
-        read_torch_metadata(path, allowed_globals=names)  # raises Unsafe/Format before torch
-    objects = [
-        _loadable(resolve_global(g) if isinstance(g, str) else g, n) for g, n in zip(allowed, names)
-    ]
-    try:
-        with torch.serialization.safe_globals(objects):
-            return torch.load(
-                path,
-                map_location=map_location,
-                weights_only=True,
-                mmap=mmap and fmt == "torch-zip",
-            )
-    except CkptMigrateError:
-        raise
-    except Exception as exc:
-        text = str(exc)
-        reason = _weights_only_reason(text)
-        if "Unsupported operand" in reason:
-            # an opcode torch's loader lacks (POP, ...), after our reader found nothing unsafe
-            raise CheckpointFormatError(
-                f"torch's weights-only loader cannot decode its pickle ({reason})", path=path
-            ) from None
-        if "Unsupported global" in text or "Weights only load failed" in text:
-            detail = "" if "Unsupported global" in text else f"torch says: {reason}"
-            raise UnsafeCheckpointError(_unsupported_name(text), path=path, detail=detail) from None
-        raise CheckpointFormatError(
-            f"torch could not read it ({type(exc).__name__}: {text.splitlines()[0][:200]})",
-            path=path,
-        ) from exc
-
-
-def _loadable(obj: Any, name: str) -> Any:
-    """What torch's weights-only loader gets for an allowed global: a dict subclass (Lightning's
-    ``AttributeDict``) loads as a plain dict of its items, since that loader fills only dicts."""
-    if isinstance(obj, type) and issubclass(obj, dict) and obj.__module__ != "collections":
-        return (dict, name)
-    return obj
-
-
-def _weights_only_reason(text: str) -> str:
-    """The line of a weights-only failure that says what torch refused."""
-    _, _, tail = text.partition("WeightsUnpickler error:")
-    lines = [line.strip() for line in tail.splitlines() if line.strip()]
-    return lines[0][:200] if lines else ""
-
-
-def _unsupported_name(text: str) -> str:
-    marker = "GLOBAL "
-    if marker in text:
-        return text.split(marker, 1)[1].split()[0].strip("`'\",")
-    return "an unsupported global"
-
-
-def write_torch(path: str | os.PathLike[str], obj: Any) -> None:
-    """``torch.save`` ``obj`` to ``path`` atomically."""
-    import torch
-
-    with atomic_file(path) as f:
-        torch.save(obj, f)
-
-
-# --------------------------------------------------------------------------- mapped loads
+from ..detect import open_regular_file
+from ..tensorinfo import TensorStub
+from .allowlist import allowed_map
+from .archive import ZipDecoded, decode_zip, local_data_offset
+from .guards import GuardedCall
+from .metadata import read_torch_metadata
+from .read_errors import reading
+from .storages import STORAGE_DTYPES, StorageRef
 
 _V2 = "torch._utils._rebuild_tensor_v2"
 _PARAMETER = "torch._utils._rebuild_parameter"
 #: The globals a mapped load rebuilds itself; any other sends the file through torch.load.
 MAPPED_GLOBALS = frozenset(
     {"collections.OrderedDict", _V2, _PARAMETER, "torch.storage.UntypedStorage"}
-    | {f"torch.{name}" for name in _STORAGE_DTYPES if not name.startswith("Q")}
+    | {f"torch.{name}" for name in STORAGE_DTYPES if not name.startswith("Q")}
 )
 _ATOMS = (str, int, float, bool, type(None))
 _MAX_FORMAT_VERSION = 3  # the archive format torch.save writes (``<archive>/version``)
@@ -169,11 +55,11 @@ def load_mapped(path: Path, map_location: Any) -> tuple[bool, Any]:
         read_torch_metadata(path)
         return False, None
     recipes: dict[int, tuple[str, tuple[Any, ...], TensorStub]] = {}
-    refs: list[_StorageRef] = []
-    allowed = _allowed_map(())
+    refs: list[StorageRef] = []
+    allowed = allowed_map(())
     for name in (_V2, _PARAMETER):
-        allowed[name] = _GuardedCall(_recording(name, allowed[name], recipes), name)
-    decoded = _reading(path, lambda: _decode_zip(path, allowed, refs.append))
+        allowed[name] = GuardedCall(_recording(name, allowed[name], recipes), name)
+    decoded = reading(path, lambda: decode_zip(path, allowed, refs.append))
     if not _mappable(decoded):
         return False, None
     with open_regular_file(path) as f:
@@ -218,7 +104,7 @@ def _recording(
     return rebuild
 
 
-def _mappable(decoded: _ZipDecoded) -> bool:
+def _mappable(decoded: ZipDecoded) -> bool:
     scan = decoded.scan
     if scan.outside_torch or scan.protocol not in (None, 2):  # torch warns on other protocols
         return False
@@ -230,16 +116,7 @@ def _mappable(decoded: _ZipDecoded) -> bool:
     return first.startswith(decoded.prefix) and decoded.prefix + "constants.pkl" not in names
 
 
-def _local_data_offset(f: Any, info: zipfile.ZipInfo) -> int | None:
-    f.seek(info.header_offset)
-    header = f.read(30)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        return None
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    return info.header_offset + 30 + name_len + extra_len
-
-
-def _storage_offsets(f: Any, decoded: _ZipDecoded) -> dict[str, int] | None:
+def _storage_offsets(f: Any, decoded: ZipDecoded) -> dict[str, int] | None:
     """Where each storage record's bytes start; None when one is not stored plainly."""
     data = decoded.prefix + "data/"
     offsets: dict[str, int] = {}
@@ -248,17 +125,17 @@ def _storage_offsets(f: Any, decoded: _ZipDecoded) -> dict[str, int] | None:
             continue
         if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
             return None
-        offset = _local_data_offset(f, info)
+        offset = local_data_offset(f, info)
         if offset is None:
             return None
         offsets[info.filename] = offset
     return offsets
 
 
-def _read_record(f: Any, decoded: _ZipDecoded, name: str) -> bytes | None:
+def _read_record(f: Any, decoded: ZipDecoded, name: str) -> bytes | None:
     for info in decoded.infos:
         if info.filename == decoded.prefix + name and info.compress_type == zipfile.ZIP_STORED:
-            offset = _local_data_offset(f, info)
+            offset = local_data_offset(f, info)
             if offset is None:
                 return None
             f.seek(offset)
@@ -266,7 +143,7 @@ def _read_record(f: Any, decoded: _ZipDecoded, name: str) -> bytes | None:
     return None
 
 
-def _archive_checks(f: Any, decoded: _ZipDecoded) -> bool:
+def _archive_checks(f: Any, decoded: ZipDecoded) -> bool:
     """The records torch.load looks at besides the pickle say what this build handles."""
     version = _read_record(f, decoded, ".data/version") or _read_record(f, decoded, "version")
     text = version.strip() if version is not None else b""
@@ -282,7 +159,7 @@ def _archive_checks(f: Any, decoded: _ZipDecoded) -> bool:
 
 
 def _map_storages(
-    torch: Any, path: Path, size: int, refs: list[_StorageRef], offsets: dict[str, int]
+    torch: Any, path: Path, size: int, refs: list[StorageRef], offsets: dict[str, int]
 ) -> dict[int, Any]:
     """The typed storage for each reference, sliced from one mapping as torch.load does."""
     from torch.serialization import MAP_SHARED, default_restore_location

@@ -23,32 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import (
+from ...errors import (
     CheckpointFormatError,
     InternalError,
     NotReplayableError,
     UnsafeCheckpointError,
 )
-from .detect import open_regular_file
-from .pickle_meta import (
-    MAX_PICKLE_BYTES,
-    WEIGHTS_ONLY_GLOBALS,
-    OpaqueObject,
-    TorchConstant,
-    ZipRecordInfo,
-    _allowed_map,
-    _find_data_pkl,
-    _load_pickle,
-    _OpaqueMeta,
-    _StorageRef,
-    _StorageTable,
-    _StorageType,
-    _with_path,
-    _zip_infos,
-    read_zip_records,
-)
-from .tensorinfo import TensorStub
-from .zipwriter import TorchZipWriter, write_zip_copy
+from ..tensorinfo import TensorStub
+from .allowlist import WEIGHTS_ONLY_GLOBALS, allowed_map
+from .archive import ZipRecordInfo, read_data_pkl, read_zip_records
+from .placeholders import OpaqueMeta, OpaqueObject, TorchConstant
+from .read_errors import with_path
+from .storages import StorageRef, StorageTable, StorageType
+from .unpickler import load_pickle
+from .zip_writer import TorchZipWriter, write_zip_copy
 
 __all__ = ["ZipGraph", "NotReplayableError", "read_zip_graph", "write_zip_graph"]
 
@@ -97,12 +85,12 @@ def read_zip_graph(
 ) -> ZipGraph:
     """Decode a torch zip checkpoint into stubs, recording how each tensor was rebuilt.
 
-    Refuses unsafe pickles exactly like :func:`~.pickle_meta.read_torch_metadata`.
+    Refuses unsafe pickles exactly like :func:`~.metadata.read_torch_metadata`.
     """
     path = Path(path)
     records = read_zip_records(path)
     graph = ZipGraph(path, None, "", records, {}, {})
-    allowed = _allowed_map(allowed_globals)
+    allowed = allowed_map(allowed_globals)
     for name, value in list(allowed.items()):
         if (
             name.startswith("torch._utils._rebuild")
@@ -112,17 +100,12 @@ def read_zip_graph(
         elif name in _LOSSY or name not in WEIGHTS_ONLY_GLOBALS:
             # an allowed global's class stays a class (NEWOBJ needs one); the replay pickler
             # refuses its placeholders instead
-            if callable(value) and not isinstance(value, _OpaqueMeta):
+            if callable(value) and not isinstance(value, OpaqueMeta):
                 allowed[name] = _flagging(name, value, graph)
     try:
-        with open_regular_file(path) as f, zipfile.ZipFile(f) as zf:
-            data_pkl = _find_data_pkl(_zip_infos(zf, path), path)
-            if data_pkl.file_size > MAX_PICKLE_BYTES:
-                raise CheckpointFormatError("data.pkl is too large", path=path)
-            with zf.open(data_pkl) as member:
-                data = member.read()
+        data_pkl, data = read_data_pkl(path)
         graph.prefix = data_pkl.filename[: -len("data.pkl")]
-        table = _StorageTable(legacy=False, key_prefix=graph.prefix + "data/")
+        table = StorageTable(legacy=False, key_prefix=graph.prefix + "data/")
 
         def persistent_load(pid: Any) -> Any:
             ref = table.load(pid)
@@ -130,9 +113,9 @@ def read_zip_graph(
             graph.keepalive.append(ref)
             return ref
 
-        graph.obj = _load_pickle(io.BytesIO(data), allowed, persistent_load, path)
+        graph.obj = load_pickle(io.BytesIO(data), allowed, persistent_load, path)
     except (CheckpointFormatError, UnsafeCheckpointError) as exc:
-        raise _with_path(exc, path) from exc.__cause__
+        raise with_path(exc, path) from exc.__cause__
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointFormatError(f"corrupt zip archive ({exc})", path=path) from exc
     missing = [k for k in table.storages if k not in records]
@@ -161,7 +144,7 @@ class _ReplayPickler(pickle._Pickler):  # type: ignore[name-defined, misc]
         self.globals: dict[str, _GlobalName] = {}
 
     def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, _StorageRef):
+        if isinstance(obj, StorageRef):
             self.storage_keys[obj.key] = None
             return self.graph.pids[id(obj)]
         return None
@@ -176,7 +159,7 @@ class _ReplayPickler(pickle._Pickler):  # type: ignore[name-defined, misc]
         return NotImplemented
 
     def save(self, obj: Any, save_persistent_id: bool = True) -> None:
-        if isinstance(obj, (_GlobalName, TorchConstant, _StorageType)):
+        if isinstance(obj, (_GlobalName, TorchConstant, StorageType)):
             memo = self.memo.get(id(obj))
             if memo is not None:
                 self.write(self.get(memo[0]))
@@ -209,7 +192,7 @@ def write_zip_graph(dst: str | os.PathLike[str], graph: ZipGraph, obj: Any) -> T
 
     Records other than ``data.pkl`` and the storages (``byteorder``, ``version``,
     ``.data/serialization_id``...) are copied as they are; storages nothing references are left
-    out. The archive goes through :func:`.zipwriter.write_zip_copy` (the temporary is not
+    out. The archive goes through :func:`.zip_writer.write_zip_copy` (the temporary is not
     truncated, the disk writes behind the copy). Raises ``NotReplayableError`` before writing
     anything. Returns the writer, whose ``bytes_copied`` / ``bytes_through_python`` tell what
     moved.

@@ -1,0 +1,59 @@
+"""torch.save files: their object graph read without torch, their tensors loaded with torch's
+weights-only loader, their graph rewritten with the tensor data copied as stored.
+
+One module per concept, each using the others' public names only:
+
+- :mod:`.metadata`: :func:`read_torch_metadata` (one sniff, then the zip or the legacy reader);
+- :mod:`.archive` (the zip container, torch >= 1.6) and :mod:`.legacy` (before 1.6);
+- :mod:`.unpickler`: the restricted unpickler, and the one way a pickle is decoded;
+- :mod:`.walk`, :mod:`.opcodes`, :mod:`.stack_model`: the opcode walk run before any decode,
+  the opcode tables it reads, and the model of the unpickler's stack for the decode budgets;
+- :mod:`.allowlist`, :mod:`.guards`, :mod:`.placeholders`, :mod:`.storages`: what a global or
+  a persistent id decodes to, and why a pickle's BUILD cannot change it;
+- :mod:`.read_errors`: which errors mean a corrupt file, and the path they name;
+- :mod:`.load` and :mod:`.mapped`: loads through torch, and the mapped CPU load built here;
+- :mod:`.zip_graph` and :mod:`.zip_writer`: a graph rewritten, an archive written as torch does.
+
+>>> from ckptmigrate.formats.torch import read_torch_metadata
+>>> read_torch_metadata("model.pth")["fc.weight"]  # doctest: +SKIP
+TensorStub(Tensor, shape=(10, 20), dtype=float32)
+"""
+
+from __future__ import annotations
+
+from .allowlist import WEIGHTS_ONLY_GLOBALS, python3_name
+from .archive import ZipRecordInfo, check_torch_bytes, read_zip_records
+from .load import global_name, read_torch, resolve_global, write_torch
+from .mapped import MAPPED_GLOBALS, load_mapped
+from .metadata import read_torch_metadata, scan_pickle_globals
+from .placeholders import OpaqueObject, TorchConstant
+from .unpickler import MAX_PICKLE_BYTES
+from .walk import ScanResult, scan_pickle
+from .zip_graph import ZipGraph, read_zip_graph, write_zip_graph
+from .zip_writer import TorchZipWriter, write_zip_copy
+
+__all__ = [
+    "MAPPED_GLOBALS",
+    "MAX_PICKLE_BYTES",
+    "WEIGHTS_ONLY_GLOBALS",
+    "OpaqueObject",
+    "ScanResult",
+    "TorchConstant",
+    "TorchZipWriter",
+    "ZipGraph",
+    "ZipRecordInfo",
+    "check_torch_bytes",
+    "global_name",
+    "load_mapped",
+    "python3_name",
+    "read_torch",
+    "read_torch_metadata",
+    "read_zip_graph",
+    "read_zip_records",
+    "resolve_global",
+    "scan_pickle",
+    "scan_pickle_globals",
+    "write_torch",
+    "write_zip_copy",
+    "write_zip_graph",
+]
