@@ -28,6 +28,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -36,7 +37,7 @@ from typing import Any
 
 from .errors import LockError, LockTimeoutError, UsageError
 from .formats.atomic import recorded_writer_alive, this_writer
-from .formats.detect import INDEX_SUFFIX
+from .formats.detect import INDEX_SUFFIX, open_regular_file
 
 try:
     import fcntl
@@ -70,9 +71,9 @@ def lock_path_for(path: str | os.PathLike[str]) -> Path:
 def read_lock_holder(lock: str | os.PathLike[str]) -> dict[str, Any] | None:
     """What a lock file says about its holder (pid, host, time), or None if unreadable."""
     try:
-        with open(lock, "rb") as f:
+        with open_regular_file(lock) as f:  # a FIFO planted at the name would block a read
             data = json.loads(f.read(4096).decode("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # CheckpointFormatError is a ValueError
         return None
     return data if isinstance(data, dict) else None
 
@@ -157,8 +158,9 @@ class FileLock:
 
     def _open_lock_file(self, flags: int) -> int:
         flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        flags |= getattr(os, "O_NONBLOCK", 0)  # a FIFO at the name must not block the open
         try:
-            return os.open(self.lock_path, flags, 0o666)
+            fd = os.open(self.lock_path, flags, 0o666)
         except FileExistsError:
             raise
         except OSError as exc:
@@ -166,6 +168,13 @@ class FileLock:
                 f"cannot create the lock file {self.lock_path} ({exc.strerror}): an in-place "
                 "rewrite needs write access to the file's folder"
             ) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise LockError(
+                f"{self.lock_path} is not a regular file, so it is not a lock ckptmigrate made: "
+                "remove it and run again"
+            )
+        return fd
 
     def _try_flock(self) -> bool:
         fd = self._open_lock_file(os.O_RDWR | os.O_CREAT)

@@ -301,3 +301,27 @@ def _main_with_timeout(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     real = inplace.file_lock
     monkeypatch.setattr(inplace, "file_lock", lambda path, **kw: real(path, timeout=0.2))
     return cli.main(args)
+
+
+@pytest.mark.parametrize("mode", ["auto", "exclusive"])
+def test_a_fifo_planted_at_the_lock_name_is_refused_or_broken_never_waited_on(tmp_path, mode):
+    """Neither opening nor reading the lock may block on a FIFO. flock refuses it with a typed
+    error (it is no lock of ours); the exclusive mode reads no holder from it and, the FIFO
+    being no live writer's, breaks it as stale or times out."""
+    from hostile import no_hang
+
+    target = tmp_path / "model.pth"
+    target.write_bytes(b"x")
+    os.mkfifo(lock_path_for(target))
+    with no_hang(20):
+        assert read_lock_holder(lock_path_for(target)) is None
+        if mode == "auto":
+            with pytest.raises(cm.errors.LockError, match="not a regular file"):
+                with file_lock(target, timeout=0.5, mode=mode):
+                    pass
+        else:
+            try:
+                with file_lock(target, timeout=0.5, mode=mode):
+                    pass
+            except LockTimeoutError:
+                pass
