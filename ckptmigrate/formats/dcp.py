@@ -34,6 +34,7 @@ import shutil
 import stat
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -667,17 +668,26 @@ def write_dcp(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
     """
     from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 
-    target = Path(path)
-    check_replaceable(target)
-    recover_interrupted_write(target)
     layout = ckpt.layout.removeprefix("dcp-")
     plain = Checkpoint(**{**ckpt.__dict__, "layout": layout, "module_metadata": None})
     obj = assemble(plain, None)  # the stamp goes to the JSON file, not into DCP's bytes
-    tmp = _temp_beside(target)
-    try:
+
+    def save(tmp: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "torch.distributed is disabled...": single process
             _save_state_dict(obj, storage_writer=_writer(tmp), no_dist=True)
+
+    _write_swapped(Path(path), save, ckpt)
+
+
+def _write_swapped(target: Path, fill: Callable[[Path], object], ckpt: Checkpoint) -> None:
+    """Fill a folder beside ``target`` (``fill(tmp)``), stamp it, swap it in: refused first if
+    ``target`` is not ours to replace; a killed writer's leftovers finished or removed."""
+    check_replaceable(target)
+    recover_interrupted_write(target)
+    tmp = _temp_beside(target)
+    try:
+        fill(tmp)
         write_stamp_file(tmp, ckpt)
         swap_folder(tmp, target)
     except BaseException:
@@ -726,16 +736,7 @@ def stamp_dcp(src: str | os.PathLike[str], dst: str | os.PathLike[str], ckpt: Ch
     if dst.exists() and os.path.samefile(src, dst):
         write_stamp_file(src, ckpt)
         return
-    check_replaceable(dst)
-    recover_interrupted_write(dst)
-    tmp = _temp_beside(dst)
-    try:
-        copy_tree_synced(src, tmp)
-        write_stamp_file(tmp, ckpt)
-        swap_folder(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _write_swapped(dst, lambda tmp: copy_tree_synced(src, tmp), ckpt)
 
 
 def _temp_beside(target: Path) -> Path:
