@@ -33,7 +33,6 @@ from .errors import (
     AlreadyStampedError,
     MountError,
     NotReplayableError,
-    SchemaMismatchError,
     VersionConflictError,
 )
 from .formats.atomic import permissions_from
@@ -258,14 +257,9 @@ def _mounts_plan(
 
     ``param_names`` are the optimizer's names: the file's full keys, mount prefixes included.
     """
-    from .mounts import all_mounts, mount_plan
+    from .mounts import all_mounts, chosen_mounts, mount_plan
 
-    if name is not None:
-        get_schema(name, schemas)  # an unknown name is the first thing wrong
-    chosen = [m for m in all_mounts(ckpt) if name is None or m.schema == name]
-    if not chosen:
-        held = ", ".join(f"{m.schema} at {m.prefix!r}" for m in all_mounts(ckpt))
-        raise SchemaMismatchError(str(name), held, path=path)
+    chosen = chosen_mounts(ckpt, schemas, name, path=path)
     if to is not None and len({m.schema for m in chosen}) > 1:
         raise MountError(
             f"--to {to} is one schema's version, but {path} mounts several schemas: pass "
@@ -457,43 +451,38 @@ def write(
                 new = redo()
         _copied(result, done or write_set(source.sset, new, dst), streamed=done is not None)
         return
-    if source.folder is not None:
-        from .formats.model_folder import write_folder
 
-        def into(weights: Path, target: Path) -> None:
-            _write_file(source, new, target, result, on_stubs, redo)
-            if target not in (weights, dst):  # into the folder dst: the result names folders
-                result.src, result.dst = source.folder, dst
+    def one_file(target: Path) -> None:
+        from .files import write_checkpoint
+        from .streaming import copy_safetensors, copy_torch_zip
 
-        write_folder(source.folder, dst, into)
-        return
-    _write_file(source, new, dst, result, on_stubs, redo)
-
-
-def _write_file(
-    source: Source,
-    new: Checkpoint,
-    dst: Path,
-    result: Rewrite,
-    on_stubs: bool,
-    redo: Callable[[], Checkpoint],
-) -> None:
-    from .files import write_checkpoint
-    from .streaming import copy_safetensors, copy_torch_zip
-
-    result.src, result.dst = source.path, dst
-    if on_stubs:
-        try:
-            if source.format == "torch-zip":
-                done = copy_torch_zip(source.graph, new, dst)
+        planned = new
+        if on_stubs:
+            try:
+                if source.format == "torch-zip":
+                    done = copy_torch_zip(source.graph, new, target)
+                else:
+                    done = copy_safetensors(source.path, source.stubs, new, target)
+            except NotReplayableError:
+                planned = redo()
             else:
-                done = copy_safetensors(source.path, source.stubs, new, dst)
-        except NotReplayableError:
-            new = redo()
+                _copied(result, done, streamed=True)
+                return
+        write_checkpoint(target, planned)
+
+    if source.folder is None:
+        one_file(dst)
+        return
+    from .formats.model_folder import write_folder
+
+    def into(weights: Path, target: Path) -> None:
+        one_file(target)
+        if target not in (weights, dst):  # into the folder dst: the result names the folders
+            result.src, result.dst = source.folder, dst
         else:
-            _copied(result, done, streamed=True)
-            return
-    write_checkpoint(dst, new)
+            result.dst = target
+
+    write_folder(source.folder, dst, into)
 
 
 def _copied(result: Rewrite, done: Copied, *, streamed: bool) -> None:

@@ -38,6 +38,7 @@ from .pickle_meta import (
     ZipRecordInfo,
     _allowed_map,
     _find_data_pkl,
+    _GuardedCall,
     _load_pickle,
     _OpaqueMeta,
     _StorageRef,
@@ -81,7 +82,7 @@ def _recording(name: str, fn: Callable[..., Any], graph: ZipGraph) -> Callable[.
             graph.keepalive.append(out)  # ids must stay unique while recipes are looked up
         return out
 
-    return rebuild
+    return _GuardedCall(rebuild, name)  # BUILD on it is refused, as on the reader's own
 
 
 def _flagging(name: str, fn: Callable[..., Any], graph: ZipGraph) -> Callable[..., Any]:
@@ -89,7 +90,7 @@ def _flagging(name: str, fn: Callable[..., Any], graph: ZipGraph) -> Callable[..
         graph.lossy.append(name)
         return fn(*args)
 
-    return call
+    return _GuardedCall(call, name)
 
 
 def read_zip_graph(
