@@ -308,7 +308,7 @@ def stamp_plan(
     def plan_for(ckpt: Checkpoint) -> Plan:
         refuse_restamp(ckpt, prefix, path=path)
         if given is None:
-            return stamp_plan(schema, version(ckpt), prefix=prefix)(ckpt)  # type: ignore[operator]
+            return stamp_plan(schema, version(ckpt), prefix=prefix, path=path)(ckpt)  # type: ignore[operator]
         stamped = with_stamp(ckpt, schema, given, prefix)
         result = Rewrite(schema, None, str(given), prefix=prefix, layout=stamped.layout)
         return Plan([], stamped, result, restamps=True)
