@@ -44,7 +44,7 @@ def bench_schema():  # the schema every run uses: 1.0.0 -> 2.0.0 renames blocks.
 
 def run_one(method: str, src: str, dst: str) -> None:
     if method == "stream":
-        from ckptmigrate.streaming import upgrade_file
+        from ckptmigrate.rewrite import upgrade_file
 
         assert upgrade_file(src, dst, bench_schema()).streamed
     elif method == "baseline":
@@ -191,7 +191,7 @@ def bench_load(big: Path) -> dict:
 def bench_sharded(folder: Path, kind: str) -> dict:
     import ckptmigrate as cm
     from ckptmigrate.files import read_checkpoint
-    from ckptmigrate.streaming import upgrade_file
+    from ckptmigrate.rewrite import upgrade_file
 
     other = folder.with_name(folder.name + "-v2")
     t = time.perf_counter()

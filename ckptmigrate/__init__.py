@@ -38,6 +38,7 @@ __all__ = [
     "get_schema",
     "list_schemas",
     "FileUpgrade",
+    "Rewrite",
     "upgrade_file",
     "upgrade_in_place",
     "stamp_in_place",
@@ -50,12 +51,15 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .inplace import stamp_in_place, upgrade_in_place
-    from .streaming import FileUpgrade, upgrade_file
+    from .rewrite import Rewrite, upgrade_file
+
+    FileUpgrade = Rewrite
 
 # file rewriting pulls in the zip writer, sharded and DCP formats and the lock: on first use
 _LAZY = {
-    "upgrade_file": "streaming",
-    "FileUpgrade": "streaming",
+    "upgrade_file": "rewrite",
+    "Rewrite": "rewrite",
+    "FileUpgrade": "rewrite",
     "upgrade_in_place": "inplace",
     "stamp_in_place": "inplace",
 }

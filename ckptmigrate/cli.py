@@ -46,6 +46,7 @@ from .terminal import is_terminal as _is_terminal
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
+    from .rewrite import Rewrite
     from .schema import Schema
 
 PROG = "ckptmigrate"
@@ -161,11 +162,11 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
             "checkpoint and keeps a backup of the old version)"
         )
 
-    from .inplace import UpgradeOutcome, migrate_file
+    from .inplace import migrate_file
 
     out = Output()
 
-    def show_plan(outcome: UpgradeOutcome) -> None:
+    def show_plan(outcome: Rewrite) -> None:
         at = f" at {outcome.prefix!r}" if outcome.prefix else ""
         head = f"{args.src}: {outcome.schema}{at} {outcome.source_version}"
         if not outcome.plan:
@@ -296,39 +297,29 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_stamp(args: argparse.Namespace) -> int:
-    from .inplace import read_for_stamp, refuse_restamp, with_stamp, write_stamped
-    from .version import parse_version
-
     if (args.output is None) == (not args.in_place):
         raise CommandLineError("stamp needs exactly one of -o DST or --in-place")
     if (args.version is None) == (not args.guess):
         raise CommandLineError("stamp needs exactly one of --version V or --guess")
+    given = (lambda c: _guess(c, args)) if args.guess else args.version
+    options: dict[str, Any] = dict(safe_globals=args.allow_global, prefix=args.prefix)
     if args.in_place:
         from .inplace import stamp_in_place
 
-        given = (lambda c: _guess(c, args)) if args.guess else args.version
-        ckpt = stamp_in_place(
-            args.ckpt, args.schema, given, safe_globals=args.allow_global, prefix=args.prefix
-        )
-        print(f"stamped {args.ckpt} as {args.schema} {_stamped_as(ckpt, args)}")
-        return EXIT_OK
-    ckpt = read_for_stamp(args.ckpt, args.allow_global)
-    refuse_restamp(ckpt, args.prefix, path=args.ckpt)
-    if args.guess:
-        version = _guess(ckpt, args)
+        done = stamp_in_place(args.ckpt, args.schema, given, **options)
+        target = args.ckpt
     else:
-        version = parse_version(args.version, what="--version")
-    ckpt = with_stamp(ckpt, args.schema, version, args.prefix)
-    target = args.output
-    write_stamped(args.ckpt, target, ckpt, args.allow_global)
-    print(f"stamped {target} as {args.schema} {_stamped_as(ckpt, args)}")
+        from .rewrite import stamp_file
+
+        done = stamp_file(args.ckpt, args.output, args.schema, given, what="--version", **options)
+        target = args.output
+    print(f"stamped {target} as {args.schema} {_stamped_as(done)}")
     return EXIT_OK
 
 
-def _stamped_as(ckpt: Checkpoint, args: argparse.Namespace) -> str:
-    version = next((m.version for m in ckpt.mounts if m.prefix == args.prefix), ckpt.version)
-    at = f" at prefix {args.prefix!r}" if args.prefix else ""
-    return f"{version}{at} (layout {ckpt.layout})"
+def _stamped_as(done: Rewrite) -> str:
+    at = f" at prefix {done.prefix!r}" if done.prefix else ""
+    return f"{done.target_version}{at} (layout {done.layout})"
 
 
 def _guess(ckpt: Checkpoint, args: argparse.Namespace) -> Any:

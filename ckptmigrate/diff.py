@@ -330,14 +330,9 @@ def _upgrade_mounts_to_b(
 ) -> tuple[Checkpoint, dict[str, Any]]:
     """Each mount of A (of schema ``name`` when given) to B's mount at the same prefix, else to
     its schema's current version; every plan is checked before any mount runs."""
-    from .mounts import all_mounts, mount_plan, upgrade_mount
+    from .mounts import all_mounts, chosen_mounts, mount_plan, upgrade_mount
 
-    if name is not None:
-        get_schema(name, table)  # an unknown name is the first thing wrong
-    chosen = [m for m in all_mounts(ckpt_a) if name is None or m.schema == name]
-    if not chosen:
-        held = ", ".join(f"{m.schema} at {m.prefix!r}" for m in all_mounts(ckpt_a))
-        raise SchemaMismatchError(str(name), held, path=label_a)
+    chosen = chosen_mounts(ckpt_a, table, name, path=label_a)
     in_b = {m.prefix: m for m in all_mounts(ckpt_b)}
     plans = []
     for m in chosen:

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "all_mounts",
+    "chosen_mounts",
     "mount",
     "mount_plan",
     "mount_view",
@@ -117,6 +118,23 @@ def mounts_of_schema(ckpt: Checkpoint, schema: Schema, *, path: object = None) -
         raise UnversionedCheckpointError(path=path, schema=schema.name)
     held = ", ".join(f"{m.schema} at {m.prefix!r}" for m in found)
     raise SchemaMismatchError(schema.name, held, path=path)
+
+
+def chosen_mounts(
+    ckpt: Checkpoint, schemas: Mapping[str, Schema], name: str | None = None, *, path: object = None
+) -> list[Mount]:
+    """The mounts of ``ckpt`` an upgrade or a diff takes: those of schema ``name`` when given
+    (a name no schema has is the first thing wrong), else all; none is a
+    :class:`SchemaMismatchError`."""
+    from .registry import get_schema
+
+    if name is not None:
+        get_schema(name, schemas)
+    chosen = [m for m in all_mounts(ckpt) if name is None or m.schema == name]
+    if not chosen:
+        held = ", ".join(f"{m.schema} at {m.prefix!r}" for m in all_mounts(ckpt))
+        raise SchemaMismatchError(str(name), held, path=path)
+    return chosen
 
 
 def mount_plan(

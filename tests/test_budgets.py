@@ -486,7 +486,7 @@ def test_zstd_dcp_checkpoint_loads_and_upgrades(tmp_path):
     from folder_schema import rename_drop_schema
 
     from ckptmigrate.files import read_checkpoint
-    from ckptmigrate.streaming import upgrade_file
+    from ckptmigrate.rewrite import upgrade_file
 
     state = _zstd_dcp(tmp_path / "z")
     md = pickle_load_metadata(tmp_path / "z")

@@ -19,7 +19,7 @@ import ckptmigrate as cm
 from ckptmigrate import cli as cm_cli
 from ckptmigrate.files import read_checkpoint, read_metadata
 from ckptmigrate.formats.dcp import STAMP_FILE, SafeFileSystemReader
-from ckptmigrate.streaming import upgrade_file
+from ckptmigrate.rewrite import upgrade_file
 
 
 def _model_sd() -> dict[str, torch.Tensor]:

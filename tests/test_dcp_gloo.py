@@ -27,7 +27,7 @@ from folder_schema import rename_drop_schema
 import ckptmigrate as cm
 from ckptmigrate.files import read_checkpoint, read_metadata
 from ckptmigrate.formats.dcp import STAMP_FILE, SafeFileSystemReader, read_dcp_metadata
-from ckptmigrate.streaming import upgrade_file
+from ckptmigrate.rewrite import upgrade_file
 
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("this torch build has no torch.distributed gloo backend", allow_module_level=True)

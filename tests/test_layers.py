@@ -41,6 +41,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "mounts",
         "guess",
         "streaming",
+        "rewrite",
         "inplace",
         "api",
     ),

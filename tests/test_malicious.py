@@ -291,6 +291,7 @@ def test_every_reader_refuses_it_as_unsafe_and_nothing_runs(
         "cm.diff reversed, values": lambda: cm.diff(good, bad, values=True),
         "upgrade_in_place": lambda: upgrade_in_place(bad, toy_schema()),
         "stamp_in_place": lambda: stamp_in_place(bad, "toy", "1.0.0"),
+        "cm.upgrade_file": lambda: cm.upgrade_file(bad, tmp_path / "out.pth", toy_schema()),
     }
     for what, read in readers.items():
         with pytest.raises(UnsafeCheckpointError) as info:

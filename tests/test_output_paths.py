@@ -92,11 +92,11 @@ def test_dcp_output_over_a_folder_that_is_not_a_dcp_folder_is_refused_untouched(
     assert folder_state(tmp_path) == before  # nothing moved aside, nothing left beside
 
 
-@pytest.mark.parametrize("how", ["upgrade_file", "write_stamped"])
+@pytest.mark.parametrize("how", ["upgrade_file", "stamp_file"])
 def test_dcp_output_over_a_users_folder_is_refused_by_the_api_too(
     saved: Path, tmp_path: Path, how: str
 ) -> None:
-    from ckptmigrate.inplace import read_for_stamp, with_stamp, write_stamped
+    from ckptmigrate.rewrite import stamp_file
 
     src = _work(saved, tmp_path)
     out = tmp_path / "out"
@@ -106,8 +106,7 @@ def test_dcp_output_over_a_users_folder_is_refused_by_the_api_too(
         if how == "upgrade_file":
             cm.upgrade_file(src, out, toy_schema(), from_version="1.0.0")
         else:
-            stamped = with_stamp(read_for_stamp(src), "toy", parse_version("1.0.0"))
-            write_stamped(src, out, stamped)
+            stamp_file(src, out, "toy", parse_version("1.0.0"))
     assert folder_state(tmp_path) == before
 
 

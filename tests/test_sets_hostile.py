@@ -19,7 +19,7 @@ from ckptmigrate import cli
 from ckptmigrate.errors import CheckpointFormatError, CkptMigrateError
 from ckptmigrate.files import read_checkpoint, read_metadata
 from ckptmigrate.inplace import migrate_file, stamp_in_place, upgrade_in_place
-from ckptmigrate.streaming import upgrade_file
+from ckptmigrate.rewrite import upgrade_file
 
 # 2.0.0: a rename only (tensor bytes copied as stored); 3.0.0: through a function step
 # (the set is loaded, upgraded and re-sharded)

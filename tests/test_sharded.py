@@ -14,7 +14,7 @@ import ckptmigrate as cm
 from ckptmigrate.files import read_checkpoint, read_metadata
 from ckptmigrate.formats import sharded
 from ckptmigrate.formats.safetensors_header import read_safetensors_header
-from ckptmigrate.streaming import upgrade_file
+from ckptmigrate.rewrite import upgrade_file
 
 
 def _tensors() -> dict[str, torch.Tensor]:

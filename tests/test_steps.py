@@ -15,7 +15,7 @@ import torch
 import ckptmigrate as cm
 from ckptmigrate import ops
 from ckptmigrate.graph import FunctionStep, OpsStep
-from ckptmigrate.streaming import upgrade_file
+from ckptmigrate.rewrite import upgrade_file
 
 
 class DoublingRename(ops.RenamePrefix):

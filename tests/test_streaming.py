@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ckptmigrate as cm
-from ckptmigrate.streaming import upgrade_file
+from ckptmigrate.rewrite import upgrade_file
 
 
 def _schema() -> cm.Schema:

@@ -141,6 +141,16 @@ def copy_side_files(folder: Path, own: Iterable[str], dst: Path) -> list[Path]:
     return copied
 
 
+def check_folder_output(src: Path, dst: Path) -> None:
+    """Refuse, before anything runs or is written, a folder ``dst`` that :func:`write_folder`
+    could not write the model folder ``src`` into (a file there, a user's side file)."""
+    if (dst.exists() and dst.resolve() == src.resolve()) or (dst.suffix and not dst.is_dir()):
+        return
+    if os.path.lexists(dst) and not dst.is_dir():
+        raise OutputOccupiedError(dst, [], "a model folder")
+    check_side_files(src, [resolve(src).name], dst, "a model folder")
+
+
 def write_folder(src: Path, dst: Path, write: Callable[[Path, Path], T]) -> T:
     """Write the model folder ``src``'s weights file with ``write(weights, target)``: in place,
     to the file ``dst`` names (a suffix, not a folder), or into the folder ``dst`` under the
@@ -154,9 +164,7 @@ def write_folder(src: Path, dst: Path, write: Callable[[Path, Path], T]) -> T:
         return write(weights, weights)
     if dst.suffix and not dst.is_dir():
         return write(weights, dst)
-    if os.path.lexists(dst) and not dst.is_dir():
-        raise OutputOccupiedError(dst, [], "a model folder")
-    check_side_files(src, [weights.name], dst, "a model folder")
+    check_folder_output(src, dst)
     made = not dst.exists()
     dst.mkdir(parents=True, exist_ok=True)
     try:

@@ -32,6 +32,7 @@ from ...errors import (
 from ..tensorinfo import TensorStub
 from .allowlist import WEIGHTS_ONLY_GLOBALS, allowed_map
 from .archive import ZipRecordInfo, read_data_pkl, read_zip_records
+from .guards import GuardedCall
 from .placeholders import OpaqueMeta, OpaqueObject, TorchConstant
 from .read_errors import with_path
 from .storages import StorageRef, StorageTable, StorageType
@@ -69,7 +70,7 @@ def _recording(name: str, fn: Callable[..., Any], graph: ZipGraph) -> Callable[.
             graph.keepalive.append(out)  # ids must stay unique while recipes are looked up
         return out
 
-    return rebuild
+    return GuardedCall(rebuild, name)  # BUILD on it is refused, as on the reader's own
 
 
 def _flagging(name: str, fn: Callable[..., Any], graph: ZipGraph) -> Callable[..., Any]:
@@ -77,7 +78,7 @@ def _flagging(name: str, fn: Callable[..., Any], graph: ZipGraph) -> Callable[..
         graph.lossy.append(name)
         return fn(*args)
 
-    return call
+    return GuardedCall(call, name)
 
 
 def read_zip_graph(
