@@ -32,10 +32,15 @@ def read_checkpoint(
 
 
 def read_metadata(
-    path: str | os.PathLike[str], *, allowed_globals: Iterable[str] = ()
+    path: str | os.PathLike[str],
+    *,
+    allowed_globals: Iterable[str] = (),
+    fmt: Format | None = None,
 ) -> Checkpoint:
-    """The checkpoint with metadata stubs for tensors: no tensor data read, torch not imported."""
-    target, fmt = reader_for(path)
+    """The checkpoint with metadata stubs for tensors: no tensor data read, torch not imported.
+    ``fmt`` is the format :func:`reader_for` found for ``path``, when the caller asked already.
+    """
+    target, fmt = reader_for(path) if fmt is None else (Path(path), fmt)
     return fmt.read_metadata(target, allowed_globals=allowed_globals)
 
 

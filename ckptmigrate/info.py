@@ -107,7 +107,7 @@ def info_record(
     behind; ``keys=True`` adds one row per tensor.
     """
     target, fmt = reader_for(path)
-    ckpt = fmt.read_metadata(target, allowed_globals=allowed_globals)
+    ckpt = files.read_metadata(target, allowed_globals=allowed_globals, fmt=fmt)
     tensors = {k: v for k, v in ckpt.state_dict.items() if is_tensor_like(v)}
     dtypes: dict[str, int] = {}
     for value in tensors.values():

@@ -85,6 +85,7 @@ def read_rows(
     row without mounts): no schema needed, torch-free, so a worker process can compute it.
     ``allowed_globals`` lets trusted classes through; ``layouts`` are declared first (a worker
     process has none of the layouts its parent's migrations declared)."""
+    from .files import read_metadata
     from .formats.registry import reader_for
     from .layout import declare_layout
     from .mounts import all_mounts, owner_of
@@ -96,7 +97,7 @@ def read_rows(
     try:
         target, fmt = reader_for(path)
         row.format = fmt.name
-        ckpt = fmt.read_metadata(target, allowed_globals=list(allowed_globals))
+        ckpt = read_metadata(target, allowed_globals=list(allowed_globals), fmt=fmt)
     except CkptMigrateError as exc:
         row.error = str(exc)
         return [row]
