@@ -90,13 +90,29 @@ def _is_dir(st: os.stat_result) -> bool:
     return stat.S_ISDIR(st.st_mode)
 
 
-class _TorchFile:
+class _Format:
+    """What most formats share: no suffix of their own, no copying writer, one file on disk,
+    and no write of their own (the defaults a format overrides)."""
+
+    name = ""
+    suffixes: tuple[str, ...] = ()
+    copy_write: Callable[..., Any] | None = None
+
+    def write(self, path: Path, ckpt: Checkpoint) -> None:
+        raise CheckpointWriteError(
+            f"a {self.name} checkpoint is written by upgrading one (ckptmigrate upgrade), not "
+            "saved whole: save this checkpoint as .pth or .safetensors"
+        )
+
+    def files(self, path: Path) -> list[Path]:
+        return [path]
+
+
+class _TorchFile(_Format):
     """A ``torch.save`` file: its object graph decoded without torch, its tensors loaded with
     torch's weights-only loader, its parts found by :mod:`ckptmigrate.layout`."""
 
     name = "torch-zip"
-    suffixes: tuple[str, ...] = ()
-    copy_write: Callable[..., Any] | None = None
 
     def sniff(self, path: Path, head: bytes, st: os.stat_result) -> bool:
         return head.startswith(ZIP_MAGIC) or head.startswith(EMPTY_ZIP_MAGIC)
@@ -136,9 +152,6 @@ class _TorchFile:
             ckpt = replace(ckpt, layout="ckptmigrate", extra=extra)
         write_torch(path, assemble(ckpt, stamp))
 
-    def files(self, path: Path) -> list[Path]:
-        return [path]
-
 
 class _TorchLegacyFile(_TorchFile):
     """A pre-zip ``torch.save`` file (torch < 1.6, or ``_use_new_zipfile_serialization=False``):
@@ -160,12 +173,11 @@ class _TorchLegacyFile(_TorchFile):
         return len(raw) == size and int.from_bytes(raw, "little", signed=True) == TORCH_LEGACY_MAGIC
 
 
-class _SafetensorsFile:
+class _SafetensorsFile(_Format):
     """A ``.safetensors`` file: tensors, and our stamp, hparams and meta in its header."""
 
     name = "safetensors"
     suffixes = (".safetensors",)
-    copy_write: Callable[..., Any] | None = None
 
     def sniff(self, path: Path, head: bytes, st: os.stat_result) -> bool:
         if len(head) < 9:
@@ -195,17 +207,12 @@ class _SafetensorsFile:
 
         write_checkpoint(path, ckpt)
 
-    def files(self, path: Path) -> list[Path]:
-        return [path]
 
-
-class _ShardedSet:
+class _ShardedSet(_Format):
     """A Hugging Face-style sharded set: an index JSON naming its shards, given by its folder
     or by the index file."""
 
     name = "sharded"
-    suffixes: tuple[str, ...] = ()
-    copy_write: Callable[..., Any] | None = None
 
     def sniff(self, path: Path, head: bytes, st: os.stat_result) -> bool:
         if _is_dir(st):
@@ -229,12 +236,6 @@ class _ShardedSet:
 
         return read_sharded(path, map_location=map_location, mmap=mmap)
 
-    def write(self, path: Path, ckpt: Checkpoint) -> None:
-        raise CheckpointWriteError(
-            "a sharded set is written by upgrading one (ckptmigrate upgrade), not saved whole: "
-            "save this checkpoint as .pth or .safetensors"
-        )
-
     def files(self, path: Path) -> list[Path]:
         from .sharded import read_index
 
@@ -242,13 +243,11 @@ class _ShardedSet:
         return [sset.index_path, *(sset.folder / s for s in sset.shards)]
 
 
-class _DcpFolder:
+class _DcpFolder(_Format):
     """A ``torch.distributed.checkpoint`` folder: ``.metadata``, each rank's ``*.distcp`` and
     our stamp file."""
 
     name = "dcp"
-    suffixes: tuple[str, ...] = ()
-    copy_write: Callable[..., Any] | None = None
 
     def sniff(self, path: Path, head: bytes, st: os.stat_result) -> bool:
         return _is_dir(st) and (path / ".metadata").is_file()
@@ -279,13 +278,11 @@ class _DcpFolder:
         return [p for p in path.rglob("*") if p.is_file()]
 
 
-class _ModelFolder:
+class _ModelFolder(_Format):
     """A ``save_pretrained`` folder of one weights file and no index: read and written as that
     file (:mod:`.model_folder`)."""
 
     name = "model-folder"
-    suffixes: tuple[str, ...] = ()
-    copy_write: Callable[..., Any] | None = None
 
     def sniff(self, path: Path, head: bytes, st: os.stat_result) -> bool:
         from .model_folder import weights_file
