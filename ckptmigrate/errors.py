@@ -50,6 +50,7 @@ __all__ = [
     "PathNotFoundError",
     "SchemaMismatchError",
     "TargetPastCurrentError",
+    "UnknownFormatError",
     "UnknownLayoutError",
     "UnknownSchemaError",
     "UnsafeCheckpointError",
@@ -157,6 +158,16 @@ class FileTooLargeError(BudgetExceededError):
 class NotReplayableError(CheckpointFormatError):
     """The file's pickle holds something the byte-copying writer cannot reproduce faithfully,
     so it is rewritten from the decoded objects instead (or, where it must be copied, refused)."""
+
+
+class UnknownFormatError(CheckpointFormatError):
+    """A path that no registered checkpoint format claims: a file whose first bytes are no
+    format's, or a folder holding none of a DCP checkpoint, a sharded set or a model folder.
+    ``found`` is what was found there (the file's first bytes, ``"a directory"``)."""
+
+    def __init__(self, message: str, *, found: object, path: object = None) -> None:
+        self.found = found
+        super().__init__(message, path=path)
 
 
 class UnknownLayoutError(CheckpointFormatError):

@@ -20,7 +20,7 @@ from typing import Any
 from . import files
 from .diff import plain
 from .errors import CkptMigrateError
-from .formats.detect import detect_format
+from .formats.registry import reader_for
 from .formats.tensorinfo import DTYPE_SIZES
 from .layout import is_tensor_like
 from .mounts import all_mounts
@@ -106,8 +106,8 @@ def info_record(
     ``schemas`` (default: the configured or installed ones) tells whether each stamp is
     behind; ``keys=True`` adds one row per tensor.
     """
-    fmt = detect_format(path)
-    ckpt = files.read_metadata(path, allowed_globals=allowed_globals)
+    target, fmt = reader_for(path)
+    ckpt = files.read_metadata(target, allowed_globals=allowed_globals, fmt=fmt)
     tensors = {k: v for k, v in ckpt.state_dict.items() if is_tensor_like(v)}
     dtypes: dict[str, int] = {}
     for value in tensors.values():
@@ -115,9 +115,9 @@ def info_record(
         dtypes[dtype] = dtypes.get(dtype, 0) + 1
     record = {
         "path": str(path),
-        "format": fmt,
+        "format": fmt.name,
         "layout": ckpt.layout,
-        "file_bytes": files.checkpoint_bytes(path),
+        "file_bytes": files.checkpoint_bytes(target, fmt),
         "schema": ckpt.schema,
         "version": None if ckpt.version is None else str(ckpt.version),
         "history": plain(ckpt.history),

@@ -25,7 +25,7 @@ from .errors import (
     UsageError,
 )
 from .readable import bounded_repr, key_text
-from .stamp import STAMP_KEY, parse_stamp
+from .stamp import STAMP_KEY, Stamp, parse_stamp
 
 KeyPath = tuple[str, ...]
 
@@ -160,6 +160,37 @@ def detect_layout(obj: Any, *, path: object = None) -> Layout:
     raise UnknownLayoutError([key_text(k) for k in obj], path=path)
 
 
+def from_parts(
+    state_dict: dict[str, Any],
+    *,
+    layout: str,
+    stamp: Any = None,
+    parts: Callable[[], dict[str, Any]] | None = None,
+    path: object = None,
+) -> Checkpoint:
+    """The one way a format's raw parts become a :class:`Checkpoint`.
+
+    ``stamp`` is the stamp as the file keeps it (parsed here, so a bad one is reported before
+    a bad part), an already parsed :class:`~ckptmigrate.stamp.Stamp`, or None; ``parts``
+    gives the other fields (``hparams``, ``meta``, ``optimizer``, ``extra``,
+    ``module_metadata``), each checked by the format in its own words, once the stamp is.
+
+    >>> from_parts({"w": stub}, layout="safetensors", stamp={"schema": "m", "version": "1.0"})
+    ...     # doctest: +SKIP
+    """
+    parsed = stamp if isinstance(stamp, Stamp) or stamp is None else parse_stamp(stamp, path=path)
+    fields = parts() if parts is not None else {}
+    return Checkpoint(
+        state_dict=state_dict,
+        schema=parsed.schema if parsed else None,
+        version=parsed.version if parsed else None,
+        history=parsed.history if parsed else [],
+        mounts=parsed.mounts if parsed else [],
+        layout=layout,
+        **fields,
+    )
+
+
 def split(obj: Any, *, path: object = None) -> Checkpoint:
     """Take a file's top-level object apart into a :class:`Checkpoint` (stamp parsed)."""
     layout = detect_layout(obj, path=path)
@@ -180,26 +211,21 @@ def split(obj: Any, *, path: object = None) -> Checkpoint:
                 path=path,
             )
         raw_stamp = root.pop(STAMP_KEY, None)
-    stamp_extras: dict[str, Any] = {}
-    if raw_stamp is not None:
-        stamp = parse_stamp(raw_stamp, path=path)
-        stamp_extras = raw_stamp
-    hparams = _pop_dict(rest, layout.hparams, stamp_extras, "hparams", path)
-    meta = _pop_dict(rest, layout.meta, stamp_extras, "meta", path)
-    optimizer = _pop(rest, layout.optimizer) if layout.optimizer else None
-    return Checkpoint(
-        state_dict=state_dict,
-        hparams=hparams,
-        meta=meta,
-        schema=stamp.schema if raw_stamp is not None else None,
-        version=stamp.version if raw_stamp is not None else None,
-        history=stamp.history if raw_stamp is not None else [],
-        mounts=stamp.mounts if raw_stamp is not None else [],
-        optimizer=optimizer,
-        extra=rest,
-        module_metadata=module_metadata,
-        layout=layout.name,
-    )
+    stamp_extras = raw_stamp if isinstance(raw_stamp, dict) else {}
+
+    def parts() -> dict[str, Any]:
+        hparams = _pop_dict(rest, layout.hparams, stamp_extras, "hparams", path)
+        meta = _pop_dict(rest, layout.meta, stamp_extras, "meta", path)
+        optimizer = _pop(rest, layout.optimizer) if layout.optimizer else None
+        return {
+            "hparams": hparams,
+            "meta": meta,
+            "optimizer": optimizer,
+            "extra": rest,
+            "module_metadata": module_metadata,
+        }
+
+    return from_parts(state_dict, layout=layout.name, stamp=raw_stamp, parts=parts, path=path)
 
 
 def assemble(ckpt: Checkpoint, stamp: dict[str, Any] | None) -> Any:

@@ -86,7 +86,7 @@ def read_rows(
     ``allowed_globals`` lets trusted classes through; ``layouts`` are declared first (a worker
     process has none of the layouts its parent's migrations declared)."""
     from .files import read_metadata
-    from .formats.detect import detect_format
+    from .formats.registry import reader_for
     from .layout import declare_layout
     from .mounts import all_mounts, owner_of
 
@@ -95,8 +95,9 @@ def read_rows(
     row = ScanRow(str(path))
     path = Path(path)
     try:
-        row.format = detect_format(path)
-        ckpt = read_metadata(path, allowed_globals=list(allowed_globals))
+        target, fmt = reader_for(path)
+        row.format = fmt.name
+        ckpt = read_metadata(target, allowed_globals=list(allowed_globals), fmt=fmt)
     except CkptMigrateError as exc:
         row.error = str(exc)
         return [row]

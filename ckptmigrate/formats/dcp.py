@@ -45,9 +45,9 @@ from ..errors import (
     OutputOccupiedError,
     UnsafeCheckpointError,
 )
-from ..layout import LAYOUTS, assemble, split
+from ..layout import LAYOUTS, assemble, from_parts, split
 from ..readable import bounded_repr
-from ..stamp import parse_stamp, stamp_of
+from ..stamp import Stamp, stamp_of
 from .atomic import TEMP_MARKER, KeptErrorWriter, atomic_path, copy_tree_synced, temp_path_for
 from .bounds import (
     DECODE_ALLOWANCE,
@@ -399,23 +399,32 @@ def read_stamp_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _checkpoint(obj: dict[str, Any], folder: Path) -> Checkpoint:
-    ckpt = split(obj, path=folder)
-    ckpt.layout = "dcp-" + ckpt.layout
+    """The folder's object in its layout, with the stamp, hparams and meta its stamp file
+    keeps (where it keeps them) over those the object held."""
+    inner = split(obj, path=folder)
     data = read_stamp_file(folder)
-    if data.get("stamp") is not None:
-        stamp = parse_stamp(data["stamp"], path=folder / STAMP_FILE)
-        ckpt.schema, ckpt.version, ckpt.history = stamp.schema, stamp.version, stamp.history
-        ckpt.mounts = stamp.mounts
-    for slot in ("hparams", "meta"):
-        value = data.get(slot)
-        if isinstance(value, dict):
-            setattr(ckpt, slot, dict(value))
-        elif value is not None:
-            raise CheckpointFormatError(
-                f"the stamp file's {slot} must be a JSON object, found {type(value).__name__}",
-                path=folder / STAMP_FILE,
-            )
-    return ckpt
+    kept = Stamp(inner.schema, inner.version, inner.history, mounts=inner.mounts)
+
+    def parts() -> dict[str, Any]:
+        found = {f: getattr(inner, f) for f in ("optimizer", "extra", "module_metadata")}
+        for slot in ("hparams", "meta"):
+            value = data.get(slot)
+            if value is not None and not isinstance(value, dict):
+                raise CheckpointFormatError(
+                    f"the stamp file's {slot} must be a JSON object, found {type(value).__name__}",
+                    path=folder / STAMP_FILE,
+                )
+            found[slot] = dict(value) if isinstance(value, dict) else getattr(inner, slot)
+        return found
+
+    stamp = data.get("stamp")
+    return from_parts(
+        inner.state_dict,
+        layout="dcp-" + inner.layout,
+        stamp=kept if stamp is None else stamp,
+        parts=parts,
+        path=folder / STAMP_FILE,
+    )
 
 
 def read_dcp_metadata_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:

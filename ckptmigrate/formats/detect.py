@@ -1,4 +1,5 @@
-"""Tell which checkpoint format a path holds by its first bytes, without trusting its name.
+"""Open a checkpoint file safely (no FIFO, no device, bounded reads), and the bytes that tell
+the formats apart; :mod:`.registry` holds the formats and the one sniff.
 
 >>> detect_format("model.pth")  # doctest: +SKIP
 'torch-zip'
@@ -9,8 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import struct
-from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import CheckpointFormatError, FileTooLargeError
@@ -26,8 +25,6 @@ ZIP_MAGIC = b"PK\x03\x04"
 EMPTY_ZIP_MAGIC = b"PK\x05\x06"
 #: The int torch pickles first in a pre-zip (legacy) ``torch.save`` file.
 TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_LONG1 = 0x8A
-_FRAME = 0x95
 
 
 def _stat_regular(path: str | os.PathLike[str]) -> os.stat_result:
@@ -103,77 +100,16 @@ def read_bounded(path: str | os.PathLike[str], limit: int, what: str, rule: str)
     return data
 
 
-def _is_legacy_torch_pickle(head: bytes) -> bool:
-    """True if ``head`` starts a pickle whose first object is torch's legacy magic number."""
-    if len(head) < 2 or head[0] != 0x80:
-        return False
-    pos = 2
-    if head[1] >= 4 and len(head) > pos and head[pos] == _FRAME:
-        pos += 9  # FRAME opcode + 8-byte frame length (pickle protocol 4+)
-    if len(head) < pos + 2 or head[pos] != _LONG1:
-        return False
-    size = head[pos + 1]
-    raw = head[pos + 2 : pos + 2 + size]
-    return len(raw) == size and int.from_bytes(raw, "little", signed=True) == TORCH_LEGACY_MAGIC
-
-
-def _is_safetensors(head: bytes, file_size: int) -> bool:
-    if len(head) < 9:
-        return False
-    (header_len,) = struct.unpack("<Q", head[:8])
-    return 0 < header_len <= file_size - 8 and head[8:9] == b"{"
-
-
-def _detect_directory(path: Path) -> str:
-    if (path / ".metadata").is_file():
-        return "dcp"
-    if any(child.is_file() for child in path.glob("*" + INDEX_SUFFIX)):
-        return "sharded"
-    from .model_folder import weights_file
-
-    weights = weights_file(path)  # a save_pretrained folder of one file: that file's format
-    if weights is not None:
-        return detect_format(weights)
-    raise CheckpointFormatError(
-        "is a directory but neither a torch.distributed checkpoint (no .metadata file) nor a "
-        "sharded checkpoint (no *.index.json file)",
-        path=path,
-    )
-
-
 def detect_format(path: str | os.PathLike[str]) -> str:
     """Return the format of the checkpoint at ``path``: one of :data:`FORMATS`.
 
-    Files are told apart by their magic bytes; directories by their index files; a sharded
-    set may also be named by its index file (``*.index.json`` holding a JSON object). A model
-    folder holding one weights file and no index (:mod:`.model_folder`) has that file's
-    format. Raises
+    The name of what :func:`~ckptmigrate.formats.registry.detect` finds (a model folder of one
+    weights file has that file's format). Raises
     :class:`~ckptmigrate.errors.CheckpointFormatError` for anything else.
 
     >>> detect_format("weights.safetensors")  # doctest: +SKIP
     'safetensors'
     """
-    try:
-        st = os.stat(path)
-    except OSError:
-        st = None
-    if st is not None and stat.S_ISDIR(st.st_mode):
-        return _detect_directory(Path(path))
-    with open_regular_file(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            raise CheckpointFormatError("is empty (0 bytes), expected a checkpoint", path=path)
-        head = f.read(64)
-    if str(path).endswith(INDEX_SUFFIX) and head.lstrip().startswith(b"{"):
-        return "sharded"
-    if head.startswith(ZIP_MAGIC) or head.startswith(EMPTY_ZIP_MAGIC):
-        return "torch-zip"
-    if _is_legacy_torch_pickle(head):
-        return "torch-legacy"
-    if _is_safetensors(head, size):
-        return "safetensors"
-    raise CheckpointFormatError(
-        f"unknown format (first bytes {head[:8]!r}): expected a torch.save zip or legacy "
-        "file, or a safetensors file",
-        path=path,
-    )
+    from .registry import reader_for
+
+    return reader_for(path)[1].name

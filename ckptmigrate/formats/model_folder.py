@@ -68,19 +68,16 @@ def weights_file(folder: str | os.PathLike[str]) -> Path | None:
 
 def is_model_folder(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a folder read as its one weights file (not DCP, not sharded)."""
-    from .detect import detect_format
-
-    return Path(path).is_dir() and detect_format(path) not in ("dcp", "sharded")
+    return Path(path).is_dir() and resolve(path) != Path(path)
 
 
 def resolve(path: str | os.PathLike[str]) -> Path:
     """``path`` itself, or the weights file when it names a model folder."""
-    path = Path(path)
-    if is_model_folder(path):
-        found = weights_file(path)
-        assert found is not None  # detect_format refused a folder without one
-        return found
-    return path
+    from .registry import reader_for
+
+    if not Path(path).is_dir():
+        return Path(path)
+    return reader_for(path)[0]
 
 
 def side_files(folder: Path, own: Iterable[str]) -> list[Path]:

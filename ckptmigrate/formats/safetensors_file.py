@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointFormatError, CheckpointWriteError
 from .atomic import atomic_path
 from .bounds import loads_json
 from .safetensors_header import read_safetensors_header
+
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint
 
 STAMP = "ckptmigrate.stamp"
 HPARAMS = "ckptmigrate.hparams"
@@ -78,6 +81,44 @@ def module_metadata(metadata: dict[str, str], *, path: object) -> dict[str, Any]
     return value
 
 
+def to_checkpoint(tensors: dict[str, Any], metadata: dict[str, str], path: Path) -> Checkpoint:
+    """The checkpoint a safetensors file holds: its tensors (or stubs), and our stamp, hparams
+    and meta from its header; other tools' header entries are kept as ``extra``."""
+    from ..layout import from_parts
+
+    def parts() -> dict[str, Any]:
+        found = {}
+        for slot, key in (("hparams", HPARAMS), ("meta", META)):
+            value = decode_json_entry(metadata, key, path=path) or {}
+            if not isinstance(value, dict):
+                raise CheckpointFormatError(
+                    f"header entry {key!r} must be a JSON object", path=path
+                )
+            found[slot] = value
+        found["module_metadata"] = module_metadata(metadata, path=path)
+        foreign = {k: v for k, v in metadata.items() if not k.startswith("ckptmigrate.")}
+        found["extra"] = {"safetensors_metadata": foreign} if foreign else {}
+        return found
+
+    stamp = decode_json_entry(metadata, STAMP, path=path)
+    return from_parts(tensors, layout="safetensors", stamp=stamp, parts=parts, path=path)
+
+
+def read_safetensors_metadata(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Stubs of the tensors (tied aliases restored) and the header's ``__metadata__``, from the
+    header alone: no tensor data read, torch not imported."""
+    from .tensorinfo import TensorStub
+
+    infos, metadata = read_safetensors_header(path)
+    tensors: dict[str, Any] = {k: TensorStub(info) for k, info in infos.items()}
+    tensor_order(metadata, path=path)  # checked as the full reader checks it
+    for alias, source in tied_aliases(metadata, infos, path=path).items():
+        tensors[alias] = tensors[source]
+    return tensors, metadata
+
+
 def read_safetensors(
     path: str | os.PathLike[str], *, map_location: Any = "cpu"
 ) -> tuple[dict[str, Any], dict[str, str]]:
@@ -106,6 +147,31 @@ def read_safetensors(
     if order is not None and sorted(order) == sorted(tensors):
         tensors = {k: tensors[k] for k in order}
     return tensors, metadata
+
+
+def write_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
+    """Write ``ckpt`` as a safetensors file: tensors only, our parts in the header."""
+    from ..stamp import stamp_of
+
+    stamp = stamp_of(ckpt)
+    extra = dict(ckpt.extra)
+    passthrough = extra.pop("safetensors_metadata", None)
+    if ckpt.optimizer is not None or extra:
+        raise CheckpointWriteError(
+            "a .safetensors file holds tensors only, but this checkpoint has optimizer "
+            f"state or extra entries ({', '.join(extra) or 'optimizer'}): save it as .pth"
+        )
+    write_safetensors(
+        path,
+        ckpt.state_dict,
+        {
+            STAMP: stamp,
+            HPARAMS: ckpt.hparams if stamp or ckpt.hparams else None,
+            META: ckpt.meta if stamp or ckpt.meta else None,
+            MODULE_METADATA: ckpt.module_metadata,
+        },
+        passthrough=passthrough if isinstance(passthrough, dict) else None,
+    )
 
 
 def write_safetensors(

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointFormatError, CheckpointWriteError, OutputOccupiedError
-from ..stamp import parse_stamp
+from ..layout import from_parts
 from .atomic import TEMP_MARKER, atomic_path
 from .bounds import read_json_file
 from .detect import INDEX_SUFFIX
@@ -208,27 +208,26 @@ def file_identity(path: Path) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
 
 
-def _stamp_parts(sset: ShardedSet) -> dict[str, Any]:
+def _checkpoint(sset: ShardedSet, tensors: dict[str, Any]) -> Checkpoint:
+    """The set as one checkpoint: its tensors, and our stamp, hparams and meta from the index."""
     metadata = sset.index.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise CheckpointFormatError("the index's metadata is not an object", path=sset.index_path)
-    raw = metadata.get(STAMP)
-    stamp = parse_stamp(raw, path=sset.index_path) if raw is not None else None
-    parts: dict[str, Any] = {}
-    for slot, key in (("hparams", HPARAMS), ("meta", META)):
-        value = metadata.get(key) or {}
-        if not isinstance(value, dict):
-            raise CheckpointFormatError(
-                f"index entry {key!r} is not an object", path=sset.index_path
-            )
-        parts[slot] = dict(value)
-    return {
-        **parts,
-        "schema": stamp.schema if stamp else None,
-        "version": stamp.version if stamp else None,
-        "history": stamp.history if stamp else [],
-        "mounts": stamp.mounts if stamp else [],
-    }
+
+    def parts() -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for slot, key in (("hparams", HPARAMS), ("meta", META)):
+            value = metadata.get(key) or {}
+            if not isinstance(value, dict):
+                raise CheckpointFormatError(
+                    f"index entry {key!r} is not an object", path=sset.index_path
+                )
+            found[slot] = dict(value)
+        return found
+
+    return from_parts(
+        tensors, layout="sharded", stamp=metadata.get(STAMP), parts=parts, path=sset.index_path
+    )
 
 
 def _ordered(sset: ShardedSet, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -269,16 +268,17 @@ def read_sharded_metadata(
             for alias, src in tied_aliases(metadata, infos, path=shard_path).items():
                 tensors[alias] = tensors[src]
         else:
-            from .detect import detect_format
+            from .registry import TORCH_ZIP, detect
             from .torch import read_torch_metadata, read_zip_graph
 
             names = list(allowed_globals)
-            if detect_format(shard_path) == "torch-zip":
+            kind = detect(shard_path)
+            if kind is TORCH_ZIP:
                 # decoded with rebuild recipes, so an upgrade can copy its storages later
                 sset.graphs[shard] = read_zip_graph(shard_path, allowed_globals=names)
                 obj = sset.graphs[shard].obj
             else:
-                obj = read_torch_metadata(shard_path, allowed_globals=names)
+                obj = read_torch_metadata(shard_path, allowed_globals=names, kind=kind.name)
             if not isinstance(obj, dict):
                 raise CheckpointFormatError("a .bin shard must hold a dict", path=shard_path)
             tensors.update(obj)
@@ -302,10 +302,6 @@ def read_sharded(
 
             tensors.update(read_torch(shard_path, map_location=map_location, mmap=mmap))
     return _checkpoint(sset, _ordered(sset, tensors))
-
-
-def _checkpoint(sset: ShardedSet, tensors: dict[str, Any]) -> Checkpoint:
-    return Checkpoint(state_dict=tensors, layout="sharded", **_stamp_parts(sset))
 
 
 def shard_name(old: str, digest_of: Any) -> str:

@@ -47,12 +47,17 @@ def read_torch(
     map_location: Any = "cpu",
     mmap: bool = False,
     safe_globals: Iterable[Any] = (),
+    kind: str | None = None,
 ) -> Any:
-    """The top-level object of a torch.save file, loaded with ``weights_only=True``."""
+    """The top-level object of a torch.save file, loaded with ``weights_only=True``.
+
+    ``kind`` is the format :func:`~ckptmigrate.formats.registry.detect` found, where the caller
+    has sniffed the file already (it is sniffed here otherwise).
+    """
     import torch
 
     path = Path(path)
-    fmt = detect_format(path)
+    fmt = kind if kind is not None else detect_format(path)
     if fmt not in ("torch-zip", "torch-legacy"):
         raise CheckpointFormatError(f"expected a torch.save file, found {fmt}", path=path)
     allowed = list(safe_globals)
@@ -62,7 +67,9 @@ def read_torch(
         if done:
             return obj
     else:
-        read_torch_metadata(path, allowed_globals=names)  # raises Unsafe/Format before torch
+        read_torch_metadata(
+            path, allowed_globals=names, kind=fmt
+        )  # raises Unsafe/Format before torch
     objects = [
         _loadable(resolve_global(g) if isinstance(g, str) else g, n) for g, n in zip(allowed, names)
     ]

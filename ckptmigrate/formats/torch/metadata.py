@@ -29,7 +29,7 @@ from .unpickler import BoundedReader, load_pickle, scan_globals
 
 
 def read_torch_metadata(
-    path: str | os.PathLike[str], *, allowed_globals: Iterable[str] = ()
+    path: str | os.PathLike[str], *, allowed_globals: Iterable[str] = (), kind: str | None = None
 ) -> Any:
     """Decode a ``torch.save`` file (zip or legacy) with every tensor as a TensorStub.
 
@@ -37,14 +37,16 @@ def read_torch_metadata(
     torch's weights-only allow-list raise :class:`~ckptmigrate.errors.UnsafeCheckpointError`
     unless named in ``allowed_globals`` (``"module.Name"``), which decode to
     :class:`~.placeholders.OpaqueObject`. A truncated or corrupt file raises
-    :class:`~ckptmigrate.errors.CheckpointFormatError`.
+    :class:`~ckptmigrate.errors.CheckpointFormatError`. ``kind`` is the format
+    :func:`~ckptmigrate.formats.registry.detect` found, where the caller sniffed the file
+    already.
 
     >>> sd = read_torch_metadata("model.pth")  # doctest: +SKIP
     >>> {k: (v.shape, v.dtype) for k, v in sd.items()}  # doctest: +SKIP
     {'fc.weight': ((10, 20), 'float32'), 'fc.bias': ((10,), 'float32')}
     """
     allowed = allowed_map(allowed_globals)
-    kind = detect_format(path)
+    kind = kind if kind is not None else detect_format(path)
     if kind == "torch-zip":
         return reading(path, lambda: read_zip(path, allowed))
     if kind == "torch-legacy":
