@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_models import INPUT, assert_same_tokens, tiny_gpt2, upgrade_1_to_2, write_migrations
 from processes import one_error_line, run
-from test_hf_files import INPUT, assert_same_tokens, tiny_gpt2, upgrade_1_to_2, write_migrations
 
 import ckptmigrate as cm
 from ckptmigrate.errors import CheckpointFormatError, UnversionedCheckpointError

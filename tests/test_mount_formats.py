@@ -11,7 +11,7 @@ import pytest
 import torch
 from processes import run
 from safetensors.torch import save_file
-from test_sharded import _make_set, _tensors
+from set_files import make_set, set_tensors
 
 import ckptmigrate as cm
 from ckptmigrate.formats.detect import detect_format
@@ -32,8 +32,8 @@ def blk() -> cm.Schema:
 
 
 def make(tmp_path: Path, kind: str) -> Path:
-    """An unstamped checkpoint of ``kind`` holding _tensors() (``blocks.0.weight``, ...)."""
-    tensors = _tensors()
+    """An unstamped checkpoint of ``kind`` holding set_tensors() (``blocks.0.weight``, ...)."""
+    tensors = set_tensors()
     if kind == "pth":
         torch.save(tensors, tmp_path / "ckpt.pth")
         return tmp_path / "ckpt.pth"
@@ -47,7 +47,7 @@ def make(tmp_path: Path, kind: str) -> Path:
             warnings.simplefilter("ignore")  # single process, no process group
             dcp.save({"model": tensors}, checkpoint_id=tmp_path / "ckpt")
         return tmp_path / "ckpt"
-    _make_set(tmp_path / "ckpt", kind.removeprefix("sharded-"))
+    make_set(tmp_path / "ckpt", kind.removeprefix("sharded-"))
     return tmp_path / "ckpt"
 
 
@@ -77,7 +77,7 @@ def test_stamp_prefix_then_upgrade_keeps_the_format_out_and_in_place(
     assert proc.returncode == 0, proc.stderr
     assert detect_format(src) == fmt
     assert detect_format(tmp_path / f"{src.name}.blk-1.0.0.bak") == fmt
-    before = _tensors()
+    before = set_tensors()
     for path in (out, src):
         ckpt = cm.load(path, upgrade=False)
         assert [(m.prefix, str(m.version)) for m in ckpt.mounts] == [("blocks.", "2.0.0")]

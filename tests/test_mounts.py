@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mount_files import HEAD_V1, backbone_and_head, two_mounts
 from processes import run
 
 import ckptmigrate as cm
@@ -128,28 +129,10 @@ def test_a_lightning_checkpoint_stamped_at_net_upgrades_and_lightning_loads_it(
     litmod.trainer(lit_dir, 4).fit(litmod.Lit(), ckpt_path=lit_dir / "new.ckpt")
 
 
-HEAD_V1 = {"w": torch.arange(6.0).reshape(2, 3)}
-
-
-def two_mounts(path: Path) -> None:
-    torch.manual_seed(0)
-    sd = {"backbone.encoder.weight": torch.randn(3, 3), "head.w": HEAD_V1["w"]}
-    cm.save(path, sd, schema="backbone", version="1.0.0", prefix="backbone.", hparams={"d": 3})
-    cm.save(path, cm.load(path), schema="head", version="1.0.0", prefix="head.")
-
-
-def schemas() -> tuple[cm.Schema, cm.Schema]:
-    backbone = cm.Schema("backbone", current="2.0.0")
-    backbone.add_migration("1.0.0", "2.0.0", [cm.ops.RenamePrefix("encoder.", "enc.")])
-    head = cm.Schema("head", current="1.1.0")
-    head.add_migration("1.0.0", "1.1.0", [cm.ops.Transpose("w")])
-    return backbone, head
-
-
 def test_two_mounts_upgrade_independently_each_with_its_own_history(tmp_path: Path) -> None:
     path = tmp_path / "two.pth"
     two_mounts(path)
-    backbone, head = schemas()
+    backbone, head = backbone_and_head()
     one = cm.load(path, schema=backbone)
     assert list(one.state_dict) == ["backbone.enc.weight", "head.w"]
     assert torch.equal(one.state_dict["head.w"], HEAD_V1["w"])  # the head is untouched

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from mount_files import HEAD_V1, backbone_and_head, two_mounts
 from processes import run
-from test_mounts import HEAD_V1, schemas, two_mounts
 
 import ckptmigrate as cm
 
@@ -38,7 +38,7 @@ def _diff(folder: Path, *args: str) -> tuple[int, dict]:
 
 
 def test_diff_upgrade_takes_each_mount_to_bs_mount_at_the_same_prefix(two: Path) -> None:
-    backbone, _ = schemas()
+    backbone, _ = backbone_and_head()
     cm.save(two / "b.pth", cm.load(two / "two.pth", schema=backbone))  # head still 1.0.0
     code, d = _diff(two, "two.pth", "b.pth", "--upgrade", "--values")
     assert code == 0 and not d["has_drift"], d
@@ -57,7 +57,7 @@ def test_diff_upgrade_takes_each_mount_to_bs_mount_at_the_same_prefix(two: Path)
 
 
 def test_diff_upgrade_takes_each_mount_to_its_current_when_b_has_no_stamp(two: Path) -> None:
-    backbone, head = schemas()
+    backbone, head = backbone_and_head()
     both = cm.upgrade(cm.load(two / "two.pth", schema=backbone), head)
     torch.save({"state_dict": both.state_dict, "hyper_parameters": both.hparams}, two / "plain.pth")
     code, d = _diff(two, "two.pth", "plain.pth", "--upgrade", "--values")
@@ -79,7 +79,7 @@ def test_diff_upgrade_takes_each_mount_to_its_current_when_b_has_no_stamp(two: P
 def _registry(two: Path) -> Path:
     """``reg/``: the two-mount file behind on both mounts, a copy with only the backbone
     current, and a root-stamped file that is current."""
-    backbone, _ = schemas()
+    backbone, _ = backbone_and_head()
     reg = two / "reg"
     reg.mkdir()
     (two / "two.pth").rename(reg / "a_two.pth")
@@ -133,8 +133,8 @@ def test_scan_worker_processes_give_the_same_rows_per_mount(two: Path) -> None:
     from ckptmigrate.scan import scan
 
     reg = _registry(two)
-    by_threads = scan(reg, schemas(), workers=2)
-    by_processes = scan(reg, schemas(), workers=2, processes=True)
+    by_threads = scan(reg, backbone_and_head(), workers=2)
+    by_processes = scan(reg, backbone_and_head(), workers=2, processes=True)
     assert [r.to_dict() for r in by_processes] == [r.to_dict() for r in by_threads]
     assert [r.prefix for r in by_processes] == ["backbone.", "head.", "backbone.", "head.", ""]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_streaming import _schema, _state_dict, torch_io_forbidden
+from net_files import net_schema, net_state_dict, torch_io_forbidden
 
 import ckptmigrate as cm
 from ckptmigrate import cli
@@ -23,19 +23,19 @@ upgrade_module = importlib.import_module("ckptmigrate.upgrade")  # cm.upgrade is
 @pytest.fixture()
 def old_file(tmp_path: Path) -> Path:
     src = tmp_path / "old.pth"
-    cm.save(src, _state_dict(), schema="net", version="1.0.0", hparams={"d": 4})
+    cm.save(src, net_state_dict(), schema="net", version="1.0.0", hparams={"d": 4})
     return src
 
 
 def _raw_file(tmp_path: Path) -> Path:
     src = tmp_path / "raw.pth"
-    torch.save(_state_dict(), src)
+    torch.save(net_state_dict(), src)
     return src
 
 
 def test_an_in_place_rename_upgrade_loads_no_tensor_and_copies_the_bytes(old_file):
     with torch_io_forbidden():
-        done = migrate_file(old_file, None, schemas=_schema())
+        done = migrate_file(old_file, None, schemas=net_schema())
     assert done.streamed and done.bytes_through_python == 0
     assert done.backup == str(old_file.with_name("old.pth.1.0.0.bak"))
     new = cm.load(old_file, upgrade=False)
@@ -51,17 +51,17 @@ def test_a_step_runs_once_per_upgrade_to_a_file_and_in_place(old_file, tmp_path,
         return real(ckpt, planned, *args, **kwargs)
 
     monkeypatch.setattr(upgrade_module, "apply_step", counting)
-    migrate_file(old_file, tmp_path / "out.pth", schemas=_schema())
+    migrate_file(old_file, tmp_path / "out.pth", schemas=net_schema())
     assert len(ran) == 1
-    migrate_file(old_file, None, schemas=_schema())
+    migrate_file(old_file, None, schemas=net_schema())
     assert len(ran) == 2
 
 
 def test_every_way_in_returns_the_one_result_type(old_file, tmp_path):
-    to_file = cm.upgrade_file(old_file, tmp_path / "new.pth", _schema())
+    to_file = cm.upgrade_file(old_file, tmp_path / "new.pth", net_schema())
     raw = _raw_file(tmp_path)
     stamped = cm.stamp_in_place(raw, "net", "1.0.0")
-    in_place = cm.upgrade_in_place(raw, _schema())
+    in_place = cm.upgrade_in_place(raw, net_schema())
     assert all(isinstance(r, cm.Rewrite) for r in (to_file, stamped, in_place))
     assert cm.FileUpgrade is cm.Rewrite
     assert (to_file.source_version, to_file.target_version) == ("1.0.0", "2.0.0")
@@ -78,7 +78,7 @@ def test_stamping_a_zip_file_copies_its_bytes_and_loads_no_tensor(tmp_path):
     assert done.streamed and done.bytes_through_python == 0
     got = cm.load(raw, upgrade=False)
     assert (got.schema, str(got.version)) == ("net", "1.0.0")
-    assert torch.equal(got.state_dict["head.t"], _state_dict()["head.t"])
+    assert torch.equal(got.state_dict["head.t"], net_state_dict()["head.t"])
 
 
 def test_a_stamp_to_another_file_keeps_a_private_files_permissions(tmp_path):
@@ -98,7 +98,7 @@ def test_a_copied_backup_keeps_a_private_files_permissions(old_file, monkeypatch
         raise OSError("no hard links on this file system")
 
     monkeypatch.setattr(os, "link", no_links)
-    done = cm.upgrade_in_place(old_file, _schema())
+    done = cm.upgrade_in_place(old_file, net_schema())
     assert stat.S_IMODE(Path(done.backup).stat().st_mode) == 0o600
 
 
@@ -106,12 +106,12 @@ def test_upgrade_file_upgrades_the_mounts_of_its_schema(tmp_path):
     src = tmp_path / "lit.ckpt"
     cm.save(
         src,
-        {"net." + k: v for k, v in _state_dict().items()},
+        {"net." + k: v for k, v in net_state_dict().items()},
         schema="net",
         version="1.0.0",
         prefix="net.",
     )
-    done = cm.upgrade_file(src, tmp_path / "new.ckpt", _schema())
+    done = cm.upgrade_file(src, tmp_path / "new.ckpt", net_schema())
     assert [(m.prefix, m.source_version, m.target_version) for m in done.mounts] == [
         ("net.", "1.0.0", "2.0.0")
     ]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from folder_schema import rename_drop_schema
-from safetensors.torch import save_file
+from set_files import make_set
 
 import ckptmigrate as cm
 from ckptmigrate.files import read_checkpoint, read_metadata
@@ -17,40 +17,9 @@ from ckptmigrate.formats.safetensors_header import read_safetensors_header
 from ckptmigrate.rewrite import upgrade_file
 
 
-def _tensors() -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    return {
-        "embed.weight": torch.randn(16, 8),
-        "blocks.0.weight": torch.randn(8, 8),
-        "blocks.0.rotary": torch.randn(4),
-        "blocks.1.weight": torch.randn(8, 8).half(),
-        "head.weight": torch.randn(4, 8),
-    }
-
-
-def _make_set(folder: Path, kind: str) -> dict[str, torch.Tensor]:
-    folder.mkdir()
-    tensors = _tensors()
-    keys = list(tensors)
-    parts = [keys[:2], keys[2:]]
-    ext, base = (".safetensors", "model") if kind == "safetensors" else (".bin", "pytorch_model")
-    weight_map = {}
-    for i, part in enumerate(parts, 1):
-        name = f"{base}-{i:05d}-of-00002{ext}"
-        shard = {k: tensors[k] for k in part}
-        if kind == "safetensors":
-            save_file(shard, str(folder / name), metadata={"format": "pt"})
-        else:
-            torch.save(shard, folder / name)
-        weight_map.update((k, name) for k in part)
-    index = {"metadata": {"total_size": 1234}, "weight_map": weight_map}
-    (folder / f"{base}{ext}.index.json").write_text(json.dumps(index))
-    return tensors
-
-
 @pytest.mark.parametrize("kind", ["safetensors", "bin"])
 def test_metadata_read_sees_every_shard_as_one_checkpoint(tmp_path, kind):
-    tensors = _make_set(tmp_path / "set", kind)
+    tensors = make_set(tmp_path / "set", kind)
     ckpt = read_metadata(tmp_path / "set")
     assert list(ckpt.state_dict) == list(tensors)
     assert ckpt.state_dict["blocks.1.weight"].dtype == "float16"
@@ -59,7 +28,7 @@ def test_metadata_read_sees_every_shard_as_one_checkpoint(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["safetensors", "bin"])
 def test_in_place_upgrade_rewrites_shards_then_swaps_the_index(tmp_path, kind):
-    tensors = _make_set(tmp_path / "set", kind)
+    tensors = make_set(tmp_path / "set", kind)
     old_shards = sorted(p.name for p in (tmp_path / "set").iterdir() if "index" not in p.name)
     result = upgrade_file(
         tmp_path / "set", tmp_path / "set", rename_drop_schema(), from_version="1.0.0"
@@ -84,7 +53,7 @@ def test_in_place_upgrade_rewrites_shards_then_swaps_the_index(tmp_path, kind):
 
 
 def test_upgrade_to_another_folder_leaves_the_source_set_untouched(tmp_path):
-    _make_set(tmp_path / "set", "safetensors")
+    make_set(tmp_path / "set", "safetensors")
     before = {p.name: p.read_bytes() for p in (tmp_path / "set").iterdir()}
     upgrade_file(tmp_path / "set", tmp_path / "out", rename_drop_schema(), from_version="1.0.0")
     assert {p.name: p.read_bytes() for p in (tmp_path / "set").iterdir()} == before
@@ -92,7 +61,7 @@ def test_upgrade_to_another_folder_leaves_the_source_set_untouched(tmp_path):
 
 
 def test_a_failure_before_the_index_swap_leaves_the_old_set_loadable(tmp_path, monkeypatch):
-    tensors = _make_set(tmp_path / "set", "safetensors")
+    tensors = make_set(tmp_path / "set", "safetensors")
     before = {p.name: p.read_bytes() for p in (tmp_path / "set").iterdir()}
 
     def crash(*args: object, **kwargs: object) -> None:
@@ -107,7 +76,7 @@ def test_a_failure_before_the_index_swap_leaves_the_old_set_loadable(tmp_path, m
 
 
 def test_tensor_op_takes_the_loaded_path_and_reshards(tmp_path):
-    tensors = _make_set(tmp_path / "set", "safetensors")
+    tensors = make_set(tmp_path / "set", "safetensors")
     schema = cm.Schema("lm", current="2.0.0")
     schema.add_migration("1.0.0", "2.0.0", [cm.ops.Cast("blocks.1.weight", dtype="float32")])
     result = upgrade_file(tmp_path / "set", tmp_path / "set", schema, from_version="1.0.0")
@@ -119,7 +88,7 @@ def test_tensor_op_takes_the_loaded_path_and_reshards(tmp_path):
 
 
 def test_unversioned_set_without_from_version_is_refused_before_writing(tmp_path):
-    _make_set(tmp_path / "set", "bin")
+    make_set(tmp_path / "set", "bin")
     before = sorted(p.name for p in (tmp_path / "set").iterdir())
     with pytest.raises(cm.UnversionedCheckpointError):
         upgrade_file(tmp_path / "set", tmp_path / "set", rename_drop_schema())
@@ -129,7 +98,7 @@ def test_unversioned_set_without_from_version_is_refused_before_writing(tmp_path
 def test_cli_upgrade_path_writes_sharded_sets_through_the_streaming_writer(tmp_path):
     from ckptmigrate.inplace import migrate_file as cli_upgrade_file
 
-    tensors = _make_set(tmp_path / "set", "safetensors")
+    tensors = make_set(tmp_path / "set", "safetensors")
     outcome = cli_upgrade_file(
         tmp_path / "set", tmp_path / "out", schemas=rename_drop_schema(), from_version="1.0.0"
     )
@@ -143,7 +112,7 @@ def test_cli_upgrade_path_writes_sharded_sets_through_the_streaming_writer(tmp_p
 def test_cli_in_place_upgrade_of_a_set_keeps_a_folder_backup(tmp_path, kind, capsys):
     from ckptmigrate import cli
 
-    _make_set(tmp_path / "set", kind)
+    make_set(tmp_path / "set", kind)
     before = {p.name: p.read_bytes() for p in (tmp_path / "set").iterdir()}
     mig = tmp_path / "mig.py"
     mig.write_text(
@@ -164,7 +133,7 @@ def test_cli_in_place_upgrade_of_a_set_keeps_a_folder_backup(tmp_path, kind, cap
 def test_stamp_writes_a_set_with_the_stamp_in_its_index(tmp_path, kind, how, capsys):
     from ckptmigrate import cli
 
-    tensors = _make_set(tmp_path / "set", kind)
+    tensors = make_set(tmp_path / "set", kind)
     args = ["stamp", str(tmp_path / "set"), "--schema", "lm", "--version", "1.0.0"]
     args += ["--in-place"] if how == "in-place" else ["-o", str(tmp_path / "stamped")]
     assert cli.main(args) == 0, capsys.readouterr()
@@ -182,7 +151,7 @@ def test_stamp_writes_a_set_with_the_stamp_in_its_index(tmp_path, kind, how, cap
 
 
 def test_in_place_upgrade_through_the_index_path_backs_up_the_whole_set(tmp_path):
-    tensors = _make_set(tmp_path / "set", "safetensors")
+    tensors = make_set(tmp_path / "set", "safetensors")
     index = tmp_path / "set" / "model.safetensors.index.json"
     out = cm.upgrade_in_place(index, rename_drop_schema(), from_version="1.0.0")
     backup = Path(out.backup)
@@ -196,7 +165,7 @@ def test_in_place_upgrade_through_the_index_path_backs_up_the_whole_set(tmp_path
 def test_an_interrupt_after_the_new_index_landed_keeps_the_shards_it_names(tmp_path, monkeypatch):
     from ckptmigrate.formats import atomic
 
-    _make_set(tmp_path / "set", "safetensors")
+    make_set(tmp_path / "set", "safetensors")
     index = tmp_path / "set" / "model.safetensors.index.json"
     real = atomic.fsync_path
 
