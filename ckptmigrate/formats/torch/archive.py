@@ -138,12 +138,9 @@ def find_data_pkl(infos: list[zipfile.ZipInfo], path: object) -> zipfile.ZipInfo
 def read_data_pkl(path: str | os.PathLike[str]) -> tuple[zipfile.ZipInfo, bytes]:
     """The ``data.pkl`` member of the torch zip at ``path`` and its bytes (at most
     :data:`~.unpickler.MAX_PICKLE_BYTES`)."""
-    with open_regular_file(path) as f, zipfile.ZipFile(f) as zf:
-        data_pkl = find_data_pkl(zip_infos(zf, path), path)
-        if data_pkl.file_size > MAX_PICKLE_BYTES:
-            raise CheckpointFormatError("data.pkl is too large", path=path)
-        with zf.open(data_pkl) as member:
-            return data_pkl, member.read()
+    with open_regular_file(path) as f:
+        _, data_pkl, data = _zip_pickle(f, path)
+    return data_pkl, data
 
 
 @dataclass
@@ -213,11 +210,15 @@ def read_zip(path: str | os.PathLike[str], allowed: dict[str, Any]) -> Any:
 def decode_zip(
     path: str | os.PathLike[str],
     allowed: dict[str, Any],
-    on_storage: Callable[[StorageRef], None] | None = None,
+    on_storage: Callable[[StorageRef, Any], None] | None = None,
 ) -> ZipDecoded:
-    """Decode ``data.pkl`` to stubs and check every storage it names against the archive.
+    """Decode ``data.pkl`` to stubs and check every storage it names against the archive:
+    the one decode of a torch zip, for the metadata reader, the mapped load and the byte
+    copier alike (a compressed ``data.pkl`` or a storage shorter than its tensor is refused
+    whichever reads it).
 
-    ``on_storage`` sees each storage reference as the pickle loads it, in order.
+    ``on_storage(ref, pid)`` sees each storage reference and its persistent id as the pickle
+    loads it, in order.
     """
     with open_regular_file(path) as f:
         infos, data_pkl, data = _zip_pickle(f, path)
@@ -227,7 +228,7 @@ def decode_zip(
     def load_storage(pid: Any) -> StorageRef:
         ref = table.load(pid)
         if on_storage is not None:
-            on_storage(ref)
+            on_storage(ref, pid)
         return ref
 
     obj, scan = load_pickle_scanned(io.BytesIO(data), allowed, load_storage, path)

@@ -59,7 +59,7 @@ def load_mapped(path: Path, map_location: Any) -> tuple[bool, Any]:
     allowed = allowed_map(())
     for name in (_V2, _PARAMETER):
         allowed[name] = GuardedCall(_recording(name, allowed[name], recipes), name)
-    decoded = reading(path, lambda: decode_zip(path, allowed, refs.append))
+    decoded = reading(path, lambda: decode_zip(path, allowed, lambda ref, pid: refs.append(ref)))
     if not _mappable(decoded):
         return False, None
     with open_regular_file(path) as f:

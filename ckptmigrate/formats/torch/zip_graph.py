@@ -31,12 +31,11 @@ from ...errors import (
 )
 from ..tensorinfo import TensorStub
 from .allowlist import WEIGHTS_ONLY_GLOBALS, allowed_map
-from .archive import ZipRecordInfo, read_data_pkl, read_zip_records
+from .archive import ZipRecordInfo, decode_zip, read_zip_records
 from .guards import GuardedCall
 from .placeholders import OpaqueMeta, OpaqueObject, TorchConstant
 from .read_errors import with_path
-from .storages import StorageRef, StorageTable, StorageType
-from .unpickler import load_pickle
+from .storages import StorageRef, StorageType
 from .zip_writer import TorchZipWriter, write_zip_copy
 
 __all__ = ["ZipGraph", "NotReplayableError", "read_zip_graph", "write_zip_graph"]
@@ -103,25 +102,18 @@ def read_zip_graph(
             # refuses its placeholders instead
             if callable(value) and not isinstance(value, OpaqueMeta):
                 allowed[name] = _flagging(name, value, graph)
+
+    def keep(ref: Any, pid: Any) -> None:
+        graph.pids[id(ref)] = pid
+        graph.keepalive.append(ref)
+
     try:
-        data_pkl, data = read_data_pkl(path)
-        graph.prefix = data_pkl.filename[: -len("data.pkl")]
-        table = StorageTable(legacy=False, key_prefix=graph.prefix + "data/")
-
-        def persistent_load(pid: Any) -> Any:
-            ref = table.load(pid)
-            graph.pids[id(ref)] = pid
-            graph.keepalive.append(ref)
-            return ref
-
-        graph.obj = load_pickle(io.BytesIO(data), allowed, persistent_load, path)
+        decoded = decode_zip(path, allowed, keep)  # every check the metadata reader makes
     except (CheckpointFormatError, UnsafeCheckpointError) as exc:
         raise with_path(exc, path) from exc.__cause__
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointFormatError(f"corrupt zip archive ({exc})", path=path) from exc
-    missing = [k for k in table.storages if k not in records]
-    if missing:
-        raise CheckpointFormatError(f"storage record {missing[0]!r} is missing", path=path)
+    graph.obj, graph.prefix = decoded.obj, decoded.prefix
     return graph
 
 
