@@ -139,6 +139,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 # -- upgrade -----------------------------------------------------------------------------------
 
 
+def _refuse_output_onto_source(src: str, dst: str | None, why: str) -> None:
+    """``-o SRC`` would rewrite the source with no lock or recovery: refused, naming
+    ``--in-place`` (``why`` says what it does instead)."""
+    if dst is not None and _same_checkpoint(src, dst):
+        raise CommandLineError(f"-o {dst} is {src} itself: pass --in-place instead ({why})")
+
+
 def _same_checkpoint(src: str, dst: str) -> bool:
     """Whether ``dst`` names ``src`` (the same file, folder, or a set's index and its folder)."""
     try:
@@ -156,11 +163,9 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         raise CommandLineError("upgrade needs exactly one of -o DST or --in-place")
     if args.no_backup and not args.in_place:
         raise CommandLineError("--no-backup only applies to --in-place")
-    if args.output is not None and _same_checkpoint(args.src, args.output):
-        raise CommandLineError(
-            f"-o {args.output} is {args.src} itself: pass --in-place instead (it locks the "
-            "checkpoint and keeps a backup of the old version)"
-        )
+    _refuse_output_onto_source(
+        args.src, args.output, "it locks the checkpoint and keeps a backup of the old version"
+    )
 
     from .inplace import migrate_file
 
@@ -299,6 +304,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_stamp(args: argparse.Namespace) -> int:
     if (args.output is None) == (not args.in_place):
         raise CommandLineError("stamp needs exactly one of -o DST or --in-place")
+    _refuse_output_onto_source(args.ckpt, args.output, "it locks the checkpoint")
     if (args.version is None) == (not args.guess):
         raise CommandLineError("stamp needs exactly one of --version V or --guess")
     given = (lambda c: _guess(c, args)) if args.guess else args.version

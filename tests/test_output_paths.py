@@ -265,3 +265,38 @@ def test_stamping_a_model_folder_to_a_folder_writes_a_folder_of_its_layout(
     assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
     assert str(read_metadata(out).version) == "1.0.0"
     assert read_metadata(src).version is None
+
+
+def test_a_model_folder_written_to_a_file_name_never_replaces_a_file_there(tmp_path: Path) -> None:
+    """``stamp FOLDER -o flat.pth`` wrote safetensors bytes over a user's torch file."""
+    src = _model_folder(tmp_path / "src", version=None)
+    users = tmp_path / "flat.pth"
+    torch.save({"w": torch.zeros(2)}, users)
+    before = folder_state(tmp_path)
+    done = run(tmp_path, "stamp", str(src), *STAMP, "-o", str(users))
+    assert done.returncode == 2 and "flat.pth" in one_error_line(done)
+    assert folder_state(tmp_path) == before
+
+
+@pytest.mark.parametrize("where", ["a missing folder", "an existing folder"])
+def test_a_file_output_that_cannot_be_a_file_is_named_as_given(tmp_path: Path, where: str) -> None:
+    """The error names the path given and what to do, never an internal temporary."""
+    src = tmp_path / "a.pth"
+    torch.save(toy_sd(), src)
+    out = tmp_path / "nodir" / "x.pth" if where == "a missing folder" else tmp_path / "adir"
+    if where == "an existing folder":
+        out.mkdir()
+    before = folder_state(tmp_path)
+    done = run(tmp_path, "stamp", str(src), *STAMP, "-o", str(out))
+    line = one_error_line(done)
+    assert done.returncode == 2 and str(out) in line and "ckptmigrate-tmp" not in line, line
+    assert folder_state(tmp_path) == before
+
+
+def test_stamp_onto_its_own_source_is_refused_as_upgrade_is(tmp_path: Path) -> None:
+    src = tmp_path / "a.pth"
+    torch.save(toy_sd(), src)
+    before = folder_state(tmp_path)
+    done = run(tmp_path, "stamp", str(src), *STAMP, "-o", str(src))
+    assert done.returncode == 2 and "--in-place" in one_error_line(done)
+    assert folder_state(tmp_path) == before

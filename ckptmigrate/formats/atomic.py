@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ..errors import CheckpointWriteError
+
 TEMP_MARKER = ".ckptmigrate-tmp-"
 CRASH_ENV = "CKPTMIGRATE_CRASH_AT"
 #: Where ``CKPTMIGRATE_CRASH_AT`` can kill: each write() into a temporary file (a Python
@@ -150,6 +152,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     ...     torch.save(obj, tmp)
     """
     target = Path(path)
+    if target.is_dir():
+        raise CheckpointWriteError(f"{target} is a folder: pass a file name to write to")
+    if not target.parent.is_dir():
+        raise CheckpointWriteError(
+            f"cannot write {target}: its folder {target.parent} does not exist (create it first)"
+        )
     tmp = temp_path_for(target)
     _claim(tmp)
     try:

@@ -140,8 +140,13 @@ def copy_side_files(folder: Path, own: Iterable[str], dst: Path) -> list[Path]:
 
 def check_folder_output(src: Path, dst: Path) -> None:
     """Refuse, before anything runs or is written, a folder ``dst`` that :func:`write_folder`
-    could not write the model folder ``src`` into (a file there, a user's side file)."""
-    if (dst.exists() and dst.resolve() == src.resolve()) or (dst.suffix and not dst.is_dir()):
+    could not write the model folder ``src`` into (a file there, a user's side file), or a
+    file ``dst`` that exists (the weights written to a file name never replace a file)."""
+    if dst.exists() and dst.resolve() == src.resolve():
+        return
+    if dst.suffix and not dst.is_dir():
+        if os.path.lexists(dst):
+            raise OutputOccupiedError(dst, [], "a model folder's weights file")
         return
     if os.path.lexists(dst) and not dst.is_dir():
         raise OutputOccupiedError(dst, [], "a model folder")
@@ -159,9 +164,9 @@ def write_folder(src: Path, dst: Path, write: Callable[[Path, Path], T]) -> T:
     weights = resolve(src)
     if dst.exists() and dst.resolve() == src.resolve():
         return write(weights, weights)
+    check_folder_output(src, dst)
     if dst.suffix and not dst.is_dir():
         return write(weights, dst)
-    check_folder_output(src, dst)
     made = not dst.exists()
     dst.mkdir(parents=True, exist_ok=True)
     try:
