@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -21,8 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.filesystem as dcp_fs
-import torch.multiprocessing as mp
 from folder_schema import rename_drop_schema
+from gloo_ranks import WORLD, init_ranks, run_ranks
 
 import ckptmigrate as cm
 from ckptmigrate.files import read_checkpoint, read_metadata
@@ -31,11 +28,6 @@ from ckptmigrate.rewrite import upgrade_file
 
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("this torch build has no torch.distributed gloo backend", allow_module_level=True)
-
-WORLD = 2
-#: fork is quick (the children inherit the imported torch); spawn re-imports torch per rank
-START = "fork" if sys.platform.startswith("linux") else "spawn"
-DEADLINE_S = 300.0  # generous: a loaded 2-core machine starts gloo ranks slowly
 
 
 def _full() -> dict[str, torch.Tensor]:
@@ -62,24 +54,10 @@ def _refuse_plain_pickle(*args: object, **kwargs: object) -> None:
     raise AssertionError("torch's unguarded pickle.load ran on .metadata")
 
 
-def _init(rank: int, store: str):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    torch.set_num_threads(1)  # a forked child must not touch the parent's OpenMP pool
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
-    return init_device_mesh("cpu", (WORLD,))
-
-
 def _save_worker(rank: int, store: str, folder: str) -> None:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    mesh = _init(rank, store)
+    mesh = init_ranks(rank, store)
     try:
         full = _full()
         model = {
@@ -99,7 +77,7 @@ def _load_worker(rank: int, store: str, folder: str) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     dcp_fs.pickle.load = _refuse_plain_pickle  # this rank reads .metadata the safe way too
-    mesh = _init(rank, store)
+    mesh = init_ranks(rank, store)
     try:
         full = _full()
         weight = distribute_tensor(torch.zeros(8, 4), mesh, [Shard(0)])
@@ -122,24 +100,11 @@ def _load_worker(rank: int, store: str, folder: str) -> None:
         dist.destroy_process_group()
 
 
-def _run_ranks(worker, *args: str) -> float:
-    """Run ``worker(rank, *args)`` on WORLD processes; a rank's exception fails the test."""
-    start = time.monotonic()
-    ctx = mp.start_processes(worker, args=args, nprocs=WORLD, join=False, start_method=START)
-    while not ctx.join(timeout=1):  # raises ProcessRaisedException with the rank's traceback
-        if time.monotonic() - start > DEADLINE_S:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.kill()
-            pytest.fail(f"{worker.__name__} ranks still running after {DEADLINE_S:.0f}s")
-    return time.monotonic() - start
-
-
 @pytest.fixture(scope="module")
 def gloo_dir(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("gloo")
     folder = base / "step-100"
-    _run_ranks(_save_worker, str(base / "save-store"), str(folder))
+    run_ranks(_save_worker, str(base / "save-store"), str(folder))
     return folder
 
 
@@ -248,7 +213,7 @@ def test_diff_reports_the_renames_the_drop_and_the_hparam(gloo_dir, upgraded, ca
 
 
 def test_two_ranks_load_the_upgraded_folder_under_the_new_names(upgraded, tmp_path):
-    _run_ranks(_load_worker, str(tmp_path / "load-store"), str(upgraded))
+    run_ranks(_load_worker, str(tmp_path / "load-store"), str(upgraded))
 
 
 def test_stamped_through_upgrade_then_upgraded_from_the_stamp(gloo_dir, tmp_path):

@@ -24,7 +24,7 @@ from torch import nn
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("this torch build has no torch.distributed gloo backend", allow_module_level=True)
 
-from test_dcp_gloo import WORLD, _init, _run_ranks  # noqa: E402
+from gloo_ranks import WORLD, init_ranks, run_ranks  # noqa: E402
 
 import ckptmigrate as cm  # noqa: E402
 from ckptmigrate.files import read_checkpoint  # noqa: E402
@@ -75,7 +75,7 @@ def _save_worker(rank: int, store: str, folder: str, out: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    _init(rank, store)
+    init_ranks(rank, store)
     try:
         model, opt = _ddp("body", seed=0)
         _train(model, opt, rank, range(STEPS))
@@ -97,7 +97,7 @@ def _resume_worker(rank: int, store: str, folder: str, out: str) -> None:
 
     from ckptmigrate.formats.dcp import SafeFileSystemReader
 
-    _init(rank, store)
+    init_ranks(rank, store)
     try:
         model, opt = _ddp("encoder", seed=1)  # the weights must come from the file
         model_sd, optim_sd = get_state_dict(model, opt)
@@ -124,7 +124,7 @@ schema.add_migration("1.0.0", "2.0.0", [cm.ops.RenamePrefix("body.", "encoder.")
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("dcp-resume")
-    _run_ranks(_save_worker, str(base / "save-store"), str(base / "old"), str(base))
+    run_ranks(_save_worker, str(base / "save-store"), str(base / "old"), str(base))
     (base / "migrations").mkdir()
     (base / "migrations" / "net.py").write_text(textwrap.dedent(MIGRATION))
     return base
@@ -142,7 +142,7 @@ def test_two_ranks_resume_after_the_cli_migrates_fqn_keyed_adam_state(saved, tmp
         [sys.executable, "-m", "ckptmigrate", *args], env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
-    _run_ranks(_resume_worker, str(tmp_path / "load-store"), str(tmp_path / "new"), str(tmp_path))
+    run_ranks(_resume_worker, str(tmp_path / "load-store"), str(tmp_path / "new"), str(tmp_path))
     for resumed, expected in zip(_losses(tmp_path, "resumed"), _losses(saved, "uninterrupted")):
         assert len(resumed) == len(expected) == STEPS
         torch.testing.assert_close(

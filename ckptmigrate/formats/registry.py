@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..checkpoint import Checkpoint
-from ..errors import CheckpointFormatError, CheckpointWriteError, UnknownFormatError
+from ..errors import (
+    CheckpointFormatError,
+    CheckpointWriteError,
+    InternalError,
+    UnknownFormatError,
+)
 from .detect import EMPTY_ZIP_MAGIC, INDEX_SUFFIX, TORCH_LEGACY_MAGIC, ZIP_MAGIC, open_regular_file
 
 __all__ = [
@@ -308,7 +313,8 @@ class _ModelFolder(_Format):
         from .model_folder import weights_file
 
         weights = weights_file(path)
-        assert weights is not None  # sniffed: the folder holds one
+        if weights is None:  # sniffed as a model folder, so it held one
+            raise InternalError(f"{path} holds no weights file to write")
         output_format(weights).write(weights, ckpt)
 
     def files(self, path: Path) -> list[Path]:
@@ -398,7 +404,8 @@ def reader_for(path: str | os.PathLike[str]) -> tuple[Path, Format]:
         from .model_folder import weights_file
 
         weights = weights_file(path)
-        assert weights is not None  # sniffed: the folder holds one
+        if weights is None:  # sniffed as a model folder, so it held one
+            raise InternalError(f"{path} holds no weights file to write")
         return weights, detect(weights)
     return Path(path), fmt
 
