@@ -44,7 +44,7 @@ def bench_schema():  # the schema every run uses: 1.0.0 -> 2.0.0 renames blocks.
 
 def run_one(method: str, src: str, dst: str) -> None:
     if method == "stream":
-        from ckptmigrate.rewrite import upgrade_file
+        from ckptmigrate.engine.rewrite import upgrade_file
 
         assert upgrade_file(src, dst, bench_schema()).streamed
     elif method == "baseline":
@@ -190,8 +190,8 @@ def bench_load(big: Path) -> dict:
 
 def bench_sharded(folder: Path, kind: str) -> dict:
     import ckptmigrate as cm
-    from ckptmigrate.files import read_checkpoint
-    from ckptmigrate.rewrite import upgrade_file
+    from ckptmigrate.engine.rewrite import upgrade_file
+    from ckptmigrate.io.files import read_checkpoint
 
     other = folder.with_name(folder.name + "-v2")
     t = time.perf_counter()
@@ -245,7 +245,7 @@ def full_diff(a: Path, b: Path, kind: str) -> list[str]:
 
 def bench_scan(folder: Path, rounds: int = 3) -> dict:
     """Median of ``rounds`` interleaved rounds of each way to read the tree."""
-    from ckptmigrate.scan import scan
+    from ckptmigrate.inspection.scan import scan
 
     ways = {
         "workers_1": {"workers": 1},
@@ -269,8 +269,8 @@ def bench_chain(n_keys: int = 100_000, n_steps: int = 20) -> dict:
     import torch
 
     import ckptmigrate as cm
-    from ckptmigrate.formats.tensorinfo import TensorInfo, TensorStub
-    from ckptmigrate.streaming import upgrade_stubs
+    from ckptmigrate.engine.streaming import upgrade_stubs
+    from ckptmigrate.values.tensorinfo import TensorInfo, TensorStub
 
     def chain(general: bool) -> cm.Schema:
         # prefix renames, every other one written as a regex; ``general``: regexes with a group

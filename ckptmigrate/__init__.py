@@ -11,18 +11,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import errors, ops
-from .api import attach, load, load_into, save
-from .checkpoint import Checkpoint
-from .diff import diff  # binds the function over the submodule; deepdiff loads on first use
+from . import errors
+from .base.version import __version__ as __version__
+from .engine.api import attach, load, load_into, save
+from .engine.upgrade import upgrade
 from .errors import *  # noqa: F403 - every error, as errors.__all__ lists them
-from .layout import Layout, declare_layout
-from .registry import get_schema, list_schemas
-from .report import LoadReport
-from .schema import Schema
-from .stamp import Mount
-from .upgrade import upgrade
-from .version import __version__ as __version__
+from .formats.layout import Layout, declare_layout
+from .inspection.diff import (
+    diff,
+)  # binds the function over the submodule; deepdiff loads on first use
+from .io.report import LoadReport
+from .schema import ops
+from .schema.registry import get_schema, list_schemas
+from .schema.schema import Schema
+from .values.checkpoint import Checkpoint
+from .values.stamp import Mount
 
 __all__ = [
     *errors.__all__,  # every error the package raises
@@ -50,18 +53,18 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .inplace import stamp_in_place, upgrade_in_place
-    from .rewrite import Rewrite, upgrade_file
+    from .engine.inplace import stamp_in_place, upgrade_in_place
+    from .engine.rewrite import Rewrite, upgrade_file
 
     FileUpgrade = Rewrite
 
 # file rewriting pulls in the zip writer, sharded and DCP formats and the lock: on first use
 _LAZY = {
-    "upgrade_file": "rewrite",
-    "Rewrite": "rewrite",
-    "FileUpgrade": "rewrite",
-    "upgrade_in_place": "inplace",
-    "stamp_in_place": "inplace",
+    "upgrade_file": "engine.rewrite",
+    "Rewrite": "engine.rewrite",
+    "FileUpgrade": "engine.rewrite",
+    "upgrade_in_place": "engine.inplace",
+    "stamp_in_place": "engine.inplace",
 }
 
 

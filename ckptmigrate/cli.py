@@ -1,7 +1,7 @@
 """The ``ckptmigrate`` command line: one thin function per command, each calling the library.
 
 A command computes nothing about checkpoints itself: it calls the library for a record
-(:mod:`ckptmigrate.info`, :func:`ckptmigrate.diff.diff`, :func:`ckptmigrate.scan.scan`, ...),
+(:mod:`ckptmigrate.inspection.info`, :func:`ckptmigrate.inspection.diff.diff`, :func:`ckptmigrate.inspection.scan.scan`, ...),
 hands it to a renderer of :mod:`ckptmigrate.render` (or prints it as JSON), and returns the
 exit code.
 
@@ -45,9 +45,9 @@ from .terminal import is_terminal as _is_terminal
 # the read-plan-write sequence, and the lock around in-place rewrites, live in the library
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
-    from .rewrite import Rewrite
-    from .schema import Schema
+    from .engine.rewrite import Rewrite
+    from .schema.schema import Schema
+    from .values.checkpoint import Checkpoint
 
 PROG = "ckptmigrate"
 EXIT_OK, EXIT_DRIFT, EXIT_TROUBLE = 0, 1, 2
@@ -58,7 +58,7 @@ EXIT_OK, EXIT_DRIFT, EXIT_TROUBLE = 0, 1, 2
 
 def cmd_diff_model(args: argparse.Namespace) -> int:
     """``diff CKPT --model SCHEMA``: what a strict load into today's model would say."""
-    from .diff import diff_model
+    from .inspection.diff import diff_model
 
     if args.b is not None or args.values or args.upgrade:
         raise CommandLineError(
@@ -80,7 +80,7 @@ def cmd_diff_model(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from .diff import diff
+    from .inspection.diff import diff
 
     if args.model is not None:
         return cmd_diff_model(args)
@@ -117,7 +117,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .info import info_record, unloaded_migrations
+    from .inspection.info import info_record, unloaded_migrations
 
     info = info_record(
         args.ckpt,
@@ -167,7 +167,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         args.src, args.output, "it locks the checkpoint and keeps a backup of the old version"
     )
 
-    from .inplace import migrate_file
+    from .engine.inplace import migrate_file
 
     out = Output()
 
@@ -213,7 +213,7 @@ def _param_names(args: argparse.Namespace) -> list[str] | None:
     """``--param-names FILE``: one parameter name a line, in the optimizer's order."""
     if args.param_names is None:
         return None
-    from .positions import read_param_names
+    from .engine.positions import read_param_names
 
     return read_param_names(args.param_names)
 
@@ -222,7 +222,7 @@ def _param_names(args: argparse.Namespace) -> list[str] | None:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from .scan import scan
+    from .inspection.scan import scan
 
     with progress_bar("scanning") as progress:
         rows = scan(
@@ -245,8 +245,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from .info import history_record
-    from .registry import get_schema
+    from .inspection.info import history_record
+    from .schema.registry import get_schema
 
     schemas = _schemas(args)
     if args.schema is None:
@@ -260,7 +260,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def _list_schemas(schemas: dict[str, Schema], args: argparse.Namespace) -> int:
-    from .info import schema_list_record
+    from .inspection.info import schema_list_record
 
     record = schema_list_record(schemas)
     if args.json:
@@ -280,8 +280,8 @@ def _list_schemas(schemas: dict[str, Schema], args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .fixtures import check_fixtures
-    from .registry import fixtures_folders
+    from .inspection.fixtures import check_fixtures
+    from .schema.registry import fixtures_folders
 
     root = args.dir or fixtures_folders()[0]
     schemas = _schemas(args)
@@ -310,12 +310,12 @@ def cmd_stamp(args: argparse.Namespace) -> int:
     given = (lambda c: _guess(c, args)) if args.guess else args.version
     options: dict[str, Any] = dict(safe_globals=args.allow_global, prefix=args.prefix)
     if args.in_place:
-        from .inplace import stamp_in_place
+        from .engine.inplace import stamp_in_place
 
         done = stamp_in_place(args.ckpt, args.schema, given, **options)
         target = args.ckpt
     else:
-        from .rewrite import stamp_file
+        from .engine.rewrite import stamp_file
 
         done = stamp_file(args.ckpt, args.output, args.schema, given, what="--version", **options)
         target = args.output
@@ -330,12 +330,12 @@ def _stamped_as(done: Rewrite) -> str:
 
 def _guess(ckpt: Checkpoint, args: argparse.Namespace) -> Any:
     try:
-        from .guess import guess_version
+        from .engine.guess import guess_version
     except ImportError:
         raise CommandLineError(
             "version guessing is not available in this build: pass --version V"
         ) from None
-    from .registry import get_schema
+    from .schema.registry import get_schema
 
     guess = guess_version(ckpt, get_schema(args.schema, _schemas(args)))
     print(f"guessed version {guess.version} (confidence {guess.confidence:.2f})")
@@ -346,10 +346,10 @@ def _guess(ckpt: Checkpoint, args: argparse.Namespace) -> Any:
 
 
 def cmd_new(args: argparse.Namespace) -> int:
-    from .autogen import draft_migration, module_name
+    from .base.version import parse_version
     from .errors import CkptMigrateError
-    from .registry import migrations_folder
-    from .version import parse_version
+    from .inspection.autogen import draft_migration, module_name
+    from .schema.registry import migrations_folder
 
     v1 = parse_version(args.from_version, what="--from-version")
     v2 = parse_version(args.to_version, what="--to-version")
@@ -429,7 +429,7 @@ def _warn_unconfirmed(count: int) -> None:
 
 def _schemas(args: argparse.Namespace) -> dict[str, Schema]:
     """The schemas of ``--migrations PATH``, else the configured or installed ones."""
-    from .registry import find_schemas
+    from .schema.registry import find_schemas
 
     return find_schemas(args.migrations or None)
 
@@ -610,13 +610,13 @@ def _migrations_layouts(args: argparse.Namespace) -> contextlib.AbstractContextM
     a file in none of the known layouts imports them, once, and is matched again."""
     if not hasattr(args, "allow_global"):
         return contextlib.nullcontext()
-    from .layout import layouts_from
+    from .formats.layout import layouts_from
 
     return layouts_from(lambda: _schemas(args))
 
 
 def _library_version() -> str:
-    from .version import __version__
+    from .base.version import __version__
 
     return __version__
 
@@ -655,7 +655,7 @@ def _main(argv: Sequence[str] | None) -> int:
 def _project_importable() -> Iterator[None]:
     """The project's folder first on sys.path for the whole command: migrations import its
     model code, and a ``build=`` may do so only when it runs (``diff --model``, ``check``)."""
-    from .registry import project_folder, project_on_sys_path
+    from .schema.registry import project_folder, project_on_sys_path
 
     try:
         folder = project_folder()

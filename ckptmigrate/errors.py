@@ -279,12 +279,12 @@ class SchemaMismatchError(CkptMigrateError):
 class UnknownSchemaError(SchemaMismatchError, LookupError):
     """A schema was asked for by name, but no discovered migration module defines it.
 
-    The one error of every lookup by name (:func:`ckptmigrate.registry.get_schema`): ``known``
+    The one error of every lookup by name (:func:`ckptmigrate.schema.registry.get_schema`): ``known``
     lists the names there are, ``nearest`` the closest one (None when none is close).
     """
 
     def __init__(self, name: str, known: Sequence[str]) -> None:
-        from .nearest import nearest
+        from .base.nearest import nearest
 
         self.known = sorted(known)
         close = nearest(name, self.known, n=1) if name else []
@@ -517,7 +517,7 @@ class NothingMatched(OpError):
 
     def details(self) -> dict[str, Any]:
         """``starts``, ``nearest`` and ``prefix``, as :class:`OpMatchedNothingError` takes them."""
-        from .nearest import leading_components, mount_prefix, nearest
+        from .base.nearest import leading_components, mount_prefix, nearest
 
         names = list(self.names)
         close = nearest(self.needle, names)

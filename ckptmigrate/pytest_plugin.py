@@ -15,7 +15,7 @@ configured, in the first of these places that names some::
 
 Every ``*.golden.pt`` record under those folders becomes a test that upgrades its checkpoint,
 loads it strictly into the model built from the migrated hparams and compares the outputs with
-the golden ones (see :mod:`ckptmigrate.fixtures`). A plain ``pytest`` run, or one given only
+the golden ones (see :mod:`ckptmigrate.inspection.fixtures`). A plain ``pytest`` run, or one given only
 ``--ckpt-fixtures``, collects the folders even when ``testpaths`` leaves them out; a run naming
 other paths collects them only if they lie under those paths.
 
@@ -33,9 +33,9 @@ import pytest
 from .errors import FixtureCheckError, FixtureNotFoundError
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
-    from .fixtures import Fixture, FixtureResult
-    from .schema import Schema
+    from .inspection.fixtures import Fixture, FixtureResult
+    from .schema.schema import Schema
+    from .values.checkpoint import Checkpoint
 
 GOLDEN_SUFFIX = ".golden.pt"
 _DIRS = pytest.StashKey[list[Path]]()
@@ -65,9 +65,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def _tool_configured(config: pytest.Config, key: str) -> list[str]:
     """``[tool.ckptmigrate] key`` of the nearest configuring pyproject.toml up from the config
-    file's folder: the reader the CLI uses (:func:`ckptmigrate.registry.configured`)."""
+    file's folder: the reader the CLI uses (:func:`ckptmigrate.schema.registry.configured`)."""
     from .errors import CkptMigrateError
-    from .registry import configured
+    from .schema.registry import configured
 
     try:
         return configured(key, _base(config))
@@ -129,7 +129,7 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
 def _schemas(config: pytest.Config) -> dict[str, Schema]:
     """The schemas the configured migrations define, discovered once per session."""
     if _SCHEMAS not in config.stash:
-        from .registry import find_schemas
+        from .schema.registry import find_schemas
 
         sources = []
         for entry in _configured(config, "ckpt_migrations", "ckpt_migrations", "migrations"):
@@ -154,7 +154,7 @@ def _keep_project_importable(config: pytest.Config) -> None:
     project's model code when a fixture is checked); pytest_unconfigure takes it off."""
     import sys
 
-    from .registry import project_folder
+    from .schema.registry import project_folder
 
     entry = str(project_folder(_base(config)))
     if entry not in sys.path:
@@ -175,7 +175,7 @@ class GoldenRecordFile(pytest.File):
 
     def collect(self) -> list[pytest.Item]:
         from .errors import CkptMigrateError
-        from .fixtures import fixture_from_golden
+        from .inspection.fixtures import fixture_from_golden
 
         try:
             fixture = fixture_from_golden(self.path)
@@ -194,7 +194,7 @@ class CkptFixtureItem(pytest.Item):
         self.add_marker("ckpt_fixture")
 
     def runtest(self) -> None:
-        from .fixtures import check_fixture
+        from .inspection.fixtures import check_fixture
 
         result = check_fixture(self.fixture, _schemas(self.config))
         self.user_properties.append(("steps_applied", result.steps_applied))
@@ -228,13 +228,13 @@ class CkptFixtures:
 
     def all(self) -> list[Fixture]:
         """Every fixture under the configured folders."""
-        from .fixtures import find_fixtures
+        from .inspection.fixtures import find_fixtures
 
         return [f for d in _fixture_dirs(self._config) if d.is_dir() for f in find_fixtures(d)]
 
     def find(self, path: str | Path | Fixture) -> Fixture:
         """The fixture of a checkpoint or golden-record path (relative to the rootdir or cwd)."""
-        from .fixtures import Fixture, fixture_from_golden
+        from .inspection.fixtures import Fixture, fixture_from_golden
 
         if isinstance(path, Fixture):
             return path
@@ -251,7 +251,7 @@ class CkptFixtures:
 
     def golden(self, path: str | Path | Fixture) -> dict[str, Any]:
         """The golden record (input, output, tolerance, hparams) of a fixture."""
-        from .fixtures import read_golden
+        from .inspection.fixtures import read_golden
 
         return read_golden(self.find(path).golden_path)
 
@@ -259,8 +259,8 @@ class CkptFixtures:
         self, path: str | Path | Fixture, *, to: str | None = None, upgrade: bool = True
     ) -> Checkpoint:
         """The fixture's checkpoint upgraded to ``to`` (default: current), or as stored."""
-        from .fixtures import load_fixture
-        from .registry import get_schema
+        from .inspection.fixtures import load_fixture
+        from .schema.registry import get_schema
 
         fixture = self.find(path)
         schema = get_schema(fixture.schema, self.schemas)  # UnknownSchemaError, a LookupError
@@ -268,7 +268,7 @@ class CkptFixtures:
 
     def check(self, path: str | Path | Fixture) -> FixtureResult:
         """Run the full fixture check and return its result."""
-        from .fixtures import check_fixture
+        from .inspection.fixtures import check_fixture
 
         return check_fixture(self.find(path), self.schemas)
 

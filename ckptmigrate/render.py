@@ -1,7 +1,7 @@
 """What the command line prints: each command's records as plain lines or rich tables.
 
-A renderer takes a record the library made (:mod:`ckptmigrate.info`, :class:`~ckptmigrate.diff.Diff`,
-:mod:`ckptmigrate.scan` rows) and writes it, plain (``write`` is ``print``) for pipes and logs,
+A renderer takes a record the library made (:mod:`ckptmigrate.inspection.info`, :class:`~ckptmigrate.diff.Diff`,
+:mod:`ckptmigrate.inspection.scan` rows) and writes it, plain (``write`` is ``print``) for pipes and logs,
 rich (a console) on a terminal; it computes nothing about checkpoints.
 
 >>> render_info_plain(info_record("ckpt.pth"), print)  # doctest: +SKIP
@@ -12,14 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .base.readable import human_bytes as _human_bytes
+from .base.readable import readable
 from .errors import CkptMigrateError, CommandLineError
-from .readable import human_bytes as _human_bytes
-from .readable import readable
 from .terminal import Output, styled
 
 if TYPE_CHECKING:
-    from .diff import Diff, ModelDiff
-    from .scan import ScanRow
+    from .inspection.diff import Diff, ModelDiff
+    from .inspection.scan import ScanRow
 
 
 # -- diff --------------------------------------------------------------------------------------
@@ -49,7 +49,7 @@ DiffRow = tuple[str, str, str, int]
 
 def _rename_rows(d: Diff, arrow: str) -> list[DiffRow]:
     """A rename per row, or one row per pattern of many (``blocks.N.* -> layers.N.* (x1200)``)."""
-    from .rename_groups import group_renames
+    from .inspection.rename_groups import group_renames
 
     rows: list[DiffRow] = []
     for group in group_renames(d.renamed):

@@ -17,7 +17,7 @@ import torch
 from toy import TOY_MIGRATIONS_WITH_MODEL, toy_sd
 
 import ckptmigrate as cm
-from ckptmigrate.discovery import find_schemas
+from ckptmigrate.schema.discovery import find_schemas
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -78,8 +78,8 @@ def test_importing_ckptmigrate_does_not_import_torch():
 def test_cm_diff_stays_the_function_after_its_module_is_imported():
     code = (
         "import ckptmigrate as cm\n"
-        "import ckptmigrate.diff\n"
-        "from ckptmigrate.diff import Diff\n"
+        "import ckptmigrate.inspection.diff\n"
+        "from ckptmigrate.inspection.diff import Diff\n"
         "assert callable(cm.diff) and cm.diff.__name__ == 'diff', cm.diff\n"
         "assert cm.diff is ckptmigrate.diff\n"
     )

@@ -44,6 +44,7 @@ from toy import TOY_MIGRATIONS, toy_schema, toy_sd
 
 import ckptmigrate as cm
 from ckptmigrate import cli
+from ckptmigrate.engine.inplace import stamp_in_place, upgrade_in_place
 from ckptmigrate.errors import (
     CheckpointFormatError,
     CkptMigrateError,
@@ -51,8 +52,7 @@ from ckptmigrate.errors import (
     SchemaMismatchError,
     UnversionedCheckpointError,
 )
-from ckptmigrate.files import read_metadata
-from ckptmigrate.inplace import stamp_in_place, upgrade_in_place
+from ckptmigrate.io.files import read_metadata
 
 Maker = Callable[[Path, Path], Path]  # (case folder, reference folder) -> the bad path
 CASES: dict[str, Maker] = {}
@@ -668,7 +668,7 @@ _PROBE = """
 import resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 from ckptmigrate.errors import CheckpointFormatError
-from ckptmigrate.files import read_metadata
+from ckptmigrate.io.files import read_metadata
 start = time.perf_counter()
 for path in sys.argv[1:]:
     try:

@@ -485,8 +485,8 @@ def test_zstd_dcp_checkpoint_loads_and_upgrades(tmp_path):
     pytest.importorskip("zstandard")
     from folder_schema import rename_drop_schema
 
-    from ckptmigrate.files import read_checkpoint
-    from ckptmigrate.rewrite import upgrade_file
+    from ckptmigrate.engine.rewrite import upgrade_file
+    from ckptmigrate.io.files import read_checkpoint
 
     state = _zstd_dcp(tmp_path / "z")
     md = pickle_load_metadata(tmp_path / "z")
@@ -540,7 +540,7 @@ def _chunk_of(folder: Path, fqn: str, pieces: Iterable[bytes], *, zstd: bool = T
 def test_zstd_chunk_inflating_past_its_declared_size_is_refused(tmp_path):
     # the tensor declares 4 KiB; its chunk inflates to 256 MiB (torch read it whole first)
     pytest.importorskip("zstandard")
-    from ckptmigrate.files import read_checkpoint
+    from ckptmigrate.io.files import read_checkpoint
 
     fqn = "model.blocks.0.weight"
     _zstd_dcp(tmp_path / "z")
@@ -555,7 +555,7 @@ def test_zstd_chunk_inflating_past_its_declared_size_is_refused(tmp_path):
 def test_zstd_value_inflating_past_the_pickle_cap_is_refused(tmp_path):
     # a value stored as bytes declares no size: it may inflate to the 1 GiB cap of a data.pkl
     pytest.importorskip("zstandard")
-    from ckptmigrate.files import read_checkpoint
+    from ckptmigrate.io.files import read_checkpoint
 
     _zstd_dcp(tmp_path / "z")
     _inflating_chunk(tmp_path / "z", "epoch", MAX_PICKLE_BYTES + (2 << 20))
@@ -568,7 +568,7 @@ def test_zstd_value_inflating_past_the_pickle_cap_is_refused(tmp_path):
 def test_zstd_value_compressed_far_below_its_size_loads(tmp_path):
     # 80 MB of text zstd keeps in a few KB: the bound on its stored bytes (64 MiB) refused it
     pytest.importorskip("zstandard")
-    from ckptmigrate.files import read_checkpoint
+    from ckptmigrate.io.files import read_checkpoint
 
     log = "step ok\n" * 10_000_000
     _zstd_dcp(tmp_path / "z", log=log)
@@ -581,7 +581,7 @@ def test_zstd_value_compressed_far_below_its_size_loads(tmp_path):
 def test_dcp_value_of_a_dense_pickle_is_refused_before_torch_decodes_it(tmp_path, zstd):
     # 2 MB of EMPTY_SET in a torch zip (zstd: a few KB): torch's loader took 800 MiB for it
     pytest.importorskip("zstandard")
-    from ckptmigrate.files import read_checkpoint
+    from ckptmigrate.io.files import read_checkpoint
 
     _zstd_dcp(tmp_path / "z")
     bomb = _zip_with_pickle(tmp_path, _empty_sets(2_000_000)).read_bytes()
@@ -601,9 +601,9 @@ def _read_whole(tmp_path: Path, kind: str) -> tuple[Path, Path, int]:
 
     import torch.distributed.checkpoint as dcp
 
+    from ckptmigrate.engine.inplace import stamp_in_place
     from ckptmigrate.formats.bounds import MAX_JSON_FILE_BYTES
     from ckptmigrate.formats.dcp import METADATA_FILE, STAMP_FILE
-    from ckptmigrate.inplace import stamp_in_place
 
     if kind == "index":
         index = write_set(tmp_path / "set", {"model-00001-of-00001.safetensors": _TENSORS})
@@ -637,7 +637,7 @@ def _reader_of(kind: str):
 def test_a_file_read_whole_past_its_cap_is_refused_before_it_is_read(tmp_path, kind):
     # a 20 GB sparse model.safetensors.index.json made `info` read 20 GB into memory
     from ckptmigrate.errors import FileTooLargeError
-    from ckptmigrate.files import read_metadata
+    from ckptmigrate.io.files import read_metadata
 
     path, whole, cap = _read_whole(tmp_path, kind)
     assert read_metadata(path).state_dict.keys() == _TENSORS.keys()  # as written: it loads
@@ -656,7 +656,7 @@ def test_a_file_read_whole_past_its_cap_is_refused_before_it_is_read(tmp_path, k
 
 @pytest.mark.parametrize("kind", WHOLE_FILES)
 def test_a_fifo_named_as_a_file_read_whole_is_refused_without_blocking(tmp_path, kind):
-    from ckptmigrate.files import read_metadata
+    from ckptmigrate.io.files import read_metadata
 
     path, whole, _ = _read_whole(tmp_path, kind)
     whole.unlink()
@@ -675,7 +675,7 @@ def test_a_journal_too_large_or_not_a_file_is_kept_and_the_set_upgrades(tmp_path
     # is not ours: kept, and the upgrade goes on
     from toy import TOY_MIGRATIONS
 
-    from ckptmigrate.files import read_metadata
+    from ckptmigrate.io.files import read_metadata
 
     index = write_set(
         tmp_path / "set", {"model-00001-of-00001.safetensors": _TENSORS}, version="1.0.0"

@@ -15,8 +15,8 @@ from processes import run, run_on_terminal
 from toy import write_toy_fixture
 
 import ckptmigrate as cm
-from ckptmigrate.readable import readable, readable_float
-from ckptmigrate.rename_groups import MIN_GROUP, group_renames, rename_pattern
+from ckptmigrate.base.readable import readable, readable_float
+from ckptmigrate.inspection.rename_groups import MIN_GROUP, group_renames, rename_pattern
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

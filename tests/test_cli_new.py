@@ -10,8 +10,8 @@ from processes import run
 
 import ckptmigrate as cm
 from ckptmigrate import cli
-from ckptmigrate.autogen import infer_drops, infer_renames
-from ckptmigrate.discovery import find_schemas
+from ckptmigrate.inspection.autogen import infer_drops, infer_renames
+from ckptmigrate.schema.discovery import find_schemas
 
 
 def gpt_sd(prefix: str = "blocks", layers: int = 3) -> dict[str, torch.Tensor]:

@@ -189,7 +189,7 @@ def test_scan_of_a_missing_folder_is_an_error_so_fail_behind_cannot_pass_a_typo(
 ) -> None:
     line = cli_error(run(files, "scan", "registyr", "--fail-behind", "--migrations", "mig"))
     assert "no checkpoint folder at registyr" in line
-    from ckptmigrate.scan import scan
+    from ckptmigrate.inspection.scan import scan
 
     with pytest.raises(cm.PathNotFoundError, match="registyr"):
         scan(files / "registyr")

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from packaging.version import Version
 
 import ckptmigrate as cm
-from ckptmigrate.compose import PrefixMap, literal_prefix_rename
 from ckptmigrate.errors import MigrationError, OpMatchedNothingError
+from ckptmigrate.schema.compose import PrefixMap, literal_prefix_rename
 
-upgrade_mod = importlib.import_module("ckptmigrate.upgrade")  # cm.upgrade is the function
+upgrade_mod = importlib.import_module("ckptmigrate.engine.upgrade")  # cm.upgrade is the function
 # a tiny alphabet makes prefixes overlap, extend and collide often
 TEXT = st.text(alphabet="ab.", max_size=5)
 PREFIX = st.sampled_from(["", "a", "b", "ab", "ba", "aa", "bb", "a.", "b."])
@@ -206,7 +206,7 @@ def test_a_newline_in_a_key_keeps_regex_semantics(monkeypatch):
 
 
 def test_an_in_place_upgrade_composes_the_run_and_reports_progress(tmp_path, monkeypatch):
-    from ckptmigrate.inplace import migrate_file
+    from ckptmigrate.engine.inplace import migrate_file
 
     target = tmp_path / "model.pth"
     ckpt = chain_checkpoint()

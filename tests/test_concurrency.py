@@ -18,10 +18,10 @@ from toy import toy_sd
 
 import ckptmigrate as cm
 from ckptmigrate import cli
+from ckptmigrate.engine.inplace import stamp_in_place, upgrade_in_place
 from ckptmigrate.errors import AlreadyStampedError, LockTimeoutError
 from ckptmigrate.formats import atomic
-from ckptmigrate.inplace import stamp_in_place, upgrade_in_place
-from ckptmigrate.lock import FileLock, file_lock, lock_path_for, read_lock_holder
+from ckptmigrate.formats.lock import FileLock, file_lock, lock_path_for, read_lock_holder
 
 SLOW_MIGRATIONS = """
 import os, time
@@ -296,7 +296,7 @@ def test_the_cli_reports_a_held_lock_in_one_line(
 
 
 def _main_with_timeout(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    import ckptmigrate.inplace as inplace
+    import ckptmigrate.engine.inplace as inplace
 
     real = inplace.file_lock
     monkeypatch.setattr(inplace, "file_lock", lambda path, **kw: real(path, timeout=0.2))

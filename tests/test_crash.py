@@ -26,10 +26,10 @@ from crash_points import NOT_US, events_of, killed_child, live_child, our_pid_bu
 from toy import TOY_MIGRATIONS, toy_schema
 
 import ckptmigrate as cm
+from ckptmigrate.engine.inplace import BackupExistsError, stamp_in_place, upgrade_in_place
 from ckptmigrate.errors import AlreadyStampedError
 from ckptmigrate.formats import atomic
-from ckptmigrate.inplace import BackupExistsError, stamp_in_place, upgrade_in_place
-from ckptmigrate.lock import LOCK_SUFFIX
+from ckptmigrate.formats.lock import LOCK_SUFFIX
 
 KILL_POINTS = 100
 
@@ -481,7 +481,7 @@ def test_a_failed_write_after_the_linked_backup_leaves_both_names_whole(
 
 
 def test_a_set_backup_links_its_shards(tmp_path: Path) -> None:
-    from ckptmigrate.inplace import _write_backup
+    from ckptmigrate.engine.inplace import _write_backup
 
     folder = tmp_path / "set"
     folder.mkdir()

@@ -40,8 +40,8 @@ from toy import TOY_MIGRATIONS
 
 import ckptmigrate as cm
 from ckptmigrate import cli
-from ckptmigrate.files import read_checkpoint
 from ckptmigrate.formats import atomic, folder_swap
+from ckptmigrate.io.files import read_checkpoint
 
 KILL_POINTS = int(os.environ.get("CKPTMIGRATE_KILL_POINTS", "8"))
 

@@ -31,10 +31,10 @@ from crash_points import (
 from hostile import write_set
 from toy import toy_schema
 
+from ckptmigrate.engine.inplace import stamp_in_place, upgrade_in_place
 from ckptmigrate.errors import AlreadyStampedError
-from ckptmigrate.files import read_checkpoint
 from ckptmigrate.formats import atomic, set_swap
-from ckptmigrate.inplace import stamp_in_place, upgrade_in_place
+from ckptmigrate.io.files import read_checkpoint
 
 KILL_POINTS = int(os.environ.get("CKPTMIGRATE_KILL_POINTS", "8"))
 
@@ -180,7 +180,7 @@ def test_the_next_run_keeps_an_old_shard_that_changed_after_the_killed_one_read_
 def test_a_killed_upgrade_into_another_folder_leaves_no_orphans_after_the_rerun(
     work: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ckptmigrate.inplace import migrate_file
+    from ckptmigrate.engine.inplace import migrate_file
 
     case = Case("upgrade-streamed", ".safetensors")
     folder = case.lay_out(work)
@@ -206,7 +206,7 @@ def test_a_kill_while_a_companion_file_is_copied_leaves_no_temporary_after_the_r
 ) -> None:
     """Killed with ``notes.txt``'s copy half written into the output folder, the rerun sweeps
     that temporary too, not only those of shards and the index (found at 100 kill points)."""
-    from ckptmigrate.inplace import migrate_file
+    from ckptmigrate.engine.inplace import migrate_file
 
     case = Case("upgrade-streamed", ".safetensors")
     folder = case.lay_out(work)

@@ -17,9 +17,9 @@ from folder_schema import rename_drop_schema
 
 import ckptmigrate as cm
 from ckptmigrate import cli as cm_cli
-from ckptmigrate.files import read_checkpoint, read_metadata
+from ckptmigrate.engine.rewrite import upgrade_file
 from ckptmigrate.formats.dcp import STAMP_FILE, SafeFileSystemReader
-from ckptmigrate.rewrite import upgrade_file
+from ckptmigrate.io.files import read_checkpoint, read_metadata
 
 
 def _model_sd() -> dict[str, torch.Tensor]:

@@ -22,9 +22,9 @@ from folder_schema import rename_drop_schema
 from gloo_ranks import WORLD, init_ranks, run_ranks
 
 import ckptmigrate as cm
-from ckptmigrate.files import read_checkpoint, read_metadata
+from ckptmigrate.engine.rewrite import upgrade_file
 from ckptmigrate.formats.dcp import STAMP_FILE, SafeFileSystemReader, read_dcp_metadata
-from ckptmigrate.rewrite import upgrade_file
+from ckptmigrate.io.files import read_checkpoint, read_metadata
 
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("this torch build has no torch.distributed gloo backend", allow_module_level=True)

@@ -27,7 +27,7 @@ if not (dist.is_available() and dist.is_gloo_available()):
 from gloo_ranks import WORLD, init_ranks, run_ranks  # noqa: E402
 
 import ckptmigrate as cm  # noqa: E402
-from ckptmigrate.files import read_checkpoint  # noqa: E402
+from ckptmigrate.io.files import read_checkpoint  # noqa: E402
 
 #: both runs do the same float operations in the same order; the slack covers summation order
 RTOL, ATOL = 1e-6, 1e-7

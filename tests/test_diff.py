@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import ckptmigrate as cm
-from ckptmigrate.diff import Diff, diff, match_renames, name_similarity
-from ckptmigrate.discovery import find_schemas
+from ckptmigrate.inspection.diff import Diff, diff, match_renames, name_similarity
+from ckptmigrate.schema.discovery import find_schemas
 
 
 def model_sd(prefix: str = "blocks", layers: int = 2, width: int = 4) -> dict[str, torch.Tensor]:
@@ -243,7 +243,7 @@ def test_cm_diff_is_still_the_function_after_the_submodule_is_imported() -> None
 
 PROBE = """
 import os, sys
-from ckptmigrate.diff import diff
+from ckptmigrate.inspection.diff import diff
 
 def rchar():
     with open("/proc/self/io") as f:
@@ -290,7 +290,7 @@ def test_metadata_diff_reads_no_tensor_data_and_never_imports_torch(tmp_path: Pa
 def test_importing_ckptmigrate_and_diff_module_stays_torch_free() -> None:
     code = textwrap.dedent("""
         import sys
-        import ckptmigrate, ckptmigrate.diff, ckptmigrate.cli
+        import ckptmigrate, ckptmigrate.inspection.diff, ckptmigrate.cli
         print("torch" in sys.modules)
         """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

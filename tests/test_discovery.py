@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import ckptmigrate as cm
-from ckptmigrate import discovery
-from ckptmigrate.discovery import find_schemas, import_source
+from ckptmigrate.schema import discovery
+from ckptmigrate.schema.discovery import find_schemas, import_source
 
 
 def migration_source(name: str, current: str = "2.0.0") -> str:

@@ -27,7 +27,7 @@ ALLOWED = {
     ("formats/atomic.py", "FileNotFoundError"),
     # Python's protocols: a module's __getattr__ and a frozen object's __setattr__
     ("__init__.py", "AttributeError"),
-    ("formats/tensorinfo.py", "AttributeError"),
+    ("values/tensorinfo.py", "AttributeError"),
     # the file object the unpickler reads through ends: the decoder catches it (FORMAT_ERRORS)
     ("formats/torch/unpickler.py", "EOFError"),
     # the opcode walk's signal for a malformed pickle (a CheckpointFormatError carrying where the

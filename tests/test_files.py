@@ -19,7 +19,7 @@ from torch import nn
 
 import ckptmigrate as cm
 from ckptmigrate import ops
-from ckptmigrate.files import read_metadata
+from ckptmigrate.io.files import read_metadata
 
 TEMP_GLOB = "*.ckptmigrate-tmp-*"
 

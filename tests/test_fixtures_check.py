@@ -15,9 +15,8 @@ import torch
 from packaging.version import Version
 
 import ckptmigrate as cm
-from ckptmigrate.discovery import import_source
 from ckptmigrate.errors import CheckpointFormatError
-from ckptmigrate.fixtures import (
+from ckptmigrate.inspection.fixtures import (
     Fixture,
     FixtureResult,
     check_fixture,
@@ -26,6 +25,7 @@ from ckptmigrate.fixtures import (
     load_fixture,
     read_golden,
 )
+from ckptmigrate.schema.discovery import import_source
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"

@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import save_file
 
 import ckptmigrate as cm
-from ckptmigrate import files
 from ckptmigrate.formats import registry
-from ckptmigrate.info import info_record
+from ckptmigrate.inspection.info import info_record
+from ckptmigrate.io import files
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -215,7 +215,7 @@ def test_metadata_reads_of_every_format_do_not_import_torch(tmp_path):
         paths.append(_make(kind, tmp_path / kind))
     script = (
         "import sys\n"
-        "from ckptmigrate import files\n"
+        "from ckptmigrate.io import files\n"
         f"for path in {[str(p) for p in paths]!r}:\n"
         "    files.read_metadata(path)\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"

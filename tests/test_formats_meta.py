@@ -27,18 +27,18 @@ from safetensors.torch import save_file
 from ckptmigrate.errors import CheckpointFormatError, UnsafeCheckpointError
 from ckptmigrate.formats.detect import detect_format
 from ckptmigrate.formats.safetensors_header import read_safetensors_header
-from ckptmigrate.formats.tensorinfo import (
-    DTYPE_SIZES,
-    SAFETENSORS_DTYPES,
-    TensorInfo,
-    TensorStub,
-)
 from ckptmigrate.formats.torch import (
     WEIGHTS_ONLY_GLOBALS,
     OpaqueObject,
     read_torch_metadata,
     read_zip_records,
     scan_pickle_globals,
+)
+from ckptmigrate.values.tensorinfo import (
+    DTYPE_SIZES,
+    SAFETENSORS_DTYPES,
+    TensorInfo,
+    TensorStub,
 )
 
 LEGACY = {"_use_new_zipfile_serialization": False}

@@ -9,8 +9,8 @@ import torch
 from processes import run
 
 import ckptmigrate as cm
-from ckptmigrate.discovery import find_schemas
-from ckptmigrate.fusion import infer_fusions
+from ckptmigrate.inspection.fusion import infer_fusions
+from ckptmigrate.schema.discovery import find_schemas
 
 SQUARE = ((32, 32), "float32")
 

@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 
 import ckptmigrate as cm
 from ckptmigrate.errors import CkptMigrateError
-from ckptmigrate.files import read_checkpoint, read_metadata
+from ckptmigrate.io.files import read_checkpoint, read_metadata
 
 EXAMPLES = int(os.environ.get("CKPTMIGRATE_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(

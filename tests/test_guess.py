@@ -10,10 +10,10 @@ import torch
 
 import ckptmigrate as cm
 from ckptmigrate import cli
-from ckptmigrate.discovery import find_schemas
+from ckptmigrate.engine.guess import guess_version, key_pattern
 from ckptmigrate.errors import AmbiguousVersionError
-from ckptmigrate.fixtures import find_fixtures
-from ckptmigrate.guess import guess_version, key_pattern
+from ckptmigrate.inspection.fixtures import find_fixtures
+from ckptmigrate.schema.discovery import find_schemas
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"

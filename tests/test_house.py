@@ -16,13 +16,8 @@ import ckptmigrate as cm
 
 PACKAGE = Path(cm.__file__).parent
 
-#: Private names still used across modules, as (importing file, module.name): each is to be
-#: made public by the rest of #14, in files other items of that issue are rewriting.
-ALLOWED: set[tuple[str, str]] = {
-    # to be made public by the rest of #14
-    ("upgrade.py", "ckptmigrate.ops._module_renames"),
-    ("mounts.py", "ckptmigrate.positions._verify"),
-}
+#: Private names still used across modules, as (importing file, module.name), each with why.
+ALLOWED: set[tuple[str, str]] = set()
 
 
 def _module_name(path: Path) -> str:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from ckptmigrate import cli
-from ckptmigrate.discovery import find_schemas
-from ckptmigrate.info import history_record, info_record, schema_list_record
+from ckptmigrate.inspection.info import history_record, info_record, schema_list_record
+from ckptmigrate.schema.discovery import find_schemas
 
 
 def _cli_json(capsys: pytest.CaptureFixture[str], *argv: str) -> object:

@@ -18,45 +18,37 @@ import ckptmigrate as cm
 PACKAGE = Path(cm.__file__).parent
 
 #: The layers, lowest first, and the modules in each (dotted, below ``ckptmigrate``). An
-#: entry ``"formats.*"`` places every module of that package not named on its own.
+#: entry ``"formats.*"`` places every module of that package not named on its own. Each layer
+#: is a folder of the package (:data:`FOLDERS`), apart from the package surface at the top.
 LAYERS: dict[str, tuple[str, ...]] = {
     # the vocabulary every layer speaks: typed errors, versions, how a value is printed
-    "base": ("errors", "nearest", "readable", "version"),
+    "base": ("errors", "base", "base.*"),
     # the values a read produces and a write consumes: a checkpoint, its stamp, a tensor stub
-    "values": ("checkpoint", "stamp", "formats.tensorinfo"),
+    "values": ("values", "values.*"),
     # bytes on disk: one module per file format, the dict layouts inside them, the file lock
-    "formats": ("formats", "formats.*", "layout", "lock"),
+    "formats": ("formats", "formats.*"),
     # a path as a checkpoint: one open, one sniff, one dispatch; what a load would report
-    "checkpoint": ("files", "report", "signature", "golden"),
+    "checkpoint": ("io", "io.*"),
     # what versions exist and how to go between them, knowing nothing about files
-    "schema": ("schema", "graph", "ops", "compose", "registry", "discovery"),
+    "schema": ("schema", "schema.*"),
     # running migrations on checkpoints: planning, guarding, following optimizer state, I/O
-    "engine": (
-        "upgrade",
-        "composed",
-        "guard",
-        "followers",
-        "optimizer",
-        "positions",
-        "mounts",
-        "guess",
-        "streaming",
-        "rewrite",
-        "inplace",
-        "api",
-    ),
+    "engine": ("engine", "engine.*"),
     # looking at checkpoints: differences, fixtures checks, scans, drafts of migrations
-    "inspect": (
-        "diff",
-        "rename_groups",
-        "fusion",
-        "autogen",
-        "fixtures",
-        "scan",
-        "info",
-    ),
+    "inspect": ("inspection", "inspection.*"),
     # what a person or a test runner touches: the package surface, the CLI and its output
     "interface": ("", "__main__", "cli", "render", "terminal", "pytest_plugin"),
+}
+
+#: The folder that holds each layer's modules; the top level holds the package surface (the
+#: interface) and ``errors``, the one base module users import by name.
+FOLDERS = {
+    "base": "base",
+    "values": "values",
+    "formats": "formats",
+    "checkpoint": "io",
+    "schema": "schema",
+    "engine": "engine",
+    "inspect": "inspection",
 }
 
 RANK = {name: rank for rank, name in enumerate(LAYERS)}
@@ -64,8 +56,14 @@ RANK = {name: rank for rank, name in enumerate(LAYERS)}
 #: The import cycles left, each inside one layer, each with why; a new cycle fails. Cycles
 #: among the format modules are not listed: the formats are being regrouped by format.
 KNOWN_CYCLES = [
-    {"checkpoint", "stamp"},  # annotations only (TYPE_CHECKING): a Checkpoint holds Mounts
-    {"mounts", "upgrade"},  # upgrading a file upgrades each mount, each through run_plan
+    {
+        "values.checkpoint",
+        "values.stamp",
+    },  # annotations only (TYPE_CHECKING): a Checkpoint holds Mounts
+    {
+        "engine.mounts",
+        "engine.upgrade",
+    },  # upgrading a file upgrades each mount, each through run_plan
 ]
 
 
@@ -234,11 +232,11 @@ def test_the_cycle_finder_finds_a_lazy_cycle_and_leaves_a_chain_alone():
 @pytest.mark.parametrize(
     ("module", "source", "imported"),
     [
-        ("schema", "def f():\n    from .guess import signature_of\n", "guess"),  # lazy
-        ("stamp", "from . import __version__\n", ""),  # the package itself
-        ("formats.dcp", "from ..diff import diff\n", "diff"),
+        ("schema.schema", "def f():\n    from ..engine.guess import guess\n", "engine.guess"),
+        ("values.stamp", "from .. import __version__\n", ""),  # the package itself
+        ("formats.dcp", "from ..inspection.diff import diff\n", "inspection.diff"),
         ("formats.dcp", "import ckptmigrate.cli\n", "cli"),
-        ("registry", "from ckptmigrate import api\n", "api"),
+        ("schema.registry", "from ckptmigrate.engine import api\n", "engine.api"),
     ],
 )
 def test_the_walk_sees_an_import_however_it_is_written(module, source, imported):
@@ -248,5 +246,20 @@ def test_the_walk_sees_an_import_however_it_is_written(module, source, imported)
 
 def test_a_module_of_a_placed_package_takes_its_layer_and_others_need_placing():
     assert layer_of("formats.torch.pickle_meta") == "formats"
-    assert layer_of("formats.tensorinfo") == "values"
+    assert layer_of("values.tensorinfo") == "values"
     assert layer_of("brand_new_module") is None
+
+
+def test_each_layer_lives_in_its_own_folder():
+    """The tree shows the layers: a module's folder is its layer's; the top level holds the
+    package surface and ``errors``."""
+    misplaced = []
+    for path, module in _modules():
+        layer = layer_of(module)
+        top = module.partition(".")[0]
+        folder = top if "." in module or top in FOLDERS.values() else None
+        expected = None if layer == "interface" or module == "errors" else FOLDERS.get(layer)
+        if folder != expected:
+            misplaced.append(f"{path.relative_to(PACKAGE)}: layer {layer}, folder {expected}/")
+    assert misplaced == []
+    assert sorted(FOLDERS) == sorted(set(LAYERS) - {"interface"})

@@ -16,7 +16,7 @@ import torch
 from processes import run
 
 import ckptmigrate as cm
-from ckptmigrate.layout import declare_layout
+from ckptmigrate.formats.layout import declare_layout
 
 
 def trained() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -193,8 +193,8 @@ def test_stamp_to_a_new_file_in_a_declared_layout_keeps_the_layout(tmp_path):
 
 
 def test_scan_worker_processes_read_the_layouts_the_migrations_declare(tmp_path):
-    from ckptmigrate.discovery import find_schemas
-    from ckptmigrate.scan import scan
+    from ckptmigrate.inspection.scan import scan
+    from ckptmigrate.schema.discovery import find_schemas
 
     model, optimizer = trained()
     (tmp_path / "reg").mkdir()

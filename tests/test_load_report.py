@@ -83,7 +83,7 @@ def test_diff_model_is_clean_for_an_old_fixture_that_migrates_fully():
 
 
 def test_diff_model_says_what_a_strict_load_would_say_and_exits_1(tmp_path):
-    from ckptmigrate.discovery import import_source
+    from ckptmigrate.schema.discovery import import_source
 
     tinylm = import_source(str(REPO / "migrations/tinylm.py"))[0]
     sd = tinylm.TinyLM().state_dict()

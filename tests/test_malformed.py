@@ -32,7 +32,7 @@ from hostile import TOY_MIGRATIONS, our_layout, save_torch, stamp, toy_sd, write
 import ckptmigrate as cm
 from ckptmigrate import cli
 from ckptmigrate.errors import CheckpointFormatError, CkptMigrateError
-from ckptmigrate.files import read_checkpoint, read_metadata
+from ckptmigrate.io.files import read_checkpoint, read_metadata
 
 Maker = Callable[[Path, Path], Path]  # (case folder, reference folder) -> the malformed path
 REFUSED: dict[str, Maker] = {}
@@ -761,12 +761,12 @@ def test_an_unexpected_exception_is_one_internal_error_line_that_points_to_debug
     tmp_path: Path, ref: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # the last-resort guard at the CLI boundary; the readers' own checks are the fix
-    import ckptmigrate.files
+    import ckptmigrate.io.files
 
     def broken(*args: object, **kwargs: object) -> None:
         raise AttributeError("'list' object has no attribute 'items'")
 
-    monkeypatch.setattr(ckptmigrate.files, "read_metadata", broken)
+    monkeypatch.setattr(ckptmigrate.io.files, "read_metadata", broken)
     monkeypatch.setattr(cli, "read_metadata", broken, raising=False)
     code, stderr = _cli(["info", str(ref / "good.pth")], capsys)
     assert code == 2

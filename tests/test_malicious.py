@@ -30,10 +30,10 @@ from toy import TOY_MIGRATIONS, toy_schema, toy_sd
 
 import ckptmigrate as cm
 from ckptmigrate import cli
+from ckptmigrate.engine.inplace import stamp_in_place, upgrade_in_place
 from ckptmigrate.errors import CheckpointFormatError, UnsafeCheckpointError
-from ckptmigrate.files import read_metadata
 from ckptmigrate.formats.torch import allowlist
-from ckptmigrate.inplace import stamp_in_place, upgrade_in_place
+from ckptmigrate.io.files import read_metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 from set_files import make_set, set_tensors
 
 import ckptmigrate as cm
+from ckptmigrate.engine.inplace import migrate_file
 from ckptmigrate.formats.detect import detect_format
 from ckptmigrate.formats.safetensors_header import read_safetensors_header
-from ckptmigrate.inplace import migrate_file
 
 MIGRATION = (
     "import ckptmigrate as cm\n"
@@ -102,7 +102,7 @@ def test_a_rename_plan_on_a_mounted_file_copies_bytes(
     def no_save(*args: object, **kwargs: object) -> None:
         raise AssertionError("the mounted file was loaded and re-saved, not streamed")
 
-    monkeypatch.setattr("ckptmigrate.api.save", no_save)
+    monkeypatch.setattr("ckptmigrate.engine.api.save", no_save)
     outcome = migrate_file(src, None, schemas=blk())
     assert outcome.written == str(src)
     assert "blocks.first.weight" in cm.load(src, upgrade=False).state_dict

@@ -12,7 +12,7 @@ from processes import run
 from torch import nn
 
 import ckptmigrate as cm
-from ckptmigrate.mounts import mount
+from ckptmigrate.engine.mounts import mount
 
 SWAP = [
     cm.ops.RenamePrefix("layers.0.", "tmp."),

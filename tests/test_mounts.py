@@ -11,7 +11,7 @@ from mount_files import HEAD_V1, backbone_and_head, two_mounts
 from processes import run
 
 import ckptmigrate as cm
-from ckptmigrate.stamp import parse_stamp
+from ckptmigrate.values.stamp import parse_stamp
 
 NET_MIGRATIONS = """
 import ckptmigrate as cm

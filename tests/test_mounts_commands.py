@@ -130,7 +130,7 @@ def test_scan_rows_per_mount_are_coloured_on_a_terminal(two: Path) -> None:
 
 
 def test_scan_worker_processes_give_the_same_rows_per_mount(two: Path) -> None:
-    from ckptmigrate.scan import scan
+    from ckptmigrate.inspection.scan import scan
 
     reg = _registry(two)
     by_threads = scan(reg, backbone_and_head(), workers=2)

@@ -118,7 +118,7 @@ def test_a_hostile_file_name_stays_in_the_docstring(tmp_path: Path, name: str) -
 
 @given(st.text())
 def test_every_string_becomes_a_one_line_ascii_literal_equal_to_it(text: str) -> None:
-    from ckptmigrate.autogen import _literal
+    from ckptmigrate.inspection.autogen import _literal
 
     literal = _literal(text)
     assert literal.isascii() and literal.isprintable()

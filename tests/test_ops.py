@@ -9,7 +9,7 @@ import torch
 
 import ckptmigrate as cm
 from ckptmigrate import ops
-from ckptmigrate.ops import ABSENT, OpError
+from ckptmigrate.schema.ops import ABSENT, OpError
 
 
 def base() -> cm.Checkpoint:

@@ -104,7 +104,7 @@ def test_a_composed_run_raises_the_error_a_step_by_step_run_raises(
 ) -> None:
     import importlib
 
-    upgrade_mod = importlib.import_module("ckptmigrate.upgrade")
+    upgrade_mod = importlib.import_module("ckptmigrate.engine.upgrade")
     schema = net_schema([ops.RenamePrefix("net.", "model.")], [ops.RenamePrefix("blocks.", "x.")])
     with pytest.raises(OpMatchedNothingError) as composed:
         cm.upgrade(lightning_like(), schema)

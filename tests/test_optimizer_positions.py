@@ -397,7 +397,7 @@ def test_diff_upgrade_takes_param_names_for_a_plan_that_needs_them(mig, tmp_path
 def test_param_names_reach_a_mount_whose_plan_splits_its_parameters(mig, tmp_path):
     from packaging.version import Version
 
-    from ckptmigrate.stamp import Mount
+    from ckptmigrate.values.stamp import Mount
 
     model, opt, _ = _trained(mig)
     opt_sd = copy.deepcopy(opt.state_dict())

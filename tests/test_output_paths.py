@@ -22,9 +22,9 @@ from processes import one_error_line, run
 from toy import TOY_MIGRATIONS, toy_schema, toy_sd
 
 import ckptmigrate as cm
-from ckptmigrate.files import read_checkpoint, read_metadata
+from ckptmigrate.base.version import parse_version
 from ckptmigrate.formats.dcp import STAMP_FILE
-from ckptmigrate.version import parse_version
+from ckptmigrate.io.files import read_checkpoint, read_metadata
 
 STAMP = ["--schema", "toy", "--version", "1.0.0"]
 
@@ -96,7 +96,7 @@ def test_dcp_output_over_a_folder_that_is_not_a_dcp_folder_is_refused_untouched(
 def test_dcp_output_over_a_users_folder_is_refused_by_the_api_too(
     saved: Path, tmp_path: Path, how: str
 ) -> None:
-    from ckptmigrate.rewrite import stamp_file
+    from ckptmigrate.engine.rewrite import stamp_file
 
     src = _work(saved, tmp_path)
     out = tmp_path / "out"

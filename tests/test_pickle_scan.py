@@ -22,12 +22,12 @@ import torch
 
 import ckptmigrate as cm
 from ckptmigrate.errors import CheckpointFormatError, UnsafeCheckpointError
-from ckptmigrate.files import read_metadata
 from ckptmigrate.formats.torch import python3_name, read_torch, scan_pickle
 from ckptmigrate.formats.torch.allowlist import _ALLOWED
 from ckptmigrate.formats.torch.opcodes import ScanCorrupt
 from ckptmigrate.formats.torch.unpickler import BoundedReader, MetadataUnpickler, load_pickle
 from ckptmigrate.formats.torch.walk import ScanResult
+from ckptmigrate.io.files import read_metadata
 
 # ----------------------------------------------------------------------------- reference walk
 

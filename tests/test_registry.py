@@ -14,12 +14,13 @@ import pytest
 import torch
 
 import ckptmigrate as cm
-from ckptmigrate import cli, discovery, registry
+from ckptmigrate import cli
+from ckptmigrate.engine.inplace import migrate_file
 from ckptmigrate.errors import UnknownSchemaError
-from ckptmigrate.fixtures import check_fixture, fixture_from_golden
-from ckptmigrate.inplace import migrate_file
-from ckptmigrate.registry import get_schema, list_schemas, pick_schema, schema_status
-from ckptmigrate.scan import scan
+from ckptmigrate.inspection.fixtures import check_fixture, fixture_from_golden
+from ckptmigrate.inspection.scan import scan
+from ckptmigrate.schema import discovery, registry
+from ckptmigrate.schema.registry import get_schema, list_schemas, pick_schema, schema_status
 
 MIGRATIONS = """
 import torch

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ckptmigrate.diff import MIN_RENAME_CONFIDENCE, match_renames, name_similarity
+from ckptmigrate.inspection.diff import MIN_RENAME_CONFIDENCE, match_renames, name_similarity
 
 VEC = ((32,), "float32")
 

@@ -16,12 +16,17 @@ import pytest
 import torch
 
 import ckptmigrate as cm
-from ckptmigrate.fixtures import check_fixture, check_fixtures, find_fixtures, read_golden
+from ckptmigrate.inspection.fixtures import (
+    check_fixture,
+    check_fixtures,
+    find_fixtures,
+    read_golden,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"
 RESUME = FIXTURES / "tinylm" / "1.0.0-resume.golden.pt"
-followers_module = sys.modules["ckptmigrate.followers"]  # optimizer state follows here
+followers_module = sys.modules["ckptmigrate.engine.followers"]  # optimizer state follows here
 
 
 def resume_fixture():

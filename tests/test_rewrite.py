@@ -15,9 +15,9 @@ from net_files import net_schema, net_state_dict, torch_io_forbidden
 
 import ckptmigrate as cm
 from ckptmigrate import cli
-from ckptmigrate.inplace import migrate_file
+from ckptmigrate.engine.inplace import migrate_file
 
-upgrade_module = importlib.import_module("ckptmigrate.upgrade")  # cm.upgrade is the function
+upgrade_module = importlib.import_module("ckptmigrate.engine.upgrade")  # cm.upgrade is the function
 
 
 @pytest.fixture()

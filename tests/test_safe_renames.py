@@ -7,7 +7,7 @@ import torch
 from packaging.version import Version
 
 import ckptmigrate as cm
-from ckptmigrate.ops import OpError
+from ckptmigrate.schema.ops import OpError
 
 
 def ckpt(*keys: str) -> cm.Checkpoint:

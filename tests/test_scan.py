@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 import ckptmigrate as cm
-from ckptmigrate.scan import scan
+from ckptmigrate.inspection.scan import scan
 
 
 def _schema() -> cm.Schema:

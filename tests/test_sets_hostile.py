@@ -16,10 +16,10 @@ from toy import toy_schema
 
 import ckptmigrate as cm
 from ckptmigrate import cli
+from ckptmigrate.engine.inplace import migrate_file, stamp_in_place, upgrade_in_place
+from ckptmigrate.engine.rewrite import upgrade_file
 from ckptmigrate.errors import CheckpointFormatError, CkptMigrateError
-from ckptmigrate.files import read_checkpoint, read_metadata
-from ckptmigrate.inplace import migrate_file, stamp_in_place, upgrade_in_place
-from ckptmigrate.rewrite import upgrade_file
+from ckptmigrate.io.files import read_checkpoint, read_metadata
 
 # 2.0.0: a rename only (tensor bytes copied as stored); 3.0.0: through a function step
 # (the set is loaded, upgraded and re-sharded)
@@ -184,7 +184,7 @@ def test_a_set_backup_holds_its_index_and_shards_only(tmp_path: Path, named_by: 
 
 
 def test_a_set_backup_links_the_shards_it_keeps(tmp_path: Path) -> None:
-    from ckptmigrate.inplace import _write_backup
+    from ckptmigrate.engine.inplace import _write_backup
 
     folder = tmp_path / "set"
     index = write_set(folder, shards(), version="1.0.0")

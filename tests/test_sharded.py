@@ -11,10 +11,10 @@ from folder_schema import rename_drop_schema
 from set_files import make_set
 
 import ckptmigrate as cm
-from ckptmigrate.files import read_checkpoint, read_metadata
+from ckptmigrate.engine.rewrite import upgrade_file
 from ckptmigrate.formats import sharded
 from ckptmigrate.formats.safetensors_header import read_safetensors_header
-from ckptmigrate.rewrite import upgrade_file
+from ckptmigrate.io.files import read_checkpoint, read_metadata
 
 
 @pytest.mark.parametrize("kind", ["safetensors", "bin"])
@@ -96,7 +96,7 @@ def test_unversioned_set_without_from_version_is_refused_before_writing(tmp_path
 
 
 def test_cli_upgrade_path_writes_sharded_sets_through_the_streaming_writer(tmp_path):
-    from ckptmigrate.inplace import migrate_file as cli_upgrade_file
+    from ckptmigrate.engine.inplace import migrate_file as cli_upgrade_file
 
     tensors = make_set(tmp_path / "set", "safetensors")
     outcome = cli_upgrade_file(

@@ -14,8 +14,8 @@ import torch
 
 import ckptmigrate as cm
 from ckptmigrate import ops
-from ckptmigrate.graph import FunctionStep, OpsStep
-from ckptmigrate.rewrite import upgrade_file
+from ckptmigrate.engine.rewrite import upgrade_file
+from ckptmigrate.schema.graph import FunctionStep, OpsStep
 
 
 class DoublingRename(ops.RenamePrefix):

@@ -9,7 +9,8 @@ import torch
 from net_files import net_schema, net_state_dict, torch_io_forbidden
 
 import ckptmigrate as cm
-from ckptmigrate.rewrite import upgrade_file
+from ckptmigrate.engine.rewrite import upgrade_file
+from ckptmigrate.io.files import read_metadata
 
 
 @pytest.fixture()
@@ -103,7 +104,7 @@ def test_in_place_upgrade_replaces_the_file_atomically(old_file):
         result = upgrade_file(old_file, old_file, net_schema())
     assert result.streamed
     assert [p.name for p in old_file.parent.iterdir()] == ["old.pth"]
-    assert cm.files.read_metadata(old_file).version == cm.Schema("x", "2.0.0").current
+    assert read_metadata(old_file).version == cm.Schema("x", "2.0.0").current
 
 
 def test_safetensors_rename_streams_header_and_bytes(tmp_path):

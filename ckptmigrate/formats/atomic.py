@@ -308,7 +308,7 @@ def copy_tree_synced(
 def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporaries of ``path`` left by writers that died (their pid is gone).
 
-    Only safe under the in-place lock (:mod:`ckptmigrate.lock`), which every writer of an
+    Only safe under the in-place lock (:mod:`ckptmigrate.formats.lock`), which every writer of an
     in-place file holds; returns what it removed.
     """
     target = Path(path)

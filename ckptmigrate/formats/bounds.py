@@ -27,8 +27,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..errors import BudgetExceededError, CheckpointFormatError, HashingBudgetExceededError
+from ..values.tensorinfo import TensorStub
 from .detect import read_bounded
-from .tensorinfo import TensorStub
 
 T = TypeVar("T")
 

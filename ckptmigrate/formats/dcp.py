@@ -38,16 +38,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import Checkpoint
+from ..base.readable import bounded_repr
 from ..errors import (
     BudgetExceededError,
     CheckpointFormatError,
     OutputOccupiedError,
     UnsafeCheckpointError,
 )
-from ..layout import LAYOUTS, assemble, from_parts, split
-from ..readable import bounded_repr
-from ..stamp import Stamp, stamp_of
+from ..values.checkpoint import Checkpoint
+from ..values.stamp import Stamp, stamp_of
+from ..values.tensorinfo import DTYPE_SIZES, MAX_DIM, TensorInfo, TensorStub
 from .atomic import TEMP_MARKER, KeptErrorWriter, atomic_path, copy_tree_synced, temp_path_for
 from .bounds import (
     DECODE_ALLOWANCE,
@@ -59,7 +59,7 @@ from .bounds import (
 )
 from .detect import read_bounded
 from .folder_swap import recover_interrupted_write, swap_folder
-from .tensorinfo import DTYPE_SIZES, MAX_DIM, TensorInfo, TensorStub
+from .layout import LAYOUTS, assemble, from_parts, split
 from .torch import (
     MAX_PICKLE_BYTES,
     TorchConstant,

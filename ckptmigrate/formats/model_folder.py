@@ -85,7 +85,7 @@ def side_files(folder: Path, own: Iterable[str]) -> list[Path]:
     their in-place backups (``model.safetensors.1.0.0.bak``), nor ckptmigrate's lock, journal
     and temporary files: what makes the folder loadable by ``from_pretrained`` beside the
     weights."""
-    from ..lock import LOCK_SUFFIX
+    from .lock import LOCK_SUFFIX
     from .sharded import PENDING_SUFFIX
 
     skip = set(own)

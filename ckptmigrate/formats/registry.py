@@ -21,13 +21,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..checkpoint import Checkpoint
 from ..errors import (
     CheckpointFormatError,
     CheckpointWriteError,
     InternalError,
     UnknownFormatError,
 )
+from ..values.checkpoint import Checkpoint
 from .detect import EMPTY_ZIP_MAGIC, INDEX_SUFFIX, TORCH_LEGACY_MAGIC, ZIP_MAGIC, open_regular_file
 
 __all__ = [
@@ -115,7 +115,7 @@ class _Format:
 
 class _TorchFile(_Format):
     """A ``torch.save`` file: its object graph decoded without torch, its tensors loaded with
-    torch's weights-only loader, its parts found by :mod:`ckptmigrate.layout`."""
+    torch's weights-only loader, its parts found by :mod:`ckptmigrate.formats.layout`."""
 
     name = "torch-zip"
 
@@ -123,7 +123,7 @@ class _TorchFile(_Format):
         return head.startswith(ZIP_MAGIC) or head.startswith(EMPTY_ZIP_MAGIC)
 
     def read_metadata(self, path: Path, *, allowed_globals: Iterable[str] = ()) -> Checkpoint:
-        from ..layout import split
+        from .layout import split
         from .torch import read_torch_metadata
 
         obj = read_torch_metadata(path, allowed_globals=list(allowed_globals), kind=self.name)
@@ -137,7 +137,7 @@ class _TorchFile(_Format):
         mmap: bool = False,
         safe_globals: Iterable[Any] = (),
     ) -> Checkpoint:
-        from ..layout import split
+        from .layout import split
         from .torch import read_torch
 
         obj = read_torch(
@@ -146,8 +146,8 @@ class _TorchFile(_Format):
         return split(obj, path=path)
 
     def write(self, path: Path, ckpt: Checkpoint) -> None:
-        from ..layout import assemble
-        from ..stamp import stamp_of
+        from ..values.stamp import stamp_of
+        from .layout import assemble
         from .torch import write_torch
 
         stamp = stamp_of(ckpt)

@@ -17,12 +17,12 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from ..values.tensorinfo import SAFETENSORS_DTYPES, TensorStub
 from . import atomic
 from .atomic import Writeback, atomic_fd
 from .byte_copy import copy_range
 from .detect import open_regular_file
 from .safetensors_file import ALIASES
-from .tensorinfo import SAFETENSORS_DTYPES, TensorStub
 
 __all__ = ["data_start", "write_safetensors_copy"]
 

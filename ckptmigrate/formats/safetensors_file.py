@@ -17,7 +17,7 @@ from .bounds import loads_json
 from .safetensors_header import read_safetensors_header
 
 if TYPE_CHECKING:
-    from ..checkpoint import Checkpoint
+    from ..values.checkpoint import Checkpoint
 
 STAMP = "ckptmigrate.stamp"
 HPARAMS = "ckptmigrate.hparams"
@@ -84,7 +84,7 @@ def module_metadata(metadata: dict[str, str], *, path: object) -> dict[str, Any]
 def to_checkpoint(tensors: dict[str, Any], metadata: dict[str, str], path: Path) -> Checkpoint:
     """The checkpoint a safetensors file holds: its tensors (or stubs), and our stamp, hparams
     and meta from its header; other tools' header entries are kept as ``extra``."""
-    from ..layout import from_parts
+    from .layout import from_parts
 
     def parts() -> dict[str, Any]:
         found = {}
@@ -109,7 +109,7 @@ def read_safetensors_metadata(
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Stubs of the tensors (tied aliases restored) and the header's ``__metadata__``, from the
     header alone: no tensor data read, torch not imported."""
-    from .tensorinfo import TensorStub
+    from ..values.tensorinfo import TensorStub
 
     infos, metadata = read_safetensors_header(path)
     tensors: dict[str, Any] = {k: TensorStub(info) for k, info in infos.items()}
@@ -151,7 +151,7 @@ def read_safetensors(
 
 def write_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
     """Write ``ckpt`` as a safetensors file: tensors only, our parts in the header."""
-    from ..stamp import stamp_of
+    from ..values.stamp import stamp_of
 
     stamp = stamp_of(ckpt)
     extra = dict(ckpt.extra)

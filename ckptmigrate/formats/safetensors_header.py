@@ -14,10 +14,10 @@ import sys
 from math import prod
 from typing import Any
 
+from ..base.readable import bounded_repr
 from ..errors import BudgetExceededError, CheckpointFormatError
-from ..readable import bounded_repr
+from ..values.tensorinfo import DTYPE_SIZES, SAFETENSORS_DTYPES, TensorInfo
 from .detect import open_regular_file
-from .tensorinfo import DTYPE_SIZES, SAFETENSORS_DTYPES, TensorInfo
 
 __all__ = ["HEADER_ALLOWANCE", "HEADER_FACTOR", "MAX_HEADER_BYTES", "read_safetensors_header"]
 

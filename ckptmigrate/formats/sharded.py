@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import Checkpoint
 from ..errors import CheckpointFormatError, CheckpointWriteError, OutputOccupiedError
-from ..layout import from_parts
+from ..values.checkpoint import Checkpoint
+from ..values.tensorinfo import TensorStub
 from .atomic import TEMP_MARKER, atomic_path
 from .bounds import read_json_file
 from .detect import INDEX_SUFFIX
+from .layout import from_parts
 from .safetensors_copy import data_start
-from .tensorinfo import TensorStub
 
 __all__ = [
     "INDEX_SUFFIX",
@@ -55,7 +55,7 @@ _DIGEST = re.compile(r"-[0-9a-f]{8}$")
 #: The journal of a set rewrite under way, beside its index (see :mod:`.set_swap`).
 PENDING_SUFFIX = ".ckptmigrate-pending"
 #: Parts of the names of files ckptmigrate keeps beside a set (never shards); the lock's
-#: suffix is spelled here because formats do not import :mod:`ckptmigrate.lock`.
+#: suffix is spelled here because formats do not import :mod:`ckptmigrate.formats.lock`.
 _OURS = (TEMP_MARKER, ".ckptmigrate.lock", PENDING_SUFFIX)
 
 

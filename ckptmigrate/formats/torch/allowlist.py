@@ -1,5 +1,5 @@
 """The allow-list: every global ``torch.load(weights_only=True)`` accepts, mapped to the guarded
-stand-in it decodes to here (tensor rebuilds make :class:`~..tensorinfo.TensorStub` records),
+stand-in it decodes to here (tensor rebuilds make :class:`~ckptmigrate.values.tensorinfo.TensorStub` records),
 plus the names a caller allows (:class:`~.placeholders.OpaqueObject` placeholders).
 
 >>> allowed = allowed_map(["argparse.Namespace"])
@@ -17,10 +17,10 @@ from math import prod
 from types import FunctionType
 from typing import Any
 
+from ...base.readable import bounded_repr
 from ...errors import CheckpointFormatError, UnsafeCheckpointError, UsageError
-from ...readable import bounded_repr
+from ...values.tensorinfo import DTYPE_SIZES, MAX_DIM, TensorInfo, TensorStub
 from ..bounds import charge_decode
-from ..tensorinfo import DTYPE_SIZES, MAX_DIM, TensorInfo, TensorStub
 from .guards import GuardedCall, GuardedType
 from .placeholders import TorchConstant, opaque_global
 from .storages import STORAGE_DTYPES, StorageRef, StorageType

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from ...errors import CheckpointFormatError
+from ...values.tensorinfo import DTYPE_SIZES
 from ..bounds import DecodeBudget
 from ..detect import open_regular_file
-from ..tensorinfo import DTYPE_SIZES
 from .opcodes import ScanCorrupt
 from .read_errors import FORMAT_ERRORS, with_path
 from .storages import StorageRef, StorageTable

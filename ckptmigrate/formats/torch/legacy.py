@@ -11,10 +11,10 @@ import os
 import struct
 from typing import Any, BinaryIO
 
+from ...base.readable import bounded_repr
 from ...errors import CheckpointFormatError
-from ...readable import bounded_repr
+from ...values.tensorinfo import DTYPE_SIZES
 from ..detect import TORCH_LEGACY_MAGIC, open_regular_file
-from ..tensorinfo import DTYPE_SIZES
 from .storages import StorageTable
 from .unpickler import MAX_PICKLE_BYTES, BoundedReader, load_pickle
 

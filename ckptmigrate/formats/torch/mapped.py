@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ...values.tensorinfo import TensorStub
 from ..detect import open_regular_file
-from ..tensorinfo import TensorStub
 from .allowlist import allowed_map
 from .archive import ZipDecoded, decode_zip, local_data_offset
 from .guards import GuardedCall

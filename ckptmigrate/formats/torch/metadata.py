@@ -1,7 +1,7 @@
 """Decode a ``torch.save`` file's object graph without torch and without reading tensor data:
 one sniff, then the zip (:mod:`.archive`) or the legacy (:mod:`.legacy`) reader.
 
-Tensors come back as :class:`~ckptmigrate.formats.tensorinfo.TensorStub` records (shape, dtype,
+Tensors come back as :class:`~ckptmigrate.values.tensorinfo.TensorStub` records (shape, dtype,
 storage key, offset, device). The pickle is decoded by a restricted unpickler that accepts
 exactly the globals ``torch.load(weights_only=True)`` accepts, plus the ones a caller allows by
 name (which decode to :class:`~.placeholders.OpaqueObject` placeholders); nothing from the file

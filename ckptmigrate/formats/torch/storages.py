@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ...base.readable import bounded_repr
 from ...errors import CheckpointFormatError
-from ...readable import bounded_repr
 from ..bounds import charge_decode
 from .guards import refuse_build
 

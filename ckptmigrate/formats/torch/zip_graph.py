@@ -29,7 +29,7 @@ from ...errors import (
     NotReplayableError,
     UnsafeCheckpointError,
 )
-from ..tensorinfo import TensorStub
+from ...values.tensorinfo import TensorStub
 from .allowlist import WEIGHTS_ONLY_GLOBALS, allowed_map
 from .archive import ZipRecordInfo, decode_zip, read_zip_records
 from .guards import GuardedCall

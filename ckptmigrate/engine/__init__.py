@@ -1,0 +1,1 @@
+"""Running migrations on checkpoints: planning, guarding, following optimizer state, rewriting files."""

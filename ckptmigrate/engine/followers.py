@@ -1,0 +1,176 @@
+"""Optimizer state that follows its parameters while a plan runs.
+
+Each torch optimizer state in a checkpoint is kept by parameter name (or by position until a
+step needs names, :class:`~ckptmigrate.positions.PositionalState`); an op carries it along by
+its trace, a function step by tensor identity, and the result goes back in the file's layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..errors import NothingMatched, OpError
+from ..schema.ops import Op
+from ..values.checkpoint import Checkpoint
+from .optimizer import (
+    NamedOptimizer,
+    carries_names,
+    follow_trace,
+    from_named,
+    is_optimizer_state,
+    shaped_state_fields,
+    to_named,
+)
+from .positions import PositionalState, keeps_positions
+
+__all__ = ["OptimizerFollowers", "optimizer_states", "put"]
+
+
+class OptimizerFollowers:
+    """The optimizer states of one checkpoint while a plan runs: keyed by name, or kept by
+    position (:class:`~ckptmigrate.positions.PositionalState`) until a step needs names."""
+
+    def __init__(self, slots: list[tuple[Any, NamedOptimizer | PositionalState]]) -> None:
+        self.slots = slots  # (where it lives in ckpt.optimizer, its state)
+        self.step: str | None = None  # the step running, for the error that needs names
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        ckpt: Checkpoint,
+        param_names: Sequence[str] | None,
+        buffers: Callable[[], set[str] | None] = lambda: None,
+    ) -> OptimizerFollowers:
+        slots: list[tuple[Any, NamedOptimizer | PositionalState]] = []
+        for where, opt_sd in optimizer_states(ckpt.optimizer):
+            if carries_names(opt_sd):
+                slots.append((where, to_named(opt_sd, None)))
+            else:
+                slots.append((where, PositionalState(opt_sd, ckpt, param_names, buffers)))
+        return cls(slots)
+
+    def needs_names(
+        self, keys: Sequence[str], trace: dict[str, list[str]], reshapes: bool = False
+    ) -> bool:
+        """Whether a step mapping ``keys`` by ``trace`` needs position-keyed state's names."""
+        if not any(isinstance(slot, PositionalState) for _, slot in self.slots):
+            return False
+        return reshapes or not keeps_positions(keys, trace)
+
+    def follow(
+        self, keys: Sequence[str], trace: dict[str, list[str]], reshapes: bool = False
+    ) -> list[NamedOptimizer]:
+        """The states keyed by name that must follow this step (naming positional ones first
+        when it needs their names); positional state it keeps only notes the renames."""
+        needs = self.needs_names(keys, trace, reshapes)
+        out = []
+        for i, (where, slot) in enumerate(self.slots):
+            if isinstance(slot, PositionalState):
+                if not needs:
+                    slot.follow_renames(trace)
+                    continue
+                slot = slot.named(self.step)
+                self.slots[i] = (where, slot)
+            out.append(slot)
+        return out
+
+    def through_op(self, op: Op, ckpt: Checkpoint) -> list[str]:
+        """Apply ``op`` to ``ckpt`` and carry the optimizer state along."""
+        keys = list(ckpt.state_dict)
+        if not self.slots or not op.touches(keys):
+            if op.runs_user_code and self.slots:
+                before = ckpt.copy()
+                op.apply(ckpt)
+                return self.through_function(before, ckpt, None)
+            op.apply(ckpt)
+            return []
+        trace = op.trace(keys) or {k: [k] for k in keys}
+        named_opts = self.follow(keys, trace, reshapes=op.transforms_state)
+        shapes = {k: tuple(v.shape) for k, v in ckpt.state_dict.items() if hasattr(v, "shape")}
+        op.apply(ckpt)
+        new_params = op.new_parameters(keys)
+        for named in named_opts:
+            transformed: dict[str, dict[str, Any]] = {}
+            if op.transforms_state:
+                for fld, tensors in shaped_state_fields(named, shapes).items():
+                    pseudo = Checkpoint(dict(tensors))
+                    try:
+                        op.apply(pseudo)
+                    except NothingMatched:
+                        pass  # no state of this field for the op's keys: it stays as it is
+                    except OpError:
+                        continue  # e.g. a merge whose parts lack this field: state starts fresh
+                    transformed[fld] = pseudo.state_dict
+            follow_trace(named, trace, transformed, new_params)
+        return []
+
+    def through_function(self, before: Checkpoint, after: Checkpoint, hook: Any) -> list[str]:
+        """Follow tensors a function moved unchanged; report parameters whose tensor it replaced.
+
+        For position-keyed state, the function only renamed when its output holds exactly the
+        input's tensors (by identity), each once, under names that keep their module order.
+        """
+        if not self.slots:
+            return []
+        where = {}
+        for key, value in before.state_dict.items():
+            where.setdefault(id(value), key)
+        trace: dict[str, list[str]] = {}
+        replaced = []
+        for key, value in after.state_dict.items():
+            if id(value) in where:
+                trace[key] = [where[id(value)]]
+            elif key in before.state_dict:  # same name, new tensor: stays in its group
+                trace[key] = [key]
+                replaced.append(key)
+            else:
+                trace[key] = []
+        unchanged = len(trace) == len(before.state_dict) and all(s == [k] for k, s in trace.items())
+        if unchanged and not replaced:
+            return []
+        followed = {s for sources in trace.values() for s in sources}
+        renamed_and_replaced = any(not sources for sources in trace.values())
+        reset = []
+        for named in self.follow(list(before.state_dict), trace, reshapes=bool(replaced)):
+            mapped = dict(hook(dict(named.states), before, after)) if hook else {}
+            # parameters whose tensor left under a new name: the state cannot follow by identity
+            vanished = [
+                name
+                for group in named.groups
+                for name in group["names"]
+                if name not in followed and name in named.states
+            ]
+            follow_trace(named, trace, {}, set(mapped))
+            for key in replaced:
+                if key in named.states and key not in mapped:
+                    del named.states[key]
+                    reset.append(key)
+            if renamed_and_replaced and not mapped:
+                reset += vanished
+            named.states.update(mapped)
+        return reset
+
+    def write_back(self, ckpt: Checkpoint) -> None:
+        """Put each state keyed by name back in the file's layout; positional state stays."""
+        for where, named in self.slots:
+            if isinstance(named, NamedOptimizer):
+                ckpt.optimizer = put(ckpt.optimizer, where, from_named(named))
+
+
+def optimizer_states(optimizer: Any) -> list[tuple[Any, Any]]:
+    """(where, state_dict) of each torch optimizer state found in ``ckpt.optimizer``."""
+    if is_optimizer_state(optimizer):
+        return [(None, optimizer)]
+    if isinstance(optimizer, list):
+        return [(i, o) for i, o in enumerate(optimizer) if is_optimizer_state(o)]
+    if isinstance(optimizer, dict):
+        return [(k, o) for k, o in optimizer.items() if is_optimizer_state(o)]
+    return []
+
+
+def put(container: Any, where: Any, value: Any) -> Any:
+    if where is None:
+        return value
+    container[where] = value
+    return container

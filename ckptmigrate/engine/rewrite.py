@@ -1,0 +1,555 @@
+"""The one rewrite pipeline: upgrade or stamp a checkpoint file, read once, planned once, run once.
+
+Every rewrite of a checkpoint (``cm.upgrade_file``, ``cm.upgrade_in_place``,
+``cm.stamp_in_place``, ``ckptmigrate upgrade`` and ``stamp``) is :func:`rewrite`:
+
+1. :func:`open_source` sniffs the format once and reads the metadata (tensors are stubs).
+2. A planner (:func:`upgrade_plan`, :func:`stamp_plan`) plans once, mounts included; a stamp
+   is a plan of no steps that gives the file its new stamp.
+3. :meth:`Plan.run` runs the plan once: on the stubs when every step is metadata-only
+   (:attr:`~ckptmigrate.ops.Op.metadata_only`) and the output's writer copies stored bytes,
+   else on the tensors mapped from the file (``mmap``).
+4. :func:`write` picks the writer of the output's format: the stubs a run kept are copied as
+   stored (:mod:`.streaming`); tensors a run produced are saved.
+5. One :class:`Rewrite` says what was planned and written.
+
+Locking and backups wrap this in :mod:`.inplace`.
+
+>>> result = cm.upgrade_file("big.pth", "big-v2.pth", schema)
+>>> result.streamed, result.bytes_copied
+(True, 1207959552)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import (
+    AlreadyStampedError,
+    MountError,
+    NotReplayableError,
+    VersionConflictError,
+)
+from ..formats.atomic import permissions_from
+from ..formats.detect import detect_format
+from ..schema.registry import get_schema, pick_schema, schema_table
+from ..values.checkpoint import Checkpoint
+from .streaming import Copied, metadata_only
+
+if TYPE_CHECKING:
+    from packaging.version import Version
+
+    from ..schema.graph import PlannedStep
+    from ..schema.schema import Schema
+
+__all__ = [
+    "FileUpgrade",
+    "Plan",
+    "Rewrite",
+    "Source",
+    "open_source",
+    "refuse_restamp",
+    "rewrite",
+    "stamp_file",
+    "stamp_plan",
+    "upgrade_file",
+    "upgrade_plan",
+    "with_stamp",
+    "write",
+]
+
+
+@dataclass
+class Rewrite:
+    """What a rewrite planned and wrote (nothing written on a dry run or a current file)."""
+
+    schema: str
+    source_version: str | None  # None: the file had no stamp (stamping it)
+    target_version: str
+    plan: list[dict[str, Any]] = field(default_factory=list)
+    written: str | None = None
+    backup: str | None = None
+    #: the key prefix of the mount this result is about ("" for the stamp's root)
+    prefix: str = ""
+    #: for a file with mounts: one result per mount upgraded (each passed to ``on_plan``)
+    mounts: list[Rewrite] = field(default_factory=list)
+    src: Path | None = None
+    dst: Path | None = None  # for a set, its folder
+    format: str = ""
+    layout: str = ""  # the layout the output was written in
+    streamed: bool = False  # True: tensor bytes copied as stored; False: loaded and saved
+    bytes_copied: int = 0
+    bytes_through_python: int = 0
+    removed: list[str] = field(default_factory=list)  # old shards deleted after the swap
+
+    @property
+    def steps(self) -> list[str]:
+        """The names of the steps planned, in order."""
+        return [record["step"] for record in self.plan]
+
+
+@dataclass
+class Source:
+    """A checkpoint opened once: its format, its metadata (tensors as stubs), and what its
+    byte-copying writer needs (the zip's rebuild recipes, the set's index)."""
+
+    path: Path  # what was read: a model folder's weights file
+    format: str
+    stubs: Checkpoint
+    safe_globals: list[Any]
+    graph: Any = None  # torch-zip: the pickle with each tensor's rebuild recipe
+    sset: Any = None  # sharded: the parsed index, where each stub's bytes lie
+    folder: Path | None = None  # the model folder the weights file lies in
+
+    def tensors(self) -> Checkpoint:
+        """The checkpoint with its tensors, memory-mapped where the format allows."""
+        if self.format == "sharded":
+            from ..formats.sharded import read_sharded
+
+            return read_sharded(self.path, mmap=True)
+        from ..io.files import read_checkpoint
+
+        return read_checkpoint(self.path, mmap=True, safe_globals=self.safe_globals)
+
+
+def _names(safe_globals: Iterable[Any]) -> list[str]:
+    from ..formats.torch import global_name
+
+    return [global_name(g) for g in safe_globals]
+
+
+def open_source(path: str | os.PathLike[str], safe_globals: Iterable[Any] = ()) -> Source:
+    """Sniff ``path`` once and read its metadata: no tensor data is read.
+
+    >>> open_source("llama/").stubs.state_dict["lm_head.weight"].shape
+    (32000, 4096)
+    """
+    path, allowed = Path(path), list(safe_globals)
+    fmt = detect_format(path)
+    if fmt == "sharded":
+        from ..formats.sharded import read_sharded_metadata
+
+        stubs, sset = read_sharded_metadata(path, allowed_globals=_names(allowed))
+        return Source(path, fmt, stubs, allowed, sset=sset)
+    if fmt == "dcp":
+        from ..formats.dcp import read_dcp_metadata_checkpoint
+
+        return Source(path, fmt, read_dcp_metadata_checkpoint(path), allowed)
+    if path.is_dir():  # a model folder: its weights file
+        from ..formats.model_folder import resolve
+
+        inner = open_source(resolve(path), allowed)
+        inner.folder = path
+        return inner
+    if fmt == "torch-zip":
+        from ..formats.layout import split
+        from ..formats.torch import read_zip_graph
+
+        graph = read_zip_graph(path, allowed_globals=_names(allowed))
+        return Source(path, fmt, split(graph.obj, path=path), allowed, graph=graph)
+    from ..io.files import read_metadata
+
+    return Source(path, fmt, read_metadata(path, allowed_globals=_names(allowed)), allowed)
+
+
+@dataclass
+class Plan:
+    """What a rewrite runs: each part's checked steps (its key prefix, schema and steps: one
+    part at ``""`` for a root-stamped file, none for a stamp) on ``start``, the stubs as they
+    are to be upgraded (their version given, or their new stamp)."""
+
+    parts: list[tuple[str, Schema, list[PlannedStep]]]
+    start: Checkpoint
+    result: Rewrite
+    mounted: bool = False
+    #: written even with no steps (a version given to an unstamped file, a new stamp)
+    restamps: bool = False
+    #: what an in-place upgrade's backup is named after (its version, or its mounts')
+    backup_label: str = ""
+    param_names: Sequence[str] | None = None
+
+    @property
+    def steps(self) -> list[PlannedStep]:
+        return [planned for _, _, plan in self.parts for planned in plan]
+
+    def run(
+        self, tensors: Checkpoint | None = None, progress: Callable[..., Any] | None = None
+    ) -> Checkpoint:
+        """The planned result: from the stubs, or from ``tensors`` (read from the same file,
+        given the stamp planned on the stubs, so a guessed version is guessed once)."""
+        ckpt = self.start if tensors is None else _stamped_like(tensors, self.start)
+        if not self.mounted:
+            if not self.parts:
+                return ckpt.copy()
+            from .upgrade import run_plan
+
+            ((_, schema, plan),) = self.parts
+            return run_plan(ckpt, plan, schema, progress=progress, param_names=self.param_names)
+        from .mounts import upgrade_mount
+
+        out = ckpt.copy()
+        for prefix, schema, plan in self.parts:
+            out = upgrade_mount(out, schema, prefix=prefix, plan=plan, param_names=self.param_names)
+        return out
+
+
+def _stamped_like(ckpt: Checkpoint, like: Checkpoint) -> Checkpoint:
+    out = ckpt.copy()
+    out.schema, out.version, out.history = like.schema, like.version, list(like.history)
+    out.mounts = list(like.mounts)
+    return out
+
+
+def upgrade_plan(
+    schemas: Schema | Mapping[str, Schema],
+    *,
+    name: str | None = None,
+    to: str | Version | None = None,
+    from_version: str | Version | None = None,
+    param_names: Sequence[str] | None = None,
+    what: str = "from_version",
+    path: object = None,
+) -> Callable[[Checkpoint], Plan]:
+    """The planner of an upgrade to ``to`` (default: current) by the schema the file's stamp
+    names (``name``: for an unstamped file, or the mounts of that schema).
+
+    ``from_version`` gives an unstamped file its version (``"auto"``: guessed, once)."""
+    table = schema_table(schemas)
+
+    def plan_for(ckpt: Checkpoint) -> Plan:
+        if ckpt.mounts:
+            if from_version is not None:
+                raise VersionConflictError(ckpt.mounts[0].version, from_version, path=path)
+            return _mounts_plan(ckpt, table, name, to, param_names, path)
+        from .guess import apply_from_version
+        from .upgrade import check_belongs
+
+        found = pick_schema(ckpt, table, name, path=path)
+        restamps = ckpt.version is None and from_version is not None
+        ckpt = apply_from_version(ckpt, found, from_version, what=what, path=path)
+        version = check_belongs(ckpt, found, path=path)
+        plan = found.plan(version, to)
+        result = Rewrite(
+            schema=found.name,
+            source_version=str(version),
+            target_version=str(plan[-1].target if plan else version),
+            plan=[p.record() for p in plan],
+        )
+        parts = [("", found, plan)]
+        return Plan(parts, ckpt, result, False, restamps, str(version), param_names)
+
+    return plan_for
+
+
+def _mounts_plan(
+    ckpt: Checkpoint,
+    schemas: dict[str, Schema],
+    name: str | None,
+    to: Any,
+    param_names: Sequence[str] | None,
+    path: object,
+) -> Plan:
+    """Each mount of ``ckpt`` (those of schema ``name`` when given) planned by its schema.
+
+    ``param_names`` are the optimizer's names: the file's full keys, mount prefixes included.
+    """
+    from .mounts import all_mounts, chosen_mounts, mount_plan
+
+    chosen = chosen_mounts(ckpt, schemas, name, path=path)
+    if to is not None and len({m.schema for m in chosen}) > 1:
+        raise MountError(
+            f"--to {to} is one schema's version, but {path} mounts several schemas: pass "
+            "--schema S too"
+        )
+    found = {m.schema: get_schema(m.schema, schemas) for m in chosen}
+    parts, results = [], []
+    for m in chosen:
+        plan = mount_plan(ckpt, found[m.schema], m.prefix, to)
+        parts.append((m.prefix, found[m.schema], plan))
+        results.append(
+            Rewrite(
+                schema=m.schema,
+                source_version=str(m.version),
+                target_version=str(plan[-1].target if plan else m.version),
+                plan=[p.record() for p in plan],
+                prefix=m.prefix,
+            )
+        )
+    total = Rewrite(
+        schema="+".join(r.schema for r in results),
+        source_version="+".join(str(r.source_version) for r in results),
+        target_version="+".join(r.target_version for r in results),
+        plan=[step for r in results for step in r.plan],
+        mounts=results,
+    )
+    label = "+".join(f"{m.schema}-{m.version}" for m in all_mounts(ckpt))
+    return Plan(parts, ckpt, total, True, False, label, param_names)
+
+
+def stamp_plan(
+    schema: str,
+    version: str | Version | Callable[[Checkpoint], Any],
+    *,
+    prefix: str = "",
+    what: str = "version",
+    path: object = None,
+) -> Callable[[Checkpoint], Plan]:
+    """The planner of a stamp: no steps, the file stamped as ``schema`` ``version`` (a
+    function of the read checkpoint, to guess it) at the root or mounted at ``prefix``; a
+    stamp already there is an :class:`AlreadyStampedError`."""
+    from ..base.version import parse_version
+
+    given = None if callable(version) else parse_version(version, what=what)
+
+    def plan_for(ckpt: Checkpoint) -> Plan:
+        refuse_restamp(ckpt, prefix, path=path)
+        if given is None:
+            return stamp_plan(schema, version(ckpt), prefix=prefix, path=path)(ckpt)  # type: ignore[operator]
+        stamped = with_stamp(ckpt, schema, given, prefix)
+        result = Rewrite(schema, None, str(given), prefix=prefix, layout=stamped.layout)
+        return Plan([], stamped, result, restamps=True)
+
+    return plan_for
+
+
+def refuse_restamp(ckpt: Checkpoint, prefix: str, *, path: object = None) -> None:
+    """A stamp (or a mount at ``prefix``) already there is an :class:`AlreadyStampedError`."""
+    held = [m for m in ckpt.mounts if m.prefix == prefix]
+    if prefix == "" and ckpt.schema is not None:
+        raise AlreadyStampedError(ckpt.schema, ckpt.version, path=path)
+    if held:
+        raise AlreadyStampedError(held[0].schema, held[0].version, path=path, prefix=prefix)
+
+
+def with_stamp(ckpt: Checkpoint, schema: str, version: Version, prefix: str = "") -> Checkpoint:
+    """A copy of ``ckpt`` stamped as ``schema`` ``version`` at the root, or mounted at ``prefix``."""
+    from .mounts import mount
+
+    return mount(ckpt, prefix, schema, version)
+
+
+def rewrite(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str] | None,
+    plan_for: Callable[[Checkpoint], Plan],
+    *,
+    safe_globals: Iterable[Any] = (),
+    dry_run: bool = False,
+    on_plan: Callable[[Rewrite], Any] | None = None,
+    progress: Callable[..., Any] | None = None,
+    before_write: Callable[[Plan], Path | None] | None = None,
+) -> Rewrite:
+    """Read ``src`` once, plan it with ``plan_for``, run the plan once and write the result to
+    ``dst`` in ``src``'s format (``None``: over ``src``, where a file already current is left
+    alone). ``on_plan`` sees each part's plan before anything runs; ``before_write(plan)``
+    runs after the plan and before the write (an in-place backup: its path is the result's).
+
+    >>> rewrite("model.pth", "model-v3.pth", upgrade_plan(schema, path="model.pth"))
+    """
+    src = Path(src)
+    source = open_source(src, safe_globals)
+    plan = plan_for(source.stubs)
+    result = plan.result
+    if on_plan is not None:
+        for announced in result.mounts or [result]:
+            on_plan(announced)
+    if dry_run or (dst is None and not plan.steps and not plan.restamps):
+        return result
+    target = src if dst is None else Path(dst)
+    with permissions_from(src):  # a private source gives a private copy
+        _check_output(source, target)
+        on_stubs = metadata_only(plan.steps) and _copies(source, target, plan)
+        new = plan.run(None if on_stubs else source.tensors(), progress)
+        if before_write is not None:
+            kept = before_write(plan)
+            result.backup = None if kept is None else str(kept)
+
+        def redo() -> Checkpoint:  # metadata-only ops, run again on the tensors
+            return plan.run(source.tensors())
+
+        write(source, new, target, result, on_stubs=on_stubs, redo=redo)
+    result.written = str(target)
+    return result
+
+
+def _output_file(source: Source, dst: Path) -> Path:
+    """The file a single-file writer writes: a model folder's weights file lands in place, at
+    the file ``dst`` names, or under its own name in the folder ``dst``."""
+    if source.folder is None:
+        return dst
+    if dst.exists() and dst.resolve() == source.folder.resolve():
+        return source.path
+    if dst.suffix and not dst.is_dir():
+        return dst
+    return dst / source.path.name
+
+
+def _copies(source: Source, dst: Path, plan: Plan) -> bool:
+    """Whether the output's writer copies the bytes of tensors a stub run keeps."""
+    if source.format == "sharded":
+        return True
+    if source.format == "dcp":
+        return not plan.steps  # only the stamp file is new; DCP's writer saves tensors
+    out = _output_file(source, dst)
+    if source.format == "torch-zip":
+        # optimizer state is rewritten, not copied: the loaded path follows it
+        return out.suffix != ".safetensors" and source.stubs.optimizer is None
+    return source.format == "safetensors" and out.suffix == ".safetensors"
+
+
+def _check_output(source: Source, dst: Path) -> None:
+    """Refuse an output that cannot be written before any step runs."""
+    if source.sset is not None:
+        from ..formats import sharded
+
+        sharded.check_output(source.sset, sharded.output_for(source.sset, dst))
+    elif source.folder is not None:
+        from ..formats.model_folder import check_folder_output
+
+        check_folder_output(source.folder, dst)
+
+
+def write(
+    source: Source,
+    new: Checkpoint,
+    dst: Path,
+    result: Rewrite,
+    *,
+    on_stubs: bool,
+    redo: Callable[[], Checkpoint],
+) -> None:
+    """Write ``new`` (the planned result: stubs of ``source`` when ``on_stubs``, else tensors)
+    to ``dst`` in ``source``'s format, filling in ``result``.
+
+    Stubs are written by copying their stored bytes; a copier that cannot reproduce the file
+    (:class:`NotReplayableError`, nothing left behind) gets the tensors ``redo()`` returns.
+    """
+    result.src, result.dst, result.format = source.path, dst, source.format
+    result.layout = new.layout
+    if source.format == "dcp":
+        from ..formats import dcp
+
+        if on_stubs:
+            dcp.stamp_dcp(source.path, dst, new)  # every rank's data file is kept
+        else:
+            dcp.write_dcp(dst, new)
+        return
+    if source.sset is not None:
+        from ..formats.sharded import output_for
+        from .streaming import copy_set, write_set
+
+        result.dst = output_for(source.sset, dst).folder
+        done = None
+        if on_stubs:
+            try:
+                done = copy_set(source.sset, source.stubs, new, dst)
+            except NotReplayableError:
+                new = redo()
+        _copied(result, done or write_set(source.sset, new, dst), streamed=done is not None)
+        return
+
+    def one_file(target: Path) -> None:
+        from ..io.files import write_checkpoint
+        from .streaming import copy_safetensors, copy_torch_zip
+
+        planned = new
+        if on_stubs:
+            try:
+                if source.format == "torch-zip":
+                    done = copy_torch_zip(source.graph, new, target)
+                else:
+                    done = copy_safetensors(source.path, source.stubs, new, target)
+            except NotReplayableError:
+                planned = redo()
+            else:
+                _copied(result, done, streamed=True)
+                return
+        write_checkpoint(target, planned)
+
+    if source.folder is None:
+        one_file(dst)
+        return
+    from ..formats.model_folder import write_folder
+
+    def into(weights: Path, target: Path) -> None:
+        one_file(target)
+        if target not in (weights, dst):  # into the folder dst: the result names the folders
+            result.src, result.dst = source.folder, dst
+        else:
+            result.dst = target
+
+    write_folder(source.folder, dst, into)
+
+
+def _copied(result: Rewrite, done: Copied, *, streamed: bool) -> None:
+    result.streamed = streamed
+    result.bytes_copied, result.bytes_through_python = done.bytes_copied, done.bytes_through_python
+    result.removed = list(done.removed or [])
+
+
+def upgrade_file(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    schema: Schema,
+    *,
+    to: str | Version | None = None,
+    from_version: str | Version | None = None,
+    safe_globals: Iterable[Any] = (),
+    param_names: Sequence[str] | None = None,
+) -> Rewrite:
+    """Upgrade the checkpoint at ``src`` to ``to`` (default: current) and write it to ``dst``.
+
+    ``src`` may be a torch.save file, a safetensors file, a sharded set (its folder or index
+    JSON), a DCP folder or a model folder of one weights file (to a folder ``dst``: that file
+    under its name, the config and tokenizer files beside it); ``dst`` gets the same format
+    (``dst == src`` upgrades in place, atomically, unlocked; for a set, ``X.index.json`` names
+    the new index, anything else a folder: :func:`~.formats.sharded.output_for`). Nothing
+    ckptmigrate did not write is replaced (:class:`~ckptmigrate.errors.OutputOccupiedError`).
+    Rename/drop/hparam plans copy tensor bytes as stored (see :mod:`.streaming`); other plans
+    load with ``mmap=True``, upgrade and save. ``from_version`` stamps an unversioned file on
+    the way. Raises before writing anything if the plan is invalid. ``param_names`` names
+    position-keyed optimizer state for steps that need its names (see
+    :func:`ckptmigrate.upgrade`).
+
+    >>> cm.upgrade_file("model.pth", "model-v3.pth", schema)
+    >>> cm.upgrade_file("llama/", "llama/", schema)          # sharded set, in place
+    """
+    planner = upgrade_plan(
+        schema,
+        name=schema.name,
+        to=to,
+        from_version=from_version,
+        param_names=param_names,
+        path=Path(src),
+    )
+    return rewrite(src, dst, planner, safe_globals=safe_globals)
+
+
+def stamp_file(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    schema: str,
+    version: str | Version | Callable[[Checkpoint], Any],
+    *,
+    prefix: str = "",
+    safe_globals: Iterable[Any] = (),
+    what: str = "version",
+) -> Rewrite:
+    """Write the unstamped checkpoint ``src`` to ``dst`` stamped as ``schema`` ``version``,
+    in ``src``'s format and layout (tensor bytes copied where its writer can). A DCP folder
+    gets ``ckptmigrate.json`` (its data files kept as they are); a set's index and every
+    safetensors shard header get the stamp. Unlocked: :func:`~.inplace.stamp_in_place`
+    rewrites a file in place.
+
+    >>> stamp_file("legacy.pth", "stamped.pth", "tinylm", "1.0.0")
+    """
+    planner = stamp_plan(schema, version, prefix=prefix, what=what, path=src)
+    return rewrite(src, dst, planner, safe_globals=safe_globals)
+
+
+#: The name :func:`upgrade_file`'s result had before there was one result type.
+FileUpgrade = Rewrite

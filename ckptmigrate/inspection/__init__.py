@@ -1,0 +1,1 @@
+"""Looking at checkpoints: differences, fixture checks, scans, drafts of migrations."""

@@ -1,0 +1,1 @@
+"""A path as a checkpoint: one open, one sniff, one dispatch; what a load would report."""

@@ -1,0 +1,1 @@
+"""What versions exist and how to go between them, knowing nothing about files."""
