@@ -13,19 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import errors
 from .base.version import __version__ as __version__
-from .engine.api import attach, load, load_into, save
-from .engine.upgrade import upgrade
 from .errors import *  # noqa: F403 - every error, as errors.__all__ lists them
-from .formats.layout import Layout, declare_layout
-from .inspection.diff import (
-    diff,
-)  # binds the function over the submodule; deepdiff loads on first use
-from .io.report import LoadReport
-from .schema import ops
-from .schema.registry import get_schema, list_schemas
-from .schema.schema import Schema
-from .values.checkpoint import Checkpoint
-from .values.stamp import Mount
 
 __all__ = [
     *errors.__all__,  # every error the package raises
@@ -53,13 +41,38 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .engine.api import attach, load, load_into, save
     from .engine.inplace import stamp_in_place, upgrade_in_place
     from .engine.rewrite import Rewrite, upgrade_file
+    from .engine.upgrade import upgrade
+    from .formats.layout import Layout, declare_layout
+    from .inspection.diff import diff
+    from .io.report import LoadReport
+    from .schema import ops
+    from .schema.registry import get_schema, list_schemas
+    from .schema.schema import Schema
+    from .values.checkpoint import Checkpoint
+    from .values.stamp import Mount
 
     FileUpgrade = Rewrite
 
-# file rewriting pulls in the zip writer, sharded and DCP formats and the lock: on first use
+# Each public name is imported on first use: a command pays only for the modules it touches
+# (``ckptmigrate diff`` never imports the engine). The module each name lives in:
 _LAZY = {
+    "attach": "engine.api",
+    "load": "engine.api",
+    "load_into": "engine.api",
+    "save": "engine.api",
+    "Checkpoint": "values.checkpoint",
+    "diff": "inspection.diff",
+    "Layout": "formats.layout",
+    "declare_layout": "formats.layout",
+    "get_schema": "schema.registry",
+    "list_schemas": "schema.registry",
+    "LoadReport": "io.report",
+    "Schema": "schema.schema",
+    "Mount": "values.stamp",
+    "upgrade": "engine.upgrade",
     "upgrade_file": "engine.rewrite",
     "Rewrite": "engine.rewrite",
     "FileUpgrade": "engine.rewrite",
@@ -69,10 +82,16 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "ops":
+        from .schema import ops
+
+        return ops
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # the function, not a submodule of the same name, from now on
+        return value
     raise AttributeError(f"module 'ckptmigrate' has no attribute {name!r}")
 
 

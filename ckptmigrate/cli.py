@@ -434,8 +434,30 @@ def _schemas(args: argparse.Namespace) -> dict[str, Schema]:
     return find_schemas(args.migrations or None)
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help layout, sized as argparse would (``COLUMNS``, else the terminal, else
+    80) without importing :mod:`shutil` on every command."""
+
+    def __init__(self, prog: str, **options: Any) -> None:
+        if options.get("width") is None:
+            columns = 0
+            with contextlib.suppress(ValueError):
+                columns = int(os.environ.get("COLUMNS") or 0)
+            if columns <= 0:
+                try:
+                    columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+                except (AttributeError, ValueError, OSError):
+                    columns = 80
+            options["width"] = columns - 2
+        super().__init__(prog, **options)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the one-line error format of every other failure."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         hint = f" (see `{self.prog} --help`)"
@@ -655,7 +677,7 @@ def _main(argv: Sequence[str] | None) -> int:
 def _project_importable() -> Iterator[None]:
     """The project's folder first on sys.path for the whole command: migrations import its
     model code, and a ``build=`` may do so only when it runs (``diff --model``, ``check``)."""
-    from .schema.registry import project_folder, project_on_sys_path
+    from .schema.project import project_folder, project_on_sys_path
 
     try:
         folder = project_folder()

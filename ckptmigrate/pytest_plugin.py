@@ -67,7 +67,7 @@ def _tool_configured(config: pytest.Config, key: str) -> list[str]:
     """``[tool.ckptmigrate] key`` of the nearest configuring pyproject.toml up from the config
     file's folder: the reader the CLI uses (:func:`ckptmigrate.schema.registry.configured`)."""
     from .errors import CkptMigrateError
-    from .schema.registry import configured
+    from .schema.project import configured
 
     try:
         return configured(key, _base(config))
@@ -154,7 +154,7 @@ def _keep_project_importable(config: pytest.Config) -> None:
     project's model code when a fixture is checked); pytest_unconfigure takes it off."""
     import sys
 
-    from .schema.registry import project_folder
+    from .schema.project import project_folder
 
     entry = str(project_folder(_base(config)))
     if entry not in sys.path:

@@ -220,6 +220,25 @@ def test_the_cli_and_the_plugin_find_the_same_pyproject_from_a_subfolder(
     assert "toy-3.0.0 PASSED" in done.stdout, done.stdout + done.stderr
 
 
+def test_a_pyproject_larger_than_any_project_file_is_refused_unparsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ckptmigrate.schema.project import MAX_PYPROJECT_BYTES
+
+    (tmp_path / ".git").mkdir()  # the walk up stops here
+    filler = "# " + "x" * 1000 + "\n"
+    body = '[tool.ckptmigrate]\nmigrations = ["m"]\n'
+    (tmp_path / "pyproject.toml").write_text(body + filler * (MAX_PYPROJECT_BYTES // 1000))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(cm.CkptMigrateError, match="larger than"):
+        registry.find_config()
+    assert cli.main(["history"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pyproject.toml" in err and "larger than" in err
+    (tmp_path / "pyproject.toml").write_text(body + filler)  # a normal size reads
+    assert registry.find_config().section == {"migrations": ["m"]}
+
+
 # -- one answer to "is it behind" ------------------------------------------------------------------
 
 

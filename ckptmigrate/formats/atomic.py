@@ -15,13 +15,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
-import hashlib
 import os
 import re
-import secrets
-import shutil
 import signal
-import socket
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -62,6 +58,8 @@ def crash_point(event: str) -> None:
 
 def temp_path_for(path: Path) -> Path:
     """A fresh temporary name in the target's folder (never starting with a dot)."""
+    import secrets
+
     token = f"{this_writer().token}-{secrets.token_hex(8)}"
     return path.with_name(f"{path.name}{TEMP_MARKER}{token}")
 
@@ -290,13 +288,17 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
 
 
 def copy_tree_synced(
-    src: Path, dst: Path, copy_function: Callable[[str, str], object] = shutil.copy2
+    src: Path, dst: Path, copy_function: Callable[[str, str], object] | None = None
 ) -> None:
-    """Copy the tree ``src`` to the new path ``dst`` and flush every file and folder in it."""
+    """Copy the tree ``src`` to the new path ``dst`` and flush every file and folder in it
+    (each file with ``copy_function``, default :func:`shutil.copy2`)."""
+    import shutil
+
+    copy = copy_function or shutil.copy2
 
     def copy_one(a: str, b: str) -> object:
         crash_point("write")
-        return copy_function(a, b)
+        return copy(a, b)
 
     shutil.copytree(src, dst, symlinks=True, copy_function=copy_one)
     for path in sorted(dst.rglob("*"), key=lambda p: len(p.parts), reverse=True):
@@ -318,6 +320,8 @@ def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
 def remove_stale_temps_where(folder: Path, wanted: Callable[[str], bool]) -> list[Path]:
     """Remove the temporaries in ``folder`` of dead writers whose target's name passes
     ``wanted`` (a sharded set sweeps those of its index, journal and new shards at once)."""
+    import shutil
+
     removed = []
     with contextlib.suppress(OSError):
         for child in folder.iterdir():
@@ -401,6 +405,8 @@ class WriterIdentity:
     @classmethod
     def of(cls, pid: int) -> WriterIdentity:
         """The process ``pid`` of this boot and host, as it runs now."""
+        import socket
+
         return cls(pid, process_start(pid), _boot_id(), socket.gethostname())
 
     @classmethod
@@ -417,6 +423,8 @@ class WriterIdentity:
     @property
     def tag(self) -> str:
         """8 hex digits that differ, but for chance, when the start, boot or host differ."""
+        import hashlib
+
         text = f"{self.start}\0{self.boot}\0{self.host}"
         return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
@@ -467,6 +475,8 @@ def recorded_writer_alive(record: Mapping[str, Any]) -> bool:
     A record of an older version (no ``boot``): on another host it cannot be told, so it
     counts as running; on this one, :func:`pid_alive`.
     """
+    import socket
+
     writer = WriterIdentity.from_record(record)
     if writer is not None:
         return writer.alive()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import filecmp
 import os
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -126,6 +125,8 @@ def check_side_files(folder: Path, own: Iterable[str], dst: Path, kind: str) -> 
 def copy_side_files(folder: Path, own: Iterable[str], dst: Path) -> list[Path]:
     """Copy :func:`side_files` into ``dst`` (atomically each), unless it is ``folder``; one
     already there as a copy is left as it is."""
+    import shutil
+
     if dst.resolve() == folder.resolve():
         return []
     copied = []

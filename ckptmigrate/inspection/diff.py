@@ -10,14 +10,13 @@ no torch import), so diffing two multi-gigabyte files takes as long as reading t
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 
@@ -30,9 +29,10 @@ from ..errors import (
 )
 from ..formats.layout import is_tensor_like, split
 from ..io.report import signature
-from ..schema.registry import get_schema, pick_schema, schema_table
-from ..schema.schema import Schema
 from ..values.checkpoint import Checkpoint
+
+if TYPE_CHECKING:
+    from ..schema.schema import Schema
 
 __all__ = ["Diff", "MIN_RENAME_CONFIDENCE", "ModelDiff", "diff", "diff_model", "name_similarity"]
 
@@ -240,6 +240,7 @@ def diff_model(
     """
     from ..engine.mounts import model_view
     from ..io.report import load_report
+    from ..schema.registry import get_schema
 
     found = get_schema(schema, schemas)
     ckpt_a, label = _as_checkpoint(a, "A", tensors=True, allowed=list(allowed_globals))
@@ -301,6 +302,8 @@ def _upgrade_to_b(
 ) -> tuple[Checkpoint, dict[str, Any]]:
     from ..engine.guess import apply_from_version
     from ..engine.upgrade import upgrade as upgrade_checkpoint
+    from ..schema.registry import pick_schema, schema_table
+    from ..schema.schema import Schema
 
     table = schema_table(schema if isinstance(schema, Schema) else schemas)
     name = schema.name if isinstance(schema, Schema) else schema
@@ -331,6 +334,7 @@ def _upgrade_mounts_to_b(
     """Each mount of A (of schema ``name`` when given) to B's mount at the same prefix, else to
     its schema's current version; every plan is checked before any mount runs."""
     from ..engine.mounts import all_mounts, chosen_mounts, mount_plan, upgrade_mount
+    from ..schema.registry import get_schema
 
     chosen = chosen_mounts(ckpt_a, table, name, path=label_a)
     in_b = {m.prefix: m for m in all_mounts(ckpt_b)}
@@ -382,13 +386,13 @@ def _key_record(key: str, sig: tuple[tuple[int, ...] | None, str]) -> dict[str, 
 
 
 def _stamp_of(ckpt: Checkpoint) -> dict[str, Any] | None:
-    from ..engine.mounts import all_mounts
-
     if ckpt.schema is None and ckpt.version is None and not ckpt.mounts:
         return None
     version = None if ckpt.version is None else str(ckpt.version)
     stamp: dict[str, Any] = {"schema": ckpt.schema, "version": version}
     if ckpt.mounts:
+        from ..engine.mounts import all_mounts
+
         stamp["mounts"] = [
             {"prefix": m.prefix, "schema": m.schema, "version": str(m.version)}
             for m in all_mounts(ckpt)
@@ -732,6 +736,8 @@ def _fingerprint(value: Any) -> str | None:
     """A hash of a tensor's dtype, shape and bytes, to find equal tensors without pairwise work."""
     if not is_tensor_like(value) or getattr(value, "is_quantized", False):
         return None
+    import hashlib
+
     tensor = value.detach().cpu().contiguous().reshape(-1)
     digest = hashlib.blake2b(f"{tensor.dtype}{tuple(value.shape)}".encode(), digest_size=16)
     if tensor.numel():

@@ -21,16 +21,19 @@ TensorStub(Tensor, shape=(10, 20), dtype=float32)
 
 from __future__ import annotations
 
-from .allowlist import WEIGHTS_ONLY_GLOBALS, python3_name
-from .archive import ZipRecordInfo, check_torch_bytes, read_zip_records
-from .load import global_name, read_torch, resolve_global, write_torch
-from .mapped import MAPPED_GLOBALS, load_mapped
-from .metadata import read_torch_metadata, scan_pickle_globals
-from .placeholders import OpaqueObject, TorchConstant
-from .unpickler import MAX_PICKLE_BYTES
-from .walk import ScanResult, scan_pickle
-from .zip_graph import ZipGraph, read_zip_graph, write_zip_graph
-from .zip_writer import TorchZipWriter, write_zip_copy
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .allowlist import WEIGHTS_ONLY_GLOBALS, python3_name
+    from .archive import ZipRecordInfo, check_torch_bytes, read_zip_records
+    from .load import global_name, read_torch, resolve_global, write_torch
+    from .mapped import MAPPED_GLOBALS, load_mapped
+    from .metadata import read_torch_metadata, scan_pickle_globals
+    from .placeholders import OpaqueObject, TorchConstant
+    from .unpickler import MAX_PICKLE_BYTES
+    from .walk import ScanResult, scan_pickle
+    from .zip_graph import ZipGraph, read_zip_graph, write_zip_graph
+    from .zip_writer import TorchZipWriter, write_zip_copy
 
 __all__ = [
     "MAPPED_GLOBALS",
@@ -57,3 +60,41 @@ __all__ = [
     "write_zip_copy",
     "write_zip_graph",
 ]
+
+# Each name is imported from its module on first use: reading a file's metadata pays for the
+# readers, not for the writers and the torch loaders.
+_LAZY = {
+    "MAPPED_GLOBALS": "mapped",
+    "MAX_PICKLE_BYTES": "unpickler",
+    "OpaqueObject": "placeholders",
+    "ScanResult": "walk",
+    "TorchConstant": "placeholders",
+    "TorchZipWriter": "zip_writer",
+    "WEIGHTS_ONLY_GLOBALS": "allowlist",
+    "ZipGraph": "zip_graph",
+    "ZipRecordInfo": "archive",
+    "check_torch_bytes": "archive",
+    "global_name": "load",
+    "load_mapped": "mapped",
+    "python3_name": "allowlist",
+    "read_torch": "load",
+    "read_torch_metadata": "metadata",
+    "read_zip_graph": "zip_graph",
+    "read_zip_records": "archive",
+    "resolve_global": "load",
+    "scan_pickle": "walk",
+    "scan_pickle_globals": "metadata",
+    "write_torch": "load",
+    "write_zip_copy": "zip_writer",
+    "write_zip_graph": "zip_graph",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
