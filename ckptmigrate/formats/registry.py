@@ -17,7 +17,7 @@ import os
 import stat
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,7 +38,9 @@ __all__ = [
     "SHARDED_SET",
     "TORCH_LEGACY",
     "TORCH_ZIP",
+    "DEFAULT_READ",
     "Format",
+    "ReadOptions",
     "detect",
     "format_named",
     "output_format",
@@ -49,6 +51,19 @@ __all__ = [
 HEAD_BYTES = 64
 _LONG1 = 0x8A
 _FRAME = 0x95
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a read loads tensors: onto which device, memory-mapped or not, and the globals a
+    pickle may name beyond torch's weights-only set (formats without pickles ignore them)."""
+
+    map_location: Any = "cpu"
+    mmap: bool = False
+    safe_globals: tuple[Any, ...] = ()
+
+
+DEFAULT_READ = ReadOptions()
 
 
 class Format(Protocol):
@@ -71,14 +86,7 @@ class Format(Protocol):
         """The checkpoint with metadata stubs for its tensors: no tensor data, no torch."""
         ...
 
-    def read(
-        self,
-        path: Path,
-        *,
-        map_location: Any = "cpu",
-        mmap: bool = False,
-        safe_globals: Iterable[Any] = (),
-    ) -> Checkpoint:
+    def read(self, path: Path, options: ReadOptions = DEFAULT_READ) -> Checkpoint:
         """Every tensor of the checkpoint loaded (no migration)."""
         ...
 
@@ -129,19 +137,16 @@ class _TorchFile(_Format):
         obj = read_torch_metadata(path, allowed_globals=list(allowed_globals), kind=self.name)
         return split(obj, path=path)
 
-    def read(
-        self,
-        path: Path,
-        *,
-        map_location: Any = "cpu",
-        mmap: bool = False,
-        safe_globals: Iterable[Any] = (),
-    ) -> Checkpoint:
+    def read(self, path: Path, options: ReadOptions = DEFAULT_READ) -> Checkpoint:
         from .layout import split
         from .torch import read_torch
 
         obj = read_torch(
-            path, map_location=map_location, mmap=mmap, safe_globals=safe_globals, kind=self.name
+            path,
+            map_location=options.map_location,
+            mmap=options.mmap,
+            safe_globals=options.safe_globals,
+            kind=self.name,
         )
         return split(obj, path=path)
 
@@ -195,17 +200,10 @@ class _SafetensorsFile(_Format):
 
         return to_checkpoint(*read_safetensors_metadata(path), path)
 
-    def read(
-        self,
-        path: Path,
-        *,
-        map_location: Any = "cpu",
-        mmap: bool = False,
-        safe_globals: Iterable[Any] = (),
-    ) -> Checkpoint:
+    def read(self, path: Path, options: ReadOptions = DEFAULT_READ) -> Checkpoint:
         from .safetensors_file import read_safetensors, to_checkpoint
 
-        return to_checkpoint(*read_safetensors(path, map_location=map_location), path)
+        return to_checkpoint(*read_safetensors(path, map_location=options.map_location), path)
 
     def write(self, path: Path, ckpt: Checkpoint) -> None:
         from .safetensors_file import write_checkpoint
@@ -229,17 +227,10 @@ class _ShardedSet(_Format):
 
         return read_sharded_metadata(path, allowed_globals=list(allowed_globals))[0]
 
-    def read(
-        self,
-        path: Path,
-        *,
-        map_location: Any = "cpu",
-        mmap: bool = False,
-        safe_globals: Iterable[Any] = (),
-    ) -> Checkpoint:
+    def read(self, path: Path, options: ReadOptions = DEFAULT_READ) -> Checkpoint:
         from .sharded import read_sharded
 
-        return read_sharded(path, map_location=map_location, mmap=mmap)
+        return read_sharded(path, map_location=options.map_location, mmap=options.mmap)
 
     def files(self, path: Path) -> list[Path]:
         from .sharded import read_index
@@ -262,14 +253,7 @@ class _DcpFolder(_Format):
 
         return read_dcp_metadata_checkpoint(path)
 
-    def read(
-        self,
-        path: Path,
-        *,
-        map_location: Any = "cpu",
-        mmap: bool = False,
-        safe_globals: Iterable[Any] = (),
-    ) -> Checkpoint:
+    def read(self, path: Path, options: ReadOptions = DEFAULT_READ) -> Checkpoint:
         from .dcp import read_dcp
 
         return read_dcp(path)
@@ -298,16 +282,9 @@ class _ModelFolder(_Format):
         weights, fmt = reader_for(path)
         return fmt.read_metadata(weights, allowed_globals=allowed_globals)
 
-    def read(
-        self,
-        path: Path,
-        *,
-        map_location: Any = "cpu",
-        mmap: bool = False,
-        safe_globals: Iterable[Any] = (),
-    ) -> Checkpoint:
+    def read(self, path: Path, options: ReadOptions = DEFAULT_READ) -> Checkpoint:
         weights, fmt = reader_for(path)
-        return fmt.read(weights, map_location=map_location, mmap=mmap, safe_globals=safe_globals)
+        return fmt.read(weights, options)
 
     def write(self, path: Path, ckpt: Checkpoint) -> None:
         from .model_folder import weights_file

@@ -58,22 +58,24 @@ def _mid_rule(mid_from: list[str], mid_to: list[str]) -> tuple[str, str]:
     digits_from = [t for t in mid_from if t.isdigit()]
     digits_to = [t for t in mid_to if t.isdigit()]
     generalise = bool(digits_from) and digits_from == digits_to
-    pattern, repl = [], []
-    index = 0
-    for token in mid_from:
-        if generalise and token.isdigit():
-            pattern.append(rf"(?P<i{index}>\d+)")
-            index += 1
-        else:
-            pattern.append(re.escape(token))
-    index = 0
-    for token in mid_to:
-        if generalise and token.isdigit():
-            repl.append(rf"\g<i{index}>")
-            index += 1
-        else:
-            repl.append(token.replace("\\", "\\\\"))
+    pattern = _numbered(mid_from, generalise, r"(?P<i{}>\d+)", re.escape)
+    repl = _numbered(mid_to, generalise, r"\g<i{}>", lambda token: token.replace("\\", "\\\\"))
     return r"\.".join(pattern), ".".join(repl)
+
+
+def _numbered(
+    tokens: list[str], generalise: bool, numbered: str, other: Callable[[str], str]
+) -> list[str]:
+    """``tokens`` with the n-th digit token as ``numbered.format(n)`` (when ``generalise``) and
+    every other token through ``other``."""
+    out, index = [], 0
+    for token in tokens:
+        if generalise and token.isdigit():
+            out.append(numbered.format(index))
+            index += 1
+        else:
+            out.append(other(token))
+    return out
 
 
 def _candidate_ops(old: str, new: str) -> list[Op]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..formats.model_folder import resolve
-from ..formats.registry import Format, output_format, reader_for
+from ..formats.registry import Format, ReadOptions, output_format, reader_for
 from ..values.checkpoint import Checkpoint
 
 
@@ -28,7 +28,7 @@ def read_checkpoint(
     """Load every tensor of a checkpoint file (no migration); a model folder of one weights
     file is read as that file."""
     target, fmt = reader_for(path)
-    return fmt.read(target, map_location=map_location, mmap=mmap, safe_globals=safe_globals)
+    return fmt.read(target, ReadOptions(map_location, mmap, tuple(safe_globals)))
 
 
 def read_metadata(
