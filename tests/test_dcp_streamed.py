@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from crash_points import events_of, killed_child, spread_keeping_steps
+from folder_schema import rename_drop_schema
 
 import ckptmigrate as cm
 from ckptmigrate.formats.dcp import STAMP_FILE, SafeFileSystemReader
@@ -50,20 +51,6 @@ def _optimizer_sd(model: dict[str, torch.Tensor]) -> dict:
         "state": {k: {"step": torch.tensor(3.0), "exp_avg": v * 0.5} for k, v in model.items()},
         "param_groups": [{"lr": 0.01, "betas": (0.9, 0.999), "params": list(model)}],
     }
-
-
-def _schema() -> cm.Schema:
-    schema = cm.Schema("lm", current="2.0.0")
-    schema.add_migration(
-        "1.0.0",
-        "2.0.0",
-        [
-            cm.ops.RenamePrefix("blocks.", "layers."),
-            cm.ops.DropKeys(r".*\.rotary"),
-            cm.ops.SetHparam("eps", 1e-6),
-        ],
-    )
-    return schema
 
 
 def _save(folder: Path, *, optimizer: bool = False) -> None:
@@ -106,7 +93,7 @@ def _load_worker(rank: int, store: str, folder: str) -> None:
 
 def test_a_renamed_folder_loads_on_two_gloo_ranks_with_the_old_values(saved, tmp_path):
     out = tmp_path / "v2"
-    result = cm.upgrade_file(saved, out, _schema(), from_version="1.0.0")
+    result = cm.upgrade_file(saved, out, rename_drop_schema(), from_version="1.0.0")
     assert result.streamed  # not loaded and saved again
     run_ranks(_load_worker, str(tmp_path / "store"), str(out))
     meta = read_metadata(out)
@@ -118,7 +105,7 @@ def test_a_renamed_folder_loads_on_two_gloo_ranks_with_the_old_values(saved, tmp
 def test_the_rank_files_are_hard_links_and_only_metadata_is_written(saved, tmp_path):
     before = {name: (saved / name).read_bytes() for name in _rank_files(saved)}
     out = tmp_path / "v2"
-    result = cm.upgrade_file(saved, out, _schema(), from_version="1.0.0")
+    result = cm.upgrade_file(saved, out, rename_drop_schema(), from_version="1.0.0")
     old, new = _rank_files(saved), _rank_files(out)
     assert sorted(new) == sorted(old)
     for name, st in new.items():
@@ -133,7 +120,7 @@ def test_the_rank_files_are_hard_links_and_only_metadata_is_written(saved, tmp_p
 
 def test_in_place_the_folder_is_swapped_and_keeps_the_data_inodes(saved):
     inodes = {name: st.st_ino for name, st in _rank_files(saved).items()}
-    result = cm.upgrade_file(saved, saved, _schema(), from_version="1.0.0")
+    result = cm.upgrade_file(saved, saved, rename_drop_schema(), from_version="1.0.0")
     assert result.streamed
     assert {name: st.st_ino for name, st in _rank_files(saved).items()} == inodes
     loaded = read_checkpoint(saved)
@@ -145,7 +132,7 @@ def test_optimizer_params_are_renamed_in_a_small_new_file(tmp_path):
     src = tmp_path / "step-100"
     _save(src, optimizer=True)
     out = tmp_path / "v2"
-    result = cm.upgrade_file(src, out, _schema(), from_version="1.0.0")
+    result = cm.upgrade_file(src, out, rename_drop_schema(), from_version="1.0.0")
     assert result.streamed
     assert (out / VALUES_FILE).stat().st_size < 4096
     for name, st in _rank_files(out).items():
@@ -174,7 +161,7 @@ def test_a_kill_during_the_rewrite_leaves_a_loadable_folder(tmp_path, monkeypatc
         shutil.copytree(originals, target)
 
     def action() -> None:
-        result = cm.upgrade_file(target, target, _schema(), from_version="1.0.0")
+        result = cm.upgrade_file(target, target, rename_drop_schema(), from_version="1.0.0")
         assert result.streamed
 
     fresh()
