@@ -136,9 +136,9 @@ def open_source(path: str | os.PathLike[str], safe_globals: Iterable[Any] = ()) 
         stubs, sset = read_sharded_metadata(path, allowed_globals=_names(allowed))
         return Source(path, fmt, stubs, allowed, sset=sset)
     if fmt == "dcp":
-        from ..formats.dcp import read_dcp_metadata_checkpoint
+        from ..formats.dcp_rewrite import read_dcp_stubs
 
-        return Source(path, fmt, read_dcp_metadata_checkpoint(path), allowed)
+        return Source(path, fmt, read_dcp_stubs(path), allowed)
     if path.is_dir():  # a model folder: its weights file
         from ..formats.model_folder import resolve
 
@@ -393,7 +393,9 @@ def _copies(source: Source, dst: Path, plan: Plan) -> bool:
     if source.format == "sharded":
         return True
     if source.format == "dcp":
-        return not plan.steps  # only the stamp file is new; DCP's writer saves tensors
+        from ..formats.dcp_rewrite import stubs_complete
+
+        return stubs_complete(source.stubs)  # a new .metadata, the rank files linked
     out = _output_file(source, dst)
     if source.format == "torch-zip":
         # optimizer state is rewritten, not copied: the loaded path follows it
@@ -431,12 +433,7 @@ def write(
     result.src, result.dst, result.format = source.path, dst, source.format
     result.layout = new.layout
     if source.format == "dcp":
-        from ..formats import dcp
-
-        if on_stubs:
-            dcp.stamp_dcp(source.path, dst, new)  # every rank's data file is kept
-        else:
-            dcp.write_dcp(dst, new)
+        _write_dcp(source, new, dst, result, on_stubs=on_stubs, redo=redo)
         return
     if source.sset is not None:
         from ..formats.sharded import output_for
@@ -483,6 +480,33 @@ def write(
             result.dst = target
 
     write_folder(source.folder, dst, into)
+
+
+def _write_dcp(
+    source: Source,
+    new: Checkpoint,
+    dst: Path,
+    result: Rewrite,
+    *,
+    on_stubs: bool,
+    redo: Callable[[], Checkpoint],
+) -> None:
+    """A DCP folder: a metadata-only result gets a new ``.metadata`` over the linked rank
+    files (:mod:`~.formats.dcp_rewrite`); loaded tensors are saved through DCP's writer."""
+    from ..formats import dcp
+    from ..formats.dcp_rewrite import rewrite_dcp_metadata
+
+    if on_stubs:
+        try:
+            done = rewrite_dcp_metadata(source.path, new, dst)
+        except NotReplayableError:
+            new = redo()
+        else:
+            result.streamed = True
+            result.bytes_copied = done.bytes_linked + done.bytes_copied
+            result.bytes_through_python = done.bytes_written
+            return
+    dcp.write_dcp(dst, new)
 
 
 def _copied(result: Rewrite, done: Copied, *, streamed: bool) -> None:

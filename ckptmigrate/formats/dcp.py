@@ -72,12 +72,14 @@ __all__ = [
     "DCP_GLOBALS",
     "STAMP_FILE",
     "DcpValue",
+    "METADATA_FILE",
     "SafeFileSystemReader",
     "check_replaceable",
     "read_dcp",
     "read_dcp_metadata",
     "read_dcp_metadata_checkpoint",
     "write_dcp",
+    "write_swapped",
 ]
 
 METADATA_FILE = ".metadata"
@@ -686,10 +688,10 @@ def write_dcp(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
             warnings.simplefilter("ignore")  # "torch.distributed is disabled...": single process
             _save_state_dict(obj, storage_writer=_writer(tmp), no_dist=True)
 
-    _write_swapped(Path(path), save, ckpt)
+    write_swapped(Path(path), save, ckpt)
 
 
-def _write_swapped(target: Path, fill: Callable[[Path], object], ckpt: Checkpoint) -> None:
+def write_swapped(target: Path, fill: Callable[[Path], object], ckpt: Checkpoint) -> None:
     """Fill a folder beside ``target`` (``fill(tmp)``), stamp it, swap it in: refused first if
     ``target`` is not ours to replace; a killed writer's leftovers finished or removed."""
     check_replaceable(target)
@@ -745,7 +747,7 @@ def stamp_dcp(src: str | os.PathLike[str], dst: str | os.PathLike[str], ckpt: Ch
     if dst.exists() and os.path.samefile(src, dst):
         write_stamp_file(src, ckpt)
         return
-    _write_swapped(dst, lambda tmp: copy_tree_synced(src, tmp), ckpt)
+    write_swapped(dst, lambda tmp: copy_tree_synced(src, tmp), ckpt)
 
 
 def _temp_beside(target: Path) -> Path:
