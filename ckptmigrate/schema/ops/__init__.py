@@ -35,6 +35,15 @@ from .keys import (
 )
 from .keys import module_renames as module_renames
 from .keys import prefix_mover as prefix_mover
+from .layouts import (
+    MergeInterleaved,
+    Pad,
+    PermuteForRope,
+    Slice,
+    SplitInterleaved,
+    Stack,
+    Unstack,
+)
 from .tensors import Cast, Merge, Reshape, Split, Transpose
 from .tensors import TensorOp as TensorOp
 
@@ -58,5 +67,12 @@ __all__ = [
     "Split",
     "StripPrefix",
     "Transpose",
+    "MergeInterleaved",
+    "Pad",
+    "PermuteForRope",
+    "Slice",
+    "SplitInterleaved",
+    "Stack",
+    "Unstack",
     "strip_wrappers",
 ]

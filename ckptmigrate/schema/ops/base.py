@@ -125,6 +125,12 @@ class Op:
         ]
         return f"{type(self).__name__}({', '.join(args)})"
 
+    def for_state(self) -> Op:
+        """The op that carries per-parameter optimizer state (``exp_avg``...) of a
+        ``transforms_state`` op: itself, unless new values are not state (a padded row starts
+        with fresh, zero state, whatever the weights were filled with)."""
+        return self
+
     def found_nothing(self, names: Sequence[str], **where: str) -> None:
         """Raise :class:`NothingMatched` unless the op was given ``missing_ok=True``."""
         if not self.missing_ok:
@@ -153,12 +159,16 @@ class Op:
         return None
 
 
-def template_regex(template: str) -> re.Pattern[str]:
-    """``"{p}.c_attn.{kind}"`` -> a regex with named groups ``p`` and ``kind``."""
+def template_regex(template: str, numbered: str | None = None) -> re.Pattern[str]:
+    """``"{p}.c_attn.{kind}"`` -> a regex with named groups ``p`` and ``kind``; the field
+    ``numbered`` matches an index only (``0``, ``7``, ``12``; not ``07``)."""
     parts = re.split(r"\{(\w+)\}", template)
     out = []
     for i, part in enumerate(parts):
-        out.append(f"(?P<{part}>.+?)" if i % 2 else re.escape(part))
+        if i % 2 == 0:
+            out.append(re.escape(part))
+        else:
+            out.append(f"(?P<{part}>{'0|[1-9][0-9]*' if part == numbered else '.+?'})")
     return re.compile("".join(out))
 
 

@@ -48,28 +48,37 @@ class Split(Op):
         return out
 
     def apply(self, ckpt: Checkpoint) -> None:
-        import torch
-
         found = template_matches(self.source, list(ckpt.state_dict))
         if not found:
             refuse_new_layout(self, self.targets[0], ckpt)
             self.found_nothing(list(ckpt.state_dict), **template_where(self.source))
         for key, groups in found:
-            tensor = ckpt.state_dict[key]
-            if self.sizes is None:
-                if tensor.shape[self.dim] % len(self.targets):
-                    raise OpError(
-                        f"{self.describe()}: {key!r} has size {tensor.shape[self.dim]} along dim "
-                        f"{self.dim}, not divisible into {len(self.targets)} parts"
-                    )
-                parts = torch.chunk(tensor, len(self.targets), dim=self.dim)
-            else:
-                parts = torch.split(tensor, list(self.sizes), dim=self.dim)
+            parts = self.cut(key, ckpt.state_dict[key])
             new = {fill_template(t, groups): p.contiguous() for t, p in zip(self.targets, parts)}
             clash = [k for k in new if k in ckpt.state_dict]
             if clash:
                 raise OpError(f"{self.describe()}: splitting {key!r}, but {clash} already exist")
             ckpt.state_dict = replace_keys_at(ckpt.state_dict, [key], new)
+
+    def cut(self, key: str, tensor: torch.Tensor) -> Sequence[torch.Tensor]:
+        """The parts of ``tensor``, one a target: equal chunks, or ``sizes`` long."""
+        import torch
+
+        size = tensor.shape[self.dim]
+        if self.sizes is None:
+            if size % len(self.targets):
+                raise OpError(
+                    f"{self.describe()}: {key!r} has size {size} along dim "
+                    f"{self.dim}, not divisible into {len(self.targets)} parts"
+                )
+            return torch.chunk(tensor, len(self.targets), dim=self.dim)
+        if len(self.sizes) != len(self.targets) or sum(self.sizes) != size:
+            raise OpError(
+                f"{self.describe()}: sizes {list(self.sizes)} for {len(self.targets)} targets, "
+                f"but {key!r} has size {size} along dim {self.dim}: give one size a target, "
+                "summing to the fused size"
+            )
+        return torch.split(tensor, list(self.sizes), dim=self.dim)
 
     def inverse(self) -> Op:
         return Merge(
@@ -111,8 +120,6 @@ class Merge(Op):
         return out
 
     def apply(self, ckpt: Checkpoint) -> None:
-        import torch
-
         found = template_matches(self.sources[0], list(ckpt.state_dict))
         if not found:
             refuse_new_layout(self, self.target, ckpt)
@@ -125,8 +132,14 @@ class Merge(Op):
             new_key = fill_template(self.target, groups)
             if new_key in ckpt.state_dict and new_key not in keys:
                 raise OpError(f"{self.describe()}: {new_key!r} already exists")
-            merged = torch.cat([ckpt.state_dict[k] for k in keys], dim=self.dim)
+            merged = self.join(new_key, [ckpt.state_dict[k] for k in keys])
             ckpt.state_dict = replace_keys_at(ckpt.state_dict, keys, {new_key: merged})
+
+    def join(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The parts as one tensor: concatenated along ``dim``."""
+        import torch
+
+        return torch.cat(tensors, dim=self.dim)
 
     def inverse(self) -> Op:
         return Split(
