@@ -93,10 +93,11 @@ class OptimizerFollowers:
         for named in named_opts:
             transformed: dict[str, dict[str, Any]] = {}
             if op.transforms_state:
+                state_op = op.for_state()
                 for fld, tensors in shaped_state_fields(named, shapes).items():
                     pseudo = Checkpoint(dict(tensors))
                     try:
-                        op.apply(pseudo)
+                        state_op.apply(pseudo)
                     except NothingMatched:
                         pass  # no state of this field for the op's keys: it stays as it is
                     except OpError:

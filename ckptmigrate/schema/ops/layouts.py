@@ -1,0 +1,416 @@
+"""The layout changes real models go through, as reversible ops.
+
+- :class:`Stack` / :class:`Unstack`: per-expert tensors ``experts.{i}.w1.weight`` <-> one
+  ``experts.w1.weight`` of shape ``(count, ...)`` (transformers v5's ``MergeModulelist``);
+- :class:`PermuteForRope`: q/k rows between Meta's interleaved rotary pairs and HF's half split;
+- :class:`SplitInterleaved` / :class:`MergeInterleaved`: a fused qkv whose rows are grouped per
+  head (GPT-NeoX: ``[h0_q, h0_k, h0_v, h1_q, ...]``), where a flat split has the right shapes and
+  the wrong values;
+- :class:`Pad` / :class:`Slice`: a dim resized (a vocabulary padded to a multiple of 64), the fill
+  stated.
+
+Optimizer state follows each one (``transforms_state``): the state tensors shaped like their
+parameter go through the same op (:meth:`Op.for_state`), so Adam's moments stack, permute and
+split with their rows; rows a :class:`Pad` adds start with zero (fresh) state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from ...errors import OpError
+from ...values.checkpoint import Checkpoint
+from .base import (
+    KEYS,
+    TENSORS,
+    Op,
+    fill_template,
+    refuse_new_layout,
+    replace_keys_at,
+    template_matches,
+    template_regex,
+    template_where,
+)
+from .tensors import Merge, Split, TensorOp
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "MergeInterleaved",
+    "Pad",
+    "PermuteForRope",
+    "Slice",
+    "SplitInterleaved",
+    "Stack",
+    "Unstack",
+]
+
+
+@dataclass
+class Stack(Op):
+    """Stack ``source`` for index ``{i}`` = 0 .. ``count`` - 1 into one ``target`` along ``dim``.
+
+    ``Stack("layers.{l}.experts.{i}.w1.weight", "layers.{l}.experts.w1.weight", count=8)``; the
+    ``{i}`` field (``index=``) matches an index only; every other field must appear in both. A
+    gap, a missing expert or one beyond ``count`` is an :class:`OpError` naming the keys.
+    """
+
+    acts_on = frozenset({KEYS, TENSORS})
+    source: str
+    target: str
+    count: int
+    dim: int = 0
+    index: str = "i"
+    missing_ok: bool = field(default=False, kw_only=True)
+    transforms_state = True
+
+    def groups(self, keys: Sequence[str]) -> dict[str, dict[int, str]]:
+        """Each target key -> its source keys by index, in the order the keys come."""
+        if "{" + self.index + "}" not in self.source or "{" + self.index + "}" in self.target:
+            raise OpError(
+                f"{self.describe()}: the source must have the index field {{{self.index}}} "
+                "and the target must not"
+            )
+        rx = template_regex(self.source, numbered=self.index)
+        out: dict[str, dict[int, str]] = {}
+        for key in keys:
+            m = rx.fullmatch(key)
+            if m is not None:
+                fields = {k: v for k, v in m.groupdict().items() if k != self.index}
+                out.setdefault(fill_template(self.target, fields), {})[int(m[self.index])] = key
+        return out
+
+    def trace(self, keys: Sequence[str]) -> dict[str, list[str]]:
+        groups = self.groups(keys)
+        stacked = {k for members in groups.values() for k in members.values()}
+        first = {min(members.items())[1]: target for target, members in groups.items()}
+        out: dict[str, list[str]] = {}
+        for key in keys:
+            if key in first:
+                members = groups[first[key]]
+                out[first[key]] = [members[i] for i in sorted(members)]
+            elif key not in stacked:
+                out[key] = [key]
+        return out
+
+    def apply(self, ckpt: Checkpoint) -> None:
+        import torch
+
+        groups = self.groups(list(ckpt.state_dict))
+        if not groups:
+            refuse_new_layout(self, self.target, ckpt)
+            self.found_nothing(list(ckpt.state_dict), **template_where(self.source))
+        for target, members in groups.items():
+            self.check_complete(target, members)
+            keys = [members[i] for i in range(self.count)]
+            shapes = {tuple(ckpt.state_dict[k].shape) for k in keys}
+            if len(shapes) > 1:
+                found = {k: tuple(ckpt.state_dict[k].shape) for k in keys}
+                raise OpError(f"{self.describe()}: the parts differ in shape: {found}")
+            if target in ckpt.state_dict:
+                raise OpError(f"{self.describe()}: {target!r} already exists")
+            stacked = torch.stack([ckpt.state_dict[k] for k in keys], dim=self.dim)
+            ckpt.state_dict = replace_keys_at(ckpt.state_dict, keys, {target: stacked})
+
+    def check_complete(self, target: str, members: dict[int, str]) -> None:
+        missing = [i for i in range(self.count) if i not in members]
+        beyond = sorted(i for i in members if i >= self.count)
+        if missing or beyond:
+            sample = members[min(members)]
+            named = [self.key_for(sample, i) for i in missing]
+            raise OpError(
+                f"{self.describe()}: stacking {self.count} tensors into {target!r}, but "
+                + (f"{named} are missing" if missing else "")
+                + (" and " if missing and beyond else "")
+                + (
+                    f"{[members[i] for i in beyond]} lie beyond count={self.count}"
+                    if beyond
+                    else ""
+                )
+                + ": give the right count=, or fix the file's experts"
+            )
+
+    def key_for(self, sample: str, i: int) -> str:
+        """The source key of index ``i`` in the group of ``sample``."""
+        m = template_regex(self.source, numbered=self.index).fullmatch(sample)
+        assert m is not None
+        return fill_template(self.source, {**m.groupdict(), self.index: str(i)})
+
+    def inverse(self) -> Op:
+        return Unstack(
+            self.target, self.source, self.count, self.dim, self.index, missing_ok=self.missing_ok
+        )
+
+    def describe(self) -> str:
+        return f"stack {self.source!r} -> {self.target!r} ({self.count} along dim {self.dim})"
+
+
+@dataclass
+class Unstack(Op):
+    """Unbind ``source`` (size ``count`` along ``dim``) into ``target`` for ``{i}`` = 0 ..
+    ``count`` - 1, the inverse of :class:`Stack`: ``Unstack("experts.w1.weight",
+    "experts.{i}.w1.weight", count=8)``."""
+
+    acts_on = frozenset({KEYS, TENSORS})
+    source: str
+    target: str
+    count: int
+    dim: int = 0
+    index: str = "i"
+    missing_ok: bool = field(default=False, kw_only=True)
+    transforms_state = True
+
+    def parts(self, keys: Sequence[str]) -> dict[str, list[str]]:
+        """Each source key -> its target keys, index order."""
+        return {
+            key: [fill_template(self.target, {**g, self.index: str(i)}) for i in range(self.count)]
+            for key, g in template_matches(self.source, keys)
+        }
+
+    def trace(self, keys: Sequence[str]) -> dict[str, list[str]]:
+        parts = self.parts(keys)
+        out: dict[str, list[str]] = {}
+        for key in keys:
+            out.update({t: [key] for t in parts[key]} if key in parts else {key: [key]})
+        return out
+
+    def apply(self, ckpt: Checkpoint) -> None:
+        parts = self.parts(list(ckpt.state_dict))
+        if not parts:
+            refuse_new_layout(self, self.target.replace("{" + self.index + "}", "0"), ckpt)
+            self.found_nothing(list(ckpt.state_dict), **template_where(self.source))
+        for key, targets in parts.items():
+            tensor = ckpt.state_dict[key]
+            if tensor.dim() <= self.dim or tensor.shape[self.dim] != self.count:
+                raise OpError(
+                    f"{self.describe()}: {key!r} has shape {tuple(tensor.shape)}, not {self.count} "
+                    f"along dim {self.dim}"
+                )
+            clash = [t for t in targets if t in ckpt.state_dict]
+            if clash:
+                raise OpError(f"{self.describe()}: unstacking {key!r}, but {clash} already exist")
+            new = {t: p.contiguous() for t, p in zip(targets, tensor.unbind(self.dim))}
+            ckpt.state_dict = replace_keys_at(ckpt.state_dict, [key], new)
+
+    def inverse(self) -> Op:
+        return Stack(
+            self.target, self.source, self.count, self.dim, self.index, missing_ok=self.missing_ok
+        )
+
+    def describe(self) -> str:
+        return f"unstack {self.source!r} -> {self.target!r} ({self.count} along dim {self.dim})"
+
+
+#: the rotary layouts of :class:`PermuteForRope`
+ROPE_LAYOUTS = ("interleaved", "half")
+
+
+@dataclass
+class PermuteForRope(TensorOp):
+    """Permute q/k projection rows (weights or biases) between rotary layouts, per head.
+
+    ``to="half"`` (the default) goes from Meta's layout, where rotary pairs are adjacent
+    dims ``(0, 1), (2, 3), ...`` of each head, to HF's, where dim ``j`` pairs with ``j +
+    head_dim/2`` (``rotate_half``); this is ``permute`` in HF's ``convert_llama_weights_to_hf``.
+    ``to="interleaved"`` goes back. ``n_heads`` is the heads of *this* projection: the
+    key/value heads for ``k_proj`` under grouped-query attention.
+    """
+
+    n_heads: int = 1
+    to: str = "half"
+
+    def transform(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.to not in ROPE_LAYOUTS:
+            raise OpError(f"{self.describe()}: to={self.to!r}, expected one of {ROPE_LAYOUTS}")
+        rows = tensor.shape[0] if tensor.dim() else 0
+        if tensor.dim() not in (1, 2) or rows % (2 * self.n_heads):
+            raise OpError(
+                f"{self.describe()}: a tensor of shape {tuple(tensor.shape)} does not hold "
+                f"{self.n_heads} heads of an even head dim along its rows"
+            )
+        half = rows // self.n_heads // 2
+        pairs = (half, 2) if self.to == "half" else (2, half)
+        rest = tuple(tensor.shape[1:])
+        return tensor.reshape(self.n_heads, *pairs, *rest).transpose(1, 2).reshape(rows, *rest)
+
+    def inverse(self) -> Op:
+        back = "interleaved" if self.to == "half" else "half"
+        return PermuteForRope(self.template, self.n_heads, back, missing_ok=self.missing_ok)
+
+    def describe(self) -> str:
+        return f"permute {self.template!r} for rope ({self.n_heads} heads, to {self.to})"
+
+
+def _group_count(op: Op, key: str, size: int, block: Sequence[int]) -> int:
+    if size % sum(block):
+        raise OpError(
+            f"{op.describe()}: {key!r} has size {size}, not a whole number of groups of "
+            f"{list(block)} ({sum(block)})"
+        )
+    return size // sum(block)
+
+
+@dataclass
+class SplitInterleaved(Split):
+    """Split a fused tensor whose rows are grouped per head: ``sizes`` are the rows each target
+    takes in every group (GPT-NeoX's ``query_key_value``: ``[head_dim] * 3``, rows
+    ``[h0_q, h0_k, h0_v, h1_q, ...]``; a grouped-query layout that keeps each kv head's queries
+    with it: ``[q_per_kv * head_dim, head_dim, head_dim]``; gate/up interleaved by row: ``[1, 1]``).
+
+    A flat :class:`Split` of such a tensor has the right shapes and the wrong values.
+    """
+
+    def cut(self, key: str, tensor: torch.Tensor) -> Sequence[torch.Tensor]:
+        block = list(self.sizes or [])
+        if len(block) != len(self.targets):
+            raise OpError(f"{self.describe()}: give sizes=, one a target, the rows per group")
+        shape = list(tensor.shape)
+        groups = _group_count(self, key, shape[self.dim], block)
+        grouped = tensor.reshape(*shape[: self.dim], groups, sum(block), *shape[self.dim + 1 :])
+        parts = grouped.split(block, dim=self.dim + 1)
+        return [p.flatten(self.dim, self.dim + 1) for p in parts]
+
+    def inverse(self) -> Op:
+        return MergeInterleaved(
+            list(self.targets), self.source, self.dim, self.sizes, missing_ok=self.missing_ok
+        )
+
+    def describe(self) -> str:
+        return f"split interleaved {self.source!r} -> {list(self.targets)!r} ({self.sizes} a group)"
+
+
+@dataclass
+class MergeInterleaved(Merge):
+    """Fuse ``sources`` into ``target`` with rows grouped per head, each source giving
+    ``sizes[i]`` rows to every group: the inverse of :class:`SplitInterleaved`."""
+
+    def join(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        import torch
+
+        block = list(self.sizes or [])
+        if len(block) != len(tensors):
+            raise OpError(f"{self.describe()}: give sizes=, one a source, the rows per group")
+        counts = {_group_count(self, key, t.shape[self.dim], [b]) for t, b in zip(tensors, block)}
+        if len(counts) != 1:
+            raise OpError(f"{self.describe()}: the sources hold different numbers of groups")
+        groups = counts.pop()
+        grouped = [t.unflatten(self.dim, (groups, b)) for t, b in zip(tensors, block)]
+        return torch.cat(grouped, dim=self.dim + 1).flatten(self.dim, self.dim + 1)
+
+    def inverse(self) -> Op:
+        return SplitInterleaved(
+            self.target, list(self.sources), self.dim, self.sizes, missing_ok=self.missing_ok
+        )
+
+    def describe(self) -> str:
+        return f"merge interleaved {list(self.sources)!r} -> {self.target!r} ({self.sizes} a group)"
+
+
+#: :attr:`Pad.fill` that fills new rows with the mean of the existing ones
+MEAN = "mean"
+
+
+@dataclass
+class Pad(TensorOp):
+    """Grow ``dim`` of matching tensors to ``size`` (or the next multiple of ``multiple``),
+    filling the new rows with ``fill``: a number, or ``"mean"`` (the mean of the existing rows,
+    the usual start for new vocabulary embeddings).
+
+    ``Pad("{p}embed.weight", multiple=64, from_size=50257)``: with ``from_size`` (the size
+    before, checked on every tensor) the inverse is :class:`Slice` back to it. Optimizer state
+    of the new rows starts at zero, as a fresh parameter's does.
+    """
+
+    size: int | None = None
+    dim: int = 0
+    multiple: int | None = None
+    from_size: int | None = None
+    fill: float | str = 0.0
+
+    def new_size(self, old: int) -> int:
+        if (self.size is None) == (self.multiple is None):
+            raise OpError(f"{self.describe()}: give size= or multiple=, one of them")
+        if self.size is not None:
+            return self.size
+        assert self.multiple is not None
+        return -(-old // self.multiple) * self.multiple
+
+    def transform(self, tensor: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        old = tensor.shape[self.dim]
+        new = self.new_size(old)
+        if self.from_size is not None and old != self.from_size:
+            raise OpError(f"{self.describe()}: a tensor has size {old}, not {self.from_size}")
+        if new < old:
+            raise OpError(f"{self.describe()}: size {old} is already above {new}; Slice cuts")
+        shape = list(tensor.shape)
+        shape[self.dim] = new - old
+        if self.fill == MEAN:
+            if not tensor.is_floating_point():
+                raise OpError(f"{self.describe()}: fill='mean' needs floats, not {tensor.dtype}")
+            extra = tensor.mean(dim=self.dim, keepdim=True).expand(shape)
+        elif isinstance(self.fill, (int, float)):
+            extra = torch.full(shape, self.fill, dtype=tensor.dtype)
+        else:
+            raise OpError(f"{self.describe()}: fill={self.fill!r}, expected a number or 'mean'")
+        return torch.cat([tensor, extra], dim=self.dim)
+
+    def for_state(self) -> Op:
+        return replace(self, fill=0.0)
+
+    def inverse(self) -> Op | None:
+        if self.from_size is None:
+            return None
+        return Slice(
+            self.template,
+            self.from_size,
+            self.dim,
+            from_size=self.new_size(self.from_size),
+            fill=self.fill,
+            missing_ok=self.missing_ok,
+        )
+
+    def describe(self) -> str:
+        to = self.size if self.size is not None else f"a multiple of {self.multiple}"
+        return f"pad {self.template!r} dim {self.dim} to {to} (fill {self.fill!r})"
+
+
+@dataclass
+class Slice(TensorOp):
+    """Keep the first ``size`` entries along ``dim`` of matching tensors (a vocabulary unpadded).
+
+    With ``from_size`` (the size before, checked) the inverse is :class:`Pad` back to it with
+    ``fill``: the rows cut are gone, and come back as the fill.
+    """
+
+    size: int = 0
+    dim: int = 0
+    from_size: int | None = None
+    fill: float | str = 0.0
+
+    def transform(self, tensor: torch.Tensor) -> torch.Tensor:
+        old = tensor.shape[self.dim]
+        if self.from_size is not None and old != self.from_size:
+            raise OpError(f"{self.describe()}: a tensor has size {old}, not {self.from_size}")
+        if old < self.size:
+            raise OpError(f"{self.describe()}: size {old} is below {self.size}; Pad grows")
+        return tensor.narrow(self.dim, 0, self.size).clone()
+
+    def inverse(self) -> Op | None:
+        if self.from_size is None:
+            return None
+        return Pad(
+            self.template,
+            self.from_size,
+            self.dim,
+            from_size=self.size,
+            fill=self.fill,
+            missing_ok=self.missing_ok,
+        )
+
+    def describe(self) -> str:
+        return f"slice {self.template!r} dim {self.dim} to {self.size}"

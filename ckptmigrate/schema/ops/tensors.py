@@ -1,0 +1,246 @@
+"""Ops on tensor values: split and merge along a dim, reshape, transpose, cast."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ...errors import OpError
+from ...values.checkpoint import Checkpoint
+from .base import (
+    KEYS,
+    TENSORS,
+    Op,
+    fill_template,
+    refuse_new_layout,
+    replace_keys_at,
+    template_matches,
+    template_where,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Cast", "Merge", "Reshape", "Split", "TensorOp", "Transpose"]
+
+
+@dataclass
+class Split(Op):
+    """Split each key matching ``source`` into ``targets`` along ``dim`` (fused q/k/v)."""
+
+    acts_on = frozenset({KEYS, TENSORS})
+    source: str
+    targets: Sequence[str]
+    dim: int = 0
+    sizes: Sequence[int] | None = None
+    missing_ok: bool = field(default=False, kw_only=True)
+    transforms_state = True
+
+    def trace(self, keys: Sequence[str]) -> dict[str, list[str]]:
+        split = {k: g for k, g in template_matches(self.source, keys)}
+        out: dict[str, list[str]] = {}
+        for key in keys:
+            if key in split:
+                out.update({fill_template(t, split[key]): [key] for t in self.targets})
+            else:
+                out[key] = [key]
+        return out
+
+    def apply(self, ckpt: Checkpoint) -> None:
+        found = template_matches(self.source, list(ckpt.state_dict))
+        if not found:
+            refuse_new_layout(self, self.targets[0], ckpt)
+            self.found_nothing(list(ckpt.state_dict), **template_where(self.source))
+        for key, groups in found:
+            parts = self.cut(key, ckpt.state_dict[key])
+            new = {fill_template(t, groups): p.contiguous() for t, p in zip(self.targets, parts)}
+            clash = [k for k in new if k in ckpt.state_dict]
+            if clash:
+                raise OpError(f"{self.describe()}: splitting {key!r}, but {clash} already exist")
+            ckpt.state_dict = replace_keys_at(ckpt.state_dict, [key], new)
+
+    def cut(self, key: str, tensor: torch.Tensor) -> Sequence[torch.Tensor]:
+        """The parts of ``tensor``, one a target: equal chunks, or ``sizes`` long."""
+        import torch
+
+        size = tensor.shape[self.dim]
+        if self.sizes is None:
+            if size % len(self.targets):
+                raise OpError(
+                    f"{self.describe()}: {key!r} has size {size} along dim "
+                    f"{self.dim}, not divisible into {len(self.targets)} parts"
+                )
+            return torch.chunk(tensor, len(self.targets), dim=self.dim)
+        if len(self.sizes) != len(self.targets) or sum(self.sizes) != size:
+            raise OpError(
+                f"{self.describe()}: sizes {list(self.sizes)} for {len(self.targets)} targets, "
+                f"but {key!r} has size {size} along dim {self.dim}: give one size a target, "
+                "summing to the fused size"
+            )
+        return torch.split(tensor, list(self.sizes), dim=self.dim)
+
+    def inverse(self) -> Op:
+        return Merge(
+            list(self.targets), self.source, self.dim, self.sizes, missing_ok=self.missing_ok
+        )
+
+    def describe(self) -> str:
+        return f"split {self.source!r} -> {list(self.targets)!r} (dim {self.dim})"
+
+
+@dataclass
+class Merge(Op):
+    """Concatenate the keys matching ``sources`` (all present) into ``target`` along ``dim``."""
+
+    acts_on = frozenset({KEYS, TENSORS})
+    sources: Sequence[str]
+    target: str
+    dim: int = 0
+    sizes: Sequence[int] | None = None
+    missing_ok: bool = field(default=False, kw_only=True)
+    transforms_state = True
+
+    def trace(self, keys: Sequence[str]) -> dict[str, list[str]]:
+        present = set(keys)
+        merged: dict[str, list[str]] = {}
+        for first, groups in template_matches(self.sources[0], keys):
+            group = [first] + [fill_template(t, groups) for t in self.sources[1:]]
+            if all(k in present for k in group):
+                merged[first] = group
+        members = {k for group in merged.values() for k in group}
+        out: dict[str, list[str]] = {}
+        for key in keys:
+            if key in merged:
+                out[
+                    fill_template(self.target, dict(template_matches(self.sources[0], [key]))[key])
+                ] = merged[key]
+            elif key not in members:
+                out[key] = [key]
+        return out
+
+    def apply(self, ckpt: Checkpoint) -> None:
+        found = template_matches(self.sources[0], list(ckpt.state_dict))
+        if not found:
+            refuse_new_layout(self, self.target, ckpt)
+            self.found_nothing(list(ckpt.state_dict), **template_where(self.sources[0]))
+        for first, groups in found:
+            keys = [first] + [fill_template(t, groups) for t in self.sources[1:]]
+            missing = [k for k in keys if k not in ckpt.state_dict]
+            if missing:
+                raise OpError(f"{self.describe()}: merging {first!r}, but {missing} are missing")
+            new_key = fill_template(self.target, groups)
+            if new_key in ckpt.state_dict and new_key not in keys:
+                raise OpError(f"{self.describe()}: {new_key!r} already exists")
+            merged = self.join(new_key, [ckpt.state_dict[k] for k in keys])
+            ckpt.state_dict = replace_keys_at(ckpt.state_dict, keys, {new_key: merged})
+
+    def join(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The parts as one tensor: concatenated along ``dim``."""
+        import torch
+
+        return torch.cat(tensors, dim=self.dim)
+
+    def inverse(self) -> Op:
+        return Split(
+            self.target, list(self.sources), self.dim, self.sizes, missing_ok=self.missing_ok
+        )
+
+    def describe(self) -> str:
+        return f"merge {list(self.sources)!r} -> {self.target!r} (dim {self.dim})"
+
+
+@dataclass
+class TensorOp(Op):
+    acts_on = frozenset({TENSORS})
+    template: str
+    missing_ok: bool = field(default=False, kw_only=True)
+    transforms_state = True
+
+    def touches(self, keys: Sequence[str]) -> bool:
+        return bool(template_matches(self.template, keys))
+
+    def transform(self, tensor: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply(self, ckpt: Checkpoint) -> None:
+        found = template_matches(self.template, list(ckpt.state_dict))
+        if not found:
+            self.found_nothing(list(ckpt.state_dict), **template_where(self.template))
+        for key, _ in found:
+            ckpt.state_dict[key] = self.transform(ckpt.state_dict[key])
+
+
+@dataclass
+class Reshape(TensorOp):
+    """Reshape matching tensors to ``shape``; invertible when ``from_shape`` is given."""
+
+    shape: Sequence[int] = ()
+    from_shape: Sequence[int] | None = None
+
+    def transform(self, tensor: torch.Tensor) -> torch.Tensor:
+        try:
+            return tensor.reshape(tuple(self.shape)).clone()
+        except RuntimeError as exc:
+            raise OpError(f"{self.describe()}: {exc}") from None
+
+    def inverse(self) -> Op | None:
+        if self.from_shape is None:
+            return None
+        return Reshape(
+            self.template, tuple(self.from_shape), tuple(self.shape), missing_ok=self.missing_ok
+        )
+
+    def describe(self) -> str:
+        return f"reshape {self.template!r} to {tuple(self.shape)}"
+
+
+@dataclass
+class Transpose(TensorOp):
+    """Swap two dims of matching tensors (its own inverse)."""
+
+    dim0: int = 0
+    dim1: int = 1
+
+    def transform(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.transpose(self.dim0, self.dim1).contiguous()
+
+    def inverse(self) -> Op:
+        return Transpose(self.template, self.dim0, self.dim1, missing_ok=self.missing_ok)
+
+    def describe(self) -> str:
+        return f"transpose {self.template!r} dims {self.dim0},{self.dim1}"
+
+
+def _dtype(name: Any) -> Any:
+    import torch
+
+    if isinstance(name, torch.dtype):
+        return name
+    value = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise OpError(f"{name!r} is not a torch dtype")
+    return value
+
+
+@dataclass
+class Cast(TensorOp):
+    """Cast matching tensors to ``dtype``; invertible when ``from_dtype`` is given."""
+
+    dtype: Any = None
+    from_dtype: Any = None
+    transforms_state = False  # optimizer state stays in its own (usually fp32) dtype
+
+    def touches(self, keys: Sequence[str]) -> bool:
+        return False
+
+    def transform(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(_dtype(self.dtype), copy=True)
+
+    def inverse(self) -> Op | None:
+        if self.from_dtype is None:
+            return None
+        return Cast(self.template, self.from_dtype, self.dtype, missing_ok=self.missing_ok)
+
+    def describe(self) -> str:
+        return f"cast {self.template!r} to {str(self.dtype).removeprefix('torch.')}"
