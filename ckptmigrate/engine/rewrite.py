@@ -433,7 +433,7 @@ def write(
     result.src, result.dst, result.format = source.path, dst, source.format
     result.layout = new.layout
     if source.format == "dcp":
-        _write_dcp(source, new, dst, result, on_stubs=on_stubs, redo=redo)
+        _write_dcp(source, new, dst, result, redo if on_stubs else None)
         return
     if source.sset is not None:
         from ..formats.sharded import output_for
@@ -487,16 +487,15 @@ def _write_dcp(
     new: Checkpoint,
     dst: Path,
     result: Rewrite,
-    *,
-    on_stubs: bool,
-    redo: Callable[[], Checkpoint],
+    redo: Callable[[], Checkpoint] | None,
 ) -> None:
-    """A DCP folder: a metadata-only result gets a new ``.metadata`` over the linked rank
-    files (:mod:`~.formats.dcp_rewrite`); loaded tensors are saved through DCP's writer."""
+    """A DCP folder: a metadata-only result (``redo`` given: how to get the tensors if it
+    cannot be replayed) gets a new ``.metadata`` over the linked rank files
+    (:mod:`~.formats.dcp_rewrite`); loaded tensors are saved through DCP's writer."""
     from ..formats import dcp
     from ..formats.dcp_rewrite import rewrite_dcp_metadata
 
-    if on_stubs:
+    if redo is not None:
         try:
             done = rewrite_dcp_metadata(source.path, new, dst)
         except NotReplayableError:

@@ -10,6 +10,8 @@ importable from here, as it was when the ops were one module.
 
 from __future__ import annotations
 
+from . import layouts  # the module, for its __all__
+
 # the names with ``as`` are importable from here as when the ops were one module, not in __all__
 from .base import ABSENT, NothingMatched, Op
 from .base import CODE as CODE
@@ -35,15 +37,7 @@ from .keys import (
 )
 from .keys import module_renames as module_renames
 from .keys import prefix_mover as prefix_mover
-from .layouts import (
-    MergeInterleaved,
-    Pad,
-    PermuteForRope,
-    Slice,
-    SplitInterleaved,
-    Stack,
-    Unstack,
-)
+from .layouts import *  # noqa: F403 - the layout ops, as layouts.__all__ lists them
 from .tensors import Cast, Merge, Reshape, Split, Transpose
 from .tensors import TensorOp as TensorOp
 
@@ -67,12 +61,6 @@ __all__ = [
     "Split",
     "StripPrefix",
     "Transpose",
-    "MergeInterleaved",
-    "Pad",
-    "PermuteForRope",
-    "Slice",
-    "SplitInterleaved",
-    "Stack",
-    "Unstack",
     "strip_wrappers",
+    *layouts.__all__,
 ]

@@ -50,13 +50,9 @@ __all__ = [
 
 
 @dataclass
-class Stack(Op):
-    """Stack ``source`` for index ``{i}`` = 0 .. ``count`` - 1 into one ``target`` along ``dim``.
-
-    ``Stack("layers.{l}.experts.{i}.w1.weight", "layers.{l}.experts.w1.weight", count=8)``; the
-    ``{i}`` field (``index=``) matches an index only; every other field must appear in both. A
-    gap, a missing expert or one beyond ``count`` is an :class:`OpError` naming the keys.
-    """
+class _Stacking(Op):
+    """What :class:`Stack` and :class:`Unstack` are given: the per-index key (``{index}``), the
+    stacked key, how many indices and the dim they stack along."""
 
     acts_on = frozenset({KEYS, TENSORS})
     source: str
@@ -66,6 +62,16 @@ class Stack(Op):
     index: str = "i"
     missing_ok: bool = field(default=False, kw_only=True)
     transforms_state = True
+
+
+@dataclass
+class Stack(_Stacking):
+    """Stack ``source`` for index ``{i}`` = 0 .. ``count`` - 1 into one ``target`` along ``dim``.
+
+    ``Stack("layers.{l}.experts.{i}.w1.weight", "layers.{l}.experts.w1.weight", count=8)``; the
+    ``{i}`` field (``index=``) matches an index only; every other field must appear in both. A
+    gap, a missing expert or one beyond ``count`` is an :class:`OpError` naming the keys.
+    """
 
     def groups(self, keys: Sequence[str]) -> dict[str, dict[int, str]]:
         """Each target key -> its source keys by index, in the order the keys come."""
@@ -149,19 +155,10 @@ class Stack(Op):
 
 
 @dataclass
-class Unstack(Op):
+class Unstack(_Stacking):
     """Unbind ``source`` (size ``count`` along ``dim``) into ``target`` for ``{i}`` = 0 ..
     ``count`` - 1, the inverse of :class:`Stack`: ``Unstack("experts.w1.weight",
     "experts.{i}.w1.weight", count=8)``."""
-
-    acts_on = frozenset({KEYS, TENSORS})
-    source: str
-    target: str
-    count: int
-    dim: int = 0
-    index: str = "i"
-    missing_ok: bool = field(default=False, kw_only=True)
-    transforms_state = True
 
     def parts(self, keys: Sequence[str]) -> dict[str, list[str]]:
         """Each source key -> its target keys, index order."""
@@ -273,13 +270,11 @@ class SplitInterleaved(Split):
         parts = grouped.split(block, dim=self.dim + 1)
         return [p.flatten(self.dim, self.dim + 1) for p in parts]
 
-    def inverse(self) -> Op:
-        return MergeInterleaved(
-            list(self.targets), self.source, self.dim, self.sizes, missing_ok=self.missing_ok
-        )
+    def merged_by(self) -> type[Merge]:
+        return MergeInterleaved
 
-    def describe(self) -> str:
-        return f"split interleaved {self.source!r} -> {list(self.targets)!r} ({self.sizes} a group)"
+    def how(self) -> str:
+        return f"interleaved, {self.sizes} a group"
 
 
 @dataclass

@@ -81,12 +81,21 @@ class Split(Op):
         return torch.split(tensor, list(self.sizes), dim=self.dim)
 
     def inverse(self) -> Op:
-        return Merge(
+        undo = self.merged_by()
+        return undo(
             list(self.targets), self.source, self.dim, self.sizes, missing_ok=self.missing_ok
         )
 
+    def merged_by(self) -> type[Merge]:
+        """The op that undoes this split, given the same targets, source, dim and sizes."""
+        return Merge
+
     def describe(self) -> str:
-        return f"split {self.source!r} -> {list(self.targets)!r} (dim {self.dim})"
+        return f"split {self.source!r} -> {list(self.targets)!r} ({self.how()})"
+
+    def how(self) -> str:
+        """How the rows are cut, as :meth:`describe` says it."""
+        return f"dim {self.dim}"
 
 
 @dataclass
