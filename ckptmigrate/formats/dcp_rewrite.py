@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import NotReplayableError
+from ..errors import CheckpointFormatError, NotReplayableError
 from ..values.checkpoint import Checkpoint
 from ..values.tensorinfo import TensorStub
 from .atomic import atomic_file, fsync_path
@@ -185,6 +185,12 @@ def rewrite_dcp_metadata(
     leaves: list[tuple[tuple[Any, ...], Any]] = []
     _flatten(assemble(plain, None), (), leaves)  # the stamp goes to the JSON file
 
+    stored = md.storage_data if md.storage_data is not None else {}
+    if not isinstance(stored, dict) or not all(isinstance(i, MetadataIndex) for i in stored):
+        raise CheckpointFormatError(
+            "DCP metadata's storage_data is not a dict of MetadataIndex keys", path=src
+        )
+    md = dataclasses.replace(md, storage_data=stored) if stored is not md.storage_data else md
     chunks: dict[str, list[tuple[Any, Any]]] = {}
     for index, info in md.storage_data.items():
         chunks.setdefault(index.fqn, []).append((index, info))
