@@ -8,6 +8,7 @@ written through the inverse steps into the old model definitions of the fixture 
 from __future__ import annotations
 
 import copy
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ from ckptmigrate.inspection.fixtures import (
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"
 RESUME = FIXTURES / "tinylm" / "1.0.0-resume.golden.pt"
-followers_module = sys.modules["ckptmigrate.engine.followers"]  # optimizer state follows here
+followers_module = importlib.import_module("ckptmigrate.engine.followers")  # state follows here
 
 
 def resume_fixture():
