@@ -1,9 +1,14 @@
-"""Two gloo ranks on loopback, forked (spawned off Linux): a process group and device mesh
-per rank, and a runner that fails the test when a rank raises or hangs."""
+"""Two gloo ranks on loopback: a process group and device mesh per rank, and a runner
+that fails the test when a rank raises or hangs.
+
+Ranks are not forked from the test process: a fork copies a parent that earlier tests have left
+with OpenMP and other worker threads mid-flight, and a child that inherits a lock held by one of
+them hangs (seen once in CI: a 2-rank save still running after 300 s, passing in 7 s on rerun).
+They fork from a forkserver instead: a fresh single-threaded interpreter that imports torch once
+and forks every rank of every test, so no rank inherits a thread and none pays a torch import."""
 
 from __future__ import annotations
 
-import sys
 import time
 from datetime import timedelta
 
@@ -13,15 +18,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 WORLD = 2
-#: fork is quick (the children inherit the imported torch); spawn re-imports torch per rank
-START = "fork" if sys.platform.startswith("linux") else "spawn"
-DEADLINE_S = 300.0  # generous: a loaded 2-core machine starts gloo ranks slowly
+START = "forkserver"
+mp.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.checkpoint"])
+DEADLINE_S = 180.0  # generous: a loaded 2-core machine starts gloo ranks slowly
 
 
 def init_ranks(rank: int, store: str):
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.set_num_threads(1)  # a forked child must not touch the parent's OpenMP pool
+    torch.set_num_threads(1)  # two ranks on two cores: one thread each
     dist.init_process_group(
         "gloo",
         init_method=f"file://{store}",
