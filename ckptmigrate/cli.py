@@ -431,6 +431,7 @@ def _schemas(args: argparse.Namespace) -> dict[str, Schema]:
     """The schemas of ``--migrations PATH``, else the configured or installed ones."""
     from .schema.registry import find_schemas
 
+    _PROJECT.enter()
     return find_schemas(args.migrations or None)
 
 
@@ -654,7 +655,7 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         with (
             _warnings_as_lines(show_torch=args.debug),
-            _project_importable(),
+            _PROJECT,
             _migrations_layouts(args),
         ):
             return int(args.func(args))
@@ -673,19 +674,31 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_TROUBLE
 
 
-@contextlib.contextmanager
-def _project_importable() -> Iterator[None]:
-    """The project's folder first on sys.path for the whole command: migrations import its
-    model code, and a ``build=`` may do so only when it runs (``diff --model``, ``check``)."""
-    from .schema.project import project_folder, project_on_sys_path
+class _ProjectImportable(contextlib.ExitStack):
+    """The project's folder first on sys.path from the moment a command first looks for
+    migrations until it ends: migrations import its model code, and a ``build=`` may do so only
+    when it runs (``diff --model``, ``check``). A command that never looks for them (``diff``
+    of two files, ``info`` of a stamped one) never reads pyproject.toml."""
 
-    try:
-        folder = project_folder()
-    except Exception:  # an unreadable pyproject.toml is reported where migrations are found
-        yield
-        return
-    with project_on_sys_path(folder):
-        yield
+    def enter(self) -> None:
+        if self._entered:
+            return
+        self._entered = True
+        from .schema.project import project_folder, project_on_sys_path
+
+        try:
+            folder = project_folder()
+        except Exception:  # an unreadable pyproject.toml is reported where migrations are found
+            return
+        self.enter_context(project_on_sys_path(folder))
+
+    def __enter__(self) -> _ProjectImportable:
+        self._entered = False
+        return super().__enter__()
+
+
+#: The running command's project folder on sys.path (entered by :func:`_schemas`).
+_PROJECT = _ProjectImportable()
 
 
 @contextlib.contextmanager

@@ -335,3 +335,31 @@ def test_a_build_that_imports_the_projects_code_late_works_under_the_console_scr
         text=True,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_diff_of_two_files_never_reads_the_projects_pyproject(mynet_project):
+    """Only a command that looks for migrations reads pyproject.toml (and imports tomllib):
+    a diff of two stamped files inside a project starts as fast as one outside it."""
+    here = mynet_project / "src" / "deep"
+    for name, key, version in (("a.pth", "fc.weight", "1.0.0"), ("b.pth", "proj.weight", "2.0.0")):
+        cm.save(here / name, {key: torch.ones(4, 4)}, schema="mynet", version=version)
+    probe = (
+        "import sys\n"
+        "from ckptmigrate.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print(code, 'tomllib' in sys.modules, 'mynet' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, "diff", "a.pth", "b.pth"],
+        cwd=here,
+        capture_output=True,
+        text=True,
+    )
+    assert done.stdout.split()[-3:] == ["1", "False", "False"], done.stdout + done.stderr
+    done = subprocess.run(  # --upgrade looks for migrations: the project's are found
+        [sys.executable, "-c", probe, "diff", "a.pth", "b.pth", "--upgrade"],
+        cwd=here,
+        capture_output=True,
+        text=True,
+    )
+    assert done.stdout.split()[-3:] == ["0", "True", "True"], done.stdout + done.stderr
