@@ -22,6 +22,7 @@ __all__ = [
     "LoadReport",
     "Mount",
     "Schema",
+    "Weights",
     "attach",
     "declare_layout",
     "diff",
@@ -35,6 +36,7 @@ __all__ = [
     "stamp_in_place",
     "load",
     "load_into",
+    "load_weights",
     "ops",
     "save",
     "upgrade",
@@ -45,12 +47,14 @@ if TYPE_CHECKING:
     from .engine.inplace import stamp_in_place, upgrade_in_place
     from .engine.rewrite import Rewrite, upgrade_file
     from .engine.upgrade import upgrade
+    from .engine.weights import load_weights
     from .formats.layout import Layout, declare_layout
     from .inspection.diff import diff
     from .io.report import LoadReport
     from .schema import ops
     from .schema.registry import get_schema, list_schemas
     from .schema.schema import Schema
+    from .schema.weights import Weights
     from .values.checkpoint import Checkpoint
     from .values.stamp import Mount
 
@@ -71,6 +75,8 @@ _LAZY = {
     "list_schemas": "schema.registry",
     "LoadReport": "io.report",
     "Schema": "schema.schema",
+    "Weights": "schema.weights",
+    "load_weights": "engine.weights",
     "Mount": "values.stamp",
     "upgrade": "engine.upgrade",
     "upgrade_file": "engine.rewrite",

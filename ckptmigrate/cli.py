@@ -37,6 +37,7 @@ from .render import (
     render_model_diff_plain,
     render_scan,
     render_schema_list,
+    render_weights_list,
 )
 from .terminal import Output, printable_output, progress_bar, styled
 from .terminal import console as _console
@@ -283,19 +284,49 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .inspection.fixtures import check_fixtures
     from .schema.registry import fixtures_folders
 
-    root = args.dir or fixtures_folders()[0]
     schemas = _schemas(args)
-    with progress_bar("checking fixtures") as progress:
-        results = check_fixtures(root, schemas, progress=progress, safe_globals=args.allow_global)
+    if args.weights is not None:
+        from .inspection.weights import check_weights
+
+        root = args.weights
+        which = None if args.weights == _EVERY else args.weights
+        results = check_weights(schemas, which, safe_globals=args.allow_global)
+    else:
+        root = args.dir or fixtures_folders()[0]
+        with progress_bar("checking fixtures") as progress:
+            results = check_fixtures(
+                root, schemas, progress=progress, safe_globals=args.allow_global
+            )
     rows = [r.to_dict() for r in results]
     failed = sum(1 for r in results if not r.ok)
     if args.json:
         print(json.dumps({"root": str(root), "fixtures": rows, "failed": failed}, indent=2))
         return EXIT_DRIFT if failed else EXIT_OK
     if not rows:
-        print(f"{PROG}: warning: no fixtures under {root}", file=sys.stderr)
+        where = "named weights with a golden record" if args.weights else f"fixtures under {root}"
+        print(f"{PROG}: warning: no {where}", file=sys.stderr)
     render_check(rows, Output())
     return EXIT_DRIFT if failed else EXIT_OK
+
+
+#: ``check --weights`` without SCHEMA[:NAME]: every listed weights entry.
+_EVERY = "*"
+
+
+# -- weights -----------------------------------------------------------------------------------
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from .inspection.weights import weights_record
+
+    record = weights_record(_schemas(args), args.which)
+    if args.json:
+        print(json.dumps(record, indent=2, allow_nan=False))
+        return EXIT_OK
+    if not record:
+        print(f"{PROG}: warning: no named weights listed", file=sys.stderr)
+    render_weights_list(record, Output())
+    return EXIT_OK
 
 
 # -- stamp -------------------------------------------------------------------------------------
@@ -588,8 +619,22 @@ def build_parser() -> argparse.ArgumentParser:
         "dir", metavar="DIR", nargs="?", help="default: pyproject fixtures, else fixtures"
     )
     p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.add_argument(
+        "--weights",
+        nargs="?",
+        const=_EVERY,
+        metavar="SCHEMA[:NAME]",
+        help="check named weights that list a golden record instead of fixtures (all, a "
+        "schema's, or one)",
+    )
     _common(p, reads_files=True)
     p.set_defaults(func=cmd_check)
+
+    p = commands.add_parser("weights", help="the named weights the schemas list")
+    p.add_argument("which", metavar="SCHEMA[:NAME]", nargs="?", help="default: every schema's")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    _common(p, reads_files=False)
+    p.set_defaults(func=cmd_weights)
 
     p = commands.add_parser("stamp", help="give an unversioned legacy file its stamp")
     p.add_argument("ckpt", metavar="CKPT", help="the unstamped checkpoint")

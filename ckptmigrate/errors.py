@@ -53,10 +53,14 @@ __all__ = [
     "UnknownFormatError",
     "UnknownLayoutError",
     "UnknownSchemaError",
+    "UnknownWeightsError",
     "UnsafeCheckpointError",
     "UnversionedCheckpointError",
     "UsageError",
     "VersionConflictError",
+    "WeightsDownloadError",
+    "WeightsError",
+    "WeightsHashMismatchError",
 ]
 
 
@@ -737,3 +741,59 @@ class ParamNamesUnknownError(CkptMigrateError, ValueError):
 
 #: The old name of :class:`ParamNamesUnknownError`, kept so existing ``except`` clauses match.
 ParamNamesUnknown = ParamNamesUnknownError
+
+
+def _without_secrets(url: str) -> str:
+    """``url`` without its user, password and query: what may be printed of it."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+class WeightsError(CkptMigrateError):
+    """Named weights could not be had: unknown, unreachable, or not the bytes they claim."""
+
+
+class UnknownWeightsError(WeightsError, LookupError):
+    """A schema lists no weights of that name; ``known`` holds the names it does list."""
+
+    def __init__(self, schema: str, name: str, known: Sequence[str]) -> None:
+        self.schema = schema
+        self.name = name
+        self.known = list(known)
+        listed = ", ".join(self.known) if self.known else "none"
+        super().__init__(f"schema {schema} lists no weights named {name!r} (it lists: {listed})")
+
+
+class WeightsDownloadError(WeightsError, OSError):
+    """Named weights could not be fetched from their URL; nothing was left in the cache.
+
+    ``url`` is kept as given; the message shows it without user, password and query, which
+    may hold credentials (a presigned URL's signature)."""
+
+    def __init__(self, url: str, problem: str) -> None:
+        self.url = url
+        self.problem = problem
+        super().__init__(f"cannot fetch {_without_secrets(url)}: {problem}")
+
+
+class WeightsHashMismatchError(WeightsError):
+    """A weights file's sha256 is not the one its schema lists: it was refused, not used (a
+    download that does not match is deleted; a local file is left where it is)."""
+
+    def __init__(self, url: str, expected: str, got: str, *, path: object = None) -> None:
+        self.url = url
+        self.expected = expected
+        self.got = got
+        self.path = None if path is None else str(path)
+        where = f" ({self.path})" if self.path and self.path != url else ""
+        super().__init__(
+            f"{_without_secrets(url)}{where} has sha256 {got}, but its schema lists {expected}: "
+            "refused (a changed or corrupted file, or a wrong sha256 in the schema)"
+        )

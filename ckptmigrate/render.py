@@ -371,6 +371,21 @@ def render_schema_list(record: list[dict[str, Any]], out: Output) -> None:
         )
 
 
+def render_weights_list(record: list[dict[str, Any]], out: Output) -> None:
+    """One line per named weights entry: schema, name, saved-at version, sha256, where; then
+    its meta, indented."""
+    for row in record:
+        behind = "" if row["version"] == row["current"] else f" (upgraded to {row['current']})"
+        golden = "  golden" if row["golden"] else ""
+        out.line(
+            styled(f"{row['schema']}:{row['name']}", "ok"),
+            f"  saved at {row['version']}{behind}  sha256 {row['sha256'][:12]}{golden}  "
+            f"{row['url']}",
+        )
+        for key, value in row["meta"].items():
+            out.line(f"    {key}: {_fmt(value)}")
+
+
 # -- check -------------------------------------------------------------------------------------
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from packaging.version import Version
@@ -13,6 +13,7 @@ from ..io.signature import signature_of
 from ..values.checkpoint import Checkpoint
 from .graph import FunctionStep, MigrationGraph, OpsStep, PlannedStep, Step
 from .ops import Op
+from .weights import Weights
 
 MigrationFn = Callable[[Checkpoint], "Checkpoint | None"]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -67,6 +68,8 @@ class Schema:
         self.train_step = train_step
         self.origin: str | None = None  # where discovery found it, for error messages
         self.signatures: dict[Version, list[frozenset]] = {}
+        #: the named weights that exist for this schema, by name, in the order added
+        self.weights: dict[str, Weights] = {}
 
     def add_signature(self, version: str | Version, state_dict: dict[str, Any]) -> None:
         """Record what a state_dict of ``version`` looks like, for ``from_version="auto"``."""
@@ -173,6 +176,35 @@ class Schema:
             reversible=reversible,
         )
         return self.graph.add(step)
+
+    def add_weights(
+        self,
+        name: str,
+        *,
+        url: str,
+        sha256: str,
+        version: str | Version,
+        meta: Mapping[str, Any] | None = None,
+        transforms: str | Callable[..., Any] | None = None,
+        golden: str | None = None,
+        golden_sha256: str | None = None,
+    ) -> Weights:
+        """List trained weights of this schema under ``name`` (see :class:`Weights`); the file
+        at ``url`` was saved at ``version`` and must hash to ``sha256``.
+
+        >>> schema.add_weights("stripes_v1", url="https://example.com/tinyconv-3f2a.pth",
+        ...                    sha256="3f2a...", version="1.0.0", meta={"val_acc": 0.93})
+        """
+        weights = Weights(name, url, sha256, version, meta or {}, transforms, golden, golden_sha256)
+        if name in self.weights:
+            raise MigrationGraphError(f"schema {self.name!r} already lists weights {name!r}")
+        if weights.version > self.current:
+            raise MigrationGraphError(
+                f"schema {self.name!r}: weights {name!r} were saved at {weights.version}, past "
+                f"the current version {self.current}"
+            )
+        self.weights[name] = weights
+        return weights
 
     def plan(self, start: str | Version, target: str | Version | None = None) -> list[PlannedStep]:
         """The steps from ``start`` to ``target`` (default: current), validated before running."""
