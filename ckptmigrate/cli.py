@@ -225,14 +225,28 @@ def _param_names(args: argparse.Namespace) -> list[str] | None:
 def cmd_scan(args: argparse.Namespace) -> int:
     from .inspection.scan import scan
 
+    options: dict[str, Any] = {
+        "workers": args.workers,
+        "processes": None if args.threads is None else not args.threads,
+        "allowed_globals": args.allow_global,
+    }
+    recorded = None
     with progress_bar("scanning") as progress:
-        rows = scan(
-            args.dir,
-            _schemas(args),
-            workers=args.workers,
-            processes=None if args.threads is None else not args.threads,
-            progress=progress,
-            allowed_globals=args.allow_global,
+        if args.catalog is None:
+            rows = scan(args.dir, _schemas(args), progress=progress, **options)
+        else:
+            from .inspection.catalog import open_catalog, scan_into
+
+            with open_catalog(args.catalog) as catalog:
+                recorded = scan_into(
+                    catalog, args.dir, _schemas(args), progress=progress, **options
+                )
+            rows = recorded.rows
+    if recorded is not None:
+        print(
+            f"{PROG}: catalog {args.catalog}: {recorded.read} read, {recorded.unchanged} "
+            f"unchanged (not read), {recorded.removed} removed",
+            file=sys.stderr,
         )
     behind = any(r.behind for r in rows)
     if args.json:
@@ -240,6 +254,31 @@ def cmd_scan(args: argparse.Namespace) -> int:
     else:
         render_scan(rows, Output())
     return EXIT_DRIFT if args.fail_behind and behind else EXIT_OK
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from .inspection.catalog import open_catalog, query
+
+    if (args.min or args.max) and not args.best:
+        raise CommandLineError("--min and --max say how --best METRIC ranks: pass --best too")
+    if args.version and not args.schema:
+        raise CommandLineError("--version needs --schema: a version is one schema's")
+    behind = True if args.behind else False if args.current else None
+    with open_catalog(args.db) as catalog:
+        rows = query(
+            catalog,
+            schemas=_schemas(args),
+            schema=args.schema,
+            version=args.version,
+            behind=behind,
+            best=args.best,
+            maximize=args.max,
+        )
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2, allow_nan=False))
+    else:
+        render_scan(rows, Output())
+    return EXIT_OK
 
 
 # -- history -----------------------------------------------------------------------------------
@@ -601,8 +640,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="read with threads (good for network storage); default: worker processes for "
         "64 files or more, one per core",
     )
+    p.add_argument(
+        "--catalog",
+        metavar="DB",
+        help="record every checkpoint in DB (an SQLite file, or a postgresql:// URL); a "
+        "rescan reads only what changed",
+    )
     _common(p, reads_files=True)
     p.set_defaults(func=cmd_scan)
+
+    p = commands.add_parser("catalog", help="query the catalog a scan --catalog recorded")
+    p.add_argument("db", metavar="DB", help="the SQLite file or postgresql:// URL")
+    p.add_argument("--schema", help="only checkpoints (mounts) of this schema")
+    p.add_argument("--version", metavar="V", help="with --schema: only those at version V")
+    state = p.add_mutually_exclusive_group()
+    state.add_argument("--behind", action="store_true", help="only those behind their schema")
+    state.add_argument("--current", action="store_true", help="only those at its current version")
+    p.add_argument(
+        "--best",
+        metavar="METRIC",
+        help="the one whose meta METRIC (dotted: metrics.val_loss) is best",
+    )
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument("--min", action="store_true", help="with --best: smallest wins (default)")
+    rank.add_argument("--max", action="store_true", help="with --best: largest wins")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per row")
+    _common(p, reads_files=False)
+    p.set_defaults(func=cmd_catalog)
 
     p = commands.add_parser(
         "history", help="the migration graph of a schema, oldest first (no SCHEMA: list them)"

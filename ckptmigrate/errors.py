@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .base.readable import url_without_secrets
+
 __all__ = [
     "AlreadyStampedError",
     "AmbiguousMigrationPathError",
@@ -18,6 +20,7 @@ __all__ = [
     "BackupExistsError",
     "BreakingMigrationError",
     "BudgetExceededError",
+    "CatalogError",
     "CheckpointFormatError",
     "CheckpointWriteError",
     "CkptMigrateError",
@@ -743,19 +746,6 @@ class ParamNamesUnknownError(CkptMigrateError, ValueError):
 ParamNamesUnknown = ParamNamesUnknownError
 
 
-def _without_secrets(url: str) -> str:
-    """``url`` without its user, password and query: what may be printed of it."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if not parts.scheme or not parts.netloc:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
 class WeightsError(CkptMigrateError):
     """Named weights could not be had: unknown, unreachable, or not the bytes they claim."""
 
@@ -780,7 +770,7 @@ class WeightsDownloadError(WeightsError, OSError):
     def __init__(self, url: str, problem: str) -> None:
         self.url = url
         self.problem = problem
-        super().__init__(f"cannot fetch {_without_secrets(url)}: {problem}")
+        super().__init__(f"cannot fetch {url_without_secrets(url)}: {problem}")
 
 
 class WeightsHashMismatchError(WeightsError):
@@ -794,6 +784,16 @@ class WeightsHashMismatchError(WeightsError):
         self.path = None if path is None else str(path)
         where = f" ({self.path})" if self.path and self.path != url else ""
         super().__init__(
-            f"{_without_secrets(url)}{where} has sha256 {got}, but its schema lists {expected}: "
+            f"{url_without_secrets(url)}{where} has sha256 {got}, but its schema lists {expected}: "
             "refused (a changed or corrupted file, or a wrong sha256 in the schema)"
         )
+
+
+class CatalogError(CkptMigrateError):
+    """The catalog database could not be opened, read or written; ``where`` names it (a
+    PostgreSQL URL without its password). A scan that fails writes nothing to it."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        self.where = where
+        self.problem = problem
+        super().__init__(f"catalog {where}: {problem}")

@@ -19,6 +19,9 @@ from toy import TOY_MIGRATIONS_WITH_MODEL, toy_sd
 import ckptmigrate as cm
 from ckptmigrate.schema.discovery import find_schemas
 
+#: fixtures of real servers on loopback, for every test file
+pytest_plugins = ["postgres_server"]
+
 REPO = Path(__file__).resolve().parent.parent
 
 

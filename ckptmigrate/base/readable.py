@@ -161,3 +161,26 @@ def human_bytes(n: int) -> str:
             return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"  # pragma: no cover
+
+
+def url_without_secrets(url: str) -> str:
+    """``url`` as it may be printed: without its user, password and query (a presigned URL's
+    signature, a database password); a path is returned as it is.
+
+    >>> url_without_secrets("https://me:pw@example.com/w/a.pth?X-Amz-Signature=abc")
+    'https://example.com/w/a.pth'
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address goes back in brackets
+        host = f"[{host}]"
+    try:
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+    except ValueError:  # a port that is not a number: say no port rather than fail
+        pass
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))

@@ -25,7 +25,16 @@ from ..schema.schema import Schema
 if TYPE_CHECKING:
     from ..formats.layout import Layout
 
-__all__ = ["CHECKPOINT_SUFFIXES", "ScanRow", "find_checkpoints", "judge", "read_rows", "scan"]
+__all__ = [
+    "CHECKPOINT_SUFFIXES",
+    "ScanRow",
+    "find_checkpoints",
+    "json_values",
+    "judge",
+    "read_rows",
+    "scan",
+    "scan_paths",
+]
 
 #: File names that :func:`scan` treats as checkpoints.
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
@@ -47,6 +56,11 @@ class ScanRow:
     tensors: int = 0
     nbytes: int = 0
     error: str | None = None
+    #: the mount's history (steps applied, oldest first), its hparams and the file's meta
+    #: (metrics, dataset...), as JSON values (what else a file held is shown as text)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    hparams: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -104,20 +118,60 @@ def read_rows(
     except OSError as exc:
         row.error = f"cannot read it: {exc}"
         return [row]
+    row.meta = json_values(ckpt.meta)
     mounts = all_mounts(ckpt) if ckpt.mounts else []
     if not mounts:
         row.schema = ckpt.schema
         row.version = str(ckpt.version) if ckpt.version is not None else None
+        row.history = json_values(list(ckpt.history))
+        row.hparams = json_values(ckpt.hparams)
         _count(row, ckpt.state_dict.values())
         return [row]
     owner = owner_of(ckpt)
     rows = []
     for m in mounts:
         mine = [v for k, v in ckpt.state_dict.items() if owner(k) == m.prefix]
-        mount_row = replace(row, prefix=m.prefix, schema=m.schema, version=str(m.version))
+        own = ckpt.hparams.get(m.hparams) if m.hparams is not None else ckpt.hparams
+        mount_row = replace(
+            row,
+            prefix=m.prefix,
+            schema=m.schema,
+            version=str(m.version),
+            history=json_values(list(m.history)),
+            hparams=json_values(own if isinstance(own, Mapping) else {}),
+        )
         _count(mount_row, mine)
         rows.append(mount_row)
     return rows
+
+
+#: Containers in a stored value open at most this deep; deeper ones are shown as text.
+_JSON_DEPTH = 16
+
+
+def json_values(value: Any, depth: int = 0) -> Any:
+    """``value`` as JSON values: dicts (str keys), lists, str, finite numbers, bools, None;
+    anything else (a tensor stub, a class, a NaN) as its bounded text, containers past
+    :data:`_JSON_DEPTH` too.
+
+    >>> json_values({"lr": 1e-3, "betas": (0.9, 0.99), "act": torch.nn.GELU})
+    {'lr': 0.001, 'betas': [0.9, 0.99], 'act': "<class 'torch.nn...GELU'>"}
+    """
+    import math
+
+    from ..base.readable import bounded_repr
+
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) < 1 << 63 else bounded_repr(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if depth < _JSON_DEPTH and isinstance(value, Mapping):
+        return {str(k): json_values(v, depth + 1) for k, v in value.items()}
+    if depth < _JSON_DEPTH and isinstance(value, (list, tuple)):
+        return [json_values(v, depth + 1) for v in value]
+    return bounded_repr(value)
 
 
 def _count(row: ScanRow, values: Iterable[Any]) -> None:
@@ -171,8 +225,29 @@ def scan(
 
     >>> rows = scan("registry/", [schema], workers=8)
     """
+    return scan_paths(
+        find_checkpoints(root),
+        schemas,
+        workers=workers,
+        processes=processes,
+        progress=progress,
+        allowed_globals=allowed_globals,
+    )
+
+
+def scan_paths(
+    paths: Sequence[Path],
+    schemas: Mapping[str, Schema] | Iterable[Schema] = (),
+    *,
+    workers: int | None = None,
+    processes: bool | None = False,
+    progress: Callable[[int, int], None] | None = None,
+    allowed_globals: Iterable[str] = (),
+    judged: bool = True,
+) -> list[ScanRow]:
+    """:func:`scan` of the checkpoints ``paths`` names (as :func:`find_checkpoints` finds
+    them), in that order; ``judged=False`` leaves the schema half (:func:`judge`) undone."""
     by_name = schemas if isinstance(schemas, Mapping) else {s.name: s for s in schemas}
-    paths = find_checkpoints(root)
     cpus = os.cpu_count() or 1
     if processes is None:
         processes = len(paths) >= 64 and cpus > 1 and workers != 1
@@ -196,7 +271,7 @@ def scan(
     )
     with pool:
         for done, file_rows in enumerate(pool.map(read, paths, chunksize=chunk), 1):
-            rows.extend(judge(row, by_name) for row in file_rows)
+            rows.extend(judge(row, by_name) if judged else row for row in file_rows)
             if progress is not None:
                 progress(done, len(paths))
     return rows
