@@ -30,6 +30,7 @@ of ``adapter_config.json``, and each other part's ``s_i / s`` is folded into its
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -678,13 +679,27 @@ def write_adapter(adapter: Adapter, folder: str | os.PathLike[str]) -> Path:
 
     >>> cm.write_adapter(new, "lora-v2/")  # doctest: +SKIP
     """
-    from ..io.files import write_checkpoint
-
     folder = Path(folder)
     if os.path.lexists(folder) and (not folder.is_dir() or any(folder.iterdir())):
         found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         raise OutputOccupiedError(folder, found, "an adapter folder")
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write_into(adapter, folder)
+    except BaseException:  # a write refused or interrupted leaves no half adapter behind
+        for name in (adapter.weights_name, ADAPTER_CONFIG):
+            with contextlib.suppress(OSError):
+                (folder / name).unlink()
+        if made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _write_into(adapter: Adapter, folder: Path) -> Path:
+    from ..io.files import write_checkpoint
+
     weights = folder / adapter.weights_name
     extra = {"safetensors_metadata": dict(adapter.header)} if adapter.header else {}
     ckpt = Checkpoint(
