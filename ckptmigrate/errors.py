@@ -453,9 +453,10 @@ class AdapterFollowError(CkptMigrateError, ValueError):
         self.op = op
         self.reason = reason
         super().__init__(
-            f"the adapter cannot follow {op} of step {step}: {reason}; upgrade the adapter's "
-            "base with it merged in (PEFT's merge_and_unload), or write that step as ops an "
-            "adapter follows (renames, Split, Merge, PermuteForRope, Pad, Slice)"
+            f"the adapter cannot follow {op} of step {step}: {reason}. Merge the adapter into "
+            "its base (PEFT's merge_and_unload) and upgrade the merged checkpoint, or write "
+            "that step as ops an adapter follows (renames, Split, Merge, PermuteForRope, Pad, "
+            "Slice)"
         )
 
 

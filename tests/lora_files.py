@@ -92,9 +92,10 @@ def deltas(folder: Path) -> dict[str, torch.Tensor]:
             alpha = _pattern(config["alpha_pattern"], module, config["lora_alpha"])
             scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
             delta = scale * (b.flatten(1) @ a.flatten(1))
-            out[module + ".weight"] = (
-                delta.T if transposed else delta.reshape(b.shape[0], *a.shape[1:])
-            )
+            if transposed or config.get("fan_in_fan_out"):  # stored (in, out), as Conv1D
+                out[module + ".weight"] = delta.T
+            else:
+                out[module + ".weight"] = delta.reshape(b.shape[0], *a.shape[1:])
     return out
 
 

@@ -126,6 +126,24 @@ def test_a_split_along_the_input_dim_cuts_a_and_copies_b(tmp_path: Path) -> None
     assert_same_function(schema, base, old, tmp_path / "a2")
 
 
+def test_a_gpt2_conv1d_adapter_follows_the_split_of_c_attn_along_dim_1(tmp_path: Path) -> None:
+    """GPT-2 stores ``c_attn.weight`` as (in, 3 * out) and PEFT marks it fan_in_fan_out: the
+    split of its columns cuts B's rows all the same."""
+    schema = cm.Schema("gpt2", current="2.0.0")
+    schema.add_migration("1.0.0", "2.0.0", [cm.ops.Split("{p}.c_attn.{kind}", QKV, dim=1)])
+    base = {"h.0.attn.c_attn.weight": randn(6, 12)}
+    lora = factors(12, 6, 2, 1)
+    old = write_lora(
+        tmp_path / "a1", {"h.0.attn.c_attn": lora}, target_modules=["c_attn"], fan_in_fan_out=True
+    )
+    cm.upgrade_adapter(old, schema, from_version="1.0.0", out=tmp_path / "a2")
+    tensors, _ = read_lora(tmp_path / "a2")
+    torch.testing.assert_close(
+        tensors["base_model.model.h.0.attn.k.lora_B.weight"], lora["lora_B.weight"][4:8]
+    )
+    assert_same_function(schema, base, old, tmp_path / "a2")
+
+
 # -- merge ------------------------------------------------------------------------------------
 
 
@@ -466,3 +484,9 @@ def test_the_cli_reports_a_hostile_adapter_in_one_line(tmp_path: Path) -> None:
     done = run(tmp_path, "upgrade", str(old), "-o", str(tmp_path / "a2"), "--from-version",
                "1.0.0", "--migrations", str(tmp_path / "toy.py"))  # fmt: skip
     assert "adapter_config.json is not valid JSON" in one_error_line(done)
+
+
+def test_an_adapter_already_current_keeps_its_config(tmp_path: Path) -> None:
+    old = write_lora(tmp_path / "a1", {"attn.v": factors(4, 6, 3, 1)}, rank_pattern={"v": 3})
+    done = cm.upgrade_adapter(old, fuse_schema(), from_version="2.0.0", out=tmp_path / "a2")
+    assert done.plan == [] and read_lora(tmp_path / "a2")[1] == read_lora(old)[1]

@@ -364,7 +364,12 @@ def follow_base(
     >>> new = cm.follow_base(cm.read_adapter("lora/"), schema, from_version="1.0.0")  # doctest: +SKIP
     """
     version = _version_of(adapter, schema, from_version)
-    plan = schema.plan(version, to)
+    return _follow_plan(adapter, schema, version, schema.plan(version, to))
+
+
+def _follow_plan(
+    adapter: Adapter, schema: Schema, version: Version, plan: Sequence[PlannedStep]
+) -> Adapter:
     settings = _settings(adapter.config, ADAPTER_CONFIG)
     modules, others = _modules(adapter, settings)
     before = dict(modules)
@@ -630,6 +635,12 @@ def _new_config(
     if old_others != new_others:
         modules = list(dict.fromkeys(k.rpartition(".")[0] for k in new_others))
         out["modules_to_save"] = _names_like(config.get("modules_to_save"), modules)
+    same = set(before) == set(after) and all(
+        before[m].rank == f.rank and math.isclose(before[m].scale, f.scale, rel_tol=1e-9)
+        for m, f in after.items()
+    )
+    if same:  # every module as it was: the patterns still say what they said
+        return out
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     for module, f in after.items():
@@ -753,13 +764,14 @@ def upgrade_adapter(
         raise UsageError("upgrade_adapter needs out= (a new folder), or dry_run=True")
     config_path, weights = _adapter_paths(src)
     adapter = read_adapter(src)
-    new = follow_base(adapter, found, to, from_version=from_version)
-    source_version = adapter.version or _version_of(adapter, found, from_version)
+    version = _version_of(adapter, found, from_version)
+    plan = found.plan(version, to)
+    new = _follow_plan(adapter, found, version, plan)
     result = Rewrite(
         schema=found.name,
-        source_version=str(source_version),
+        source_version=str(version),
         target_version=str(new.version),
-        plan=[p.record() for p in found.plan(source_version, to)],
+        plan=[p.record() for p in plan],
         src=weights,
         format="peft-lora",
     )
