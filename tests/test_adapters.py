@@ -312,6 +312,9 @@ def test_a_padded_vocabulary_pads_the_embedding_adapter_with_zeros(tmp_path: Pat
     for key, delta in deltas(old).items():  # the old tokens: the same change; new ones: none
         torch.testing.assert_close(new[key][:10], delta, **TOL)
         assert new[key][10:].eq(0).all()
+    cm.upgrade_adapter(tmp_path / "a2", schema, to="1.0.0", out=tmp_path / "a3")  # Slice
+    for key, delta in deltas(old).items():
+        torch.testing.assert_close(deltas(tmp_path / "a3")[key], delta, **TOL)
 
 
 def test_a_cast_of_the_base_leaves_the_adapter_in_its_dtype(tmp_path: Path) -> None:
@@ -490,3 +493,11 @@ def test_an_adapter_already_current_keeps_its_config(tmp_path: Path) -> None:
     old = write_lora(tmp_path / "a1", {"attn.v": factors(4, 6, 3, 1)}, rank_pattern={"v": 3})
     done = cm.upgrade_adapter(old, fuse_schema(), from_version="2.0.0", out=tmp_path / "a2")
     assert done.plan == [] and read_lora(tmp_path / "a2")[1] == read_lora(old)[1]
+
+
+def test_the_cli_adapter_flag_on_a_model_file_says_it_is_not_an_adapter(tmp_path: Path) -> None:
+    (tmp_path / "toy.py").write_text(MIGRATION)
+    cm.save(tmp_path / "model.safetensors", qkv_base(), schema="toy", version="1.0.0")
+    done = run(tmp_path, "upgrade", str(tmp_path / "model.safetensors"), "-o", str(tmp_path / "x"),
+               "--adapter", "--migrations", str(tmp_path / "toy.py"))  # fmt: skip
+    assert "is not a PEFT adapter" in one_error_line(done)
