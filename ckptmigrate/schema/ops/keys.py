@@ -280,7 +280,7 @@ class DropKeys(Op):
     """Drop every key that fully matches ``pattern`` (none matching: an error unless ``missing_ok``)."""
 
     acts_on = frozenset({KEYS})
-    follows_adapter = True  # the adapter keys of a module move with its weight
+    follows_adapter = True  # unless it drops a weight the adapter adapts (then refused)
     pattern: str
     missing_ok: bool = field(default=False, kw_only=True)
 
