@@ -17,6 +17,7 @@ from .errors import *  # noqa: F403 - every error, as errors.__all__ lists them
 
 __all__ = [
     *errors.__all__,  # every error the package raises
+    "Adapter",
     "Checkpoint",
     "Layout",
     "LoadReport",
@@ -27,6 +28,7 @@ __all__ = [
     "declare_layout",
     "diff",
     "errors",
+    "follow_base",
     "get_schema",
     "list_schemas",
     "FileUpgrade",
@@ -38,11 +40,15 @@ __all__ = [
     "load_into",
     "load_weights",
     "ops",
+    "read_adapter",
     "save",
     "upgrade",
+    "upgrade_adapter",
+    "write_adapter",
 ]
 
 if TYPE_CHECKING:
+    from .engine.adapters import Adapter, follow_base, read_adapter, upgrade_adapter, write_adapter
     from .engine.api import attach, load, load_into, save
     from .engine.inplace import stamp_in_place, upgrade_in_place
     from .engine.rewrite import Rewrite, upgrade_file
@@ -63,6 +69,11 @@ if TYPE_CHECKING:
 # Each public name is imported on first use: a command pays only for the modules it touches
 # (``ckptmigrate diff`` never imports the engine). The module each name lives in:
 _LAZY = {
+    "Adapter": "engine.adapters",
+    "follow_base": "engine.adapters",
+    "read_adapter": "engine.adapters",
+    "upgrade_adapter": "engine.adapters",
+    "write_adapter": "engine.adapters",
     "attach": "engine.api",
     "load": "engine.api",
     "load_into": "engine.api",

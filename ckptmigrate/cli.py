@@ -160,33 +160,27 @@ def _same_checkpoint(src: str, dst: str) -> bool:
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
+    from .engine.adapters import is_adapter_folder
+
+    if args.in_place and (args.adapter or is_adapter_folder(args.src)):
+        raise CommandLineError(
+            f"{args.src} is a PEFT adapter, upgraded into a new folder: pass -o NEWDIR, not "
+            "--in-place"
+        )
     if (args.output is None) == (not args.in_place):
         raise CommandLineError("upgrade needs exactly one of -o DST or --in-place")
     if args.no_backup and not args.in_place:
         raise CommandLineError("--no-backup only applies to --in-place")
+    out = Output()
+    if args.adapter or is_adapter_folder(args.src):
+        return _upgrade_adapter(args, out)
     _refuse_output_onto_source(
         args.src, args.output, "it locks the checkpoint and keeps a backup of the old version"
     )
 
     from .engine.inplace import migrate_file
 
-    out = Output()
-
-    def show_plan(outcome: Rewrite) -> None:
-        at = f" at {outcome.prefix!r}" if outcome.prefix else ""
-        head = f"{args.src}: {outcome.schema}{at} {outcome.source_version}"
-        if not outcome.plan:
-            out.line(head, ": ", styled(f"already at {outcome.target_version}", "current"))
-            out.line("  no steps to run")
-            return
-        count = styled(f"{len(outcome.plan)} step(s)", "behind")
-        out.line(f"{head} -> {outcome.target_version}, ", count, ":")
-        for step in outcome.plan:
-            marks = [" ", styled("[breaking]", "breaking")] if step["breaking"] else []
-            marks += [" ", styled("[downgrade]", "downgrade")] if step["downgrade"] else []
-            out.line(f"  {step['from']} -> {step['to']}  {step['step']}", *marks)
-        sys.stdout.flush()
-
+    show_plan = _plan_printer(args, out)
     with progress_bar("upgrading") as progress:
         outcome = migrate_file(
             args.src,
@@ -207,6 +201,48 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     elif outcome.written:
         kept = f" (backup: {outcome.backup})" if outcome.backup else ""
         out.line(styled("wrote", "ok"), f" {outcome.written}{kept}")
+    return EXIT_OK
+
+
+def _plan_printer(args: argparse.Namespace, out: Output) -> Any:
+    """What ``upgrade`` prints once the plan is known: the steps, or that SRC is current."""
+
+    def show_plan(outcome: Rewrite) -> None:
+        at = f" at {outcome.prefix!r}" if outcome.prefix else ""
+        head = f"{args.src}: {outcome.schema}{at} {outcome.source_version}"
+        if not outcome.plan:
+            out.line(head, ": ", styled(f"already at {outcome.target_version}", "current"))
+            out.line("  no steps to run")
+            return
+        count = styled(f"{len(outcome.plan)} step(s)", "behind")
+        out.line(f"{head} -> {outcome.target_version}, ", count, ":")
+        for step in outcome.plan:
+            marks = [" ", styled("[breaking]", "breaking")] if step["breaking"] else []
+            marks += [" ", styled("[downgrade]", "downgrade")] if step["downgrade"] else []
+            out.line(f"  {step['from']} -> {step['to']}  {step['step']}", *marks)
+        sys.stdout.flush()
+
+    return show_plan
+
+
+def _upgrade_adapter(args: argparse.Namespace, out: Output) -> int:
+    """``upgrade ADAPTER_DIR -o NEWDIR``: the adapter follows its base schema's plan."""
+    from .engine.adapters import adapter_schema, upgrade_adapter
+
+    schema = adapter_schema(args.src, _schemas(args), args.schema)
+    outcome = upgrade_adapter(
+        args.src,
+        schema,
+        out=args.output,
+        to=args.to,
+        from_version=args.from_version,
+        dry_run=args.dry_run,
+        on_plan=_plan_printer(args, out),
+    )
+    if args.dry_run:
+        out.line(styled("dry run: nothing written", "dry run"))
+    elif outcome.written:
+        out.line(styled("wrote", "ok"), f" {outcome.written}")
     return EXIT_OK
 
 
@@ -622,6 +658,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="SRC's version when it has no stamp (auto: guess it from its keys)",
     )
     p.add_argument("--schema", help="SRC's schema when it has no stamp")
+    p.add_argument(
+        "--adapter",
+        action="store_true",
+        help="SRC is a PEFT LoRA adapter folder of a model of the schema: its factors follow "
+        "the base's plan (found by its adapter_config.json without this flag)",
+    )
     _param_names_option(p)
     _common(p, reads_files=True)
     p.set_defaults(func=cmd_upgrade)

@@ -14,6 +14,7 @@ from typing import Any
 from .base.readable import url_without_secrets
 
 __all__ = [
+    "AdapterFollowError",
     "AlreadyStampedError",
     "AmbiguousMigrationPathError",
     "AmbiguousVersionError",
@@ -440,6 +441,25 @@ class MigrationError(CkptMigrateError):
         self.problem = problem
         super().__init__(
             f"migration {schema} {from_version} -> {to_version} ({step}) failed: {problem}"
+        )
+
+
+class AdapterFollowError(CkptMigrateError, ValueError):
+    """A LoRA adapter cannot follow a step of its base's plan: nothing was written.
+
+    ``step`` names the step (``"tinylm 1.0.0 -> 2.0.0 (fuse_qkv)"``), ``op`` the op in it (or
+    the function), ``reason`` why the adapter's low-rank factors cannot follow it.
+    """
+
+    def __init__(self, step: str, op: str, reason: str) -> None:
+        self.step = step
+        self.op = op
+        self.reason = reason
+        super().__init__(
+            f"the adapter cannot follow {op} of step {step}: {reason}. Merge the adapter into "
+            "its base (PEFT's merge_and_unload) and upgrade the merged checkpoint, or write "
+            "that step as ops an adapter follows (renames, Split, Merge, PermuteForRope, Pad, "
+            "Slice)"
         )
 
 

@@ -591,3 +591,43 @@ def test_the_fuzz_seeds_themselves_load() -> None:
         read(_WORK / "st.safetensors")
         read(SET_SEED)
         read(DCP_SEED)
+
+
+# ----------------------------------------------------------------------------- LoRA adapters
+
+
+def _make_adapter() -> Path:
+    from lora_files import factors, write_lora
+
+    return write_lora(
+        _WORK / "adapter-seed",
+        {"attn.q": factors(4, 6, 2, 1), "attn.v": factors(2, 6, 2, 2)},
+        rank_pattern={"v": 2},
+        alpha_pattern={"v": 8},
+    )
+
+
+ADAPTER_SEED = _make_adapter()
+ADAPTER_CONFIG = json.loads((ADAPTER_SEED / "adapter_config.json").read_text())
+ADAPTER_SCHEMA = cm.Schema("toy", current="2.0.0")
+ADAPTER_SCHEMA.add_migration("1.0.0", "2.0.0", [
+    cm.ops.Merge(["{p}.q.{k}", "{p}.k.{k}", "{p}.v.{k}"], "{p}.qkv.{k}", 0, sizes=[4, 2, 2]),
+])  # fmt: skip
+
+
+@FUZZ
+@given(edits=_tree_edits, raw=st.lists(_edit, max_size=2))
+def test_mutated_adapter_configs_raise_only_our_errors(edits: list, raw: list) -> None:
+    """An adapter's config, one node mutated: reading and following the base raise nothing
+    but our errors."""
+    folder = _WORK / "adapter"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(ADAPTER_SEED, folder)
+    text = json.dumps(_json_safe(mutate_tree(ADAPTER_CONFIG, edits))).encode()
+    (folder / "adapter_config.json").write_bytes(mutate(text, raw) if raw else text)
+    try:
+        with no_hang(HANG_SECONDS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cm.follow_base(cm.read_adapter(folder), ADAPTER_SCHEMA, from_version="1.0.0")
+    except CkptMigrateError:
+        pass

@@ -75,6 +75,14 @@ class Op:
     transforms_state: bool = False
     #: whether finding nothing to act on is fine (else :class:`NothingMatched`)
     missing_ok: bool = False
+    #: whether a LoRA adapter of the checkpoint can follow the op (:meth:`adapter_dim` says
+    #: how); else :attr:`adapter_refusal` says why not (see :mod:`ckptmigrate.engine.adapters`)
+    follows_adapter: ClassVar[bool] = False
+    #: why an adapter cannot follow the op, for the error
+    adapter_refusal: ClassVar[str] = (
+        "it runs code, so what it does to a weight, and to the low-rank factors of an adapter "
+        "on that weight, is unknown"
+    )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -130,6 +138,26 @@ class Op:
         ``transforms_state`` op: itself, unless new values are not state (a padded row starts
         with fresh, zero state, whatever the weights were filled with)."""
         return self
+
+    def adapter_dim(self) -> int | None:
+        """The dim of a base weight the op cuts, joins, reorders or pads (a LoRA adapter's
+        factor holding that dim goes through :meth:`for_adapter`); None when it only moves key
+        names, or changes nothing an adapter holds (hparams, a cast)."""
+        return None
+
+    def for_adapter(self) -> Op:
+        """The op that carries an adapter's factor: as :meth:`for_state`, new rows are zero."""
+        return self.for_state()
+
+    def partners(self, keys: Sequence[str]) -> list[str]:
+        """Keys the op joins with some of ``keys`` that are not among them (a merge's other
+        sources): an adapter on ``q`` alone still follows the merge of q, k and v."""
+        return []
+
+    def part_size(self, index: int, known: dict[int, int]) -> int | None:
+        """Along :meth:`adapter_dim`, the size of part ``index`` of what the op joins, from the
+        sizes of the parts ``known`` (index -> size); None when they do not tell."""
+        return None
 
     def found_nothing(self, names: Sequence[str], **where: str) -> None:
         """Raise :class:`NothingMatched` unless the op was given ``missing_ok=True``."""

@@ -21,6 +21,7 @@ class SetHparam(Op):
     """
 
     acts_on = frozenset({HPARAMS})
+    follows_adapter = True  # an adapter holds no hparams
     name: str
     value: Any
     previous: Any = UNKNOWN
@@ -46,6 +47,7 @@ class RenameHparam(Op):
     """Rename hparam ``old`` to ``new`` (missing: an error unless ``missing_ok``; both: an error)."""
 
     acts_on = frozenset({HPARAMS})
+    follows_adapter = True  # an adapter holds no hparams
     old: str
     new: str
     missing_ok: bool = field(default=False, kw_only=True)
@@ -71,6 +73,7 @@ class DropHparam(Op):
     restore) makes it invertible."""
 
     acts_on = frozenset({HPARAMS})
+    follows_adapter = True  # an adapter holds no hparams
     name: str
     default: Any = UNKNOWN
     missing_ok: bool = field(default=False, kw_only=True)

@@ -110,6 +110,7 @@ class RenamePrefix(Op):
     """Rename every key that starts with ``old`` to start with ``new`` instead."""
 
     acts_on = frozenset({KEYS})
+    follows_adapter = True  # the adapter keys of a module move with its weight
     old: str
     new: str
     missing_ok: bool = field(default=False, kw_only=True)
@@ -191,6 +192,7 @@ class RenameKeys(Op):
     """
 
     acts_on = frozenset({KEYS})
+    follows_adapter = True  # the adapter keys of a module move with its weight
     pattern: str
     repl: str
     reverse: tuple[str, str] | None = None
@@ -278,6 +280,7 @@ class DropKeys(Op):
     """Drop every key that fully matches ``pattern`` (none matching: an error unless ``missing_ok``)."""
 
     acts_on = frozenset({KEYS})
+    follows_adapter = True  # unless it drops a weight the adapter adapts (then refused)
     pattern: str
     missing_ok: bool = field(default=False, kw_only=True)
 
@@ -301,6 +304,7 @@ class AddKey(Op):
     """Add ``key`` with a default tensor (or ``default(ckpt)``); refuses to overwrite."""
 
     acts_on = frozenset({KEYS, TENSORS})
+    follows_adapter = True  # a new key has no adapter
     key: str
     default: Any = field(repr=False)
     #: a trainable parameter (it joins the optimizer's first group, with fresh state)

@@ -62,6 +62,10 @@ class _Stacking(Op):
     index: str = "i"
     missing_ok: bool = field(default=False, kw_only=True)
     transforms_state = True
+    adapter_refusal = (
+        "PEFT adapts a stacked expert parameter through target_parameters, whose factors are "
+        "laid out otherwise than the per-expert modules' lora_A and lora_B"
+    )
 
 
 @dataclass
@@ -218,6 +222,10 @@ class PermuteForRope(TensorOp):
 
     n_heads: int = 1
     to: str = "half"
+    follows_adapter = True
+
+    def adapter_dim(self) -> int:
+        return 0  # rows, per head
 
     def transform(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.to not in ROPE_LAYOUTS:
@@ -282,6 +290,13 @@ class MergeInterleaved(Merge):
     """Fuse ``sources`` into ``target`` with rows grouped per head, each source giving
     ``sizes[i]`` rows to every group: the inverse of :class:`SplitInterleaved`."""
 
+    def part_size(self, index: int, known: dict[int, int]) -> int | None:
+        block = list(self.sizes or [])
+        if len(block) != len(self.sources) or not known:
+            return None
+        groups = {size // block[i] for i, size in known.items()}
+        return groups.pop() * block[index] if len(groups) == 1 else None
+
     def join(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         import torch
 
@@ -324,6 +339,10 @@ class Pad(TensorOp):
     multiple: int | None = None
     from_size: int | None = None
     fill: float | str = 0.0
+    follows_adapter = True
+
+    def adapter_dim(self) -> int:
+        return self.dim
 
     def new_size(self, old: int) -> int:
         if (self.size is None) == (self.multiple is None):
@@ -386,6 +405,10 @@ class Slice(TensorOp):
     dim: int = 0
     from_size: int | None = None
     fill: float | str = 0.0
+    follows_adapter = True
+
+    def adapter_dim(self) -> int:
+        return self.dim
 
     def transform(self, tensor: torch.Tensor) -> torch.Tensor:
         old = tensor.shape[self.dim]

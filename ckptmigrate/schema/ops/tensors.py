@@ -36,6 +36,10 @@ class Split(Op):
     sizes: Sequence[int] | None = None
     missing_ok: bool = field(default=False, kw_only=True)
     transforms_state = True
+    follows_adapter = True
+
+    def adapter_dim(self) -> int:
+        return self.dim
 
     def trace(self, keys: Sequence[str]) -> dict[str, list[str]]:
         split = {k: g for k, g in template_matches(self.source, keys)}
@@ -109,6 +113,27 @@ class Merge(Op):
     sizes: Sequence[int] | None = None
     missing_ok: bool = field(default=False, kw_only=True)
     transforms_state = True
+    follows_adapter = True
+
+    def adapter_dim(self) -> int:
+        return self.dim
+
+    def partners(self, keys: Sequence[str]) -> list[str]:
+        present = set(keys)
+        out: dict[str, None] = {}
+        for template in self.sources:
+            for _, groups in template_matches(template, keys):
+                for t in self.sources:
+                    key = fill_template(t, groups)
+                    if key not in present:
+                        out[key] = None
+        return list(out)
+
+    def part_size(self, index: int, known: dict[int, int]) -> int | None:
+        if self.sizes is not None:
+            return self.sizes[index]  # the sizes the inverse split cuts
+        sizes = set(known.values())
+        return sizes.pop() if len(sizes) == 1 else None  # equal chunks, as the inverse cuts
 
     def trace(self, keys: Sequence[str]) -> dict[str, list[str]]:
         present = set(keys)
@@ -187,6 +212,8 @@ class Reshape(TensorOp):
     shape: Sequence[int] = ()
     from_shape: Sequence[int] | None = None
 
+    adapter_refusal = "a reshaped weight has no rows or columns for the adapter's factors to follow"
+
     def transform(self, tensor: torch.Tensor) -> torch.Tensor:
         try:
             return tensor.reshape(tuple(self.shape)).clone()
@@ -210,6 +237,10 @@ class Transpose(TensorOp):
 
     dim0: int = 0
     dim1: int = 1
+    adapter_refusal = (
+        "PEFT keeps lora_A and lora_B in one orientation and marks a transposed (Conv1D) "
+        "weight with fan_in_fan_out, one flag for the whole adapter"
+    )
 
     def transform(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.transpose(self.dim0, self.dim1).contiguous()
@@ -239,6 +270,7 @@ class Cast(TensorOp):
     dtype: Any = None
     from_dtype: Any = None
     transforms_state = False  # optimizer state stays in its own (usually fp32) dtype
+    follows_adapter = True  # an adapter keeps its own dtype, as optimizer state does
 
     def touches(self, keys: Sequence[str]) -> bool:
         return False
