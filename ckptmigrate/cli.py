@@ -170,6 +170,8 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
     from .engine.inplace import migrate_file
 
+    schemas = _schemas(args)
+    _add_redirects(args, schemas)
     out = Output()
 
     def show_plan(outcome: Rewrite) -> None:
@@ -191,7 +193,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         outcome = migrate_file(
             args.src,
             None if args.in_place else args.output,
-            schemas=_schemas(args),
+            schemas=schemas,
             schema=args.schema,
             to=args.to,
             from_version=args.from_version,
@@ -513,6 +515,15 @@ def _common(sub: argparse.ArgumentParser, *, reads_files: bool) -> None:
             metavar="module.Name",
             help="let a trusted class through the safe loader (repeatable)",
         )
+        sub.add_argument(
+            "--redirect-global",
+            action="append",
+            default=[],
+            metavar="OLD=NEW",
+            help="read a class an old pickle names as an allowed one, e.g. "
+            "pytorch_lightning.utilities.parsing.AttributeDict=builtins.dict, or a prefix rule "
+            "pytorch_lightning.*=lightning.pytorch.* (repeatable; NEW must be allowed)",
+        )
 
 
 def _param_names_option(sub: argparse.ArgumentParser, when: str = "") -> None:
@@ -683,6 +694,22 @@ def _migrations_layouts(args: argparse.Namespace) -> contextlib.AbstractContextM
     return layouts_from(lambda: _schemas(args))
 
 
+def _add_redirects(args: argparse.Namespace, schemas: dict[str, Schema] | None = None) -> None:
+    """``--redirect-global OLD=NEW`` (and the ``schemas``' redirects) join the allowed globals
+    every reader gets; one pointing to a global that is not allowed is refused here, before
+    any file is read."""
+    if not hasattr(args, "allow_global"):
+        return
+    from .formats.torch import GlobalRedirect, allowed_names, redirect_map
+
+    given = [GlobalRedirect.parse(text) for text in args.redirect_global]
+    args.redirect_global = []
+    found = [*args.allow_global, *given]
+    found += [r for schema in (schemas or {}).values() for r in schema.redirects if r not in found]
+    redirect_map(allowed_names(found))
+    args.allow_global = found
+
+
 def _library_version() -> str:
     from .base.version import __version__
 
@@ -698,6 +725,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _add_redirects(args)
         with (
             _warnings_as_lines(show_torch=args.debug),
             _PROJECT,

@@ -116,10 +116,10 @@ class Source:
         return read_checkpoint(self.path, mmap=True, safe_globals=self.safe_globals)
 
 
-def _names(safe_globals: Iterable[Any]) -> list[str]:
-    from ..formats.torch import global_name
+def _names(safe_globals: Iterable[Any]) -> list[Any]:
+    from ..formats.torch import allowed_names
 
-    return [global_name(g) for g in safe_globals]
+    return allowed_names(safe_globals)
 
 
 def open_source(path: str | os.PathLike[str], safe_globals: Iterable[Any] = ()) -> Source:

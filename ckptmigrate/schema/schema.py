@@ -9,6 +9,7 @@ from packaging.version import Version
 
 from ..base.version import parse_version
 from ..errors import MigrationGraphError
+from ..formats.torch import GlobalRedirect
 from ..io.signature import signature_of
 from ..values.checkpoint import Checkpoint
 from .graph import FunctionStep, MigrationGraph, OpsStep, PlannedStep, Step
@@ -22,29 +23,33 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Schema:
     """The versions of one model family and the migrations between them.
 
-    Creating a schema registers nothing globally: a test may build several with one name.
+        Creating a schema registers nothing globally: a test may build several with one name.
 
-    ``build(hparams)`` makes today's model from (migrated) hparams; ``example_input()`` gives
-    an input for golden checks. For resume checks (fixtures whose golden record holds
-    ``resume`` batches and losses), two more describe how the model trains today:
+        ``build(hparams)`` makes today's model from (migrated) hparams; ``example_input()`` gives
+        an input for golden checks. For resume checks (fixtures whose golden record holds
+        ``resume`` batches and losses), two more describe how the model trains today:
 
-    - ``optimizer(model)`` returns today's optimizer for ``model``, e.g.
-      ``lambda m: torch.optim.Adam(m.named_parameters(), lr=1e-2)``. It must group the
-      parameters as the code that wrote the checkpoints did (same groups, parameters in
-      ``model.named_parameters()`` order within each), because torch loads optimizer state by
-      position; building it from ``named_parameters()`` also stores ``param_names``, so the
-      files it writes can be migrated without ``param_names=``.
-    - ``train_step(model, optimizer, batch)`` runs one training step on ``batch`` and returns
-      the loss computed *before* the update (a float or a 0-d tensor): zero the gradients,
-      forward, backward, ``optimizer.step()``. It must be deterministic (no dropout, no
-      sampling), so that the old code's losses can be reproduced.
+        - ``optimizer(model)`` returns today's optimizer for ``model``, e.g.
+          ``lambda m: torch.optim.Adam(m.named_parameters(), lr=1e-2)``. It must group the
+          parameters as the code that wrote the checkpoints did (same groups, parameters in
+          ``model.named_parameters()`` order within each), because torch loads optimizer state by
+          position; building it from ``named_parameters()`` also stores ``param_names``, so the
+          files it writes can be migrated without ``param_names=``.
+        - ``train_step(model, optimizer, batch)`` runs one training step on ``batch`` and returns
+          the loss computed *before* the update (a float or a 0-d tensor): zero the gradients,
+          forward, backward, ``optimizer.step()``. It must be deterministic (no dropout, no
+          sampling), so that the old code's losses can be reproduced.
 
-    >>> schema = Schema("tinylm", current="3.0.0", build=lambda hp: TinyLM(**hp),
-    ...                 optimizer=lambda m: torch.optim.Adam(m.named_parameters(), lr=1e-2),
-    ...                 train_step=lm_train_step)
-    >>> @schema.migration("1.0.0", "1.1.0")
-    ... def rename_blocks(ckpt):
-    ...     ckpt.state_dict = {k.replace("blocks.", "layers."): v for k, v in ckpt.state_dict.items()}
+    ``redirects`` maps a global old pickles name to one allowed today (``{"pytorch_lightning.
+    utilities.parsing.AttributeDict": "builtins.dict"}``, or a prefix rule ``{"pytorch_lightning.*":
+    "lightning.pytorch.*"}``); a redirect to a global that is not allowed is refused on reading.
+
+        >>> schema = Schema("tinylm", current="3.0.0", build=lambda hp: TinyLM(**hp),
+        ...                 optimizer=lambda m: torch.optim.Adam(m.named_parameters(), lr=1e-2),
+        ...                 train_step=lm_train_step)
+        >>> @schema.migration("1.0.0", "1.1.0")
+        ... def rename_blocks(ckpt):
+        ...     ckpt.state_dict = {k.replace("blocks.", "layers."): v for k, v in ckpt.state_dict.items()}
     """
 
     def __init__(
@@ -56,6 +61,7 @@ class Schema:
         *,
         optimizer: Callable[..., Any] | None = None,
         train_step: Callable[..., Any] | None = None,
+        redirects: Mapping[str, str] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise MigrationGraphError(f"a schema name must be a non-empty string, got {name!r}")
@@ -70,6 +76,8 @@ class Schema:
         self.signatures: dict[Version, list[frozenset]] = {}
         #: the named weights that exist for this schema, by name, in the order added
         self.weights: dict[str, Weights] = {}
+        # classes old pickles name, read as allowed ones ({"old.Name": "builtins.dict"})
+        self.redirects = tuple(GlobalRedirect(o, n) for o, n in (redirects or {}).items())
 
     def add_signature(self, version: str | Version, state_dict: dict[str, Any]) -> None:
         """Record what a state_dict of ``version`` looks like, for ``from_version="auto"``."""

@@ -24,9 +24,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .allowlist import WEIGHTS_ONLY_GLOBALS, python3_name
+    from .allowlist import WEIGHTS_ONLY_GLOBALS, GlobalRedirect, python3_name, redirect_map
     from .archive import ZipRecordInfo, check_torch_bytes, read_zip_records
-    from .load import global_name, read_torch, resolve_global, write_torch
+    from .load import allowed_names, global_name, read_torch, resolve_global, write_torch
     from .mapped import MAPPED_GLOBALS, load_mapped
     from .metadata import read_torch_metadata, scan_pickle_globals
     from .placeholders import OpaqueObject, TorchConstant
@@ -39,12 +39,14 @@ __all__ = [
     "MAPPED_GLOBALS",
     "MAX_PICKLE_BYTES",
     "WEIGHTS_ONLY_GLOBALS",
+    "GlobalRedirect",
     "OpaqueObject",
     "ScanResult",
     "TorchConstant",
     "TorchZipWriter",
     "ZipGraph",
     "ZipRecordInfo",
+    "allowed_names",
     "check_torch_bytes",
     "global_name",
     "load_mapped",
@@ -53,6 +55,7 @@ __all__ = [
     "read_torch_metadata",
     "read_zip_graph",
     "read_zip_records",
+    "redirect_map",
     "resolve_global",
     "scan_pickle",
     "scan_pickle_globals",
@@ -64,6 +67,7 @@ __all__ = [
 # Each name is imported from its module on first use: reading a file's metadata pays for the
 # readers, not for the writers and the torch loaders.
 _LAZY = {
+    "GlobalRedirect": "allowlist",
     "MAPPED_GLOBALS": "mapped",
     "MAX_PICKLE_BYTES": "unpickler",
     "OpaqueObject": "placeholders",
@@ -73,6 +77,7 @@ _LAZY = {
     "WEIGHTS_ONLY_GLOBALS": "allowlist",
     "ZipGraph": "zip_graph",
     "ZipRecordInfo": "archive",
+    "allowed_names": "load",
     "check_torch_bytes": "archive",
     "global_name": "load",
     "load_mapped": "mapped",
@@ -81,6 +86,7 @@ _LAZY = {
     "read_torch_metadata": "metadata",
     "read_zip_graph": "zip_graph",
     "read_zip_records": "archive",
+    "redirect_map": "allowlist",
     "resolve_global": "load",
     "scan_pickle": "walk",
     "scan_pickle_globals": "metadata",

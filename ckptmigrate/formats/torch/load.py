@@ -18,6 +18,7 @@ from typing import Any
 from ...errors import CheckpointFormatError, CkptMigrateError, UnsafeCheckpointError
 from ..atomic import atomic_file
 from ..detect import detect_format
+from .allowlist import GlobalRedirect, redirect_map
 from .mapped import load_mapped
 from .metadata import read_torch_metadata
 
@@ -27,6 +28,12 @@ def global_name(obj: Any) -> str:
     if isinstance(obj, str):
         return obj
     return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def allowed_names(safe_globals: Iterable[Any]) -> list[str | GlobalRedirect]:
+    """``safe_globals`` as the metadata readers take them: each class or function by its
+    name, each :class:`GlobalRedirect` as it is."""
+    return [g if isinstance(g, GlobalRedirect) else global_name(g) for g in safe_globals]
 
 
 def resolve_global(name: str) -> Any:
@@ -60,8 +67,8 @@ def read_torch(
     fmt = kind if kind is not None else detect_format(path)
     if fmt not in ("torch-zip", "torch-legacy"):
         raise CheckpointFormatError(f"expected a torch.save file, found {fmt}", path=path)
-    allowed = list(safe_globals)
-    names = [global_name(g) for g in allowed]
+    allowed = [g for g in safe_globals if not isinstance(g, GlobalRedirect)]
+    names = allowed_names(safe_globals)
     if mmap and fmt == "torch-zip" and not names:
         done, obj = load_mapped(path, map_location)  # raises Unsafe/Format like the reader
         if done:
@@ -70,8 +77,11 @@ def read_torch(
         read_torch_metadata(
             path, allowed_globals=names, kind=fmt
         )  # raises Unsafe/Format before torch
-    objects = [
-        _loadable(resolve_global(g) if isinstance(g, str) else g, n) for g, n in zip(allowed, names)
+    given = {global_name(g): resolve_global(g) if isinstance(g, str) else g for g in allowed}
+    objects = [_loadable(obj, name) for name, obj in given.items()]
+    objects += [  # torch maps the old name to the target object itself
+        (_loadable(given[new] if new in given else _target(new), new)[0], old)
+        for old, new in redirect_map(names).items()
     ]
     try:
         with torch.serialization.safe_globals(objects):
@@ -100,12 +110,21 @@ def read_torch(
         ) from exc
 
 
-def _loadable(obj: Any, name: str) -> Any:
+def _loadable(obj: Any, name: str) -> tuple[Any, str]:
     """What torch's weights-only loader gets for an allowed global: a dict subclass (Lightning's
     ``AttributeDict``) loads as a plain dict of its items, since that loader fills only dicts."""
     if isinstance(obj, type) and issubclass(obj, dict) and obj.__module__ != "collections":
         return (dict, name)
-    return obj
+    return (obj, name)
+
+
+def _target(name: str) -> Any:
+    """The object torch's own allow-list has for ``name`` (a redirect's target), or dict."""
+    from torch import _weights_only_unpickler
+
+    if name == "builtins.dict":
+        return dict
+    return _weights_only_unpickler._get_allowed_globals()[name]
 
 
 def _weights_only_reason(text: str) -> str:
