@@ -18,6 +18,7 @@ from .errors import *  # noqa: F403 - every error, as errors.__all__ lists them
 __all__ = [
     *errors.__all__,  # every error the package raises
     "Checkpoint",
+    "GlobalRedirect",
     "Layout",
     "LoadReport",
     "Mount",
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from .engine.upgrade import upgrade
     from .engine.weights import load_weights
     from .formats.layout import Layout, declare_layout
+    from .formats.torch import GlobalRedirect
     from .inspection.diff import diff
     from .io.report import LoadReport
     from .schema import ops
@@ -68,6 +70,7 @@ _LAZY = {
     "load_into": "engine.api",
     "save": "engine.api",
     "Checkpoint": "values.checkpoint",
+    "GlobalRedirect": "formats.torch",
     "diff": "inspection.diff",
     "Layout": "formats.layout",
     "declare_layout": "formats.layout",

@@ -171,7 +171,6 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     from .engine.inplace import migrate_file
 
     schemas = _schemas(args)
-    _add_redirects(args, schemas)
     out = Output()
 
     def show_plan(outcome: Rewrite) -> None:
@@ -225,16 +224,19 @@ def _param_names(args: argparse.Namespace) -> list[str] | None:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
+    from .formats.torch import with_redirects
     from .inspection.scan import scan
+    from .schema.schema import redirects_of
 
+    schemas = _schemas(args)
     with progress_bar("scanning") as progress:
         rows = scan(
             args.dir,
-            _schemas(args),
+            schemas,
             workers=args.workers,
             processes=None if args.threads is None else not args.threads,
             progress=progress,
-            allowed_globals=args.allow_global,
+            allowed_globals=with_redirects(args.allow_global, redirects_of(schemas)),
         )
     behind = any(r.behind for r in rows)
     if args.json:
@@ -694,20 +696,53 @@ def _migrations_layouts(args: argparse.Namespace) -> contextlib.AbstractContextM
     return layouts_from(lambda: _schemas(args))
 
 
-def _add_redirects(args: argparse.Namespace, schemas: dict[str, Schema] | None = None) -> None:
-    """``--redirect-global OLD=NEW`` (and the ``schemas``' redirects) join the allowed globals
-    every reader gets; one pointing to a global that is not allowed is refused here, before
-    any file is read."""
-    if not hasattr(args, "allow_global"):
+def _add_redirects(args: argparse.Namespace) -> None:
+    """``--redirect-global OLD=NEW`` joins the allowed globals every reader gets; one pointing
+    to a global that is not allowed (torch's list, ``builtins.dict``, ``--allow-global``) is
+    refused here, before any file is read."""
+    if not getattr(args, "redirect_global", None):
         return
     from .formats.torch import GlobalRedirect, allowed_names, redirect_map
 
-    given = [GlobalRedirect.parse(text) for text in args.redirect_global]
-    args.redirect_global = []
-    found = [*args.allow_global, *given]
-    found += [r for schema in (schemas or {}).values() for r in schema.redirects if r not in found]
+    found = [*args.allow_global, *(GlobalRedirect.parse(text) for text in args.redirect_global)]
     redirect_map(allowed_names(found))
     args.allow_global = found
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command; run once more with the discovered schemas' redirects when the file names a
+    global one of them redirects (the file's schema is known only once it is read), as an
+    unknown layout imports the migrations once and matches the file again."""
+    from .errors import UnsafeCheckpointError
+
+    try:
+        return int(args.func(args))
+    except UnsafeCheckpointError as exc:
+        if not _schema_redirects_cover(args, exc.global_name):
+            raise
+    return int(args.func(args))
+
+
+def _schema_redirects_cover(args: argparse.Namespace, name: str) -> bool:
+    """Whether the discovered schemas redirect ``name``, not yet among ``args.allow_global``;
+    if so they join it."""
+    from .errors import CkptMigrateError
+
+    if not hasattr(args, "allow_global"):
+        return False
+    try:
+        schemas = _schemas(args)
+    except CkptMigrateError:
+        return False  # the file's own refusal says more than a broken migrations module
+    from .formats.torch import allowed_names, redirect_map, with_redirects
+    from .schema.schema import redirects_of
+
+    rules = [rule for rule in redirects_of(schemas) if rule not in args.allow_global]
+    found = with_redirects(args.allow_global, rules)
+    if not rules or name not in redirect_map(allowed_names(found)):
+        return False
+    args.allow_global = found
+    return True
 
 
 def _library_version() -> str:
@@ -731,7 +766,7 @@ def _main(argv: Sequence[str] | None) -> int:
             _PROJECT,
             _migrations_layouts(args),
         ):
-            return int(args.func(args))
+            return _run(args)
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130

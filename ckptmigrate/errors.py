@@ -259,7 +259,10 @@ class RedirectError(UsageError):
 
     def render(self, *, cli: bool = False) -> str:
         tail = f"; {self.remedy}" if self.remedy else ""
-        return f"refusing the global redirect {self.old}={self.new}: {self.problem}{tail}"
+        rule = f"{self.old}={self.new}"
+        if not (rule.isascii() and rule.isprintable()) or len(rule) > 300:
+            rule = ascii(rule) if len(rule) <= 300 else ascii(rule[:300]) + "..."
+        return f"refusing the global redirect {rule}: {self.problem}{tail}"
 
 
 class UnversionedCheckpointError(CkptMigrateError):

@@ -11,6 +11,7 @@ from packaging.version import Version
 
 from ..base.version import parse_version
 from ..errors import BreakingMigrationError, UnversionedCheckpointError, UsageError
+from ..formats.torch import with_redirects
 from ..io.files import read_checkpoint, write_checkpoint
 from ..schema.schema import Schema
 from ..values.checkpoint import Checkpoint
@@ -166,7 +167,7 @@ def load(
     >>> raw = cm.load("legacy.pt", schema=schema, from_version="1.0.0")
     """
     resolved = _resolve_schema(schema)
-    safe_globals = with_redirects(safe_globals, resolved)
+    safe_globals = with_redirects(safe_globals, resolved.redirects if resolved else ())
     ckpt = read_checkpoint(path, map_location=map_location, mmap=mmap, safe_globals=safe_globals)
     ckpt = apply_from_version(ckpt, resolved, from_version, path=path)
     if not upgrade or resolved is None:
@@ -174,17 +175,6 @@ def load(
     if not ckpt.mounts:
         check_belongs(ckpt, resolved, path=path)
     return upgrade_checkpoint(ckpt, resolved, to=to, param_names=param_names)
-
-
-def with_redirects(safe_globals: Iterable[Any], schema: Schema | None) -> list[Any]:
-    """``safe_globals`` and the redirects of ``schema``, refused here, before any file is read,
-    when one points to a global that is not allowed (:class:`~ckptmigrate.errors.RedirectError`).
-    """
-    from ..formats.torch import allowed_names, redirect_map
-
-    found = [*safe_globals, *(schema.redirects if schema is not None else ())]
-    redirect_map(allowed_names(found))
-    return found
 
 
 def load_into(

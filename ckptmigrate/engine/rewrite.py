@@ -36,6 +36,7 @@ from ..errors import (
 )
 from ..formats.atomic import permissions_from
 from ..formats.detect import detect_format
+from ..formats.torch import with_redirects
 from ..schema.registry import get_schema, pick_schema, schema_table
 from ..values.checkpoint import Checkpoint
 from .streaming import Copied, metadata_only
@@ -549,7 +550,8 @@ def upgrade_file(
         param_names=param_names,
         path=Path(src),
     )
-    return rewrite(src, dst, planner, safe_globals=safe_globals)
+    allowed = with_redirects(safe_globals, schema.redirects)  # refused before reading
+    return rewrite(src, dst, planner, safe_globals=allowed)
 
 
 def stamp_file(

@@ -8,8 +8,7 @@ from typing import Any, TypeVar
 from packaging.version import Version
 
 from ..base.version import parse_version
-from ..errors import MigrationGraphError
-from ..formats.torch import GlobalRedirect
+from ..errors import MigrationGraphError, UsageError
 from ..io.signature import signature_of
 from ..values.checkpoint import Checkpoint
 from .graph import FunctionStep, MigrationGraph, OpsStep, PlannedStep, Step
@@ -23,33 +22,37 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Schema:
     """The versions of one model family and the migrations between them.
 
-        Creating a schema registers nothing globally: a test may build several with one name.
+    Creating a schema registers nothing globally: a test may build several with one name.
 
-        ``build(hparams)`` makes today's model from (migrated) hparams; ``example_input()`` gives
-        an input for golden checks. For resume checks (fixtures whose golden record holds
-        ``resume`` batches and losses), two more describe how the model trains today:
+    ``build(hparams)`` makes today's model from (migrated) hparams; ``example_input()`` gives
+    an input for golden checks. For resume checks (fixtures whose golden record holds
+    ``resume`` batches and losses), two more describe how the model trains today:
 
-        - ``optimizer(model)`` returns today's optimizer for ``model``, e.g.
-          ``lambda m: torch.optim.Adam(m.named_parameters(), lr=1e-2)``. It must group the
-          parameters as the code that wrote the checkpoints did (same groups, parameters in
-          ``model.named_parameters()`` order within each), because torch loads optimizer state by
-          position; building it from ``named_parameters()`` also stores ``param_names``, so the
-          files it writes can be migrated without ``param_names=``.
-        - ``train_step(model, optimizer, batch)`` runs one training step on ``batch`` and returns
-          the loss computed *before* the update (a float or a 0-d tensor): zero the gradients,
-          forward, backward, ``optimizer.step()``. It must be deterministic (no dropout, no
-          sampling), so that the old code's losses can be reproduced.
+    - ``optimizer(model)`` returns today's optimizer for ``model``, e.g.
+      ``lambda m: torch.optim.Adam(m.named_parameters(), lr=1e-2)``. It must group the
+      parameters as the code that wrote the checkpoints did (same groups, parameters in
+      ``model.named_parameters()`` order within each), because torch loads optimizer state by
+      position; building it from ``named_parameters()`` also stores ``param_names``, so the
+      files it writes can be migrated without ``param_names=``.
+    - ``train_step(model, optimizer, batch)`` runs one training step on ``batch`` and returns
+      the loss computed *before* the update (a float or a 0-d tensor): zero the gradients,
+      forward, backward, ``optimizer.step()``. It must be deterministic (no dropout, no
+      sampling), so that the old code's losses can be reproduced.
 
-    ``redirects`` maps a global old pickles name to one allowed today (``{"pytorch_lightning.
-    utilities.parsing.AttributeDict": "builtins.dict"}``, or a prefix rule ``{"pytorch_lightning.*":
-    "lightning.pytorch.*"}``); a redirect to a global that is not allowed is refused on reading.
+    ``redirects`` maps a global old pickles name to one allowed today, so files that name a
+    class which has since moved still load: ``{"pytorch_lightning.utilities.parsing.
+    AttributeDict": "builtins.dict"}``, or a prefix rule ``{"pytorch_lightning.*":
+    "lightning.pytorch.*"}`` (it maps only the names that are allowed). An exact target must be
+    in torch's weights-only allow-list or ``builtins.dict``, refused here otherwise
+    (:class:`~ckptmigrate.errors.RedirectError`); a redirect never makes a global reachable that
+    was not already.
 
-        >>> schema = Schema("tinylm", current="3.0.0", build=lambda hp: TinyLM(**hp),
-        ...                 optimizer=lambda m: torch.optim.Adam(m.named_parameters(), lr=1e-2),
-        ...                 train_step=lm_train_step)
-        >>> @schema.migration("1.0.0", "1.1.0")
-        ... def rename_blocks(ckpt):
-        ...     ckpt.state_dict = {k.replace("blocks.", "layers."): v for k, v in ckpt.state_dict.items()}
+    >>> schema = Schema("tinylm", current="3.0.0", build=lambda hp: TinyLM(**hp),
+    ...                 optimizer=lambda m: torch.optim.Adam(m.named_parameters(), lr=1e-2),
+    ...                 train_step=lm_train_step)
+    >>> @schema.migration("1.0.0", "1.1.0")
+    ... def rename_blocks(ckpt):
+    ...     ckpt.state_dict = {k.replace("blocks.", "layers."): v for k, v in ckpt.state_dict.items()}
     """
 
     def __init__(
@@ -77,7 +80,7 @@ class Schema:
         #: the named weights that exist for this schema, by name, in the order added
         self.weights: dict[str, Weights] = {}
         # classes old pickles name, read as allowed ones ({"old.Name": "builtins.dict"})
-        self.redirects = tuple(GlobalRedirect(o, n) for o, n in (redirects or {}).items())
+        self.redirects: tuple[Any, ...] = _redirects(redirects)
 
     def add_signature(self, version: str | Version, state_dict: dict[str, Any]) -> None:
         """Record what a state_dict of ``version`` looks like, for ``from_version="auto"``."""
@@ -235,3 +238,36 @@ class Schema:
         if self._example_input is None:
             raise MigrationGraphError(f"schema {self.name!r} has no example_input=")
         return self._example_input()
+
+
+def _redirects(given: Mapping[str, str] | None) -> tuple[Any, ...]:
+    """``Schema(redirects=)`` as :class:`~ckptmigrate.formats.torch.GlobalRedirect` rules, each
+    exact one checked against the allow-list now, before any file is read."""
+    if not given:
+        return ()
+    if not isinstance(given, Mapping):
+        raise UsageError(
+            f"redirects= takes a dict {{'old.module.Name': 'new.module.Name'}}, got "
+            f"{type(given).__name__}"
+        )
+    from ..formats.torch import GlobalRedirect, redirect_map
+
+    rules = tuple(GlobalRedirect(old, new) for old, new in given.items())
+    redirect_map(rules)  # an exact target must be allowed without the caller's safe_globals
+    return rules
+
+
+def redirects_of(schemas: Schema | Mapping[str, Schema] | Sequence[Schema] | None) -> list[Any]:
+    """The global redirects of one schema or of a discovered table, in order, each once: a
+    file's schema is known only once it is read, so every schema's redirects apply to it.
+
+    >>> redirects_of(find_schemas(["migrations"]))  # doctest: +SKIP
+    [GlobalRedirect(old='pytorch_lightning.utilities.parsing.AttributeDict', new='builtins.dict')]
+    """
+    if schemas is None:
+        return []
+    if isinstance(schemas, Schema):
+        table = [schemas]
+    else:
+        table = list(schemas.values()) if isinstance(schemas, Mapping) else list(schemas)
+    return list(dict.fromkeys(rule for schema in table for rule in schema.redirects))

@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .allowlist import WEIGHTS_ONLY_GLOBALS, GlobalRedirect, python3_name, redirect_map
     from .archive import ZipRecordInfo, check_torch_bytes, read_zip_records
-    from .load import allowed_names, global_name, read_torch, resolve_global, write_torch
+    from .load import (
+        allowed_names,
+        global_name,
+        read_torch,
+        resolve_global,
+        with_redirects,
+        write_torch,
+    )
     from .mapped import MAPPED_GLOBALS, load_mapped
     from .metadata import read_torch_metadata, scan_pickle_globals
     from .placeholders import OpaqueObject, TorchConstant
@@ -59,6 +66,7 @@ __all__ = [
     "resolve_global",
     "scan_pickle",
     "scan_pickle_globals",
+    "with_redirects",
     "write_torch",
     "write_zip_copy",
     "write_zip_graph",
@@ -90,6 +98,7 @@ _LAZY = {
     "resolve_global": "load",
     "scan_pickle": "walk",
     "scan_pickle_globals": "metadata",
+    "with_redirects": "load",
     "write_torch": "load",
     "write_zip_copy": "zip_writer",
     "write_zip_graph": "zip_graph",

@@ -380,12 +380,18 @@ WEIGHTS_ONLY_GLOBALS: frozenset[str] = frozenset(_ALLOWED)
 #: plain dict, which the pickle fills exactly as it fills a dict it names no class for.
 REDIRECT_ONLY_TARGETS: dict[str, Any] = {"builtins.dict": _DictType}
 
+#: At most this many redirects in one read, and this many characters a name: a schema or a
+#: command line that holds more is a mistake, refused before any file is read.
+MAX_REDIRECTS = 4096
+MAX_REDIRECT_NAME = 512
+
 
 @dataclass(frozen=True)
 class GlobalRedirect:
     """A global an old pickle names (``old``) read as an allowed global (``new``); both may end
     in ``.*`` (a prefix rule, applied to the allowed names only). It travels among the allowed
-    globals (``safe_globals=[..., GlobalRedirect(...)]``) to every reader.
+    globals (``safe_globals=[..., GlobalRedirect(...)]``) to every reader, and is refused
+    before any file is read when ``new`` is not allowed there (:func:`redirect_map`).
 
     >>> GlobalRedirect.parse("pytorch_lightning.*=lightning.pytorch.*").is_prefix
     True
@@ -396,19 +402,22 @@ class GlobalRedirect:
 
     def __post_init__(self) -> None:
         for name in (self.old, self.new):
-            if not isinstance(name, str) or "=" in name or "." not in name[:-1].lstrip("."):
+            if not _is_global_name(name):
                 raise RedirectError(
-                    str(self.old), str(self.new), "each side must be a 'module.Name'",
+                    str(self.old), str(self.new),
+                    f"{bounded_repr(name, 80)} is not a dotted name of ASCII identifiers",
                     remedy="write OLD.module.Name=NEW.module.Name, or OLD.*=NEW.* for a prefix",
                 )  # fmt: skip
         if self.old.endswith(".*") != self.new.endswith(".*"):
             raise RedirectError(
                 self.old, self.new, "a prefix rule needs '.*' on both sides, or on neither"
             )
-        if _blocked(self.old):
-            raise RedirectError(
-                self.old, self.new, f"module {_blocked(self.old)!r} is never read, even redirected"
-            )
+        for name in (self.old, self.new):
+            if _blocked(name):
+                raise RedirectError(
+                    self.old, self.new, f"module {_blocked(name)!r} is never allowed, redirected "
+                    "or not",
+                )  # fmt: skip
 
     @classmethod
     def parse(cls, text: str) -> GlobalRedirect:
@@ -424,6 +433,14 @@ class GlobalRedirect:
         return self.old.endswith(".*")
 
 
+def _is_global_name(name: object) -> bool:
+    """``module.Name`` (or ``module.*``): two or more ASCII identifiers joined by dots."""
+    if not isinstance(name, str) or not 3 <= len(name) <= MAX_REDIRECT_NAME or not name.isascii():
+        return False
+    parts = name.removesuffix(".*").split(".")
+    return (len(parts) >= 2 or name.endswith(".*")) and all(p.isidentifier() for p in parts)
+
+
 def _blocked(name: str) -> str | None:
     module = name.partition(".")[0]
     return module if module in _BLOCKED_MODULES else None
@@ -434,36 +451,43 @@ def redirect_map(allowed_globals: Iterable[Any]) -> dict[str, str]:
     rules expanded over the allowed names; refuses one whose target is not allowed.
 
     Allowed means torch's weights-only allow-list, ``builtins.dict``, or a name among
-    ``allowed_globals``: a redirect never makes a global reachable that was not already.
+    ``allowed_globals``: a redirect never makes a global reachable that was not already. An
+    allowed name is never redirected, so a redirect never chains into another.
+
+    >>> redirect_map(["a.New", GlobalRedirect("old.*", "a.*")])
+    {'old.New': 'a.New'}
     """
     items = list(allowed_globals)
     rules = [item for item in items if isinstance(item, GlobalRedirect)]
     if not rules:
         return {}
-    caller = {item for item in items if isinstance(item, str)}
+    if len(rules) > MAX_REDIRECTS:
+        first = rules[0]
+        raise RedirectError(
+            first.old, first.new, f"{len(rules)} redirects given, at most {MAX_REDIRECTS} are read"
+        )
+    caller = {item for item in items if isinstance(item, str) and not _blocked(item)}
     targets = set(_ALLOWED) | set(REDIRECT_ONLY_TARGETS) | caller
     found: dict[str, str] = {}
     for rule in sorted(rules, key=lambda r: r.is_prefix):  # exact rules first, then prefixes
-        if rule.old.removesuffix(".*") in targets or rule.old in targets:
+        if rule.is_prefix:
+            old, new = rule.old[:-1], rule.new[:-1]
+            for target in sorted(t for t in targets if t.startswith(new)):
+                name = old + target[len(new) :]
+                if name not in targets:  # an allowed name stays itself
+                    found.setdefault(name, target)
+            continue
+        if rule.old in targets:
             raise RedirectError(
                 rule.old, rule.new, f"{rule.old} is allowed as itself, so it needs no redirect"
             )
-        if rule.is_prefix:
-            old, new = rule.old[:-1], rule.new[:-1]
-            pairs = {old + n[len(new) :]: n for n in sorted(targets) if n.startswith(new)}
-            for name, target in pairs.items():
-                found.setdefault(name, target)
-            continue
-        if _blocked(rule.new) or rule.new not in targets:
-            why = f"module {_blocked(rule.new)!r} is never allowed" if _blocked(rule.new) else (
-                f"{rule.new} is neither in torch's weights-only allow-list nor among the "
-                "allowed globals"
-            )  # fmt: skip
+        if rule.new not in targets:
             raise RedirectError(
-                rule.old, rule.new, f"a redirect may only point to an allowed global, and {why}",
-                remedy=("" if _blocked(rule.new) else f"if you trust {rule.new}, allow it too "
-                f"(safe_globals=[{rule.new!r}], or --allow-global {rule.new}); or ")
-                + "point the redirect to builtins.dict or another allowed global",
+                rule.old, rule.new, f"a redirect may only point to an allowed global, and "
+                f"{rule.new} is neither in torch's weights-only allow-list nor among the allowed "
+                "globals",
+                remedy="point it to builtins.dict or another allowed global (a class you trust is "
+                "allowed first: --allow-global module.Name, or safe_globals=)",
             )  # fmt: skip
         if found.get(rule.old, rule.new) != rule.new:
             raise RedirectError(
@@ -487,7 +511,7 @@ def allowed_map(allowed_globals: Iterable[Any]) -> dict[str, Any]:
         if name not in allowed:
             allowed[name] = opaque_global(name)
     for old, new in redirect_map(items).items():
-        allowed[old] = REDIRECT_ONLY_TARGETS.get(new) or allowed[new]
+        allowed[old] = REDIRECT_ONLY_TARGETS[new] if new in REDIRECT_ONLY_TARGETS else allowed[new]
     return allowed
 
 

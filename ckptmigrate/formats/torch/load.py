@@ -36,6 +36,21 @@ def allowed_names(safe_globals: Iterable[Any]) -> list[str | GlobalRedirect]:
     return [g if isinstance(g, GlobalRedirect) else global_name(g) for g in safe_globals]
 
 
+def with_redirects(safe_globals: Iterable[Any], rules: Iterable[GlobalRedirect]) -> list[Any]:
+    """``safe_globals`` and the redirect ``rules`` (a schema's), less those for a name the caller
+    allows as itself; refused (:class:`~ckptmigrate.errors.RedirectError`) here, before any file
+    is read, when one points to a global that is not allowed.
+
+    >>> with_redirects([], [GlobalRedirect("old.Hparams", "builtins.dict")])
+    [GlobalRedirect(old='old.Hparams', new='builtins.dict')]
+    """
+    given = list(safe_globals)
+    names = {name for name in allowed_names(given) if isinstance(name, str)}
+    found = given + [rule for rule in rules if rule not in given and rule.old not in names]
+    redirect_map(allowed_names(found))
+    return found
+
+
 def resolve_global(name: str) -> Any:
     """Import a trusted global given by name (the caller vouched for it)."""
     module, _, attr = name.rpartition(".")
@@ -79,10 +94,10 @@ def read_torch(
         )  # raises Unsafe/Format before torch
     given = {global_name(g): resolve_global(g) if isinstance(g, str) else g for g in allowed}
     objects = [_loadable(obj, name) for name, obj in given.items()]
-    objects += [  # torch maps the old name to the target object itself
-        (_loadable(given[new] if new in given else _target(new), new)[0], old)
-        for old, new in redirect_map(names).items()
-    ]
+    for old, new in redirect_map(names).items():  # torch maps the old name to the target
+        target = given[new] if new in given else _target(new)
+        if target is not None:  # else torch refuses the old name, as it would without one
+            objects.append((_loadable(target, new)[0], old))
     try:
         with torch.serialization.safe_globals(objects):
             return torch.load(
@@ -119,12 +134,13 @@ def _loadable(obj: Any, name: str) -> tuple[Any, str]:
 
 
 def _target(name: str) -> Any:
-    """The object torch's own allow-list has for ``name`` (a redirect's target), or dict."""
+    """The object torch's own allow-list has for ``name`` (a redirect's target), dict for
+    ``builtins.dict``, or None where this torch does not allow it."""
     from torch import _weights_only_unpickler
 
     if name == "builtins.dict":
         return dict
-    return _weights_only_unpickler._get_allowed_globals()[name]
+    return _weights_only_unpickler._get_allowed_globals().get(name)
 
 
 def _weights_only_reason(text: str) -> str:
