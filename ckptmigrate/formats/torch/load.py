@@ -82,8 +82,9 @@ def read_torch(
     fmt = kind if kind is not None else detect_format(path)
     if fmt not in ("torch-zip", "torch-legacy"):
         raise CheckpointFormatError(f"expected a torch.save file, found {fmt}", path=path)
-    allowed = [g for g in safe_globals if not isinstance(g, GlobalRedirect)]
-    names = allowed_names(safe_globals)
+    given_globals = list(safe_globals)
+    allowed = [g for g in given_globals if not isinstance(g, GlobalRedirect)]
+    names = allowed_names(given_globals)
     if mmap and fmt == "torch-zip" and not names:
         done, obj = load_mapped(path, map_location)  # raises Unsafe/Format like the reader
         if done:

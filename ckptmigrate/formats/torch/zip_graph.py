@@ -90,8 +90,9 @@ def read_zip_graph(
     path = Path(path)
     records = read_zip_records(path)
     graph = ZipGraph(path, None, "", records, {}, {})
-    allowed = allowed_map(allowed_globals)
-    redirects = redirect_map(allowed_globals)  # a redirected name replays as its target
+    given = list(allowed_globals)
+    allowed = allowed_map(given)
+    redirects = redirect_map(given)  # a redirected name replays as its target
     for name, value in list(allowed.items()):
         target = redirects.get(name, name)
         if (
