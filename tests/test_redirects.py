@@ -245,6 +245,32 @@ def test_a_schemas_redirects_apply_on_the_command_line(old, tmp_path):
     assert OLD in one_error_line(_cli(old, "info", str(_file(old, "old")), *plain))
 
 
+MODEL_SCHEMA = """
+import torch
+import ckptmigrate as cm
+
+
+class Net(torch.nn.Module):
+    def __init__(self, **hparams):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2, 3))
+
+
+schema = cm.Schema("gone", current="1.0.0", build=lambda hp: Net(**hp), redirects={redirects!r})
+"""
+
+
+def test_diff_model_reads_the_file_with_the_schemas_redirects(old):
+    with_rule = old["root"] / "model_schema.py"
+    with_rule.write_text(MODEL_SCHEMA.format(redirects={OLD: "builtins.dict"}))
+    args = ["diff", str(_file(old, "old")), "--model", "gone", "--from-version", "1.0.0"]
+    done = _cli(old, *args, "--json", "--migrations", str(with_rule))
+    assert done.returncode == 0, done.stderr  # a strict load would succeed: no drift
+    without = old["root"] / "model_plain.py"
+    without.write_text(MODEL_SCHEMA.format(redirects={}))
+    assert OLD in one_error_line(_cli(old, *args, "--migrations", str(without)))
+
+
 def test_check_accepts_the_flag_and_refuses_a_bad_one(old, tmp_path):
     (tmp_path / "fixtures").mkdir()
     good = _cli(
