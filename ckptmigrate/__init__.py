@@ -19,6 +19,7 @@ __all__ = [
     *errors.__all__,  # every error the package raises
     "Adapter",
     "Checkpoint",
+    "GlobalRedirect",
     "Layout",
     "LoadReport",
     "Mount",
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from .engine.upgrade import upgrade
     from .engine.weights import load_weights
     from .formats.layout import Layout, declare_layout
+    from .formats.torch import GlobalRedirect
     from .inspection.diff import diff
     from .io.report import LoadReport
     from .schema import ops
@@ -79,6 +81,7 @@ _LAZY = {
     "load_into": "engine.api",
     "save": "engine.api",
     "Checkpoint": "values.checkpoint",
+    "GlobalRedirect": "formats.torch",
     "diff": "inspection.diff",
     "Layout": "formats.layout",
     "declare_layout": "formats.layout",

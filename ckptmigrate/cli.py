@@ -180,12 +180,13 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
     from .engine.inplace import migrate_file
 
+    schemas = _schemas(args)
     show_plan = _plan_printer(args, out)
     with progress_bar("upgrading") as progress:
         outcome = migrate_file(
             args.src,
             None if args.in_place else args.output,
-            schemas=_schemas(args),
+            schemas=schemas,
             schema=args.schema,
             to=args.to,
             from_version=args.from_version,
@@ -259,24 +260,25 @@ def _param_names(args: argparse.Namespace) -> list[str] | None:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
+    from .formats.torch import with_redirects
     from .inspection.scan import scan
+    from .schema.schema import redirects_of
 
+    schemas = _schemas(args)
     options: dict[str, Any] = {
         "workers": args.workers,
         "processes": None if args.threads is None else not args.threads,
-        "allowed_globals": args.allow_global,
+        "allowed_globals": with_redirects(args.allow_global, redirects_of(schemas)),
     }
     recorded = None
     with progress_bar("scanning") as progress:
         if args.catalog is None:
-            rows = scan(args.dir, _schemas(args), progress=progress, **options)
+            rows = scan(args.dir, schemas, progress=progress, **options)
         else:
             from .inspection.catalog import open_catalog, scan_into
 
             with open_catalog(args.catalog) as catalog:
-                recorded = scan_into(
-                    catalog, args.dir, _schemas(args), progress=progress, **options
-                )
+                recorded = scan_into(catalog, args.dir, schemas, progress=progress, **options)
             rows = recorded.rows
     if recorded is not None:
         print(
@@ -588,6 +590,15 @@ def _common(sub: argparse.ArgumentParser, *, reads_files: bool) -> None:
             metavar="module.Name",
             help="let a trusted class through the safe loader (repeatable)",
         )
+        sub.add_argument(
+            "--redirect-global",
+            action="append",
+            default=[],
+            metavar="OLD=NEW",
+            help="read a class an old pickle names as an allowed one, e.g. "
+            "pytorch_lightning.utilities.parsing.AttributeDict=builtins.dict, or a prefix rule "
+            "pytorch_lightning.*=lightning.pytorch.* (repeatable; NEW must be allowed)",
+        )
 
 
 def _param_names_option(sub: argparse.ArgumentParser, when: str = "") -> None:
@@ -789,6 +800,55 @@ def _migrations_layouts(args: argparse.Namespace) -> contextlib.AbstractContextM
     return layouts_from(lambda: _schemas(args))
 
 
+def _add_redirects(args: argparse.Namespace) -> None:
+    """``--redirect-global OLD=NEW`` joins the allowed globals every reader gets; one pointing
+    to a global that is not allowed (torch's list, ``builtins.dict``, ``--allow-global``) is
+    refused here, before any file is read."""
+    if not getattr(args, "redirect_global", None):
+        return
+    from .formats.torch import GlobalRedirect, allowed_names, redirect_map
+
+    found = [*args.allow_global, *(GlobalRedirect.parse(text) for text in args.redirect_global)]
+    redirect_map(allowed_names(found))
+    args.allow_global = found
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command; run once more with the discovered schemas' redirects when the file names a
+    global one of them redirects (the file's schema is known only once it is read), as an
+    unknown layout imports the migrations once and matches the file again."""
+    from .errors import UnsafeCheckpointError
+
+    try:
+        return int(args.func(args))
+    except UnsafeCheckpointError as exc:
+        if not _schema_redirects_cover(args, exc.global_name):
+            raise
+    return int(args.func(args))
+
+
+def _schema_redirects_cover(args: argparse.Namespace, name: str) -> bool:
+    """Whether the discovered schemas redirect ``name``, not yet among ``args.allow_global``;
+    if so they join it."""
+    from .errors import CkptMigrateError
+
+    if not hasattr(args, "allow_global"):
+        return False
+    try:
+        schemas = _schemas(args)
+    except CkptMigrateError:
+        return False  # the file's own refusal says more than a broken migrations module
+    from .formats.torch import allowed_names, redirect_map, with_redirects
+    from .schema.schema import redirects_of
+
+    rules = [rule for rule in redirects_of(schemas) if rule not in args.allow_global]
+    found = with_redirects(args.allow_global, rules)
+    if not rules or name not in redirect_map(allowed_names(found)):
+        return False
+    args.allow_global = found
+    return True
+
+
 def _library_version() -> str:
     from .base.version import __version__
 
@@ -804,12 +864,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _add_redirects(args)
         with (
             _warnings_as_lines(show_torch=args.debug),
             _PROJECT,
             _migrations_layouts(args),
         ):
-            return int(args.func(args))
+            return _run(args)
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130

@@ -52,6 +52,7 @@ __all__ = [
     "ParamNamesUnknown",
     "ParamNamesUnknownError",
     "PathNotFoundError",
+    "RedirectError",
     "SchemaMismatchError",
     "TargetPastCurrentError",
     "UnknownFormatError",
@@ -235,11 +236,37 @@ class UnsafeCheckpointError(CkptMigrateError):
             if cli
             else f"safe_globals=[{name!r}] in Python, or --allow-global {name} on the command line"
         )
+        redirect = (
+            f"--redirect-global {name}=NEW.module.Name"
+            if cli
+            else f"cm.Schema(..., redirects={{{name!r}: 'new.module.Name'}}), or "
+            f"--redirect-global {name}=NEW.module.Name on the command line"
+        )
         return (
             f"{prefix}refusing to load: the pickle asks for {name!r}{extra}, which the safe "
             "loader does not allow, and loading it could run code from the file. If you trust "
-            f"this file, allow it by name: {remedy}."
+            f"this file, allow it by name: {remedy}. If it names a class that has moved, map "
+            f"it to an allowed one instead: {redirect}."
         )
+
+
+class RedirectError(UsageError):
+    """A global redirect (``OLD=NEW``) that cannot be used: malformed, or pointing to a global
+    that is not allowed, so that it would make something new reachable."""
+
+    def __init__(self, old: str, new: str, problem: str, *, remedy: str = "") -> None:
+        self.old = old
+        self.new = new
+        self.problem = problem
+        self.remedy = remedy
+        super().__init__(self.render())
+
+    def render(self, *, cli: bool = False) -> str:
+        tail = f"; {self.remedy}" if self.remedy else ""
+        rule = f"{self.old}={self.new}"
+        if not (rule.isascii() and rule.isprintable()) or len(rule) > 300:
+            rule = ascii(rule) if len(rule) <= 300 else ascii(rule[:300]) + "..."
+        return f"refusing the global redirect {rule}: {self.problem}{tail}"
 
 
 class UnversionedCheckpointError(CkptMigrateError):

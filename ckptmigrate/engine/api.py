@@ -11,6 +11,7 @@ from packaging.version import Version
 
 from ..base.version import parse_version
 from ..errors import BreakingMigrationError, UnversionedCheckpointError, UsageError
+from ..formats.torch import with_redirects
 from ..io.files import read_checkpoint, write_checkpoint
 from ..schema.schema import Schema
 from ..values.checkpoint import Checkpoint
@@ -166,6 +167,7 @@ def load(
     >>> raw = cm.load("legacy.pt", schema=schema, from_version="1.0.0")
     """
     resolved = _resolve_schema(schema)
+    safe_globals = with_redirects(safe_globals, resolved.redirects if resolved else ())
     ckpt = read_checkpoint(path, map_location=map_location, mmap=mmap, safe_globals=safe_globals)
     ckpt = apply_from_version(ckpt, resolved, from_version, path=path)
     if not upgrade or resolved is None:

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BackupExistsError
 from ..formats.lock import DEFAULT_TIMEOUT, file_lock
+from ..formats.torch import with_redirects
+from ..schema.schema import redirects_of
 from .rewrite import Rewrite, rewrite, stamp_plan, upgrade_plan
 
 if TYPE_CHECKING:
@@ -92,8 +94,9 @@ def migrate_file(
         what="--from-version",
         path=target,
     )
+    allowed = with_redirects(allowed_globals, redirects_of(schemas))  # refused before reading
     options: dict[str, Any] = dict(
-        safe_globals=allowed_globals, dry_run=dry_run, on_plan=on_plan, progress=progress
+        safe_globals=allowed, dry_run=dry_run, on_plan=on_plan, progress=progress
     )
     if not in_place:
         return rewrite(target, dst, planner, **options)

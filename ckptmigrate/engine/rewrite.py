@@ -36,6 +36,7 @@ from ..errors import (
 )
 from ..formats.atomic import permissions_from
 from ..formats.detect import detect_format
+from ..formats.torch import with_redirects
 from ..schema.registry import get_schema, pick_schema, schema_table
 from ..values.checkpoint import Checkpoint
 from .streaming import Copied, metadata_only
@@ -116,10 +117,10 @@ class Source:
         return read_checkpoint(self.path, mmap=True, safe_globals=self.safe_globals)
 
 
-def _names(safe_globals: Iterable[Any]) -> list[str]:
-    from ..formats.torch import global_name
+def _names(safe_globals: Iterable[Any]) -> list[Any]:
+    from ..formats.torch import allowed_names
 
-    return [global_name(g) for g in safe_globals]
+    return allowed_names(safe_globals)
 
 
 def open_source(path: str | os.PathLike[str], safe_globals: Iterable[Any] = ()) -> Source:
@@ -549,7 +550,8 @@ def upgrade_file(
         param_names=param_names,
         path=Path(src),
     )
-    return rewrite(src, dst, planner, safe_globals=safe_globals)
+    allowed = with_redirects(safe_globals, schema.redirects)  # refused before reading
+    return rewrite(src, dst, planner, safe_globals=allowed)
 
 
 def stamp_file(

@@ -28,6 +28,7 @@ from ..errors import (
     UsageError,
 )
 from ..formats.layout import is_tensor_like, split
+from ..formats.torch import with_redirects
 from ..io.report import signature
 from ..values.checkpoint import Checkpoint
 
@@ -121,7 +122,7 @@ def diff(
     schemas: Mapping[str, Schema] | Sequence[Schema] | Schema | None = None,
     schema: str | Schema | None = None,
     from_version: str | Version | None = None,
-    allowed_globals: Iterable[str] = (),
+    allowed_globals: Iterable[Any] = (),
     progress: Progress | None = None,
     param_names: Sequence[str] | None = None,
 ) -> Diff:
@@ -141,6 +142,10 @@ def diff(
     False
     """
     allowed = list(allowed_globals)
+    if upgrade and schemas is not None:  # the schemas' redirects, refused before reading
+        from ..schema.schema import redirects_of
+
+        allowed = with_redirects(allowed, redirects_of(schemas))
     need_tensors = values or upgrade
     ckpt_a, label_a = _as_checkpoint(a, "A", tensors=need_tensors, allowed=allowed)
     ckpt_b, label_b = _as_checkpoint(b, "B", tensors=values, allowed=allowed)
@@ -228,7 +233,7 @@ def diff_model(
     *,
     schemas: Mapping[str, Schema] | Sequence[Schema] | Schema | None = None,
     from_version: str | Version | None = None,
-    allowed_globals: Iterable[str] = (),
+    allowed_globals: Iterable[Any] = (),
     param_names: Sequence[str] | None = None,
 ) -> ModelDiff:
     """Compare checkpoint ``a``, upgraded to the schema's current version, with the state_dict
@@ -243,7 +248,8 @@ def diff_model(
     from ..schema.registry import get_schema
 
     found = get_schema(schema, schemas)
-    ckpt_a, label = _as_checkpoint(a, "A", tensors=True, allowed=list(allowed_globals))
+    allowed = with_redirects(allowed_globals, found.redirects)
+    ckpt_a, label = _as_checkpoint(a, "A", tensors=True, allowed=allowed)
     target = Checkpoint({}, schema=found.name, version=found.current)
     upgraded, record = _upgrade_to_b(
         ckpt_a, target, {found.name: found}, found, from_version, label, "", param_names

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 from packaging.version import Version
 
 from ..base.version import parse_version
-from ..errors import MigrationGraphError
+from ..errors import MigrationGraphError, UsageError
 from ..io.signature import signature_of
 from ..values.checkpoint import Checkpoint
 from .graph import FunctionStep, MigrationGraph, OpsStep, PlannedStep, Step
@@ -39,6 +39,14 @@ class Schema:
       forward, backward, ``optimizer.step()``. It must be deterministic (no dropout, no
       sampling), so that the old code's losses can be reproduced.
 
+    ``redirects`` maps a global old pickles name to one allowed today, so files that name a
+    class which has since moved still load: ``{"pytorch_lightning.utilities.parsing.
+    AttributeDict": "builtins.dict"}``, or a prefix rule ``{"pytorch_lightning.*":
+    "lightning.pytorch.*"}`` (it maps only the names that are allowed). An exact target must be
+    in torch's weights-only allow-list or ``builtins.dict``, refused here otherwise
+    (:class:`~ckptmigrate.errors.RedirectError`); a redirect never makes a global reachable that
+    was not already.
+
     >>> schema = Schema("tinylm", current="3.0.0", build=lambda hp: TinyLM(**hp),
     ...                 optimizer=lambda m: torch.optim.Adam(m.named_parameters(), lr=1e-2),
     ...                 train_step=lm_train_step)
@@ -56,6 +64,7 @@ class Schema:
         *,
         optimizer: Callable[..., Any] | None = None,
         train_step: Callable[..., Any] | None = None,
+        redirects: Mapping[str, str] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise MigrationGraphError(f"a schema name must be a non-empty string, got {name!r}")
@@ -70,6 +79,8 @@ class Schema:
         self.signatures: dict[Version, list[frozenset]] = {}
         #: the named weights that exist for this schema, by name, in the order added
         self.weights: dict[str, Weights] = {}
+        # classes old pickles name, read as allowed ones ({"old.Name": "builtins.dict"})
+        self.redirects: tuple[Any, ...] = _redirects(redirects)
 
     def add_signature(self, version: str | Version, state_dict: dict[str, Any]) -> None:
         """Record what a state_dict of ``version`` looks like, for ``from_version="auto"``."""
@@ -227,3 +238,36 @@ class Schema:
         if self._example_input is None:
             raise MigrationGraphError(f"schema {self.name!r} has no example_input=")
         return self._example_input()
+
+
+def _redirects(given: Mapping[str, str] | None) -> tuple[Any, ...]:
+    """``Schema(redirects=)`` as :class:`~ckptmigrate.formats.torch.GlobalRedirect` rules, each
+    exact one checked against the allow-list now, before any file is read."""
+    if not given:
+        return ()
+    if not isinstance(given, Mapping):
+        raise UsageError(
+            f"redirects= takes a dict {{'old.module.Name': 'new.module.Name'}}, got "
+            f"{type(given).__name__}"
+        )
+    from ..formats.torch import GlobalRedirect, redirect_map
+
+    rules = tuple(GlobalRedirect(old, new) for old, new in given.items())
+    redirect_map(rules)  # an exact target must be allowed without the caller's safe_globals
+    return rules
+
+
+def redirects_of(schemas: Schema | Mapping[str, Schema] | Sequence[Schema] | None) -> list[Any]:
+    """The global redirects of one schema or of a discovered table, in order, each once: a
+    file's schema is known only once it is read, so every schema's redirects apply to it.
+
+    >>> redirects_of(find_schemas(["migrations"]))  # doctest: +SKIP
+    [GlobalRedirect(old='pytorch_lightning.utilities.parsing.AttributeDict', new='builtins.dict')]
+    """
+    if schemas is None:
+        return []
+    if isinstance(schemas, Schema):
+        table = [schemas]
+    else:
+        table = list(schemas.values()) if isinstance(schemas, Mapping) else list(schemas)
+    return list(dict.fromkeys(rule for schema in table for rule in schema.redirects))

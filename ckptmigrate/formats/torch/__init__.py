@@ -24,9 +24,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .allowlist import WEIGHTS_ONLY_GLOBALS, python3_name
+    from .allowlist import WEIGHTS_ONLY_GLOBALS, GlobalRedirect, python3_name, redirect_map
     from .archive import ZipRecordInfo, check_torch_bytes, read_zip_records
-    from .load import global_name, read_torch, resolve_global, write_torch
+    from .load import (
+        allowed_names,
+        global_name,
+        read_torch,
+        resolve_global,
+        with_redirects,
+        write_torch,
+    )
     from .mapped import MAPPED_GLOBALS, load_mapped
     from .metadata import read_torch_metadata, scan_pickle_globals
     from .placeholders import OpaqueObject, TorchConstant
@@ -39,12 +46,14 @@ __all__ = [
     "MAPPED_GLOBALS",
     "MAX_PICKLE_BYTES",
     "WEIGHTS_ONLY_GLOBALS",
+    "GlobalRedirect",
     "OpaqueObject",
     "ScanResult",
     "TorchConstant",
     "TorchZipWriter",
     "ZipGraph",
     "ZipRecordInfo",
+    "allowed_names",
     "check_torch_bytes",
     "global_name",
     "load_mapped",
@@ -53,9 +62,11 @@ __all__ = [
     "read_torch_metadata",
     "read_zip_graph",
     "read_zip_records",
+    "redirect_map",
     "resolve_global",
     "scan_pickle",
     "scan_pickle_globals",
+    "with_redirects",
     "write_torch",
     "write_zip_copy",
     "write_zip_graph",
@@ -64,6 +75,7 @@ __all__ = [
 # Each name is imported from its module on first use: reading a file's metadata pays for the
 # readers, not for the writers and the torch loaders.
 _LAZY = {
+    "GlobalRedirect": "allowlist",
     "MAPPED_GLOBALS": "mapped",
     "MAX_PICKLE_BYTES": "unpickler",
     "OpaqueObject": "placeholders",
@@ -73,6 +85,7 @@ _LAZY = {
     "WEIGHTS_ONLY_GLOBALS": "allowlist",
     "ZipGraph": "zip_graph",
     "ZipRecordInfo": "archive",
+    "allowed_names": "load",
     "check_torch_bytes": "archive",
     "global_name": "load",
     "load_mapped": "mapped",
@@ -81,9 +94,11 @@ _LAZY = {
     "read_torch_metadata": "metadata",
     "read_zip_graph": "zip_graph",
     "read_zip_records": "archive",
+    "redirect_map": "allowlist",
     "resolve_global": "load",
     "scan_pickle": "walk",
     "scan_pickle_globals": "metadata",
+    "with_redirects": "load",
     "write_torch": "load",
     "write_zip_copy": "zip_writer",
     "write_zip_graph": "zip_graph",

@@ -13,12 +13,13 @@ from __future__ import annotations
 import _compat_pickle
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from math import prod
 from types import FunctionType
 from typing import Any
 
 from ...base.readable import bounded_repr
-from ...errors import CheckpointFormatError, UnsafeCheckpointError, UsageError
+from ...errors import CheckpointFormatError, RedirectError, UnsafeCheckpointError, UsageError
 from ...values.tensorinfo import DTYPE_SIZES, MAX_DIM, TensorInfo, TensorStub
 from ..bounds import charge_decode
 from .guards import GuardedCall, GuardedType
@@ -104,6 +105,16 @@ class _SetType(metaclass=GuardedType):
     def __new__(cls, *args: Any) -> Any:  # type: ignore[misc]
         _charge_copy(args, 64)
         return set(*args)
+
+
+class _DictType(metaclass=GuardedType):
+    """``builtins.dict`` as a redirect target: the empty dict SETITEMS fills, or a copy."""
+
+    def __new__(cls, *args: Any) -> Any:  # type: ignore[misc]
+        if len(args) > 1 or (args and not isinstance(args[0], (dict, list, tuple))):
+            raise CheckpointFormatError("dict(...) with unexpected arguments in the pickle")
+        _charge_copy(args, 160)
+        return dict(*args)
 
 
 class _SafeBytearray(metaclass=GuardedType):
@@ -365,22 +376,149 @@ _ALLOWED = _weights_only_globals()
 WEIGHTS_ONLY_GLOBALS: frozenset[str] = frozenset(_ALLOWED)
 
 
-def allowed_map(allowed_globals: Iterable[str]) -> dict[str, Any]:
+#: Globals a redirect may point to beyond the allow-list: a class that moved may become a
+#: plain dict, which the pickle fills exactly as it fills a dict it names no class for.
+REDIRECT_ONLY_TARGETS: dict[str, Any] = {"builtins.dict": _DictType}
+
+#: At most this many redirects in one read, and this many characters a name: a schema or a
+#: command line that holds more is a mistake, refused before any file is read.
+MAX_REDIRECTS = 4096
+MAX_REDIRECT_NAME = 512
+
+
+@dataclass(frozen=True)
+class GlobalRedirect:
+    """A global an old pickle names (``old``) read as an allowed global (``new``); both may end
+    in ``.*`` (a prefix rule, applied to the allowed names only). It travels among the allowed
+    globals (``safe_globals=[..., GlobalRedirect(...)]``) to every reader, and is refused
+    before any file is read when ``new`` is not allowed there (:func:`redirect_map`).
+
+    >>> GlobalRedirect.parse("pytorch_lightning.*=lightning.pytorch.*").is_prefix
+    True
+    """
+
+    old: str
+    new: str
+
+    def __post_init__(self) -> None:
+        for name in (self.old, self.new):
+            if not _is_global_name(name):
+                raise RedirectError(
+                    str(self.old), str(self.new),
+                    f"{bounded_repr(name, 80)} is not a dotted name of ASCII identifiers",
+                    remedy="write OLD.module.Name=NEW.module.Name, or OLD.*=NEW.* for a prefix",
+                )  # fmt: skip
+        if self.old.endswith(".*") != self.new.endswith(".*"):
+            raise RedirectError(
+                self.old, self.new, "a prefix rule needs '.*' on both sides, or on neither"
+            )
+        for name in (self.old, self.new):
+            if _blocked(name):
+                raise RedirectError(
+                    self.old, self.new, f"module {_blocked(name)!r} is never allowed, redirected "
+                    "or not",
+                )  # fmt: skip
+
+    @classmethod
+    def parse(cls, text: str) -> GlobalRedirect:
+        """``"OLD=NEW"`` as given to ``--redirect-global``."""
+        old, sep, new = text.partition("=")
+        if not sep:
+            raise RedirectError(text, "", "expected OLD=NEW", remedy="e.g. a.Name=builtins.dict")
+        return cls(old.strip(), new.strip())
+
+    @property
+    def is_prefix(self) -> bool:
+        """Whether it maps every allowed name under a module prefix."""
+        return self.old.endswith(".*")
+
+
+def _is_global_name(name: object) -> bool:
+    """``module.Name`` (or ``module.*``): two or more ASCII identifiers joined by dots."""
+    if not isinstance(name, str) or not 3 <= len(name) <= MAX_REDIRECT_NAME or not name.isascii():
+        return False
+    parts = name.removesuffix(".*").split(".")
+    return (len(parts) >= 2 or name.endswith(".*")) and all(p.isidentifier() for p in parts)
+
+
+def _blocked(name: str) -> str | None:
+    module = name.partition(".")[0]
+    return module if module in _BLOCKED_MODULES else None
+
+
+def redirect_map(allowed_globals: Iterable[Any]) -> dict[str, str]:
+    """The :class:`GlobalRedirect` items of ``allowed_globals`` as ``{old: new}`` names, prefix
+    rules expanded over the allowed names; refuses one whose target is not allowed.
+
+    Allowed means torch's weights-only allow-list, ``builtins.dict``, or a name among
+    ``allowed_globals``: a redirect never makes a global reachable that was not already. An
+    allowed name is never redirected, so a redirect never chains into another.
+
+    >>> redirect_map(["a.New", GlobalRedirect("old.*", "a.*")])
+    {'old.New': 'a.New'}
+    """
+    items = list(allowed_globals)
+    rules = [item for item in items if isinstance(item, GlobalRedirect)]
+    if not rules:
+        return {}
+    if len(rules) > MAX_REDIRECTS:
+        first = rules[0]
+        raise RedirectError(
+            first.old, first.new, f"{len(rules)} redirects given, at most {MAX_REDIRECTS} are read"
+        )
+    caller = {item for item in items if isinstance(item, str) and not _blocked(item)}
+    targets = set(_ALLOWED) | set(REDIRECT_ONLY_TARGETS) | caller
+    found: dict[str, str] = {}
+    for rule in sorted(rules, key=lambda r: r.is_prefix):  # exact rules first, then prefixes
+        if rule.is_prefix:
+            old, new = rule.old[:-1], rule.new[:-1]
+            for target in sorted(t for t in targets if t.startswith(new)):
+                name = old + target[len(new) :]
+                if name not in targets:  # an allowed name stays itself
+                    found.setdefault(name, target)
+            continue
+        if rule.old in targets:
+            raise RedirectError(
+                rule.old, rule.new, f"{rule.old} is allowed as itself, so it needs no redirect"
+            )
+        if rule.new not in targets:
+            raise RedirectError(
+                rule.old, rule.new, f"a redirect may only point to an allowed global, and "
+                f"{rule.new} is neither in torch's weights-only allow-list nor among the allowed "
+                "globals",
+                remedy="point it to builtins.dict or another allowed global (a class you trust is "
+                "allowed first: --allow-global module.Name, or safe_globals=)",
+            )  # fmt: skip
+        if found.get(rule.old, rule.new) != rule.new:
+            raise RedirectError(
+                rule.old, rule.new, f"{rule.old} is redirected to {found[rule.old]} as well"
+            )
+        found[rule.old] = rule.new
+    return found
+
+
+def allowed_map(allowed_globals: Iterable[Any]) -> dict[str, Any]:
     """The weights-only allow-list plus ``allowed_globals`` (``"module.Name"``), each decoding
-    to an :class:`~.placeholders.OpaqueObject`; the shared map itself is never changed."""
+    to an :class:`~.placeholders.OpaqueObject`, and the :class:`GlobalRedirect` items among
+    them, an old name decoding as its allowed target does; the shared map is never changed."""
+    items = list(allowed_globals)
     allowed = dict(_ALLOWED)
-    for name in allowed_globals:
+    for name in items:
+        if isinstance(name, GlobalRedirect):
+            continue
         if not isinstance(name, str) or "." not in name:
             raise UsageError(f"allowed_globals holds {name!r}, expected 'module.Name' strings")
         if name not in allowed:
             allowed[name] = opaque_global(name)
+    for old, new in redirect_map(items).items():
+        allowed[old] = REDIRECT_ONLY_TARGETS[new] if new in REDIRECT_ONLY_TARGETS else allowed[new]
     return allowed
 
 
 def check_global(name: str, allowed: dict[str, Any], path: object) -> None:
     """Refuse the global ``name`` unless ``allowed`` maps it; ``sys``, ``os``... never pass."""
-    module = name.partition(".")[0]
-    if module in _BLOCKED_MODULES:
+    module = _blocked(name)
+    if module is not None:
         raise UnsafeCheckpointError(name, path=path, detail=f"module {module!r} is never allowed")
     if name not in allowed:
         raise UnsafeCheckpointError(name, path=path)

@@ -18,6 +18,7 @@ from typing import Any
 from ...errors import CheckpointFormatError, CkptMigrateError, UnsafeCheckpointError
 from ..atomic import atomic_file
 from ..detect import detect_format
+from .allowlist import GlobalRedirect, redirect_map
 from .mapped import load_mapped
 from .metadata import read_torch_metadata
 
@@ -27,6 +28,27 @@ def global_name(obj: Any) -> str:
     if isinstance(obj, str):
         return obj
     return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def allowed_names(safe_globals: Iterable[Any]) -> list[str | GlobalRedirect]:
+    """``safe_globals`` as the metadata readers take them: each class or function by its
+    name, each :class:`GlobalRedirect` as it is."""
+    return [g if isinstance(g, GlobalRedirect) else global_name(g) for g in safe_globals]
+
+
+def with_redirects(safe_globals: Iterable[Any], rules: Iterable[GlobalRedirect]) -> list[Any]:
+    """``safe_globals`` and the redirect ``rules`` (a schema's), less those for a name the caller
+    allows as itself; refused (:class:`~ckptmigrate.errors.RedirectError`) here, before any file
+    is read, when one points to a global that is not allowed.
+
+    >>> with_redirects([], [GlobalRedirect("old.Hparams", "builtins.dict")])
+    [GlobalRedirect(old='old.Hparams', new='builtins.dict')]
+    """
+    given = list(safe_globals)
+    names = {name for name in allowed_names(given) if isinstance(name, str)}
+    found = given + [rule for rule in rules if rule not in given and rule.old not in names]
+    redirect_map(allowed_names(found))
+    return found
 
 
 def resolve_global(name: str) -> Any:
@@ -60,8 +82,9 @@ def read_torch(
     fmt = kind if kind is not None else detect_format(path)
     if fmt not in ("torch-zip", "torch-legacy"):
         raise CheckpointFormatError(f"expected a torch.save file, found {fmt}", path=path)
-    allowed = list(safe_globals)
-    names = [global_name(g) for g in allowed]
+    given_globals = list(safe_globals)
+    allowed = [g for g in given_globals if not isinstance(g, GlobalRedirect)]
+    names = allowed_names(given_globals)
     if mmap and fmt == "torch-zip" and not names:
         done, obj = load_mapped(path, map_location)  # raises Unsafe/Format like the reader
         if done:
@@ -70,9 +93,12 @@ def read_torch(
         read_torch_metadata(
             path, allowed_globals=names, kind=fmt
         )  # raises Unsafe/Format before torch
-    objects = [
-        _loadable(resolve_global(g) if isinstance(g, str) else g, n) for g, n in zip(allowed, names)
-    ]
+    given = {global_name(g): resolve_global(g) if isinstance(g, str) else g for g in allowed}
+    objects = [_loadable(obj, name) for name, obj in given.items()]
+    for old, new in redirect_map(names).items():  # torch maps the old name to the target
+        target = given[new] if new in given else _target(new)
+        if target is not None:  # else torch refuses the old name, as it would without one
+            objects.append((_loadable(target, new)[0], old))
     try:
         with torch.serialization.safe_globals(objects):
             return torch.load(
@@ -100,12 +126,22 @@ def read_torch(
         ) from exc
 
 
-def _loadable(obj: Any, name: str) -> Any:
+def _loadable(obj: Any, name: str) -> tuple[Any, str]:
     """What torch's weights-only loader gets for an allowed global: a dict subclass (Lightning's
     ``AttributeDict``) loads as a plain dict of its items, since that loader fills only dicts."""
     if isinstance(obj, type) and issubclass(obj, dict) and obj.__module__ != "collections":
         return (dict, name)
-    return obj
+    return (obj, name)
+
+
+def _target(name: str) -> Any:
+    """The object torch's own allow-list has for ``name`` (a redirect's target), dict for
+    ``builtins.dict``, or None where this torch does not allow it."""
+    from torch import _weights_only_unpickler
+
+    if name == "builtins.dict":
+        return dict
+    return _weights_only_unpickler._get_allowed_globals().get(name)
 
 
 def _weights_only_reason(text: str) -> str:

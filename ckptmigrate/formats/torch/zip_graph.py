@@ -30,7 +30,7 @@ from ...errors import (
     UnsafeCheckpointError,
 )
 from ...values.tensorinfo import TensorStub
-from .allowlist import WEIGHTS_ONLY_GLOBALS, allowed_map
+from .allowlist import REDIRECT_ONLY_TARGETS, WEIGHTS_ONLY_GLOBALS, allowed_map, redirect_map
 from .archive import ZipRecordInfo, decode_zip, read_zip_records
 from .guards import GuardedCall
 from .placeholders import OpaqueMeta, OpaqueObject, TorchConstant
@@ -81,7 +81,7 @@ def _flagging(name: str, fn: Callable[..., Any], graph: ZipGraph) -> Callable[..
 
 
 def read_zip_graph(
-    path: str | os.PathLike[str], *, allowed_globals: Iterable[str] = ()
+    path: str | os.PathLike[str], *, allowed_globals: Iterable[Any] = ()
 ) -> ZipGraph:
     """Decode a torch zip checkpoint into stubs, recording how each tensor was rebuilt.
 
@@ -90,14 +90,19 @@ def read_zip_graph(
     path = Path(path)
     records = read_zip_records(path)
     graph = ZipGraph(path, None, "", records, {}, {})
-    allowed = allowed_map(allowed_globals)
+    given = list(allowed_globals)
+    allowed = allowed_map(given)
+    redirects = redirect_map(given)  # a redirected name replays as its target
     for name, value in list(allowed.items()):
+        target = redirects.get(name, name)
         if (
-            name.startswith("torch._utils._rebuild")
-            or name == "torch._tensor._rebuild_from_type_v2"
+            target.startswith("torch._utils._rebuild")
+            or target == "torch._tensor._rebuild_from_type_v2"
         ):
-            allowed[name] = _recording(name, value, graph)
-        elif name in _LOSSY or name not in WEIGHTS_ONLY_GLOBALS:
+            allowed[name] = _recording(target, value, graph)
+        elif target in REDIRECT_ONLY_TARGETS:
+            continue  # a real dict, written back as the dict it is
+        elif target in _LOSSY or target not in WEIGHTS_ONLY_GLOBALS:
             # an allowed global's class stays a class (NEWOBJ needs one); the replay pickler
             # refuses its placeholders instead
             if callable(value) and not isinstance(value, OpaqueMeta):
