@@ -900,7 +900,6 @@ class HistoryEditedWarning(CkptMigrateWarning):
         super().__init__(
             f"{where}{mount}: schema {schema!r} step(s) {shown} changed since they were applied "
             "to it (the history records a different digest of their code): the file may differ "
-            "from what today's migrations make of its source. Edited history is not re-run; "
-            "restore the old step and add a new one for the new behaviour, or re-create the "
-            "file from its source"
+            "from what today's migrations would make of its source. Restore the step's old code "
+            "and put the new behaviour in a new step, or re-create the file from its source"
         )

@@ -28,6 +28,7 @@ from typing import Any, Union
 
 from ...errors import OpDataError
 from .base import ABSENT, CODE, UNKNOWN, Op
+from .tensors import TensorOp
 
 __all__ = ["MAX_DEPTH", "MAX_NODES", "MAX_OPS", "MAX_TEXT", "known_ops", "op_data", "op_from_data"]
 
@@ -69,6 +70,8 @@ def known_ops() -> dict[str, type[Op]]:
         todo.extend(cls.__subclasses__())
         if cls.__name__.startswith("_") or CODE in cls.acts_on or not is_dataclass(cls):
             continue
+        if issubclass(cls, TensorOp) and cls.transform is TensorOp.transform:
+            continue  # the base of the tensor ops: it transforms nothing itself
         found[op_name(cls)] = cls
     return found
 
@@ -260,8 +263,13 @@ def _wants_tuple(hint: Any) -> bool:
 
 
 def _hint_text(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    if typing.get_origin(hint) is None and hasattr(hint, "__name__"):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("collections.abc.", "")
 
 
 def _kind(value: Any) -> str:
-    return "null" if value is None else f"a {type(value).__name__}"
+    if value is None:
+        return "null"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
