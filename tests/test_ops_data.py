@@ -106,6 +106,17 @@ def test_a_downgrade_through_the_recorded_inverse_matches_the_schemas_own():
     assert_same(sample(), by_data)
 
 
+def test_fields_at_their_default_are_left_out_so_a_field_added_later_changes_no_data():
+    assert op_data(ops.Split("a", ["b", "c"])) == {
+        "op": "Split",
+        "args": {"source": "a", "targets": ["b", "c"]},
+    }
+    assert op_from_data({"op": "Split", "args": {"source": "a", "targets": ["b", "c"]}}) == (
+        ops.Split("a", ["b", "c"], dim=0, sizes=None, missing_ok=False)
+    )
+    assert op_data(ops.Split("a", ["b", "c"], dim=1))["args"]["dim"] == 1
+
+
 def test_ops_that_are_not_data_say_so():
     with pytest.raises(cm.OpDataError, match="runs code"):
         op_data(ops.Call(lambda ckpt: None))

@@ -5,7 +5,7 @@ know the step can still write the file back (see :mod:`ckptmigrate.schema.histor
 
     >>> op_data(RenameKeys(r"a\\.(.*)", r"b.\\1", reverse=(r"b\\.(.*)", r"a.\\1")))
     {'op': 'RenameKeys', 'args': {'pattern': 'a\\\\.(.*)', 'repl': 'b.\\\\1',
-     'reverse': ['b\\\\.(.*)', 'a.\\\\1'], 'missing_ok': False}}
+     'reverse': ['b\\\\.(.*)', 'a.\\\\1']}}
 
 :func:`op_from_data` rebuilds an op from such a dict, and trusts nothing in it: the name must
 be one of the declarative op classes this process has imported (ckptmigrate's own by their
@@ -23,7 +23,7 @@ import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import fields, is_dataclass
+from dataclasses import MISSING, fields, is_dataclass
 from typing import Any, Union
 
 from ...errors import OpDataError
@@ -87,12 +87,30 @@ def op_data(op: Op) -> dict[str, Any]:
         raise OpDataError(f"{op.describe()} runs code, so it cannot be written as data")
     if known_ops().get(op_name(cls)) is not cls:
         raise OpDataError(f"{op.describe()}: its class {op_name(cls)} cannot be rebuilt from data")
+    # fields left at their defaults are left out: a field a later ckptmigrate adds (with a
+    # default) changes neither the data of an op that does not use it nor its digest, and an
+    # older ckptmigrate still reads it
     args = {
         f.name: _encode(getattr(op, f.name), f"{op_name(cls)}.{f.name}")
         for f in fields(op)
-        if f.init
+        if f.init and not _is_default(f, getattr(op, f.name))
     }
     return {"op": op_name(cls), "args": args}
+
+
+def _is_default(f: Any, value: Any) -> bool:
+    if f.default is not MISSING:
+        default = f.default
+    elif f.default_factory is not MISSING:
+        default = f.default_factory()
+    else:
+        return False
+    if default is ABSENT or default is UNKNOWN or value is ABSENT or value is UNKNOWN:
+        return value is default
+    try:
+        return type(value) is type(default) and bool(value == default)
+    except Exception:  # a value whose == is not a bool (a tensor): not the default
+        return False
 
 
 def _encode(value: Any, where: str) -> Any:
