@@ -95,7 +95,7 @@ def edited_steps(graph: MigrationGraph, history: Sequence[Any]) -> list[EditedSt
                     index,
                     str(source),
                     str(target),
-                    name if isinstance(name, str) else step.name,
+                    name[:200] if isinstance(name, str) else step.name,
                     downgrade,
                     dict(entry["digest"]),
                     today,
@@ -169,24 +169,22 @@ def recorded_downgrade(
                 remedy="Pick a version the history went through, or downgrade with code that "
                 "knows the step.",
             )
+        # the name is the file's text: bounded, since messages and the new entry repeat it
         name = entry.get("step") if isinstance(entry.get("step"), str) else f"{source} -> {node}"
+        name = name[:200]
         inverse = entry.get("inverse")
         if inverse is None:
             digest = entry.get("digest")
             function = isinstance(digest, dict) and digest.get("of") in ("source", "bytecode")
-            raise NoRecordedInverseError(
-                graph.schema, start, target, step=str(name)[:200], function=function
-            )
+            raise NoRecordedInverseError(graph.schema, start, target, step=name, function=function)
         try:
             undo = ops_from_data(inverse)
         except OpDataError as exc:
-            raise RecordedInverseError(
-                graph.schema, source, node, str(name)[:200], exc.problem
-            ) from exc
+            raise RecordedInverseError(graph.schema, source, node, name, exc.problem) from exc
         rebuilt = Step(
             source=source,
             target=node,
-            name=str(name),
+            name=name,
             action=OpsStep((), undo=tuple(undo)),
             breaking=entry.get("breaking") is True,
             reversible=True,
