@@ -118,7 +118,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .inspection.info import info_record, unloaded_migrations
+    from .inspection.info import edited_history, info_record, unloaded_migrations
 
     info = info_record(
         args.ckpt,
@@ -128,6 +128,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     for error in unloaded_migrations(info):
         print(f"{PROG}: warning: migrations not loaded: {error}", file=sys.stderr)
+    for warning in edited_history(info):
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(info, indent=2, allow_nan=False))
     elif _is_terminal(sys.stdout):

@@ -25,12 +25,14 @@ __all__ = [
     "CheckpointFormatError",
     "CheckpointWriteError",
     "CkptMigrateError",
+    "CkptMigrateWarning",
     "CommandLineError",
     "DuplicateSchemaError",
     "FileTooLargeError",
     "FixtureCheckError",
     "FixtureNotFoundError",
     "FutureVersionError",
+    "HistoryEditedWarning",
     "HashingBudgetExceededError",
     "InPlaceWriteError",
     "InternalError",
@@ -44,14 +46,17 @@ __all__ = [
     "ModelBuildError",
     "MountError",
     "NoMigrationPathError",
+    "NoRecordedInverseError",
     "NotReplayableError",
     "NothingMatched",
+    "OpDataError",
     "OpError",
     "OpMatchedNothingError",
     "OutputOccupiedError",
     "ParamNamesUnknown",
     "ParamNamesUnknownError",
     "PathNotFoundError",
+    "RecordedInverseError",
     "RedirectError",
     "SchemaMismatchError",
     "TargetPastCurrentError",
@@ -342,18 +347,30 @@ class UnknownSchemaError(SchemaMismatchError, LookupError):
 class FutureVersionError(CkptMigrateError):
     """The stored version is newer than the code's current version (or the target)."""
 
-    def __init__(self, schema: str, stored: object, current: object) -> None:
+    def __init__(
+        self, schema: str, stored: object, current: object, *, recorded_to: object = None
+    ) -> None:
         self.schema = schema
         self.stored = stored
         self.current = current
+        #: the version the inverses in the file's history reach (None: they do not reach one
+        #: this code knows)
+        self.recorded_to = recorded_to
         super().__init__(self.render())
 
     def render(self, *, cli: bool = False) -> str:
-        return (
+        message = (
             f"checkpoint of schema {self.schema!r} is at version {self.stored}, newer than "
             f"{self.current}, the newest this code knows: upgrade the code (or its migrations), "
             "or downgrade the file with code that knows its version."
         )
+        if self.recorded_to is not None:
+            given = f"--to {self.recorded_to}" if cli else f"to={str(self.recorded_to)!r}"
+            message += (
+                f" Its history records how to undo the newer steps down to {self.recorded_to}: "
+                f"pass {given} to write it back with them."
+            )
+        return message
 
 
 class TargetPastCurrentError(FutureVersionError):
@@ -408,15 +425,47 @@ class MigrationPathError(CkptMigrateError):
 class NoMigrationPathError(MigrationPathError):
     """No path of registered steps leads from the stored version to the target: a gap."""
 
-    def __init__(self, schema: str, start: object, target: object, *, reason: str = "") -> None:
+    def __init__(
+        self,
+        schema: str,
+        start: object,
+        target: object,
+        *,
+        reason: str = "",
+        remedy: str = "Register the missing step(s) with @schema.migration(from, to).",
+    ) -> None:
         self.reason = reason
         super().__init__(
             schema,
             start,
             target,
             f"schema {schema!r}: no migration path leads from {start} to {target}"
-            f"{': ' + reason if reason else ''}. Register the missing step(s) with "
-            "@schema.migration(from, to).",
+            f"{': ' + reason if reason else ''}. {remedy}",
+        )
+
+
+class NoRecordedInverseError(NoMigrationPathError):
+    """A downgrade past the versions this code knows needs the inverse a file's history
+    records for ``step``, and it recorded none: a function step (it keeps no inverse as data),
+    or a step of ops that cannot be inverted."""
+
+    def __init__(
+        self, schema: str, start: object, target: object, *, step: str, function: bool
+    ) -> None:
+        self.step = step
+        self.function = function
+        what = (
+            "is a function; it stored no inverse"
+            if function
+            else "stored no inverse (it is not reversible, or was applied before ckptmigrate "
+            "recorded inverses)"
+        )
+        super().__init__(
+            schema,
+            start,
+            target,
+            reason=f"this code does not know the versions above it, and step {step} {what}",
+            remedy="Downgrade the file with code that knows the step.",
         )
 
 
@@ -549,6 +598,35 @@ class OpError(CkptMigrateError, ValueError):
     """An op cannot apply to this checkpoint (a collision, a missing key, a bad shape).
 
     Raised by an op itself; the step that ran it turns it into a :class:`MigrationError`."""
+
+
+class OpDataError(CkptMigrateError, ValueError):
+    """An op cannot be written as data (it holds a function or a tensor), or data read back is
+    not an op this ckptmigrate knows (an unknown name, a field the op lacks, a value of the
+    wrong type, nested or sized past the bounds). ``problem`` says which."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+        super().__init__(problem)
+
+
+class RecordedInverseError(CheckpointFormatError):
+    """The inverse a file's history records for a step is not one this code can run (see
+    :class:`OpDataError`, the ``__cause__``); nothing was run."""
+
+    def __init__(
+        self, schema: str, source: object, target: object, step: str, problem: str
+    ) -> None:
+        self.schema = schema
+        self.source = source
+        self.target = target
+        self.step = step
+        self.problem = problem
+        super().__init__(
+            f"the inverse that the history records for schema {schema!r} step {source} -> "
+            f"{target} ({step}) cannot be used: {problem}. Nothing was run: downgrade with code "
+            "that knows the step, or with the ckptmigrate that wrote the file"
+        )
 
 
 class NothingMatched(OpError):
@@ -844,3 +922,31 @@ class CatalogError(CkptMigrateError):
         self.where = where
         self.problem = problem
         super().__init__(f"catalog {where}: {problem}")
+
+
+class CkptMigrateWarning(UserWarning):
+    """Base class of every warning ckptmigrate gives (``warnings.simplefilter("error",
+    cm.CkptMigrateWarning)`` turns them all into errors)."""
+
+
+class HistoryEditedWarning(CkptMigrateWarning):
+    """Steps a checkpoint's history says were applied to it have changed since: the digest of
+    the code (or ops) that ran differs from today's step's. The file may not be what today's
+    chain would make of its source. ``steps`` lists each as ``{"from", "to", "step"}``."""
+
+    def __init__(
+        self, schema: str, steps: Sequence[dict[str, Any]], *, path: object = None, prefix: str = ""
+    ) -> None:
+        self.schema = schema
+        self.steps = [dict(s) for s in steps]
+        self.path = None if path is None else str(path)
+        self.prefix = prefix
+        where = self.path or "the checkpoint"
+        mount = f" (its mount at {prefix!r})" if prefix else ""
+        shown = ", ".join(f"{s['from']} -> {s['to']} ({s['step']})" for s in self.steps)
+        super().__init__(
+            f"{where}{mount}: schema {schema!r} step(s) {shown} changed since they were applied "
+            "to it (the history records a different digest of their code): the file may differ "
+            "from what today's migrations would make of its source. Restore the step's old code "
+            "and put the new behaviour in a new step, or re-create the file from its source"
+        )

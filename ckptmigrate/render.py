@@ -181,6 +181,14 @@ def render_diff_rich(d: Diff, console: Any) -> None:
 
 
 def _status_lines(status: dict[str, Any] | None) -> list[str]:
+    edited = [
+        f"step {e['from']} -> {e['to']} ({e['step']}) was edited since it was applied"
+        for e in (status or {}).get("edited") or []
+    ]
+    return _plan_lines(status) + edited
+
+
+def _plan_lines(status: dict[str, Any] | None) -> list[str]:
     if status is None:
         return ["unstamped: stamp it with `ckptmigrate stamp CKPT --schema S --version V`"]
     if status.get("registered") is None:
@@ -217,9 +225,13 @@ def _render_info_fields(info: dict[str, Any], write: Callable[[str], Any]) -> No
         f"tensors: {info['tensors']} ({_human_bytes(info['tensor_bytes'])}); dtypes: "
         + (", ".join(f"{k} x{v}" for k, v in info["dtypes"].items()) or "none")
     )
-    for entry in info["history"]:
+    edited = {e["index"] for e in (info["status"] or {}).get("edited") or []}
+    for index, entry in enumerate(info["history"]):
         if isinstance(entry, dict):
-            write(f"history: {entry.get('from')} -> {entry.get('to')}  {entry.get('step', '')}")
+            mark = "  [edited since applied]" if index in edited else ""
+            write(
+                f"history: {entry.get('from')} -> {entry.get('to')}  {entry.get('step', '')}{mark}"
+            )
     for key, value in info["hparams"].items():
         write(f"hparam: {key} = {readable(value)}")
     for key, value in info["meta"].items():

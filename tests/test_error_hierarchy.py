@@ -165,12 +165,13 @@ def f():
     }
 
 
-def _error_classes() -> list[type[BaseException]]:
+def _error_classes(*, warnings: bool = False) -> list[type[BaseException]]:
     return [
         obj
         for name, obj in vars(errors).items()
         if inspect.isclass(obj)
         and issubclass(obj, BaseException)
+        and issubclass(obj, Warning) == warnings
         and obj.__module__ == errors.__name__
     ]
 
@@ -180,6 +181,14 @@ def test_every_error_class_derives_from_the_base_and_is_exported():
     assert {c.__name__ for c in classes} <= set(errors.__all__)
     for cls in classes:
         assert issubclass(cls, cm.CkptMigrateError), cls
+        assert getattr(cm, cls.__name__) is cls, f"{cls.__name__} is not exported by ckptmigrate"
+
+
+def test_every_warning_class_derives_from_the_warning_base_and_is_exported():
+    classes = _error_classes(warnings=True)
+    assert cm.HistoryEditedWarning in classes
+    for cls in classes:
+        assert issubclass(cls, cm.CkptMigrateWarning) and cls.__name__ in errors.__all__, cls
         assert getattr(cm, cls.__name__) is cls, f"{cls.__name__} is not exported by ckptmigrate"
 
 

@@ -174,7 +174,7 @@ def load(
         return ckpt
     if not ckpt.mounts:
         check_belongs(ckpt, resolved, path=path)
-    return upgrade_checkpoint(ckpt, resolved, to=to, param_names=param_names)
+    return upgrade_checkpoint(ckpt, resolved, to=to, param_names=param_names, origin=path)
 
 
 def load_into(

@@ -138,13 +138,24 @@ def chosen_mounts(
 
 
 def mount_plan(
-    ckpt: Checkpoint, schema: Schema, prefix: str, to: str | Version | None = None
+    ckpt: Checkpoint,
+    schema: Schema,
+    prefix: str,
+    to: str | Version | None = None,
+    *,
+    origin: object = None,
 ) -> list[PlannedStep]:
-    """The checked plan that takes the mount at ``prefix`` to ``to`` (default: current)."""
+    """The checked plan that takes the mount at ``prefix`` to ``to`` (default: current), its
+    history's recorded inverses included; warns when a step its history says ran has been
+    edited since (``origin``: the file, named in the warning)."""
+    from .upgrade import warn_if_edited
+
     found = _find(ckpt, prefix)
     if found.schema != schema.name:
         raise SchemaMismatchError(schema.name, found.schema)
-    return schema.plan(found.version, to)
+    plan = schema.plan(found.version, to, history=found.history)
+    warn_if_edited(found.history, schema, origin=origin, prefix=prefix)
+    return plan
 
 
 def upgrade_mount(
@@ -198,11 +209,12 @@ def upgrade_mounts_of(
     to: str | Version | None = None,
     *,
     param_names: Sequence[str] | None = None,
+    origin: object = None,
 ) -> Checkpoint:
     """``ckpt`` with every mount that holds ``schema`` migrated to ``to`` (what cm.upgrade does
     for a checkpoint with mounts); each plan is checked before any mount runs."""
     mine = mounts_of_schema(ckpt, schema)
-    plans = [(m.prefix, mount_plan(ckpt, schema, m.prefix, to)) for m in mine]
+    plans = [(m.prefix, mount_plan(ckpt, schema, m.prefix, to, origin=origin)) for m in mine]
     out = ckpt
     for prefix, plan in plans:
         out = upgrade_mount(out, schema, prefix=prefix, param_names=param_names, plan=plan)
@@ -247,7 +259,9 @@ def _held(ckpt: Checkpoint) -> str:
     return ", ".join(f"{m.schema} at {m.prefix!r}" for m in all_mounts(ckpt)) or "no mounts"
 
 
-def upgrade_every_mount(ckpt: Checkpoint, schemas: Mapping[str, Schema]) -> Checkpoint:
+def upgrade_every_mount(
+    ckpt: Checkpoint, schemas: Mapping[str, Schema], *, origin: object = None
+) -> Checkpoint:
     """``ckpt`` with every mount migrated to its schema's current version (the schemas found
     by name in ``schemas``; a mount of another one is an :class:`UnknownSchemaError`); each
     plan is checked before any mount runs.
@@ -259,7 +273,7 @@ def upgrade_every_mount(ckpt: Checkpoint, schemas: Mapping[str, Schema]) -> Chec
     plans = []
     for m in all_mounts(ckpt):
         schema = get_schema(m.schema, schemas)
-        plans.append((m.prefix, schema, mount_plan(ckpt, schema, m.prefix)))
+        plans.append((m.prefix, schema, mount_plan(ckpt, schema, m.prefix, origin=origin)))
     out = ckpt
     for prefix, schema, plan in plans:
         out = upgrade_mount(out, schema, prefix=prefix, plan=plan)

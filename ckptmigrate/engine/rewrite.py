@@ -227,13 +227,13 @@ def upgrade_plan(
                 raise VersionConflictError(ckpt.mounts[0].version, from_version, path=path)
             return _mounts_plan(ckpt, table, name, to, param_names, path)
         from .guess import apply_from_version
-        from .upgrade import check_belongs
+        from .upgrade import plan_upgrade
 
         found = pick_schema(ckpt, table, name, path=path)
         restamps = ckpt.version is None and from_version is not None
         ckpt = apply_from_version(ckpt, found, from_version, what=what, path=path)
-        version = check_belongs(ckpt, found, path=path)
-        plan = found.plan(version, to)
+        plan = plan_upgrade(ckpt, found, to, path=path)
+        version = ckpt.version
         result = Rewrite(
             schema=found.name,
             source_version=str(version),
@@ -269,7 +269,7 @@ def _mounts_plan(
     found = {m.schema: get_schema(m.schema, schemas) for m in chosen}
     parts, results = [], []
     for m in chosen:
-        plan = mount_plan(ckpt, found[m.schema], m.prefix, to)
+        plan = mount_plan(ckpt, found[m.schema], m.prefix, to, origin=path)
         parts.append((m.prefix, found[m.schema], plan))
         results.append(
             Rewrite(

@@ -83,7 +83,7 @@ def upgrade_stubs(
 
     >>> new = upgrade_stubs(read_metadata("model.pth"), schema)
     """
-    if not metadata_only(schema.plan(check_belongs(ckpt, schema), to)):
+    if not metadata_only(schema.plan(check_belongs(ckpt, schema), to, history=ckpt.history)):
         return None
     # key-only ops run by the ordinary upgrade touch no tensor and import no torch
     return upgrade(ckpt, schema, to)

@@ -16,6 +16,7 @@ from typing import Any
 from packaging.version import Version
 
 from ..errors import (
+    HistoryEditedWarning,
     InPlaceWriteError,
     MigrationError,
     NothingMatched,
@@ -25,6 +26,7 @@ from ..errors import (
     UnversionedCheckpointError,
 )
 from ..schema.graph import OpsStep, PlannedStep
+from ..schema.history import edited_steps
 from ..schema.schema import Schema
 from ..values.checkpoint import Checkpoint
 from ..values.stamp import history_entry
@@ -42,12 +44,44 @@ def check_belongs(ckpt: Checkpoint, schema: Schema, *, path: object = None) -> V
     return ckpt.version
 
 
+def plan_upgrade(
+    ckpt: Checkpoint,
+    schema: Schema,
+    to: str | Version | None = None,
+    *,
+    origin: object = None,
+    path: object = None,
+) -> list[PlannedStep]:
+    """The checked plan that takes ``ckpt`` (no mounts) to ``to`` (default: current), its
+    history's recorded inverses included (:meth:`Schema.plan`); warns
+    (:class:`~ckptmigrate.HistoryEditedWarning`) when a step its history says ran has been
+    edited since. ``origin`` names the file in the warning, ``path`` in errors."""
+    version = check_belongs(ckpt, schema, path=path)
+    plan = schema.plan(version, to, history=ckpt.history)
+    warn_if_edited(ckpt.history, schema, origin=origin if origin is not None else path)
+    return plan
+
+
+def warn_if_edited(
+    history: Sequence[Any], schema: Schema, *, origin: object = None, prefix: str = ""
+) -> None:
+    """Warn when steps ``history`` says were applied have changed since (their recorded
+    digest differs from today's step's); entries without a digest are not judged."""
+    edits = edited_steps(schema.graph, history)
+    if edits:
+        steps = [e.record() for e in edits]
+        warnings.warn(
+            HistoryEditedWarning(schema.name, steps, path=origin, prefix=prefix), stacklevel=3
+        )
+
+
 def upgrade(
     ckpt: Checkpoint,
     schema: Schema,
     to: str | Version | None = None,
     *,
     param_names: Sequence[str] | None = None,
+    origin: object = None,
 ) -> Checkpoint:
     """Return ``ckpt`` migrated to ``to`` (default: ``schema.current``); the input is untouched.
 
@@ -61,13 +95,18 @@ def upgrade(
     >>> old = cm.upgrade(new, schema, to="1.0.0")  # back, through inverse ops
 
     A checkpoint with mounts has each mount that holds ``schema`` upgraded on its own keys.
+
+    A checkpoint newer than ``schema`` knows goes down to an older ``to`` through the inverses
+    its history records (a file upgraded by newer code, written back by older code). A step
+    its history says ran that has been edited since is a
+    :class:`~ckptmigrate.HistoryEditedWarning` (``origin``: the file, to name it there).
     """
     if ckpt.mounts:
         from .mounts import upgrade_mounts_of
 
-        return upgrade_mounts_of(ckpt, schema, to, param_names=param_names)
-    version = check_belongs(ckpt, schema)
-    return run_plan(ckpt, schema.plan(version, to), schema, param_names=param_names)
+        return upgrade_mounts_of(ckpt, schema, to, param_names=param_names, origin=origin)
+    plan = plan_upgrade(ckpt, schema, to, origin=origin)
+    return run_plan(ckpt, plan, schema, param_names=param_names)
 
 
 def run_plan(

@@ -322,8 +322,8 @@ def _upgrade_to_b(
         raise UnversionedCheckpointError(path=label_a, schema=found.name)
     ckpt_a = apply_from_version(ckpt_a, found, from_version, what="--from-version", path=label_a)
     target = ckpt_b.version if ckpt_b.version is not None else found.current
-    plan = found.plan(ckpt_a.version, target)  # type: ignore[arg-type]
-    upgraded = upgrade_checkpoint(ckpt_a, found, to=target, param_names=param_names)
+    plan = found.plan(ckpt_a.version, target, history=ckpt_a.history)  # type: ignore[arg-type]
+    upgraded = upgrade_checkpoint(ckpt_a, found, to=target, param_names=param_names, origin=label_a)
     record = _upgrade_record(found.name, ckpt_a.version, target, plan)
     return upgraded, {**record, "mounts": []}
 
@@ -351,7 +351,9 @@ def _upgrade_mounts_to_b(
         if other is not None and other.schema != found.name:
             raise SchemaMismatchError(found.name, other.schema, path=label_b)
         target = other.version if other is not None else found.current
-        plans.append((m, found, target, mount_plan(ckpt_a, found, m.prefix, target)))
+        plans.append(
+            (m, found, target, mount_plan(ckpt_a, found, m.prefix, target, origin=label_a))
+        )
     upgraded = ckpt_a
     mounts = []
     for m, found, target, plan in plans:

@@ -116,7 +116,7 @@ def load_fixture(
     stored = api.load(fixture.path, schema=schema, upgrade=False, safe_globals=allowed)
     if stored.mounts or fixture.prefix:
         _check_mount_version(fixture, stored)
-        return run_upgrade(stored, schema, to=to) if upgrade else stored
+        return run_upgrade(stored, schema, to=to, origin=fixture.path) if upgrade else stored
     if stored.version is None:
         stored = api.load(
             fixture.path,
@@ -135,7 +135,7 @@ def load_fixture(
         stored = replace(stored, hparams=dict(hparams))
     if not upgrade:
         return stored
-    return run_upgrade(stored, schema, to=to)
+    return run_upgrade(stored, schema, to=to, origin=fixture.path)
 
 
 def _check_mount_version(fixture: Fixture, stored: Checkpoint) -> None:
@@ -179,10 +179,11 @@ def check_fixture(
         stored = load_fixture(fixture, schema, upgrade=False, safe_globals=safe_globals)
         stage = "upgrading"
         if stored.mounts:  # every mount, each with its schema; the model loads its own
-            upgraded = model_view(upgrade_every_mount(stored, schemas), schema.name, fixture.prefix)
+            every = upgrade_every_mount(stored, schemas, origin=fixture.path)
+            upgraded = model_view(every, schema.name, fixture.prefix)
             stored = model_view(stored, schema.name, fixture.prefix)
         else:
-            upgraded = run_upgrade(stored, schema)
+            upgraded = run_upgrade(stored, schema, origin=fixture.path)
         steps = len(upgraded.history) - len(stored.history)
         stage = "building the model from the migrated hparams"
         model = schema.build(upgraded.hparams)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ..base.readable import key_text
@@ -30,6 +30,7 @@ from ..values.tensorinfo import DTYPE_SIZES
 from .diff import plain
 
 __all__ = [
+    "edited_history",
     "history_record",
     "info_record",
     "key_rows",
@@ -70,17 +71,18 @@ def key_rows(tensors: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def schema_status_record(
-    name: str | None, version: Any, schemas: SchemasSource = None
+    name: str | None, version: Any, schemas: SchemasSource = None, history: Sequence[Any] = ()
 ) -> dict[str, Any] | None:
     """Whether a stamp (or mount) is behind its registered schema (finding schemas imports
-    migrations: a failure to is recorded as ``{"registered": None, "error": ...}``)."""
+    migrations: a failure to is recorded as ``{"registered": None, "error": ...}``), and which
+    steps its ``history`` says ran that have been edited since (``edited``)."""
     if name is None or version is None:
         return None
     try:
         found = _schemas(schemas)
     except CkptMigrateError as exc:
         return {"registered": None, "error": str(exc)}
-    status = schema_status(name, version, found)
+    status = schema_status(name, version, found, history)
     if not status.registered:
         return {"registered": False, "error": str(status.error)}
     record: dict[str, Any] = {
@@ -88,6 +90,7 @@ def schema_status_record(
         "current": str(status.current),
         "behind": status.behind,
         "plan": None if status.plan is None else [p.record() for p in status.plan],
+        "edited": [e.record() for e in status.edited],
     }
     if status.error is not None:
         record["error"] = str(status.error)
@@ -129,7 +132,9 @@ def info_record(
         "optimizer": ckpt.optimizer is not None,
         "extra": sorted(key_text(k) for k in ckpt.extra),
         "status": (
-            schema_status_record(ckpt.schema, ckpt.version, schemas) if not ckpt.mounts else None
+            schema_status_record(ckpt.schema, ckpt.version, schemas, ckpt.history)
+            if not ckpt.mounts
+            else None
         ),
         "mounts": (
             [
@@ -139,7 +144,7 @@ def info_record(
                     "version": str(m.version),
                     "history": plain(m.history),
                     "tensors": sum(1 for k in tensors if k.startswith(m.prefix)),
-                    "status": schema_status_record(m.schema, m.version, schemas),
+                    "status": schema_status_record(m.schema, m.version, schemas, m.history),
                 }
                 for m in all_mounts(ckpt)
             ]
@@ -150,6 +155,19 @@ def info_record(
     if keys:
         record["keys"] = key_rows(tensors)
     return record
+
+
+def edited_history(record: dict[str, Any]) -> list[str]:
+    """One warning a stamp (or mount) of ``record`` whose history holds edited steps."""
+    from ..errors import HistoryEditedWarning
+
+    parts = [("", record["schema"], record["status"])]
+    parts += [(m["prefix"], m["schema"], m["status"]) for m in record["mounts"]]
+    return [
+        str(HistoryEditedWarning(schema, status["edited"], path=record["path"], prefix=prefix))
+        for prefix, schema, status in parts
+        if status is not None and status.get("edited")
+    ]
 
 
 def unloaded_migrations(record: dict[str, Any]) -> list[str]:

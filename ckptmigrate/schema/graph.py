@@ -18,8 +18,11 @@ from ..errors import (
     FutureVersionError,
     MigrationGraphError,
     NoMigrationPathError,
+    OpDataError,
     TargetPastCurrentError,
 )
+from .ops.data import op_data
+from .provenance import function_digest, ops_digest
 
 if TYPE_CHECKING:
     from .ops import Op
@@ -42,6 +45,15 @@ class FunctionStep:
             raise MigrationGraphError(f"step {self.fn!r} has no inverse to downgrade with")
         return fn
 
+    def digest(self, downgrade: bool) -> dict[str, str]:
+        """The digest of the code that runs (:mod:`.provenance`): the function and its
+        optimizer-state hook, or the inverse for a downgrade."""
+        if downgrade:
+            return function_digest(self.inverse)
+        if self.optimizer_state is None:
+            return function_digest(self.fn)
+        return function_digest(self.fn, self.optimizer_state)
+
 
 @dataclass(frozen=True)
 class OpsStep:
@@ -49,15 +61,24 @@ class OpsStep:
     and what it acts on (:attr:`ckptmigrate.ops.Op.acts_on`)."""
 
     ops: tuple[Op, ...]
+    #: the ops that undo the step, in the order they run, when they came as data (a step
+    #: rebuilt from a file's history); else each op's inverse, in reverse order
+    undo: tuple[Op, ...] | None = None
 
     def run(self, downgrade: bool) -> list[Op]:
         """The ops in the order they run: as given, or each one's inverse in reverse order."""
         if not downgrade:
             return list(self.ops)
+        if self.undo is not None:
+            return list(self.undo)
         inverses = [op.inverse() for op in reversed(self.ops)]
         if any(op is None for op in inverses):
             raise MigrationGraphError(f"step {self.ops!r} holds an op with no inverse")
         return inverses  # type: ignore[return-value]
+
+    def digest(self, downgrade: bool) -> dict[str, str]:
+        """The digest of the ops that run (:mod:`.provenance`)."""
+        return ops_digest(self.run(downgrade))
 
 
 @dataclass(frozen=True)
@@ -107,6 +128,20 @@ class PlannedStep:
             "breaking": self.step.breaking,
             "downgrade": self.downgrade,
         }
+
+    def provenance(self) -> dict[str, Any]:
+        """What a history entry records of the code this step runs: ``digest``, and for a
+        reversible step of ops run forward, ``inverse``: the ops that undo it, as data
+        (:func:`~ckptmigrate.schema.ops.data.op_data`), so that code which does not know the
+        step can still downgrade the file. A function step records no inverse."""
+        action = self.step.action
+        out: dict[str, Any] = {"digest": action.digest(self.downgrade)}
+        if isinstance(action, OpsStep) and self.step.reversible and not self.downgrade:
+            try:
+                out["inverse"] = [op_data(op) for op in action.run(True)]
+            except (OpDataError, MigrationGraphError):
+                pass  # an op that is not data (a tensor default, a function): no inverse
+        return out
 
 
 class MigrationGraph:

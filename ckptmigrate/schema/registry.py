@@ -46,6 +46,7 @@ from ..errors import (
     UnversionedCheckpointError,
 )
 from ..formats.layout import Layout, declare_layout
+from .history import EditedStep, edited_steps
 from .project import (
     PYPROJECT,
     ProjectConfig,
@@ -278,6 +279,7 @@ class SchemaStatus:
 
     ``current`` is None when no such schema is registered; ``plan`` is None when it is not
     registered or the steps to current cannot be planned, and ``error`` then says why.
+    ``edited`` lists the steps the history says ran that have changed since.
     """
 
     schema: str
@@ -285,6 +287,7 @@ class SchemaStatus:
     current: Version | None = None
     plan: list[PlannedStep] | None = None
     error: CkptMigrateError | None = None
+    edited: tuple[EditedStep, ...] = ()
 
     @property
     def registered(self) -> bool:
@@ -296,9 +299,12 @@ class SchemaStatus:
         return None if self.current is None else self.version < self.current
 
 
-def schema_status(name: str, version: str | Version, schemas: Schemas) -> SchemaStatus:
+def schema_status(
+    name: str, version: str | Version, schemas: Schemas, history: Sequence[Any] = ()
+) -> SchemaStatus:
     """Whether ``name`` at ``version`` is behind its schema in ``schemas``, and the steps to
-    current: the one answer ``info`` and ``scan`` give.
+    current: the one answer ``info`` and ``scan`` give. ``history`` (the stamp's) tells which
+    applied steps were edited since.
 
     >>> schema_status("tinylm", "1.0.0", schemas).behind
     True
@@ -310,8 +316,9 @@ def schema_status(name: str, version: str | Version, schemas: Schemas) -> Schema
         schema = get_schema(name, schemas)
     except UnknownSchemaError as exc:
         return SchemaStatus(name, version, error=exc)
+    edited = tuple(edited_steps(schema.graph, history))
     try:
-        plan = schema.plan(version)
+        plan = schema.plan(version, history=history)
     except CkptMigrateError as exc:
-        return SchemaStatus(name, version, schema.current, error=exc)
-    return SchemaStatus(name, version, schema.current, plan)
+        return SchemaStatus(name, version, schema.current, error=exc, edited=edited)
+    return SchemaStatus(name, version, schema.current, plan, edited=edited)

@@ -8,10 +8,11 @@ from typing import Any, TypeVar
 from packaging.version import Version
 
 from ..base.version import parse_version
-from ..errors import MigrationGraphError, UsageError
+from ..errors import FutureVersionError, MigrationGraphError, UsageError
 from ..io.signature import signature_of
 from ..values.checkpoint import Checkpoint
 from .graph import FunctionStep, MigrationGraph, OpsStep, PlannedStep, Step
+from .history import recorded_downgrade, recorded_floor
 from .ops import Op
 from .weights import Weights
 
@@ -217,9 +218,33 @@ class Schema:
         self.weights[name] = weights
         return weights
 
-    def plan(self, start: str | Version, target: str | Version | None = None) -> list[PlannedStep]:
-        """The steps from ``start`` to ``target`` (default: current), validated before running."""
-        return self.graph.plan(start, target)
+    def plan(
+        self,
+        start: str | Version,
+        target: str | Version | None = None,
+        *,
+        history: Sequence[Any] | None = None,
+    ) -> list[PlannedStep]:
+        """The steps from ``start`` to ``target`` (default: current), validated before running.
+
+        ``history`` (the file's) lets a file newer than this schema knows go down to ``target``
+        through the inverses its history records (newest first) until a version this schema
+        knows, then through this schema's own steps: code that knows only the older versions
+        can still write a newer file back. Without ``target`` such a file is a
+        :class:`~ckptmigrate.FutureVersionError` that says how far the history reaches.
+
+        >>> old_schema.plan(ckpt.version, "1.1.0", history=ckpt.history)   # ckpt at 2.0.0
+        """
+        begin = parse_version(start)
+        if history is None or begin <= self.current:
+            return self.graph.plan(begin, target)
+        goal = None if target is None else parse_version(target, what="target version")
+        if goal is None or goal > self.current:
+            floor = recorded_floor(self.graph, begin, history)
+            raise FutureVersionError(self.name, begin, self.current, recorded_to=floor)
+        head = recorded_downgrade(self.graph, begin, goal, history)
+        reached = head[-1].target if head else begin
+        return head + self.graph.plan(reached, goal)
 
     def build(self, hparams: dict[str, Any]) -> Any:
         """Build today's model from (migrated) hparams with the schema's ``build`` factory."""

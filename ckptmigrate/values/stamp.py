@@ -85,8 +85,15 @@ class Stamp:
 
 
 def history_entry(planned: Any) -> dict[str, Any]:
-    """The history entry of a step that just ran: its record, when, and by which ckptmigrate."""
-    return {**planned.record(), "applied_at": utc_now(), "by": f"ckptmigrate {library_version()}"}
+    """The history entry of a step that just ran: its record, the digest of its code (and, for
+    a reversible step of ops, its inverse as data: ``planned.provenance()``), when, and by
+    which ckptmigrate."""
+    return {
+        **planned.record(),
+        **planned.provenance(),
+        "applied_at": utc_now(),
+        "by": f"ckptmigrate {library_version()}",
+    }
 
 
 def stamp_of(ckpt: Checkpoint) -> dict[str, Any] | None:

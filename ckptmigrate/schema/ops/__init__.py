@@ -10,6 +10,7 @@ importable from here, as it was when the ops were one module.
 
 from __future__ import annotations
 
+from . import data as data  # ops as JSON data and back (recorded inverses)
 from . import layouts  # the module, for its __all__
 
 # the names with ``as`` are importable from here as when the ops were one module, not in __all__

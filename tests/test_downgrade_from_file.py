@@ -1,0 +1,330 @@
+"""Downgrades that travel with the file: a step of ops records its inverse as data in the
+history, so older code, which knows only the older versions, writes a newer file back.
+
+The story: ``net`` 1.1.0 is the old code (it knows 1.0.0 -> 1.1.0 only). The new code adds
+1.1.0 -> 2.0.0 (a regex rename and a fused-qkv split) and upgrades a file. The old code, given
+that file, goes back to 1.1.0 through the inverses the file's history records, and its model
+loads the result strictly and computes what it computed before.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from packaging.version import Version
+from torch import nn
+
+import ckptmigrate as cm
+from ckptmigrate.schema.ops.data import MAX_DEPTH, op_from_data
+from tests.processes import one_error_line, run
+
+#: split, merge and rename move values and compute none, so values come back exactly
+EXACT = {"rtol": 0.0, "atol": 0.0}
+
+OLD_MIGRATIONS = """
+import ckptmigrate as cm
+
+schema = cm.Schema("net", current="1.1.0")
+schema.add_migration("1.0.0", "1.1.0", [cm.ops.RenamePrefix("blocks.", "layers.")])
+"""
+
+NEW_STEP = """
+schema.add_migration(
+    "1.1.0",
+    "2.0.0",
+    [
+        cm.ops.RenameKeys(
+            r"layers\\.(\\d+)\\.fc\\.(.*)",
+            r"layers.\\1.up.\\2",
+            reverse=(r"layers\\.(\\d+)\\.up\\.(.*)", r"layers.\\1.fc.\\2"),
+        ),
+        cm.ops.Split(
+            "layers.{n}.qkv.{kind}",
+            ["layers.{n}.q.{kind}", "layers.{n}.k.{kind}", "layers.{n}.v.{kind}"],
+        ),
+    ],
+)
+"""
+
+NEW_MIGRATIONS = OLD_MIGRATIONS.replace('current="1.1.0"', 'current="2.0.0"') + NEW_STEP
+
+FUNCTION_STEP = """
+
+def _undo_scale(ckpt):
+    ckpt.hparams.pop("scale")
+
+
+@schema.migration("2.0.0", "3.0.0", inverse=_undo_scale)
+def add_scale(ckpt):
+    ckpt.hparams["scale"] = 1.0
+"""
+
+NEWEST_MIGRATIONS = NEW_MIGRATIONS.replace('current="2.0.0"', 'current="3.0.0"') + FUNCTION_STEP
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.fc(q * k + v)
+
+
+class OldNet(nn.Module):
+    """The model of net 1.1.0, the old code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([Block(), Block()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def schema_from(tmp_path: Path, name: str, source: str) -> tuple[cm.Schema, Path]:
+    """The schema ``net`` of a migrations file written as ``name/net_migrations.py``."""
+    from ckptmigrate.schema.registry import find_schemas
+
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "net_migrations.py").write_text(source)
+    return find_schemas([str(folder)])["net"], folder
+
+
+@pytest.fixture
+def old(tmp_path):
+    return schema_from(tmp_path, "old", OLD_MIGRATIONS)
+
+
+@pytest.fixture
+def new(tmp_path):
+    return schema_from(tmp_path, "new", NEW_MIGRATIONS)
+
+
+def original_1_0(tmp_path: Path, suffix: str = ".pth") -> tuple[Path, OldNet]:
+    """A net 1.0.0 file (``blocks.N``) holding a seeded OldNet's weights, and that model."""
+    torch.manual_seed(0)
+    model = OldNet().eval()
+    sd = {k.replace("layers.", "blocks.", 1): v for k, v in model.state_dict().items()}
+    path = tmp_path / f"net-1.0.0{suffix}"
+    cm.save(path, sd, schema="net", version="1.0.0", hparams={"width": 4})
+    return path, model
+
+
+def upgraded_by_new_code(tmp_path: Path, new_schema: cm.Schema, suffix: str = ".pth") -> Path:
+    source, _ = original_1_0(tmp_path, suffix)
+    path = tmp_path / f"net-2.0.0{suffix}"
+    cm.save(path, cm.load(source, schema=new_schema))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_old_code_writes_a_file_of_new_code_back_through_the_inverses_it_records(
+    tmp_path, old, new, suffix
+):
+    source, model = original_1_0(tmp_path, suffix)
+    newer = tmp_path / f"net-2.0.0{suffix}"
+    cm.save(newer, cm.load(source, schema=new[0]))
+    assert "layers.0.q.weight" in cm.load(newer, upgrade=False).state_dict
+
+    back = cm.load(newer, schema=old[0], to="1.1.0")
+
+    # the same values the old code's own upgrade of the original gives, key for key
+    own = cm.load(source, schema=old[0])
+    assert back.version == own.version == Version("1.1.0")
+    assert list(back.state_dict) == list(own.state_dict)
+    for key, value in own.state_dict.items():
+        torch.testing.assert_close(back.state_dict[key], value, **EXACT)
+    assert back.hparams == {"width": 4}
+    assert [(h["from"], h["to"], h["downgrade"]) for h in back.history[-1:]] == [
+        ("2.0.0", "1.1.0", True)
+    ]
+
+    fresh = OldNet().eval()
+    cm.load_into(fresh, newer, schema=old[0], to="1.1.0", strict=True)
+    x = torch.linspace(-1, 1, 8).reshape(2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_the_cli_of_old_code_downgrades_the_file_and_old_code_then_loads_it_as_current(
+    tmp_path, old, new
+):
+    newer = upgraded_by_new_code(tmp_path, new[0])
+    out = tmp_path / "net-1.1.0.pth"
+    proc = run(tmp_path, "upgrade", str(newer), "-o", str(out), "--to", "1.1.0",
+               "--migrations", str(old[1]))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "2.0.0 -> 1.1.0" in proc.stdout
+    written = cm.load(out, schema=old[0], upgrade=False)
+    assert str(written.version) == "1.1.0" and "layers.0.qkv.weight" in written.state_dict
+    model = OldNet()
+    cm.load_into(model, out, schema=old[0], strict=True)  # current for the old code: no steps
+    # and the new code takes the written-back file up again, to the same values
+    again = cm.load(out, schema=new[0])
+    for key, value in cm.load(newer, upgrade=False).state_dict.items():
+        torch.testing.assert_close(again.state_dict[key], value, **EXACT)
+
+
+def test_old_code_continues_below_the_recorded_inverses_with_its_own_reversible_steps(
+    tmp_path, old, new
+):
+    newer = upgraded_by_new_code(tmp_path, new[0])
+    back = cm.load(newer, schema=old[0], to="1.0.0")
+    stored = cm.load(tmp_path / "net-1.0.0.pth", upgrade=False)
+    assert str(back.version) == "1.0.0" and list(back.state_dict) == list(stored.state_dict)
+    for key, value in stored.state_dict.items():
+        torch.testing.assert_close(back.state_dict[key], value, **EXACT)
+
+
+def test_a_newer_file_without_a_target_is_a_future_version_error_that_names_the_way_back(
+    tmp_path, old, new
+):
+    newer = upgraded_by_new_code(tmp_path, new[0])
+    with pytest.raises(cm.FutureVersionError) as caught:
+        cm.load(newer, schema=old[0])
+    assert caught.value.recorded_to == Version("1.1.0")
+    assert "to='1.1.0'" in str(caught.value)
+    proc = run(tmp_path, "upgrade", str(newer), "-o", str(tmp_path / "x.pth"),
+               "--migrations", str(old[1]))  # fmt: skip
+    assert "--to 1.1.0" in one_error_line(proc)
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_a_function_step_in_the_way_refuses_clearly_and_nothing_is_written(tmp_path, old):
+    newest, folder = schema_from(tmp_path, "newest", NEWEST_MIGRATIONS)
+    source, _ = original_1_0(tmp_path)
+    path = tmp_path / "net-3.0.0.pth"
+    cm.save(path, cm.load(source, schema=newest))
+    before = path.read_bytes()
+    with pytest.raises(cm.NoRecordedInverseError) as caught:
+        cm.load(path, schema=old[0], to="1.1.0")
+    assert caught.value.step == "add_scale" and caught.value.function
+    assert "step add_scale is a function; it stored no inverse" in str(caught.value)
+    out = tmp_path / "out.pth"
+    proc = run(tmp_path, "upgrade", str(path), "-o", str(out), "--to", "1.1.0",
+               "--migrations", str(old[1]))  # fmt: skip
+    assert "is a function; it stored no inverse" in one_error_line(proc)
+    assert not out.exists() and path.read_bytes() == before
+    # the code that knows the step still downgrades with its inverse function
+    assert str(cm.load(path, schema=newest, to="1.1.0").version) == "1.1.0"
+
+
+def test_a_step_declared_forward_only_records_no_inverse_and_refuses(tmp_path, old):
+    source = NEW_MIGRATIONS.replace("    ],\n)\n", "    ],\n    reversible=False,\n)\n")
+    forward_only, _ = schema_from(tmp_path, "forward", source)
+    src, _ = original_1_0(tmp_path)
+    upgraded = cm.load(src, schema=forward_only)
+    assert "inverse" not in upgraded.history[-1] and "inverse" in upgraded.history[0]
+    path = tmp_path / "net-2.0.0.pth"
+    cm.save(path, upgraded)
+    with pytest.raises(cm.NoRecordedInverseError, match="stored no inverse") as caught:
+        cm.load(path, schema=old[0], to="1.1.0")
+    assert not caught.value.function
+
+
+def test_a_file_written_before_inverses_were_recorded_refuses_as_before(tmp_path, old, new):
+    newer = upgraded_by_new_code(tmp_path, new[0])
+    ckpt = cm.load(newer, upgrade=False)
+    ckpt.history = [
+        {k: v for k, v in h.items() if k not in ("digest", "inverse")} for h in ckpt.history
+    ]
+    cm.save(newer, ckpt)
+    with pytest.raises(cm.NoRecordedInverseError, match="before ckptmigrate recorded inverses"):
+        cm.load(newer, schema=old[0], to="1.1.0")
+
+
+def test_a_mount_goes_back_through_the_inverses_its_own_history_records(tmp_path, old, new):
+    torch.manual_seed(0)
+    inner = OldNet().state_dict()
+    sd = {f"net.{k.replace('layers.', 'blocks.', 1)}": v for k, v in inner.items()}
+    sd["head.weight"] = torch.ones(2, 2)
+    path = tmp_path / "lit.pth"
+    cm.save(path, sd, schema="net", version="1.0.0", prefix="net.")
+    cm.save(path, cm.load(path, schema=new[0]))
+    back = cm.load(path, schema=old[0], to="1.1.0")
+    assert [str(m.version) for m in back.mounts] == ["1.1.0"]
+    for key, value in inner.items():
+        torch.testing.assert_close(back.state_dict[f"net.{key}"], value, **EXACT)
+    assert torch.equal(back.state_dict["head.weight"], torch.ones(2, 2))
+
+
+# -- hostile history: a clear error, nothing imported, evaluated or run -------------------------
+
+
+def with_inverse(path: Path, inverse) -> None:
+    """Rewrite the file's last history entry to record ``inverse``."""
+    ckpt = cm.load(path, upgrade=False)
+    ckpt.history[-1]["inverse"] = inverse
+    cm.save(path, ckpt)
+
+
+def deep(levels: int):
+    value: list = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+HOSTILE = {
+    "unknown class": [{"op": "EvilOp", "args": {}}],
+    "os.system": [{"op": "os.system", "args": {"command": "touch {sentinel}"}}],
+    "builtins eval": [{"op": "builtins.eval", "args": {"source": "open('{sentinel}', 'w')"}}],
+    "Call with a name": [{"op": "Call", "args": {"fn": "os.system"}}],
+    "dunder field": [{"op": "RenamePrefix", "args": {"old": "a.", "new": "b.", "__class__": 1}}],
+    "wrong field type": [{"op": "RenameKeys", "args": {"pattern": 5, "repl": "x"}}],
+    "string for a list": [{"op": "Merge", "args": {"sources": "abc", "target": "t"}}],
+    "bool for an int": [
+        {"op": "Merge", "args": {"sources": ["a", "b"], "target": "t", "dim": True}}
+    ],
+    "missing field": [{"op": "RenamePrefix", "args": {"old": "a."}}],
+    "not a list": "__import__('os').system('touch {sentinel}')",
+    "entry not a dict": ["RenamePrefix"],
+    "unknown marker": [{"op": "SetHparam", "args": {"name": "x", "value": {"$marker": "os"}}}],
+    "huge nesting": [{"op": "SetHparam", "args": {"name": "x", "value": deep(MAX_DEPTH + 20)}}],
+    "too many ops": [{"op": "RenamePrefix", "args": {"old": "a.", "new": "b."}}] * 5000,
+}
+
+
+def fill(value, sentinel: str):
+    return json.loads(json.dumps(value).replace("{sentinel}", sentinel))
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_recorded_inverse_is_a_clear_error_and_nothing_runs(tmp_path, old, new, case):
+    newer = upgraded_by_new_code(tmp_path, new[0])
+    sentinel = tmp_path / "pwned"
+    with_inverse(newer, fill(HOSTILE[case], str(sentinel)))
+    before = newer.read_bytes()
+    with pytest.raises(cm.RecordedInverseError) as caught:
+        cm.load(newer, schema=old[0], to="1.1.0")
+    assert isinstance(caught.value, cm.CheckpointFormatError)
+    assert "1.1.0 -> 2.0.0" in str(caught.value) and "Nothing was run" in str(caught.value)
+    out = tmp_path / "out.pth"
+    proc = run(tmp_path, "upgrade", str(newer), "-o", str(out), "--to", "1.1.0",
+               "--migrations", str(old[1]))  # fmt: skip
+    assert "cannot be used" in one_error_line(proc)
+    assert not out.exists() and not sentinel.exists() and newer.read_bytes() == before
+    # the file itself still reads, and the code that knows the step still downgrades it
+    assert str(cm.load(newer, schema=new[0], to="1.1.0").version) == "1.1.0"
+
+
+def test_data_nested_a_hundred_thousand_deep_is_refused_without_recursion():
+    with pytest.raises(cm.OpDataError, match="nests deeper"):
+        op_from_data({"op": "SetHparam", "args": {"name": "x", "value": deep(100_000)}})
+
+
+def test_only_declarative_op_classes_this_process_imported_are_known():
+    from ckptmigrate.schema.ops.data import known_ops
+
+    known = known_ops()
+    assert "RenameKeys" in known and "Split" in known and "Call" not in known
+    assert all(not name.startswith(("os", "builtins", "subprocess")) for name in known)
