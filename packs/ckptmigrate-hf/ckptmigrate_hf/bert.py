@@ -1,0 +1,60 @@
+"""``hf-bert``: BertModel (and the Bert* task models) weights, transformers 4.30 -> 4.31 -> 5.x.
+
+Up to 4.30, ``BertEmbeddings.position_ids`` was a persistent buffer, so every file held
+``embeddings.position_ids`` (``arange(max_position_embeddings)[None]``); 4.31 made it
+non-persistent (a strict load of an old file reports it unexpected). Older files still, ported
+from TensorFlow BERT, name the LayerNorm parameters ``gamma``/``beta``; transformers' loaders
+rename them on load (4.x in ``_fix_state_dict_key_on_load``, 5.x in its ``legacy`` conversion),
+so the 4.30.0 step does too. 5.x saves and strictly loads exactly what 4.31 through 4.57
+write, so 4.31.0 -> 5.0.0 changes nothing. Downgrading to 4.30.0 writes the buffer back (what
+4.30's ``save_pretrained`` wrote) and keeps ``weight``/``bias``, which every version reads.
+
+>>> ckptmigrate upgrade bert-4.30/ -o bert-5/ --schema hf-bert --from-version 4.30.0
+"""
+
+from __future__ import annotations
+
+import re
+
+import ckptmigrate as cm
+
+PERSISTED = "4.30.0"  # position_ids in the file (and perhaps gamma/beta names)
+NON_PERSISTENT = "4.31.0"  # what 4.31 .. 4.57 write
+V5 = "5.0.0"
+
+POSITION_IDS = re.compile(r"(.*\.)?embeddings\.position_ids")
+POSITION_EMBEDDINGS = re.compile(r"((?:.*\.)?embeddings\.)position_embeddings\.weight")
+TF_NAMES = re.compile(r"(.*\.LayerNorm)\.(gamma|beta)")
+TORCH_NAMES = {"gamma": "weight", "beta": "bias"}
+
+schema = cm.Schema("hf-bert", current=V5)
+
+
+def persist_position_ids(ckpt: cm.Checkpoint) -> None:
+    """Write ``embeddings.position_ids`` back, one per embeddings module, as 4.30 saved it."""
+    import torch
+
+    for key, value in list(ckpt.state_dict.items()):
+        m = POSITION_EMBEDDINGS.fullmatch(key)
+        if m is not None:
+            positions = torch.arange(value.shape[0], dtype=torch.int64)[None]
+            ckpt.state_dict[m[1] + "position_ids"] = positions
+
+
+@schema.migration(PERSISTED, NON_PERSISTENT, inverse=persist_position_ids)
+def drop_persisted_position_ids(ckpt: cm.Checkpoint) -> None:
+    """Drop the ``position_ids`` buffer 4.31 stopped saving; LayerNorm ``gamma``/``beta`` become
+    ``weight``/``bias``, as transformers' loaders rename them."""
+    renamed = {}
+    for key, value in ckpt.state_dict.items():
+        if POSITION_IDS.fullmatch(key):
+            continue
+        m = TF_NAMES.fullmatch(key)
+        new = f"{m[1]}.{TORCH_NAMES[m[2]]}" if m else key
+        if new in renamed or (m and new in ckpt.state_dict):
+            raise ValueError(f"{key!r} and {new!r} are both in the file: which one is the weight?")
+        renamed[new] = value
+    ckpt.state_dict = renamed
+
+
+schema.add_migration(NON_PERSISTENT, V5, [], name="none: 5.x reads the 4.31 layout as it is")
