@@ -218,12 +218,21 @@ def test_mixtral_from_4_57_upgrades_to_the_stacked_experts_that_5_x_loads_strict
     torch.testing.assert_close(logits, golden(saved, "mixtral"), rtol=0, atol=ATOL)
 
 
-def test_mixtral_upgrade_gives_the_tensors_transformers_5s_own_converter_gives(saved, migrated):
-    converted = transformers.MixtralForCausalLM.from_pretrained(saved / "mixtral").state_dict()
-    ours = load_file(migrated["up"]["mixtral"] / "model.safetensors")
+def test_mixtral_both_ways_give_the_tensors_transformers_5s_own_converter_gives(
+    saved, migrated, tmp_path
+):
+    model = transformers.MixtralForCausalLM.from_pretrained(saved / "mixtral")
+    converted, ours = model.state_dict(), load_file(migrated["up"]["mixtral"] / "model.safetensors")
     assert sorted(converted) == sorted(ours)
     for key, value in converted.items():
         torch.testing.assert_close(ours[key], value, rtol=0, atol=ATOL)
+    # 5.x saves in the 4.x layout by default (save_original_format): the same as our downgrade
+    model.save_pretrained(tmp_path / "saved-by-5")
+    reverted = load_file(tmp_path / "saved-by-5" / "model.safetensors")
+    down = load_file(migrated["down"]["mixtral"] / "model.safetensors")
+    assert sorted(reverted) == sorted(down)
+    for key, value in reverted.items():
+        torch.testing.assert_close(down[key], value, rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("name", ["bert", "bert-4.30", "bert-tf"])
