@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -142,14 +143,14 @@ def keys_in(folder: Path) -> dict[str, tuple[int, ...]]:
 SOURCES = {
     "mixtral": ("mixtral", "hf-mixtral", "4.36.0"),
     "bert": ("bert", "hf-bert", "4.31.0"),  # what 4.57.1 writes
-    "bert-4.30": ("bert-4.30", "hf-bert", "4.30.0"),  # the position_ids buffer persisted
-    "bert-tf": ("bert-tf", "hf-bert", "4.30.0"),  # LayerNorm gamma/beta
+    "bert-4.30": ("bert-4.30", "hf-bert", "3.1.0"),  # the position_ids buffer persisted
+    "bert-tf": ("bert-tf", "hf-bert", "3.1.0"),  # LayerNorm gamma/beta
 }
 #: the downgrades: name -> (upgraded folder, --to)
 DOWNGRADES = {
     "mixtral": ("mixtral", "4.36.0"),
     "bert": ("bert-4.30", "4.31.0"),  # from the oldest file, to what 4.57.1 writes
-    "bert-4.30": ("bert-4.30", "4.30.0"),
+    "bert-4.30": ("bert-4.30", "3.1.0"),
 }
 
 
@@ -160,11 +161,14 @@ def migrated(pack: Path, saved: Path, tmp_path_factory) -> dict[str, dict[str, P
     # names without a dot: "-o bert-4.30-5" would have a suffix, so name a weights file
     up = {name: root / f"{name.replace('.', '_')}-5" for name in SOURCES}
     down = {name: root / f"{name.replace('.', '_')}-down" for name in DOWNGRADES}
-    for name, (folder, schema, version) in SOURCES.items():
-        ckptmigrate(pack, root, "upgrade", str(saved / folder), "-o", str(up[name]),
-                    "--schema", schema, "--from-version", version)  # fmt: skip
-    for name, (source, version) in DOWNGRADES.items():
-        ckptmigrate(pack, root, "upgrade", str(up[source]), "-o", str(down[name]), "--to", version)
+    upgrades = [("upgrade", str(saved / folder), "-o", str(up[name]), "--schema", schema,
+                 "--from-version", version) for name, (folder, schema, version) in SOURCES.items()]  # fmt: skip
+    downgrades = [("upgrade", str(up[source]), "-o", str(down[name]), "--to", version)
+                  for name, (source, version) in DOWNGRADES.items()]  # fmt: skip
+    # each batch side by side: the processes are independent, and mostly import torch
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for batch in (upgrades, downgrades):
+            list(pool.map(lambda args: ckptmigrate(pack, root, *args), batch))
     return {"up": up, "down": down}
 
 
@@ -261,7 +265,9 @@ def test_downgrades_give_the_old_files_keys_and_load_in_4_57_with_the_old_output
     torch.testing.assert_close(results[name], golden(saved, name), rtol=0, atol=ATOL)
 
 
-def test_bert_downgrade_to_4_30_writes_the_position_ids_buffer_as_4_30_saved_it(saved, migrated):
+def test_bert_downgrade_to_3_1_writes_the_position_ids_buffer_as_3_1_to_4_30_saved_it(
+    saved, migrated
+):
     down = load_file(migrated["down"]["bert-4.30"] / "model.safetensors")
     old = load_file(saved / "bert-4.30" / "model.safetensors")
     assert down["embeddings.position_ids"].dtype == old["embeddings.position_ids"].dtype

@@ -1,15 +1,17 @@
-"""``hf-bert``: BertModel (and the Bert* task models) weights, transformers 4.30 -> 4.31 -> 5.x.
+"""``hf-bert``: BertModel (and the Bert* task models) weights, transformers 3.1 -> 4.31 -> 5.x.
 
-Up to 4.30, ``BertEmbeddings.position_ids`` was a persistent buffer, so every file held
-``embeddings.position_ids`` (``arange(max_position_embeddings)[None]``); 4.31 made it
-non-persistent (a strict load of an old file reports it unexpected). Older files still, ported
-from TensorFlow BERT, name the LayerNorm parameters ``gamma``/``beta``; transformers' loaders
-rename them on load (4.x in ``_fix_state_dict_key_on_load``, 5.x in its ``legacy`` conversion),
-so the 4.30.0 step does too. 5.x saves and strictly loads exactly what 4.31 through 4.57
-write, so 4.31.0 -> 5.0.0 changes nothing. Downgrading to 4.30.0 writes the buffer back (what
-4.30's ``save_pretrained`` wrote) and keeps ``weight``/``bias``, which every version reads.
+From 3.1 through 4.30, ``BertEmbeddings.position_ids`` was a persistent buffer (added in 3.1:
+huggingface/transformers#6882), so every file held ``embeddings.position_ids``
+(``arange(max_position_embeddings)[None]``); 4.31 made it non-persistent (#24505), and a strict
+load of an older file reports it unexpected. Older files still, ported from TensorFlow BERT,
+name the LayerNorm parameters ``gamma``/``beta``; transformers' loaders rename them on load
+(4.x in ``_fix_state_dict_key_on_load``, 5.x in its ``legacy`` conversion), so the 3.1.0 step
+does too (a file from before 3.1 has neither and is already in the 4.31.0 layout). 5.x saves
+and strictly loads exactly what 4.31 through 4.57 write, so 4.31.0 -> 5.0.0 changes nothing.
+Downgrading to 3.1.0 writes the buffer back (what 3.1 to 4.30's ``save_pretrained`` wrote)
+and keeps ``weight``/``bias``, which every version reads.
 
->>> ckptmigrate upgrade bert-4.30/ -o bert-5/ --schema hf-bert --from-version 4.30.0
+>>> ckptmigrate upgrade bert-4.30/ -o bert-5/ --schema hf-bert --from-version 3.1.0
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import re
 
 import ckptmigrate as cm
 
-PERSISTED = "4.30.0"  # position_ids in the file (and perhaps gamma/beta names)
+PERSISTED = "3.1.0"  # position_ids in the file, 3.1 <= transformers < 4.31
 NON_PERSISTENT = "4.31.0"  # what 4.31 .. 4.57 write
 V5 = "5.0.0"
 
@@ -31,7 +33,7 @@ schema = cm.Schema("hf-bert", current=V5)
 
 
 def persist_position_ids(ckpt: cm.Checkpoint) -> None:
-    """Write ``embeddings.position_ids`` back, one per embeddings module, as 4.30 saved it."""
+    """Write ``embeddings.position_ids`` back, one per embeddings module, as 3.1 to 4.30 saved it."""
     import torch
 
     for key, value in list(ckpt.state_dict.items()):
