@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf4_models import MIXTRAL, SIZES, outputs
-from processes import run
+from processes import one_error_line, run
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -118,10 +118,15 @@ def run_hf4(hf4: Path, *args: str) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-def ckptmigrate(pack: Path, cwd: Path, *args: str) -> str:
+def ckptmigrate_run(pack: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """The ckptmigrate CLI in ``cwd`` (no pyproject: the pack's entry points are all it has)."""
     path = os.pathsep.join(p for p in (str(pack), os.environ.get("PYTHONPATH", "")) if p)
-    done = run(cwd, *args, PYTHONPATH=path)
+    return run(cwd, *args, PYTHONPATH=path)
+
+
+def ckptmigrate(pack: Path, cwd: Path, *args: str) -> str:
+    """:func:`ckptmigrate_run`, which must succeed; its stdout."""
+    done = ckptmigrate_run(pack, cwd, *args)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -208,6 +213,23 @@ def test_the_cli_finds_both_schemas_by_the_installed_entry_points_alone(pack, tm
     steps = ckptmigrate(pack, tmp_path, "history", "hf-mixtral")
     assert "4.36.0 -> 5.0.0" in steps and "reversible" in steps, steps
     assert "entry point" in steps, steps  # where it came from
+
+
+def test_a_bert_file_with_both_gamma_and_weight_is_refused_in_one_line_and_nothing_written(
+    pack, tmp_path
+):
+    from safetensors.torch import save_file
+
+    both = {
+        "embeddings.LayerNorm.gamma": torch.ones(4),
+        "embeddings.LayerNorm.weight": torch.ones(4),
+    }
+    save_file(both, str(tmp_path / "both.safetensors"))
+    done = ckptmigrate_run(pack, tmp_path, "upgrade", "both.safetensors", "-o", "up.safetensors",
+                           "--schema", "hf-bert", "--from-version", "3.1.0")  # fmt: skip
+    line = one_error_line(done)
+    assert "drop_persisted_position_ids" in line and "which one is the weight" in line, line
+    assert not (tmp_path / "up.safetensors").exists()
 
 
 def test_mixtral_from_4_57_upgrades_to_the_stacked_experts_that_5_x_loads_strictly(saved, migrated):

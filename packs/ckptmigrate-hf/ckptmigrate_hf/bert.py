@@ -33,7 +33,7 @@ schema = cm.Schema("hf-bert", current=V5)
 
 
 def persist_position_ids(ckpt: cm.Checkpoint) -> None:
-    """Write ``embeddings.position_ids`` back, one per embeddings module, as 3.1 to 4.30 saved it."""
+    """Write ``embeddings.position_ids`` back, one an embeddings module, as 3.1 to 4.30 did."""
     import torch
 
     for key, value in list(ckpt.state_dict.items()):
