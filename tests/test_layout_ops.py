@@ -418,3 +418,32 @@ def test_padding_keeps_old_rows_moments_and_gives_new_rows_zero_state(tmp_path):
     torch.testing.assert_close(
         state_by_name(back.optimizer)["embed.weight"]["exp_avg"], before["exp_avg"], **TOL
     )
+
+
+@pytest.mark.parametrize("experts", [2, 4, 8])
+def test_stack_without_a_count_stacks_every_expert_the_file_holds_and_unstacks_them_back(experts):
+    sd = {f"l.{layer}.experts.{i}.w": torch.randn(3, 2, generator=gen(10 * layer + i))
+          for layer in range(2) for i in range(experts)}  # fmt: skip
+    any_count = cm.ops.Stack("l.{l}.experts.{i}.w", "l.{l}.experts.w", count=None)
+    ckpt = cm.Checkpoint(dict(sd))
+    any_count.apply(ckpt)
+    assert {k: tuple(v.shape) for k, v in ckpt.state_dict.items()} == {
+        "l.0.experts.w": (experts, 3, 2),
+        "l.1.experts.w": (experts, 3, 2),
+    }
+    any_count.inverse().apply(ckpt)
+    assert list(ckpt.state_dict) == list(sd)
+    for key, value in sd.items():
+        torch.testing.assert_close(ckpt.state_dict[key], value, rtol=0, atol=0)
+
+
+def test_stack_without_a_count_still_refuses_a_gap():
+    ckpt = cm.Checkpoint({f"experts.{i}.weight": torch.zeros(2) for i in (0, 1, 3)})
+    with pytest.raises(OpError, match=r"stacking 4 tensors .*\['experts\.2\.weight'\] are missing"):
+        cm.ops.Stack("experts.{i}.weight", "experts.weight", count=None).apply(ckpt)
+
+
+def test_unstack_without_a_count_refuses_to_trace_optimizer_state_by_keys_alone():
+    undo = cm.ops.Unstack("experts.weight", "experts.{i}.weight", count=None)
+    with pytest.raises(OpError, match="give count= so that optimizer state can follow"):
+        undo.trace(["experts.weight"])

@@ -52,12 +52,13 @@ __all__ = [
 @dataclass
 class _Stacking(Op):
     """What :class:`Stack` and :class:`Unstack` are given: the per-index key (``{index}``), the
-    stacked key, how many indices and the dim they stack along."""
+    stacked key, how many indices (None: as many as the file holds) and the dim they stack
+    along."""
 
     acts_on = frozenset({KEYS, TENSORS})
     source: str
     target: str
-    count: int
+    count: int | None
     dim: int = 0
     index: str = "i"
     missing_ok: bool = field(default=False, kw_only=True)
@@ -67,6 +68,10 @@ class _Stacking(Op):
         "laid out otherwise than the per-expert modules' lora_A and lora_B"
     )
 
+    def how_many(self) -> str:
+        """``count`` as :meth:`describe` says it."""
+        return "all" if self.count is None else str(self.count)
+
 
 @dataclass
 class Stack(_Stacking):
@@ -75,6 +80,8 @@ class Stack(_Stacking):
     ``Stack("layers.{l}.experts.{i}.w1.weight", "layers.{l}.experts.w1.weight", count=8)``; the
     ``{i}`` field (``index=``) matches an index only; every other field must appear in both. A
     gap, a missing expert or one beyond ``count`` is an :class:`OpError` naming the keys.
+    ``count=None`` stacks as many as each target has (one pack for models of any expert count,
+    as transformers' ``MergeModulelist``); they must still run 0 .. n - 1 without a gap.
     """
 
     def groups(self, keys: Sequence[str]) -> dict[str, dict[int, str]]:
@@ -114,8 +121,8 @@ class Stack(_Stacking):
             refuse_new_layout(self, self.target, ckpt)
             self.found_nothing(list(ckpt.state_dict), **template_where(self.source))
         for target, members in groups.items():
-            self.check_complete(target, members)
-            keys = [members[i] for i in range(self.count)]
+            count = self.check_complete(target, members)
+            keys = [members[i] for i in range(count)]
             shapes = {tuple(ckpt.state_dict[k].shape) for k in keys}
             if len(shapes) > 1:
                 found = {k: tuple(ckpt.state_dict[k].shape) for k in keys}
@@ -125,14 +132,16 @@ class Stack(_Stacking):
             stacked = torch.stack([ckpt.state_dict[k] for k in keys], dim=self.dim)
             ckpt.state_dict = replace_keys_at(ckpt.state_dict, keys, {target: stacked})
 
-    def check_complete(self, target: str, members: dict[int, str]) -> None:
-        missing = [i for i in range(self.count) if i not in members]
-        beyond = sorted(i for i in members if i >= self.count)
+    def check_complete(self, target: str, members: dict[int, str]) -> int:
+        """How many tensors stack into ``target``: ``count``, each index once, or refuse."""
+        count = self.count if self.count is not None else max(members) + 1
+        missing = [i for i in range(count) if i not in members]
+        beyond = sorted(i for i in members if i >= count)
         if missing or beyond:
             sample = members[min(members)]
             named = [self.key_for(sample, i) for i in missing]
             raise OpError(
-                f"{self.describe()}: stacking {self.count} tensors into {target!r}, but "
+                f"{self.describe()}: stacking {count} tensors into {target!r}, but "
                 + (f"{named} are missing" if missing else "")
                 + (" and " if missing and beyond else "")
                 + (
@@ -142,6 +151,7 @@ class Stack(_Stacking):
                 )
                 + ": give the right count=, or fix the file's experts"
             )
+        return count
 
     def key_for(self, sample: str, i: int) -> str:
         """The source key of index ``i`` in the group of ``sample``."""
@@ -155,21 +165,34 @@ class Stack(_Stacking):
         )
 
     def describe(self) -> str:
-        return f"stack {self.source!r} -> {self.target!r} ({self.count} along dim {self.dim})"
+        return f"stack {self.source!r} -> {self.target!r} ({self.how_many()} along dim {self.dim})"
 
 
 @dataclass
 class Unstack(_Stacking):
     """Unbind ``source`` (size ``count`` along ``dim``) into ``target`` for ``{i}`` = 0 ..
     ``count`` - 1, the inverse of :class:`Stack`: ``Unstack("experts.w1.weight",
-    "experts.{i}.w1.weight", count=8)``."""
+    "experts.{i}.w1.weight", count=8)``. ``count=None`` unbinds as many as each tensor holds;
+    the keys alone then cannot say which keys come out, so optimizer state cannot follow it
+    (give ``count=`` for that)."""
 
-    def parts(self, keys: Sequence[str]) -> dict[str, list[str]]:
-        """Each source key -> its target keys, index order."""
-        return {
-            key: [fill_template(self.target, {**g, self.index: str(i)}) for i in range(self.count)]
-            for key, g in template_matches(self.source, keys)
-        }
+    def parts(
+        self, keys: Sequence[str], sizes: dict[str, int] | None = None
+    ) -> dict[str, list[str]]:
+        """Each source key -> its target keys, index order (``sizes``: each source's count,
+        when ``count`` is None)."""
+        out = {}
+        for key, g in template_matches(self.source, keys):
+            count = self.count
+            if count is None:
+                if sizes is None:
+                    raise OpError(
+                        f"{self.describe()}: with count=None the keys alone do not say how many "
+                        f"tensors {key!r} holds: give count= so that optimizer state can follow"
+                    )
+                count = sizes.get(key, 0)
+            out[key] = [fill_template(self.target, {**g, self.index: str(i)}) for i in range(count)]
+        return out
 
     def trace(self, keys: Sequence[str]) -> dict[str, list[str]]:
         parts = self.parts(keys)
@@ -179,16 +202,22 @@ class Unstack(_Stacking):
         return out
 
     def apply(self, ckpt: Checkpoint) -> None:
-        parts = self.parts(list(ckpt.state_dict))
+        sd = ckpt.state_dict
+        sizes = {  # a non-tensor or one without that dim: refused below, naming its shape
+            k: sd[k].shape[self.dim]
+            for k, _ in template_matches(self.source, list(sd))
+            if hasattr(sd[k], "dim") and sd[k].dim() > self.dim
+        }
+        parts = self.parts(list(sd), sizes)
         if not parts:
             refuse_new_layout(self, self.target.replace("{" + self.index + "}", "0"), ckpt)
             self.found_nothing(list(ckpt.state_dict), **template_where(self.source))
         for key, targets in parts.items():
             tensor = ckpt.state_dict[key]
-            if tensor.dim() <= self.dim or tensor.shape[self.dim] != self.count:
+            if not targets or tensor.dim() <= self.dim or tensor.shape[self.dim] != len(targets):
                 raise OpError(
-                    f"{self.describe()}: {key!r} has shape {tuple(tensor.shape)}, not {self.count} "
-                    f"along dim {self.dim}"
+                    f"{self.describe()}: {key!r} has shape {tuple(tensor.shape)}, not "
+                    f"{len(targets)} along dim {self.dim}"
                 )
             clash = [t for t in targets if t in ckpt.state_dict]
             if clash:
@@ -202,7 +231,9 @@ class Unstack(_Stacking):
         )
 
     def describe(self) -> str:
-        return f"unstack {self.source!r} -> {self.target!r} ({self.count} along dim {self.dim})"
+        return (
+            f"unstack {self.source!r} -> {self.target!r} ({self.how_many()} along dim {self.dim})"
+        )
 
 
 #: the rotary layouts of :class:`PermuteForRope`
