@@ -8,9 +8,13 @@ Every rewrite of a checkpoint (``cm.upgrade_file``, ``cm.upgrade_in_place``,
    is a plan of no steps that gives the file its new stamp.
 3. :meth:`Plan.run` runs the plan once: on the stubs when every step is metadata-only
    (:attr:`~ckptmigrate.ops.Op.metadata_only`) and the output's writer copies stored bytes,
-   else on the tensors mapped from the file (``mmap``).
+   else on the tensors mapped from the file (``mmap``), where each tensor's bytes lie in the
+   file recorded before any step runs (:class:`~.unchanged.InputBytes`).
 4. :func:`write` picks the writer of the output's format: the stubs a run kept are copied as
-   stored (:mod:`.streaming`); tensors a run produced are saved.
+   stored (:mod:`.streaming`); of the tensors a run produced, those that are an input's own,
+   unchanged (the read-only guard refuses a step writing into one), are copied as stored and
+   only the new ones are written (:func:`write_tensors`). Copied records keep their offset
+   modulo a block, so a file system that clones shares them.
 5. One :class:`Rewrite` says what was planned and written.
 
 Locking and backups wrap this in :mod:`.inplace`.
@@ -40,6 +44,7 @@ from ..formats.torch import with_redirects
 from ..schema.registry import get_schema, pick_schema, schema_table
 from ..values.checkpoint import Checkpoint
 from .streaming import Copied, metadata_only
+from .unchanged import InputBytes
 
 if TYPE_CHECKING:
     from packaging.version import Version
@@ -49,11 +54,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FileUpgrade",
+    "Mapped",
     "Plan",
     "Rewrite",
     "Source",
     "open_source",
     "refuse_restamp",
+    "write_tensors",
     "rewrite",
     "stamp_file",
     "stamp_plan",
@@ -82,7 +89,8 @@ class Rewrite:
     dst: Path | None = None  # for a set, its folder
     format: str = ""
     layout: str = ""  # the layout the output was written in
-    streamed: bool = False  # True: tensor bytes copied as stored; False: loaded and saved
+    streamed: bool = False  # True: run on stubs, bytes copied; False: run on the mapped tensors
+    #: bytes copied as stored (on a tensor run: the records it left unchanged)
     bytes_copied: int = 0
     bytes_through_python: int = 0
     removed: list[str] = field(default_factory=list)  # old shards deleted after the swap
@@ -115,6 +123,21 @@ class Source:
         from ..io.files import read_checkpoint
 
         return read_checkpoint(self.path, mmap=True, safe_globals=self.safe_globals)
+
+    def mapped(self) -> Mapped:
+        """The checkpoint with its tensors mapped, and where each one's bytes lie in the file
+        (recorded before any step runs)."""
+        tensors = self.tensors()
+        return Mapped(tensors, InputBytes.of(self, tensors))
+
+
+@dataclass
+class Mapped:
+    """An input's mapped tensors (kept alive while the writer copies their bytes) and where
+    their bytes lie in its files."""
+
+    tensors: Checkpoint
+    inputs: InputBytes
 
 
 def _names(safe_globals: Iterable[Any]) -> list[Any]:
@@ -364,15 +387,18 @@ def rewrite(
     with permissions_from(src):  # a private source gives a private copy
         _check_output(source, target)
         on_stubs = metadata_only(plan.steps) and _copies(source, target, plan)
-        new = plan.run(None if on_stubs else source.tensors(), progress)
+        inputs = None if on_stubs else source.mapped()
+        new = plan.run(None if inputs is None else inputs.tensors, progress)
         if before_write is not None:
             kept = before_write(plan)
             result.backup = None if kept is None else str(kept)
 
-        def redo() -> Checkpoint:  # metadata-only ops, run again on the tensors
-            return plan.run(source.tensors())
+        def redo() -> tuple[Checkpoint, Mapped]:  # metadata-only ops, run again on the tensors
+            mapped = source.mapped()
+            return plan.run(mapped.tensors), mapped
 
-        write(source, new, target, result, on_stubs=on_stubs, redo=redo)
+        write(source, new, target, result, on_stubs=on_stubs, redo=redo, inputs=inputs)
+        del inputs  # the mapped input stays alive until its bytes are copied
     result.written = str(target)
     return result
 
@@ -423,13 +449,17 @@ def write(
     result: Rewrite,
     *,
     on_stubs: bool,
-    redo: Callable[[], Checkpoint],
+    redo: Callable[[], tuple[Checkpoint, Mapped]],
+    inputs: Mapped | None = None,
 ) -> None:
-    """Write ``new`` (the planned result: stubs of ``source`` when ``on_stubs``, else tensors)
-    to ``dst`` in ``source``'s format, filling in ``result``.
+    """Write ``new`` (the planned result: stubs of ``source`` when ``on_stubs``, else tensors
+    run from ``inputs``, the source mapped) to ``dst`` in ``source``'s format, filling in
+    ``result``.
 
     Stubs are written by copying their stored bytes; a copier that cannot reproduce the file
     (:class:`NotReplayableError`, nothing left behind) gets the tensors ``redo()`` returns.
+    Tensors are written by :func:`write_tensors`: those the plan left unchanged copied as
+    stored, the others saved.
     """
     result.src, result.dst, result.format = source.path, dst, source.format
     result.layout = new.layout
@@ -446,15 +476,14 @@ def write(
             try:
                 done = copy_set(source.sset, source.stubs, new, dst)
             except NotReplayableError:
-                new = redo()
+                new, inputs = redo()
         _copied(result, done or write_set(source.sset, new, dst), streamed=done is not None)
         return
 
     def one_file(target: Path) -> None:
-        from ..io.files import write_checkpoint
         from .streaming import copy_safetensors, copy_torch_zip
 
-        planned = new
+        planned, mapped = new, inputs
         if on_stubs:
             try:
                 if source.format == "torch-zip":
@@ -462,11 +491,11 @@ def write(
                 else:
                     done = copy_safetensors(source.path, source.stubs, new, target)
             except NotReplayableError:
-                planned = redo()
+                planned, mapped = redo()
             else:
                 _copied(result, done, streamed=True)
                 return
-        write_checkpoint(target, planned)
+        write_tensors(source, planned, mapped, target, result)
 
     if source.folder is None:
         one_file(dst)
@@ -488,7 +517,7 @@ def _write_dcp(
     new: Checkpoint,
     dst: Path,
     result: Rewrite,
-    redo: Callable[[], Checkpoint] | None,
+    redo: Callable[[], tuple[Checkpoint, Mapped]] | None,
 ) -> None:
     """A DCP folder: a metadata-only result (``redo`` given: how to get the tensors if it
     cannot be replayed) gets a new ``.metadata`` over the linked rank files
@@ -500,13 +529,40 @@ def _write_dcp(
         try:
             done = rewrite_dcp_metadata(source.path, new, dst)
         except NotReplayableError:
-            new = redo()
+            new, _ = redo()
         else:
             result.streamed = True
             result.bytes_copied = done.bytes_linked + done.bytes_copied
             result.bytes_through_python = done.bytes_written
             return
     dcp.write_dcp(dst, new)
+
+
+def write_tensors(
+    source: Source, new: Checkpoint, mapped: Mapped | None, target: Path, result: Rewrite
+) -> None:
+    """Write ``new`` (tensors run from ``mapped``, ``source`` mapped) to the single file
+    ``target``: a torch zip from a torch zip, or a safetensors file from either, copies each
+    tensor the plan left unchanged as stored and writes the others; any other output (a
+    legacy file, a format changed) is saved whole."""
+    from ..formats.registry import output_format
+    from ..io.files import write_checkpoint
+    from .streaming import save_safetensors, save_torch_zip
+
+    kind = output_format(target).name
+    if mapped is not None and len(mapped.inputs):
+        done = None
+        if kind == "safetensors" and new.optimizer is None:
+            done = save_safetensors(mapped.inputs, new, target)
+        elif kind == "torch-zip" and source.graph is not None and new.layout != "safetensors":
+            try:
+                done = save_torch_zip(source.graph, mapped.inputs, new, target)
+            except NotReplayableError:
+                done = None
+        if done is not None:
+            _copied(result, done, streamed=False)  # the plan ran on the tensors
+            return
+    write_checkpoint(target, new)
 
 
 def _copied(result: Rewrite, done: Copied, *, streamed: bool) -> None:
@@ -534,7 +590,7 @@ def upgrade_file(
     the new index, anything else a folder: :func:`~.formats.sharded.output_for`). Nothing
     ckptmigrate did not write is replaced (:class:`~ckptmigrate.errors.OutputOccupiedError`).
     Rename/drop/hparam plans copy tensor bytes as stored (see :mod:`.streaming`); other plans
-    load with ``mmap=True``, upgrade and save. ``from_version`` stamps an unversioned file on
+    run on the tensors mapped (``mmap=True``) and copy the ones they leave unchanged. ``from_version`` stamps an unversioned file on
     the way. Raises before writing anything if the plan is invalid. ``param_names`` names
     position-keyed optimizer state for steps that need its names (see
     :func:`ckptmigrate.upgrade`).

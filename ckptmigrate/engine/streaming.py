@@ -16,6 +16,15 @@ Every file is written atomically and durably (temporary, fsync, rename, fsync of
 the disk starts writing while the copy runs (:class:`~.formats.atomic.Writeback`), so on a
 1.26 GB file the wait for the disk is most of the time left, and the fsync is what it buys.
 
+A plan that is not metadata-only runs on the tensors mapped from the file; its result is
+written by :func:`save_torch_zip` and :func:`save_safetensors`, which copy every tensor the
+plan left as it was (:class:`~.unchanged.InputBytes`) as stored, and write only the new ones
+from memory.
+
+Every copied record lies at the same offset modulo a block as in its source, so on a file
+system that clones (XFS reflink, btrfs) its aligned middle is shared, not copied
+(:mod:`~.formats.byte_copy`).
+
 A writer that cannot reproduce its input (a pickle the byte copier cannot replay, a legacy
 .bin shard) raises :class:`~ckptmigrate.errors.NotReplayableError`, having left nothing
 behind; the pipeline then writes the loaded tensors instead.
@@ -39,6 +48,7 @@ from ..schema.ops import Op
 from ..schema.schema import Schema
 from ..values.checkpoint import Checkpoint
 from ..values.stamp import stamp_of as _stamp_of
+from .unchanged import InputBytes
 from .upgrade import check_belongs, upgrade
 
 __all__ = [
@@ -47,6 +57,8 @@ __all__ = [
     "copy_set",
     "copy_torch_zip",
     "metadata_only",
+    "save_safetensors",
+    "save_torch_zip",
     "upgrade_stubs",
     "write_set",
 ]
@@ -111,6 +123,70 @@ def copy_safetensors(src: Path, old: Checkpoint, new: Checkpoint, dst: Path) -> 
         dst, list(new.state_dict.items()), sources, _safetensors_metadata(new)
     )
     return Copied(copied, through)
+
+
+def save_torch_zip(graph: Any, inputs: InputBytes, new: Checkpoint, dst: Path) -> Copied:
+    """Write ``new`` (tensors, mostly ``graph``'s file's own, mapped) as a torch.save zip: each
+    storage that is an input record unchanged is copied as stored, the rest written."""
+    from ..formats.torch import save_copying
+
+    writer = save_copying(dst, assemble(new, _stamp_of(new)), graph, inputs.storage_record)
+    return Copied(writer.bytes_copied, writer.bytes_through_python)
+
+
+def save_safetensors(inputs: InputBytes, new: Checkpoint, dst: Path) -> Copied:
+    """Write ``new``'s tensors as a safetensors file: each one whose bytes are an input's,
+    unchanged, copied as stored; the others written from memory; tied names stored once."""
+    from ..formats.safetensors_copy import write_safetensors_parts
+
+    metadata = _safetensors_metadata(new)
+    copied, through = write_safetensors_parts(dst, tensor_parts(new.state_dict, inputs), metadata)
+    return Copied(copied, through)
+
+
+def tensor_parts(tensors: dict[str, Any], inputs: InputBytes) -> list[tuple[str, Any]]:
+    """The safetensors parts of ``tensors``: the same tensor (same memory and view) under
+    several keys is one part; a part is copied where its bytes are an input's."""
+    import torch
+
+    from ..formats.safetensors_copy import Part
+    from ..formats.torch import storage_buffer
+
+    parts: dict[tuple, Any] = {}
+    out: list[tuple[str, Any]] = []
+    for key, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointWriteError(
+                f"safetensors holds tensors only, but {key!r} is a {type(value).__name__}: "
+                "save this checkpoint as .pth instead"
+            )
+        value = value.detach()
+        ident = (
+            (
+                value.data_ptr(),
+                value.storage_offset(),
+                tuple(value.shape),
+                value.stride(),
+                value.dtype,
+            )
+            if value.numel()
+            else (id(value),)
+        )
+        if ident not in parts:
+            dtype = str(value.dtype).removeprefix("torch.")
+            nbytes = value.numel() * value.element_size()
+            at = inputs.tensor_bytes(value)
+            if at is not None:
+                parts[ident] = Part(dtype, tuple(value.shape), nbytes, source=at)
+            else:
+                dense = value.contiguous()
+                data = storage_buffer(dense.untyped_storage())
+                start = dense.storage_offset() * dense.element_size()
+                parts[ident] = Part(
+                    dtype, tuple(value.shape), nbytes, data=data[start : start + nbytes], keep=dense
+                )
+        out.append((key, parts[ident]))
+    return out
 
 
 def _header_stamp(new: Checkpoint) -> Checkpoint:

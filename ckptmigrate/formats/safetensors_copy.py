@@ -4,7 +4,10 @@ A rename or drop changes only the header; the data of each kept tensor moves wit
 ``os.copy_file_range`` from wherever it lies (one file, or the shards of a set), so no tensor
 passes through Python, and the disk writes behind the copy (:class:`~.atomic.Writeback`).
 Tied names (one stub under several keys) are stored once and recorded as
-``ckptmigrate.aliases``, as :mod:`.safetensors_file` does.
+``ckptmigrate.aliases``, as :mod:`.safetensors_file` does. :func:`write_safetensors_parts`
+mixes copied tensors with new ones written from memory (a migration's merged or cast tensors).
+The header is padded so that copied bytes keep their offset within a block where they can, and
+a file system that clones shares them.
 
 >>> write_safetensors_copy("new.safetensors", [("w", stub)], {id(stub): (src, 1024)}, {})  # doctest: +SKIP
 """
@@ -14,17 +17,19 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..values.tensorinfo import SAFETENSORS_DTYPES, TensorStub
 from . import atomic
 from .atomic import Writeback, atomic_fd
-from .byte_copy import copy_range
+from .byte_copy import BLOCK, copy_range
 from .detect import open_regular_file
 from .safetensors_file import ALIASES
 
-__all__ = ["data_start", "write_safetensors_copy"]
+__all__ = ["Part", "data_start", "write_safetensors_copy", "write_safetensors_parts"]
 
 _CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 
@@ -34,6 +39,20 @@ def data_start(path: str | os.PathLike[str]) -> int:
     with open_regular_file(path) as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
     return 8 + header_len
+
+
+@dataclass(frozen=True, eq=False)
+class Part:
+    """One tensor of a safetensors file to write: its header entry, and its bytes either at
+    ``source`` (a file and the offset of its first byte: copied as stored) or in ``data``
+    (written from memory). The same part under several keys is stored once (tied names)."""
+
+    dtype: str  # a ckptmigrate dtype name: "float32", "bfloat16"...
+    shape: tuple[int, ...]
+    nbytes: int
+    source: tuple[Path, int] | None = None
+    data: memoryview | None = None
+    keep: Any = None  # what ``data`` points into, kept alive until it is written
 
 
 def write_safetensors_copy(
@@ -47,32 +66,48 @@ def write_safetensors_copy(
     ``sources`` maps ``id(stub)`` to ``(file, absolute offset of its first byte)``. Returns
     ``(bytes copied, bytes that went through Python)``.
     """
+    parts: dict[int, Part] = {}
+    for _, stub in entries:
+        if id(stub) not in parts:
+            info = stub.info
+            parts[id(stub)] = Part(info.dtype, tuple(info.shape), info.nbytes, sources[id(stub)])
+    return write_safetensors_parts(dst, [(key, parts[id(stub)]) for key, stub in entries], metadata)
+
+
+def write_safetensors_parts(
+    dst: str | os.PathLike[str], entries: list[tuple[str, Part]], metadata: dict[str, str]
+) -> tuple[int, int]:
+    """Write ``entries`` to ``dst`` atomically: a header, then each part's bytes, copied from
+    its source or written from memory. The header is padded so that the data start where
+    most copied bytes keep their source's offset modulo :data:`~.byte_copy.BLOCK`, so a file
+    system that clones (XFS reflink, btrfs) shares their blocks. Returns ``(bytes copied,
+    bytes that went through Python)``."""
     header: dict[str, Any] = {}
     aliases: dict[str, str] = {}
     stored: dict[int, str] = {}
-    copies: list[tuple[Path, int, int, int]] = []
+    placed: list[tuple[Part, int]] = []
     position = 0
-    for key, stub in entries:
-        if id(stub) in stored:
-            aliases[key] = stored[id(stub)]
+    for key, part in entries:
+        if id(part) in stored:
+            aliases[key] = stored[id(part)]
             continue
-        stored[id(stub)] = key
-        nbytes = stub.info.nbytes
+        stored[id(part)] = key
         header[key] = {
-            "dtype": _CODES[stub.dtype],
-            "shape": list(stub.shape),
-            "data_offsets": [position, position + nbytes],
+            "dtype": _CODES[part.dtype],
+            "shape": list(part.shape),
+            "data_offsets": [position, position + part.nbytes],
         }
-        src, offset = sources[id(stub)]
-        copies.append((src, offset, position, nbytes))
-        position += nbytes
+        placed.append((part, position))
+        position += part.nbytes
     meta = dict(metadata)
     meta.pop(ALIASES, None)
     if aliases:
         meta[ALIASES] = json.dumps(aliases)
     meta["ckptmigrate.order"] = json.dumps([key for key, _ in entries])
     raw = json.dumps({"__metadata__": meta, **header}, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors pads it
+    # the data section starts 8-byte aligned, as safetensors pads it, and where clones line up
+    residue = _data_residue(placed)
+    raw += b" " * ((-8 - len(raw)) % 8 if residue is None else (residue - 8 - len(raw)) % BLOCK)
     head = struct.pack("<Q", len(raw)) + raw
     copied = through_python = 0
     with atomic_fd(dst) as out:
@@ -80,20 +115,38 @@ def write_safetensors_copy(
         writeback = Writeback(out)
         opened: dict[Path, Any] = {}
         try:
-            for src, offset, position, nbytes in copies:
+            for part, at in placed:
+                if part.source is None:
+                    _pwrite_all(out, part.data if part.data is not None else b"", len(head) + at)
+                    writeback.wrote(len(head) + at + part.nbytes)
+                    through_python += part.nbytes
+                    continue
+                src, offset = part.source
                 if src not in opened:
                     opened[src] = open_regular_file(src)
                 through_python += copy_range(
-                    opened[src].fileno(), offset, out, len(head) + position, nbytes, writeback
+                    opened[src].fileno(), offset, out, len(head) + at, part.nbytes, writeback
                 )
-                copied += nbytes
+                copied += part.nbytes
         finally:
             for f in opened.values():
                 f.close()
     return copied, through_python
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _data_residue(placed: list[tuple[Part, int]]) -> int | None:
+    """Where in a block the data section should start: the residue (a multiple of 8) that
+    puts the most copied bytes at their source's offset modulo a block."""
+    votes: Counter[int] = Counter()
+    for part, at in placed:
+        if part.source is not None:
+            residue = (part.source[1] - at) % BLOCK
+            if residue % 8 == 0:
+                votes[residue] += part.nbytes
+    return votes.most_common(1)[0][0] if votes else None
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         atomic.crash_point("write")  # looked up here: tests record it

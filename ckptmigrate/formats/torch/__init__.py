@@ -12,7 +12,8 @@ One module per concept, each using the others' public names only:
   a persistent id decodes to, and why a pickle's BUILD cannot change it;
 - :mod:`.read_errors`: which errors mean a corrupt file, and the path they name;
 - :mod:`.load` and :mod:`.mapped`: loads through torch, and the mapped CPU load built here;
-- :mod:`.zip_graph` and :mod:`.zip_writer`: a graph rewritten, an archive written as torch does.
+- :mod:`.zip_graph` and :mod:`.zip_writer`: a graph rewritten, an archive written as torch does;
+- :mod:`.save_copy`: tensors saved as torch saves them, the source's unchanged storages copied.
 
 >>> from ckptmigrate.formats.torch import read_torch_metadata
 >>> read_torch_metadata("model.pth")["fc.weight"]  # doctest: +SKIP
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from .mapped import MAPPED_GLOBALS, load_mapped
     from .metadata import read_torch_metadata, scan_pickle_globals
     from .placeholders import OpaqueObject, TorchConstant
+    from .save_copy import save_copying, storage_buffer
     from .unpickler import MAX_PICKLE_BYTES
     from .walk import ScanResult, scan_pickle
     from .zip_graph import ZipGraph, read_zip_graph, write_zip_graph
@@ -64,8 +66,10 @@ __all__ = [
     "read_zip_records",
     "redirect_map",
     "resolve_global",
+    "save_copying",
     "scan_pickle",
     "scan_pickle_globals",
+    "storage_buffer",
     "with_redirects",
     "write_torch",
     "write_zip_copy",
@@ -96,8 +100,10 @@ _LAZY = {
     "read_zip_records": "archive",
     "redirect_map": "allowlist",
     "resolve_global": "load",
+    "save_copying": "save_copy",
     "scan_pickle": "walk",
     "scan_pickle_globals": "metadata",
+    "storage_buffer": "save_copy",
     "with_redirects": "load",
     "write_torch": "load",
     "write_zip_copy": "zip_writer",

@@ -2,7 +2,10 @@
 
 torch reads members that are stored (not compressed) and whose data start on a 64-byte
 boundary, which ``torch.load(mmap=True)`` relies on; like torch's own writer we pad the local
-header with an ``FB`` extra field to get there. A member copied from another archive keeps its
+header with an ``FB`` extra field to get there. A member copied from another archive is laid
+out at the same offset modulo :data:`~..byte_copy.BLOCK` as there (the padding grows to at
+most a block), so that a file system that clones (XFS reflink, btrfs) shares its blocks instead
+of copying them. A member copied from another archive keeps its
 stored bytes and CRC and moves with ``os.copy_file_range``, inside the kernel, so its data never
 passes through Python. :func:`write_zip_copy` writes a whole archive atomically, with the disk
 writing behind the copy (:class:`~.atomic.Writeback`) so the closing fsync waits little.
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 from ...errors import CheckpointFormatError
 from .. import atomic
 from ..atomic import Writeback, atomic_fd
-from ..byte_copy import copy_range
+from ..byte_copy import BLOCK, copy_range
 from ..detect import open_regular_file
 from .archive import ZipRecordInfo
 
@@ -34,6 +37,7 @@ __all__ = ["ALIGNMENT", "TorchZipWriter", "write_zip_copy"]
 #: torch aligns every member's data to this many bytes (``torch.serialization`` storage alignment).
 ALIGNMENT = 64
 _LIMIT = 0xFFFFFFFF
+_CHUNK = 16 << 20  # a new member is checksummed and written this much at a time
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class TorchZipWriter:
         self.bytes_copied = 0
         self.bytes_through_python = 0
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             atomic.crash_point("write")  # looked up here: tests record it
@@ -63,12 +67,19 @@ class TorchZipWriter:
             view = view[n:]
             self._pos += n
 
-    def _local_header(self, name: str, size: int, crc: int) -> bytes:
+    def _local_header(self, name: str, size: int, crc: int, like: int | None = None) -> bytes:
+        """The local header of a member whose data follow it: at a multiple of
+        :data:`ALIGNMENT`, and at ``like`` modulo a block where ``like`` (the member's offset
+        in the archive it is copied from) is itself aligned."""
         raw = name.encode("utf-8")
         zip64 = size >= _LIMIT
         extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
         # the FB field's own 4-byte header counts before its padding
-        pad = -(self._pos + 30 + len(raw) + len(extra) + 4) % ALIGNMENT
+        start = self._pos + 30 + len(raw) + len(extra) + 4
+        if like is not None and like % ALIGNMENT == 0:
+            pad = (like - start) % BLOCK
+        else:
+            pad = -start % ALIGNMENT
         extra += b"FB" + struct.pack("<H", pad) + b"Z" * pad
         stored = _LIMIT if zip64 else size
         self._entries.append(_Entry(raw, self._pos, size, crc))
@@ -93,13 +104,27 @@ class TorchZipWriter:
         self._write(self._local_header(name, len(data), zlib.crc32(data)))
         self._write(data)
 
+    def add_buffer(self, name: str, data: memoryview) -> None:
+        """Add a member from memory (a new tensor's storage) without copying it first: its CRC
+        is computed over the buffer, then it is written in chunks."""
+        data = data.cast("B")
+        crc = 0
+        for at in range(0, len(data), _CHUNK):
+            crc = zlib.crc32(data[at : at + _CHUNK], crc)
+        self._write(self._local_header(name, len(data), crc))
+        for at in range(0, len(data), _CHUNK):
+            self._write(data[at : at + _CHUNK])
+            if self._writeback is not None:
+                self._writeback.wrote(self._pos)
+        self.bytes_through_python += len(data)
+
     def copy_member(self, name: str, src_fd: int, record: ZipRecordInfo) -> None:
         """Copy a stored member of another archive as it is, CRC included, under ``name``."""
         if record.compress_type != 0 or record.compressed_size != record.size:
             raise CheckpointFormatError(
                 f"zip member {record.name!r} is compressed; torch writes stored members only"
             )
-        self._write(self._local_header(name, record.size, record.crc))
+        self._write(self._local_header(name, record.size, record.crc, like=record.data_offset))
         self.bytes_through_python += copy_range(
             src_fd, record.data_offset, self._fd, self._pos, record.size, self._writeback
         )
@@ -165,10 +190,11 @@ class TorchZipWriter:
 def write_zip_copy(
     dst: str | os.PathLike[str],
     src: str | os.PathLike[str],
-    members: Iterable[tuple[str, bytes | ZipRecordInfo]],
+    members: Iterable[tuple[str, bytes | memoryview | ZipRecordInfo]],
 ) -> TorchZipWriter:
-    """Write an archive of ``members`` to ``dst`` atomically, in that order: bytes as given,
-    records copied as stored from the archive ``src``. Returns the closed writer (its
+    """Write an archive of ``members`` to ``dst`` atomically, in that order: bytes (or a
+    buffer: a new tensor's storage) as given, records copied as stored from the archive
+    ``src``. Returns the closed writer (its
     ``bytes_copied`` / ``bytes_through_python`` tell what moved).
 
     >>> write_zip_copy("new.pth", "old.pth", [("archive/data.pkl", pickled),
@@ -179,6 +205,8 @@ def write_zip_copy(
         for name, member in members:
             if isinstance(member, bytes):
                 writer.add_bytes(name, member)
+            elif isinstance(member, memoryview):
+                writer.add_buffer(name, member)
             else:
                 writer.copy_member(name, source.fileno(), member)
         writer.close()

@@ -1,0 +1,236 @@
+"""Every plan copies what it left unchanged: a function step, a Merge, run over the mapped
+tensors, write only their new tensors; copied records keep their offset modulo a block, so a
+file system that clones (XFS reflink) shares them instead of copying (issue 15, items 1, 2, 4)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ckptmigrate as cm
+from ckptmigrate.formats.torch import read_zip_records
+
+BLOCK = 4096
+
+
+def source_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    sd = {f"layers.{i}.attn.weight": torch.randn(64, 33) for i in range(4)}
+    sd["head.bias"] = torch.randn(7)
+    return sd
+
+
+def rename_schema() -> cm.Schema:
+    schema = cm.Schema("net", current="2.0.0")
+
+    @schema.migration("1.0.0", "2.0.0")
+    def rename(ckpt: cm.Checkpoint) -> None:
+        ckpt.state_dict = {
+            k.replace(".attn.", ".self_attn."): v for k, v in ckpt.state_dict.items()
+        }
+
+    return schema
+
+
+def merge_schema() -> cm.Schema:
+    schema = cm.Schema("net", current="2.0.0")
+    schema.add_migration(
+        "1.0.0",
+        "2.0.0",
+        [cm.ops.Merge(["layers.0.attn.weight", "layers.1.attn.weight"], "layers.01.weight")],
+    )
+    return schema
+
+
+def write_source(path: Path, sd: dict[str, torch.Tensor]) -> None:
+    if path.suffix == ".safetensors":
+        save_file(sd, str(path))
+    else:
+        torch.save(sd, path)
+
+
+def read_back(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    assert zipfile.ZipFile(path).testzip() is None  # every CRC valid
+    obj = torch.load(path, weights_only=True, mmap=True)
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}  # a flat state_dict
+
+
+def record_residues(path: Path) -> dict[int, int]:
+    """size -> data offset modulo a block, of each storage record of a torch zip."""
+    return {
+        r.size: r.data_offset % BLOCK for n, r in read_zip_records(path).items() if "/data/" in n
+    }
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_function_step_rename_copies_every_tensor_as_stored(tmp_path, suffix):
+    sd = source_state()
+    src, dst = tmp_path / f"old{suffix}", tmp_path / f"new{suffix}"
+    write_source(src, sd)
+    result = cm.upgrade_file(src, dst, rename_schema(), from_version="1.0.0")
+    assert result.bytes_through_python == 0
+    assert result.bytes_copied >= sum(t.numel() * 4 for t in sd.values())
+    got = read_back(dst)
+    assert sorted(got) == sorted(k.replace(".attn.", ".self_attn.") for k in sd)
+    for key, value in sd.items():
+        torch.testing.assert_close(got[key.replace(".attn.", ".self_attn.")], value, atol=0, rtol=0)
+    assert str(cm.load(dst, schema=rename_schema()).version) == "2.0.0"
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_merge_writes_only_the_merged_tensor(tmp_path, suffix):
+    sd = source_state()
+    src, dst = tmp_path / f"old{suffix}", tmp_path / f"new{suffix}"
+    write_source(src, sd)
+    result = cm.upgrade_file(src, dst, merge_schema(), from_version="1.0.0")
+    merged = torch.cat([sd["layers.0.attn.weight"], sd["layers.1.attn.weight"]])
+    assert result.bytes_through_python == merged.numel() * 4
+    got = read_back(dst)
+    torch.testing.assert_close(got["layers.01.weight"], merged, atol=0, rtol=0)
+    for key in ("layers.2.attn.weight", "layers.3.attn.weight", "head.bias"):
+        torch.testing.assert_close(got[key], sd[key], atol=0, rtol=0)
+    assert "layers.0.attn.weight" not in got
+
+
+def test_copied_records_keep_their_offset_within_a_block(tmp_path):
+    sd = {f"w{i}": torch.randn(3000 + i) for i in range(5)}  # records of odd sizes
+    src, dst = tmp_path / "old.pth", tmp_path / "new.pth"
+    torch.save(sd, src)
+    cm.upgrade_file(src, dst, rename_schema(), from_version="1.0.0")
+    assert record_residues(dst) == record_residues(src)
+    for name, record in read_zip_records(dst).items():
+        assert record.data_offset % 64 == 0, name  # torch's alignment, for mmap loads
+
+
+def test_safetensors_data_keep_their_offset_within_a_block(tmp_path):
+    sd = source_state()
+    src, dst = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
+    save_file(sd, str(src))
+    cm.upgrade_file(src, dst, rename_schema(), from_version="1.0.0")
+
+    def start(path: Path) -> int:
+        return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+    assert start(dst) % BLOCK == start(src) % BLOCK and start(dst) % 8 == 0
+
+
+def test_a_step_writing_into_a_mapped_input_is_refused_and_nothing_written(tmp_path):
+    sd = source_state()
+    src, dst = tmp_path / "old.pth", tmp_path / "new.pth"
+    torch.save(sd, src)
+    before = src.read_bytes()
+    schema = cm.Schema("net", current="2.0.0")
+
+    @schema.migration("1.0.0", "2.0.0")
+    def scale(ckpt: cm.Checkpoint) -> None:
+        ckpt.state_dict["head.bias"].mul_(2)
+
+    with pytest.raises(cm.errors.MigrationError, match="in place"):
+        cm.upgrade_file(src, dst, schema, from_version="1.0.0")
+    assert not dst.exists() and src.read_bytes() == before
+
+
+# ---------------------------------------------------------------- clones on an XFS loop mount
+
+
+@pytest.fixture
+def xfs(tmp_path):
+    """A fresh XFS (reflink=1) loop mount; skipped where the machine cannot make one."""
+    if os.geteuid() != 0 or shutil.which("mkfs.xfs") is None:
+        pytest.skip("needs root and mkfs.xfs for an XFS loop mount")
+    image, mount = tmp_path / "xfs.img", tmp_path / "xfs"
+    mount.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(512 << 20)
+    made = subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], capture_output=True)
+    mounted = made.returncode == 0 and (
+        subprocess.run(
+            ["mount", "-o", "loop", str(image), str(mount)], capture_output=True
+        ).returncode
+        == 0
+    )
+    if not mounted:
+        pytest.skip("the machine refused an XFS loop mount")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def used_bytes(path: Path) -> int:
+    os.sync()
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_rename_on_xfs_shares_the_records_instead_of_copying(xfs, suffix):
+    torch.manual_seed(0)
+    sd = {f"layers.{i}.attn.weight": torch.randn(1000, 1003) for i in range(16)}  # 64 MB
+    src, dst = xfs / f"old{suffix}", xfs / f"new{suffix}"
+    write_source(src, sd)
+    size = src.stat().st_size
+    before = used_bytes(xfs)
+    result = cm.upgrade_file(src, dst, rename_schema(), from_version="1.0.0")
+    grown = used_bytes(xfs) - before
+    assert result.bytes_through_python == 0
+    assert grown < size // 100, f"used space grew by {grown} bytes of a {size}-byte file"
+    got = read_back(dst)
+    for key, value in sd.items():
+        torch.testing.assert_close(got[key.replace(".attn.", ".self_attn.")], value, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- a sharded set, read once
+
+
+def test_an_in_place_rename_of_a_set_reads_headers_not_shards(tmp_path):
+    """The bytes read (``rchar``, which counts copy_file_range too) are the copy's, plus
+    headers and the index: no shard is read whole before the copy starts."""
+    folder = tmp_path / "set"
+    folder.mkdir()
+    torch.manual_seed(0)
+    tensors = {f"blocks.{i}.weight": torch.randn(1000, 1000) for i in range(8)}  # 32 MB
+    script = f"""
+import json, sys
+from pathlib import Path
+from safetensors.torch import save_file
+import torch
+import ckptmigrate as cm
+import ckptmigrate.engine.inplace, ckptmigrate.formats.safetensors_copy, ckptmigrate.formats.set_swap
+folder = Path({str(folder)!r})
+tensors = torch.load({str(tmp_path / 'sd.pt')!r})
+wm = {{}}
+for n, keys in enumerate([list(tensors)[:4], list(tensors)[4:]], 1):
+    name = f"model-0000{{n}}-of-00002.safetensors"
+    save_file({{k: tensors[k] for k in keys}}, str(folder / name))
+    wm.update({{k: name for k in keys}})
+(folder / "model.safetensors.index.json").write_text(json.dumps({{"metadata": {{}}, "weight_map": wm}}))
+schema = cm.Schema("net", current="2.0.0")
+schema.add_migration("1.0.0", "2.0.0", [cm.ops.RenamePrefix("blocks.", "layers.")])
+cm.upgrade_file(folder, folder, schema, from_version="1.0.0")  # warm every lazy import
+cm.upgrade_file(folder, folder, cm.Schema("net", current="2.0.0"))  # nothing to do
+def rchar():
+    return int(dict(l.split(": ") for l in open("/proc/self/io").read().splitlines())["rchar"])
+schema2 = cm.Schema("net", current="3.0.0")
+schema2.add_migration("2.0.0", "3.0.0", [cm.ops.RenamePrefix("layers.", "blocks.")])
+schema2.add_migration("1.0.0", "2.0.0", [cm.ops.RenamePrefix("blocks.", "layers.")])
+start = rchar()
+result = cm.upgrade_in_place(folder, schema2, lock_timeout=5)
+print(rchar() - start - result.bytes_copied, result.bytes_copied)
+"""
+    torch.save(tensors, tmp_path / "sd.pt")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    extra, copied = map(int, done.stdout.split())
+    assert copied >= 32_000_000
+    assert extra < copied // 20, f"read {extra} bytes besides the {copied} copied"
