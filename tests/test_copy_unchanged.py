@@ -5,6 +5,7 @@ file system that clones (XFS reflink) shares them instead of copying (issue 15, 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from set_files import make_set
 
 import ckptmigrate as cm
 from ckptmigrate.formats.torch import read_zip_records
@@ -123,6 +125,38 @@ def test_safetensors_data_keep_their_offset_within_a_block(tmp_path):
         return 8 + int.from_bytes(path.read_bytes()[:8], "little")
 
     assert start(dst) % BLOCK == start(src) % BLOCK and start(dst) % 8 == 0
+
+
+def test_safetensors_copies_keep_their_offset_within_a_block_when_keys_reorder(tmp_path):
+    """safetensors lays data out by dtype, then name; a rename that moves a key in that order
+    still keeps every copied tensor at its source's offset within a block."""
+    sd = {"a.w": torch.randn(1001).half(), "b.w": torch.randn(777), "c.w": torch.randn(513)}
+    src, dst = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
+    save_file(sd, str(src))
+    schema = cm.Schema("net", current="2.0.0")
+
+    @schema.migration("1.0.0", "2.0.0")
+    def rename(ckpt: cm.Checkpoint) -> None:  # "c.w" sorts first now
+        ckpt.state_dict = {("0" + k if k == "c.w" else k): v for k, v in ckpt.state_dict.items()}
+
+    result = cm.upgrade_file(src, dst, schema, from_version="1.0.0")
+    assert result.bytes_through_python == 0
+
+    def residues(path: Path, rename: dict[str, str]) -> dict[str, int]:
+        head = json.loads(
+            path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")]
+        )
+        start = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+        return {
+            rename.get(k, k): (start + v["data_offsets"][0]) % BLOCK
+            for k, v in head.items()
+            if k != "__metadata__"
+        }
+
+    assert residues(dst, {}) == residues(src, {"c.w": "0c.w"})
+    got = load_file(str(dst))
+    for key, value in sd.items():
+        torch.testing.assert_close(got["0c.w" if key == "c.w" else key], value, atol=0, rtol=0)
 
 
 def test_a_step_writing_into_a_mapped_input_is_refused_and_nothing_written(tmp_path):
@@ -237,3 +271,44 @@ print(rchar() - start - result.bytes_copied, result.bytes_copied)
     extra, copied = map(int, done.stdout.split())
     assert copied >= 32_000_000
     assert extra < copied // 20, f"read {extra} bytes besides the {copied} copied"
+
+
+@pytest.mark.parametrize("step", ["function", "merge"])
+def test_a_set_run_on_its_tensors_copies_what_it_left_unchanged(tmp_path, step):
+    """A safetensors set under a step that is not metadata-only: every shard written copies the
+    tensors the step kept and writes only the new one; every shard loads in safetensors."""
+    folder, out = tmp_path / "set", tmp_path / "out"
+    tensors = make_set(folder, "safetensors")
+    if step == "function":
+        schema = cm.Schema("net", current="2.0.0")
+
+        @schema.migration("1.0.0", "2.0.0")
+        def rename(ckpt: cm.Checkpoint) -> None:
+            ckpt.state_dict = {
+                k.replace("blocks.", "layers."): v for k, v in ckpt.state_dict.items()
+            }
+
+        expected = {k.replace("blocks.", "layers."): v for k, v in tensors.items()}
+        written = 0
+    else:
+        schema = cm.Schema("net", current="2.0.0")
+        schema.add_migration(
+            "1.0.0", "2.0.0", [cm.ops.Merge(["embed.weight", "head.weight"], "embed_head.weight")]
+        )
+        expected = {k: v for k, v in tensors.items() if k not in ("embed.weight", "head.weight")}
+        expected["embed_head.weight"] = torch.cat([tensors["embed.weight"], tensors["head.weight"]])
+        written = expected["embed_head.weight"].numel() * 4
+    result = cm.upgrade_file(folder, out, schema, from_version="1.0.0")
+    kept = sum(
+        v.numel() * v.element_size() for k, v in expected.items() if k != "embed_head.weight"
+    )
+    assert result.bytes_through_python == written
+    assert result.bytes_copied == kept
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    got: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        got.update(load_file(str(out / shard)))
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, atol=0, rtol=0)
+    assert str(cm.load(out, schema=schema).version) == "2.0.0"

@@ -477,7 +477,10 @@ def write(
                 done = copy_set(source.sset, source.stubs, new, dst)
             except NotReplayableError:
                 new, inputs = redo()
-        _copied(result, done or write_set(source.sset, new, dst), streamed=done is not None)
+        if done is None:
+            done = write_set(source.sset, new, dst, None if inputs is None else inputs.inputs)
+            on_stubs = False
+        _copied(result, done, streamed=on_stubs)
         return
 
     def one_file(target: Path) -> None:

@@ -320,9 +320,13 @@ def _rewrite_bin_shard(graph: Any, dst: Path, entries: list[tuple[str, Any]]) ->
     return writer.bytes_copied, writer.bytes_through_python
 
 
-def write_set(sset: Any, new: Checkpoint, dst: Path) -> Copied:
-    """Write a set's loaded tensors (``new``), re-sharded by the old largest shard size."""
+def write_set(sset: Any, new: Checkpoint, dst: Path, inputs: InputBytes | None = None) -> Copied:
+    """Write a set's loaded tensors (``new``), re-sharded by the old largest shard size.
+
+    Safetensors shards copy each tensor whose bytes are an input's, unchanged (``inputs``: the
+    set mapped, as the plan ran on it), as stored and write only the others."""
     from ..formats import sharded
+    from ..formats.safetensors_copy import write_safetensors_parts
     from ..formats.safetensors_file import write_safetensors
     from ..formats.set_swap import SetSwap
     from ..formats.torch import write_torch
@@ -348,7 +352,7 @@ def write_set(sset: Any, new: Checkpoint, dst: Path) -> Copied:
         for i, group in enumerate(groups, 1)
     ]
     weight_map: dict[str, str] = {}
-    total = 0
+    total = copied = through = 0
     try:
         swap.start()
         for name, group in zip(names, groups):
@@ -356,7 +360,11 @@ def write_set(sset: Any, new: Checkpoint, dst: Path) -> Copied:
                 meta = _safetensors_metadata(_header_stamp(new))
                 # the set's own header entries (HF's format: pt) on every re-grouped shard
                 meta = {**sset.shared_header, **meta}
-                write_safetensors(folder / name, group, {}, passthrough=meta)
+                if inputs is not None and len(inputs):
+                    done = write_safetensors_parts(folder / name, tensor_parts(group, inputs), meta)
+                    copied, through = copied + done[0], through + done[1]
+                else:
+                    write_safetensors(folder / name, group, {}, passthrough=meta)
             else:
                 write_torch(folder / name, dict(group))
             swap.wrote(name)
@@ -367,4 +375,4 @@ def write_set(sset: Any, new: Checkpoint, dst: Path) -> Copied:
     except BaseException:
         swap.abort()
         raise
-    return Copied(removed=swap.finish())
+    return Copied(copied, through, removed=swap.finish())

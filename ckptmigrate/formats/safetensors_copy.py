@@ -82,23 +82,38 @@ def write_safetensors_parts(
     most copied bytes keep their source's offset modulo :data:`~.byte_copy.BLOCK`, so a file
     system that clones (XFS reflink, btrfs) shares their blocks. Returns ``(bytes copied,
     bytes that went through Python)``."""
-    header: dict[str, Any] = {}
     aliases: dict[str, str] = {}
     stored: dict[int, str] = {}
-    placed: list[tuple[Part, int]] = []
-    position = 0
+    unique: list[tuple[str, Part]] = []
     for key, part in entries:
         if id(part) in stored:
             aliases[key] = stored[id(part)]
             continue
         stored[id(part)] = key
-        header[key] = {
-            "dtype": _CODES[part.dtype],
-            "shape": list(part.shape),
-            "data_offsets": [position, position + part.nbytes],
-        }
+        unique.append((key, part))
+    # the data lie in the order of their sources (so a run copied from one file keeps one
+    # offset within a block throughout: a rename that reorders keys still clones), the new
+    # tensors after them; the header keeps the keys' order
+    order = sorted(
+        range(len(unique)),
+        key=lambda i: (0, str(s[0]), s[1]) if (s := unique[i][1].source) else (1, "", i),
+    )
+    offsets: dict[int, int] = {}
+    placed: list[tuple[Part, int]] = []
+    position = 0
+    for i in order:
+        part = unique[i][1]
+        offsets[i] = position
         placed.append((part, position))
         position += part.nbytes
+    header: dict[str, Any] = {
+        key: {
+            "dtype": _CODES[part.dtype],
+            "shape": list(part.shape),
+            "data_offsets": [offsets[i], offsets[i] + part.nbytes],
+        }
+        for i, (key, part) in enumerate(unique)
+    }
     meta = dict(metadata)
     meta.pop(ALIASES, None)
     if aliases:
