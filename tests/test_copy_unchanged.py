@@ -210,15 +210,24 @@ def used_bytes(path: Path) -> int:
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
+def op_rename_schema() -> cm.Schema:  # metadata-only: run on the stubs, streamed
+    schema = cm.Schema("net", current="2.0.0")
+    schema.add_migration(
+        "1.0.0", "2.0.0", [cm.ops.RenameKeys(r"(.*)\.attn\.(.*)", r"\1.self_attn.\2")]
+    )
+    return schema
+
+
+@pytest.mark.parametrize("schema_of", [rename_schema, op_rename_schema], ids=["function", "op"])
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_a_rename_on_xfs_shares_the_records_instead_of_copying(xfs, suffix):
+def test_a_rename_on_xfs_shares_the_records_instead_of_copying(xfs, suffix, schema_of):
     torch.manual_seed(0)
     sd = {f"layers.{i}.attn.weight": torch.randn(1000, 1003) for i in range(16)}  # 64 MB
     src, dst = xfs / f"old{suffix}", xfs / f"new{suffix}"
     write_source(src, sd)
     size = src.stat().st_size
     before = used_bytes(xfs)
-    result = cm.upgrade_file(src, dst, rename_schema(), from_version="1.0.0")
+    result = cm.upgrade_file(src, dst, schema_of(), from_version="1.0.0")
     grown = used_bytes(xfs) - before
     assert result.bytes_through_python == 0
     assert grown < size // 100, f"used space grew by {grown} bytes of a {size}-byte file"
@@ -230,11 +239,15 @@ def test_a_rename_on_xfs_shares_the_records_instead_of_copying(xfs, suffix):
 # ---------------------------------------------------------------- a sharded set, read once
 
 
-def test_an_in_place_rename_of_a_set_reads_headers_not_shards(tmp_path):
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_an_in_place_rename_of_a_set_reads_headers_not_shards(tmp_path, kind):
     """The bytes read (``rchar``, which counts copy_file_range too) are the copy's, plus
     headers and the index: no shard is read whole before the copy starts."""
     folder = tmp_path / "set"
     folder.mkdir()
+    index = (
+        "model.safetensors.index.json" if kind == "safetensors" else "pytorch_model.bin.index.json"
+    )
     torch.manual_seed(0)
     tensors = {f"blocks.{i}.weight": torch.randn(1000, 1000) for i in range(8)}  # 32 MB
     script = f"""
@@ -248,10 +261,15 @@ folder = Path({str(folder)!r})
 tensors = torch.load({str(tmp_path / 'sd.pt')!r})
 wm = {{}}
 for n, keys in enumerate([list(tensors)[:4], list(tensors)[4:]], 1):
-    name = f"model-0000{{n}}-of-00002.safetensors"
-    save_file({{k: tensors[k] for k in keys}}, str(folder / name))
+    part = {{k: tensors[k] for k in keys}}
+    if {kind!r} == "safetensors":
+        name = f"model-0000{{n}}-of-00002.safetensors"
+        save_file(part, str(folder / name))
+    else:
+        name = f"pytorch_model-0000{{n}}-of-00002.bin"
+        torch.save(part, folder / name)
     wm.update({{k: name for k in keys}})
-(folder / "model.safetensors.index.json").write_text(json.dumps({{"metadata": {{}}, "weight_map": wm}}))
+(folder / {index!r}).write_text(json.dumps({{"metadata": {{}}, "weight_map": wm}}))
 schema = cm.Schema("net", current="2.0.0")
 schema.add_migration("1.0.0", "2.0.0", [cm.ops.RenamePrefix("blocks.", "layers.")])
 cm.upgrade_file(folder, folder, schema, from_version="1.0.0")  # warm every lazy import
@@ -261,16 +279,24 @@ def rchar():
 schema2 = cm.Schema("net", current="3.0.0")
 schema2.add_migration("2.0.0", "3.0.0", [cm.ops.RenamePrefix("layers.", "blocks.")])
 schema2.add_migration("1.0.0", "2.0.0", [cm.ops.RenamePrefix("blocks.", "layers.")])
+import ckptmigrate.formats.torch.zip_writer as zw
+first = []
+for module in (ckptmigrate.formats.safetensors_copy, zw):
+    def copying(*args, _copy=module.copy_range, **kwargs):
+        first.append(first[0] if first else rchar())  # bytes read when the first copy starts
+        return _copy(*args, **kwargs)
+    module.copy_range = copying
 start = rchar()
 result = cm.upgrade_in_place(folder, schema2, lock_timeout=5)
-print(rchar() - start - result.bytes_copied, result.bytes_copied)
+print(rchar() - start - result.bytes_copied, result.bytes_copied, first[0] - start)
 """
     torch.save(tensors, tmp_path / "sd.pt")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    extra, copied = map(int, done.stdout.split())
+    extra, copied, before_copy = map(int, done.stdout.split())
     assert copied >= 32_000_000
     assert extra < copied // 20, f"read {extra} bytes besides the {copied} copied"
+    assert before_copy < copied // 100, f"read {before_copy} bytes before the first copy"
 
 
 @pytest.mark.parametrize("step", ["function", "merge"])
