@@ -175,6 +175,30 @@ def test_a_step_writing_into_a_mapped_input_is_refused_and_nothing_written(tmp_p
     assert not dst.exists() and src.read_bytes() == before
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/pagemap"), reason="Linux's pagemap")
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_write_past_the_guard_into_mapped_memory_is_refused_not_lost(tmp_path, suffix):
+    """A step that writes through a storage (the guard sees no tensor op) changes the mapped
+    memory, not the file: the copier would drop that write, so it refuses to write at all."""
+    sd = source_state()
+    src, dst = tmp_path / f"old{suffix}", tmp_path / f"new{suffix}"
+    write_source(src, sd)
+    before = src.read_bytes()
+    schema = cm.Schema("net", current="2.0.0")
+
+    @schema.migration("1.0.0", "2.0.0")
+    def poke(ckpt: cm.Checkpoint) -> None:
+        ckpt.state_dict["head.bias"].untyped_storage()[0] = 7
+        ckpt.state_dict = {
+            k.replace(".attn.", ".self_attn."): v for k, v in ckpt.state_dict.items()
+        }
+
+    with pytest.raises(cm.errors.InPlaceWriteError, match="in place"):
+        cm.upgrade_file(src, dst, schema, from_version="1.0.0")
+    assert not dst.exists() and src.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]  # no temporary left
+
+
 # ---------------------------------------------------------------- clones on an XFS loop mount
 
 

@@ -9,6 +9,13 @@ records, right after the load and before any step runs, where each input tensor'
 in its file, and answers for an output tensor or storage: where its bytes lie, or None (a new
 tensor: written from memory).
 
+The guard is not the only proof. The loaders map the file private (``MAP_PRIVATE``), so a
+page written by any path (a tensor's ``untyped_storage()`` assigned, ctypes) turns anonymous
+(copy on write). On Linux ``/proc/self/pagemap`` tells, for each run right after the load
+and again when the writer asks, whether its pages are still the file's: a run whose memory is
+a copy (anonymous pages) is written from memory, and a page written after the load is an
+:class:`~ckptmigrate.errors.InPlaceWriteError`, nothing written.
+
 >>> inputs = InputBytes.of(source, loaded)  # doctest: +SKIP
 >>> inputs.storage_record(merged.untyped_storage()) is None  # doctest: +SKIP
 True
@@ -17,10 +24,12 @@ True
 from __future__ import annotations
 
 import bisect
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import InPlaceWriteError
 from ..values.checkpoint import Checkpoint
 from ..values.tensorinfo import TensorStub
 
@@ -43,11 +52,15 @@ class InputBytes:
     def __init__(self) -> None:
         self._starts: list[int] = []
         self._runs: list[Stored] = []
+        self._pages = MappedPages.open()
 
     def add(self, address: int, stored: Stored) -> None:
-        """The memory at ``address`` holds ``stored``'s bytes (kept alive by the caller)."""
+        """The memory at ``address`` holds ``stored``'s bytes (kept alive by the caller), if it
+        is the file's private mapping, no page written yet (where the system can tell)."""
         if address == 0 or stored.nbytes == 0:
             return
+        if self._pages is not None and self._pages.written(address, stored.nbytes):
+            return  # a copy in memory, or changed by the load: written from memory
         at = bisect.bisect_left(self._starts, address)
         if at < len(self._starts) and self._starts[at] == address:
             if self._runs[at].nbytes >= stored.nbytes:
@@ -61,7 +74,15 @@ class InputBytes:
         if at < 0:
             return None
         start, run = self._starts[at], self._runs[at]
-        return (start, run) if address + nbytes <= start + run.nbytes else None
+        if address + nbytes > start + run.nbytes:
+            return None
+        if self._pages is not None and self._pages.written(address, nbytes):
+            raise InPlaceWriteError(
+                f"a step wrote into the memory of an input tensor (bytes at offset "
+                f"{run.offset + address - start} of {run.path}) in place, past the read-only "
+                "guard (through its storage?); build a new tensor instead. Nothing was written."
+            )
+        return start, run
 
     def storage_record(self, storage: Any) -> Any:
         """The zip record an untyped storage is, whole and unchanged; else None."""
@@ -109,6 +130,47 @@ class InputBytes:
             elif tensor.is_contiguous() and tensor.numel() * tensor.element_size() == stored.nbytes:
                 inputs.add(tensor.data_ptr(), stored)
         return inputs
+
+
+class MappedPages:
+    """Which pages of this process's memory were written since they were mapped from a file
+    (``/proc/self/pagemap``: a written page of a private file mapping is anonymous, copy on
+    write; a page never touched reads from the file)."""
+
+    _PRESENT, _SWAPPED, _FILE = 1 << 63, 1 << 62, 1 << 61
+
+    def __init__(self, pagemap: int) -> None:
+        self._pagemap = pagemap
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    @classmethod
+    def open(cls) -> MappedPages | None:
+        """None off Linux or where ``/proc`` cannot be read (the guard is the only proof)."""
+        try:
+            return cls(os.open("/proc/self/pagemap", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+        except (OSError, ValueError):
+            return None
+
+    def __del__(self) -> None:
+        try:
+            os.close(self._pagemap)
+        except (OSError, AttributeError):
+            pass
+
+    def written(self, address: int, nbytes: int) -> bool:
+        """Whether a page of ``[address, address + nbytes)`` holds bytes that are not the
+        file's: anonymous memory (present or swapped out), a copy or a page written."""
+        first, last = address // self._page, (address + nbytes - 1) // self._page
+        try:
+            data = os.pread(self._pagemap, (last - first + 1) * 8, first * 8)
+        except OSError:
+            return False
+        if not data.strip(b"\0"):
+            return False  # no page touched yet: all of it reads from the file
+        for entry in memoryview(data).cast("Q"):
+            if entry & self._SWAPPED or (entry & self._PRESENT and not entry & self._FILE):
+                return True
+        return False
 
 
 def _stored(source: Any, stub: TensorStub, key: str | None, start: int | None) -> Stored | None:
