@@ -29,7 +29,6 @@ import argparse
 import datetime as dt
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -37,6 +36,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from bench_scale import ran_child, timed_run  # noqa: E402
+
 DATA = ROOT / "data" / "copy"  # gitignored (benchmarks/data/)
 RESULTS = ROOT / "RESULTS.md"
 LAYERS = 24
@@ -95,18 +98,6 @@ def run_one(method: str, src: str, dst: str) -> None:
     print(f"copied={result.bytes_copied} through_python={result.bytes_through_python}")
 
 
-def timed_process(cmd: list[str]) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes, stdout) of one process under /usr/bin/time -v."""
-    out = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"{cmd} failed: {out.stderr[-2000:]}")
-    wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", out.stderr)
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr)
-    assert wall and rss, out.stderr
-    h, m, s = wall.groups()
-    return int(h or 0) * 3600 + int(m) * 60 + float(s), int(rss.group(1)) * 1024, out.stdout
-
-
 # ---------------------------------------------------------------- data
 
 
@@ -158,6 +149,10 @@ class XfsMount:
     def close(self) -> None:
         subprocess.run(["umount", str(self.mount)], check=False)
         self.image.unlink(missing_ok=True)
+        try:
+            self.mount.rmdir()
+        except OSError:
+            pass  # still mounted (busy): left for the next run's -f
 
 
 # ---------------------------------------------------------------- measurements
@@ -180,7 +175,7 @@ def bench(src: Path, runs: int, contenders: list[str], space: bool) -> dict:
         for name, cmd in commands.items():
             out_of[name].unlink(missing_ok=True)
             before = used_bytes(src.parent) if space else 0
-            wall, rss, stdout = timed_process(cmd)
+            wall, rss, stdout = timed_run(cmd)
             grown = used_bytes(src.parent) - before if space else 0
             got[name].append((wall, rss, grown))
             said[name] = stdout.strip()
@@ -295,12 +290,8 @@ def main() -> None:
     parser.add_argument("--no-ext", action="store_true", help="only the XFS run")
     parser.add_argument("--no-write", action="store_true", help="print, leave RESULTS.md")
     args = parser.parse_args()
-    if args.one:
-        run_one(*args.one)
+    if ran_child(args.one, run_one, DATA):
         return
-    if not Path("/usr/bin/time").exists():
-        raise SystemExit("needs /usr/bin/time: apt-get install -y time")
-    DATA.mkdir(parents=True, exist_ok=True)
     src = DATA / f"big.{args.format}"
     xfs = None
     sections = [header(args)]

@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -62,6 +63,12 @@ def run_one(method: str, src: str, dst: str) -> None:
 
 def timed_process(cmd: list[str]) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of one process under /usr/bin/time -v."""
+    wall, rss, _ = timed_run(cmd)
+    return wall, rss
+
+
+def timed_run(cmd: list[str]) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS bytes, stdout) of one process under /usr/bin/time -v."""
     out = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"{cmd} failed: {out.stderr[-2000:]}")
@@ -69,7 +76,19 @@ def timed_process(cmd: list[str]) -> tuple[float, int]:
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr)
     assert wall and rss, out.stderr
     h, m, s = wall.groups()
-    return int(h or 0) * 3600 + int(m) * 60 + float(s), int(rss.group(1)) * 1024
+    return int(h or 0) * 3600 + int(m) * 60 + float(s), int(rss.group(1)) * 1024, out.stdout
+
+
+def ran_child(one: list[str] | None, run: Callable[..., None], data: Path) -> bool:
+    """A benchmark's start: ``--one METHOD SRC DST`` runs that one child and says True; else
+    checks for ``/usr/bin/time`` and makes the data folder."""
+    if one:
+        run(*one)
+        return True
+    if not Path("/usr/bin/time").exists():
+        raise SystemExit("needs /usr/bin/time: apt-get install -y time")
+    data.mkdir(parents=True, exist_ok=True)
+    return False
 
 
 # ---------------------------------------------------------------- data
@@ -434,12 +453,8 @@ def main() -> None:
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "SRC", "DST"))
     parser.add_argument("--keep", action="store_true", help="keep benchmarks/data/scale/")
     args = parser.parse_args()
-    if args.one:
-        run_one(*args.one)
+    if ran_child(args.one, run_one, DATA):
         return
-    if not Path("/usr/bin/time").exists():
-        raise SystemExit("needs /usr/bin/time: apt-get install -y time")
-    DATA.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     try:
         big = DATA / "big.pth"

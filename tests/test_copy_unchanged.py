@@ -75,12 +75,17 @@ def record_residues(path: Path) -> dict[int, int]:
     }
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_a_function_step_rename_copies_every_tensor_as_stored(tmp_path, suffix):
+def upgraded(tmp_path: Path, suffix: str, schema: cm.Schema) -> tuple[dict, Path, cm.Rewrite]:
+    """The source state written as ``old{suffix}``, upgraded to ``new{suffix}``."""
     sd = source_state()
     src, dst = tmp_path / f"old{suffix}", tmp_path / f"new{suffix}"
     write_source(src, sd)
-    result = cm.upgrade_file(src, dst, rename_schema(), from_version="1.0.0")
+    return sd, dst, cm.upgrade_file(src, dst, schema, from_version="1.0.0")
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_function_step_rename_copies_every_tensor_as_stored(tmp_path, suffix):
+    sd, dst, result = upgraded(tmp_path, suffix, rename_schema())
     assert result.bytes_through_python == 0
     assert result.bytes_copied >= sum(t.numel() * 4 for t in sd.values())
     got = read_back(dst)
@@ -92,10 +97,7 @@ def test_a_function_step_rename_copies_every_tensor_as_stored(tmp_path, suffix):
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_a_merge_writes_only_the_merged_tensor(tmp_path, suffix):
-    sd = source_state()
-    src, dst = tmp_path / f"old{suffix}", tmp_path / f"new{suffix}"
-    write_source(src, sd)
-    result = cm.upgrade_file(src, dst, merge_schema(), from_version="1.0.0")
+    sd, dst, result = upgraded(tmp_path, suffix, merge_schema())
     merged = torch.cat([sd["layers.0.attn.weight"], sd["layers.1.attn.weight"]])
     assert result.bytes_through_python == merged.numel() * 4
     got = read_back(dst)
