@@ -58,6 +58,7 @@ __all__ = [
     "PathNotFoundError",
     "RecordedInverseError",
     "RedirectError",
+    "RemoteStorageError",
     "SchemaMismatchError",
     "TargetPastCurrentError",
     "UnknownFormatError",
@@ -172,6 +173,20 @@ class FileTooLargeError(BudgetExceededError):
 class NotReplayableError(CheckpointFormatError):
     """The file's pickle holds something the byte-copying writer cannot reproduce faithfully,
     so it is rewritten from the decoded objects instead (or, where it must be copied, refused)."""
+
+
+class RemoteStorageError(CheckpointFormatError):
+    """A checkpoint behind a URL that could not be read: no file system for its protocol, or
+    the store refused or failed the request. ``url`` is the URL as printed (no credentials),
+    ``reason`` what the store or fsspec said."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url, self.reason = url, reason
+        super().__init__(
+            f"cannot read it from its store: {reason} (credentials come from the protocol's "
+            "own chain: environment variables such as AWS_ACCESS_KEY_ID, or its config files)",
+            path=url,
+        )
 
 
 class UnknownFormatError(CheckpointFormatError):

@@ -60,6 +60,7 @@ from .bounds import (
 from .detect import read_bounded
 from .folder_swap import recover_interrupted_write, swap_folder
 from .layout import LAYOUTS, assemble, from_parts, split
+from .remote import Location, location
 from .torch import (
     MAX_PICKLE_BYTES,
     TorchConstant,
@@ -192,8 +193,8 @@ class _DcpUnpickler(pickle.Unpickler):
         raise CheckpointFormatError("DCP metadata has a persistent id", path=self._path)
 
 
-def _metadata_path(path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
+def _metadata_path(path: str | os.PathLike[str]) -> Location:
+    path = location(path)
     return path / METADATA_FILE if path.is_dir() else path
 
 
@@ -316,7 +317,7 @@ def check_storage_data(md: Any, folder: Path, md_path: object = None) -> None:
             )
         if name not in sizes:
             try:
-                st = os.lstat(folder / name)
+                st = (folder / name).lstat()
             except OSError:
                 raise CheckpointFormatError(
                     f"DCP metadata points to {bounded_repr(name)}, which is not in the folder",
@@ -391,7 +392,7 @@ def _set_path(tree: dict[Any, Any], route: tuple[Any, ...], value: Any, path: ob
 
 def read_stamp_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``ckptmigrate.json`` of a DCP folder, or ``{}`` when it has none."""
-    stamp_path = Path(path) / STAMP_FILE
+    stamp_path = location(path) / STAMP_FILE
     if not stamp_path.exists():
         return {}
     data = read_json_file(stamp_path, what="the stamp file")  # a FIFO or folder is refused
@@ -431,7 +432,7 @@ def _checkpoint(obj: dict[str, Any], folder: Path) -> Checkpoint:
 
 def read_dcp_metadata_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """A DCP folder as a Checkpoint of stubs (values stored as bytes are :class:`DcpValue`)."""
-    folder = Path(path)
+    folder = location(path)
     md = read_dcp_metadata(folder)  # its entries checked: check_state_dict_metadata
     md_path = folder / METADATA_FILE
     planner_data = getattr(md, "planner_data", None)

@@ -13,8 +13,16 @@ import stat
 from typing import BinaryIO
 
 from ..errors import CheckpointFormatError, FileTooLargeError
+from .remote import RemoteFile, RemotePath, is_url, location
 
-__all__ = ["FORMATS", "INDEX_SUFFIX", "detect_format", "open_regular_file", "read_bounded"]
+__all__ = [
+    "FORMATS",
+    "INDEX_SUFFIX",
+    "detect_format",
+    "file_size",
+    "open_regular_file",
+    "read_bounded",
+]
 
 #: Every value :func:`detect_format` can return.
 FORMATS = ("torch-zip", "torch-legacy", "safetensors", "dcp", "sharded")
@@ -52,12 +60,17 @@ def _stat_regular(path: str | os.PathLike[str]) -> os.stat_result:
     return st
 
 
-def open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
+def open_regular_file(path: str | os.PathLike[str] | RemotePath) -> BinaryIO:
     """Open a regular file for binary reading; refuse directories, FIFOs, sockets and devices.
 
     The check happens before opening (so a FIFO never blocks) and again on the open descriptor
-    (so a path swapped for a FIFO in between is still refused).
+    (so a path swapped for a FIFO in between is still refused). A URL opens its object for
+    reads by range (:class:`~.remote.RemoteFile`).
     """
+    if isinstance(path, RemotePath) or is_url(path):
+        path = location(path)
+        if isinstance(path, RemotePath):
+            return path.open()  # type: ignore[return-value]
     _stat_regular(path)
     flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
@@ -75,7 +88,16 @@ def open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
         raise
 
 
-def read_bounded(path: str | os.PathLike[str], limit: int, what: str, rule: str) -> bytes:
+def file_size(f: BinaryIO) -> int:
+    """The size of the open file ``f``: its descriptor's, or a remote object's."""
+    if isinstance(f, RemoteFile):
+        return f.size
+    return os.fstat(f.fileno()).st_size
+
+
+def read_bounded(
+    path: str | os.PathLike[str] | RemotePath, limit: int, what: str, rule: str
+) -> bytes:
     """The bytes of the regular file at ``path``, refused past ``limit`` bytes with a
     :class:`~ckptmigrate.errors.FileTooLargeError` naming ``what`` and ``rule`` (the cap's
     purpose).
@@ -88,7 +110,7 @@ def read_bounded(path: str | os.PathLike[str], limit: int, what: str, rule: str)
     b'\\x80\\x04...'
     """
     with open_regular_file(path) as f:
-        size = os.fstat(f.fileno()).st_size
+        size = file_size(f)
         if size > limit:
             raise FileTooLargeError(what, size, limit, rule, path=path)
         try:

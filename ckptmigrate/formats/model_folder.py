@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from ..errors import CheckpointFormatError, OutputOccupiedError
 from .atomic import TEMP_MARKER, atomic_path
+from .remote import location
 
 __all__ = [
     "WEIGHTS_NAMES",
@@ -53,7 +54,7 @@ def weights_file(folder: str | os.PathLike[str]) -> Path | None:
     Call it on a folder that is neither a DCP checkpoint nor a sharded set (their checks
     come first: a set's folder may hold a stray ``model.safetensors`` too).
     """
-    folder = Path(folder)
+    folder = location(folder)
     found = [folder / name for name in WEIGHTS_NAMES if (folder / name).is_file()]
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
@@ -67,15 +68,15 @@ def weights_file(folder: str | os.PathLike[str]) -> Path | None:
 
 def is_model_folder(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a folder read as its one weights file (not DCP, not sharded)."""
-    return Path(path).is_dir() and resolve(path) != Path(path)
+    return location(path).is_dir() and resolve(path) != location(path)
 
 
 def resolve(path: str | os.PathLike[str]) -> Path:
     """``path`` itself, or the weights file when it names a model folder."""
     from .registry import reader_for
 
-    if not Path(path).is_dir():
-        return Path(path)
+    if not location(path).is_dir():
+        return location(path)  # type: ignore[return-value]
     return reader_for(path)[0]
 
 

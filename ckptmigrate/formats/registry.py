@@ -29,6 +29,7 @@ from ..errors import (
 )
 from ..values.checkpoint import Checkpoint
 from .detect import EMPTY_ZIP_MAGIC, INDEX_SUFFIX, TORCH_LEGACY_MAGIC, ZIP_MAGIC, open_regular_file
+from .remote import location
 
 __all__ = [
     "DCP_FOLDER",
@@ -339,18 +340,18 @@ def detect(path: str | os.PathLike[str]) -> Format:
     >>> detect("weights.safetensors").name  # doctest: +SKIP
     'safetensors'
     """
+    where = location(path)
     try:
-        st: os.stat_result | None = os.stat(path)
-    except OSError:
+        st: Any = where.stat()
+    except (OSError, CheckpointFormatError):
         st = None  # open_regular_file says why, in its own words
     head = b""
     if st is None or not _is_dir(st):
-        with open_regular_file(path) as f:
-            st = os.fstat(f.fileno())
+        with open_regular_file(where) as f:
+            st = os.fstat(f.fileno()) if isinstance(where, Path) else where.stat()
             if st.st_size == 0:
                 raise CheckpointFormatError("is empty (0 bytes), expected a checkpoint", path=path)
             head = f.read(HEAD_BYTES)
-    where = Path(path)
     for fmt in REGISTERED:
         if fmt.sniff(where, head, st):
             return fmt
@@ -376,15 +377,16 @@ def reader_for(path: str | os.PathLike[str]) -> tuple[Path, Format]:
     >>> reader_for("llama-7b/")  # doctest: +SKIP
     (PosixPath('llama-7b/model.safetensors'), SAFETENSORS)
     """
-    fmt = detect(path)
+    where = location(path)  # one store for a URL: the sniff's reads serve the read after it
+    fmt = detect(where)
     if fmt is MODEL_FOLDER:
         from .model_folder import weights_file
 
-        weights = weights_file(path)
+        weights = weights_file(where)
         if weights is None:  # sniffed as a model folder, so it held one
             raise InternalError(f"{path} holds no weights file to write")
         return weights, detect(weights)
-    return Path(path), fmt
+    return where, fmt  # type: ignore[return-value]
 
 
 def output_format(path: str | os.PathLike[str]) -> Format:

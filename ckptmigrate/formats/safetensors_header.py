@@ -17,6 +17,7 @@ from typing import Any
 from ..base.readable import bounded_repr
 from ..errors import BudgetExceededError, CheckpointFormatError
 from ..values.tensorinfo import DTYPE_SIZES, SAFETENSORS_DTYPES, TensorInfo
+from .detect import file_size as size_of
 from .detect import open_regular_file
 
 __all__ = ["HEADER_ALLOWANCE", "HEADER_FACTOR", "MAX_HEADER_BYTES", "read_safetensors_header"]
@@ -161,7 +162,7 @@ def read_safetensors_header(
 
 def _read(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     with open_regular_file(path) as f:
-        file_size = os.fstat(f.fileno()).st_size
+        file_size = size_of(f)
         prefix = f.read(8)
         if len(prefix) < 8:
             raise CheckpointFormatError(

@@ -32,6 +32,7 @@ from .atomic import TEMP_MARKER, atomic_path
 from .bounds import read_json_file
 from .detect import INDEX_SUFFIX
 from .layout import from_parts
+from .remote import location
 from .safetensors_copy import data_start
 
 __all__ = [
@@ -149,12 +150,12 @@ def check_output(sset: ShardedSet, out: SetOutput) -> None:
 
 def is_index_file(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` names a sharded set's index JSON file."""
-    return str(path).endswith(INDEX_SUFFIX) and Path(path).is_file()
+    return str(path).endswith(INDEX_SUFFIX) and location(path).is_file()
 
 
 def find_index(path: str | os.PathLike[str]) -> Path:
     """The index JSON of a set given by its folder or by the index file itself."""
-    path = Path(path)
+    path = location(path)  # type: ignore[assignment]
     if not path.is_dir():
         return path
     found = sorted(path.glob("*" + INDEX_SUFFIX))
@@ -204,7 +205,7 @@ def shard_name_problem(name: str) -> str | None:
 
 def file_identity(path: Path) -> list[int]:
     """What tells the file at ``path`` from another one put under its name since."""
-    st = os.stat(path)
+    st = path.stat()
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
 
 

@@ -73,7 +73,12 @@ def find_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
     A ``root`` that does not exist raises :class:`PathNotFoundError`: a typo is not an empty
     registry.
     """
-    root = Path(root)
+    from ..formats.remote import RemotePath, location
+
+    where = location(root)
+    if isinstance(where, RemotePath):
+        return _find_remote(where)  # type: ignore[return-value]
+    root = Path(where)
     if root.is_file():
         return [root]
     if not root.is_dir():
@@ -87,6 +92,24 @@ def find_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
             continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found.extend(here / f for f in files if f.endswith(CHECKPOINT_SUFFIXES))
+    return sorted(found)
+
+
+def _find_remote(root: Any) -> list[str]:
+    """The checkpoints under the URL ``root``, as URLs (one listing of every object under it;
+    a folder holding ``.metadata`` or an index is one checkpoint)."""
+    if root.is_file():
+        return [str(root)]
+    if not root.is_dir():
+        raise PathNotFoundError(root, "checkpoint folder", "an existing folder or object to scan")
+    objects = list(root.rglob("*"))
+    folders = {o.parent for o in objects if o.name == ".metadata" or o.name.endswith(".index.json")}
+
+    def inside(o: Any) -> bool:
+        return any(o.key.startswith(f.key + "/") for f in folders)
+
+    found = [str(f) for f in folders]
+    found += [str(o) for o in objects if o.name.endswith(CHECKPOINT_SUFFIXES) and not inside(o)]
     return sorted(found)
 
 
@@ -106,8 +129,10 @@ def read_rows(
 
     for layout in layouts:
         declare_layout(layout)
+    from ..formats.remote import location
+
     row = ScanRow(str(path))
-    path = Path(path)
+    path = location(path)
     try:
         target, fmt = reader_for(path)
         row.format = fmt.name

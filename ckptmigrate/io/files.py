@@ -15,6 +15,7 @@ from typing import Any
 
 from ..formats.model_folder import resolve
 from ..formats.registry import Format, ReadOptions, output_format, reader_for
+from ..formats.remote import RemotePath, downloaded, location
 from ..values.checkpoint import Checkpoint
 
 
@@ -28,7 +29,11 @@ def read_checkpoint(
     """Load every tensor of a checkpoint file (no migration); a model folder of one weights
     file is read as that file."""
     target, fmt = reader_for(path)
-    return fmt.read(target, ReadOptions(map_location, mmap, tuple(safe_globals)))
+    options = ReadOptions(map_location, mmap, tuple(safe_globals))
+    if isinstance(target, RemotePath):  # every byte is needed: read a private copy
+        with downloaded(target, fmt.files(target)) as local:  # type: ignore[arg-type]
+            return fmt.read(local, options)
+    return fmt.read(target, options)
 
 
 def read_metadata(
@@ -40,7 +45,7 @@ def read_metadata(
     """The checkpoint with metadata stubs for tensors: no tensor data read, torch not imported.
     ``fmt`` is the format :func:`reader_for` found for ``path``, when the caller asked already.
     """
-    target, fmt = reader_for(path) if fmt is None else (Path(path), fmt)
+    target, fmt = reader_for(path) if fmt is None else (location(path), fmt)
     return fmt.read_metadata(target, allowed_globals=allowed_globals)
 
 
@@ -48,7 +53,7 @@ def checkpoint_bytes(path: str | os.PathLike[str], fmt: Format | None = None) ->
     """Bytes the checkpoint at ``path`` takes on disk: a file's size; a sharded set's index
     and shards (given by its folder or index); every file under a DCP folder; a model folder's
     weights file. ``fmt`` is the format :func:`reader_for` found for ``path``, when known."""
-    target, fmt = reader_for(path) if fmt is None else (Path(path), fmt)
+    target, fmt = reader_for(path) if fmt is None else (location(path), fmt)
     return sum(p.stat().st_size for p in fmt.files(target))
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from ...errors import CheckpointFormatError
 from ..detect import detect_format, open_regular_file
+from ..remote import RemotePath, downloaded
 from .allowlist import allowed_map
 from .archive import read_data_pkl, read_zip
 from .legacy import read_legacy
@@ -50,6 +51,9 @@ def read_torch_metadata(
     if kind == "torch-zip":
         return reading(path, lambda: read_zip(path, allowed))
     if kind == "torch-legacy":
+        if isinstance(path, RemotePath):  # its pickles are read in a stream: read a copy
+            with downloaded(path, [path]) as local:
+                return reading(path, lambda: read_legacy(local, allowed))
         return reading(path, lambda: read_legacy(path, allowed))
     raise CheckpointFormatError(f"is a {kind} checkpoint, not a torch.save file", path=path)
 

@@ -30,6 +30,7 @@ from ...errors import (
     UnsafeCheckpointError,
 )
 from ...values.tensorinfo import TensorStub
+from ..remote import location
 from .allowlist import REDIRECT_ONLY_TARGETS, WEIGHTS_ONLY_GLOBALS, allowed_map, redirect_map
 from .archive import ZipRecordInfo, decode_zip, read_zip_records
 from .guards import GuardedCall
@@ -87,7 +88,7 @@ def read_zip_graph(
 
     Refuses unsafe pickles exactly like :func:`~.metadata.read_torch_metadata`.
     """
-    path = Path(path)
+    path = location(path)  # type: ignore[assignment]
     records = read_zip_records(path)
     graph = ZipGraph(path, None, "", records, {}, {})
     given = list(allowed_globals)

@@ -1,0 +1,434 @@
+"""Checkpoints at fsspec URLs (``s3://``, ``gs://``, ``https://``...): a path-like
+:class:`RemotePath` the format readers take where they take a local :class:`~pathlib.Path`,
+and a seekable file over it that reads by exact byte ranges.
+
+A metadata read never downloads the object: the readers ask for what they need (a zip's end
+record and central directory, ``data.pkl``; a safetensors header; an index; ``.metadata``)
+and each miss becomes one ranged GET of at least :data:`BLOCK_BYTES` (a read in the last
+block fetches the whole tail, where a zip keeps its end records and central directory), so
+a torch zip's metadata costs a few requests. The bounds the readers apply to a local file
+(``formats/bounds.py``, the pickle and header caps) run on these bytes unchanged. Everything
+one read learns (sizes, listings, fetched blocks) lives in the :class:`RemoteStore` its paths
+share, so a sniff and the read after it ask the server once. fsspec and the protocol's
+package (s3fs, gcsfs...) are imported only when a URL is read: ``pip install
+'ckptmigrate[remote]'``. Credentials come from the protocol's own chain (environment,
+config files); a URL is printed without its user info or query string.
+
+>>> where = location("s3://models/llama/model.pth")  # doctest: +SKIP
+>>> where.name, where.stat().st_size  # doctest: +SKIP
+('model.pth', 1207959552)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import io
+import os
+import re
+import shutil
+import stat
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from ..errors import CheckpointFormatError, RemoteStorageError
+
+__all__ = [
+    "BLOCK_BYTES",
+    "Location",
+    "RemoteFile",
+    "RemotePath",
+    "RemoteStore",
+    "downloaded",
+    "is_remote",
+    "is_url",
+    "location",
+    "redact",
+]
+
+#: The least one ranged GET fetches: a 64-byte sniff brings the first block, where a torch
+#: zip keeps ``data.pkl`` and a safetensors file its header.
+BLOCK_BYTES = 64 << 10
+#: Fetched blocks kept per store (reads larger than four blocks are served and not kept).
+_KEPT_BLOCKS = 16
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def is_url(path: object) -> bool:
+    """Whether ``path`` is a URL string (``scheme://...``) rather than a local path."""
+    return isinstance(path, str) and _URL.match(path) is not None
+
+
+def is_remote(path: object) -> bool:
+    """Whether ``path`` names a checkpoint read through fsspec (not the local file system)."""
+    return isinstance(path, RemotePath) or (is_url(path) and not _is_file_url(str(path)))
+
+
+def _is_file_url(url: str) -> bool:
+    return url.lower().startswith(("file://", "local://"))
+
+
+def redact(url: str) -> str:
+    """``url`` as it may be printed: no ``user:password@``, no query string (a presigned URL
+    carries its signature there), no fragment."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+@dataclass(frozen=True)
+class _Stat:
+    """What ``os.stat`` tells of a local file, for an object: its size and kind (and, for
+    a file's identity, its modification time; device and inode are 0)."""
+
+    st_size: int
+    st_mode: int
+    st_mtime_ns: int = 0
+    st_dev: int = 0
+    st_ino: int = 0
+    etag: str | None = None
+
+
+class RemoteStore:
+    """One fsspec file system and what reads through it learned: object infos, folder
+    listings and fetched blocks, and how many requests and bytes that took.
+
+    One store serves one read (the paths made from one :func:`location` call and their
+    children), so nothing stale outlives it.
+    """
+
+    def __init__(self, fs: Any, protocol: str, url_prefix: str) -> None:
+        self.fs = fs
+        self.protocol = protocol
+        self.url_prefix = url_prefix  # what goes before a key to make a URL again
+        self.requests = 0
+        self.bytes_read = 0
+        self._infos: dict[str, dict[str, Any] | None] = {}
+        self._listed: dict[str, list[dict[str, Any]]] = {}
+        self._blocks: list[tuple[str, int, bytes]] = []
+        self._lock = threading.Lock()
+
+    def url(self, key: str) -> str:
+        return self.url_prefix + key
+
+    def _call(self, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args)`` against the server; its failures as ckptmigrate errors."""
+        self.requests += 1
+        try:
+            return fn(*args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except CheckpointFormatError:
+            raise
+        except Exception as exc:  # the protocol's own errors: botocore, aiohttp, ...
+            raise RemoteStorageError(self.url(key), _reason(exc)) from None
+
+    def info(self, key: str) -> dict[str, Any] | None:
+        """The object or folder at ``key`` (fsspec's info: ``size``, ``type``), None if none."""
+        key = key.rstrip("/")
+        with self._lock:
+            if key in self._infos:
+                return self._infos[key]
+            parent = key.rpartition("/")[0]
+            if parent in self._listed:
+                return self._infos.get(key)
+        try:
+            found: dict[str, Any] | None = self._call(key, self.fs.info, key)
+        except FileNotFoundError:
+            found = None
+        with self._lock:
+            self._infos[key] = found
+        return found
+
+    def listing(self, key: str) -> list[dict[str, Any]]:
+        """The entries of the folder at ``key`` (one request, then remembered)."""
+        key = key.rstrip("/")
+        with self._lock:
+            if key in self._listed:
+                return self._listed[key]
+        try:
+            entries = self._call(key, self.fs.ls, key, detail=True)
+        except FileNotFoundError:
+            entries = []
+        entries = [e for e in entries if _key(self, e["name"]) != key]
+        with self._lock:
+            self._listed[key] = entries
+            for entry in entries:
+                self._infos[_key(self, entry["name"])] = entry
+        return entries
+
+    def pread(self, key: str, offset: int, n: int, size: int) -> bytes:
+        """Up to ``n`` bytes of the object at ``key`` (``size`` bytes long) from ``offset``."""
+        end = min(size, offset + n)
+        if offset >= end:
+            return b""
+        with self._lock:
+            for k, start, data in self._blocks:
+                if k == key and start <= offset and end <= start + len(data):
+                    return data[offset - start : end - start]
+        first, last = offset, min(size, offset + max(n, BLOCK_BYTES))
+        if offset >= size - BLOCK_BYTES:
+            first = max(0, min(offset, size - BLOCK_BYTES))  # the whole tail, in one GET
+        data = self._call(key, self.fs.cat_file, key, start=first, end=last)
+        self.bytes_read += len(data)
+        if len(data) != last - first:
+            raise CheckpointFormatError(
+                f"the server sent {len(data)} bytes for a range of {last - first}: the object "
+                "changed while it was read, or the server ignores ranges",
+                path=redact(self.url(key)),
+            )
+        if len(data) <= 4 * BLOCK_BYTES:
+            with self._lock:
+                self._blocks.append((key, first, data))
+                del self._blocks[:-_KEPT_BLOCKS]
+        return data[offset - first : end - first]
+
+
+def _key(store: RemoteStore, name: str) -> str:
+    """fsspec's name for an entry, as the key our paths use (no protocol, no trailing /)."""
+    return store.fs._strip_protocol(name).rstrip("/")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS"):
+        secret = os.environ.get(var)
+        if secret:
+            text = text.replace(secret, "***")
+    return f"{type(exc).__name__}: {text}"[:500]
+
+
+class RemoteFile(io.RawIOBase):
+    """A read-only, seekable file over one object; each read is a :meth:`RemoteStore.pread`.
+
+    ``size`` is the object's length (a local file's ``fstat``); it has no ``fileno``.
+    """
+
+    def __init__(self, store: RemoteStore, key: str, size: int) -> None:
+        super().__init__()
+        self.store, self.key, self.size = store, key, size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise CheckpointFormatError(
+                f"an offset before the object's start ({base + offset})",
+                path=redact(self.store.url(self.key)),
+            )
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.store.pread(self.key, self._pos, len(view), self.size)
+        view[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = max(0, self.size - self._pos)
+        data = self.store.pread(self.key, self._pos, n, self.size)
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+
+@dataclass(frozen=True, eq=False)
+class RemotePath:
+    """An object or folder behind a URL, with the few :class:`~pathlib.Path` methods the
+    readers use (``/``, ``name``, ``suffix``, ``parent``, ``stat``, ``is_file``, ``is_dir``,
+    ``glob``, ``rglob``, ``open``). ``str()`` is the URL as it may be printed."""
+
+    store: RemoteStore
+    key: str
+
+    def __str__(self) -> str:
+        return redact(self.store.url(self.key))
+
+    def __repr__(self) -> str:
+        return f"RemotePath({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, RemotePath)
+            and other.store.url_prefix == self.store.url_prefix
+            and other.key == self.key
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.store.url_prefix, self.key))
+
+    def __lt__(self, other: RemotePath) -> bool:
+        return self.key < other.key
+
+    def __truediv__(self, name: str) -> RemotePath:
+        return RemotePath(self.store, f"{self.key.rstrip('/')}/{name.lstrip('/')}")
+
+    @property
+    def name(self) -> str:
+        return self.key.rpartition("/")[2]
+
+    @property
+    def suffix(self) -> str:
+        return Path(self.name).suffix
+
+    @property
+    def parent(self) -> RemotePath:
+        return RemotePath(self.store, self.key.rpartition("/")[0] or self.key)
+
+    def _info(self) -> dict[str, Any] | None:
+        return self.store.info(self.key)
+
+    def exists(self) -> bool:
+        return self._info() is not None
+
+    def is_dir(self) -> bool:
+        info = self._info()
+        return info is not None and info.get("type") == "directory"
+
+    def is_file(self) -> bool:
+        info = self._info()
+        return info is not None and info.get("type") != "directory"
+
+    def is_symlink(self) -> bool:
+        return False
+
+    def stat(self) -> _Stat:
+        """Size and kind (``os.stat`` of a local file); a missing object is the error a
+        missing local file is."""
+        info = self._info()
+        if info is None:
+            raise CheckpointFormatError("no such object or folder", path=self)
+        if info.get("type") == "directory":
+            return _Stat(0, stat.S_IFDIR | 0o755)
+        mtime = info.get("LastModified") or info.get("mtime") or info.get("updated")
+        stamp = getattr(mtime, "timestamp", None)
+        ns = int(stamp() * 1e9) if stamp is not None else 0
+        etag = info.get("ETag") or info.get("etag")
+        return _Stat(int(info.get("size") or 0), stat.S_IFREG | 0o644, ns, etag=etag)
+
+    lstat = stat
+
+    def iterdir(self) -> Iterator[RemotePath]:
+        for entry in self.store.listing(self.key):
+            yield RemotePath(self.store, _key(self.store, entry["name"]))
+
+    def glob(self, pattern: str) -> Iterator[RemotePath]:
+        """The entries of this folder whose names match ``pattern`` (one level)."""
+        return (p for p in self.iterdir() if fnmatch.fnmatchcase(p.name, pattern))
+
+    def rglob(self, pattern: str) -> Iterator[RemotePath]:
+        """Every object under this folder whose name matches ``pattern``."""
+        self.store.requests += 1
+        try:
+            found = self.store.fs.find(self.key, detail=True)
+        except FileNotFoundError:
+            found = {}
+        for name, info in sorted(found.items()):
+            key = _key(self.store, name)
+            self.store._infos.setdefault(key, info)
+            child = RemotePath(self.store, key)
+            if fnmatch.fnmatchcase(child.name, pattern):
+                yield child
+
+    def open(self) -> RemoteFile:
+        """The object for reading by range; a folder or a missing object is refused as a
+        local one is."""
+        info = self._info()
+        if info is None:
+            raise CheckpointFormatError("no such object", path=self)
+        if info.get("type") == "directory":
+            raise CheckpointFormatError("is a folder, expected a checkpoint file", path=self)
+        return RemoteFile(self.store, self.key, int(info.get("size") or 0))
+
+
+#: Where a checkpoint is: a local path or an object behind a URL.
+Location = Path | RemotePath
+
+
+def location(path: str | os.PathLike[str] | RemotePath) -> Location:
+    """``path`` as the readers take it: a :class:`RemotePath` for a URL (``file://`` is a
+    local path), else a :class:`~pathlib.Path`.
+
+    >>> location("s3://bucket/ckpt/model.pth")  # doctest: +SKIP
+    RemotePath('s3://bucket/ckpt/model.pth')
+    """
+    if isinstance(path, RemotePath):
+        return path
+    if not is_url(path):
+        return Path(path)
+    url = str(path)
+    if _is_file_url(url):
+        from urllib.parse import unquote
+
+        return Path(unquote(urlsplit(url).path))
+    try:
+        import fsspec
+        from fsspec.core import url_to_fs
+    except ImportError:
+        raise RemoteStorageError(
+            redact(url), "fsspec is not installed: pip install 'ckptmigrate[remote]'"
+        ) from None
+    try:
+        fs, key = url_to_fs(url)
+    except (ImportError, ValueError) as exc:
+        known = ", ".join(sorted(fsspec.available_protocols())[:12])
+        raise RemoteStorageError(
+            redact(url),
+            f"no fsspec file system for it ({exc}); install the protocol's package (s3fs, "
+            f"gcsfs...) or use one of {known}, ...",
+        ) from None
+    key = key.rstrip("/")
+    protocol = urlsplit(url).scheme.lower()
+    if protocol in ("http", "https"):
+        prefix = ""  # fsspec's http keys are the whole URL
+    else:
+        prefix = protocol + "://"
+    return RemotePath(RemoteStore(fs, protocol, prefix), key)
+
+
+@contextlib.contextmanager
+def downloaded(target: RemotePath, files: list[Any]) -> Iterator[Path]:
+    """``target`` copied into a private temporary folder (its ``files``, each streamed to
+    disk), as the local path a full read takes; removed afterwards.
+
+    A full read needs every byte anyway; the readers that hand a path to torch or
+    safetensors read that copy.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="ckptmigrate-remote-"))
+    try:
+        root = target.key if target.is_dir() else target.parent.key
+        local_target = tmp / target.name
+        for f in files:
+            rel = f.key[len(root) :].lstrip("/") if f.key.startswith(root) else f.name
+            dest = tmp / target.name / rel if target.is_dir() else tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            target.store.requests += 1
+            try:
+                target.store.fs.get_file(f.key, str(dest))
+            except FileNotFoundError:
+                raise CheckpointFormatError("no such object", path=f) from None
+            except Exception as exc:
+                raise RemoteStorageError(str(f), _reason(exc)) from None
+            target.store.bytes_read += dest.stat().st_size
+        yield local_target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
