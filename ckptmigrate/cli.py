@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from .base.readable import path_text
 from .errors import CommandLineError
 from .render import (
     error_line,
@@ -379,10 +380,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     rows = [r.to_dict() for r in results]
     failed = sum(1 for r in results if not r.ok)
     if args.json:
-        print(json.dumps({"root": str(root), "fixtures": rows, "failed": failed}, indent=2))
+        print(json.dumps({"root": path_text(root), "fixtures": rows, "failed": failed}, indent=2))
         return EXIT_DRIFT if failed else EXIT_OK
     if not rows:
-        where = "named weights with a golden record" if args.weights else f"fixtures under {root}"
+        where = (
+            "named weights with a golden record"
+            if args.weights
+            else (f"fixtures under {path_text(root)}")
+        )
         print(f"{PROG}: warning: no {where}", file=sys.stderr)
     render_check(rows, Output())
     return EXIT_DRIFT if failed else EXIT_OK

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .base.readable import url_without_secrets
+from .base.readable import path_text, url_without_secrets
 
 __all__ = [
     "AdapterFollowError",
@@ -112,7 +112,7 @@ class CheckpointFormatError(CkptMigrateError, ValueError):
     """The file is not a checkpoint we can read: truncated, corrupt, foreign or malformed."""
 
     def __init__(self, message: str, *, path: object = None) -> None:
-        self.path = None if path is None else str(path)
+        self.path = None if path is None else path_text(path)
         prefix = f"{self.path}: " if self.path else ""
         super().__init__(prefix + message)
 
@@ -176,17 +176,14 @@ class NotReplayableError(CheckpointFormatError):
 
 
 class RemoteStorageError(CheckpointFormatError):
-    """A checkpoint behind a URL that could not be read: no file system for its protocol, or
-    the store refused or failed the request. ``url`` is the URL as printed (no credentials),
-    ``reason`` what the store or fsspec said."""
+    """A checkpoint behind a URL that could not be read: no file system for its protocol (or
+    its package not installed), or the store refused, failed, timed out or sent other bytes
+    than asked. ``url`` is the URL as printed (no credentials, no query string), ``reason``
+    what the store or fsspec said, with what to do next."""
 
     def __init__(self, url: str, reason: str) -> None:
-        self.url, self.reason = url, reason
-        super().__init__(
-            f"cannot read it from its store: {reason} (credentials come from the protocol's "
-            "own chain: environment variables such as AWS_ACCESS_KEY_ID, or its config files)",
-            path=url,
-        )
+        self.url, self.reason = path_text(url), reason
+        super().__init__(f"cannot read it from its store: {reason}", path=self.url)
 
 
 class UnknownFormatError(CheckpointFormatError):
@@ -232,7 +229,7 @@ class PathNotFoundError(CkptMigrateError, FileNotFoundError):
     """A folder or file the caller named does not exist (a typo must not pass as "nothing")."""
 
     def __init__(self, path: object, what: str, expected: str) -> None:
-        self.path = str(path)
+        self.path = path_text(path)
         self.what = what
         self.expected = expected
         super().__init__(f"no {what} at {self.path}: pass {expected}")
@@ -243,7 +240,7 @@ class UnsafeCheckpointError(CkptMigrateError):
 
     def __init__(self, global_name: str, *, path: object = None, detail: str = "") -> None:
         self.global_name = global_name
-        self.path = None if path is None else str(path)
+        self.path = None if path is None else path_text(path)
         self.detail = detail
         super().__init__(self.render())
 
@@ -293,7 +290,7 @@ class UnversionedCheckpointError(CkptMigrateError):
     """The checkpoint carries no stamp and no ``from_version`` was given."""
 
     def __init__(self, *, path: object = None, schema: str | None = None) -> None:
-        self.path = None if path is None else str(path)
+        self.path = None if path is None else path_text(path)
         self.schema = schema
         super().__init__(self.render())
 
@@ -320,7 +317,7 @@ class SchemaMismatchError(CkptMigrateError):
     def __init__(self, expected: str, found: str | None, *, path: object = None) -> None:
         self.expected = expected
         self.found = found
-        self.path = None if path is None else str(path)
+        self.path = None if path is None else path_text(path)
         super().__init__(self.render())
 
     def render(self, *, cli: bool = False) -> str:
@@ -414,7 +411,7 @@ class VersionConflictError(CkptMigrateError, ValueError):
     def __init__(self, stamped: object, given: object, *, path: object = None) -> None:
         self.stamped = stamped
         self.given = given
-        self.path = None if path is None else str(path)
+        self.path = None if path is None else path_text(path)
         super().__init__(self.render())
 
     def render(self, *, cli: bool = False) -> str:
@@ -750,7 +747,7 @@ class AlreadyStampedError(CkptMigrateError):
     ) -> None:
         self.schema = schema
         self.version = version
-        self.path = None if path is None else str(path)
+        self.path = None if path is None else path_text(path)
         self.prefix = prefix
         where = self.path or "the checkpoint"
         at = f" at prefix {prefix!r}" if prefix else ""
@@ -768,7 +765,7 @@ class LockTimeoutError(LockError):
     """Another process held the lock beside the file for longer than we waited."""
 
     def __init__(self, path: object, lock_path: object, holder: object, timeout: float) -> None:
-        self.path = str(path)
+        self.path = path_text(path)
         self.lock_path = str(lock_path)
         self.holder = holder
         self.timeout = timeout
@@ -810,7 +807,7 @@ class OutputOccupiedError(CkptMigrateError):
     """
 
     def __init__(self, path: object, found: Sequence[str], kind: str) -> None:
-        self.path = str(path)
+        self.path = path_text(path)
         self.found = list(found)
         self.kind = kind
         more = f" and {len(self.found) - 3} more" if len(self.found) > 3 else ""
@@ -830,7 +827,7 @@ class ModelBuildError(CkptMigrateError):
 
     def __init__(self, schema: str, cause: BaseException, *, path: object = None) -> None:
         self.schema = schema
-        self.path = None if path is None else str(path)
+        self.path = None if path is None else path_text(path)
         self.cause = cause
         where = f"the hparams of {self.path}" if self.path else "the checkpoint's hparams"
         super().__init__(
@@ -849,7 +846,7 @@ class FixtureNotFoundError(CkptMigrateError, LookupError):
     """A path was asked for as a fixture, but no golden record beside it names it."""
 
     def __init__(self, path: object) -> None:
-        self.path = str(path)
+        self.path = path_text(path)
         super().__init__(f"no golden record beside {self.path} names it as its fixture")
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,16 +34,31 @@ class Request:
     sent: int  # body bytes
 
 
+#: What a server can do wrong, set per object by ``server.faults[fragment] = FAULT``:
+#: ``error`` answers 500; ``slow`` waits :data:`SLOW_SECONDS` before answering; ``short``
+#: sends half of each range asked (an honest Content-Length); ``huge`` claims a size of a
+#: petabyte (ranges past the real end: 416); ``no-range`` ignores Range, sending every byte.
+FAULTS = ("error", "slow", "short", "huge", "no-range")
+SLOW_SECONDS = 6.0
+HUGE = 10**15
+
+
 @dataclass
 class Counted:
-    """What a server answered since :meth:`reset`."""
+    """What a server answered since :meth:`reset`, and the faults it plays."""
 
     requests: list[Request] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    faults: dict[str, str] = field(default_factory=dict)
 
     def reset(self) -> None:
         with self.lock:
             self.requests.clear()
+            self.faults.clear()
+
+    def fault(self, path: str) -> str | None:
+        """The fault played on requests whose path holds one of :attr:`faults`' fragments."""
+        return next((f for frag, f in self.faults.items() if frag in path), None)
 
     def add(self, request: Request) -> None:
         with self.lock:
@@ -67,7 +84,14 @@ class S3Server(Counted):
         app = DomainDispatcherApplication(create_backend_app)
 
         def counting(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-            body = list(app(environ, start_response))
+            fault = self.fault(environ.get("PATH_INFO", ""))
+            if fault == "slow":
+                time.sleep(SLOW_SECONDS)
+            if fault == "error":
+                start_response("500 Internal Server Error", [("Content-Type", "application/xml")])
+                body = [b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"]
+            else:
+                body = list(app(environ, start_response))
             self.add(
                 Request(
                     environ["REQUEST_METHOD"],
@@ -79,6 +103,7 @@ class S3Server(Counted):
             )
             return body
 
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request on stderr
         self.server = make_server("127.0.0.1", 0, counting, threaded=True)
         self.endpoint = f"http://127.0.0.1:{self.server.port}"
         self.env = {
@@ -166,29 +191,42 @@ class RangeServer(Counted):
             def _answer(self, body: bool) -> None:
                 target = self._file()
                 header = self.headers.get("Range")
-                if target is None:
-                    self.send_error(404)
+                fault = counted.fault(self.path)
+                if fault == "slow":
+                    time.sleep(SLOW_SECONDS)
+                if target is None or fault == "error":
+                    self.send_error(404 if target is None else 500)
                     counted.add(Request(self.command, self.path, "", header, 0))
                     return
                 size = target.stat().st_size
+                claimed = HUGE if fault == "huge" else size
                 start, end = 0, size
-                match = _RANGE.match(header or "")
+                match = None if fault == "no-range" else _RANGE.match(header or "")
                 if match:
                     first, last = match.groups()
                     start = int(first) if first else size - int(last)
                     end = min(size, int(last) + 1) if first and last else size
+                    if start >= size:
+                        self.send_error(416)
+                        counted.add(Request(self.command, self.path, "", header, 0))
+                        return
+                    if fault == "short":
+                        end = start + max(1, (end - start) // 2)
                 self.send_response(206 if match else 200)
-                self.send_header("Content-Length", str(end - start))
+                self.send_header("Content-Length", str(claimed if not body else end - start))
                 self.send_header("Accept-Ranges", "bytes")
                 if match:
-                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{claimed}")
                 self.end_headers()
                 sent = 0
                 if body:
                     with open(target, "rb") as f:
                         f.seek(start)
                         data = f.read(end - start)
-                    self.wfile.write(data)
+                    try:
+                        self.wfile.write(data)
+                    except OSError:  # the client stopped reading (a range it did not ask)
+                        pass
                     sent = len(data)
                 counted.add(Request(self.command, self.path, "", header, sent))
 

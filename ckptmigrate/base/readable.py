@@ -3,7 +3,8 @@
 ``0.30000000000000004`` prints as ``0.3``, ``1e-05`` stays ``1e-05``, a max abs diff reads
 ``3.4e-06``; exact values stay in ``--json``. A value from a file shows in a message or a line
 as :func:`bounded_repr` writes it: never raising (an int past Python's int->str limit is
-``<int of 5000 digits>``), never longer than :data:`MAX_SHOWN` characters.
+``<int of 5000 digits>``), never longer than :data:`MAX_SHOWN` characters. A path shows as
+:func:`path_text` writes it: a URL without the credentials it may carry.
 """
 
 from __future__ import annotations
@@ -184,3 +185,19 @@ def url_without_secrets(url: str) -> str:
     except ValueError:  # a port that is not a number: say no port rather than fail
         pass
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def path_text(path: object) -> str:
+    """``path`` as a message or a line shows it: a URL as :func:`url_without_secrets` writes
+    it (a malformed one as its scheme and ``...``), anything else as ``str`` gives it.
+
+    >>> path_text("https://me:secret@host/a/model.pth?X-Amz-Signature=abc")
+    'https://host/a/model.pth'
+    >>> path_text("runs/model.pth")
+    'runs/model.pth'
+    """
+    text = str(path)
+    try:
+        return url_without_secrets(text)
+    except ValueError:  # a malformed URL (an unclosed [ in its host): only its scheme shows
+        return text.partition("://")[0] + "://..."

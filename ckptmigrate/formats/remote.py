@@ -34,8 +34,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
+from ..base.readable import path_text
 from ..errors import CheckpointFormatError, RemoteStorageError
 
 __all__ = [
@@ -48,7 +49,7 @@ __all__ = [
     "is_remote",
     "is_url",
     "location",
-    "redact",
+    "request_timeout",
 ]
 
 #: The least one ranged GET fetches: a 64-byte sniff brings the first block, where a torch
@@ -56,6 +57,21 @@ __all__ = [
 BLOCK_BYTES = 64 << 10
 #: Fetched blocks kept per store (reads larger than four blocks are served and not kept).
 _KEPT_BLOCKS = 16
+#: One ranged read asks for at most this much (a metadata read needs kilobytes; the largest
+#: part a reader takes whole, a torch zip's ``data.pkl``, is capped at 1 GiB too).
+MAX_RANGE_BYTES = 1 << 30
+#: Seconds a request may wait to connect or for the next bytes, unless the environment
+#: variable ``CKPTMIGRATE_REMOTE_TIMEOUT`` says otherwise.
+DEFAULT_TIMEOUT = 60.0
+#: The package each protocol needs, and the extra that installs it.
+_PACKAGES = {
+    "s3": ("s3fs", "remote"),
+    "s3a": ("s3fs", "remote"),
+    "gs": ("gcsfs", "gcs"),
+    "gcs": ("gcsfs", "gcs"),
+    "http": ("aiohttp", "remote"),
+    "https": ("aiohttp", "remote"),
+}
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
@@ -71,14 +87,6 @@ def is_remote(path: object) -> bool:
 
 def _is_file_url(url: str) -> bool:
     return url.lower().startswith(("file://", "local://"))
-
-
-def redact(url: str) -> str:
-    """``url`` as it may be printed: no ``user:password@``, no query string (a presigned URL
-    carries its signature there), no fragment."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 @dataclass(frozen=True)
@@ -117,15 +125,20 @@ class RemoteStore:
         return self.url_prefix + key
 
     def _call(self, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args)`` against the server; its failures as ckptmigrate errors."""
+        """``fn(*args)`` against the server; its failures as ckptmigrate errors (a missing
+        object stays a ``FileNotFoundError`` for the caller to say so)."""
         self.requests += 1
         try:
             return fn(*args, **kwargs)
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
+            if not _not_found(exc.__cause__):  # fsspec's http says so of any failed HEAD
+                raise RemoteStorageError(self.url(key), _reason(exc.__cause__)) from None
             raise
         except CheckpointFormatError:
             raise
-        except Exception as exc:  # the protocol's own errors: botocore, aiohttp, ...
+        except PermissionError as exc:
+            raise RemoteStorageError(self.url(key), _reason(exc) + _CREDENTIALS) from None
+        except Exception as exc:  # the protocol's own errors: botocore, aiohttp, timeouts...
             raise RemoteStorageError(self.url(key), _reason(exc)) from None
 
     def info(self, key: str) -> dict[str, Any] | None:
@@ -174,13 +187,21 @@ class RemoteStore:
         first, last = offset, min(size, offset + max(n, BLOCK_BYTES))
         if offset >= size - BLOCK_BYTES:
             first = max(0, min(offset, size - BLOCK_BYTES))  # the whole tail, in one GET
-        data = self._call(key, self.fs.cat_file, key, start=first, end=last)
+        if last - first > MAX_RANGE_BYTES:
+            raise RemoteStorageError(
+                self.url(key),
+                f"a read of {last - first} bytes at offset {first} is refused (over "
+                f"{MAX_RANGE_BYTES >> 20} MiB: no metadata read needs that much; the object's "
+                "claimed sizes are not a checkpoint's)",
+            )
+        data = self._call(key, self._fetch, key, first, last, size)
         self.bytes_read += len(data)
         if len(data) != last - first:
-            raise CheckpointFormatError(
-                f"the server sent {len(data)} bytes for a range of {last - first}: the object "
-                "changed while it was read, or the server ignores ranges",
-                path=redact(self.url(key)),
+            raise RemoteStorageError(
+                self.url(key),
+                f"the server sent {len(data)} bytes for the range {first}-{last - 1} of an "
+                f"object of {size} bytes: the object is shorter than it claims, changed while "
+                "it was read, or the server ignores ranges",
             )
         if len(data) <= 4 * BLOCK_BYTES:
             with self._lock:
@@ -188,15 +209,57 @@ class RemoteStore:
                 del self._blocks[:-_KEPT_BLOCKS]
         return data[offset - first : end - first]
 
+    def _fetch(self, key: str, first: int, last: int, size: int) -> bytes:
+        if self.protocol in ("http", "https"):
+            # fsspec's http file reads a range by streaming it and stops at its end, also
+            # from a server that ignores Range (its cat_file would read the whole body)
+            with self.fs.open(key, "rb", block_size=BLOCK_BYTES, cache_type="none", size=size) as f:
+                f.seek(first)
+                return f.read(last - first)
+        return self.fs.cat_file(key, start=first, end=last)
+
+
+def _not_found(cause: BaseException | None) -> bool:
+    """Whether the error behind a ``FileNotFoundError`` says the object is missing (a 404),
+    not that the server failed, refused or never answered."""
+    if cause is None or isinstance(cause, FileNotFoundError):
+        return True
+    status = getattr(cause, "status", None)  # aiohttp's response errors
+    if isinstance(status, int):
+        return status in (404, 410)
+    response = getattr(cause, "response", None)  # botocore's ClientError
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+        return code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound")
+    return not isinstance(cause, (OSError, TimeoutError))  # timeouts, refused connections
+
 
 def _key(store: RemoteStore, name: str) -> str:
     """fsspec's name for an entry, as the key our paths use (no protocol, no trailing /)."""
     return store.fs._strip_protocol(name).rstrip("/")
 
 
+_CREDENTIALS = (
+    " (credentials come from the protocol's own chain: environment variables such as "
+    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or its config files)"
+)
+_SECRET_VARIABLES = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+)
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
+
+
 def _reason(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS"):
+    """What ``exc`` says, on one line, as it may be printed: URLs in it without their user
+    info or query string, no secret from the environment."""
+    text = " ".join((str(exc) or type(exc).__name__).split())
+    text = _URL_IN_TEXT.sub(lambda m: path_text(m.group(0)), text)
+    for var in _SECRET_VARIABLES:
         secret = os.environ.get(var)
         if secret:
             text = text.replace(secret, "***")
@@ -228,7 +291,7 @@ class RemoteFile(io.RawIOBase):
         if base + offset < 0:
             raise CheckpointFormatError(
                 f"an offset before the object's start ({base + offset})",
-                path=redact(self.store.url(self.key)),
+                path=path_text(self.store.url(self.key)),
             )
         self._pos = base + offset
         return self._pos
@@ -261,7 +324,7 @@ class RemotePath:
     key: str
 
     def __str__(self) -> str:
-        return redact(self.store.url(self.key))
+        return path_text(self.store.url(self.key))
 
     def __repr__(self) -> str:
         return f"RemotePath({str(self)!r})"
@@ -364,6 +427,50 @@ class RemotePath:
 Location = Path | RemotePath
 
 
+def request_timeout() -> float:
+    """Seconds a request may wait to connect or for its next bytes:
+    ``CKPTMIGRATE_REMOTE_TIMEOUT``, else :data:`DEFAULT_TIMEOUT`."""
+    text = os.environ.get("CKPTMIGRATE_REMOTE_TIMEOUT", "")
+    try:
+        value = float(text) if text else DEFAULT_TIMEOUT
+    except ValueError:
+        value = DEFAULT_TIMEOUT
+    return value if value > 0 else DEFAULT_TIMEOUT
+
+
+def _options(protocol: str) -> dict[str, Any]:
+    """The file system's options that bound each request's wait (the protocols whose
+    options we know; another protocol takes fsspec's defaults)."""
+    timeout = request_timeout()
+    if protocol in ("s3", "s3a"):
+        retries = {"max_attempts": 3, "mode": "standard"}
+        return {
+            "config_kwargs": {
+                "connect_timeout": timeout,
+                "read_timeout": timeout,
+                "retries": retries,
+            }
+        }
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        wait = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+        return {"client_kwargs": {"timeout": wait}}
+    return {}
+
+
+def _missing(url: str, protocol: str, exc: BaseException) -> RemoteStorageError:
+    """The error of a URL whose protocol's package is not installed, naming what installs it."""
+    package, extra = _PACKAGES.get(protocol, (None, None))
+    if package is not None:
+        how = f"pip install 'ckptmigrate[{extra}]' (it installs fsspec and {package})"
+    else:
+        how = "install the fsspec implementation of that protocol"
+    return RemoteStorageError(
+        path_text(url), f"reading {protocol}:// URLs needs a package not installed ({exc}): {how}"
+    )
+
+
 def location(path: str | os.PathLike[str] | RemotePath) -> Location:
     """``path`` as the readers take it: a :class:`RemotePath` for a URL (``file://`` is a
     local path), else a :class:`~pathlib.Path`.
@@ -377,58 +484,72 @@ def location(path: str | os.PathLike[str] | RemotePath) -> Location:
         return Path(path)
     url = str(path)
     if _is_file_url(url):
-        from urllib.parse import unquote
-
         return Path(unquote(urlsplit(url).path))
+    protocol = urlsplit(url).scheme.lower()
     try:
         import fsspec
         from fsspec.core import url_to_fs
-    except ImportError:
-        raise RemoteStorageError(
-            redact(url), "fsspec is not installed: pip install 'ckptmigrate[remote]'"
-        ) from None
+        from fsspec.registry import get_filesystem_class
+    except ImportError as exc:
+        raise _missing(url, protocol, exc) from None
     try:
-        fs, key = url_to_fs(url)
-    except (ImportError, ValueError) as exc:
+        get_filesystem_class(protocol)
+        options = _options(protocol)
+    except ImportError as exc:  # fsspec knows the protocol; its package is not installed
+        raise _missing(url, protocol, exc) from None
+    except ValueError:
         known = ", ".join(sorted(fsspec.available_protocols())[:12])
         raise RemoteStorageError(
-            redact(url),
-            f"no fsspec file system for it ({exc}); install the protocol's package (s3fs, "
-            f"gcsfs...) or use one of {known}, ...",
+            path_text(url),
+            f"no fsspec file system reads {protocol}:// URLs (it knows {known}, ...)",
         ) from None
+    try:
+        fs, key = url_to_fs(url, **options)
+    except Exception as exc:  # a malformed URL, or the protocol's own setup failing
+        raise RemoteStorageError(path_text(url), _reason(exc)) from None
+    if protocol in ("s3", "s3a") and getattr(fs, "retries", 1) > 1:
+        fs.retries = 1  # botocore retries each request (3 attempts); s3fs would repeat those 5x
     key = key.rstrip("/")
-    protocol = urlsplit(url).scheme.lower()
-    if protocol in ("http", "https"):
-        prefix = ""  # fsspec's http keys are the whole URL
-    else:
-        prefix = protocol + "://"
+    prefix = "" if protocol in ("http", "https") else protocol + "://"  # http keys: whole URLs
     return RemotePath(RemoteStore(fs, protocol, prefix), key)
 
 
 @contextlib.contextmanager
 def downloaded(target: RemotePath, files: list[Any]) -> Iterator[Path]:
     """``target`` copied into a private temporary folder (its ``files``, each streamed to
-    disk), as the local path a full read takes; removed afterwards.
+    disk), as the local path a full read takes; removed afterwards, also on an error or
+    Ctrl-C.
 
     A full read needs every byte anyway; the readers that hand a path to torch or
-    safetensors read that copy.
+    safetensors read that copy. An object whose key would land outside the copy (a ``..``
+    part, an empty part) is refused before anything is fetched.
     """
+    folder = target.is_dir()
+    root = target.key if folder else target.parent.key
     tmp = Path(tempfile.mkdtemp(prefix="ckptmigrate-remote-"))
     try:
-        root = target.key if target.is_dir() else target.parent.key
-        local_target = tmp / target.name
+        base = tmp / target.name if folder else tmp
+        plan = []
         for f in files:
-            rel = f.key[len(root) :].lstrip("/") if f.key.startswith(root) else f.name
-            dest = tmp / target.name / rel if target.is_dir() else tmp / rel
+            rel = f.key[len(root) + 1 :] if f.key.startswith(root + "/") else ""
+            parts = rel.split("/")
+            if not rel or any(p in ("", ".", "..") or "\\" in p for p in parts):
+                raise CheckpointFormatError(
+                    f"the object {path_text(f)!r} is not a plain name under "
+                    f"{path_text(target)}: refused, a copy of it could land outside its folder",
+                    path=target,
+                )
+            plan.append((f, base.joinpath(*parts)))
+        for f, dest in plan:
             dest.parent.mkdir(parents=True, exist_ok=True)
             target.store.requests += 1
             try:
                 target.store.fs.get_file(f.key, str(dest))
             except FileNotFoundError:
                 raise CheckpointFormatError("no such object", path=f) from None
-            except Exception as exc:
+            except Exception as exc:  # the protocol's own errors: botocore, aiohttp, ...
                 raise RemoteStorageError(str(f), _reason(exc)) from None
             target.store.bytes_read += dest.stat().st_size
-        yield local_target
+        yield base if folder else tmp / target.name
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

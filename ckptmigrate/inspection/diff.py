@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 
-from ..base.readable import bounded_repr, int_text, key_text
+from ..base.readable import bounded_repr, int_text, key_text, path_text
 from ..errors import (
     CheckpointFormatError,
     SchemaMismatchError,
@@ -283,7 +283,7 @@ def _as_checkpoint(
             ckpt = files.read_checkpoint(obj, mmap=True, safe_globals=allowed)
         else:
             ckpt = files.read_metadata(obj, allowed_globals=allowed)
-        return ckpt, os.fspath(obj)
+        return ckpt, path_text(os.fspath(obj))
     else:
         raise UsageError(
             f"diff compares paths, Checkpoints or state_dicts; {side} is a {type(obj).__name__}"

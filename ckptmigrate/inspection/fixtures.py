@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import CkptMigrateError
+from ..errors import CkptMigrateError, PathNotFoundError
 from ..io.golden import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
@@ -260,8 +260,15 @@ def check_fixtures(
     """Check every fixture under ``root``; ``progress(done, total, result)`` after each one.
 
     A golden record that cannot be read fails its own fixture (a result with the reason);
-    the others are still checked.
+    the others are still checked. A ``root`` behind a URL (``s3://bucket/fixtures``) is
+    copied into a private temporary folder first (a check reads every byte of every
+    fixture), and its results name the objects by their URLs.
     """
+    from ..formats.remote import RemotePath, location
+
+    where = location(root)
+    if isinstance(where, RemotePath):
+        return _check_remote(where, schemas, progress, list(safe_globals))
     goldens = golden_paths(root)
     allowed = list(safe_globals)
     results = []
@@ -275,6 +282,41 @@ def check_fixtures(
         if progress is not None:
             progress(i, len(goldens), results[-1])
     return results
+
+
+def _check_remote(
+    root: Any,
+    schemas: Mapping[str, Schema],
+    progress: ProgressCallback | None,
+    safe_globals: list[Any],
+) -> list[FixtureResult]:
+    """:func:`check_fixtures` of the objects under the URL ``root`` (a folder, or one golden
+    record and the objects beside it), on a private copy of them."""
+    from ..formats.remote import downloaded
+
+    folder = root if root.is_dir() else root.parent
+    if not (root.is_dir() or (root.is_file() and root.name.endswith(GOLDEN_SUFFIX))):
+        raise PathNotFoundError(
+            root, "fixtures folder", f"the folder that holds the *{GOLDEN_SUFFIX} golden records"
+        )
+    objects = list(folder.rglob("*"))
+    with downloaded(folder, objects) as local:
+        local_root = local if root == folder else local / root.name
+        results = check_fixtures(local_root, schemas, progress=progress, safe_globals=safe_globals)
+
+    def remote(path: Path) -> Any:
+        return folder / path.relative_to(local).as_posix()
+
+    return [
+        replace(
+            r,
+            fixture=replace(
+                r.fixture, path=remote(r.fixture.path), golden_path=remote(r.fixture.golden_path)
+            ),
+            reason=None if r.reason is None else r.reason.replace(str(local), str(folder)),
+        )
+        for r in results
+    ]
 
 
 def _unreadable(golden: Path, exc: CkptMigrateError) -> FixtureResult:

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from ..base.readable import key_text
+from ..base.readable import key_text, path_text
 from ..engine.mounts import all_mounts
 from ..errors import CkptMigrateError
 from ..formats.layout import is_tensor_like
@@ -117,7 +117,7 @@ def info_record(
         dtype = signature(value)[1]
         dtypes[dtype] = dtypes.get(dtype, 0) + 1
     record = {
-        "path": str(path),
+        "path": path_text(path),
         "format": fmt.name,
         "layout": ckpt.layout,
         "file_bytes": files.checkpoint_bytes(target, fmt),

@@ -95,21 +95,27 @@ def find_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
     return sorted(found)
 
 
-def _find_remote(root: Any) -> list[str]:
-    """The checkpoints under the URL ``root``, as URLs (one listing of every object under it;
-    a folder holding ``.metadata`` or an index is one checkpoint)."""
+def _find_remote(root: Any) -> list[Any]:
+    """The checkpoints under the URL ``root`` (one listing of every object under it; a folder
+    holding ``.metadata`` or an index is one checkpoint; hidden folders are skipped, as
+    locally). Each is a path of ``root``'s store, which keeps what the listing said of it."""
     if root.is_file():
-        return [str(root)]
+        return [root]
     if not root.is_dir():
         raise PathNotFoundError(root, "checkpoint folder", "an existing folder or object to scan")
-    objects = list(root.rglob("*"))
+
+    def hidden(o: Any) -> bool:
+        folders = o.key[len(root.key) :].strip("/").split("/")[:-1]
+        return any(part.startswith(".") for part in folders)
+
+    objects = [o for o in root.rglob("*") if not hidden(o)]
     folders = {o.parent for o in objects if o.name == ".metadata" or o.name.endswith(".index.json")}
 
     def inside(o: Any) -> bool:
         return any(o.key.startswith(f.key + "/") for f in folders)
 
-    found = [str(f) for f in folders]
-    found += [str(o) for o in objects if o.name.endswith(CHECKPOINT_SUFFIXES) and not inside(o)]
+    found = [f for f in folders if not inside(f)]
+    found += [o for o in objects if o.name.endswith(CHECKPOINT_SUFFIXES) and not inside(o)]
     return sorted(found)
 
 
@@ -122,16 +128,16 @@ def read_rows(
     row without mounts): no schema needed, torch-free, so a worker process can compute it.
     ``allowed_globals`` lets trusted classes through; ``layouts`` are declared first (a worker
     process has none of the layouts its parent's migrations declared)."""
+    from ..base.readable import path_text
     from ..engine.mounts import all_mounts, owner_of
     from ..formats.layout import declare_layout
     from ..formats.registry import reader_for
+    from ..formats.remote import location
     from ..io.files import read_metadata
 
     for layout in layouts:
         declare_layout(layout)
-    from ..formats.remote import location
-
-    row = ScanRow(str(path))
+    row = ScanRow(path_text(path))
     path = location(path)
     try:
         target, fmt = reader_for(path)
@@ -274,6 +280,8 @@ def scan_paths(
     them), in that order; ``judged=False`` leaves the schema half (:func:`judge`) undone."""
     by_name = schemas if isinstance(schemas, Mapping) else {s.name: s for s in schemas}
     cpus = os.cpu_count() or 1
+    if paths and not isinstance(paths[0], Path):
+        processes = False  # objects behind a URL: threads overlap the requests' waits
     if processes is None:
         processes = len(paths) >= 64 and cpus > 1 and workers != 1
     pool: Executor

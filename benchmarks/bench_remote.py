@@ -1,0 +1,144 @@
+"""Issue 17 item 1: ``ckptmigrate diff`` of two checkpoints in an S3 bucket, by range reads.
+
+The 1.2 GB pair of ``bench_diff.py`` is uploaded to moto's S3 server (in this process, on
+127.0.0.1), and three ways to get the diff are timed side by side, as whole processes
+(``/usr/bin/time -v``: wall time and peak RSS), contenders interleaved, medians of ``--runs``:
+
+- ``ckptmigrate diff s3://bench/a.pth s3://bench/b.pth`` (metadata by ranged GETs);
+- ``ckptmigrate diff A B`` on the same files on the local disk;
+- downloading both objects (boto3 ``download_file``) and diffing the copies.
+
+The server counts every request it answers and the body bytes it sends, per object, for one
+remote diff. Goal: <= 6 requests and <= 1 MB per file, and <= 3x the local diff.
+
+    .venv/bin/python benchmarks/bench_remote.py            # appends to benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/bench_remote.py --gb 0.1   # a quick smaller run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))  # the loopback servers the tests use
+
+from bench_diff import DATA, RESULTS, make_checkpoints, machine, timed  # noqa: E402
+from object_stores import s3_server  # noqa: E402
+
+PYTHON = sys.executable
+CLI = [PYTHON, "-m", "ckptmigrate"]
+BUCKET = "bench"
+
+DOWNLOAD_SCRIPT = """
+import subprocess, sys, boto3
+client = boto3.client("s3")
+for key, dest in zip(sys.argv[1:3], sys.argv[3:5]):
+    client.download_file("bench", key, dest)
+sys.exit(subprocess.run([sys.executable, "-m", "ckptmigrate", "diff", *sys.argv[3:5]]).returncode)
+"""
+
+
+def file_system(path: Path) -> str:
+    out = subprocess.run(["df", "-T", str(path)], capture_output=True, text=True).stdout
+    rows = out.strip().splitlines()
+    return rows[-1].split()[1] if len(rows) > 1 else "?"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=1.2, help="size of each big checkpoint")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # a user's install has its .pyc files
+    big_a, big_b, _, _ = make_checkpoints(args.gb)
+    size = big_a.stat().st_size / 1e9
+    with s3_server() as s3, tempfile.TemporaryDirectory(dir=DATA) as tmp:
+        s3.bucket(BUCKET)
+        keys = {"a": f"{big_a.name}", "b": f"{big_b.name}"}
+        s3.upload(big_a, f"{BUCKET}/{keys['a']}")
+        s3.upload(big_b, f"{BUCKET}/{keys['b']}")
+        urls = [f"s3://{BUCKET}/{keys['a']}", f"s3://{BUCKET}/{keys['b']}"]
+
+        s3.reset()
+        counted = timed([*CLI, "diff", *urls])
+        per_file = {
+            key: (len(s3.to(f"/{BUCKET}/{key}")), sum(r.sent for r in s3.to(f"/{BUCKET}/{key}")))
+            for key in keys.values()
+        }
+        other = [r for r in s3.requests if not any(k in r.path for k in keys.values())]
+
+        copies = [str(Path(tmp) / "a.pth"), str(Path(tmp) / "b.pth")]
+        contenders = {
+            "`ckptmigrate diff` s3:// A B (range reads)": [*CLI, "diff", *urls],
+            "`ckptmigrate diff` A B on the local disk": [*CLI, "diff", str(big_a), str(big_b)],
+            "download both (boto3) + local `ckptmigrate diff`": [
+                PYTHON,
+                "-c",
+                DOWNLOAD_SCRIPT,
+                keys["a"],
+                keys["b"],
+                *copies,
+            ],
+        }
+        runs: dict[str, list[tuple[float, float, int]]] = {name: [] for name in contenders}
+        for _ in range(args.runs):  # interleaved: a load spike hits every contender alike
+            for name, cmd in contenders.items():
+                runs[name].append(timed(cmd))
+                for copy in copies:
+                    Path(copy).unlink(missing_ok=True)
+
+    def median(name: str) -> tuple[float, float, int]:
+        rs = runs[name]
+        return (
+            statistics.median(r[0] for r in rs),
+            statistics.median(r[1] for r in rs),
+            rs[-1][2],
+        )
+
+    remote, local, download = (median(name) for name in contenders)
+    today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"\n## {today}: remote diff (issue 17 item 1), two {size:.2f} GB checkpoints in S3\n",
+        f"Machine: {machine()}; local files on {file_system(big_a)}; S3: moto's server on "
+        "127.0.0.1 in the benchmark's process. Each row: median of "
+        f"{args.runs} whole-process runs (`/usr/bin/time -v`), contenders interleaved.\n",
+        "| command | wall s | peak RSS MiB | exit | runs (wall s) |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for name, (w, r, rc) in zip(contenders, (remote, local, download), strict=True):
+        walls = ", ".join(f"{x[0]:.2f}" for x in runs[name])
+        lines.append(f"| {name} | {w:.3f} | {r:.0f} | {rc} | {walls} |")
+    lines.append("")
+    lines.append("Requests the server answered for one remote diff (counted by the server):\n")
+    lines.append("| object | size | requests | body bytes sent |")
+    lines.append("| --- | ---: | ---: | ---: |")
+    for key, (n, sent) in per_file.items():
+        obj = big_a if key == keys["a"] else big_b
+        lines.append(f"| {key} | {obj.stat().st_size / 1e9:.2f} GB | {n} | {sent:,} |")
+    if other:
+        lines.append(f"| (other: bucket listings) | | {len(other)} | {sum(r.sent for r in other):,} |")
+    worst_n = max(n for n, _ in per_file.values())
+    worst_b = max(b for _, b in per_file.values())
+    lines.append("")
+    lines.append(
+        f"- per file: at most {worst_n} requests (goal <= 6), {worst_b / 1e6:.3f} MB "
+        f"(goal <= 1 MB); remote diff / local diff: **{remote[0] / local[0]:.2f}x** "
+        f"(goal <= 3x); download both + diff / remote diff: {download[0] / remote[0]:.0f}x"
+    )
+    lines.append(f"- the remote diff's exit: {counted[2]} (1: drift found, as locally)")
+    text = "\n".join(lines) + "\n"
+    with RESULTS.open("a") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
