@@ -47,6 +47,35 @@ sys.exit(subprocess.run([sys.executable, "-m", "ckptmigrate", "diff", *sys.argv[
 """
 
 
+Runs = dict[str, list[tuple[float, float, int]]]
+
+
+def median(runs: list[tuple[float, float, int]]) -> tuple[float, float, int]:
+    """Median wall time and peak RSS of ``runs``, and the last run's exit code."""
+    return (
+        statistics.median(r[0] for r in runs),
+        statistics.median(r[1] for r in runs),
+        runs[-1][2],
+    )
+
+
+def section(title: str, setting: str, runs: Runs) -> list[str]:
+    """A RESULTS.md section's heading, setting and table: one row a contender, its medians
+    and each run's wall time."""
+    today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"\n## {today}: {title}\n",
+        f"Machine: {machine()}; {setting}\n",
+        "| command | wall s | peak RSS MiB | exit | runs (wall s) |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for name, rs in runs.items():
+        w, r, rc = median(rs)
+        walls = ", ".join(f"{x[0]:.2f}" for x in rs)
+        lines.append(f"| {name} | {w:.3f} | {r:.0f} | {rc} | {walls} |")
+    return lines
+
+
 def file_system(path: Path) -> str:
     out = subprocess.run(["df", "-T", str(path)], capture_output=True, text=True).stdout
     rows = out.strip().splitlines()
@@ -98,7 +127,7 @@ def bench_http(args: argparse.Namespace, big_a: Path, big_b: Path) -> None:
             "`ckptmigrate diff` http:// A B (range reads)": [*CLI, "diff", *urls],
             "`ckptmigrate diff` A B on the local disk": [*CLI, "diff", str(big_a), str(big_b)],
         }
-        runs: dict[str, list[tuple[float, float, int]]] = {name: [] for name in contenders}
+        runs: Runs = {name: [] for name in contenders}
         for _ in range(args.runs):
             for name, cmd in contenders.items():
                 runs[name].append(timed(cmd))
@@ -125,28 +154,15 @@ def bench_http(args: argparse.Namespace, big_a: Path, big_b: Path) -> None:
 
         moto_get = statistics.median(moto_range() for _ in range(3))
 
-    def median(name: str) -> tuple[float, float, int]:
-        rs = runs[name]
-        return (
-            statistics.median(r[0] for r in rs),
-            statistics.median(r[1] for r in rs),
-            rs[-1][2],
-        )
-
-    remote, local = (median(name) for name in contenders)
-    today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [
-        f"\n## {today}: remote diff over https (issue 17 item 1), two {size:.2f} GB checkpoints\n",
-        f"Machine: {machine()}; local files on {file_system(big_a)}; the server: "
-        "`tests/object_stores.RangeServer` (http.server, a range read from disk) on 127.0.0.1 "
-        f"in the benchmark's process. Each row: median of {args.runs} whole-process runs "
-        "(`/usr/bin/time -v`), contenders interleaved.\n",
-        "| command | wall s | peak RSS MiB | exit | runs (wall s) |",
-        "| --- | ---: | ---: | ---: | --- |",
-    ]
-    for name, (w, r, rc) in zip(contenders, (remote, local), strict=True):
-        walls = ", ".join(f"{x[0]:.2f}" for x in runs[name])
-        lines.append(f"| {name} | {w:.3f} | {r:.0f} | {rc} | {walls} |")
+    remote, local = (median(runs[name]) for name in contenders)
+    lines = section(
+        f"remote diff over http:// (issue 17 item 1; loopback, no TLS), two {size:.2f} GB checkpoints",
+        f"local files on {file_system(big_a)}; the server: `tests/object_stores.RangeServer` "
+        "(http.server, a range read from disk) on 127.0.0.1 in the benchmark's process. Each "
+        f"row: median of {args.runs} whole-process runs (`/usr/bin/time -v`), contenders "
+        "interleaved.",
+        runs,
+    )
     lines.append("")
     for name, (n, sent) in per_file.items():
         lines.append(f"- {name}: {n} requests, {sent:,} body bytes sent")
@@ -193,7 +209,7 @@ def bench_s3(args: argparse.Namespace, big_a: Path, big_b: Path) -> None:
                 *copies,
             ],
         }
-        runs: dict[str, list[tuple[float, float, int]]] = {name: [] for name in contenders}
+        runs: Runs = {name: [] for name in contenders}
         download_name = list(contenders)[2]
         for i in range(max(args.runs, args.download_runs)):  # interleaved: a load spike
             for name, cmd in contenders.items():  # hits every contender alike
@@ -204,28 +220,15 @@ def bench_s3(args: argparse.Namespace, big_a: Path, big_b: Path) -> None:
                 for copy in copies:
                     Path(copy).unlink(missing_ok=True)
 
-    def median(name: str) -> tuple[float, float, int]:
-        rs = runs[name]
-        return (
-            statistics.median(r[0] for r in rs),
-            statistics.median(r[1] for r in rs),
-            rs[-1][2],
-        )
-
-    remote, local, download = (median(name) for name in contenders)
-    today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [
-        f"\n## {today}: remote diff (issue 17 item 1), two {size:.2f} GB checkpoints in S3\n",
-        f"Machine: {machine()}; local files on {file_system(big_a)}; S3: moto's server on "
-        "127.0.0.1 in the benchmark's process. Each row: median of "
-        f"{args.runs} whole-process runs (`/usr/bin/time -v`), contenders interleaved; the "
-        f"download row: {args.download_runs} run(s).\n",
-        "| command | wall s | peak RSS MiB | exit | runs (wall s) |",
-        "| --- | ---: | ---: | ---: | --- |",
-    ]
-    for name, (w, r, rc) in zip(contenders, (remote, local, download), strict=True):
-        walls = ", ".join(f"{x[0]:.2f}" for x in runs[name])
-        lines.append(f"| {name} | {w:.3f} | {r:.0f} | {rc} | {walls} |")
+    remote, local, download = (median(runs[name]) for name in contenders)
+    lines = section(
+        f"remote diff (issue 17 item 1), two {size:.2f} GB checkpoints in S3",
+        f"local files on {file_system(big_a)}; S3: moto's server on 127.0.0.1 in the "
+        f"benchmark's process. Each row: median of {args.runs} whole-process runs "
+        "(`/usr/bin/time -v`), contenders interleaved; the download row: "
+        f"{args.download_runs} run(s).",
+        runs,
+    )
     lines.append("")
     lines.append("Requests the server answered for one remote diff (counted by the server):\n")
     lines.append("| object | size | requests | body bytes sent |")

@@ -126,14 +126,19 @@ def _local_size(path: Path) -> int:
     return sum(p.stat().st_size for p in [path, *path.rglob("*")] if p.is_file())
 
 
+def _assert_same_info(tree: Path, server, name: str) -> None:
+    """``info --json`` of ``name`` behind ``server`` is its local record, but for the path."""
+    remote = _json(run(tree, "info", _url(server, name), "--json"))
+    local = _json(run(tree, "info", str(tree / name), "--json"))
+    assert remote.pop("path") == _url(server, name)
+    local.pop("path")
+    assert remote == local
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_info_of_an_s3_object_is_the_local_info_read_by_range(tree, s3, kind):
     name = KINDS[kind]
-    remote = _json(run(tree, "info", _url(s3, name), "--json"))
-    local = _json(run(tree, "info", str(tree / name), "--json"))
-    assert remote.pop("path") == _url(s3, name)
-    local.pop("path")
-    assert remote == local
+    _assert_same_info(tree, s3, name)
     requests = _object_requests(s3, name)
     per_object: dict[str, int] = {}
     for r in requests:
@@ -149,11 +154,7 @@ def test_info_of_an_s3_object_is_the_local_info_read_by_range(tree, s3, kind):
 @pytest.mark.parametrize("kind", ["torch zip", "safetensors", "sharded set by its index"])
 def test_info_over_https_is_the_local_info_read_by_range(tree, web, kind):
     name = KINDS[kind]
-    remote = _json(run(tree, "info", _url(web, name), "--json"))
-    local = _json(run(tree, "info", str(tree / name), "--json"))
-    assert remote.pop("path") == _url(web, name)
-    local.pop("path")
-    assert remote == local
+    _assert_same_info(tree, web, name)
     for path in {r.path for r in web.requests}:
         assert len(web.to(path)) <= MAX_REQUESTS, web.requests
     if kind != "sharded set by its index":
