@@ -41,7 +41,9 @@ from ..errors import CheckpointFormatError, RemoteStorageError
 
 __all__ = [
     "BLOCK_BYTES",
+    "DEFAULT_TIMEOUT",
     "Location",
+    "MAX_RANGE_BYTES",
     "RemoteFile",
     "RemotePath",
     "RemoteStore",
@@ -124,7 +126,7 @@ class RemoteStore:
     def url(self, key: str) -> str:
         return self.url_prefix + key
 
-    def _call(self, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def call(self, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """``fn(*args)`` against the server; its failures as ckptmigrate errors (a missing
         object stays a ``FileNotFoundError`` for the caller to say so)."""
         self.requests += 1
@@ -141,6 +143,13 @@ class RemoteStore:
         except Exception as exc:  # the protocol's own errors: botocore, aiohttp, timeouts...
             raise RemoteStorageError(self.url(key), _reason(exc)) from None
 
+    def remember(self, found: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """``found`` (fsspec's ``{name: info}`` of a listing), its infos kept for later asks."""
+        with self._lock:
+            for name, info in found.items():
+                self._infos.setdefault(_key(self, name), info)
+        return found
+
     def info(self, key: str) -> dict[str, Any] | None:
         """The object or folder at ``key`` (fsspec's info: ``size``, ``type``), None if none."""
         key = key.rstrip("/")
@@ -151,7 +160,7 @@ class RemoteStore:
             if parent in self._listed:
                 return self._infos.get(key)
         try:
-            found: dict[str, Any] | None = self._call(key, self.fs.info, key)
+            found: dict[str, Any] | None = self.call(key, self.fs.info, key)
         except FileNotFoundError:
             found = None
         with self._lock:
@@ -165,7 +174,7 @@ class RemoteStore:
             if key in self._listed:
                 return self._listed[key]
         try:
-            entries = self._call(key, self.fs.ls, key, detail=True)
+            entries = self.call(key, self.fs.ls, key, detail=True)
         except FileNotFoundError:
             entries = []
         entries = [e for e in entries if _key(self, e["name"]) != key]
@@ -194,7 +203,7 @@ class RemoteStore:
                 f"{MAX_RANGE_BYTES >> 20} MiB: no metadata read needs that much; the object's "
                 "claimed sizes are not a checkpoint's)",
             )
-        data = self._call(key, self._fetch, key, first, last, size)
+        data = self.call(key, self._fetch, key, first, last, size)
         self.bytes_read += len(data)
         if len(data) != last - first:
             raise RemoteStorageError(
@@ -400,14 +409,14 @@ class RemotePath:
 
     def rglob(self, pattern: str) -> Iterator[RemotePath]:
         """Every object under this folder whose name matches ``pattern``."""
-        self.store.requests += 1
         try:
-            found = self.store.fs.find(self.key, detail=True)
+            found = self.store.remember(
+                self.store.call(self.key, self.store.fs.find, self.key, detail=True)
+            )
         except FileNotFoundError:
             found = {}
-        for name, info in sorted(found.items()):
+        for name in sorted(found):
             key = _key(self.store, name)
-            self.store._infos.setdefault(key, info)
             child = RemotePath(self.store, key)
             if fnmatch.fnmatchcase(child.name, pattern):
                 yield child
