@@ -356,3 +356,14 @@ def test_a_missing_optional_package_names_the_extra_that_installs_it(tree, tmp_p
     line = one_error_line(run(tree, "info", f"s3://{BUCKET}/tree/a.pth", PYTHONPATH=path))
     assert "pip install 'ckptmigrate[remote]'" in line, line
     assert f"s3://{BUCKET}/tree/a.pth" in line
+
+
+def test_an_object_named_outside_its_folder_is_refused_before_any_copy(tree, s3):
+    name = f"escaped-{os.getpid()}.golden.pt"
+    client = s3.client()
+    client.put_object(Bucket=BUCKET, Key=f"hostile/fx/../../{name}", Body=b"not a record")
+    client.put_object(Bucket=BUCKET, Key="hostile/fx/a.golden.pt", Body=b"not a record")
+    line = one_error_line(run(tree, "check", f"s3://{BUCKET}/hostile/fx", timeout=120))
+    assert "is not a plain name under" in line and "refused" in line, line
+    assert not (Path(tempfile.gettempdir()) / name).exists()  # where ../.. of a copy lands
+    assert not [r for r in s3.requests if r.method == "GET" and "golden" in r.path]
