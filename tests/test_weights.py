@@ -369,3 +369,23 @@ def test_a_third_party_pack_publishes_weights_through_its_entry_point(published,
     assert done.returncode == 0, done.stderr
     [row] = json.loads(done.stdout)
     assert (row["schema"], row["name"], row["url"]) == ("toy", "stripes_v1", published["url"])
+
+
+def test_weights_in_an_object_store_download_once_by_ranged_reads(published, torch_home):
+    """An ``s3://`` URL (moto's S3 server on loopback): fetched into the same cache, verified,
+    upgraded; the second load reads the cache, not the bucket."""
+    pytest.importorskip("s3fs", reason="s3fs is not installed (pip install ckptmigrate[remote])")
+    from object_stores import s3_server
+
+    with s3_server() as s3:
+        s3.bucket("weights")
+        url = s3.upload(published["path"], "weights/toy/toy-1.0.0-a1.pth")
+        schema = listed(published, url=url)
+        ckpt = cm.load_weights(schema, "stripes_v1")
+        gets = len([r for r in s3.requests if r.method == "GET"])
+        assert str(ckpt.version) == "3.0.0" and gets >= 1
+        assert sha256(torch_home / "toy-1.0.0-a1.pth") == published["sha256"]
+        cm.load_weights(schema, "stripes_v1")
+        assert len([r for r in s3.requests if r.method == "GET"]) == gets  # the cache served
+        with pytest.raises(cm.WeightsDownloadError, match="s3://weights/toy/gone.pth"):
+            cm.load_weights(listed(published, url="s3://weights/toy/gone.pth"), "stripes_v1")

@@ -1,7 +1,8 @@
 """A file named by URL or path, on local disk with the sha256 it must have.
 
 Named weights (:mod:`ckptmigrate.schema.weights`) are fetched through here: a local path or
-``file://`` URL is read where it lies; an ``http://`` or ``https://`` URL is downloaded once
+``file://`` URL is read where it lies; an ``http://`` or ``https://`` URL, or an object store's
+(``s3://``, ``gs://``: any fsspec URL, with ``ckptmigrate[remote]``), is downloaded once
 into a cache folder (torch.hub's ``<hub dir>/checkpoints``, chosen by the caller) and read from
 there after. Every use hashes the whole file, cached or not, and refuses a mismatch: a cache
 that a crash, a full disk or a person changed is downloaded again, never trusted.
@@ -88,14 +89,9 @@ def fetch_verified(
     PosixPath('/home/me/.cache/torch/hub/checkpoints/a-3f2a.pth')
     """
     want = sha256.lower()
-    if not is_download(url):
-        scheme = urlsplit(url).scheme.lower()
-        if scheme not in ("", "file") and len(scheme) > 1:  # "C:" is a drive, not a scheme
-            raise WeightsDownloadError(
-                url,
-                f"{scheme}:// is not a source named weights are read from (http, https, "
-                "file or a path)",
-            )
+    scheme = urlsplit(url).scheme.lower()
+    remote = scheme not in ("", "file", "http", "https") and len(scheme) > 1  # "C:": a drive
+    if not is_download(url) and not remote:
         path = _local_path(url)
         if not path.is_file():
             raise PathNotFoundError(path, "weights file", "the file the named weights point to")
@@ -110,7 +106,8 @@ def fetch_verified(
     _remove_stale_partials(target)
     partial = target.with_name(f"{target.name}.{os.getpid()}{PARTIAL_SUFFIX}")
     try:
-        got = _download(url, partial, timeout=timeout, max_bytes=max_bytes)
+        fetch = _copy_object if remote else _download
+        got = fetch(url, partial, timeout=timeout, max_bytes=max_bytes)
         if got != want:
             raise WeightsHashMismatchError(url, want, got)
         os.replace(partial, target)
@@ -127,6 +124,36 @@ def _remove_stale_partials(target: Path) -> None:
             stale.unlink()
         except OSError:  # another process's download, finishing as we look
             pass
+
+
+def _copy_object(url: str, partial: Path, *, timeout: float, max_bytes: int | None) -> str:
+    """Stream the object at an fsspec URL (``s3://``, ``gs://``...) into ``partial`` (fsynced)
+    by ranged reads; return its sha256. Credentials come from the protocol's own chain; each
+    request waits as the remote readers' do (``CKPTMIGRATE_REMOTE_TIMEOUT``), not ``timeout``."""
+    from ..errors import CheckpointFormatError, RemoteStorageError
+    from ..formats.remote import RemotePath, location
+
+    try:
+        target = location(url)
+        if not isinstance(target, RemotePath):  # pragma: no cover - file:// is read in place
+            raise WeightsDownloadError(url, "not an object store URL")
+        size = target.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise WeightsDownloadError(
+                url, f"it is {size} bytes, more than the {max_bytes} allowed"
+            )
+        digest = hashlib.sha256()
+        with target.open() as source, open(partial, "wb") as out:
+            while chunk := source.read(CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+    except RemoteStorageError as exc:
+        raise WeightsDownloadError(url, exc.reason) from None
+    except CheckpointFormatError:  # the store answered: no such object
+        raise WeightsDownloadError(url, "no such object in its store") from None
+    return digest.hexdigest()
 
 
 def _download(url: str, partial: Path, *, timeout: float, max_bytes: int | None) -> str:
