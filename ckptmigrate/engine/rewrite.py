@@ -387,8 +387,13 @@ def rewrite(
     with permissions_from(src):  # a private source gives a private copy
         _check_output(source, target)
         on_stubs = metadata_only(plan.steps) and _copies(source, target, plan)
+        deferred = None if on_stubs else _run_deferred(source, target, plan, progress)
+        on_stubs = on_stubs or deferred is not None  # DCP: tensors read as they are written
         inputs = None if on_stubs else source.mapped()
-        new = plan.run(None if inputs is None else inputs.tensors, progress)
+        if deferred is not None:
+            new = deferred
+        else:
+            new = plan.run(None if inputs is None else inputs.tensors, progress)
         if before_write is not None:
             kept = before_write(plan)
             result.backup = None if kept is None else str(kept)
@@ -401,6 +406,32 @@ def rewrite(
         del inputs  # the mapped input stays alive until its bytes are copied
     result.written = str(target)
     return result
+
+
+def _run_deferred(
+    source: Source, dst: Path, plan: Plan, progress: Callable[..., Any] | None
+) -> Checkpoint | None:
+    """A DCP folder's plan of our own ops run on deferred tensors (:mod:`.deferred`): the
+    result's kept tensors are the folder's stubs, its new ones computed when written; None
+    when the plan needs the tensors loaded (a function step, an op the deferral cannot run)."""
+    from ..errors import MigrationError
+    from ..formats.dcp_rewrite import stubs_complete
+    from .deferred import defer_dcp, deferrable
+
+    if source.format != "dcp" or not deferrable(plan.steps) or not stubs_complete(source.stubs):
+        return None
+    ckpt, settle = defer_dcp(source.path, source.stubs)
+    try:
+        return settle(plan.run(ckpt, progress))
+    except MigrationError as exc:
+        if isinstance(exc.__cause__, NotReplayableError):
+            return None
+        raise
+
+
+def _dcp_safetensors(source: Source, dst: Path) -> bool:
+    """Whether a DCP folder is written out as one safetensors file."""
+    return source.format == "dcp" and dst.suffix == ".safetensors"
 
 
 def _output_file(source: Source, dst: Path) -> Path:
@@ -419,6 +450,8 @@ def _copies(source: Source, dst: Path, plan: Plan) -> bool:
     """Whether the output's writer copies the bytes of tensors a stub run keeps."""
     if source.format == "sharded":
         return True
+    if _dcp_safetensors(source, dst):
+        return False  # read tensor by tensor (_run_deferred), not linked
     if source.format == "dcp":
         from ..formats.dcp_rewrite import stubs_complete
 
@@ -463,7 +496,18 @@ def write(
     """
     result.src, result.dst, result.format = source.path, dst, source.format
     result.layout = new.layout
-    if source.format == "dcp":
+    if _dcp_safetensors(source, dst) and on_stubs:
+        from ..formats.dcp_tensors import write_dcp_safetensors
+        from ..io.files import write_checkpoint
+
+        try:
+            result.bytes_through_python = write_dcp_safetensors(source.path, new, dst)
+        except NotReplayableError:  # a chunk stored compressed: loaded, then saved
+            write_checkpoint(dst, redo()[0])
+        else:
+            result.format, result.streamed = "safetensors", True
+        return
+    if source.format == "dcp" and not _dcp_safetensors(source, dst):
         _write_dcp(source, new, dst, result, redo if on_stubs else None)
         return
     if source.sset is not None:

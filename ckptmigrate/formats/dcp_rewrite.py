@@ -43,6 +43,7 @@ from .dcp import (
     read_dcp_metadata_checkpoint,
     write_swapped,
 )
+from .dcp_tensors import NewTensor, save_dcp_chunk
 from .layout import assemble
 from .torch import MAX_PICKLE_BYTES, check_torch_bytes
 
@@ -198,6 +199,7 @@ def rewrite_dcp_metadata(
     planner: dict[str, tuple[Any, ...]] = {}
     storage: dict[Any, Any] = {}
     values = io.BytesIO()
+    fresh: list[tuple[str, NewTensor]] = []
     like = next(iter(md.storage_data.values()), None)
     for route, leaf in leaves:
         fqn = ".".join(map(str, route))
@@ -205,6 +207,11 @@ def rewrite_dcp_metadata(
             old = leaf.info.storage_key
         elif isinstance(leaf, DcpValue) and leaf.fqn in md.state_dict_metadata:
             old = leaf.fqn
+        elif isinstance(leaf, NewTensor):  # computed and written when the folder is filled
+            fresh.append((fqn, leaf))
+            entries[fqn] = None  # its place kept: filled once written
+            planner[fqn] = route
+            continue
         elif hasattr(leaf, "__torch_function__") or isinstance(leaf, (TensorStub, DcpValue)):
             raise NotReplayableError(f"{fqn!r} is a tensor the DCP folder does not hold")
         else:  # a value the plan changed: torch.save'd, as DCP stores values
@@ -222,21 +229,37 @@ def rewrite_dcp_metadata(
     out = dataclasses.replace(
         md, state_dict_metadata=entries, planner_data=planner, storage_data=storage
     )
-    unchanged = not values.tell() and (entries, planner, storage) == (
-        md.state_dict_metadata,
-        md.planner_data,
-        md.storage_data,
+    unchanged = (
+        not values.tell()
+        and not fresh
+        and (entries, planner, storage)
+        == (
+            md.state_dict_metadata,
+            md.planner_data,
+            md.storage_data,
+        )
     )
-    data_files = sorted({info.relative_path for info in storage.values()} - {VALUES_FILE})
+    # every rank file of the source is kept (linked): the folder keeps its number of rank files
+    data_files = sorted(
+        {info.relative_path for info in (*storage.values(), *md.storage_data.values())}
+        - {VALUES_FILE}
+    )
+    carried = {index: info for index, info in storage.items() if info.relative_path == VALUES_FILE}
     done = DcpRewritten()
 
     def fill(tmp: Path) -> None:
+        nonlocal out
         tmp.mkdir()
         for name in data_files:
             _link_or_copy(src / name, tmp / name, done)
-        if values.tell():
+        if values.tell() or fresh or carried:
             with atomic_file(tmp / VALUES_FILE) as f:
                 f.write(values.getbuffer())
+                _carry_values(src / VALUES_FILE, f, carried, storage, like)
+                for fqn, pending in fresh:
+                    entries[fqn], index, info = _write_new(f, fqn, pending, like)
+                    storage[index] = info
+            out = dataclasses.replace(out, state_dict_metadata=entries, storage_data=storage)
         if unchanged:  # a stamp: DCP's own .metadata kept byte for byte
             _link_or_copy(src / METADATA_FILE, tmp / METADATA_FILE, DcpRewritten())
             return
@@ -260,3 +283,46 @@ def _storage_info(like: Any, name: str, offset: int, length: int) -> Any:
     return dataclasses.replace(
         like, relative_path=name, offset=offset, length=length, transform_descriptors=None
     )
+
+
+def _carry_values(
+    old_file: Path, f: Any, carried: dict[Any, Any], storage: dict[Any, Any], like: Any
+) -> None:
+    """Entries kept from the source's own values file (tensors an earlier rewrite wrote
+    there): their bytes copied into the new one, which replaces it."""
+    if not carried:
+        return
+    with open(old_file, "rb") as old:
+        for index, info in carried.items():
+            old.seek(info.offset)
+            offset = f.tell()
+            f.write(old.read(info.length))
+            storage[index] = _storage_info(like, VALUES_FILE, offset, info.length)
+
+
+def _write_new(f: Any, fqn: str, pending: NewTensor, like: Any) -> tuple[Any, Any, Any]:
+    """Compute ``pending`` and append it to the values file as one chunk: its entry, its
+    storage index and record."""
+    import torch
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    tensor = pending.compute()
+    if tuple(tensor.shape) != tuple(pending.shape) or str(tensor.dtype) != f"torch.{pending.dtype}":
+        raise CheckpointFormatError(
+            f"{fqn!r} came out {tensor.dtype} of shape {tuple(tensor.shape)}, but was planned "
+            f"as {pending.dtype} of shape {tuple(pending.shape)}"
+        )
+    offset, length = save_dcp_chunk(f, tensor)
+    zeros = torch.Size([0] * tensor.dim())
+    entry = TensorStorageMetadata(
+        properties=TensorProperties(dtype=tensor.dtype),
+        size=torch.Size(tensor.shape),
+        chunks=[ChunkStorageMetadata(offsets=zeros, sizes=torch.Size(tensor.shape))],
+    )
+    del tensor
+    return entry, MetadataIndex(fqn, zeros, 0), _storage_info(like, VALUES_FILE, offset, length)

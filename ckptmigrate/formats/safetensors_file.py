@@ -151,6 +151,13 @@ def read_safetensors(
 
 def write_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
     """Write ``ckpt`` as a safetensors file: tensors only, our parts in the header."""
+    write_safetensors(path, ckpt.state_dict, {}, passthrough=checkpoint_header(ckpt))
+
+
+def checkpoint_header(ckpt: Checkpoint) -> dict[str, str]:
+    """The header strings of ``ckpt`` as a safetensors file: its stamp, hparams, meta and
+    module metadata as JSON, another tool's strings kept; refused (:class:`CheckpointWriteError`)
+    when it holds what a safetensors file cannot (optimizer state, extra entries)."""
     from ..values.stamp import stamp_of
 
     stamp = stamp_of(ckpt)
@@ -161,17 +168,23 @@ def write_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
             "a .safetensors file holds tensors only, but this checkpoint has optimizer "
             f"state or extra entries ({', '.join(extra) or 'optimizer'}): save it as .pth"
         )
-    write_safetensors(
-        path,
-        ckpt.state_dict,
-        {
-            STAMP: stamp,
-            HPARAMS: ckpt.hparams if stamp or ckpt.hparams else None,
-            META: ckpt.meta if stamp or ckpt.meta else None,
-            MODULE_METADATA: ckpt.module_metadata,
-        },
-        passthrough=passthrough if isinstance(passthrough, dict) else None,
-    )
+    header: dict[str, str] = dict(passthrough) if isinstance(passthrough, dict) else {}
+    for key, value in (
+        (STAMP, stamp),
+        (HPARAMS, ckpt.hparams if stamp or ckpt.hparams else None),
+        (META, ckpt.meta if stamp or ckpt.meta else None),
+        (MODULE_METADATA, ckpt.module_metadata),
+    ):
+        if value is None:
+            continue
+        try:
+            header[key] = json.dumps(value, sort_keys=False)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointWriteError(
+                f"{key.split('.')[-1]} must be JSON-serialisable for a .safetensors file ({exc}); "
+                "keep plain numbers, strings, lists and dicts there, or save as .pth"
+            ) from None
+    return header
 
 
 def write_safetensors(

@@ -1,0 +1,202 @@
+"""One DCP tensor at a time: read from its chunks in the rank files, or written as DCP does.
+
+DCP's ``FileSystemWriter`` stores each tensor chunk as a ``torch.save`` archive of that chunk
+at ``storage_data``'s (file, offset, length), keyed by ``MetadataIndex(fqn, offsets, index)``;
+``state_dict_metadata[fqn].chunks`` says where each chunk lies in the whole tensor (a tensor
+sharded across ranks has one chunk a rank). :func:`read_dcp_tensor` reads the chunks of one
+tensor and assembles it, so no other tensor is read; :func:`save_dcp_chunk` appends a tensor
+to a rank file the way DCP's writer does, so DCP's own loader (and ours) reads it back.
+
+Each archive's pickle passes the decode budget (:func:`~.torch.check_torch_bytes`) before
+``torch.load(weights_only=True)`` reads it from a view of its byte range (no copy of the file
+in memory); a chunk whose shape or dtype is not what ``.metadata`` declares is refused.
+
+>>> w = read_dcp_tensor("ckpt/step-100", md, "model.fc.weight")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from ..errors import CheckpointFormatError, CheckpointWriteError, NotReplayableError
+from ..values.checkpoint import Checkpoint
+from ..values.tensorinfo import TensorStub
+from .detect import open_regular_file
+from .torch import check_torch_bytes
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["NewTensor", "read_dcp_tensor", "save_dcp_chunk", "write_dcp_safetensors"]
+
+
+@dataclass
+class NewTensor:
+    """A tensor a rewrite writes anew: its shape and dtype (for headers written first), and
+    how to compute its values when its turn comes (one tensor in memory at a time)."""
+
+    shape: tuple[int, ...]
+    dtype: str  # a torch dtype's name: "float32"
+    compute: Callable[[], torch.Tensor]
+
+
+class _ByteRange(io.RawIOBase):
+    """A read-only, seekable view of ``length`` bytes of ``file`` from ``start``."""
+
+    def __init__(self, file: BinaryIO, start: int, length: int) -> None:
+        super().__init__()
+        self._file, self._start, self._length, self._pos = file, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        want = max(0, min(len(view), self._length - self._pos))
+        if not want:
+            return 0
+        got = os.preadv(self._file.fileno(), [view[:want]], self._start + self._pos)
+        self._pos += got
+        return got
+
+
+def _chunk_infos(md: Any, fqn: str) -> list[tuple[Any, Any]]:
+    """Each chunk of ``fqn``: its ``ChunkStorageMetadata`` and its storage record."""
+    entry = md.state_dict_metadata[fqn]
+    found = {}
+    for index, info in md.storage_data.items():
+        if index.fqn == fqn:
+            found[tuple(index.offset or ())] = info
+    out = []
+    for chunk in entry.chunks:
+        info = found.get(tuple(chunk.offsets))
+        if info is None:
+            raise CheckpointFormatError(
+                f"DCP entry {fqn!r} has a chunk at {tuple(chunk.offsets)} that storage_data "
+                "does not place in any file"
+            )
+        if getattr(info, "transform_descriptors", None):
+            raise NotReplayableError(f"DCP entry {fqn!r} is stored transformed (compressed)")
+        out.append((chunk, info))
+    return out
+
+
+def _read_chunk(folder: Path, info: Any, what: str) -> torch.Tensor:
+    import torch
+
+    with open_regular_file(folder / info.relative_path) as f:
+        view = _ByteRange(f, info.offset, info.length)
+        check_torch_bytes(view, what=what, path=folder / info.relative_path)
+        try:
+            loaded = torch.load(view, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointFormatError(
+                f"{what} could not be read ({type(exc).__name__}: {exc})",
+                path=folder / info.relative_path,
+            ) from None
+    if not isinstance(loaded, torch.Tensor):
+        raise CheckpointFormatError(
+            f"{what} holds a {type(loaded).__name__}, not a tensor", path=folder
+        )
+    return loaded
+
+
+def read_dcp_tensor(folder: str | os.PathLike[str], md: Any, fqn: str) -> torch.Tensor:
+    """The tensor ``fqn`` of the DCP folder whose decoded ``.metadata`` is ``md``, assembled
+    from its chunks (one chunk: that chunk itself), reading nothing else."""
+    import torch
+
+    folder = Path(folder)
+    entry = md.state_dict_metadata[fqn]
+    shape = tuple(entry.size)
+    dtype = entry.properties.dtype
+    parts = _chunk_infos(md, fqn)
+    out: torch.Tensor | None = None
+    for i, (chunk, info) in enumerate(parts):
+        what = f"chunk {i} of DCP entry {fqn!r}"
+        part = _read_chunk(folder, info, what)
+        if tuple(part.shape) != tuple(chunk.sizes) or part.dtype != dtype:
+            raise CheckpointFormatError(
+                f"{what} is a {part.dtype} tensor of shape {tuple(part.shape)}, but .metadata "
+                f"declares {dtype} of shape {tuple(chunk.sizes)}",
+                path=folder / info.relative_path,
+            )
+        if len(parts) == 1 and tuple(chunk.sizes) == shape:
+            return part
+        if out is None:
+            out = torch.zeros(shape, dtype=dtype)
+        view = out
+        for dim, (start, size) in enumerate(zip(chunk.offsets, chunk.sizes)):
+            view = view.narrow(dim, start, size)
+        view.copy_(part)
+        del part
+    if out is None:  # a tensor with no chunks: nothing stored (numel 0)
+        out = torch.zeros(shape, dtype=dtype)
+    return out
+
+
+def save_dcp_chunk(file: BinaryIO, tensor: torch.Tensor) -> tuple[int, int]:
+    """Append ``tensor`` to the rank file ``file`` as DCP's writer stores a chunk (a
+    ``torch.save`` archive of exactly its elements); returns its (offset, length)."""
+    tensor = tensor.detach().cpu()
+    if (
+        not tensor.is_contiguous()
+        or tensor.storage_offset()
+        or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size()
+    ):
+        tensor = tensor.contiguous().clone()  # torch.save writes a view's whole storage
+    import torch
+
+    offset = file.tell()
+    torch.save(tensor, file)
+    return offset, file.tell() - offset
+
+
+def write_dcp_safetensors(
+    src: str | os.PathLike[str], new: Checkpoint, dst: str | os.PathLike[str]
+) -> int:
+    """Write ``new`` (read from the DCP folder ``src``: its stubs kept as stored, its
+    :class:`NewTensor` computed) as the safetensors file ``dst``, tensor by tensor: the
+    header first, then each tensor read from its chunks (or computed) and written, one in
+    memory at a time. Returns the data bytes written.
+
+    >>> write_dcp_safetensors("ckpt/step-100", stubs, "model.safetensors")  # doctest: +SKIP
+    """
+    from .dcp import read_dcp_metadata
+    from .safetensors_copy import write_safetensors_streamed
+    from .safetensors_file import checkpoint_header
+
+    src = Path(src)
+    md = read_dcp_metadata(src, torch_classes=True)
+    header = checkpoint_header(dataclasses.replace(new, state_dict={}, layout="ckptmigrate"))
+    entries: list[tuple[str, tuple[int, ...], str, Callable[[], Any]]] = []
+    for key, leaf in new.state_dict.items():
+        if isinstance(leaf, NewTensor):
+            entries.append((key, tuple(leaf.shape), leaf.dtype, leaf.compute))
+        elif isinstance(leaf, TensorStub) and leaf.info.storage_key in md.state_dict_metadata:
+            read = functools.partial(read_dcp_tensor, src, md, leaf.info.storage_key)
+            entries.append((key, tuple(leaf.shape), leaf.dtype, read))
+        else:
+            raise CheckpointWriteError(
+                f"safetensors holds tensors only, but {key!r} is a {type(leaf).__name__}: "
+                "write this checkpoint as a DCP folder or a .pth instead"
+            )
+    return write_safetensors_streamed(dst, entries, header)

@@ -1,0 +1,328 @@
+"""DCP tensor ops without loading DCP, and DCP -> safetensors, tensor by tensor.
+
+A plan with ``Merge``, ``Split`` or ``Cast`` on a DCP folder reads only the tensors it
+touches (each from its chunks in the rank files), writes the results into one new values
+file, and keeps every other entry's storage: the rank files are hard links of the old ones,
+as many as there were. ``upgrade DCP -o OUT.safetensors`` writes the header first, then each
+tensor as it is read. Two gloo ranks load the folder into the new model; safetensors' own
+loader reads the file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from crash_points import events_of, killed_child, spread_keeping_steps
+from torch.distributed.checkpoint import FileSystemWriter
+
+import ckptmigrate as cm
+from ckptmigrate.errors import UnsafeCheckpointError
+from ckptmigrate.formats.atomic import TEMP_MARKER
+from ckptmigrate.formats.dcp import METADATA_FILE, SafeFileSystemReader, read_dcp_metadata
+from ckptmigrate.formats.dcp_rewrite import VALUES_FILE
+from ckptmigrate.formats.folder_swap import finish_interrupted_swap
+from ckptmigrate.io.files import read_checkpoint, read_metadata
+
+if not (dist.is_available() and dist.is_gloo_available()):
+    pytest.skip("this torch build has no torch.distributed gloo backend", allow_module_level=True)
+
+from gloo_ranks import init_ranks, run_ranks  # noqa: E402
+
+EXACT = {"rtol": 0.0, "atol": 0.0}  # copies and concatenations: the stored values themselves
+
+
+def _model_sd() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "layers.0.q": torch.randn(64, 32, generator=gen),
+        "layers.0.k": torch.randn(64, 32, generator=gen),
+        "layers.0.fused": torch.randn(48, 16, generator=gen),
+        "layers.0.norm": torch.randn(32, generator=gen),
+        "head.weight": torch.randn(10, 32, generator=gen).double(),
+        "embed.weight": torch.randn(100, 32, generator=gen),  # never touched
+    }
+
+
+def _schema() -> cm.Schema:
+    """lm 1 -> 2: q and k merged, ``fused`` split in three, ``norm`` cast to bf16, a rename."""
+    schema = cm.Schema("lm", current="2.0.0")
+    schema.add_migration(
+        "1.0.0",
+        "2.0.0",
+        [
+            cm.ops.Merge(["{p}.q", "{p}.k"], "{p}.qk", dim=0),
+            cm.ops.Split("{p}.fused", ["{p}.a", "{p}.b", "{p}.c"], dim=0),
+            cm.ops.Cast("{p}.norm", dtype="bfloat16"),
+            cm.ops.RenamePrefix("head.", "lm_head."),
+        ],
+    )
+    return schema
+
+
+def _expected() -> dict[str, torch.Tensor]:
+    sd = _model_sd()
+    a, b, c = torch.chunk(sd["layers.0.fused"], 3, dim=0)
+    return {
+        "layers.0.qk": torch.cat([sd["layers.0.q"], sd["layers.0.k"]], dim=0),
+        "layers.0.a": a,
+        "layers.0.b": b,
+        "layers.0.c": c,
+        "layers.0.norm": sd["layers.0.norm"].to(torch.bfloat16),  # torch's own cast
+        "lm_head.weight": sd["head.weight"],
+        "embed.weight": sd["embed.weight"],
+    }
+
+
+def _save(folder: Path, state: dict | None = None) -> None:
+    writer = FileSystemWriter(folder, thread_count=2)  # two rank files: __0_0, __0_1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # single process, no process group
+        dcp.save(state or {"model": _model_sd()}, storage_writer=writer)
+
+
+def _rank_files(folder: Path) -> dict[str, os.stat_result]:
+    return {p.name: p.stat() for p in folder.glob("*.distcp") if p.name != VALUES_FILE}
+
+
+def _assert_values(got: dict[str, torch.Tensor]) -> None:
+    want = _expected()
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype, key
+        torch.testing.assert_close(got[key], value, **EXACT)
+
+
+@pytest.fixture()
+def saved(tmp_path: Path) -> Path:
+    folder = tmp_path / "step-100"
+    _save(folder)
+    return folder
+
+
+def test_tensor_ops_keep_the_rank_files_and_write_only_the_results(saved, tmp_path):
+    before = {name: (saved / name).read_bytes() for name in _rank_files(saved)}
+    out = tmp_path / "v2"
+    result = cm.upgrade_file(saved, out, _schema(), from_version="1.0.0")
+    assert result.streamed  # not loaded whole and saved as one rank
+    old, new = _rank_files(saved), _rank_files(out)
+    assert sorted(new) == sorted(old) and len(new) == 2  # the number of rank files kept
+    for name, st in new.items():
+        assert (st.st_ino, st.st_dev) == (old[name].st_ino, old[name].st_dev), name
+        assert (saved / name).read_bytes() == before[name], name
+    assert (out / VALUES_FILE).exists()
+    touched = sum(v.numel() * v.element_size() for k, v in _expected().items() if "layers" in k)
+    written = (out / VALUES_FILE).stat().st_size
+    assert touched <= written < touched + 64 * 1024, (touched, written)
+    _assert_values(read_checkpoint(out).state_dict)
+
+
+def test_tensors_the_plan_does_not_touch_are_never_read(saved, tmp_path):
+    md = read_dcp_metadata(saved, torch_classes=True)
+    (info,) = [i for idx, i in md.storage_data.items() if idx.fqn == "model.embed.weight"]
+    with open(saved / info.relative_path, "r+b") as f:  # its archive wrecked on disk
+        f.seek(info.offset)
+        f.write(b"\0" * info.length)
+    out = tmp_path / "v2"
+    result = cm.upgrade_file(saved, out, _schema(), from_version="1.0.0")
+    assert result.streamed
+    assert sorted(read_metadata(out).state_dict) == sorted(_expected())
+    want = {k: v for k, v in _expected().items() if k != "embed.weight"}  # still wrecked
+    model = {k: torch.zeros_like(v) for k, v in want.items()}
+    dcp.load({"model": model}, storage_reader=SafeFileSystemReader(out), no_dist=True)
+    for key, value in want.items():
+        torch.testing.assert_close(model[key], value, **EXACT)
+
+
+def _load_worker(rank: int, store: str, folder: str) -> None:
+    init_ranks(rank, store)
+    try:
+        expected = _expected()
+        model = {k: torch.zeros_like(v) for k, v in expected.items()}
+        dcp.load({"model": model}, storage_reader=SafeFileSystemReader(folder))
+        for key, value in expected.items():
+            torch.testing.assert_close(model[key], value, **EXACT)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_result_loads_on_two_gloo_ranks_into_the_new_model(saved, tmp_path):
+    out = tmp_path / "v2"
+    assert cm.upgrade_file(saved, out, _schema(), from_version="1.0.0").streamed
+    run_ranks(_load_worker, str(tmp_path / "store"), str(out))
+
+
+def _sharded_save_worker(rank: int, store: str, folder: str) -> None:
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_ranks(rank, store)
+    try:
+        full = _model_sd()
+        model = {
+            "layers.0.q": distribute_tensor(full["layers.0.q"], mesh, [Shard(0)]),
+            "layers.0.k": distribute_tensor(full["layers.0.k"], mesh, [Shard(1)]),
+            **{k: v for k, v in full.items() if k not in ("layers.0.q", "layers.0.k")},
+        }
+        dcp.save({"model": model}, checkpoint_id=folder)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_tensor_sharded_across_ranks_is_assembled_from_its_chunks(tmp_path):
+    src = tmp_path / "sharded"
+    run_ranks(_sharded_save_worker, str(tmp_path / "store"), str(src))
+    assert len(_rank_files(src)) == 2
+    out = tmp_path / "v2"
+    assert cm.upgrade_file(src, out, _schema(), from_version="1.0.0").streamed
+    assert sorted(_rank_files(out)) == sorted(_rank_files(src))
+    _assert_values(read_checkpoint(out).state_dict)
+    st = tmp_path / "v2.safetensors"
+    assert cm.upgrade_file(src, st, _schema(), from_version="1.0.0").streamed
+    from safetensors.torch import load_file
+
+    _assert_values(load_file(st))
+
+
+def test_a_hostile_metadata_is_refused_before_anything_is_written(saved, tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch pwned",))
+
+    (saved / METADATA_FILE).write_bytes(pickle.dumps(Boom()))
+    for out in (tmp_path / "v2", tmp_path / "v2.safetensors"):
+        with pytest.raises(UnsafeCheckpointError):
+            cm.upgrade_file(saved, out, _schema(), from_version="1.0.0")
+        assert not out.exists()
+    assert not (Path.cwd() / "pwned").exists()
+
+
+def test_a_kill_during_the_tensor_rewrite_leaves_the_old_folder_or_the_new(tmp_path, monkeypatch):
+    originals = tmp_path / "originals"
+    _save(originals)
+    target = tmp_path / "work" / "step-100"
+    target.parent.mkdir()
+
+    def fresh() -> None:
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(originals, target)
+
+    def action() -> None:
+        assert cm.upgrade_file(target, target, _schema(), from_version="1.0.0").streamed
+
+    fresh()
+    events = events_of(action, monkeypatch)
+    outcomes = {"old": 0, "new": 0}
+    for spec in spread_keeping_steps(events, 12):
+        fresh()
+        status = killed_child(spec, action, quiet=True)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, spec
+        finish_interrupted_swap(target)  # what the next command does first
+        loaded = read_checkpoint(target).state_dict
+        if sorted(loaded) == sorted(_model_sd()):
+            outcomes["old"] += 1
+            for key, value in _model_sd().items():
+                torch.testing.assert_close(loaded[key], value, **EXACT)
+        else:
+            outcomes["new"] += 1
+            _assert_values(loaded)
+    assert outcomes["old"] and outcomes["new"], outcomes
+
+
+# --- DCP -> safetensors ---------------------------------------------------------------------
+
+
+def test_upgrade_to_safetensors_streams_and_equals_dcps_own_load(saved, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    out = tmp_path / "model.safetensors"
+    result = cm.upgrade_file(saved, out, _schema(), from_version="1.0.0")
+    assert result.streamed and result.format == "safetensors"
+    _assert_values(load_file(out))
+    with safe_open(out, framework="pt") as f:
+        assert '"2.0.0"' in f.metadata()["ckptmigrate.stamp"]
+    stamped = read_checkpoint(out)
+    assert (stamped.schema, str(stamped.version)) == ("lm", "2.0.0")
+    # a rename-only plan: every tensor copied from DCP, equal to DCP's own load
+    plain = cm.Schema("lm", current="2.0.0")
+    plain.add_migration("1.0.0", "2.0.0", [cm.ops.RenamePrefix("head.", "lm_head.")])
+    out2 = tmp_path / "plain.safetensors"
+    assert cm.upgrade_file(saved, out2, plain, from_version="1.0.0").streamed
+    state = {"model": {k: torch.zeros_like(v) for k, v in _model_sd().items()}}
+    dcp.load(state, storage_reader=SafeFileSystemReader(saved), no_dist=True)
+    got = load_file(out2)
+    for key, value in state["model"].items():
+        torch.testing.assert_close(got[key.replace("head.", "lm_head.")], value, **EXACT)
+
+
+def test_transformers_from_pretrained_reads_the_converted_file(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=16, n_positions=8)
+    model = transformers.GPT2LMHeadModel(config)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if "attn.bias" not in k}
+    src = tmp_path / "dcp"
+    _save(src, {"model": sd})
+    schema = cm.Schema("gpt2", current="1.0.0")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    config.save_pretrained(folder)
+    cm.upgrade_file(src, folder / "model.safetensors", schema, from_version="1.0.0")
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(folder)
+    for key, value in sd.items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, **EXACT)
+
+
+def test_the_cli_converts_a_dcp_folder_to_one_safetensors_file(saved, tmp_path):
+    mig = tmp_path / "migs.py"
+    mig.write_text(
+        "import ckptmigrate as cm\n"
+        "schema = cm.Schema('lm', current='2.0.0')\n"
+        "schema.add_migration('1.0.0', '2.0.0', [cm.ops.Merge(['{p}.q', '{p}.k'], '{p}.qk'),"
+        " cm.ops.Split('{p}.fused', ['{p}.a', '{p}.b', '{p}.c']),"
+        " cm.ops.Cast('{p}.norm', dtype='bfloat16'), cm.ops.RenamePrefix('head.', 'lm_head.')])\n"
+    )
+    out = tmp_path / "out.safetensors"
+    done = subprocess.run(
+        [sys.executable, "-m", "ckptmigrate", "upgrade", str(saved), "-o", str(out)]
+        + ["--migrations", str(mig), "--schema", "lm", "--from-version", "1.0.0"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert done.returncode == 0, done.stderr
+    from safetensors.torch import load_file
+
+    _assert_values(load_file(out))
+
+
+def test_a_kill_while_writing_safetensors_leaves_no_partial_file(saved, tmp_path, monkeypatch):
+    out = tmp_path / "model.safetensors"
+
+    def action() -> None:
+        cm.upgrade_file(saved, out, _schema(), from_version="1.0.0")
+
+    events = events_of(action, monkeypatch)
+    out.unlink()
+    for spec in spread_keeping_steps(events, 8):
+        status = killed_child(spec, action, quiet=True)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, spec
+        names = [p.name for p in tmp_path.iterdir() if p.name.startswith("model")]
+        if out.exists():
+            from safetensors.torch import load_file
+
+            _assert_values(load_file(out))
+            out.unlink()
+        else:
+            assert all(TEMP_MARKER in n for n in names), names
