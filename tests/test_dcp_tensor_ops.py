@@ -54,9 +54,9 @@ def _model_sd() -> dict[str, torch.Tensor]:
     }
 
 
-def _schema() -> cm.Schema:
+def _schema(current: str = "2.0.0") -> cm.Schema:
     """lm 1 -> 2: q and k merged, ``fused`` split in three, ``norm`` cast to bf16, a rename."""
-    schema = cm.Schema("lm", current="2.0.0")
+    schema = cm.Schema("lm", current=current)
     schema.add_migration(
         "1.0.0",
         "2.0.0",
@@ -326,3 +326,15 @@ def test_a_kill_while_writing_safetensors_leaves_no_partial_file(saved, tmp_path
             out.unlink()
         else:
             assert all(TEMP_MARKER in n for n in names), names
+
+
+def test_a_later_rename_keeps_the_tensors_an_earlier_rewrite_wrote(saved, tmp_path):
+    v2 = tmp_path / "v2"
+    cm.upgrade_file(saved, v2, _schema(), from_version="1.0.0")
+    schema = _schema(current="3.0.0")
+    schema.add_migration("2.0.0", "3.0.0", [cm.ops.RenamePrefix("layers.", "blocks.")])
+    v3 = tmp_path / "v3"
+    assert cm.upgrade_file(v2, v3, schema).streamed  # a new .metadata, values carried over
+    assert sorted(_rank_files(v3)) == sorted(_rank_files(saved))
+    got = {k.replace("blocks.", "layers."): v for k, v in read_checkpoint(v3).state_dict.items()}
+    _assert_values(got)

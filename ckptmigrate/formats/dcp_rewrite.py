@@ -200,6 +200,7 @@ def rewrite_dcp_metadata(
     storage: dict[Any, Any] = {}
     values = io.BytesIO()
     fresh: list[tuple[str, NewTensor]] = []
+    carried: dict[Any, Any] = {}
     like = next(iter(md.storage_data.values()), None)
     for route, leaf in leaves:
         fqn = ".".join(map(str, route))
@@ -226,6 +227,8 @@ def rewrite_dcp_metadata(
         planner[fqn] = route
         for index, info in chunks.get(old, []):
             storage[dataclasses.replace(index, fqn=fqn)] = info
+            if info.relative_path == VALUES_FILE:  # an earlier rewrite's: carried over
+                carried[dataclasses.replace(index, fqn=fqn)] = info
     out = dataclasses.replace(
         md, state_dict_metadata=entries, planner_data=planner, storage_data=storage
     )
@@ -241,10 +244,12 @@ def rewrite_dcp_metadata(
     )
     # every rank file of the source is kept (linked): the folder keeps its number of rank files
     data_files = sorted(
-        {info.relative_path for info in (*storage.values(), *md.storage_data.values())}
+        (
+            {info.relative_path for info in storage.values()}
+            | {p.name for p in src.glob("*.distcp") if p.is_file() and not p.is_symlink()}
+        )
         - {VALUES_FILE}
     )
-    carried = {index: info for index, info in storage.items() if info.relative_path == VALUES_FILE}
     done = DcpRewritten()
 
     def fill(tmp: Path) -> None:
