@@ -338,3 +338,47 @@ def test_a_later_rename_keeps_the_tensors_an_earlier_rewrite_wrote(saved, tmp_pa
     assert sorted(_rank_files(v3)) == sorted(_rank_files(saved))
     got = {k.replace("blocks.", "layers."): v for k, v in read_checkpoint(v3).state_dict.items()}
     _assert_values(got)
+
+
+def test_upgrade_to_a_sharded_set_writes_shards_then_the_index(saved, tmp_path, monkeypatch):
+    from ckptmigrate.formats import dcp_tensors
+
+    monkeypatch.setattr(dcp_tensors, "MAX_SHARD_BYTES", 16 * 1024)  # several shards
+    index = tmp_path / "out" / "model.safetensors.index.json"
+    result = cm.upgrade_file(saved, index, _schema(), from_version="1.0.0")
+    assert result.streamed and result.format == "sharded"
+    shards = sorted(p.name for p in index.parent.glob("model-*.safetensors"))
+    assert len(shards) >= 3, shards
+    loaded = read_checkpoint(index)
+    assert (loaded.schema, str(loaded.version)) == ("lm", "2.0.0")
+    _assert_values(loaded.state_dict)
+    # written again over itself: the new set replaces the old, whose shards are removed
+    again = cm.upgrade_file(saved, index, _schema(), from_version="1.0.0")
+    assert sorted(again.removed) == shards
+    left = sorted(p.name for p in index.parent.iterdir())
+    assert len(left) == len(shards) + 1 and not set(left) & set(shards), left
+    _assert_values(read_checkpoint(index).state_dict)
+
+
+def test_transformers_from_pretrained_reads_a_converted_sharded_set(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from ckptmigrate.formats import dcp_tensors
+
+    monkeypatch.setattr(dcp_tensors, "MAX_SHARD_BYTES", 4 * 1024)
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=16, n_positions=8)
+    sd = {
+        k: v.detach().clone()
+        for k, v in transformers.GPT2LMHeadModel(config).state_dict().items()
+        if "attn.bias" not in k
+    }
+    src = tmp_path / "dcp"
+    _save(src, {"model": sd})
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    config.save_pretrained(folder)
+    index = folder / "model.safetensors.index.json"
+    cm.upgrade_file(src, index, cm.Schema("gpt2", current="1.0.0"), from_version="1.0.0")
+    assert len(list(folder.glob("model-*.safetensors"))) > 1
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(folder)
+    for key, value in sd.items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, **EXACT)

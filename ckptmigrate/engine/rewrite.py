@@ -430,8 +430,11 @@ def _run_deferred(
 
 
 def _dcp_safetensors(source: Source, dst: Path) -> bool:
-    """Whether a DCP folder is written out as one safetensors file."""
-    return source.format == "dcp" and dst.suffix == ".safetensors"
+    """Whether a DCP folder is written out as safetensors: one file, or a sharded set (``dst``
+    its index, ``model.safetensors.index.json``)."""
+    return source.format == "dcp" and (
+        dst.suffix == ".safetensors" or dst.name.endswith(".safetensors.index.json")
+    )
 
 
 def _output_file(source: Source, dst: Path) -> Path:
@@ -497,15 +500,7 @@ def write(
     result.src, result.dst, result.format = source.path, dst, source.format
     result.layout = new.layout
     if _dcp_safetensors(source, dst) and on_stubs:
-        from ..formats.dcp_tensors import write_dcp_safetensors
-        from ..io.files import write_checkpoint
-
-        try:
-            result.bytes_through_python = write_dcp_safetensors(source.path, new, dst)
-        except NotReplayableError:  # a chunk stored compressed: loaded, then saved
-            write_checkpoint(dst, redo()[0])
-        else:
-            result.format, result.streamed = "safetensors", True
+        _write_dcp_safetensors(source, new, dst, result, redo)
         return
     if source.format == "dcp" and not _dcp_safetensors(source, dst):
         _write_dcp(source, new, dst, result, redo if on_stubs else None)
@@ -610,6 +605,36 @@ def write_tensors(
             _copied(result, done, streamed=False)  # the plan ran on the tensors
             return
     write_checkpoint(target, new)
+
+
+def _write_dcp_safetensors(
+    source: Source,
+    new: Checkpoint,
+    dst: Path,
+    result: Rewrite,
+    redo: Callable[[], tuple[Checkpoint, Mapped]],
+) -> None:
+    """A DCP folder's result (stubs and new tensors) streamed into a safetensors file, or a
+    sharded set when ``dst`` is an index; loaded and saved when a chunk cannot be streamed."""
+    from ..formats import dcp_tensors
+
+    one_file = dst.suffix == ".safetensors"
+    try:
+        if one_file:
+            result.bytes_through_python = dcp_tensors.write_dcp_safetensors(source.path, new, dst)
+        else:
+            result.bytes_through_python, result.removed = dcp_tensors.write_dcp_sharded(
+                source.path, new, dst
+            )
+            result.dst = dst.parent
+    except NotReplayableError:  # a chunk stored compressed: loaded, then saved
+        if not one_file:
+            raise
+        from ..io.files import write_checkpoint
+
+        write_checkpoint(dst, redo()[0])
+    else:
+        result.format, result.streamed = "safetensors" if one_file else "sharded", True
 
 
 def _copied(result: Rewrite, done: Copied, *, streamed: bool) -> None:

@@ -34,7 +34,14 @@ from .torch import check_torch_bytes
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["NewTensor", "read_dcp_tensor", "save_dcp_chunk", "write_dcp_safetensors"]
+__all__ = [
+    "MAX_SHARD_BYTES",
+    "NewTensor",
+    "read_dcp_tensor",
+    "save_dcp_chunk",
+    "write_dcp_safetensors",
+    "write_dcp_sharded",
+]
 
 
 @dataclass
@@ -170,6 +177,39 @@ def save_dcp_chunk(file: BinaryIO, tensor: torch.Tensor) -> tuple[int, int]:
     return offset, file.tell() - offset
 
 
+#: The largest shard a DCP folder written as a sharded safetensors set gets (what
+#: transformers' ``save_pretrained`` defaults to, ``max_shard_size="5GB"``).
+MAX_SHARD_BYTES = 5 * 10**9
+
+_Entry = tuple[str, tuple[int, ...], str, Callable[[], Any]]
+
+
+def _entries(src: Path, md: Any, new: Checkpoint) -> list[_Entry]:
+    """Each tensor of ``new`` (stubs of the DCP folder ``src``, or :class:`NewTensor`): its
+    key, shape, dtype, and how to get its values (read from its chunks, or computed)."""
+    entries: list[_Entry] = []
+    for key, leaf in new.state_dict.items():
+        if isinstance(leaf, NewTensor):
+            entries.append((key, tuple(leaf.shape), leaf.dtype, leaf.compute))
+        elif isinstance(leaf, TensorStub) and leaf.info.storage_key in md.state_dict_metadata:
+            read = functools.partial(read_dcp_tensor, src, md, leaf.info.storage_key)
+            entries.append((key, tuple(leaf.shape), leaf.dtype, read))
+        else:
+            raise CheckpointWriteError(
+                f"safetensors holds tensors only, but {key!r} is a {type(leaf).__name__}: "
+                "write this checkpoint as a DCP folder or a .pth instead"
+            )
+    return entries
+
+
+def _header(new: Checkpoint) -> dict[str, str]:
+    from .safetensors_file import checkpoint_header
+
+    header = checkpoint_header(dataclasses.replace(new, state_dict={}, layout="ckptmigrate"))
+    header.setdefault("format", "pt")  # as save_pretrained writes it: transformers checks it
+    return header
+
+
 def write_dcp_safetensors(
     src: str | os.PathLike[str], new: Checkpoint, dst: str | os.PathLike[str]
 ) -> int:
@@ -182,21 +222,75 @@ def write_dcp_safetensors(
     """
     from .dcp import read_dcp_metadata
     from .safetensors_copy import write_safetensors_streamed
-    from .safetensors_file import checkpoint_header
 
     src = Path(src)
     md = read_dcp_metadata(src, torch_classes=True)
-    header = checkpoint_header(dataclasses.replace(new, state_dict={}, layout="ckptmigrate"))
-    entries: list[tuple[str, tuple[int, ...], str, Callable[[], Any]]] = []
-    for key, leaf in new.state_dict.items():
-        if isinstance(leaf, NewTensor):
-            entries.append((key, tuple(leaf.shape), leaf.dtype, leaf.compute))
-        elif isinstance(leaf, TensorStub) and leaf.info.storage_key in md.state_dict_metadata:
-            read = functools.partial(read_dcp_tensor, src, md, leaf.info.storage_key)
-            entries.append((key, tuple(leaf.shape), leaf.dtype, read))
-        else:
-            raise CheckpointWriteError(
-                f"safetensors holds tensors only, but {key!r} is a {type(leaf).__name__}: "
-                "write this checkpoint as a DCP folder or a .pth instead"
-            )
-    return write_safetensors_streamed(dst, entries, header)
+    return write_safetensors_streamed(dst, _entries(src, md, new), _header(new))
+
+
+def write_dcp_sharded(
+    src: str | os.PathLike[str],
+    new: Checkpoint,
+    index: str | os.PathLike[str],
+    max_shard_bytes: int | None = None,
+) -> tuple[int, list[str]]:
+    """Write ``new`` (as for :func:`write_dcp_safetensors`) as a sharded safetensors set
+    whose index is ``index`` (``out/model.safetensors.index.json``): shards of at most
+    ``max_shard_bytes`` (default :data:`MAX_SHARD_BYTES`; a larger tensor alone in its shard) named after the index
+    (``model-00001-of-00002-<digest>.safetensors``), each streamed tensor by tensor, the
+    index written last (:class:`~.set_swap.SetSwap`: a kill leaves the old index, if any,
+    whole). Returns the data bytes written and the old shards removed.
+    """
+    from ..values.stamp import stamp_of
+    from .dcp import read_dcp_metadata
+    from .safetensors_copy import write_safetensors_streamed
+    from .set_swap import SetSwap
+    from .detect import INDEX_SUFFIX
+    from .sharded import SetOutput, index_metadata
+
+    src, index = Path(src), Path(index)
+    md = read_dcp_metadata(src, torch_classes=True)
+    entries, header = _entries(src, md, new), _header(new)
+    limit = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
+    groups: list[list[_Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = _nbytes(entry)
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += nbytes
+    stem = index.name[: -len(INDEX_SUFFIX)].removesuffix(".safetensors") or "model"
+    out = SetOutput(index.parent, index.name, stem)
+    out.folder.mkdir(parents=True, exist_ok=True)
+    swap = SetSwap.replacing(out.folder, out.index_name)
+    names = [
+        swap.fresh_name(
+            out.shard(i, len(groups), "safetensors"),
+            [str(new.version), [(key, list(shape)) for key, shape, *_ in group]],
+        )
+        for i, group in enumerate(groups, 1)
+    ]
+    weight_map: dict[str, str] = {}
+    total = 0
+    try:
+        swap.start()
+        for name, group in zip(names, groups):
+            total += write_safetensors_streamed(out.folder / name, group, header)
+            swap.wrote(name)
+            weight_map.update((key, name) for key, *_ in group)
+        swap.commit({}, weight_map, total, index_metadata(new, stamp_of(new)))
+    except BaseException:
+        swap.abort()
+        raise
+    return total, swap.finish()
+
+
+def _nbytes(entry: _Entry) -> int:
+    from ..values.tensorinfo import DTYPE_SIZES
+
+    nbytes = DTYPE_SIZES[entry[2]]
+    for d in entry[1]:
+        nbytes *= d
+    return nbytes
