@@ -243,9 +243,9 @@ def write_dcp_sharded(
     """
     from ..values.stamp import stamp_of
     from .dcp import read_dcp_metadata
+    from .detect import INDEX_SUFFIX
     from .safetensors_copy import write_safetensors_streamed
     from .set_swap import SetSwap
-    from .detect import INDEX_SUFFIX
     from .sharded import SetOutput, index_metadata
 
     src, index = Path(src), Path(index)
