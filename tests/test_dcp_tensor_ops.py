@@ -382,3 +382,26 @@ def test_transformers_from_pretrained_reads_a_converted_sharded_set(tmp_path, mo
     loaded = transformers.GPT2LMHeadModel.from_pretrained(folder)
     for key, value in sd.items():
         torch.testing.assert_close(loaded.state_dict()[key], value, **EXACT)
+
+
+def test_optimizer_state_follows_the_ops_as_on_the_loaded_path(tmp_path):
+    model = _model_sd()
+    optimizer = {
+        "state": {k: {"step": torch.tensor(3.0), "exp_avg": v * 0.5} for k, v in model.items()},
+        "param_groups": [{"lr": 0.01, "params": list(model)}],
+    }
+    src = tmp_path / "step-100"
+    _save(src, {"model": model, "optimizer": optimizer, "epoch": 7})
+    out = tmp_path / "v2"
+    assert cm.upgrade_file(src, out, _schema(), from_version="1.0.0").streamed
+    streamed = read_checkpoint(out)
+    loaded = cm.load(src, schema=_schema(), from_version="1.0.0")  # everything in memory
+    assert streamed.extra["epoch"] == 7
+    assert list(streamed.state_dict) == list(loaded.state_dict)
+    for key, value in loaded.state_dict.items():
+        torch.testing.assert_close(streamed.state_dict[key], value, **EXACT)
+    assert streamed.optimizer["param_groups"] == loaded.optimizer["param_groups"]
+    assert sorted(streamed.optimizer["state"]) == sorted(loaded.optimizer["state"])
+    for name, state in loaded.optimizer["state"].items():
+        for slot, value in state.items():
+            torch.testing.assert_close(streamed.optimizer["state"][name][slot], value, **EXACT)
