@@ -1,18 +1,27 @@
-"""DCP rename upgrade (issue 15 item 3): a new ``.metadata`` over hard-linked rank files.
+"""DCP upgrades without loading DCP (issue 15 item 3).
 
 Generates (once, under ``--dir``; never committed) a DCP checkpoint of >= 4 GiB in 8 rank
-files with a no-dist single-process ``dcp.save`` (8 writer threads: one file each), then
-times ``cm.upgrade_file`` of a rename+drop+hparam plan to a new folder and in place, each
-run in-process after the import, median of 3, and the bytes written beside the folder's
-bytes. Appends a dated section to ``benchmarks/RESULTS.md``.
+files with a no-dist single-process ``dcp.save`` (8 writer threads: one file each), then:
 
-    python benchmarks/bench_dcp.py --dir /tmp/dcp-bench
+- ``--part rename``: times ``cm.upgrade_file`` of a rename+drop+hparam plan to a new folder
+  and in place (a new ``.metadata`` over hard-linked rank files), each run in-process after
+  the import, median of 3, and the bytes written beside the folder's bytes;
+- ``--part ops``: a Merge of 2 tensors and a Cast of one (to a new folder), and the same
+  plan to one ``.safetensors`` file (every tensor streamed), each run in a fresh process
+  (its peak RSS, ``ru_maxrss``, against the goal of 2x the largest tensor touched + 300 MB),
+  median of 3; beside them, once, the same plan written as a function step, which loads the
+  whole checkpoint (the path DCP tensor ops took before).
+
+Appends a dated section to ``benchmarks/RESULTS.md``.
+
+    python benchmarks/bench_dcp.py --dir /tmp/dcp-bench --part ops
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -27,6 +36,10 @@ import ckptmigrate as cm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from folder_schema import rename_drop_schema  # noqa: E402 - the tests' rename+drop+hparam
+
+TENSOR_BYTES = 8192 * 4096 * 4  # one generated tensor: 128 MiB
+#: the largest tensor the ops plan touches: the merge's result, two tensors long
+LARGEST_TOUCHED = 2 * TENSOR_BYTES
 
 TENSORS, ROWS, COLS = 32, 8192, 4096  # 32 x 128 MiB fp32 = 4 GiB
 RANK_FILES = 8
@@ -54,10 +67,114 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir())
 
 
+def ops_schema(loaded: bool = False) -> cm.Schema:
+    """lm 1 -> 2: blocks.0 and blocks.1 merged along dim 0, blocks.2 cast to bf16; as ops,
+    or (``loaded``) as the same function step, which takes the loaded path."""
+    schema = cm.Schema("lm", current="2.0.0")
+    if not loaded:
+        schema.add_migration(
+            "1.0.0",
+            "2.0.0",
+            [
+                cm.ops.Merge(["blocks.0.weight", "blocks.1.weight"], "merged.weight", dim=0),
+                cm.ops.Cast("blocks.2.weight", dtype="bfloat16"),
+            ],
+        )
+        return schema
+
+    @schema.migration("1.0.0", "2.0.0")
+    def merge_and_cast(ckpt: cm.Checkpoint) -> None:
+        import torch
+
+        sd = ckpt.state_dict
+        sd["merged.weight"] = torch.cat([sd.pop("blocks.0.weight"), sd.pop("blocks.1.weight")])
+        sd["blocks.2.weight"] = sd["blocks.2.weight"].to(torch.bfloat16)
+
+    return schema
+
+
+def child(mode: str, src: Path, dst: Path) -> None:
+    """One upgrade in this fresh process; prints its wall time, peak RSS and bytes."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    result = cm.upgrade_file(src, dst, ops_schema(mode == "loaded"), from_version="1.0.0")
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    written = sum(p.stat().st_size for p in dst.iterdir()) if dst.is_dir() else dst.stat().st_size
+    linked = sum(p.stat().st_size for p in dst.glob("*.distcp") if p.stat().st_nlink > 1)
+    print(
+        json.dumps(
+            {
+                "wall": wall,
+                "peak": peak,
+                "before": before,
+                "streamed": result.streamed,
+                "written": written - linked,
+            }
+        )
+    )
+
+
+def run_child(mode: str, src: Path, dst: Path) -> dict:
+    if dst.is_dir():
+        shutil.rmtree(dst)
+    elif dst.exists():
+        dst.unlink()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", mode, str(src), str(dst)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ops_rows(base: Path, src: Path, runs: int) -> list[str]:
+    contenders = [
+        ("ops", "-o new DCP folder", base / "ops-v2", runs),
+        ("ops", "-o model.safetensors", base / "ops-v2.safetensors", runs),
+        ("loaded", "-o new DCP folder, as a function step (loads all)", base / "loaded-v2", 1),
+    ]
+    goal = 2 * LARGEST_TOUCHED + 300 * 10**6
+    lines = [
+        "| upgrade | streamed | wall s | peak RSS MiB | RSS after import MiB | bytes written "
+        "| goal: peak RSS <= 2 x largest touched + 300 MB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for mode, label, dst, count in contenders:
+        found = [run_child(mode, src, dst) for _ in range(count)]
+        wall = statistics.median(r["wall"] for r in found)
+        peak = statistics.median(r["peak"] for r in found)
+        before = statistics.median(r["before"] for r in found)
+        verdict = "met" if peak <= goal else "missed"
+        if mode == "loaded":
+            verdict = "(reference)"
+        lines.append(
+            f"| {label} | {found[0]['streamed']} | {wall:.2f} | {peak / 2**20:.0f} | "
+            f"{before / 2**20:.0f} | {found[0]['written']:,} | "
+            f"{verdict} ({goal / 2**20:.0f} MiB) |"
+        )
+        if dst.is_dir():
+            shutil.rmtree(dst)
+        elif dst.exists():
+            dst.unlink()
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", type=Path, default=Path("/tmp/ckptmigrate-dcp-bench"))
+    parser.add_argument("--part", choices=("rename", "ops"), default="rename")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "DST"))
     args = parser.parse_args()
+    if args.child:
+        child(args.child[0], Path(args.child[1]), Path(args.child[2]))
+        return
     base = args.dir
     base.mkdir(parents=True, exist_ok=True)
     src = base / "step-100"
@@ -66,6 +183,30 @@ def main() -> None:
     generated = time.perf_counter() - start
     total = folder_bytes(src)
     ranks = len(list(src.glob("*.distcp")))
+    fs = subprocess.run(
+        ["df", "-T", str(base)], capture_output=True, text=True
+    ).stdout.splitlines()[-1]
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = (
+        f"Machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}; file system: `{' '.join(fs.split()[:2])}`. "
+        f"Checkpoint: {total / 2**30:.2f} GiB in {ranks} rank files "
+        f"(generated in {generated:.0f} s, `dcp.save` no-dist, 8 writer threads)."
+    )
+    if args.part == "ops":
+        lines = [
+            f"\n## DCP tensor ops and DCP -> safetensors, streamed (issue 15 item 3): {now}\n",
+            machine + " Plan: Merge of 2 tensors of 128 MiB (dim 0) and a Cast of one to "
+            f"bf16; largest tensor touched 256 MiB. Each row: median of {args.runs} fresh "
+            "processes (`cm.upgrade_file`; peak RSS is the process's `ru_maxrss`, torch and "
+            "ckptmigrate imports included), the loaded reference once.\n",
+            *ops_rows(base, src, args.runs),
+        ]
+        text = "\n".join(lines) + "\n"
+        print(text)
+        with open(Path(__file__).with_name("RESULTS.md"), "a", encoding="utf-8") as f:
+            f.write(text)
+        return
     rows = []
     for mode in ("-o new folder", "in place"):
         times, written = [], []
@@ -84,16 +225,9 @@ def main() -> None:
             written.append(result.bytes_through_python)
             assert result.streamed
         rows.append((mode, statistics.median(times), statistics.median(written)))
-    fs = subprocess.run(
-        ["df", "-T", str(base)], capture_output=True, text=True
-    ).stdout.splitlines()[-1]
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"\n## DCP rename without loading DCP (issue 15 item 3): {now}\n",
-        f"Machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
-        f"Python {platform.python_version()}; file system: `{' '.join(fs.split()[:2])}`. "
-        f"Checkpoint: {total / 2**30:.2f} GiB in {ranks} rank files "
-        f"(generated in {generated:.0f} s, `dcp.save` no-dist, 8 writer threads). Each row: "
+        machine + " Each row: "
         "median of 3 in-process `cm.upgrade_file` calls (rename prefix, drop, set hparam).\n",
         "| upgrade | wall s | bytes written | % of folder | goal |",
         "| --- | ---: | ---: | ---: | --- |",
