@@ -75,6 +75,24 @@ def spread_keeping_steps(events: list[str], count: int) -> list[str]:
     return [f"{events[i]}:{events[: i + 1].count(events[i])}" for i in picks]
 
 
+def killed_runs(
+    action: Callable[[], object],
+    monkeypatch: pytest.MonkeyPatch,
+    reset: Callable[[], object],
+    count: int = 12,
+) -> Iterator[str]:
+    """Kill ``action`` at ``count`` crash points of one recorded run (every fsync and rename
+    among them: :func:`spread_keeping_steps`), ``reset()`` before the recording and each
+    kill; yields each spec once its child died of SIGKILL, for the caller to inspect."""
+    reset()
+    events = events_of(action, monkeypatch)
+    for spec in spread_keeping_steps(events, count):
+        reset()
+        status = killed_child(spec, action, quiet=True)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, spec
+        yield spec
+
+
 def killed_child(spec: str, action: Callable[[], object], *, quiet: bool = False) -> int:
     """Fork; the child runs ``action`` with the crash hook armed (its output dropped when
     ``quiet``). Returns its wait status."""

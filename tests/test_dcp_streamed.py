@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import warnings
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from crash_points import events_of, killed_child, spread_keeping_steps
+from crash_points import killed_runs
 from folder_schema import rename_drop_schema
 
 import ckptmigrate as cm
@@ -164,13 +163,8 @@ def test_a_kill_during_the_rewrite_leaves_a_loadable_folder(tmp_path, monkeypatc
         result = cm.upgrade_file(target, target, rename_drop_schema(), from_version="1.0.0")
         assert result.streamed
 
-    fresh()
-    events = events_of(action, monkeypatch)
     outcomes = {"old": 0, "new": 0}
-    for spec in spread_keeping_steps(events, 12):
-        fresh()
-        status = killed_child(spec, action, quiet=True)
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, spec
+    for spec in killed_runs(action, monkeypatch, fresh):
         finish_interrupted_swap(target)  # what the next command does first
         loaded = read_checkpoint(target)
         keys = sorted(loaded.state_dict)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
 import warnings
@@ -23,7 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from crash_points import events_of, killed_child, spread_keeping_steps
+from crash_points import killed_runs
 from torch.distributed.checkpoint import FileSystemWriter
 
 import ckptmigrate as cm
@@ -221,13 +220,8 @@ def test_a_kill_during_the_tensor_rewrite_leaves_the_old_folder_or_the_new(tmp_p
     def action() -> None:
         assert cm.upgrade_file(target, target, _schema(), from_version="1.0.0").streamed
 
-    fresh()
-    events = events_of(action, monkeypatch)
     outcomes = {"old": 0, "new": 0}
-    for spec in spread_keeping_steps(events, 12):
-        fresh()
-        status = killed_child(spec, action, quiet=True)
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, spec
+    for _ in killed_runs(action, monkeypatch, fresh):
         finish_interrupted_swap(target)  # what the next command does first
         loaded = read_checkpoint(target).state_dict
         if sorted(loaded) == sorted(_model_sd()):
@@ -313,17 +307,16 @@ def test_a_kill_while_writing_safetensors_leaves_no_partial_file(saved, tmp_path
     def action() -> None:
         cm.upgrade_file(saved, out, _schema(), from_version="1.0.0")
 
-    events = events_of(action, monkeypatch)
-    out.unlink()
-    for spec in spread_keeping_steps(events, 8):
-        status = killed_child(spec, action, quiet=True)
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, spec
+    def reset() -> None:
+        if out.exists():
+            out.unlink()
+
+    for _ in killed_runs(action, monkeypatch, reset, 8):
         names = [p.name for p in tmp_path.iterdir() if p.name.startswith("model")]
         if out.exists():
             from safetensors.torch import load_file
 
             _assert_values(load_file(out))
-            out.unlink()
         else:
             assert all(TEMP_MARKER in n for n in names), names
 

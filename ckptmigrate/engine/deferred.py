@@ -63,11 +63,36 @@ class Deferred(torch.Tensor):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*tree_map(_produced, args), **tree_map(_produced, kwargs))
 
+        if func is torch.cat and isinstance(planned, torch.Tensor) and "out" not in kwargs:
+            return Deferred(planned, _concatenate(planned, args, kwargs))
         if isinstance(planned, torch.Tensor):
             return Deferred(planned, compute)
         if isinstance(planned, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in planned):
             return type(planned)(Deferred(t, _pick(compute, i)) for i, t in enumerate(planned))
         raise NotReplayableError(f"{getattr(func, '__name__', func)} returns {type(planned)}")
+
+
+def _concatenate(planned: torch.Tensor, args: Any, kwargs: Any) -> Callable[[], torch.Tensor]:
+    """``torch.cat`` one input at a time into the result: the result and one input in
+    memory, not every input and the result (a merge of q, k and v: 4/3 of it, not 2x)."""
+    parts = list(args[0])
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
+    dim = dim % planned.dim() if planned.dim() else 0
+
+    def compute() -> torch.Tensor:
+        out = torch.empty(planned.shape, dtype=planned.dtype)
+        start = 0
+        for part in parts:
+            values = _produced(part)
+            if values.dim() == 1 and values.numel() == 0 and planned.dim() != 1:
+                continue  # torch.cat skips a legacy empty 1-D input
+            size = values.shape[dim]
+            out.narrow(dim, start, size).copy_(values)
+            start += size
+            del values
+        return out
+
+    return compute
 
 
 def _pick(compute: Callable[[], Any], i: int) -> Callable[[], torch.Tensor]:

@@ -333,15 +333,12 @@ def write_set(sset: Any, new: Checkpoint, dst: Path, inputs: InputBytes | None =
 
     out = set_output(sset, dst)
     limit = max((sset.folder / s).stat().st_size for s in sset.shards) if sset.shards else 1 << 30
-    groups: list[dict[str, Any]] = [{}]
-    size = 0
-    for key, tensor in new.state_dict.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if groups[-1] and size + nbytes > limit:
-            groups.append({})
-            size = 0
-        groups[-1][key] = tensor
-        size += nbytes
+    groups = [
+        dict(group)
+        for group in sharded.group_by_size(
+            new.state_dict.items(), lambda kv: kv[1].numel() * kv[1].element_size(), limit
+        )
+    ]
     folder, index_name = out.folder, out.index_name
     swap = SetSwap.replacing(folder, index_name, _replaced(sset, folder, index_name))
     names = [

@@ -80,7 +80,8 @@ class _ByteRange(io.RawIOBase):
         want = max(0, min(len(view), self._length - self._pos))
         if not want:
             return 0
-        got = os.preadv(self._file.fileno(), [view[:want]], self._start + self._pos)
+        self._file.seek(self._start + self._pos)  # the file is ours alone: no race
+        got = self._file.readinto(view[:want]) or 0
         self._pos += got
         return got
 
@@ -246,21 +247,13 @@ def write_dcp_sharded(
     from .detect import INDEX_SUFFIX
     from .safetensors_copy import write_safetensors_streamed
     from .set_swap import SetSwap
-    from .sharded import SetOutput, index_metadata
+    from .sharded import SetOutput, group_by_size, index_metadata
 
     src, index = Path(src), Path(index)
     md = read_dcp_metadata(src, torch_classes=True)
     entries, header = _entries(src, md, new), _header(new)
     limit = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
-    groups: list[list[_Entry]] = [[]]
-    size = 0
-    for entry in entries:
-        nbytes = _nbytes(entry)
-        if groups[-1] and size + nbytes > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(entry)
-        size += nbytes
+    groups = group_by_size(entries, _nbytes, limit)
     stem = index.name[: -len(INDEX_SUFFIX)].removesuffix(".safetensors") or "model"
     out = SetOutput(index.parent, index.name, stem)
     out.folder.mkdir(parents=True, exist_ok=True)

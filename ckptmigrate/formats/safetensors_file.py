@@ -169,22 +169,29 @@ def checkpoint_header(ckpt: Checkpoint) -> dict[str, str]:
             f"state or extra entries ({', '.join(extra) or 'optimizer'}): save it as .pth"
         )
     header: dict[str, str] = dict(passthrough) if isinstance(passthrough, dict) else {}
-    for key, value in (
-        (STAMP, stamp),
-        (HPARAMS, ckpt.hparams if stamp or ckpt.hparams else None),
-        (META, ckpt.meta if stamp or ckpt.meta else None),
-        (MODULE_METADATA, ckpt.module_metadata),
-    ):
+    ours = {
+        STAMP: stamp,
+        HPARAMS: ckpt.hparams if stamp or ckpt.hparams else None,
+        META: ckpt.meta if stamp or ckpt.meta else None,
+        MODULE_METADATA: ckpt.module_metadata,
+    }
+    return {**header, **_json_strings(ours)}
+
+
+def _json_strings(metadata: dict[str, Any]) -> dict[str, str]:
+    """Each value (None: left out) as the JSON string a safetensors header holds."""
+    out: dict[str, str] = {}
+    for key, value in metadata.items():
         if value is None:
             continue
         try:
-            header[key] = json.dumps(value, sort_keys=False)
+            out[key] = json.dumps(value, sort_keys=False)
         except (TypeError, ValueError) as exc:
             raise CheckpointWriteError(
                 f"{key.split('.')[-1]} must be JSON-serialisable for a .safetensors file ({exc}); "
                 "keep plain numbers, strings, lists and dicts there, or save as .pth"
             ) from None
-    return header
+    return out
 
 
 def write_safetensors(
@@ -224,17 +231,7 @@ def write_safetensors(
         elif ptr:
             storages[ptr] = key
         unique[key] = unique[key].contiguous()
-    header: dict[str, str] = dict(passthrough or {})
-    for key, value in metadata.items():
-        if value is None:
-            continue
-        try:
-            header[key] = json.dumps(value, sort_keys=False)
-        except (TypeError, ValueError) as exc:
-            raise CheckpointWriteError(
-                f"{key.split('.')[-1]} must be JSON-serialisable for a .safetensors file ({exc}); "
-                "keep plain numbers, strings, lists and dicts there, or save as .pth"
-            ) from None
+    header = {**(passthrough or {}), **_json_strings(metadata)}
     if aliases:
         header[ALIASES] = json.dumps(aliases)
     header[ORDER] = json.dumps(list(tensors))

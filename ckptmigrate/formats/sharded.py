@@ -21,9 +21,10 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import CheckpointFormatError, CheckpointWriteError, OutputOccupiedError
 from ..values.checkpoint import Checkpoint
@@ -40,6 +41,7 @@ __all__ = [
     "SetOutput",
     "ShardedSet",
     "find_index",
+    "group_by_size",
     "is_index_file",
     "output_for",
     "read_index",
@@ -52,6 +54,7 @@ __all__ = [
 STAMP = "ckptmigrate.stamp"
 HPARAMS = "ckptmigrate.hparams"
 META = "ckptmigrate.meta"
+_T = TypeVar("_T")
 _DIGEST = re.compile(r"-[0-9a-f]{8}$")
 #: The journal of a set rewrite under way, beside its index (see :mod:`.set_swap`).
 PENDING_SUFFIX = ".ckptmigrate-pending"
@@ -303,6 +306,25 @@ def read_sharded(
 
             tensors.update(read_torch(shard_path, map_location=map_location, mmap=mmap))
     return _checkpoint(sset, _ordered(sset, tensors))
+
+
+def group_by_size(items: Iterable[_T], size_of: Callable[[_T], int], limit: int) -> list[list[_T]]:
+    """``items`` in order, cut into groups of at most ``limit`` bytes (an item larger than
+    ``limit`` alone in its group): the shards a set is written as. Never no group.
+
+    >>> group_by_size([3, 3, 5], lambda n: n, 6)
+    [[3, 3], [5]]
+    """
+    groups: list[list[_T]] = [[]]
+    size = 0
+    for item in items:
+        nbytes = size_of(item)
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += nbytes
+    return groups
 
 
 def shard_name(old: str, digest_of: Any) -> str:
