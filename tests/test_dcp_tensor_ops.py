@@ -398,3 +398,37 @@ def test_optimizer_state_follows_the_ops_as_on_the_loaded_path(tmp_path):
     for name, state in loaded.optimizer["state"].items():
         for slot, value in state.items():
             torch.testing.assert_close(streamed.optimizer["state"][name][slot], value, **EXACT)
+
+
+def test_chained_ops_on_one_tensor_compute_it_once_written(saved, tmp_path):
+    schema = cm.Schema("lm", current="3.0.0")
+    schema.add_migration("1.0.0", "2.0.0", [cm.ops.Merge(["{p}.q", "{p}.k"], "{p}.qk", dim=1)])
+    schema.add_migration(
+        "2.0.0",
+        "3.0.0",
+        [cm.ops.Cast("{p}.qk", dtype="float16"), cm.ops.Transpose("{p}.qk", 0, 1)],
+    )
+    out = tmp_path / "v3"
+    assert cm.upgrade_file(saved, out, schema, from_version="1.0.0").streamed
+    sd = _model_sd()
+    want = torch.cat([sd["layers.0.q"], sd["layers.0.k"]], dim=1).to(torch.float16).t()
+    got = read_checkpoint(out).state_dict["layers.0.qk"]
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got, want, **EXACT)
+
+
+def test_a_function_step_takes_the_loaded_path_to_safetensors_too(saved, tmp_path):
+    schema = cm.Schema("lm", current="2.0.0")
+
+    @schema.migration("1.0.0", "2.0.0")
+    def double_norm(ckpt: cm.Checkpoint) -> None:
+        ckpt.state_dict["layers.0.norm"] = ckpt.state_dict["layers.0.norm"] * 2
+
+    out = tmp_path / "model.safetensors"
+    result = cm.upgrade_file(saved, out, schema, from_version="1.0.0")
+    assert not result.streamed
+    from safetensors.torch import load_file
+
+    got = load_file(out)
+    torch.testing.assert_close(got["layers.0.norm"], _model_sd()["layers.0.norm"] * 2, **EXACT)
+    assert sorted(got) == sorted(_model_sd())
