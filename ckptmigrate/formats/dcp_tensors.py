@@ -27,12 +27,14 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import CheckpointFormatError, CheckpointWriteError, NotReplayableError
 from ..values.checkpoint import Checkpoint
-from ..values.tensorinfo import TensorStub
+from ..values.tensorinfo import DTYPE_SIZES, SAFETENSORS_DTYPES, TensorStub
 from .detect import open_regular_file
 from .torch import check_torch_bytes
 
 if TYPE_CHECKING:
     import torch
+
+    from .safetensors_copy import Part
 
 __all__ = [
     "MAX_SHARD_BYTES",
@@ -182,25 +184,56 @@ def save_dcp_chunk(file: BinaryIO, tensor: torch.Tensor) -> tuple[int, int]:
 #: transformers' ``save_pretrained`` defaults to, ``max_shard_size="5GB"``).
 MAX_SHARD_BYTES = 5 * 10**9
 
-_Entry = tuple[str, tuple[int, ...], str, Callable[[], Any]]
 
+def _parts(src: Path, md: Any, new: Checkpoint) -> list[tuple[str, Part]]:
+    """Each tensor of ``new`` (stubs of the DCP folder ``src``, or :class:`NewTensor`) as a
+    safetensors part whose bytes are made when written: read from its chunks, or computed."""
+    from .safetensors_copy import Part
 
-def _entries(src: Path, md: Any, new: Checkpoint) -> list[_Entry]:
-    """Each tensor of ``new`` (stubs of the DCP folder ``src``, or :class:`NewTensor`): its
-    key, shape, dtype, and how to get its values (read from its chunks, or computed)."""
-    entries: list[_Entry] = []
+    parts: list[tuple[str, Part]] = []
+    made: dict[int, Part] = {}  # one part a tensor: tied names are stored once
     for key, leaf in new.state_dict.items():
         if isinstance(leaf, NewTensor):
-            entries.append((key, tuple(leaf.shape), leaf.dtype, leaf.compute))
+            produce = leaf.compute
         elif isinstance(leaf, TensorStub) and leaf.info.storage_key in md.state_dict_metadata:
-            read = functools.partial(read_dcp_tensor, src, md, leaf.info.storage_key)
-            entries.append((key, tuple(leaf.shape), leaf.dtype, read))
+            produce = functools.partial(read_dcp_tensor, src, md, leaf.info.storage_key)
         else:
             raise CheckpointWriteError(
                 f"safetensors holds tensors only, but {key!r} is a {type(leaf).__name__}: "
                 "write this checkpoint as a DCP folder or a .pth instead"
             )
-    return entries
+        if id(leaf) not in made:
+            shape, dtype = tuple(leaf.shape), str(leaf.dtype)
+            if dtype not in SAFETENSORS_DTYPES.values():
+                raise CheckpointWriteError(f"safetensors has no dtype {dtype} (for {key!r})")
+            nbytes = DTYPE_SIZES[dtype]
+            for d in shape:
+                nbytes *= d
+            made[id(leaf)] = Part(
+                dtype, shape, nbytes, produce=_as_bytes(key, shape, dtype, produce)
+            )
+        parts.append((key, made[id(leaf)]))
+    return parts
+
+
+def _as_bytes(
+    key: str, shape: tuple[int, ...], dtype: str, produce: Callable[[], torch.Tensor]
+) -> Callable[[], memoryview]:
+    """``produce()``'s tensor as its bytes, once it is checked to be what the header says."""
+
+    def made() -> memoryview:
+        import torch
+
+        tensor = produce()
+        if tuple(tensor.shape) != shape or str(tensor.dtype) != f"torch.{dtype}":
+            raise CheckpointWriteError(
+                f"{key!r} came out {tensor.dtype} of shape {tuple(tensor.shape)}, but the "
+                f"header says {dtype} of shape {shape}"
+            )
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        return memoryview(flat.numpy())  # holds the tensor until written
+
+    return made
 
 
 def _header(new: Checkpoint) -> dict[str, str]:
@@ -222,11 +255,11 @@ def write_dcp_safetensors(
     >>> write_dcp_safetensors("ckpt/step-100", stubs, "model.safetensors")  # doctest: +SKIP
     """
     from .dcp import read_dcp_metadata
-    from .safetensors_copy import write_safetensors_streamed
+    from .safetensors_copy import write_safetensors_parts
 
     src = Path(src)
     md = read_dcp_metadata(src, torch_classes=True)
-    return write_safetensors_streamed(dst, _entries(src, md, new), _header(new))
+    return write_safetensors_parts(dst, _parts(src, md, new), _header(new))[1]
 
 
 def write_dcp_sharded(
@@ -237,23 +270,24 @@ def write_dcp_sharded(
 ) -> tuple[int, list[str]]:
     """Write ``new`` (as for :func:`write_dcp_safetensors`) as a sharded safetensors set
     whose index is ``index`` (``out/model.safetensors.index.json``): shards of at most
-    ``max_shard_bytes`` (default :data:`MAX_SHARD_BYTES`; a larger tensor alone in its shard) named after the index
-    (``model-00001-of-00002-<digest>.safetensors``), each streamed tensor by tensor, the
+    ``max_shard_bytes`` (default :data:`MAX_SHARD_BYTES`; a larger tensor alone in its
+    shard) named after the index (``model-00001-of-00002-<digest>.safetensors``), each
+    streamed tensor by tensor, the
     index written last (:class:`~.set_swap.SetSwap`: a kill leaves the old index, if any,
     whole). Returns the data bytes written and the old shards removed.
     """
     from ..values.stamp import stamp_of
     from .dcp import read_dcp_metadata
     from .detect import INDEX_SUFFIX
-    from .safetensors_copy import write_safetensors_streamed
+    from .safetensors_copy import write_safetensors_parts
     from .set_swap import SetSwap
     from .sharded import SetOutput, group_by_size, index_metadata
 
     src, index = Path(src), Path(index)
     md = read_dcp_metadata(src, torch_classes=True)
-    entries, header = _entries(src, md, new), _header(new)
+    parts, header = _parts(src, md, new), _header(new)
     limit = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
-    groups = group_by_size(entries, _nbytes, limit)
+    groups = group_by_size(parts, lambda entry: entry[1].nbytes, limit)
     stem = index.name[: -len(INDEX_SUFFIX)].removesuffix(".safetensors") or "model"
     out = SetOutput(index.parent, index.name, stem)
     out.folder.mkdir(parents=True, exist_ok=True)
@@ -261,7 +295,7 @@ def write_dcp_sharded(
     names = [
         swap.fresh_name(
             out.shard(i, len(groups), "safetensors"),
-            [str(new.version), [(key, list(shape)) for key, shape, *_ in group]],
+            [str(new.version), [(key, list(part.shape)) for key, part in group]],
         )
         for i, group in enumerate(groups, 1)
     ]
@@ -270,20 +304,11 @@ def write_dcp_sharded(
     try:
         swap.start()
         for name, group in zip(names, groups):
-            total += write_safetensors_streamed(out.folder / name, group, header)
+            total += write_safetensors_parts(out.folder / name, group, header)[1]
             swap.wrote(name)
-            weight_map.update((key, name) for key, *_ in group)
+            weight_map.update((key, name) for key, _ in group)
         swap.commit({}, weight_map, total, index_metadata(new, stamp_of(new)))
     except BaseException:
         swap.abort()
         raise
     return total, swap.finish()
-
-
-def _nbytes(entry: _Entry) -> int:
-    from ..values.tensorinfo import DTYPE_SIZES
-
-    nbytes = DTYPE_SIZES[entry[2]]
-    for d in entry[1]:
-        nbytes *= d
-    return nbytes

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointWriteError
-from ..values.tensorinfo import DTYPE_SIZES, SAFETENSORS_DTYPES, TensorStub
+from ..values.tensorinfo import SAFETENSORS_DTYPES, TensorStub
 from . import atomic
 from .atomic import Writeback, atomic_fd
 from .byte_copy import BLOCK, copy_range
@@ -36,7 +36,6 @@ __all__ = [
     "data_start",
     "write_safetensors_copy",
     "write_safetensors_parts",
-    "write_safetensors_streamed",
 ]
 
 _CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
@@ -61,6 +60,8 @@ class Part:
     source: tuple[Path, int] | None = None
     data: memoryview | None = None
     keep: Any = None  # what ``data`` points into, kept alive until it is written
+    #: the bytes, made when their turn comes (a tensor read or computed): one in memory
+    produce: Callable[[], memoryview] | None = None
 
 
 def write_safetensors_copy(
@@ -140,7 +141,14 @@ def write_safetensors_parts(
         try:
             for part, at in placed:
                 if part.source is None:
-                    _pwrite_all(out, part.data if part.data is not None else b"", len(head) + at)
+                    data = part.produce() if part.produce is not None else part.data
+                    if data is not None and len(data) != part.nbytes:
+                        raise CheckpointWriteError(
+                            f"a tensor came out {len(data)} bytes long, but its header entry "
+                            f"says {part.nbytes}"
+                        )
+                    _pwrite_all(out, data if data is not None else b"", len(head) + at)
+                    del data
                     writeback.wrote(len(head) + at + part.nbytes)
                     through_python += part.nbytes
                     continue
@@ -155,56 +163,6 @@ def write_safetensors_parts(
             for f in opened.values():
                 f.close()
     return copied, through_python
-
-
-def write_safetensors_streamed(
-    dst: str | os.PathLike[str],
-    entries: list[tuple[str, tuple[int, ...], str, Callable[[], Any]]],
-    metadata: dict[str, str],
-) -> int:
-    """Write ``entries`` (key, shape, dtype name, ``produce()`` -> its tensor) to ``dst``
-    atomically: the header first (every shape and dtype known), then each tensor's bytes as
-    it is produced, one tensor in memory at a time. Returns the data bytes written.
-
-    >>> write_safetensors_streamed("out.safetensors", [("w", (2, 3), "float32", read_w)], {})
-    """
-    import torch
-
-    header: dict[str, Any] = {}
-    position = 0
-    for key, shape, dtype, _ in entries:
-        if dtype not in _CODES:
-            raise CheckpointWriteError(f"safetensors has no dtype {dtype} (for {key!r})")
-        nbytes = DTYPE_SIZES[dtype]
-        for d in shape:
-            nbytes *= d
-        header[key] = {
-            "dtype": _CODES[dtype],
-            "shape": list(shape),
-            "data_offsets": [position, position + nbytes],
-        }
-        position += nbytes
-    meta = dict(metadata)
-    meta.pop(ALIASES, None)
-    meta["ckptmigrate.order"] = json.dumps([key for key, *_ in entries])
-    raw = json.dumps({"__metadata__": meta, **header}, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors pads it
-    head = struct.pack("<Q", len(raw)) + raw
-    with atomic_fd(dst) as out:
-        _pwrite_all(out, head, 0)
-        for key, shape, dtype, produce in entries:
-            tensor = produce()
-            if tuple(tensor.shape) != tuple(shape) or str(tensor.dtype) != f"torch.{dtype}":
-                raise CheckpointWriteError(
-                    f"{key!r} came out {tensor.dtype} of shape {tuple(tensor.shape)}, but the "
-                    f"header says {dtype} of shape {tuple(shape)}"
-                )
-            start, end = header[key]["data_offsets"]
-            if end > start:
-                data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-                _pwrite_all(out, memoryview(data.numpy()), len(head) + start)
-            del tensor
-    return position
 
 
 def _data_residue(placed: list[tuple[Part, int]]) -> int | None:
