@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -73,6 +74,20 @@ def spread_keeping_steps(events: list[str], count: int) -> list[str]:
         spread = {writes[round(j * (len(writes) - 1) / max(1, room - 1))] for j in range(room)}
         picks = sorted(set(steps) | spread)
     return [f"{events[i]}:{events[: i + 1].count(events[i])}" for i in picks]
+
+
+def copied_afresh(originals: Path, target: Path) -> Callable[[], None]:
+    """The ``reset`` of :func:`killed_runs` for a folder rewritten in place: ``target`` made
+    again as a copy of ``originals`` (its parent made once)."""
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def reset() -> None:
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(originals, target)
+
+    return reset
 
 
 def killed_runs(

@@ -9,7 +9,6 @@ Two gloo ranks then load the result into the new model's names.
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from crash_points import killed_runs
+from crash_points import copied_afresh, killed_runs
 from folder_schema import rename_drop_schema
 
 import ckptmigrate as cm
@@ -153,11 +152,7 @@ def test_a_kill_during_the_rewrite_leaves_a_loadable_folder(tmp_path, monkeypatc
     originals = tmp_path / "originals"
     _save(originals)
     target = tmp_path / "work" / "step-100"
-    target.parent.mkdir()
-
-    def fresh() -> None:
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(originals, target)
+    fresh = copied_afresh(originals, target)
 
     def action() -> None:
         result = cm.upgrade_file(target, target, rename_drop_schema(), from_version="1.0.0")

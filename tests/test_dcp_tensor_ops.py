@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import warnings
@@ -22,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from crash_points import killed_runs
+from crash_points import copied_afresh, killed_runs
 from torch.distributed.checkpoint import FileSystemWriter
 
 import ckptmigrate as cm
@@ -211,11 +210,7 @@ def test_a_kill_during_the_tensor_rewrite_leaves_the_old_folder_or_the_new(tmp_p
     originals = tmp_path / "originals"
     _save(originals)
     target = tmp_path / "work" / "step-100"
-    target.parent.mkdir()
-
-    def fresh() -> None:
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(originals, target)
+    fresh = copied_afresh(originals, target)
 
     def action() -> None:
         assert cm.upgrade_file(target, target, _schema(), from_version="1.0.0").streamed
