@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, fields, is_dataclass
 from typing import Any, Union
 
-from ...errors import OpDataError
+from ...errors import OpDataError, OpError
 from .base import ABSENT, CODE, UNKNOWN, Op
 from .tensors import TensorOp
 
@@ -213,8 +213,12 @@ def _rebuild(entry: Any, known: dict[str, type[Op]]) -> Op:
             )
         values[key] = tuple(value) if _wants_tuple(hint) and isinstance(value, list) else value
     try:
-        op = cls(**values)
+        # the op checks its values (a template's fields, a dtype's name) as it is built, and
+        # what they could make it cost when read from a file (a regex, a pad's size)
+        op = cls(**values).as_recorded()
     except TypeError as exc:  # a required field missing
+        raise OpDataError(f"{name}: {exc}") from None
+    except OpError as exc:
         raise OpDataError(f"{name}: {exc}") from None
     if op.runs_user_code:  # e.g. a default that is callable cannot come from JSON, but check
         raise OpDataError(f"{name} would run code, so it is not rebuilt from data")

@@ -26,6 +26,7 @@ from .base import (
     KEYS,
     TENSORS,
     Op,
+    check_templates,
     fill_template,
     refuse_new_layout,
     replace_keys_at,
@@ -67,6 +68,9 @@ class _Stacking(Op):
         "PEFT adapts a stacked expert parameter through target_parameters, whose factors are "
         "laid out otherwise than the per-expert modules' lora_A and lora_B"
     )
+
+    def __post_init__(self) -> None:
+        check_templates(type(self).__name__, self.source, self.target)
 
     def how_many(self) -> str:
         """``count`` as :meth:`describe` says it."""
