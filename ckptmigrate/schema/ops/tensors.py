@@ -178,9 +178,27 @@ class Merge(Op):
             ckpt.state_dict = replace_keys_at(ckpt.state_dict, keys, {new_key: merged})
 
     def join(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """The parts as one tensor: concatenated along ``dim``."""
+        """The parts as one tensor: concatenated along ``dim``. Parts of unequal size need
+        ``sizes=`` (the inverse cuts equal chunks otherwise: other shapes, rows moved)."""
         import torch
 
+        if any(not hasattr(t, "shape") for t in tensors):
+            raise OpError(f"{self.describe()}: merging into {key!r}, but a part is not a tensor")
+        try:
+            found = [t.shape[self.dim] for t in tensors]
+        except IndexError:
+            shapes = [tuple(t.shape) for t in tensors]
+            raise OpError(f"{self.describe()}: the parts {shapes} have no dim {self.dim}") from None
+        if self.sizes is None and len(set(found)) > 1:
+            raise OpError(
+                f"{self.describe()}: merging parts of sizes {found} along dim {self.dim} into "
+                f"{key!r}; its inverse would cut equal chunks: give sizes={found}"
+            )
+        if self.sizes is not None and list(self.sizes) != found:
+            raise OpError(
+                f"{self.describe()}: sizes={list(self.sizes)}, but the parts merged into "
+                f"{key!r} have sizes {found} along dim {self.dim}"
+            )
         return torch.cat(tensors, dim=self.dim)
 
     def inverse(self) -> Op:
