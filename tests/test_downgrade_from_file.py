@@ -428,3 +428,51 @@ def test_a_long_recorded_history_is_read_in_time_linear_in_its_length(tmp_path):
     # a linear reader answers in a second or two; the quadratic one in minutes
     proc = run(tmp_path, "info", str(path), "--migrations", str(folder), timeout=60)
     assert proc.returncode in (0, 1, 2), proc.stderr
+
+
+# -- fixa: what a recorded op's values may make it do, op by op ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"op": "RenameKeys", "args": {"pattern": r"(\w+)\1", "repl": "x"}},  # backreference
+        {"op": "DropKeys", "args": {"pattern": r"(?=a)a.*"}},  # lookaround
+        {"op": "DropKeys", "args": {"pattern": r"(a|ab)*c"}},  # alternation repeated
+        {"op": "DropKeys", "args": {"pattern": r"(.*)(.*)(.*)(.*)x"}},  # 4 repeats
+        {"op": "RenameKeys", "args": {"pattern": "a", "repl": "b", "reverse": ["(a*)*", "a"]}},
+        {"op": "Cast", "args": {"template": "w", "dtype": "nn"}},
+        {"op": "Split", "args": {"source": "{p}.w", "targets": ["{p}.{p}", "x"]}},
+    ],
+)
+def test_recorded_values_that_could_run_unbounded_are_refused_as_data(data):
+    with pytest.raises(cm.OpDataError):
+        op_from_data(data)
+
+
+def test_the_patterns_ckptmigrate_itself_writes_are_still_rebuilt():
+    autogen = r"(?P<pre>(?:.*\.)?)blocks(?P<post>(?:\..*)?)"
+    for pattern in [autogen, r"(.*denselayer\d+\.(?:norm|conv))\.([12])\.(\w+)", r"a\.(q|k)"]:
+        op = op_from_data({"op": "DropKeys", "args": {"pattern": pattern}})
+        assert op.pattern == pattern
+
+
+def test_a_recorded_regex_refuses_a_key_longer_than_it_runs_on_and_code_does_not():
+    data = {"op": "RenameKeys", "args": {"pattern": r"(.*)\.w", "repl": r"\1.weight"}}
+    ckpt = cm.Checkpoint({"a" * 600 + ".w": torch.ones(1)})
+    with pytest.raises(cm.OpError, match="at most 512 characters"):
+        op_from_data(data).apply(ckpt)
+    cm.ops.RenameKeys(r"(.*)\.w", r"\1.weight").apply(ckpt)  # the project's own code: unbounded
+    assert list(ckpt.state_dict) == ["a" * 600 + ".weight"]
+
+
+def test_a_recorded_pad_adds_a_bounded_number_of_values():
+    data = {"op": "Pad", "args": {"template": "w", "size": 2**40}}
+    with pytest.raises(cm.OpError, match="adds at most"):
+        op_from_data(data).apply(cm.Checkpoint({"w": torch.ones(2)}))
+
+
+@pytest.mark.parametrize("template", ["{n!r}.w", "{n:>9}.w", "{n.x}.w", "{n[0]}.w", "{}.w", "a}"])
+def test_a_template_written_in_code_with_format_syntax_is_an_op_error_at_definition(template):
+    with pytest.raises(cm.OpError, match="brace syntax"):
+        cm.ops.Transpose(template)

@@ -574,3 +574,15 @@ def test_a_merge_of_unequal_parts_without_sizes_is_not_undone_into_other_shapes(
     assert inverse is not None
     inverse.apply(ckpt)
     assert {k: tuple(v.shape) for k, v in ckpt.state_dict.items()} == {"a": (4, 2), "b": (2, 2)}
+
+
+def test_a_merge_whose_sizes_are_not_its_parts_sizes_is_refused():
+    ckpt = cm.Checkpoint({"a": torch.zeros(4, 2), "b": torch.ones(2, 2)})
+    with pytest.raises(OpError, match=r"have sizes \[4, 2\]"):
+        cm.ops.Merge(["a", "b"], "ab", sizes=[3, 3]).apply(ckpt)
+
+
+@pytest.mark.parametrize("fill", [300, -1])
+def test_pad_refuses_a_fill_outside_an_integer_dtypes_range(fill):
+    with pytest.raises(OpError, match="fill"):
+        cm.ops.Pad("w", size=8, fill=fill).transform(torch.zeros(6, dtype=torch.uint8))
