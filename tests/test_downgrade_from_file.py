@@ -328,3 +328,151 @@ def test_only_declarative_op_classes_this_process_imported_are_known():
     known = known_ops()
     assert "RenameKeys" in known and "Split" in known and "Call" not in known
     assert all(not name.startswith(("os", "builtins", "subprocess")) for name in known)
+
+
+# -- review16: what a recorded inverse may still do --------------------------------------------
+
+FORMAT_TRICKS = {
+    # str.format walks attributes and indexes: a small interpreter over the file's own text
+    "attribute walk": "layers.{n.__class__.__mro__}.qkv.{kind}",
+    "index": "layers.{n[0]}.qkv.{kind}",
+    "conversion": "layers.{n!r}.qkv.{kind}",
+    # a format spec pads to any width: a key of a megabyte here, of gigabytes just as easily
+    "format width": "layers.{n:>1000000}.qkv.{kind}",
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORMAT_TRICKS))
+def test_a_recorded_template_holds_plain_fields_only_and_anything_else_is_refused_before_running(
+    tmp_path, old, new, case
+):
+    newer = upgraded_by_new_code(tmp_path, new[0])
+    parts = ["layers.{n}.q.{kind}", "layers.{n}.k.{kind}", "layers.{n}.v.{kind}"]
+    with_inverse(
+        newer, [{"op": "Merge", "args": {"sources": parts, "target": FORMAT_TRICKS[case]}}]
+    )
+    with pytest.raises(cm.RecordedInverseError):
+        cm.load(newer, schema=old[0], to="1.1.0")
+
+
+def test_a_recorded_dtype_name_is_looked_up_never_imported(tmp_path, old, new):
+    """``Cast`` resolves its dtype with ``getattr(torch, name)``, and torch's module
+    ``__getattr__`` imports its lazy submodules by name: ``"onnx"`` read from a file imports
+    ``torch.onnx``. A dtype from data must be one of torch's dtypes, checked before running."""
+    newer = upgraded_by_new_code(tmp_path, new[0])
+    with_inverse(
+        newer, [{"op": "Cast", "args": {"template": "layers.0.up.weight", "dtype": "onnx"}}]
+    )
+    script = f"""
+import sys
+import ckptmigrate as cm
+from ckptmigrate.schema.registry import find_schemas
+assert "torch.onnx" not in sys.modules
+old = find_schemas([{str(old[1])!r}])["net"]
+try:
+    cm.load({str(newer)!r}, schema=old, to="1.1.0")
+    print("loaded")
+except cm.CkptMigrateError as exc:
+    print("refused", type(exc).__name__)
+print("imported torch.onnx" if "torch.onnx" in sys.modules else "nothing imported")
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "nothing imported" in done.stdout, done.stdout
+    assert "refused RecordedInverseError" in done.stdout, done.stdout
+
+
+def test_a_recorded_rename_pattern_cannot_hold_the_reader_for_hours(tmp_path, old, new):
+    """A regex from the file runs against key names from the file: ``(a+)+b`` on a key of 40
+    ``a`` backtracks some 2**40 times. Readers bound time; a recorded pattern must too (refuse
+    nested quantifiers and backreferences in data, or bound the key length they run on)."""
+    newer = upgraded_by_new_code(tmp_path, new[0])
+    ckpt = cm.load(newer, upgrade=False)
+    ckpt.state_dict["a" * 40] = torch.zeros(1)
+    ckpt.history[-1]["inverse"] = [{"op": "RenameKeys", "args": {"pattern": "(a+)+b", "repl": "x"}}]
+    cm.save(newer, ckpt)
+    out = tmp_path / "out.pth"
+    # exponential: a fixed pattern finishes in well under a second, this one in days
+    proc = run(tmp_path, "upgrade", str(newer), "-o", str(out), "--to", "1.1.0",
+               "--migrations", str(old[1]), timeout=60)  # fmt: skip
+    assert "cannot be used" in one_error_line(proc)
+
+
+def test_a_long_recorded_history_is_read_in_time_linear_in_its_length(tmp_path):
+    """Finding how far a newer file's recorded inverses reach scans the whole history once per
+    version it walks down (``_entry_into`` inside ``recorded_floor``), parsing every version
+    again: quadratic. A file of a few hundred KB with a chain of 8,000 entries keeps
+    ``cm.load`` (which only has to say FutureVersionError) busy for minutes; 1,000 take 2 s,
+    4,000 take 35 s. An index by ``to`` version built once makes it linear."""
+    n = 8000
+    history = [
+        {"from": f"2.{i}", "to": f"2.{i + 1}", "inverse": [], "step": "s", "downgrade": False}
+        for i in range(n)
+    ]
+    history[0]["from"] = "1.0.1"
+    ckpt = cm.Checkpoint(
+        {"b.w": torch.ones(1)}, schema="h", version=Version(f"2.{n}"), history=history
+    )
+    path = tmp_path / "long.pth"
+    cm.save(path, ckpt)
+    folder = tmp_path / "code"
+    folder.mkdir()
+    (folder / "h_migrations.py").write_text(
+        "import ckptmigrate as cm\n"
+        "schema = cm.Schema('h', current='1.0.1')\n"
+        "schema.add_migration('1.0.0', '1.0.1', [cm.ops.RenamePrefix('a.', 'b.')])\n"
+    )
+    # a linear reader answers in a second or two; the quadratic one in minutes
+    proc = run(tmp_path, "info", str(path), "--migrations", str(folder), timeout=60)
+    assert proc.returncode in (0, 1, 2), proc.stderr
+
+
+# -- fixa: what a recorded op's values may make it do, op by op ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"op": "RenameKeys", "args": {"pattern": r"(\w+)\1", "repl": "x"}},  # backreference
+        {"op": "DropKeys", "args": {"pattern": r"(?=a)a.*"}},  # lookaround
+        {"op": "DropKeys", "args": {"pattern": r"(a|ab)*c"}},  # alternation repeated
+        {"op": "DropKeys", "args": {"pattern": r"(.*)(.*)(.*)(.*)x"}},  # 4 repeats
+        {"op": "RenameKeys", "args": {"pattern": "a", "repl": "b", "reverse": ["(a*)*", "a"]}},
+        {"op": "Cast", "args": {"template": "w", "dtype": "nn"}},
+        {"op": "Split", "args": {"source": "{p}.w", "targets": ["{p}.{p}", "x"]}},
+    ],
+)
+def test_recorded_values_that_could_run_unbounded_are_refused_as_data(data):
+    with pytest.raises(cm.OpDataError):
+        op_from_data(data)
+
+
+def test_the_patterns_ckptmigrate_itself_writes_are_still_rebuilt():
+    autogen = r"(?P<pre>(?:.*\.)?)blocks(?P<post>(?:\..*)?)"
+    for pattern in [autogen, r"(.*denselayer\d+\.(?:norm|conv))\.([12])\.(\w+)", r"a\.(q|k)"]:
+        op = op_from_data({"op": "DropKeys", "args": {"pattern": pattern}})
+        assert op.pattern == pattern
+
+
+def test_a_recorded_regex_refuses_a_key_longer_than_it_runs_on_and_code_does_not():
+    data = {"op": "RenameKeys", "args": {"pattern": r"(.*)\.w", "repl": r"\1.weight"}}
+    ckpt = cm.Checkpoint({"a" * 600 + ".w": torch.ones(1)})
+    with pytest.raises(cm.OpError, match="at most 512 characters"):
+        op_from_data(data).apply(ckpt)
+    cm.ops.RenameKeys(r"(.*)\.w", r"\1.weight").apply(ckpt)  # the project's own code: unbounded
+    assert list(ckpt.state_dict) == ["a" * 600 + ".weight"]
+
+
+def test_a_recorded_pad_adds_a_bounded_number_of_values():
+    data = {"op": "Pad", "args": {"template": "w", "size": 2**40}}
+    with pytest.raises(cm.OpError, match="adds at most"):
+        op_from_data(data).apply(cm.Checkpoint({"w": torch.ones(2)}))
+
+
+@pytest.mark.parametrize("template", ["{n!r}.w", "{n:>9}.w", "{n.x}.w", "{n[0]}.w", "{}.w", "a}"])
+def test_a_template_written_in_code_with_format_syntax_is_an_op_error_at_definition(template):
+    with pytest.raises(cm.OpError, match="brace syntax"):
+        cm.ops.Transpose(template)

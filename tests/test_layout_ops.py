@@ -447,3 +447,142 @@ def test_unstack_without_a_count_refuses_to_trace_optimizer_state_by_keys_alone(
     undo = cm.ops.Unstack("experts.weight", "experts.{i}.weight", count=None)
     with pytest.raises(OpError, match="give count= so that optimizer state can follow"):
         undo.trace(["experts.weight"])
+
+
+# -- review16: experts the router never picked -------------------------------------------------
+
+
+def routed_adam(model: Experts, routed: list[list[int]]) -> torch.optim.Adam:
+    """A real Adam where batch ``b`` trains only the experts ``routed[b]``: an expert no token
+    reached has no state at all (Adam makes it on the first gradient), one reached later has a
+    smaller ``step``, as in every MoE run."""
+    opt = torch.optim.Adam(model.named_parameters(), lr=0.01)
+    for b, experts in enumerate(routed):
+        opt.zero_grad()
+        loss = sum(
+            (model.experts[i].weight * torch.randn(5, 3, generator=gen(b))).sum() ** 2
+            for i in experts
+        )
+        loss.backward()
+        opt.step()
+    return opt
+
+
+def test_stacking_experts_when_one_was_never_routed_keeps_the_others_adam_moments(tmp_path):
+    """Expert 3 got no gradient, so it has no Adam state; the stacked parameter must still
+    carry experts 0-2's moments (expert 3's rows fresh, zero) or refuse clearly. Today the
+    stacked parameter silently gets no state at all: every expert's moments are lost."""
+    torch.manual_seed(0)
+    old = Experts()
+    opt = routed_adam(old, [[0, 1, 2], [0, 1, 2]])
+    before = state_by_name(opt.state_dict())
+    assert "experts.3.weight" not in before
+    try:
+        new_ckpt = upgrade_on_disk(tmp_path, old, opt, two_step_schema([STACK]))
+    except cm.CkptMigrateError:
+        return  # a clear refusal keeps nothing silently lost
+    state = state_by_name(new_ckpt.optimizer)
+    assert "experts.weight" in state, "the stacked experts lost all their optimizer state"
+    for i in range(3):
+        torch.testing.assert_close(
+            state["experts.weight"]["exp_avg"][i], before[f"experts.{i}.weight"]["exp_avg"], **TOL
+        )
+
+
+def test_stacking_experts_whose_adam_steps_differ_is_not_silent(tmp_path):
+    """Expert 3 was first routed in the third batch: its ``step`` is 1, the others' 3. One
+    stacked parameter has one ``step``, so Adam's bias correction of some rows changes; today
+    expert 0's step is taken without a word."""
+    torch.manual_seed(0)
+    old = Experts()
+    opt = routed_adam(old, [[0, 1, 2], [0, 1, 2], [0, 1, 2, 3]])
+    steps = {k: float(v["step"]) for k, v in state_by_name(opt.state_dict()).items()}
+    assert steps["experts.0.weight"] == 3 and steps["experts.3.weight"] == 1
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            upgrade_on_disk(tmp_path, old, opt, two_step_schema([STACK]))
+        except cm.CkptMigrateError:
+            return
+    assert any("step" in str(w.message) for w in caught), "differing steps merged silently"
+
+
+# -- review16: odd arguments, plain answers ----------------------------------------------------
+
+
+def test_pad_refuses_a_fill_that_the_tensors_dtype_would_change():
+    """fill=0.5 on an integer (token id / position) table writes 0 without a word."""
+    with pytest.raises(OpError, match="fill"):
+        cm.ops.Pad("w", size=8, fill=0.5).transform(torch.arange(6))
+
+
+def test_an_interleaved_split_along_the_last_dim_counted_from_the_end_is_the_same_split():
+    """Split takes dim=-1 as torch does; its interleaved sibling reshapes with shape[:dim] and
+    shape[dim + 1:], which for dim=-1 is the whole shape again."""
+    fused = torch.arange(24.0).reshape(2, 12)
+    by_end = cm.ops.SplitInterleaved("w", ["g", "u"], dim=-1, sizes=[1, 1]).cut("w", fused)
+    by_index = cm.ops.SplitInterleaved("w", ["g", "u"], dim=1, sizes=[1, 1]).cut("w", fused)
+    for a, b in zip(by_end, by_index):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+ODD = {
+    "pad multiple=0": lambda: cm.ops.Pad("w", multiple=0).apply(
+        cm.Checkpoint({"w": torch.ones(6)})
+    ),
+    "rope n_heads=0": lambda: cm.ops.PermuteForRope("w", n_heads=0).apply(
+        cm.Checkpoint({"w": torch.ones(8, 2)})
+    ),
+    "interleaved sizes 0": lambda: cm.ops.SplitInterleaved("w", ["a", "b"], sizes=[0, 0]).apply(
+        cm.Checkpoint({"w": torch.ones(4)})
+    ),
+    "stack a non-tensor": lambda: cm.ops.Stack("e.{i}", "e", count=2).apply(
+        cm.Checkpoint({"e.0": 1, "e.1": 2})
+    ),
+    "pad a 0-d tensor": lambda: cm.ops.Pad("w", size=2).apply(
+        cm.Checkpoint({"w": torch.tensor(1.0)})
+    ),
+    "template with {0}": lambda: cm.ops.Split("{p}.w", ["{p}.{0}", "{p}.x"]).apply(
+        cm.Checkpoint({"a.w": torch.ones(4)})
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ODD))
+def test_an_op_given_odd_arguments_raises_an_op_error_naming_itself(case):
+    """Inside an upgrade these become ``MigrationError: ... failed: ZeroDivisionError: integer
+    division or modulo by zero``: no traceback, but nothing that says which argument is wrong."""
+    with pytest.raises(OpError):
+        ODD[case]()
+
+
+def test_a_merge_of_unequal_parts_without_sizes_is_not_undone_into_other_shapes():
+    """``Merge`` without ``sizes=`` says it is reversible, and its inverse cuts equal chunks:
+    a (4, 2) and b (2, 2) merged come back as two (3, 2) tensors, b holding a row of a. That
+    inverse is what a file's history records for older code to run. The merge must refuse
+    parts of unequal size without ``sizes=`` (or its inverse must cut what it joined)."""
+    sd = {"a": torch.zeros(4, 2), "b": torch.ones(2, 2)}
+    ckpt = cm.Checkpoint(dict(sd))
+    merge = cm.ops.Merge(["a", "b"], "ab")
+    try:
+        merge.apply(ckpt)
+    except OpError:
+        return
+    inverse = merge.inverse()
+    assert inverse is not None
+    inverse.apply(ckpt)
+    assert {k: tuple(v.shape) for k, v in ckpt.state_dict.items()} == {"a": (4, 2), "b": (2, 2)}
+
+
+def test_a_merge_whose_sizes_are_not_its_parts_sizes_is_refused():
+    ckpt = cm.Checkpoint({"a": torch.zeros(4, 2), "b": torch.ones(2, 2)})
+    with pytest.raises(OpError, match=r"have sizes \[4, 2\]"):
+        cm.ops.Merge(["a", "b"], "ab", sizes=[3, 3]).apply(ckpt)
+
+
+@pytest.mark.parametrize("fill", [300, -1])
+def test_pad_refuses_a_fill_outside_an_integer_dtypes_range(fill):
+    with pytest.raises(OpError, match="fill"):
+        cm.ops.Pad("w", size=8, fill=fill).transform(torch.zeros(6, dtype=torch.uint8))

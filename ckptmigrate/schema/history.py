@@ -30,7 +30,7 @@ from .graph import MigrationGraph, OpsStep, PlannedStep, Step
 from .ops.data import ops_from_data
 from .provenance import same_code
 
-__all__ = ["EditedStep", "edited_steps", "recorded_downgrade", "recorded_floor"]
+__all__ = ["EditedStep", "edited_steps", "entries_into", "recorded_downgrade", "recorded_floor"]
 
 
 @dataclass(frozen=True)
@@ -108,23 +108,26 @@ def _knows(graph: MigrationGraph, version: Version) -> bool:
     return version <= graph.current and version in graph.versions
 
 
-def _entry_into(history: Sequence[Any], version: Version) -> tuple[dict[str, Any], Version] | None:
-    """The newest upgrade entry of ``history`` that led to ``version``, with where it came from."""
-    for entry in reversed(history):
+def entries_into(history: Sequence[Any]) -> dict[Version, tuple[dict[str, Any], Version]]:
+    """Each version an upgrade entry of ``history`` led to -> the newest such entry, with where
+    it came from: one pass, so walking a long history down costs one lookup a version."""
+    found: dict[Version, tuple[dict[str, Any], Version]] = {}
+    for entry in history:
         if not isinstance(entry, dict) or entry.get("downgrade") is True:
             continue
         source, target = _version(entry.get("from")), _version(entry.get("to"))
-        if target == version and source is not None and source < version:
-            return entry, source
-    return None
+        if target is not None and source is not None and source < target:
+            found[target] = (entry, source)  # a later entry is newer: it wins
+    return found
 
 
 def recorded_floor(graph: MigrationGraph, start: Version, history: Sequence[Any]) -> Version | None:
     """The version the recorded inverses take a file at ``start`` down to, the first one the
     graph knows; None when they stop before one (a function step, a gap)."""
+    into = entries_into(history)
     node = start
     while not _knows(graph, node):
-        found = _entry_into(history, node)
+        found = into.get(node)
         if found is None or not isinstance(found[0].get("inverse"), list):
             return None
         node = found[1]
@@ -143,9 +146,10 @@ def recorded_downgrade(
     runs.
     """
     steps: list[PlannedStep] = []
+    into = entries_into(history)
     node = start
     while node != target and not _knows(graph, node):
-        found = _entry_into(history, node)
+        found = into.get(node)
         if found is None:
             raise NoMigrationPathError(
                 graph.schema,

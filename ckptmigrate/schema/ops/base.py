@@ -29,6 +29,8 @@ __all__ = [
     "OpError",
     "TENSORS",
     "UNKNOWN",
+    "check_template",
+    "check_templates",
     "fill_template",
     "refuse_new_layout",
     "regex_where",
@@ -122,6 +124,12 @@ class Op:
     def describe(self) -> str:
         return repr(self)
 
+    def as_recorded(self) -> Op:
+        """The op as it may run when rebuilt from a file's data (a recorded inverse): checked
+        for what the file's values could make it cost (a regex that backtracks, a pad to any
+        size), raising :class:`OpError`, and bounded where its cost depends on the keys."""
+        return self
+
     def label(self) -> str:
         """The op by its defining arguments, as a migration writes it: ``DropKeys('x\\..*')``."""
         if not is_dataclass(self):
@@ -187,10 +195,39 @@ class Op:
         return None
 
 
+#: a template's field: ``{name}``, a Python identifier; no other brace syntax is a template
+_FIELD = re.compile(r"\{([A-Za-z_]\w*)\}")
+
+
+def check_template(template: str, what: str = "template") -> None:
+    """Raise :class:`OpError` unless ``template`` is text with plain ``{name}`` fields, each at
+    most once: no ``{0}``, ``{n!r}``, ``{n:>9}``, ``{n.attr}``, ``{n[0]}`` or stray brace (a
+    template is filled by substitution, never by ``str.format``)."""
+    if not isinstance(template, str):
+        raise OpError(f"{what} {template!r} is a {type(template).__name__}, not a string")
+    names = _FIELD.findall(template)
+    if "{" in _FIELD.sub("", template) or "}" in _FIELD.sub("", template):
+        raise OpError(
+            f"{what} {template[:80]!r} holds brace syntax other than plain {{name}} fields "
+            "(a field is a name: {p}, {kind}; no conversion, format spec, index or attribute)"
+        )
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise OpError(f"{what} {template[:80]!r} has the field {{{twice[0]}}} more than once")
+
+
+def check_templates(what: str, *templates: str | Sequence[str]) -> None:
+    """:func:`check_template` on each template (or list of them), for an op's ``__post_init__``."""
+    for value in templates:
+        for template in [value] if isinstance(value, str) else list(value):
+            check_template(template, what)
+
+
 def template_regex(template: str, numbered: str | None = None) -> re.Pattern[str]:
     """``"{p}.c_attn.{kind}"`` -> a regex with named groups ``p`` and ``kind``; the field
     ``numbered`` matches an index only (``0``, ``7``, ``12``; not ``07``)."""
-    parts = re.split(r"\{(\w+)\}", template)
+    check_template(template)
+    parts = _FIELD.split(template)
     out = []
     for i, part in enumerate(parts):
         if i % 2 == 0:
@@ -201,10 +238,13 @@ def template_regex(template: str, numbered: str | None = None) -> re.Pattern[str
 
 
 def fill_template(template: str, groups: dict[str, str]) -> str:
-    try:
-        return template.format(**groups)
-    except KeyError as exc:
-        raise OpError(f"template {template!r} uses field {exc} that the source does not") from None
+    """``template`` with each ``{name}`` field replaced by ``groups[name]``: plain substitution,
+    so a field's text is never read as a format spec, an index or an attribute."""
+    check_template(template)
+    missing = sorted(set(_FIELD.findall(template)) - set(groups))
+    if missing:
+        raise OpError(f"template {template!r} uses field {missing[0]!r} that the source does not")
+    return _FIELD.sub(lambda m: groups[m[1]], template)
 
 
 def regex_where(pattern: str) -> dict[str, str]:
@@ -214,7 +254,7 @@ def regex_where(pattern: str) -> dict[str, str]:
 
 def template_where(template: str) -> dict[str, str]:
     """Where a template op looked: its text before the first field, its longest literal part."""
-    parts = re.split(r"\{\w+\}", template)
+    parts = _FIELD.split(template)[::2]
     return {"head": parts[0], "needle": max(parts, key=len)}
 
 

@@ -18,7 +18,7 @@ acts on) is never rebuilt from data.
 from __future__ import annotations
 
 import math
-import re
+import os
 import sys
 import types
 import typing
@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, fields, is_dataclass
 from typing import Any, Union
 
-from ...errors import OpDataError
+from ...errors import OpDataError, OpError
 from .base import ABSENT, CODE, UNKNOWN, Op
 from .tensors import TensorOp
 
@@ -47,23 +47,23 @@ _MARKERS = {"ABSENT": ABSENT, "UNKNOWN": UNKNOWN}
 _OPS_PACKAGE = __name__.rpartition(".")[0]
 
 
-#: discovery imports a migrations file by path as ``ckptmigrate_migrations_<hash>.<stem>``
-#: (:mod:`ckptmigrate.schema.registry`): its ops are named by ``<stem>``, wherever it lies
-_DISCOVERED = re.compile(r"ckptmigrate_migrations_[0-9a-f]+\.")
-
-
 def op_name(cls: type) -> str:
-    """The name an op class is written under: ours by class name, others ``module.QualName``
-    (a migrations file found by path: its file name as the module)."""
+    """The name an op class is written under: ours by class name, others
+    ``<module's last name>.QualName`` (``net_migrations.RenameBlocks``): the defining file's
+    stem, the same whether the file was imported by path (as discovery does, under a private
+    package) or as ``mypkg.net_migrations``, so its digest and recorded data do not depend on
+    how it was imported."""
     if cls.__module__.rpartition(".")[0] == _OPS_PACKAGE:
         return cls.__name__
-    return f"{_DISCOVERED.sub('', cls.__module__, count=1)}.{cls.__qualname__}"
+    return f"{cls.__module__.rpartition('.')[2]}.{cls.__qualname__}"
 
 
 def known_ops() -> dict[str, type[Op]]:
     """Every op class data may name: the public, declarative subclasses of :class:`Op` that
-    this process has imported, by :func:`op_name`."""
+    this process has imported, by :func:`op_name`; a name two such classes share names
+    neither (which one a file meant is unknown)."""
     found: dict[str, type[Op]] = {}
+    shared: set[str] = set()
     todo = list(Op.__subclasses__())
     while todo:
         cls = todo.pop()
@@ -72,8 +72,25 @@ def known_ops() -> dict[str, type[Op]]:
             continue
         if issubclass(cls, TensorOp) and cls.transform is TensorOp.transform:
             continue  # the base of the tensor ops: it transforms nothing itself
-        found[op_name(cls)] = cls
+        name = op_name(cls)
+        if found.setdefault(name, cls) is not cls and not _same_class(found[name], cls):
+            shared.add(name)
+    for name in shared:
+        del found[name]
     return found
+
+
+def _same_class(a: type, b: type) -> bool:
+    """Whether two classes are one definition imported twice (by path and by package name):
+    same name, same defining file, same fields."""
+    file_a, file_b = (getattr(sys.modules.get(c.__module__), "__file__", None) for c in (a, b))
+    return (
+        a.__qualname__ == b.__qualname__
+        and file_a is not None
+        and file_b is not None
+        and os.path.realpath(file_a) == os.path.realpath(file_b)
+        and [f.name for f in fields(a)] == [f.name for f in fields(b)]
+    )
 
 
 def op_data(op: Op) -> dict[str, Any]:
@@ -85,7 +102,8 @@ def op_data(op: Op) -> dict[str, Any]:
     cls = type(op)
     if not is_dataclass(op) or op.runs_user_code:
         raise OpDataError(f"{op.describe()} runs code, so it cannot be written as data")
-    if known_ops().get(op_name(cls)) is not cls:
+    known = known_ops().get(op_name(cls))
+    if known is not cls and (known is None or not _same_class(known, cls)):
         raise OpDataError(f"{op.describe()}: its class {op_name(cls)} cannot be rebuilt from data")
     # fields left at their defaults are left out: a field a later ckptmigrate adds (with a
     # default) changes neither the data of an op that does not use it nor its digest, and an
@@ -188,6 +206,8 @@ def _rebuild(entry: Any, known: dict[str, type[Op]]) -> Op:
             'an op as data is a dict of "op" (its name) and "args", found ' + _kind(entry)
         )
     name, args = entry["op"], entry["args"]
+    if isinstance(name, str) and name not in known and name.count(".") > 1:
+        name = ".".join(name.rsplit(".", 2)[-2:])  # written before names were module.QualName
     if not isinstance(name, str) or name not in known:
         shown = repr(name)[:80] if isinstance(name, str) else _kind(name)
         raise OpDataError(
@@ -213,8 +233,12 @@ def _rebuild(entry: Any, known: dict[str, type[Op]]) -> Op:
             )
         values[key] = tuple(value) if _wants_tuple(hint) and isinstance(value, list) else value
     try:
-        op = cls(**values)
+        # the op checks its values (a template's fields, a dtype's name) as it is built, and
+        # what they could make it cost when read from a file (a regex, a pad's size)
+        op = cls(**values).as_recorded()
     except TypeError as exc:  # a required field missing
+        raise OpDataError(f"{name}: {exc}") from None
+    except OpError as exc:
         raise OpDataError(f"{name}: {exc}") from None
     if op.runs_user_code:  # e.g. a default that is callable cannot come from JSON, but check
         raise OpDataError(f"{name} would run code, so it is not rebuilt from data")

@@ -7,6 +7,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+try:  # the parsed form of a regex, to judge a pattern read from a file before it runs
+    from re import _parser as sre_parse  # Python 3.11+
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse  # type: ignore[no-redef]
+
 from ...errors import OpError
 from ...values.checkpoint import Checkpoint
 from ..compose import literal_prefix_rename
@@ -15,11 +20,14 @@ from .base import KEYS, TENSORS, Op, regex_where
 __all__ = [
     "AddKey",
     "DropKeys",
+    "MAX_RECORDED_KEY",
+    "MAX_RECORDED_REPEATS",
     "RenameKeys",
     "RenamePrefix",
     "STRIP_COMPILE",
     "STRIP_DATAPARALLEL",
     "StripPrefix",
+    "check_recorded_pattern",
     "module_renames",
     "prefix_mover",
     "strip_wrappers",
@@ -103,6 +111,87 @@ def module_renames(mapping: dict[str, str]) -> dict[str, str]:
         if all(p in out for p in walked):
             settled.update(walked)
     return out
+
+
+#: a regex rebuilt from a file's data holds at most this many repeats that match more than once
+#: (``*``, ``+``, ``{2,}``): with none nested, matching costs at most the key's length to this power
+MAX_RECORDED_REPEATS = 3
+#: ... and runs on keys of at most this many characters (at 3 repeats, under 0.2 s a key)
+MAX_RECORDED_KEY = 512
+
+#: regex constructs a pattern read from a file may not hold: backreferences, lookarounds,
+#: conditionals (each can make matching cost more than a power of the key's length)
+_REFUSED_NODES = {
+    "GROUPREF": "a backreference",
+    "GROUPREF_EXISTS": "a conditional group",
+    "GROUPREF_IGNORE": "a backreference",
+    "GROUPREF_LOC_IGNORE": "a backreference",
+    "GROUPREF_UNI_IGNORE": "a backreference",
+    "ASSERT": "a lookaround",
+    "ASSERT_NOT": "a lookaround",
+}
+_REPEATS = {"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"}
+
+
+def check_recorded_pattern(pattern: str) -> None:
+    """Raise :class:`OpError` unless ``pattern``, read from a file, matches in time bounded by
+    a power of the key's length: no backreference, lookaround or conditional, no repeat inside a
+    repeat and no alternation inside a repeat (``(a+)+``, ``(a|a)*``: exponential), at most
+    :data:`MAX_RECORDED_REPEATS` repeats in all. The op then runs on keys of at most
+    :data:`MAX_RECORDED_KEY` characters."""
+    try:
+        parsed = sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise OpError(f"the pattern {pattern[:80]!r} is not a regex ({exc})") from None
+    repeats = 0
+    # (node list, inside a repeat that matches more than once)
+    stack: list[tuple[Any, bool]] = [(parsed, False)]
+    while stack:
+        nodes, repeated = stack.pop()
+        for op, av in nodes:
+            name = getattr(op, "name", str(op))
+            if name in _REFUSED_NODES:
+                raise OpError(
+                    f"the pattern {pattern[:80]!r} holds {_REFUSED_NODES[name]}, which a pattern "
+                    "read from a file may not (its matching time has no bound)"
+                )
+            if name in _REPEATS:
+                low, high, body = av
+                many = high is sre_parse.MAXREPEAT or high > 1
+                if many and repeated:
+                    raise OpError(
+                        f"the pattern {pattern[:80]!r} repeats a repeat (as in (a+)+), which a "
+                        "pattern read from a file may not: it can backtrack for days"
+                    )
+                repeats += many
+                stack.append((body, repeated or many))
+            elif name == "BRANCH":
+                if repeated:
+                    raise OpError(
+                        f"the pattern {pattern[:80]!r} repeats an alternation (as in (a|ab)*), "
+                        "which a pattern read from a file may not: it can backtrack for days"
+                    )
+                stack.extend((branch, repeated) for branch in av[1])
+            elif name == "SUBPATTERN":
+                stack.append((av[-1], repeated))
+            elif name == "ATOMIC_GROUP":
+                stack.append((av, repeated))
+    if repeats > MAX_RECORDED_REPEATS:
+        raise OpError(
+            f"the pattern {pattern[:80]!r} holds {repeats} repeats; a pattern read from a file "
+            f"holds at most {MAX_RECORDED_REPEATS} (each multiplies its matching time)"
+        )
+
+
+def _refuse_long_keys(op: Op, keys: Sequence[str], limit: int | None) -> None:
+    if limit is None:
+        return
+    long = next((k for k in keys if len(k) > limit), None)
+    if long is not None:
+        raise OpError(
+            f"{op.describe()}: a pattern read from the file runs on keys of at most {limit} "
+            f"characters, and {long[:40]!r}... has {len(long)}"
+        )
 
 
 @dataclass
@@ -197,8 +286,17 @@ class RenameKeys(Op):
     repl: str
     reverse: tuple[str, str] | None = None
     missing_ok: bool = field(default=False, kw_only=True)
+    #: the longest key the pattern runs on (set for a pattern read from a file)
+    key_limit: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    def as_recorded(self) -> RenameKeys:
+        for pattern in [self.pattern] + ([self.reverse[0]] if self.reverse else []):
+            check_recorded_pattern(pattern)
+        self.key_limit = MAX_RECORDED_KEY
+        return self
 
     def renamed_keys(self, keys: Sequence[str]) -> dict[str, str]:
+        _refuse_long_keys(self, keys, self.key_limit)
         rx = re.compile(self.pattern)
         fmt = _format_repl(self.repl, rx)
         fullmatch = rx.fullmatch
@@ -219,7 +317,9 @@ class RenameKeys(Op):
         keys = list(ckpt.state_dict)
         mapping = self.renamed_keys(keys)
         if not mapping and self.reverse is not None:
-            done = RenameKeys(*self.reverse).renamed_keys(keys)
+            undo = RenameKeys(*self.reverse)
+            undo.key_limit = self.key_limit
+            done = undo.renamed_keys(keys)
             if done:
                 raise OpError(
                     f"{self.describe()}: no key matches, but {next(iter(done))!r} already has "
@@ -283,12 +383,21 @@ class DropKeys(Op):
     follows_adapter = True  # unless it drops a weight the adapter adapts (then refused)
     pattern: str
     missing_ok: bool = field(default=False, kw_only=True)
+    #: the longest key the pattern runs on (set for a pattern read from a file)
+    key_limit: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    def as_recorded(self) -> DropKeys:
+        check_recorded_pattern(self.pattern)
+        self.key_limit = MAX_RECORDED_KEY
+        return self
 
     def trace(self, keys: Sequence[str]) -> dict[str, list[str]]:
+        _refuse_long_keys(self, keys, self.key_limit)
         rx = re.compile(self.pattern)
         return {k: [k] for k in keys if not rx.fullmatch(k)}
 
     def apply(self, ckpt: Checkpoint) -> None:
+        _refuse_long_keys(self, list(ckpt.state_dict), self.key_limit)
         rx = re.compile(self.pattern)
         kept = {k: v for k, v in ckpt.state_dict.items() if not rx.fullmatch(k)}
         if len(kept) == len(ckpt.state_dict):

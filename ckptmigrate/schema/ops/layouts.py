@@ -16,6 +16,7 @@ split with their rows; rows a :class:`Pad` adds start with zero (fresh) state.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ from .base import (
     KEYS,
     TENSORS,
     Op,
+    check_templates,
     fill_template,
     refuse_new_layout,
     replace_keys_at,
@@ -67,6 +69,9 @@ class _Stacking(Op):
         "PEFT adapts a stacked expert parameter through target_parameters, whose factors are "
         "laid out otherwise than the per-expert modules' lora_A and lora_B"
     )
+
+    def __post_init__(self) -> None:
+        check_templates(type(self).__name__, self.source, self.target)
 
     def how_many(self) -> str:
         """``count`` as :meth:`describe` says it."""
@@ -123,6 +128,10 @@ class Stack(_Stacking):
         for target, members in groups.items():
             count = self.check_complete(target, members)
             keys = [members[i] for i in range(count)]
+            strange = [k for k in keys if not isinstance(ckpt.state_dict[k], torch.Tensor)]
+            if strange:
+                kind = type(ckpt.state_dict[strange[0]]).__name__
+                raise OpError(f"{self.describe()}: {strange[0]!r} is a {kind}, not a tensor")
             shapes = {tuple(ckpt.state_dict[k].shape) for k in keys}
             if len(shapes) > 1:
                 found = {k: tuple(ckpt.state_dict[k].shape) for k in keys}
@@ -261,6 +270,8 @@ class PermuteForRope(TensorOp):
     def transform(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.to not in ROPE_LAYOUTS:
             raise OpError(f"{self.describe()}: to={self.to!r}, expected one of {ROPE_LAYOUTS}")
+        if not isinstance(self.n_heads, int) or self.n_heads < 1:
+            raise OpError(f"{self.describe()}: n_heads={self.n_heads!r}, expected a count >= 1")
         rows = tensor.shape[0] if tensor.dim() else 0
         if tensor.dim() not in (1, 2) or rows % (2 * self.n_heads):
             raise OpError(
@@ -281,12 +292,24 @@ class PermuteForRope(TensorOp):
 
 
 def _group_count(op: Op, key: str, size: int, block: Sequence[int]) -> int:
+    if any(not isinstance(b, int) or b < 1 for b in block):
+        raise OpError(f"{op.describe()}: sizes={list(block)}, expected rows per group >= 1 each")
     if size % sum(block):
         raise OpError(
             f"{op.describe()}: {key!r} has size {size}, not a whole number of groups of "
             f"{list(block)} ({sum(block)})"
         )
     return size // sum(block)
+
+
+def _dim_of(op: Op, key: str, tensor: torch.Tensor, dim: int) -> int:
+    """``dim`` counted from the front (``-1``: the last), or an :class:`OpError` when ``tensor``
+    (of ``key``) has no such dim."""
+    if not hasattr(tensor, "dim"):
+        raise OpError(f"{op.describe()}: {key!r} is a {type(tensor).__name__}, not a tensor")
+    if not -tensor.dim() <= dim < tensor.dim():
+        raise OpError(f"{op.describe()}: {key!r} of shape {tuple(tensor.shape)} has no dim {dim}")
+    return dim % tensor.dim()
 
 
 @dataclass
@@ -304,10 +327,11 @@ class SplitInterleaved(Split):
         if len(block) != len(self.targets):
             raise OpError(f"{self.describe()}: give sizes=, one a target, the rows per group")
         shape = list(tensor.shape)
-        groups = _group_count(self, key, shape[self.dim], block)
-        grouped = tensor.reshape(*shape[: self.dim], groups, sum(block), *shape[self.dim + 1 :])
-        parts = grouped.split(block, dim=self.dim + 1)
-        return [p.flatten(self.dim, self.dim + 1) for p in parts]
+        dim = _dim_of(self, key, tensor, self.dim)
+        groups = _group_count(self, key, shape[dim], block)
+        grouped = tensor.reshape(*shape[:dim], groups, sum(block), *shape[dim + 1 :])
+        parts = grouped.split(block, dim=dim + 1)
+        return [p.flatten(dim, dim + 1) for p in parts]
 
     def merged_by(self) -> type[Merge]:
         return MergeInterleaved
@@ -334,12 +358,13 @@ class MergeInterleaved(Merge):
         block = list(self.sizes or [])
         if len(block) != len(tensors):
             raise OpError(f"{self.describe()}: give sizes=, one a source, the rows per group")
-        counts = {_group_count(self, key, t.shape[self.dim], [b]) for t, b in zip(tensors, block)}
+        dim = _dim_of(self, key, tensors[0], self.dim)
+        counts = {_group_count(self, key, t.shape[dim], [b]) for t, b in zip(tensors, block)}
         if len(counts) != 1:
             raise OpError(f"{self.describe()}: the sources hold different numbers of groups")
         groups = counts.pop()
-        grouped = [t.unflatten(self.dim, (groups, b)) for t, b in zip(tensors, block)]
-        return torch.cat(grouped, dim=self.dim + 1).flatten(self.dim, self.dim + 1)
+        grouped = [t.unflatten(dim, (groups, b)) for t, b in zip(tensors, block)]
+        return torch.cat(grouped, dim=dim + 1).flatten(dim, dim + 1)
 
     def inverse(self) -> Op:
         return SplitInterleaved(
@@ -352,6 +377,8 @@ class MergeInterleaved(Merge):
 
 #: :attr:`Pad.fill` that fills new rows with the mean of the existing ones
 MEAN = "mean"
+#: a :class:`Pad` read from a file adds at most this many values to one tensor (1 GiB of fp32)
+MAX_RECORDED_GROWTH = 2**28
 
 
 @dataclass
@@ -370,6 +397,8 @@ class Pad(TensorOp):
     multiple: int | None = None
     from_size: int | None = None
     fill: float | str = 0.0
+    #: the most elements one padding may add (set for a pad read from a file)
+    growth_limit: int | None = field(default=None, init=False, repr=False, compare=False)
     follows_adapter = True
 
     def adapter_dim(self) -> int:
@@ -379,30 +408,58 @@ class Pad(TensorOp):
         if (self.size is None) == (self.multiple is None):
             raise OpError(f"{self.describe()}: give size= or multiple=, one of them")
         if self.size is not None:
+            if self.size < 0:
+                raise OpError(f"{self.describe()}: size={self.size}, expected a size >= 0")
             return self.size
         assert self.multiple is not None
+        if self.multiple < 1:
+            raise OpError(f"{self.describe()}: multiple={self.multiple}, expected a multiple >= 1")
         return -(-old // self.multiple) * self.multiple
+
+    def as_recorded(self) -> Pad:
+        self.growth_limit = MAX_RECORDED_GROWTH
+        return self
 
     def transform(self, tensor: torch.Tensor) -> torch.Tensor:
         import torch
 
-        old = tensor.shape[self.dim]
+        dim = _dim_of(self, self.template, tensor, self.dim)
+        old = tensor.shape[dim]
         new = self.new_size(old)
         if self.from_size is not None and old != self.from_size:
             raise OpError(f"{self.describe()}: a tensor has size {old}, not {self.from_size}")
         if new < old:
             raise OpError(f"{self.describe()}: size {old} is already above {new}; Slice cuts")
         shape = list(tensor.shape)
-        shape[self.dim] = new - old
+        shape[dim] = new - old
+        added = math.prod(shape)
+        if self.growth_limit is not None and added > self.growth_limit:
+            raise OpError(
+                f"{self.describe()}: a pad read from the file adds at most {self.growth_limit} "
+                f"values to a tensor, and this one would add {added}"
+            )
         if self.fill == MEAN:
             if not tensor.is_floating_point():
                 raise OpError(f"{self.describe()}: fill='mean' needs floats, not {tensor.dtype}")
-            extra = tensor.mean(dim=self.dim, keepdim=True).expand(shape)
-        elif isinstance(self.fill, (int, float)):
-            extra = torch.full(shape, self.fill, dtype=tensor.dtype)
+            extra = tensor.mean(dim=dim, keepdim=True).expand(shape)
+        elif isinstance(self.fill, (int, float)) and not isinstance(self.fill, bool):
+            exact = tensor.is_floating_point() or tensor.is_complex()
+            if not exact and (not math.isfinite(self.fill) or self.fill != int(self.fill)):
+                raise OpError(
+                    f"{self.describe()}: fill={self.fill!r} on a {tensor.dtype} tensor would "
+                    "be written as another number: give a whole-number fill"
+                )
+            try:
+                extra = torch.full(shape, self.fill, dtype=tensor.dtype)
+            except RuntimeError as exc:  # a fill out of the dtype's range
+                raise OpError(f"{self.describe()}: fill={self.fill!r}: {exc}") from None
+            if not exact and added and int(extra.reshape(-1)[0]) != self.fill:
+                raise OpError(
+                    f"{self.describe()}: fill={self.fill!r} does not fit a {tensor.dtype} tensor"
+                )
         else:
             raise OpError(f"{self.describe()}: fill={self.fill!r}, expected a number or 'mean'")
-        return torch.cat([tensor, extra], dim=self.dim)
+        return torch.cat([tensor, extra], dim=dim)
 
     def for_state(self) -> Op:
         return replace(self, fill=0.0)
@@ -442,12 +499,13 @@ class Slice(TensorOp):
         return self.dim
 
     def transform(self, tensor: torch.Tensor) -> torch.Tensor:
-        old = tensor.shape[self.dim]
+        dim = _dim_of(self, self.template, tensor, self.dim)
+        old = tensor.shape[dim]
         if self.from_size is not None and old != self.from_size:
             raise OpError(f"{self.describe()}: a tensor has size {old}, not {self.from_size}")
-        if old < self.size:
+        if not 0 <= self.size <= old:
             raise OpError(f"{self.describe()}: size {old} is below {self.size}; Pad grows")
-        return tensor.narrow(self.dim, 0, self.size).clone()
+        return tensor.narrow(dim, 0, self.size).clone()
 
     def inverse(self) -> Op | None:
         if self.from_size is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,7 @@ from .base import (
     KEYS,
     TENSORS,
     Op,
+    check_templates,
     fill_template,
     refuse_new_layout,
     replace_keys_at,
@@ -37,6 +39,9 @@ class Split(Op):
     missing_ok: bool = field(default=False, kw_only=True)
     transforms_state = True
     follows_adapter = True
+
+    def __post_init__(self) -> None:
+        check_templates(type(self).__name__, self.source, self.targets)
 
     def adapter_dim(self) -> int:
         return self.dim
@@ -115,6 +120,9 @@ class Merge(Op):
     transforms_state = True
     follows_adapter = True
 
+    def __post_init__(self) -> None:
+        check_templates(type(self).__name__, self.sources, self.target)
+
     def adapter_dim(self) -> int:
         return self.dim
 
@@ -170,9 +178,27 @@ class Merge(Op):
             ckpt.state_dict = replace_keys_at(ckpt.state_dict, keys, {new_key: merged})
 
     def join(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """The parts as one tensor: concatenated along ``dim``."""
+        """The parts as one tensor: concatenated along ``dim``. Parts of unequal size need
+        ``sizes=`` (the inverse cuts equal chunks otherwise: other shapes, rows moved)."""
         import torch
 
+        if any(not hasattr(t, "shape") for t in tensors):
+            raise OpError(f"{self.describe()}: merging into {key!r}, but a part is not a tensor")
+        try:
+            found = [t.shape[self.dim] for t in tensors]
+        except IndexError:
+            shapes = [tuple(t.shape) for t in tensors]
+            raise OpError(f"{self.describe()}: the parts {shapes} have no dim {self.dim}") from None
+        if self.sizes is None and len(set(found)) > 1:
+            raise OpError(
+                f"{self.describe()}: merging parts of sizes {found} along dim {self.dim} into "
+                f"{key!r}; its inverse would cut equal chunks: give sizes={found}"
+            )
+        if self.sizes is not None and list(self.sizes) != found:
+            raise OpError(
+                f"{self.describe()}: sizes={list(self.sizes)}, but the parts merged into "
+                f"{key!r} have sizes {found} along dim {self.dim}"
+            )
         return torch.cat(tensors, dim=self.dim)
 
     def inverse(self) -> Op:
@@ -190,6 +216,9 @@ class TensorOp(Op):
     template: str
     missing_ok: bool = field(default=False, kw_only=True)
     transforms_state = True
+
+    def __post_init__(self) -> None:
+        check_templates(type(self).__name__, self.template)
 
     def touches(self, keys: Sequence[str]) -> bool:
         return bool(template_matches(self.template, keys))
@@ -252,15 +281,44 @@ class Transpose(TensorOp):
         return f"transpose {self.template!r} dims {self.dim0},{self.dim1}"
 
 
-def _dtype(name: Any) -> Any:
+#: the names of torch's dtypes (as of torch 2.13): a dtype given by name is looked up here and
+#: in torch's own namespace, never with ``getattr(torch, name)``, whose module ``__getattr__``
+#: imports a submodule of that name (``"onnx"`` from a file would import ``torch.onnx``)
+DTYPE_NAMES = frozenset(
+    """bfloat16 bit bits16 bits1x8 bits2x4 bits4x2 bits8 bool cdouble cfloat chalf complex128
+    complex32 complex64 double float float16 float32 float4_e2m1fn_x2 float64 float8_e4m3fn
+    float8_e4m3fnuz float8_e5m2 float8_e5m2fnuz float8_e8m0fnu half int int1 int16 int2 int3
+    int32 int4 int5 int6 int64 int7 int8 long qint32 qint8 quint2x4 quint4x2 quint8 short uint1
+    uint16 uint2 uint3 uint32 uint4 uint5 uint6 uint64 uint7 uint8""".split()
+)
+
+
+def _dtype_name(value: Any) -> str:
+    """The name of a dtype given as a ``torch.dtype`` or by name (``"float16"``,
+    ``"torch.float16"``), checked against :data:`DTYPE_NAMES`; else an :class:`OpError`.
+    Imports nothing."""
+    name = str(value).removeprefix("torch.") if isinstance(value, str) or _is_dtype(value) else ""
+    if name not in DTYPE_NAMES:
+        raise OpError(
+            f"{str(value)[:80]!r} is not a torch dtype (one of {', '.join(sorted(DTYPE_NAMES))})"
+        )
+    return name
+
+
+def _is_dtype(value: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.dtype)
+
+
+def _dtype(value: Any) -> torch.dtype:
     import torch
 
-    if isinstance(name, torch.dtype):
-        return name
-    value = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype):
-        raise OpError(f"{name!r} is not a torch dtype")
-    return value
+    if isinstance(value, torch.dtype):
+        return value
+    found = vars(torch).get(_dtype_name(value))  # the namespace itself: no lazy import
+    if not isinstance(found, torch.dtype):
+        raise OpError(f"{value!r} is not a dtype of this torch ({torch.__version__})")
+    return found
 
 
 @dataclass
@@ -271,6 +329,12 @@ class Cast(TensorOp):
     from_dtype: Any = None
     transforms_state = False  # optimizer state stays in its own (usually fp32) dtype
     follows_adapter = True  # an adapter keeps its own dtype, as optimizer state does
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _dtype_name(self.dtype)
+        if self.from_dtype is not None:
+            _dtype_name(self.from_dtype)
 
     def touches(self, keys: Sequence[str]) -> bool:
         return False
