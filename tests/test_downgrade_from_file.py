@@ -328,3 +328,74 @@ def test_only_declarative_op_classes_this_process_imported_are_known():
     known = known_ops()
     assert "RenameKeys" in known and "Split" in known and "Call" not in known
     assert all(not name.startswith(("os", "builtins", "subprocess")) for name in known)
+
+
+# -- review16: what a recorded inverse may still do --------------------------------------------
+
+FORMAT_TRICKS = {
+    # str.format walks attributes and indexes: a small interpreter over the file's own text
+    "attribute walk": "layers.{n.__class__.__mro__}.qkv.{kind}",
+    "index": "layers.{n[0]}.qkv.{kind}",
+    "conversion": "layers.{n!r}.qkv.{kind}",
+    # a format spec pads to any width: a key of a megabyte here, of gigabytes just as easily
+    "format width": "layers.{n:>1000000}.qkv.{kind}",
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORMAT_TRICKS))
+def test_a_recorded_template_holds_plain_fields_only_and_anything_else_is_refused_before_running(
+    tmp_path, old, new, case
+):
+    newer = upgraded_by_new_code(tmp_path, new[0])
+    parts = ["layers.{n}.q.{kind}", "layers.{n}.k.{kind}", "layers.{n}.v.{kind}"]
+    with_inverse(
+        newer, [{"op": "Merge", "args": {"sources": parts, "target": FORMAT_TRICKS[case]}}]
+    )
+    with pytest.raises(cm.RecordedInverseError):
+        cm.load(newer, schema=old[0], to="1.1.0")
+
+
+def test_a_recorded_dtype_name_is_looked_up_never_imported(tmp_path, old, new):
+    """``Cast`` resolves its dtype with ``getattr(torch, name)``, and torch's module
+    ``__getattr__`` imports its lazy submodules by name: ``"onnx"`` read from a file imports
+    ``torch.onnx``. A dtype from data must be one of torch's dtypes, checked before running."""
+    newer = upgraded_by_new_code(tmp_path, new[0])
+    with_inverse(
+        newer, [{"op": "Cast", "args": {"template": "layers.0.up.weight", "dtype": "onnx"}}]
+    )
+    script = f"""
+import sys
+import ckptmigrate as cm
+from ckptmigrate.schema.registry import find_schemas
+assert "torch.onnx" not in sys.modules
+old = find_schemas([{str(old[1])!r}])["net"]
+try:
+    cm.load({str(newer)!r}, schema=old, to="1.1.0")
+    print("loaded")
+except cm.CkptMigrateError as exc:
+    print("refused", type(exc).__name__)
+print("imported torch.onnx" if "torch.onnx" in sys.modules else "nothing imported")
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "nothing imported" in done.stdout, done.stdout
+    assert "refused RecordedInverseError" in done.stdout, done.stdout
+
+
+def test_a_recorded_rename_pattern_cannot_hold_the_reader_for_hours(tmp_path, old, new):
+    """A regex from the file runs against key names from the file: ``(a+)+b`` on a key of 40
+    ``a`` backtracks some 2**40 times. Readers bound time; a recorded pattern must too (refuse
+    nested quantifiers and backreferences in data, or bound the key length they run on)."""
+    newer = upgraded_by_new_code(tmp_path, new[0])
+    ckpt = cm.load(newer, upgrade=False)
+    ckpt.state_dict["a" * 40] = torch.zeros(1)
+    ckpt.history[-1]["inverse"] = [{"op": "RenameKeys", "args": {"pattern": "(a+)+b", "repl": "x"}}]
+    cm.save(newer, ckpt)
+    out = tmp_path / "out.pth"
+    # exponential: a fixed pattern finishes in well under a second, this one in days
+    proc = run(tmp_path, "upgrade", str(newer), "-o", str(out), "--to", "1.1.0",
+               "--migrations", str(old[1]), timeout=60)  # fmt: skip
+    assert "cannot be used" in one_error_line(proc)
