@@ -447,3 +447,63 @@ def test_unstack_without_a_count_refuses_to_trace_optimizer_state_by_keys_alone(
     undo = cm.ops.Unstack("experts.weight", "experts.{i}.weight", count=None)
     with pytest.raises(OpError, match="give count= so that optimizer state can follow"):
         undo.trace(["experts.weight"])
+
+
+# -- review16: experts the router never picked -------------------------------------------------
+
+
+def routed_adam(model: Experts, routed: list[list[int]]) -> torch.optim.Adam:
+    """A real Adam where batch ``b`` trains only the experts ``routed[b]``: an expert no token
+    reached has no state at all (Adam makes it on the first gradient), one reached later has a
+    smaller ``step``, as in every MoE run."""
+    opt = torch.optim.Adam(model.named_parameters(), lr=0.01)
+    for b, experts in enumerate(routed):
+        opt.zero_grad()
+        loss = sum(
+            (model.experts[i].weight * torch.randn(5, 3, generator=gen(b))).sum() ** 2
+            for i in experts
+        )
+        loss.backward()
+        opt.step()
+    return opt
+
+
+def test_stacking_experts_when_one_was_never_routed_keeps_the_others_adam_moments(tmp_path):
+    """Expert 3 got no gradient, so it has no Adam state; the stacked parameter must still
+    carry experts 0-2's moments (expert 3's rows fresh, zero) or refuse clearly. Today the
+    stacked parameter silently gets no state at all: every expert's moments are lost."""
+    torch.manual_seed(0)
+    old = Experts()
+    opt = routed_adam(old, [[0, 1, 2], [0, 1, 2]])
+    before = state_by_name(opt.state_dict())
+    assert "experts.3.weight" not in before
+    try:
+        new_ckpt = upgrade_on_disk(tmp_path, old, opt, two_step_schema([STACK]))
+    except cm.CkptMigrateError:
+        return  # a clear refusal keeps nothing silently lost
+    state = state_by_name(new_ckpt.optimizer)
+    assert "experts.weight" in state, "the stacked experts lost all their optimizer state"
+    for i in range(3):
+        torch.testing.assert_close(
+            state["experts.weight"]["exp_avg"][i], before[f"experts.{i}.weight"]["exp_avg"], **TOL
+        )
+
+
+def test_stacking_experts_whose_adam_steps_differ_is_not_silent(tmp_path):
+    """Expert 3 was first routed in the third batch: its ``step`` is 1, the others' 3. One
+    stacked parameter has one ``step``, so Adam's bias correction of some rows changes; today
+    expert 0's step is taken without a word."""
+    torch.manual_seed(0)
+    old = Experts()
+    opt = routed_adam(old, [[0, 1, 2], [0, 1, 2], [0, 1, 2, 3]])
+    steps = {k: float(v["step"]) for k, v in state_by_name(opt.state_dict()).items()}
+    assert steps["experts.0.weight"] == 3 and steps["experts.3.weight"] == 1
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            upgrade_on_disk(tmp_path, old, opt, two_step_schema([STACK]))
+        except cm.CkptMigrateError:
+            return
+    assert any("step" in str(w.message) for w in caught), "differing steps merged silently"
