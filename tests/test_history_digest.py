@@ -220,3 +220,41 @@ def test_check_warns_about_a_fixture_whose_applied_step_was_edited_and_still_pas
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 of 1 fixtures ok" in proc.stdout
     assert "ckptmigrate: warning:" in proc.stderr and str(fixture) in proc.stderr
+
+
+# -- review16: one migrations module, two ways to import it ------------------------------------
+
+CUSTOM_OP = """
+from dataclasses import dataclass
+
+import ckptmigrate as cm
+
+
+@dataclass
+class RenameBlocks(cm.ops.RenamePrefix):
+    '''The project's own op: a RenamePrefix by another name.'''
+
+
+schema = cm.Schema("net", current="2.0.0")
+schema.add_migration("1.0.0", "2.0.0", [RenameBlocks("blocks.", "layers.")])
+"""
+
+
+def test_a_custom_op_step_is_not_edited_because_its_module_was_imported_by_another_name(tmp_path):
+    """The CLI and the pytest plugin import ``[tool.ckptmigrate] migrations = ["mypkg/"]`` by
+    path, the training code imports ``mypkg.net_migrations``: one file, unchanged. The op's
+    digest names its class by module (``net_migrations.RenameBlocks`` against
+    ``mypkg.net_migrations.RenameBlocks``), so the file warns that its step was edited, and
+    the recorded inverse names a class the other import cannot rebuild."""
+    package = tmp_path / "mypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "net_migrations.py").write_text(CUSTOM_OP)
+    by_path = find_schemas([str(package)])["net"]
+    source = tmp_path / "net-1.0.0.pth"
+    cm.save(source, {"blocks.w": torch.ones(2)}, schema="net", version="1.0.0")
+    path = tmp_path / "net-2.0.0.pth"
+    cm.save(path, cm.load(source, schema=by_path))
+    by_name = find_schemas(["mypkg.net_migrations"], root=tmp_path)["net"]
+    assert by_name is not by_path
+    no_warnings(lambda: cm.load(path, schema=by_name))
