@@ -507,3 +507,52 @@ def test_stacking_experts_whose_adam_steps_differ_is_not_silent(tmp_path):
         except cm.CkptMigrateError:
             return
     assert any("step" in str(w.message) for w in caught), "differing steps merged silently"
+
+
+# -- review16: odd arguments, plain answers ----------------------------------------------------
+
+
+def test_pad_refuses_a_fill_that_the_tensors_dtype_would_change():
+    """fill=0.5 on an integer (token id / position) table writes 0 without a word."""
+    with pytest.raises(OpError, match="fill"):
+        cm.ops.Pad("w", size=8, fill=0.5).transform(torch.arange(6))
+
+
+def test_an_interleaved_split_along_the_last_dim_counted_from_the_end_is_the_same_split():
+    """Split takes dim=-1 as torch does; its interleaved sibling reshapes with shape[:dim] and
+    shape[dim + 1:], which for dim=-1 is the whole shape again."""
+    fused = torch.arange(24.0).reshape(2, 12)
+    by_end = cm.ops.SplitInterleaved("w", ["g", "u"], dim=-1, sizes=[1, 1]).cut("w", fused)
+    by_index = cm.ops.SplitInterleaved("w", ["g", "u"], dim=1, sizes=[1, 1]).cut("w", fused)
+    for a, b in zip(by_end, by_index):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+ODD = {
+    "pad multiple=0": lambda: cm.ops.Pad("w", multiple=0).apply(
+        cm.Checkpoint({"w": torch.ones(6)})
+    ),
+    "rope n_heads=0": lambda: cm.ops.PermuteForRope("w", n_heads=0).apply(
+        cm.Checkpoint({"w": torch.ones(8, 2)})
+    ),
+    "interleaved sizes 0": lambda: cm.ops.SplitInterleaved("w", ["a", "b"], sizes=[0, 0]).apply(
+        cm.Checkpoint({"w": torch.ones(4)})
+    ),
+    "stack a non-tensor": lambda: cm.ops.Stack("e.{i}", "e", count=2).apply(
+        cm.Checkpoint({"e.0": 1, "e.1": 2})
+    ),
+    "pad a 0-d tensor": lambda: cm.ops.Pad("w", size=2).apply(
+        cm.Checkpoint({"w": torch.tensor(1.0)})
+    ),
+    "template with {0}": lambda: cm.ops.Split("{p}.w", ["{p}.{0}", "{p}.x"]).apply(
+        cm.Checkpoint({"a.w": torch.ones(4)})
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ODD))
+def test_an_op_given_odd_arguments_raises_an_op_error_naming_itself(case):
+    """Inside an upgrade these become ``MigrationError: ... failed: ZeroDivisionError: integer
+    division or modulo by zero``: no traceback, but nothing that says which argument is wrong."""
+    with pytest.raises(OpError):
+        ODD[case]()
