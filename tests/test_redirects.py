@@ -518,3 +518,38 @@ def test_random_rules_only_ever_map_names_not_allowed_onto_allowed_ones():
         reachable = set(allowed) | set(WEIGHTS_ONLY_GLOBALS) | {"builtins.dict"}
         assert set(found.values()) <= reachable
         assert not set(found) & reachable  # no allowed name is redirected, so nothing chains
+
+
+# -- review16: a class with attributes, redirected to a dict ------------------------------------
+
+
+def test_a_plain_class_redirected_to_dict_reads_its_attributes_or_says_why_not(tmp_path):
+    """The README's own example is ``GlobalRedirect("old.pkg.Cfg", "builtins.dict")``. A config
+    class that is not a dict subclass pickles its attributes as BUILD state, and today that
+    reads as ``corrupt pickle (AttributeError: 'dict' object has no attribute '__dict__')``:
+    the file is fine, the redirect does not fit. Either its attributes become the dict, or the
+    error says that the redirect's target cannot hold that object's state."""
+    import dataclasses
+    import types
+
+    @dataclasses.dataclass
+    class Cfg:
+        lr: float = 0.01
+        layers: int = 3
+
+    module = types.ModuleType("review16_gone")
+    Cfg.__module__, Cfg.__qualname__ = module.__name__, "Cfg"
+    module.Cfg = Cfg
+    sys.modules[module.__name__] = module
+    try:
+        path = tmp_path / "cfg.ckpt"
+        torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": Cfg()}, path)
+    finally:
+        del sys.modules[module.__name__]
+    redirect = GlobalRedirect("review16_gone.Cfg", "builtins.dict")
+    try:
+        ckpt = cm.load(path, safe_globals=[redirect])
+    except cm.CkptMigrateError as exc:
+        assert "corrupt" not in str(exc) and "builtins.dict" in str(exc), str(exc)
+    else:
+        assert ckpt.hparams == {"lr": 0.01, "layers": 3}
