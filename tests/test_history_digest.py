@@ -11,6 +11,8 @@ is no edit. Each is a real module in its own folder, imported as discovery impor
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -258,3 +260,50 @@ def test_a_custom_op_step_is_not_edited_because_its_module_was_imported_by_anoth
     by_name = find_schemas(["mypkg.net_migrations"], root=tmp_path)["net"]
     assert by_name is not by_path
     no_warnings(lambda: cm.load(path, schema=by_name))
+
+
+SCALE_OP = """
+from dataclasses import dataclass
+
+import ckptmigrate as cm
+from ckptmigrate.schema.ops.base import TENSORS
+
+
+@dataclass
+class Scale(cm.ops.TensorOp):
+    acts_on = frozenset({TENSORS})  # declared: so it is data, recorded and rebuilt by name
+    factor: float = 2.0
+
+    def transform(self, tensor):
+        return tensor * self.factor
+
+    def inverse(self):
+        return Scale(self.template, 1 / self.factor)
+
+
+schema = cm.Schema("net", current="2.0.0")
+schema.add_migration("1.0.0", "2.0.0", [Scale("w")])
+"""
+
+
+def test_an_edit_to_what_a_projects_own_op_computes_is_an_edited_step(tmp_path):
+    """The digest of a step of ops is its ops' data: class name and fields. A project's own op
+    class computes in its own ``transform``; editing that changes every value the step writes,
+    and the digest stays the same."""
+    ran = migrations(tmp_path, "ran", SCALE_OP)
+    edited = migrations(
+        tmp_path, "edited", SCALE_OP.replace("tensor * self.factor", "tensor * self.factor + 1")
+    )
+    source = tmp_path / "net-1.0.0.pth"
+    cm.save(source, {"w": torch.ones(2)}, schema="net", version="1.0.0")
+    path = tmp_path / "net-2.0.0.pth"
+    cm.save(path, cm.load(source, schema=find_schemas([str(ran)])["net"]))
+    # in a fresh process, as a later run meets the file: only the edited code is imported
+    script = (
+        "import warnings, ckptmigrate as cm\n"
+        "from ckptmigrate.schema.registry import find_schemas\n"
+        "warnings.simplefilter('error', cm.HistoryEditedWarning)\n"
+        f"cm.load({str(path)!r}, schema=find_schemas([{str(edited)!r}])['net'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert "HistoryEditedWarning" in done.stderr, (done.returncode, done.stderr[-500:])
