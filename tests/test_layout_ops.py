@@ -556,3 +556,21 @@ def test_an_op_given_odd_arguments_raises_an_op_error_naming_itself(case):
     division or modulo by zero``: no traceback, but nothing that says which argument is wrong."""
     with pytest.raises(OpError):
         ODD[case]()
+
+
+def test_a_merge_of_unequal_parts_without_sizes_is_not_undone_into_other_shapes():
+    """``Merge`` without ``sizes=`` says it is reversible, and its inverse cuts equal chunks:
+    a (4, 2) and b (2, 2) merged come back as two (3, 2) tensors, b holding a row of a. That
+    inverse is what a file's history records for older code to run. The merge must refuse
+    parts of unequal size without ``sizes=`` (or its inverse must cut what it joined)."""
+    sd = {"a": torch.zeros(4, 2), "b": torch.ones(2, 2)}
+    ckpt = cm.Checkpoint(dict(sd))
+    merge = cm.ops.Merge(["a", "b"], "ab")
+    try:
+        merge.apply(ckpt)
+    except OpError:
+        return
+    inverse = merge.inverse()
+    assert inverse is not None
+    inverse.apply(ckpt)
+    assert {k: tuple(v.shape) for k, v in ckpt.state_dict.items()} == {"a": (4, 2), "b": (2, 2)}
