@@ -118,9 +118,8 @@ class _DictType(metaclass=GuardedType):
     def __new__(cls, *args: Any) -> Any:  # type: ignore[misc]
         if len(args) > 1 or (args and not isinstance(args[0], (dict, list, tuple))):
             if cls.holder is not None:
-                raise cls.holder.cannot_hold(
-                    f"arguments ({bounded_repr(args, 120)}) it is rebuilt from"
-                )
+                rebuilt = f"arguments ({bounded_repr(args, 120)}) it is rebuilt from"
+                raise RedirectError(**cls.holder.refusal(rebuilt))
             raise CheckpointFormatError("dict(...) with unexpected arguments in the pickle")
         _charge_copy(args, 160)
         if cls.holder is not None and not args:
@@ -149,26 +148,28 @@ class RedirectedDict(dict):
         ):
             items = {**(state[0] or {}), **(state[1] or {})}
         else:
-            raise self.cannot_hold(f"{type(state).__name__} state (from its __getstate__)")
+            raise RedirectError(**self.refusal(f"{type(state).__name__} state (its __getstate__)"))
         charge_decode(160 * len(items) + 64)
         self.update(items)
 
     def append(self, item: Any) -> None:
-        raise self.cannot_hold("list items (a list subclass)")
+        raise RedirectError(**self.refusal("list items (a list subclass)"))
 
     def extend(self, items: Any) -> None:
-        raise self.cannot_hold("list items (a list subclass)")
+        raise RedirectError(**self.refusal("list items (a list subclass)"))
 
     @classmethod
-    def cannot_hold(cls, what: str) -> RedirectError:
-        return RedirectError(
-            cls.origin,
-            "builtins.dict",
-            f"the file's {cls.origin} object holds {what}, which builtins.dict cannot hold (a "
-            "dict holds an object's attributes by name, as its __dict__ or __slots__ state)",
-            remedy="redirect it to an allowed class that can hold it, or allow the class "
+    def refusal(cls, what: str) -> dict[str, str]:
+        """The :class:`~ckptmigrate.errors.RedirectError` fields for an object holding ``what``."""
+        return {
+            "old": cls.origin,
+            "new": "builtins.dict",
+            "problem": f"the file's {cls.origin} object holds {what}, which builtins.dict cannot "
+            "hold (a dict holds an object's attributes by name, as its __dict__ or __slots__ "
+            "state)",
+            "remedy": "redirect it to an allowed class that can hold it, or allow the class "
             "itself (safe_globals=) if you trust it",
-        )
+        }
 
 
 def dict_redirect(old: str) -> type:
