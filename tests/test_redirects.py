@@ -531,22 +531,13 @@ def test_a_plain_class_redirected_to_dict_reads_its_attributes_or_says_why_not(t
     the file is fine, the redirect does not fit. Either its attributes become the dict, or the
     error says that the redirect's target cannot hold that object's state."""
     import dataclasses
-    import types
 
     @dataclasses.dataclass
     class Cfg:
         lr: float = 0.01
         layers: int = 3
 
-    module = types.ModuleType("review16_gone")
-    Cfg.__module__, Cfg.__qualname__ = module.__name__, "Cfg"
-    module.Cfg = Cfg
-    sys.modules[module.__name__] = module
-    try:
-        path = tmp_path / "cfg.ckpt"
-        torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": Cfg()}, path)
-    finally:
-        del sys.modules[module.__name__]
+    path = _saved_under_a_gone_name(tmp_path, Cfg, Cfg, module="review16_gone")
     redirect = GlobalRedirect("review16_gone.Cfg", "builtins.dict")
     try:
         ckpt = cm.load(path, safe_globals=[redirect])
@@ -582,10 +573,12 @@ class _Both(dict):
     pass
 
 
-def _saved_under_a_gone_name(tmp_path, cls, value) -> Path:
+def _saved_under_a_gone_name(tmp_path, cls, value, module: str = "review16_gone2") -> Path:
+    """A checkpoint whose hparams are ``value()``, its class ``cls`` saved as ``module.Cfg``,
+    a module that is gone once it is written."""
     import types
 
-    module = types.ModuleType("review16_gone2")
+    module = types.ModuleType(module)
     cls.__module__, cls.__qualname__ = module.__name__, "Cfg"
     module.Cfg = cls
     sys.modules[module.__name__] = module
