@@ -52,6 +52,7 @@ __all__ = [
     "OpDataError",
     "OpError",
     "OpMatchedNothingError",
+    "OptimizerStateMergedWarning",
     "OutputOccupiedError",
     "ParamNamesUnknown",
     "ParamNamesUnknownError",
@@ -961,4 +962,46 @@ class HistoryEditedWarning(CkptMigrateWarning):
             "to it (the history records a different digest of their code): the file may differ "
             "from what today's migrations would make of its source. Restore the step's old code "
             "and put the new behaviour in a new step, or re-create the file from its source"
+        )
+
+
+class OptimizerStateMergedWarning(CkptMigrateWarning):
+    """A step merged several parameters whose optimizer state differs into one (experts
+    stacked, q/k/v fused): parts without state (an expert the router never picked) got zero
+    rows, fresh state; a number such as Adam's ``step``, one per parameter, kept the largest,
+    so the parts that had another see a different bias correction from now on. ``merges``
+    lists each merged parameter as ``{"key", "fresh", "differing": {field: {part: value}},
+    "kept": {field: value}}`` (``kept`` None: its state could not be merged and starts fresh),
+    as the step's history entry records under ``optimizer_state_merged``."""
+
+    def __init__(
+        self, schema: str, source: str, target: str, step: str, merges: Sequence[dict[str, Any]]
+    ) -> None:
+        self.schema = schema
+        self.source = source
+        self.target = target
+        self.step = step
+        self.merges = [dict(m) for m in merges]
+        said = []
+        for merge in self.merges[:3]:
+            parts = []
+            if merge["fresh"]:
+                parts.append(f"{', '.join(merge['fresh'])} had no state (never stepped): zero rows")
+            if merge["kept"] is None:
+                parts.append("its other state could not be merged: it starts fresh")
+            for field, values in merge["differing"].items():
+                kept = merge["kept"][field]
+                behind = [f"{k} had {v:g}" for k, v in values.items() if v != kept]
+                behind += [f"{k} had none" for k in merge["fresh"]]
+                parts.append(
+                    f"one {field} for all, the largest ({kept:g}), where {', '.join(behind)}: "
+                    "their rows' bias correction changes"
+                )
+            said.append(f"{merge['key']}: {'; '.join(parts)}")
+        more = f" (and {len(self.merges) - 3} more)" if len(self.merges) > 3 else ""
+        super().__init__(
+            f"migration {schema} {source} -> {target} ({step}) merged parameters whose "
+            f"optimizer state differs: {' | '.join(said)}{more}. Recorded in the history as "
+            "optimizer_state_merged (the largest step is the one the merged parameter would "
+            "count had it been trained merged from the start)"
         )

@@ -307,3 +307,39 @@ def test_an_edit_to_what_a_projects_own_op_computes_is_an_edited_step(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert "HistoryEditedWarning" in done.stderr, (done.returncode, done.stderr[-500:])
+
+
+def test_a_comment_or_docstring_in_a_projects_own_op_class_is_no_edit(tmp_path):
+    """Only what the class computes counts: its syntax tree, without docstring or comments.
+    Each side runs in a fresh process, as a later run meets the file."""
+    folder = migrations(tmp_path, "project", SCALE_OP)
+    source = tmp_path / "net-1.0.0.pth"
+    cm.save(source, {"w": torch.ones(2)}, schema="net", version="1.0.0")
+    path = tmp_path / "net-2.0.0.pth"
+    schema = f"find_schemas([{str(folder)!r}])['net']"
+    head = (
+        "import warnings, ckptmigrate as cm\n"
+        "from ckptmigrate.schema.registry import find_schemas\n"
+        "warnings.simplefilter('error', cm.HistoryEditedWarning)\n"
+    )
+    upgrade = f"cm.save({str(path)!r}, cm.load({str(source)!r}, schema={schema}))\n"
+    done = subprocess.run([sys.executable, "-c", head + upgrade], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert "classes" in cm.load(path, upgrade=False).history[-1]["digest"]
+    (folder / "toy_migrations.py").write_text(
+        SCALE_OP.replace(
+            "class Scale(cm.ops.TensorOp):\n", "class Scale(cm.ops.TensorOp):\n    '''Scales.'''\n"
+        ).replace("tensor * self.factor", "tensor * self.factor  # by the factor")
+    )
+    load = f"cm.load({str(path)!r}, schema={schema})\n"
+    done = subprocess.run([sys.executable, "-c", head + load], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]
+
+
+def test_a_digest_recorded_before_op_classes_were_hashed_is_judged_by_its_ops_data():
+    from ckptmigrate.schema.provenance import same_code
+
+    today = {"of": "ops", "sha256": "a" * 64, "classes": "b" * 64}
+    assert same_code({"of": "ops", "sha256": "a" * 64}, today) is True
+    assert same_code({"of": "ops", "sha256": "c" * 64}, today) is False
+    assert same_code({"of": "ops", "sha256": "a" * 64, "classes": "d" * 64}, today) is False

@@ -586,3 +586,42 @@ def test_a_merge_whose_sizes_are_not_its_parts_sizes_is_refused():
 def test_pad_refuses_a_fill_outside_an_integer_dtypes_range(fill):
     with pytest.raises(OpError, match="fill"):
         cm.ops.Pad("w", size=8, fill=fill).transform(torch.zeros(6, dtype=torch.uint8))
+
+
+def test_a_never_routed_experts_rows_start_at_zero_under_the_largest_step_and_the_history_says_so(
+    tmp_path,
+):
+    torch.manual_seed(0)
+    old = Experts()
+    opt = routed_adam(old, [[0, 1, 2], [1, 2], [1, 2]])  # expert 0 trained once, 3 never
+    before = state_by_name(opt.state_dict())
+    with pytest.warns(cm.OptimizerStateMergedWarning, match=r"experts\.3\.weight had no state"):
+        new_ckpt = upgrade_on_disk(tmp_path, old, opt, two_step_schema([STACK]))
+    stacked = state_by_name(new_ckpt.optimizer)["experts.weight"]
+    for fld in ("exp_avg", "exp_avg_sq"):
+        for i in range(3):
+            torch.testing.assert_close(stacked[fld][i], before[f"experts.{i}.weight"][fld], **TOL)
+        assert bool((stacked[fld][3] == 0).all()), fld
+    assert float(stacked["step"]) == 3  # experts 1 and 2's: the count a stacked tensor would have
+    (merge,) = new_ckpt.history[-1]["optimizer_state_merged"]
+    assert merge["key"] == "experts.weight" and merge["fresh"] == ["experts.3.weight"]
+    assert merge["differing"]["step"]["experts.0.weight"] == 1 and merge["kept"]["step"] == 3
+    # the migrated state loads into today's model and steps
+    new = StackedExperts()
+    new.load_state_dict(new_ckpt.state_dict)
+    new_opt = torch.optim.Adam(new.named_parameters(), lr=0.01)
+    new_opt.load_state_dict(new_ckpt.optimizer)
+    new.experts.weight.sum().backward()
+    new_opt.step()
+
+
+def test_stacking_experts_that_share_their_state_fields_and_steps_gives_no_warning(tmp_path):
+    torch.manual_seed(0)
+    old = Experts()
+    opt = adam_state(old)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cm.OptimizerStateMergedWarning)
+        new_ckpt = upgrade_on_disk(tmp_path, old, opt, two_step_schema([STACK]))
+    assert "optimizer_state_merged" not in new_ckpt.history[-1]

@@ -24,6 +24,7 @@ from processes import one_error_line, run
 import ckptmigrate as cm
 from ckptmigrate.formats.torch import WEIGHTS_ONLY_GLOBALS, GlobalRedirect, redirect_map
 from ckptmigrate.formats.torch.allowlist import MAX_REDIRECTS
+from ckptmigrate.formats.torch.metadata import read_torch_metadata
 
 OLD = "gonepkg.utilities.parsing.AttributeDict"
 PL_OLD = "pytorch_lightning.utilities.parsing.AttributeDict"
@@ -530,22 +531,13 @@ def test_a_plain_class_redirected_to_dict_reads_its_attributes_or_says_why_not(t
     the file is fine, the redirect does not fit. Either its attributes become the dict, or the
     error says that the redirect's target cannot hold that object's state."""
     import dataclasses
-    import types
 
     @dataclasses.dataclass
     class Cfg:
         lr: float = 0.01
         layers: int = 3
 
-    module = types.ModuleType("review16_gone")
-    Cfg.__module__, Cfg.__qualname__ = module.__name__, "Cfg"
-    module.Cfg = Cfg
-    sys.modules[module.__name__] = module
-    try:
-        path = tmp_path / "cfg.ckpt"
-        torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": Cfg()}, path)
-    finally:
-        del sys.modules[module.__name__]
+    path = _saved_under_a_gone_name(tmp_path, Cfg, Cfg, module="review16_gone")
     redirect = GlobalRedirect("review16_gone.Cfg", "builtins.dict")
     try:
         ckpt = cm.load(path, safe_globals=[redirect])
@@ -553,3 +545,74 @@ def test_a_plain_class_redirected_to_dict_reads_its_attributes_or_says_why_not(t
         assert "corrupt" not in str(exc) and "builtins.dict" in str(exc), str(exc)
     else:
         assert ckpt.hparams == {"lr": 0.01, "layers": 3}
+
+
+class _Slotted:
+    __slots__ = ("lr", "layers")
+
+    def __init__(self) -> None:
+        self.lr, self.layers = 0.01, 3
+
+
+class _Stateful:
+    def __init__(self) -> None:
+        self.lr = 0.01
+
+    def __getstate__(self):
+        return [("lr", self.lr)]  # not a mapping: a dict cannot hold it as attributes
+
+    def __setstate__(self, state):
+        self.lr = dict(state)["lr"]
+
+
+class _Listed(list):
+    pass
+
+
+class _Both(dict):
+    pass
+
+
+def _saved_under_a_gone_name(tmp_path, cls, value, module: str = "review16_gone2") -> Path:
+    """A checkpoint whose hparams are ``value()``, its class ``cls`` saved as ``module.Cfg``,
+    a module that is gone once it is written."""
+    import types
+
+    module = types.ModuleType(module)
+    cls.__module__, cls.__qualname__ = module.__name__, "Cfg"
+    module.Cfg = cls
+    sys.modules[module.__name__] = module
+    try:
+        path = tmp_path / "cfg.ckpt"
+        torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": value()}, path)
+    finally:
+        del sys.modules[module.__name__]
+    return path
+
+
+def test_slots_and_a_dict_subclass_with_attributes_become_the_dicts_items(tmp_path):
+    def both():
+        value = _Both(lr=0.01)
+        value.layers = 3  # items and an attribute: BUILD after SETITEMS
+        return value
+
+    for cls, make in ((_Slotted, _Slotted), (_Both, both)):
+        path = _saved_under_a_gone_name(tmp_path, cls, make)
+        redirect = GlobalRedirect("review16_gone2.Cfg", "builtins.dict")
+        ckpt = cm.load(path, safe_globals=[redirect])
+        assert ckpt.hparams == {"lr": 0.01, "layers": 3} and type(ckpt.hparams) is dict, cls
+        header = read_torch_metadata(path, allowed_globals=[redirect])  # our reader alone
+        assert header["hyper_parameters"] == {"lr": 0.01, "layers": 3}, cls
+        assert type(header["hyper_parameters"]) is dict
+
+
+@pytest.mark.parametrize(
+    ("cls", "make", "what"),
+    [(_Stateful, _Stateful, "list state"), (_Listed, lambda: _Listed([1, 2]), "list items")],
+)
+def test_an_object_a_dict_cannot_hold_is_refused_naming_the_redirect(tmp_path, cls, make, what):
+    path = _saved_under_a_gone_name(tmp_path, cls, make)
+    with pytest.raises(cm.RedirectError, match=what) as caught:
+        cm.load(path, safe_globals=[GlobalRedirect("review16_gone2.Cfg", "builtins.dict")])
+    assert "review16_gone2.Cfg=builtins.dict" in str(caught.value)
+    assert "corrupt" not in str(caught.value)

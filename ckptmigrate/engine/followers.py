@@ -16,6 +16,7 @@ from ..values.checkpoint import Checkpoint
 from .optimizer import (
     NamedOptimizer,
     carries_names,
+    fill_fresh_parts,
     follow_trace,
     from_named,
     is_optimizer_state,
@@ -34,6 +35,8 @@ class OptimizerFollowers:
     def __init__(self, slots: list[tuple[Any, NamedOptimizer | PositionalState]]) -> None:
         self.slots = slots  # (where it lives in ckpt.optimizer, its state)
         self.step: str | None = None  # the step running, for the error that needs names
+        #: what merging parts' state could not keep as it was (:func:`merged_state`), per op
+        self.merged: list[dict[str, Any]] = []
 
     @classmethod
     def from_checkpoint(
@@ -94,7 +97,9 @@ class OptimizerFollowers:
             transformed: dict[str, dict[str, Any]] = {}
             if op.transforms_state:
                 state_op = op.for_state()
-                for fld, tensors in shaped_state_fields(named, shapes).items():
+                fields = shaped_state_fields(named, shapes)
+                fill_fresh_parts(named, trace, fields, shapes)
+                for fld, tensors in fields.items():
                     pseudo = Checkpoint(dict(tensors))
                     try:
                         state_op.apply(pseudo)
@@ -103,8 +108,13 @@ class OptimizerFollowers:
                     except OpError:
                         continue  # e.g. a merge whose parts lack this field: state starts fresh
                     transformed[fld] = pseudo.state_dict
-            follow_trace(named, trace, transformed, new_params)
+            self.merged.extend(follow_trace(named, trace, transformed, new_params))
         return []
+
+    def take_merged(self) -> list[dict[str, Any]]:
+        """The merge records since the last call (for the running step's history entry)."""
+        merged, self.merged = self.merged, []
+        return merged
 
     def through_function(self, before: Checkpoint, after: Checkpoint, hook: Any) -> list[str]:
         """Follow tensors a function moved unchanged; report parameters whose tensor it replaced.

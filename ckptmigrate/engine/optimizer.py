@@ -22,7 +22,14 @@ from ..values.checkpoint import Checkpoint
 OptimizerHook = Callable[[dict[str, dict[str, Any]], Checkpoint, Checkpoint], dict[str, dict]]
 
 
-__all__ = ["NamedOptimizer", "ParamNamesUnknownError", "from_named", "to_named", "follow_trace"]
+__all__ = [
+    "NamedOptimizer",
+    "ParamNamesUnknownError",
+    "from_named",
+    "to_named",
+    "follow_trace",
+    "fill_fresh_parts",
+]
 
 
 def is_optimizer_state(value: Any) -> bool:
@@ -172,8 +179,9 @@ def follow_trace(
     trace: Mapping[str, Sequence[str]],
     transformed: Mapping[str, Mapping[str, Any]],
     new_params: set[str],
-) -> None:
-    """Carry state through one op or step.
+) -> list[dict[str, Any]]:
+    """Carry state through one op or step; return what merging several parameters' state
+    into one could not keep as it was (see :func:`merged_state`).
 
     ``trace`` maps each key after the step to its source keys; ``transformed[field][key]`` is a
     state tensor already pushed through the op (split, transposed, ...). A key no longer
@@ -185,25 +193,34 @@ def follow_trace(
     membership = {name for g in named.groups for name in g["names"]}
     derived: dict[str, list[str]] = {}
     handed_out: set[str] = set()
+    merges: list[dict[str, Any]] = []
     for new_key, sources in trace.items():
         sources = [s for s in sources if s in membership]
         if not sources:
             continue
         derived.setdefault(sources[0], []).append(new_key)
-        if not all(s in named.states for s in sources):
+        present = [s for s in sources if s in named.states]
+        if not present:
             continue
-        first = named.states[sources[0]]
+        if len(sources) > 1:
+            state, merge = merged_state(named.states, new_key, sources, transformed)
+            if merge is not None:
+                merges.append(merge)
+            if state is not None:
+                new_states[new_key] = state
+            continue
+        first = named.states[present[0]]
         state = {}
         for name, value in first.items():
             moved = transformed.get(name, {})
             if new_key in moved:
                 state[name] = moved[new_key]
-            elif sources[0] in handed_out and hasattr(value, "clone"):
+            elif present[0] in handed_out and hasattr(value, "clone"):
                 # a split's parts each get their own ``step``: torch's Adam increments it in place
                 state[name] = value.clone()
             else:
                 state[name] = value
-        handed_out.add(sources[0])
+        handed_out.add(present[0])
         new_states[new_key] = state
     for group in named.groups:
         group["names"] = [new for old in group["names"] for new in derived.get(old, [])]
@@ -213,6 +230,87 @@ def follow_trace(
         if key in new_params and key not in grouped and not trace[key] and named.groups:
             named.groups[0]["names"].append(key)
     named.states = new_states
+    return merges
+
+
+def scalar(value: Any) -> float | None:
+    """``value`` as a number when it is one (``step``: a 0-d tensor or an int), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if hasattr(value, "numel") and hasattr(value, "item") and value.numel() == 1:
+        return float(value.item())
+    return None
+
+
+def merged_state(
+    states: Mapping[str, dict[str, Any]],
+    new_key: str,
+    sources: Sequence[str],
+    transformed: Mapping[str, Mapping[str, Any]],
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The state of ``new_key`` made of several parameters' (a stack, a merge), and the record
+    of what it could not keep as it was (None when nothing).
+
+    Tensors shaped like the parameter come merged in ``transformed`` (a part that had no state,
+    an expert the router never picked, has zero rows there: fresh state, as a padded row's).
+    A number such as Adam's ``step`` can be only one: the largest is kept, since an optimizer
+    steps a merged tensor whenever any of its parts trains, so the largest is the count the
+    merged parameter would have. The parts whose number differs (or that had none) then see
+    another bias correction: the record lists them. A field that is neither is kept only when
+    every part had state (the first part's, as for one source); else the state starts fresh
+    (record ``"kept": None``).
+    """
+    present = [s for s in sources if s in states]
+    fresh = [s for s in sources if s not in states]
+    fields = list(dict.fromkeys(f for s in present for f in states[s]))
+    state: dict[str, Any] = {}
+    differing: dict[str, dict[str, float]] = {}
+    kept: dict[str, float] = {}
+    for name in fields:
+        moved = transformed.get(name, {})
+        if new_key in moved:
+            state[name] = moved[new_key]
+            continue
+        values = {s: states[s][name] for s in present if name in states[s]}
+        numbers = {s: scalar(v) for s, v in values.items()}
+        if all(n is not None for n in numbers.values()):
+            top = max(values, key=lambda s: numbers[s])
+            state[name] = values[top].clone() if hasattr(values[top], "clone") else values[top]
+            if fresh or len(set(numbers.values())) > 1:
+                differing[name] = {s: n for s, n in numbers.items() if n is not None}
+                kept[name] = numbers[top]  # type: ignore[assignment]
+        elif fresh:  # e.g. a factored moment no op merged: no honest value for the fresh parts
+            return None, {"key": new_key, "fresh": fresh, "differing": {}, "kept": None}
+        else:
+            state[name] = values[present[0]]
+    if not fresh and not differing:
+        return state, None
+    return state, {"key": new_key, "fresh": fresh, "differing": differing, "kept": kept}
+
+
+def fill_fresh_parts(
+    named: NamedOptimizer,
+    trace: Mapping[str, Sequence[str]],
+    fields: dict[str, dict[str, Any]],
+    shapes: Mapping[str, tuple[int, ...]],
+) -> None:
+    """Give the parts of a merge that have no state (an expert never routed) zero tensors in
+    each field of ``fields`` (:func:`shaped_state_fields`) their siblings have, so that the
+    op merges the others' state instead of failing on the gap."""
+    membership = {name for g in named.groups for name in g["names"]}
+    for sources in trace.values():
+        parts = [s for s in sources if s in membership]
+        missing = [s for s in parts if s not in named.states and s in shapes]
+        if len(parts) < 2 or not missing or len(missing) == len(parts):
+            continue
+        for tensors in fields.values():
+            like = next((tensors[s] for s in parts if s in tensors), None)
+            if like is None:
+                continue
+            for part in missing:
+                tensors[part] = like.new_zeros(shapes[part])
 
 
 def shaped_state_fields(

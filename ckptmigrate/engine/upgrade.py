@@ -21,6 +21,7 @@ from ..errors import (
     MigrationError,
     NothingMatched,
     OpMatchedNothingError,
+    OptimizerStateMergedWarning,
     ParamNamesUnknownError,
     SchemaMismatchError,
     UnversionedCheckpointError,
@@ -220,6 +221,11 @@ def apply_step(
             "optimizer_state= on the migration to carry it over.",
             stacklevel=3,
         )
+    merged = followers.take_merged()
+    if merged:
+        entry["optimizer_state_merged"] = merged
+        where = (schema.name, str(planned.source), str(planned.target), planned.name)
+        warnings.warn(OptimizerStateMergedWarning(*where, merged), stacklevel=3)
     result.history.append(entry)
     if own_followers:
         followers.write_back(result)

@@ -11,7 +11,10 @@ A digest is a small dict, ``{"of": ..., "sha256": ...}``, saying what was hashed
   versions, so such digests are compared only when both name the same interpreter.
 
 Two digests are compared only when they say they hashed the same thing (:func:`same_code`).
-A digest covers the step's own code, not the helpers it calls.
+A digest covers the step's own code, not the helpers it calls. An op of a project's own class
+computes in that class (its ``transform``), so an ops digest also carries ``"classes"``: the
+normalised source of each op class (and its bases) defined outside ckptmigrate. A class with no
+source to read (made by ``exec``) is covered by its data alone.
 """
 
 from __future__ import annotations
@@ -37,11 +40,32 @@ def _sha256(text: str) -> str:
 
 
 def ops_digest(ops: Sequence[Op]) -> dict[str, str]:
-    """The digest of a list of ops, from their data."""
+    """The digest of a list of ops, from their data, and from the source of the op classes a
+    project defines (``"classes"``, when there are any)."""
     canonical = json.dumps(
         [_op_fingerprint(op) for op in ops], sort_keys=True, separators=(",", ":"), default=str
     )
-    return {"of": "ops", "sha256": _sha256(canonical)}
+    digest = {"of": "ops", "sha256": _sha256(canonical)}
+    classes = _project_classes_text(ops)
+    if classes is not None:
+        digest["classes"] = _sha256(classes)
+    return digest
+
+
+def _project_classes_text(ops: Sequence[Op]) -> str | None:
+    """The normalised source of each op class (and base) of ``ops`` defined outside
+    ckptmigrate, in order of first use; None when there is none."""
+    package = __name__.split(".")[0]
+    seen: dict[type, str] = {}
+    for op in ops:
+        for cls in type(op).__mro__:
+            module = getattr(cls, "__module__", "") or ""
+            if cls in seen or module == "builtins" or module.split(".")[0] == package:
+                continue
+            text = _source_text(cls)
+            if text is not None:
+                seen[cls] = f"{cls.__qualname__}:{text}"
+    return "\n".join(seen.values()) if seen else None
 
 
 def function_digest(*fns: Callable[..., Any] | None) -> dict[str, str]:
@@ -68,7 +92,8 @@ def same_code(recorded: Any, today: dict[str, str]) -> bool | None:
     """Whether a recorded digest matches today's; None when they cannot be compared: none was
     recorded (or a malformed one), or one hashed bytecode and the other did not hash the same
     interpreter's bytecode. Ops against a function's source is a change (the step was
-    rewritten)."""
+    rewritten). The source of a project's op classes (``"classes"``) counts when both record
+    it (a digest written before it was recorded is judged by its ops' data)."""
     if not isinstance(recorded, dict) or not isinstance(recorded.get("sha256"), str):
         return None
     if "bytecode" in (recorded.get("of"), today.get("of")):
@@ -76,7 +101,10 @@ def same_code(recorded: Any, today: dict[str, str]) -> bool | None:
             return None
     elif recorded.get("of") not in ("ops", "source"):
         return None  # a kind this ckptmigrate does not know
-    return recorded.get("of") == today.get("of") and recorded["sha256"] == today["sha256"]
+    if recorded.get("of") != today.get("of") or recorded["sha256"] != today["sha256"]:
+        return False
+    classes = recorded.get("classes"), today.get("classes")
+    return not (all(isinstance(c, str) for c in classes) and classes[0] != classes[1])
 
 
 def _op_fingerprint(op: Op) -> Any:
@@ -127,16 +155,23 @@ def _source_text(fn: Callable[..., Any]) -> str | None:
         return "\n".join(line.strip() for line in source.strip().splitlines())
     node: ast.AST = tree
     lambdas = [n for n in ast.walk(tree) if isinstance(n, ast.Lambda)]
-    if tree.body and isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)):
+    if tree.body and isinstance(tree.body[0], ast.ClassDef):
+        node = tree.body[0]  # its decorators stay: ``@dataclass`` makes the fields
+        _drop_docstring(node)
+    elif tree.body and isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)):
         node = tree.body[0]
         node.decorator_list = []
-        body = node.body
-        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-            if isinstance(body[0].value.value, str):
-                node.body = body[1:] or [ast.Pass()]
+        _drop_docstring(node)
     elif getattr(target, "__name__", "") == "<lambda>" and len(lambdas) == 1:
         node = lambdas[0]
     return _tree_text(node)
+
+
+def _drop_docstring(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> None:
+    body = node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        if isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
 
 
 def _tree_text(node: Any) -> str:

@@ -108,13 +108,148 @@ class _SetType(metaclass=GuardedType):
 
 
 class _DictType(metaclass=GuardedType):
-    """``builtins.dict`` as a redirect target: the empty dict SETITEMS fills, or a copy."""
+    """``builtins.dict`` as a redirect target: the empty dict SETITEMS fills, or a copy.
+
+    Each redirect to it gets its own subclass (:func:`dict_redirect`), whose empty dict is a
+    :class:`RedirectedDict` that takes the redirected object's BUILD state as its items."""
+
+    holder: type[RedirectedDict] | None = None  # set on each redirect's own subclass
 
     def __new__(cls, *args: Any) -> Any:  # type: ignore[misc]
         if len(args) > 1 or (args and not isinstance(args[0], (dict, list, tuple))):
+            if cls.holder is not None:
+                rebuilt = f"arguments ({bounded_repr(args, 120)}) it is rebuilt from"
+                raise RedirectError(**cls.holder.refusal(rebuilt))
             raise CheckpointFormatError("dict(...) with unexpected arguments in the pickle")
         _charge_copy(args, 160)
+        if cls.holder is not None and not args:
+            return cls.holder()
         return dict(*args)
+
+
+class RedirectedDict(dict):
+    """An object of a class redirected to ``builtins.dict`` while its pickle is read: a dict
+    whose ``__setstate__`` takes the object's BUILD state, a dict of attributes (a
+    ``(dict, slots)`` pair merged), as its items, and refuses any other state, or list items,
+    saying that a dict cannot hold them. Readers turn it into a plain dict before returning
+    (:func:`plain_dicts`). Only these methods run, on data: nothing the file names is called.
+    """
+
+    __slots__ = ()
+    origin = ""  # the redirected name, set on each redirect's own subclass
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            items = state
+        elif (
+            isinstance(state, tuple)
+            and len(state) == 2
+            and all(part is None or isinstance(part, dict) for part in state)
+        ):
+            items = {**(state[0] or {}), **(state[1] or {})}
+        else:
+            raise RedirectError(**self.refusal(f"{type(state).__name__} state (its __getstate__)"))
+        charge_decode(160 * len(items) + 64)
+        self.update(items)
+
+    def append(self, item: Any) -> None:
+        raise RedirectError(**self.refusal("list items (a list subclass)"))
+
+    def extend(self, items: Any) -> None:
+        raise RedirectError(**self.refusal("list items (a list subclass)"))
+
+    @classmethod
+    def refusal(cls, what: str) -> dict[str, str]:
+        """The :class:`~ckptmigrate.errors.RedirectError` fields for an object holding ``what``."""
+        return {
+            "old": cls.origin,
+            "new": "builtins.dict",
+            "problem": f"the file's {cls.origin} object holds {what}, which builtins.dict cannot "
+            "hold (a dict holds an object's attributes by name, as its __dict__ or __slots__ "
+            "state)",
+            "remedy": "redirect it to an allowed class that can hold it, or allow the class "
+            "itself (safe_globals=) if you trust it",
+        }
+
+
+def dict_redirect(old: str) -> type:
+    """The class ``old`` redirected to ``builtins.dict`` resolves to in our reader: its
+    objects are :class:`RedirectedDict` objects that name ``old`` when they cannot hold it."""
+    holder = type(old.rpartition(".")[2], (RedirectedDict,), {"__slots__": (), "origin": old})
+    return GuardedType(holder.__name__, (_DictType,), {"holder": holder})
+
+
+class TorchDictRedirects:
+    """What torch's weights-only loader gets for the names redirected to ``builtins.dict``.
+
+    That loader lets SETITEMS fill only a dict, OrderedDict or Counter, and BUILD give
+    attributes (a ``(dict, slots)`` pair too) only to an allowed class without
+    ``__setstate__``: of these, a Counter takes both. So each redirected name resolves to a
+    class whose objects are Counters, remembered here, and :meth:`plain` makes each a plain
+    dict of its items and attributes. Our reader has read the file first and refused any
+    other state (:class:`RedirectedDict`); nothing the file names is imported or called.
+    """
+
+    def __init__(self) -> None:
+        self.made: list[Counter[Any]] = []
+
+    def target(self, old: str) -> type:
+        """The class ``old`` resolves to: calling it (or NEWOBJ) makes a remembered Counter."""
+        made = self.made
+
+        def new(cls: type, *args: Any) -> Counter[Any]:
+            holder: Counter[Any] = Counter()
+            dict.update(holder, *args)  # a copy, as dict(...) makes; Counter(...) would count
+            made.append(holder)
+            return holder
+
+        return type(old.rpartition(".")[2], (), {"__new__": new, "__module__": __name__})
+
+    def plain(self, obj: Any) -> Any:
+        """``obj`` with each object made here a plain dict (see :func:`plain_dicts`)."""
+        return plain_dicts(obj, {id(o) for o in self.made}) if self.made else obj
+
+
+def plain_dicts(obj: Any, made: set[int] = frozenset()) -> Any:  # type: ignore[assignment]
+    """``obj`` with each :class:`RedirectedDict` in it (and each object whose id is in
+    ``made``) a plain dict of its items and attributes; one object shared stays shared. Lists,
+    dicts and an OrderedDict's attributes are changed in place, a tuple holding one rebuilt."""
+    done: dict[int, Any] = {}
+
+    def plain(value: Any) -> Any:
+        key = id(value)
+        if key in done:
+            return done[key]
+        if isinstance(value, RedirectedDict) or key in made:
+            out: dict[Any, Any] = {}
+            done[key] = out
+            attributes = getattr(value, "__dict__", {})
+            for k, v in [*dict.items(value), *attributes.items()]:
+                out[k] = plain(v)
+            return out
+        kind = type(value)
+        if kind is list:
+            done[key] = value
+            value[:] = [plain(v) for v in value]
+        elif kind is dict or kind is OrderedDict:
+            done[key] = value
+            for k, v in value.items():
+                value[k] = plain(v)
+            if kind is OrderedDict and vars(value):
+                plain(vars(value))  # ``_metadata``, which BUILD set
+        elif kind is tuple:
+            items = [plain(v) for v in value]
+            done[key] = tuple(items) if any(a is not b for a, b in zip(items, value)) else value
+        else:
+            done[key] = value
+        return done[key]
+
+    return plain(obj)
+
+
+def holds_dict_redirects(allowed: dict[str, Any]) -> bool:
+    """Whether ``allowed`` (:func:`allowed_map`) redirects a class to ``builtins.dict``."""
+    return any(getattr(v, "holder", None) is not None for v in allowed.values())
 
 
 class _SafeBytearray(metaclass=GuardedType):
@@ -511,7 +646,12 @@ def allowed_map(allowed_globals: Iterable[Any]) -> dict[str, Any]:
         if name not in allowed:
             allowed[name] = opaque_global(name)
     for old, new in redirect_map(items).items():
-        allowed[old] = REDIRECT_ONLY_TARGETS[new] if new in REDIRECT_ONLY_TARGETS else allowed[new]
+        if new == "builtins.dict":
+            allowed[old] = dict_redirect(old)
+        else:
+            allowed[old] = (
+                REDIRECT_ONLY_TARGETS[new] if new in REDIRECT_ONLY_TARGETS else allowed[new]
+            )
     return allowed
 
 

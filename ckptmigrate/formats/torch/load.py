@@ -18,7 +18,7 @@ from typing import Any
 from ...errors import CheckpointFormatError, CkptMigrateError, UnsafeCheckpointError
 from ..atomic import atomic_file
 from ..detect import detect_format
-from .allowlist import GlobalRedirect, redirect_map
+from .allowlist import GlobalRedirect, TorchDictRedirects, redirect_map
 from .mapped import load_mapped
 from .metadata import read_torch_metadata
 
@@ -95,18 +95,23 @@ def read_torch(
         )  # raises Unsafe/Format before torch
     given = {global_name(g): resolve_global(g) if isinstance(g, str) else g for g in allowed}
     objects = [_loadable(obj, name) for name, obj in given.items()]
+    to_dict = TorchDictRedirects()
     for old, new in redirect_map(names).items():  # torch maps the old name to the target
+        if new == "builtins.dict":  # items and attributes, a plain dict once loaded
+            objects.append((to_dict.target(old), old))
+            continue
         target = given[new] if new in given else _target(new)
         if target is not None:  # else torch refuses the old name, as it would without one
             objects.append((_loadable(target, new)[0], old))
     try:
         with torch.serialization.safe_globals(objects):
-            return torch.load(
+            obj = torch.load(
                 path,
                 map_location=map_location,
                 weights_only=True,
                 mmap=mmap and fmt == "torch-zip",
             )
+        return to_dict.plain(obj)
     except CkptMigrateError:
         raise
     except Exception as exc:

@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Callable
 from typing import TypeVar
 
-from ...errors import CheckpointFormatError, UnsafeCheckpointError
+from ...errors import CheckpointFormatError, RedirectError, UnsafeCheckpointError
 
 # Errors a malformed pickle or zip raises from the stdlib; all mean "corrupt file".
 FORMAT_ERRORS = (
@@ -51,5 +51,7 @@ def reading(path: str | os.PathLike[str], read: Callable[[], _T]) -> _T:
         return read()
     except (CheckpointFormatError, UnsafeCheckpointError) as exc:
         raise with_path(exc, path) from exc.__cause__
+    except RedirectError:
+        raise  # the file is fine; its redirect's target cannot hold an object in it
     except FORMAT_ERRORS + (OSError,) as exc:  # OSError: zipfile seeks to offsets a lie gave
         raise CheckpointFormatError(f"corrupt checkpoint ({exc})", path=path) from exc

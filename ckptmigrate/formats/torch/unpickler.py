@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
-from ...errors import CheckpointFormatError, UnsafeCheckpointError, UsageError
+from ...errors import CheckpointFormatError, RedirectError, UnsafeCheckpointError, UsageError
 from ..bounds import DecodeBudget, decode_bounded, tuple_chain_bound
-from .allowlist import check_global, python3_name
+from .allowlist import check_global, holds_dict_redirects, plain_dicts, python3_name
 from .opcodes import ScanCorrupt
 from .read_errors import FORMAT_ERRORS
 from .walk import ScanResult, scan_pickle
@@ -121,8 +121,8 @@ def load_pickle_scanned(
             source, allowed=allowed, persistent_load=persistent_load, path=path
         )
         obj = decode_bounded(unpickler.load, tuple_bound, path, budget)
-    except (UnsafeCheckpointError, CheckpointFormatError):
-        raise
+    except (UnsafeCheckpointError, CheckpointFormatError, RedirectError):
+        raise  # RedirectError: an object its redirect's target cannot hold
     except FORMAT_ERRORS as exc:
         problem = scan_error or exc
         raise CheckpointFormatError(
@@ -130,6 +130,8 @@ def load_pickle_scanned(
         ) from exc
     if scan_error is not None:  # cannot happen: the cut pickle has no STOP
         raise CheckpointFormatError(f"corrupt pickle (ScanCorrupt: {scan_error})")
+    if holds_dict_redirects(allowed):
+        obj = plain_dicts(obj)  # objects redirected to dict, plain dicts before anyone sees them
     return obj, scan
 
 
