@@ -152,15 +152,27 @@ def s3_server() -> Iterator[S3Server]:
     server = S3Server()
     saved = {k: os.environ.get(k) for k in server.env}
     os.environ.update(server.env)
+    _forget_s3_clients()  # fsspec keeps S3 clients by their options, not by the endpoint
     try:
         yield server
     finally:
+        _forget_s3_clients()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
         server.close()
+
+
+def _forget_s3_clients() -> None:
+    """Drop fsspec's cached S3 file systems: a client made while another server (another
+    port in ``AWS_ENDPOINT_URL``) ran would keep calling that one."""
+    try:
+        import s3fs
+    except ImportError:
+        return
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")

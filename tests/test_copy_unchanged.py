@@ -345,7 +345,9 @@ def test_a_set_run_on_its_tensors_copies_what_it_left_unchanged(tmp_path, step):
     else:
         schema = cm.Schema("net", current="2.0.0")
         schema.add_migration(
-            "1.0.0", "2.0.0", [cm.ops.Merge(["embed.weight", "head.weight"], "embed_head.weight")]
+            "1.0.0",
+            "2.0.0",
+            [cm.ops.Merge(["embed.weight", "head.weight"], "embed_head.weight", sizes=[16, 4])],
         )
         expected = {k: v for k, v in tensors.items() if k not in ("embed.weight", "head.weight")}
         expected["embed_head.weight"] = torch.cat([tensors["embed.weight"], tensors["head.weight"]])

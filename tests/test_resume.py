@@ -57,8 +57,9 @@ def test_the_resume_check_fails_when_the_optimizer_state_is_left_behind(schemas,
     follow = followers_module.follow_trace
 
     def forget(named, *args, **kwargs):  # the weights migrate, the optimizer starts fresh
-        follow(named, *args, **kwargs)
+        followed = follow(named, *args, **kwargs)
         named.states = {}
+        return followed
 
     monkeypatch.setattr(followers_module, "follow_trace", forget)
     result = check_fixture(resume_fixture(), schemas)

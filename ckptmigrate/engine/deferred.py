@@ -53,8 +53,11 @@ class Deferred(torch.Tensor):
         if name.endswith("_") and not name.endswith("__"):
             # an in-place write would change values nothing is holding
             raise NotReplayableError(f"{func.__name__} writes into a deferred tensor")
-        with torch._C.DisableTorchFunctionSubclass():
-            planned = func(*tree_map(_as_meta, args), **tree_map(_as_meta, kwargs))
+        try:
+            with torch._C.DisableTorchFunctionSubclass():
+                planned = func(*tree_map(_as_meta, args), **tree_map(_as_meta, kwargs))
+        except (RuntimeError, NotImplementedError):  # it needs the values (``.item()``)
+            return _with_values(func, name, args, kwargs)
         flat, _ = tree_flatten(planned)
         if not any(isinstance(t, torch.Tensor) for t in flat):
             return planned  # a shape, a dtype, a dim: known without the values
@@ -70,6 +73,20 @@ class Deferred(torch.Tensor):
         if isinstance(planned, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in planned):
             return type(planned)(Deferred(t, _pick(compute, i)) for i, t in enumerate(planned))
         raise NotReplayableError(f"{getattr(func, '__name__', func)} returns {type(planned)}")
+
+
+#: A call that needs a deferred tensor's values (``step.item()`` of an optimizer's state) reads
+#: them when the tensors it touches hold at most this many elements; a larger one makes the
+#: plan take the loaded path.
+VALUES_READ_NOW = 1 << 16
+
+
+def _with_values(func: Any, name: str, args: Any, kwargs: Any) -> Any:
+    deferred = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Deferred)]
+    if sum(t.numel() for t in deferred) > VALUES_READ_NOW:
+        raise NotReplayableError(f"{name or func} needs the values of a large deferred tensor")
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*tree_map(_produced, args), **tree_map(_produced, kwargs))
 
 
 def _concatenate(planned: torch.Tensor, args: Any, kwargs: Any) -> Callable[[], torch.Tensor]:
