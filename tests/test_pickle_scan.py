@@ -427,3 +427,21 @@ def test_a_file_without_byteorder_follows_the_default_load_endianness(
     assert not torch.equal(expected, torch.tensor([1.0, 2.0]))  # byte-swapped, as asked
     for mmap in (False, True):
         assert torch.equal(cm.load(old, mmap=mmap).state_dict["w"], expected)
+
+
+def test_long_short_string_is_not_read_as_a_negative_count() -> None:
+    """SHORT_BINUNICODE's one-byte length is unsigned: a 141-character key (0x8d) once read as
+    -115 sent the stack model backwards in a loop that grew without bound (found by fuzzing a
+    DCP ``.metadata``). A shared value makes the model run; a corrupt tail makes it run on the
+    opcodes before the error too."""
+    key = "relative_p" + "x" * 131
+    shared = [1.0]
+    data = pickle.dumps({key: shared, "b": shared, key[:-1]: (shared, shared)}, protocol=4)
+    assert any(
+        op.name == "SHORT_BINUNICODE" and len(arg) == 141 for op, arg, _ in pickletools.genops(data)
+    )
+    allowed = dict(_ALLOWED)
+    scan_pickle(data, 0, len(data), allowed)  # reads at once
+    corrupt = data[:-2] + b"h\x7f."  # a memo GET of a value never put, then STOP
+    with pytest.raises(ScanCorrupt):
+        scan_pickle(corrupt, 0, len(corrupt), allowed)

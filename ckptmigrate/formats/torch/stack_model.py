@@ -355,8 +355,10 @@ class StackModel:
                     arg, after = pos + 1, pos + 1 + size
                     cost += costs[op]
                 elif op in COUNTED:
-                    width = COUNTED[op][0]
-                    count = int.from_bytes(buf[pos + 1 : pos + 1 + width], "little", signed=True)
+                    width, signed = COUNTED[op]
+                    count = int.from_bytes(buf[pos + 1 : pos + 1 + width], "little", signed=signed)
+                    if count < 0:  # the walk refuses it first; never step backwards
+                        self.corrupt("negative byte count", pos)
                     arg, after = pos + 1 + width, pos + 1 + width + count
                     cost += costs[op] + per_byte[op] * count
                 else:
