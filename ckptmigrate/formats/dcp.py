@@ -70,9 +70,12 @@ from .torch import (
 )
 
 __all__ = [
+    "CHUNK_FRAMING_ALLOWANCE",
+    "DCP_ENUMS",
     "DCP_GLOBALS",
     "STAMP_FILE",
     "DcpValue",
+    "InflateBound",
     "METADATA_FILE",
     "SafeFileSystemReader",
     "check_replaceable",
@@ -509,7 +512,7 @@ def read_dcp_metadata_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 CHUNK_FRAMING_ALLOWANCE = 1 << 20
 
 
-class _InflateBound(io.RawIOBase):
+class InflateBound(io.RawIOBase):
     """A DCP transform stream (zstd) that refuses to produce more than ``limit`` bytes.
 
     torch's ``FileSystemReader.read_data`` reads a transformed chunk whole
@@ -601,7 +604,7 @@ def _torch_reader_classes() -> tuple[type, type]:
             info = self.reader.storage_data[read_item.storage_index]
             limit, rule, item = _chunk_bound(self.reader.metadata, read_item, info.length)
             what = f"{item} in {info.relative_path}, inflated by {', '.join(transform_descriptors)}"
-            return _InflateBound(stream, limit, what, rule, self.reader.path)
+            return InflateBound(stream, limit, what, rule, self.reader.path)
 
     class _SafeFileSystemReader(FileSystemReader):
         """torch's FileSystemReader, reading ``.metadata`` with the restricted unpickler and
