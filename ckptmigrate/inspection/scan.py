@@ -151,8 +151,8 @@ def read_rows(
     process has none of the layouts its parent's migrations declared)."""
     from ..base.readable import path_text
     from ..engine.mounts import all_mounts, owner_of
-    from ..formats.layout import declare_layout
     from ..errors import RemoteStorageError
+    from ..formats.layout import declare_layout
     from ..formats.registry import reader_for
     from ..formats.remote import location
     from ..io.files import read_metadata
