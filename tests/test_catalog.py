@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import uuid
 from pathlib import Path
 
 import pytest
@@ -19,20 +18,6 @@ from ckptmigrate.cli import main
 from ckptmigrate.inspection import catalog as catalog_module
 from ckptmigrate.inspection import scan as scan_module
 from ckptmigrate.schema.registry import find_schemas
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request, tmp_path) -> str:
-    """A new, empty catalog: an SQLite file, or a database of its own on the server."""
-    if request.param == "sqlite":
-        return str(tmp_path / "catalog.sqlite")
-    import psycopg
-
-    url = request.getfixturevalue("postgres_url")
-    name = f"cat_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return url.rsplit("/", 1)[0] + f"/{name}"
 
 
 @pytest.fixture
