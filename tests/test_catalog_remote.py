@@ -302,3 +302,30 @@ def test_a_file_url_root_is_the_local_folder(db, fleet, capsys):
     assert "0 read, 18 unchanged" in scan_to(db, str(fleet["root"]), fleet, capsys)
     paths = [r["path"] for r in catalog_json(db, fleet, capsys)]
     assert all(p.startswith(str(fleet["root"]) + "/") for p in paths)
+
+
+def test_ctrl_c_stops_the_reads_not_yet_started(bucket, s3, tmp_path, monkeypatch):
+    real, started = scan_module.read_rows, []
+
+    def first_interrupted(path, **kw):
+        started.append(str(path))
+        if len(started) == 1:
+            raise KeyboardInterrupt
+        return real(path, **kw)
+
+    monkeypatch.setattr(scan_module, "read_rows", first_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with catalog_module.open_catalog(tmp_path / "c.sqlite") as catalog:
+            schemas = find_schemas([bucket["migrations"]])
+            catalog_module.scan_into(catalog, bucket["url"], schemas, workers=2)
+    assert len(started) < 18 // 2, started  # the queued reads were dropped, not run
+
+
+def test_a_single_object_root_is_recorded_and_rescanned_without_a_read(db, bucket, s3, capsys):
+    url = f"{bucket['url']}/runs/a/epoch3.pth"
+    assert "1 read, 0 unchanged" in scan_to(db, url, bucket, capsys)
+    s3.reset()
+    assert "0 read, 1 unchanged (not read), 0 removed" in scan_to(db, url, bucket, capsys)
+    assert "GET" not in s3.by_kind()  # the listing (nothing under it), then its HEAD
+    [row] = catalog_json(db, bucket, capsys)
+    assert row["path"] == url and row["behind"] is True
