@@ -197,3 +197,11 @@ def test_version_without_schema_and_min_without_best_are_usage_errors(tmp_path, 
     assert "--version needs --schema" in capsys.readouterr().err
     assert main(["catalog", db, "--min", "--migrations", fleet["migrations"]]) == 2
     assert "pass --best too" in capsys.readouterr().err
+
+
+def test_a_file_that_cannot_be_stat_ed_is_recorded_with_its_error_and_read_again(db, fleet, capsys):
+    (fleet["root"] / "gone.pth").symlink_to(fleet["root"] / "no-such-target.pth")
+    assert "5 read, 0 unchanged (not read), 0 removed" in scan_to(db, fleet, capsys)
+    [row] = [r for r in catalog_json(db, fleet, capsys) if r["path"].endswith("gone.pth")]
+    assert "no such file" in row["error"]
+    assert "1 read, 4 unchanged (not read), 0 removed" in scan_to(db, fleet, capsys)

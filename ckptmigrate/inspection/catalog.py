@@ -208,9 +208,17 @@ def fingerprint(path: Location) -> tuple[str | None, int]:
     """``(fingerprint, size)`` of a checkpoint from its metadata alone (no byte read): a file's
     size and modification time, or those of every file in a DCP or sharded folder. An object
     behind a URL has its size and ETag (else its modification time) as its store's listing
-    gave them; ``None`` when the store tells neither, so nothing shows a change: read it."""
+    gave them; ``None`` when the store tells neither, so nothing shows a change: read it
+    (also a file that cannot be stat'ed, gone since it was listed: its read says why)."""
     if isinstance(path, RemotePath):
         return _remote_fingerprint(path)
+    try:
+        return _local_fingerprint(path)
+    except OSError:
+        return None, 0
+
+
+def _local_fingerprint(path: Path) -> tuple[str, int]:
     st = path.stat()
     if not path.is_dir():
         return f"{st.st_size}:{st.st_mtime_ns}", st.st_size
