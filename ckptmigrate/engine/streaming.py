@@ -57,6 +57,7 @@ __all__ = [
     "copy_set",
     "copy_torch_zip",
     "metadata_only",
+    "runs_on_stubs",
     "save_safetensors",
     "save_torch_zip",
     "upgrade_stubs",
@@ -77,6 +78,16 @@ class Copied:
 def metadata_only(plan: Sequence[PlannedStep]) -> bool:
     """Whether every step of ``plan`` is ops that change key names and hparams only."""
     return all(_key_ops(planned) is not None for planned in plan)
+
+
+def runs_on_stubs(plan: Sequence[PlannedStep]) -> bool:
+    """Whether every step of ``plan`` is ops that run on tensor stubs: metadata-only ones, and
+    Merge and Split along dim 0, whose results are runs of their inputs' stored bytes
+    (:mod:`ckptmigrate.values.pieces`: the writers copy those runs)."""
+    return all(
+        planned.ops is not None and all(op.runs_on_stubs for op in planned.ops)
+        for planned in plan
+    )
 
 
 def _key_ops(planned: PlannedStep) -> list[Op] | None:
@@ -246,13 +257,14 @@ def copy_set(sset: Any, old: Checkpoint, new: Checkpoint, dst: Path) -> Copied:
 
     out = set_output(sset, dst)
     folder, index_name = out.folder, out.index_name
-    # which old shard each kept stub came from, in the new key order
+    # which old shard each kept stub came from, in the new key order (a merged or split
+    # tensor: its first piece's)
     home: dict[int, str] = {}
     for key, value in old.state_dict.items():
         home.setdefault(id(value), sset.weight_map[key])
     by_shard: dict[str, list[tuple[str, Any]]] = {s: [] for s in sset.shards}
     for key, value in new.state_dict.items():
-        by_shard[home[id(value)]].append((key, value))
+        by_shard[_home_of(value, home, sset)].append((key, value))
 
     swap = SetSwap.replacing(folder, index_name, _replaced(sset, folder, index_name))
     kept = [(shard, entries) for shard, entries in by_shard.items() if entries]
@@ -283,7 +295,8 @@ def copy_set(sset: Any, old: Checkpoint, new: Checkpoint, dst: Path) -> Copied:
             else:
                 if shard not in sset.graphs:
                     raise NotReplayableError("a legacy .bin shard has no zip records to copy")
-                copied, through = _rewrite_bin_shard(sset.graphs[shard], target, entries)
+                others = [g for s, g in sset.graphs.items() if s != shard]
+                copied, through = _rewrite_bin_shard(sset.graphs[shard], target, entries, others)
             swap.wrote(name)
             done.bytes_copied += copied
             done.bytes_through_python += through
@@ -306,8 +319,23 @@ def _replaced(sset: Any, folder: Path, index_name: str) -> dict[str, list[int]] 
     return None
 
 
-def _rewrite_bin_shard(graph: Any, dst: Path, entries: list[tuple[str, Any]]) -> tuple[int, int]:
-    """A .bin shard holds a flat state_dict: re-pickle the kept keys, copy their storages."""
+def _home_of(value: Any, home: dict[int, str], sset: Any) -> str:
+    """The old shard a stub of the result is written into: its own, or (a merged or split
+    tensor) its first piece's."""
+    from ..values.pieces import DerivedStub
+
+    if isinstance(value, DerivedStub):
+        if not value.pieces:
+            raise NotReplayableError("an empty merged tensor has no shard")
+        value = value.pieces[0].stub
+    return home[id(value)]
+
+
+def _rewrite_bin_shard(
+    graph: Any, dst: Path, entries: list[tuple[str, Any]], others: Sequence[Any] = ()
+) -> tuple[int, int]:
+    """A .bin shard holds a flat state_dict: re-pickle the kept keys, copy their storages (a
+    merged tensor's pieces from wherever they lie: ``others``, the set's other shards)."""
     from collections import OrderedDict
 
     obj: OrderedDict[str, Any] = OrderedDict(entries)
@@ -316,7 +344,7 @@ def _rewrite_bin_shard(graph: Any, dst: Path, entries: list[tuple[str, Any]]) ->
         obj._metadata = metadata  # type: ignore[attr-defined]
     from ..formats.torch import write_zip_graph
 
-    writer = write_zip_graph(dst, graph, obj)
+    writer = write_zip_graph(dst, graph, obj, others)
     return writer.bytes_copied, writer.bytes_through_python
 
 
