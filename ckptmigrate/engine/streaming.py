@@ -85,8 +85,7 @@ def runs_on_stubs(plan: Sequence[PlannedStep]) -> bool:
     Merge and Split along dim 0, whose results are runs of their inputs' stored bytes
     (:mod:`ckptmigrate.values.pieces`: the writers copy those runs)."""
     return all(
-        planned.ops is not None and all(op.runs_on_stubs for op in planned.ops)
-        for planned in plan
+        planned.ops is not None and all(op.runs_on_stubs for op in planned.ops) for planned in plan
     )
 
 

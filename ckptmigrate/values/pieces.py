@@ -92,7 +92,11 @@ def concatenate(stubs: Sequence[TensorStub], dim: int) -> DerivedStub:
     for stub in stubs:
         for piece in pieces_of(stub):
             last = pieces[-1] if pieces else None
-            if last is not None and last.stub is piece.stub and last.start + last.nbytes == piece.start:
+            if (
+                last is not None
+                and last.stub is piece.stub
+                and last.start + last.nbytes == piece.start
+            ):
                 pieces[-1] = Piece(last.stub, last.start, last.nbytes + piece.nbytes)
             else:
                 pieces.append(piece)

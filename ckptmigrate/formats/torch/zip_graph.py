@@ -181,8 +181,11 @@ def _stored_run(graph: ZipGraph, stub: TensorStub) -> _Run | None:
     metadata = args[6] if len(args) > 6 else None
     if (len(args) > 4 and args[4]) or hooks or metadata:
         raise NotReplayableError("a tensor with grad, hooks or metadata is rebuilt by torch")
-    if not isinstance(ref, StorageRef) or ref.untyped or ref.view_offset or (
-        ref.dtype != stub.info.dtype
+    if (
+        not isinstance(ref, StorageRef)
+        or ref.untyped
+        or ref.view_offset
+        or (ref.dtype != stub.info.dtype)
     ):
         raise NotReplayableError(f"the storage of {stub!r} is a view or of another dtype")
     if not _c_contiguous(size, stride):
