@@ -540,7 +540,13 @@ def write(
             except NotReplayableError:
                 new, inputs = redo()
         if done is None:
-            done = write_set(source.sset, new, dst, None if inputs is None else inputs.inputs)
+            done = write_set(
+                source.sset,
+                new,
+                dst,
+                None if inputs is None else inputs.inputs,
+                None if inputs is None else inputs.tensors,
+            )
             on_stubs = False
         _copied(result, done, streamed=on_stubs)
         return

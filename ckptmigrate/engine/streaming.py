@@ -42,6 +42,7 @@ from typing import Any
 from packaging.version import Version
 
 from ..errors import CheckpointWriteError, NotReplayableError
+from ..formats.byte_copy import copy_file
 from ..formats.layout import assemble
 from ..schema.graph import PlannedStep
 from ..schema.ops import Op
@@ -265,40 +266,53 @@ def copy_set(sset: Any, old: Checkpoint, new: Checkpoint, dst: Path) -> Copied:
     for key, value in new.state_dict.items():
         by_shard[_home_of(value, home, sset)].append((key, value))
 
-    swap = SetSwap.replacing(folder, index_name, _replaced(sset, folder, index_name))
+    replaced = _replaced(sset, folder, index_name)
+    swap = SetSwap.replacing(folder, index_name, replaced)
     kept = [(shard, entries) for shard, entries in by_shard.items() if entries]
-    jobs = [
-        (
-            shard,
-            swap.fresh_name(
-                out.shard(i, len(kept), sset.kind, like=shard),
-                [str(new.version), shard, [(k, list(v.shape)) for k, v in entries]],
-            ),
-            entries,
+    jobs = []
+    for i, (shard, entries) in enumerate(kept, 1):
+        # a .bin shard holding what it held (the stamp lives in the index) is copied whole,
+        # or, in place, left as it is: the new index names it again
+        whole = sset.kind == "bin" and sharded.unchanged_shard(
+            sset, shard, dict(entries), old.state_dict
         )
-        for i, (shard, entries) in enumerate(kept, 1)
-    ]
+        if whole and replaced is not None and out.stem is None:
+            jobs.append((shard, shard, entries, whole))
+            continue
+        name = swap.fresh_name(
+            out.shard(i, len(kept), sset.kind, like=shard),
+            [str(new.version), shard, [(k, list(v.shape)) for k, v in entries]],
+        )
+        jobs.append((shard, name, entries, whole))
     weight_map: dict[str, str] = {}
     total = 0
     done = Copied()
     try:
         swap.start()
-        for shard, name, entries in jobs:
+        for shard, name, entries, whole in jobs:
             target = folder / name
-            if sset.kind == "safetensors":
+            if whole:
+                if name != shard:
+                    done.bytes_through_python += copy_file(sset.folder / shard, target)
+                    done.bytes_copied += target.stat().st_size
+                    swap.wrote(name)
+            elif sset.kind == "safetensors":
                 from ..formats.safetensors_copy import write_safetensors_copy
 
                 meta = _safetensors_metadata(_header_stamp(new))
                 meta = {**sset.headers.get(shard, {}), **meta}
                 copied, through = write_safetensors_copy(target, entries, sset.sources, meta)
+                swap.wrote(name)
+                done.bytes_copied += copied
+                done.bytes_through_python += through
             else:
                 if shard not in sset.graphs:
                     raise NotReplayableError("a legacy .bin shard has no zip records to copy")
                 others = [g for s, g in sset.graphs.items() if s != shard]
                 copied, through = _rewrite_bin_shard(sset.graphs[shard], target, entries, others)
-            swap.wrote(name)
-            done.bytes_copied += copied
-            done.bytes_through_python += through
+                swap.wrote(name)
+                done.bytes_copied += copied
+                done.bytes_through_python += through
             weight_map.update((key, name) for key, _ in entries)
             total += sum(v.info.nbytes for v in {id(v): v for _, v in entries}.values())
         sharded.copy_companions(sset, folder)
@@ -347,11 +361,20 @@ def _rewrite_bin_shard(
     return writer.bytes_copied, writer.bytes_through_python
 
 
-def write_set(sset: Any, new: Checkpoint, dst: Path, inputs: InputBytes | None = None) -> Copied:
+def write_set(
+    sset: Any,
+    new: Checkpoint,
+    dst: Path,
+    inputs: InputBytes | None = None,
+    loaded: Checkpoint | None = None,
+) -> Copied:
     """Write a set's loaded tensors (``new``), re-sharded by the old largest shard size.
 
     Safetensors shards copy each tensor whose bytes are an input's, unchanged (``inputs``: the
-    set mapped, as the plan ran on it), as stored and write only the others."""
+    set mapped, as the plan ran on it), as stored and write only the others. A .bin shard
+    that would hold what it holds (its keys, in order, each the very tensor ``loaded`` had
+    there, bytes unchanged: the stamp lives in the index) is copied whole, or left as it is
+    in place; only the other tensors are re-sharded and written."""
     from ..formats import sharded
     from ..formats.safetensors_copy import write_safetensors_parts
     from ..formats.safetensors_file import write_safetensors
@@ -359,26 +382,47 @@ def write_set(sset: Any, new: Checkpoint, dst: Path, inputs: InputBytes | None =
     from ..formats.torch import write_torch
 
     out = set_output(sset, dst)
+    whole = _unchanged_shards(sset, new, inputs, loaded)
+    in_whole = {k for shard in whole for k in sset.contents[shard]}
+    rest = [(k, v) for k, v in new.state_dict.items() if k not in in_whole]
     limit = max((sset.folder / s).stat().st_size for s in sset.shards) if sset.shards else 1 << 30
-    groups = [
-        dict(group)
-        for group in sharded.group_by_size(
-            new.state_dict.items(), lambda kv: kv[1].numel() * kv[1].element_size(), limit
-        )
-    ]
+    groups = []
+    if rest or not whole:
+        groups = [
+            dict(group)
+            for group in sharded.group_by_size(
+                rest, lambda kv: kv[1].numel() * kv[1].element_size(), limit
+            )
+        ]
     folder, index_name = out.folder, out.index_name
-    swap = SetSwap.replacing(folder, index_name, _replaced(sset, folder, index_name))
+    replaced = _replaced(sset, folder, index_name)
+    swap = SetSwap.replacing(folder, index_name, replaced)
+    count = len(whole) + len(groups)
+    copies: list[tuple[str, str]] = []  # (old shard, new name) copied whole
+    name_of: dict[str, str] = {}
+    for i, shard in enumerate(whole, 1):
+        if replaced is not None and out.stem is None:
+            name = shard  # in place: the new index names it again
+        else:
+            name = swap.fresh_name(
+                out.shard(i, count, sset.kind, like=shard), [str(new.version), shard, "whole"]
+            )
+            copies.append((shard, name))
+        name_of.update((k, name) for k in sset.contents[shard])
     names = [
         swap.fresh_name(
-            out.shard(i, len(groups), sset.kind),
+            out.shard(len(whole) + i, count, sset.kind),
             [str(new.version), [(k, list(v.shape)) for k, v in group.items()]],
         )
         for i, group in enumerate(groups, 1)
     ]
-    weight_map: dict[str, str] = {}
     total = copied = through = 0
     try:
         swap.start()
+        for shard, name in copies:
+            through += copy_file(sset.folder / shard, folder / name)
+            copied += (folder / name).stat().st_size
+            swap.wrote(name)
         for name, group in zip(names, groups):
             if sset.kind == "safetensors":
                 meta = _safetensors_metadata(_header_stamp(new))
@@ -392,11 +436,37 @@ def write_set(sset: Any, new: Checkpoint, dst: Path, inputs: InputBytes | None =
             else:
                 write_torch(folder / name, dict(group))
             swap.wrote(name)
-            weight_map.update((k, name) for k in group)
-            total += sum(t.numel() * t.element_size() for t in group.values())
+            name_of.update((k, name) for k in group)
+        total = sum(t.numel() * t.element_size() for t in new.state_dict.values())
+        weight_map = {k: name_of[k] for k in new.state_dict}
         sharded.copy_companions(sset, folder)
         swap.commit(sset.index, weight_map, total, sharded.index_metadata(new, _stamp_of(new)))
     except BaseException:
         swap.abort()
         raise
     return Copied(copied, through, removed=swap.finish())
+
+
+def _unchanged_shards(
+    sset: Any, new: Checkpoint, inputs: InputBytes | None, loaded: Checkpoint | None
+) -> list[str]:
+    """The .bin shards of ``sset`` that ``new`` holds as they were: each of their keys, in
+    order, with the very tensor ``loaded`` had there, whose stored record is unchanged."""
+    from ..formats import sharded
+
+    if sset.kind != "bin" or loaded is None or inputs is None:
+        return []
+    originals = loaded.state_dict
+    entries: dict[str, dict[str, Any]] = {}
+    for key, value in new.state_dict.items():
+        shard = sset.weight_map.get(key)
+        if shard is not None and originals.get(key) is value:
+            entries.setdefault(shard, {})[key] = value
+    out = []
+    for shard, held in entries.items():
+        if not sharded.unchanged_shard(sset, shard, held, originals):
+            continue
+        # the bytes as read: a record whose pages were written after the load is refused
+        if all(inputs.storage_record(t.untyped_storage()) is not None for t in held.values()):
+            out.append(shard)
+    return out
