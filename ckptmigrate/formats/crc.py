@@ -18,6 +18,8 @@ import os
 import zlib
 from collections.abc import Iterable
 
+from ..errors import CheckpointFormatError
+
 __all__ = ["crc32_combine", "crc32_of_parts", "crc32_of_range"]
 
 #: the reflected CRC-32 polynomial (zip, zlib, PNG)
@@ -79,7 +81,7 @@ def crc32_of_range(fd: int, offset: int, count: int) -> int:
     while count > 0:
         data = os.pread(fd, min(count, _CHUNK), offset)
         if not data:
-            raise OSError(f"the file ends {count} bytes before the range does")
+            raise CheckpointFormatError(f"the file ends {count} bytes before the range does")
         crc = zlib.crc32(data, crc)
         offset += len(data)
         count -= len(data)
