@@ -7,7 +7,9 @@ Every rewrite of a checkpoint (``cm.upgrade_file``, ``cm.upgrade_in_place``,
 2. A planner (:func:`upgrade_plan`, :func:`stamp_plan`) plans once, mounts included; a stamp
    is a plan of no steps that gives the file its new stamp.
 3. :meth:`Plan.run` runs the plan once: on the stubs when every step is metadata-only
-   (:attr:`~ckptmigrate.ops.Op.metadata_only`) and the output's writer copies stored bytes,
+   (:attr:`~ckptmigrate.ops.Op.metadata_only`), or Merges and Splits along dim 0 whose
+   results are runs of stored bytes (:attr:`~ckptmigrate.ops.Op.runs_on_stubs`), and the
+   output's writer copies stored bytes,
    else on the tensors mapped from the file (``mmap``), where each tensor's bytes lie in the
    file recorded before any step runs (:class:`~.unchanged.InputBytes`).
 4. :func:`write` picks the writer of the output's format: the stubs a run kept are copied as

@@ -16,7 +16,15 @@ Every file is written atomically and durably (temporary, fsync, rename, fsync of
 the disk starts writing while the copy runs (:class:`~.formats.atomic.Writeback`), so on a
 1.26 GB file the wait for the disk is most of the time left, and the fsync is what it buys.
 
-A plan that is not metadata-only runs on the tensors mapped from the file; its result is
+A plan of metadata-only ops and Merges and Splits along dim 0 (:func:`runs_on_stubs`) runs on
+the stubs too: a merged or split tensor is runs of its inputs' stored bytes
+(:class:`~ckptmigrate.values.pieces.DerivedStub`), which these writers copy (a torch zip: a
+split part a view of its record, a merged tensor a new record whose CRC is combined from its
+parts', :mod:`~.formats.crc`); where that cannot be said the writer raises
+:class:`~ckptmigrate.errors.NotReplayableError` and the plan runs on the tensors. A .bin
+shard left holding what it held is copied whole (or kept, in place).
+
+Any other plan runs on the tensors mapped from the file; its result is
 written by :func:`save_torch_zip` and :func:`save_safetensors`, which copy every tensor the
 plan left as it was (:class:`~.unchanged.InputBytes`) as stored, and write only the new ones
 from memory.
