@@ -208,3 +208,34 @@ def test_crc32_combine_equals_the_crc_of_the_concatenation():
         assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
     parts = [os.urandom(n) for n in (1, 64, 1000, 0, 77777)]
     assert crc32_of_parts((zlib.crc32(p), len(p)) for p in parts) == zlib.crc32(b"".join(parts))
+
+
+def test_parts_that_are_views_of_one_record_merge_by_bytes(tmp_path):
+    """Two tensors saved as views of one storage: each part is a run inside that record (its
+    CRC read from the file, as the record's own does not cover it)."""
+    torch.manual_seed(0)
+    whole = torch.randn(10, 6)
+    src, dst = tmp_path / "old.pth", tmp_path / "new.pth"
+    torch.save({"a": whole[1:4], "b": whole[6:9], "c": whole[4:6]}, src)
+    schema = schema_of(cm.ops.Merge(["b", "a"], "ba"))
+    result = cm.upgrade_file(src, dst, schema, from_version="1.0.0")
+    assert result.streamed and result.bytes_through_python == 0
+    got = read_back(dst)
+    assert torch.equal(got["ba"], torch.cat([whole[6:9], whole[1:4]]))
+    assert torch.equal(got["c"], whole[4:6])
+
+
+def test_an_in_place_upgrade_by_bytes_keeps_its_backup(tmp_path):
+    path = tmp_path / "model.pth"
+    sd = source_state()
+    cm.save(path, sd, schema="net", version="1.0.0")
+    before = path.read_bytes()
+    schema = schema_of(*PLANS["merge"]())
+    result = cm.upgrade_in_place(path, schema)
+    assert result.streamed and result.bytes_through_python == 0
+    assert Path(result.backup).read_bytes() == before
+    assert zipfile.ZipFile(path).testzip() is None
+    upgraded = cm.load(path, schema=schema)
+    assert torch.equal(
+        upgraded.state_dict["layers.0.attn.qkv.weight"], torch.cat([sd[Q], sd[K], sd[V]])
+    )
