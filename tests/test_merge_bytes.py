@@ -112,29 +112,48 @@ def test_a_merged_record_keeps_torch_layout_and_a_split_part_is_a_view(tmp_path)
     assert [parts[k].storage_offset() for k in ("mlp.a", "mlp.b", "mlp.c")] == [0, 8 * 17, 38 * 17]
 
 
+NO_TORCH = """
+import sys
+import ckptmigrate as cm
+schema = cm.Schema("net", current="2.0.0")
+schema.add_migration("1.0.0", "2.0.0", {ops})
+result = cm.upgrade_file({src!r}, {dst!r}, schema, from_version="1.0.0")
+assert "torch" not in sys.modules, sorted(m for m in sys.modules if "torch" in m)[:5]
+print(result.streamed, result.bytes_through_python)
+"""
+
+
+def run_without_torch(src: Path, dst: Path, ops: str) -> None:
+    code = NO_TORCH.format(ops=ops, src=str(src), dst=str(dst))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "0"]
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_the_byte_merge_does_not_import_torch(tmp_path, suffix):
     src, dst = tmp_path / f"old{suffix}", tmp_path / f"new{suffix}"
     write_source(src, source_state())
-    code = f"""
-import sys
-import ckptmigrate as cm
-schema = cm.Schema("net", current="2.0.0")
-schema.add_migration("1.0.0", "2.0.0", [
-    cm.ops.Merge({[Q, K, V]!r}, "qkv"),
-    cm.ops.Split("layers.0.mlp.weight", ["a", "b"]),
-])
-result = cm.upgrade_file({str(src)!r}, {str(dst)!r}, schema, from_version="1.0.0")
-assert "torch" not in sys.modules, sorted(m for m in sys.modules if "torch" in m)[:5]
-print(result.streamed, result.bytes_through_python)
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True", "0"]
+    ops = f'[cm.ops.Merge({[Q, K, V]!r}, "qkv"), cm.ops.Split("layers.0.mlp.weight", ["a", "b"])]'
+    run_without_torch(src, dst, ops)
     got = read_back(dst)
     sd = source_state()
     assert torch.equal(got["qkv"], torch.cat([sd[Q], sd[K], sd[V]]))
     assert torch.equal(got["b"], sd["layers.0.mlp.weight"][20:])
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_the_byte_merge_of_a_set_does_not_import_torch(tmp_path, kind):
+    folder, out = tmp_path / "set", tmp_path / "out"
+    tensors = make_set(folder, kind)
+    run_without_torch(
+        folder, out, '[cm.ops.Merge(["embed.weight", "head.weight"], "eh", sizes=[16, 4])]'
+    )
+    merge = cm.ops.Merge(["embed.weight", "head.weight"], "eh", sizes=[16, 4])
+    loaded = cm.load(out, schema=schema_of(merge))
+    assert torch.equal(
+        loaded.state_dict["eh"], torch.cat([tensors["embed.weight"], tensors["head.weight"]])
+    )
 
 
 def non_contiguous(path: Path) -> None:
