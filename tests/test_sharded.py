@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,12 @@ def test_a_bin_set_copies_the_shards_a_step_leaves_unchanged(tmp_path, step, how
     assert list(loaded.state_dict) == list(index["weight_map"])
     for key in ("a.weight", "b.weight"):
         assert torch.equal(loaded.state_dict[key], tensors[key])
+    # of the changed shard only the new tensor goes through Python: d.weight is copied
+    assert result.bytes_through_python == (8 * 8 * 4 if step == "function" else 0)
+    if how == "output":
+        assert result.bytes_copied >= len(first_bytes) + 4 * 8 * 4
+    for shard in set(index["weight_map"].values()):
+        assert zipfile.ZipFile(out / shard).testzip() is None
     if step == "function":
         assert torch.equal(loaded.state_dict["c.weight"], tensors["c.weight"] * 2)
         assert torch.equal(loaded.state_dict["d.weight"], tensors["d.weight"])

@@ -441,6 +441,9 @@ def write_set(
                     copied, through = copied + done[0], through + done[1]
                 else:
                     write_safetensors(folder / name, group, {}, passthrough=meta)
+            elif sset.graphs and inputs is not None and len(inputs):
+                done = _save_bin_group(folder / name, group, sset, inputs)
+                copied, through = copied + done[0], through + done[1]
             else:
                 write_torch(folder / name, dict(group))
             swap.wrote(name)
@@ -453,6 +456,30 @@ def write_set(
         swap.abort()
         raise
     return Copied(copied, through, removed=swap.finish())
+
+
+def _save_bin_group(
+    target: Path, group: dict[str, Any], sset: Any, inputs: InputBytes
+) -> tuple[int, int]:
+    """A re-grouped .bin shard saved as torch.save would, each storage that is a record of one
+    of the set's shards, unchanged, copied as stored (from whichever shard holds it); the
+    others written from memory. Returns ``(bytes copied, bytes that went through Python)``."""
+    from ..formats.torch import save_copying
+    from ..formats.torch.zip_writer import JoinedRecord
+
+    layout = next(iter(sset.graphs.values()))  # archive folder, byteorder, version records
+
+    def stored(storage: Any) -> Any:
+        found = inputs.stored_storage(storage)
+        if found is None or found.record is None:
+            return None
+        if found.path == layout.path:
+            return found.record
+        record = found.record
+        return JoinedRecord(((found.path, record.data_offset, record.size),), record.crc)
+
+    writer = save_copying(target, dict(group), layout, stored)
+    return writer.bytes_copied, writer.bytes_through_python
 
 
 def _unchanged_shards(
