@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from set_files import make_set
+from test_copy_unchanged import used_bytes, xfs  # noqa: F401 (the XFS loop mount fixture)
 
 import ckptmigrate as cm
 from ckptmigrate.formats.crc import crc32_combine, crc32_of_parts
@@ -258,3 +259,20 @@ def test_an_in_place_upgrade_by_bytes_keeps_its_backup(tmp_path):
     assert torch.equal(
         upgraded.state_dict["layers.0.attn.qkv.weight"], torch.cat([sd[Q], sd[K], sd[V]])
     )
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_byte_merge_on_xfs_shares_the_kept_records(xfs, suffix):  # noqa: F811
+    """On a file system that clones, the kept records are shared: used space grows by at most
+    the merged tensor (its first part lies at its source's residue and clones too)."""
+    torch.manual_seed(0)
+    sd = {f"layers.{i}.attn.weight": torch.randn(1000, 1003) for i in range(16)}  # 64 MB
+    src, dst = xfs / f"old{suffix}", xfs / f"new{suffix}"
+    write_source(src, sd)
+    before = used_bytes(xfs)
+    parts = ["layers.0.attn.weight", "layers.1.attn.weight"]
+    result = cm.upgrade_file(src, dst, schema_of(cm.ops.Merge(parts, "l01")), from_version="1.0.0")
+    grown = used_bytes(xfs) - before
+    assert result.streamed and result.bytes_through_python == 0
+    assert grown <= 2 * 1000 * 1003 * 4 + src.stat().st_size // 100, grown
+    assert torch.equal(read_back(dst)["l01"], torch.cat([sd[k] for k in parts]))
