@@ -24,6 +24,8 @@ import struct
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from ...errors import CheckpointFormatError
 from .. import atomic
@@ -32,12 +34,25 @@ from ..byte_copy import BLOCK, copy_range
 from ..detect import open_regular_file
 from .archive import ZipRecordInfo
 
-__all__ = ["ALIGNMENT", "TorchZipWriter", "write_zip_copy"]
+__all__ = ["ALIGNMENT", "JoinedRecord", "TorchZipWriter", "write_zip_copy"]
 
 #: torch aligns every member's data to this many bytes (``torch.serialization`` storage alignment).
 ALIGNMENT = 64
 _LIMIT = 0xFFFFFFFF
 _CHUNK = 16 << 20  # a new member is checksummed and written this much at a time
+
+
+@dataclass(frozen=True)
+class JoinedRecord:
+    """A new member whose bytes are ranges of other files, in order (a merged tensor's
+    storage: its parts' bytes), and the CRC-32 of them laid end to end."""
+
+    runs: tuple[tuple[Path, int, int], ...]  # (file, offset, byte count)
+    crc: int
+
+    @property
+    def size(self) -> int:
+        return sum(n for _, _, n in self.runs)
 
 
 @dataclass(frozen=True)
@@ -131,6 +146,19 @@ class TorchZipWriter:
         self._pos += record.size
         self.bytes_copied += record.size
 
+    def copy_runs(self, name: str, runs: list[tuple[int, int, int]], crc: int) -> None:
+        """Add a member whose bytes are ``runs`` (``(fd, offset, count)``) of other files, in
+        order, with their CRC-32 ``crc``; laid out to clone the first run where it can."""
+        size = sum(n for _, _, n in runs)
+        like = runs[0][1] if runs else None
+        self._write(self._local_header(name, size, crc, like=like))
+        for fd, offset, count in runs:
+            self.bytes_through_python += copy_range(
+                fd, offset, self._fd, self._pos, count, self._writeback
+            )
+            self._pos += count
+            self.bytes_copied += count
+
     def close(self) -> None:
         """Write the central directory and the (zip64) end records, as torch does."""
         start = self._pos
@@ -190,24 +218,38 @@ class TorchZipWriter:
 def write_zip_copy(
     dst: str | os.PathLike[str],
     src: str | os.PathLike[str],
-    members: Iterable[tuple[str, bytes | memoryview | ZipRecordInfo]],
+    members: Iterable[tuple[str, bytes | memoryview | ZipRecordInfo | JoinedRecord]],
 ) -> TorchZipWriter:
     """Write an archive of ``members`` to ``dst`` atomically, in that order: bytes (or a
     buffer: a new tensor's storage) as given, records copied as stored from the archive
-    ``src``. Returns the closed writer (its
+    ``src``, joined records copied from the files they name. Returns the closed writer (its
     ``bytes_copied`` / ``bytes_through_python`` tell what moved).
 
     >>> write_zip_copy("new.pth", "old.pth", [("archive/data.pkl", pickled),
     ...                                       ("archive/data/0", records["archive/data/0"])])
     """
-    with open_regular_file(src) as source, atomic_fd(dst) as fd:
-        writer = TorchZipWriter(fd, Writeback(fd))
-        for name, member in members:
-            if isinstance(member, bytes):
-                writer.add_bytes(name, member)
-            elif isinstance(member, memoryview):
-                writer.add_buffer(name, member)
-            else:
-                writer.copy_member(name, source.fileno(), member)
-        writer.close()
+    opened: dict[Path, Any] = {}
+
+    def fd_of(path: Path) -> int:
+        if path not in opened:
+            opened[path] = open_regular_file(path)
+        return opened[path].fileno()
+
+    try:
+        with open_regular_file(src) as source, atomic_fd(dst) as fd:
+            writer = TorchZipWriter(fd, Writeback(fd))
+            for name, member in members:
+                if isinstance(member, bytes):
+                    writer.add_bytes(name, member)
+                elif isinstance(member, memoryview):
+                    writer.add_buffer(name, member)
+                elif isinstance(member, JoinedRecord):
+                    runs = [(fd_of(path), at, n) for path, at, n in member.runs]
+                    writer.copy_runs(name, runs, member.crc)
+                else:
+                    writer.copy_member(name, source.fileno(), member)
+            writer.close()
+    finally:
+        for f in opened.values():
+            f.close()
     return writer
