@@ -97,6 +97,23 @@ def sample_objects() -> list[object]:
 # ----------------------------------------------------------------------------- agreement
 
 
+def test_the_opcode_table_is_the_one_pickletools_documents() -> None:
+    """The walk's table is written out (reading a file must not import pickletools): it is
+    pickletools' own, opcode for opcode, argument kind and stack effect alike."""
+    from ckptmigrate.formats.torch.opcodes import PICKLE_OPCODES
+
+    documented = tuple(
+        (
+            op.name,
+            ord(op.code),
+            op.arg.name if op.arg is not None else None,
+            " ".join(t.name for t in op.stack_after),
+        )
+        for op in pickletools.opcodes
+    )
+    assert PICKLE_OPCODES == documented
+
+
 @pytest.mark.parametrize("index", range(6))
 def test_the_walk_names_what_pickletools_names_in_torch_save_output(
     index: int, tmp_path: Path

@@ -22,14 +22,10 @@ config files); a URL is printed without its user info or query string.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import io
 import os
 import re
-import shutil
 import stat
-import tempfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +117,8 @@ class RemoteStore:
         self._infos: dict[str, dict[str, Any] | None] = {}
         self._listed: dict[str, list[dict[str, Any]]] = {}
         self._blocks: list[tuple[str, int, bytes]] = []
+        import threading  # only a remote read makes a store: a local one never imports it
+
         self._lock = threading.Lock()
 
     def url(self, key: str) -> str:
@@ -405,10 +403,14 @@ class RemotePath:
 
     def glob(self, pattern: str) -> Iterator[RemotePath]:
         """The entries of this folder whose names match ``pattern`` (one level)."""
+        import fnmatch
+
         return (p for p in self.iterdir() if fnmatch.fnmatchcase(p.name, pattern))
 
     def rglob(self, pattern: str) -> Iterator[RemotePath]:
         """Every object under this folder whose name matches ``pattern``."""
+        import fnmatch
+
         try:
             found = self.store.remember(
                 self.store.call(self.key, self.store.fs.find, self.key, detail=True)
@@ -533,6 +535,9 @@ def downloaded(target: RemotePath, files: list[Any]) -> Iterator[Path]:
     safetensors read that copy. An object whose key would land outside the copy (a ``..``
     part, an empty part) is refused before anything is fetched.
     """
+    import shutil
+    import tempfile
+
     folder = target.is_dir()
     root = target.key if folder else target.parent.key
     tmp = Path(tempfile.mkdtemp(prefix="ckptmigrate-remote-"))

@@ -15,7 +15,6 @@ the root fields for the whole file; without mounts it stays format 1, as before.
 
 from __future__ import annotations
 
-import datetime as _dt
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -41,6 +40,8 @@ def library_version() -> str:
 
 
 def utc_now() -> str:
+    import datetime as _dt  # only writing a stamp needs the time
+
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 

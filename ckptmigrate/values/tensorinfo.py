@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from math import prod
 from typing import Any
 
-__all__ = ["DTYPE_SIZES", "MAX_DIM", "SAFETENSORS_DTYPES", "TensorInfo", "TensorStub"]
+__all__ = [
+    "DTYPE_SIZES",
+    "MAX_DIM",
+    "SAFETENSORS_DTYPES",
+    "TensorInfo",
+    "TensorStub",
+    "signature",
+]
 
 #: torch keeps sizes, strides and offsets as int64: a dimension past this is no tensor torch
 #: wrote (and one of thousands of digits cannot even be printed)
@@ -53,6 +60,12 @@ DTYPE_SIZES: dict[str, int] = {
     **{f"int{n}": 1 for n in range(1, 8)},
     **{f"uint{n}": 1 for n in range(1, 8)},
 }
+
+
+def signature(value: Any) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype name) of a tensor or a metadata stub."""
+    return tuple(int(d) for d in value.shape), str(value.dtype).removeprefix("torch.")
+
 
 #: safetensors dtype codes and the torch dtype each one stands for.
 SAFETENSORS_DTYPES: dict[str, str] = {

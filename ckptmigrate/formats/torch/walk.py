@@ -8,7 +8,6 @@ share values it runs the stack model (:mod:`.stack_model`) for the decode's cost
 
 from __future__ import annotations
 
-import pickletools
 import struct
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -24,6 +23,7 @@ from .opcodes import (
     OP,
     OPCODE_NAMES,
     PER_BYTE,
+    STACK_AFTER,
     TORCH_OPCODES,
     UNPACK,
     ScanCorrupt,
@@ -89,20 +89,17 @@ for _name in ("PUT", "GET", "MEMOIZE", "DUP"):
     _KIND[OP[_name]] = _K_MEMO
 _LEAF, _HOLDER = 1, 2  # what the top of the stack is after an opcode
 _TOP = bytearray([_HOLDER] * 256)
-for _op in pickletools.opcodes:
+for _code, _after in STACK_AFTER.items():
     if (
-        _op.stack_after
-        and all(
-            t.name not in ("any", "list", "dict", "set", "frozenset", "tuple")
-            for t in _op.stack_after
-        )
-        and _op.name != "BUILD"
+        _after
+        and all(t not in ("any", "list", "dict", "set", "frozenset", "tuple") for t in _after)
+        and _code != OP["BUILD"]
     ):
-        _TOP[ord(_op.code)] = _LEAF
+        _TOP[_code] = _LEAF
 _TOP[OP["MARK"]] = _HOLDER
 for _name in ("GLOBAL", "STACK_GLOBAL", "EMPTY_TUPLE", "BINPERSID", "PERSID"):
     _TOP[OP[_name]] = _LEAF
-del _code, _name, _op
+del _code, _name, _after
 
 
 @dataclass
