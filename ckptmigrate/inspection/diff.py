@@ -26,8 +26,8 @@ from ..errors import (
     UsageError,
 )
 from ..formats.layout import is_tensor_like, split
-from ..values.tensorinfo import signature
 from ..values.checkpoint import Checkpoint
+from ..values.tensorinfo import signature
 
 if TYPE_CHECKING:
     from ..schema.schema import Schema
