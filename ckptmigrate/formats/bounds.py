@@ -19,7 +19,6 @@ Two ways a small pickle kills or stalls its reader without running any code:
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import itertools
 import os
 import threading
@@ -67,16 +66,31 @@ HASH_FACTOR = 8
 HASH_ALLOWANCE = 1_000_000
 
 
-@dataclasses.dataclass
 class DecodeBudget:
     """What one decode may allocate: ``used`` starts at the opcode walk's estimate; the
     decoder's stand-ins that copy their arguments charge the copy before making it."""
 
-    stored: int  # the pickle's bytes
-    used: int = 0
-    what: str = "the pickle"
-    path: object = None
-    hashed: int = 0  # items the decode's hashing visits (the opcode walk's count)
+    __slots__ = ("stored", "used", "what", "path", "hashed")
+
+    def __init__(
+        self,
+        stored: int,  # the pickle's bytes
+        used: int = 0,
+        what: str = "the pickle",
+        path: object = None,
+        hashed: int = 0,  # items the decode's hashing visits (the opcode walk's count)
+    ) -> None:
+        self.stored = stored
+        self.used = used
+        self.what = what
+        self.path = path
+        self.hashed = hashed
+
+    def __repr__(self) -> str:
+        return (
+            f"DecodeBudget(stored={self.stored}, used={self.used}, what={self.what!r}, "
+            f"path={self.path!r}, hashed={self.hashed})"
+        )
 
     @property
     def limit(self) -> int:
@@ -200,7 +214,8 @@ def _holds_objects(kind: type) -> bool:
         known = (
             issubclass(kind, _BUILTIN_CONTAINERS)
             or hasattr(kind, "graph_children")  # a decoded placeholder: its args and state
-            or (dataclasses.is_dataclass(kind) and not issubclass(kind, TensorStub))
+            # a dataclass (DCP's records), as dataclasses.is_dataclass tells one
+            or (hasattr(kind, "__dataclass_fields__") and not issubclass(kind, TensorStub))
         )
         if len(_container_types) > 4096:  # placeholder classes are made per global name
             _container_types.clear()
@@ -215,6 +230,8 @@ def _children(node: Any) -> Any:
         return node
     if hasattr(node, "graph_children"):
         return node.graph_children()
+    import dataclasses  # a dataclass instance is here: its module is imported already
+
     return [getattr(node, f.name, None) for f in dataclasses.fields(node)]  # DCP's records
 
 

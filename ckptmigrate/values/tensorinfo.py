@@ -1,14 +1,16 @@
 """What a tensor is, without its data: shape, dtype, size and where its bytes live.
 
 Readers that list keys, shapes and dtypes (``ckptmigrate info``, ``diff``) build these records
-from a file's metadata alone, so this module imports nothing but the standard library.
+from a file's metadata alone, so this module imports nothing but the standard library (and
+the package's own record base).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from math import prod
 from typing import Any
+
+from ..base.frozen import FrozenRecord, set_fields
 
 __all__ = [
     "DTYPE_SIZES",
@@ -91,21 +93,50 @@ SAFETENSORS_DTYPES: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Shape, dtype and byte location of one stored tensor.
+class TensorInfo(FrozenRecord):
+    """Shape, dtype and byte location of one stored tensor (immutable, compared by fields).
 
     >>> TensorInfo(shape=(2, 3), dtype="float32", nbytes=24).numel
     6
     """
 
+    __slots__ = (
+        "shape",
+        "dtype",
+        "nbytes",
+        "storage_key",
+        "storage_offset",
+        "device",
+        "data_offsets",
+    )
     shape: tuple[int, ...]
     dtype: str
     nbytes: int
-    storage_key: str | None = None
-    storage_offset: int = 0
-    device: str = "cpu"
-    data_offsets: tuple[int, int] | None = None
+    storage_key: str | None
+    storage_offset: int
+    device: str
+    data_offsets: tuple[int, int] | None
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        dtype: str,
+        nbytes: int,
+        storage_key: str | None = None,
+        storage_offset: int = 0,
+        device: str = "cpu",
+        data_offsets: tuple[int, int] | None = None,
+    ) -> None:
+        set_fields(
+            self,
+            shape=shape,
+            dtype=dtype,
+            nbytes=nbytes,
+            storage_key=storage_key,
+            storage_offset=storage_offset,
+            device=device,
+            data_offsets=data_offsets,
+        )
 
     @property
     def numel(self) -> int:

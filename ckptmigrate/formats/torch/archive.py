@@ -17,9 +17,9 @@ import os
 import struct
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from ...base.frozen import FrozenRecord, set_fields
 from ...errors import CheckpointFormatError
 from ...values.tensorinfo import DTYPE_SIZES
 from ..bounds import DecodeBudget
@@ -31,10 +31,18 @@ from .unpickler import MAX_PICKLE_BYTES, load_pickle_scanned
 from .walk import ScanResult, scan_pickle
 
 
-@dataclass(frozen=True)
-class ZipRecordInfo:
+class ZipRecordInfo(FrozenRecord):
     """Where one member of a torch zip archive lies, so it can be copied byte for byte."""
 
+    __slots__ = (
+        "name",
+        "header_offset",
+        "data_offset",
+        "size",
+        "compressed_size",
+        "crc",
+        "compress_type",
+    )
     name: str
     header_offset: int  # of the local file header
     data_offset: int  # of the member's (possibly compressed) bytes
@@ -42,6 +50,27 @@ class ZipRecordInfo:
     compressed_size: int
     crc: int
     compress_type: int
+
+    def __init__(
+        self,
+        name: str,
+        header_offset: int,
+        data_offset: int,
+        size: int,
+        compressed_size: int,
+        crc: int,
+        compress_type: int,
+    ) -> None:
+        set_fields(
+            self,
+            name=name,
+            header_offset=header_offset,
+            data_offset=data_offset,
+            size=size,
+            compressed_size=compressed_size,
+            crc=crc,
+            compress_type=compress_type,
+        )
 
 
 def _check_member_name(name: str, path: object) -> None:
@@ -143,14 +172,22 @@ def read_data_pkl(path: str | os.PathLike[str]) -> tuple[zipfile.ZipInfo, bytes]
     return data_pkl, data
 
 
-@dataclass
 class ZipDecoded:
     """A torch zip checkpoint's decoded graph (stubs) with what was found on the way."""
 
-    obj: Any
-    infos: list[zipfile.ZipInfo]
-    prefix: str  # the archive folder with its slash, e.g. "archive/"
-    scan: ScanResult
+    __slots__ = ("obj", "infos", "prefix", "scan")
+
+    def __init__(
+        self,
+        obj: Any,
+        infos: list[zipfile.ZipInfo],
+        prefix: str,  # the archive folder with its slash, e.g. "archive/"
+        scan: ScanResult,
+    ) -> None:
+        self.obj = obj
+        self.infos = infos
+        self.prefix = prefix
+        self.scan = scan
 
 
 def _zip_pickle(

@@ -9,7 +9,6 @@ unpickler implements, and what a pass reports (:class:`Effects`, :class:`ScanCor
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from ...errors import CheckpointFormatError
 
@@ -197,9 +196,14 @@ for _names, _factor, _bytes in (
 del _code, _after, _names, _bytes, _name, _factor
 
 
-@dataclass
 class Effects:
     """What the stack model found: bytes the decode allocates, items it hashes."""
 
-    estimate: int = 0
-    hashed: int = 0
+    __slots__ = ("estimate", "hashed")
+
+    def __init__(self, estimate: int = 0, hashed: int = 0) -> None:
+        self.estimate = estimate
+        self.hashed = hashed
+
+    def __repr__(self) -> str:
+        return f"Effects(estimate={self.estimate}, hashed={self.hashed})"

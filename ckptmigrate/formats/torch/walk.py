@@ -9,7 +9,6 @@ share values it runs the stack model (:mod:`.stack_model`) for the decode's cost
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from ...errors import CheckpointFormatError, UnsafeCheckpointError
@@ -102,16 +101,37 @@ for _name in ("GLOBAL", "STACK_GLOBAL", "EMPTY_TUPLE", "BINPERSID", "PERSID"):
 del _code, _name, _after
 
 
-@dataclass
 class ScanResult:
-    """What the walk found: globals in order, the end of the pickle, the opcodes it used."""
+    """What the walk found: globals in order, the end of the pickle, the opcodes it used.
 
-    globals: list[str]
-    end: int  # just past STOP
-    protocol: int | None = None  # the last PROTO's argument
-    outside_torch: set[str] = field(default_factory=set)  # opcodes outside TORCH_OPCODES
-    estimate: int = 0  # bytes the decode allocates at most, before any copies (see COST)
-    hashed: int = 0  # items the decode's hashing visits at most (see StackModel)
+    A plain class, not a dataclass: every metadata read makes one, and the dataclass machinery
+    (``inspect``, generated code) costs the diff path milliseconds.
+    """
+
+    __slots__ = ("globals", "end", "protocol", "outside_torch", "estimate", "hashed")
+
+    def __init__(
+        self,
+        globals: list[str],
+        end: int,  # just past STOP
+        protocol: int | None = None,  # the last PROTO's argument
+        outside_torch: set[str] | None = None,  # opcodes outside TORCH_OPCODES
+        estimate: int = 0,  # bytes the decode allocates at most, before any copies (see COST)
+        hashed: int = 0,  # items the decode's hashing visits at most (see StackModel)
+    ) -> None:
+        self.globals = globals
+        self.end = end
+        self.protocol = protocol
+        self.outside_torch = set() if outside_torch is None else outside_torch
+        self.estimate = estimate
+        self.hashed = hashed
+
+    def __repr__(self) -> str:
+        return (
+            f"ScanResult(globals={self.globals!r}, end={self.end}, protocol={self.protocol}, "
+            f"outside_torch={self.outside_torch!r}, estimate={self.estimate}, "
+            f"hashed={self.hashed})"
+        )
 
 
 class PickleWalk:
