@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +29,7 @@ from .guards import GuardedCall
 from .metadata import read_torch_metadata
 from .read_errors import reading
 from .storages import STORAGE_DTYPES, StorageRef
+from .zip_directory import ZIP_STORED
 
 _V2 = "torch._utils._rebuild_tensor_v2"
 _PARAMETER = "torch._utils._rebuild_parameter"
@@ -129,7 +129,7 @@ def _storage_offsets(f: Any, decoded: ZipDecoded) -> dict[str, int] | None:
     for info in decoded.infos:
         if not info.filename.startswith(data):
             continue
-        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
+        if info.compress_type != ZIP_STORED or info.flag_bits & 1:
             return None
         offset = local_data_offset(f, info)
         if offset is None:
@@ -140,7 +140,7 @@ def _storage_offsets(f: Any, decoded: ZipDecoded) -> dict[str, int] | None:
 
 def _read_record(f: Any, decoded: ZipDecoded, name: str) -> bytes | None:
     for info in decoded.infos:
-        if info.filename == decoded.prefix + name and info.compress_type == zipfile.ZIP_STORED:
+        if info.filename == decoded.prefix + name and info.compress_type == ZIP_STORED:
             offset = local_data_offset(f, info)
             if offset is None:
                 return None
