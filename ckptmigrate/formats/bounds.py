@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import os
-import threading
+from _thread import allocate_lock
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -54,7 +54,7 @@ _STACK_PER_LEVEL = 128
 _STACK_BASE = 16 << 20
 MAX_DECODE_STACK = 1 << 30
 
-_stack_lock = threading.Lock()
+_stack_lock = allocate_lock()  # threading.Lock itself: threading is imported where used
 
 #: A decode may take at most this many times the pickle's bytes, plus DECODE_ALLOWANCE
 #: (measured: a torch.save state_dict of 100k tensors peaks at 7-12 times its data.pkl, and the walk estimates 40-50).
@@ -175,6 +175,8 @@ def _decode(load: Callable[[], T], bound: int, path: object) -> T:
 
 
 def _on_thread(load: Callable[[], T], stack: int, path: object) -> T:
+    import threading  # only a pickle whose tuples could nest deep runs on a thread of its own
+
     outcome: dict[str, Any] = {}
 
     def run() -> None:

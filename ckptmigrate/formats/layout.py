@@ -9,7 +9,7 @@ apart into a :class:`Checkpoint`; ``assemble`` puts one back together in the sam
 from __future__ import annotations
 
 import contextlib
-import threading
+from _thread import allocate_lock
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -85,7 +85,7 @@ LAYOUTS: dict[str, Layout] = {
 _DECLARED: dict[str, Layout] = {}
 #: what declares more layouts when a file matches none (the CLI: import the migrations)
 _SOURCES: list[Callable[[], object]] = []
-_SOURCES_LOCK = threading.Lock()
+_SOURCES_LOCK = allocate_lock()  # threading.Lock itself, without importing threading
 
 
 def declare_layout(layout: Layout) -> Layout:
