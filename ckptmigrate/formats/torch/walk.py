@@ -53,10 +53,8 @@ _ALWAYS = (
     | _FORBIDDEN
     | (frozenset(range(256)) - TORCH_OPCODES)
 )
-_SPECIAL_TRACKED = bytes(
-    1 if code in _ALWAYS | _STRINGS | _PUTS | _GETS | _NO_PUSH | {_STACK_GLOBAL, _MEMOIZE} else 0
-    for code in range(256)
-)
+_TRACKED = _ALWAYS | _STRINGS | _PUTS | _GETS | _NO_PUSH | {_STACK_GLOBAL, _MEMOIZE}
+_SPECIAL_TRACKED = bytes(1 if code in _TRACKED else 0 for code in range(256))
 
 
 _LONG1 = OP["LONG1"]
