@@ -27,7 +27,6 @@ from .opcodes import (
     UNPACK,
     ScanCorrupt,
 )
-from .stack_model import StackModel
 
 # A hand-written walk over a pickle's bytes, checked against pickletools in the tests. It only
 # parses each opcode's argument length (the C unpickler checks the contents), names globals,
@@ -199,9 +198,13 @@ class PickleWalk:
             self.shares = self.shares or self.track or self.long_ints > _LONG_INTS
         except ScanCorrupt as exc:
             if self.allowed is not None:  # the opcodes before the bad one still run
+                from .stack_model import StackModel
+
                 exc.effects = StackModel(self, exc.pos).run()
             raise
         if self.allowed is not None and self.shares:
+            from .stack_model import StackModel  # only a pickle that shares objects needs it
+
             effects = StackModel(self, result.end).run()
             result.estimate, result.hashed = effects.estimate, effects.hashed
         return result
