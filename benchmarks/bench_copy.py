@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench_scale import ran_child, timed_run  # noqa: E402
 
-DATA = ROOT / "data" / "copy"  # gitignored (benchmarks/data/)
+# gitignored (benchmarks/data/), or under $CKPTMIGRATE_BENCH_DATA (run_all.py --data)
+DATA = Path(os.environ.get("CKPTMIGRATE_BENCH_DATA") or ROOT / "data") / "copy"
 RESULTS = ROOT / "RESULTS.md"
 LAYERS = 24
 PARTS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.gate", "mlp.down")

@@ -180,17 +180,24 @@ def ops_rows(base: Path, src: Path, runs: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/ckptmigrate-dcp-bench"))
+    data = os.environ.get("CKPTMIGRATE_BENCH_DATA")  # run_all.py --data
+    default = Path(data) / "dcp" if data else Path("/tmp/ckptmigrate-dcp-bench")
+    parser.add_argument("--dir", type=Path, default=default)
     parser.add_argument("--part", choices=("rename", "ops"), default="rename")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--gb", type=float, default=4.0, help="GiB of the generated checkpoint")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "DST"))
     args = parser.parse_args()
     if args.child:
         child(args.child[0], Path(args.child[1]), Path(args.child[2]))
         return
+    global ROWS, TENSOR_BYTES, LARGEST_TOUCHED
+    ROWS = max(1, round(args.gb * 2**30 / (TENSORS * COLS * 4)))
+    TENSOR_BYTES = ROWS * COLS * 4
+    LARGEST_TOUCHED = 2 * TENSOR_BYTES
     base = args.dir
     base.mkdir(parents=True, exist_ok=True)
-    src = base / "step-100"
+    src = base / ("step-100" if ROWS == 8192 else f"step-100-{ROWS}-rows")
     start = time.perf_counter()
     made = generate(src)
     generated = f"generated in {time.perf_counter() - start:.0f} s" if made else "generated before"

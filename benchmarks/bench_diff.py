@@ -22,7 +22,8 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE / "data"
+#: Generated files: ``$CKPTMIGRATE_BENCH_DATA`` (set by run_all.py --data), else data/ here.
+DATA = Path(os.environ.get("CKPTMIGRATE_BENCH_DATA") or HERE / "data")
 RESULTS = HERE / "RESULTS.md"
 PYTHON = sys.executable
 RUNS = 3

@@ -4,6 +4,7 @@ Run from the repository root (generated data goes to benchmarks/data/scale/, rem
 
     .venv/bin/python benchmarks/bench_scale.py            # everything, ~10 minutes
     .venv/bin/python benchmarks/bench_scale.py --keep     # keep benchmarks/data/scale/ afterwards
+    .venv/bin/python benchmarks/bench_scale.py --quick    # small sizes (run_all.py --quick)
 
 Whole-process figures are the median of 3 runs under ``/usr/bin/time -v`` (wall time and peak
 RSS, mapped file pages included); in-process figures the median of 5. The page cache is warm
@@ -27,9 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-DATA = ROOT / "data" / "scale"  # ours only: other benchmarks keep their data beside it
+# ours only: other benchmarks keep their data beside it (under $CKPTMIGRATE_BENCH_DATA if set)
+DATA = Path(os.environ.get("CKPTMIGRATE_BENCH_DATA") or ROOT / "data") / "scale"
 RESULTS = ROOT / "RESULTS.md"
 BIG_TENSORS = 300  # x 1M fp32 = 1.2 GB
+#: ``--quick``: the big file, each shard, the small-file tree and the key chain this small
+QUICK = {"big_tensors": 25, "per_shard": 8, "small_files": 100, "chain_keys": 10_000}
 
 
 def bench_schema():  # the schema every run uses: 1.0.0 -> 2.0.0 renames blocks. -> layers.
@@ -452,9 +456,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "SRC", "DST"))
     parser.add_argument("--keep", action="store_true", help="keep benchmarks/data/scale/")
+    parser.add_argument("--quick", action="store_true", help="small sizes: " + str(QUICK))
     args = parser.parse_args()
     if ran_child(args.one, run_one, DATA):
         return
+    global BIG_TENSORS
+    sizes = {"per_shard": 128, "small_files": 1000, "chain_keys": 100_000}
+    if args.quick:
+        BIG_TENSORS = QUICK["big_tensors"]
+        sizes = QUICK
     results: dict = {}
     try:
         big = DATA / "big.pth"
@@ -465,16 +475,18 @@ def main() -> None:
         results["sharded"] = []
         for kind in ("safetensors", "bin"):
             folder = DATA / f"sharded-{kind}"
-            make_sharded(folder, kind)
+            make_sharded(folder, kind, per_shard=sizes["per_shard"])
             results["sharded"].append(bench_sharded(folder, kind))
             shutil.rmtree(folder)
-        make_small_files(DATA / "small")
+        make_small_files(DATA / "small", n=sizes["small_files"])
         results["scan"] = bench_scan(DATA / "small")
-        results["chain"] = bench_chain()
+        results["chain"] = bench_chain(n_keys=sizes["chain_keys"])
     finally:
         if not args.keep:
             shutil.rmtree(DATA, ignore_errors=True)
     text = report(results)
+    if args.quick:
+        text = text.replace("\n", f"\n\n_--quick: small sizes {QUICK}_\n", 1)
     print(text)
     print(json.dumps(results, indent=2))
     with RESULTS.open("a") as f:

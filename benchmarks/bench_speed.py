@@ -5,7 +5,7 @@ Measured side by side, contenders interleaved, medians of ``--runs`` (default 5)
 - whole processes: bare ``python -c pass``, ``ckptmigrate diff A B`` (metadata only) and
   ``torch.load`` of both files (the comparison a user would write, ``bench_diff.TORCH_SCRIPT``);
 - the imports on the diff path: ``-X importtime`` of the real ``ckptmigrate diff`` command,
-  the top-level imports that a bare interpreter does not make, summed;
+  the top-level imports that a bare interpreter does not make, summed (median of the runs);
 - decoding one file's ``data.pkl`` (``read_torch_metadata``, in process);
 - ``cm.load(mmap=False)`` against ``torch.load(weights_only=True)`` on the same file, in process.
 
@@ -58,13 +58,18 @@ def top_level_imports(cmd: list[str]) -> dict[str, int]:
     return out
 
 
-def diff_path_imports(a: Path, b: Path) -> tuple[float, list[tuple[str, float]]]:
+def diff_path_imports(a: Path, b: Path, runs: int) -> tuple[float, list[tuple[str, float]]]:
+    """The median over ``runs`` of the summed imports (ms), and the heaviest of the median run."""
     bare = set(top_level_imports(["-c", "pass"]))
-    found = top_level_imports(["-m", "ckptmigrate", "diff", str(a), str(b)])
-    ours = {m: us for m, us in found.items() if m not in bare}
-    ours.pop("ckptmigrate.__main__", None)  # runs the command: not an import
+    sums = []
+    for _ in range(runs):
+        found = top_level_imports(["-m", "ckptmigrate", "diff", str(a), str(b)])
+        ours = {m: us for m, us in found.items() if m not in bare}
+        ours.pop("ckptmigrate.__main__", None)  # runs the command: not an import
+        sums.append((sum(ours.values()) / 1e3, ours))
+    total, ours = sorted(sums, key=lambda s: s[0])[len(sums) // 2]
     heaviest = sorted(ours.items(), key=lambda item: -item[1])[:6]
-    return sum(ours.values()) / 1e3, [(m, us / 1e3) for m, us in heaviest]
+    return total, [(m, us / 1e3) for m, us in heaviest]
 
 
 def in_process(a: Path, runs: int) -> dict[str, float]:
@@ -105,7 +110,7 @@ def main() -> None:
         for name, cmd in contenders.items():
             times[name].append(wall(cmd))
     med = {name: statistics.median(v) for name, v in times.items()}
-    imports_ms, heaviest = diff_path_imports(big_a, big_b)
+    imports_ms, heaviest = diff_path_imports(big_a, big_b, args.runs)
     inproc = in_process(big_a, args.runs)
     load1, load5 = os.getloadavg()[:2]
     diff_s, torch_s = med["`ckptmigrate diff` A B"], med["torch.load both + compare"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import warnings
@@ -53,6 +52,12 @@ if TYPE_CHECKING:
 
 PROG = "ckptmigrate"
 EXIT_OK, EXIT_DRIFT, EXIT_TROUBLE = 0, 1, 2
+
+
+def _print_json(value: Any, **options: Any) -> None:
+    import json  # only --json pays for it
+
+    print(json.dumps(value, **options))
 
 
 # -- diff --------------------------------------------------------------------------------------
@@ -132,7 +137,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     for warning in edited_history(info):
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     if args.json:
-        print(json.dumps(info, indent=2, allow_nan=False))
+        _print_json(info, indent=2, allow_nan=False)
     elif _is_terminal(sys.stdout):
         render_info_rich(info, _console())
     else:
@@ -291,7 +296,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         )
     behind = any(r.behind for r in rows)
     if args.json:
-        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        _print_json([r.to_dict() for r in rows], indent=2)
     else:
         render_scan(rows, Output())
     return EXIT_DRIFT if args.fail_behind and behind else EXIT_OK
@@ -327,7 +332,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
             maximize=args.max,
         )
     if args.json:
-        print(json.dumps([r.to_dict() for r in rows], indent=2, allow_nan=False))
+        _print_json([r.to_dict() for r in rows], indent=2, allow_nan=False)
     else:
         render_scan(rows, Output())
     return EXIT_OK
@@ -345,7 +350,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         return _list_schemas(schemas, args)
     record = history_record(get_schema(args.schema, schemas))
     if args.json:
-        print(json.dumps(record, indent=2))
+        _print_json(record, indent=2)
     else:
         render_history(record, Output())
     return EXIT_OK
@@ -356,7 +361,7 @@ def _list_schemas(schemas: dict[str, Schema], args: argparse.Namespace) -> int:
 
     record = schema_list_record(schemas)
     if args.json:
-        print(json.dumps(record, indent=2))
+        _print_json(record, indent=2)
         return EXIT_OK
     if not record:
         print(
@@ -391,7 +396,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     rows = [r.to_dict() for r in results]
     failed = sum(1 for r in results if not r.ok)
     if args.json:
-        print(json.dumps({"root": path_text(root), "fixtures": rows, "failed": failed}, indent=2))
+        _print_json({"root": path_text(root), "fixtures": rows, "failed": failed}, indent=2)
         return EXIT_DRIFT if failed else EXIT_OK
     if not rows:
         where = (
@@ -416,7 +421,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
     record = weights_record(_schemas(args), args.which)
     if args.json:
-        print(json.dumps(record, indent=2, allow_nan=False))
+        _print_json(record, indent=2, allow_nan=False)
         return EXIT_OK
     if not record:
         print(f"{PROG}: warning: no named weights listed", file=sys.stderr)

@@ -181,6 +181,38 @@ def test_info_and_help_of_a_file_needing_no_migrations_never_import_torch(files:
     assert "unstamped" in run(files, "info", "raw.pth").stdout
 
 
+#: What a metadata diff of two torch files must not import: torch, the writers and loaders,
+#: the engine, and the standard modules only other paths need (each costs the start time).
+NOT_ON_THE_DIFF_PATH = {
+    "torch",
+    "ckptmigrate.engine",
+    "ckptmigrate.formats.atomic",
+    "ckptmigrate.formats.torch.load",
+    "ckptmigrate.formats.torch.mapped",
+    "ckptmigrate.io.report",
+    "datetime",
+    "fnmatch",
+    "json",
+    "pickletools",
+    "tempfile",
+}
+
+
+def _imports(args: list[str], cwd: Path) -> tuple[int, set[str]]:
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", *args], capture_output=True, text=True, cwd=cwd
+    )
+    return proc.returncode, {line.split("|")[-1].strip() for line in proc.stderr.splitlines()}
+
+
+def test_a_metadata_diff_imports_only_what_it_reads_with(files: Path) -> None:
+    code, found = _imports(["-m", "ckptmigrate", "diff", "a.pth", "b.pth"], files)
+    assert code == 1, found  # drift: the command ran to its end
+    imported = found - _imports(["-c", "pass"], files)[1]  # what the interpreter's start makes
+    assert "ckptmigrate.formats.torch.archive" in imported  # the reader ran
+    assert not imported & NOT_ON_THE_DIFF_PATH, sorted(imported & NOT_ON_THE_DIFF_PATH)
+
+
 # -- upgrade -------------------------------------------------------------------------------------
 
 

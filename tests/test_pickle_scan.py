@@ -2,8 +2,9 @@
 
 The walk is checked against a reference walk over ``pickletools.genops`` on many real pickles
 (torch.save output and plain pickles of every protocol), then on hostile and broken ones. The
-mapped load (``cm.load(..., mmap=True)`` without torch's unpickler) must return what
-``torch.load(mmap=True, weights_only=True)`` returns, and hand anything unusual to torch.load.
+mapped load (``cm.load(..., mmap=True)`` without torch's unpickler), and the plain load built
+the same way (``mmap=False``), must return what ``torch.load(mmap=..., weights_only=True)``
+returns, and hand anything unusual to torch.load.
 """
 
 from __future__ import annotations
@@ -95,6 +96,23 @@ def sample_objects() -> list[object]:
 
 
 # ----------------------------------------------------------------------------- agreement
+
+
+def test_the_opcode_table_is_the_one_pickletools_documents() -> None:
+    """The walk's table is written out (reading a file must not import pickletools): it is
+    pickletools' own, opcode for opcode, argument kind and stack effect alike."""
+    from ckptmigrate.formats.torch.opcodes import PICKLE_OPCODES
+
+    documented = tuple(
+        (
+            op.name,
+            ord(op.code),
+            op.arg.name if op.arg is not None else None,
+            " ".join(t.name for t in op.stack_after),
+        )
+        for op in pickletools.opcodes
+    )
+    assert PICKLE_OPCODES == documented
 
 
 @pytest.mark.parametrize("index", range(6))
@@ -262,6 +280,7 @@ def assert_same(a: Any, b: Any, pairs: dict[int, int]) -> None:
         pa, pb = a.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()
         assert pairs.setdefault(pa, pb) == pb
         assert a.untyped_storage().nbytes() == b.untyped_storage().nbytes()
+        assert a.untyped_storage().resizable() == b.untyped_storage().resizable()
     elif isinstance(a, dict):
         assert list(a) == list(b)
         for key in a:
@@ -276,9 +295,10 @@ def assert_same(a: Any, b: Any, pairs: dict[int, int]) -> None:
         assert a == b
 
 
+@pytest.mark.parametrize("mmap", [True, False])
 @pytest.mark.parametrize("index", range(6))
 def test_a_mapped_load_returns_what_torch_load_returns(
-    index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    index: int, mmap: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     obj = sample_objects()[index]
     shared = torch.arange(12.0)
@@ -286,11 +306,11 @@ def test_a_mapped_load_returns_what_torch_load_returns(
         obj = {**obj, "tied_a": shared[:6], "tied_b": shared.view(3, 4)[1:]}
     path = tmp_path / "m.pth"
     torch.save(obj, path)
-    expected = torch.load(path, mmap=True, weights_only=True)
+    expected = torch.load(path, mmap=mmap, weights_only=True)
     calls: list[Any] = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a) or real_load(*a, **k))
-    got = read_torch(path, mmap=True)
+    got = read_torch(path, mmap=mmap)
     assert_same(expected, got, {})
     if index != 4:  # sample 4 holds a set and bytes (builtins.set, _codecs.encode): torch's
         assert not calls
@@ -316,13 +336,25 @@ def test_a_mapped_load_hands_unusual_files_to_torch_load(
         assert_same(torch.load(path, mmap=True, weights_only=True), got, {})
     path = tmp_path / "plain.pth"
     torch.save({"w": torch.ones(3)}, path)
-    for kwargs in ({"map_location": "meta"}, {"mmap": False}):
+    for mmap in (True, False):
         calls.clear()
-        read_torch(path, **{"mmap": True, **kwargs})
-        assert calls, kwargs
-    calls.clear()
-    read_torch(path, mmap=True, map_location=torch.device("cpu"))
-    assert not calls
+        read_torch(path, mmap=mmap, map_location="meta")
+        assert calls, mmap
+        calls.clear()
+        read_torch(path, mmap=mmap, map_location=torch.device("cpu"))
+        assert not calls, mmap
+
+
+def test_a_plain_load_built_from_the_graph_holds_its_data_in_memory(tmp_path: Path) -> None:
+    """``mmap=False`` without torch's unpickler still reads every byte: the tensors keep their
+    values when the file is overwritten in place afterwards (a mapping would show the change)."""
+    path = tmp_path / "m.pth"
+    weights = {"w": torch.arange(4096.0), "b": torch.ones(3, dtype=torch.float64)}
+    torch.save(weights, path)
+    got = read_torch(path, mmap=False)
+    with open(path, "r+b") as f:  # the same size, every byte changed
+        f.write(bytes(b ^ 0xFF for b in f.read()))
+    assert torch.equal(got["w"], weights["w"]) and torch.equal(got["b"], weights["b"])
 
 
 def test_a_mapped_load_refuses_what_the_reader_refuses(tmp_path: Path) -> None:

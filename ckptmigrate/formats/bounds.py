@@ -19,10 +19,9 @@ Two ways a small pickle kills or stalls its reader without running any code:
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import itertools
 import os
-import threading
+from _thread import allocate_lock
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -55,7 +54,7 @@ _STACK_PER_LEVEL = 128
 _STACK_BASE = 16 << 20
 MAX_DECODE_STACK = 1 << 30
 
-_stack_lock = threading.Lock()
+_stack_lock = allocate_lock()  # threading.Lock itself: threading is imported where used
 
 #: A decode may take at most this many times the pickle's bytes, plus DECODE_ALLOWANCE
 #: (measured: a torch.save state_dict of 100k tensors peaks at 7-12 times its data.pkl, and the walk estimates 40-50).
@@ -67,16 +66,31 @@ HASH_FACTOR = 8
 HASH_ALLOWANCE = 1_000_000
 
 
-@dataclasses.dataclass
 class DecodeBudget:
     """What one decode may allocate: ``used`` starts at the opcode walk's estimate; the
     decoder's stand-ins that copy their arguments charge the copy before making it."""
 
-    stored: int  # the pickle's bytes
-    used: int = 0
-    what: str = "the pickle"
-    path: object = None
-    hashed: int = 0  # items the decode's hashing visits (the opcode walk's count)
+    __slots__ = ("stored", "used", "what", "path", "hashed")
+
+    def __init__(
+        self,
+        stored: int,  # the pickle's bytes
+        used: int = 0,
+        what: str = "the pickle",
+        path: object = None,
+        hashed: int = 0,  # items the decode's hashing visits (the opcode walk's count)
+    ) -> None:
+        self.stored = stored
+        self.used = used
+        self.what = what
+        self.path = path
+        self.hashed = hashed
+
+    def __repr__(self) -> str:
+        return (
+            f"DecodeBudget(stored={self.stored}, used={self.used}, what={self.what!r}, "
+            f"path={self.path!r}, hashed={self.hashed})"
+        )
 
     @property
     def limit(self) -> int:
@@ -161,6 +175,8 @@ def _decode(load: Callable[[], T], bound: int, path: object) -> T:
 
 
 def _on_thread(load: Callable[[], T], stack: int, path: object) -> T:
+    import threading  # only a pickle whose tuples could nest deep runs on a thread of its own
+
     outcome: dict[str, Any] = {}
 
     def run() -> None:
@@ -200,7 +216,8 @@ def _holds_objects(kind: type) -> bool:
         known = (
             issubclass(kind, _BUILTIN_CONTAINERS)
             or hasattr(kind, "graph_children")  # a decoded placeholder: its args and state
-            or (dataclasses.is_dataclass(kind) and not issubclass(kind, TensorStub))
+            # a dataclass (DCP's records), as dataclasses.is_dataclass tells one
+            or (hasattr(kind, "__dataclass_fields__") and not issubclass(kind, TensorStub))
         )
         if len(_container_types) > 4096:  # placeholder classes are made per global name
             _container_types.clear()
@@ -215,6 +232,8 @@ def _children(node: Any) -> Any:
         return node
     if hasattr(node, "graph_children"):
         return node.graph_children()
+    import dataclasses  # a dataclass instance is here: its module is imported already
+
     return [getattr(node, f.name, None) for f in dataclasses.fields(node)]  # DCP's records
 
 

@@ -9,8 +9,7 @@ apart into a :class:`Checkpoint`; ``assemble`` puts one back together in the sam
 from __future__ import annotations
 
 import contextlib
-import copy
-import threading
+from _thread import allocate_lock
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -86,7 +85,7 @@ LAYOUTS: dict[str, Layout] = {
 _DECLARED: dict[str, Layout] = {}
 #: what declares more layouts when a file matches none (the CLI: import the migrations)
 _SOURCES: list[Callable[[], object]] = []
-_SOURCES_LOCK = threading.Lock()
+_SOURCES_LOCK = allocate_lock()  # threading.Lock itself, without importing threading
 
 
 def declare_layout(layout: Layout) -> Layout:
@@ -230,6 +229,8 @@ def split(obj: Any, *, path: object = None) -> Checkpoint:
 
 def assemble(ckpt: Checkpoint, stamp: dict[str, Any] | None) -> Any:
     """The object to write for ``ckpt`` in its layout, carrying ``stamp`` when given."""
+    import copy  # only writing a file back needs it
+
     layout = layout_named(ckpt.layout) or LAYOUTS["ckptmigrate"]
     sd: OrderedDict[str, Any] = OrderedDict(ckpt.state_dict)
     metadata = copy.deepcopy(ckpt.module_metadata) if ckpt.module_metadata is not None else None

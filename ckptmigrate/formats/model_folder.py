@@ -14,15 +14,15 @@ PosixPath('tiny-gpt2/model.safetensors')
 from __future__ import annotations
 
 import contextlib
-import filecmp
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
 from ..errors import CheckpointFormatError, OutputOccupiedError
-from .atomic import TEMP_MARKER, atomic_path
 from .remote import location
+
+# the writer's modules (atomic, filecmp) are imported where a folder is copied, not read
 
 __all__ = [
     "WEIGHTS_NAMES",
@@ -85,6 +85,7 @@ def side_files(folder: Path, own: Iterable[str]) -> list[Path]:
     their in-place backups (``model.safetensors.1.0.0.bak``), nor ckptmigrate's lock, journal
     and temporary files: what makes the folder loadable by ``from_pretrained`` beside the
     weights."""
+    from .atomic import TEMP_MARKER
     from .lock import LOCK_SUFFIX
     from .sharded import PENDING_SUFFIX
 
@@ -105,6 +106,8 @@ def side_files(folder: Path, own: Iterable[str]) -> list[Path]:
 
 
 def _copy_of(path: Path, source: Path) -> bool:
+    import filecmp
+
     return path.is_file() and not path.is_symlink() and filecmp.cmp(path, source, shallow=False)
 
 
@@ -127,6 +130,8 @@ def copy_side_files(folder: Path, own: Iterable[str], dst: Path) -> list[Path]:
     """Copy :func:`side_files` into ``dst`` (atomically each), unless it is ``folder``; one
     already there as a copy is left as it is."""
     import shutil
+
+    from .atomic import atomic_path
 
     if dst.resolve() == folder.resolve():
         return []

@@ -17,10 +17,11 @@ import os
 import stat
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..base.frozen import FrozenRecord, set_fields
 from ..errors import (
     CheckpointFormatError,
     CheckpointWriteError,
@@ -54,14 +55,19 @@ _LONG1 = 0x8A
 _FRAME = 0x95
 
 
-@dataclass(frozen=True)
-class ReadOptions:
+class ReadOptions(FrozenRecord):
     """How a read loads tensors: onto which device, memory-mapped or not, and the globals a
     pickle may name beyond torch's weights-only set (formats without pickles ignore them)."""
 
-    map_location: Any = "cpu"
-    mmap: bool = False
-    safe_globals: tuple[Any, ...] = ()
+    __slots__ = ("map_location", "mmap", "safe_globals")
+    map_location: Any
+    mmap: bool
+    safe_globals: tuple[Any, ...]
+
+    def __init__(
+        self, map_location: Any = "cpu", mmap: bool = False, safe_globals: tuple[Any, ...] = ()
+    ) -> None:
+        set_fields(self, map_location=map_location, mmap=mmap, safe_globals=safe_globals)
 
 
 DEFAULT_READ = ReadOptions()

@@ -22,20 +22,16 @@ config files); a URL is printed without its user info or query string.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import io
 import os
 import re
-import shutil
 import stat
-import tempfile
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from ..base.frozen import FrozenRecord, set_fields
 from ..base.readable import path_text
 from ..errors import CheckpointFormatError, RemoteStorageError
 
@@ -95,17 +91,36 @@ def _is_file_url(url: str) -> bool:
     return url.lower().startswith(("file://", "local://"))
 
 
-@dataclass(frozen=True)
-class _Stat:
+class _Stat(FrozenRecord):
     """What ``os.stat`` tells of a local file, for an object: its size and kind (and, for
     a file's identity, its modification time; device and inode are 0)."""
 
+    __slots__ = ("st_size", "st_mode", "st_mtime_ns", "st_dev", "st_ino", "etag")
     st_size: int
     st_mode: int
-    st_mtime_ns: int = 0
-    st_dev: int = 0
-    st_ino: int = 0
-    etag: str | None = None
+    st_mtime_ns: int
+    st_dev: int
+    st_ino: int
+    etag: str | None
+
+    def __init__(
+        self,
+        st_size: int,
+        st_mode: int,
+        st_mtime_ns: int = 0,
+        st_dev: int = 0,
+        st_ino: int = 0,
+        etag: str | None = None,
+    ) -> None:
+        set_fields(
+            self,
+            st_size=st_size,
+            st_mode=st_mode,
+            st_mtime_ns=st_mtime_ns,
+            st_dev=st_dev,
+            st_ino=st_ino,
+            etag=etag,
+        )
 
 
 class RemoteStore:
@@ -125,6 +140,8 @@ class RemoteStore:
         self._infos: dict[str, dict[str, Any] | None] = {}
         self._listed: dict[str, list[dict[str, Any]]] = {}
         self._blocks: list[tuple[str, int, bytes]] = []
+        import threading  # only a remote read makes a store: a local one never imports it
+
         self._lock = threading.Lock()
 
     def url(self, key: str) -> str:
@@ -348,14 +365,24 @@ class RemoteFile(io.RawIOBase):
         return self.read(-1)
 
 
-@dataclass(frozen=True, eq=False)
 class RemotePath:
     """An object or folder behind a URL, with the few :class:`~pathlib.Path` methods the
     readers use (``/``, ``name``, ``suffix``, ``parent``, ``stat``, ``is_file``, ``is_dir``,
-    ``glob``, ``rglob``, ``open``). ``str()`` is the URL as it may be printed."""
+    ``glob``, ``rglob``, ``open``). ``str()`` is the URL as it may be printed. Immutable."""
 
+    __slots__ = ("store", "key")
     store: RemoteStore
     key: str
+
+    def __init__(self, store: RemoteStore, key: str) -> None:
+        object.__setattr__(self, "store", store)
+        object.__setattr__(self, "key", key)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"cannot assign to field {name!r} of a RemotePath")
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (RemotePath, (self.store, self.key))
 
     def __str__(self) -> str:
         return path_text(self.store.url(self.key))
@@ -434,10 +461,14 @@ class RemotePath:
 
     def glob(self, pattern: str) -> Iterator[RemotePath]:
         """The entries of this folder whose names match ``pattern`` (one level)."""
+        import fnmatch
+
         return (p for p in self.iterdir() if fnmatch.fnmatchcase(p.name, pattern))
 
     def rglob(self, pattern: str) -> Iterator[RemotePath]:
         """Every object under this folder whose name matches ``pattern``."""
+        import fnmatch
+
         try:
             found = self.store.remember(
                 self.store.call(self.key, self.store.fs.find, self.key, detail=True)
@@ -564,6 +595,9 @@ def downloaded(target: RemotePath, files: list[Any]) -> Iterator[Path]:
     safetensors read that copy. An object whose key would land outside the copy (a ``..``
     part, an empty part) is refused before anything is fetched.
     """
+    import shutil
+    import tempfile
+
     folder = target.is_dir()
     root = target.key if folder else target.parent.key
     tmp = Path(tempfile.mkdtemp(prefix="ckptmigrate-remote-"))

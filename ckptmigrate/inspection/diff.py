@@ -9,8 +9,6 @@ no torch import), so diffing two multi-gigabyte files takes as long as reading t
 
 from __future__ import annotations
 
-import difflib
-import json
 import math
 import os
 import re
@@ -28,9 +26,8 @@ from ..errors import (
     UsageError,
 )
 from ..formats.layout import is_tensor_like, split
-from ..formats.torch import with_redirects
-from ..io.report import signature
 from ..values.checkpoint import Checkpoint
+from ..values.tensorinfo import signature
 
 if TYPE_CHECKING:
     from ..schema.schema import Schema
@@ -110,6 +107,8 @@ class Diff:
 
     def to_json(self, indent: int | None = 2) -> str:
         """``to_dict()`` as JSON text (non-finite floats written as strings, so it is valid)."""
+        import json
+
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
 
@@ -143,6 +142,7 @@ def diff(
     """
     allowed = list(allowed_globals)
     if upgrade and schemas is not None:  # the schemas' redirects, refused before reading
+        from ..formats.torch import with_redirects
         from ..schema.schema import redirects_of
 
         allowed = with_redirects(allowed, redirects_of(schemas))
@@ -224,6 +224,8 @@ class ModelDiff:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
+        import json
+
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
 
@@ -244,6 +246,7 @@ def diff_model(
     >>> d.report.missing, d.report.unexpected, d.has_drift
     """
     from ..engine.mounts import model_view
+    from ..formats.torch import with_redirects
     from ..io.report import load_report
     from ..schema.registry import get_schema
 
@@ -424,6 +427,8 @@ def name_similarity(old: str, new: str) -> float:
     >>> name_similarity("blocks.0.attn.weight", "layers.0.attn.weight")
     0.775
     """
+    import difflib  # only a diff with keys on both sides to pair pays for it
+
     chars = difflib.SequenceMatcher(None, old, new, autojunk=False).ratio()
     tokens = difflib.SequenceMatcher(
         None, _TOKEN_SPLIT.split(old), _TOKEN_SPLIT.split(new), autojunk=False

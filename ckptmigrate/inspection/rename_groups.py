@@ -9,20 +9,37 @@ and new key share is folded to ``*`` up to the last integer component, which sta
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 #: a pattern covering at least this many renames prints as one line (smaller ones key by key)
 MIN_GROUP = 8
 
 
-@dataclass
 class RenameGroup:
     """Renames sharing one pattern; ``members`` are the diff's ``{from, to, ...}`` records."""
 
-    pattern_from: str
-    pattern_to: str
-    members: list[Mapping[str, Any]] = field(default_factory=list)
+    __slots__ = ("pattern_from", "pattern_to", "members")
+
+    def __init__(
+        self, pattern_from: str, pattern_to: str, members: list[Mapping[str, Any]] | None = None
+    ) -> None:
+        self.pattern_from = pattern_from
+        self.pattern_to = pattern_to
+        self.members = [] if members is None else members
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not RenameGroup:
+            return NotImplemented
+        mine = (self.pattern_from, self.pattern_to, self.members)
+        return mine == (other.pattern_from, other.pattern_to, other.members)  # type: ignore[attr-defined]
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"RenameGroup(pattern_from={self.pattern_from!r}, pattern_to={self.pattern_to!r}, "
+            f"members={self.members!r})"
+        )
 
     @property
     def summarised(self) -> bool:

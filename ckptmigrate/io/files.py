@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..formats.model_folder import resolve
 from ..formats.registry import Format, ReadOptions, output_format, reader_for
 from ..formats.remote import RemotePath, downloaded, location
 from ..values.checkpoint import Checkpoint
@@ -60,5 +59,7 @@ def checkpoint_bytes(path: str | os.PathLike[str], fmt: Format | None = None) ->
 def write_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
     """Write ``ckpt`` atomically: safetensors by suffix, else torch.save in its layout; to an
     existing model folder, over its weights file."""
+    from ..formats.model_folder import resolve  # a model folder is written through its file
+
     path = resolve(path) if Path(path).is_dir() else Path(path)
     output_format(path).write(path, ckpt)

@@ -8,11 +8,7 @@ from typing import Any
 
 from ..errors import LoadMismatchError
 from ..formats.layout import is_tensor_like
-
-
-def signature(value: Any) -> tuple[tuple[int, ...], str]:
-    """(shape, dtype name) of a tensor or a metadata stub."""
-    return tuple(int(d) for d in value.shape), str(value.dtype).removeprefix("torch.")
+from ..values.tensorinfo import signature as signature
 
 
 @dataclass

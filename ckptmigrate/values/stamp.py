@@ -15,7 +15,6 @@ the root fields for the whole file; without mounts it stays format 1, as before.
 
 from __future__ import annotations
 
-import datetime as _dt
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -41,6 +40,8 @@ def library_version() -> str:
 
 
 def utc_now() -> str:
+    import datetime as _dt  # only writing a stamp needs the time
+
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -72,16 +73,32 @@ class Mount:
         return out
 
 
-@dataclass
 class Stamp:
     """The parsed stamp of a checkpoint: the mount at ``""`` (maybe absent) and the others."""
 
-    schema: str | None
-    version: Version | None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    format: int = ROOT_ONLY_FORMAT
-    written_by: dict[str, str] = field(default_factory=dict)
-    mounts: list[Mount] = field(default_factory=list)
+    __slots__ = ("schema", "version", "history", "format", "written_by", "mounts")
+
+    def __init__(
+        self,
+        schema: str | None,
+        version: Version | None,
+        history: list[dict[str, Any]] | None = None,
+        format: int = ROOT_ONLY_FORMAT,
+        written_by: dict[str, str] | None = None,
+        mounts: list[Mount] | None = None,
+    ) -> None:
+        self.schema = schema
+        self.version = version
+        self.history = [] if history is None else history
+        self.format = format
+        self.written_by = {} if written_by is None else written_by
+        self.mounts = [] if mounts is None else mounts
+
+    def __repr__(self) -> str:
+        return (
+            f"Stamp(schema={self.schema!r}, version={self.version!r}, history={self.history!r}, "
+            f"format={self.format}, written_by={self.written_by!r}, mounts={self.mounts!r})"
+        )
 
 
 def history_entry(planned: Any) -> dict[str, Any]:

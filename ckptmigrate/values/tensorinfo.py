@@ -1,16 +1,25 @@
 """What a tensor is, without its data: shape, dtype, size and where its bytes live.
 
 Readers that list keys, shapes and dtypes (``ckptmigrate info``, ``diff``) build these records
-from a file's metadata alone, so this module imports nothing but the standard library.
+from a file's metadata alone, so this module imports nothing but the standard library (and
+the package's own record base).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from math import prod
 from typing import Any
 
-__all__ = ["DTYPE_SIZES", "MAX_DIM", "SAFETENSORS_DTYPES", "TensorInfo", "TensorStub"]
+from ..base.frozen import FrozenRecord, set_fields
+
+__all__ = [
+    "DTYPE_SIZES",
+    "MAX_DIM",
+    "SAFETENSORS_DTYPES",
+    "TensorInfo",
+    "TensorStub",
+    "signature",
+]
 
 #: torch keeps sizes, strides and offsets as int64: a dimension past this is no tensor torch
 #: wrote (and one of thousands of digits cannot even be printed)
@@ -54,6 +63,12 @@ DTYPE_SIZES: dict[str, int] = {
     **{f"uint{n}": 1 for n in range(1, 8)},
 }
 
+
+def signature(value: Any) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype name) of a tensor or a metadata stub."""
+    return tuple(int(d) for d in value.shape), str(value.dtype).removeprefix("torch.")
+
+
 #: safetensors dtype codes and the torch dtype each one stands for.
 SAFETENSORS_DTYPES: dict[str, str] = {
     "F64": "float64",
@@ -78,21 +93,50 @@ SAFETENSORS_DTYPES: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Shape, dtype and byte location of one stored tensor.
+class TensorInfo(FrozenRecord):
+    """Shape, dtype and byte location of one stored tensor (immutable, compared by fields).
 
     >>> TensorInfo(shape=(2, 3), dtype="float32", nbytes=24).numel
     6
     """
 
+    __slots__ = (
+        "shape",
+        "dtype",
+        "nbytes",
+        "storage_key",
+        "storage_offset",
+        "device",
+        "data_offsets",
+    )
     shape: tuple[int, ...]
     dtype: str
     nbytes: int
-    storage_key: str | None = None
-    storage_offset: int = 0
-    device: str = "cpu"
-    data_offsets: tuple[int, int] | None = None
+    storage_key: str | None
+    storage_offset: int
+    device: str
+    data_offsets: tuple[int, int] | None
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        dtype: str,
+        nbytes: int,
+        storage_key: str | None = None,
+        storage_offset: int = 0,
+        device: str = "cpu",
+        data_offsets: tuple[int, int] | None = None,
+    ) -> None:
+        set_fields(
+            self,
+            shape=shape,
+            dtype=dtype,
+            nbytes=nbytes,
+            storage_key=storage_key,
+            storage_offset=storage_offset,
+            device=device,
+            data_offsets=data_offsets,
+        )
 
     @property
     def numel(self) -> int:

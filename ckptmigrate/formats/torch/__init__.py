@@ -4,7 +4,8 @@ weights-only loader, their graph rewritten with the tensor data copied as stored
 One module per concept, each using the others' public names only:
 
 - :mod:`.metadata`: :func:`read_torch_metadata` (one sniff, then the zip or the legacy reader);
-- :mod:`.archive` (the zip container, torch >= 1.6) and :mod:`.legacy` (before 1.6);
+- :mod:`.archive` (the zip container, torch >= 1.6; its central directory read by
+  :mod:`.zip_directory`, without zipfile) and :mod:`.legacy` (before 1.6);
 - :mod:`.unpickler`: the restricted unpickler, and the one way a pickle is decoded;
 - :mod:`.walk`, :mod:`.opcodes`, :mod:`.stack_model`: the opcode walk run before any decode,
   the opcode tables it reads, and the model of the unpickler's stack for the decode budgets;

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import io
 import os
-import struct
-import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from ...base.frozen import FrozenRecord, set_fields
 from ...errors import CheckpointFormatError
 from ...values.tensorinfo import DTYPE_SIZES
 from ..bounds import DecodeBudget
@@ -29,12 +27,21 @@ from .read_errors import FORMAT_ERRORS, with_path
 from .storages import StorageRef, StorageTable
 from .unpickler import MAX_PICKLE_BYTES, load_pickle_scanned
 from .walk import ScanResult, scan_pickle
+from .zip_directory import ZIP_STORED, ZipMember, local_header_end, read_directory, read_stored
 
 
-@dataclass(frozen=True)
-class ZipRecordInfo:
+class ZipRecordInfo(FrozenRecord):
     """Where one member of a torch zip archive lies, so it can be copied byte for byte."""
 
+    __slots__ = (
+        "name",
+        "header_offset",
+        "data_offset",
+        "size",
+        "compressed_size",
+        "crc",
+        "compress_type",
+    )
     name: str
     header_offset: int  # of the local file header
     data_offset: int  # of the member's (possibly compressed) bytes
@@ -42,6 +49,27 @@ class ZipRecordInfo:
     compressed_size: int
     crc: int
     compress_type: int
+
+    def __init__(
+        self,
+        name: str,
+        header_offset: int,
+        data_offset: int,
+        size: int,
+        compressed_size: int,
+        crc: int,
+        compress_type: int,
+    ) -> None:
+        set_fields(
+            self,
+            name=name,
+            header_offset=header_offset,
+            data_offset=data_offset,
+            size=size,
+            compressed_size=compressed_size,
+            crc=crc,
+            compress_type=compress_type,
+        )
 
 
 def _check_member_name(name: str, path: object) -> None:
@@ -59,10 +87,10 @@ def _check_member_name(name: str, path: object) -> None:
 _ENCRYPTED_FLAGS = 0x0001 | 0x0040
 
 
-def zip_infos(zf: zipfile.ZipFile, path: object) -> list[zipfile.ZipInfo]:
-    """The members of ``zf``, refused when one is named outside the archive, is encrypted or
-    appears twice."""
-    infos = zf.infolist()
+def zip_infos(f: BinaryIO, path: object) -> list[ZipMember]:
+    """The members of the zip archive ``f``, refused when one is named outside the archive, is
+    encrypted or appears twice."""
+    infos = read_directory(f, path)
     names: set[str] = set()
     for info in infos:
         _check_member_name(info.filename, path)
@@ -78,15 +106,10 @@ def zip_infos(zf: zipfile.ZipFile, path: object) -> list[zipfile.ZipInfo]:
     return infos
 
 
-def local_data_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int | None:
+def local_data_offset(f: BinaryIO, info: ZipMember) -> int | None:
     """Where the bytes of the member ``info`` start in the archive ``f``, past its local
     header; None when no local header lies where the central directory says."""
-    f.seek(info.header_offset)
-    header = f.read(30)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        return None
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    return info.header_offset + 30 + name_len + extra_len
+    return local_header_end(f, info)
 
 
 def read_zip_records(path: str | os.PathLike[str]) -> dict[str, ZipRecordInfo]:
@@ -97,8 +120,7 @@ def read_zip_records(path: str | os.PathLike[str]) -> dict[str, ZipRecordInfo]:
     """
     try:
         with open_regular_file(path) as f:
-            with zipfile.ZipFile(f) as zf:
-                infos = zip_infos(zf, path)
+            infos = zip_infos(f, path)
             records: dict[str, ZipRecordInfo] = {}
             for info in infos:
                 data_offset = local_data_offset(f, info)
@@ -120,7 +142,7 @@ def read_zip_records(path: str | os.PathLike[str]) -> dict[str, ZipRecordInfo]:
         raise CheckpointFormatError(f"corrupt zip archive ({exc})", path=path) from exc
 
 
-def find_data_pkl(infos: list[zipfile.ZipInfo], path: object) -> zipfile.ZipInfo:
+def find_data_pkl(infos: list[ZipMember], path: object) -> ZipMember:
     """The one ``<name>/data.pkl`` member among ``infos``."""
     candidates = [
         i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1
@@ -135,7 +157,7 @@ def find_data_pkl(infos: list[zipfile.ZipInfo], path: object) -> zipfile.ZipInfo
     return candidates[0]
 
 
-def read_data_pkl(path: str | os.PathLike[str]) -> tuple[zipfile.ZipInfo, bytes]:
+def read_data_pkl(path: str | os.PathLike[str]) -> tuple[ZipMember, bytes]:
     """The ``data.pkl`` member of the torch zip at ``path`` and its bytes (at most
     :data:`~.unpickler.MAX_PICKLE_BYTES`)."""
     with open_regular_file(path) as f:
@@ -143,40 +165,44 @@ def read_data_pkl(path: str | os.PathLike[str]) -> tuple[zipfile.ZipInfo, bytes]
     return data_pkl, data
 
 
-@dataclass
 class ZipDecoded:
     """A torch zip checkpoint's decoded graph (stubs) with what was found on the way."""
 
-    obj: Any
-    infos: list[zipfile.ZipInfo]
-    prefix: str  # the archive folder with its slash, e.g. "archive/"
-    scan: ScanResult
+    __slots__ = ("obj", "infos", "prefix", "scan")
+
+    def __init__(
+        self,
+        obj: Any,
+        infos: list[ZipMember],
+        prefix: str,  # the archive folder with its slash, e.g. "archive/"
+        scan: ScanResult,
+    ) -> None:
+        self.obj = obj
+        self.infos = infos
+        self.prefix = prefix
+        self.scan = scan
 
 
-def _zip_pickle(
-    file: BinaryIO, path: object
-) -> tuple[list[zipfile.ZipInfo], zipfile.ZipInfo, bytes]:
+def _zip_pickle(file: BinaryIO, path: object) -> tuple[list[ZipMember], ZipMember, bytes]:
     """The members of the torch zip ``file``, its ``data.pkl`` member and that member's bytes."""
-    with zipfile.ZipFile(file) as zf:
-        infos = zip_infos(zf, path)
-        data_pkl = find_data_pkl(infos, path)
-        if data_pkl.compress_type != zipfile.ZIP_STORED or data_pkl.flag_bits & 1:
-            # torch.save stores every record; a compressed data.pkl only inflates (a 63 KB
-            # DEFLATE member unpacks to gigabytes before any size check could see it)
-            raise CheckpointFormatError(
-                f"{data_pkl.filename} is compressed or encrypted (zip method "
-                f"{data_pkl.compress_type}, flags {data_pkl.flag_bits:#x}); torch.save "
-                "stores it uncompressed, so this is not a file torch wrote",
-                path=path,
-            )
-        if data_pkl.file_size > MAX_PICKLE_BYTES:
-            raise CheckpointFormatError(
-                f"data.pkl is {data_pkl.file_size} bytes, over the {MAX_PICKLE_BYTES}-byte "
-                "limit for a checkpoint's object graph",
-                path=path,
-            )
-        with zf.open(data_pkl) as member:
-            return infos, data_pkl, member.read(MAX_PICKLE_BYTES + 1)
+    infos = zip_infos(file, path)
+    data_pkl = find_data_pkl(infos, path)
+    if data_pkl.compress_type != ZIP_STORED or data_pkl.flag_bits & 1:
+        # torch.save stores every record; a compressed data.pkl only inflates (a 63 KB
+        # DEFLATE member unpacks to gigabytes before any size check could see it)
+        raise CheckpointFormatError(
+            f"{data_pkl.filename} is compressed or encrypted (zip method "
+            f"{data_pkl.compress_type}, flags {data_pkl.flag_bits:#x}); torch.save "
+            "stores it uncompressed, so this is not a file torch wrote",
+            path=path,
+        )
+    if data_pkl.file_size > MAX_PICKLE_BYTES:
+        raise CheckpointFormatError(
+            f"data.pkl is {data_pkl.file_size} bytes, over the {MAX_PICKLE_BYTES}-byte "
+            "limit for a checkpoint's object graph",
+            path=path,
+        )
+    return infos, data_pkl, read_stored(file, data_pkl, path)
 
 
 def check_torch_bytes(file: BinaryIO, *, what: str, path: object = None) -> None:

@@ -85,8 +85,9 @@ def read_torch(
     given_globals = list(safe_globals)
     allowed = [g for g in given_globals if not isinstance(g, GlobalRedirect)]
     names = allowed_names(given_globals)
-    if mmap and fmt == "torch-zip" and not names:
-        done, obj = load_mapped(path, map_location)  # raises Unsafe/Format like the reader
+    if fmt == "torch-zip" and not names:
+        # the pickle decoded once, by our reader; raises Unsafe/Format as the reader does
+        done, obj = load_mapped(path, map_location, mmap=mmap)
         if done:
             return obj
     else:

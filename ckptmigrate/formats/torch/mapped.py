@@ -1,19 +1,21 @@
-"""A memory-mapped CPU load rebuilt from our decoded graph, skipping torch's Python unpickler.
+"""A CPU load rebuilt from our decoded graph, skipping torch's Python unpickler.
 
 A zip file whose pickle holds only what ``torch.save(state_dict)`` writes (dicts, lists,
 tuples, plain values and tensors rebuilt by ``torch._utils._rebuild_tensor_v2`` /
 ``_rebuild_parameter``) has been decoded and checked by our reader already, so each tensor is
-rebuilt from it with those same torch functions, over the same mapped storages ``torch.load``
-makes. Anything else goes through ``torch.load`` (:func:`.load.read_torch`).
+rebuilt from it with those same torch functions, over the storages ``torch.load`` makes: slices
+of one mapping of the file (``mmap=True``), or each record read by torch's own zip reader.
+The pickle is decoded once, not once by our reader and again by torch's. Anything else goes
+through ``torch.load`` (:func:`.load.read_torch`).
 
 >>> done, obj = load_mapped(Path("model.pth"), "cpu")  # doctest: +SKIP
+>>> done, obj = load_mapped(Path("model.pth"), "cpu", mmap=False)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +29,7 @@ from .guards import GuardedCall
 from .metadata import read_torch_metadata
 from .read_errors import reading
 from .storages import STORAGE_DTYPES, StorageRef
+from .zip_directory import ZIP_STORED
 
 _V2 = "torch._utils._rebuild_tensor_v2"
 _PARAMETER = "torch._utils._rebuild_parameter"
@@ -43,8 +46,8 @@ class _NotMapped(Exception):
     """The graph holds something only torch.load should rebuild."""
 
 
-def load_mapped(path: Path, map_location: Any) -> tuple[bool, Any]:
-    """``(True, obj)``: what ``torch.load(path, mmap=True, weights_only=True)`` returns, built
+def load_mapped(path: Path, map_location: Any, *, mmap: bool = True) -> tuple[bool, Any]:
+    """``(True, obj)``: what ``torch.load(path, mmap=mmap, weights_only=True)`` returns, built
     from our decoded graph; ``(False, None)``: the file needs torch.load itself.
 
     Raises what :func:`read_torch_metadata` raises for an unsafe or corrupt file.
@@ -68,7 +71,10 @@ def load_mapped(path: Path, map_location: Any) -> tuple[bool, Any]:
             return False, None
         size = os.fstat(f.fileno()).st_size
     try:
-        storages = _map_storages(torch, path, size, refs, offsets)
+        if mmap:
+            storages = _map_storages(torch, path, size, refs, offsets)
+        else:
+            storages = _read_storages(torch, path, refs, decoded.prefix)
         return True, _Rebuild(torch, recipes, storages).value(decoded.obj)
     except (_NotMapped, RecursionError):
         return False, None
@@ -123,7 +129,7 @@ def _storage_offsets(f: Any, decoded: ZipDecoded) -> dict[str, int] | None:
     for info in decoded.infos:
         if not info.filename.startswith(data):
             continue
-        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
+        if info.compress_type != ZIP_STORED or info.flag_bits & 1:
             return None
         offset = local_data_offset(f, info)
         if offset is None:
@@ -134,7 +140,7 @@ def _storage_offsets(f: Any, decoded: ZipDecoded) -> dict[str, int] | None:
 
 def _read_record(f: Any, decoded: ZipDecoded, name: str) -> bytes | None:
     for info in decoded.infos:
-        if info.filename == decoded.prefix + name and info.compress_type == zipfile.ZIP_STORED:
+        if info.filename == decoded.prefix + name and info.compress_type == ZIP_STORED:
             offset = local_data_offset(f, info)
             if offset is None:
                 return None
@@ -177,6 +183,32 @@ def _map_storages(
             if start is None or start + nbytes > size:
                 raise _NotMapped(ref.key)
             storage = default_restore_location(whole[start : start + nbytes], "cpu")
+            typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+            if typed._data_ptr() != 0:
+                loaded[ref.key] = typed
+        storages[id(ref)] = typed
+    return storages
+
+
+def _read_storages(torch: Any, path: Path, refs: list[StorageRef], prefix: str) -> dict[int, Any]:
+    """The typed storage for each reference, each record read into memory by torch's zip
+    reader as torch.load reads it (``get_storage_from_record``)."""
+    from torch.serialization import default_restore_location
+
+    reader = torch._C.PyTorchFileReader(os.fspath(path))
+    data = prefix + "data/"
+    loaded: dict[str, Any] = {}
+    storages: dict[int, Any] = {}
+    for ref in refs:
+        typed = loaded.get(ref.key)
+        if typed is None:
+            if not ref.key.startswith(data):
+                raise _NotMapped(ref.key)
+            dtype = getattr(torch, ref.dtype)
+            nbytes = ref.numel * torch._utils._element_size(dtype)
+            record = "data/" + ref.key[len(data) :]  # the reader names records inside the archive
+            storage = reader.get_storage_from_record(record, nbytes, torch.UntypedStorage)
+            storage = default_restore_location(storage._typed_storage()._untyped_storage, "cpu")
             typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
             if typed._data_ptr() != 0:
                 loaded[ref.key] = typed

@@ -24,7 +24,6 @@ from ..detect import detect_format, open_regular_file
 from ..remote import RemotePath, downloaded
 from .allowlist import allowed_map
 from .archive import read_data_pkl, read_zip
-from .legacy import read_legacy
 from .read_errors import FORMAT_ERRORS, reading, with_path
 from .unpickler import BoundedReader, load_pickle, scan_globals
 
@@ -51,6 +50,8 @@ def read_torch_metadata(
     if kind == "torch-zip":
         return reading(path, lambda: read_zip(path, allowed))
     if kind == "torch-legacy":
+        from .legacy import read_legacy  # a pre-zip file: torch < 1.6
+
         if isinstance(path, RemotePath):  # its pickles are read in a stream: read a copy
             with downloaded(path, [path]) as local:
                 return reading(path, lambda: read_legacy(local, allowed))

@@ -7,17 +7,24 @@ OpaqueObject(name='argparse.Namespace', ...)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
+from ...base.frozen import FrozenRecord, set_fields
 from .guards import GuardedType, refuse_build
 
 
-@dataclass(frozen=True)
-class TorchConstant:
+class TorchConstant(FrozenRecord):
     """A torch value a pickle names but we do not import: a dtype, layout, qscheme, class."""
 
+    __slots__ = ("name",)
     name: str
+
+    def __init__(self, name: str) -> None:
+        set_fields(self, name=name)
+
+    def graph_children(self) -> tuple[Any, ...]:
+        """Its name, for :func:`bounds.check_graph`."""
+        return (self.name,)
 
     def __repr__(self) -> str:
         return self.name
@@ -29,19 +36,35 @@ class TorchConstant:
         refuse_build(self.name)
 
 
-@dataclass(eq=False)
 class OpaqueObject:
     """What a caller-allowed global (``allowed_globals``) decodes to: its name and its args.
 
     ``state`` holds what the pickle's BUILD opcode would have passed to ``__setstate__``;
     ``items`` what SETITEMS stored into it (a dict subclass such as Lightning's AttributeDict).
+    Compared by identity.
     """
 
-    name: str
-    args: tuple[Any, ...] = ()
-    state: Any = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    items: dict[Any, Any] = field(default_factory=dict)
+    __slots__ = ("name", "args", "state", "kwargs", "items")
+
+    def __init__(
+        self,
+        name: str,
+        args: tuple[Any, ...] = (),
+        state: Any = None,
+        kwargs: dict[str, Any] | None = None,
+        items: dict[Any, Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.args = args
+        self.state = state
+        self.kwargs = {} if kwargs is None else kwargs
+        self.items = {} if items is None else items
+
+    def __repr__(self) -> str:
+        return (
+            f"OpaqueObject(name={self.name!r}, args={self.args!r}, state={self.state!r}, "
+            f"kwargs={self.kwargs!r}, items={self.items!r})"
+        )
 
     def __setstate__(self, state: Any) -> None:
         self.state = state

@@ -9,18 +9,16 @@ from __future__ import annotations
 import os
 import pickle
 import struct
-import zipfile
 import zlib
 from collections.abc import Callable
 from typing import TypeVar
 
 from ...errors import CheckpointFormatError, RedirectError, UnsafeCheckpointError
 
-# Errors a malformed pickle or zip raises from the stdlib; all mean "corrupt file".
+# Errors a malformed pickle or zip raises from the stdlib; all mean "corrupt file". (The zip
+# reader, zip_directory, raises CheckpointFormatError itself: zipfile is not imported.)
 FORMAT_ERRORS = (
     pickle.UnpicklingError,
-    zipfile.BadZipFile,
-    zipfile.LargeZipFile,
     zlib.error,
     EOFError,
     struct.error,
@@ -53,5 +51,5 @@ def reading(path: str | os.PathLike[str], read: Callable[[], _T]) -> _T:
         raise with_path(exc, path) from exc.__cause__
     except RedirectError:
         raise  # the file is fine; its redirect's target cannot hold an object in it
-    except FORMAT_ERRORS + (OSError,) as exc:  # OSError: zipfile seeks to offsets a lie gave
+    except FORMAT_ERRORS + (OSError,) as exc:  # OSError: a seek to an offset a lie gave
         raise CheckpointFormatError(f"corrupt checkpoint ({exc})", path=path) from exc

@@ -3,9 +3,9 @@ table that keeps every storage one dtype and one size."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from typing import Any
 
+from ...base.frozen import FrozenRecord, set_fields
 from ...base.readable import bounded_repr
 from ...errors import CheckpointFormatError
 from ..bounds import charge_decode
@@ -33,12 +33,19 @@ STORAGE_DTYPES: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class StorageType:
+class StorageType(FrozenRecord):
     """A storage class named in a pickle: ``torch.FloatStorage``, ``torch.UntypedStorage``..."""
 
+    __slots__ = ("name", "dtype")
     name: str
     dtype: str | None  # None for TypedStorage, whose dtype a pickle never names here
+
+    def __init__(self, name: str, dtype: str | None) -> None:
+        set_fields(self, name=name, dtype=dtype)
+
+    def graph_children(self) -> tuple[Any, ...]:
+        """Its fields, for :func:`bounds.check_graph`."""
+        return self._fields()
 
     def __repr__(self) -> str:
         return self.name
@@ -50,17 +57,54 @@ class StorageType:
         refuse_build(self.name)
 
 
-@dataclass(frozen=True)
-class StorageRef:
+class StorageRef(FrozenRecord):
     """A storage as its persistent id describes it; ``numel`` counts elements of ``dtype``."""
 
+    __slots__ = ("key", "dtype", "numel", "location", "untyped", "view_offset", "root_numel")
     key: str
     dtype: str
     numel: int
     location: str
     untyped: bool
-    view_offset: int = 0  # legacy storage views: elements into the root storage
-    root_numel: int = -1  # elements in the whole stored storage; -1: same as numel
+    view_offset: int  # legacy storage views: elements into the root storage
+    root_numel: int  # elements in the whole stored storage; -1: same as numel
+
+    def __init__(
+        self,
+        key: str,
+        dtype: str,
+        numel: int,
+        location: str,
+        untyped: bool,
+        view_offset: int = 0,
+        root_numel: int = -1,
+    ) -> None:
+        set_fields(
+            self,
+            key=key,
+            dtype=dtype,
+            numel=numel,
+            location=location,
+            untyped=untyped,
+            view_offset=view_offset,
+            root_numel=root_numel,
+        )
+
+    def with_key(self, key: str) -> StorageRef:
+        """The same storage under another key."""
+        return StorageRef(
+            key,
+            self.dtype,
+            self.numel,
+            self.location,
+            self.untyped,
+            self.view_offset,
+            self.root_numel,
+        )
+
+    def graph_children(self) -> tuple[Any, ...]:
+        """Its fields, for :func:`bounds.check_graph`."""
+        return self._fields()
 
     @property
     def stored_numel(self) -> int:
@@ -115,7 +159,7 @@ class StorageTable:
     def load(self, pid: Any) -> StorageRef:
         ref = _storage_ref(pid, legacy=self.legacy)
         charge_decode(len(ref.key) + len(ref.location) + 256)  # a memoised key, one copy each
-        ref = replace(ref, key=self.key_prefix + ref.key)
+        ref = ref.with_key(self.key_prefix + ref.key)
         known = self.storages.setdefault(ref.key, ref)
         if known.untyped or ref.untyped:
             return ref

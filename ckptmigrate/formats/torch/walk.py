@@ -8,9 +8,7 @@ share values it runs the stack model (:mod:`.stack_model`) for the decode's cost
 
 from __future__ import annotations
 
-import pickletools
 import struct
-from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from ...errors import CheckpointFormatError, UnsafeCheckpointError
@@ -24,11 +22,11 @@ from .opcodes import (
     OP,
     OPCODE_NAMES,
     PER_BYTE,
+    STACK_AFTER,
     TORCH_OPCODES,
     UNPACK,
     ScanCorrupt,
 )
-from .stack_model import StackModel
 
 # A hand-written walk over a pickle's bytes, checked against pickletools in the tests. It only
 # parses each opcode's argument length (the C unpickler checks the contents), names globals,
@@ -54,10 +52,8 @@ _ALWAYS = (
     | _FORBIDDEN
     | (frozenset(range(256)) - TORCH_OPCODES)
 )
-_SPECIAL_TRACKED = bytes(
-    1 if code in _ALWAYS | _STRINGS | _PUTS | _GETS | _NO_PUSH | {_STACK_GLOBAL, _MEMOIZE} else 0
-    for code in range(256)
-)
+_TRACKED = _ALWAYS | _STRINGS | _PUTS | _GETS | _NO_PUSH | {_STACK_GLOBAL, _MEMOIZE}
+_SPECIAL_TRACKED = bytes(1 if code in _TRACKED else 0 for code in range(256))
 
 
 _LONG1 = OP["LONG1"]
@@ -89,32 +85,50 @@ for _name in ("PUT", "GET", "MEMOIZE", "DUP"):
     _KIND[OP[_name]] = _K_MEMO
 _LEAF, _HOLDER = 1, 2  # what the top of the stack is after an opcode
 _TOP = bytearray([_HOLDER] * 256)
-for _op in pickletools.opcodes:
+for _code, _after in STACK_AFTER.items():
     if (
-        _op.stack_after
-        and all(
-            t.name not in ("any", "list", "dict", "set", "frozenset", "tuple")
-            for t in _op.stack_after
-        )
-        and _op.name != "BUILD"
+        _after
+        and all(t not in ("any", "list", "dict", "set", "frozenset", "tuple") for t in _after)
+        and _code != OP["BUILD"]
     ):
-        _TOP[ord(_op.code)] = _LEAF
+        _TOP[_code] = _LEAF
 _TOP[OP["MARK"]] = _HOLDER
 for _name in ("GLOBAL", "STACK_GLOBAL", "EMPTY_TUPLE", "BINPERSID", "PERSID"):
     _TOP[OP[_name]] = _LEAF
-del _code, _name, _op
+del _code, _name, _after
 
 
-@dataclass
 class ScanResult:
-    """What the walk found: globals in order, the end of the pickle, the opcodes it used."""
+    """What the walk found: globals in order, the end of the pickle, the opcodes it used.
 
-    globals: list[str]
-    end: int  # just past STOP
-    protocol: int | None = None  # the last PROTO's argument
-    outside_torch: set[str] = field(default_factory=set)  # opcodes outside TORCH_OPCODES
-    estimate: int = 0  # bytes the decode allocates at most, before any copies (see COST)
-    hashed: int = 0  # items the decode's hashing visits at most (see StackModel)
+    A plain class, not a dataclass: every metadata read makes one, and the dataclass machinery
+    (``inspect``, generated code) costs the diff path milliseconds.
+    """
+
+    __slots__ = ("globals", "end", "protocol", "outside_torch", "estimate", "hashed")
+
+    def __init__(
+        self,
+        globals: list[str],
+        end: int,  # just past STOP
+        protocol: int | None = None,  # the last PROTO's argument
+        outside_torch: set[str] | None = None,  # opcodes outside TORCH_OPCODES
+        estimate: int = 0,  # bytes the decode allocates at most, before any copies (see COST)
+        hashed: int = 0,  # items the decode's hashing visits at most (see StackModel)
+    ) -> None:
+        self.globals = globals
+        self.end = end
+        self.protocol = protocol
+        self.outside_torch = set() if outside_torch is None else outside_torch
+        self.estimate = estimate
+        self.hashed = hashed
+
+    def __repr__(self) -> str:
+        return (
+            f"ScanResult(globals={self.globals!r}, end={self.end}, protocol={self.protocol}, "
+            f"outside_torch={self.outside_torch!r}, estimate={self.estimate}, "
+            f"hashed={self.hashed})"
+        )
 
 
 class PickleWalk:
@@ -184,9 +198,13 @@ class PickleWalk:
             self.shares = self.shares or self.track or self.long_ints > _LONG_INTS
         except ScanCorrupt as exc:
             if self.allowed is not None:  # the opcodes before the bad one still run
+                from .stack_model import StackModel
+
                 exc.effects = StackModel(self, exc.pos).run()
             raise
         if self.allowed is not None and self.shares:
+            from .stack_model import StackModel  # only a pickle that shares objects needs it
+
             effects = StackModel(self, result.end).run()
             result.estimate, result.hashed = effects.estimate, effects.hashed
         return result
