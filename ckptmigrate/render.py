@@ -350,6 +350,9 @@ def render_scan(rows: Sequence[ScanRow], out: Output) -> None:
             )
         else:
             out.line(f"{where}  {r.schema} {r.version}: ", styled("current", "current"))
+        if r.edited:
+            steps = ", ".join(f"{e['from']} -> {e['to']} ({e['step']})" for e in r.edited)
+            out.line(styled(f"  {len(r.edited)} applied step(s) edited since: {steps}", "behind"))
     behind = sum(1 for r in rows if r.behind)
     files = len({r.path for r in rows})
     mounts = f"{len(rows)} mount(s), " if len(rows) != files else ""

@@ -189,6 +189,29 @@ def test_info_marks_the_edited_step_in_the_history_listing(project):
     assert [(e["index"], e["step"]) for e in record["status"]["edited"]] == [(1, "pin_width")]
 
 
+def test_scan_and_the_catalog_name_the_edited_step(project):
+    tmp_path, ran, path = project
+    edited = migrations(tmp_path, "edited", EDITED)
+    root = path.parent
+    clean = json.loads(run(tmp_path, "scan", str(root), "--json", "--migrations", str(ran)).stdout)
+    assert clean and all(row["edited"] == [] for row in clean)
+    rows = json.loads(
+        run(tmp_path, "scan", str(root), "--json", "--migrations", str(edited)).stdout
+    )
+    by_path = {Path(r["path"]).name: r for r in rows}
+    assert [(e["index"], e["step"]) for e in by_path[path.name]["edited"]] == [(1, "pin_width")]
+    assert by_path["toy-1.0.0.pth"]["edited"] == []  # nothing applied: nothing to edit
+    text = run(tmp_path, "scan", str(root), "--migrations", str(edited)).stdout
+    assert "1 applied step(s) edited since: 2.0.0 -> 3.0.0 (pin_width)" in text
+    db = tmp_path / "fleet.sqlite"
+    done = run(tmp_path, "scan", str(root), "--catalog", str(db), "--migrations", str(ran))
+    assert done.returncode == 0, done.stderr
+    later = run(tmp_path, "catalog", str(db), "--json", "--migrations", str(edited))  # no read
+    assert later.returncode == 0, later.stderr
+    by_path = {Path(r["path"]).name: r for r in json.loads(later.stdout)}
+    assert [e["step"] for e in by_path[path.name]["edited"]] == ["pin_width"]
+
+
 def test_diff_upgrade_warns_about_an_edited_step_of_the_upgraded_side(project):
     tmp_path, ran, path = project
     edited = migrations(tmp_path, "edited", EDITED)

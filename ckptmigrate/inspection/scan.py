@@ -68,6 +68,9 @@ class ScanRow:
     history: list[dict[str, Any]] = field(default_factory=list)
     hparams: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    #: the steps ``history`` says ran whose code differs today (``info``'s "edited since
+    #: applied"): each as :meth:`~ckptmigrate.schema.history.EditedStep.record` gives it
+    edited: list[dict[str, Any]] = field(default_factory=list)
     #: the read failed for a reason outside the checkpoint's bytes (its store failed or
     #: timed out, the OS refused): a catalog does not trust the row and reads it again next
     #: time (not in :meth:`to_dict`)
@@ -247,10 +250,11 @@ def judge(row: ScanRow, schemas: Mapping[str, Schema]) -> ScanRow:
     if row.schema is None or row.version is None:
         row.error = "no ckptmigrate stamp"
         return row
-    status = schema_status(row.schema, row.version, schemas)
+    status = schema_status(row.schema, row.version, schemas, row.history)
     row.current = None if status.current is None else str(status.current)
     row.behind = status.behind
     row.steps = [p.name for p in status.plan or []]
+    row.edited = json_values([e.record() for e in status.edited])
     if status.error is not None:
         row.error = str(status.error)
     return row
