@@ -10,6 +10,7 @@ loads the result strictly and computes what it computed before.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -464,6 +465,25 @@ def test_a_recorded_regex_refuses_a_key_longer_than_it_runs_on_and_code_does_not
         op_from_data(data).apply(ckpt)
     cm.ops.RenameKeys(r"(.*)\.w", r"\1.weight").apply(ckpt)  # the project's own code: unbounded
     assert list(ckpt.state_dict) == ["a" * 600 + ".weight"]
+
+
+@pytest.mark.parametrize("op", ["RenameKeys", "DropKeys"])
+def test_a_recorded_pattern_stops_after_its_time_over_many_worst_case_keys(op, monkeypatch):
+    # three repeats are allowed, and ``a*a*a*b`` on 512 ``a`` costs some 0.1 s a key: a file
+    # of thousands of such keys held the reader for minutes; now a budget for all its keys
+    from ckptmigrate.schema.ops import keys as key_ops
+
+    monkeypatch.setattr(key_ops, "MAX_RECORDED_MATCH_SECONDS", 0.3)
+    args = {"pattern": "a*a*a*b", **({"repl": "x"} if op == "RenameKeys" else {})}
+    recorded = op_from_data({"op": op, "args": args})
+    ckpt = cm.Checkpoint({"a" * 508 + f"{i:04d}": torch.ones(1) for i in range(300)})
+    started = time.monotonic()
+    with pytest.raises(cm.OpError, match="more than 0.3 s"):
+        recorded.apply(ckpt)
+    assert time.monotonic() - started < 3  # 300 keys unbounded: 5 s or more
+    unbounded = {"RenameKeys": cm.ops.RenameKeys, "DropKeys": cm.ops.DropKeys}[op]
+    few = cm.Checkpoint({"a" * 20 + "c": torch.ones(1)})
+    unbounded(**args, missing_ok=True).apply(few)  # the project's own code: no budget
 
 
 def test_a_recorded_pad_adds_a_bounded_number_of_values():

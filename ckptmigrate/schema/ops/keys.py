@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ __all__ = [
     "AddKey",
     "DropKeys",
     "MAX_RECORDED_KEY",
+    "MAX_RECORDED_MATCH_SECONDS",
     "MAX_RECORDED_REPEATS",
     "RenameKeys",
     "RenamePrefix",
@@ -118,6 +120,9 @@ def module_renames(mapping: dict[str, str]) -> dict[str, str]:
 MAX_RECORDED_REPEATS = 3
 #: ... and runs on keys of at most this many characters (at 3 repeats, under 0.2 s a key)
 MAX_RECORDED_KEY = 512
+#: ... and spends at most this long matching one checkpoint's keys (thousands of worst-case
+#: keys at 0.2 s each would otherwise take minutes)
+MAX_RECORDED_MATCH_SECONDS = 10.0
 
 #: regex constructs a pattern read from a file may not hold: backreferences, lookarounds,
 #: conditionals (each can make matching cost more than a power of the key's length)
@@ -181,6 +186,26 @@ def check_recorded_pattern(pattern: str) -> None:
             f"the pattern {pattern[:80]!r} holds {repeats} repeats; a pattern read from a file "
             f"holds at most {MAX_RECORDED_REPEATS} (each multiplies its matching time)"
         )
+
+
+def _fullmatch(op: Op, pattern: str) -> Callable[[str], re.Match[str] | None]:
+    """``re.compile(pattern).fullmatch``; for a pattern read from a file (``op.key_limit``
+    set), one that refuses to go on past :data:`MAX_RECORDED_MATCH_SECONDS` of matching."""
+    match = re.compile(pattern).fullmatch
+    if getattr(op, "key_limit", None) is None:
+        return match
+    budget = MAX_RECORDED_MATCH_SECONDS
+    deadline = time.monotonic() + budget
+
+    def bounded(key: str) -> re.Match[str] | None:
+        if time.monotonic() > deadline:
+            raise OpError(
+                f"{op.describe()}: a pattern read from the file matched keys for more than "
+                f"{budget:g} s; patterns from a file get that long for a checkpoint's keys"
+            )
+        return match(key)
+
+    return bounded
 
 
 def _refuse_long_keys(op: Op, keys: Sequence[str], limit: int | None) -> None:
@@ -299,7 +324,7 @@ class RenameKeys(Op):
         _refuse_long_keys(self, keys, self.key_limit)
         rx = re.compile(self.pattern)
         fmt = _format_repl(self.repl, rx)
-        fullmatch = rx.fullmatch
+        fullmatch = _fullmatch(self, self.pattern)
         out = {}
         for key in keys:
             m = fullmatch(key)
@@ -325,7 +350,7 @@ class RenameKeys(Op):
                     f"{self.describe()}: no key matches, but {next(iter(done))!r} already has "
                     "the new name: the checkpoint already has the new layout"
                 )
-        if not mapping and not any(map(re.compile(self.pattern).fullmatch, keys)):
+        if not mapping and not any(map(_fullmatch(self, self.pattern), keys)):
             self.found_nothing(keys, **regex_where(self.pattern))
         pair = self.prefix_rename()
         move = prefix_mover(*pair) if pair else None  # modules move as with RenamePrefix
@@ -393,13 +418,13 @@ class DropKeys(Op):
 
     def trace(self, keys: Sequence[str]) -> dict[str, list[str]]:
         _refuse_long_keys(self, keys, self.key_limit)
-        rx = re.compile(self.pattern)
-        return {k: [k] for k in keys if not rx.fullmatch(k)}
+        fullmatch = _fullmatch(self, self.pattern)
+        return {k: [k] for k in keys if not fullmatch(k)}
 
     def apply(self, ckpt: Checkpoint) -> None:
         _refuse_long_keys(self, list(ckpt.state_dict), self.key_limit)
-        rx = re.compile(self.pattern)
-        kept = {k: v for k, v in ckpt.state_dict.items() if not rx.fullmatch(k)}
+        fullmatch = _fullmatch(self, self.pattern)
+        kept = {k: v for k, v in ckpt.state_dict.items() if not fullmatch(k)}
         if len(kept) == len(ckpt.state_dict):
             self.found_nothing(list(ckpt.state_dict), **regex_where(self.pattern))
         ckpt.state_dict = kept
