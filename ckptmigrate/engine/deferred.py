@@ -16,30 +16,40 @@ time: the inputs of one result and the result in memory, nothing else).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..errors import NotReplayableError
+from ..errors import CkptMigrateError, InPlaceWriteError, NotReplayableError
 from ..formats.dcp_tensors import NewTensor
 from ..values.checkpoint import Checkpoint
 from ..values.tensorinfo import TensorStub
+from .guard import guard_active, in_place_message, writes_into_guarded, written_tensors
 
-__all__ = ["Deferred", "defer_dcp", "deferrable"]
+__all__ = ["Deferred", "defer_dcp", "deferrable", "replaying"]
 
 
 class Deferred(torch.Tensor):
     """A tensor of known shape and dtype whose values ``produce()`` returns when asked."""
 
     _produce: Callable[[], torch.Tensor]
+    #: the file's own tensor, or a view of one: a write into it is a write into the input
+    _of_input: bool
+    #: for the read-only guard: a deferred tensor refuses writes into it itself
+    guards_itself = True
 
     @staticmethod
-    def __new__(cls, meta: torch.Tensor, produce: Callable[[], torch.Tensor]) -> Deferred:
+    def __new__(
+        cls, meta: torch.Tensor, produce: Callable[[], torch.Tensor], of_input: bool = False
+    ) -> Deferred:
         out = torch.Tensor._make_subclass(cls, meta)
         out._produce = produce
+        out._of_input = of_input
         return out
 
     def produce(self) -> torch.Tensor:
@@ -50,17 +60,52 @@ class Deferred(torch.Tensor):
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name.endswith("_") and not name.endswith("__"):
-            # an in-place write would change values nothing is holding
-            raise NotReplayableError(f"{func.__name__} writes into a deferred tensor")
+        written = written_tensors(func, args, kwargs)
+        if written:
+            return _write_in_place(func, name, args, kwargs, written)
+        if name == "__get__":  # a property: where the values are is the CPU, as when loaded
+            prop = getattr(getattr(func, "__self__", None), "__name__", "")
+            if prop in _AS_LOADED:
+                return _AS_LOADED[prop]
+        if name in _MEMORY:
+            _refuse(f"{name} asks where a deferred tensor's memory lies")
+        if name == "cpu" and len(args) == 1 and not kwargs and isinstance(args[0], Deferred):
+            return args[0]  # on the CPU already, as a loaded tensor is: the same tensor
+        metas: dict[int, Deferred] = {}
+
+        def as_meta(value: Any) -> Any:
+            if isinstance(value, Deferred):
+                meta = value.as_subclass(torch.Tensor)
+                metas[id(meta)] = value
+                return meta
+            if isinstance(value, torch.Tensor):
+                return value.to("meta")
+            return value
+
+        meta_args = tree_map(as_meta, args)
+        meta_kwargs = tree_map(as_meta, kwargs)
+        if "device" in meta_kwargs:
+            meta_kwargs["device"] = _cpu_as_meta(meta_kwargs["device"])
+        if name == "to":
+            meta_args = (meta_args[0], *map(_cpu_as_meta, meta_args[1:]))
         try:
             with torch._C.DisableTorchFunctionSubclass():
-                planned = func(*tree_map(_as_meta, args), **tree_map(_as_meta, kwargs))
-        except (RuntimeError, NotImplementedError):  # it needs the values (``.item()``)
+                planned = func(*meta_args, **meta_kwargs)
+        except CkptMigrateError:
+            raise
+        except Exception:  # it needs the values (``.item()``, ``nonzero``, ``.numpy()``)
             return _with_values(func, name, args, kwargs)
         flat, _ = tree_flatten(planned)
         if not any(isinstance(t, torch.Tensor) for t in flat):
             return planned  # a shape, a dtype, a dim: known without the values
+        if isinstance(planned, torch.Tensor) and id(planned) in metas:
+            return metas[id(planned)]  # ``t.contiguous()``, ``t.to(t.dtype)``: t itself
+        # plain tensors the call takes are copied now: the step may write into them later
+        args, kwargs = tree_map(_snapshot, args), tree_map(_snapshot, kwargs)
+        inputs = {_storage_key(v) for v in tree_flatten((args, kwargs))[0] if _is_input(v)} - {None}
+
+        def aliased(t: torch.Tensor) -> bool:
+            return bool(inputs) and _storage_key(t) in inputs
 
         def compute() -> Any:
             with torch._C.DisableTorchFunctionSubclass():
@@ -69,10 +114,95 @@ class Deferred(torch.Tensor):
         if func is torch.cat and isinstance(planned, torch.Tensor) and "out" not in kwargs:
             return Deferred(planned, _concatenate(planned, args, kwargs))
         if isinstance(planned, torch.Tensor):
-            return Deferred(planned, compute)
+            return Deferred(planned, compute, aliased(planned))
         if isinstance(planned, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in planned):
-            return type(planned)(Deferred(t, _pick(compute, i)) for i, t in enumerate(planned))
-        raise NotReplayableError(f"{getattr(func, '__name__', func)} returns {type(planned)}")
+            parts = [Deferred(t, _pick(compute, i), aliased(t)) for i, t in enumerate(planned)]
+            return parts if isinstance(planned, list) else type(planned)(parts)
+        _refuse(f"{getattr(func, '__name__', func)} returns {type(planned)}")
+
+
+#: Properties whose meta answer differs from a loaded tensor's: answered as loaded.
+_AS_LOADED: dict[str, Any] = {"device": torch.device("cpu"), "is_meta": False, "is_cpu": True}
+#: Calls about the memory behind a tensor (tied weights found by ``data_ptr()``): a deferred
+#: tensor has none, so the plan takes the loaded path.
+_MEMORY = frozenset(
+    {"data_ptr", "untyped_storage", "storage", "_typed_storage", "is_shared", "is_set_to"}
+    | {"__dlpack__", "__dlpack_device__", "_cdata"}
+)
+
+#: What the deferral refused while a plan ran (:func:`replaying`): the plan then takes the
+#: loaded path, even where the step caught the error itself.
+_REFUSED: ContextVar[list[str] | None] = ContextVar("ckptmigrate_refused", default=None)
+
+
+def _refuse(why: str) -> NoReturn:
+    refused = _REFUSED.get()
+    if refused is not None:
+        refused.append(why)
+    raise NotReplayableError(why)
+
+
+@contextmanager
+def replaying() -> Iterator[list[str]]:
+    """Collect what the deferral refuses while a plan runs on deferred tensors (each reason):
+    non-empty, the plan's result is not to be used."""
+    refused: list[str] = []
+    token = _REFUSED.set(refused)
+    try:
+        yield refused
+    finally:
+        _REFUSED.reset(token)
+
+
+def _write_in_place(func: Any, name: str, args: Any, kwargs: Any, written: list[Any]) -> Any:
+    """An in-place call that involves a deferred tensor: refused when it writes into one (an
+    input's: the guard's error; one computed: the loaded path replays it), else run now on
+    the values (it writes into a plain tensor the step made: ``new[:n] = old``)."""
+    if writes_into_guarded(func, args, kwargs):  # a mapped input's, behind the guard
+        raise InPlaceWriteError(in_place_message(func))
+    for target in written:
+        if isinstance(target, Deferred):
+            if target._of_input and guard_active():
+                raise InPlaceWriteError(in_place_message(func))
+            _refuse(f"{name or func} writes into a deferred tensor")
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*tree_map(_produced, args), **tree_map(_produced, kwargs))
+
+
+def _cpu_as_meta(value: Any) -> Any:
+    if isinstance(value, (str, torch.device)):
+        try:
+            device = torch.device(value)
+        except (RuntimeError, TypeError, ValueError):
+            return value
+        return torch.device("meta") if device.type == "cpu" else value
+    return value
+
+
+def _is_input(value: Any) -> bool:
+    return isinstance(value, Deferred) and value._of_input
+
+
+def _storage_key(tensor: Any) -> int | None:
+    """Which storage ``tensor`` views (a meta tensor's too): views of one tensor share it."""
+    if not isinstance(tensor, torch.Tensor):
+        return None
+    try:
+        with torch._C.DisableTorchFunctionSubclass():
+            return int(torch.Tensor.untyped_storage(tensor)._cdata)
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _snapshot(value: Any) -> Any:
+    """A plain tensor a deferred call takes, copied: computed later, the call must see the
+    values it saw, not what the step wrote into the tensor since."""
+    if isinstance(value, torch.Tensor) and not isinstance(value, Deferred):
+        with torch._C.DisableTorchFunctionSubclass():
+            if value.is_meta:
+                _refuse("a deferred call takes a tensor on the meta device")
+            return value.detach().clone()
+    return value
 
 
 #: A call that needs a deferred tensor's values (``step.item()`` of an optimizer's state) reads
@@ -84,9 +214,12 @@ VALUES_READ_NOW = 1 << 16
 def _with_values(func: Any, name: str, args: Any, kwargs: Any) -> Any:
     deferred = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Deferred)]
     if sum(t.numel() for t in deferred) > VALUES_READ_NOW:
-        raise NotReplayableError(f"{name or func} needs the values of a large deferred tensor")
+        _refuse(f"{name or func} needs the values of a large deferred tensor")
     with torch._C.DisableTorchFunctionSubclass():
-        return func(*tree_map(_produced, args), **tree_map(_produced, kwargs))
+        out = func(*tree_map(_produced, args), **tree_map(_produced, kwargs))
+    if type(out).__module__ == "numpy" and hasattr(out, "flags") and any(map(_is_input, deferred)):
+        out.flags.writeable = False  # as an input's ``.numpy()`` is behind the guard
+    return out
 
 
 def _concatenate(planned: torch.Tensor, args: Any, kwargs: Any) -> Callable[[], torch.Tensor]:
@@ -116,29 +249,14 @@ def _pick(compute: Callable[[], Any], i: int) -> Callable[[], torch.Tensor]:
     return lambda: compute()[i]
 
 
-def _as_meta(value: Any) -> Any:
-    if isinstance(value, Deferred):
-        return value.as_subclass(torch.Tensor)
-    if isinstance(value, torch.Tensor):
-        return value.to("meta")
-    return value
-
-
 def _produced(value: Any) -> Any:
     return value.produce() if isinstance(value, Deferred) else value
 
 
 def deferrable(steps: Any) -> bool:
-    """Whether every step is ops of ours (no function step, no op that runs caller code):
-    what runs on deferred tensors."""
-    ops_module = "ckptmigrate.schema.ops"
-    for planned in steps:
-        ops = planned.ops
-        if ops is None:
-            return False
-        for op in ops:
-            if op.runs_user_code or not type(op).__module__.startswith(ops_module):
-                return False
+    """Whether the steps run on deferred tensors: every plan does (function steps and ops
+    that run caller code too); what a step does that the deferral cannot replay is refused
+    while it runs (:func:`replaying`), and the plan then takes the loaded path."""
     return True
 
 
@@ -172,7 +290,7 @@ def defer_dcp(
             return value
         meta = torch.empty(value.shape, dtype=getattr(torch, value.dtype), device="meta")
         key = value.info.storage_key
-        out = Deferred(meta, lambda: read_dcp_tensor(folder, md, key))
+        out = Deferred(meta, lambda: read_dcp_tensor(folder, md, key), of_input=True)
         originals[id(out)] = value
         return out
 
@@ -182,10 +300,21 @@ def defer_dcp(
                 return originals[id(value)]
             return NewTensor(tuple(value.shape), _dtype_name(value.dtype), value.produce)
         if isinstance(value, torch.Tensor):  # made by an op from nothing it read
+            if value.is_meta:
+                raise NotReplayableError("the plan made a tensor on the meta device")
             return NewTensor(tuple(value.shape), _dtype_name(value.dtype), lambda: value)
         return value
 
+    def refuse_deferred(value: Any) -> Any:
+        if isinstance(value, Deferred):  # a value in the hparams: the loaded path holds it
+            raise NotReplayableError("the plan put a deferred tensor in hparams or meta")
+        return value
+
     def settle(result: Checkpoint) -> Checkpoint:
+        """``result`` as stubs and new tensors; raises :class:`NotReplayableError` for what
+        only the loaded path can write."""
+        _walk(result.hparams, refuse_deferred)
+        _walk(result.meta, refuse_deferred)
         out = result.copy()
         out.state_dict = _walk(result.state_dict, settle_leaf)
         out.optimizer = _walk(result.optimizer, settle_leaf)
