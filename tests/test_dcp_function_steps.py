@@ -1,0 +1,304 @@
+"""A function step on a DCP folder runs on its deferred tensors, tensor by tensor.
+
+A tensor the function returns as it got it (under its name or a new one) keeps its chunks in
+the hard-linked rank files; one it computes is written once its turn comes. An in-place write
+into an input is refused as the read-only guard refuses it for a mapped file; values Python
+needs (``if t.abs().max() > 1``, ``.item()``) are read for small tensors; anything the deferral
+cannot replay takes the loaded path, so the result is always the loaded path's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+
+import ckptmigrate as cm
+from ckptmigrate.engine.deferred import VALUES_READ_NOW
+from ckptmigrate.formats.dcp import SafeFileSystemReader, read_dcp_metadata
+from ckptmigrate.formats.dcp_rewrite import VALUES_FILE
+from ckptmigrate.io.files import read_checkpoint
+
+if not (dist.is_available() and dist.is_gloo_available()):
+    pytest.skip("this torch build has no torch.distributed gloo backend", allow_module_level=True)
+
+from gloo_ranks import init_ranks, run_ranks  # noqa: E402
+
+EXACT = {"rtol": 0.0, "atol": 0.0}  # the same ops on the same values: bit for bit
+BIG = (320, 256)  # more elements than VALUES_READ_NOW: its values are never read for Python
+
+
+def _model_sd() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "blocks.0.q": torch.randn(16, 8, generator=gen),
+        "blocks.0.k": torch.randn(16, 8, generator=gen),
+        "blocks.0.norm": torch.randn(8, generator=gen),
+        "blocks.0.scale": torch.tensor([0.5, 2.0]),
+        "embed.weight": torch.randn(*BIG, generator=gen),
+        "head.weight": torch.randn(10, 8, generator=gen).double(),
+    }
+
+
+def _save(folder: Path, state: dict | None = None) -> None:
+    writer = FileSystemWriter(folder, thread_count=2)  # two rank files
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # single process, no process group
+        dcp.save(state or {"model": _model_sd()}, storage_writer=writer)
+
+
+@pytest.fixture()
+def saved(tmp_path: Path) -> Path:
+    folder = tmp_path / "step-100"
+    _save(folder)
+    return folder
+
+
+def _wreck(folder: Path, fqn: str) -> None:
+    """Zero the stored archive of ``fqn``: reading it fails."""
+    md = read_dcp_metadata(folder, torch_classes=True)
+    (info,) = [i for idx, i in md.storage_data.items() if idx.fqn == fqn]
+    with open(folder / info.relative_path, "r+b") as f:
+        f.seek(info.offset)
+        f.write(b"\0" * info.length)
+
+
+def _rank_files(folder: Path) -> dict[str, os.stat_result]:
+    return {p.name: p.stat() for p in folder.glob("*.distcp") if p.name != VALUES_FILE}
+
+
+def _schema(step) -> cm.Schema:
+    schema = cm.Schema("lm", current="2.0.0")
+    schema.migration("1.0.0", "2.0.0")(step)
+    return schema
+
+
+def _loaded(src: Path, schema: cm.Schema) -> dict[str, torch.Tensor]:
+    """The loaded path's result: the whole folder read, the step run on its tensors."""
+    return cm.load(src, schema=schema, from_version="1.0.0").state_dict
+
+
+def _dcp_load(folder: Path, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``folder`` read by DCP's own loader into tensors shaped as ``like``."""
+    model = {k: torch.zeros_like(v) for k, v in like.items()}
+    dcp.load({"model": model}, storage_reader=SafeFileSystemReader(folder), no_dist=True)
+    return model
+
+
+def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype, key
+        torch.testing.assert_close(got[key], value, **EXACT)
+
+
+def rename(ckpt: cm.Checkpoint) -> None:
+    """The README's first migration: a function step that only renames."""
+    ckpt.state_dict = {k.replace("blocks.", "layers."): v for k, v in ckpt.state_dict.items()}
+
+
+def rewrite_many(ckpt: cm.Checkpoint) -> None:
+    """Renames, a fused qk, a cast, a resized embedding, a new buffer, and Python control flow
+    on values: a small tensor's ``.item()``/``.tolist()``, a reduction of a large one."""
+    sd = ckpt.state_dict
+    q, k = sd.pop("blocks.0.q"), sd.pop("blocks.0.k")
+    sd["blocks.0.qk"] = torch.cat([q, k], dim=0).t().contiguous()
+    lo, hi = sd["blocks.0.scale"].tolist()
+    norm = sd.pop("blocks.0.norm")
+    sd["blocks.0.norm"] = (norm * hi + lo).to(torch.bfloat16)
+    if sd["embed.weight"].abs().max() > 1:  # reads the large tensor for one value
+        sd["embed.flag"] = torch.tensor([sd["blocks.0.scale"].sum().item()])
+    old = sd.pop("embed.weight")
+    resized = torch.zeros(old.shape[0] + 4, old.shape[1], device=old.device)
+    resized[: old.shape[0]] = old  # a plain tensor the step made, filled with stored values
+    sd["embed.weight"] = resized
+    sd["lm_head.weight"] = sd.pop("head.weight").cpu().to("cpu").contiguous()  # unchanged
+    sd["blocks.0.bias"] = torch.zeros(8)
+    ckpt.hparams["eps"] = float(sd["blocks.0.scale"][0])
+
+
+def test_a_renaming_function_step_keeps_every_tensor_as_stored(saved, tmp_path):
+    out = tmp_path / "v2"
+    result = cm.upgrade_file(saved, out, _schema(rename), from_version="1.0.0")
+    assert result.streamed  # it loaded all and saved one rank
+    old, new = _rank_files(saved), _rank_files(out)
+    assert sorted(new) == sorted(old) and len(new) == 2
+    for name, st in new.items():
+        assert (st.st_ino, st.st_dev) == (old[name].st_ino, old[name].st_dev), name
+    assert not (out / VALUES_FILE).exists()  # no tensor written anew
+    assert result.bytes_through_python < 64 * 1024
+    want = _loaded(saved, _schema(rename))
+    _assert_same(read_checkpoint(out).state_dict, want)
+    _assert_same(_dcp_load(out, want), want)
+
+
+def test_a_function_step_equals_the_loaded_path_tensor_for_tensor(saved, tmp_path):
+    out = tmp_path / "v2"
+    schema = _schema(rewrite_many)
+    result = cm.upgrade_file(saved, out, schema, from_version="1.0.0")
+    assert result.streamed
+    assert sorted(_rank_files(out)) == sorted(_rank_files(saved))
+    want = _loaded(saved, schema)
+    _assert_same(read_checkpoint(out).state_dict, want)
+    _assert_same(_dcp_load(out, want), want)
+    assert read_checkpoint(out).hparams["eps"] == 0.5
+    # only what the step computed went through Python: not the head it returned as it got it
+    computed = sum(
+        v.numel() * v.element_size() for k, v in want.items() if k != "lm_head.weight"
+    )
+    written = (out / VALUES_FILE).stat().st_size
+    assert computed <= written < computed + 64 * 1024, (computed, written)
+
+
+def test_a_function_step_to_safetensors_equals_the_loaded_path(saved, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "model.safetensors"
+    schema = _schema(rewrite_many)
+    result = cm.upgrade_file(saved, out, schema, from_version="1.0.0")
+    assert result.streamed and result.format == "safetensors"
+    _assert_same(load_file(out), _loaded(saved, schema))
+
+
+def test_a_call_op_runs_on_the_deferred_tensors_too(saved, tmp_path):
+    schema = cm.Schema("lm", current="2.0.0")
+    schema.add_migration("1.0.0", "2.0.0", [cm.ops.Call(rewrite_many)])
+    out = tmp_path / "v2"
+    assert cm.upgrade_file(saved, out, schema, from_version="1.0.0").streamed
+    _assert_same(read_checkpoint(out).state_dict, _loaded(saved, schema))
+
+
+def _load_worker(rank: int, store: str, folder: str, reference: str) -> None:
+    init_ranks(rank, store)
+    try:
+        want = torch.load(reference, weights_only=True)
+        model = {k: torch.zeros_like(v) for k, v in want.items()}
+        dcp.load({"model": model}, storage_reader=SafeFileSystemReader(folder))
+        for key, value in want.items():
+            torch.testing.assert_close(model[key], value, **EXACT)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_result_loads_on_two_gloo_ranks(saved, tmp_path):
+    out = tmp_path / "v2"
+    schema = _schema(rewrite_many)
+    assert cm.upgrade_file(saved, out, schema, from_version="1.0.0").streamed
+    reference = tmp_path / "want.pt"
+    torch.save(_loaded(saved, schema), reference)
+    run_ranks(_load_worker, str(tmp_path / "store"), str(out), str(reference))
+
+
+IN_PLACE = {
+    "add_": lambda v: v.add_(1),
+    "setitem": lambda v: v.__setitem__(0, 1.0),
+    "copy_": lambda v: v.copy_(torch.ones_like(v)),
+    "data.zero_": lambda v: v.data.zero_(),
+    "init.zeros_": lambda v: torch.nn.init.zeros_(v),
+    "iadd": lambda v: v.__iadd__(1),
+    "out=": lambda v: torch.add(torch.ones_like(v), 1, out=v),
+    "view then fill_": lambda v: v.view(-1).fill_(3.0),
+}
+
+
+@pytest.mark.parametrize("write", sorted(IN_PLACE))
+def test_an_in_place_write_into_an_input_is_refused_as_for_a_mapped_file(saved, tmp_path, write):
+    def step(ckpt: cm.Checkpoint) -> None:
+        IN_PLACE[write](ckpt.state_dict["blocks.0.norm"])
+
+    out = tmp_path / "v2"
+    wrecked = tmp_path / "wrecked"
+    shutil.copytree(saved, wrecked)
+    _wreck(wrecked, "model.embed.weight")  # the loaded path would fail reading it
+    with pytest.raises(cm.MigrationError) as deferred:
+        cm.upgrade_file(wrecked, out, _schema(step), from_version="1.0.0")
+    assert not out.exists()
+    # the same step on a mapped torch file: the guard's error, word for word
+    pth = tmp_path / "same.pth"
+    torch.save(_model_sd(), pth)
+    with pytest.raises(cm.MigrationError) as mapped:
+        cm.upgrade_file(pth, tmp_path / "same-v2.pth", _schema(step), from_version="1.0.0")
+    assert str(deferred.value) == str(mapped.value).replace(str(pth), str(wrecked))
+    assert "in place" in str(deferred.value)
+    _assert_same(read_checkpoint(saved).state_dict, _model_sd())  # the folder untouched
+
+
+def test_a_tensor_the_step_mutates_after_a_deferred_call_took_it_is_seen_as_it_was(saved, tmp_path):
+    def step(ckpt: cm.Checkpoint) -> None:
+        sd = ckpt.state_dict
+        offset = torch.zeros(8)
+        sd["blocks.0.norm"] = sd["blocks.0.norm"] + offset  # computed when written, later
+        offset.add_(100.0)  # after the call: the sum must not see it
+        sd["blocks.0.offset"] = offset
+
+    out = tmp_path / "v2"
+    schema = _schema(step)
+    assert cm.upgrade_file(saved, out, schema, from_version="1.0.0").streamed
+    got = read_checkpoint(out).state_dict
+    torch.testing.assert_close(got["blocks.0.norm"], _model_sd()["blocks.0.norm"], **EXACT)
+    _assert_same(got, _loaded(saved, schema))
+
+
+def large_values(ckpt: cm.Checkpoint) -> None:
+    rows = ckpt.state_dict["embed.weight"].tolist()  # a large tensor's values, for Python
+    ckpt.state_dict["embed.weight"] = torch.tensor(rows[::-1])
+
+
+def tied_by_address(ckpt: cm.Checkpoint) -> None:
+    sd = ckpt.state_dict
+    if sd["blocks.0.q"].data_ptr() == sd["blocks.0.k"].data_ptr():  # never, when loaded
+        del sd["blocks.0.k"]
+
+
+def writes_into_a_computed_tensor(ckpt: cm.Checkpoint) -> None:
+    scaled = ckpt.state_dict["blocks.0.q"] * 2
+    scaled[0] = 0.0  # legal on a fresh tensor: the loaded path replays it
+    ckpt.state_dict["blocks.0.q"] = scaled
+
+
+def catches_the_refusal(ckpt: cm.Checkpoint) -> None:
+    try:  # the deferral refuses it, the step carries on: the loaded path must decide
+        total = sum(ckpt.state_dict["embed.weight"].flatten().tolist())
+    except Exception:
+        total = -1.0
+    ckpt.state_dict["total"] = torch.tensor([total])
+
+
+@pytest.mark.parametrize(
+    "step", [large_values, tied_by_address, writes_into_a_computed_tensor, catches_the_refusal]
+)
+def test_what_the_deferral_cannot_replay_takes_the_loaded_path(saved, tmp_path, step):
+    assert _model_sd()["embed.weight"].numel() > VALUES_READ_NOW
+    out = tmp_path / "v2"
+    schema = _schema(step)
+    result = cm.upgrade_file(saved, out, schema, from_version="1.0.0")
+    assert not result.streamed  # loaded, run, saved: never a wrong result
+    _assert_same(read_checkpoint(out).state_dict, _loaded(saved, schema))
+
+
+def test_optimizer_state_follows_a_renaming_function_step(tmp_path):
+    model = _model_sd()
+    optimizer = {
+        "state": {k: {"step": torch.tensor(3.0), "exp_avg": v * 0.5} for k, v in model.items()},
+        "param_groups": [{"lr": 0.01, "params": list(model)}],
+    }
+    src = tmp_path / "step-100"
+    _save(src, {"model": model, "optimizer": optimizer})
+    out = tmp_path / "v2"
+    assert cm.upgrade_file(src, out, _schema(rename), from_version="1.0.0").streamed
+    streamed = read_checkpoint(out)
+    loaded = cm.load(src, schema=_schema(rename), from_version="1.0.0")
+    _assert_same(streamed.state_dict, loaded.state_dict)
+    assert streamed.optimizer["param_groups"] == loaded.optimizer["param_groups"]
+    assert sorted(streamed.optimizer["state"]) == sorted(loaded.optimizer["state"])
+    for name, state in loaded.optimizer["state"].items():
+        for slot, value in state.items():
+            torch.testing.assert_close(streamed.optimizer["state"][name][slot], value, **EXACT)
