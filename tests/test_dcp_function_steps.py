@@ -150,9 +150,7 @@ def test_a_function_step_equals_the_loaded_path_tensor_for_tensor(saved, tmp_pat
     _assert_same(_dcp_load(out, want), want)
     assert read_checkpoint(out).hparams["eps"] == 0.5
     # only what the step computed went through Python: not the head it returned as it got it
-    computed = sum(
-        v.numel() * v.element_size() for k, v in want.items() if k != "lm_head.weight"
-    )
+    computed = sum(v.numel() * v.element_size() for k, v in want.items() if k != "lm_head.weight")
     written = (out / VALUES_FILE).stat().st_size
     assert computed <= written < computed + 64 * 1024, (computed, written)
 
