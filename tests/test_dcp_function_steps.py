@@ -300,3 +300,54 @@ def test_optimizer_state_follows_a_renaming_function_step(tmp_path):
     for name, state in loaded.optimizer["state"].items():
         for slot, value in state.items():
             torch.testing.assert_close(streamed.optimizer["state"][name][slot], value, **EXACT)
+
+
+def test_random_draws_are_made_when_the_step_makes_them(saved, tmp_path):
+    def step(ckpt: cm.Checkpoint) -> None:
+        torch.manual_seed(7)
+        norm = ckpt.state_dict["blocks.0.norm"]
+        ckpt.state_dict["blocks.0.noise"] = torch.randn_like(norm)
+        ckpt.state_dict["blocks.0.dropped"] = torch.nn.functional.dropout(norm, 0.5)
+        torch.manual_seed(0)  # later draws must not change those: computed later, they would
+
+    out = tmp_path / "v2"
+    schema = _schema(step)
+    assert cm.upgrade_file(saved, out, schema, from_version="1.0.0").streamed
+    _assert_same(read_checkpoint(out).state_dict, _loaded(saved, schema))
+
+
+def _two_steps(second) -> cm.Schema:
+    def first(ckpt: cm.Checkpoint) -> None:
+        sd = ckpt.state_dict
+        sd["blocks.0.bias"] = torch.arange(8.0)  # a plain tensor the step made
+        sd["blocks.0.q2"] = sd["blocks.0.q"] * 2  # computed, deferred
+
+    schema = cm.Schema("lm", current="3.0.0")
+    schema.migration("1.0.0", "2.0.0")(first)
+    schema.migration("2.0.0", "3.0.0")(second)
+    return schema
+
+
+def test_a_later_step_mixes_the_earlier_steps_plain_and_deferred_tensors(saved, tmp_path):
+    def second(ckpt: cm.Checkpoint) -> None:
+        sd = ckpt.state_dict
+        sd["blocks.0.nb"] = torch.cat([sd["blocks.0.norm"], sd.pop("blocks.0.bias")])
+        sd["blocks.0.q2"] = sd["blocks.0.q2"] + sd["blocks.0.k"]
+
+    out = tmp_path / "v3"
+    schema = _two_steps(second)
+    assert cm.upgrade_file(saved, out, schema, from_version="1.0.0").streamed
+    _assert_same(read_checkpoint(out).state_dict, _loaded(saved, schema))
+
+
+@pytest.mark.parametrize("key", ["blocks.0.bias", "blocks.0.q2"])
+def test_a_write_into_what_an_earlier_step_made_is_refused_in_the_next(saved, tmp_path, key):
+    def second(ckpt: cm.Checkpoint) -> None:
+        ckpt.state_dict[key].mul_(2)
+
+    wrecked = tmp_path / "wrecked"
+    shutil.copytree(saved, wrecked)
+    _wreck(wrecked, "model.embed.weight")  # refused on the deferred tensors, never loaded
+    with pytest.raises(cm.MigrationError, match="writes into an input tensor in place"):
+        cm.upgrade_file(wrecked, tmp_path / "v3", _two_steps(second), from_version="1.0.0")
+    assert not (tmp_path / "v3").exists()

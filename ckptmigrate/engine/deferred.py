@@ -56,6 +56,12 @@ class Deferred(torch.Tensor):
         """The values: read, or computed from the inputs' values (a plain CPU tensor)."""
         return self._produce()
 
+    def as_input(self) -> Deferred:
+        """Mark it an input of the step about to run (it is in the checkpoint the step gets):
+        a write into it, or into a view of it, is a write into an input."""
+        self._of_input = True
+        return self
+
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -69,6 +75,8 @@ class Deferred(torch.Tensor):
                 return _AS_LOADED[prop]
         if name in _MEMORY:
             _refuse(f"{name} asks where a deferred tensor's memory lies")
+        if _draws_random(name, args, kwargs):  # computed later, it would draw other numbers
+            return _with_values(func, name, args, kwargs)
         if name == "cpu" and len(args) == 1 and not kwargs and isinstance(args[0], Deferred):
             return args[0]  # on the CPU already, as a loaded tensor is: the same tensor
         metas: dict[int, Deferred] = {}
@@ -129,6 +137,20 @@ _MEMORY = frozenset(
     {"data_ptr", "untyped_storage", "storage", "_typed_storage", "is_shared", "is_set_to"}
     | {"__dlpack__", "__dlpack_device__", "_cdata"}
 )
+
+#: Calls that draw from a random generator: run when called (on the values), as loaded.
+_RANDOM = frozenset(
+    {"bernoulli", "multinomial", "normal", "poisson", "binomial", "rrelu", "gumbel_softmax"}
+    | {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d"}
+    | {"dropout3d", "native_dropout", "_standard_gamma", "_sample_dirichlet"}
+)
+
+
+def _draws_random(name: str, args: Any, kwargs: Any) -> bool:
+    if name in _RANDOM or name.startswith("rand"):
+        return True
+    return any(isinstance(v, torch.Generator) for v in tree_flatten((args, kwargs))[0])
+
 
 #: What the deferral refused while a plan ran (:func:`replaying`): the plan then takes the
 #: loaded path, even where the step caught the error itself.

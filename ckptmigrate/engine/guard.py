@@ -134,8 +134,10 @@ def run_guarded(fn: Any, ckpt: Checkpoint) -> Any:
     storages: set[int] = set()
 
     def wrap(value: torch.Tensor, label: str) -> Any:
-        if isinstance(value, guard) or getattr(type(value), "guards_itself", False):
-            return value  # a deferred tensor refuses a write into it itself
+        if isinstance(value, guard):
+            return value
+        if getattr(type(value), "guards_itself", False):
+            return value.as_input()  # a deferred tensor refuses a write into it itself
         if id(value) not in wrapped:
             w = value.as_subclass(guard)
             wrapped[id(value)] = w
