@@ -351,3 +351,58 @@ def test_a_write_into_what_an_earlier_step_made_is_refused_in_the_next(saved, tm
     with pytest.raises(cm.MigrationError, match="writes into an input tensor in place"):
         cm.upgrade_file(wrecked, tmp_path / "v3", _two_steps(second), from_version="1.0.0")
     assert not (tmp_path / "v3").exists()
+
+
+#: Calls a step makes on its tensors: (what they add to the state_dict, streamed?). Each
+#: result equals the loaded path's; the last few the deferral cannot replay: loaded.
+EVERYDAY = {
+    "max over a dim": (lambda sd: {"m": torch.max(sd["blocks.0.q"], dim=0).values}, True),
+    "chunk": (lambda sd: dict(zip("abcd", torch.chunk(sd["blocks.0.q"], 4))), True),
+    "iterating rows": (lambda sd: {f"r{i}": r for i, r in enumerate(sd["blocks.0.k"])}, True),
+    "index tensor": (lambda sd: {"x": sd["blocks.0.q"][torch.tensor([3, 1])]}, True),
+    "numpy round trip": (lambda sd: {"x": torch.from_numpy(sd["blocks.0.q"].numpy() * 2)}, True),
+    "torch.equal": (
+        lambda sd: {"x": torch.tensor([torch.equal(sd["blocks.0.q"], sd["blocks.0.k"])])},
+        True,
+    ),
+    "no-op casts": (
+        lambda sd: {"x": sd["blocks.0.q"].float().to(dtype=torch.float32, device="cpu")},
+        True,
+    ),
+    "stack and matmul": (
+        lambda sd: {"x": torch.stack([sd["blocks.0.q"] @ sd["blocks.0.k"].t()] * 2)},
+        True,
+    ),
+    "where": (lambda sd: {"x": torch.where(sd["blocks.0.q"] > 0, sd["blocks.0.q"], 0.0)}, True),
+    "dtype view": (lambda sd: {"x": sd["blocks.0.q"].view(torch.int32)}, True),
+    "float of a large sum": (
+        lambda sd: {"x": torch.tensor([float(sd["embed.weight"].sum())])},
+        True,
+    ),
+    "unique of a small one": (lambda sd: {"x": torch.unique(sd["blocks.0.scale"])}, True),
+    "einsum": (
+        lambda sd: {"x": torch.einsum("ij,kj->ik", sd["blocks.0.q"], sd["blocks.0.k"])},
+        True,
+    ),
+    "printed": (lambda sd: print(sd["embed.weight"], f"{sd['blocks.0.scale']}") or {}, True),
+    "a parameter": (lambda sd: {"x": torch.nn.Parameter(sd["blocks.0.q"])}, True),
+    "torch.tensor of one": (lambda sd: {"x": torch.tensor(sd["blocks.0.scale"])}, False),
+    "copy_ into empty_like": (
+        lambda sd: {"x": torch.empty_like(sd["blocks.0.q"]).copy_(sd["blocks.0.q"])},
+        False,
+    ),
+    "nonzero of a large one": (lambda sd: {"x": (sd["embed.weight"] > 3).nonzero()}, False),
+}
+
+
+@pytest.mark.parametrize("call", sorted(EVERYDAY))
+def test_everyday_calls_equal_the_loaded_path(saved, tmp_path, call):
+    made, streams = EVERYDAY[call]
+
+    def step(ckpt: cm.Checkpoint) -> None:
+        ckpt.state_dict.update(made(ckpt.state_dict))
+
+    out = tmp_path / "v2"
+    schema = _schema(step)
+    assert cm.upgrade_file(saved, out, schema, from_version="1.0.0").streamed is streams
+    _assert_same(read_checkpoint(out).state_dict, _loaded(saved, schema))

@@ -75,6 +75,9 @@ class Deferred(torch.Tensor):
                 return _AS_LOADED[prop]
         if name in _MEMORY:
             _refuse(f"{name} asks where a deferred tensor's memory lies")
+        if name in _SHOWN:  # ``print(t)`` in a step: the values, as loaded (one tensor read)
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*tree_map(_produced, args), **tree_map(_produced, kwargs))
         if _draws_random(name, args, kwargs):  # computed later, it would draw other numbers
             return _with_values(func, name, args, kwargs)
         if name == "cpu" and len(args) == 1 and not kwargs and isinstance(args[0], Deferred):
@@ -138,6 +141,8 @@ _MEMORY = frozenset(
     | {"__dlpack__", "__dlpack_device__", "_cdata"}
 )
 
+#: Calls that show a tensor's values as text: a string, however large the tensor.
+_SHOWN = frozenset({"__repr__", "__str__", "__format__"})
 #: Calls that draw from a random generator: run when called (on the values), as loaded.
 _RANDOM = frozenset(
     {"bernoulli", "multinomial", "normal", "poisson", "binomial", "rrelu", "gumbel_softmax"}
