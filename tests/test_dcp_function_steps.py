@@ -18,12 +18,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from crash_points import copied_afresh, killed_runs
 from torch.distributed.checkpoint import FileSystemWriter
 
 import ckptmigrate as cm
 from ckptmigrate.engine.deferred import VALUES_READ_NOW
 from ckptmigrate.formats.dcp import SafeFileSystemReader, read_dcp_metadata
 from ckptmigrate.formats.dcp_rewrite import VALUES_FILE
+from ckptmigrate.formats.folder_swap import finish_interrupted_swap
 from ckptmigrate.io.files import read_checkpoint
 
 if not (dist.is_available() and dist.is_gloo_available()):
@@ -406,3 +408,36 @@ def test_everyday_calls_equal_the_loaded_path(saved, tmp_path, call):
     schema = _schema(step)
     assert cm.upgrade_file(saved, out, schema, from_version="1.0.0").streamed is streams
     _assert_same(read_checkpoint(out).state_dict, _loaded(saved, schema))
+
+
+def test_a_kill_during_a_function_step_rewrite_leaves_the_old_folder_or_the_new(
+    tmp_path, monkeypatch
+):
+    originals = tmp_path / "originals"
+    _save(originals)
+    target = tmp_path / "work" / "step-100"
+    fresh = copied_afresh(originals, target)
+
+    def rename_and_scale(ckpt: cm.Checkpoint) -> None:
+        # small tensors: a forked child must not enter torch's thread pool (it can hang)
+        rename(ckpt)
+        ckpt.state_dict["layers.0.norm"] = ckpt.state_dict["layers.0.norm"] * 2
+
+    schema = _schema(rename_and_scale)
+    want = {k.replace("blocks.", "layers."): v for k, v in _model_sd().items()}
+    want["layers.0.norm"] = want["layers.0.norm"] * 2
+
+    def action() -> None:
+        assert cm.upgrade_file(target, target, schema, from_version="1.0.0").streamed
+
+    outcomes = {"old": 0, "new": 0}
+    for _ in killed_runs(action, monkeypatch, fresh):
+        finish_interrupted_swap(target)  # what the next command does first
+        loaded = read_checkpoint(target).state_dict
+        if sorted(loaded) == sorted(_model_sd()):
+            outcomes["old"] += 1
+            _assert_same(loaded, _model_sd())
+        else:
+            outcomes["new"] += 1
+            _assert_same(loaded, want)
+    assert outcomes["old"] and outcomes["new"], outcomes
