@@ -258,10 +258,15 @@ def tied_by_address(ckpt: cm.Checkpoint) -> None:
         del sd["blocks.0.k"]
 
 
-def writes_into_a_computed_tensor(ckpt: cm.Checkpoint) -> None:
+def writes_into_a_view_of_a_computed_tensor(ckpt: cm.Checkpoint) -> None:
     scaled = ckpt.state_dict["blocks.0.q"] * 2
-    scaled[0] = 0.0  # legal on a fresh tensor: the loaded path replays it
+    scaled[0].fill_(0.0)  # legal on a fresh tensor, and it shows in ``scaled``
     ckpt.state_dict["blocks.0.q"] = scaled
+
+
+def draws_into_a_computed_tensor(ckpt: cm.Checkpoint) -> None:
+    torch.manual_seed(3)
+    ckpt.state_dict["blocks.0.init"] = torch.empty_like(ckpt.state_dict["blocks.0.q"]).normal_()
 
 
 def catches_the_refusal(ckpt: cm.Checkpoint) -> None:
@@ -273,7 +278,14 @@ def catches_the_refusal(ckpt: cm.Checkpoint) -> None:
 
 
 @pytest.mark.parametrize(
-    "step", [large_values, tied_by_address, writes_into_a_computed_tensor, catches_the_refusal]
+    "step",
+    [
+        large_values,
+        tied_by_address,
+        writes_into_a_view_of_a_computed_tensor,
+        draws_into_a_computed_tensor,
+        catches_the_refusal,
+    ],
 )
 def test_what_the_deferral_cannot_replay_takes_the_loaded_path(saved, tmp_path, step):
     assert _model_sd()["embed.weight"].numel() > VALUES_READ_NOW
@@ -391,7 +403,7 @@ EVERYDAY = {
     "torch.tensor of one": (lambda sd: {"x": torch.tensor(sd["blocks.0.scale"])}, False),
     "copy_ into empty_like": (
         lambda sd: {"x": torch.empty_like(sd["blocks.0.q"]).copy_(sd["blocks.0.q"])},
-        False,
+        True,
     ),
     "nonzero of a large one": (lambda sd: {"x": (sd["embed.weight"] > 3).nonzero()}, False),
 }
@@ -441,3 +453,23 @@ def test_a_kill_during_a_function_step_rewrite_leaves_the_old_folder_or_the_new(
             outcomes["new"] += 1
             _assert_same(loaded, want)
     assert outcomes["old"] and outcomes["new"], outcomes
+
+
+def test_writes_into_a_tensor_the_step_computed_are_replayed_when_it_is_written(saved, tmp_path):
+    def step(ckpt: cm.Checkpoint) -> None:
+        sd = ckpt.state_dict
+        scaled = sd["blocks.0.q"] * 2
+        before = scaled + 0  # took ``scaled`` before the writes: must not see them
+        scaled[0] = 0.0
+        scaled += 1
+        scaled.mul_(sd["blocks.0.k"])
+        padded = torch.zeros_like(sd["embed.weight"])
+        padded[:, :128] = sd["embed.weight"][:, :128]  # the README's vocabulary resize
+        sd.update({"blocks.0.scaled": scaled, "blocks.0.before": before, "embed.padded": padded})
+
+    out = tmp_path / "v2"
+    schema = _schema(step)
+    assert cm.upgrade_file(saved, out, schema, from_version="1.0.0").streamed
+    got = read_checkpoint(out).state_dict
+    torch.testing.assert_close(got["blocks.0.before"], _model_sd()["blocks.0.q"] * 2, **EXACT)
+    _assert_same(got, _loaded(saved, schema))

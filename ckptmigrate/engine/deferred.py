@@ -40,6 +40,9 @@ class Deferred(torch.Tensor):
     _produce: Callable[[], torch.Tensor]
     #: the file's own tensor, or a view of one: a write into it is a write into the input
     _of_input: bool
+    #: a view of another deferred tensor, or viewed by one: a write into it would have to
+    #: show in the other, which a replay does not do
+    _shared: bool
     #: for the read-only guard: a deferred tensor refuses writes into it itself
     guards_itself = True
 
@@ -50,6 +53,7 @@ class Deferred(torch.Tensor):
         out = torch.Tensor._make_subclass(cls, meta)
         out._produce = produce
         out._of_input = of_input
+        out._shared = False
         return out
 
     def produce(self) -> torch.Tensor:
@@ -111,12 +115,21 @@ class Deferred(torch.Tensor):
             return planned  # a shape, a dtype, a dim: known without the values
         if isinstance(planned, torch.Tensor) and id(planned) in metas:
             return metas[id(planned)]  # ``t.contiguous()``, ``t.to(t.dtype)``: t itself
-        # plain tensors the call takes are copied now: the step may write into them later
-        args, kwargs = tree_map(_snapshot, args), tree_map(_snapshot, kwargs)
-        inputs = {_storage_key(v) for v in tree_flatten((args, kwargs))[0] if _is_input(v)} - {None}
+        viewed: dict[int | None, list[Deferred]] = {}
+        for v in tree_flatten((args, kwargs))[0]:
+            if isinstance(v, Deferred):
+                viewed.setdefault(_storage_key(v), []).append(v)
+        viewed.pop(None, None)
+        # plain tensors the call takes are copied now, and deferred ones taken as they are
+        # now: the step may write into them later
+        args, kwargs = _captured(args), _captured(kwargs)
 
-        def aliased(t: torch.Tensor) -> bool:
-            return bool(inputs) and _storage_key(t) in inputs
+        def made(t: torch.Tensor, produce: Callable[[], torch.Tensor]) -> Deferred:
+            out = Deferred(t, produce)
+            for base in viewed.get(_storage_key(t), ()) if viewed else ():
+                out._of_input |= base._of_input
+                out._shared = base._shared = True
+            return out
 
         def compute() -> Any:
             with torch._C.DisableTorchFunctionSubclass():
@@ -125,9 +138,9 @@ class Deferred(torch.Tensor):
         if func is torch.cat and isinstance(planned, torch.Tensor) and "out" not in kwargs:
             return Deferred(planned, _concatenate(planned, args, kwargs))
         if isinstance(planned, torch.Tensor):
-            return Deferred(planned, compute, aliased(planned))
+            return made(planned, compute)
         if isinstance(planned, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in planned):
-            parts = [Deferred(t, _pick(compute, i), aliased(t)) for i, t in enumerate(planned)]
+            parts = [made(t, _pick(compute, i)) for i, t in enumerate(planned)]
             return parts if isinstance(planned, list) else type(planned)(parts)
         _refuse(f"{getattr(func, '__name__', func)} returns {type(planned)}")
 
@@ -182,18 +195,93 @@ def replaying() -> Iterator[list[str]]:
 
 
 def _write_in_place(func: Any, name: str, args: Any, kwargs: Any, written: list[Any]) -> Any:
-    """An in-place call that involves a deferred tensor: refused when it writes into one (an
-    input's: the guard's error; one computed: the loaded path replays it), else run now on
-    the values (it writes into a plain tensor the step made: ``new[:n] = old``)."""
+    """An in-place call that involves a deferred tensor. Into an input: the guard's error.
+    Into a tensor the step computed (``w = v * 2; w[0] = 0``): replayed, once it is written,
+    on its values (:func:`_replay_into`). Into a plain tensor the step made
+    (``new[:n] = old``): run now, on the values."""
     if writes_into_guarded(func, args, kwargs):  # a mapped input's, behind the guard
         raise InPlaceWriteError(in_place_message(func))
     for target in written:
         if isinstance(target, Deferred):
             if target._of_input and guard_active():
                 raise InPlaceWriteError(in_place_message(func))
-            _refuse(f"{name or func} writes into a deferred tensor")
+            if target._of_input or len(written) > 1 or target is not args[0]:
+                _refuse(f"{name or func} writes into a deferred tensor")
+            return _replay_into(target, func, name, args, kwargs)
     with torch._C.DisableTorchFunctionSubclass():
         return func(*tree_map(_produced, args), **tree_map(_produced, kwargs))
+
+
+#: In-place calls that change a tensor's shape, storage or autograd state, and random draws
+#: (made later, they would draw other numbers): never replayed on a computed tensor.
+_NOT_REPLAYED = frozenset(
+    {"__set__", "set_", "resize_", "resize_as_", "as_strided_", "squeeze_", "unsqueeze_"}
+    | {"t_", "transpose_", "swapdims_", "swapaxes_", "detach_", "share_memory_"}
+)
+_DRAWN = ("normal", "uniform", "bernoulli", "random", "exponential", "geometric", "cauchy")
+_DRAWN += ("orthogonal", "sparse", "dropout", "rrelu")
+
+
+def _replay_into(target: Deferred, func: Any, name: str, args: Any, kwargs: Any) -> Any:
+    """``func`` writes into ``target``, a tensor the step computed: its values become the
+    old ones with the write replayed on them. Deferred tensors that took ``target`` before
+    took its old values (:func:`_captured`); one sharing its memory (a view) is refused."""
+    if (
+        target._shared
+        or name in _NOT_REPLAYED
+        or any(word in name for word in _DRAWN)
+        or _draws_random(name, args, kwargs)
+    ):
+        _refuse(f"{name or func} writes into a deferred tensor that cannot take it later")
+    with torch._C.DisableTorchFunctionSubclass():
+        meta = torch.empty_like(target)
+        rest, kw = tree_map(_meta_of, args[1:]), tree_map(_meta_of, kwargs)
+        try:
+            func(meta, *rest, **kw)  # checked on a copy's shape: its own stays as it is
+        except Exception:
+            _refuse(f"{name or func} into a deferred tensor cannot be planned")
+        if meta.shape != target.shape or meta.dtype != target.dtype:
+            _refuse(f"{name or func} changes a deferred tensor's shape or dtype")
+    old = target._produce
+    rest, kw = _captured(tuple(args[1:])), _captured(kwargs)
+
+    def produce() -> torch.Tensor:
+        values = old()
+        with torch._C.DisableTorchFunctionSubclass():
+            func(values, *tree_map(_produced, rest), **tree_map(_produced, kw))
+        return values
+
+    target._produce = produce
+    return None if name == "__setitem__" else target
+
+
+def _meta_of(value: Any) -> Any:
+    if isinstance(value, Deferred):
+        return value.as_subclass(torch.Tensor)
+    if isinstance(value, torch.Tensor):
+        return value.to("meta")
+    return value
+
+
+class _Taken:
+    """A deferred tensor as a call took it: how its values were to be made then."""
+
+    __slots__ = ("produce",)
+
+    def __init__(self, produce: Callable[[], torch.Tensor]) -> None:
+        self.produce = produce
+
+
+def _captured(tree: Any) -> Any:
+    """A call's arguments as it took them: plain tensors copied (:func:`_snapshot`),
+    deferred ones by how their values are made now (:class:`_Taken`)."""
+
+    def take(value: Any) -> Any:
+        if isinstance(value, Deferred):
+            return _Taken(value._produce)
+        return _snapshot(value)
+
+    return tree_map(take, tree)
 
 
 def _cpu_as_meta(value: Any) -> Any:
@@ -277,7 +365,7 @@ def _pick(compute: Callable[[], Any], i: int) -> Callable[[], torch.Tensor]:
 
 
 def _produced(value: Any) -> Any:
-    return value.produce() if isinstance(value, Deferred) else value
+    return value.produce() if isinstance(value, (Deferred, _Taken)) else value
 
 
 def deferrable(steps: Any) -> bool:
