@@ -473,3 +473,15 @@ def test_writes_into_a_tensor_the_step_computed_are_replayed_when_it_is_written(
     got = read_checkpoint(out).state_dict
     torch.testing.assert_close(got["blocks.0.before"], _model_sd()["blocks.0.q"] * 2, **EXACT)
     _assert_same(got, _loaded(saved, schema))
+
+
+def test_a_function_step_to_a_sharded_safetensors_set_streams(saved, tmp_path, monkeypatch):
+    from ckptmigrate.formats import dcp_tensors
+
+    monkeypatch.setattr(dcp_tensors, "MAX_SHARD_BYTES", 16 * 1024)  # several shards
+    index = tmp_path / "out" / "model.safetensors.index.json"
+    schema = _schema(rewrite_many)
+    result = cm.upgrade_file(saved, index, schema, from_version="1.0.0")
+    assert result.streamed and result.format == "sharded"
+    assert len(list(index.parent.glob("model-*.safetensors"))) > 1
+    _assert_same(read_checkpoint(index).state_dict, _loaded(saved, schema))

@@ -420,16 +420,11 @@ def defer_dcp(
             return NewTensor(tuple(value.shape), _dtype_name(value.dtype), lambda: value)
         return value
 
-    def refuse_deferred(value: Any) -> Any:
-        if isinstance(value, Deferred):  # a value in the hparams: the loaded path holds it
-            raise NotReplayableError("the plan put a deferred tensor in hparams or meta")
-        return value
-
     def settle(result: Checkpoint) -> Checkpoint:
         """``result`` as stubs and new tensors; raises :class:`NotReplayableError` for what
         only the loaded path can write."""
-        _walk(result.hparams, refuse_deferred)
-        _walk(result.meta, refuse_deferred)
+        if _holds_deferred(result.hparams) or _holds_deferred(result.meta):
+            raise NotReplayableError("the plan put a deferred tensor in hparams or meta")
         out = result.copy()
         out.state_dict = _walk(result.state_dict, settle_leaf)
         out.optimizer = _walk(result.optimizer, settle_leaf)
@@ -441,6 +436,17 @@ def defer_dcp(
     deferred.optimizer = _walk(stubs.optimizer, defer)
     deferred.extra = _walk(stubs.extra, defer)
     return deferred, settle
+
+
+def _holds_deferred(node: Any) -> bool:
+    """Whether a deferred tensor lies anywhere in ``node`` (dicts, lists, tuples)."""
+    if isinstance(node, Deferred):
+        return True
+    if isinstance(node, dict):
+        return any(_holds_deferred(v) for v in node.values())
+    if isinstance(node, (list, tuple)):
+        return any(_holds_deferred(v) for v in node)
+    return False
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
