@@ -9,6 +9,14 @@ runs; afterwards :func:`settle` says which tensors are the file's own, untouched
 bytes are kept) and which are new (computed by the writer when it writes them, one at a
 time: the inputs of one result and the result in memory, nothing else).
 
+Function steps and ops that run caller code run on them too, behind the read-only guard: a
+write into an input is refused with the guard's :class:`~ckptmigrate.errors.InPlaceWriteError`;
+a write into a tensor the step computed is replayed on its values when it is written; values
+Python needs (``.item()``, ``if t.max() > 1:``) are computed on the spot when small; a call
+draws its random numbers when made; plain tensors a call takes are copied when it takes them.
+What cannot be replayed (an address, a large tensor's values) is refused and recorded
+(:func:`replaying`), and the plan then takes the loaded path, even where the step caught it.
+
 >>> ckpt, settle = defer_dcp(source.path, source.stubs)  # doctest: +SKIP
 >>> new = settle(plan.run(ckpt))  # kept: the file's stubs; new: NewTensor(..., compute)
 """
