@@ -289,3 +289,25 @@ def test_cli_in_place_upgrade_of_a_dcp_folder_keeps_a_folder_backup(dcp_dir, tmp
     assert {p.name: p.read_bytes() for p in backup.iterdir()} == before
     ckpt = read_checkpoint(dcp_dir)
     assert str(ckpt.version) == "2.0.0" and "layers.0.weight" in ckpt.state_dict
+
+
+def test_hparams_json_cannot_hold_are_one_error_and_nothing_written(dcp_dir, tmp_path):
+    # a DCP folder's hparams live in ckptmigrate.json: a tensor there was "internal error
+    # (TypeError: Object of type Tensor is not JSON serializable)"
+    migrations = tmp_path / "lm.py"
+    migrations.write_text(
+        "import torch\nimport ckptmigrate as cm\nschema = cm.Schema('lm', current='2.0.0')\n"
+        "@schema.migration('1.0.0', '2.0.0')\ndef step(ckpt):\n"
+        "    ckpt.hparams['scale'] = torch.ones(2)\n"
+    )
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "ckptmigrate", "upgrade", str(dcp_dir), "-o", str(out)]
+        + ["--from-version", "1.0.0", "--schema", "lm", "--migrations", str(migrations)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2, done
+    assert done.stderr.startswith("ckptmigrate: error: a DCP folder keeps its hparams")
+    assert "internal error" not in done.stderr and len(done.stderr.splitlines()) == 1
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["lm.py", "step-100"]

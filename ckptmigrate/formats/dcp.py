@@ -42,6 +42,7 @@ from ..base.readable import bounded_repr
 from ..errors import (
     BudgetExceededError,
     CheckpointFormatError,
+    CheckpointWriteError,
     OutputOccupiedError,
     UnsafeCheckpointError,
 )
@@ -787,8 +788,16 @@ def write_stamp_file(folder: str | os.PathLike[str], ckpt: Checkpoint) -> None:
         data["hparams"] = ckpt.hparams
     if slots.meta is None:
         data["meta"] = ckpt.meta
+    try:
+        text = json.dumps(data, indent=2) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise CheckpointWriteError(
+            f"a DCP folder keeps its hparams and meta as JSON in {STAMP_FILE}, and they hold a "
+            f"value JSON cannot ({exc}): keep tensors in the state dict, and numbers, strings, "
+            "lists and dicts in hparams"
+        ) from None
     with atomic_path(Path(folder) / STAMP_FILE) as stamp_tmp:
-        stamp_tmp.write_text(json.dumps(data, indent=2) + "\n", "utf-8")
+        stamp_tmp.write_text(text, "utf-8")
 
 
 def stamp_dcp(src: str | os.PathLike[str], dst: str | os.PathLike[str], ckpt: Checkpoint) -> None:
