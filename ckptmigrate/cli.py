@@ -944,17 +944,37 @@ _PROJECT = _ProjectImportable()
 
 @contextlib.contextmanager
 def _warnings_as_lines(*, show_torch: bool) -> Iterator[None]:
-    """Our warnings as one ``ckptmigrate: warning:`` line each; torch's notes about its own
-    internals (a pickle protocol it did not write, a deprecated call) only with ``--debug``."""
+    """Our warnings (and log records) as one ``ckptmigrate: warning:`` line each; torch's
+    notes about its own internals (a pickle protocol it did not write, a deprecated call, DCP's
+    fallbacks) only with ``--debug``."""
 
     def show(message: Any, category: Any, filename: str, lineno: int, *rest: Any) -> None:
         if not show_torch and f"{os.sep}torch{os.sep}" in filename:
             return
         print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
-    with warnings.catch_warnings():
-        warnings.showwarning = show
-        yield
+    import logging
+
+    class LogLines(logging.Handler):
+        """Log records as warnings are shown: torch's own (DCP logs each fallback with its
+        traceback on the root logger) only with ``--debug``, others as one line each."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if f"{os.sep}torch{os.sep}" in (record.pathname or ""):
+                if show_torch:
+                    print(self.format(record), file=sys.stderr)
+                return
+            print(f"{PROG}: warning: {' '.join(record.getMessage().split())}", file=sys.stderr)
+
+    root = logging.getLogger()
+    handler = LogLines(logging.WARNING)
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            yield
+    finally:
+        root.removeHandler(handler)
 
 
 if __name__ == "__main__":  # pragma: no cover

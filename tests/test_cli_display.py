@@ -270,3 +270,32 @@ def test_on_a_terminal_a_stamp_is_never_read_as_rich_markup(files: Path) -> None
     code, shown = run_on_terminal(files, "diff", "a.pth", "markup.pth")
     assert code == 1, shown  # was: internal error (MarkupError: closing tag '[/]' ...)
     assert "toy[/] 1.0.0" in ANSI.sub("", shown) and "error" not in shown
+
+
+def test_torchs_log_records_show_only_with_debug_and_others_as_one_line(capsys):
+    # DCP logs each metadata fallback with its traceback on the root logger; with no handler
+    # configured Python printed it all on the CLI's stderr, around our own one-line error
+    import logging
+    import os
+
+    import torch
+
+    from ckptmigrate.cli import _warnings_as_lines
+
+    torch_file = os.path.join(os.path.dirname(torch.__file__), "distributed", "x.py")
+
+    def records():
+        for path, text in [(torch_file, "Global metadata is not found."), ("/x/lib.py", "a  b")]:
+            logging.getLogger().handle(
+                logging.LogRecord("root", logging.WARNING, path, 1, text, None, None)
+            )
+
+    with _warnings_as_lines(show_torch=False):
+        records()
+    assert capsys.readouterr().err.splitlines() == ["ckptmigrate: warning: a b"]
+    with _warnings_as_lines(show_torch=True):
+        records()
+    err = capsys.readouterr().err
+    assert "Global metadata is not found." in err and "ckptmigrate: warning: a b" in err
+    records()  # the command is over: its handler is gone
+    assert "ckptmigrate: warning" not in capsys.readouterr().err

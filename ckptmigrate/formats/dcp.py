@@ -619,7 +619,7 @@ def _torch_reader_classes() -> tuple[type, type]:
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
             path = self._get_metadata_path(kwargs.get("rank"))
             md = read_dcp_metadata(path, torch_classes=True)
-            if getattr(md, "storage_meta", None) is None:
+            if not isinstance(getattr(md, "storage_meta", None), StorageMeta):  # odd: ignored
                 md.storage_meta = StorageMeta()
             md.storage_meta.load_id = self.load_id
             self.metadata = md
