@@ -14,6 +14,7 @@ a file system that clones shares them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -25,11 +26,10 @@ from typing import Any
 
 from ..errors import CheckpointWriteError
 from ..values.tensorinfo import SAFETENSORS_DTYPES, TensorStub
-from . import atomic
-from .atomic import Writeback, atomic_fd
-from .byte_copy import BLOCK, copy_range
+from .byte_copy import BLOCK
 from .detect import open_regular_file
 from .safetensors_file import ALIASES
+from .sink import CopySource, open_copy_source, open_sink
 
 __all__ = [
     "Part",
@@ -84,13 +84,19 @@ def write_safetensors_copy(
 
 
 def write_safetensors_parts(
-    dst: str | os.PathLike[str], entries: list[tuple[str, Part]], metadata: dict[str, str]
+    dst: str | os.PathLike[str],
+    entries: list[tuple[str, Part]],
+    metadata: dict[str, str],
+    *,
+    origins: dict[Any, Any] | None = None,
 ) -> tuple[int, int]:
     """Write ``entries`` to ``dst`` atomically: a header, then each part's bytes, copied from
     its source or written from memory. The header is padded so that the data start where
     most copied bytes keep their source's offset modulo :data:`~.byte_copy.BLOCK`, so a file
     system that clones (XFS reflink, btrfs) shares their blocks. Returns ``(bytes copied,
-    bytes that went through Python)``."""
+    bytes that went through Python)``. ``dst`` and the sources may be objects
+    (:mod:`.sink`); ``origins`` maps a local source to the object it is a private copy of,
+    whose bytes an upload to its store copies server-side."""
     aliases: dict[str, str] = {}
     stored: dict[int, str] = {}
     unique: list[tuple[str, Part]] = []
@@ -134,34 +140,27 @@ def write_safetensors_parts(
     raw += b" " * ((-8 - len(raw)) % 8 if residue is None else (residue - 8 - len(raw)) % BLOCK)
     head = struct.pack("<Q", len(raw)) + raw
     copied = through_python = 0
-    with atomic_fd(dst) as out:
-        _pwrite_all(out, head, 0)
-        writeback = Writeback(out)
-        opened: dict[Path, Any] = {}
-        try:
-            for part, at in placed:
-                if part.source is None:
-                    data = part.produce() if part.produce is not None else part.data
-                    if data is not None and len(data) != part.nbytes:
-                        raise CheckpointWriteError(
-                            f"a tensor came out {len(data)} bytes long, but its header entry "
-                            f"says {part.nbytes}"
-                        )
-                    _pwrite_all(out, data if data is not None else b"", len(head) + at)
-                    del data
-                    writeback.wrote(len(head) + at + part.nbytes)
-                    through_python += part.nbytes
-                    continue
-                src, offset = part.source
-                if src not in opened:
-                    opened[src] = open_regular_file(src)
-                through_python += copy_range(
-                    opened[src].fileno(), offset, out, len(head) + at, part.nbytes, writeback
-                )
-                copied += part.nbytes
-        finally:
-            for f in opened.values():
-                f.close()
+    with open_sink(dst) as sink, contextlib.ExitStack() as stack:
+        sink.write(head)
+        opened: dict[Any, CopySource] = {}
+        for part, _ in placed:  # front to back: each part lies right after the one before
+            if part.source is None:
+                data = part.produce() if part.produce is not None else part.data
+                if data is not None and len(data) != part.nbytes:
+                    raise CheckpointWriteError(
+                        f"a tensor came out {len(data)} bytes long, but its header entry "
+                        f"says {part.nbytes}"
+                    )
+                sink.write(data if data is not None else b"")
+                del data
+                through_python += part.nbytes
+                continue
+            src, offset = part.source
+            if src not in opened:
+                origin = origins.get(src) if origins else None
+                opened[src] = stack.enter_context(open_copy_source(src, origin))
+            through_python += sink.copy(opened[src], offset, part.nbytes)
+            copied += part.nbytes
     return copied, through_python
 
 
@@ -176,10 +175,3 @@ def _data_residue(placed: list[tuple[Part, int]]) -> int | None:
                 votes[residue] += part.nbytes
     return votes.most_common(1)[0][0] if votes else None
 
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        atomic.crash_point("write")  # looked up here: tests record it
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n

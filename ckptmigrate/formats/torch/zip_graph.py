@@ -60,6 +60,8 @@ class ZipGraph:
     pids: dict[int, tuple[Any, ...]]  # id(storage ref) -> the persistent id as read
     lossy: list[str] = field(default_factory=list)
     keepalive: list[Any] = field(default_factory=list, repr=False)
+    #: the object ``path`` is a private copy of (its records are copied server-side from it)
+    origin: Any = None
 
 
 def _recording(name: str, fn: Callable[..., Any], graph: ZipGraph) -> Callable[..., Any]:
@@ -208,4 +210,4 @@ def write_zip_graph(dst: str | os.PathLike[str], graph: ZipGraph, obj: Any) -> T
             continue  # a storage only dropped keys referenced
         else:
             members.append((name, record))
-    return write_zip_copy(dst, graph.path, members)
+    return write_zip_copy(dst, graph.path, members, origin=graph.origin)

@@ -26,10 +26,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ...errors import CheckpointFormatError
-from .. import atomic
-from ..atomic import Writeback, atomic_fd
-from ..byte_copy import BLOCK, copy_range
-from ..detect import open_regular_file
+from ..atomic import Writeback
+from ..byte_copy import BLOCK
+from ..remote import RemotePath
+from ..sink import CopySource, FileSink, Sink, open_copy_source, open_sink
 from .archive import ZipRecordInfo
 
 __all__ = ["ALIGNMENT", "TorchZipWriter", "write_zip_copy"]
@@ -49,23 +49,19 @@ class _Entry:
 
 
 class TorchZipWriter:
-    """A stored-only zip64 archive writer with torch's 64-byte data alignment."""
+    """A stored-only zip64 archive writer with torch's 64-byte data alignment, writing into
+    a :class:`~..sink.Sink` (or a file descriptor: a local file from offset 0)."""
 
-    def __init__(self, fd: int, writeback: Writeback | None = None) -> None:
-        self._fd = fd
-        self._writeback = writeback
+    def __init__(self, out: int | Sink, writeback: Writeback | None = None) -> None:
+        self._sink = FileSink(out, writeback) if isinstance(out, int) else out
         self._pos = 0
         self._entries: list[_Entry] = []
         self.bytes_copied = 0
         self.bytes_through_python = 0
 
     def _write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            atomic.crash_point("write")  # looked up here: tests record it
-            n = os.pwrite(self._fd, view, self._pos)
-            view = view[n:]
-            self._pos += n
+        self._sink.write(data)
+        self._pos += len(memoryview(data).cast("B"))
 
     def _local_header(self, name: str, size: int, crc: int, like: int | None = None) -> bytes:
         """The local header of a member whose data follow it: at a multiple of
@@ -114,20 +110,18 @@ class TorchZipWriter:
         self._write(self._local_header(name, len(data), crc))
         for at in range(0, len(data), _CHUNK):
             self._write(data[at : at + _CHUNK])
-            if self._writeback is not None:
-                self._writeback.wrote(self._pos)
         self.bytes_through_python += len(data)
 
-    def copy_member(self, name: str, src_fd: int, record: ZipRecordInfo) -> None:
-        """Copy a stored member of another archive as it is, CRC included, under ``name``."""
+    def copy_member(self, name: str, src: int | CopySource, record: ZipRecordInfo) -> None:
+        """Copy a stored member of another archive (a descriptor, or a
+        :class:`~..sink.CopySource`) as it is, CRC included, under ``name``."""
         if record.compress_type != 0 or record.compressed_size != record.size:
             raise CheckpointFormatError(
                 f"zip member {record.name!r} is compressed; torch writes stored members only"
             )
         self._write(self._local_header(name, record.size, record.crc, like=record.data_offset))
-        self.bytes_through_python += copy_range(
-            src_fd, record.data_offset, self._fd, self._pos, record.size, self._writeback
-        )
+        source = CopySource(fd=src) if isinstance(src, int) else src
+        self.bytes_through_python += self._sink.copy(source, record.data_offset, record.size)
         self._pos += record.size
         self.bytes_copied += record.size
 
@@ -188,26 +182,32 @@ class TorchZipWriter:
 
 
 def write_zip_copy(
-    dst: str | os.PathLike[str],
-    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str] | RemotePath,
+    src: str | os.PathLike[str] | RemotePath,
     members: Iterable[tuple[str, bytes | memoryview | ZipRecordInfo]],
+    *,
+    origin: RemotePath | None = None,
 ) -> TorchZipWriter:
     """Write an archive of ``members`` to ``dst`` atomically, in that order: bytes (or a
     buffer: a new tensor's storage) as given, records copied as stored from the archive
     ``src``. Returns the closed writer (its
     ``bytes_copied`` / ``bytes_through_python`` tell what moved).
 
+    Either may be an object (:mod:`..sink`): records of an object are read by range, or
+    copied by the server when ``dst`` is on its store; ``origin`` names the object a local
+    ``src`` is a private copy of, so that its records are copied server-side too.
+
     >>> write_zip_copy("new.pth", "old.pth", [("archive/data.pkl", pickled),
     ...                                       ("archive/data/0", records["archive/data/0"])])
     """
-    with open_regular_file(src) as source, atomic_fd(dst) as fd:
-        writer = TorchZipWriter(fd, Writeback(fd))
+    with open_copy_source(src, origin) as source, open_sink(dst) as sink:
+        writer = TorchZipWriter(sink)
         for name, member in members:
             if isinstance(member, bytes):
                 writer.add_bytes(name, member)
             elif isinstance(member, memoryview):
                 writer.add_buffer(name, member)
             else:
-                writer.copy_member(name, source.fileno(), member)
+                writer.copy_member(name, source, member)
         writer.close()
     return writer
