@@ -174,4 +174,3 @@ def _data_residue(placed: list[tuple[Part, int]]) -> int | None:
             if residue % 8 == 0:
                 votes[residue] += part.nbytes
     return votes.most_common(1)[0][0] if votes else None
-
