@@ -398,7 +398,7 @@ def test_credentials_never_reach_the_output_of_an_upgrade(s3, src, files, tmp_pa
     s3.faults["/a.pth"] = "error"
     runs.append(run(files, "upgrade", src, "--in-place", "--debug", *migrations))
     assert runs[0].returncode == 0, runs[0].stderr
-    assert all(p.returncode == 2 for p in runs[1:]), [p.stderr for p in runs]
+    assert all(p.returncode != 0 for p in runs[1:]), [p.stderr[-3000:] for p in runs]
     assert "cannot write it to its store" in one_error_line(runs[1])
     for proc in runs:
         for text in (proc.stdout, proc.stderr):

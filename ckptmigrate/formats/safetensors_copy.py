@@ -161,6 +161,8 @@ def write_safetensors_parts(
                 opened[src] = stack.enter_context(open_copy_source(src, origin))
             through_python += sink.copy(opened[src], offset, part.nbytes)
             copied += part.nbytes
+        for source in opened.values():
+            source.check_unchanged()  # before the new file or object appears
     return copied, through_python
 
 

@@ -104,6 +104,32 @@ class CopySource:
             )
         return out
 
+    def check_unchanged(self) -> None:
+        """Refuse (nothing appears) when the object read is no longer the one it was: its
+        ETag changed while its records were read or copied (a server honours
+        ``CopySourceIfMatch`` for the part copies too; this covers the ranged reads and the
+        servers that do not). One HEAD request; a local file is not checked."""
+        if self.remote is None or not self.etag:
+            return
+        from .remote import _reason
+
+        store, key = self.remote.store, self.remote.key
+        try:
+            if store.protocol in ("s3", "s3a"):
+                bucket, name, _ = store.fs.split_path(key)
+                store.requests += 1
+                now = store.fs.call_s3("head_object", Bucket=bucket, Key=name).get("ETag")
+            else:
+                now = store.call(key, store.fs.info, key).get("ETag")
+        except Exception as exc:
+            raise RemoteWriteError(str(self.remote), _reason(exc)) from None
+        if now is not None and now != self.etag:
+            raise RemoteWriteError(
+                str(self.remote),
+                f"the object changed while it was copied (ETag {self.etag} when read, {now} "
+                "now): nothing was written; run the upgrade again",
+            )
+
 
 class Sink:
     """A file being written front to back: :meth:`write` new bytes, :meth:`copy` a range of a

@@ -210,4 +210,5 @@ def write_zip_copy(
             else:
                 writer.copy_member(name, source, member)
         writer.close()
+        source.check_unchanged()  # before the new file or object appears
     return writer
