@@ -140,9 +140,17 @@ def write_safetensors_parts(
     raw += b" " * ((-8 - len(raw)) % 8 if residue is None else (residue - 8 - len(raw)) % BLOCK)
     head = struct.pack("<Q", len(raw)) + raw
     copied = through_python = 0
-    with open_sink(dst) as sink, contextlib.ExitStack() as stack:
-        sink.write(head)
+    with contextlib.ExitStack() as stack:
         opened: dict[Any, CopySource] = {}
+        for part, _ in placed:
+            src = part.source[0] if part.source is not None else None
+            if src is not None and src not in opened:
+                origin = origins.get(src) if origins else None
+                opened[src] = stack.enter_context(open_copy_source(src, origin))
+        # in place: the one source that is the object replaced (its ETag guards the swap)
+        replaced = next((o for o in opened.values() if o.remote is not None), None)
+        sink = stack.enter_context(open_sink(dst, replaced))
+        sink.write(head)
         for part, _ in placed:  # front to back: each part lies right after the one before
             if part.source is None:
                 data = part.produce() if part.produce is not None else part.data
@@ -156,9 +164,6 @@ def write_safetensors_parts(
                 through_python += part.nbytes
                 continue
             src, offset = part.source
-            if src not in opened:
-                origin = origins.get(src) if origins else None
-                opened[src] = stack.enter_context(open_copy_source(src, origin))
             through_python += sink.copy(opened[src], offset, part.nbytes)
             copied += part.nbytes
         for source in opened.values():

@@ -179,7 +179,9 @@ class MultipartSink(Sink):
     ``requests``, ``bytes_uploaded`` (written and read-then-sent bytes) and
     ``bytes_copied_server_side``."""
 
-    def __init__(self, target: RemotePath, part_bytes: int | None = None) -> None:
+    def __init__(
+        self, target: RemotePath, part_bytes: int | None = None, if_match: str | None = None
+    ) -> None:
         if target.store.protocol not in ("s3", "s3a"):
             raise RemoteWriteError(
                 str(target),
@@ -196,6 +198,9 @@ class MultipartSink(Sink):
         self.buffer = bytearray()
         self.parts: list[dict[str, Any]] = []
         self.upload_id: str | None = None
+        #: the ETag the object under the name must still have when the result replaces it
+        #: (an in-place upgrade: a concurrent writer's object is not overwritten)
+        self.if_match = if_match
         self.requests = 0
         self.bytes_uploaded = 0
         self.bytes_copied_server_side = 0
@@ -321,9 +326,11 @@ class MultipartSink(Sink):
 
     def commit(self) -> None:
         """Make the object appear under its name, whole: one PUT, or the upload completed."""
+        condition = {"IfMatch": self.if_match} if self.if_match else {}
         if self.upload_id is None:
             atomic.crash_point("complete")
-            self._call("put_object", Bucket=self.bucket, Key=self.key, Body=bytes(self.buffer))
+            body = bytes(self.buffer)
+            self._call("put_object", Bucket=self.bucket, Key=self.key, Body=body, **condition)
             self.bytes_uploaded += len(self.buffer)
             self.buffer = bytearray()
             return
@@ -335,6 +342,7 @@ class MultipartSink(Sink):
             Key=self.key,
             UploadId=self.upload_id,
             MultipartUpload={"Parts": self.parts},
+            **condition,
         )
         self.upload_id = None
 
@@ -352,13 +360,17 @@ class MultipartSink(Sink):
 
 
 @contextlib.contextmanager
-def open_sink(dst: str | os.PathLike[str] | RemotePath) -> Iterator[Sink]:
+def open_sink(
+    dst: str | os.PathLike[str] | RemotePath, source: CopySource | None = None
+) -> Iterator[Sink]:
     """A sink writing ``dst``: a local file (temporary, renamed over ``dst`` on success) or an
     S3 object (a multipart upload completed on success); on any error, Ctrl-C included,
-    nothing appears under the name."""
+    nothing appears under the name. When ``dst`` is the object ``source`` copies from (in
+    place), the result replaces it only while it is still that object (``IfMatch``)."""
     where = location(dst) if is_remote(dst) else Path(dst)  # type: ignore[arg-type]
     if isinstance(where, RemotePath):
-        sink = MultipartSink(where)
+        same = source is not None and source.remote == where
+        sink = MultipartSink(where, if_match=source.etag if same and source else None)
         try:
             yield sink
             sink.commit()

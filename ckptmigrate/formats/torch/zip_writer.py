@@ -200,7 +200,7 @@ def write_zip_copy(
     >>> write_zip_copy("new.pth", "old.pth", [("archive/data.pkl", pickled),
     ...                                       ("archive/data/0", records["archive/data/0"])])
     """
-    with open_copy_source(src, origin) as source, open_sink(dst) as sink:
+    with open_copy_source(src, origin) as source, open_sink(dst, source) as sink:
         writer = TorchZipWriter(sink)
         for name, member in members:
             if isinstance(member, bytes):
