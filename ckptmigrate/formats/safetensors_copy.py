@@ -166,6 +166,8 @@ def write_safetensors_parts(
             src, offset = part.source
             through_python += sink.copy(opened[src], offset, part.nbytes)
             copied += part.nbytes
+        sink.settle()
+        through_python += sink.bytes_read_through
         for source in opened.values():
             source.check_unchanged()  # before the new file or object appears
     return copied, through_python

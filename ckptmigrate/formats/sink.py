@@ -145,6 +145,17 @@ class Sink:
         through Python (0 for a kernel or server-side copy)."""
         raise NotImplementedError
 
+    def copies_runs(self, source: CopySource) -> bool:
+        """Whether ranges of ``source`` copied back to back are best copied as one run (a
+        server-side copy: fewer, longer parts), so a writer copies whole source extents."""
+        return False
+
+    #: bytes of copied ranges that were read and uploaded, not copied by the server
+    bytes_read_through: int = 0
+
+    def settle(self) -> None:
+        """Send what is held back (a run of source bytes), so every source read is done."""
+
 
 class FileSink(Sink):
     """A local file's descriptor (the temporary :func:`~.atomic.atomic_fd` renames into
@@ -198,6 +209,8 @@ class MultipartSink(Sink):
         self.buffer = bytearray()
         self.parts: list[dict[str, Any]] = []
         self.upload_id: str | None = None
+        self._run: tuple[CopySource, int, int] | None = None  # a source range held back
+        self.bytes_read_through = 0
         #: the ETag the object under the name must still have when the result replaces it
         #: (an in-place upgrade: a concurrent writer's object is not overwritten)
         self.if_match = if_match
@@ -280,39 +293,67 @@ class MultipartSink(Sink):
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
+        if view:
+            self._flush_run()
         while view:
             take = self.part_bytes - len(self.buffer)
             self.buffer += view[:take]
             view = view[take:]
             if len(self.buffer) >= self.part_bytes:
                 self._flush()
-        self.position = self._uploaded_and_buffered()
+        self.position = self._held()
 
-    def _uploaded_and_buffered(self) -> int:
-        return self.bytes_uploaded + self.bytes_copied_server_side + len(self.buffer)
+    def _held(self) -> int:
+        run = self._run[2] - self._run[1] if self._run is not None else 0
+        return self.bytes_uploaded + self.bytes_copied_server_side + len(self.buffer) + run
 
     def copy(self, source: CopySource, offset: int, count: int) -> int:
-        through = 0
-        if self._server_side(source):
-            # every part but the last holds MIN_PART_BYTES or more: top the buffer up from
-            # the range's head, then the server copies the rest
-            need = MIN_PART_BYTES - len(self.buffer) if self.buffer else 0
-            need = max(0, need)
-            if count - need >= MIN_PART_BYTES:
-                if need:
-                    self.write(source.read(offset, need))
-                    through += need
-                    offset, count = offset + need, count - need
-                self._flush()
-                pieces = -(-count // MAX_COPY_PART_BYTES)
-                step = -(-count // pieces)
-                for at in range(0, count, step):
-                    self._copy_part(source, offset + at, offset + min(count, at + step))
-                self.position = self._uploaded_and_buffered()
-                return through
+        if count and self._server_side(source):
+            # held back: a range that continues it joins it, and the run goes as few parts
+            run = self._run
+            if run is not None and run[0] is source and run[2] == offset:
+                self._run = (source, run[1], offset + count)
+            else:
+                self._flush_run()
+                self._run = (source, offset, offset + count)
+            self.position = self._held()
+            return 0
+        self._flush_run()
         for at in range(0, count, READ_CHUNK):
             self.write(source.read(offset + at, min(READ_CHUNK, count - at)))
-        return through + count
+        return count
+
+    def copies_runs(self, source: CopySource) -> bool:
+        return self._server_side(source)
+
+    def settle(self) -> None:
+        self._flush_run()
+
+    def _flush_run(self) -> None:
+        """The held run of source bytes, copied by the server. Every part but the last holds
+        MIN_PART_BYTES or more: a buffer of new bytes is first topped up from the run's head
+        (read and uploaded); a run too short to make a part after that is read whole."""
+        if self._run is None:
+            return
+        source, offset, end = self._run
+        self._run = None
+        count = end - offset
+        need = max(0, MIN_PART_BYTES - len(self.buffer)) if self.buffer else 0
+        if count - need < MIN_PART_BYTES:
+            for at in range(0, count, READ_CHUNK):
+                self.write(source.read(offset + at, min(READ_CHUNK, count - at)))
+            self.bytes_read_through += count
+            return
+        if need:
+            self.write(source.read(offset, need))
+            self.bytes_read_through += need
+            offset, count = offset + need, count - need
+        self._flush()
+        pieces = -(-count // MAX_COPY_PART_BYTES)
+        step = -(-count // pieces)
+        for at in range(0, count, step):
+            self._copy_part(source, offset + at, offset + min(count, at + step))
+        self.position = self._held()
 
     def _server_side(self, source: CopySource) -> bool:
         """Whether the source is an object the server can copy from: on the same store."""
@@ -326,6 +367,7 @@ class MultipartSink(Sink):
 
     def commit(self) -> None:
         """Make the object appear under its name, whole: one PUT, or the upload completed."""
+        self._flush_run()
         condition = {"IfMatch": self.if_match} if self.if_match else {}
         if self.upload_id is None:
             atomic.crash_point("complete")
@@ -349,7 +391,7 @@ class MultipartSink(Sink):
     def abort(self) -> None:
         """Drop the parts sent (nothing appears under the name); errors here are swallowed:
         the error that led here is the one to report."""
-        self.buffer = bytearray()
+        self.buffer, self._run = bytearray(), None
         if self.upload_id is None:
             return
         upload, self.upload_id = self.upload_id, None

@@ -210,4 +210,6 @@ def write_zip_graph(dst: str | os.PathLike[str], graph: ZipGraph, obj: Any) -> T
             continue  # a storage only dropped keys referenced
         else:
             members.append((name, record))
-    return write_zip_copy(dst, graph.path, members, origin=graph.origin)
+    return write_zip_copy(
+        dst, graph.path, members, origin=graph.origin, records=graph.records.values()
+    )
