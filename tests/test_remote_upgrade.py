@@ -266,6 +266,22 @@ def test_a_safetensors_rename_in_one_bucket_copies_on_the_server(s3, files, smal
     assert cm.load(dst, schema=_schema(), upgrade=False).version.public == "2.0.0"
 
 
+def test_a_torch_file_upgraded_into_safetensors_copies_its_tensors_on_the_server(
+    s3, files, tmp_path, small_parts
+):
+    # one 12 MiB tensor: a part topped up from its head, and the rest copied by the server
+    weights = {"blocks.0.weight": torch.arange(3 * MiB, dtype=torch.float32)}
+    cm.save(tmp_path / "big.pth", weights, schema="net", version="1.0.0")
+    src = s3.upload(tmp_path / "big.pth", f"{BUCKET}/convert/big.pth")
+    dst = f"s3://{BUCKET}/convert/big.safetensors"
+    s3.reset()
+    upgrade_file(src, dst, _schema(), to="2.0.0")
+    assert _copies(s3, src)  # the tensor's bytes, from the .pth object into the new one
+    out = load_file(str(_get(s3, dst, tmp_path / "converted.safetensors")))
+    assert list(out) == ["layers.0.weight"]
+    assert torch.equal(out["layers.0.weight"], weights["blocks.0.weight"])
+
+
 # -- atomicity --------------------------------------------------------------------------------
 
 
@@ -294,6 +310,19 @@ def test_a_failing_part_aborts_the_upload_and_leaves_no_object(s3, src, files, s
     assert not _exists(s3, dst)
     assert not _pending_uploads(s3)
     assert any(r.method == "DELETE" and "uploadId" in r.query for r in s3.requests)
+
+
+def test_ctrl_c_mid_upload_aborts_it(s3, src, files, small_parts, monkeypatch):
+    dst = src.replace("/a.pth", "/b.pth")
+
+    def interrupt(event: str) -> None:
+        if event == "part":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic, "crash_point", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        upgrade_file(src, dst, _schema(), to="2.0.0")
+    assert not _exists(s3, dst) and not _pending_uploads(s3)
 
 
 def test_a_source_replaced_during_the_upload_is_refused_not_mixed_in(

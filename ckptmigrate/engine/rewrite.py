@@ -717,8 +717,13 @@ def upgrade_file(
     position-keyed optimizer state for steps that need its names (see
     :func:`ckptmigrate.upgrade`).
 
+    ``src`` and ``dst`` may be ``s3://`` URLs (torch.save and safetensors files): the result
+    is one multipart upload, unchanged records on the same store copied by the server, and it
+    appears only once complete (:mod:`~ckptmigrate.formats.sink`).
+
     >>> cm.upgrade_file("model.pth", "model-v3.pth", schema)
     >>> cm.upgrade_file("llama/", "llama/", schema)          # sharded set, in place
+    >>> cm.upgrade_file("s3://models/a.pth", "s3://models/a-v3.pth", schema)
     """
     planner = upgrade_plan(
         schema,
