@@ -398,6 +398,27 @@ def test_output_onto_the_source_object_is_refused(s3, src, files):
     assert "pass --in-place instead" in one_error_line(proc)
 
 
+def test_stamp_writes_an_object_in_place_and_to_another_object(s3, files, tmp_path):
+    torch.save({"blocks.0.bias": torch.ones(8)}, tmp_path / "raw.pth")
+    raw = s3.upload(tmp_path / "raw.pth", f"{BUCKET}/stamp/raw.pth")
+    stamped = f"s3://{BUCKET}/stamp/stamped.pth"
+    proc = run(files, "stamp", raw, "--schema", "net", "--version", "1.0.0", "-o", stamped)
+    assert proc.returncode == 0 and f"stamped {stamped}" in proc.stdout, proc.stderr
+    proc = run(files, "stamp", raw, "--schema", "net", "--version", "1.0.0", "--in-place")
+    assert proc.returncode == 0, proc.stderr
+    for url in (raw, stamped):
+        got = cm.load(url, schema=_schema(), upgrade=False)
+        assert (got.schema, str(got.version)) == ("net", "1.0.0")
+        assert torch.equal(got.state_dict["blocks.0.bias"], torch.ones(8))
+
+
+def test_a_missing_bucket_is_one_error_line_and_nothing_written(s3, src, files):
+    dst = "s3://no-such-bucket-here/b.pth"
+    proc = run(files, "upgrade", src, "-o", dst, "--migrations", str(files / "migrations"))
+    line = one_error_line(proc)
+    assert dst in line and "cannot write it to its store" in line, line
+
+
 # -- what is not supported yet, credentials ---------------------------------------------------
 
 

@@ -221,11 +221,13 @@ class MultipartSink(Sink):
     # -- the store's calls, their failures as one clear error ----------------------------
 
     def _call(self, method: str, **kwargs: Any) -> Any:
-        from .remote import _reason
+        from .remote import _CREDENTIALS, _reason
 
         self.requests += 1
         try:
             return self.fs.call_s3(method, **kwargs)
+        except PermissionError as exc:
+            raise RemoteWriteError(str(self.target), _reason(exc) + _CREDENTIALS) from None
         except Exception as exc:  # botocore's errors, timeouts, refused connections
             raise RemoteWriteError(str(self.target), _reason(exc)) from None
 
