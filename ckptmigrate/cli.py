@@ -302,6 +302,17 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return EXIT_DRIFT if args.fail_behind and behind else EXIT_OK
 
 
+def _positive_count(text: str) -> int:
+    """An argument that counts something done at once: a whole number, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 1 or more; got {text!r}")
+    return value
+
+
 def cmd_catalog(args: argparse.Namespace) -> int:
     from .inspection.catalog import open_catalog, query
 
@@ -696,7 +707,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per file")
     p.add_argument("--fail-behind", action="store_true", help="exit 1 if any file is behind")
     p.add_argument(
-        "--workers", type=int, default=None, metavar="N", help="parallel readers (default: auto)"
+        "--workers",
+        "--jobs",
+        type=_positive_count,
+        default=None,
+        metavar="N",
+        help="checkpoints read at once (default: a process per core for 64 local files or "
+        "more, 16 threads for objects behind a URL)",
     )
     p.add_argument(
         "--threads",

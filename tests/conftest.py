@@ -19,8 +19,8 @@ from toy import TOY_MIGRATIONS_WITH_MODEL, toy_sd
 import ckptmigrate as cm
 from ckptmigrate.schema.discovery import find_schemas
 
-#: fixtures of real servers on loopback, for every test file
-pytest_plugins = ["postgres_server"]
+#: fixtures of real servers on loopback (and the catalogs on them), for every test file
+pytest_plugins = ["postgres_server", "catalog_dbs"]
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -72,22 +72,36 @@ class Counted:
         """The requests whose path holds ``fragment``."""
         return [r for r in self.requests if fragment in r.path]
 
+    def by_kind(self) -> dict[str, int]:
+        """How many requests of each kind were answered: ``LIST`` (a GET with a query, as
+        S3's ListObjectsV2), ``GET`` (an object's bytes), ``HEAD``, and other methods."""
+        counts: dict[str, int] = {}
+        with self.lock:
+            for r in self.requests:
+                kind = "LIST" if r.method == "GET" and r.query else r.method
+                counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
     @property
     def sent(self) -> int:
         return sum(r.sent for r in self.requests)
 
 
 class S3Server(Counted):
-    """moto's S3 app in this process, on 127.0.0.1 and a free port."""
+    """moto's S3 app in this process, on 127.0.0.1 and a free port; ``latency`` seconds are
+    waited before each request is answered (a store across a network, for the benchmarks)."""
 
-    def __init__(self) -> None:
+    def __init__(self, latency: float = 0.0) -> None:
         super().__init__()
+        self.latency = latency
         from moto.server import DomainDispatcherApplication, create_backend_app
         from werkzeug.serving import make_server
 
         app = DomainDispatcherApplication(create_backend_app)
 
         def counting(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+            if self.latency:
+                time.sleep(self.latency)
             where = environ.get("PATH_INFO", "")
             fault = self.fault(f"{where}?{environ.get('QUERY_STRING', '')}")
             if fault == "slow":
@@ -159,9 +173,9 @@ class S3Server(Counted):
 
 
 @contextlib.contextmanager
-def s3_server() -> Iterator[S3Server]:
+def s3_server(latency: float = 0.0) -> Iterator[S3Server]:
     """moto's S3 server, with this process's AWS settings pointing at it while it runs."""
-    server = S3Server()
+    server = S3Server(latency)
     saved = {k: os.environ.get(k) for k in server.env}
     os.environ.update(server.env)
     _forget_s3_clients()  # fsspec keeps S3 clients by their options, not by the endpoint
@@ -191,9 +205,10 @@ _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
 
 
 class RangeServer(Counted):
-    """``http.server`` over a folder, answering HEAD and GET with ``Range: bytes=a-b``."""
+    """``http.server`` over a folder, answering HEAD and GET with ``Range: bytes=a-b``; with
+    ``etags``, each answer carries an ETag made of the file's size and modification time."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, etags: bool = False) -> None:
         super().__init__()
         counted = self
 
@@ -239,6 +254,8 @@ class RangeServer(Counted):
                 self.send_response(206 if match else 200)
                 self.send_header("Content-Length", str(claimed if not body else end - start))
                 self.send_header("Accept-Ranges", "bytes")
+                if etags:
+                    self.send_header("ETag", f'"{size}-{target.stat().st_mtime_ns}"')
                 if match:
                     self.send_header("Content-Range", f"bytes {start}-{end - 1}/{claimed}")
                 self.end_headers()
@@ -266,8 +283,8 @@ class RangeServer(Counted):
 
 
 @contextlib.contextmanager
-def range_server(root: Path) -> Iterator[RangeServer]:
-    server = RangeServer(root)
+def range_server(root: Path, etags: bool = False) -> Iterator[RangeServer]:
+    server = RangeServer(root, etags)
     try:
         yield server
     finally:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import uuid
 from pathlib import Path
 
 import pytest
@@ -19,20 +18,6 @@ from ckptmigrate.cli import main
 from ckptmigrate.inspection import catalog as catalog_module
 from ckptmigrate.inspection import scan as scan_module
 from ckptmigrate.schema.registry import find_schemas
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request, tmp_path) -> str:
-    """A new, empty catalog: an SQLite file, or a database of its own on the server."""
-    if request.param == "sqlite":
-        return str(tmp_path / "catalog.sqlite")
-    import psycopg
-
-    url = request.getfixturevalue("postgres_url")
-    name = f"cat_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return url.rsplit("/", 1)[0] + f"/{name}"
 
 
 @pytest.fixture
@@ -212,3 +197,11 @@ def test_version_without_schema_and_min_without_best_are_usage_errors(tmp_path, 
     assert "--version needs --schema" in capsys.readouterr().err
     assert main(["catalog", db, "--min", "--migrations", fleet["migrations"]]) == 2
     assert "pass --best too" in capsys.readouterr().err
+
+
+def test_a_file_that_cannot_be_stat_ed_is_recorded_with_its_error_and_read_again(db, fleet, capsys):
+    (fleet["root"] / "gone.pth").symlink_to(fleet["root"] / "no-such-target.pth")
+    assert "5 read, 0 unchanged (not read), 0 removed" in scan_to(db, fleet, capsys)
+    [row] = [r for r in catalog_json(db, fleet, capsys) if r["path"].endswith("gone.pth")]
+    assert "no such file" in row["error"]
+    assert "1 read, 4 unchanged (not read), 0 removed" in scan_to(db, fleet, capsys)

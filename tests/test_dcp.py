@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
+import io
 import os
 import pickle
 import subprocess
@@ -18,7 +20,7 @@ from folder_schema import rename_drop_schema
 import ckptmigrate as cm
 from ckptmigrate import cli as cm_cli
 from ckptmigrate.engine.rewrite import upgrade_file
-from ckptmigrate.formats.dcp import STAMP_FILE, SafeFileSystemReader
+from ckptmigrate.formats.dcp import DCP_ENUMS, STAMP_FILE, SafeFileSystemReader, read_dcp_metadata
 from ckptmigrate.io.files import read_checkpoint, read_metadata
 
 
@@ -79,6 +81,88 @@ def test_hostile_metadata_is_refused_before_anything_runs(dcp_dir, tmp_path, mon
     with pytest.raises(BaseException):  # noqa: B017 - DCP wraps our refusal in its own error
         dcp.load({}, storage_reader=SafeFileSystemReader(dcp_dir))
     assert not (tmp_path / "pwned").exists()
+
+
+class _EnumsByName(pickle.Pickler):
+    """Pickles an enum member as early Python 3.11 releases (3.11.2) do: by name, through
+    ``getattr(EnumClass, "NAME")``."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, enum.Enum):
+            return getattr, (type(obj), obj.name)
+        return NotImplemented
+
+
+def _repickle_metadata(folder, pickler=_EnumsByName, hook=None) -> bytes:
+    """``.metadata`` written again by ``pickler`` (after ``hook(md)``), as DCP wrote it."""
+    with open(folder / ".metadata", "rb") as f:
+        md = pickle.Unpickler(f).load()  # noqa: S301 - a folder this test just wrote
+    if hook is not None:
+        hook(md)
+    buffer = io.BytesIO()
+    pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(md)
+    (folder / ".metadata").write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def test_metadata_written_by_python_3_11_2_reads_and_loads(dcp_dir, no_plain_pickle):
+    # Python 3.11.2's enum pickles as builtins.getattr(_MEM_FORMAT_ENCODING, "NAME"): every
+    # DCP checkpoint saved there was refused as unsafe
+    data = _repickle_metadata(dcp_dir)
+    assert b"getattr" in data and b"TORCH_CONTIGUOUS_FORMAT" in data
+    ckpt = read_metadata(dcp_dir)
+    assert ckpt.state_dict["blocks.0.weight"].shape == (6, 4)
+    loaded = read_checkpoint(dcp_dir)
+    for key, want in _model_sd().items():
+        torch.testing.assert_close(loaded.state_dict[key], want, rtol=0, atol=0)
+    props = read_dcp_metadata(dcp_dir, torch_classes=True).state_dict_metadata["model.head.bias"]
+    assert props.properties.memory_format == torch.contiguous_format
+
+
+def test_the_enum_stand_ins_match_torchs_enums():
+    from torch.distributed.checkpoint import metadata as dcp_md
+
+    for name, members in DCP_ENUMS.items():
+        real = getattr(dcp_md, name.rpartition(".")[2])
+        assert members == {m.name: m.value for m in real}
+
+
+class _Getattr:
+    def __init__(self, obj, name):
+        self.obj, self.name = obj, name
+
+    def __reduce__(self):
+        return getattr, (self.obj, self.name)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        ("properties class", lambda: dcp_md_module().TensorProperties, "__init__"),
+        ("enum dunder", lambda: dcp_md_module()._MEM_FORMAT_ENCODING, "__class__"),
+        ("enum not member", lambda: dcp_md_module()._MEM_FORMAT_ENCODING, "_member_map_"),
+        ("a name not a string", lambda: dcp_md_module()._MEM_FORMAT_ENCODING, 0),
+    ],
+    ids=lambda t: t[0],
+)
+@pytest.mark.parametrize("torch_classes", [False, True])
+def test_getattr_reaches_nothing_but_an_enum_member(dcp_dir, tmp_path, target, torch_classes):
+    _, owner, attr = target
+
+    def plant(md):
+        md.planner_data = _Getattr(owner(), attr)
+
+    monkey = tmp_path / "pwned"
+    _repickle_metadata(dcp_dir, pickle.Pickler, plant)
+    with pytest.raises(cm.UnsafeCheckpointError):
+        read_dcp_metadata(dcp_dir, torch_classes=torch_classes)
+    assert not monkey.exists()
+
+
+def dcp_md_module():
+    from torch.distributed.checkpoint import metadata as dcp_md
+
+    return dcp_md
 
 
 @pytest.mark.parametrize("command", ["upgrade", "diff-values"])

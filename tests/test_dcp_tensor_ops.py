@@ -108,6 +108,51 @@ def saved(tmp_path: Path) -> Path:
     return folder
 
 
+def _save_zstd(folder: Path) -> None:
+    from torch.distributed.checkpoint._extension import ZStandard
+
+    writer = FileSystemWriter(folder, thread_count=2, _extensions=[ZStandard()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # single process, no process group
+        dcp.save({"model": _model_sd()}, storage_writer=writer)
+
+
+def test_zstd_chunks_are_read_through_the_transform_tensor_by_tensor(tmp_path):
+    # a zstd folder took the loaded path: the whole checkpoint in memory, saved as one rank
+    pytest.importorskip("zstandard")
+    src, out = tmp_path / "z", tmp_path / "v2"
+    _save_zstd(src)
+    infos = read_dcp_metadata(src, torch_classes=True).storage_data.values()
+    assert all(info.transform_descriptors for info in infos)
+    result = cm.upgrade_file(src, out, _schema(), from_version="1.0.0")
+    assert result.streamed
+    assert sorted(_rank_files(out)) == sorted(_rank_files(src))  # kept, not one new rank
+    _assert_values(read_checkpoint(out).state_dict)  # through DCP's own loader
+
+
+def test_a_zstd_chunk_inflating_past_its_declared_size_is_refused_when_streamed(tmp_path):
+    pytest.importorskip("zstandard")
+    import dataclasses
+
+    import zstandard
+
+    src = tmp_path / "z"
+    _save_zstd(src)
+    md = pickle.loads((src / METADATA_FILE).read_bytes())  # our own test file: trusted
+    index = next(i for i in md.storage_data if i.fqn == "model.layers.0.q")  # merged: read
+    info = md.storage_data[index]
+    frame = zstandard.ZstdCompressor().compress(bytes(64 << 20))  # declared: 8 KiB
+    with open(src / info.relative_path, "ab") as f:
+        offset = f.tell()
+        f.write(frame)
+    md.storage_data[index] = dataclasses.replace(info, offset=offset, length=len(frame))
+    (src / METADATA_FILE).write_bytes(pickle.dumps(md))
+    with pytest.raises(cm.BudgetExceededError) as caught:
+        cm.upgrade_file(src, tmp_path / "v2", _schema(), from_version="1.0.0")
+    assert "'model.layers.0.q'" in caught.value.what and "stream.zstd" in caught.value.what
+    assert not (tmp_path / "v2").exists()
+
+
 def test_tensor_ops_keep_the_rank_files_and_write_only_the_results(saved, tmp_path):
     before = {name: (saved / name).read_bytes() for name in _rank_files(saved)}
     out = tmp_path / "v2"

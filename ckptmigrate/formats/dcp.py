@@ -70,9 +70,12 @@ from .torch import (
 )
 
 __all__ = [
+    "CHUNK_FRAMING_ALLOWANCE",
+    "DCP_ENUMS",
     "DCP_GLOBALS",
     "STAMP_FILE",
     "DcpValue",
+    "InflateBound",
     "METADATA_FILE",
     "SafeFileSystemReader",
     "check_replaceable",
@@ -110,8 +113,22 @@ _PATHS = [
 _TORCH_VALUES = ["torch.Size", "torch.serialization._get_layout"] + [
     f"torch.{name}" for name in DTYPE_SIZES
 ]
+# Early Python 3.11 releases (3.11.2 here; 3.11.7 no longer) pickle an enum member as
+# ``getattr(EnumClass, "NAME")``: DCP's ``_MEM_FORMAT_ENCODING`` in every ``.metadata`` written
+# there. The name resolves to a lookup that takes only a member of one of DCP's enums
+# (:func:`_enum_member`), never builtins.getattr.
+_GETATTR = "builtins.getattr"
 #: Every global a DCP ``.metadata`` pickle may name; anything else is refused.
-DCP_GLOBALS: frozenset[str] = frozenset(_DCP_CLASSES + _PLAIN + _PATHS + _TORCH_VALUES)
+DCP_GLOBALS: frozenset[str] = frozenset(_DCP_CLASSES + _PLAIN + _PATHS + _TORCH_VALUES + [_GETATTR])
+#: DCP's enums, by member name: what a torch-free read decodes a member to (its value).
+DCP_ENUMS: dict[str, dict[str, int]] = {
+    _MD
+    + "_MEM_FORMAT_ENCODING": {
+        "TORCH_CONTIGUOUS_FORMAT": 0,
+        "TORCH_CHANNELS_LAST": 1,
+        "TORCH_PRESERVE_FORMAT": 2,
+    }
+}
 
 
 class DcpValue:
@@ -145,11 +162,47 @@ class _Record:
         return tuple(self.__dict__.values())
 
 
-def _stand_ins() -> dict[str, Any]:
+def _enum_member(members: dict[Any, dict[str, Any]], path: object) -> Any:
+    """What ``builtins.getattr`` decodes to: ``(cls, name)`` gives member ``name`` of ``cls``,
+    one of the enums in ``members``; anything else is refused as unsafe."""
+
+    def member(cls: Any, name: Any) -> Any:
+        found = members.get(cls) if isinstance(cls, type) else None
+        if found is None or type(name) is not str or name not in found:
+            raise UnsafeCheckpointError(
+                _GETATTR,
+                path=path,
+                detail=f"getattr({bounded_repr(cls, 80)}, {bounded_repr(name, 80)}) is not a "
+                "member of one of DCP's enums",
+            )
+        return found[name]
+
+    return member
+
+
+class _EnumStandIn(int):
+    """A torch-free stand-in for one of DCP's enums: built from a member's value, it is the
+    value (an ``int``), as ``getattr(cls, NAME)`` gives it."""
+
+    dcp_name = ""
+
+    def __new__(cls, value: Any) -> Any:  # type: ignore[misc]
+        if type(value) is not int or value not in DCP_ENUMS[cls.dcp_name].values():
+            raise CheckpointFormatError(
+                f"{bounded_repr(value, 80)} is not a value of {cls.dcp_name.rpartition('.')[2]}"
+            )
+        return value
+
+
+def _stand_ins(path: object = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in _DCP_CLASSES:
         out[name] = type(name.rpartition(".")[2], (_Record,), {"dcp_name": name})
-    out[_MD + "_MEM_FORMAT_ENCODING"] = int
+    enums: dict[Any, dict[str, Any]] = {}
+    for name, values in DCP_ENUMS.items():
+        out[name] = type(name.rpartition(".")[2], (_EnumStandIn,), {"dcp_name": name})
+        enums[out[name]] = values
+    out[_GETATTR] = _enum_member(enums, path)
     for name in _PATHS:
         out[name] = lambda *parts: os.path.join(*map(str, parts)) if parts else ""
     out["torch.Size"] = lambda dims=(): tuple(dims)
@@ -161,14 +214,15 @@ def _stand_ins() -> dict[str, Any]:
     return out
 
 
-def _real_classes() -> dict[str, Any]:
+def _real_classes(path: object = None) -> dict[str, Any]:
     import importlib
     import pathlib
 
     out: dict[str, Any] = {}
-    for name in DCP_GLOBALS:
+    for name in DCP_GLOBALS - {_GETATTR}:
         module, _, attr = name.rpartition(".")
         out[name] = getattr(importlib.import_module(module), attr)
+    out[_GETATTR] = _enum_member({out[n]: out[n].__members__ for n in DCP_ENUMS}, path)
     # a Windows path cannot be built on POSIX (and vice versa): keep the pure form
     out["pathlib.WindowsPath"] = pathlib.PureWindowsPath
     out["pathlib.PosixPath"] = pathlib.PurePosixPath if os.name == "nt" else pathlib.PosixPath
@@ -216,7 +270,7 @@ def read_dcp_metadata(path: str | os.PathLike[str], *, torch_classes: bool = Fal
         raise
     except Exception as exc:
         raise CheckpointFormatError(f"corrupt DCP metadata ({exc})", path=md_path) from None
-    resolve = _real_classes() if torch_classes else _stand_ins()
+    resolve = _real_classes(md_path) if torch_classes else _stand_ins(md_path)
     bound = tuple_chain_bound(data, 0, len(data))
     try:
         budget = DecodeBudget(
@@ -458,7 +512,7 @@ def read_dcp_metadata_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 CHUNK_FRAMING_ALLOWANCE = 1 << 20
 
 
-class _InflateBound(io.RawIOBase):
+class InflateBound(io.RawIOBase):
     """A DCP transform stream (zstd) that refuses to produce more than ``limit`` bytes.
 
     torch's ``FileSystemReader.read_data`` reads a transformed chunk whole
@@ -550,7 +604,7 @@ def _torch_reader_classes() -> tuple[type, type]:
             info = self.reader.storage_data[read_item.storage_index]
             limit, rule, item = _chunk_bound(self.reader.metadata, read_item, info.length)
             what = f"{item} in {info.relative_path}, inflated by {', '.join(transform_descriptors)}"
-            return _InflateBound(stream, limit, what, rule, self.reader.path)
+            return InflateBound(stream, limit, what, rule, self.reader.path)
 
     class _SafeFileSystemReader(FileSystemReader):
         """torch's FileSystemReader, reading ``.metadata`` with the restricted unpickler and

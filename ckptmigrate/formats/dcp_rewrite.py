@@ -43,7 +43,8 @@ from .dcp import (
     read_dcp_metadata_checkpoint,
     write_swapped,
 )
-from .dcp_tensors import NewTensor, save_dcp_chunk
+from .dcp_tensors import NewTensor, read_item_bytes, save_dcp_chunk
+from .detect import open_regular_file
 from .layout import assemble
 from .torch import MAX_PICKLE_BYTES, check_torch_bytes
 
@@ -72,20 +73,23 @@ class DcpRewritten:
 
 
 def _read_value(folder: Path, md: Any, fqn: str) -> Any:
-    """A value DCP stored as bytes, loaded weights-only; :class:`DcpValue` when it is
-    transformed (zstd) or larger than a pickle may be."""
+    """A value DCP stored as bytes (through its transforms, zstd, where it has any), loaded
+    weights-only; :class:`DcpValue` when it is larger than a pickle may be."""
     import torch
 
     found = [info for index, info in md.storage_data.items() if index.fqn == fqn]
-    if len(found) != 1 or getattr(found[0], "transform_descriptors", None):
+    if len(found) != 1:
         return DcpValue(fqn)
     info = found[0]
     if info.length > MAX_PICKLE_BYTES:
         return DcpValue(fqn)
-    with open(folder / info.relative_path, "rb") as f:
-        f.seek(info.offset)
-        data = io.BytesIO(f.read(info.length))
-    check_torch_bytes(data, what=f"value {fqn!r}", path=folder)
+    what = f"value {fqn!r}"
+    with open_regular_file(folder / info.relative_path) as f:
+        stored = read_item_bytes(
+            f, info, MAX_PICKLE_BYTES, what, f"the {MAX_PICKLE_BYTES >> 20} MiB cap", folder
+        )
+        data = io.BytesIO(stored.read())
+    check_torch_bytes(data, what=what, path=folder)
     return torch.load(data, weights_only=True)
 
 

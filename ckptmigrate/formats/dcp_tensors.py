@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ __all__ = [
     "MAX_SHARD_BYTES",
     "NewTensor",
     "read_dcp_tensor",
+    "read_item_bytes",
     "save_dcp_chunk",
     "write_dcp_safetensors",
     "write_dcp_sharded",
@@ -103,17 +105,43 @@ def _chunk_infos(md: Any, fqn: str) -> list[tuple[Any, Any]]:
                 f"DCP entry {fqn!r} has a chunk at {tuple(chunk.offsets)} that storage_data "
                 "does not place in any file"
             )
-        if getattr(info, "transform_descriptors", None):
-            raise NotReplayableError(f"DCP entry {fqn!r} is stored transformed (compressed)")
         out.append((chunk, info))
     return out
 
 
-def _read_chunk(folder: Path, info: Any, what: str) -> torch.Tensor:
+def read_item_bytes(
+    file: BinaryIO, info: Any, limit: int, what: str, rule: str, path: object
+) -> BinaryIO:
+    """The bytes DCP stored for one item at ``info`` (its ``_StorageInfo``) in ``file``: a
+    view of the byte range, or, where DCP wrote it through transforms (zstd), the bytes those
+    give back, in memory and never more than ``limit`` of them (``rule`` says why, for the
+    :class:`~ckptmigrate.errors.BudgetExceededError`)."""
+    view = _ByteRange(file, info.offset, info.length)
+    descriptors = getattr(info, "transform_descriptors", None)
+    if not descriptors:
+        return view
+    from torch.distributed.checkpoint.filesystem import _StorageReaderTransforms
+
+    from .dcp import InflateBound
+
+    try:  # DCP's own extensions (ZStandard needs zstandard or pyzstd)
+        stream = _StorageReaderTransforms().transform_load_stream(None, descriptors, view)
+    except Exception as exc:
+        raise NotReplayableError(f"{what} is stored through {descriptors} ({exc})") from None
+    inflated = what + f" in {info.relative_path}, inflated by {', '.join(descriptors)}"
+    return io.BytesIO(InflateBound(stream, limit, inflated, rule, path).read())
+
+
+def _read_chunk(folder: Path, info: Any, what: str, nbytes: int) -> torch.Tensor:
+    """One chunk of ``nbytes`` declared bytes, read weights-only once its pickle fits."""
     import torch
 
+    from .dcp import CHUNK_FRAMING_ALLOWANCE
+
     with open_regular_file(folder / info.relative_path) as f:
-        view = _ByteRange(f, info.offset, info.length)
+        limit = nbytes + CHUNK_FRAMING_ALLOWANCE
+        rule = f"its declared {nbytes} bytes plus {CHUNK_FRAMING_ALLOWANCE >> 20} MiB"
+        view = read_item_bytes(f, info, limit, what, rule, folder)
         check_torch_bytes(view, what=what, path=folder / info.relative_path)
         try:
             loaded = torch.load(view, map_location="cpu", weights_only=True)
@@ -142,7 +170,8 @@ def read_dcp_tensor(folder: str | os.PathLike[str], md: Any, fqn: str) -> torch.
     out: torch.Tensor | None = None
     for i, (chunk, info) in enumerate(parts):
         what = f"chunk {i} of DCP entry {fqn!r}"
-        part = _read_chunk(folder, info, what)
+        nbytes = dtype.itemsize * math.prod(chunk.sizes)
+        part = _read_chunk(folder, info, what, nbytes)
         if tuple(part.shape) != tuple(chunk.sizes) or part.dtype != dtype:
             raise CheckpointFormatError(
                 f"{what} is a {part.dtype} tensor of shape {tuple(part.shape)}, but .metadata "

@@ -43,6 +43,7 @@ __all__ = [
     "BLOCK_BYTES",
     "DEFAULT_TIMEOUT",
     "Location",
+    "MAX_CONNECTIONS",
     "MAX_RANGE_BYTES",
     "RemoteFile",
     "RemotePath",
@@ -65,6 +66,9 @@ MAX_RANGE_BYTES = 1 << 30
 #: Seconds a request may wait to connect or for the next bytes, unless the environment
 #: variable ``CKPTMIGRATE_REMOTE_TIMEOUT`` says otherwise.
 DEFAULT_TIMEOUT = 60.0
+#: Connections one S3 file system keeps open at once (a scan's ``--jobs`` up to this run
+#: side by side).
+MAX_CONNECTIONS = 64
 #: The package each protocol needs, and the extra that installs it.
 _PACKAGES = {
     "s3": ("s3fs", "remote"),
@@ -126,6 +130,26 @@ class RemoteStore:
     def url(self, key: str) -> str:
         return self.url_prefix + key
 
+    def for_one_read(self) -> RemoteStore:
+        """A store that shares this one's file system and what its listings said, with a
+        block cache of its own: reads of many objects at once (a scan's threads) do not
+        evict each other's blocks and ask for them again."""
+        child = RemoteStore(self.fs, self.protocol, self.url_prefix)
+        child._infos, child._listed, child._lock = self._infos, self._listed, self._lock
+        return child
+
+    def known_under(self, key: str) -> list[tuple[str, dict[str, Any]]]:
+        """``(key, info)`` of every object a listing has shown under the folder ``key``,
+        by key (no request: what :meth:`remember` and :meth:`listing` kept)."""
+        inside = key.rstrip("/") + "/"
+        with self._lock:
+            found = [
+                (k, info)
+                for k, info in self._infos.items()
+                if k.startswith(inside) and info is not None and info.get("type") != "directory"
+            ]
+        return sorted(found, key=lambda pair: pair[0])
+
     def call(self, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """``fn(*args)`` against the server; its failures as ckptmigrate errors (a missing
         object stays a ``FileNotFoundError`` for the caller to say so)."""
@@ -147,7 +171,8 @@ class RemoteStore:
         """``found`` (fsspec's ``{name: info}`` of a listing), its infos kept for later asks."""
         with self._lock:
             for name, info in found.items():
-                self._infos.setdefault(_key(self, name), info)
+                if info:  # fsspec's find says ``{path: {}}`` of a file it did not list
+                    self._infos.setdefault(_key(self, name), info)
         return found
 
     def info(self, key: str) -> dict[str, Any] | None:
@@ -369,6 +394,10 @@ class RemotePath:
     def _info(self) -> dict[str, Any] | None:
         return self.store.info(self.key)
 
+    def for_one_read(self) -> RemotePath:
+        """This path on a store of its own blocks (:meth:`RemoteStore.for_one_read`)."""
+        return RemotePath(self.store.for_one_read(), self.key)
+
     def exists(self) -> bool:
         return self._info() is not None
 
@@ -458,6 +487,8 @@ def _options(protocol: str) -> dict[str, Any]:
                 "connect_timeout": timeout,
                 "read_timeout": timeout,
                 "retries": retries,
+                # botocore's default pool (10) would queue a scan's concurrent reads
+                "max_pool_connections": MAX_CONNECTIONS,
             }
         }
     if protocol in ("http", "https"):

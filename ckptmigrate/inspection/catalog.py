@@ -7,6 +7,10 @@ hparams, meta such as metrics). A rescan reads only what changed: a checkpoint w
 fingerprint is the one recorded is not opened at all; one that is gone is removed. Its rows are
 judged again against today's schemas, which costs no read.
 
+A root behind a URL (``s3://bucket/prefix``) is listed once; the listing's size and ETag of
+each object are its fingerprint, so a rescan with nothing changed makes that listing and no
+other request, and what is new or changed is read by range, several objects at once.
+
 The catalog is an SQLite file (the embedded default) or, for a team, a PostgreSQL database
 named by a ``postgresql://`` URL (``pip install ckptmigrate[postgres]``). Both hold the same
 two tables, ``ckptmigrate_files`` and ``ckptmigrate_mounts``, with JSON values as text.
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CatalogError, MigrationGraphError, UsageError
+from ..formats.remote import Location, RemotePath, location
 from ..schema.schema import Schema
 from .scan import ScanRow, find_checkpoints, judge, scan_paths
 
@@ -199,9 +204,21 @@ def _open_postgres(url: str) -> Catalog:
     return Catalog(connection, placeholder="%s", where=where)
 
 
-def fingerprint(path: Path) -> tuple[str, int]:
+def fingerprint(path: Location) -> tuple[str | None, int]:
     """``(fingerprint, size)`` of a checkpoint from its metadata alone (no byte read): a file's
-    size and modification time, or those of every file in a DCP or sharded folder."""
+    size and modification time, or those of every file in a DCP or sharded folder. An object
+    behind a URL has its size and ETag (else its modification time) as its store's listing
+    gave them; ``None`` when the store tells neither, so nothing shows a change: read it
+    (also a file that cannot be stat'ed, gone since it was listed: its read says why)."""
+    if isinstance(path, RemotePath):
+        return _remote_fingerprint(path)
+    try:
+        return _local_fingerprint(path)
+    except OSError:
+        return None, 0
+
+
+def _local_fingerprint(path: Path) -> tuple[str, int]:
     st = path.stat()
     if not path.is_dir():
         return f"{st.st_size}:{st.st_mtime_ns}", st.st_size
@@ -213,6 +230,40 @@ def fingerprint(path: Path) -> tuple[str, int]:
             size += est.st_size
             digest.update(f"{entry.name}\0{est.st_size}\0{est.st_mtime_ns}\n".encode())
     return f"folder:{digest.hexdigest()}", size
+
+
+#: The fields of an fsspec info that change with an object's bytes, the first one found
+#: used: S3's and HTTP's ETag, GCS's etag and generation, then modification times.
+_VERSION_FIELDS = (
+    "ETag",
+    "etag",
+    "generation",
+    "LastModified",
+    "Last-Modified",
+    "mtime",
+    "updated",
+)
+
+
+def _remote_fingerprint(path: RemotePath) -> tuple[str | None, int]:
+    """An object's ``size`` and version (ETag, else modification time) from what its
+    store's listing said, or a folder's over every object under it; no request for what a
+    listing already gave."""
+    objects = [(k[len(path.key) :], info) for k, info in path.store.known_under(path.key)]
+    if not objects:  # an object (a folder's listing is known: no request to tell which)
+        info = path.store.info(path.key)
+        objects = [("", info)] if info is not None and info.get("type") != "directory" else []
+    size = sum(int(found.get("size") or 0) for _, found in objects)
+    digest = hashlib.sha256()
+    for name, found in objects:
+        version = next((found[f] for f in _VERSION_FIELDS if found.get(f) is not None), None)
+        if version is None:
+            return None, size
+        digest.update(f"{name}\0{found.get('size')}\0{version}\n".encode())
+    if not objects:
+        return None, 0
+    kind = "object" if objects[0][0] == "" else "objects"
+    return f"{kind}:{digest.hexdigest()}", size
 
 
 @dataclass
@@ -238,18 +289,29 @@ def scan_into(
 ) -> CatalogScan:
     """Scan ``root`` into ``catalog``: read the checkpoints that are new or changed since the
     last scan (by :func:`fingerprint`), drop the ones that are gone, judge every row against
-    ``schemas``; all in one transaction."""
+    ``schemas``; all in one transaction. ``root`` may be a URL (``s3://bucket/prefix``):
+    its listing gives every fingerprint, and ``workers`` threads (16 by default) read what
+    changed. Rows come back in path order, whatever order the reads finished in.
+
+    >>> with open_catalog("fleet.sqlite") as catalog:  # doctest: +SKIP
+    ...     done = scan_into(catalog, "s3://models/runs", schemas, workers=32)
+    >>> done.read, done.unchanged, done.removed  # doctest: +SKIP
+    (1000, 0, 0)
+    """
     by_name = schemas if isinstance(schemas, Mapping) else {s.name: s for s in schemas}
-    base = Path(root).absolute()
-    paths = [p.absolute() for p in find_checkpoints(base)]
-    where, params = _recorded_under(base)
+    where = location(root)
+    base: Location = where if isinstance(where, RemotePath) else where.absolute()
+    paths: list[Location] = list(find_checkpoints(base))
+    if not isinstance(base, RemotePath):
+        paths = [p.absolute() for p in paths]
+    under, params = _recorded_under(base)
     recorded = dict(
         catalog.execute(
-            f"SELECT location, fingerprint FROM ckptmigrate_files WHERE {where}", params
+            f"SELECT location, fingerprint FROM ckptmigrate_files WHERE {under}", params
         )
     )
     prints = {str(p): fingerprint(p) for p in paths}  # before reading: a change mid-read shows
-    changed = [p for p in paths if recorded.get(str(p)) != prints[str(p)][0]]
+    changed = [p for p in paths if _changed(recorded.get(str(p)), prints[str(p)][0])]
     fresh = scan_paths(
         changed,
         workers=workers,
@@ -260,6 +322,8 @@ def scan_into(
     )
     kept = [loc for loc in prints if loc in recorded and loc not in {str(c) for c in changed}]
     gone = [loc for loc in recorded if loc not in prints]
+    # a read that its store (or the OS) failed is not trusted: the next scan reads it again
+    untrusted = {r.path for r in fresh if r.transient}
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     with catalog.transaction():
         stored = _mount_rows(catalog, base, kept)
@@ -272,7 +336,11 @@ def scan_into(
         catalog.executemany(
             "INSERT INTO ckptmigrate_files (location, fingerprint, size, format, scanned_at) "
             "VALUES (?, ?, ?, ?, ?)",
-            [(str(p), *prints[str(p)], formats.get(str(p)), now) for p in changed],
+            [
+                (loc, _recorded_print(prints[loc][0], loc in untrusted), prints[loc][1])
+                + (formats.get(loc), now)
+                for loc in (str(p) for p in changed)
+            ],
         )
         catalog.executemany(
             f"INSERT INTO ckptmigrate_mounts ({_MOUNT_COLUMNS}) VALUES ({_MARKS})",
@@ -280,6 +348,20 @@ def scan_into(
         )
     rows.sort(key=lambda r: (r.path, r.prefix != "", r.prefix))
     return CatalogScan(rows, read=len(changed), unchanged=len(kept), removed=len(gone))
+
+
+#: What a file's record holds in place of a fingerprint that proves nothing (a store that
+#: tells no ETag or time, a read that failed): never equal to a fingerprint, so read again.
+_UNTRUSTED = "read-again"
+
+
+def _changed(recorded: str | None, now: str | None) -> bool:
+    """Whether a checkpoint must be read: new, changed, or with nothing to tell it by."""
+    return now is None or recorded != now
+
+
+def _recorded_print(now: str | None, untrusted: bool) -> str:
+    return _UNTRUSTED if now is None or untrusted else now
 
 
 def _judged(raw: ScanRow, schemas: Mapping[str, Schema]) -> ScanRow:
@@ -341,14 +423,16 @@ def _row_of(values: Sequence[Any]) -> tuple[ScanRow, ScanRow]:
     return raw, judged
 
 
-def _recorded_under(base: Path) -> tuple[str, tuple[Any, ...]]:
-    """The WHERE clause (and its parameters) of the records at or under ``base``."""
+def _recorded_under(base: Location) -> tuple[str, tuple[Any, ...]]:
+    """The WHERE clause (and its parameters) of the records at or under ``base`` (a local
+    folder, or a prefix behind a URL: its locations are URLs)."""
     exact = str(base)
-    prefix = exact.rstrip(os.sep) + os.sep
+    sep = "/" if isinstance(base, RemotePath) else os.sep
+    prefix = exact.rstrip(sep) + sep
     return "location = ? OR substr(location, 1, ?) = ?", (exact, len(prefix), prefix)
 
 
-def _mount_rows(catalog: Catalog, base: Path, locations: Sequence[str]) -> list[ScanRow]:
+def _mount_rows(catalog: Catalog, base: Location, locations: Sequence[str]) -> list[ScanRow]:
     """The raw rows recorded for ``locations`` under ``base`` (as a read produced them)."""
     wanted = set(locations)
     where, params = _recorded_under(base)

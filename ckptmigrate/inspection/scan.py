@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
+    "REMOTE_WORKERS",
     "ScanRow",
     "find_checkpoints",
     "json_values",
@@ -38,6 +39,12 @@ __all__ = [
 
 #: File names that :func:`scan` treats as checkpoints.
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+#: Threads that read objects behind a URL at once, unless ``workers`` says otherwise: the
+#: reads wait on the network, not on the CPUs.
+REMOTE_WORKERS = 16
+#: Protocols whose listing of a prefix also answers for an object at it (S3's LIST, with a
+#: HEAD only when it lists nothing), so a scan of a prefix there is one paginated listing.
+_LISTED_FIRST = ("s3", "s3a")
 
 
 @dataclass
@@ -61,10 +68,16 @@ class ScanRow:
     history: list[dict[str, Any]] = field(default_factory=list)
     hparams: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    #: the read failed for a reason outside the checkpoint's bytes (its store failed or
+    #: timed out, the OS refused): a catalog does not trust the row and reads it again next
+    #: time (not in :meth:`to_dict`)
+    transient: bool = field(default=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
-        return asdict(self)
+        values = asdict(self)
+        del values["transient"]
+        return values
 
 
 def find_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
@@ -98,17 +111,25 @@ def find_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
 def _find_remote(root: Any) -> list[Any]:
     """The checkpoints under the URL ``root`` (one listing of every object under it; a folder
     holding ``.metadata`` or an index is one checkpoint; hidden folders are skipped, as
-    locally). Each is a path of ``root``'s store, which keeps what the listing said of it."""
-    if root.is_file():
-        return [root]
-    if not root.is_dir():
-        raise PathNotFoundError(root, "checkpoint folder", "an existing folder or object to scan")
+    locally). Each is a path of ``root``'s store, which keeps what the listing said of it
+    (size, ETag, modification time)."""
+    listed = root.store.protocol in _LISTED_FIRST
+    objects = [o for o in root.rglob("*") if o.key != root.key] if listed else []
+    if not objects:
+        if root.is_file():
+            return [root]
+        if not root.is_dir():
+            raise PathNotFoundError(
+                root, "checkpoint folder", "an existing folder or object to scan"
+            )
+        if not listed:
+            objects = list(root.rglob("*"))
 
     def hidden(o: Any) -> bool:
         folders = o.key[len(root.key) :].strip("/").split("/")[:-1]
         return any(part.startswith(".") for part in folders)
 
-    objects = [o for o in root.rglob("*") if not hidden(o)]
+    objects = [o for o in objects if not hidden(o)]
     folders = {o.parent for o in objects if o.name == ".metadata" or o.name.endswith(".index.json")}
 
     def inside(o: Any) -> bool:
@@ -130,6 +151,7 @@ def read_rows(
     process has none of the layouts its parent's migrations declared)."""
     from ..base.readable import path_text
     from ..engine.mounts import all_mounts, owner_of
+    from ..errors import RemoteStorageError
     from ..formats.layout import declare_layout
     from ..formats.registry import reader_for
     from ..formats.remote import location
@@ -143,11 +165,14 @@ def read_rows(
         target, fmt = reader_for(path)
         row.format = fmt.name
         ckpt = read_metadata(target, allowed_globals=list(allowed_globals), fmt=fmt)
+    except RemoteStorageError as exc:
+        row.error, row.transient = str(exc), True
+        return [row]
     except CkptMigrateError as exc:
         row.error = str(exc)
         return [row]
     except OSError as exc:
-        row.error = f"cannot read it: {exc}"
+        row.error, row.transient = f"cannot read it: {exc}", True
         return [row]
     row.meta = json_values(ckpt.meta)
     mounts = all_mounts(ckpt) if ckpt.mounts else []
@@ -250,7 +275,8 @@ def scan(
     headers is CPU work that one interpreter runs one thread at a time, so on local disks
     ``processes=True`` reads with ``workers`` processes (default: one per CPU) and is faster
     for many files; ``processes=None`` picks them for 64 files or more on a multi-core
-    machine. Worker processes start by spawning, so a script that calls it needs the usual
+    machine. Objects behind a URL are read by threads, :data:`REMOTE_WORKERS` at once
+    unless ``workers`` says otherwise. Worker processes start by spawning, so a script that calls it needs the usual
     ``if __name__ == "__main__":`` guard (the CLI has one). ``allowed_globals``
     (``"module.Name"``) lets trusted pickled classes through the safe reader.
 
@@ -278,10 +304,15 @@ def scan_paths(
 ) -> list[ScanRow]:
     """:func:`scan` of the checkpoints ``paths`` names (as :func:`find_checkpoints` finds
     them), in that order; ``judged=False`` leaves the schema half (:func:`judge`) undone."""
+    from ..formats.remote import RemotePath
+
     by_name = schemas if isinstance(schemas, Mapping) else {s.name: s for s in schemas}
     cpus = os.cpu_count() or 1
-    if paths and not isinstance(paths[0], Path):
+    remote = any(isinstance(p, RemotePath) for p in paths)
+    if remote:
         processes = False  # objects behind a URL: threads overlap the requests' waits
+        # each read keeps its own blocks: concurrent reads would evict each other's
+        paths = [p.for_one_read() if isinstance(p, RemotePath) else p for p in paths]
     if processes is None:
         processes = len(paths) >= 64 and cpus > 1 and workers != 1
     pool: Executor
@@ -294,7 +325,9 @@ def scan_paths(
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
         chunk = max(1, len(paths) // (workers * 8))
     else:
-        pool = ThreadPoolExecutor(max_workers=workers or min(32, cpus * 4))
+        pool = ThreadPoolExecutor(
+            max_workers=workers or (REMOTE_WORKERS if remote else min(32, cpus * 4))
+        )
         chunk = 1
     from ..formats.layout import declared_layouts
 
