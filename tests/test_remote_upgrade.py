@@ -282,6 +282,23 @@ def test_a_torch_file_upgraded_into_safetensors_copies_its_tensors_on_the_server
     assert torch.equal(out["layers.0.weight"], weights["blocks.0.weight"])
 
 
+def test_a_legacy_torch_file_goes_to_s3_and_back(s3, files, tmp_path):
+    weights = _weights()
+    torch.save(weights, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    dst = f"s3://{BUCKET}/legacy/new.pth"
+    upgrade_file(tmp_path / "legacy.pth", dst, _schema(), from_version="1.0.0", to="2.0.0")
+    back = tmp_path / "back.pth"
+    upgrade_file(dst, back, _schema())  # an object read back, upgraded on to 3.0.0
+    got = cm.load(back, schema=_schema(), upgrade=False)
+    assert str(got.version) == "3.0.0"
+    assert torch.equal(got.state_dict["layers.1.weight"], weights["blocks.1.weight"])
+    assert torch.equal(got.state_dict["layers.0.bias"], weights["blocks.0.bias"] * 2)
+    legacy = s3.upload(tmp_path / "legacy.pth", f"{BUCKET}/legacy/old.pth")  # read from S3
+    upgrade_file(legacy, tmp_path / "from-legacy.pth", _schema(), from_version="1.0.0")
+    got = cm.load(tmp_path / "from-legacy.pth", schema=_schema(), upgrade=False)
+    assert str(got.version) == "3.0.0" and set(got.state_dict) == set(_expected(files).state_dict)
+
+
 # -- atomicity --------------------------------------------------------------------------------
 
 

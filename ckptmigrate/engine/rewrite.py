@@ -145,8 +145,9 @@ class Mapped:
     inputs: InputBytes
 
 
-#: The formats an upgrade reads from, or writes to, an object store.
-_REMOTE_FORMATS = ("torch-zip", "safetensors")
+#: The formats an upgrade reads from, or writes to, an object store: single files (a legacy
+#: torch file is read from a private copy and written whole, then uploaded).
+_REMOTE_FORMATS = ("torch-zip", "torch-legacy", "safetensors")
 
 
 def _where(path: str | os.PathLike[str] | RemotePath) -> Path | RemotePath:
