@@ -449,6 +449,9 @@ def test_a_sharded_set_in_a_bucket_is_refused_with_a_clear_error(s3, files, tmp_
     url = s3.upload(folder, f"{BUCKET}/set")
     with pytest.raises(CheckpointWriteError, match="not supported yet"):
         upgrade_file(url, tmp_path / "out", _schema(), from_version="1.0.0")
+    with pytest.raises(CheckpointWriteError, match="not supported yet"):  # and into a bucket
+        upgrade_file(folder, f"s3://{BUCKET}/set-out", _schema(), from_version="1.0.0")
+    assert not _exists(s3, f"s3://{BUCKET}/set-out")
     proc = run(
         files,
         "upgrade",
