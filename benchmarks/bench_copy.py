@@ -21,6 +21,7 @@ system's used space before and after each (``statvfs`` after ``sync``).
     .venv/bin/python benchmarks/bench_copy.py                 # ext4 (or whatever holds data/)
     .venv/bin/python benchmarks/bench_copy.py --xfs --format safetensors --runs 3
     .venv/bin/python benchmarks/bench_copy.py --gb 0.1 --no-write  # a quick look, no RESULTS
+    .venv/bin/python benchmarks/bench_copy.py --contenders merge,cp+sync --data /tmp/bench
 """
 
 from __future__ import annotations
@@ -289,23 +290,30 @@ def main() -> None:
     parser.add_argument("--xfs", action="store_true", help="also on an XFS reflink loop mount")
     parser.add_argument("--no-ext", action="store_true", help="only the XFS run")
     parser.add_argument("--no-write", action="store_true", help="print, leave RESULTS.md")
+    parser.add_argument(
+        "--contenders",
+        default="fn-rename,load-save,merge,op-rename,cp+sync",
+        help="comma-separated, of the default list",
+    )
+    parser.add_argument("--data", type=Path, default=DATA, help="where the file is made")
     args = parser.parse_args()
-    if ran_child(args.one, run_one, DATA):
+    if ran_child(args.one, run_one, args.data):
         return
-    src = DATA / f"big.{args.format}"
+    src = args.data / f"big.{args.format}"
     xfs = None
     sections = [header(args)]
     try:
         make_file(src, args.gb)
-        everyone = ["fn-rename", "load-save", "merge", "op-rename", "cp+sync"]
+        everyone = [c for c in args.contenders.split(",") if c]
         if not args.no_ext:
             got = bench(src, args.runs, everyone, space=False)
             sections.append(report(got, "Local disk", file_system(src), args.format, False))
         if args.xfs:
-            xfs = XfsMount(DATA, 3 * src.stat().st_size + (1 << 30))
+            xfs = XfsMount(args.data, 3 * src.stat().st_size + (1 << 30))
             on_xfs = xfs.mount / src.name
             shutil.copyfile(src, on_xfs)
-            got = bench(on_xfs, args.runs, ["op-rename", "fn-rename", "merge", "cp+sync"], True)
+            on_xfs_order = ["op-rename", "fn-rename", "merge", "cp+sync"]
+            got = bench(on_xfs, args.runs, [c for c in on_xfs_order if c in everyone], True)
             sections.append(
                 report(
                     got,

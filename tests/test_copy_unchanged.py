@@ -43,12 +43,16 @@ def rename_schema() -> cm.Schema:
     return schema
 
 
-def merge_schema() -> cm.Schema:
+def merge_schema(dim: int = 0) -> cm.Schema:
     schema = cm.Schema("net", current="2.0.0")
     schema.add_migration(
         "1.0.0",
         "2.0.0",
-        [cm.ops.Merge(["layers.0.attn.weight", "layers.1.attn.weight"], "layers.01.weight")],
+        [
+            cm.ops.Merge(
+                ["layers.0.attn.weight", "layers.1.attn.weight"], "layers.01.weight", dim=dim
+            )
+        ],
     )
     return schema
 
@@ -96,10 +100,14 @@ def test_a_function_step_rename_copies_every_tensor_as_stored(tmp_path, suffix):
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_a_merge_writes_only_the_merged_tensor(tmp_path, suffix):
-    sd, dst, result = upgraded(tmp_path, suffix, merge_schema())
-    merged = torch.cat([sd["layers.0.attn.weight"], sd["layers.1.attn.weight"]])
-    assert result.bytes_through_python == merged.numel() * 4
+@pytest.mark.parametrize("dim", [0, 1])
+def test_a_merge_writes_only_the_merged_tensor(tmp_path, suffix, dim):
+    """Along dim 0 even the merged tensor is its parts' bytes, copied (test_merge_bytes.py);
+    along dim 1 it is computed on the mapped tensors and only it is written."""
+    sd, dst, result = upgraded(tmp_path, suffix, merge_schema(dim))
+    merged = torch.cat([sd["layers.0.attn.weight"], sd["layers.1.attn.weight"]], dim=dim)
+    assert result.streamed is (dim == 0)
+    assert result.bytes_through_python == (0 if dim == 0 else merged.numel() * 4)
     got = read_back(dst)
     torch.testing.assert_close(got["layers.01.weight"], merged, atol=0, rtol=0)
     for key in ("layers.2.attn.weight", "layers.3.attn.weight", "head.bias"):
@@ -325,14 +333,16 @@ print(rchar() - start - result.bytes_copied, result.bytes_copied, first[0] - sta
     assert before_copy < copied // 100, f"read {before_copy} bytes before the first copy"
 
 
-@pytest.mark.parametrize("step", ["function", "merge"])
+@pytest.mark.parametrize("step", ["function", "merge", "merge-dim1"])
 def test_a_set_run_on_its_tensors_copies_what_it_left_unchanged(tmp_path, step):
     """A safetensors set under a step that is not metadata-only: every shard written copies the
-    tensors the step kept and writes only the new one; every shard loads in safetensors."""
+    tensors the step kept and writes only the new one; every shard loads in safetensors. A
+    Merge along dim 0 copies even the merged tensor (its parts' bytes, from two shards)."""
     folder, out = tmp_path / "set", tmp_path / "out"
     tensors = make_set(folder, "safetensors")
+    schema = cm.Schema("net", current="2.0.0")
+    new_key = "embed_head.weight"
     if step == "function":
-        schema = cm.Schema("net", current="2.0.0")
 
         @schema.migration("1.0.0", "2.0.0")
         def rename(ckpt: cm.Checkpoint) -> None:
@@ -342,20 +352,25 @@ def test_a_set_run_on_its_tensors_copies_what_it_left_unchanged(tmp_path, step):
 
         expected = {k.replace("blocks.", "layers."): v for k, v in tensors.items()}
         written = 0
-    else:
-        schema = cm.Schema("net", current="2.0.0")
+    elif step == "merge":
         schema.add_migration(
             "1.0.0",
             "2.0.0",
-            [cm.ops.Merge(["embed.weight", "head.weight"], "embed_head.weight", sizes=[16, 4])],
+            [cm.ops.Merge(["embed.weight", "head.weight"], new_key, sizes=[16, 4])],
         )
         expected = {k: v for k, v in tensors.items() if k not in ("embed.weight", "head.weight")}
-        expected["embed_head.weight"] = torch.cat([tensors["embed.weight"], tensors["head.weight"]])
-        written = expected["embed_head.weight"].numel() * 4
+        expected[new_key] = torch.cat([tensors["embed.weight"], tensors["head.weight"]])
+        written = 0
+    else:  # along dim 1, a float32 and a float16 part: computed on the tensors
+        parts = ["blocks.0.weight", "blocks.1.weight"]
+        new_key = "blocks.01.weight"
+        schema.add_migration("1.0.0", "2.0.0", [cm.ops.Merge(parts, new_key, dim=1)])
+        expected = {k: v for k, v in tensors.items() if k not in parts}
+        expected[new_key] = torch.cat([tensors[k] for k in parts], dim=1)
+        written = expected[new_key].numel() * 4
     result = cm.upgrade_file(folder, out, schema, from_version="1.0.0")
-    kept = sum(
-        v.numel() * v.element_size() for k, v in expected.items() if k != "embed_head.weight"
-    )
+    kept = sum(v.numel() * v.element_size() for k, v in expected.items()) - written
+    assert result.streamed is (step == "merge")
     assert result.bytes_through_python == written
     assert result.bytes_copied == kept
     index = json.loads((out / "model.safetensors.index.json").read_text())

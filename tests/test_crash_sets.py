@@ -132,8 +132,13 @@ def test_sigkill_anywhere_in_a_set_rewrite_then_a_rerun_finishes_it_tidily(
         case.run(folder)
 
     events = events_of(action, monkeypatch)
-    # safetensors' own writer (the loaded path) writes from Rust: no write() to hook there
-    assert events.count("replaced") >= 4 and len(events) >= 20, events
+    if (command, ext) == ("stamp", ".bin"):
+        # the stamp lives in the index: every shard is left as it is, the journal and the
+        # index are all that is written
+        assert events.count("replaced") >= 2 and not any("copy" in e for e in events), events
+    else:
+        # safetensors' own writer (the loaded path) writes from Rust: no write() to hook there
+        assert events.count("replaced") >= 4 and len(events) >= 20, events
     specs = spread(events, KILL_POINTS)
     outcomes = {"old": 0, "new": 0}
     for spec in specs:
@@ -265,7 +270,11 @@ def killed(work: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Case, Path, str
     return (case, *killed_after_the_first_shard_is_recorded(case, work, monkeypatch))
 
 
-@pytest.mark.parametrize(("command", "ext"), CASES)
+#: the rewrites that write shards: a stamp of a .bin set leaves every shard as it is
+WRITING_SHARDS = [case for case in CASES if case != ("stamp", ".bin")]
+
+
+@pytest.mark.parametrize(("command", "ext"), WRITING_SHARDS)
 def test_a_kill_after_a_shard_is_recorded_leaves_exactly_it_for_the_recovery(
     command: str, ext: str, work: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
 from crash_points import copied_afresh, killed_runs
 from folder_schema import rename_drop_schema
+from torch.distributed.checkpoint import FileSystemWriter
 
 import ckptmigrate as cm
 from ckptmigrate.formats.dcp import STAMP_FILE, SafeFileSystemReader

@@ -25,6 +25,8 @@ ALLOWED = {
     ("formats/folder_swap.py", "OSError"),
     # the temporary a writer was handed vanished: the OS's condition, reported as os would
     ("formats/atomic.py", "FileNotFoundError"),
+    # argparse's protocol: a type= function raises it, argparse prints "argument --jobs: ..."
+    ("cli.py", "ArgumentTypeError"),
     # Python's protocols: a module's __getattr__ and a frozen object's __setattr__
     ("__init__.py", "AttributeError"),
     ("formats/torch/__init__.py", "AttributeError"),  # PEP 562 module __getattr__: a missing name

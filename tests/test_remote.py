@@ -229,12 +229,15 @@ def test_scan_of_a_bucket_prefix_finds_what_a_local_scan_finds(tree, s3):
 # -- check ----------------------------------------------------------------------------------
 
 
-def test_check_runs_the_fixtures_in_a_bucket_as_it_runs_them_on_disk(tree, s3):
+def test_check_runs_the_fixtures_in_a_bucket_as_it_runs_them_on_disk(tree, s3, tmp_path):
     local_root = REPO / "fixtures" / "tinylm"
     s3.upload(local_root, f"{BUCKET}/fixtures/tinylm")
     migrations = str(REPO / "migrations")
     url = f"s3://{BUCKET}/fixtures/tinylm"
-    remote = _json(run(tree, "check", url, "--migrations", migrations, "--json"))
+    private = tmp_path  # a shared /tmp holds other runs' folders
+    remote = _json(
+        run(tree, "check", url, "--migrations", migrations, "--json", TMPDIR=str(private))
+    )
     local = _json(run(tree, "check", str(local_root), "--migrations", migrations, "--json"))
     assert remote["root"] == url and remote["failed"] == local["failed"] == 0
     assert len(remote["fixtures"]) == len(local["fixtures"]) > 0
@@ -242,7 +245,7 @@ def test_check_runs_the_fixtures_in_a_bucket_as_it_runs_them_on_disk(tree, s3):
         assert got["path"] == url + "/" + Path(want["path"]).name
         assert (got["ok"], got["steps_applied"]) == (want["ok"], want["steps_applied"])
         assert got["max_abs_error"] == pytest.approx(want["max_abs_error"], abs=1e-6)
-    assert not list(Path(tempfile.gettempdir()).glob("ckptmigrate-remote-*"))  # copies removed
+    assert not list(private.glob("ckptmigrate-remote-*"))  # its copies removed
 
 
 # -- cm.load and the metadata reader --------------------------------------------------------
@@ -250,8 +253,12 @@ def test_check_runs_the_fixtures_in_a_bucket_as_it_runs_them_on_disk(tree, s3):
 
 @pytest.mark.parametrize("where", ["s3", "web"])
 @pytest.mark.parametrize("name", ["a.pth", "model.safetensors", "set", "dcp"])
-def test_cm_load_of_a_url_holds_the_local_files_tensors(tree, where, name, request):
+def test_cm_load_of_a_url_holds_the_local_files_tensors(
+    tree, where, name, request, monkeypatch, tmp_path
+):
     server = request.getfixturevalue(where)
+    private = tmp_path  # a shared /tmp holds other runs' folders
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
     if where == "web" and name in ("set", "dcp"):
         name = {"set": "set/model.safetensors.index.json", "dcp": None}[name]
         if name is None:
@@ -265,7 +272,7 @@ def test_cm_load_of_a_url_holds_the_local_files_tensors(tree, where, name, reque
         if isinstance(value, torch.Tensor):  # tolerance 0: the same bytes decode the same
             torch.testing.assert_close(got.state_dict[key], value, rtol=0, atol=0)
     assert (got.schema, got.version, got.hparams) == (want.schema, want.version, want.hparams)
-    assert not list(Path(tempfile.gettempdir()).glob("ckptmigrate-remote-*"))
+    assert not list(private.glob("ckptmigrate-remote-*"))  # its copies removed
 
 
 @pytest.mark.parametrize("name", ["a.pth", "model.safetensors", "set", "dcp"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,91 @@ def test_an_interrupt_after_the_new_index_landed_keeps_the_shards_it_names(tmp_p
     named = set(json.loads(index.read_text())["weight_map"].values())
     assert all((tmp_path / "set" / name).is_file() for name in named)
     assert str(read_checkpoint(tmp_path / "set").version) == "2.0.0"
+
+
+# ---------------------------------------------------------------- .bin shards left unchanged
+
+
+def make_bin_set(folder: Path) -> dict[str, torch.Tensor]:
+    """Two .bin shards: ``a``, ``b`` in the first, ``c``, ``d`` in the second."""
+    folder.mkdir()
+    torch.manual_seed(0)
+    tensors = {f"{k}.weight": torch.randn(4 if k == "d" else 8, 8) for k in "abcd"}
+    weight_map = {}
+    for i, keys in enumerate([["a.weight", "b.weight"], ["c.weight", "d.weight"]], 1):
+        name = f"pytorch_model-{i:05d}-of-00002.bin"
+        torch.save({k: tensors[k] for k in keys}, folder / name)
+        weight_map.update((k, name) for k in keys)
+    index = {"metadata": {"total_size": 1}, "weight_map": weight_map}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    return tensors
+
+
+def second_shard_schema(step: str) -> cm.Schema:
+    schema = cm.Schema("lm", current="2.0.0")
+    if step == "function":
+
+        @schema.migration("1.0.0", "2.0.0")
+        def scale(ckpt: cm.Checkpoint) -> None:
+            ckpt.state_dict["c.weight"] = ckpt.state_dict["c.weight"] * 2
+
+    else:
+        schema.add_migration(
+            "1.0.0", "2.0.0", [cm.ops.Merge(["c.weight", "d.weight"], "cd.weight", sizes=[8, 4])]
+        )
+    return schema
+
+
+@pytest.mark.parametrize("step", ["function", "merge"])
+@pytest.mark.parametrize("how", ["output", "in-place"])
+def test_a_bin_set_copies_the_shards_a_step_leaves_unchanged(tmp_path, step, how):
+    """Only the second shard changes: the first is copied whole (byte for byte) into another
+    folder, or left as the very file it was in place; the index names it and loads."""
+    folder = tmp_path / "set"
+    tensors = make_bin_set(folder)
+    first = folder / "pytorch_model-00001-of-00002.bin"
+    first_bytes, first_inode = first.read_bytes(), first.stat().st_ino
+    out = folder if how == "in-place" else tmp_path / "out"
+    result = upgrade_file(folder, out, second_shard_schema(step), from_version="1.0.0")
+    assert result.streamed is (step == "merge")
+    index = json.loads((out / "pytorch_model.bin.index.json").read_text())
+    holding_a = out / index["weight_map"]["a.weight"]
+    assert index["weight_map"]["b.weight"] == holding_a.name
+    assert holding_a.read_bytes() == first_bytes  # copied whole, not re-pickled
+    if how == "in-place":
+        assert holding_a == first and first.stat().st_ino == first_inode
+        assert "pytorch_model-00002-of-00002.bin" in result.removed
+        assert first.name not in result.removed
+    on_disk = sorted(p.name for p in out.iterdir() if p.suffix == ".bin")
+    assert on_disk == sorted(set(index["weight_map"].values()))
+    loaded = read_checkpoint(out)
+    assert str(loaded.version) == "2.0.0"
+    assert list(loaded.state_dict) == list(index["weight_map"])
+    for key in ("a.weight", "b.weight"):
+        assert torch.equal(loaded.state_dict[key], tensors[key])
+    # of the changed shard only the new tensor goes through Python: d.weight is copied
+    assert result.bytes_through_python == (8 * 8 * 4 if step == "function" else 0)
+    if how == "output":
+        assert result.bytes_copied >= len(first_bytes) + 4 * 8 * 4
+    for shard in set(index["weight_map"].values()):
+        assert zipfile.ZipFile(out / shard).testzip() is None
+    if step == "function":
+        assert torch.equal(loaded.state_dict["c.weight"], tensors["c.weight"] * 2)
+        assert torch.equal(loaded.state_dict["d.weight"], tensors["d.weight"])
+    else:
+        merged = torch.cat([tensors["c.weight"], tensors["d.weight"]])
+        assert torch.equal(loaded.state_dict["cd.weight"], merged)
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in loaded.state_dict.values())
+
+
+def test_a_bin_set_whose_every_shard_changes_writes_them_all(tmp_path):
+    """The control: a rename touching both shards copies no shard whole."""
+    folder = tmp_path / "set"
+    make_bin_set(folder)
+    first = (folder / "pytorch_model-00001-of-00002.bin").read_bytes()
+    schema = cm.Schema("lm", current="2.0.0")
+    schema.add_migration("1.0.0", "2.0.0", [cm.ops.RenameKeys(r"(.)\.weight", r"\1.w")])
+    upgrade_file(folder, tmp_path / "out", schema, from_version="1.0.0")
+    index = json.loads((tmp_path / "out" / "pytorch_model.bin.index.json").read_text())
+    assert (tmp_path / "out" / index["weight_map"]["a.w"]).read_bytes() != first
+    assert sorted(read_checkpoint(tmp_path / "out").state_dict) == ["a.w", "b.w", "c.w", "d.w"]

@@ -7,7 +7,9 @@ Every rewrite of a checkpoint (``cm.upgrade_file``, ``cm.upgrade_in_place``,
 2. A planner (:func:`upgrade_plan`, :func:`stamp_plan`) plans once, mounts included; a stamp
    is a plan of no steps that gives the file its new stamp.
 3. :meth:`Plan.run` runs the plan once: on the stubs when every step is metadata-only
-   (:attr:`~ckptmigrate.ops.Op.metadata_only`) and the output's writer copies stored bytes,
+   (:attr:`~ckptmigrate.ops.Op.metadata_only`), or Merges and Splits along dim 0 whose
+   results are runs of stored bytes (:attr:`~ckptmigrate.ops.Op.runs_on_stubs`), and the
+   output's writer copies stored bytes,
    else on the tensors mapped from the file (``mmap``), where each tensor's bytes lie in the
    file recorded before any step runs (:class:`~.unchanged.InputBytes`).
 4. :func:`write` picks the writer of the output's format: the stubs a run kept are copied as
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import (
     AlreadyStampedError,
     CheckpointWriteError,
+    MigrationError,
     MountError,
     NotReplayableError,
     VersionConflictError,
@@ -46,7 +49,7 @@ from ..formats.remote import RemotePath, downloaded, is_remote, location
 from ..formats.torch import with_redirects
 from ..schema.registry import get_schema, pick_schema, schema_table
 from ..values.checkpoint import Checkpoint
-from .streaming import Copied, metadata_only
+from .streaming import Copied, metadata_only, runs_on_stubs
 from .unchanged import InputBytes
 
 if TYPE_CHECKING:
@@ -411,6 +414,8 @@ def rewrite(
             held.enter_context(permissions_from(src))  # a private source gives a private copy
         _check_output(source, target)
         on_stubs = metadata_only(plan.steps) and _copies(source, target, plan)
+        new = _run_on_bytes(source, target, plan, progress) if not on_stubs else None
+        on_stubs = on_stubs or new is not None
         deferred = None if on_stubs else _run_deferred(source, target, plan, progress)
         on_stubs = on_stubs or deferred is not None  # DCP: tensors read as they are written
         if remote and not on_stubs:  # the tensors are needed: read a private copy, on disk
@@ -422,7 +427,7 @@ def rewrite(
         inputs = None if on_stubs else source.mapped()
         if deferred is not None:
             new = deferred
-        else:
+        elif new is None:
             new = plan.run(None if inputs is None else inputs.tensors, progress)
         if before_write is not None:
             kept = before_write(plan)
@@ -439,6 +444,26 @@ def rewrite(
     if remote:
         result.src = src  # type: ignore[assignment]
     return result
+
+
+def _run_on_bytes(
+    source: Source, dst: Path, plan: Plan, progress: Callable[..., Any] | None
+) -> Checkpoint | None:
+    """A plan of metadata-only ops and Merges and Splits along dim 0 (:func:`runs_on_stubs`)
+    run on the stubs of a torch zip, a safetensors file or a set: a merged or split tensor is
+    runs of its inputs' stored bytes (:mod:`~ckptmigrate.values.pieces`), which the writer
+    copies; torch is not imported. None when the plan needs the tensors (parts of other
+    dtypes, a parameter...): it then runs on them."""
+    if source.format not in ("torch-zip", "safetensors", "sharded"):
+        return None
+    if not runs_on_stubs(plan.steps) or not _copies(source, dst, plan):
+        return None
+    try:
+        return plan.run(None, progress)
+    except MigrationError as exc:
+        if isinstance(exc.__cause__, NotReplayableError):
+            return None
+        raise
 
 
 def _run_deferred(
@@ -557,7 +582,13 @@ def write(
             except NotReplayableError:
                 new, inputs = redo()
         if done is None:
-            done = write_set(source.sset, new, dst, None if inputs is None else inputs.inputs)
+            done = write_set(
+                source.sset,
+                new,
+                dst,
+                None if inputs is None else inputs.inputs,
+                None if inputs is None else inputs.tensors,
+            )
             on_stubs = False
         _copied(result, done, streamed=on_stubs)
         return

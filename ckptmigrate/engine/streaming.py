@@ -16,7 +16,15 @@ Every file is written atomically and durably (temporary, fsync, rename, fsync of
 the disk starts writing while the copy runs (:class:`~.formats.atomic.Writeback`), so on a
 1.26 GB file the wait for the disk is most of the time left, and the fsync is what it buys.
 
-A plan that is not metadata-only runs on the tensors mapped from the file; its result is
+A plan of metadata-only ops and Merges and Splits along dim 0 (:func:`runs_on_stubs`) runs on
+the stubs too: a merged or split tensor is runs of its inputs' stored bytes
+(:class:`~ckptmigrate.values.pieces.DerivedStub`), which these writers copy (a torch zip: a
+split part a view of its record, a merged tensor a new record whose CRC is combined from its
+parts', :mod:`~.formats.crc`); where that cannot be said the writer raises
+:class:`~ckptmigrate.errors.NotReplayableError` and the plan runs on the tensors. A .bin
+shard left holding what it held is copied whole (or kept, in place).
+
+Any other plan runs on the tensors mapped from the file; its result is
 written by :func:`save_torch_zip` and :func:`save_safetensors`, which copy every tensor the
 plan left as it was (:class:`~.unchanged.InputBytes`) as stored, and write only the new ones
 from memory.
@@ -42,6 +50,7 @@ from typing import Any
 from packaging.version import Version
 
 from ..errors import CheckpointWriteError, NotReplayableError
+from ..formats.byte_copy import copy_file
 from ..formats.layout import assemble
 from ..schema.graph import PlannedStep
 from ..schema.ops import Op
@@ -57,6 +66,7 @@ __all__ = [
     "copy_set",
     "copy_torch_zip",
     "metadata_only",
+    "runs_on_stubs",
     "save_safetensors",
     "save_torch_zip",
     "upgrade_stubs",
@@ -77,6 +87,15 @@ class Copied:
 def metadata_only(plan: Sequence[PlannedStep]) -> bool:
     """Whether every step of ``plan`` is ops that change key names and hparams only."""
     return all(_key_ops(planned) is not None for planned in plan)
+
+
+def runs_on_stubs(plan: Sequence[PlannedStep]) -> bool:
+    """Whether every step of ``plan`` is ops that run on tensor stubs: metadata-only ones, and
+    Merge and Split along dim 0, whose results are runs of their inputs' stored bytes
+    (:mod:`ckptmigrate.values.pieces`: the writers copy those runs)."""
+    return all(
+        planned.ops is not None and all(op.runs_on_stubs for op in planned.ops) for planned in plan
+    )
 
 
 def _key_ops(planned: PlannedStep) -> list[Op] | None:
@@ -250,47 +269,62 @@ def copy_set(sset: Any, old: Checkpoint, new: Checkpoint, dst: Path) -> Copied:
 
     out = set_output(sset, dst)
     folder, index_name = out.folder, out.index_name
-    # which old shard each kept stub came from, in the new key order
+    # which old shard each kept stub came from, in the new key order (a merged or split
+    # tensor: its first piece's)
     home: dict[int, str] = {}
     for key, value in old.state_dict.items():
         home.setdefault(id(value), sset.weight_map[key])
     by_shard: dict[str, list[tuple[str, Any]]] = {s: [] for s in sset.shards}
     for key, value in new.state_dict.items():
-        by_shard[home[id(value)]].append((key, value))
+        by_shard[_home_of(value, home, sset)].append((key, value))
 
-    swap = SetSwap.replacing(folder, index_name, _replaced(sset, folder, index_name))
+    replaced = _replaced(sset, folder, index_name)
+    swap = SetSwap.replacing(folder, index_name, replaced)
     kept = [(shard, entries) for shard, entries in by_shard.items() if entries]
-    jobs = [
-        (
-            shard,
-            swap.fresh_name(
-                out.shard(i, len(kept), sset.kind, like=shard),
-                [str(new.version), shard, [(k, list(v.shape)) for k, v in entries]],
-            ),
-            entries,
+    jobs = []
+    for i, (shard, entries) in enumerate(kept, 1):
+        # a .bin shard holding what it held (the stamp lives in the index) is copied whole,
+        # or, in place, left as it is: the new index names it again
+        whole = sset.kind == "bin" and sharded.unchanged_shard(
+            sset, shard, dict(entries), old.state_dict
         )
-        for i, (shard, entries) in enumerate(kept, 1)
-    ]
+        if whole and replaced is not None and out.stem is None:
+            jobs.append((shard, shard, entries, whole))
+            continue
+        name = swap.fresh_name(
+            out.shard(i, len(kept), sset.kind, like=shard),
+            [str(new.version), shard, [(k, list(v.shape)) for k, v in entries]],
+        )
+        jobs.append((shard, name, entries, whole))
     weight_map: dict[str, str] = {}
     total = 0
     done = Copied()
     try:
         swap.start()
-        for shard, name, entries in jobs:
+        for shard, name, entries, whole in jobs:
             target = folder / name
-            if sset.kind == "safetensors":
+            if whole:
+                if name != shard:
+                    done.bytes_through_python += copy_file(sset.folder / shard, target)
+                    done.bytes_copied += target.stat().st_size
+                    swap.wrote(name)
+            elif sset.kind == "safetensors":
                 from ..formats.safetensors_copy import write_safetensors_copy
 
                 meta = _safetensors_metadata(_header_stamp(new))
                 meta = {**sset.headers.get(shard, {}), **meta}
                 copied, through = write_safetensors_copy(target, entries, sset.sources, meta)
+                swap.wrote(name)
+                done.bytes_copied += copied
+                done.bytes_through_python += through
             else:
                 if shard not in sset.graphs:
                     raise NotReplayableError("a legacy .bin shard has no zip records to copy")
-                copied, through = _rewrite_bin_shard(sset.graphs[shard], target, entries)
-            swap.wrote(name)
-            done.bytes_copied += copied
-            done.bytes_through_python += through
+                others = [g for s, g in sset.graphs.items() if s != shard]
+                copied, through = _rewrite_bin_shard(sset.graphs[shard], target, entries, others)
+                swap.wrote(name)
+                done.bytes_copied += copied
+                done.bytes_through_python += through
             weight_map.update((key, name) for key, _ in entries)
             total += sum(v.info.nbytes for v in {id(v): v for _, v in entries}.values())
         sharded.copy_companions(sset, folder)
@@ -310,8 +344,23 @@ def _replaced(sset: Any, folder: Path, index_name: str) -> dict[str, list[int]] 
     return None
 
 
-def _rewrite_bin_shard(graph: Any, dst: Path, entries: list[tuple[str, Any]]) -> tuple[int, int]:
-    """A .bin shard holds a flat state_dict: re-pickle the kept keys, copy their storages."""
+def _home_of(value: Any, home: dict[int, str], sset: Any) -> str:
+    """The old shard a stub of the result is written into: its own, or (a merged or split
+    tensor) its first piece's."""
+    from ..values.pieces import DerivedStub
+
+    if isinstance(value, DerivedStub):
+        if not value.pieces:
+            raise NotReplayableError("an empty merged tensor has no shard")
+        value = value.pieces[0].stub
+    return home[id(value)]
+
+
+def _rewrite_bin_shard(
+    graph: Any, dst: Path, entries: list[tuple[str, Any]], others: Sequence[Any] = ()
+) -> tuple[int, int]:
+    """A .bin shard holds a flat state_dict: re-pickle the kept keys, copy their storages (a
+    merged tensor's pieces from wherever they lie: ``others``, the set's other shards)."""
     from collections import OrderedDict
 
     obj: OrderedDict[str, Any] = OrderedDict(entries)
@@ -320,15 +369,24 @@ def _rewrite_bin_shard(graph: Any, dst: Path, entries: list[tuple[str, Any]]) ->
         obj._metadata = metadata  # type: ignore[attr-defined]
     from ..formats.torch import write_zip_graph
 
-    writer = write_zip_graph(dst, graph, obj)
+    writer = write_zip_graph(dst, graph, obj, others)
     return writer.bytes_copied, writer.bytes_through_python
 
 
-def write_set(sset: Any, new: Checkpoint, dst: Path, inputs: InputBytes | None = None) -> Copied:
+def write_set(
+    sset: Any,
+    new: Checkpoint,
+    dst: Path,
+    inputs: InputBytes | None = None,
+    loaded: Checkpoint | None = None,
+) -> Copied:
     """Write a set's loaded tensors (``new``), re-sharded by the old largest shard size.
 
     Safetensors shards copy each tensor whose bytes are an input's, unchanged (``inputs``: the
-    set mapped, as the plan ran on it), as stored and write only the others."""
+    set mapped, as the plan ran on it), as stored and write only the others. A .bin shard
+    that would hold what it holds (its keys, in order, each the very tensor ``loaded`` had
+    there, bytes unchanged: the stamp lives in the index) is copied whole, or left as it is
+    in place; only the other tensors are re-sharded and written."""
     from ..formats import sharded
     from ..formats.safetensors_copy import write_safetensors_parts
     from ..formats.safetensors_file import write_safetensors
@@ -336,26 +394,47 @@ def write_set(sset: Any, new: Checkpoint, dst: Path, inputs: InputBytes | None =
     from ..formats.torch import write_torch
 
     out = set_output(sset, dst)
+    whole = _unchanged_shards(sset, new, inputs, loaded)
+    in_whole = {k for shard in whole for k in sset.contents[shard]}
+    rest = [(k, v) for k, v in new.state_dict.items() if k not in in_whole]
     limit = max((sset.folder / s).stat().st_size for s in sset.shards) if sset.shards else 1 << 30
-    groups = [
-        dict(group)
-        for group in sharded.group_by_size(
-            new.state_dict.items(), lambda kv: kv[1].numel() * kv[1].element_size(), limit
-        )
-    ]
+    groups = []
+    if rest or not whole:
+        groups = [
+            dict(group)
+            for group in sharded.group_by_size(
+                rest, lambda kv: kv[1].numel() * kv[1].element_size(), limit
+            )
+        ]
     folder, index_name = out.folder, out.index_name
-    swap = SetSwap.replacing(folder, index_name, _replaced(sset, folder, index_name))
+    replaced = _replaced(sset, folder, index_name)
+    swap = SetSwap.replacing(folder, index_name, replaced)
+    count = len(whole) + len(groups)
+    copies: list[tuple[str, str]] = []  # (old shard, new name) copied whole
+    name_of: dict[str, str] = {}
+    for i, shard in enumerate(whole, 1):
+        if replaced is not None and out.stem is None:
+            name = shard  # in place: the new index names it again
+        else:
+            name = swap.fresh_name(
+                out.shard(i, count, sset.kind, like=shard), [str(new.version), shard, "whole"]
+            )
+            copies.append((shard, name))
+        name_of.update((k, name) for k in sset.contents[shard])
     names = [
         swap.fresh_name(
-            out.shard(i, len(groups), sset.kind),
+            out.shard(len(whole) + i, count, sset.kind),
             [str(new.version), [(k, list(v.shape)) for k, v in group.items()]],
         )
         for i, group in enumerate(groups, 1)
     ]
-    weight_map: dict[str, str] = {}
     total = copied = through = 0
     try:
         swap.start()
+        for shard, name in copies:
+            through += copy_file(sset.folder / shard, folder / name)
+            copied += (folder / name).stat().st_size
+            swap.wrote(name)
         for name, group in zip(names, groups):
             if sset.kind == "safetensors":
                 meta = _safetensors_metadata(_header_stamp(new))
@@ -366,14 +445,67 @@ def write_set(sset: Any, new: Checkpoint, dst: Path, inputs: InputBytes | None =
                     copied, through = copied + done[0], through + done[1]
                 else:
                     write_safetensors(folder / name, group, {}, passthrough=meta)
+            elif sset.graphs and inputs is not None and len(inputs):
+                done = _save_bin_group(folder / name, group, sset, inputs)
+                copied, through = copied + done[0], through + done[1]
             else:
                 write_torch(folder / name, dict(group))
             swap.wrote(name)
-            weight_map.update((k, name) for k in group)
-            total += sum(t.numel() * t.element_size() for t in group.values())
+            name_of.update((k, name) for k in group)
+        total = sum(t.numel() * t.element_size() for t in new.state_dict.values())
+        weight_map = {k: name_of[k] for k in new.state_dict}
         sharded.copy_companions(sset, folder)
         swap.commit(sset.index, weight_map, total, sharded.index_metadata(new, _stamp_of(new)))
     except BaseException:
         swap.abort()
         raise
     return Copied(copied, through, removed=swap.finish())
+
+
+def _save_bin_group(
+    target: Path, group: dict[str, Any], sset: Any, inputs: InputBytes
+) -> tuple[int, int]:
+    """A re-grouped .bin shard saved as torch.save would, each storage that is a record of one
+    of the set's shards, unchanged, copied as stored (from whichever shard holds it); the
+    others written from memory. Returns ``(bytes copied, bytes that went through Python)``."""
+    from ..formats.torch import save_copying
+    from ..formats.torch.zip_writer import JoinedRecord
+
+    layout = next(iter(sset.graphs.values()))  # archive folder, byteorder, version records
+
+    def stored(storage: Any) -> Any:
+        found = inputs.stored_storage(storage)
+        if found is None or found.record is None:
+            return None
+        if found.path == layout.path:
+            return found.record
+        record = found.record
+        return JoinedRecord(((found.path, record.data_offset, record.size),), record.crc)
+
+    writer = save_copying(target, dict(group), layout, stored)
+    return writer.bytes_copied, writer.bytes_through_python
+
+
+def _unchanged_shards(
+    sset: Any, new: Checkpoint, inputs: InputBytes | None, loaded: Checkpoint | None
+) -> list[str]:
+    """The .bin shards of ``sset`` that ``new`` holds as they were: each of their keys, in
+    order, with the very tensor ``loaded`` had there, whose stored record is unchanged."""
+    from ..formats import sharded
+
+    if sset.kind != "bin" or loaded is None or inputs is None:
+        return []
+    originals = loaded.state_dict
+    entries: dict[str, dict[str, Any]] = {}
+    for key, value in new.state_dict.items():
+        shard = sset.weight_map.get(key)
+        if shard is not None and originals.get(key) is value:
+            entries.setdefault(shard, {})[key] = value
+    out = []
+    for shard, held in entries.items():
+        if not sharded.unchanged_shard(sset, shard, held, originals):
+            continue
+        # the bytes as read: a record whose pages were written after the load is refused
+        if all(inputs.storage_record(t.untyped_storage()) is not None for t in held.values()):
+            out.append(shard)
+    return out

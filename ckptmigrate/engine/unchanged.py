@@ -86,12 +86,18 @@ class InputBytes:
 
     def storage_record(self, storage: Any) -> Any:
         """The zip record an untyped storage is, whole and unchanged; else None."""
+        found = self.stored_storage(storage)
+        return None if found is None else found.record
+
+    def stored_storage(self, storage: Any) -> Stored | None:
+        """The input bytes an untyped storage is, whole and unchanged (a zip record, with the
+        file it lies in); else None."""
         found = self._run(storage.data_ptr(), storage.nbytes())
         if found is None:
             return None
         start, run = found
         exact = start == storage.data_ptr() and run.nbytes == storage.nbytes()
-        return run.record if exact else None
+        return run if exact else None
 
     def tensor_bytes(self, tensor: Any) -> tuple[Path, int] | None:
         """The file and offset a contiguous tensor's bytes lie at, unchanged; else None."""

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointWriteError
+from ..errors import CheckpointWriteError, NotReplayableError
+from ..values.pieces import DerivedStub
 from ..values.tensorinfo import SAFETENSORS_DTYPES, TensorStub
 from .byte_copy import BLOCK
 from .detect import open_regular_file
@@ -51,7 +52,8 @@ def data_start(path: str | os.PathLike[str]) -> int:
 @dataclass(frozen=True, eq=False)
 class Part:
     """One tensor of a safetensors file to write: its header entry, and its bytes either at
-    ``source`` (a file and the offset of its first byte: copied as stored) or in ``data``
+    ``source`` (a file and the offset of its first byte: copied as stored), in ``runs`` (ranges
+    of files laid end to end: a merged tensor's parts, copied as stored) or in ``data``
     (written from memory). The same part under several keys is stored once (tied names)."""
 
     dtype: str  # a ckptmigrate dtype name: "float32", "bfloat16"...
@@ -62,6 +64,14 @@ class Part:
     keep: Any = None  # what ``data`` points into, kept alive until it is written
     #: the bytes, made when their turn comes (a tensor read or computed): one in memory
     produce: Callable[[], memoryview] | None = None
+    runs: tuple[tuple[Path, int, int], ...] | None = None  # (file, offset, byte count)
+
+    @property
+    def copied_from(self) -> tuple[tuple[Path, int, int], ...] | None:
+        """The ranges of files its bytes are copied from, in order; None: written from memory."""
+        if self.runs is not None:
+            return self.runs
+        return None if self.source is None else ((*self.source, self.nbytes),)
 
 
 def write_safetensors_copy(
@@ -72,14 +82,26 @@ def write_safetensors_copy(
 ) -> tuple[int, int]:
     """Write ``entries`` to ``dst`` atomically, each stub's bytes copied from its source.
 
-    ``sources`` maps ``id(stub)`` to ``(file, absolute offset of its first byte)``. Returns
-    ``(bytes copied, bytes that went through Python)``.
+    ``sources`` maps ``id(stub)`` to ``(file, absolute offset of its first byte)``; a
+    :class:`~ckptmigrate.values.pieces.DerivedStub` (a Merge or Split along dim 0 run on the
+    stubs) is copied from its pieces' bytes. Returns ``(bytes copied, bytes that went through
+    Python)``.
     """
     parts: dict[int, Part] = {}
     for _, stub in entries:
         if id(stub) not in parts:
             info = stub.info
-            parts[id(stub)] = Part(info.dtype, tuple(info.shape), info.nbytes, sources[id(stub)])
+            if isinstance(stub, DerivedStub):
+                runs = []
+                for piece in stub.pieces:
+                    if id(piece.stub) not in sources:
+                        raise NotReplayableError(f"a tensor {piece.stub!r} has no stored bytes")
+                    path, offset = sources[id(piece.stub)]
+                    runs.append((path, offset + piece.start, piece.nbytes))
+                part = Part(info.dtype, tuple(info.shape), info.nbytes, runs=tuple(runs))
+            else:
+                part = Part(info.dtype, tuple(info.shape), info.nbytes, sources[id(stub)])
+            parts[id(stub)] = part
     return write_safetensors_parts(dst, [(key, parts[id(stub)]) for key, stub in entries], metadata)
 
 
@@ -111,7 +133,7 @@ def write_safetensors_parts(
     # tensors after them; the header keeps the keys' order
     order = sorted(
         range(len(unique)),
-        key=lambda i: (0, str(s[0]), s[1]) if (s := unique[i][1].source) else (1, "", i),
+        key=lambda i: (0, str(s[0][0]), s[0][1]) if (s := unique[i][1].copied_from) else (1, "", i),
     )
     offsets: dict[int, int] = {}
     placed: list[tuple[Part, int]] = []
@@ -143,16 +165,17 @@ def write_safetensors_parts(
     with contextlib.ExitStack() as stack:
         opened: dict[Any, CopySource] = {}
         for part, _ in placed:
-            src = part.source[0] if part.source is not None else None
-            if src is not None and src not in opened:
-                origin = origins.get(src) if origins else None
-                opened[src] = stack.enter_context(open_copy_source(src, origin))
+            for src, _, _ in part.copied_from or ():
+                if src not in opened:
+                    origin = origins.get(src) if origins else None
+                    opened[src] = stack.enter_context(open_copy_source(src, origin))
         # in place: the one source that is the object replaced (its ETag guards the swap)
         replaced = next((o for o in opened.values() if o.remote is not None), None)
         sink = stack.enter_context(open_sink(dst, replaced))
         sink.write(head)
         for part, _ in placed:  # front to back: each part lies right after the one before
-            if part.source is None:
+            runs = part.copied_from
+            if runs is None:
                 data = part.produce() if part.produce is not None else part.data
                 if data is not None and len(data) != part.nbytes:
                     raise CheckpointWriteError(
@@ -163,9 +186,11 @@ def write_safetensors_parts(
                 del data
                 through_python += part.nbytes
                 continue
-            src, offset = part.source
-            through_python += sink.copy(opened[src], offset, part.nbytes)
-            copied += part.nbytes
+            # a merged tensor's runs one after another: a local file copies each with
+            # copy_file_range, an upload copies each on the server (or reads a short one)
+            for src, offset, count in runs:
+                through_python += sink.copy(opened[src], offset, count)
+                copied += count
         sink.settle()
         through_python += sink.bytes_read_through
         for source in opened.values():
@@ -178,8 +203,9 @@ def _data_residue(placed: list[tuple[Part, int]]) -> int | None:
     puts the most copied bytes at their source's offset modulo a block."""
     votes: Counter[int] = Counter()
     for part, at in placed:
-        if part.source is not None:
-            residue = (part.source[1] - at) % BLOCK
+        runs = part.copied_from
+        if runs:
+            residue = (runs[0][1] - at) % BLOCK
             if residue % 8 == 0:
                 votes[residue] += part.nbytes
     return votes.most_common(1)[0][0] if votes else None

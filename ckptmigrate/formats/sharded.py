@@ -48,6 +48,7 @@ __all__ = [
     "read_sharded",
     "read_sharded_metadata",
     "shard_name",
+    "unchanged_shard",
     "write_index",
 ]
 
@@ -76,6 +77,8 @@ class ShardedSet:
     identities: dict[str, list[int]] = field(default_factory=dict)
     graphs: dict[str, Any] = field(default_factory=dict)  # .bin shard -> its ZipGraph
     headers: dict[str, dict[str, str]] = field(default_factory=dict)  # other tools' entries
+    #: .bin shard -> the dict it holds, decoded (stubs): what tells a shard left unchanged
+    contents: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def folder(self) -> Path:
@@ -285,6 +288,7 @@ def read_sharded_metadata(
                 obj = read_torch_metadata(shard_path, allowed_globals=names, kind=kind.name)
             if not isinstance(obj, dict):
                 raise CheckpointFormatError("a .bin shard must hold a dict", path=shard_path)
+            sset.contents[shard] = obj
             tensors.update(obj)
     return _checkpoint(sset, _ordered(sset, tensors)), sset
 
@@ -306,6 +310,18 @@ def read_sharded(
 
             tensors.update(read_torch(shard_path, map_location=map_location, mmap=mmap))
     return _checkpoint(sset, _ordered(sset, tensors))
+
+
+def unchanged_shard(
+    sset: ShardedSet, shard: str, entries: dict[str, Any], originals: dict[str, Any]
+) -> bool:
+    """Whether the .bin ``shard`` would be written back holding exactly what it holds:
+    ``entries`` has its keys, in its order, each with the very object ``originals`` (the
+    set's stubs, or its tensors as loaded) had under that key; then it is copied whole."""
+    held = sset.contents.get(shard)
+    if held is None or list(held) != list(entries):
+        return False
+    return all(k in originals and entries[k] is originals[k] for k in held)
 
 
 def group_by_size(items: Iterable[_T], size_of: Callable[[_T], int], limit: int) -> list[list[_T]]:

@@ -24,7 +24,7 @@ from typing import Any
 from ...errors import CheckpointWriteError
 from .archive import ZipRecordInfo
 from .zip_graph import TORCH_PICKLE_PROTOCOL, ZipGraph
-from .zip_writer import TorchZipWriter, write_zip_copy
+from .zip_writer import JoinedRecord, TorchZipWriter, write_zip_copy
 
 __all__ = ["save_copying", "storage_buffer"]
 
@@ -68,12 +68,13 @@ def save_copying(
     dst: str | os.PathLike[str],
     obj: Any,
     graph: ZipGraph,
-    stored: Callable[[Any], ZipRecordInfo | None],
+    stored: Callable[[Any], ZipRecordInfo | JoinedRecord | None],
 ) -> TorchZipWriter:
     """Write ``obj`` to ``dst`` atomically as a torch zip archive laid out like ``graph``'s
     (its folder name and its other records, ``byteorder``, ``version``...): storages for
     which ``stored(untyped_storage)`` returns a record of ``graph``'s archive are copied as
-    stored, the others written from memory. Returns the closed writer (``bytes_copied``: the
+    stored, those it finds in another file (a :class:`~.zip_writer.JoinedRecord`: another
+    shard's record) copied from there under a fresh key, the others written from memory. Returns the closed writer (``bytes_copied``: the
     copied records; ``bytes_through_python``: the bytes written from memory)."""
     data_prefix = graph.prefix + "data/"
     taken = {name[len(data_prefix) :] for name in graph.records if name.startswith(data_prefix)}
@@ -85,7 +86,10 @@ def save_copying(
         handle = storage._cdata
         if handle not in keys:
             record = stored(storage)
-            key = record.name[len(data_prefix) :] if record is not None else next(fresh)
+            if isinstance(record, ZipRecordInfo):
+                key = record.name[len(data_prefix) :]
+            else:
+                key = next(fresh)
             keys[handle] = key
             storages.setdefault(key, record if record is not None else storage)
         return keys[handle]
@@ -114,6 +118,9 @@ def save_copying(
 
 def _storage_members(prefix: str, storages: dict[str, Any]) -> list[tuple[str, Any]]:
     return [
-        (prefix + key, item if isinstance(item, ZipRecordInfo) else storage_buffer(item))
+        (
+            prefix + key,
+            item if isinstance(item, (ZipRecordInfo, JoinedRecord)) else storage_buffer(item),
+        )
         for key, item in storages.items()
     ]

@@ -18,8 +18,10 @@ import io
 import os
 import pickle
 import zipfile
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +31,18 @@ from ...errors import (
     NotReplayableError,
     UnsafeCheckpointError,
 )
-from ...values.tensorinfo import TensorStub
+from ...values.pieces import DerivedStub, Piece
+from ...values.tensorinfo import DTYPE_SIZES, TensorStub
+from ..crc import crc32_of_parts, crc32_of_reads
 from ..remote import location
+from ..sink import open_copy_source
 from .allowlist import REDIRECT_ONLY_TARGETS, WEIGHTS_ONLY_GLOBALS, allowed_map, redirect_map
 from .archive import ZipRecordInfo, decode_zip, read_zip_records
 from .guards import GuardedCall
 from .placeholders import OpaqueMeta, OpaqueObject, TorchConstant
 from .read_errors import with_path
 from .storages import StorageRef, StorageType
-from .zip_writer import TorchZipWriter, write_zip_copy
+from .zip_writer import JoinedRecord, TorchZipWriter, write_zip_copy
 
 __all__ = ["ZipGraph", "NotReplayableError", "read_zip_graph", "write_zip_graph"]
 
@@ -135,22 +140,132 @@ class _GlobalName:
         raise InternalError("a placeholder for pickling only")
 
 
-class _ReplayPickler(pickle._Pickler):  # type: ignore[name-defined, misc]
-    """Pickles stubs back into torch's tensor reduces and storage persistent ids."""
+_REBUILD_V2 = "torch._utils._rebuild_tensor_v2"
 
-    def __init__(self, file: Any, graph: ZipGraph) -> None:
+
+class _NewStorage:
+    """A storage the replay writes anew (a merged tensor's), by its persistent id."""
+
+    def __init__(self, pid: tuple[Any, ...]) -> None:
+        self.pid = pid
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Where a stub's C-contiguous bytes lie: in ``record`` of ``graph``, from byte ``start``."""
+
+    graph: ZipGraph
+    ref: StorageRef
+    record: ZipRecordInfo
+    start: int
+
+
+def _c_contiguous(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    expected = 1
+    for size, step in zip(reversed(list(shape)), reversed(list(stride))):
+        if size != 1 and step != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _stored_run(graph: ZipGraph, stub: TensorStub) -> _Run | None:
+    """Where ``stub`` (decoded from ``graph``) lies as C-contiguous bytes of one stored record;
+    None when it is not ``graph``'s; :class:`NotReplayableError` when it is not such bytes."""
+    recipe = graph.recipes.get(id(stub))
+    if recipe is None:
+        return None
+    name, args = recipe
+    if name != _REBUILD_V2 or len(args) < 4:
+        raise NotReplayableError(f"a tensor rebuilt by {name} has no plain bytes to copy")
+    ref, offset, size, stride = args[:4]
+    hooks = args[5] if len(args) > 5 else None
+    metadata = args[6] if len(args) > 6 else None
+    if (len(args) > 4 and args[4]) or hooks or metadata:
+        raise NotReplayableError("a tensor with grad, hooks or metadata is rebuilt by torch")
+    if (
+        not isinstance(ref, StorageRef)
+        or ref.untyped
+        or ref.view_offset
+        or (ref.dtype != stub.info.dtype)
+    ):
+        raise NotReplayableError(f"the storage of {stub!r} is a view or of another dtype")
+    if not _c_contiguous(size, stride):
+        raise NotReplayableError(f"{stub!r} is not C-contiguous in its storage")
+    record = graph.records.get(ref.key)
+    start = offset * DTYPE_SIZES[stub.info.dtype]
+    if record is None or record.compress_type != 0 or start + stub.info.nbytes > record.size:
+        raise NotReplayableError(f"the storage of {stub!r} is not a stored record")
+    return _Run(graph, ref, record, start)
+
+
+class _ReplayPickler(pickle._Pickler):  # type: ignore[name-defined, misc]
+    """Pickles stubs back into torch's tensor reduces and storage persistent ids; a
+    :class:`~ckptmigrate.values.pieces.DerivedStub` becomes a view of the storage it is a run
+    of, or a new storage whose record is its pieces' bytes (:attr:`new_records`)."""
+
+    def __init__(self, file: Any, graph: ZipGraph, others: Sequence[ZipGraph] = ()) -> None:
         super().__init__(file, protocol=TORCH_PICKLE_PROTOCOL)
         self.graph = graph
+        self.others = list(others)
         self.storage_keys: dict[str, None] = {}  # insertion-ordered set
         self.globals: dict[str, _GlobalName] = {}
+        #: record name -> the joined bytes of a storage written anew
+        self.new_records: dict[str, JoinedRecord] = {}
+        data_prefix = graph.prefix + "data/"
+        taken = {n[len(data_prefix) :] for n in graph.records if n.startswith(data_prefix)}
+        start = len(graph.records)
+        self._fresh = (str(n) for n in range(start, 1 << 62) if str(n) not in taken)
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, StorageRef):
             self.storage_keys[obj.key] = None
             return self.graph.pids[id(obj)]
+        if isinstance(obj, _NewStorage):
+            return obj.pid
         return None
 
+    def _locate(self, stub: TensorStub) -> _Run:
+        for graph in (self.graph, *self.others):
+            found = _stored_run(graph, stub)
+            if found is not None:
+                return found
+        raise NotReplayableError(f"a tensor {stub!r} was not decoded from {self.graph.path}")
+
+    def _derived(self, obj: DerivedStub) -> Any:
+        runs = [(piece, self._locate(piece.stub)) for piece in obj.pieces]
+        if not runs:
+            raise NotReplayableError("an empty merged tensor has no storage to copy")
+        itemsize = DTYPE_SIZES[obj.info.dtype]
+        shape = tuple(obj.info.shape)
+        stride = tuple(prod(shape[i + 1 :]) for i in range(len(shape)))
+        rebuild = self.globals.setdefault(_REBUILD_V2, _GlobalName(_REBUILD_V2))
+        if len(runs) == 1 and runs[0][1].graph is self.graph:  # a split's part: a view
+            piece, run = runs[0]
+            offset = (run.start + piece.start) // itemsize
+            return (rebuild, (run.ref, offset, shape, stride, False, OrderedDict()))
+        return (rebuild, (self._new_storage(obj, runs), 0, shape, stride, False, OrderedDict()))
+
+    def _new_storage(self, obj: DerivedStub, runs: list[tuple[Piece, _Run]]) -> _NewStorage:
+        key = next(self._fresh)
+        storage_type = runs[0][1].graph.pids[id(runs[0][1].ref)][1]
+        numel = obj.info.nbytes // DTYPE_SIZES[obj.info.dtype]
+        parts = []
+        for piece, run in runs:
+            at = run.record.data_offset + run.start + piece.start
+            if run.start + piece.start == 0 and piece.nbytes == run.record.size:
+                crc = run.record.crc  # a whole record: its CRC from the central directory
+            else:
+                with open_copy_source(run.graph.path) as f:  # a file, or an object by range
+                    crc = crc32_of_reads(f.read, at, piece.nbytes)
+            parts.append(((crc, piece.nbytes), (run.graph.path, at, piece.nbytes)))
+        record = JoinedRecord(tuple(r for _, r in parts), crc32_of_parts(c for c, _ in parts))
+        self.new_records[self.graph.prefix + "data/" + key] = record
+        return _NewStorage(("storage", storage_type, key, "cpu", numel))
+
     def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, DerivedStub):
+            return self._derived(obj)
         if isinstance(obj, TensorStub):
             recipe = self.graph.recipes.get(id(obj))
             if recipe is None:
@@ -178,38 +293,53 @@ class _ReplayPickler(pickle._Pickler):  # type: ignore[name-defined, misc]
         super().save(obj, save_persistent_id)
 
 
-def dump_graph(obj: Any, graph: ZipGraph) -> tuple[bytes, list[str]]:
-    """The new ``data.pkl`` for ``obj`` and the storage records (full names) it references."""
+def dump_graph(
+    obj: Any, graph: ZipGraph, others: Sequence[ZipGraph] = ()
+) -> tuple[bytes, list[str], dict[str, JoinedRecord]]:
+    """The new ``data.pkl`` for ``obj``, the storage records (full names) it references, and
+    the records it writes anew (merged tensors' storages, their bytes in ``graph`` or
+    ``others``)."""
     if graph.lossy:
         raise NotReplayableError(f"the pickle names {sorted(set(graph.lossy))[0]}")
     buf = io.BytesIO()
-    pickler = _ReplayPickler(buf, graph)
+    pickler = _ReplayPickler(buf, graph, others)
     pickler.dump(obj)
-    return buf.getvalue(), list(pickler.storage_keys)
+    return buf.getvalue(), list(pickler.storage_keys), pickler.new_records
 
 
-def write_zip_graph(dst: str | os.PathLike[str], graph: ZipGraph, obj: Any) -> TorchZipWriter:
+def write_zip_graph(
+    dst: str | os.PathLike[str], graph: ZipGraph, obj: Any, others: Sequence[ZipGraph] = ()
+) -> TorchZipWriter:
     """Write ``obj`` (stubs from ``graph``) to ``dst`` atomically; storages copied as stored.
 
     Records other than ``data.pkl`` and the storages (``byteorder``, ``version``,
     ``.data/serialization_id``...) are copied as they are; storages nothing references are left
-    out. The archive goes through :func:`.zip_writer.write_zip_copy` (the temporary is not
-    truncated, the disk writes behind the copy). Raises ``NotReplayableError`` before writing
-    anything. Returns the writer, whose ``bytes_copied`` / ``bytes_through_python`` tell what
-    moved.
+    out. A :class:`~ckptmigrate.values.pieces.DerivedStub` (a Merge or Split along dim 0 run
+    on stubs) is a view of the record it is a run of, or a new record copied from its pieces
+    (found in ``graph`` or ``others``: a set's other shards), whose CRC is combined from the
+    parts' (:mod:`..crc`). The archive goes through :func:`.zip_writer.write_zip_copy` (the
+    temporary is not truncated, the disk writes behind the copy). Raises
+    ``NotReplayableError`` before writing anything. Returns the writer, whose
+    ``bytes_copied`` / ``bytes_through_python`` tell what moved.
     """
-    data, keys = dump_graph(obj, graph)
+    data, keys, new_records = dump_graph(obj, graph, others)
     used = set(keys)
     data_prefix = graph.prefix + "data/"
     depth = graph.prefix.count("/") + 1
     members: list[tuple[str, Any]] = []
+    after = None  # the new records go after the last storage kept (or data.pkl)
     for name, record in graph.records.items():
         if name == graph.prefix + "data.pkl":
             members.append((name, data))
-        elif name.startswith(data_prefix) and name.count("/") == depth and name not in used:
-            continue  # a storage only dropped keys referenced
+            after = after if after is not None else len(members)
+        elif name.startswith(data_prefix) and name.count("/") == depth:
+            if name in used:
+                members.append((name, record))
+                after = len(members)
         else:
             members.append((name, record))
+    at = len(members) if after is None else after
+    members[at:at] = list(new_records.items())
     return write_zip_copy(
         dst, graph.path, members, origin=graph.origin, records=graph.records.values()
     )

@@ -20,25 +20,40 @@ writing behind the copy (:class:`~.atomic.Writeback`) so the closing fsync waits
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import struct
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from ...errors import CheckpointFormatError
 from ..atomic import Writeback
 from ..byte_copy import BLOCK
-from ..remote import RemotePath
+from ..remote import RemotePath, is_remote, location
 from ..sink import CopySource, FileSink, Sink, open_copy_source, open_sink
 from .archive import ZipRecordInfo
 
-__all__ = ["ALIGNMENT", "TorchZipWriter", "write_zip_copy"]
+__all__ = ["ALIGNMENT", "JoinedRecord", "TorchZipWriter", "write_zip_copy"]
 
 #: torch aligns every member's data to this many bytes (``torch.serialization`` storage alignment).
 ALIGNMENT = 64
 _LIMIT = 0xFFFFFFFF
 _CHUNK = 16 << 20  # a new member is checksummed and written this much at a time
+
+
+@dataclass(frozen=True)
+class JoinedRecord:
+    """A new member whose bytes are ranges of other files, in order (a merged tensor's
+    storage: its parts' bytes), and the CRC-32 of them laid end to end."""
+
+    runs: tuple[tuple[Path, int, int], ...]  # (file, offset, byte count)
+    crc: int
+
+    @property
+    def size(self) -> int:
+        return sum(n for _, _, n in self.runs)
 
 
 @dataclass(frozen=True)
@@ -165,6 +180,21 @@ class TorchZipWriter:
         self.bytes_copied += record.size
         return True
 
+    def copy_runs(self, name: str, runs: list[tuple[int | CopySource, int, int]], crc: int) -> None:
+        """Add a member whose bytes are ``runs`` (``(source, offset, count)``: a descriptor or
+        a :class:`~..sink.CopySource`) of other files, in order, with their CRC-32 ``crc``
+        (a merged tensor's storage); laid out to clone the first run where it can. Each run
+        goes through the sink: ``copy_file_range`` into a local file, a server-side part
+        copy (or a read and upload) into an object."""
+        size = sum(n for _, _, n in runs)
+        like = runs[0][1] if runs else None
+        self._write(self._local_header(name, size, crc, like=like))
+        for src, offset, count in runs:
+            source = CopySource(fd=src) if isinstance(src, int) else src
+            self.bytes_through_python += self._sink.copy(source, offset, count)
+            self._pos += count
+            self.bytes_copied += count
+
     def close(self) -> None:
         """Write the central directory and the (zip64) end records, as torch does."""
         start = self._pos
@@ -224,14 +254,14 @@ class TorchZipWriter:
 def write_zip_copy(
     dst: str | os.PathLike[str] | RemotePath,
     src: str | os.PathLike[str] | RemotePath,
-    members: Iterable[tuple[str, bytes | memoryview | ZipRecordInfo]],
+    members: Iterable[tuple[str, bytes | memoryview | ZipRecordInfo | JoinedRecord]],
     *,
     origin: RemotePath | None = None,
     records: Iterable[ZipRecordInfo] | None = None,
 ) -> TorchZipWriter:
     """Write an archive of ``members`` to ``dst`` atomically, in that order: bytes (or a
     buffer: a new tensor's storage) as given, records copied as stored from the archive
-    ``src``. Returns the closed writer (its
+    ``src``, joined records copied from the files they name. Returns the closed writer (its
     ``bytes_copied`` / ``bytes_through_python`` tell what moved).
 
     Either may be an object (:mod:`..sink`): records of an object are read by range, or
@@ -243,7 +273,17 @@ def write_zip_copy(
     >>> write_zip_copy("new.pth", "old.pth", [("archive/data.pkl", pickled),
     ...                                       ("archive/data/0", records["archive/data/0"])])
     """
-    with open_copy_source(src, origin) as source, open_sink(dst, source) as sink:
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(open_copy_source(src, origin))
+        sink = stack.enter_context(open_sink(dst, source))
+        opened: dict[Path | RemotePath, CopySource] = {_where(src): source}
+
+        def source_of(path: Path | RemotePath) -> CopySource:
+            where = _where(path)
+            if where not in opened:  # another file's records (a set's other shard)
+                opened[where] = stack.enter_context(open_copy_source(where))
+            return opened[where]
+
         writer = TorchZipWriter(sink)
         if records is not None:
             writer.know_extents(records)
@@ -252,10 +292,19 @@ def write_zip_copy(
                 writer.add_bytes(name, member)
             elif isinstance(member, memoryview):
                 writer.add_buffer(name, member)
+            elif isinstance(member, JoinedRecord):
+                runs = [(source_of(path), at, n) for path, at, n in member.runs]
+                writer.copy_runs(name, runs, member.crc)  # type: ignore[arg-type]
             else:
                 writer.copy_member(name, source, member)
         writer.close()
         sink.settle()
         writer.bytes_through_python += sink.bytes_read_through
-        source.check_unchanged()  # before the new file or object appears
+        for copied in opened.values():
+            copied.check_unchanged()  # before the new file or object appears
     return writer
+
+
+def _where(path: str | os.PathLike[str] | RemotePath) -> Path | RemotePath:
+    """A file or an object, as one key: the same one named twice opens once."""
+    return location(path) if is_remote(path) else Path(path)  # type: ignore[arg-type]

@@ -104,6 +104,12 @@ class Op:
         return self.acts_on <= {KEYS, HPARAMS}
 
     @property
+    def runs_on_stubs(self) -> bool:
+        """Whether it runs on tensor stubs: metadata-only, or an op whose results' bytes are its
+        inputs' bytes (a Merge or Split along dim 0: :mod:`ckptmigrate.values.pieces`)."""
+        return self.metadata_only
+
+    @property
     def composable(self) -> bool:
         """Whether it folds into one pass over the keys with its neighbours: a prefix rename
         (:meth:`prefix_rename`) that touches nothing else, or an op on hparams alone."""

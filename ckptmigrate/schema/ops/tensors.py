@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import OpError
 from ...values.checkpoint import Checkpoint
+from ...values.pieces import concatenate as concatenate_stubs
+from ...values.pieces import cut as cut_stub
+from ...values.tensorinfo import TensorStub
 from .base import (
     KEYS,
     TENSORS,
@@ -63,16 +66,18 @@ class Split(Op):
             self.found_nothing(list(ckpt.state_dict), **template_where(self.source))
         for key, groups in found:
             parts = self.cut(key, ckpt.state_dict[key])
-            new = {fill_template(t, groups): p.contiguous() for t, p in zip(self.targets, parts)}
+            new = {
+                fill_template(t, groups): p if isinstance(p, TensorStub) else p.contiguous()
+                for t, p in zip(self.targets, parts)
+            }
             clash = [k for k in new if k in ckpt.state_dict]
             if clash:
                 raise OpError(f"{self.describe()}: splitting {key!r}, but {clash} already exist")
             ckpt.state_dict = replace_keys_at(ckpt.state_dict, [key], new)
 
     def cut(self, key: str, tensor: torch.Tensor) -> Sequence[torch.Tensor]:
-        """The parts of ``tensor``, one a target: equal chunks, or ``sizes`` long."""
-        import torch
-
+        """The parts of ``tensor``, one a target: equal chunks, or ``sizes`` long (of a stub:
+        runs of its bytes, :func:`~ckptmigrate.values.pieces.cut`)."""
         size = tensor.shape[self.dim]
         if self.sizes is None:
             if size % len(self.targets):
@@ -80,6 +85,10 @@ class Split(Op):
                     f"{self.describe()}: {key!r} has size {size} along dim "
                     f"{self.dim}, not divisible into {len(self.targets)} parts"
                 )
+            if isinstance(tensor, TensorStub):
+                return cut_stub(tensor, [size // len(self.targets)] * len(self.targets), self.dim)
+            import torch
+
             return torch.chunk(tensor, len(self.targets), dim=self.dim)
         if len(self.sizes) != len(self.targets) or sum(self.sizes) != size:
             raise OpError(
@@ -87,7 +96,15 @@ class Split(Op):
                 f"but {key!r} has size {size} along dim {self.dim}: give one size a target, "
                 "summing to the fused size"
             )
+        if isinstance(tensor, TensorStub):
+            return cut_stub(tensor, list(self.sizes), self.dim)
+        import torch
+
         return torch.split(tensor, list(self.sizes), dim=self.dim)
+
+    @property
+    def runs_on_stubs(self) -> bool:
+        return type(self) is Split and self.dim == 0
 
     def inverse(self) -> Op:
         undo = self.merged_by()
@@ -179,9 +196,8 @@ class Merge(Op):
 
     def join(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         """The parts as one tensor: concatenated along ``dim``. Parts of unequal size need
-        ``sizes=`` (the inverse cuts equal chunks otherwise: other shapes, rows moved)."""
-        import torch
-
+        ``sizes=`` (the inverse cuts equal chunks otherwise: other shapes, rows moved). Stubs
+        join as runs of their bytes (:func:`~ckptmigrate.values.pieces.concatenate`)."""
         if any(not hasattr(t, "shape") for t in tensors):
             raise OpError(f"{self.describe()}: merging into {key!r}, but a part is not a tensor")
         try:
@@ -199,7 +215,15 @@ class Merge(Op):
                 f"{self.describe()}: sizes={list(self.sizes)}, but the parts merged into "
                 f"{key!r} have sizes {found} along dim {self.dim}"
             )
+        if all(isinstance(t, TensorStub) for t in tensors):
+            return concatenate_stubs(tensors, self.dim)  # type: ignore[return-value]
+        import torch
+
         return torch.cat(tensors, dim=self.dim)
+
+    @property
+    def runs_on_stubs(self) -> bool:
+        return type(self) is Merge and self.dim == 0
 
     def inverse(self) -> Op:
         return Split(
