@@ -27,6 +27,7 @@ Memory stays bounded: one part buffer, one read chunk.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 from collections.abc import Iterator
@@ -111,7 +112,7 @@ class CopySource:
         servers that do not). One HEAD request; a local file is not checked."""
         if self.remote is None or not self.etag:
             return
-        from .remote import _reason
+        from .remote import failure_reason
 
         store, key = self.remote.store, self.remote.key
         try:
@@ -122,7 +123,7 @@ class CopySource:
             else:
                 now = store.call(key, store.fs.info, key).get("ETag")
         except Exception as exc:
-            raise RemoteWriteError(str(self.remote), _reason(exc)) from None
+            raise RemoteWriteError(str(self.remote), failure_reason(exc)) from None
         if now is not None and now != self.etag:
             raise RemoteWriteError(
                 str(self.remote),
@@ -131,19 +132,20 @@ class CopySource:
             )
 
 
-class Sink:
+class Sink(abc.ABC):
     """A file being written front to back: :meth:`write` new bytes, :meth:`copy` a range of a
     :class:`CopySource`. ``position`` is how many bytes it holds."""
 
     position: int = 0
 
+    @abc.abstractmethod
     def write(self, data: bytes | memoryview) -> None:
-        raise NotImplementedError
+        """Append ``data``."""
 
+    @abc.abstractmethod
     def copy(self, source: CopySource, offset: int, count: int) -> int:
         """Append ``count`` bytes of ``source`` from ``offset``; returns how many of them went
         through Python (0 for a kernel or server-side copy)."""
-        raise NotImplementedError
 
     def copies_runs(self, source: CopySource) -> bool:
         """Whether ranges of ``source`` copied back to back are best copied as one run (a
@@ -153,7 +155,7 @@ class Sink:
     #: bytes of copied ranges that were read and uploaded, not copied by the server
     bytes_read_through: int = 0
 
-    def settle(self) -> None:
+    def settle(self) -> None:  # noqa: B027 (a hook: a sink that holds nothing back)
         """Send what is held back (a run of source bytes), so every source read is done."""
 
 
@@ -221,15 +223,17 @@ class MultipartSink(Sink):
     # -- the store's calls, their failures as one clear error ----------------------------
 
     def _call(self, method: str, **kwargs: Any) -> Any:
-        from .remote import _CREDENTIALS, _reason
+        from .remote import CREDENTIALS_HINT, failure_reason
 
         self.requests += 1
         try:
             return self.fs.call_s3(method, **kwargs)
         except PermissionError as exc:
-            raise RemoteWriteError(str(self.target), _reason(exc) + _CREDENTIALS) from None
+            raise RemoteWriteError(
+                str(self.target), failure_reason(exc) + CREDENTIALS_HINT
+            ) from None
         except Exception as exc:  # botocore's errors, timeouts, refused connections
-            raise RemoteWriteError(str(self.target), _reason(exc)) from None
+            raise RemoteWriteError(str(self.target), failure_reason(exc)) from None
 
     def _start(self) -> None:
         if self.upload_id is None:
