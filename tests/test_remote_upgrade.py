@@ -485,3 +485,91 @@ def test_credentials_never_reach_the_output_of_an_upgrade(s3, src, files, tmp_pa
     for proc in runs:
         for text in (proc.stdout, proc.stderr):
             assert SECRET_KEY not in text and ACCESS_KEY not in text, text
+
+
+# -- a Merge along dim 0 by bytes, into a bucket ----------------------------------------------
+
+Q, K, V = (f"attn.{p}.weight" for p in "qkv")
+MERGES = {
+    # whole records: the merged record's CRC combined from the central directory's
+    "merge": lambda: [cm.ops.Merge([Q, K, V], "attn.qkv.weight", sizes=[1536, 1536, 16])],
+    # parts of records: their CRCs read (by range, from an object)
+    "split-then-merge": lambda: [
+        cm.ops.Split(Q, ["q.a", "q.b"], sizes=[1000, 536]),
+        cm.ops.Merge(["q.b", K, "q.a"], "mixed", sizes=[536, 1536, 1000]),
+    ],
+}
+
+
+def _merge_source(path: Path) -> None:
+    """Two 12 MiB records (each long enough for a server-side part copy after a part's
+    top-up), a short one and a bias, saved by torch or safetensors."""
+    gen = torch.Generator().manual_seed(1)
+    sd = {Q: torch.randn(1536, 2048, generator=gen), K: torch.randn(1536, 2048, generator=gen)}
+    sd[V] = torch.randn(16, 2048, generator=gen)
+    sd["head.bias"] = torch.randn(7, generator=gen)
+    if path.suffix == ".safetensors":
+        save_file(sd, str(path))
+    else:
+        torch.save(sd, path)
+
+
+def _tensors_of(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    import zipfile
+
+    assert zipfile.ZipFile(path).testzip() is None  # every CRC valid, the merged one's too
+    obj = torch.load(path, weights_only=True)
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("plan", sorted(MERGES))
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_dim0_merge_into_a_bucket_equals_the_local_byte_merge(
+    s3, tmp_path, small_parts, suffix, plan
+):
+    """s3 -> s3 and local -> s3: the plan runs on the metadata (no private copy), the merged
+    tensor's runs are copied from the source's ranges (on the server, from an object on the
+    same store) and the result holds the very tensors the local byte merge writes."""
+    schema = cm.Schema("net", current="2.0.0")
+    schema.add_migration("1.0.0", "2.0.0", MERGES[plan]())
+    local = tmp_path / f"old{suffix}"
+    _merge_source(local)
+    size = local.stat().st_size
+    by_bytes = tmp_path / f"local{suffix}"
+    done = upgrade_file(local, by_bytes, schema, from_version="1.0.0")
+    assert done.streamed and done.bytes_through_python == 0, done
+    want = _tensors_of(by_bytes)
+    merged = "attn.qkv.weight" if plan == "merge" else "mixed"
+    original = _tensors_of(local)
+    if plan == "merge":
+        parts = [original[Q], original[K], original[V]]
+    else:
+        parts = [original[Q][1000:], original[K], original[Q][:1000]]
+    assert torch.equal(want[merged], torch.cat(parts))
+
+    src = s3.upload(local, f"{BUCKET}/merge-{plan}/old{suffix}")
+    for origin in (src, local):  # s3 -> s3, then local -> s3
+        dst = f"s3://{BUCKET}/merge-{plan}/from-{'s3' if origin == src else 'local'}{suffix}"
+        s3.reset()
+        result = upgrade_file(origin, dst, schema, from_version="1.0.0")
+        assert result.streamed and result.written == dst, result
+        assert not _pending_uploads(s3)
+        fetched = sum(r.sent for r in _gets(s3, src))
+        if origin == src:
+            copies = _copies(s3, src)
+            assert copies and all(r.copy_range for r in copies), s3.requests
+            # no private copy: the metadata and one part's top-up; a torch zip's split
+            # parts' CRCs are read too (a part of a record has no CRC of its own)
+            print(f"{suffix} {plan}: {fetched} of {size} bytes GET, {len(copies)} part copies")
+            reads_crcs = suffix == ".pth" and plan != "merge"
+            assert fetched < (size if reads_crcs else sink.MIN_PART_BYTES + MiB // 2), fetched
+        else:
+            assert fetched == 0 and not _copies(s3, src)  # every byte read locally, uploaded
+        got = _tensors_of(_get(s3, dst, tmp_path / f"got-{len(s3.requests)}{suffix}"))
+        assert list(got) == list(want)
+        for key, value in want.items():
+            assert torch.equal(got[key], value), (origin, key)
+        back = cm.load(dst, schema=schema, upgrade=False)
+        assert str(back.version) == "2.0.0"
