@@ -157,6 +157,11 @@ def _refuse_output_onto_source(src: str, dst: str | None, why: str) -> None:
 
 def _same_checkpoint(src: str, dst: str) -> bool:
     """Whether ``dst`` names ``src`` (the same file, folder, or a set's index and its folder)."""
+    from .formats.remote import is_remote, location
+
+    if is_remote(src) or is_remote(dst):
+        a, b = (location(p) for p in (src, dst))
+        return a == b
     try:
         if os.path.samefile(src, dst):
             return True

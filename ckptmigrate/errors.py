@@ -60,6 +60,7 @@ __all__ = [
     "RecordedInverseError",
     "RedirectError",
     "RemoteStorageError",
+    "RemoteWriteError",
     "SchemaMismatchError",
     "TargetPastCurrentError",
     "UnknownFormatError",
@@ -185,6 +186,17 @@ class RemoteStorageError(CheckpointFormatError):
     def __init__(self, url: str, reason: str) -> None:
         self.url, self.reason = path_text(url), reason
         super().__init__(f"cannot read it from its store: {reason}", path=self.url)
+
+
+class RemoteWriteError(CheckpointWriteError):
+    """A checkpoint could not be written to its object store: the store refused, failed or
+    timed out, or the object it was copied from changed meanwhile. Nothing appeared under
+    the name (a multipart upload is aborted; the old object, if any, is as it was). ``url``
+    is the URL as printed (no credentials, no query string), ``reason`` what the store said."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url, self.reason = path_text(url), reason
+        super().__init__(f"{self.url}: cannot write it to its store: {reason}")
 
 
 class UnknownFormatError(CheckpointFormatError):

@@ -32,6 +32,9 @@ class Request:
     query: str
     range: str | None
     sent: int  # body bytes
+    received: int = 0  # request body bytes (an uploaded part, a PUT)
+    copy_source: str | None = None  # x-amz-copy-source: a server-side copy's source
+    copy_range: str | None = None  # x-amz-copy-source-range
 
 
 #: What a server can do wrong, set per object by ``server.faults[fragment] = FAULT``:
@@ -57,7 +60,8 @@ class Counted:
             self.faults.clear()
 
     def fault(self, path: str) -> str | None:
-        """The fault played on requests whose path holds one of :attr:`faults`' fragments."""
+        """The fault played on requests whose path holds one of :attr:`faults`' fragments
+        (an S3 request's path is followed by ``?`` and its query: ``partNumber=2`` matches)."""
         return next((f for frag, f in self.faults.items() if frag in path), None)
 
     def add(self, request: Request) -> None:
@@ -98,7 +102,8 @@ class S3Server(Counted):
         def counting(environ: dict[str, Any], start_response: Any) -> list[bytes]:
             if self.latency:
                 time.sleep(self.latency)
-            fault = self.fault(environ.get("PATH_INFO", ""))
+            where = environ.get("PATH_INFO", "")
+            fault = self.fault(f"{where}?{environ.get('QUERY_STRING', '')}")
             if fault == "slow":
                 time.sleep(SLOW_SECONDS)
             if fault == "error":
@@ -113,6 +118,13 @@ class S3Server(Counted):
                     environ.get("QUERY_STRING", ""),
                     environ.get("HTTP_RANGE"),
                     sum(len(b) for b in body),
+                    int(
+                        environ.get("HTTP_X_AMZ_DECODED_CONTENT_LENGTH")
+                        or environ.get("CONTENT_LENGTH")
+                        or 0
+                    ),
+                    environ.get("HTTP_X_AMZ_COPY_SOURCE"),
+                    environ.get("HTTP_X_AMZ_COPY_SOURCE_RANGE"),
                 )
             )
             return body

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BackupExistsError
 from ..formats.lock import DEFAULT_TIMEOUT, file_lock
+from ..formats.remote import is_remote, location
 from ..formats.torch import with_redirects
 from ..schema.schema import redirects_of
 from .rewrite import Rewrite, rewrite, stamp_plan, upgrade_plan
@@ -84,7 +85,11 @@ def migrate_file(
     >>> migrate_file("model.pth", "model-v3.pth", schemas=find_schemas(["migrations"]))
     """
     in_place = dst is None and not dry_run
-    target = _in_place_target(src) if in_place else Path(src)
+    remote = is_remote(src)
+    if remote:
+        target: Any = location(src)
+    else:
+        target = _in_place_target(src) if in_place else Path(src)
     planner = upgrade_plan(
         schemas,
         name=schema,
@@ -100,6 +105,11 @@ def migrate_file(
     )
     if not in_place:
         return rewrite(target, dst, planner, **options)
+    if remote:
+        # an object store has no lock beside the object: the backup is a server-side copy,
+        # and the new object replaces the old one only once its upload completes
+        kept = (lambda plan: _write_object_backup(target, plan.backup_label)) if backup else None
+        return rewrite(target, None, planner, before_write=kept, **options)
     kept = (lambda plan: _write_backup(target, plan.backup_label)) if backup else None
     with _locked(target, lock_timeout):
         return rewrite(target, None, planner, before_write=kept, **options)
@@ -215,6 +225,21 @@ def _write_backup(src: Path, version: object) -> Path:
     return kept
 
 
+def _write_object_backup(src: Any, version: object) -> Any:
+    """Keep the object ``src`` beside itself (``model.pth.1.0.0.bak``) as a server-side copy;
+    an identical backup (a rerun) is kept, a different one is an error."""
+    from ..formats.remote import RemotePath
+    from ..formats.sink import copy_object, same_object_bytes
+
+    kept = RemotePath(src.store, f"{src.key}.{version}.bak")
+    if kept.exists():
+        if same_object_bytes(kept, src):
+            return kept
+        raise BackupExistsError(kept)
+    copy_object(src, kept)
+    return kept
+
+
 def _set_backup(src: Path, version: object) -> tuple[Path, list[Path]]:
     """Where a set's backup goes (``llama.1.0.0.bak`` beside its folder; with other indexes
     in the folder, one per index: ``llama.model.safetensors.1.0.0.bak``) and what it holds."""
@@ -313,6 +338,8 @@ def stamp_in_place(
     >>> stamp_in_place("lightning.ckpt", "net", "1.0.0", prefix="net.")  # a mount at net.
     """
     planner = stamp_plan(schema, version, prefix=prefix, path=path)
+    if is_remote(path):  # no lock beside an object: its ETag guards the replacement
+        return rewrite(location(path), None, planner, safe_globals=safe_globals)
     target = _in_place_target(path)
     with _locked(target, lock_timeout):
         return rewrite(target, None, planner, safe_globals=safe_globals)

@@ -28,6 +28,7 @@ Locking and backups wrap this in :mod:`.inplace`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import (
     AlreadyStampedError,
+    CheckpointWriteError,
     MigrationError,
     MountError,
     NotReplayableError,
@@ -43,6 +45,7 @@ from ..errors import (
 )
 from ..formats.atomic import permissions_from
 from ..formats.detect import detect_format
+from ..formats.remote import RemotePath, downloaded, is_remote, location
 from ..formats.torch import with_redirects
 from ..schema.registry import get_schema, pick_schema, schema_table
 from ..values.checkpoint import Checkpoint
@@ -116,6 +119,8 @@ class Source:
     graph: Any = None  # torch-zip: the pickle with each tensor's rebuild recipe
     sset: Any = None  # sharded: the parsed index, where each stub's bytes lie
     folder: Path | None = None  # the model folder the weights file lies in
+    #: the object ``path`` is a private local copy of (its records copied server-side)
+    origin: Any = None
 
     def tensors(self) -> Checkpoint:
         """The checkpoint with its tensors, memory-mapped where the format allows."""
@@ -143,6 +148,16 @@ class Mapped:
     inputs: InputBytes
 
 
+#: The formats an upgrade reads from, or writes to, an object store: single files (a legacy
+#: torch file is read from a private copy and written whole, then uploaded).
+_REMOTE_FORMATS = ("torch-zip", "torch-legacy", "safetensors")
+
+
+def _where(path: str | os.PathLike[str] | RemotePath) -> Path | RemotePath:
+    """``path`` as the pipeline takes it: an object behind a URL, else a local path."""
+    return location(path) if is_remote(path) else Path(path)  # type: ignore[arg-type]
+
+
 def _names(safe_globals: Iterable[Any]) -> list[Any]:
     from ..formats.torch import allowed_names
 
@@ -155,8 +170,14 @@ def open_source(path: str | os.PathLike[str], safe_globals: Iterable[Any] = ()) 
     >>> open_source("llama/").stubs.state_dict["lm_head.weight"].shape
     (32000, 4096)
     """
-    path, allowed = Path(path), list(safe_globals)
+    path, allowed = _where(path), list(safe_globals)
     fmt = detect_format(path)
+    if isinstance(path, RemotePath) and fmt not in _REMOTE_FORMATS:
+        raise CheckpointWriteError(
+            f"{path} is a {fmt} checkpoint: upgrading one in object storage is not supported "
+            "yet (torch.save and safetensors files are): copy it to a local folder, upgrade "
+            "it there, and upload the result"
+        )
     if fmt == "sharded":
         from ..formats.sharded import read_sharded_metadata
 
@@ -377,7 +398,7 @@ def rewrite(
 
     >>> rewrite("model.pth", "model-v3.pth", upgrade_plan(schema, path="model.pth"))
     """
-    src = Path(src)
+    src = _where(src)
     source = open_source(src, safe_globals)
     plan = plan_for(source.stubs)
     result = plan.result
@@ -386,14 +407,23 @@ def rewrite(
             on_plan(announced)
     if dry_run or (dst is None and not plan.steps and not plan.restamps):
         return result
-    target = src if dst is None else Path(dst)
-    with permissions_from(src):  # a private source gives a private copy
+    target = src if dst is None else _where(dst)
+    remote = isinstance(src, RemotePath)
+    with contextlib.ExitStack() as held:
+        if not remote:
+            held.enter_context(permissions_from(src))  # a private source gives a private copy
         _check_output(source, target)
         on_stubs = metadata_only(plan.steps) and _copies(source, target, plan)
         new = _run_on_bytes(source, target, plan, progress) if not on_stubs else None
         on_stubs = on_stubs or new is not None
         deferred = None if on_stubs else _run_deferred(source, target, plan, progress)
         on_stubs = on_stubs or deferred is not None  # DCP: tensors read as they are written
+        if remote and not on_stubs:  # the tensors are needed: read a private copy, on disk
+            local = held.enter_context(downloaded(src, [src]))  # type: ignore[arg-type]
+            source = open_source(local, safe_globals)
+            source.origin = src
+            if source.graph is not None:
+                source.graph.origin = src
         inputs = None if on_stubs else source.mapped()
         if deferred is not None:
             new = deferred
@@ -402,14 +432,17 @@ def rewrite(
         if before_write is not None:
             kept = before_write(plan)
             result.backup = None if kept is None else str(kept)
+        opened = source
 
         def redo() -> tuple[Checkpoint, Mapped]:  # metadata-only ops, run again on the tensors
-            mapped = source.mapped()
+            mapped = opened.mapped()
             return plan.run(mapped.tensors), mapped
 
         write(source, new, target, result, on_stubs=on_stubs, redo=redo, inputs=inputs)
         del inputs  # the mapped input stays alive until its bytes are copied
     result.written = str(target)
+    if remote:
+        result.src = src  # type: ignore[assignment]
     return result
 
 
@@ -501,6 +534,13 @@ def _copies(source: Source, dst: Path, plan: Plan) -> bool:
 
 def _check_output(source: Source, dst: Path) -> None:
     """Refuse an output that cannot be written before any step runs."""
+    if isinstance(dst, RemotePath) and (source.format not in _REMOTE_FORMATS or source.folder):
+        what = "a model folder" if source.folder else f"a {source.format} checkpoint"
+        raise CheckpointWriteError(
+            f"{source.path} is {what}: writing one to object storage ({dst}) is not "
+            "supported yet (torch.save and safetensors files are): write it to a local "
+            "folder and upload that"
+        )
     if source.sset is not None:
         from ..formats import sharded
 
@@ -634,7 +674,8 @@ def write_tensors(
     if mapped is not None and len(mapped.inputs):
         done = None
         if kind == "safetensors" and new.optimizer is None:
-            done = save_safetensors(mapped.inputs, new, target)
+            origins = {source.path: source.origin} if source.origin is not None else None
+            done = save_safetensors(mapped.inputs, new, target, origins=origins)
         elif kind == "torch-zip" and source.graph is not None and new.layout != "safetensors":
             try:
                 done = save_torch_zip(source.graph, mapped.inputs, new, target)
@@ -643,6 +684,16 @@ def write_tensors(
         if done is not None:
             _copied(result, done, streamed=False)  # the plan ran on the tensors
             return
+    if isinstance(target, RemotePath):  # saved whole: into a private file, then uploaded
+        import tempfile
+
+        from ..formats.sink import upload_file
+
+        with tempfile.TemporaryDirectory(prefix="ckptmigrate-upload-") as tmp:
+            staged = Path(tmp) / target.name
+            write_checkpoint(staged, new)
+            upload_file(staged, target)
+        return
     write_checkpoint(target, new)
 
 
@@ -706,8 +757,13 @@ def upgrade_file(
     position-keyed optimizer state for steps that need its names (see
     :func:`ckptmigrate.upgrade`).
 
+    ``src`` and ``dst`` may be ``s3://`` URLs (torch.save and safetensors files): the result
+    is one multipart upload, unchanged records on the same store copied by the server, and it
+    appears only once complete (:mod:`~ckptmigrate.formats.sink`).
+
     >>> cm.upgrade_file("model.pth", "model-v3.pth", schema)
     >>> cm.upgrade_file("llama/", "llama/", schema)          # sharded set, in place
+    >>> cm.upgrade_file("s3://models/a.pth", "s3://models/a-v3.pth", schema)
     """
     planner = upgrade_plan(
         schema,

@@ -153,13 +153,17 @@ def save_torch_zip(graph: Any, inputs: InputBytes, new: Checkpoint, dst: Path) -
     return Copied(writer.bytes_copied, writer.bytes_through_python)
 
 
-def save_safetensors(inputs: InputBytes, new: Checkpoint, dst: Path) -> Copied:
+def save_safetensors(
+    inputs: InputBytes, new: Checkpoint, dst: Path, *, origins: dict[Any, Any] | None = None
+) -> Copied:
     """Write ``new``'s tensors as a safetensors file: each one whose bytes are an input's,
-    unchanged, copied as stored; the others written from memory; tied names stored once."""
+    unchanged, copied as stored; the others written from memory; tied names stored once.
+    ``origins``: the objects local inputs are private copies of (:mod:`~.formats.sink`)."""
     from ..formats.safetensors_copy import write_safetensors_parts
 
     metadata = _safetensors_metadata(new)
-    copied, through = write_safetensors_parts(dst, tensor_parts(new.state_dict, inputs), metadata)
+    parts = tensor_parts(new.state_dict, inputs)
+    copied, through = write_safetensors_parts(dst, parts, metadata, origins=origins)
     return Copied(copied, through)
 
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ..errors import CheckpointFormatError
 
-__all__ = ["crc32_combine", "crc32_of_parts", "crc32_of_range"]
+__all__ = ["crc32_combine", "crc32_of_parts", "crc32_of_range", "crc32_of_reads"]
 
 #: the reflected CRC-32 polynomial (zip, zlib, PNG)
 _POLYNOMIAL = 0xEDB88320
@@ -77,9 +77,15 @@ def crc32_of_parts(parts: Iterable[tuple[int, int]]) -> int:
 
 def crc32_of_range(fd: int, offset: int, count: int) -> int:
     """The CRC-32 of ``count`` bytes of the file ``fd`` from ``offset``, read in 8 MiB chunks."""
+    return crc32_of_reads(lambda at, n: os.pread(fd, n, at), offset, count)
+
+
+def crc32_of_reads(read: Callable[[int, int], bytes], offset: int, count: int) -> int:
+    """The CRC-32 of ``count`` bytes from ``offset`` that ``read(offset, n)`` returns (a
+    file's ``pread``, an object's ranged GET), read in 8 MiB chunks."""
     crc = 0
     while count > 0:
-        data = os.pread(fd, min(count, _CHUNK), offset)
+        data = read(offset, min(count, _CHUNK))
         if not data:
             raise CheckpointFormatError(f"the file ends {count} bytes before the range does")
         crc = zlib.crc32(data, crc)

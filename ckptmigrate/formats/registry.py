@@ -30,7 +30,7 @@ from ..errors import (
 )
 from ..values.checkpoint import Checkpoint
 from .detect import EMPTY_ZIP_MAGIC, INDEX_SUFFIX, TORCH_LEGACY_MAGIC, ZIP_MAGIC, open_regular_file
-from .remote import location
+from .remote import RemotePath, location
 
 __all__ = [
     "DCP_FOLDER",
@@ -398,7 +398,7 @@ def reader_for(path: str | os.PathLike[str]) -> tuple[Path, Format]:
 def output_format(path: str | os.PathLike[str]) -> Format:
     """The format to write a new file at ``path`` in: the one its suffix names, else a
     ``torch.save`` zip (a file not written yet has no bytes to sniff)."""
-    suffix = Path(path).suffix
+    suffix = path.suffix if isinstance(path, RemotePath) else Path(path).suffix
     for fmt in REGISTERED:
         if suffix in fmt.suffixes:
             return fmt

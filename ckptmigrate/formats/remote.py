@@ -37,6 +37,7 @@ from ..errors import CheckpointFormatError, RemoteStorageError
 
 __all__ = [
     "BLOCK_BYTES",
+    "CREDENTIALS_HINT",
     "DEFAULT_TIMEOUT",
     "Location",
     "MAX_CONNECTIONS",
@@ -45,6 +46,7 @@ __all__ = [
     "RemotePath",
     "RemoteStore",
     "downloaded",
+    "failure_reason",
     "is_remote",
     "is_url",
     "location",
@@ -175,14 +177,16 @@ class RemoteStore:
             return fn(*args, **kwargs)
         except FileNotFoundError as exc:
             if not _not_found(exc.__cause__):  # fsspec's http says so of any failed HEAD
-                raise RemoteStorageError(self.url(key), _reason(exc.__cause__)) from None
+                raise RemoteStorageError(self.url(key), failure_reason(exc.__cause__)) from None
             raise
         except CheckpointFormatError:
             raise
         except PermissionError as exc:
-            raise RemoteStorageError(self.url(key), _reason(exc) + _CREDENTIALS) from None
+            raise RemoteStorageError(
+                self.url(key), failure_reason(exc) + CREDENTIALS_HINT
+            ) from None
         except Exception as exc:  # the protocol's own errors: botocore, aiohttp, timeouts...
-            raise RemoteStorageError(self.url(key), _reason(exc)) from None
+            raise RemoteStorageError(self.url(key), failure_reason(exc)) from None
 
     def remember(self, found: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """``found`` (fsspec's ``{name: info}`` of a listing), its infos kept for later asks."""
@@ -290,7 +294,7 @@ def _key(store: RemoteStore, name: str) -> str:
     return store.fs._strip_protocol(name).rstrip("/")
 
 
-_CREDENTIALS = (
+CREDENTIALS_HINT = (
     " (credentials come from the protocol's own chain: environment variables such as "
     "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or its config files)"
 )
@@ -305,7 +309,7 @@ _SECRET_VARIABLES = (
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
 
 
-def _reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
     """What ``exc`` says, on one line, as it may be printed: URLs in it without their user
     info or query string, no secret from the environment."""
     text = " ".join((str(exc) or type(exc).__name__).split())
@@ -577,7 +581,7 @@ def location(path: str | os.PathLike[str] | RemotePath) -> Location:
     try:
         fs, key = url_to_fs(url, **options)
     except Exception as exc:  # a malformed URL, or the protocol's own setup failing
-        raise RemoteStorageError(path_text(url), _reason(exc)) from None
+        raise RemoteStorageError(path_text(url), failure_reason(exc)) from None
     if protocol in ("s3", "s3a") and getattr(fs, "retries", 1) > 1:
         fs.retries = 1  # botocore retries each request (3 attempts); s3fs would repeat those 5x
     key = key.rstrip("/")
@@ -622,7 +626,7 @@ def downloaded(target: RemotePath, files: list[Any]) -> Iterator[Path]:
             except FileNotFoundError:
                 raise CheckpointFormatError("no such object", path=f) from None
             except Exception as exc:  # the protocol's own errors: botocore, aiohttp, ...
-                raise RemoteStorageError(str(f), _reason(exc)) from None
+                raise RemoteStorageError(str(f), failure_reason(exc)) from None
             target.store.bytes_read += dest.stat().st_size
         yield base if folder else tmp / target.name
     finally:

@@ -14,6 +14,7 @@ a file system that clones shares them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -26,11 +27,10 @@ from typing import Any
 from ..errors import CheckpointWriteError, NotReplayableError
 from ..values.pieces import DerivedStub
 from ..values.tensorinfo import SAFETENSORS_DTYPES, TensorStub
-from . import atomic
-from .atomic import Writeback, atomic_fd
-from .byte_copy import BLOCK, copy_range
+from .byte_copy import BLOCK
 from .detect import open_regular_file
 from .safetensors_file import ALIASES
+from .sink import CopySource, open_copy_source, open_sink
 
 __all__ = [
     "Part",
@@ -106,13 +106,19 @@ def write_safetensors_copy(
 
 
 def write_safetensors_parts(
-    dst: str | os.PathLike[str], entries: list[tuple[str, Part]], metadata: dict[str, str]
+    dst: str | os.PathLike[str],
+    entries: list[tuple[str, Part]],
+    metadata: dict[str, str],
+    *,
+    origins: dict[Any, Any] | None = None,
 ) -> tuple[int, int]:
     """Write ``entries`` to ``dst`` atomically: a header, then each part's bytes, copied from
     its source or written from memory. The header is padded so that the data start where
     most copied bytes keep their source's offset modulo :data:`~.byte_copy.BLOCK`, so a file
     system that clones (XFS reflink, btrfs) shares their blocks. Returns ``(bytes copied,
-    bytes that went through Python)``."""
+    bytes that went through Python)``. ``dst`` and the sources may be objects
+    (:mod:`.sink`); ``origins`` maps a local source to the object it is a private copy of,
+    whose bytes an upload to its store copies server-side."""
     aliases: dict[str, str] = {}
     stored: dict[int, str] = {}
     unique: list[tuple[str, Part]] = []
@@ -156,36 +162,39 @@ def write_safetensors_parts(
     raw += b" " * ((-8 - len(raw)) % 8 if residue is None else (residue - 8 - len(raw)) % BLOCK)
     head = struct.pack("<Q", len(raw)) + raw
     copied = through_python = 0
-    with atomic_fd(dst) as out:
-        _pwrite_all(out, head, 0)
-        writeback = Writeback(out)
-        opened: dict[Path, Any] = {}
-        try:
-            for part, at in placed:
-                runs = part.copied_from
-                if runs is None:
-                    data = part.produce() if part.produce is not None else part.data
-                    if data is not None and len(data) != part.nbytes:
-                        raise CheckpointWriteError(
-                            f"a tensor came out {len(data)} bytes long, but its header entry "
-                            f"says {part.nbytes}"
-                        )
-                    _pwrite_all(out, data if data is not None else b"", len(head) + at)
-                    del data
-                    writeback.wrote(len(head) + at + part.nbytes)
-                    through_python += part.nbytes
-                    continue
-                for src, offset, count in runs:
-                    if src not in opened:
-                        opened[src] = open_regular_file(src)
-                    through_python += copy_range(
-                        opened[src].fileno(), offset, out, len(head) + at, count, writeback
+    with contextlib.ExitStack() as stack:
+        opened: dict[Any, CopySource] = {}
+        for part, _ in placed:
+            for src, _, _ in part.copied_from or ():
+                if src not in opened:
+                    origin = origins.get(src) if origins else None
+                    opened[src] = stack.enter_context(open_copy_source(src, origin))
+        # in place: the one source that is the object replaced (its ETag guards the swap)
+        replaced = next((o for o in opened.values() if o.remote is not None), None)
+        sink = stack.enter_context(open_sink(dst, replaced))
+        sink.write(head)
+        for part, _ in placed:  # front to back: each part lies right after the one before
+            runs = part.copied_from
+            if runs is None:
+                data = part.produce() if part.produce is not None else part.data
+                if data is not None and len(data) != part.nbytes:
+                    raise CheckpointWriteError(
+                        f"a tensor came out {len(data)} bytes long, but its header entry "
+                        f"says {part.nbytes}"
                     )
-                    at += count
-                    copied += count
-        finally:
-            for f in opened.values():
-                f.close()
+                sink.write(data if data is not None else b"")
+                del data
+                through_python += part.nbytes
+                continue
+            # a merged tensor's runs one after another: a local file copies each with
+            # copy_file_range, an upload copies each on the server (or reads a short one)
+            for src, offset, count in runs:
+                through_python += sink.copy(opened[src], offset, count)
+                copied += count
+        sink.settle()
+        through_python += sink.bytes_read_through
+        for source in opened.values():
+            source.check_unchanged()  # before the new file or object appears
     return copied, through_python
 
 
@@ -200,11 +209,3 @@ def _data_residue(placed: list[tuple[Part, int]]) -> int | None:
             if residue % 8 == 0:
                 votes[residue] += part.nbytes
     return votes.most_common(1)[0][0] if votes else None
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        atomic.crash_point("write")  # looked up here: tests record it
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n

@@ -111,7 +111,9 @@ def save_copying(
     if not placed:
         at = next(i for i, (n, _) in enumerate(members) if n == graph.prefix + "data.pkl") + 1
         members[at:at] = _storage_members(data_prefix, storages)
-    return write_zip_copy(dst, graph.path, members)
+    return write_zip_copy(
+        dst, graph.path, members, origin=graph.origin, records=graph.records.values()
+    )
 
 
 def _storage_members(prefix: str, storages: dict[str, Any]) -> list[tuple[str, Any]]:

@@ -33,9 +33,9 @@ from ...errors import (
 )
 from ...values.pieces import DerivedStub, Piece
 from ...values.tensorinfo import DTYPE_SIZES, TensorStub
-from ..crc import crc32_of_parts, crc32_of_range
-from ..detect import open_regular_file
+from ..crc import crc32_of_parts, crc32_of_reads
 from ..remote import location
+from ..sink import open_copy_source
 from .allowlist import REDIRECT_ONLY_TARGETS, WEIGHTS_ONLY_GLOBALS, allowed_map, redirect_map
 from .archive import ZipRecordInfo, decode_zip, read_zip_records
 from .guards import GuardedCall
@@ -65,6 +65,8 @@ class ZipGraph:
     pids: dict[int, tuple[Any, ...]]  # id(storage ref) -> the persistent id as read
     lossy: list[str] = field(default_factory=list)
     keepalive: list[Any] = field(default_factory=list, repr=False)
+    #: the object ``path`` is a private copy of (its records are copied server-side from it)
+    origin: Any = None
 
 
 def _recording(name: str, fn: Callable[..., Any], graph: ZipGraph) -> Callable[..., Any]:
@@ -254,8 +256,8 @@ class _ReplayPickler(pickle._Pickler):  # type: ignore[name-defined, misc]
             if run.start + piece.start == 0 and piece.nbytes == run.record.size:
                 crc = run.record.crc  # a whole record: its CRC from the central directory
             else:
-                with open_regular_file(run.graph.path) as f:
-                    crc = crc32_of_range(f.fileno(), at, piece.nbytes)
+                with open_copy_source(run.graph.path) as f:  # a file, or an object by range
+                    crc = crc32_of_reads(f.read, at, piece.nbytes)
             parts.append(((crc, piece.nbytes), (run.graph.path, at, piece.nbytes)))
         record = JoinedRecord(tuple(r for _, r in parts), crc32_of_parts(c for c, _ in parts))
         self.new_records[self.graph.prefix + "data/" + key] = record
@@ -338,4 +340,6 @@ def write_zip_graph(
             members.append((name, record))
     at = len(members) if after is None else after
     members[at:at] = list(new_records.items())
-    return write_zip_copy(dst, graph.path, members)
+    return write_zip_copy(
+        dst, graph.path, members, origin=graph.origin, records=graph.records.values()
+    )

@@ -19,19 +19,20 @@ writing behind the copy (:class:`~.atomic.Writeback`) so the closing fsync waits
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import os
 import struct
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ...errors import CheckpointFormatError
-from .. import atomic
-from ..atomic import Writeback, atomic_fd
-from ..byte_copy import BLOCK, copy_range
-from ..detect import open_regular_file
+from ..atomic import Writeback
+from ..byte_copy import BLOCK
+from ..remote import RemotePath, is_remote, location
+from ..sink import CopySource, FileSink, Sink, open_copy_source, open_sink
 from .archive import ZipRecordInfo
 
 __all__ = ["ALIGNMENT", "JoinedRecord", "TorchZipWriter", "write_zip_copy"]
@@ -64,23 +65,22 @@ class _Entry:
 
 
 class TorchZipWriter:
-    """A stored-only zip64 archive writer with torch's 64-byte data alignment."""
+    """A stored-only zip64 archive writer with torch's 64-byte data alignment, writing into
+    a :class:`~..sink.Sink` (or a file descriptor: a local file from offset 0)."""
 
-    def __init__(self, fd: int, writeback: Writeback | None = None) -> None:
-        self._fd = fd
-        self._writeback = writeback
+    def __init__(self, out: int | Sink, writeback: Writeback | None = None) -> None:
+        self._sink = FileSink(out, writeback) if isinstance(out, int) else out
         self._pos = 0
+        #: where each source record's extent ends (its data, and the data descriptor torch
+        #: writes after them): the next record's local header (:meth:`know_extents`)
+        self._extent_ends: dict[str, int] = {}
         self._entries: list[_Entry] = []
         self.bytes_copied = 0
         self.bytes_through_python = 0
 
     def _write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            atomic.crash_point("write")  # looked up here: tests record it
-            n = os.pwrite(self._fd, view, self._pos)
-            view = view[n:]
-            self._pos += n
+        self._sink.write(data)
+        self._pos += len(memoryview(data).cast("B"))
 
     def _local_header(self, name: str, size: int, crc: int, like: int | None = None) -> bytes:
         """The local header of a member whose data follow it: at a multiple of
@@ -129,33 +129,69 @@ class TorchZipWriter:
         self._write(self._local_header(name, len(data), crc))
         for at in range(0, len(data), _CHUNK):
             self._write(data[at : at + _CHUNK])
-            if self._writeback is not None:
-                self._writeback.wrote(self._pos)
         self.bytes_through_python += len(data)
 
-    def copy_member(self, name: str, src_fd: int, record: ZipRecordInfo) -> None:
-        """Copy a stored member of another archive as it is, CRC included, under ``name``."""
+    def know_extents(self, records: Iterable[ZipRecordInfo]) -> None:
+        """The source archive's records, so that a member copied whole (its local header,
+        data and data descriptor, see :meth:`copy_member`) ends where the next one starts."""
+        starts = sorted(r.header_offset for r in records)
+        for r in records:
+            at = bisect.bisect_left(starts, r.data_offset + r.compressed_size)
+            if at < len(starts):
+                self._extent_ends[r.name] = starts[at]
+
+    def copy_member(self, name: str, src: int | CopySource, record: ZipRecordInfo) -> None:
+        """Copy a stored member of another archive (a descriptor, or a
+        :class:`~..sink.CopySource`) as it is, CRC included, under ``name``."""
         if record.compress_type != 0 or record.compressed_size != record.size:
             raise CheckpointFormatError(
                 f"zip member {record.name!r} is compressed; torch writes stored members only"
             )
+        source = CopySource(fd=src) if isinstance(src, int) else src
+        if self._copies_whole(name, source, record):
+            return
         self._write(self._local_header(name, record.size, record.crc, like=record.data_offset))
-        self.bytes_through_python += copy_range(
-            src_fd, record.data_offset, self._fd, self._pos, record.size, self._writeback
-        )
+        self.bytes_through_python += self._sink.copy(source, record.data_offset, record.size)
         self._pos += record.size
         self.bytes_copied += record.size
 
-    def copy_runs(self, name: str, runs: list[tuple[int, int, int]], crc: int) -> None:
-        """Add a member whose bytes are ``runs`` (``(fd, offset, count)``) of other files, in
-        order, with their CRC-32 ``crc``; laid out to clone the first run where it can."""
+    def _copies_whole(self, name: str, source: CopySource, record: ZipRecordInfo) -> bool:
+        """Copy the member's whole extent in the source (local header, data, descriptor) as
+        it is, where the sink copies long runs faster (server-side): members that lay back
+        to back in the source stay back to back, one run, so none of their bytes is
+        downloaded. The data keep their 64-byte alignment (zero bytes before the header,
+        which readers that follow the central directory skip over, as torch's does)."""
+        end = self._extent_ends.get(record.name)
+        if (
+            end is None
+            or name != record.name
+            or record.data_offset % ALIGNMENT
+            or not self._sink.copies_runs(source)
+        ):
+            return False
+        gap = (record.header_offset - self._pos) % ALIGNMENT
+        if gap:
+            self._write(bytes(gap))
+        self._entries.append(_Entry(name.encode("utf-8"), self._pos, record.size, record.crc))
+        self.bytes_through_python += self._sink.copy(
+            source, record.header_offset, end - record.header_offset
+        )
+        self._pos += end - record.header_offset
+        self.bytes_copied += record.size
+        return True
+
+    def copy_runs(self, name: str, runs: list[tuple[int | CopySource, int, int]], crc: int) -> None:
+        """Add a member whose bytes are ``runs`` (``(source, offset, count)``: a descriptor or
+        a :class:`~..sink.CopySource`) of other files, in order, with their CRC-32 ``crc``
+        (a merged tensor's storage); laid out to clone the first run where it can. Each run
+        goes through the sink: ``copy_file_range`` into a local file, a server-side part
+        copy (or a read and upload) into an object."""
         size = sum(n for _, _, n in runs)
         like = runs[0][1] if runs else None
         self._write(self._local_header(name, size, crc, like=like))
-        for fd, offset, count in runs:
-            self.bytes_through_python += copy_range(
-                fd, offset, self._fd, self._pos, count, self._writeback
-            )
+        for src, offset, count in runs:
+            source = CopySource(fd=src) if isinstance(src, int) else src
+            self.bytes_through_python += self._sink.copy(source, offset, count)
             self._pos += count
             self.bytes_copied += count
 
@@ -216,40 +252,59 @@ class TorchZipWriter:
 
 
 def write_zip_copy(
-    dst: str | os.PathLike[str],
-    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str] | RemotePath,
+    src: str | os.PathLike[str] | RemotePath,
     members: Iterable[tuple[str, bytes | memoryview | ZipRecordInfo | JoinedRecord]],
+    *,
+    origin: RemotePath | None = None,
+    records: Iterable[ZipRecordInfo] | None = None,
 ) -> TorchZipWriter:
     """Write an archive of ``members`` to ``dst`` atomically, in that order: bytes (or a
     buffer: a new tensor's storage) as given, records copied as stored from the archive
     ``src``, joined records copied from the files they name. Returns the closed writer (its
     ``bytes_copied`` / ``bytes_through_python`` tell what moved).
 
+    Either may be an object (:mod:`..sink`): records of an object are read by range, or
+    copied by the server when ``dst`` is on its store; ``origin`` names the object a local
+    ``src`` is a private copy of, so that its records are copied server-side too.
+    ``records`` (every record of ``src``) lets an upload copy each kept record's whole
+    extent, so that records lying back to back go as one server-side run.
+
     >>> write_zip_copy("new.pth", "old.pth", [("archive/data.pkl", pickled),
     ...                                       ("archive/data/0", records["archive/data/0"])])
     """
-    opened: dict[Path, Any] = {}
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(open_copy_source(src, origin))
+        sink = stack.enter_context(open_sink(dst, source))
+        opened: dict[Path | RemotePath, CopySource] = {_where(src): source}
 
-    def fd_of(path: Path) -> int:
-        if path not in opened:
-            opened[path] = open_regular_file(path)
-        return opened[path].fileno()
+        def source_of(path: Path | RemotePath) -> CopySource:
+            where = _where(path)
+            if where not in opened:  # another file's records (a set's other shard)
+                opened[where] = stack.enter_context(open_copy_source(where))
+            return opened[where]
 
-    try:
-        with open_regular_file(src) as source, atomic_fd(dst) as fd:
-            writer = TorchZipWriter(fd, Writeback(fd))
-            for name, member in members:
-                if isinstance(member, bytes):
-                    writer.add_bytes(name, member)
-                elif isinstance(member, memoryview):
-                    writer.add_buffer(name, member)
-                elif isinstance(member, JoinedRecord):
-                    runs = [(fd_of(path), at, n) for path, at, n in member.runs]
-                    writer.copy_runs(name, runs, member.crc)
-                else:
-                    writer.copy_member(name, source.fileno(), member)
-            writer.close()
-    finally:
-        for f in opened.values():
-            f.close()
+        writer = TorchZipWriter(sink)
+        if records is not None:
+            writer.know_extents(records)
+        for name, member in members:
+            if isinstance(member, bytes):
+                writer.add_bytes(name, member)
+            elif isinstance(member, memoryview):
+                writer.add_buffer(name, member)
+            elif isinstance(member, JoinedRecord):
+                runs = [(source_of(path), at, n) for path, at, n in member.runs]
+                writer.copy_runs(name, runs, member.crc)  # type: ignore[arg-type]
+            else:
+                writer.copy_member(name, source, member)
+        writer.close()
+        sink.settle()
+        writer.bytes_through_python += sink.bytes_read_through
+        for copied in opened.values():
+            copied.check_unchanged()  # before the new file or object appears
     return writer
+
+
+def _where(path: str | os.PathLike[str] | RemotePath) -> Path | RemotePath:
+    """A file or an object, as one key: the same one named twice opens once."""
+    return location(path) if is_remote(path) else Path(path)  # type: ignore[arg-type]
