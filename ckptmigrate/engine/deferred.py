@@ -411,7 +411,10 @@ def defer_dcp(
             md.state_dict_metadata
         ):
             return value
-        meta = torch.empty(value.shape, dtype=getattr(torch, value.dtype), device="meta")
+        try:
+            meta = torch.empty(value.shape, dtype=getattr(torch, value.dtype), device="meta")
+        except (RuntimeError, ValueError, OverflowError) as exc:  # a size torch cannot hold
+            raise NotReplayableError(f"{value.info.storage_key!r}: {exc}") from None
         key = value.info.storage_key
         out = Deferred(meta, lambda: read_dcp_tensor(folder, md, key), of_input=True)
         originals[id(out)] = value

@@ -479,7 +479,10 @@ def _run_deferred(
 
     if source.format != "dcp" or not deferrable(plan.steps) or not stubs_complete(source.stubs):
         return None
-    ckpt, settle = defer_dcp(source.path, source.stubs)
+    try:
+        ckpt, settle = defer_dcp(source.path, source.stubs)
+    except NotReplayableError:  # the loaded path says what is wrong with the folder
+        return None
     with replaying() as refused:
         try:
             result = plan.run(ckpt, progress)
