@@ -311,3 +311,98 @@ def test_hparams_json_cannot_hold_are_one_error_and_nothing_written(dcp_dir, tmp
     assert done.stderr.startswith("ckptmigrate: error: a DCP folder keeps its hparams")
     assert "internal error" not in done.stderr and len(done.stderr.splitlines()) == 1
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["lm.py", "step-100"]
+
+
+# -- review: a BUILD in .metadata never reaches a class -----------------------------------------
+
+
+BUILD_ON_A_CLASS = r"""
+import pathlib, sys
+import torch.distributed.checkpoint.metadata as dcp_md
+from ckptmigrate.formats.dcp import SafeFileSystemReader
+folder = pathlib.Path(sys.argv[1])
+try:
+    SafeFileSystemReader(folder).read_metadata()
+except Exception as exc:
+    print("refused:", type(exc).__name__)
+print("Metadata patched:", getattr(dcp_md.Metadata, "poisoned", None))
+print("PosixPath patched:", getattr(pathlib.PosixPath, "poisoned", None))
+import torch.serialization
+print("_get_layout patched:", getattr(torch.serialization._get_layout, "poisoned", None))
+"""
+
+
+def test_dcp_metadata_cannot_patch_torch_or_pathlib_classes_by_build(tmp_path):
+    # BUG: the DCP .metadata unpickler (formats/dcp.py, torch_classes=True: what
+    # SafeFileSystemReader and read_dcp use) resolves globals to torch's real DCP classes and
+    # the real pathlib.PosixPath, and lets a pickle's BUILD opcode run on the class object
+    # itself (also torch.serialization._get_layout, whose .cache torch.load resolves layouts
+    # by): `GLOBAL Metadata; (None, {"poisoned": 1}); BUILD` is setattr(Metadata, ...),
+    # which patches the class for the whole process (every later DCP load, every Path) even
+    # though the read then fails. The torch readers guard this (formats/torch/guards.py) and
+    # torch's weights-only loader refuses BUILD on anything but tensors and dicts. Right: an
+    # UnsafeCheckpointError (or CheckpointFormatError) and no class changed.
+    import subprocess
+    import sys
+
+    def build_on(module: str, name: str) -> bytes:
+        return (
+            b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n"
+            b"N}X\x08\x00\x00\x00poisonedK\x01s\x86b."
+        )
+
+    for module, name in (
+        ("torch.distributed.checkpoint.metadata", "Metadata"),
+        ("pathlib", "PosixPath"),
+        ("torch.serialization", "_get_layout"),  # its .cache is what torch.load resolves by
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / ".metadata").write_bytes(build_on(module, name))
+        done = subprocess.run(
+            [sys.executable, "-c", BUILD_ON_A_CLASS, str(folder)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert "refused: UnsafeCheckpointError" in done.stdout or "refused: Checkpoint" in (
+            done.stdout
+        ), done.stdout
+        assert "Metadata patched: None" in done.stdout, done.stdout
+        assert "PosixPath patched: None" in done.stdout, done.stdout
+        assert "_get_layout patched: None" in done.stdout, done.stdout
+
+
+CM_LOAD_DCP = r"""
+import pathlib, sys
+import ckptmigrate as cm
+try:
+    print("loaded:", list(cm.load(sys.argv[1], upgrade=False).state_dict))
+except Exception as exc:
+    print("refused:", type(exc).__name__)
+print("PosixPath patched:", getattr(pathlib.PosixPath, "poisoned", None))
+"""
+
+
+def test_cm_load_of_a_dcp_folder_never_patches_pathlib_through_its_metadata(tmp_path):
+    # BUG: the same BUILD-on-a-class hole, through plain cm.load: a real DCP folder whose
+    # .metadata has a side-effect `GLOBAL pathlib.PosixPath; (None, {...}); BUILD; POP`
+    # spliced in front passes the torch-free check (there PosixPath is a lambda, which
+    # takes the attribute), then the torch-classes read runs the BUILD on the real
+    # pathlib.PosixPath: cm.load succeeds and every Path in the process is patched. Right:
+    # cm.load refuses the file (UnsafeCheckpointError naming the BUILD) and patches nothing.
+    import subprocess
+    import sys
+
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "ckpt"
+    dcp.save({"w": torch.randn(3, 4)}, checkpoint_id=str(folder))
+    raw = (folder / ".metadata").read_bytes()
+    side_effect = b"cpathlib\nPosixPath\nN}X\x08\x00\x00\x00poisonedK\x01s\x86b0"
+    (folder / ".metadata").write_bytes(raw[:2] + side_effect + raw[2:])
+    done = subprocess.run(
+        [sys.executable, "-c", CM_LOAD_DCP, str(folder)], capture_output=True, text=True
+    )
+    assert "PosixPath patched: None" in done.stdout, done.stdout + done.stderr
+    assert "refused: UnsafeCheckpointError" in done.stdout, done.stdout + done.stderr

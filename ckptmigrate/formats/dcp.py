@@ -69,6 +69,7 @@ from .torch import (
     python3_name,
     scan_pickle,
 )
+from .torch.guards import GuardedCall, GuardedType
 
 __all__ = [
     "CHUNK_FRAMING_ALLOWANCE",
@@ -195,19 +196,34 @@ class _EnumStandIn(int):
         return value
 
 
+def _join(*parts: Any) -> str:
+    return os.path.join(*map(str, parts)) if parts else ""
+
+
+def _size(dims: Any = ()) -> tuple[Any, ...]:
+    return tuple(dims)
+
+
 def _stand_ins(path: object = None) -> dict[str, Any]:
+    """What each global decodes to without torch: stand-ins that a pickle's BUILD cannot patch
+    (classes of :class:`~.torch.guards.GuardedType`, functions wrapped in
+    :class:`~.torch.guards.GuardedCall`), so this decode also proves the pickle never BUILDs
+    on a global before the one with torch's own classes runs (those it would patch for the
+    whole process)."""
     out: dict[str, Any] = {}
     for name in _DCP_CLASSES:
-        out[name] = type(name.rpartition(".")[2], (_Record,), {"dcp_name": name})
+        out[name] = GuardedType(name.rpartition(".")[2], (_Record,), {"dcp_name": name})
     enums: dict[Any, dict[str, Any]] = {}
     for name, values in DCP_ENUMS.items():
-        out[name] = type(name.rpartition(".")[2], (_EnumStandIn,), {"dcp_name": name})
+        out[name] = GuardedType(name.rpartition(".")[2], (_EnumStandIn,), {"dcp_name": name})
         enums[out[name]] = values
-    out[_GETATTR] = _enum_member(enums, path)
+    out[_GETATTR] = GuardedCall(_enum_member(enums, path), _GETATTR)
     for name in _PATHS:
-        out[name] = lambda *parts: os.path.join(*map(str, parts)) if parts else ""
-    out["torch.Size"] = lambda dims=(): tuple(dims)
-    out["torch.serialization._get_layout"] = TorchConstant
+        out[name] = GuardedCall(_join, name)
+    out["torch.Size"] = GuardedCall(_size, "torch.Size")
+    out["torch.serialization._get_layout"] = GuardedCall(
+        TorchConstant, "torch.serialization._get_layout"
+    )
     for name in DTYPE_SIZES:
         out[f"torch.{name}"] = TorchConstant(f"torch.{name}")
     out.update({"collections.OrderedDict": OrderedDict, "builtins.set": set})
@@ -271,21 +287,27 @@ def read_dcp_metadata(path: str | os.PathLike[str], *, torch_classes: bool = Fal
         raise
     except Exception as exc:
         raise CheckpointFormatError(f"corrupt DCP metadata ({exc})", path=md_path) from None
-    resolve = _real_classes(md_path) if torch_classes else _stand_ins(md_path)
+    md = _decode(data, scan, _stand_ins(md_path), md_path)
+    if torch_classes:  # the stand-ins' decode refused any BUILD on a global first
+        md = _decode(data, scan, _real_classes(md_path), md_path)
+    check_storage_data(md, md_path.parent, md_path)
+    check_state_dict_metadata(md, md_path)
+    return md
+
+
+def _decode(data: bytes, scan: Any, resolve: dict[str, Any], md_path: object) -> Any:
+    """``data`` decoded under the decode budgets, its globals resolved through ``resolve``."""
     bound = tuple_chain_bound(data, 0, len(data))
     try:
         budget = DecodeBudget(
             len(data), 2 * len(data) + scan.estimate, path=md_path, hashed=scan.hashed
         )
         unpickler = _DcpUnpickler(io.BytesIO(data), resolve, md_path)
-        md = decode_bounded(unpickler.load, bound, md_path, budget)
+        return decode_bounded(unpickler.load, bound, md_path, budget)
     except (UnsafeCheckpointError, CheckpointFormatError):
         raise
     except Exception as exc:
         raise CheckpointFormatError(f"corrupt DCP metadata ({exc})", path=md_path) from exc
-    check_storage_data(md, md_path.parent, md_path)
-    check_state_dict_metadata(md, md_path)
-    return md
 
 
 def _dims(value: Any, what: str, path: object) -> tuple[int, ...]:
