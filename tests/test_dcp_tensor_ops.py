@@ -457,8 +457,7 @@ def test_chained_ops_on_one_tensor_compute_it_once_written(saved, tmp_path):
     torch.testing.assert_close(got, want, **EXACT)
 
 
-def test_a_function_step_streams_to_safetensors_too(saved, tmp_path):
-    # it took the loaded path (see tests/test_dcp_function_steps.py)
+def test_a_function_step_takes_the_loaded_path_to_safetensors_too(saved, tmp_path):
     schema = cm.Schema("lm", current="2.0.0")
 
     @schema.migration("1.0.0", "2.0.0")
@@ -467,7 +466,7 @@ def test_a_function_step_streams_to_safetensors_too(saved, tmp_path):
 
     out = tmp_path / "model.safetensors"
     result = cm.upgrade_file(saved, out, schema, from_version="1.0.0")
-    assert result.streamed
+    assert not result.streamed
     from safetensors.torch import load_file
 
     got = load_file(out)

@@ -17,13 +17,7 @@ from ..values.checkpoint import Checkpoint
 if TYPE_CHECKING:
     import torch
 
-__all__ = [
-    "guard_active",
-    "in_place_message",
-    "run_guarded",
-    "writes_into_guarded",
-    "written_tensors",
-]
+__all__ = ["run_guarded"]
 
 _INPLACE_DUNDERS = frozenset(
     f"__i{op}__"
@@ -32,39 +26,16 @@ _INPLACE_DUNDERS = frozenset(
 _HARMLESS_INPLACE = frozenset({"requires_grad_", "retain_grad", "share_memory_"})
 
 
-def written_tensors(func: Any, args: tuple, kwargs: dict) -> list[Any]:
-    """The tensors a torch call writes into in place: its target (``t.add_(1)``, ``t[0] = 1``,
-    ``t += 1``) and its ``out=``; empty for a call that writes nothing."""
+def _writes_in_place(func: Any, args: tuple, kwargs: dict) -> bool:
     name = getattr(func, "__name__", "")
-    written = []
-    if args and (
-        name in _INPLACE_DUNDERS
-        or (name.endswith("_") and not name.startswith("_") and name not in _HARMLESS_INPLACE)
-    ):
-        written.append(args[0])
+    target_guarded = bool(args) and isinstance(args[0], _guard_class())
+    if target_guarded and name in _INPLACE_DUNDERS:
+        return True
+    if target_guarded and name.endswith("_") and not name.startswith("_"):
+        return name not in _HARMLESS_INPLACE
     out = kwargs.get("out")
-    written.extend(o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o is not None)
-    return written
-
-
-def writes_into_guarded(func: Any, args: tuple, kwargs: dict) -> bool:
-    """Whether a torch call writes into a tensor behind the guard."""
-    return any(isinstance(t, _guard_class()) for t in written_tensors(func, args, kwargs))
-
-
-def in_place_message(func: Any) -> str:
-    """Why a step may not write into an input: the same words for a mapped input and a deferred
-    one (:mod:`.deferred`)."""
-    name = getattr(func, "__name__", repr(func))
-    return (
-        f"it writes into an input tensor in place ({name}); build a new tensor "
-        "instead (e.g. t.clone(), torch.cat, t * 2), so that the input stays as it was"
-    )
-
-
-def guard_active() -> bool:
-    """Whether a step runs behind the guard in this thread (or task) now."""
-    return _ACTIVE.get()
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return any(isinstance(o, _guard_class()) for o in outs)
 
 
 _GUARD: Any = None
@@ -73,7 +44,6 @@ _GUARD: Any = None
 _GUARDED: ContextVar[frozenset[int] | set[int]] = ContextVar(
     "ckptmigrate_guarded", default=frozenset()
 )
-_ACTIVE: ContextVar[bool] = ContextVar("ckptmigrate_guard_active", default=False)
 
 
 def _guard_class() -> Any:
@@ -88,10 +58,12 @@ def _guard_class() -> Any:
             @classmethod
             def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore
                 kwargs = kwargs or {}
-                if writes_into_guarded(func, args, kwargs):
-                    raise InPlaceWriteError(in_place_message(func))
-                if any(getattr(t, "guards_itself", False) for t in types):
-                    return NotImplemented  # a deferred tensor's own handler plans the call
+                if _writes_in_place(func, args, kwargs):
+                    name = getattr(func, "__name__", repr(func))
+                    raise InPlaceWriteError(
+                        f"it writes into an input tensor in place ({name}); build a new tensor "
+                        "instead (e.g. t.clone(), torch.cat, t * 2), so that the input stays as it was"
+                    )
                 with torch._C.DisableTorchFunctionSubclass():
                     out = func(*args, **kwargs)
                 return _rewrap(out)
@@ -136,8 +108,6 @@ def run_guarded(fn: Any, ckpt: Checkpoint) -> Any:
     def wrap(value: torch.Tensor, label: str) -> Any:
         if isinstance(value, guard):
             return value
-        if getattr(type(value), "guards_itself", False):
-            return value.as_input()  # a deferred tensor refuses a write into it itself
         if id(value) not in wrapped:
             w = value.as_subclass(guard)
             wrapped[id(value)] = w
@@ -155,12 +125,11 @@ def run_guarded(fn: Any, ckpt: Checkpoint) -> Any:
     # optimizer state, extra entries and hparams share their tensors with the input too
     for slot in _OTHER_SLOTS:
         setattr(ckpt, slot, _map_tensors(getattr(ckpt, slot), lambda t, s=slot: wrap(t, s)))
-    token, active = _GUARDED.set(storages), _ACTIVE.set(True)
+    token = _GUARDED.set(storages)
     try:
         result = fn(ckpt)
     finally:
         _GUARDED.reset(token)
-        _ACTIVE.reset(active)
     result = ckpt if result is None else result
     if isinstance(result, Checkpoint):
         if isinstance(result.state_dict, dict):

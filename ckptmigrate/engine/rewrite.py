@@ -469,13 +469,12 @@ def _run_on_bytes(
 def _run_deferred(
     source: Source, dst: Path, plan: Plan, progress: Callable[..., Any] | None
 ) -> Checkpoint | None:
-    """A DCP folder's plan run on deferred tensors (:mod:`.deferred`), function steps
-    included: the result's kept tensors are the folder's stubs, its new ones computed when
-    written; None when the plan needs the tensors loaded (a call the deferral cannot replay,
-    refused while the plan ran, even where a step caught the error)."""
+    """A DCP folder's plan of our own ops run on deferred tensors (:mod:`.deferred`): the
+    result's kept tensors are the folder's stubs, its new ones computed when written; None
+    when the plan needs the tensors loaded (a function step, an op the deferral cannot run)."""
     from ..errors import MigrationError
     from ..formats.dcp_rewrite import stubs_complete
-    from .deferred import defer_dcp, deferrable, replaying
+    from .deferred import defer_dcp, deferrable
 
     if source.format != "dcp" or not deferrable(plan.steps) or not stubs_complete(source.stubs):
         return None
@@ -483,19 +482,12 @@ def _run_deferred(
         ckpt, settle = defer_dcp(source.path, source.stubs)
     except NotReplayableError:  # the loaded path says what is wrong with the folder
         return None
-    with replaying() as refused:
-        try:
-            result = plan.run(ckpt, progress)
-        except MigrationError as exc:
-            if refused or isinstance(exc.__cause__, NotReplayableError):
-                return None
-            raise
-    if refused:
-        return None
     try:
-        return settle(result)
-    except NotReplayableError:
-        return None
+        return settle(plan.run(ckpt, progress))
+    except MigrationError as exc:
+        if isinstance(exc.__cause__, NotReplayableError):
+            return None
+        raise
 
 
 def _dcp_safetensors(source: Source, dst: Path) -> bool:
