@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from folder_schema import rename_drop_schema
-from set_files import make_set
+from set_files import make_bin_shards, make_set
 
 import ckptmigrate as cm
 from ckptmigrate.engine.rewrite import upgrade_file
@@ -270,3 +270,51 @@ def test_a_bin_set_whose_every_shard_changes_writes_them_all(tmp_path):
     index = json.loads((tmp_path / "out" / "pytorch_model.bin.index.json").read_text())
     assert (tmp_path / "out" / index["weight_map"]["a.w"]).read_bytes() != first
     assert sorted(read_checkpoint(tmp_path / "out").state_dict) == ["a.w", "b.w", "c.w", "d.w"]
+
+
+def test_a_bin_set_index_counts_a_tied_storage_once_whichever_path_wrote_it(tmp_path):
+    """``total_size`` is the bytes of the distinct storages (as transformers and
+    huggingface_hub count them): a tie pickled as one tensor or as two views of one storage
+    counts once, on the byte path and on the tensor path alike."""
+    torch.manual_seed(0)
+    a, c = torch.randn(3, 4), torch.randn(5, 4)
+    function = cm.Schema("net", current="2.0.0")
+
+    @function.migration("1.0.0", "2.0.0")
+    def scale(ckpt: cm.Checkpoint) -> None:
+        ckpt.state_dict["c"] = ckpt.state_dict["c"] * 2
+
+    by_bytes = cm.Schema("net", current="2.0.0")
+    by_bytes.add_migration("1.0.0", "2.0.0", [cm.ops.Merge(["c"], "c2", sizes=[5])])
+    totals = {}
+    for tie, tied in (("object", a), ("view", a.view(3, 4))):
+        make_bin_shards(tmp_path / tie, [{"a": a, "tied": tied}, {"c": c}])
+        for name, schema in (("bytes", by_bytes), ("tensors", function)):
+            out = tmp_path / f"{tie}-{name}"
+            cm.upgrade_file(tmp_path / tie, out, schema, from_version="1.0.0")
+            index = json.loads((out / "pytorch_model.bin.index.json").read_text())
+            totals[tie, name] = index["metadata"]["total_size"]
+    assert totals == dict.fromkeys(totals, 48 + 80)
+
+
+def test_a_function_step_on_a_bin_set_whose_first_shard_is_big_endian_keeps_the_values(tmp_path):
+    """Re-grouped .bin shards say the byte order of the bytes they hold: a big-endian first
+    shard and a little-endian second one read back as the step left them."""
+    torch.manual_seed(0)
+    a, b, c = torch.randn(3, 4), torch.randn(2, 4), torch.randn(5, 4)
+    folder, out = tmp_path / "set", tmp_path / "out"
+    make_bin_shards(folder, [{"a": a}, {"b": b, "c": c}], big_endian=(1,))
+    schema = cm.Schema("net", current="2.0.0")
+
+    @schema.migration("1.0.0", "2.0.0")
+    def scale(ckpt: cm.Checkpoint) -> None:
+        ckpt.state_dict["c"] = ckpt.state_dict["c"] * 2
+
+    cm.upgrade_file(folder, out, schema, from_version="1.0.0")
+    weight_map = json.loads((out / "pytorch_model.bin.index.json").read_text())["weight_map"]
+    got: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        got.update(torch.load(out / shard, weights_only=True))
+    assert torch.equal(got["a"], a)
+    assert torch.equal(got["b"], b)
+    assert torch.equal(got["c"], c * 2)
