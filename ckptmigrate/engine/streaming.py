@@ -567,9 +567,18 @@ def _unchanged_shards(
         shard = sset.weight_map.get(key)
         if shard is not None and originals.get(key) is value:
             entries.setdefault(shard, {})[key] = value
+    # where each storage is named from: a shard copied whole must hold every key naming its
+    # storages (a step that tied a new key to one of them re-groups the shard with it)
+    homes: dict[Any, set[str | None]] = {}
+    for key, value in new.state_dict.items():
+        shard = sset.weight_map.get(key)
+        home = shard if key in entries.get(shard or "", {}) else None
+        homes.setdefault(_held_once(value, "bin")[0], set()).add(home)
     out = []
     for shard, held in entries.items():
         if not sharded.unchanged_shard(sset, shard, held, originals):
+            continue
+        if any(homes[_held_once(t, "bin")[0]] != {shard} for t in held.values()):
             continue
         # the bytes as read: a record whose pages were written after the load is refused
         if all(inputs.storage_record(t.untyped_storage()) is not None for t in held.values()):
