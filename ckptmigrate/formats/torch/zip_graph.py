@@ -253,14 +253,13 @@ class _ReplayPickler(pickle._Pickler):  # type: ignore[name-defined, misc]
         runs = [(piece, self._locate(piece.stub)) for piece in obj.pieces]
         if not runs:
             raise NotReplayableError("an empty merged tensor has no storage to copy")
-        order = self.graph.byteorder()
         for _, run in runs:
             # one archive says one byte order for all its storages: bytes of the other order
             # laid into it would read back swapped
-            if run.graph is not self.graph and run.graph.byteorder() != order:
+            if run.graph is not self.graph and run.graph.byteorder() != self.graph.byteorder():
                 raise NotReplayableError(
                     f"a merged tensor's part is stored {run.graph.byteorder()}-endian in "
-                    f"{run.graph.path}, the archive it goes into {order}-endian"
+                    f"{run.graph.path}, the archive it goes into {self.graph.byteorder()}-endian"
                 )
         itemsize = DTYPE_SIZES[obj.info.dtype]
         shape = tuple(obj.info.shape)
