@@ -428,9 +428,12 @@ def write_set(
     if rest or not whole:
         # keys that share what a shard stores once (a tied weight) stay in one shard
         groups = [
-            {k: v for bundle in group for k, v in bundle}
+            dict(group)
             for group in sharded.group_by_size(
-                _held_together(rest, sset.kind), lambda b: _held_bytes(b, sset.kind), limit
+                rest,
+                lambda kv: _held_once(kv[1], sset.kind)[1],
+                limit,
+                held_as=lambda kv: _held_once(kv[1], sset.kind)[0],
             )
         ]
     folder, index_name = out.folder, out.index_name
@@ -513,15 +516,6 @@ def _held_bytes(items: Iterable[tuple[str, Any]], kind: str) -> int:
     huggingface_hub count it."""
     held = dict(_held_once(value, kind) for _, value in items)
     return sum(held.values())
-
-
-def _held_together(items: list[tuple[str, Any]], kind: str) -> list[list[tuple[str, Any]]]:
-    """``items`` in bundles that a shard stores once (:func:`_held_once`), each where its
-    first key was: a tied weight's keys are never cut apart by re-sharding."""
-    bundles: dict[Any, list[tuple[str, Any]]] = {}
-    for key, value in items:
-        bundles.setdefault(_held_once(value, kind)[0], []).append((key, value))
-    return list(bundles.values())
 
 
 def _save_bin_group(
