@@ -394,3 +394,20 @@ def test_a_function_step_on_a_bin_set_with_big_endian_shards_keeps_the_values(tm
     assert torch.equal(got["c"], c * 2)
     if 2 not in big_endian:  # b's record, stored little-endian, is copied as it was
         assert result.bytes_copied >= b.numel() * 4
+
+
+@pytest.mark.parametrize(
+    "sizes, held, limit, groups",
+    [
+        ([3, 3, 5], None, 6, [[0, 1], [2]]),
+        ([9], None, 6, [[0]]),  # larger than the limit: alone
+        ([], None, 6, [[]]),
+        # item 3 is stored as item 0: it joins item 0's group and adds no bytes
+        ([3, 3, 5, 3], [0, 1, 2, 0], 6, [[0, 1, 3], [2]]),
+        ([4, 2, 2], [0, 1, 1], 6, [[0, 1, 2]]),
+    ],
+)
+def test_group_by_size_cuts_by_bytes_and_never_cuts_a_tie(sizes, held, limit, groups):
+    held_as = None if held is None else held.__getitem__
+    got = sharded.group_by_size(range(len(sizes)), sizes.__getitem__, limit, held_as)
+    assert got == groups
