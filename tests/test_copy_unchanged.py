@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from set_files import make_set
+from set_files import make_set, save_big_endian
 
 import ckptmigrate as cm
-from ckptmigrate.formats.torch import read_zip_records
+from ckptmigrate.formats.torch import read_zip_graph, read_zip_records, save_copying
 
 BLOCK = 4096
 
@@ -381,3 +381,40 @@ def test_a_set_run_on_its_tensors_copies_what_it_left_unchanged(tmp_path, step):
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, atol=0, rtol=0)
     assert str(cm.load(out, schema=schema).version) == "2.0.0"
+
+
+@pytest.mark.parametrize("schema_of", [rename_schema, merge_schema], ids=["function", "merge"])
+def test_a_big_endian_file_keeps_its_values_through_either_path(tmp_path, schema_of):
+    sd = source_state()
+    src, dst = tmp_path / "old.pth", tmp_path / "new.pth"
+    save_big_endian(sd, src)
+    schema = schema_of()
+    cm.upgrade_file(src, dst, schema, from_version="1.0.0")
+    want = cm.load(src, schema=schema, from_version="1.0.0").state_dict
+    got = read_back(dst)
+    assert list(got) == list(want)
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_records_stored_in_the_other_byte_order_are_written_from_memory(tmp_path):
+    """Offered a big-endian archive's own records, the copying writer writes the tensors
+    from memory (torch.load swapped them) into an archive that says this machine's order,
+    the order of its new tensors' bytes."""
+    sd = source_state()
+    src, dst = tmp_path / "big.pth", tmp_path / "new.pth"
+    save_big_endian(sd, src)
+    graph = read_zip_graph(src)
+    loaded = torch.load(src, weights_only=True)
+    records = {
+        loaded[k].untyped_storage().data_ptr(): graph.records[stub.info.storage_key]
+        for k, stub in graph.obj.items()
+    }
+    loaded["new"] = sd["new"] = torch.arange(5.0)
+    writer = save_copying(dst, loaded, graph, lambda s: records.get(s.data_ptr()))
+    assert writer.bytes_through_python == sum(t.numel() * 4 for t in sd.values())
+    with zipfile.ZipFile(dst) as z:
+        assert z.read(z.namelist()[0].split("/")[0] + "/byteorder") == sys.byteorder.encode()
+    got = read_back(dst)
+    for key, value in sd.items():
+        assert torch.equal(got[key], value), key

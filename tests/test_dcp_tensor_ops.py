@@ -10,6 +10,7 @@ loader reads the file.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -472,3 +473,31 @@ def test_a_function_step_takes_the_loaded_path_to_safetensors_too(saved, tmp_pat
     got = load_file(out)
     torch.testing.assert_close(got["layers.0.norm"], _model_sd()["layers.0.norm"] * 2, **EXACT)
     assert sorted(got) == sorted(_model_sd())
+
+
+def test_a_tie_written_into_a_sharded_set_stays_in_one_shard(saved, tmp_path, monkeypatch):
+    """A name a step tied to a tensor joins that tensor's shard (stored once, an alias),
+    however full the shard; the index keeps the keys' order and counts the tie once."""
+    from ckptmigrate.formats import dcp_tensors
+
+    monkeypatch.setattr(dcp_tensors, "MAX_SHARD_BYTES", 16 * 1024)  # several shards
+    schema = cm.Schema("lm", current="2.0.0")
+
+    @schema.migration("1.0.0", "2.0.0")
+    def tie(ckpt: cm.Checkpoint) -> None:
+        ckpt.state_dict["tied"] = ckpt.state_dict["layers.0.q"]
+
+    index = tmp_path / "out" / "model.safetensors.index.json"
+    assert cm.upgrade_file(saved, index, schema, from_version="1.0.0").streamed
+    written = json.loads(index.read_text())
+    weight_map = written["weight_map"]
+    assert len(set(weight_map.values())) >= 3
+    assert weight_map["tied"] == weight_map["layers.0.q"]
+    assert list(weight_map) == [*_model_sd(), "tied"]
+    sd = _model_sd()
+    assert written["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in sd.values()
+    )
+    loaded = read_checkpoint(index).state_dict
+    assert loaded["tied"].data_ptr() == loaded["layers.0.q"].data_ptr()
+    torch.testing.assert_close(loaded["tied"], sd["layers.0.q"], **EXACT)

@@ -3,6 +3,7 @@ parts' bytes, copied from the file as stored; torch is not imported (issue 15 it
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from set_files import make_set
+from set_files import make_bin_shards, make_set
 from test_copy_unchanged import used_bytes, xfs  # noqa: F401 (the XFS loop mount fixture)
 
 import ckptmigrate as cm
@@ -276,3 +277,24 @@ def test_a_byte_merge_on_xfs_shares_the_kept_records(xfs, suffix):  # noqa: F811
     assert result.streamed and result.bytes_through_python == 0
     assert grown <= 2 * 1000 * 1003 * 4 + src.stat().st_size // 100, grown
     assert torch.equal(read_back(dst)["l01"], torch.cat([sd[k] for k in parts]))
+
+
+@pytest.mark.parametrize("big_endian", [(1,), (2,), (1, 2)])
+def test_a_byte_merge_across_bin_shards_keeps_the_values_whatever_their_byteorder(
+    tmp_path, big_endian
+):
+    """Parts from a big-endian and a little-endian .bin shard cannot be laid end to end in
+    one record of either archive: the merge runs on the tensors. Parts of one byte order
+    are still merged by bytes, into a shard of that order."""
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 4), torch.randn(2, 4)
+    folder, out = tmp_path / "set", tmp_path / "out"
+    make_bin_shards(folder, [{"a": a}, {"b": b}], big_endian=big_endian)
+    assert torch.equal(torch.load(folder / "pytorch_model-00001-of-00002.bin")["a"], a)
+    schema = schema_of(cm.ops.Merge(["a", "b"], "m", sizes=[3, 2]))
+    result = cm.upgrade_file(folder, out, schema, from_version="1.0.0")
+    assert result.streamed is (len(big_endian) == 2)
+    written = json.loads((out / "pytorch_model.bin.index.json").read_text())["weight_map"]["m"]
+    merged = torch.load(out / written, weights_only=True)["m"]
+    assert torch.equal(merged, torch.cat([a, b]))
+    assert torch.equal(cm.load(out, schema=schema).state_dict["m"], torch.cat([a, b]))

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from folder_schema import rename_drop_schema
-from set_files import make_set
+from safetensors.torch import save_file
+from set_files import make_bin_shards, make_set
 
 import ckptmigrate as cm
 from ckptmigrate.engine.rewrite import upgrade_file
@@ -270,3 +271,143 @@ def test_a_bin_set_whose_every_shard_changes_writes_them_all(tmp_path):
     index = json.loads((tmp_path / "out" / "pytorch_model.bin.index.json").read_text())
     assert (tmp_path / "out" / index["weight_map"]["a.w"]).read_bytes() != first
     assert sorted(read_checkpoint(tmp_path / "out").state_dict) == ["a.w", "b.w", "c.w", "d.w"]
+
+
+def test_a_bin_set_index_counts_a_tied_storage_once_whichever_path_wrote_it(tmp_path):
+    """``total_size`` is the bytes of the distinct storages (as transformers and
+    huggingface_hub count them): a tie pickled as one tensor or as two views of one storage
+    counts once, on the byte path and on the tensor path alike."""
+    torch.manual_seed(0)
+    a, c = torch.randn(3, 4), torch.randn(5, 4)
+    function = cm.Schema("net", current="2.0.0")
+
+    @function.migration("1.0.0", "2.0.0")
+    def scale(ckpt: cm.Checkpoint) -> None:
+        ckpt.state_dict["c"] = ckpt.state_dict["c"] * 2
+
+    by_bytes = cm.Schema("net", current="2.0.0")
+    by_bytes.add_migration("1.0.0", "2.0.0", [cm.ops.Merge(["c"], "c2", sizes=[5])])
+    totals = {}
+    for tie, tied in (("object", a), ("view", a.view(3, 4))):
+        make_bin_shards(tmp_path / tie, [{"a": a, "tied": tied}, {"c": c}])
+        for name, schema in (("bytes", by_bytes), ("tensors", function)):
+            out = tmp_path / f"{tie}-{name}"
+            result = cm.upgrade_file(tmp_path / tie, out, schema, from_version="1.0.0")
+            assert result.streamed is (name == "bytes")
+            index = json.loads((out / "pytorch_model.bin.index.json").read_text())
+            totals[tie, name] = index["metadata"]["total_size"]
+    assert totals == dict.fromkeys(totals, 48 + 80)
+
+
+def tie_schema() -> cm.Schema:
+    """A step that ties ``tied`` to ``a`` (the same tensor under a second key, last)."""
+    schema = cm.Schema("net", current="2.0.0")
+
+    @schema.migration("1.0.0", "2.0.0")
+    def tie(ckpt: cm.Checkpoint) -> None:
+        ckpt.state_dict["tied"] = ckpt.state_dict["a"]
+
+    return schema
+
+
+def test_a_safetensors_set_counts_a_tie_once_as_a_bin_set_does(tmp_path):
+    """A tie in a safetensors set is one entry and an alias (safetensors refuses shared
+    tensors; our writer stores them once): counted once by either path, as in a .bin set."""
+    torch.manual_seed(0)
+    tensors = {"a": torch.randn(3, 4), "c": torch.randn(5, 4)}
+    totals = {}
+    for kind in ("safetensors", "bin"):
+        folder = tmp_path / kind
+        if kind == "safetensors":
+            folder.mkdir()
+            for i, key in enumerate(tensors, 1):
+                save_file({key: tensors[key]}, str(folder / f"model-{i:05d}-of-00002.safetensors"))
+            weight_map = {
+                k: f"model-{i:05d}-of-00002.safetensors" for i, k in enumerate(tensors, 1)
+            }
+            index = {"metadata": {"total_size": 128}, "weight_map": weight_map}
+            (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        else:
+            make_bin_shards(folder, [{"a": tensors["a"]}, {"c": tensors["c"]}])
+        tied, renamed = tmp_path / f"{kind}-tied", tmp_path / f"{kind}-renamed"
+        cm.upgrade_file(folder, tied, tie_schema(), from_version="1.0.0")
+        rename = cm.Schema("net", current="3.0.0")
+        rename.add_migration("2.0.0", "3.0.0", [cm.ops.RenameKeys(r"^c$", "d")])
+        assert cm.upgrade_file(tied, renamed, rename).streamed
+        for out in (tied, renamed):
+            index = json.loads(sharded.find_index(out).read_text())
+            totals[kind, out.name] = index["metadata"]["total_size"]
+            assert index["weight_map"]["tied"] == index["weight_map"]["a"]  # one shard
+        loaded = cm.load(renamed, schema=rename).state_dict
+        assert loaded["tied"].data_ptr() == loaded["a"].data_ptr()
+        assert torch.equal(loaded["tied"], tensors["a"])
+    assert totals == dict.fromkeys(totals, 48 + 80)
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_re_sharding_keeps_a_tied_weight_in_one_shard(tmp_path, kind):
+    """A tie whose second key comes a shard's worth of bytes after the first is written into
+    the first one's shard: stored once, and still one tensor when the set is loaded."""
+    tensors = make_set(tmp_path / "set", kind)
+    out = tmp_path / "out"
+    schema = cm.Schema("net", current="2.0.0")
+
+    @schema.migration("1.0.0", "2.0.0")
+    def tie(ckpt: cm.Checkpoint) -> None:
+        ckpt.state_dict["blocks.0.weight"] = ckpt.state_dict["blocks.0.weight"] * 2
+        ckpt.state_dict["tied"] = ckpt.state_dict["embed.weight"]
+
+    cm.upgrade_file(tmp_path / "set", out, schema, from_version="1.0.0")
+    index = json.loads(sharded.find_index(out).read_text())
+    assert list(index["weight_map"])[-1] == "tied"
+    assert index["weight_map"]["tied"] == index["weight_map"]["embed.weight"]
+    loaded = cm.load(out, schema=schema).state_dict
+    assert loaded["tied"].data_ptr() == loaded["embed.weight"].data_ptr()
+    assert torch.equal(loaded["tied"], tensors["embed.weight"])
+    held = sum(t.numel() * t.element_size() for k, t in loaded.items() if k != "tied")
+    assert index["metadata"]["total_size"] == held
+
+
+@pytest.mark.parametrize("big_endian", [(1,), (2,), (1, 2)])
+def test_a_function_step_on_a_bin_set_with_big_endian_shards_keeps_the_values(tmp_path, big_endian):
+    """Re-grouped .bin shards say the byte order of the bytes they hold (this machine's):
+    records stored in it are copied, the others written from the tensors as loaded."""
+    torch.manual_seed(0)
+    a, b, c = torch.randn(3, 4), torch.randn(2, 4), torch.randn(5, 4)
+    folder, out = tmp_path / "set", tmp_path / "out"
+    make_bin_shards(folder, [{"a": a}, {"b": b, "c": c}], big_endian=big_endian)
+    schema = cm.Schema("net", current="2.0.0")
+
+    @schema.migration("1.0.0", "2.0.0")
+    def scale(ckpt: cm.Checkpoint) -> None:
+        ckpt.state_dict["c"] = ckpt.state_dict["c"] * 2
+
+    result = cm.upgrade_file(folder, out, schema, from_version="1.0.0")
+    weight_map = json.loads((out / "pytorch_model.bin.index.json").read_text())["weight_map"]
+    got: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        got.update(torch.load(out / shard, weights_only=True))
+        with zipfile.ZipFile(out / shard) as z:
+            assert z.read(z.namelist()[0].split("/")[0] + "/byteorder") == b"little"
+    assert torch.equal(got["a"], a)
+    assert torch.equal(got["b"], b)
+    assert torch.equal(got["c"], c * 2)
+    if 2 not in big_endian:  # b's record, stored little-endian, is copied as it was
+        assert result.bytes_copied >= b.numel() * 4
+
+
+@pytest.mark.parametrize(
+    "sizes, held, limit, groups",
+    [
+        ([3, 3, 5], None, 6, [[0, 1], [2]]),
+        ([9], None, 6, [[0]]),  # larger than the limit: alone
+        ([], None, 6, [[]]),
+        # item 3 is stored as item 0: it joins item 0's group and adds no bytes
+        ([3, 3, 5, 3], [0, 1, 2, 0], 6, [[0, 1, 3], [2]]),
+        ([4, 2, 2], [0, 1, 1], 6, [[0, 1, 2]]),
+    ],
+)
+def test_group_by_size_cuts_by_bytes_and_never_cuts_a_tie(sizes, held, limit, groups):
+    held_as = None if held is None else held.__getitem__
+    got = sharded.group_by_size(range(len(sizes)), sizes.__getitem__, limit, held_as)
+    assert got == groups

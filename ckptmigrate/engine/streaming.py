@@ -42,7 +42,8 @@ behind; the pipeline then writes the loaded tensors instead.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -326,7 +327,7 @@ def copy_set(sset: Any, old: Checkpoint, new: Checkpoint, dst: Path) -> Copied:
                 done.bytes_copied += copied
                 done.bytes_through_python += through
             weight_map.update((key, name) for key, _ in entries)
-            total += sum(v.info.nbytes for v in {id(v): v for _, v in entries}.values())
+            total += _stub_bytes(entries, sset, shard)
         sharded.copy_companions(sset, folder)
         swap.commit(sset.index, weight_map, total, sharded.index_metadata(new, _stamp_of(new)))
     except BaseException:
@@ -334,6 +335,31 @@ def copy_set(sset: Any, old: Checkpoint, new: Checkpoint, dst: Path) -> Copied:
         raise
     done.removed = swap.finish()
     return done
+
+
+def _stub_bytes(entries: list[tuple[str, Any]], sset: Any, shard: str) -> int:
+    """The tensor bytes a shard written from the stubs ``entries`` (homed in the old
+    ``shard``) holds, each counted once: a safetensors shard's tensors (one stub under several
+    keys stored once), a .bin shard's storages (the record a stub or a split's part, a view,
+    lies in; a merged tensor's new record), as :func:`_held_bytes` counts tensors."""
+    from ..values.pieces import DerivedStub
+
+    if sset.kind != "bin":
+        return sum(v.info.nbytes for v in {id(v): v for _, v in entries}.values())
+    graph = sset.graphs.get(shard)
+    held: dict[Any, int] = {}
+    for _, value in entries:
+        if isinstance(value, DerivedStub) and len(value.pieces) == 1:
+            value = value.pieces[0].stub  # a split's part: a view of its record
+        info = value.info
+        if isinstance(value, DerivedStub) or info.storage_key is None:
+            held[id(value)] = info.nbytes  # a merged tensor: a record of its own
+            continue
+        record = graph.records.get(info.storage_key) if graph is not None else None
+        extent = info.storage_offset * info.itemsize + info.nbytes  # a legacy shard's
+        size = record.size if record is not None else extent
+        held[info.storage_key] = max(held.get(info.storage_key, 0), size)
+    return sum(held.values())
 
 
 def _replaced(sset: Any, folder: Path, index_name: str) -> dict[str, list[int]] | None:
@@ -400,10 +426,14 @@ def write_set(
     limit = max((sset.folder / s).stat().st_size for s in sset.shards) if sset.shards else 1 << 30
     groups = []
     if rest or not whole:
+        # keys that share what a shard stores once (a tied weight) stay in one shard
         groups = [
             dict(group)
             for group in sharded.group_by_size(
-                rest, lambda kv: kv[1].numel() * kv[1].element_size(), limit
+                rest,
+                lambda kv: _held_once(kv[1], sset.kind)[1],
+                limit,
+                held_as=lambda kv: _held_once(kv[1], sset.kind)[0],
             )
         ]
     folder, index_name = out.folder, out.index_name
@@ -452,7 +482,7 @@ def write_set(
                 write_torch(folder / name, dict(group))
             swap.wrote(name)
             name_of.update((k, name) for k in group)
-        total = sum(t.numel() * t.element_size() for t in new.state_dict.values())
+        total = _held_bytes(new.state_dict.items(), sset.kind)
         weight_map = {k: name_of[k] for k in new.state_dict}
         sharded.copy_companions(sset, folder)
         swap.commit(sset.index, weight_map, total, sharded.index_metadata(new, _stamp_of(new)))
@@ -460,6 +490,32 @@ def write_set(
         swap.abort()
         raise
     return Copied(copied, through, removed=swap.finish())
+
+
+def _held_once(value: Any, kind: str) -> tuple[Any, int]:
+    """What a shard of ``kind`` stores ``value`` as, once whichever keys name it, and its bytes:
+    a .bin shard (torch.save) its whole storage, a safetensors shard the tensor (the same
+    memory, shape and stride: one entry, the other keys aliases)."""
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        return ("object", id(value)), 0
+    if kind == "bin":
+        storage = value.untyped_storage()
+        return ("storage", storage._cdata), storage.nbytes()
+    nbytes = value.numel() * value.element_size()
+    if not nbytes:
+        return ("empty", id(value)), 0
+    view = (value.data_ptr(), value.storage_offset(), tuple(value.shape), value.stride())
+    return ("tensor", *view, value.dtype), nbytes
+
+
+def _held_bytes(items: Iterable[tuple[str, Any]], kind: str) -> int:
+    """The tensor bytes shards of ``kind`` hold for ``items``, each storage (.bin) or tensor
+    (safetensors) counted once: a set index's ``total_size``, as transformers and
+    huggingface_hub count it."""
+    held = dict(_held_once(value, kind) for _, value in items)
+    return sum(held.values())
 
 
 def _save_bin_group(
@@ -471,11 +527,15 @@ def _save_bin_group(
     from ..formats.torch import save_copying
     from ..formats.torch.zip_writer import JoinedRecord
 
-    layout = next(iter(sset.graphs.values()))  # archive folder, byteorder, version records
+    # the shard says this machine's byte order (its new tensors' bytes are memory's), so
+    # only records stored in that order are copied: laid out like a shard of that order
+    native = {g.path for g in sset.graphs.values() if g.byteorder() == sys.byteorder}
+    graphs = list(sset.graphs.values())
+    layout = next((g for g in graphs if g.path in native), graphs[0])
 
     def stored(storage: Any) -> Any:
         found = inputs.stored_storage(storage)
-        if found is None or found.record is None:
+        if found is None or found.record is None or found.path not in native:
             return None
         if found.path == layout.path:
             return found.record
@@ -501,9 +561,18 @@ def _unchanged_shards(
         shard = sset.weight_map.get(key)
         if shard is not None and originals.get(key) is value:
             entries.setdefault(shard, {})[key] = value
+    # where each storage is named from: a shard copied whole must hold every key naming its
+    # storages (a step that tied a new key to one of them re-groups the shard with it)
+    homes: dict[Any, set[str | None]] = {}
+    for key, value in new.state_dict.items():
+        shard = sset.weight_map.get(key)
+        home = shard if key in entries.get(shard or "", {}) else None
+        homes.setdefault(_held_once(value, "bin")[0], set()).add(home)
     out = []
     for shard, held in entries.items():
         if not sharded.unchanged_shard(sset, shard, held, originals):
+            continue
+        if any(homes[_held_once(t, "bin")[0]] != {shard} for t in held.values()):
             continue
         # the bytes as read: a record whose pages were written after the load is refused
         if all(inputs.storage_record(t.untyped_storage()) is not None for t in held.values()):

@@ -316,7 +316,8 @@ def write_dcp_sharded(
     md = read_dcp_metadata(src, torch_classes=True)
     parts, header = _parts(src, md, new), _header(new)
     limit = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
-    groups = group_by_size(parts, lambda entry: entry[1].nbytes, limit)
+    # a tied name's part joins its first name's shard: stored once, as an alias
+    groups = group_by_size(parts, lambda entry: entry[1].nbytes, limit, lambda e: id(e[1]))
     stem = index.name[: -len(INDEX_SUFFIX)].removesuffix(".safetensors") or "model"
     out = SetOutput(index.parent, index.name, stem)
     out.folder.mkdir(parents=True, exist_ok=True)
@@ -336,6 +337,7 @@ def write_dcp_sharded(
             total += write_safetensors_parts(out.folder / name, group, header)[1]
             swap.wrote(name)
             weight_map.update((key, name) for key, _ in group)
+        weight_map = {key: weight_map[key] for key, _ in parts}  # the keys' order, ties too
         swap.commit({}, weight_map, total, index_metadata(new, stamp_of(new)))
     except BaseException:
         swap.abort()

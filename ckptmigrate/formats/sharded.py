@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -324,22 +324,37 @@ def unchanged_shard(
     return all(k in originals and entries[k] is originals[k] for k in held)
 
 
-def group_by_size(items: Iterable[_T], size_of: Callable[[_T], int], limit: int) -> list[list[_T]]:
+def group_by_size(
+    items: Iterable[_T],
+    size_of: Callable[[_T], int],
+    limit: int,
+    held_as: Callable[[_T], Hashable] | None = None,
+) -> list[list[_T]]:
     """``items`` in order, cut into groups of at most ``limit`` bytes (an item larger than
     ``limit`` alone in its group): the shards a set is written as. Never no group.
+    ``held_as``: what a shard stores an item as; an item held as an earlier one (a tied
+    weight's second key) joins that one's group, its bytes not counted again, so a tie is
+    never cut apart into two stored copies.
 
     >>> group_by_size([3, 3, 5], lambda n: n, 6)
     [[3, 3], [5]]
     """
     groups: list[list[_T]] = [[]]
     size = 0
+    holding: dict[Hashable, list[_T]] = {}
     for item in items:
+        held = held_as(item) if held_as is not None else None
+        if held is not None and held in holding:
+            holding[held].append(item)
+            continue
         nbytes = size_of(item)
         if groups[-1] and size + nbytes > limit:
             groups.append([])
             size = 0
         groups[-1].append(item)
         size += nbytes
+        if held is not None:
+            holding[held] = groups[-1]
     return groups
 
 

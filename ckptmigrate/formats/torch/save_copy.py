@@ -18,6 +18,7 @@ import ctypes
 import io
 import os
 import pickle
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -71,11 +72,15 @@ def save_copying(
     stored: Callable[[Any], ZipRecordInfo | JoinedRecord | None],
 ) -> TorchZipWriter:
     """Write ``obj`` to ``dst`` atomically as a torch zip archive laid out like ``graph``'s
-    (its folder name and its other records, ``byteorder``, ``version``...): storages for
-    which ``stored(untyped_storage)`` returns a record of ``graph``'s archive are copied as
-    stored, those it finds in another file (a :class:`~.zip_writer.JoinedRecord`: another
-    shard's record) copied from there under a fresh key, the others written from memory. Returns the closed writer (``bytes_copied``: the
-    copied records; ``bytes_through_python``: the bytes written from memory)."""
+    (its folder name and its other records, ``version``...): storages for which
+    ``stored(untyped_storage)`` returns a record of ``graph``'s archive are copied as stored,
+    those it finds in another file (a :class:`~.zip_writer.JoinedRecord`: another shard's
+    record, of this machine's byte order: the caller's to check) copied from there under a
+    fresh key, the others written from memory. The archive says this machine's byte order
+    (``sys.byteorder``: what memory holds); a ``graph`` of the other order has its records
+    written from memory too. Returns the closed writer (``bytes_copied``: the copied
+    records; ``bytes_through_python``: the bytes written from memory)."""
+    native = graph.byteorder() == sys.byteorder
     data_prefix = graph.prefix + "data/"
     taken = {name[len(data_prefix) :] for name in graph.records if name.startswith(data_prefix)}
     fresh = (str(n) for n in range(len(taken) + len(graph.records), 1 << 62) if str(n) not in taken)
@@ -86,6 +91,8 @@ def save_copying(
         handle = storage._cdata
         if handle not in keys:
             record = stored(storage)
+            if isinstance(record, ZipRecordInfo) and not native:
+                record = None  # stored in the other byte order: its memory is swapped
             if isinstance(record, ZipRecordInfo):
                 key = record.name[len(data_prefix) :]
             else:
@@ -98,9 +105,15 @@ def save_copying(
     _SavePickler(buf, key_of).dump(obj)
     members: list[tuple[str, Any]] = []
     placed = False
+    byteorder = graph.prefix + "byteorder"
     for name, record in graph.records.items():
         if name == graph.prefix + "data.pkl":
             members.append((name, buf.getvalue()))
+            if not native and byteorder not in graph.records:
+                members.append((byteorder, sys.byteorder.encode()))
+            continue
+        if name == byteorder and not native:
+            members.append((name, sys.byteorder.encode()))
             continue
         if name.startswith(data_prefix) and name.count("/") == data_prefix.count("/"):
             if not placed:  # the storages go where the source's lay, in the pickle's order

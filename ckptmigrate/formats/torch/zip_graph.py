@@ -67,6 +67,23 @@ class ZipGraph:
     keepalive: list[Any] = field(default_factory=list, repr=False)
     #: the object ``path`` is a private copy of (its records are copied server-side from it)
     origin: Any = None
+    _byteorder: str | None = field(default=None, repr=False)
+
+    def byteorder(self) -> str:
+        """The byte order of the archive's storages: its ``byteorder`` record (``little`` or
+        ``big``; torch refuses any other), or ``little`` without one, as torch.load reads such
+        an archive by default (torch < 2.1 wrote none). Read once, on first use."""
+        if self._byteorder is None:
+            record = self.records.get(self.prefix + "byteorder")
+            if record is None:
+                self._byteorder = "little"
+            elif record.compress_type != 0 or record.size > 16:
+                self._byteorder = "unreadable"  # equal to no other: never copied across
+            else:
+                with open_copy_source(self.path) as f:
+                    raw = f.read(record.data_offset, record.size)
+                self._byteorder = raw.decode("ascii", "replace")
+        return self._byteorder
 
 
 def _recording(name: str, fn: Callable[..., Any], graph: ZipGraph) -> Callable[..., Any]:
@@ -236,6 +253,14 @@ class _ReplayPickler(pickle._Pickler):  # type: ignore[name-defined, misc]
         runs = [(piece, self._locate(piece.stub)) for piece in obj.pieces]
         if not runs:
             raise NotReplayableError("an empty merged tensor has no storage to copy")
+        for _, run in runs:
+            # one archive says one byte order for all its storages: bytes of the other order
+            # laid into it would read back swapped
+            if run.graph is not self.graph and run.graph.byteorder() != self.graph.byteorder():
+                raise NotReplayableError(
+                    f"a merged tensor's part is stored {run.graph.byteorder()}-endian in "
+                    f"{run.graph.path}, the archive it goes into {self.graph.byteorder()}-endian"
+                )
         itemsize = DTYPE_SIZES[obj.info.dtype]
         shape = tuple(obj.info.shape)
         stride = tuple(prod(shape[i + 1 :]) for i in range(len(shape)))
