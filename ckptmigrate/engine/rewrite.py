@@ -567,8 +567,10 @@ def write(
     """
     result.src, result.dst, result.format = source.path, dst, source.format
     result.layout = new.layout
-    if _dcp_safetensors(source, dst) and on_stubs:
-        _write_dcp_safetensors(source, new, dst, result, redo)
+    if _dcp_safetensors(source, dst):
+        # loaded tensors (a function step ran on them) are written as the streamed ones are
+        _write_dcp_safetensors(source, new if on_stubs else _as_new(new), dst, result, redo)
+        result.streamed = result.streamed and on_stubs
         return
     if source.format == "dcp" and not _dcp_safetensors(source, dst):
         _write_dcp(source, new, dst, result, redo if on_stubs else None)
@@ -690,6 +692,28 @@ def write_tensors(
             upload_file(staged, target)
         return
     write_checkpoint(target, new)
+
+
+def _as_new(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt`` with each tensor of its state dict a :class:`~.formats.dcp_tensors.NewTensor`
+    giving it back (a tie stays one tensor), for the writers of DCP results."""
+    import torch
+
+    from ..formats.dcp_tensors import NewTensor
+
+    made: dict[int, NewTensor] = {}
+
+    def new(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if id(value) not in made:
+            dtype = str(value.dtype).removeprefix("torch.")
+            made[id(value)] = NewTensor(tuple(value.shape), dtype, lambda: value)
+        return made[id(value)]
+
+    out = ckpt.copy()
+    out.state_dict = {k: new(v) for k, v in ckpt.state_dict.items()}
+    return out
 
 
 def _write_dcp_safetensors(
