@@ -183,3 +183,36 @@ def test_a_kill_during_the_rewrite_leaves_a_loadable_folder(tmp_path, monkeypatc
             torch.testing.assert_close(loaded.state_dict[key], value, rtol=RTOL, atol=ATOL)
     assert outcomes["old"] and outcomes["new"], outcomes
     assert not (originals / STAMP_FILE).exists()
+
+
+@pytest.mark.parametrize("edit", ["set", "scale", "add", "drop"])
+def test_a_function_steps_edit_of_the_optimizer_groups_is_written(tmp_path, edit):
+    # the optimizer state followed by name was written back over the step's own edit: a
+    # step setting lr = 0.5 on a DCP folder wrote lr 0.01, and cm.load gave 0.01 too
+    src = tmp_path / "step-100"
+    _save(src, optimizer=True)
+    schema = cm.Schema("lm", current="2.0.0")
+
+    @schema.migration("1.0.0", "2.0.0")
+    def tune(ckpt: cm.Checkpoint) -> None:
+        group = ckpt.optimizer["param_groups"][0]
+        if edit == "set":
+            group["lr"] = 0.5
+        elif edit == "scale":
+            group["lr"] = group["lr"] * 0.1
+        elif edit == "add":
+            group["weight_decay"] = 0.1
+        else:
+            del group["betas"]
+        ckpt.state_dict = {k.replace("blocks.", "layers."): v for k, v in ckpt.state_dict.items()}
+
+    want = {"set": 0.5, "scale": 0.001, "add": 0.01, "drop": 0.01}[edit]
+    out = tmp_path / "v2"
+    cm.upgrade_file(src, out, schema, from_version="1.0.0")
+    for got in (
+        read_checkpoint(out).optimizer["param_groups"][0],
+        cm.load(src, schema=schema, from_version="1.0.0").optimizer["param_groups"][0],
+    ):
+        assert got["lr"] == pytest.approx(want)
+        assert ("weight_decay" in got) == (edit == "add") and ("betas" in got) == (edit != "drop")
+        assert sorted(got["params"]) == sorted(k.replace("blocks.", "layers.") for k in _model_sd())

@@ -124,6 +124,7 @@ class OptimizerFollowers:
         """
         if not self.slots:
             return []
+        self._adopt_group_options(before, after)
         where = {}
         for key, value in before.state_dict.items():
             where.setdefault(id(value), key)
@@ -162,11 +163,39 @@ class OptimizerFollowers:
             named.states.update(mapped)
         return reset
 
+    def _adopt_group_options(self, before: Checkpoint, after: Checkpoint) -> None:
+        """The group options a function step changed in ``ckpt.optimizer`` (``lr`` scaled,
+        ``weight_decay`` set), kept in the states followed by name: :meth:`write_back` puts
+        those back, and the step's edit was lost."""
+        was, now = dict(optimizer_states(before.optimizer)), dict(optimizer_states(after.optimizer))
+        for where, slot in self.slots:
+            if not isinstance(slot, NamedOptimizer) or where not in was or where not in now:
+                continue
+            old_groups, new_groups = was[where]["param_groups"], now[where]["param_groups"]
+            if not len(old_groups) == len(new_groups) == len(slot.groups):
+                continue  # groups added or removed: their parameters cannot be told apart
+            for group, old, new in zip(slot.groups, old_groups, new_groups):
+                for key in (set(old) | set(new)) - {"params", "param_names", "names"}:
+                    if key not in new:
+                        group.pop(key, None)
+                    elif key not in old or _changed(old[key], new[key]):
+                        group[key] = new[key]
+
     def write_back(self, ckpt: Checkpoint) -> None:
         """Put each state keyed by name back in the file's layout; positional state stays."""
         for where, named in self.slots:
             if isinstance(named, NamedOptimizer):
                 ckpt.optimizer = put(ckpt.optimizer, where, from_named(named))
+
+
+def _changed(old: Any, new: Any) -> bool:
+    """Whether a group option differs (a tensor option: unless it is the very same one)."""
+    if old is new:
+        return False
+    try:
+        return bool(old != new)
+    except Exception:  # a tensor of several values: compared by identity
+        return True
 
 
 def optimizer_states(optimizer: Any) -> list[tuple[Any, Any]]:
