@@ -170,6 +170,8 @@ def url_without_secrets(url: str) -> str:
 
     >>> url_without_secrets("https://me:pw@example.com/w/a.pth?X-Amz-Signature=abc")
     'https://example.com/w/a.pth'
+    >>> url_without_secrets("s3://key:secret@bucket/runs/x#1.pth")
+    's3://bucket/runs/x#1.pth'
     """
     from urllib.parse import urlsplit, urlunsplit
 
@@ -184,7 +186,13 @@ def url_without_secrets(url: str) -> str:
             host = f"{host}:{parts.port}"
     except ValueError:  # a port that is not a number: say no port rather than fail
         pass
+    if parts.scheme in _OBJECT_STORES:  # '?' and '#' are part of an object's key there
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+#: URL schemes of object stores, whose keys may hold '?' and '#' (no query, no fragment)
+_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs"})
 
 
 def path_text(path: object) -> str:

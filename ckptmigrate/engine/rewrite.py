@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..base.readable import path_text
 from ..errors import (
     AlreadyStampedError,
     CheckpointWriteError,
@@ -407,6 +408,10 @@ def rewrite(
             on_plan(announced)
     if dry_run or (dst is None and not plan.steps and not plan.restamps):
         return result
+    if dst is not None and is_remote(dst) and str(dst).endswith("/"):
+        raise CheckpointWriteError(  # as a local folder is: an object needs its own name
+            f"{path_text(dst)} names a folder (it ends in '/'): pass an object's name to write to"
+        )
     target = src if dst is None else _where(dst)
     remote = isinstance(src, RemotePath)
     with contextlib.ExitStack() as held:
