@@ -104,3 +104,29 @@ def test_the_composed_path_does_not_fold_a_subclass_that_changes_values():
     ckpt = cm.Checkpoint(state_dict={"blocks.0.w": weight}, schema="net", version="1.0.0")
     new = cm.upgrade(ckpt, schema)
     torch.testing.assert_close(new.state_dict["stack.0.w"], weight * 2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mmap", [False, True], ids=["loaded", "mapped"])
+def test_a_step_may_deep_copy_the_state_dict_and_edit_its_copy(tmp_path, mmap):
+    # behind the read-only guard copy.deepcopy(ckpt.state_dict) raised (torch's deep copy of a
+    # tensor subclass), so the everyday "edit a copy, leave the input alone" step failed
+    import copy
+
+    path = tmp_path / "a.pth"
+    torch.save({"a": torch.ones(3), "b": torch.ones(2)}, path)
+    schema = cm.Schema("x", current="2.0.0")
+
+    @schema.migration("1.0.0", "2.0.0")
+    def edit_a_copy(ckpt: cm.Checkpoint) -> None:
+        sd = copy.deepcopy(ckpt.state_dict)
+        sd["a"] += 1  # the copy is the step's own
+        sd["tied"] = sd["b"]
+        ckpt.state_dict = sd
+
+    got = cm.load(path, schema=schema, from_version="1.0.0", mmap=mmap)
+    torch.testing.assert_close(got.state_dict["a"], torch.full((3,), 2.0), rtol=0, atol=0)
+    assert type(got.state_dict["a"]) is torch.Tensor
+    out = tmp_path / "b.pth"
+    upgrade_file(path, out, schema, from_version="1.0.0")
+    assert cm.load(out, upgrade=False).state_dict["a"].tolist() == [2.0, 2.0, 2.0]
+    assert torch.load(path)["a"].tolist() == [1.0, 1.0, 1.0]  # the input as it was

@@ -68,6 +68,16 @@ def _guard_class() -> Any:
                     out = func(*args, **kwargs)
                 return _rewrap(out)
 
+            def __deepcopy__(self, memo: dict[int, Any]) -> torch.Tensor:
+                # a deep copy is the step's own: plain, writable (torch's default deep copy
+                # of a subclass needs new_empty to return the subclass, and failed)
+                if id(self) not in memo:
+                    with torch._C.DisableTorchFunctionSubclass():
+                        memo[id(self)] = torch.Tensor.__deepcopy__(
+                            self.as_subclass(torch.Tensor), memo
+                        )
+                return memo[id(self)]
+
         _GUARD = ReadOnlyTensor
     return _GUARD
 
