@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))  # the loopback servers the tests use
 
-from bench_diff import RESULTS, machine  # noqa: E402
+from bench_diff import RESULTS, file_system, machine  # noqa: E402
 from object_stores import s3_server  # noqa: E402
 
 CLI = [sys.executable, "-m", "ckptmigrate"]
@@ -124,12 +124,6 @@ def scan(s3, db: Path, migrations: Path, jobs: int) -> tuple[float, dict[str, in
     if proc.returncode != 0 or said is None:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     return wall, s3.by_kind(), said.group(1)
-
-
-def file_system(path: Path) -> str:
-    out = subprocess.run(["df", "-T", str(path)], capture_output=True, text=True).stdout
-    rows = out.strip().splitlines()
-    return rows[-1].split()[1] if len(rows) > 1 else "?"
 
 
 def main() -> None:

@@ -101,6 +101,13 @@ def median_of(cmd: list[str]) -> tuple[float, float, int]:
     )
 
 
+def file_system(path: Path) -> str:
+    """The type of the file system holding ``path`` (``ext4``, ``xfs``), as ``df -T`` says."""
+    out = subprocess.run(["df", "-T", str(path)], capture_output=True, text=True).stdout
+    rows = out.strip().splitlines()
+    return rows[-1].split()[1] if len(rows) > 1 else "?"
+
+
 def machine() -> str:
     def out(cmd: list[str]) -> str:
         try:

@@ -22,7 +22,6 @@ import argparse
 import datetime as dt
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))  # the loopback servers the tests use
 
-from bench_diff import DATA, RESULTS, machine, make_checkpoints, timed  # noqa: E402
+from bench_diff import DATA, RESULTS, file_system, machine, make_checkpoints, timed  # noqa: E402
 from object_stores import range_server, s3_server  # noqa: E402
 
 PYTHON = sys.executable
@@ -74,12 +73,6 @@ def section(title: str, setting: str, runs: Runs) -> list[str]:
         walls = ", ".join(f"{x[0]:.2f}" for x in rs)
         lines.append(f"| {name} | {w:.3f} | {r:.0f} | {rc} | {walls} |")
     return lines
-
-
-def file_system(path: Path) -> str:
-    out = subprocess.run(["df", "-T", str(path)], capture_output=True, text=True).stdout
-    rows = out.strip().splitlines()
-    return rows[-1].split()[1] if len(rows) > 1 else "?"
 
 
 def main() -> None:

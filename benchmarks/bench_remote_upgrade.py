@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))  # the loopback servers the tests use
 
-from bench_diff import RESULTS, machine  # noqa: E402
+from bench_diff import RESULTS, file_system, machine  # noqa: E402
 from object_stores import s3_server  # noqa: E402
 
 PYTHON = sys.executable
@@ -122,8 +122,7 @@ def main() -> None:
                         sys.exit(f"{name} failed: {done.stderr[-2000:]}")
                     traffic[name] = _traffic(s3)
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    fs = subprocess.run(["df", "-T", tmp.rsplit("/", 1)[0]], capture_output=True, text=True)
-    fs_kind = fs.stdout.splitlines()[-1].split()[1] if fs.stdout else "?"
+    fs_kind = file_system(Path(tmp.rsplit("/", 1)[0]))
     fast, slow = (statistics.median(rows[k]) for k in ("server-side", "round trip"))
     lines = [
         f"\n## {when}: upgrade s3:// -o s3:// of a rename (issue 17 item 2), {size / 2**20:.0f} "

@@ -34,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_diff import RESULTS, TORCH_SCRIPT, make_checkpoints  # noqa: E402
+from bench_diff import RESULTS, TORCH_SCRIPT, file_system, make_checkpoints  # noqa: E402
 
 PYTHON = sys.executable
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
@@ -120,7 +120,7 @@ def main() -> None:
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; Python "
         f"{platform.python_version()}; load average {load1:.1f} (1 min), {load5:.1f} (5 min); "
-        f"file system of {big_a.parent}: {_fs(big_a.parent)}; warm page cache; `.pyc` written. "
+        f"file system of {big_a.parent}: {file_system(big_a.parent)}; warm page cache; `.pyc` written. "
         f"Medians of {args.runs}, contenders interleaved.",
         "",
         "| contender | wall s |",
@@ -140,12 +140,6 @@ def main() -> None:
     print(text)
     with RESULTS.open("a") as f:
         f.write(text)
-
-
-def _fs(folder: Path) -> str:
-    out = subprocess.run(["df", "-T", str(folder)], capture_output=True, text=True).stdout
-    rows = out.splitlines()
-    return rows[1].split()[1] if len(rows) > 1 else "unknown"
 
 
 if __name__ == "__main__":
