@@ -47,23 +47,14 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     """The CRC-32 of ``a + b`` from ``crc1 = crc32(a)``, ``crc2 = crc32(b)`` and ``len(b)``."""
     if len2 <= 0:
         return crc1  # nothing appended
-    # the operator that feeds one zero bit through the register, then 2 and 4 bits
-    odd = [_POLYNOMIAL] + [1 << n for n in range(31)]
-    even = _square(odd)
-    odd = _square(even)
-    while True:  # each pass: the operator for 8, 16, 32... zero bits (one bit of len2 a pass)
-        even = _square(odd)
+    # the operator that feeds one zero bit through the register, squared to 4 bits; each pass
+    # squares it again (8, 16, 32... zero bits) and applies it for one bit of len2
+    operator = _square(_square([_POLYNOMIAL] + [1 << n for n in range(31)]))
+    while len2:
+        operator = _square(operator)
         if len2 & 1:
-            crc1 = _times(even, crc1)
+            crc1 = _times(operator, crc1)
         len2 >>= 1
-        if not len2:
-            break
-        odd = _square(even)
-        if len2 & 1:
-            crc1 = _times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
     return crc1 ^ crc2
 
 

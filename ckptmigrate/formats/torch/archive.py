@@ -106,12 +106,6 @@ def zip_infos(f: BinaryIO, path: object) -> list[ZipMember]:
     return infos
 
 
-def local_data_offset(f: BinaryIO, info: ZipMember) -> int | None:
-    """Where the bytes of the member ``info`` start in the archive ``f``, past its local
-    header; None when no local header lies where the central directory says."""
-    return local_header_end(f, info)
-
-
 def read_zip_records(path: str | os.PathLike[str]) -> dict[str, ZipRecordInfo]:
     """List the members of a torch zip checkpoint with their byte offsets, in archive order.
 
@@ -123,7 +117,7 @@ def read_zip_records(path: str | os.PathLike[str]) -> dict[str, ZipRecordInfo]:
             infos = zip_infos(f, path)
             records: dict[str, ZipRecordInfo] = {}
             for info in infos:
-                data_offset = local_data_offset(f, info)
+                data_offset = local_header_end(f, info)
                 if data_offset is None:
                     raise CheckpointFormatError(f"zip member {info.filename!r} has no local header")
                 records[info.filename] = ZipRecordInfo(

@@ -24,12 +24,12 @@ from typing import Any
 from ...values.tensorinfo import TensorStub
 from ..detect import open_regular_file
 from .allowlist import allowed_map
-from .archive import ZipDecoded, decode_zip, local_data_offset
+from .archive import ZipDecoded, decode_zip
 from .guards import GuardedCall
 from .metadata import read_torch_metadata
 from .read_errors import reading
 from .storages import STORAGE_DTYPES, StorageRef
-from .zip_directory import ZIP_STORED
+from .zip_directory import ZIP_STORED, local_header_end
 
 _V2 = "torch._utils._rebuild_tensor_v2"
 _PARAMETER = "torch._utils._rebuild_parameter"
@@ -131,7 +131,7 @@ def _storage_offsets(f: Any, decoded: ZipDecoded) -> dict[str, int] | None:
             continue
         if info.compress_type != ZIP_STORED or info.flag_bits & 1:
             return None
-        offset = local_data_offset(f, info)
+        offset = local_header_end(f, info)
         if offset is None:
             return None
         offsets[info.filename] = offset
@@ -141,7 +141,7 @@ def _storage_offsets(f: Any, decoded: ZipDecoded) -> dict[str, int] | None:
 def _read_record(f: Any, decoded: ZipDecoded, name: str) -> bytes | None:
     for info in decoded.infos:
         if info.filename == decoded.prefix + name and info.compress_type == ZIP_STORED:
-            offset = local_data_offset(f, info)
+            offset = local_header_end(f, info)
             if offset is None:
                 return None
             f.seek(offset)
