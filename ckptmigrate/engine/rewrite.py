@@ -154,11 +154,6 @@ class Mapped:
 _REMOTE_FORMATS = ("torch-zip", "torch-legacy", "safetensors")
 
 
-def _where(path: str | os.PathLike[str] | RemotePath) -> Path | RemotePath:
-    """``path`` as the pipeline takes it: an object behind a URL, else a local path."""
-    return location(path) if is_remote(path) else Path(path)  # type: ignore[arg-type]
-
-
 def _names(safe_globals: Iterable[Any]) -> list[Any]:
     from ..formats.torch import allowed_names
 
@@ -171,7 +166,7 @@ def open_source(path: str | os.PathLike[str], safe_globals: Iterable[Any] = ()) 
     >>> open_source("llama/").stubs.state_dict["lm_head.weight"].shape
     (32000, 4096)
     """
-    path, allowed = _where(path), list(safe_globals)
+    path, allowed = location(path), list(safe_globals)
     fmt = detect_format(path)
     if isinstance(path, RemotePath) and fmt not in _REMOTE_FORMATS:
         raise CheckpointWriteError(
@@ -399,7 +394,7 @@ def rewrite(
 
     >>> rewrite("model.pth", "model-v3.pth", upgrade_plan(schema, path="model.pth"))
     """
-    src = _where(src)
+    src = location(src)
     source = open_source(src, safe_globals)
     plan = plan_for(source.stubs)
     result = plan.result
@@ -412,7 +407,7 @@ def rewrite(
         raise CheckpointWriteError(  # as a local folder is: an object needs its own name
             f"{path_text(dst)} names a folder (it ends in '/'): pass an object's name to write to"
         )
-    target = src if dst is None else _where(dst)
+    target = src if dst is None else location(dst)
     remote = isinstance(src, RemotePath)
     with contextlib.ExitStack() as held:
         if not remote:
@@ -577,7 +572,7 @@ def write(
         _write_dcp_safetensors(source, new if on_stubs else _as_new(new), dst, result, redo)
         result.streamed = result.streamed and on_stubs
         return
-    if source.format == "dcp" and not _dcp_safetensors(source, dst):
+    if source.format == "dcp":
         _write_dcp(source, new, dst, result, redo if on_stubs else None)
         return
     if source.sset is not None:

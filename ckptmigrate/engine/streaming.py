@@ -277,7 +277,7 @@ def copy_set(sset: Any, old: Checkpoint, new: Checkpoint, dst: Path) -> Copied:
         home.setdefault(id(value), sset.weight_map[key])
     by_shard: dict[str, list[tuple[str, Any]]] = {s: [] for s in sset.shards}
     for key, value in new.state_dict.items():
-        by_shard[_home_of(value, home, sset)].append((key, value))
+        by_shard[_home_of(value, home)].append((key, value))
 
     replaced = _replaced(sset, folder, index_name)
     swap = SetSwap.replacing(folder, index_name, replaced)
@@ -370,7 +370,7 @@ def _replaced(sset: Any, folder: Path, index_name: str) -> dict[str, list[int]] 
     return None
 
 
-def _home_of(value: Any, home: dict[int, str], sset: Any) -> str:
+def _home_of(value: Any, home: dict[int, str]) -> str:
     """The old shard a stub of the result is written into: its own, or (a merged or split
     tensor) its first piece's."""
     from ..values.pieces import DerivedStub

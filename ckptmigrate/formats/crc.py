@@ -14,13 +14,12 @@ True
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Callable, Iterable
 
 from ..errors import CheckpointFormatError
 
-__all__ = ["crc32_combine", "crc32_of_parts", "crc32_of_range", "crc32_of_reads"]
+__all__ = ["crc32_combine", "crc32_of_parts", "crc32_of_reads"]
 
 #: the reflected CRC-32 polynomial (zip, zlib, PNG)
 _POLYNOMIAL = 0xEDB88320
@@ -64,11 +63,6 @@ def crc32_of_parts(parts: Iterable[tuple[int, int]]) -> int:
     for part_crc, length in parts:
         crc = crc32_combine(crc, part_crc, length)
     return crc
-
-
-def crc32_of_range(fd: int, offset: int, count: int) -> int:
-    """The CRC-32 of ``count`` bytes of the file ``fd`` from ``offset``, read in 8 MiB chunks."""
-    return crc32_of_reads(lambda at, n: os.pread(fd, n, at), offset, count)
 
 
 def crc32_of_reads(read: Callable[[int, int], bytes], offset: int, count: int) -> int:

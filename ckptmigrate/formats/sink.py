@@ -39,7 +39,7 @@ from ..errors import CheckpointFormatError, RemoteWriteError
 from . import atomic
 from .atomic import Writeback, atomic_fd
 from .byte_copy import copy_range
-from .remote import RemotePath, is_remote, location
+from .remote import RemotePath, location
 
 __all__ = [
     "MAX_COPY_PART_BYTES",
@@ -415,7 +415,7 @@ def open_sink(
     S3 object (a multipart upload completed on success); on any error, Ctrl-C included,
     nothing appears under the name. When ``dst`` is the object ``source`` copies from (in
     place), the result replaces it only while it is still that object (``IfMatch``)."""
-    where = location(dst) if is_remote(dst) else Path(dst)  # type: ignore[arg-type]
+    where = location(dst)
     if isinstance(where, RemotePath):
         same = source is not None and source.remote == where
         sink = MultipartSink(where, if_match=source.etag if same and source else None)
@@ -449,7 +449,7 @@ def open_copy_source(
     copy of, for server-side copies), or an object, read by range."""
     from .detect import open_regular_file
 
-    where = location(src) if is_remote(src) else Path(src)  # type: ignore[arg-type]
+    where = location(src)
     if isinstance(where, RemotePath):
         st = where.stat()
         yield CopySource(remote=where, size=st.st_size, etag=st.etag)

@@ -31,7 +31,7 @@ from pathlib import Path
 from ...errors import CheckpointFormatError
 from ..atomic import Writeback
 from ..byte_copy import BLOCK
-from ..remote import RemotePath, is_remote, location
+from ..remote import RemotePath, location
 from ..sink import CopySource, FileSink, Sink, open_copy_source, open_sink
 from .archive import ZipRecordInfo
 
@@ -276,10 +276,10 @@ def write_zip_copy(
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(open_copy_source(src, origin))
         sink = stack.enter_context(open_sink(dst, source))
-        opened: dict[Path | RemotePath, CopySource] = {_where(src): source}
+        opened: dict[Path | RemotePath, CopySource] = {location(src): source}
 
         def source_of(path: Path | RemotePath) -> CopySource:
-            where = _where(path)
+            where = location(path)
             if where not in opened:  # another file's records (a set's other shard)
                 opened[where] = stack.enter_context(open_copy_source(where))
             return opened[where]
@@ -303,8 +303,3 @@ def write_zip_copy(
         for copied in opened.values():
             copied.check_unchanged()  # before the new file or object appears
     return writer
-
-
-def _where(path: str | os.PathLike[str] | RemotePath) -> Path | RemotePath:
-    """A file or an object, as one key: the same one named twice opens once."""
-    return location(path) if is_remote(path) else Path(path)  # type: ignore[arg-type]
