@@ -458,7 +458,7 @@ def test_chained_ops_on_one_tensor_compute_it_once_written(saved, tmp_path):
     torch.testing.assert_close(got, want, **EXACT)
 
 
-def test_a_function_step_takes_the_loaded_path_to_safetensors_too(saved, tmp_path):
+def test_a_function_step_streams_to_safetensors_too(saved, tmp_path):
     schema = cm.Schema("lm", current="2.0.0")
 
     @schema.migration("1.0.0", "2.0.0")
@@ -467,12 +467,46 @@ def test_a_function_step_takes_the_loaded_path_to_safetensors_too(saved, tmp_pat
 
     out = tmp_path / "model.safetensors"
     result = cm.upgrade_file(saved, out, schema, from_version="1.0.0")
-    assert not result.streamed
+    assert result.streamed  # the norm read, the others copied from their chunks
     from safetensors.torch import load_file
 
     got = load_file(out)
     torch.testing.assert_close(got["layers.0.norm"], _model_sd()["layers.0.norm"] * 2, **EXACT)
     assert sorted(got) == sorted(_model_sd())
+
+
+def _as_function() -> cm.Schema:
+    """The upgrade of :func:`_schema`, written as one function step."""
+    schema = cm.Schema("lm", current="2.0.0")
+
+    @schema.migration("1.0.0", "2.0.0")
+    def upgrade(ckpt: cm.Checkpoint) -> None:
+        sd, out = ckpt.state_dict, {}
+        for key, value in sd.items():
+            if key == "layers.0.q":
+                out["layers.0.qk"] = torch.cat([value, sd["layers.0.k"]], dim=0)
+            elif key == "layers.0.fused":
+                out.update(zip(["layers.0.a", "layers.0.b", "layers.0.c"], value.chunk(3, 0)))
+            elif key == "layers.0.norm":
+                out[key] = value.to(torch.bfloat16)
+            elif key != "layers.0.k":
+                out[key.replace("head.", "lm_head.")] = value
+        ckpt.state_dict = out
+
+    return schema
+
+
+def test_a_function_step_on_a_two_rank_folder_keeps_its_ranks_and_loads_on_two(tmp_path):
+    """Tensors sharded across the ranks are read (assembled) only where the step uses
+    them; the result keeps the rank files and loads on two gloo ranks into the new model."""
+    src = tmp_path / "sharded"
+    run_ranks(_sharded_save_worker, str(tmp_path / "store"), str(src))
+    out = tmp_path / "v2"
+    result = cm.upgrade_file(src, out, _as_function(), from_version="1.0.0")
+    assert result.streamed
+    assert sorted(_rank_files(out)) == sorted(_rank_files(src))
+    _assert_values(read_checkpoint(out).state_dict)
+    run_ranks(_load_worker, str(tmp_path / "store2"), str(out))
 
 
 def test_a_tie_written_into_a_sharded_set_stays_in_one_shard(saved, tmp_path, monkeypatch):
@@ -489,7 +523,7 @@ def test_a_tie_written_into_a_sharded_set_stays_in_one_shard(saved, tmp_path, mo
 
     index = tmp_path / "out" / "model.safetensors.index.json"
     index.parent.mkdir()
-    # a function step: the loaded path, which wrote a torch zip under the index's name
+    # a function step (it once wrote a torch zip under the index's name)
     cm.upgrade_file(saved, index, schema, from_version="1.0.0")
     written = json.loads(index.read_text())
     weight_map = written["weight_map"]

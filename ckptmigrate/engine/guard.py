@@ -115,13 +115,19 @@ def run_guarded(fn: Any, ckpt: Checkpoint) -> Any:
     versions: list[tuple[str, torch.Tensor, int]] = []
     storages: set[int] = set()
 
-    def wrap(value: torch.Tensor, label: str) -> Any:
+    touched: list[Any] = []  # a DCP folder's tensors, read when the step first uses them
+
+    def wrap(value: torch.Tensor, label: str, source: Any = None) -> Any:
         if isinstance(value, guard):
+            return value
+        if getattr(value, "_ckptmigrate_on_touch", False):  # guarded once read (.ontouch)
+            value.guard_with(lambda read, on=value: wrap(read, label, on))  # type: ignore[attr-defined]
+            touched.append(value)
             return value
         if id(value) not in wrapped:
             w = value.as_subclass(guard)
             wrapped[id(value)] = w
-            originals[id(w)] = value
+            originals[id(w)] = value if source is None else source  # the input, as it came
             versions.append((label, value, value._version))
             sid = _storage_id(value)
             if sid:
@@ -140,6 +146,8 @@ def run_guarded(fn: Any, ckpt: Checkpoint) -> Any:
         result = fn(ckpt)
     finally:
         _GUARDED.reset(token)
+        for value in touched:
+            value.guard_with(None)
     result = ckpt if result is None else result
     if isinstance(result, Checkpoint):
         if isinstance(result.state_dict, dict):

@@ -469,14 +469,20 @@ def _run_on_bytes(
 def _run_deferred(
     source: Source, dst: Path, plan: Plan, progress: Callable[..., Any] | None
 ) -> Checkpoint | None:
-    """A DCP folder's plan of our own ops run on deferred tensors (:mod:`.deferred`): the
-    result's kept tensors are the folder's stubs, its new ones computed when written; None
-    when the plan needs the tensors loaded (a function step, an op the deferral cannot run)."""
+    """A DCP folder's plan run without loading the folder: our own ops on deferred tensors
+    (:mod:`.deferred`: new tensors computed when written), a plan with a function step on
+    tensors read when it first uses them (:mod:`.ontouch`). The result's kept tensors are the
+    folder's stubs. None when the plan needs the folder loaded (an op the deferral cannot
+    run, a tensor size torch cannot hold)."""
     from ..errors import MigrationError
     from ..formats.dcp_rewrite import stubs_complete
     from .deferred import defer_dcp, deferrable
 
-    if source.format != "dcp" or not deferrable(plan.steps) or not stubs_complete(source.stubs):
+    if source.format != "dcp":
+        return None
+    if not deferrable(plan.steps):
+        return _run_on_touch(source, plan, progress)
+    if not stubs_complete(source.stubs):
         return None
     try:
         ckpt, settle = defer_dcp(source.path, source.stubs)
@@ -488,6 +494,21 @@ def _run_deferred(
         if isinstance(exc.__cause__, NotReplayableError):
             return None
         raise
+
+
+def _run_on_touch(
+    source: Source, plan: Plan, progress: Callable[..., Any] | None
+) -> Checkpoint | None:
+    from .ontouch import ReadFailed, touch_dcp
+
+    try:
+        ckpt, settle = touch_dcp(source.path, source.stubs)
+    except NotReplayableError:
+        return None
+    try:
+        return settle(plan.run(ckpt, progress))
+    except ReadFailed as failed:  # the folder's error, not the step's
+        raise failed.error from None
 
 
 def _dcp_safetensors(source: Source, dst: Path) -> bool:

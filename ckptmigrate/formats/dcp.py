@@ -478,7 +478,7 @@ def read_stamp_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def _checkpoint(obj: dict[str, Any], folder: Path) -> Checkpoint:
+def state_checkpoint(obj: dict[str, Any], folder: Path) -> Checkpoint:
     """The folder's object in its layout, with the stamp, hparams and meta its stamp file
     keeps (where it keeps them) over those the object held."""
     inner = split(obj, path=folder)
@@ -527,7 +527,7 @@ def read_dcp_metadata_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         else:
             value = DcpValue(fqn)
         _set_path(obj, _route(planner_data, fqn, md_path), value, md_path)
-    return _checkpoint(obj, folder)
+    return state_checkpoint(obj, folder)
 
 
 #: A transformed (zstd) tensor chunk may inflate to its declared bytes plus this much: the
@@ -657,6 +657,9 @@ def _torch_reader_classes() -> tuple[type, type]:
 
         path: object = None  # the folder, for errors
 
+        def _should_include_key(self, key: str, metadata: Any) -> bool:
+            return self.keys is None or key in self.keys  # torch's walks planner_data
+
         def load_bytes(self, read_item: Any, value: Any) -> None:
             import torch
             from torch.distributed.checkpoint._nested_dict import set_element
@@ -684,14 +687,46 @@ def SafeFileSystemReader(path: str | os.PathLike[str]) -> Any:  # noqa: N802 - a
 
 def read_dcp(path: str | os.PathLike[str]) -> Checkpoint:
     """Load every tensor and value of a DCP folder (single process) into a Checkpoint."""
+    folder = Path(path)
+    read_dcp_metadata(folder)  # refuse a hostile .metadata with our error, not DCP's wrapper
+    return state_checkpoint(_load_state(folder), folder)
+
+
+def load_dcp_state(folder: Path, tensor: Callable[[str], Any]) -> dict[str, Any]:
+    """The folder's state dict as DCP's loader builds it (the same nesting and key order),
+    each value stored as bytes read and each tensor entry ``tensor(fqn)``, not read."""
+    md = read_dcp_metadata(folder, torch_classes=True)
+    from torch.distributed.checkpoint._traverse import get_element, set_element
+
+    stored = {
+        fqn
+        for fqn, entry in md.state_dict_metadata.items()
+        if type(entry).__name__ != "TensorStorageMetadata"
+    }
+    loaded = _load_state(folder, stored) if stored else {}
+    routes = md.planner_data if isinstance(md.planner_data, dict) else {}
+    state: dict[str, Any] = {}
+    for fqn in md.state_dict_metadata:
+        route = routes.get(fqn)
+        if fqn in stored:
+            value = loaded.get(fqn) if route is None else get_element(loaded, route)
+        else:
+            value = tensor(fqn)
+        if route is None:
+            state[fqn] = value
+        else:
+            set_element(state, route, value)
+    return state
+
+
+def _load_state(folder: Path, keys: set[str] | None = None) -> dict[str, Any]:
+    """What DCP's own loader reads from the folder: every entry, or those ``keys`` name."""
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    folder = Path(path)
-    read_dcp_metadata(folder)  # refuse a hostile .metadata with our error, not DCP's wrapper
     reader_cls, planner_cls = _torch_reader_classes()
     state: dict[str, Any] = {}
-    planner = planner_cls()
+    planner = planner_cls(keys)
     planner.path = folder
     try:
         _load_state_dict(state, storage_reader=reader_cls(folder), planner=planner, no_dist=True)
@@ -712,7 +747,7 @@ def read_dcp(path: str | os.PathLike[str]) -> Checkpoint:
         raise CheckpointFormatError(
             f"DCP could not load it ({type(exc).__name__}: {exc})", path=folder
         ) from exc
-    return _checkpoint(state, folder)
+    return state
 
 
 #: The files of a DCP folder of ours: DCP's (``.metadata``, each rank's ``*.distcp``) and our stamp.

@@ -159,6 +159,33 @@ def _flatten(node: Any, route: tuple[Any, ...], out: list[tuple[tuple[Any, ...],
     out.append((route, node))
 
 
+def _loaded_order(md: Any) -> list[str]:
+    """The FQNs in the order DCP's loader nests them: its state dict's key order (entries
+    grouped under their containers, list items by index), not ``.metadata``'s own order."""
+    routes = md.planner_data if isinstance(md.planner_data, dict) else {}
+    tree: dict[Any, Any] = {}
+    for fqn in md.state_dict_metadata:
+        route = tuple(routes.get(fqn) or (fqn,))
+        node = tree
+        for part in route[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                return []  # not a nesting the loader builds: the rewrite says so
+        node[route[-1]] = fqn
+    out: list[str] = []
+
+    def walk(node: dict[Any, Any]) -> None:
+        keys = list(node)
+        if keys and all(type(k) is int for k in keys):
+            keys.sort()  # a list: by index
+        for key in keys:
+            value = node[key]
+            walk(value) if isinstance(value, dict) else out.append(value)
+
+    walk(tree)
+    return out
+
+
 def _link_or_copy(src: Path, dst: Path, done: DcpRewritten) -> None:
     size = src.stat().st_size
     try:
@@ -239,12 +266,8 @@ def rewrite_dcp_metadata(
     unchanged = (
         not values.tell()
         and not fresh
-        and (entries, planner, storage)
-        == (
-            md.state_dict_metadata,
-            md.planner_data,
-            md.storage_data,
-        )
+        and (entries, planner, storage) == (md.state_dict_metadata, md.planner_data, stored)
+        and list(entries) == _loaded_order(md)  # a step may reorder the keys: that is kept
     )
     # every rank file of the source is kept (linked): the folder keeps its number of rank files
     data_files = sorted(
