@@ -470,30 +470,26 @@ def _run_deferred(
     source: Source, dst: Path, plan: Plan, progress: Callable[..., Any] | None
 ) -> Checkpoint | None:
     """A DCP folder's plan run without loading the folder: our own ops on deferred tensors
-    (:mod:`.deferred`: new tensors computed when written), a plan with a function step on
-    tensors read when it first uses them (:mod:`.ontouch`). The result's kept tensors are the
-    folder's stubs. None when the plan needs the folder loaded (an op the deferral cannot
-    run, a tensor size torch cannot hold)."""
+    (:mod:`.deferred`: new tensors computed when written); any other plan (a function step,
+    an op the deferral cannot run) on tensors read when it first uses them (:mod:`.ontouch`).
+    The result's kept tensors are the folder's stubs. None when the folder must be loaded (a
+    tensor size torch cannot hold: loading it says what is wrong)."""
     from ..errors import MigrationError
     from ..formats.dcp_rewrite import stubs_complete
     from .deferred import defer_dcp, deferrable
 
     if source.format != "dcp":
         return None
-    if not deferrable(plan.steps):
-        return _run_on_touch(source, plan, progress)
-    if not stubs_complete(source.stubs):
-        return None
-    try:
-        ckpt, settle = defer_dcp(source.path, source.stubs)
-    except NotReplayableError:  # the loaded path says what is wrong with the folder
-        return None
-    try:
-        return settle(plan.run(ckpt, progress))
-    except MigrationError as exc:
-        if isinstance(exc.__cause__, NotReplayableError):
+    if deferrable(plan.steps) and stubs_complete(source.stubs):
+        try:
+            ckpt, settle = defer_dcp(source.path, source.stubs)
+            return settle(plan.run(ckpt, progress))
+        except NotReplayableError:  # a size torch cannot hold: ontouch says so too
             return None
-        raise
+        except MigrationError as exc:
+            if not isinstance(exc.__cause__, NotReplayableError):
+                raise
+    return _run_on_touch(source, plan, progress)
 
 
 def _run_on_touch(
