@@ -41,6 +41,9 @@ ALLOWED = {
     # they shared until #14 gave each its module
     ("formats/torch/walk.py", "ScanCorrupt"),
     ("formats/torch/stack_model.py", "ScanCorrupt"),
+    # a DCP tensor read on touch failed inside a step: carried past the step's own `except
+    # Exception` and turned back into the folder's error (a CkptMigrateError) by the rewrite
+    ("engine/ontouch.py", "ReadFailed"),
     # pytest's own collection error, raised as pytest asks a collector to
     ("pytest_plugin.py", "CollectError"),
 }

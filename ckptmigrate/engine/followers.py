@@ -125,6 +125,7 @@ class OptimizerFollowers:
         if not self.slots:
             return []
         self._adopt_group_options(before, after)
+        self._adopt_states(before, after)
         where = {}
         for key, value in before.state_dict.items():
             where.setdefault(id(value), key)
@@ -181,6 +182,25 @@ class OptimizerFollowers:
                     elif key not in old or _changed(old[key], new[key]):
                         group[key] = new[key]
 
+    def _adopt_states(self, before: Checkpoint, after: Checkpoint) -> None:
+        """Each parameter's state a function step edited in ``ckpt.optimizer`` (a new
+        ``exp_avg``, a state dropped or added), kept in the states followed by name, as
+        :meth:`_adopt_group_options` keeps the options: :meth:`write_back` put the old back."""
+        was, now = dict(optimizer_states(before.optimizer)), dict(optimizer_states(after.optimizer))
+        for where, slot in self.slots:
+            if not isinstance(slot, NamedOptimizer) or where not in was or where not in now:
+                continue
+            old, new = was[where].get("state"), now[where].get("state")
+            if not isinstance(old, dict) or not isinstance(new, dict) or old is new:
+                continue
+            if not set(old) <= set(slot.states):
+                continue  # keyed otherwise than the states followed (by position)
+            for key in set(old) | set(new):
+                if key not in new:
+                    slot.states.pop(key, None)
+                elif key not in old or _state_changed(old[key], new[key]):
+                    slot.states[key] = new[key]
+
     def write_back(self, ckpt: Checkpoint) -> None:
         """Put each state keyed by name back in the file's layout; positional state stays."""
         for where, named in self.slots:
@@ -196,6 +216,14 @@ def _changed(old: Any, new: Any) -> bool:
         return bool(old != new)
     except Exception:  # a tensor of several values: compared by identity
         return True
+
+
+def _state_changed(old: Any, new: Any) -> bool:
+    """Whether a parameter's state differs: a field added, dropped or replaced (a tensor
+    field: unless it is the very same tensor)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return old is not new
+    return old.keys() != new.keys() or any(_changed(old[k], new[k]) for k in old)
 
 
 def optimizer_states(optimizer: Any) -> list[tuple[Any, Any]]:

@@ -57,6 +57,8 @@ def _guard_class() -> Any:
 
             @classmethod
             def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore
+                if any(getattr(t, "_ckptmigrate_on_touch", False) for t in types):
+                    return NotImplemented  # a DCP tensor not read yet: it reads, then calls us
                 kwargs = kwargs or {}
                 if _writes_in_place(func, args, kwargs):
                     name = getattr(func, "__name__", repr(func))

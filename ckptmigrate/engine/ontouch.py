@@ -2,37 +2,43 @@
 
 A function step on a DCP folder gets the folder as loading it would give it (the same
 structure and key order, every value DCP stored as bytes read), except that each tensor is
-:class:`OnTouch`: it knows its shape and dtype, and the first torch call on it reads it (behind
-the read-only guard while a step runs: :mod:`.guard`) and runs on the values. The step runs
+:class:`OnTouch`: it knows its shape and dtype, and the first torch call that needs its
+values reads it (behind the read-only guard: :mod:`.guard`) and runs on them. The step runs
 on real tensors, so it answers as it would on the loaded folder: its control flow, errors,
 randomness and refusals are its own. What it never touched costs nothing. Afterwards
-:func:`touch_dcp`'s ``settle`` keeps each input the result holds as it was (its chunks stay
-in the linked rank files, ``.metadata`` names it anew) and makes each computed tensor a
-:class:`~.formats.dcp_tensors.NewTensor`, written one at a time.
+:meth:`TouchedFolder.settle` keeps each input the result holds as it was (its chunks stay in
+the linked rank files, ``.metadata`` names it anew) and makes each computed tensor a
+:class:`~.formats.dcp_tensors.NewTensor`, written one at a time. An input whose values
+changed after all (written past the guard: through its storage, numpy or dlpack) is written
+as it now is, as the loaded folder's would be: each read is checksummed.
 
->>> ckpt, settle = touch_dcp(source.path, source.stubs)  # doctest: +SKIP
->>> new = settle(plan.run(ckpt))  # kept: the folder's stubs; new: NewTensor(..., value)
+>>> folder = TouchedFolder(source.path, source.stubs)  # doctest: +SKIP
+>>> new = folder.settle(plan.run(folder.ckpt))  # kept: the folder's stubs; new: NewTensor
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import NotReplayableError
 from ..formats.dcp_tensors import NewTensor
 from ..values.checkpoint import Checkpoint
 from ..values.tensorinfo import TensorStub
+from .guard import _guard_class
 
-__all__ = ["OnTouch", "ReadFailed", "touch_dcp"]
+__all__ = ["OnTouch", "ReadFailed", "TouchedFolder"]
 
 _T = torch.Tensor
-#: What a tensor's shape and dtype answer: asked without reading it.
+#: What a tensor's shape and dtype answer, asked before it is read. A tensor read from DCP
+#: is contiguous from offset 0 on the CPU (:meth:`OnTouch.touch` makes it so), as DCP's
+#: own loader gives it.
 _METADATA = frozenset(
     {
         _T.shape.__get__,
@@ -49,10 +55,35 @@ _METADATA = frozenset(
         _T.element_size,
         _T.is_floating_point,
         _T.is_complex,
+        _T.is_contiguous,
+        _T.stride,
+        _T.storage_offset,
         _T.__len__,
     }
 )
-_ON_CPU = frozenset({_T.device.__get__, _T.is_cuda.__get__, _T.is_meta.__get__})
+_DEVICE = {
+    _T.device.__get__: torch.device("cpu"),
+    _T.is_cpu.__get__: True,
+    _T.is_cuda.__get__: False,
+    _T.is_meta.__get__: False,
+}
+#: Calls that make a new tensor from another's shape and dtype only: run on an unread CPU
+#: tensor of that shape (``torch.empty``: no page of it touched), not on the values.
+_LIKE = frozenset(
+    {
+        _T.new_zeros,
+        _T.new_ones,
+        _T.new_empty,
+        _T.new_full,
+        torch.zeros_like,
+        torch.ones_like,
+        torch.empty_like,
+        torch.full_like,
+        torch.rand_like,
+        torch.randn_like,
+        torch.randint_like,
+    }
+)
 
 
 class ReadFailed(BaseException):
@@ -70,6 +101,7 @@ class OnTouch(torch.Tensor):
     _ckptmigrate_on_touch = True
     _read: Callable[[], torch.Tensor]
     _value: torch.Tensor | None
+    _crc: int | None
     _guarded: Any
     _guard: Callable[[torch.Tensor], Any] | None
     _failures: list[BaseException]
@@ -79,28 +111,43 @@ class OnTouch(torch.Tensor):
         cls, meta: torch.Tensor, read: Callable[[], torch.Tensor], failures: list[BaseException]
     ) -> OnTouch:
         out = torch.Tensor._make_subclass(cls, meta)
-        out._read, out._value, out._guarded, out._guard = read, None, None, None
+        out._read, out._value, out._crc = read, None, None
+        out._guarded, out._guard = None, None
         out._failures = failures
         return out
 
     def guard_with(self, guard: Callable[[torch.Tensor], Any] | None) -> None:
         """While a step runs, its values are given through ``guard`` (the step's read-only
-        view, which also records them); ``None`` when it returns."""
+        view, which records them); ``None`` when it returns (a read-only view still)."""
         self._guard, self._guarded = guard, None
 
-    def touch(self) -> Any:
-        """The values (read once), as the running step may see them."""
+    def values(self) -> torch.Tensor:
+        """The values, read once: a plain tensor."""
         if self._value is None:
             try:
-                self._value = self._read()
+                value = self._read()
+                if not value.is_contiguous() or value.storage_offset():
+                    value = value.clone(memory_format=torch.contiguous_format)  # as DCP's loader
             except Exception as exc:
                 self._failures.append(exc)
                 raise ReadFailed(exc) from exc
-        if self._guard is None:
-            return self._value
+            self._value, self._crc = value, _checksum(value)
+        return self._value
+
+    def changed(self) -> bool:
+        """Whether values read were written since (past the guard, which refuses writes)."""
+        return self._value is not None and _checksum(self._value) != self._crc
+
+    def touch(self) -> Any:
+        """The values, as the running step may see them: behind the read-only guard."""
+        value = self.values()
         if self._guarded is None:
-            self._guarded = self._guard(self._value)
+            guarded = self._guard(value) if self._guard is not None else None
+            self._guarded = guarded if guarded is not None else value.as_subclass(_guard_class())
         return self._guarded
+
+    def as_subclass(self, cls: Any) -> Any:  # not a torch-function call: it would be meta
+        return self.touch().as_subclass(cls)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         import copy
@@ -113,19 +160,70 @@ class OnTouch(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if not kwargs and len(args) <= 2 and isinstance(args[0], OnTouch):
-            if func in _METADATA and all(not isinstance(a, torch.Tensor) for a in args[1:]):
+        first = args[0] if args else None
+        if isinstance(first, OnTouch) and first._value is None:
+            if func in _DEVICE:
+                return _DEVICE[func]
+            if func in _METADATA and not _holds_tensor((args[1:], kwargs)):
                 with torch._C.DisableTorchFunctionSubclass():
-                    return func(*args)
-            if func in _ON_CPU:
-                return torch.device("cpu") if func is _T.device.__get__ else False
+                    return func(*args, **kwargs)
+        if func in _LIKE:
+            return func(*tree_map(_unread, args), **tree_map(_unread, kwargs))
         if func is _T.__deepcopy__:
-            return args[0].__deepcopy__(*args[1:])
-        return func(*tree_map(_touched, args), **tree_map(_touched, kwargs))
+            return first.__deepcopy__(*args[1:])
+        if func is _T.detach and isinstance(first, OnTouch):
+            return first._alias()
+        out = func(*tree_map(_touched, args), **tree_map(_touched, kwargs))
+        if isinstance(first, OnTouch) and out is first._guarded:
+            return first  # it returned itself (requires_grad_(), .float() of a float)
+        return out
+
+    def _alias(self) -> OnTouch:
+        """``detach()``: another tensor of the same values (``nn.Parameter`` needs one of
+        this class)."""
+        meta = self.as_meta()
+        return OnTouch(meta, lambda: self.values().detach(), self._failures)
+
+    def as_meta(self) -> torch.Tensor:
+        with torch._C.DisableTorchFunctionSubclass():
+            return torch.Tensor._make_subclass(torch.Tensor, self)
+
+
+def _checksum(value: torch.Tensor) -> int:
+    if not value.numel():
+        return 0
+    return zlib.crc32(value.detach().reshape(-1).view(torch.uint8).numpy())
+
+
+def _holds_tensor(node: Any) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in tree_flatten(node)[0])
 
 
 def _touched(value: Any) -> Any:
     return value.touch() if isinstance(value, OnTouch) else value
+
+
+def _unread(value: Any) -> Any:
+    if isinstance(value, OnTouch) and value._value is None:
+        return torch.empty(tuple(value.shape), dtype=value.dtype)
+    return _touched(value)
+
+
+def _plain(node: Any) -> Any:
+    """``node`` with every tensor in it a plain tensor of its values (a tuple DCP stores
+    whole, pickled; a tensor in the hparams the JSON check refuses as any tensor)."""
+    if isinstance(node, torch.Tensor):
+        if isinstance(node, OnTouch):
+            return node.values()
+        if type(node) is not torch.Tensor:
+            with torch._C.DisableTorchFunctionSubclass():
+                return torch.Tensor._make_subclass(torch.Tensor, node)
+        return node
+    if isinstance(node, dict):
+        return type(node)((k, _plain(v)) for k, v in node.items())
+    if isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
+        return type(node)(_plain(v) for v in node)
+    return node
 
 
 def _leaves(node: Any, out: dict[str, TensorStub]) -> dict[str, TensorStub]:
@@ -151,59 +249,70 @@ def _settled(node: Any, leaf: Callable[[Any], Any]) -> Any:
     return leaf(node)
 
 
-def touch_dcp(
-    folder: str | os.PathLike[str], stubs: Checkpoint
-) -> tuple[Checkpoint, Callable[[Checkpoint], Checkpoint]]:
-    """The DCP folder as loading it gives it, its values stored as bytes read and each
-    tensor :class:`OnTouch`; and the function that turns a plan's result into the folder's
+class TouchedFolder:
+    """A DCP folder as loading it gives it, its values stored as bytes read and each tensor
+    :class:`OnTouch` (:attr:`ckpt`); :meth:`settle` turns a plan's result into the folder's
     stubs (inputs kept) and :class:`~.formats.dcp_tensors.NewTensor` (computed tensors).
 
     Raises :class:`~ckptmigrate.errors.NotReplayableError` where a tensor's declared size
     is one torch cannot hold (loading the folder says what is wrong with it).
     """
-    from ..formats.dcp import load_dcp_state, read_dcp_metadata, state_checkpoint
-    from ..formats.dcp_tensors import read_dcp_tensor
 
-    folder = Path(folder)
-    md = read_dcp_metadata(folder, torch_classes=True)
-    kept = _leaves([stubs.state_dict, stubs.optimizer, stubs.extra], {})
-    failures: list[BaseException] = []
-    inputs: dict[int, TensorStub] = {}
+    def __init__(self, folder: str | os.PathLike[str], stubs: Checkpoint) -> None:
+        from ..formats.dcp import load_dcp_state, read_dcp_metadata, state_checkpoint
+        from ..formats.dcp_tensors import read_dcp_tensor
 
-    def tensor(fqn: str) -> OnTouch:
-        stub = kept.get(fqn)
-        entry = md.state_dict_metadata[fqn]
-        try:
-            meta = torch.empty(tuple(entry.size), dtype=entry.properties.dtype, device="meta")
-        except (RuntimeError, ValueError, OverflowError, TypeError) as exc:
-            raise NotReplayableError(f"{fqn!r}: {exc}") from None
-        out = OnTouch(meta, lambda: read_dcp_tensor(folder, md, fqn), failures)
-        if stub is not None:
-            inputs[id(out)] = stub
-        return out
+        path = Path(folder)
+        md = read_dcp_metadata(path, torch_classes=True)
+        kept = _leaves([stubs.state_dict, stubs.optimizer, stubs.extra], {})
+        #: reads that failed, the first one the folder's error (even where a step caught it)
+        self.failures: list[BaseException] = []
+        self._inputs: dict[int, tuple[OnTouch, TensorStub]] = {}
 
-    ckpt = state_checkpoint(load_dcp_state(folder, tensor), folder)
+        def tensor(fqn: str) -> OnTouch:
+            entry = md.state_dict_metadata[fqn]
+            try:
+                meta = torch.empty(tuple(entry.size), dtype=entry.properties.dtype, device="meta")
+            except (RuntimeError, ValueError, OverflowError, TypeError) as exc:
+                raise NotReplayableError(f"{fqn!r}: {exc}") from None
+            out = OnTouch(meta, lambda: read_dcp_tensor(path, md, fqn), self.failures)
+            if fqn in kept:
+                self._inputs[id(out)] = (out, kept[fqn])
+            return out
 
-    def leaf(value: Any) -> Any:
-        if isinstance(value, OnTouch) and id(value) in inputs:
-            return inputs[id(value)]
-        if isinstance(value, torch.Tensor):
-            plain = value.touch() if isinstance(value, OnTouch) else value
+        self.ckpt = state_checkpoint(load_dcp_state(path, tensor), path)
+
+    def settle(self, result: Checkpoint) -> Checkpoint:
+        """``result`` for the DCP writers: each input it holds unchanged the folder's stub,
+        each other tensor a :class:`NewTensor` (one per tensor, ties kept). Raises
+        :class:`NotReplayableError` for a tensor that ran on a meta tensor (torch functions
+        turned off around a call on an unread input): the folder is then loaded."""
+        made: dict[int, NewTensor] = {}
+
+        def leaf(value: Any) -> Any:
+            kept = self._inputs.get(id(value))
+            if kept is not None and kept[0] is value and not value.changed():
+                return kept[1]
+            if not isinstance(value, torch.Tensor):
+                return _plain(value)
+            plain = _plain(value)
+            if plain.is_meta:
+                raise NotReplayableError("a tensor of the result ran on a meta tensor")
             if id(plain) not in made:
                 dtype = str(plain.dtype).removeprefix("torch.")
                 made[id(plain)] = NewTensor(tuple(plain.shape), dtype, lambda: plain)
             return made[id(plain)]
-        return value
 
-    made: dict[int, NewTensor] = {}
-
-    def settle(result: Checkpoint) -> Checkpoint:
-        if failures:  # a read the step caught and went past: the folder's error stands
-            raise failures[0]
+        self.check()
         out = result.copy()
         out.state_dict = _settled(result.state_dict, leaf)
         out.optimizer = _settled(result.optimizer, leaf)
         out.extra = _settled(result.extra, leaf)
+        out.hparams, out.meta = _plain(result.hparams), _plain(result.meta)
+        self.check()
         return out
 
-    return ckpt, settle
+    def check(self) -> None:
+        """Raise the folder's error where a read failed (a step may have caught it)."""
+        if self.failures:
+            raise self.failures[0]

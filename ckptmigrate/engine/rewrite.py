@@ -495,16 +495,21 @@ def _run_deferred(
 def _run_on_touch(
     source: Source, plan: Plan, progress: Callable[..., Any] | None
 ) -> Checkpoint | None:
-    from .ontouch import ReadFailed, touch_dcp
+    from .ontouch import ReadFailed, TouchedFolder
 
     try:
-        ckpt, settle = touch_dcp(source.path, source.stubs)
+        folder = TouchedFolder(source.path, source.stubs)
     except NotReplayableError:
         return None
     try:
-        return settle(plan.run(ckpt, progress))
+        return folder.settle(plan.run(folder.ckpt, progress))
     except ReadFailed as failed:  # the folder's error, not the step's
         raise failed.error from None
+    except NotReplayableError:  # it ran on what was not read: the loaded path
+        return None
+    except Exception:
+        folder.check()  # a step that caught a failed read and raised its own error
+        raise
 
 
 def _dcp_safetensors(source: Source, dst: Path) -> bool:

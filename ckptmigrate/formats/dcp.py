@@ -792,9 +792,17 @@ def write_dcp(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
     """
     from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 
+    import torch
+    from torch.utils._pytree import tree_flatten
+
     layout = ckpt.layout.removeprefix("dcp-")
     plain = Checkpoint(**{**ckpt.__dict__, "layout": layout, "module_metadata": None})
     obj = assemble(plain, None)  # the stamp goes to the JSON file, not into DCP's bytes
+    if any(isinstance(t, torch.Tensor) and t.is_meta for t in tree_flatten(obj)[0]):
+        raise CheckpointWriteError(
+            "a tensor of the result is a meta tensor: it has no values to write into a DCP "
+            "folder (made with .to('meta') or on device='meta')"
+        )
 
     def save(tmp: Path) -> None:
         with warnings.catch_warnings():

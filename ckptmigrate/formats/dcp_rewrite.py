@@ -152,7 +152,9 @@ def _flatten(node: Any, route: tuple[Any, ...], out: list[tuple[tuple[Any, ...],
         for key, value in node.items():
             _flatten(value, (*route, key), out)
         return
-    if isinstance(node, list) and any(isinstance(v, (dict, list, TensorStub)) for v in node):
+    if isinstance(node, list) and any(
+        isinstance(v, (dict, list, TensorStub, NewTensor)) for v in node
+    ):
         for i, value in enumerate(node):
             _flatten(value, (*route, i), out)
         return
