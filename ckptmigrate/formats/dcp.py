@@ -790,9 +790,8 @@ def write_dcp(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
     crash leaves the old folder or the new one; what a killed writer left is finished or
     removed first.
     """
-    from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
-
     import torch
+    from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
     from torch.utils._pytree import tree_flatten
 
     layout = ckpt.layout.removeprefix("dcp-")
