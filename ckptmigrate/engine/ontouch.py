@@ -19,6 +19,7 @@ as it now is, as the loaded folder's would be: each read is checksummed.
 from __future__ import annotations
 
 import os
+import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,8 @@ from ..values.tensorinfo import TensorStub
 from .guard import _guard_class
 
 __all__ = ["OnTouch", "ReadFailed", "TouchedFolder"]
+
+_READING = threading.RLock()  # a detach() alias reads its source inside its own read
 
 _T = torch.Tensor
 #: What a tensor's shape and dtype answer, asked before it is read. A tensor read from DCP
@@ -59,6 +62,9 @@ _METADATA = frozenset(
         _T.stride,
         _T.storage_offset,
         _T.__len__,
+        torch.is_floating_point,
+        torch.is_complex,
+        torch.numel,
     }
 )
 _DEVICE = {
@@ -122,8 +128,13 @@ class OnTouch(torch.Tensor):
         self._guard, self._guarded = guard, None
 
     def values(self) -> torch.Tensor:
-        """The values, read once: a plain tensor."""
-        if self._value is None:
+        """The values, read once (two threads of a step touching it at once: once): a plain
+        tensor."""
+        if self._value is not None:
+            return self._value
+        with _READING:
+            if self._value is not None:
+                return self._value
             try:
                 value = self._read()
                 if not value.is_contiguous() or value.storage_offset():
@@ -131,8 +142,8 @@ class OnTouch(torch.Tensor):
             except Exception as exc:
                 self._failures.append(exc)
                 raise ReadFailed(exc) from exc
-            self._value, self._crc = value, _checksum(value)
-        return self._value
+            self._crc, self._value = _checksum(value), value
+            return value
 
     def changed(self) -> bool:
         """Whether values read were written since (past the guard, which refuses writes)."""
@@ -146,8 +157,12 @@ class OnTouch(torch.Tensor):
             self._guarded = guarded if guarded is not None else value.as_subclass(_guard_class())
         return self._guarded
 
-    def as_subclass(self, cls: Any) -> Any:  # not a torch-function call: it would be meta
+    # not torch-function calls: on the unread tensor they would run on its meta data
+    def as_subclass(self, cls: Any) -> Any:
         return self.touch().as_subclass(cls)
+
+    def set_(self, *args: Any, **kwargs: Any) -> Any:  # the guard's version check refuses it
+        return self.touch().set_(*args, **kwargs)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         import copy

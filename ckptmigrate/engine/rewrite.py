@@ -429,6 +429,8 @@ def rewrite(
             new = deferred
         elif new is None:
             new = plan.run(None if inputs is None else inputs.tensors, progress)
+        if _runs_user_code(plan):
+            _check_picklable(new)  # before a backup is made or a byte written
         if before_write is not None:
             kept = before_write(plan)
             result.backup = None if kept is None else str(kept)
@@ -444,6 +446,45 @@ def rewrite(
     if remote:
         result.src = src  # type: ignore[assignment]
     return result
+
+
+def _runs_user_code(plan: Plan) -> bool:
+    return any(p.ops is None or any(op.runs_user_code for op in p.ops) for p in plan.steps)
+
+
+class _Discard:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+def _check_picklable(ckpt: Checkpoint) -> None:
+    """Refuse a value a step put into ``ckpt`` that no writer can store (a lambda, a
+    generator, an open file), with the error a writer would give deep inside, as a
+    :class:`CheckpointWriteError`. Tensors and the pipeline's own records are not pickled."""
+    import pickle
+    import sys
+
+    torch = sys.modules.get("torch")  # a plan with user code imported it
+    tensor = torch.Tensor if torch is not None else ()
+
+    class Check(pickle.Pickler):
+        def persistent_id(self, obj: Any) -> Any:
+            own = type(obj).__module__.startswith("ckptmigrate.")
+            return 1 if own or isinstance(obj, tensor) else None
+
+    parts = (
+        {k: v for k, v in ckpt.state_dict.items() if k.endswith("_extra_state")},
+        ckpt.optimizer,
+        ckpt.extra,
+    )
+    try:
+        Check(_Discard(), protocol=pickle.HIGHEST_PROTOCOL).dump(parts)
+    except (pickle.PicklingError, AttributeError, TypeError, RecursionError) as exc:
+        raise CheckpointWriteError(
+            f"a value of the result cannot be saved ({type(exc).__name__}: {exc}): a migration "
+            "must leave only tensors and plain values (numbers, strings, lists, dicts) in the "
+            "checkpoint"
+        ) from None
 
 
 def _run_on_bytes(
