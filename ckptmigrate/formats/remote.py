@@ -33,7 +33,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..base.frozen import FrozenRecord, set_fields
 from ..base.readable import path_text
-from ..errors import CheckpointFormatError, RemoteStorageError
+from ..errors import CheckpointFormatError, RemoteStorageError, RemoteWriteError
 
 __all__ = [
     "BLOCK_BYTES",
@@ -51,6 +51,7 @@ __all__ = [
     "is_url",
     "location",
     "request_timeout",
+    "store_error",
 ]
 
 #: The least one ranged GET fetches: a 64-byte sniff brings the first block, where a torch
@@ -181,12 +182,8 @@ class RemoteStore:
             raise
         except CheckpointFormatError:
             raise
-        except PermissionError as exc:
-            raise RemoteStorageError(
-                self.url(key), failure_reason(exc) + CREDENTIALS_HINT
-            ) from None
         except Exception as exc:  # the protocol's own errors: botocore, aiohttp, timeouts...
-            raise RemoteStorageError(self.url(key), failure_reason(exc)) from None
+            raise store_error(self.url(key), exc) from None
 
     def remember(self, found: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """``found`` (fsspec's ``{name: info}`` of a listing), its infos kept for later asks."""
@@ -319,6 +316,21 @@ def failure_reason(exc: BaseException) -> str:
         if secret:
             text = text.replace(secret, "***")
     return f"{type(exc).__name__}: {text}"[:500]
+
+
+def store_error(
+    url: str,
+    exc: BaseException,
+    error: type[RemoteStorageError] | type[RemoteWriteError] = RemoteStorageError,
+) -> RemoteStorageError | RemoteWriteError:
+    """A store's failure ``exc`` as the error to raise (``error``: a read's or a write's),
+    its :func:`failure_reason`, naming where credentials come from when they were refused.
+
+    >>> store_error("s3://models/a.pth", TimeoutError("read timed out")).reason
+    'TimeoutError: read timed out'
+    """
+    hint = CREDENTIALS_HINT if isinstance(exc, PermissionError) else ""
+    return error(url, failure_reason(exc) + hint)
 
 
 class RemoteFile(io.RawIOBase):

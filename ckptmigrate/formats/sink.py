@@ -39,7 +39,7 @@ from ..errors import CheckpointFormatError, RemoteWriteError
 from . import atomic
 from .atomic import Writeback, atomic_fd
 from .byte_copy import copy_range
-from .remote import RemotePath, location
+from .remote import RemotePath, location, store_error
 
 __all__ = [
     "MAX_COPY_PART_BYTES",
@@ -112,8 +112,6 @@ class CopySource:
         servers that do not). One HEAD request; a local file is not checked."""
         if self.remote is None or not self.etag:
             return
-        from .remote import failure_reason
-
         store, key = self.remote.store, self.remote.key
         try:
             if store.protocol in ("s3", "s3a"):
@@ -123,7 +121,7 @@ class CopySource:
             else:
                 now = store.call(key, store.fs.info, key).get("ETag")
         except Exception as exc:
-            raise RemoteWriteError(str(self.remote), failure_reason(exc)) from None
+            raise store_error(str(self.remote), exc, RemoteWriteError) from None
         if now is not None and now != self.etag:
             raise RemoteWriteError(
                 str(self.remote),
@@ -223,17 +221,11 @@ class MultipartSink(Sink):
     # -- the store's calls, their failures as one clear error ----------------------------
 
     def _call(self, method: str, **kwargs: Any) -> Any:
-        from .remote import CREDENTIALS_HINT, failure_reason
-
         self.requests += 1
         try:
             return self.fs.call_s3(method, **kwargs)
-        except PermissionError as exc:
-            raise RemoteWriteError(
-                str(self.target), failure_reason(exc) + CREDENTIALS_HINT
-            ) from None
         except Exception as exc:  # botocore's errors, timeouts, refused connections
-            raise RemoteWriteError(str(self.target), failure_reason(exc)) from None
+            raise store_error(str(self.target), exc, RemoteWriteError) from None
 
     def _start(self) -> None:
         if self.upload_id is None:
