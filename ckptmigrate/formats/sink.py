@@ -30,7 +30,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,17 +39,19 @@ from ..errors import CheckpointFormatError, RemoteWriteError
 from . import atomic
 from .atomic import Writeback, atomic_fd
 from .byte_copy import copy_range
-from .remote import RemotePath, location, store_error
+from .remote import Location, RemotePath, location, store_error
 
 __all__ = [
     "MAX_COPY_PART_BYTES",
     "MIN_PART_BYTES",
     "PART_BYTES",
     "REMOTE_CRASH_EVENTS",
+    "CopyJob",
     "CopySource",
     "FileSink",
     "MultipartSink",
     "Sink",
+    "open_copy",
     "open_copy_source",
     "open_sink",
     "upload_file",
@@ -450,6 +452,55 @@ def open_copy_source(
         size = os.fstat(f.fileno()).st_size
         etag = origin.stat().etag if origin is not None else None
         yield CopySource(fd=f.fileno(), remote=origin, size=size, etag=etag)
+
+
+class CopyJob:
+    """A byte-copying writer's :attr:`sink` and the files it copies records from, each
+    opened once (:meth:`source`) and open until the copy ends (:func:`open_copy`)."""
+
+    sink: Sink
+
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        self._stack = stack
+        self.opened: dict[Location, CopySource] = {}
+
+    def source(
+        self, src: str | os.PathLike[str] | RemotePath, origin: RemotePath | None = None
+    ) -> CopySource:
+        """The file ``src`` (``origin``: the object it is a private copy of), opened the
+        first time it is asked for."""
+        # asked once per copied range: a Path or an object is its own location already
+        where = src if isinstance(src, (Path, RemotePath)) else location(src)
+        if where not in self.opened:
+            self.opened[where] = self._stack.enter_context(open_copy_source(where, origin))
+        return self.opened[where]
+
+
+@contextlib.contextmanager
+def open_copy(
+    dst: str | os.PathLike[str] | RemotePath,
+    sources: Iterable[tuple[str | os.PathLike[str] | RemotePath, RemotePath | None]] = (),
+) -> Iterator[CopyJob]:
+    """A sink writing ``dst`` (:func:`open_sink`) and the files records are copied into it
+    from: ``sources`` (``(file, origin)`` pairs) opened first, so that in place the one
+    that is ``dst``'s object guards the swap (its ETag), others when first asked for. On
+    success the sink settles and every source is checked unchanged before the result
+    appears; on any error nothing does.
+
+    >>> with open_copy("new.pth", [("old.pth", None)]) as job:  # doctest: +SKIP
+    ...     job.sink.copy(job.source("old.pth"), 0, 4096)
+    """
+    with contextlib.ExitStack() as stack:
+        job = CopyJob(stack)
+        for src, origin in sources:
+            job.source(src, origin)
+        target = location(dst)
+        replaced = next((s for s in job.opened.values() if s.remote == target), None)
+        job.sink = stack.enter_context(open_sink(target, replaced))
+        yield job
+        job.sink.settle()
+        for source in job.opened.values():
+            source.check_unchanged()  # before the new file or object appears
 
 
 def upload_file(local: Path, dst: RemotePath) -> int:

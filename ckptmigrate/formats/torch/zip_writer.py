@@ -10,17 +10,16 @@ stored bytes and CRC and moves with ``os.copy_file_range``, inside the kernel, s
 passes through Python. :func:`write_zip_copy` writes a whole archive atomically, with the disk
 writing behind the copy (:class:`~.atomic.Writeback`) so the closing fsync waits little.
 
->>> with open_copy_source("old.pth") as src, open_sink("new.pth") as sink:  # doctest: +SKIP
-...     zw = TorchZipWriter(sink)
+>>> with open_copy("new.pth", [("old.pth", None)]) as job:  # doctest: +SKIP
+...     zw = TorchZipWriter(job.sink)
 ...     zw.add_bytes("archive/data.pkl", pickled)
-...     zw.copy_member("archive/data/0", src, records["archive/data/0"])
+...     zw.copy_member("archive/data/0", job.source("old.pth"), records["archive/data/0"])
 ...     zw.close()
 """
 
 from __future__ import annotations
 
 import bisect
-import contextlib
 import os
 import struct
 import zlib
@@ -30,8 +29,8 @@ from pathlib import Path
 
 from ...errors import CheckpointFormatError
 from ..byte_copy import BLOCK
-from ..remote import RemotePath, location
-from ..sink import CopySource, Sink, open_copy_source, open_sink
+from ..remote import RemotePath
+from ..sink import CopySource, Sink, open_copy
 from .archive import ZipRecordInfo
 
 __all__ = ["ALIGNMENT", "JoinedRecord", "TorchZipWriter", "write_zip_copy"]
@@ -263,18 +262,9 @@ def write_zip_copy(
     >>> write_zip_copy("new.pth", "old.pth", [("archive/data.pkl", pickled),
     ...                                       ("archive/data/0", records["archive/data/0"])])
     """
-    with contextlib.ExitStack() as stack:
-        source = stack.enter_context(open_copy_source(src, origin))
-        sink = stack.enter_context(open_sink(dst, source))
-        opened: dict[Path | RemotePath, CopySource] = {location(src): source}
-
-        def source_of(path: Path | RemotePath) -> CopySource:
-            where = location(path)
-            if where not in opened:  # another file's records (a set's other shard)
-                opened[where] = stack.enter_context(open_copy_source(where))
-            return opened[where]
-
-        writer = TorchZipWriter(sink)
+    with open_copy(dst, [(src, origin)]) as job:
+        source = job.source(src)
+        writer = TorchZipWriter(job.sink)
         if records is not None:
             writer.know_extents(records)
         for name, member in members:
@@ -283,13 +273,10 @@ def write_zip_copy(
             elif isinstance(member, memoryview):
                 writer.add_buffer(name, member)
             elif isinstance(member, JoinedRecord):
-                runs = [(source_of(path), at, n) for path, at, n in member.runs]
+                runs = [(job.source(path), at, n) for path, at, n in member.runs]
                 writer.copy_runs(name, runs, member.crc)
             else:
                 writer.copy_member(name, source, member)
         writer.close()
-        sink.settle()
-        writer.bytes_through_python += sink.bytes_read_through
-        for copied in opened.values():
-            copied.check_unchanged()  # before the new file or object appears
+    writer.bytes_through_python += job.sink.bytes_read_through
     return writer
