@@ -381,7 +381,7 @@ class RemoteFile(io.RawIOBase):
         return self.read(-1)
 
 
-class RemotePath:
+class RemotePath(FrozenRecord):
     """An object or folder behind a URL, with the few :class:`~pathlib.Path` methods the
     readers use (``/``, ``name``, ``suffix``, ``parent``, ``stat``, ``is_file``, ``is_dir``,
     ``glob``, ``rglob``, ``open``). ``str()`` is the URL as it may be printed. Immutable."""
@@ -391,14 +391,7 @@ class RemotePath:
     key: str
 
     def __init__(self, store: RemoteStore, key: str) -> None:
-        object.__setattr__(self, "store", store)
-        object.__setattr__(self, "key", key)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"cannot assign to field {name!r} of a RemotePath")
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return (RemotePath, (self.store, self.key))
+        set_fields(self, store=store, key=key)
 
     def __str__(self) -> str:
         return path_text(self.store.url(self.key))
@@ -406,6 +399,7 @@ class RemotePath:
     def __repr__(self) -> str:
         return f"RemotePath({str(self)!r})"
 
+    # the same URL is the same path, whichever store (each location() call's own) it is on
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, RemotePath)
