@@ -158,6 +158,11 @@ class Sink(abc.ABC):
     def settle(self) -> None:  # noqa: B027 (a hook: a sink that holds nothing back)
         """Send what is held back (a run of source bytes), so every source read is done."""
 
+    def _write_from(self, source: CopySource, offset: int, count: int) -> None:
+        """Append ``count`` bytes of ``source`` from ``offset``, read a chunk at a time."""
+        for at in range(0, count, READ_CHUNK):
+            self.write(source.read(offset + at, min(READ_CHUNK, count - at)))
+
 
 class FileSink(Sink):
     """A local file's descriptor (the temporary :func:`~.atomic.atomic_fd` renames into
@@ -181,8 +186,7 @@ class FileSink(Sink):
             through = copy_range(source.fd, offset, self.fd, self.position, count, self.writeback)
             self.position += count
             return through
-        for at in range(0, count, READ_CHUNK):  # an object: ranged reads, one chunk at a time
-            self.write(source.read(offset + at, min(READ_CHUNK, count - at)))
+        self._write_from(source, offset, count)  # an object: ranged reads
         return count
 
 
@@ -244,50 +248,38 @@ class MultipartSink(Sink):
             )
         return number
 
+    def _send_part(self, method: str, **kwargs: Any) -> None:
+        """Send the next part: ``upload_part`` (bytes) or ``upload_part_copy`` (a range the
+        server copies)."""
+        self._start()
+        number = self._part_number()
+        atomic.crash_point("write")
+        done = self._call(
+            method,
+            Bucket=self.bucket,
+            Key=self.key,
+            UploadId=self.upload_id,
+            PartNumber=number,
+            **kwargs,
+        )
+        etag = done["CopyPartResult"]["ETag"] if method == "upload_part_copy" else done["ETag"]
+        self.parts.append({"PartNumber": number, "ETag": etag})
+        atomic.crash_point("part")
+
     def _flush(self) -> None:
         """Upload the buffer as the next part."""
         if not self.buffer:
             return
-        self._start()
-        number = self._part_number()
-        atomic.crash_point("write")
-        done = self._call(
-            "upload_part",
-            Bucket=self.bucket,
-            Key=self.key,
-            UploadId=self.upload_id,
-            PartNumber=number,
-            Body=bytes(self.buffer),
-        )
-        self.parts.append({"PartNumber": number, "ETag": done["ETag"]})
+        self._send_part("upload_part", Body=bytes(self.buffer))
         self.bytes_uploaded += len(self.buffer)
         self.buffer = bytearray()
-        atomic.crash_point("part")
 
     def _copy_part(self, source: CopySource, first: int, last: int) -> None:
         """The server copies ``[first, last)`` of the source object as the next part."""
         assert source.remote is not None
-        bucket, key, version = self.fs.split_path(source.remote.key)
-        self._start()
-        number = self._part_number()
-        where: dict[str, Any] = {"Bucket": bucket, "Key": key}
-        if version:
-            where["VersionId"] = version
-        extra = {"CopySourceIfMatch": source.etag} if source.etag else {}
-        atomic.crash_point("write")
-        done = self._call(
-            "upload_part_copy",
-            Bucket=self.bucket,
-            Key=self.key,
-            UploadId=self.upload_id,
-            PartNumber=number,
-            CopySource=where,
-            CopySourceRange=f"bytes={first}-{last - 1}",
-            **extra,
-        )
-        self.parts.append({"PartNumber": number, "ETag": done["CopyPartResult"]["ETag"]})
+        copied = _copy_source(self.fs, source.remote, source.etag)
+        self._send_part("upload_part_copy", CopySourceRange=f"bytes={first}-{last - 1}", **copied)
         self.bytes_copied_server_side += last - first
-        atomic.crash_point("part")
 
     # -- the sink ----------------------------------------------------------------------
 
@@ -319,8 +311,7 @@ class MultipartSink(Sink):
             self.position = self._held()
             return 0
         self._flush_run()
-        for at in range(0, count, READ_CHUNK):
-            self.write(source.read(offset + at, min(READ_CHUNK, count - at)))
+        self._write_from(source, offset, count)
         return count
 
     def copies_runs(self, source: CopySource) -> bool:
@@ -340,8 +331,7 @@ class MultipartSink(Sink):
         count = end - offset
         need = max(0, MIN_PART_BYTES - len(self.buffer)) if self.buffer else 0
         if count - need < MIN_PART_BYTES:
-            for at in range(0, count, READ_CHUNK):
-                self.write(source.read(offset + at, min(READ_CHUNK, count - at)))
+            self._write_from(source, offset, count)
             self.bytes_read_through += count
             return
         if need:
@@ -521,14 +511,20 @@ def copy_object(src: RemotePath, dst: RemotePath) -> None:
             sink.copy(source, 0, source.size)
         return
     sink = MultipartSink(dst)
-    bucket, key, version = sink.fs.split_path(src.key)
+    copied = _copy_source(sink.fs, src, st.etag)
+    atomic.crash_point("complete")
+    sink._call("copy_object", Bucket=sink.bucket, Key=sink.key, **copied)
+    _forget(dst)
+
+
+def _copy_source(fs: Any, src: RemotePath, etag: str | None) -> dict[str, Any]:
+    """The arguments of a server-side copy that name ``src`` (its version, if the key has
+    one) and, given its ``etag``, refuse it once it changed since it was read."""
+    bucket, key, version = fs.split_path(src.key)
     where: dict[str, Any] = {"Bucket": bucket, "Key": key}
     if version:
         where["VersionId"] = version
-    extra = {"CopySourceIfMatch": st.etag} if st.etag else {}
-    atomic.crash_point("complete")
-    sink._call("copy_object", Bucket=sink.bucket, Key=sink.key, CopySource=where, **extra)
-    _forget(dst)
+    return {"CopySource": where, **({"CopySourceIfMatch": etag} if etag else {})}
 
 
 def same_object_bytes(a: RemotePath, b: RemotePath) -> bool:
