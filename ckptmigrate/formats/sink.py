@@ -18,7 +18,8 @@ both:
 
 A :class:`CopySource` is a local file (its descriptor), an object (ranged reads), or a local
 private copy of an object (read locally, copied server-side when the sink is on its store).
-Memory stays bounded: one part buffer, one read chunk.
+:func:`open_copy` opens a writer's sink and its sources together, and checks the sources
+unchanged before the result appears. Memory stays bounded: one part buffer, one read chunk.
 
 >>> with open_sink(location("s3://models/new.pth")) as sink:  # doctest: +SKIP
 ...     sink.write(header)
