@@ -32,7 +32,6 @@ ALLOWED = {
     ("formats/torch/__init__.py", "AttributeError"),  # PEP 562 module __getattr__: a missing name
     ("values/tensorinfo.py", "AttributeError"),
     ("base/frozen.py", "AttributeError"),  # the records of the metadata path
-    ("formats/remote.py", "AttributeError"),  # RemotePath
     # the file object the unpickler reads through ends: the decoder catches it (FORMAT_ERRORS)
     ("formats/torch/unpickler.py", "EOFError"),
     # the opcode walk's signal for a malformed pickle (a CheckpointFormatError carrying where the

@@ -167,6 +167,24 @@ def test_a_file_url_is_the_local_path(tree):
     assert {**remote, "path": None} == {**local, "path": None}
 
 
+def test_a_url_is_one_path_whichever_location_call_made_it():
+    import copy
+
+    from ckptmigrate.formats.remote import location
+
+    a, b = location("s3://models/ckpt/a.pth"), location("s3://models/ckpt/a.pth")
+    assert a.store is not b.store  # each call reads through a store of its own
+    assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1
+    assert a != location("s3://models/ckpt/b.pth") and a != location("s3a://models/ckpt/a.pth")
+    assert (a.parent / "a.pth") == a and copy.copy(a) == a
+    assert repr(a) == "RemotePath('s3://models/ckpt/a.pth')" and str(a) == "s3://models/ckpt/a.pth"
+    with pytest.raises(AttributeError):
+        a.key = "models/other.pth"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        del a.key
+    assert a.key == "models/ckpt/a.pth"
+
+
 # -- diff -----------------------------------------------------------------------------------
 
 

@@ -420,7 +420,9 @@ def write_set(
     from ..formats.torch import write_torch
 
     out = set_output(sset, dst)
-    whole = _unchanged_shards(sset, new, inputs, loaded)
+    # what a shard stores each key's tensor as, and its bytes: asked once per key
+    held = {key: _held_once(value, sset.kind) for key, value in new.state_dict.items()}
+    whole = _unchanged_shards(sset, new, inputs, loaded, held)
     in_whole = {k for shard in whole for k in sset.contents[shard]}
     rest = [(k, v) for k, v in new.state_dict.items() if k not in in_whole]
     limit = max((sset.folder / s).stat().st_size for s in sset.shards) if sset.shards else 1 << 30
@@ -430,10 +432,7 @@ def write_set(
         groups = [
             dict(group)
             for group in sharded.group_by_size(
-                rest,
-                lambda kv: _held_once(kv[1], sset.kind)[1],
-                limit,
-                held_as=lambda kv: _held_once(kv[1], sset.kind)[0],
+                rest, lambda kv: held[kv[0]][1], limit, held_as=lambda kv: held[kv[0]][0]
             )
         ]
     folder, index_name = out.folder, out.index_name
@@ -482,7 +481,7 @@ def write_set(
                 write_torch(folder / name, dict(group))
             swap.wrote(name)
             name_of.update((k, name) for k in group)
-        total = _held_bytes(new.state_dict.items(), sset.kind)
+        total = _held_bytes(held.values())
         weight_map = {k: name_of[k] for k in new.state_dict}
         sharded.copy_companions(sset, folder)
         swap.commit(sset.index, weight_map, total, sharded.index_metadata(new, _stamp_of(new)))
@@ -510,12 +509,11 @@ def _held_once(value: Any, kind: str) -> tuple[Any, int]:
     return ("tensor", *view, value.dtype), nbytes
 
 
-def _held_bytes(items: Iterable[tuple[str, Any]], kind: str) -> int:
-    """The tensor bytes shards of ``kind`` hold for ``items``, each storage (.bin) or tensor
-    (safetensors) counted once: a set index's ``total_size``, as transformers and
-    huggingface_hub count it."""
-    held = dict(_held_once(value, kind) for _, value in items)
-    return sum(held.values())
+def _held_bytes(held: Iterable[tuple[Any, int]]) -> int:
+    """The tensor bytes shards hold for what they store (:func:`_held_once` of each key),
+    each storage (.bin) or tensor (safetensors) counted once: a set index's ``total_size``,
+    as transformers and huggingface_hub count it."""
+    return sum(dict(held).values())
 
 
 def _save_bin_group(
@@ -547,10 +545,15 @@ def _save_bin_group(
 
 
 def _unchanged_shards(
-    sset: Any, new: Checkpoint, inputs: InputBytes | None, loaded: Checkpoint | None
+    sset: Any,
+    new: Checkpoint,
+    inputs: InputBytes | None,
+    loaded: Checkpoint | None,
+    held: dict[str, tuple[Any, int]],
 ) -> list[str]:
     """The .bin shards of ``sset`` that ``new`` holds as they were: each of their keys, in
-    order, with the very tensor ``loaded`` had there, whose stored record is unchanged."""
+    order, with the very tensor ``loaded`` had there, whose stored record is unchanged.
+    ``held``: :func:`_held_once` of each key's tensor."""
     from ..formats import sharded
 
     if sset.kind != "bin" or loaded is None or inputs is None:
@@ -564,17 +567,17 @@ def _unchanged_shards(
     # where each storage is named from: a shard copied whole must hold every key naming its
     # storages (a step that tied a new key to one of them re-groups the shard with it)
     homes: dict[Any, set[str | None]] = {}
-    for key, value in new.state_dict.items():
+    for key in new.state_dict:
         shard = sset.weight_map.get(key)
         home = shard if key in entries.get(shard or "", {}) else None
-        homes.setdefault(_held_once(value, "bin")[0], set()).add(home)
+        homes.setdefault(held[key][0], set()).add(home)
     out = []
-    for shard, held in entries.items():
-        if not sharded.unchanged_shard(sset, shard, held, originals):
+    for shard, kept in entries.items():
+        if not sharded.unchanged_shard(sset, shard, kept, originals):
             continue
-        if any(homes[_held_once(t, "bin")[0]] != {shard} for t in held.values()):
+        if any(homes[held[key][0]] != {shard} for key in kept):
             continue
         # the bytes as read: a record whose pages were written after the load is refused
-        if all(inputs.storage_record(t.untyped_storage()) is not None for t in held.values()):
+        if all(inputs.storage_record(t.untyped_storage()) is not None for t in kept.values()):
             out.append(shard)
     return out

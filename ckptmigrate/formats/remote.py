@@ -33,7 +33,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..base.frozen import FrozenRecord, set_fields
 from ..base.readable import path_text
-from ..errors import CheckpointFormatError, RemoteStorageError
+from ..errors import CheckpointFormatError, RemoteStorageError, RemoteWriteError
 
 __all__ = [
     "BLOCK_BYTES",
@@ -51,6 +51,7 @@ __all__ = [
     "is_url",
     "location",
     "request_timeout",
+    "store_error",
 ]
 
 #: The least one ranged GET fetches: a 64-byte sniff brings the first block, where a torch
@@ -181,12 +182,8 @@ class RemoteStore:
             raise
         except CheckpointFormatError:
             raise
-        except PermissionError as exc:
-            raise RemoteStorageError(
-                self.url(key), failure_reason(exc) + CREDENTIALS_HINT
-            ) from None
         except Exception as exc:  # the protocol's own errors: botocore, aiohttp, timeouts...
-            raise RemoteStorageError(self.url(key), failure_reason(exc)) from None
+            raise store_error(self.url(key), exc) from None
 
     def remember(self, found: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """``found`` (fsspec's ``{name: info}`` of a listing), its infos kept for later asks."""
@@ -321,6 +318,21 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:500]
 
 
+def store_error(
+    url: str,
+    exc: BaseException,
+    error: type[RemoteStorageError] | type[RemoteWriteError] = RemoteStorageError,
+) -> RemoteStorageError | RemoteWriteError:
+    """A store's failure ``exc`` as the error to raise (``error``: a read's or a write's),
+    its :func:`failure_reason`, naming where credentials come from when they were refused.
+
+    >>> store_error("s3://models/a.pth", TimeoutError("read timed out")).reason
+    'TimeoutError: read timed out'
+    """
+    hint = CREDENTIALS_HINT if isinstance(exc, PermissionError) else ""
+    return error(url, failure_reason(exc) + hint)
+
+
 class RemoteFile(io.RawIOBase):
     """A read-only, seekable file over one object; each read is a :meth:`RemoteStore.pread`.
 
@@ -369,7 +381,7 @@ class RemoteFile(io.RawIOBase):
         return self.read(-1)
 
 
-class RemotePath:
+class RemotePath(FrozenRecord):
     """An object or folder behind a URL, with the few :class:`~pathlib.Path` methods the
     readers use (``/``, ``name``, ``suffix``, ``parent``, ``stat``, ``is_file``, ``is_dir``,
     ``glob``, ``rglob``, ``open``). ``str()`` is the URL as it may be printed. Immutable."""
@@ -379,14 +391,7 @@ class RemotePath:
     key: str
 
     def __init__(self, store: RemoteStore, key: str) -> None:
-        object.__setattr__(self, "store", store)
-        object.__setattr__(self, "key", key)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"cannot assign to field {name!r} of a RemotePath")
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return (RemotePath, (self.store, self.key))
+        set_fields(self, store=store, key=key)
 
     def __str__(self) -> str:
         return path_text(self.store.url(self.key))
@@ -394,6 +399,7 @@ class RemotePath:
     def __repr__(self) -> str:
         return f"RemotePath({str(self)!r})"
 
+    # the same URL is the same path, whichever store (each location() call's own) it is on
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, RemotePath)

@@ -14,7 +14,6 @@ a file system that clones shares them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
@@ -30,7 +29,7 @@ from ..values.tensorinfo import SAFETENSORS_DTYPES, TensorStub
 from .byte_copy import BLOCK
 from .detect import open_regular_file
 from .safetensors_file import ALIASES
-from .sink import CopySource, open_copy_source, open_sink
+from .sink import open_copy
 
 __all__ = [
     "Part",
@@ -162,16 +161,13 @@ def write_safetensors_parts(
     raw += b" " * ((-8 - len(raw)) % 8 if residue is None else (residue - 8 - len(raw)) % BLOCK)
     head = struct.pack("<Q", len(raw)) + raw
     copied = through_python = 0
-    with contextlib.ExitStack() as stack:
-        opened: dict[Any, CopySource] = {}
-        for part, _ in placed:
-            for src, _, _ in part.copied_from or ():
-                if src not in opened:
-                    origin = origins.get(src) if origins else None
-                    opened[src] = stack.enter_context(open_copy_source(src, origin))
-        # in place: the one source that is the object replaced (its ETag guards the swap)
-        replaced = next((o for o in opened.values() if o.remote is not None), None)
-        sink = stack.enter_context(open_sink(dst, replaced))
+    sources = [
+        (src, origins.get(src) if origins else None)
+        for part, _ in placed
+        for src, _, _ in part.copied_from or ()
+    ]
+    with open_copy(dst, sources) as job:
+        sink = job.sink
         sink.write(head)
         for part, _ in placed:  # front to back: each part lies right after the one before
             runs = part.copied_from
@@ -189,12 +185,9 @@ def write_safetensors_parts(
             # a merged tensor's runs one after another: a local file copies each with
             # copy_file_range, an upload copies each on the server (or reads a short one)
             for src, offset, count in runs:
-                through_python += sink.copy(opened[src], offset, count)
+                through_python += sink.copy(job.source(src), offset, count)
                 copied += count
-        sink.settle()
-        through_python += sink.bytes_read_through
-        for source in opened.values():
-            source.check_unchanged()  # before the new file or object appears
+    through_python += sink.bytes_read_through
     return copied, through_python
 
 

@@ -18,7 +18,8 @@ both:
 
 A :class:`CopySource` is a local file (its descriptor), an object (ranged reads), or a local
 private copy of an object (read locally, copied server-side when the sink is on its store).
-Memory stays bounded: one part buffer, one read chunk.
+:func:`open_copy` opens a writer's sink and its sources together, and checks the sources
+unchanged before the result appears. Memory stays bounded: one part buffer, one read chunk.
 
 >>> with open_sink(location("s3://models/new.pth")) as sink:  # doctest: +SKIP
 ...     sink.write(header)
@@ -30,7 +31,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,17 +40,19 @@ from ..errors import CheckpointFormatError, RemoteWriteError
 from . import atomic
 from .atomic import Writeback, atomic_fd
 from .byte_copy import copy_range
-from .remote import RemotePath, location
+from .remote import Location, RemotePath, location, store_error
 
 __all__ = [
     "MAX_COPY_PART_BYTES",
     "MIN_PART_BYTES",
     "PART_BYTES",
     "REMOTE_CRASH_EVENTS",
+    "CopyJob",
     "CopySource",
     "FileSink",
     "MultipartSink",
     "Sink",
+    "open_copy",
     "open_copy_source",
     "open_sink",
     "upload_file",
@@ -112,8 +115,6 @@ class CopySource:
         servers that do not). One HEAD request; a local file is not checked."""
         if self.remote is None or not self.etag:
             return
-        from .remote import failure_reason
-
         store, key = self.remote.store, self.remote.key
         try:
             if store.protocol in ("s3", "s3a"):
@@ -123,7 +124,7 @@ class CopySource:
             else:
                 now = store.call(key, store.fs.info, key).get("ETag")
         except Exception as exc:
-            raise RemoteWriteError(str(self.remote), failure_reason(exc)) from None
+            raise store_error(str(self.remote), exc, RemoteWriteError) from None
         if now is not None and now != self.etag:
             raise RemoteWriteError(
                 str(self.remote),
@@ -158,6 +159,11 @@ class Sink(abc.ABC):
     def settle(self) -> None:  # noqa: B027 (a hook: a sink that holds nothing back)
         """Send what is held back (a run of source bytes), so every source read is done."""
 
+    def _write_from(self, source: CopySource, offset: int, count: int) -> None:
+        """Append ``count`` bytes of ``source`` from ``offset``, read a chunk at a time."""
+        for at in range(0, count, READ_CHUNK):
+            self.write(source.read(offset + at, min(READ_CHUNK, count - at)))
+
 
 class FileSink(Sink):
     """A local file's descriptor (the temporary :func:`~.atomic.atomic_fd` renames into
@@ -181,8 +187,7 @@ class FileSink(Sink):
             through = copy_range(source.fd, offset, self.fd, self.position, count, self.writeback)
             self.position += count
             return through
-        for at in range(0, count, READ_CHUNK):  # an object: ranged reads, one chunk at a time
-            self.write(source.read(offset + at, min(READ_CHUNK, count - at)))
+        self._write_from(source, offset, count)  # an object: ranged reads
         return count
 
 
@@ -223,17 +228,11 @@ class MultipartSink(Sink):
     # -- the store's calls, their failures as one clear error ----------------------------
 
     def _call(self, method: str, **kwargs: Any) -> Any:
-        from .remote import CREDENTIALS_HINT, failure_reason
-
         self.requests += 1
         try:
             return self.fs.call_s3(method, **kwargs)
-        except PermissionError as exc:
-            raise RemoteWriteError(
-                str(self.target), failure_reason(exc) + CREDENTIALS_HINT
-            ) from None
         except Exception as exc:  # botocore's errors, timeouts, refused connections
-            raise RemoteWriteError(str(self.target), failure_reason(exc)) from None
+            raise store_error(str(self.target), exc, RemoteWriteError) from None
 
     def _start(self) -> None:
         if self.upload_id is None:
@@ -250,50 +249,38 @@ class MultipartSink(Sink):
             )
         return number
 
+    def _send_part(self, method: str, **kwargs: Any) -> None:
+        """Send the next part: ``upload_part`` (bytes) or ``upload_part_copy`` (a range the
+        server copies)."""
+        self._start()
+        number = self._part_number()
+        atomic.crash_point("write")
+        done = self._call(
+            method,
+            Bucket=self.bucket,
+            Key=self.key,
+            UploadId=self.upload_id,
+            PartNumber=number,
+            **kwargs,
+        )
+        etag = done["CopyPartResult"]["ETag"] if method == "upload_part_copy" else done["ETag"]
+        self.parts.append({"PartNumber": number, "ETag": etag})
+        atomic.crash_point("part")
+
     def _flush(self) -> None:
         """Upload the buffer as the next part."""
         if not self.buffer:
             return
-        self._start()
-        number = self._part_number()
-        atomic.crash_point("write")
-        done = self._call(
-            "upload_part",
-            Bucket=self.bucket,
-            Key=self.key,
-            UploadId=self.upload_id,
-            PartNumber=number,
-            Body=bytes(self.buffer),
-        )
-        self.parts.append({"PartNumber": number, "ETag": done["ETag"]})
+        self._send_part("upload_part", Body=bytes(self.buffer))
         self.bytes_uploaded += len(self.buffer)
         self.buffer = bytearray()
-        atomic.crash_point("part")
 
     def _copy_part(self, source: CopySource, first: int, last: int) -> None:
         """The server copies ``[first, last)`` of the source object as the next part."""
         assert source.remote is not None
-        bucket, key, version = self.fs.split_path(source.remote.key)
-        self._start()
-        number = self._part_number()
-        where: dict[str, Any] = {"Bucket": bucket, "Key": key}
-        if version:
-            where["VersionId"] = version
-        extra = {"CopySourceIfMatch": source.etag} if source.etag else {}
-        atomic.crash_point("write")
-        done = self._call(
-            "upload_part_copy",
-            Bucket=self.bucket,
-            Key=self.key,
-            UploadId=self.upload_id,
-            PartNumber=number,
-            CopySource=where,
-            CopySourceRange=f"bytes={first}-{last - 1}",
-            **extra,
-        )
-        self.parts.append({"PartNumber": number, "ETag": done["CopyPartResult"]["ETag"]})
+        copied = _copy_source(self.fs, source.remote, source.etag)
+        self._send_part("upload_part_copy", CopySourceRange=f"bytes={first}-{last - 1}", **copied)
         self.bytes_copied_server_side += last - first
-        atomic.crash_point("part")
 
     # -- the sink ----------------------------------------------------------------------
 
@@ -325,8 +312,7 @@ class MultipartSink(Sink):
             self.position = self._held()
             return 0
         self._flush_run()
-        for at in range(0, count, READ_CHUNK):
-            self.write(source.read(offset + at, min(READ_CHUNK, count - at)))
+        self._write_from(source, offset, count)
         return count
 
     def copies_runs(self, source: CopySource) -> bool:
@@ -346,8 +332,7 @@ class MultipartSink(Sink):
         count = end - offset
         need = max(0, MIN_PART_BYTES - len(self.buffer)) if self.buffer else 0
         if count - need < MIN_PART_BYTES:
-            for at in range(0, count, READ_CHUNK):
-                self.write(source.read(offset + at, min(READ_CHUNK, count - at)))
+            self._write_from(source, offset, count)
             self.bytes_read_through += count
             return
         if need:
@@ -460,6 +445,55 @@ def open_copy_source(
         yield CopySource(fd=f.fileno(), remote=origin, size=size, etag=etag)
 
 
+class CopyJob:
+    """A byte-copying writer's :attr:`sink` and the files it copies records from, each
+    opened once (:meth:`source`) and open until the copy ends (:func:`open_copy`)."""
+
+    sink: Sink
+
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        self._stack = stack
+        self.opened: dict[Location, CopySource] = {}
+
+    def source(
+        self, src: str | os.PathLike[str] | RemotePath, origin: RemotePath | None = None
+    ) -> CopySource:
+        """The file ``src`` (``origin``: the object it is a private copy of), opened the
+        first time it is asked for."""
+        # asked once per copied range: a Path or an object is its own location already
+        where = src if isinstance(src, (Path, RemotePath)) else location(src)
+        if where not in self.opened:
+            self.opened[where] = self._stack.enter_context(open_copy_source(where, origin))
+        return self.opened[where]
+
+
+@contextlib.contextmanager
+def open_copy(
+    dst: str | os.PathLike[str] | RemotePath,
+    sources: Iterable[tuple[str | os.PathLike[str] | RemotePath, RemotePath | None]] = (),
+) -> Iterator[CopyJob]:
+    """A sink writing ``dst`` (:func:`open_sink`) and the files records are copied into it
+    from: ``sources`` (``(file, origin)`` pairs) opened first, so that in place the one
+    that is ``dst``'s object guards the swap (its ETag), others when first asked for. On
+    success the sink settles and every source is checked unchanged before the result
+    appears; on any error nothing does.
+
+    >>> with open_copy("new.pth", [("old.pth", None)]) as job:  # doctest: +SKIP
+    ...     job.sink.copy(job.source("old.pth"), 0, 4096)
+    """
+    with contextlib.ExitStack() as stack:
+        job = CopyJob(stack)
+        for src, origin in sources:
+            job.source(src, origin)
+        target = location(dst)
+        replaced = next((s for s in job.opened.values() if s.remote == target), None)
+        job.sink = stack.enter_context(open_sink(target, replaced))
+        yield job
+        job.sink.settle()
+        for source in job.opened.values():
+            source.check_unchanged()  # before the new file or object appears
+
+
 def upload_file(local: Path, dst: RemotePath) -> int:
     """Put the local file ``local`` at ``dst`` through a :class:`MultipartSink` (one part
     buffer in memory); the object appears only once complete. Returns its size."""
@@ -478,14 +512,20 @@ def copy_object(src: RemotePath, dst: RemotePath) -> None:
             sink.copy(source, 0, source.size)
         return
     sink = MultipartSink(dst)
-    bucket, key, version = sink.fs.split_path(src.key)
+    copied = _copy_source(sink.fs, src, st.etag)
+    atomic.crash_point("complete")
+    sink._call("copy_object", Bucket=sink.bucket, Key=sink.key, **copied)
+    _forget(dst)
+
+
+def _copy_source(fs: Any, src: RemotePath, etag: str | None) -> dict[str, Any]:
+    """The arguments of a server-side copy that name ``src`` (its version, if the key has
+    one) and, given its ``etag``, refuse it once it changed since it was read."""
+    bucket, key, version = fs.split_path(src.key)
     where: dict[str, Any] = {"Bucket": bucket, "Key": key}
     if version:
         where["VersionId"] = version
-    extra = {"CopySourceIfMatch": st.etag} if st.etag else {}
-    atomic.crash_point("complete")
-    sink._call("copy_object", Bucket=sink.bucket, Key=sink.key, CopySource=where, **extra)
-    _forget(dst)
+    return {"CopySource": where, **({"CopySourceIfMatch": etag} if etag else {})}
 
 
 def same_object_bytes(a: RemotePath, b: RemotePath) -> bool:

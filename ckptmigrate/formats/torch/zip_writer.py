@@ -10,17 +10,16 @@ stored bytes and CRC and moves with ``os.copy_file_range``, inside the kernel, s
 passes through Python. :func:`write_zip_copy` writes a whole archive atomically, with the disk
 writing behind the copy (:class:`~.atomic.Writeback`) so the closing fsync waits little.
 
->>> with open("new.pth", "wb") as f:  # doctest: +SKIP
-...     zw = TorchZipWriter(f.fileno())
+>>> with open_copy("new.pth", [("old.pth", None)]) as job:  # doctest: +SKIP
+...     zw = TorchZipWriter(job.sink)
 ...     zw.add_bytes("archive/data.pkl", pickled)
-...     zw.copy_member("archive/data/0", src_fd, records["archive/data/0"])
+...     zw.copy_member("archive/data/0", job.source("old.pth"), records["archive/data/0"])
 ...     zw.close()
 """
 
 from __future__ import annotations
 
 import bisect
-import contextlib
 import os
 import struct
 import zlib
@@ -29,10 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import CheckpointFormatError
-from ..atomic import Writeback
 from ..byte_copy import BLOCK
-from ..remote import RemotePath, location
-from ..sink import CopySource, FileSink, Sink, open_copy_source, open_sink
+from ..remote import RemotePath
+from ..sink import CopySource, Sink, open_copy
 from .archive import ZipRecordInfo
 
 __all__ = ["ALIGNMENT", "JoinedRecord", "TorchZipWriter", "write_zip_copy"]
@@ -66,21 +64,16 @@ class _Entry:
 
 class TorchZipWriter:
     """A stored-only zip64 archive writer with torch's 64-byte data alignment, writing into
-    a :class:`~..sink.Sink` (or a file descriptor: a local file from offset 0)."""
+    a :class:`~..sink.Sink` (whose ``position`` is where the next byte goes)."""
 
-    def __init__(self, out: int | Sink, writeback: Writeback | None = None) -> None:
-        self._sink = FileSink(out, writeback) if isinstance(out, int) else out
-        self._pos = 0
+    def __init__(self, sink: Sink) -> None:
+        self._sink = sink
         #: where each source record's extent ends (its data, and the data descriptor torch
         #: writes after them): the next record's local header (:meth:`know_extents`)
         self._extent_ends: dict[str, int] = {}
         self._entries: list[_Entry] = []
         self.bytes_copied = 0
         self.bytes_through_python = 0
-
-    def _write(self, data: bytes | memoryview) -> None:
-        self._sink.write(data)
-        self._pos += len(memoryview(data).cast("B"))
 
     def _local_header(self, name: str, size: int, crc: int, like: int | None = None) -> bytes:
         """The local header of a member whose data follow it: at a multiple of
@@ -90,14 +83,14 @@ class TorchZipWriter:
         zip64 = size >= _LIMIT
         extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
         # the FB field's own 4-byte header counts before its padding
-        start = self._pos + 30 + len(raw) + len(extra) + 4
+        start = self._sink.position + 30 + len(raw) + len(extra) + 4
         if like is not None and like % ALIGNMENT == 0:
             pad = (like - start) % BLOCK
         else:
             pad = -start % ALIGNMENT
         extra += b"FB" + struct.pack("<H", pad) + b"Z" * pad
         stored = _LIMIT if zip64 else size
-        self._entries.append(_Entry(raw, self._pos, size, crc))
+        self._entries.append(_Entry(raw, self._sink.position, size, crc))
         header = struct.pack(
             "<IHHHHHIIIHH",
             0x04034B50,
@@ -116,8 +109,8 @@ class TorchZipWriter:
 
     def add_bytes(self, name: str, data: bytes) -> None:
         """Add a member from bytes (a new data.pkl, a small record)."""
-        self._write(self._local_header(name, len(data), zlib.crc32(data)))
-        self._write(data)
+        self._sink.write(self._local_header(name, len(data), zlib.crc32(data)))
+        self._sink.write(data)
 
     def add_buffer(self, name: str, data: memoryview) -> None:
         """Add a member from memory (a new tensor's storage) without copying it first: its CRC
@@ -126,9 +119,9 @@ class TorchZipWriter:
         crc = 0
         for at in range(0, len(data), _CHUNK):
             crc = zlib.crc32(data[at : at + _CHUNK], crc)
-        self._write(self._local_header(name, len(data), crc))
+        self._sink.write(self._local_header(name, len(data), crc))
         for at in range(0, len(data), _CHUNK):
-            self._write(data[at : at + _CHUNK])
+            self._sink.write(data[at : at + _CHUNK])
         self.bytes_through_python += len(data)
 
     def know_extents(self, records: Iterable[ZipRecordInfo]) -> None:
@@ -140,19 +133,16 @@ class TorchZipWriter:
             if at < len(starts):
                 self._extent_ends[r.name] = starts[at]
 
-    def copy_member(self, name: str, src: int | CopySource, record: ZipRecordInfo) -> None:
-        """Copy a stored member of another archive (a descriptor, or a
-        :class:`~..sink.CopySource`) as it is, CRC included, under ``name``."""
+    def copy_member(self, name: str, source: CopySource, record: ZipRecordInfo) -> None:
+        """Copy a stored member of another archive as it is, CRC included, under ``name``."""
         if record.compress_type != 0 or record.compressed_size != record.size:
             raise CheckpointFormatError(
                 f"zip member {record.name!r} is compressed; torch writes stored members only"
             )
-        source = CopySource(fd=src) if isinstance(src, int) else src
         if self._copies_whole(name, source, record):
             return
-        self._write(self._local_header(name, record.size, record.crc, like=record.data_offset))
+        self._sink.write(self._local_header(name, record.size, record.crc, like=record.data_offset))
         self.bytes_through_python += self._sink.copy(source, record.data_offset, record.size)
-        self._pos += record.size
         self.bytes_copied += record.size
 
     def _copies_whole(self, name: str, source: CopySource, record: ZipRecordInfo) -> bool:
@@ -169,35 +159,34 @@ class TorchZipWriter:
             or not self._sink.copies_runs(source)
         ):
             return False
-        gap = (record.header_offset - self._pos) % ALIGNMENT
+        gap = (record.header_offset - self._sink.position) % ALIGNMENT
         if gap:
-            self._write(bytes(gap))
-        self._entries.append(_Entry(name.encode("utf-8"), self._pos, record.size, record.crc))
+            self._sink.write(bytes(gap))
+        self._entries.append(
+            _Entry(name.encode("utf-8"), self._sink.position, record.size, record.crc)
+        )
         self.bytes_through_python += self._sink.copy(
             source, record.header_offset, end - record.header_offset
         )
-        self._pos += end - record.header_offset
         self.bytes_copied += record.size
         return True
 
-    def copy_runs(self, name: str, runs: list[tuple[int | CopySource, int, int]], crc: int) -> None:
-        """Add a member whose bytes are ``runs`` (``(source, offset, count)``: a descriptor or
-        a :class:`~..sink.CopySource`) of other files, in order, with their CRC-32 ``crc``
-        (a merged tensor's storage); laid out to clone the first run where it can. Each run
-        goes through the sink: ``copy_file_range`` into a local file, a server-side part
-        copy (or a read and upload) into an object."""
+    def copy_runs(self, name: str, runs: list[tuple[CopySource, int, int]], crc: int) -> None:
+        """Add a member whose bytes are ``runs`` (``(source, offset, count)``) of other
+        files, in order, with their CRC-32 ``crc`` (a merged tensor's storage); laid out to
+        clone the first run where it can. Each run goes through the sink:
+        ``copy_file_range`` into a local file, a server-side part copy (or a read and
+        upload) into an object."""
         size = sum(n for _, _, n in runs)
         like = runs[0][1] if runs else None
-        self._write(self._local_header(name, size, crc, like=like))
-        for src, offset, count in runs:
-            source = CopySource(fd=src) if isinstance(src, int) else src
+        self._sink.write(self._local_header(name, size, crc, like=like))
+        for source, offset, count in runs:
             self.bytes_through_python += self._sink.copy(source, offset, count)
-            self._pos += count
             self.bytes_copied += count
 
     def close(self) -> None:
         """Write the central directory and the (zip64) end records, as torch does."""
-        start = self._pos
+        start = self._sink.position
         central = bytearray()
         for e in self._entries:
             fields = []
@@ -230,13 +219,13 @@ class TorchZipWriter:
                 min(e.offset, _LIMIT),
             )
             central += e.name + extra
-        self._write(bytes(central))
-        count, size, eocd64 = len(self._entries), len(central), self._pos
-        self._write(
+        self._sink.write(bytes(central))
+        count, size, eocd64 = len(self._entries), len(central), self._sink.position
+        self._sink.write(
             struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, size, start)
         )
-        self._write(struct.pack("<IIQI", 0x07064B50, 0, eocd64, 1))
-        self._write(
+        self._sink.write(struct.pack("<IIQI", 0x07064B50, 0, eocd64, 1))
+        self._sink.write(
             struct.pack(
                 "<IHHHHIIH",
                 0x06054B50,
@@ -273,18 +262,9 @@ def write_zip_copy(
     >>> write_zip_copy("new.pth", "old.pth", [("archive/data.pkl", pickled),
     ...                                       ("archive/data/0", records["archive/data/0"])])
     """
-    with contextlib.ExitStack() as stack:
-        source = stack.enter_context(open_copy_source(src, origin))
-        sink = stack.enter_context(open_sink(dst, source))
-        opened: dict[Path | RemotePath, CopySource] = {location(src): source}
-
-        def source_of(path: Path | RemotePath) -> CopySource:
-            where = location(path)
-            if where not in opened:  # another file's records (a set's other shard)
-                opened[where] = stack.enter_context(open_copy_source(where))
-            return opened[where]
-
-        writer = TorchZipWriter(sink)
+    with open_copy(dst, [(src, origin)]) as job:
+        source = job.source(src)
+        writer = TorchZipWriter(job.sink)
         if records is not None:
             writer.know_extents(records)
         for name, member in members:
@@ -293,13 +273,10 @@ def write_zip_copy(
             elif isinstance(member, memoryview):
                 writer.add_buffer(name, member)
             elif isinstance(member, JoinedRecord):
-                runs = [(source_of(path), at, n) for path, at, n in member.runs]
-                writer.copy_runs(name, runs, member.crc)  # type: ignore[arg-type]
+                runs = [(job.source(path), at, n) for path, at, n in member.runs]
+                writer.copy_runs(name, runs, member.crc)
             else:
                 writer.copy_member(name, source, member)
         writer.close()
-        sink.settle()
-        writer.bytes_through_python += sink.bytes_read_through
-        for copied in opened.values():
-            copied.check_unchanged()  # before the new file or object appears
+    writer.bytes_through_python += job.sink.bytes_read_through
     return writer
