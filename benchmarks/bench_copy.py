@@ -10,6 +10,10 @@ process under ``/usr/bin/time -v`` (wall time, peak RSS), interleaved, medians o
   ``{k.replace(".attn.", ".self_attn."): v ...}`` (runs on the mapped tensors);
 - ``load-save``: ``torch.load(mmap=True)`` + the same rename + ``torch.save`` (safetensors:
   ``safe_open`` + ``save_file``);
+- ``load-save+sync``: the same, then ``os.fsync`` of the new file (ours fsyncs before its
+  rename; ``torch.save`` and ``save_file`` do not);
+- ``fn-rename-before`` (with ``--before DIR``): ``fn-rename`` run on the ckptmigrate package
+  in ``DIR`` (an earlier commit's tree), for a before/after in the same run;
 - ``merge``: ``cm.upgrade_file`` with ``Merge`` of 2 of the 168 tensors;
 - ``op-rename``: ``cm.upgrade_file`` with ``RenameKeys`` (metadata-only: streamed);
 - ``cp + sync``: ``cp --reflink=never`` + ``sync FILE``.
@@ -22,6 +26,8 @@ system's used space before and after each (``statvfs`` after ``sync``).
     .venv/bin/python benchmarks/bench_copy.py --xfs --format safetensors --runs 3
     .venv/bin/python benchmarks/bench_copy.py --gb 0.1 --no-write  # a quick look, no RESULTS
     .venv/bin/python benchmarks/bench_copy.py --contenders merge,cp+sync --data /tmp/bench
+    .venv/bin/python benchmarks/bench_copy.py --format safetensors --before /tmp/old-tree \
+        --contenders fn-rename,fn-rename-before,load-save,load-save+sync,cp+sync
 """
 
 from __future__ import annotations
@@ -76,6 +82,16 @@ def schema(kind: str):
 
 
 def run_one(method: str, src: str, dst: str) -> None:
+    if method == "load-save+sync":
+        run_one("load-save", src, dst)
+        fd = os.open(dst, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return
+    if method == "fn-rename-before":
+        method = "fn-rename"  # the package comes from --before's tree (PYTHONPATH)
     if method == "load-save":
         if src.endswith(".safetensors"):
             from safetensors import safe_open
@@ -160,8 +176,17 @@ class XfsMount:
 # ---------------------------------------------------------------- measurements
 
 
-def bench(src: Path, runs: int, contenders: list[str], space: bool) -> dict:
+def bench(
+    src: Path, runs: int, contenders: list[str], space: bool, before: Path | None = None
+) -> dict:
     py, me = sys.executable, str(Path(__file__).resolve())
+    env_of = {name: None for name in contenders}
+    if "fn-rename-before" in contenders:
+        if before is None:
+            raise SystemExit("fn-rename-before needs --before DIR (a tree with ckptmigrate/)")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(before), env.get("PYTHONPATH", "")])
+        env_of["fn-rename-before"] = env
     out_of = {name: src.with_name(f"out-{name}{src.suffix}") for name in contenders}
     commands = {
         name: (
@@ -177,7 +202,7 @@ def bench(src: Path, runs: int, contenders: list[str], space: bool) -> dict:
         for name, cmd in commands.items():
             out_of[name].unlink(missing_ok=True)
             before = used_bytes(src.parent) if space else 0
-            wall, rss, stdout = timed_run(cmd)
+            wall, rss, stdout = timed_run(cmd, env_of.get(name))
             grown = used_bytes(src.parent) - before if space else 0
             got[name].append((wall, rss, grown))
             said[name] = stdout.strip()
@@ -236,6 +261,18 @@ def report(r: dict, label: str, fs: str, fmt: str, space: bool) -> str:
             f"peak RSS **{100 * r['fn-rename']['rss_bytes'] / size:.1f}%** of the file "
             "(goal <= 25%)"
         )
+    if "fn-rename" in r and "load-save+sync" in r:
+        lines.append(
+            "- fn-rename / (load-save + fsync): "
+            f"**{ratio('fn-rename', 'load-save+sync')}** (goal <= 1.0x; both durable)"
+        )
+    if "fn-rename-before" in r:
+        for base in ("load-save", "load-save+sync"):
+            if base in r:
+                lines.append(
+                    f"- before (--before tree): fn-rename-before / {base}: "
+                    f"**{ratio('fn-rename-before', base)}**"
+                )
     if "merge" in r and "cp+sync" in r:
         allowed = 0.25 * size + 2 * per_tensor
         lines.append(
@@ -276,7 +313,8 @@ def header(args: argparse.Namespace) -> str:
             + " ".join(sys.argv[1:])
             + f"`. Medians of {args.runs} whole-process runs (`/usr/bin/time -v`), contenders "
             "interleaved, output deleted and `sync` before each, warm page cache for the "
-            "source. Ours fsyncs its output before the rename; `torch.save` does not.",
+            "source. Ours fsyncs its output before the rename; `torch.save` and `save_file` do "
+            "not (`load-save+sync` adds an `os.fsync` of the new file).",
             "",
         ]
     )
@@ -297,6 +335,9 @@ def main() -> None:
         help="comma-separated, of the default list",
     )
     parser.add_argument("--data", type=Path, default=DATA, help="where the file is made")
+    parser.add_argument(
+        "--before", type=Path, help="fn-rename-before: the tree (with ckptmigrate/) to run"
+    )
     args = parser.parse_args()
     if ran_child(args.one, run_one, args.data):
         return
@@ -307,7 +348,7 @@ def main() -> None:
         make_file(src, args.gb)
         everyone = [c for c in args.contenders.split(",") if c]
         if not args.no_ext:
-            got = bench(src, args.runs, everyone, space=False)
+            got = bench(src, args.runs, everyone, space=False, before=args.before)
             sections.append(report(got, "Local disk", file_system(src), args.format, False))
         if args.xfs:
             xfs = XfsMount(args.data, 3 * src.stat().st_size + (1 << 30))

@@ -275,8 +275,9 @@ def test_a_rename_on_xfs_shares_the_records_instead_of_copying(xfs, suffix, sche
 
 @pytest.mark.parametrize("kind", ["safetensors", "bin"])
 def test_an_in_place_rename_of_a_set_reads_headers_not_shards(tmp_path, kind):
-    """The bytes read (``rchar``, which counts copy_file_range too) are the copy's, plus
-    headers and the index: no shard is read whole before the copy starts."""
+    """The bytes read (``rchar``, which counts copy_file_range too, not the pages a direct
+    copy maps on ext4) are at most the copy's, plus headers and the index: no shard is read
+    whole before the copy starts."""
     folder = tmp_path / "set"
     folder.mkdir()
     index = (
