@@ -18,6 +18,10 @@ process under ``/usr/bin/time -v`` (wall time, peak RSS), interleaved, medians o
 - ``op-rename``: ``cm.upgrade_file`` with ``RenameKeys`` (metadata-only: streamed);
 - ``cp + sync``: ``cp --reflink=never`` + ``sync FILE``.
 
+Each child also says how long its work took after ``import torch`` (``work=``, the "after
+import torch" column and ratios; the streamed ones, ``merge`` and ``op-rename``, never import
+torch: theirs is all they do after the interpreter starts).
+
 With ``--xfs`` (root, ``mkfs.xfs``) the same file is also placed on a fresh XFS (reflink=1)
 loop mount (an image file beside the data) and the contenders run there, with the file
 system's used space before and after each (``statvfs`` after ``sync``).
@@ -82,12 +86,18 @@ def schema(kind: str):
 # ---------------------------------------------------------------- one whole-process run each
 
 
+#: the contenders that run on tensors (the others, streamed, never import torch)
+WITH_TORCH = ("fn-rename", "fn-rename-before", "load-save", "load-save+sync")
+
+
 def run_one(method: str, src: str, dst: str) -> None:
-    """One contender's work, and how long it took after ``import torch`` (which every one of
-    them pays first, and which swings most on a loaded machine): ``work=SECONDSs``."""
+    """One contender's work, and how long it took after ``import torch`` (which each one
+    running on tensors pays first, and which swings most on a loaded machine):
+    ``work=SECONDSs``."""
     import time
 
-    import torch  # noqa: F401
+    if method in WITH_TORCH:
+        import torch  # noqa: F401
 
     start = time.perf_counter()
     said = work(method, src, dst)
