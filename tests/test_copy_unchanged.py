@@ -419,3 +419,19 @@ def test_records_stored_in_the_other_byte_order_are_written_from_memory(tmp_path
     got = read_back(dst)
     for key, value in sd.items():
         assert torch.equal(got[key], value), key
+
+
+def test_the_pagemap_check_tells_anonymous_pages_by_their_flag_bits():
+    """Each 8-byte ``/proc/self/pagemap`` entry: bit 63 present, 62 swapped, 61 file-backed;
+    a page that is swapped, or present and not the file's, is written memory."""
+    import struct
+
+    from ckptmigrate.engine import unchanged
+
+    present, swapped, file_backed = 1 << 63, 1 << 62, 1 << 61
+    for top in range(256):
+        entry = top << 56 | 0x12345  # a frame number in the low bits
+        anonymous = bool(entry & swapped or (entry & present and not entry & file_backed))
+        data = struct.pack("=QQ", present | file_backed, entry)
+        found = 1 in data[unchanged._FLAG_BYTE :: 8].translate(unchanged._ANONYMOUS)
+        assert found == anonymous, hex(top)
