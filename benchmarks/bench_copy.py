@@ -10,9 +10,17 @@ process under ``/usr/bin/time -v`` (wall time, peak RSS), interleaved, medians o
   ``{k.replace(".attn.", ".self_attn."): v ...}`` (runs on the mapped tensors);
 - ``load-save``: ``torch.load(mmap=True)`` + the same rename + ``torch.save`` (safetensors:
   ``safe_open`` + ``save_file``);
+- ``load-save+sync``: the same, then ``os.fsync`` of the new file (ours fsyncs before its
+  rename; ``torch.save`` and ``save_file`` do not);
+- ``fn-rename-before`` (with ``--before DIR``): ``fn-rename`` run on the ckptmigrate package
+  in ``DIR`` (an earlier commit's tree), for a before/after in the same run;
 - ``merge``: ``cm.upgrade_file`` with ``Merge`` of 2 of the 168 tensors;
 - ``op-rename``: ``cm.upgrade_file`` with ``RenameKeys`` (metadata-only: streamed);
 - ``cp + sync``: ``cp --reflink=never`` + ``sync FILE``.
+
+Each child also says how long its work took after ``import torch`` (``work=``, the "after
+import torch" column and ratios; the streamed ones, ``merge`` and ``op-rename``, never import
+torch: theirs is all they do after the interpreter starts).
 
 With ``--xfs`` (root, ``mkfs.xfs``) the same file is also placed on a fresh XFS (reflink=1)
 loop mount (an image file beside the data) and the contenders run there, with the file
@@ -22,6 +30,8 @@ system's used space before and after each (``statvfs`` after ``sync``).
     .venv/bin/python benchmarks/bench_copy.py --xfs --format safetensors --runs 3
     .venv/bin/python benchmarks/bench_copy.py --gb 0.1 --no-write  # a quick look, no RESULTS
     .venv/bin/python benchmarks/bench_copy.py --contenders merge,cp+sync --data /tmp/bench
+    .venv/bin/python benchmarks/bench_copy.py --format safetensors --before /tmp/old-tree \
+        --contenders fn-rename,fn-rename-before,load-save,load-save+sync,cp+sync
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -75,7 +86,35 @@ def schema(kind: str):
 # ---------------------------------------------------------------- one whole-process run each
 
 
+#: the contenders that run on tensors (the others, streamed, never import torch)
+WITH_TORCH = ("fn-rename", "fn-rename-before", "load-save", "load-save+sync")
+
+
 def run_one(method: str, src: str, dst: str) -> None:
+    """One contender's work, and how long it took after ``import torch`` (which each one
+    running on tensors pays first, and which swings most on a loaded machine):
+    ``work=SECONDSs``."""
+    import time
+
+    if method in WITH_TORCH:
+        import torch  # noqa: F401
+
+    start = time.perf_counter()
+    said = work(method, src, dst)
+    print(f"{said} work={time.perf_counter() - start:.2f}s".strip())
+
+
+def work(method: str, src: str, dst: str) -> str:
+    if method == "load-save+sync":
+        work("load-save", src, dst)
+        fd = os.open(dst, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return ""
+    if method == "fn-rename-before":
+        method = "fn-rename"  # the package comes from --before's tree (PYTHONPATH)
     if method == "load-save":
         if src.endswith(".safetensors"):
             from safetensors import safe_open
@@ -93,11 +132,11 @@ def run_one(method: str, src: str, dst: str) -> None:
                 k.replace(".attn.", ".self_attn."): v for k, v in obj["state_dict"].items()
             }
             torch.save(obj, dst)
-        return
+        return ""
     from ckptmigrate.engine.rewrite import upgrade_file
 
     result = upgrade_file(src, dst, schema(method))
-    print(f"copied={result.bytes_copied} through_python={result.bytes_through_python}")
+    return f"copied={result.bytes_copied} through_python={result.bytes_through_python}"
 
 
 # ---------------------------------------------------------------- data
@@ -160,8 +199,17 @@ class XfsMount:
 # ---------------------------------------------------------------- measurements
 
 
-def bench(src: Path, runs: int, contenders: list[str], space: bool) -> dict:
+def bench(
+    src: Path, runs: int, contenders: list[str], space: bool, before: Path | None = None
+) -> dict:
     py, me = sys.executable, str(Path(__file__).resolve())
+    env_of = {name: None for name in contenders}
+    if "fn-rename-before" in contenders:
+        if before is None:
+            raise SystemExit("fn-rename-before needs --before DIR (a tree with ckptmigrate/)")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(before), env.get("PYTHONPATH", "")])
+        env_of["fn-rename-before"] = env
     out_of = {name: src.with_name(f"out-{name}{src.suffix}") for name in contenders}
     commands = {
         name: (
@@ -173,14 +221,18 @@ def bench(src: Path, runs: int, contenders: list[str], space: bool) -> dict:
     }
     got: dict[str, list[tuple[float, int, int]]] = {name: [] for name in contenders}
     said: dict[str, str] = {}
+    works: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(runs):
         for name, cmd in commands.items():
             out_of[name].unlink(missing_ok=True)
             before = used_bytes(src.parent) if space else 0
-            wall, rss, stdout = timed_run(cmd)
+            wall, rss, stdout = timed_run(cmd, env_of.get(name))
             grown = used_bytes(src.parent) - before if space else 0
             got[name].append((wall, rss, grown))
             said[name] = stdout.strip()
+            found = re.search(r"work=([\d.]+)s", stdout)
+            if found:
+                works[name].append(float(found.group(1)))
             out_of[name].unlink(missing_ok=True)
     result: dict = {"file_bytes": src.stat().st_size, "runs": runs}
     for name, rows in got.items():
@@ -190,6 +242,7 @@ def bench(src: Path, runs: int, contenders: list[str], space: bool) -> dict:
             "grown_bytes": int(statistics.median(g for _, _, g in rows)),
             "walls": [w for w, _, _ in rows],
             "said": said[name],
+            "work_s": statistics.median(works[name]) if works[name] else None,
         }
     return result
 
@@ -205,17 +258,19 @@ def report(r: dict, label: str, fs: str, fmt: str, space: bool) -> str:
     lines = [
         f"### {label}: {fs}, {fmt}, {size / 1e9:.2f} GB, {LAYERS * len(PARTS)} tensors",
         "",
-        "| contender | wall s | peak RSS | % of file | "
+        "| contender | wall s | after import torch s | peak RSS | % of file | "
         + ("FS used space grown | " if space else "")
-        + "runs | says |",
-        "| --- | ---: | ---: | ---: | " + ("---: | " if space else "") + "--- | --- |",
+        + "runs | says (last run) |",
+        "| --- | ---: | ---: | ---: | ---: | " + ("---: | " if space else "") + "--- | --- |",
     ]
     for name in r:
         if not isinstance(r[name], dict):
             continue
         d = r[name]
         lines.append(
-            f"| {name} | {d['wall_s']:.2f} | {d['rss_bytes'] / 2**20:.0f} MiB | "
+            f"| {name} | {d['wall_s']:.2f} | "
+            + ("-" if d["work_s"] is None else f"{d['work_s']:.2f}")
+            + f" | {d['rss_bytes'] / 2**20:.0f} MiB | "
             f"{100 * d['rss_bytes'] / size:.1f}% | "
             + (
                 f"{d['grown_bytes'] / 2**20:.1f} MiB ({100 * d['grown_bytes'] / size:.2f}%) | "
@@ -228,7 +283,12 @@ def report(r: dict, label: str, fs: str, fmt: str, space: bool) -> str:
     lines.append("")
 
     def ratio(a: str, b: str) -> str:
-        return f"{r[a]['wall_s'] / r[b]['wall_s']:.2f}x" if a in r and b in r else "n/a"
+        if a not in r or b not in r:
+            return "n/a"
+        whole = f"{r[a]['wall_s'] / r[b]['wall_s']:.2f}x"
+        if r[a]["work_s"] and r[b]["work_s"]:
+            return whole + f"; after import torch {r[a]['work_s'] / r[b]['work_s']:.2f}x"
+        return whole
 
     if "fn-rename" in r and "load-save" in r:
         lines.append(
@@ -236,6 +296,18 @@ def report(r: dict, label: str, fs: str, fmt: str, space: bool) -> str:
             f"peak RSS **{100 * r['fn-rename']['rss_bytes'] / size:.1f}%** of the file "
             "(goal <= 25%)"
         )
+    if "fn-rename" in r and "load-save+sync" in r:
+        lines.append(
+            "- fn-rename / (load-save + fsync): "
+            f"**{ratio('fn-rename', 'load-save+sync')}** (goal <= 1.0x; both durable)"
+        )
+    if "fn-rename-before" in r:
+        for base in ("load-save", "load-save+sync"):
+            if base in r:
+                lines.append(
+                    f"- before (--before tree): fn-rename-before / {base}: "
+                    f"**{ratio('fn-rename-before', base)}**"
+                )
     if "merge" in r and "cp+sync" in r:
         allowed = 0.25 * size + 2 * per_tensor
         lines.append(
@@ -276,7 +348,8 @@ def header(args: argparse.Namespace) -> str:
             + " ".join(sys.argv[1:])
             + f"`. Medians of {args.runs} whole-process runs (`/usr/bin/time -v`), contenders "
             "interleaved, output deleted and `sync` before each, warm page cache for the "
-            "source. Ours fsyncs its output before the rename; `torch.save` does not.",
+            "source. Ours fsyncs its output before the rename; `torch.save` and `save_file` do "
+            "not (`load-save+sync` adds an `os.fsync` of the new file).",
             "",
         ]
     )
@@ -297,6 +370,9 @@ def main() -> None:
         help="comma-separated, of the default list",
     )
     parser.add_argument("--data", type=Path, default=DATA, help="where the file is made")
+    parser.add_argument(
+        "--before", type=Path, help="fn-rename-before: the tree (with ckptmigrate/) to run"
+    )
     args = parser.parse_args()
     if ran_child(args.one, run_one, args.data):
         return
@@ -307,7 +383,7 @@ def main() -> None:
         make_file(src, args.gb)
         everyone = [c for c in args.contenders.split(",") if c]
         if not args.no_ext:
-            got = bench(src, args.runs, everyone, space=False)
+            got = bench(src, args.runs, everyone, space=False, before=args.before)
             sections.append(report(got, "Local disk", file_system(src), args.format, False))
         if args.xfs:
             xfs = XfsMount(args.data, 3 * src.stat().st_size + (1 << 30))

@@ -71,9 +71,10 @@ def timed_process(cmd: list[str]) -> tuple[float, int]:
     return wall, rss
 
 
-def timed_run(cmd: list[str]) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes, stdout) of one process under /usr/bin/time -v."""
-    out = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+def timed_run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS bytes, stdout) of one process under /usr/bin/time -v (``env``:
+    its environment, default this one's)."""
+    out = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
     if out.returncode:
         raise RuntimeError(f"{cmd} failed: {out.stderr[-2000:]}")
     wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", out.stderr)

@@ -275,8 +275,9 @@ def test_a_rename_on_xfs_shares_the_records_instead_of_copying(xfs, suffix, sche
 
 @pytest.mark.parametrize("kind", ["safetensors", "bin"])
 def test_an_in_place_rename_of_a_set_reads_headers_not_shards(tmp_path, kind):
-    """The bytes read (``rchar``, which counts copy_file_range too) are the copy's, plus
-    headers and the index: no shard is read whole before the copy starts."""
+    """The bytes read (``rchar``, which counts copy_file_range too, not the pages a direct
+    copy maps on ext4) are at most the copy's, plus headers and the index: no shard is read
+    whole before the copy starts."""
     folder = tmp_path / "set"
     folder.mkdir()
     index = (
@@ -418,3 +419,19 @@ def test_records_stored_in_the_other_byte_order_are_written_from_memory(tmp_path
     got = read_back(dst)
     for key, value in sd.items():
         assert torch.equal(got[key], value), key
+
+
+def test_the_pagemap_check_tells_anonymous_pages_by_their_flag_bits():
+    """Each 8-byte ``/proc/self/pagemap`` entry: bit 63 present, 62 swapped, 61 file-backed;
+    a page that is swapped, or present and not the file's, is written memory."""
+    import struct
+
+    from ckptmigrate.engine import unchanged
+
+    present, swapped, file_backed = 1 << 63, 1 << 62, 1 << 61
+    for top in range(256):
+        entry = top << 56 | 0x12345  # a frame number in the low bits
+        anonymous = bool(entry & swapped or (entry & present and not entry & file_backed))
+        data = struct.pack("=QQ", present | file_backed, entry)
+        found = 1 in data[unchanged._FLAG_BYTE :: 8].translate(unchanged._ANONYMOUS)
+        assert found == anonymous, hex(top)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,12 +139,17 @@ class InputBytes:
         return inputs
 
 
+#: where each 8-byte pagemap entry keeps its top byte (bits 56-63: present 0x80, swapped 0x40,
+#: file-backed or shared 0x20)
+_FLAG_BYTE = 7 if sys.byteorder == "little" else 0
+#: 1 for a top byte that says "not the file's page": swapped, or present and anonymous
+_ANONYMOUS = bytes(int(bool(b & 0x40 or (b & 0x80 and not b & 0x20))) for b in range(256))
+
+
 class MappedPages:
     """Which pages of this process's memory were written since they were mapped from a file
     (``/proc/self/pagemap``: a written page of a private file mapping is anonymous, copy on
     write; a page never touched reads from the file)."""
-
-    _PRESENT, _SWAPPED, _FILE = 1 << 63, 1 << 62, 1 << 61
 
     def __init__(self, pagemap: int) -> None:
         self._pagemap = pagemap
@@ -173,10 +179,8 @@ class MappedPages:
             return False
         if not data.strip(b"\0"):
             return False  # no page touched yet: all of it reads from the file
-        for entry in memoryview(data).cast("Q"):
-            if entry & self._SWAPPED or (entry & self._PRESENT and not entry & self._FILE):
-                return True
-        return False
+        # the flags are each entry's top byte; a table marks the bytes of an anonymous page
+        return 1 in data[_FLAG_BYTE::8].translate(_ANONYMOUS)
 
 
 def _stored(source: Any, stub: TensorStub, key: str | None, start: int | None) -> Stored | None:

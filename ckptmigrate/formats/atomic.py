@@ -233,6 +233,10 @@ class Writeback:
     file system that refuses it).
     """
 
+    #: whether the byte copier writes this file's copied blocks directly (``O_DIRECT``:
+    #: :func:`~.byte_copy.copy_range`); None until its first copy decides
+    direct: bool | None = None
+
     def __init__(self, fd: int, window: int = WRITEBACK_WINDOW) -> None:
         self._fd = fd
         self._window = window
