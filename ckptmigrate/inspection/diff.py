@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 
+from ..base.matching import matching_ratio
 from ..base.readable import bounded_repr, int_text, key_text, path_text
 from ..errors import (
     CheckpointFormatError,
@@ -427,12 +428,9 @@ def name_similarity(old: str, new: str) -> float:
     >>> name_similarity("blocks.0.attn.weight", "layers.0.attn.weight")
     0.775
     """
-    import difflib  # only a diff with keys on both sides to pair pays for it
-
-    chars = difflib.SequenceMatcher(None, old, new, autojunk=False).ratio()
-    tokens = difflib.SequenceMatcher(
-        None, _TOKEN_SPLIT.split(old), _TOKEN_SPLIT.split(new), autojunk=False
-    ).ratio()
+    # difflib's SequenceMatcher(None, x, y, autojunk=False).ratio(), the same float, faster
+    chars = matching_ratio(old, new)
+    tokens = matching_ratio(_TOKEN_SPLIT.split(old), _TOKEN_SPLIT.split(new))
     score = (chars + tokens) / 2
     (digits_a, leaf_a), (digits_b, leaf_b) = _skeleton(old), _skeleton(new)
     if digits_a != digits_b:
