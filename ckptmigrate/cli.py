@@ -958,28 +958,47 @@ def _warnings_as_lines(*, show_torch: bool) -> Iterator[None]:
             return
         print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
-    import logging
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        with _log_records_as_lines(show_torch=show_torch):
+            yield
 
-    class LogLines(logging.Handler):
-        """Log records as warnings are shown: torch's own (DCP logs each fallback with its
-        traceback on the root logger) only with ``--debug``, others as one line each."""
 
-        def emit(self, record: logging.LogRecord) -> None:
+@contextlib.contextmanager
+def _log_records_as_lines(*, show_torch: bool) -> Iterator[None]:
+    """Log records as warnings are shown: torch's own (DCP logs each fallback with its
+    traceback on the root logger) only with ``--debug``, others as one line each. A command
+    that never imports :mod:`logging` (a metadata ``diff``) does not pay for importing it."""
+    from .base.on_import import when_imported
+
+    attached: list[tuple[Any, Any]] = []
+
+    def attach(logging: Any) -> None:
+        root = logging.getLogger()
+        handler = _log_lines_handler(logging, show_torch)
+        root.addHandler(handler)
+        attached.append((root, handler))
+
+    try:
+        with when_imported("logging", attach):
+            yield
+    finally:
+        for root, handler in attached:
+            root.removeHandler(handler)
+
+
+def _log_lines_handler(logging: Any, show_torch: bool) -> Any:
+    """A :class:`logging.Handler` writing records as ``ckptmigrate: warning:`` lines."""
+
+    class LogLines(logging.Handler):  # type: ignore[misc,name-defined]
+        def emit(self, record: Any) -> None:
             if f"{os.sep}torch{os.sep}" in (record.pathname or ""):
                 if show_torch:
                     print(self.format(record), file=sys.stderr)
                 return
             print(f"{PROG}: warning: {' '.join(record.getMessage().split())}", file=sys.stderr)
 
-    root = logging.getLogger()
-    handler = LogLines(logging.WARNING)
-    root.addHandler(handler)
-    try:
-        with warnings.catch_warnings():
-            warnings.showwarning = show
-            yield
-    finally:
-        root.removeHandler(handler)
+    return LogLines(logging.WARNING)
 
 
 if __name__ == "__main__":  # pragma: no cover
