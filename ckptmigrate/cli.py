@@ -20,7 +20,7 @@ import contextlib
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -639,21 +639,48 @@ def _param_names_option(sub: argparse.ArgumentParser, when: str = "") -> None:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser of every command; with ``command``, only that command's own
-    arguments are added (the others are listed, for ``--help`` and errors, with none)."""
+    """The argument parser of every command; with ``command``, only that command's parser is
+    made (the others are listed, for ``--help`` and errors, and made if ever used)."""
     parser = _Parser(
         prog=PROG,
         description="Versioned PyTorch checkpoints: diff, inspect, upgrade and stamp them.",
         epilog="exit codes: 0 ok / no drift, 1 drift (diff) or failing fixture (check), 2 error",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_library_version()}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    adding: list[tuple[bool, Any, Any]] = []  # the command add_parser is making: wanted, run, args
+
+    def make_parser(**options: Any) -> Any:
+        wanted, run, arguments = adding[-1]
+
+        def build() -> argparse.ArgumentParser:
+            sub = _Parser(**options)
+            sub.set_defaults(func=run)
+            arguments(sub)
+            return sub
+
+        return build() if wanted else _ParserOnDemand(build)
+
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=make_parser
+    )
     for name, (summary, run, arguments) in _COMMANDS.items():
-        p = commands.add_parser(name, help=summary)
-        p.set_defaults(func=run)
-        if command is None or command == name:
-            arguments(p)
+        adding.append((command is None or command == name, run, arguments))
+        commands.add_parser(name, help=summary)
     return parser
+
+
+class _ParserOnDemand:
+    """A listed command's parser, made only if used: argv names another command, so a run
+    never does (making the parsers of every command cost a millisecond at each start)."""
+
+    def __init__(self, build: Callable[[], argparse.ArgumentParser]) -> None:
+        self._build = build
+        self._parser: argparse.ArgumentParser | None = None
+
+    def __getattr__(self, attribute: str) -> Any:
+        if self._parser is None:
+            self._parser = self._build()
+        return getattr(self._parser, attribute)
 
 
 def _command_named(argv: Sequence[str]) -> str | None:
