@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -428,11 +429,44 @@ def name_similarity(old: str, new: str) -> float:
     >>> name_similarity("blocks.0.attn.weight", "layers.0.attn.weight")
     0.775
     """
+    names = _Names()
+    return _similarity(old, new, names(old), names(new))
+
+
+#: What scoring needs of one key name: its tokens as a string (one character per distinct
+#: token, None past the characters there are) and its layer indices and leaf name.
+_Prepared = tuple[str | None, tuple[tuple[str, ...], str]]
+
+
+class _Names:
+    """Key names prepared once each for scoring, their tokens coded by one shared table."""
+
+    def __init__(self) -> None:
+        self._codes: dict[str, str] = {}
+        self._prepared: dict[str, _Prepared] = {}
+
+    def __call__(self, key: str) -> _Prepared:
+        found = self._prepared.get(key)
+        if found is None:
+            codes = self._codes
+            tokens = _TOKEN_SPLIT.split(key)
+            coded: str | None = None
+            if len(codes) + len(tokens) <= sys.maxunicode:
+                coded = "".join([codes.setdefault(t, chr(len(codes))) for t in tokens])
+            found = self._prepared[key] = (coded, _skeleton(key))
+        return found
+
+
+def _similarity(old: str, new: str, prepared_old: _Prepared, prepared_new: _Prepared) -> float:
+    """:func:`name_similarity` of two prepared names."""
     # difflib's SequenceMatcher(None, x, y, autojunk=False).ratio(), the same float, faster
     chars = matching_ratio(old, new)
-    tokens = matching_ratio(_TOKEN_SPLIT.split(old), _TOKEN_SPLIT.split(new))
+    (tokens_a, (digits_a, leaf_a)), (tokens_b, (digits_b, leaf_b)) = prepared_old, prepared_new
+    if tokens_a is None or tokens_b is None:
+        tokens = matching_ratio(_TOKEN_SPLIT.split(old), _TOKEN_SPLIT.split(new))
+    else:
+        tokens = matching_ratio(tokens_a, tokens_b)
     score = (chars + tokens) / 2
-    (digits_a, leaf_a), (digits_b, leaf_b) = _skeleton(old), _skeleton(new)
     if digits_a != digits_b:
         score *= 0.75  # another layer index: most likely another module, not a rename
     if leaf_a != leaf_b:
@@ -459,6 +493,7 @@ def match_renames(
         if sig in groups:
             groups[sig][1].append(key)
 
+    names = _Names()
     order_a = {k: i for i, k in enumerate(removed)}
     order_b = {k: i for i, k in enumerate(added)}
     taken_old: set[str] = set()
@@ -474,15 +509,15 @@ def match_renames(
                 continue
             by_skeleton: dict[Any, list[str]] = {}
             for new in news:
-                by_skeleton.setdefault(_skeleton(new), []).append(new)
+                by_skeleton.setdefault(names(new)[1], []).append(new)
             for old in olds:
-                skeleton = _skeleton(old)
+                skeleton = names(old)[1]
                 if same_skeleton:
                     pool = by_skeleton.get(skeleton, [])
                 else:
-                    pool = [n for n in news if _skeleton(n) != skeleton]
+                    pool = [n for n in news if names(n)[1] != skeleton]
                 for new in pool:
-                    scored = _score(old, new, same_values)
+                    scored = _score(old, new, same_values, names)
                     if scored is not None:
                         candidates.append(
                             (scored[0], order_a[old], order_b[new], old, new, scored[1])
@@ -505,7 +540,7 @@ def match_renames(
                     "reason": reason,
                 }
             )
-    renamed += _sibling_renames(removed, added, renamed, taken_old, taken_new)
+    renamed += _sibling_renames(removed, added, renamed, taken_old, taken_new, names)
     renamed.sort(key=lambda r: order_a[r["from"]])
     return renamed
 
@@ -516,6 +551,7 @@ def _sibling_renames(
     renamed: list[dict[str, Any]],
     taken_old: set[str],
     taken_new: set[str],
+    names: _Names,
 ) -> list[dict[str, Any]]:
     """Renames found per module: once ``a.0.weight -> b.0.weight`` is a rename, ``a.0.bias``
     goes to ``b.0.bias`` when that is free with its shape and dtype, whatever its own score.
@@ -539,7 +575,7 @@ def _sibling_renames(
         if new in taken_new or added.get(new) != sig:
             continue
         sibling = best[module_a]
-        similarity = name_similarity(old, new)
+        similarity = _similarity(old, new, names(old), names(new))
         taken_old.add(old)
         taken_new.add(new)
         out.append(
@@ -559,10 +595,10 @@ def _sibling_renames(
 
 
 def _score(
-    old: str, new: str, same_values: Callable[[str, str], bool] | None
+    old: str, new: str, same_values: Callable[[str, str], bool] | None, names: _Names
 ) -> tuple[float, str] | None:
     """(confidence, reason) when ``old -> new`` qualifies as a rename, else None."""
-    similarity = name_similarity(old, new)
+    similarity = _similarity(old, new, names(old), names(new))
     if same_values is not None and same_values(old, new):
         return round(0.75 + 0.25 * similarity, 3), f"equal values; name similarity {similarity:.2f}"
     if similarity >= MIN_RENAME_CONFIDENCE:
