@@ -20,7 +20,7 @@ import contextlib
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -638,17 +638,59 @@ def _param_names_option(sub: argparse.ArgumentParser, when: str = "") -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every command."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of every command; with ``command``, only that command's parser is
+    made (the others are listed, for ``--help`` and errors, and made if ever used)."""
     parser = _Parser(
         prog=PROG,
         description="Versioned PyTorch checkpoints: diff, inspect, upgrade and stamp them.",
         epilog="exit codes: 0 ok / no drift, 1 drift (diff) or failing fixture (check), 2 error",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_library_version()}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    adding: list[tuple[bool, Any, Any]] = []  # the command add_parser is making: wanted, run, args
 
-    p = commands.add_parser("diff", help="key/shape/dtype/hparam drift from A to B")
+    def make_parser(**options: Any) -> Any:
+        wanted, run, arguments = adding[-1]
+
+        def build() -> argparse.ArgumentParser:
+            sub = _Parser(**options)
+            sub.set_defaults(func=run)
+            arguments(sub)
+            return sub
+
+        return build() if wanted else _ParserOnDemand(build)
+
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=make_parser
+    )
+    for name, (summary, run, arguments) in _COMMANDS.items():
+        adding.append((command is None or command == name, run, arguments))
+        commands.add_parser(name, help=summary)
+    return parser
+
+
+class _ParserOnDemand:
+    """A listed command's parser, made only if used: argv names another command, so a run
+    never does (making the parsers of every command cost a millisecond at each start)."""
+
+    def __init__(self, build: Callable[[], argparse.ArgumentParser]) -> None:
+        self._build = build
+        self._parser: argparse.ArgumentParser | None = None
+
+    def __getattr__(self, attribute: str) -> Any:
+        if self._parser is None:
+            self._parser = self._build()
+        return getattr(self._parser, attribute)
+
+
+def _command_named(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` runs: its first word not an option (the top-level options take no
+    value); None when that is no command's name (argparse then says what is wrong)."""
+    name = next((word for word in argv if not word.startswith("-")), None)
+    return name if name in _COMMANDS else None
+
+
+def _diff_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("a", metavar="A", help="the old checkpoint (file, folder or URL)")
     p.add_argument("b", metavar="B", nargs="?", help="the new checkpoint; omitted with --model")
     p.add_argument(
@@ -671,9 +713,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _param_names_option(p, "with --upgrade or --model: ")
     _common(p, reads_files=True)
-    p.set_defaults(func=cmd_diff)
 
-    p = commands.add_parser("info", help="what a checkpoint holds and whether it is behind")
+
+def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", metavar="CKPT", help="the checkpoint to describe")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.add_argument(
@@ -682,9 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="list every tensor: name, shape, dtype, parameters, bytes (from metadata only)",
     )
     _common(p, reads_files=True)
-    p.set_defaults(func=cmd_info)
 
-    p = commands.add_parser("upgrade", help="migrate a file to a newer (or older) version")
+
+def _upgrade_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", metavar="SRC", help="the checkpoint to migrate")
     p.add_argument("-o", "--output", metavar="DST", help="write the upgraded file here")
     p.add_argument("--in-place", action="store_true", help="replace SRC (a backup stays beside)")
@@ -705,9 +747,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _param_names_option(p)
     _common(p, reads_files=True)
-    p.set_defaults(func=cmd_upgrade)
 
-    p = commands.add_parser("scan", help="schema, version and drift of every checkpoint in DIR")
+
+def _scan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", metavar="DIR", help="the folder (or one file) to scan; it must exist")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per file")
     p.add_argument("--fail-behind", action="store_true", help="exit 1 if any file is behind")
@@ -734,9 +776,9 @@ def build_parser() -> argparse.ArgumentParser:
         "rescan reads only what changed",
     )
     _common(p, reads_files=True)
-    p.set_defaults(func=cmd_scan)
 
-    p = commands.add_parser("catalog", help="query the catalog a scan --catalog recorded")
+
+def _catalog_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("db", metavar="DB", help="the SQLite file or postgresql:// URL")
     p.add_argument("--schema", help="only checkpoints (mounts) of this schema")
     p.add_argument("--version", metavar="V", help="with --schema: only those at version V")
@@ -753,19 +795,17 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--max", action="store_true", help="with --best: largest wins")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per row")
     _common(p, reads_files=False)
-    p.set_defaults(func=cmd_catalog)
 
-    p = commands.add_parser(
-        "history", help="the migration graph of a schema, oldest first (no SCHEMA: list them)"
-    )
+
+def _history_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "schema", metavar="SCHEMA", nargs="?", help="omit to list every discovered schema"
     )
     p.add_argument("--json", action="store_true", help="print a JSON object")
     _common(p, reads_files=False)
-    p.set_defaults(func=cmd_history)
 
-    p = commands.add_parser("check", help="upgrade and verify every legacy fixture under DIR")
+
+def _check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "dir", metavar="DIR", nargs="?", help="default: pyproject fixtures, else fixtures"
     )
@@ -779,15 +819,15 @@ def build_parser() -> argparse.ArgumentParser:
         "schema's, or one)",
     )
     _common(p, reads_files=True)
-    p.set_defaults(func=cmd_check)
 
-    p = commands.add_parser("weights", help="the named weights the schemas list")
+
+def _weights_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("which", metavar="SCHEMA[:NAME]", nargs="?", help="default: every schema's")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     _common(p, reads_files=False)
-    p.set_defaults(func=cmd_weights)
 
-    p = commands.add_parser("stamp", help="give an unversioned legacy file its stamp")
+
+def _stamp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", metavar="CKPT", help="the unstamped checkpoint")
     p.add_argument("--schema", required=True, help="the schema the file belongs to")
     p.add_argument("--version", metavar="V", help="the version the file was written at")
@@ -801,9 +841,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="DST", help="write the stamped copy here")
     p.add_argument("--in-place", action="store_true", help="stamp CKPT itself (atomically)")
     _common(p, reads_files=True)
-    p.set_defaults(func=cmd_stamp)
 
-    p = commands.add_parser("new", help="generate a migration from two checkpoints")
+
+def _new_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("schema", metavar="SCHEMA", help="the schema the step belongs to")
     p.add_argument("--from-version", required=True, metavar="V1", help="the step's old version")
     p.add_argument("--to-version", required=True, metavar="V2", help="the step's new version")
@@ -820,8 +860,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE", help="write exactly here")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     _common(p, reads_files=True)
-    p.set_defaults(func=cmd_new)
-    return parser
+
+
+#: Each command: its one-line help, the function that runs it, what adds its arguments.
+_COMMANDS: dict[str, tuple[str, Any, Any]] = {
+    "diff": ("key/shape/dtype/hparam drift from A to B", cmd_diff, _diff_arguments),
+    "info": ("what a checkpoint holds and whether it is behind", cmd_info, _info_arguments),
+    "upgrade": ("migrate a file to a newer (or older) version", cmd_upgrade, _upgrade_arguments),
+    "scan": ("schema, version and drift of every checkpoint in DIR", cmd_scan, _scan_arguments),
+    "catalog": ("query the catalog a scan --catalog recorded", cmd_catalog, _catalog_arguments),
+    "history": (
+        "the migration graph of a schema, oldest first (no SCHEMA: list them)",
+        cmd_history,
+        _history_arguments,
+    ),
+    "check": ("upgrade and verify every legacy fixture under DIR", cmd_check, _check_arguments),
+    "weights": ("the named weights the schemas list", cmd_weights, _weights_arguments),
+    "stamp": ("give an unversioned legacy file its stamp", cmd_stamp, _stamp_arguments),
+    "new": ("generate a migration from two checkpoints", cmd_new, _new_arguments),
+}
 
 
 def _migrations_layouts(args: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
@@ -896,7 +953,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command_named(words)).parse_args(argv)
     try:
         _add_redirects(args)
         with (
@@ -958,28 +1016,47 @@ def _warnings_as_lines(*, show_torch: bool) -> Iterator[None]:
             return
         print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
-    import logging
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        with _log_records_as_lines(show_torch=show_torch):
+            yield
 
-    class LogLines(logging.Handler):
-        """Log records as warnings are shown: torch's own (DCP logs each fallback with its
-        traceback on the root logger) only with ``--debug``, others as one line each."""
 
-        def emit(self, record: logging.LogRecord) -> None:
+@contextlib.contextmanager
+def _log_records_as_lines(*, show_torch: bool) -> Iterator[None]:
+    """Log records as warnings are shown: torch's own (DCP logs each fallback with its
+    traceback on the root logger) only with ``--debug``, others as one line each. A command
+    that never imports :mod:`logging` (a metadata ``diff``) does not pay for importing it."""
+    from .base.on_import import when_imported
+
+    attached: list[tuple[Any, Any]] = []
+
+    def attach(logging: Any) -> None:
+        root = logging.getLogger()
+        handler = _log_lines_handler(logging, show_torch)
+        root.addHandler(handler)
+        attached.append((root, handler))
+
+    try:
+        with when_imported("logging", attach):
+            yield
+    finally:
+        for root, handler in attached:
+            root.removeHandler(handler)
+
+
+def _log_lines_handler(logging: Any, show_torch: bool) -> Any:
+    """A :class:`logging.Handler` writing records as ``ckptmigrate: warning:`` lines."""
+
+    class LogLines(logging.Handler):  # type: ignore[misc,name-defined]
+        def emit(self, record: Any) -> None:
             if f"{os.sep}torch{os.sep}" in (record.pathname or ""):
                 if show_torch:
                     print(self.format(record), file=sys.stderr)
                 return
             print(f"{PROG}: warning: {' '.join(record.getMessage().split())}", file=sys.stderr)
 
-    root = logging.getLogger()
-    handler = LogLines(logging.WARNING)
-    root.addHandler(handler)
-    try:
-        with warnings.catch_warnings():
-            warnings.showwarning = show
-            yield
-    finally:
-        root.removeHandler(handler)
+    return LogLines(logging.WARNING)
 
 
 if __name__ == "__main__":  # pragma: no cover

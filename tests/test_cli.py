@@ -195,6 +195,8 @@ NOT_ON_THE_DIFF_PATH = {
     "json",
     "pickletools",
     "tempfile",
+    "logging",  # the CLI's log handler joins only when something imports it
+    "difflib",  # rename matching scores names with base.matching
 }
 
 

@@ -299,3 +299,23 @@ def test_torchs_log_records_show_only_with_debug_and_others_as_one_line(capsys):
     assert "Global metadata is not found." in err and "ckptmigrate: warning: a b" in err
     records()  # the command is over: its handler is gone
     assert "ckptmigrate: warning" not in capsys.readouterr().err
+
+
+LOGS_AS_IT_LOADS = """
+import sys
+FIRST = "logging" not in sys.modules
+import logging
+logging.getLogger("mine").warning("logging  first imported here: %s", FIRST)
+"""
+
+
+def test_a_log_record_from_code_that_imports_logging_mid_command_is_one_line(
+    files: Path,
+) -> None:
+    # the CLI no longer imports logging up front; its handler joins when logging is imported
+    (files / "logmig").mkdir()  # no torch (which imports logging) in this folder
+    (files / "logmig" / "logs.py").write_text(LOGS_AS_IT_LOADS)
+    proc = run(files, "history", "--migrations", "logmig")
+    assert proc.returncode == 0, proc.stderr
+    assert "ckptmigrate: warning: logging first imported here: True" in proc.stderr.splitlines()
+    assert "Traceback" not in proc.stderr

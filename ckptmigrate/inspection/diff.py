@@ -12,12 +12,15 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 
+from ..base.matching import matching_ratio
 from ..base.readable import bounded_repr, int_text, key_text, path_text
 from ..errors import (
     CheckpointFormatError,
@@ -427,14 +430,80 @@ def name_similarity(old: str, new: str) -> float:
     >>> name_similarity("blocks.0.attn.weight", "layers.0.attn.weight")
     0.775
     """
-    import difflib  # only a diff with keys on both sides to pair pays for it
+    names = _Names()
+    return _similarity(old, new, names(old), names(new))
 
-    chars = difflib.SequenceMatcher(None, old, new, autojunk=False).ratio()
-    tokens = difflib.SequenceMatcher(
-        None, _TOKEN_SPLIT.split(old), _TOKEN_SPLIT.split(new), autojunk=False
-    ).ratio()
+
+class _Name:
+    """What scoring needs of one key name: its tokens as a string of one character per
+    distinct token (``coded``; None past the characters there are), its layer indices and
+    leaf name, and how many times it holds each character and each token."""
+
+    __slots__ = ("coded", "skeleton", "chars", "tokens", "length", "token_count")
+
+    def __init__(self, key: str, codes: dict[str, str]) -> None:
+        tokens = _TOKEN_SPLIT.split(key)
+        self.coded: str | None = None
+        if len(codes) + len(tokens) <= sys.maxunicode:
+            self.coded = "".join([codes.setdefault(t, chr(len(codes))) for t in tokens])
+        self.skeleton = _skeleton(key)
+        self.chars = Counter(key)
+        self.tokens = Counter(tokens)
+        self.length = len(key)
+        self.token_count = len(tokens)
+
+
+class _Names:
+    """Key names prepared once each for scoring, their tokens coded by one shared table."""
+
+    def __init__(self) -> None:
+        self._codes: dict[str, str] = {}
+        self._prepared: dict[str, _Name] = {}
+
+    def __call__(self, key: str) -> _Name:
+        found = self._prepared.get(key)
+        if found is None:
+            found = self._prepared[key] = _Name(key, self._codes)
+        return found
+
+
+def _similarity(old: str, new: str, name_a: _Name, name_b: _Name) -> float:
+    """:func:`name_similarity` of two prepared names."""
+    # difflib's SequenceMatcher(None, x, y, autojunk=False).ratio(), the same float, faster
+    chars = matching_ratio(old, new)
+    if name_a.coded is None or name_b.coded is None:
+        tokens = matching_ratio(_TOKEN_SPLIT.split(old), _TOKEN_SPLIT.split(new))
+    else:
+        tokens = matching_ratio(name_a.coded, name_b.coded)
+    return _combined(chars, tokens, name_a, name_b)
+
+
+def _similarity_bound(old: str, new: str, name_a: _Name, name_b: _Name) -> float:
+    """At least :func:`_similarity`, cheaply: the characters (tokens) matched in difflib's
+    blocks are at most those both names hold, counted with repeats (its ``quick_ratio``)."""
+    chars = _shared_ratio(name_a.chars, name_b.chars, name_a.length + name_b.length)
+    tokens = _shared_ratio(name_a.tokens, name_b.tokens, name_a.token_count + name_b.token_count)
+    return _combined(chars, tokens, name_a, name_b)
+
+
+def _shared_ratio(counts_a: Counter[str], counts_b: Counter[str], length: int) -> float:
+    """``2 * shared / length`` as difflib computes its ratio, ``shared`` the elements both
+    sequences hold, counted with repeats."""
+    if len(counts_a) > len(counts_b):
+        counts_a, counts_b = counts_b, counts_a
+    shared = 0
+    for element, count in counts_a.items():
+        other = counts_b.get(element)
+        if other:
+            shared += count if count < other else other
+    return 2.0 * shared / length if length else 1.0
+
+
+def _combined(chars: float, tokens: float, name_a: _Name, name_b: _Name) -> float:
+    """The similarity from the characters' and the tokens' ratios, penalised for other layer
+    indices or another leaf name (never smaller for larger ratios)."""
+    (digits_a, leaf_a), (digits_b, leaf_b) = name_a.skeleton, name_b.skeleton
     score = (chars + tokens) / 2
-    (digits_a, leaf_a), (digits_b, leaf_b) = _skeleton(old), _skeleton(new)
     if digits_a != digits_b:
         score *= 0.75  # another layer index: most likely another module, not a rename
     if leaf_a != leaf_b:
@@ -461,6 +530,7 @@ def match_renames(
         if sig in groups:
             groups[sig][1].append(key)
 
+    names = _Names()
     order_a = {k: i for i, k in enumerate(removed)}
     order_b = {k: i for i, k in enumerate(added)}
     taken_old: set[str] = set()
@@ -468,7 +538,7 @@ def match_renames(
     renamed: list[dict[str, Any]] = []
     # first pairs that keep layer indices and leaf name (cheap: small buckets), then the rest
     for same_skeleton in (True, False):
-        candidates: list[tuple[float, int, int, str, str, str]] = []
+        pairs: list[tuple[str, str]] = []
         for old_keys, new_keys in groups.values():
             olds = [k for k in old_keys if k not in taken_old]
             news = [k for k in new_keys if k not in taken_new]
@@ -476,24 +546,16 @@ def match_renames(
                 continue
             by_skeleton: dict[Any, list[str]] = {}
             for new in news:
-                by_skeleton.setdefault(_skeleton(new), []).append(new)
+                by_skeleton.setdefault(names(new).skeleton, []).append(new)
             for old in olds:
-                skeleton = _skeleton(old)
+                skeleton = names(old).skeleton
                 if same_skeleton:
                     pool = by_skeleton.get(skeleton, [])
                 else:
-                    pool = [n for n in news if _skeleton(n) != skeleton]
-                for new in pool:
-                    scored = _score(old, new, same_values)
-                    if scored is not None:
-                        candidates.append(
-                            (scored[0], order_a[old], order_b[new], old, new, scored[1])
-                        )
-        # greedy by confidence; ties go to file order, so the result is deterministic
-        candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
-        for confidence, _, _, old, new, reason in candidates:
-            if old in taken_old or new in taken_new:
-                continue
+                    pool = [n for n in news if names(n).skeleton != skeleton]
+                pairs += [(old, new) for new in pool]
+        chosen = _best_first(pairs, same_values, names, order_a, order_b, taken_old, taken_new)
+        for confidence, old, new, reason in chosen:
             taken_old.add(old)
             taken_new.add(new)
             shape, dtype = removed[old]
@@ -507,9 +569,55 @@ def match_renames(
                     "reason": reason,
                 }
             )
-    renamed += _sibling_renames(removed, added, renamed, taken_old, taken_new)
+    renamed += _sibling_renames(removed, added, renamed, taken_old, taken_new, names)
     renamed.sort(key=lambda r: order_a[r["from"]])
     return renamed
+
+
+def _best_first(
+    pairs: list[tuple[str, str]],
+    same_values: Callable[[str, str], bool] | None,
+    names: _Names,
+    order_a: Mapping[str, int],
+    order_b: Mapping[str, int],
+    taken_old: set[str],
+    taken_new: set[str],
+) -> Iterator[tuple[float, str, str, str]]:
+    """``(confidence, old, new, reason)`` of the pairs that qualify as renames, greedily: the
+    best confidence first, ties in file order, each while both its keys are free (the caller
+    takes them). Without ``same_values``, a pair is scored only once its upper bound
+    (:func:`_similarity_bound`) is the best left: the same renames, from far fewer scores."""
+    if same_values is not None:
+        candidates = []
+        for old, new in pairs:
+            scored = _score(old, new, same_values, names)
+            if scored is not None:
+                candidates.append((scored[0], order_a[old], order_b[new], old, new, scored[1]))
+        candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+        for confidence, _, _, old, new, reason in candidates:
+            if old not in taken_old and new not in taken_new:
+                yield confidence, old, new, reason
+        return
+    import heapq
+
+    # (-score or -bound, file order of old and new, scored?, old, new): a bound is never below
+    # the score, so an entry scored and on top is above every pair not yet scored
+    heap = []
+    for old, new in pairs:
+        bound = _similarity_bound(old, new, names(old), names(new))
+        if bound >= MIN_RENAME_CONFIDENCE:
+            heap.append((-bound, order_a[old], order_b[new], False, old, new))
+    heapq.heapify(heap)
+    while heap:
+        negated, at_a, at_b, scored, old, new = heapq.heappop(heap)
+        if old in taken_old or new in taken_new:
+            continue
+        if scored:
+            yield -negated, old, new, f"same shape and dtype; name similarity {-negated:.2f}"
+            continue
+        similarity = _similarity(old, new, names(old), names(new))
+        if similarity >= MIN_RENAME_CONFIDENCE:
+            heapq.heappush(heap, (-similarity, at_a, at_b, True, old, new))
 
 
 def _sibling_renames(
@@ -518,6 +626,7 @@ def _sibling_renames(
     renamed: list[dict[str, Any]],
     taken_old: set[str],
     taken_new: set[str],
+    names: _Names,
 ) -> list[dict[str, Any]]:
     """Renames found per module: once ``a.0.weight -> b.0.weight`` is a rename, ``a.0.bias``
     goes to ``b.0.bias`` when that is free with its shape and dtype, whatever its own score.
@@ -541,7 +650,7 @@ def _sibling_renames(
         if new in taken_new or added.get(new) != sig:
             continue
         sibling = best[module_a]
-        similarity = name_similarity(old, new)
+        similarity = _similarity(old, new, names(old), names(new))
         taken_old.add(old)
         taken_new.add(new)
         out.append(
@@ -561,10 +670,10 @@ def _sibling_renames(
 
 
 def _score(
-    old: str, new: str, same_values: Callable[[str, str], bool] | None
+    old: str, new: str, same_values: Callable[[str, str], bool] | None, names: _Names
 ) -> tuple[float, str] | None:
     """(confidence, reason) when ``old -> new`` qualifies as a rename, else None."""
-    similarity = name_similarity(old, new)
+    similarity = _similarity(old, new, names(old), names(new))
     if same_values is not None and same_values(old, new):
         return round(0.75 + 0.25 * similarity, 3), f"equal values; name similarity {similarity:.2f}"
     if similarity >= MIN_RENAME_CONFIDENCE:
