@@ -17,7 +17,7 @@ from ..values.checkpoint import Checkpoint
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["run_guarded"]
+__all__ = ["guard_class", "run_guarded"]
 
 _INPLACE_DUNDERS = frozenset(
     f"__i{op}__"
@@ -28,14 +28,14 @@ _HARMLESS_INPLACE = frozenset({"requires_grad_", "retain_grad", "share_memory_"}
 
 def _writes_in_place(func: Any, args: tuple, kwargs: dict) -> bool:
     name = getattr(func, "__name__", "")
-    target_guarded = bool(args) and isinstance(args[0], _guard_class())
+    target_guarded = bool(args) and isinstance(args[0], guard_class())
     if target_guarded and name in _INPLACE_DUNDERS:
         return True
     if target_guarded and name.endswith("_") and not name.startswith("_"):
         return name not in _HARMLESS_INPLACE
     out = kwargs.get("out")
     outs = out if isinstance(out, (tuple, list)) else (out,)
-    return any(isinstance(o, _guard_class()) for o in outs)
+    return any(isinstance(o, guard_class()) for o in outs)
 
 
 _GUARD: Any = None
@@ -46,7 +46,7 @@ _GUARDED: ContextVar[frozenset[int] | set[int]] = ContextVar(
 )
 
 
-def _guard_class() -> Any:
+def guard_class() -> Any:
     """The read-only tensor subclass, built on first use so that importing stays torch-free."""
     global _GUARD
     if _GUARD is None:
@@ -111,7 +111,7 @@ def run_guarded(fn: Any, ckpt: Checkpoint) -> Any:
     """Call ``fn(ckpt)`` with the checkpoint's tensors behind the read-only guard."""
     import torch
 
-    guard = _guard_class()
+    guard = guard_class()
     originals: dict[int, torch.Tensor] = {}
     wrapped: dict[int, Any] = {}
     versions: list[tuple[str, torch.Tensor, int]] = []

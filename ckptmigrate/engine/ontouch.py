@@ -32,7 +32,7 @@ from ..errors import NotReplayableError
 from ..formats.dcp_tensors import NewTensor
 from ..values.checkpoint import Checkpoint
 from ..values.tensorinfo import TensorStub
-from .guard import _guard_class
+from .guard import guard_class
 
 __all__ = ["OnTouch", "ReadFailed", "TouchedFolder"]
 
@@ -154,7 +154,7 @@ class OnTouch(torch.Tensor):
         value = self.values()
         if self._guarded is None:
             guarded = self._guard(value) if self._guard is not None else None
-            self._guarded = guarded if guarded is not None else value.as_subclass(_guard_class())
+            self._guarded = guarded if guarded is not None else value.as_subclass(guard_class())
         return self._guarded
 
     # not torch-function calls: on the unread tensor they would run on its meta data
