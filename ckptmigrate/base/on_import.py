@@ -32,41 +32,51 @@ def when_imported(name: str, then: Callable[[ModuleType], None]) -> Iterator[Non
     try:
         yield
     finally:
+        finder.done = True  # a spec found inside and run later does not call it either
         with contextlib.suppress(ValueError):
             sys.meta_path.remove(finder)
 
 
 class _FirstImport:
-    """A meta path finder that lets the others find ``name`` and wraps its loader, once."""
+    """A meta path finder that lets the others find ``name`` and wraps its loader, until an
+    import of it runs: a ``find_spec`` probe, or an import that fails, leaves it waiting."""
 
     def __init__(self, name: str, then: Callable[[ModuleType], None]) -> None:
         self.name = name
         self.then = then
+        self.done = False
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname != self.name:
+        if fullname != self.name or self.done:
             return None
-        with contextlib.suppress(ValueError):
-            sys.meta_path.remove(self)  # once: the finders behind it find the module as usual
         for finder in sys.meta_path:
-            find = getattr(finder, "find_spec", None)
+            find = None if finder is self else getattr(finder, "find_spec", None)
             spec = None if find is None else find(fullname, path, target)
             if spec is not None:
                 break
         else:
             return None
         if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _ThenRun(spec.loader, self.then)
+            spec.loader = _ThenRun(spec.loader, self)
         return spec
+
+    def ran(self, module: ModuleType) -> None:
+        """The module was imported: ``then`` once, and the finder steps aside."""
+        if self.done:
+            return
+        self.done = True
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        self.then(module)
 
 
 class _ThenRun:
     """A loader that runs the module with the real loader, puts that loader back in its
-    place on the module, then calls ``then``."""
+    place on the module, then tells the finder it ran."""
 
-    def __init__(self, loader: Any, then: Callable[[ModuleType], None]) -> None:
+    def __init__(self, loader: Any, finder: _FirstImport) -> None:
         self._loader = loader
-        self._then = then
+        self._finder = finder
 
     def create_module(self, spec: Any) -> Any:
         create = getattr(self._loader, "create_module", None)
@@ -76,8 +86,8 @@ class _ThenRun:
         module.__loader__ = self._loader
         if module.__spec__ is not None:
             module.__spec__.loader = self._loader
-        self._loader.exec_module(module)
-        self._then(module)
+        self._loader.exec_module(module)  # raising: the finder waits for the next import
+        self._finder.ran(module)
 
     def __getattr__(self, attribute: str) -> Any:
         return getattr(self._loader, attribute)

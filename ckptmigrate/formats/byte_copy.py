@@ -82,7 +82,7 @@ def copy_range(
         and (src_offset - dst_offset) % BLOCK == 0
         and _goes_direct(writeback, dst_fd)
     ):
-        head = -dst_offset % BLOCK
+        head = min(-dst_offset % BLOCK, count)  # a range shorter than its head: all head
         whole = (count - head) // BLOCK * BLOCK
         through_python += _kernel_copy(src_fd, src_offset, dst_fd, dst_offset, head, writeback)
         done = head + _copy_direct(

@@ -84,6 +84,9 @@ class CopySource:
     remote: RemotePath | None = None
     size: int = 0
     etag: str | None = None
+    #: the local file's (size, mtime) when opened: a file written since is refused (not its
+    #: ctime: a hard link to it, a backup or a kept shard, changes that)
+    signature: tuple[int, int] | None = None
 
     def read(self, offset: int, n: int) -> bytes:
         """``n`` bytes from ``offset`` (fewer only at the end is an error: a source shorter
@@ -112,7 +115,14 @@ class CopySource:
         """Refuse (nothing appears) when the object read is no longer the one it was: its
         ETag changed while its records were read or copied (a server honours
         ``CopySourceIfMatch`` for the part copies too; this covers the ranged reads and the
-        servers that do not). One HEAD request; a local file is not checked."""
+        servers that do not). One HEAD request; a local file: one ``fstat``, its size and
+        times as they were when it was opened."""
+        if self.fd is not None and self.signature is not None:
+            if _signature(self.fd) != self.signature:
+                raise CheckpointFormatError(
+                    "the file changed while its records were copied (another process wrote "
+                    "it): nothing was written; run the upgrade again"
+                )
         if self.remote is None or not self.etag:
             return
         store, key = self.remote.store, self.remote.key
@@ -440,9 +450,14 @@ def open_copy_source(
         yield CopySource(remote=where, size=st.st_size, etag=st.etag)
         return
     with open_regular_file(where) as f:
-        size = os.fstat(f.fileno()).st_size
+        signature = _signature(f.fileno())
         etag = origin.stat().etag if origin is not None else None
-        yield CopySource(fd=f.fileno(), remote=origin, size=size, etag=etag)
+        yield CopySource(f.fileno(), origin, signature[0], etag, signature)
+
+
+def _signature(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_size, st.st_mtime_ns
 
 
 class CopyJob:
