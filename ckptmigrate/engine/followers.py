@@ -212,6 +212,8 @@ def _changed(old: Any, new: Any) -> bool:
     """Whether a group option differs (a tensor option: unless it is the very same one)."""
     if old is new:
         return False
+    if type(old) is not type(new):  # 3 -> tensor(3), 3 -> 3.0: equal, and still an edit
+        return True
     try:
         return bool(old != new)
     except Exception:  # a tensor of several values: compared by identity

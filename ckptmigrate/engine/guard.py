@@ -74,11 +74,23 @@ def guard_class() -> Any:
                 # a deep copy is the step's own: plain, writable (torch's default deep copy
                 # of a subclass needs new_empty to return the subclass, and failed)
                 if id(self) not in memo:
+                    plain = self.as_subclass(torch.Tensor)
+                    # kept alive with the memo (as copy's own keep-alive list does): torch
+                    # memoises the copy under plain's id, which a later temporary would reuse
+                    memo.setdefault(id(memo), []).append(plain)  # type: ignore[attr-defined]
                     with torch._C.DisableTorchFunctionSubclass():
-                        memo[id(self)] = torch.Tensor.__deepcopy__(
-                            self.as_subclass(torch.Tensor), memo
-                        )
+                        memo[id(self)] = torch.Tensor.__deepcopy__(plain, memo)
                 return memo[id(self)]
+
+            # printed, formatted and pickled as the plain tensor it is a view of
+            def __repr__(self, *args: Any, **kwargs: Any) -> str:
+                return repr(self.as_subclass(torch.Tensor))
+
+            def __format__(self, spec: str) -> str:
+                return format(self.as_subclass(torch.Tensor), spec)
+
+            def __reduce_ex__(self, protocol: Any) -> Any:
+                return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
 
         _GUARD = ReadOnlyTensor
     return _GUARD
@@ -181,8 +193,9 @@ def _map_tensors(value: Any, fn: Any) -> Any:
     if isinstance(value, list):
         value[:] = [_map_tensors(v, fn) for v in value]
         return value
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_map_tensors(v, fn) for v in value)
+    if isinstance(value, tuple):
+        items = [_map_tensors(v, fn) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     return value
 
 

@@ -29,6 +29,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import NotReplayableError
+from ..formats.dcp import check_dcp_storable
 from ..formats.dcp_tensors import NewTensor
 from ..values.checkpoint import Checkpoint
 from ..values.tensorinfo import TensorStub
@@ -111,6 +112,7 @@ class OnTouch(torch.Tensor):
     _guarded: Any
     _guard: Callable[[torch.Tensor], Any] | None
     _failures: list[BaseException]
+    _source: OnTouch | None = None  # the tensor this one is an alias of (:meth:`_alias`)
 
     @staticmethod
     def __new__(
@@ -169,6 +171,16 @@ class OnTouch(torch.Tensor):
 
         return copy.deepcopy(self.touch(), memo)
 
+    # printed, formatted and pickled as the values (the guard's own do the same)
+    def __repr__(self, *args: Any, **kwargs: Any) -> str:
+        return repr(self.touch())
+
+    def __format__(self, spec: str) -> str:
+        return format(self.touch(), spec)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.touch().__reduce_ex__(protocol)
+
     def __hash__(self) -> int:
         return id(self)
 
@@ -186,22 +198,65 @@ class OnTouch(torch.Tensor):
             return func(*tree_map(_unread, args), **tree_map(_unread, kwargs))
         if func is _T.__deepcopy__:
             return first.__deepcopy__(*args[1:])
-        if func is _T.detach and isinstance(first, OnTouch):
-            return first._alias()
+        if isinstance(first, OnTouch):
+            if func is _T.detach or (func is _T.view_as and _same_shape(first, args, kwargs)):
+                return first._alias()
+            if first._value is None and _returns_itself(first, func, args[1:], kwargs):
+                return first  # .cpu(), .float() of a float, .contiguous(): nothing to read
         out = func(*tree_map(_touched, args), **tree_map(_touched, kwargs))
         if isinstance(first, OnTouch) and out is first._guarded:
             return first  # it returned itself (requires_grad_(), .float() of a float)
         return out
 
     def _alias(self) -> OnTouch:
-        """``detach()``: another tensor of the same values (``nn.Parameter`` needs one of
-        this class)."""
-        meta = self.as_meta()
-        return OnTouch(meta, lambda: self.values().detach(), self._failures)
+        """``detach()``, ``view_as()`` of the same shape: another tensor of the same values
+        (``nn.Parameter`` needs one of this class), read through this one's guard (a write
+        into it is a write into the input), kept as stored where this one is."""
+        out = OnTouch(self.as_meta(), lambda: self.touch().detach(), self._failures)
+        out._source = self
+        return out
 
     def as_meta(self) -> torch.Tensor:
         with torch._C.DisableTorchFunctionSubclass():
             return torch.Tensor._make_subclass(torch.Tensor, self)
+
+
+_CASTS = {
+    _T.float: torch.float32,
+    _T.double: torch.float64,
+    _T.half: torch.float16,
+    _T.bfloat16: torch.bfloat16,
+    _T.int: torch.int32,
+    _T.long: torch.int64,
+    _T.short: torch.int16,
+    _T.char: torch.int8,
+    _T.byte: torch.uint8,
+    _T.bool: torch.bool,
+}
+_CPU = ("cpu", torch.device("cpu"))
+
+
+def _returns_itself(first: OnTouch, func: Any, rest: tuple, kwargs: dict) -> bool:
+    """Whether ``func(first, *rest, **kwargs)`` gives ``first`` back as it is, as torch does
+    for a call that changes nothing: known from its dtype and device, without its values."""
+    if func is _T.cpu or func is _T.contiguous:
+        return (
+            not rest
+            and set(kwargs) <= {"memory_format"}
+            and kwargs.get("memory_format", torch.contiguous_format)
+            in (torch.contiguous_format, torch.preserve_format)
+        )
+    if func in _CASTS:
+        return not rest and not kwargs and _CASTS[func] == first.dtype
+    if func is _T.to and not kwargs and len(rest) == 1:
+        target = rest[0]
+        return target == first.dtype if isinstance(target, torch.dtype) else target in _CPU
+    return False
+
+
+def _same_shape(first: OnTouch, args: tuple, kwargs: dict) -> bool:
+    other = args[1] if len(args) > 1 else kwargs.get("other")
+    return isinstance(other, torch.Tensor) and tuple(other.shape) == tuple(first.shape)
 
 
 def _checksum(value: torch.Tensor) -> int:
@@ -235,10 +290,19 @@ def _plain(node: Any) -> Any:
                 return torch.Tensor._make_subclass(torch.Tensor, node)
         return node
     if isinstance(node, dict):
-        return type(node)((k, _plain(v)) for k, v in node.items())
+        return _dict_like(node, _plain)
     if isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
         return type(node)(_plain(v) for v in node)
     return node
+
+
+def _dict_like(node: dict[Any, Any], fn: Callable[[Any], Any]) -> dict[Any, Any]:
+    """A copy of ``node`` of its own kind (an OrderedDict, a defaultdict with its factory),
+    each value ``fn(value)``."""
+    out = node.copy()
+    for key, value in node.items():
+        out[key] = fn(value)
+    return out
 
 
 def _leaves(node: Any, out: dict[str, TensorStub]) -> dict[str, TensorStub]:
@@ -258,7 +322,7 @@ def _settled(node: Any, leaf: Callable[[Any], Any]) -> Any:
     containers or tensors are walked; anything else (a tuple, a list of numbers) is one
     value, stored as bytes."""
     if isinstance(node, dict):
-        return type(node)((k, _settled(v, leaf)) for k, v in node.items())
+        return _dict_like(node, lambda v: _settled(v, leaf))
     if isinstance(node, list) and any(isinstance(v, (dict, list, torch.Tensor)) for v in node):
         return [_settled(v, leaf) for v in node]
     return leaf(node)
@@ -305,14 +369,18 @@ class TouchedFolder:
         made: dict[int, NewTensor] = {}
 
         def leaf(value: Any) -> Any:
-            kept = self._inputs.get(id(value))
-            if kept is not None and kept[0] is value and not value.changed():
+            root = value
+            while isinstance(root, OnTouch) and root._source is not None:
+                root = root._source  # detach() of an input: the input's values, as stored
+            kept = self._inputs.get(id(root))
+            if kept is not None and kept[0] is root and not root.changed():
                 return kept[1]
             if not isinstance(value, torch.Tensor):
                 return _plain(value)
             plain = _plain(value)
             if plain.is_meta:
                 raise NotReplayableError("a tensor of the result ran on a meta tensor")
+            check_dcp_storable(plain)
             if id(plain) not in made:
                 dtype = str(plain.dtype).removeprefix("torch.")
                 made[id(plain)] = NewTensor(tuple(plain.shape), dtype, lambda: plain)

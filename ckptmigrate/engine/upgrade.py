@@ -277,8 +277,9 @@ def _check_result(result: Any) -> str | None:
         return f"a migration must mutate its Checkpoint or return one, it returned {type(result).__name__}"
     if not isinstance(result.state_dict, dict):
         return f"state_dict became a {type(result.state_dict).__name__}, not a dict"
-    if not isinstance(result.hparams, dict):
-        return f"hparams became a {type(result.hparams).__name__}, not a dict"
+    for part in ("hparams", "extra", "meta"):
+        if not isinstance(getattr(result, part), dict):
+            return f"{part} became a {type(getattr(result, part)).__name__}, not a dict"
     for key, value in result.state_dict.items():
         if not isinstance(key, str):
             return f"state_dict key {key!r} is not a string"

@@ -797,11 +797,9 @@ def write_dcp(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
     layout = ckpt.layout.removeprefix("dcp-")
     plain = Checkpoint(**{**ckpt.__dict__, "layout": layout, "module_metadata": None})
     obj = assemble(plain, None)  # the stamp goes to the JSON file, not into DCP's bytes
-    if any(isinstance(t, torch.Tensor) and t.is_meta for t in tree_flatten(obj)[0]):
-        raise CheckpointWriteError(
-            "a tensor of the result is a meta tensor: it has no values to write into a DCP "
-            "folder (made with .to('meta') or on device='meta')"
-        )
+    for value in tree_flatten(obj)[0]:
+        if isinstance(value, torch.Tensor):
+            check_dcp_storable(value)
 
     def save(tmp: Path) -> None:
         with warnings.catch_warnings():
@@ -809,6 +807,27 @@ def write_dcp(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
             _save_state_dict(obj, storage_writer=_writer(tmp), no_dist=True)
 
     write_swapped(Path(path), save, ckpt)
+
+
+def check_dcp_storable(tensor: Any) -> None:
+    """Refuse, as a :class:`CheckpointWriteError`, a tensor a DCP folder cannot hold: a meta
+    tensor has no values, and DCP stores dense, unquantized, non-nested tensors only."""
+    import torch
+
+    if tensor.is_meta:
+        problem = "a meta tensor: it has no values (made with .to('meta') or on device='meta')"
+    elif getattr(tensor, "is_nested", False):
+        problem = "a nested tensor"
+    elif tensor.is_quantized:
+        problem = "a quantized tensor"
+    elif tensor.layout != torch.strided:
+        problem = f"a {str(tensor.layout).removeprefix('torch.')} tensor"
+    else:
+        return
+    raise CheckpointWriteError(
+        f"a tensor of the result is {problem}; a DCP folder stores dense tensors only "
+        "(write .to_dense() or .dequantize(), or write a .pth)"
+    )
 
 
 def write_swapped(target: Path, fill: Callable[[Path], object], ckpt: Checkpoint) -> None:

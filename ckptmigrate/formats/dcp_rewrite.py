@@ -149,8 +149,8 @@ def _flatten(node: Any, route: tuple[Any, ...], out: list[tuple[tuple[Any, ...],
     """DCP's flattening: dicts and lists holding containers are walked, anything else is an
     entry (a list of plain values, as ``params``, is one value)."""
     if isinstance(node, dict):
-        for key, value in node.items():
-            _flatten(value, (*route, key), out)
+        for key, value in node.items():  # a key of a dict is a string in DCP's routes
+            _flatten(value, (*route, key if isinstance(key, str) else str(key)), out)
         return
     if isinstance(node, list) and any(
         isinstance(v, (dict, list, TensorStub, NewTensor)) for v in node
