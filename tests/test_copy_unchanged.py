@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from copy_cases import rename_schema, write_source
 from safetensors.torch import load_file, save_file
 from set_files import make_set, save_big_endian
 
@@ -31,18 +32,6 @@ def source_state() -> dict[str, torch.Tensor]:
     return sd
 
 
-def rename_schema() -> cm.Schema:
-    schema = cm.Schema("net", current="2.0.0")
-
-    @schema.migration("1.0.0", "2.0.0")
-    def rename(ckpt: cm.Checkpoint) -> None:
-        ckpt.state_dict = {
-            k.replace(".attn.", ".self_attn."): v for k, v in ckpt.state_dict.items()
-        }
-
-    return schema
-
-
 def merge_schema(dim: int = 0) -> cm.Schema:
     schema = cm.Schema("net", current="2.0.0")
     schema.add_migration(
@@ -55,13 +44,6 @@ def merge_schema(dim: int = 0) -> cm.Schema:
         ],
     )
     return schema
-
-
-def write_source(path: Path, sd: dict[str, torch.Tensor]) -> None:
-    if path.suffix == ".safetensors":
-        save_file(sd, str(path))
-    else:
-        torch.save(sd, path)
 
 
 def read_back(path: Path) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from dcp_steps import EXACT, assert_same, clobber_chunk, save_folder, schema_of, small_model
 from torch.distributed.checkpoint import FileSystemWriter
 
 import ckptmigrate as cm
@@ -26,32 +27,18 @@ from ckptmigrate.formats.dcp import read_dcp_metadata
 from ckptmigrate.formats.dcp_rewrite import VALUES_FILE
 from ckptmigrate.io.files import read_checkpoint
 
-EXACT = {"rtol": 0.0, "atol": 0.0}
-
 
 def _model_sd() -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    return {
-        "a": torch.randn(4, 6, generator=gen),
-        "b": torch.randn(6, generator=gen),
-        "i": torch.arange(12, dtype=torch.int32).reshape(3, 4),
-        "big": torch.randn(320, 256, generator=gen),
-    }
+    return small_model(big=True)
 
 
 @pytest.fixture()
 def folder(tmp_path: Path) -> Path:
-    out = tmp_path / "step-100"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # single process, no process group
-        dcp.save({"model": _model_sd()}, storage_writer=FileSystemWriter(out, thread_count=2))
-    return out
+    return save_folder(tmp_path / "step-100", {"model": _model_sd()}, thread_count=2)
 
 
 def _schema(step) -> cm.Schema:
-    schema = cm.Schema("lm", current="2.0.0")
-    schema.migration("1.0.0", "2.0.0")(step)
-    return schema
+    return schema_of(step)
 
 
 def _upgraded_and_loaded(folder: Path, tmp_path: Path, step) -> tuple[cm.Checkpoint, ...]:
@@ -63,10 +50,7 @@ def _upgraded_and_loaded(folder: Path, tmp_path: Path, step) -> tuple[cm.Checkpo
 
 
 def _assert_same(got: dict, want: dict) -> None:
-    assert sorted(got) == sorted(want)
-    for key, value in want.items():
-        assert got[key].dtype == value.dtype, key
-        torch.testing.assert_close(got[key], value, **EXACT, msg=key)
+    assert_same(got, want, ordered=False)
 
 
 def numpy_edit(ckpt: cm.Checkpoint) -> None:
@@ -332,17 +316,8 @@ def rename_and_scale(ckpt: cm.Checkpoint) -> None:
     ckpt.state_dict = sd
 
 
-def _clobber_chunk(folder: Path, fqn: str) -> None:
-    """Overwrite the first bytes of ``fqn``'s chunk in its rank file: reading it fails."""
-    md = read_dcp_metadata(folder)
-    (info,) = [info for index, info in md.storage_data.items() if index.fqn == fqn]
-    with open(folder / info.relative_path, "r+b") as f:
-        f.seek(info.offset)
-        f.write(b"\0" * 64)
-
-
 def test_a_tensor_the_step_never_uses_is_never_read(folder, tmp_path):
-    _clobber_chunk(folder, "model.big")  # loading the folder would fail on it
+    clobber_chunk(folder, "model.big")  # loading the folder would fail on it
     with pytest.raises((CheckpointFormatError, UnsafeCheckpointError)):
         cm.load(folder, schema=_schema(rename_and_scale), from_version="1.0.0")
     out = tmp_path / "v2"
@@ -400,7 +375,7 @@ def touch_big_and_swallow(ckpt: cm.Checkpoint) -> None:
 
 
 def test_a_tensor_that_cannot_be_read_is_the_folders_error_not_the_steps(folder, tmp_path):
-    _clobber_chunk(folder, "model.big")
+    clobber_chunk(folder, "model.big")
     out = tmp_path / "v2"
     for step in (touch_big_and_swallow, rename_and_scale_big):
         with pytest.raises(CheckpointFormatError) as raised:

@@ -12,65 +12,29 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
+from dcp_steps import EXACT, assert_same, clobber_chunk, save_folder, schema_of, small_model
 
 import ckptmigrate as cm
 from ckptmigrate.errors import CkptMigrateError
-from ckptmigrate.formats.dcp import read_dcp_metadata
 from ckptmigrate.io.files import read_checkpoint
-
-EXACT = {"rtol": 0.0, "atol": 0.0}
 
 
 def _model_sd() -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    return {
-        "a": torch.randn(4, 6, generator=gen),
-        "b": torch.randn(6, generator=gen),
-        "i": torch.arange(12, dtype=torch.int32).reshape(3, 4),
-    }
+    return small_model()
 
 
 @pytest.fixture()
 def folder(tmp_path: Path) -> Path:
-    out = tmp_path / "step-100"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # single process, no process group
-        dcp.save({"model": _model_sd()}, storage_writer=FileSystemWriter(out))
-    return out
-
-
-def _schema(*steps) -> cm.Schema:
-    schema = cm.Schema("lm", current=f"{len(steps) + 1}.0.0")
-    for n, step in enumerate(steps, start=1):
-        schema.migration(f"{n}.0.0", f"{n + 1}.0.0")(step)
-    return schema
+    return save_folder(tmp_path / "step-100", {"model": _model_sd()})
 
 
 def _both(folder: Path, tmp_path: Path, *steps) -> tuple[cm.Checkpoint, cm.Checkpoint]:
     """(upgraded on touch and read back, loaded: the reference)."""
     out = tmp_path / "v2"
-    cm.upgrade_file(folder, out, _schema(*steps), from_version="1.0.0")
+    cm.upgrade_file(folder, out, schema_of(*steps), from_version="1.0.0")
     got = read_checkpoint(out)
-    want = cm.load(folder, schema=_schema(*steps), from_version="1.0.0")
+    want = cm.load(folder, schema=schema_of(*steps), from_version="1.0.0")
     return got, want
-
-
-def _assert_same(got: dict, want: dict) -> None:
-    assert list(got) == list(want)
-    for key, value in want.items():
-        assert got[key].dtype == value.dtype, key
-        torch.testing.assert_close(got[key], value, **EXACT, msg=key)
-
-
-def _clobber_chunk(folder: Path, fqn: str) -> None:
-    """Overwrite the first bytes of ``fqn``'s chunk: reading that tensor fails."""
-    md = read_dcp_metadata(folder)
-    (info,) = [info for index, info in md.storage_data.items() if index.fqn == fqn]
-    with open(folder / info.relative_path, "r+b") as f:
-        f.seek(info.offset)
-        f.write(b"\0" * 64)
 
 
 # -- 1. nn.Parameter of an input / load_state_dict(assign=True) ----------------------------------
@@ -94,7 +58,7 @@ def test_a_parameter_made_from_an_input_works_as_when_loaded(folder, tmp_path, s
     # instance of the same type" (a MigrationError); load_state_dict(..., assign=True) does
     # the same. now: as on the loaded folder, the step runs and its result is written.
     got, want = _both(folder, tmp_path, step)
-    _assert_same(got.state_dict, want.state_dict)
+    assert_same(got.state_dict, want.state_dict)
 
 
 # -- 2. requires_grad answered from the meta tensor after requires_grad_() ------------------------
@@ -135,7 +99,7 @@ def test_as_subclass_of_an_input_gives_its_values(folder, tmp_path, step):
     # NotImplementedError ("Cannot copy out of meta tensor"). now: a2 == 2 * a, as loaded.
     # (with torch functions off: the same, the product of the meta tensor)
     got, want = _both(folder, tmp_path, step)
-    _assert_same(got.state_dict, want.state_dict)
+    assert_same(got.state_dict, want.state_dict)
 
 
 # -- 4. writes into an input that bypass the guard: loaded keeps them, on touch drops them ------
@@ -177,11 +141,11 @@ def test_a_write_into_an_input_past_the_guard_answers_as_when_loaded(folder, tmp
     # both (best), or at least the same result as loaded. This test accepts either.
     out = tmp_path / "v2"
     try:
-        cm.upgrade_file(folder, out, _schema(step), from_version="1.0.0")
+        cm.upgrade_file(folder, out, schema_of(step), from_version="1.0.0")
     except cm.MigrationError:
         return
-    want = cm.load(folder, schema=_schema(step), from_version="1.0.0")
-    _assert_same(read_checkpoint(out).state_dict, want.state_dict)
+    want = cm.load(folder, schema=schema_of(step), from_version="1.0.0")
+    assert_same(read_checkpoint(out).state_dict, want.state_dict)
 
 
 # -- 5. an input kept by one step and written by a later one ------------------------------------
@@ -204,11 +168,11 @@ def test_a_write_into_an_input_kept_from_an_earlier_step_is_refused(folder, tmp_
     # values. now: refused as on the loaded folder (the kept ReadOnlyTensor refuses add_).
     KEPT.clear()
     with pytest.raises(cm.MigrationError, match="in place"):
-        cm.load(folder, schema=_schema(keep_input, write_kept_input), from_version="1.0.0")
+        cm.load(folder, schema=schema_of(keep_input, write_kept_input), from_version="1.0.0")
     KEPT.clear()
     out = tmp_path / "v2"
     with pytest.raises(cm.MigrationError, match="in place"):
-        cm.upgrade_file(folder, out, _schema(keep_input, write_kept_input), from_version="1.0.0")
+        cm.upgrade_file(folder, out, schema_of(keep_input, write_kept_input), from_version="1.0.0")
     assert not out.exists()
 
 
@@ -224,12 +188,12 @@ def test_an_unreadable_input_in_a_tuple_in_extra_is_the_folders_error(folder, tm
     # pickled at write time, outside _run_on_touch, so ReadFailed (a BaseException, no
     # ckptmigrate error) escapes upgrade_file. now: the folder's CheckpointFormatError, as
     # loading the folder raises, and nothing written.
-    _clobber_chunk(folder, "model.a")
+    clobber_chunk(folder, "model.a")
     with pytest.raises(CkptMigrateError):
-        cm.load(folder, schema=_schema(input_in_a_tuple), from_version="1.0.0")
+        cm.load(folder, schema=schema_of(input_in_a_tuple), from_version="1.0.0")
     out = tmp_path / "v2"
     try:
-        cm.upgrade_file(folder, out, _schema(input_in_a_tuple), from_version="1.0.0")
+        cm.upgrade_file(folder, out, schema_of(input_in_a_tuple), from_version="1.0.0")
     except BaseException as exc:  # noqa: BLE001 - what escapes is the point
         assert isinstance(exc, CkptMigrateError), type(exc)
     else:
@@ -260,14 +224,14 @@ def test_a_question_its_shape_and_dtype_answer_does_not_read_the_tensor(folder, 
     # whole tensor (here: a chunk that cannot be read, so the upgrade fails). now: shape,
     # dtype and layout answer them (a DCP tensor loads contiguous, offset 0, on cpu), so a
     # tensor the step only asks about is never read and the upgrade succeeds.
-    _clobber_chunk(folder, "model.a")
+    clobber_chunk(folder, "model.a")
     ask = METADATA_QUESTIONS[question]
 
     def step(ckpt: cm.Checkpoint) -> None:
         ckpt.hparams["answer"] = ask(ckpt.state_dict["a"])
 
     out = tmp_path / "v2"
-    cm.upgrade_file(folder, out, _schema(step), from_version="1.0.0")
+    cm.upgrade_file(folder, out, schema_of(step), from_version="1.0.0")
     assert out.is_dir()
 
 
@@ -284,10 +248,10 @@ def test_a_meta_tensor_made_from_an_input_is_no_bare_torch_error(folder, tmp_pat
     # now: written as from the .pth, or a ckptmigrate error that says what is wrong.
     pth = tmp_path / "a.pth"
     torch.save({"state_dict": _model_sd()}, pth)
-    cm.upgrade_file(pth, tmp_path / "b.pth", _schema(to_meta), from_version="1.0.0")
+    cm.upgrade_file(pth, tmp_path / "b.pth", schema_of(to_meta), from_version="1.0.0")
     out = tmp_path / "v2"
     try:
-        cm.upgrade_file(folder, out, _schema(to_meta), from_version="1.0.0")
+        cm.upgrade_file(folder, out, schema_of(to_meta), from_version="1.0.0")
     except BaseException as exc:  # noqa: BLE001
         assert isinstance(exc, CkptMigrateError), repr(exc)
         assert not out.exists()
@@ -309,13 +273,13 @@ def test_a_read_failure_the_step_turns_into_its_own_error_is_still_the_folders(f
     # folder's error is lost (the commit claims "a read that fails is the folder's error, even
     # where the step caught it"). now: the folder's error, as loading it raises (loading
     # fails before the step runs), not a MigrationError; nothing written.
-    _clobber_chunk(folder, "model.a")
+    clobber_chunk(folder, "model.a")
     with pytest.raises(CkptMigrateError) as loaded:
-        cm.load(folder, schema=_schema(scale_or_explain), from_version="1.0.0")
+        cm.load(folder, schema=schema_of(scale_or_explain), from_version="1.0.0")
     assert not isinstance(loaded.value, cm.MigrationError)
     out = tmp_path / "v2"
     with pytest.raises(CkptMigrateError) as upgraded:
-        cm.upgrade_file(folder, out, _schema(scale_or_explain), from_version="1.0.0")
+        cm.upgrade_file(folder, out, schema_of(scale_or_explain), from_version="1.0.0")
     assert not isinstance(upgraded.value, cm.MigrationError), upgraded.value
     assert "model.a" in str(upgraded.value)
     assert not out.exists()
@@ -340,7 +304,7 @@ def test_an_input_tensor_in_hparams_is_refused_as_a_computed_one_is(folder, tmp_
     messages = []
     for n, step in enumerate((input_in_hparams, computed_in_hparams)):
         with pytest.raises(cm.CheckpointWriteError) as raised:
-            cm.upgrade_file(folder, tmp_path / f"v{n}", _schema(step), from_version="1.0.0")
+            cm.upgrade_file(folder, tmp_path / f"v{n}", schema_of(step), from_version="1.0.0")
         messages.append(str(raised.value))
     assert messages[0] == messages[1]
 
@@ -365,7 +329,7 @@ def test_a_steps_new_exp_avg_is_kept_however_the_state_is_keyed(tmp_path):
         optimizer = {"state": state, "param_groups": [{"lr": 0.1, "params": keys}]}
         pth = tmp_path / f"a{n}.pth"
         torch.save({"state_dict": model, "optimizer": optimizer}, pth)
-        got = cm.load(pth, schema=_schema(zero_exp_avg), from_version="1.0.0")
+        got = cm.load(pth, schema=schema_of(zero_exp_avg), from_version="1.0.0")
         for k in keys:
             torch.testing.assert_close(
                 got.optimizer["state"][k]["exp_avg"], torch.zeros(2), **EXACT, msg=repr(k)
@@ -414,7 +378,7 @@ def test_an_in_place_upgrade_whose_write_fails_leaves_nothing_behind(folder, tmp
     # backup of an upgrade that did not happen is litter, and blocks the next backup's name),
     # and a ckptmigrate error.
     try:
-        cm.upgrade_in_place(folder, _schema(unwritable_extra), from_version="1.0.0")
+        cm.upgrade_in_place(folder, schema_of(unwritable_extra), from_version="1.0.0")
     except BaseException as exc:  # noqa: BLE001 - whatever it raises, check what is left
         raised = exc
     else:
@@ -437,9 +401,9 @@ def test_set_on_an_input_is_refused_as_when_loaded(folder, tmp_path):
     # a tensor on device meta to a storage on device cpu" (and set_ to a meta storage would
     # silently change the shape the OnTouch reports). now: the same refusal as loaded.
     with pytest.raises(cm.MigrationError, match="in place") as loaded:
-        cm.load(folder, schema=_schema(set_input), from_version="1.0.0")
+        cm.load(folder, schema=schema_of(set_input), from_version="1.0.0")
     out = tmp_path / "v2"
     with pytest.raises(cm.MigrationError) as upgraded:
-        cm.upgrade_file(folder, out, _schema(set_input), from_version="1.0.0")
+        cm.upgrade_file(folder, out, schema_of(set_input), from_version="1.0.0")
     assert str(upgraded.value) == str(loaded.value)
     assert not out.exists()

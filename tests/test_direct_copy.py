@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from copy_cases import rename_schema, write_source
 from crash_points import killed_runs
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import ckptmigrate as cm
 from ckptmigrate.errors import CheckpointFormatError
@@ -170,25 +171,6 @@ def big_state() -> dict[str, torch.Tensor]:
     sd = {f"layers.{i}.attn.weight": torch.randn(700, 513, generator=gen) for i in range(4)}
     sd["head.bias"] = torch.randn(7, generator=gen)  # under DIRECT_LEAST: the kernel copy
     return sd
-
-
-def rename_schema() -> cm.Schema:
-    schema = cm.Schema("net", current="2.0.0")
-
-    @schema.migration("1.0.0", "2.0.0")
-    def rename(ckpt: cm.Checkpoint) -> None:
-        ckpt.state_dict = {
-            k.replace(".attn.", ".self_attn."): v for k, v in ckpt.state_dict.items()
-        }
-
-    return schema
-
-
-def write_source(path: Path, sd: dict[str, torch.Tensor]) -> None:
-    if path.suffix == ".safetensors":
-        save_file(sd, str(path))
-    else:
-        torch.save(sd, path)
 
 
 def read_back(path: Path) -> dict[str, torch.Tensor]:

@@ -13,44 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from dcp_steps import EXACT, assert_same, clobber_chunk, save_folder, schema_of, small_model
 from torch.distributed.checkpoint import FileSystemWriter
 
 import ckptmigrate as cm
 from ckptmigrate.io.files import read_checkpoint
 
-EXACT = {"rtol": 0.0, "atol": 0.0}
-
 
 def _model_sd() -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    return {
-        "a": torch.randn(4, 6, generator=gen),
-        "b": torch.randn(6, generator=gen),
-        "i": torch.arange(12, dtype=torch.int32).reshape(3, 4),
-    }
+    return small_model()
 
 
 @pytest.fixture()
 def folder(tmp_path: Path) -> Path:
-    out = tmp_path / "step-100"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # single process, no process group
-        dcp.save({"model": _model_sd()}, storage_writer=FileSystemWriter(out))
-    return out
-
-
-def _schema(*steps) -> cm.Schema:
-    schema = cm.Schema("lm", current=f"{len(steps) + 1}.0.0")
-    for n, step in enumerate(steps, start=1):
-        schema.migration(f"{n}.0.0", f"{n + 1}.0.0")(step)
-    return schema
-
-
-def _assert_same(got: dict, want: dict) -> None:
-    assert list(got) == list(want)
-    for key, value in want.items():
-        assert got[key].dtype == value.dtype, key
-        torch.testing.assert_close(got[key], value, **EXACT, msg=key)
+    return save_folder(tmp_path / "step-100", {"model": _model_sd()})
 
 
 # -- 1. (every format) copy.deepcopy of the state dict mixes up its tensors ----------------------
@@ -69,18 +45,18 @@ def test_a_deep_copy_of_the_state_dict_keeps_each_tensor(tmp_path):
     sd = {"a": torch.ones(3), "b": torch.zeros(2), "i": torch.arange(3)}
     pth = tmp_path / "m.pth"
     torch.save({"state_dict": sd}, pth)
-    got = cm.load(pth, schema=_schema(deepcopy_state), from_version="1.0.0")
-    _assert_same(got.state_dict, sd)
+    got = cm.load(pth, schema=schema_of(deepcopy_state), from_version="1.0.0")
+    assert_same(got.state_dict, sd)
 
 
 def test_a_deep_copy_of_a_dcp_state_dict_keeps_each_tensor(folder, tmp_path):
     # wrong: as above, on both paths, and differently: cm.load gives 'i' a's values (float32),
     # upgrade_file gives 'b' a's values. right: the folder's own tensors.
     out = tmp_path / "v2"
-    cm.upgrade_file(folder, out, _schema(deepcopy_state), from_version="1.0.0")
-    _assert_same(read_checkpoint(out).state_dict, _model_sd())
-    want = cm.load(folder, schema=_schema(deepcopy_state), from_version="1.0.0")
-    _assert_same(want.state_dict, _model_sd())
+    cm.upgrade_file(folder, out, schema_of(deepcopy_state), from_version="1.0.0")
+    assert_same(read_checkpoint(out).state_dict, _model_sd())
+    want = cm.load(folder, schema=schema_of(deepcopy_state), from_version="1.0.0")
+    assert_same(want.state_dict, _model_sd())
 
 
 # -- 2. (every format) f"{t:.3f}" of a 0-dim input fails under the guard -------------------------
@@ -97,9 +73,9 @@ def test_formatting_a_0_dim_input_works_as_on_a_plain_tensor(folder, tmp_path):
     # on the loaded folder and on touch alike. right: "-1.126", as on the plain tensor.
     plain = f"{_model_sd()['a'][0, 0]:.3f}"
     out = tmp_path / "v2"
-    cm.upgrade_file(folder, out, _schema(format_a_scalar), from_version="1.0.0")
+    cm.upgrade_file(folder, out, schema_of(format_a_scalar), from_version="1.0.0")
     assert read_checkpoint(out).extra["first"] == plain
-    want = cm.load(folder, schema=_schema(format_a_scalar), from_version="1.0.0")
+    want = cm.load(folder, schema=schema_of(format_a_scalar), from_version="1.0.0")
     assert want.extra["first"] == plain
 
 
@@ -193,7 +169,7 @@ def test_a_tensor_dcp_cannot_store_is_a_clear_error(folder, tmp_path, step):
     # CheckpointWriteError naming the key), nothing written.
     out = tmp_path / "v2"
     try:
-        cm.upgrade_file(folder, out, _schema(step), from_version="1.0.0")
+        cm.upgrade_file(folder, out, schema_of(step), from_version="1.0.0")
     except Exception as exc:  # noqa: BLE001 - what escapes is the point
         assert isinstance(exc, cm.CkptMigrateError), f"{type(exc).__name__}: {exc}"
     assert not out.exists()
@@ -213,7 +189,7 @@ def test_a_quantized_tensor_is_not_written_into_a_folder_that_cannot_be_read(fol
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            cm.upgrade_file(folder, out, _schema(quantized_in_state), from_version="1.0.0")
+            cm.upgrade_file(folder, out, schema_of(quantized_in_state), from_version="1.0.0")
         except cm.CkptMigrateError:
             assert not out.exists()
             return
@@ -239,10 +215,10 @@ def test_torch_func_grad_over_an_input_works_as_when_loaded(folder, tmp_path, st
     # (its meta tensor) and the upgrade fails: "RuntimeError: Function MulBackward0 returned
     # an invalid gradient at index 0 - expected device meta but got cpu". right: g = 2 * b,
     # as loaded.
-    want = cm.load(folder, schema=_schema(step), from_version="1.0.0")
+    want = cm.load(folder, schema=schema_of(step), from_version="1.0.0")
     out = tmp_path / "v2"
-    cm.upgrade_file(folder, out, _schema(step), from_version="1.0.0")
-    _assert_same(read_checkpoint(out).state_dict, want.state_dict)
+    cm.upgrade_file(folder, out, schema_of(step), from_version="1.0.0")
+    assert_same(read_checkpoint(out).state_dict, want.state_dict)
 
 
 # -- 8. (every format) pickling an input inside a step fails ------------------------------------
@@ -263,7 +239,7 @@ def test_torch_save_of_an_input_inside_a_step_works(folder, tmp_path):
     # Can't pickle local object '_guard_class.<locals>.ReadOnlyTensor'". A step that works on
     # plain tensors fails under the guard. right: b2 equals b (a plain tensor).
     out = tmp_path / "v2"
-    cm.upgrade_file(folder, out, _schema(round_trip_through_torch_save), from_version="1.0.0")
+    cm.upgrade_file(folder, out, schema_of(round_trip_through_torch_save), from_version="1.0.0")
     got = read_checkpoint(out).state_dict
     torch.testing.assert_close(got["b2"], _model_sd()["b"], **EXACT)
 
@@ -289,9 +265,9 @@ def test_torch_tensor_of_an_input_works_as_when_loaded(folder, tmp_path):
     # result from the unread OnTouch's meta tensor (a meta result; a step that keeps it falls
     # back to the loaded path, one that looks at it fails): "NotImplementedError: Cannot copy
     # out of meta tensor; no data!". right: the sum of b, as loaded.
-    want = cm.load(folder, schema=_schema(tensor_of_an_input), from_version="1.0.0")
+    want = cm.load(folder, schema=schema_of(tensor_of_an_input), from_version="1.0.0")
     out = tmp_path / "v2"
-    cm.upgrade_file(folder, out, _schema(tensor_of_an_input), from_version="1.0.0")
+    cm.upgrade_file(folder, out, schema_of(tensor_of_an_input), from_version="1.0.0")
     assert read_checkpoint(out).extra["total"] == want.extra["total"]
 
 
@@ -309,7 +285,7 @@ def test_str_of_an_input_is_what_torch_prints(folder, tmp_path):
     # paths). right: torch's own text.
     plain = "first index " + str(_model_sd()["i"][0, 1])
     out = tmp_path / "v2"
-    cm.upgrade_file(folder, out, _schema(note_a_value), from_version="1.0.0")
+    cm.upgrade_file(folder, out, schema_of(note_a_value), from_version="1.0.0")
     assert read_checkpoint(out).extra["note"] == plain
 
 
@@ -330,7 +306,7 @@ def test_an_unwritable_value_in_meta_is_refused_before_the_backup(tmp_path):
     torch.save({"state_dict": {"a": torch.ones(2)}}, pth)
     before = pth.read_bytes()
     try:
-        cm.upgrade_in_place(pth, _schema(unwritable_meta), from_version="1.0.0")
+        cm.upgrade_in_place(pth, schema_of(unwritable_meta), from_version="1.0.0")
     except Exception as exc:  # noqa: BLE001 - what escapes is the point
         assert isinstance(exc, cm.CheckpointWriteError), f"{type(exc).__name__}: {exc}"
     else:
@@ -340,17 +316,6 @@ def test_an_unwritable_value_in_meta_is_refused_before_the_backup(tmp_path):
 
 
 # -- 13. a call that returns the input itself (or an alias) reads it --------------------------------
-
-
-def _clobber_chunk(folder: Path, fqn: str) -> None:
-    """Overwrite the first bytes of ``fqn``'s chunk: reading that tensor fails."""
-    from ckptmigrate.formats.dcp import read_dcp_metadata
-
-    md = read_dcp_metadata(folder)
-    (info,) = [info for index, info in md.storage_data.items() if index.fqn == fqn]
-    with open(folder / info.relative_path, "r+b") as f:
-        f.seek(info.offset)
-        f.write(b"\0" * 64)
 
 
 NO_OPS = {
@@ -372,14 +337,14 @@ def test_a_call_that_returns_the_input_as_it_is_does_not_read_it(folder, tmp_pat
     # view_as also write the tensor anew into the values file. The probe, as in
     # test_a_tensor_the_step_never_uses_is_never_read: a chunk that cannot be read. right:
     # no read; the tensor keeps its chunk in the linked rank file.
-    _clobber_chunk(folder, "model.a")
+    clobber_chunk(folder, "model.a")
     op = NO_OPS[call]
 
     def normalise(ckpt: cm.Checkpoint) -> None:
         ckpt.state_dict["a"] = op(ckpt.state_dict["a"])
 
     out = tmp_path / "v2"
-    cm.upgrade_file(folder, out, _schema(normalise), from_version="1.0.0")
+    cm.upgrade_file(folder, out, schema_of(normalise), from_version="1.0.0")
 
 
 # -- 14. (state keyed by name: every DCP folder) a change of type, not of value, is dropped -------
@@ -406,7 +371,7 @@ def test_a_step_that_makes_an_optimizer_number_a_tensor_is_kept(tmp_path, step):
     optimizer = {"state": state, "param_groups": [{"lr": 0.1, "params": ["a", "b"]}]}
     pth = tmp_path / "m.pth"
     torch.save({"state_dict": model, "optimizer": optimizer}, pth)
-    got = cm.load(pth, schema=_schema(step), from_version="1.0.0").optimizer
+    got = cm.load(pth, schema=schema_of(step), from_version="1.0.0").optimizer
     if step is step_to_tensor:
         assert all(isinstance(s["step"], torch.Tensor) for s in got["state"].values())
     else:
@@ -447,7 +412,7 @@ def test_extra_that_is_no_longer_a_dict_is_a_migration_error(folder, tmp_path, o
     torch.save({"state_dict": {"a": torch.ones(2)}, "epoch": 1}, tmp_path / "m.pth")
     out = tmp_path / output
     with pytest.raises(cm.MigrationError):
-        cm.upgrade_file(sources[output], out, _schema(extra_none), from_version="1.0.0")
+        cm.upgrade_file(sources[output], out, schema_of(extra_none), from_version="1.0.0")
     assert not out.exists()
 
 
@@ -495,10 +460,10 @@ def test_a_write_through_a_view_of_a_detached_input_is_refused(folder, tmp_path,
     # input tensor in place (add_)". on touch: the upgrade succeeds and writes the changed
     # row (changed() sees it). right: refused as when loaded, nothing written.
     with pytest.raises(cm.MigrationError, match="in place"):
-        cm.load(folder, schema=_schema(step), from_version="1.0.0")
+        cm.load(folder, schema=schema_of(step), from_version="1.0.0")
     out = tmp_path / "v2"
     with pytest.raises(cm.MigrationError, match="in place"):
-        cm.upgrade_file(folder, out, _schema(step), from_version="1.0.0")
+        cm.upgrade_file(folder, out, schema_of(step), from_version="1.0.0")
     assert not out.exists()
 
 
@@ -515,9 +480,9 @@ def test_the_in_place_refusal_names_the_same_call_as_when_loaded(folder, tmp_pat
     # and the guard only catches the setitem that follows). right: the same message.
     step = scale_a_row_of_an_assigned_weight
     with pytest.raises(cm.MigrationError) as loaded:
-        cm.load(folder, schema=_schema(step), from_version="1.0.0")
+        cm.load(folder, schema=schema_of(step), from_version="1.0.0")
     with pytest.raises(cm.MigrationError) as touched:
-        cm.upgrade_file(folder, tmp_path / "v2", _schema(step), from_version="1.0.0")
+        cm.upgrade_file(folder, tmp_path / "v2", schema_of(step), from_version="1.0.0")
     assert str(touched.value) == str(loaded.value)
 
 
@@ -549,7 +514,7 @@ def test_a_dict_with_int_keys_in_extra_is_written_readably(folder, tmp_path):
     # by_layer.0.)"), by read_checkpoint or by DCP. right: it loads, as dcp.save's would
     # (keys '1', '2').
     out = tmp_path / "v2"
-    cm.upgrade_file(folder, out, _schema(int_keyed_dict), from_version="1.0.0")
+    cm.upgrade_file(folder, out, schema_of(int_keyed_dict), from_version="1.0.0")
     got = read_checkpoint(out).extra["by_layer"]
     assert sorted(str(k) for k in got) == ["1", "2"]
 
@@ -565,7 +530,7 @@ def test_a_defaultdict_in_extra_is_no_bare_type_error(folder, tmp_path):
     # the step. right: written (as a dict, as dcp.save flattens it) or a CkptMigrateError.
     out = tmp_path / "v2"
     try:
-        cm.upgrade_file(folder, out, _schema(defaultdict_in_extra), from_version="1.0.0")
+        cm.upgrade_file(folder, out, schema_of(defaultdict_in_extra), from_version="1.0.0")
     except Exception as exc:  # noqa: BLE001 - what escapes is the point
         assert isinstance(exc, cm.CkptMigrateError), f"{type(exc).__name__}: {exc}"
 
@@ -583,12 +548,12 @@ def test_an_input_in_a_namedtuple_in_extra_is_written(folder, tmp_path):
     # every writer (DCP on touch, .pth) dies with a bare "AttributeError: Can't pickle local
     # object '_guard_class.<locals>.ReadOnlyTensor'". right: a plain tensor, written (or a
     # CkptMigrateError); _check_picklable passes it because it skips every tensor.
-    loaded = cm.load(folder, schema=_schema(input_in_a_namedtuple), from_version="1.0.0")
+    loaded = cm.load(folder, schema=schema_of(input_in_a_namedtuple), from_version="1.0.0")
     assert type(loaded.extra["pair"].x) is torch.Tensor
     pth = tmp_path / "m.pth"
     torch.save({"state_dict": _model_sd()}, pth)
     for src, out in ((folder, tmp_path / "v2"), (pth, tmp_path / "o.pth")):
         try:
-            cm.upgrade_file(src, out, _schema(input_in_a_namedtuple), from_version="1.0.0")
+            cm.upgrade_file(src, out, schema_of(input_in_a_namedtuple), from_version="1.0.0")
         except Exception as exc:  # noqa: BLE001 - what escapes is the point
             assert isinstance(exc, cm.CkptMigrateError), f"{out.name}: {type(exc).__name__}: {exc}"

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from copy_cases import write_source
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from set_files import make_bin_shards, make_set
 from test_copy_unchanged import used_bytes, xfs  # noqa: F401 (the XFS loop mount fixture)
 
@@ -50,13 +51,6 @@ PLANS = {
         cm.ops.RenameKeys(r"layers\.0\.(.*)", r"l0.\1"),
     ],
 }
-
-
-def write_source(path: Path, sd: dict[str, torch.Tensor]) -> None:
-    if path.suffix == ".safetensors":
-        save_file(sd, str(path))
-    else:
-        torch.save(sd, path)
 
 
 def read_back(path: Path) -> dict[str, torch.Tensor]:
