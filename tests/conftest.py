@@ -19,6 +19,12 @@ from toy import TOY_MIGRATIONS_WITH_MODEL, toy_sd
 import ckptmigrate as cm
 from ckptmigrate.schema.discovery import find_schemas
 
+# Tests compare a folder before and after a command: a migrations module imported from it
+# must not leave a __pycache__ there, whether or not the shell sets PYTHONDONTWRITEBYTECODE
+# (this process and every CLI process a test starts)
+sys.dont_write_bytecode = True
+os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
+
 #: fixtures of real servers on loopback (and the catalogs on them), for every test file
 pytest_plugins = ["postgres_server", "catalog_dbs"]
 
