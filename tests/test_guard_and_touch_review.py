@@ -557,3 +557,14 @@ def test_an_input_in_a_namedtuple_in_extra_is_written(folder, tmp_path):
             cm.upgrade_file(src, out, schema_of(input_in_a_namedtuple), from_version="1.0.0")
         except Exception as exc:  # noqa: BLE001 - what escapes is the point
             assert isinstance(exc, cm.CkptMigrateError), f"{out.name}: {type(exc).__name__}: {exc}"
+
+
+def test_a_step_that_drops_the_optimizer_drops_it(with_optimizer, tmp_path):
+    # wrong: keyed by name (every DCP folder), write_back put the followed state back into
+    # ckpt.optimizer after the step set it to None: cm.load and upgrade_file both returned
+    # the whole optimizer again (keyed by position, it was dropped). right: no optimizer.
+    loaded = cm.load(with_optimizer, schema=schema_of(drop_the_optimizer), from_version="1.0.0")
+    assert loaded.optimizer is None
+    out = tmp_path / "v2"
+    cm.upgrade_file(with_optimizer, out, schema_of(drop_the_optimizer), from_version="1.0.0")
+    assert read_checkpoint(out).optimizer is None

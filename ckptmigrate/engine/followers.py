@@ -126,6 +126,10 @@ class OptimizerFollowers:
             return []
         self._adopt_group_options(before, after)
         self._adopt_states(before, after)
+        now = dict(optimizer_states(after.optimizer))
+        self.slots = [(w, slot) for w, slot in self.slots if w in now]  # dropped: stays so
+        if not self.slots:
+            return []
         where = {}
         for key, value in before.state_dict.items():
             where.setdefault(id(value), key)
