@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
@@ -60,3 +61,24 @@ def clobber_chunk(folder: Path, fqn: str) -> None:
     with open(folder / info.relative_path, "r+b") as f:
         f.seek(info.offset)
         f.write(b"\0" * 64)
+
+
+def upgraded_without_reading(folder: Path, tmp_path: Path, fqn: str, step) -> Path:
+    """``folder`` upgraded by ``step`` with ``fqn``'s chunk made unreadable first: it
+    succeeds only if the step never reads that tensor. The output folder."""
+    clobber_chunk(folder, fqn)
+    out = tmp_path / "v2"
+    cm.upgrade_file(folder, out, schema_of(step), from_version="1.0.0")
+    return out
+
+
+def refused_as_when_loaded(folder: Path, tmp_path: Path, step, match: str | None = None) -> None:
+    """``step`` fails with the same MigrationError on the loaded folder (``cm.load``) and on
+    touch (``upgrade_file``), which writes nothing."""
+    with pytest.raises(cm.MigrationError, match=match) as loaded:
+        cm.load(folder, schema=schema_of(step), from_version="1.0.0")
+    out = tmp_path / "v2"
+    with pytest.raises(cm.MigrationError, match=match) as upgraded:
+        cm.upgrade_file(folder, out, schema_of(step), from_version="1.0.0")
+    assert str(upgraded.value) == str(loaded.value)
+    assert not out.exists()

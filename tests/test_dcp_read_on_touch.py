@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from dcp_steps import EXACT, assert_same, clobber_chunk, save_folder, schema_of, small_model
+from dcp_steps import (
+    EXACT,
+    assert_same,
+    clobber_chunk,
+    refused_as_when_loaded,
+    save_folder,
+    schema_of,
+    small_model,
+    upgraded_without_reading,
+)
 
 import ckptmigrate as cm
 from ckptmigrate.errors import CkptMigrateError
@@ -224,15 +233,12 @@ def test_a_question_its_shape_and_dtype_answer_does_not_read_the_tensor(folder, 
     # whole tensor (here: a chunk that cannot be read, so the upgrade fails). now: shape,
     # dtype and layout answer them (a DCP tensor loads contiguous, offset 0, on cpu), so a
     # tensor the step only asks about is never read and the upgrade succeeds.
-    clobber_chunk(folder, "model.a")
     ask = METADATA_QUESTIONS[question]
 
     def step(ckpt: cm.Checkpoint) -> None:
         ckpt.hparams["answer"] = ask(ckpt.state_dict["a"])
 
-    out = tmp_path / "v2"
-    cm.upgrade_file(folder, out, schema_of(step), from_version="1.0.0")
-    assert out.is_dir()
+    assert upgraded_without_reading(folder, tmp_path, "model.a", step).is_dir()
 
 
 # -- 8. a meta tensor from an input: a bare NotImplementedError -----------------------------------
@@ -400,10 +406,4 @@ def test_set_on_an_input_is_refused_as_when_loaded(folder, tmp_path):
     # on the OnTouch's own meta tensor and fails with torch's "Attempted to set the storage of
     # a tensor on device meta to a storage on device cpu" (and set_ to a meta storage would
     # silently change the shape the OnTouch reports). now: the same refusal as loaded.
-    with pytest.raises(cm.MigrationError, match="in place") as loaded:
-        cm.load(folder, schema=schema_of(set_input), from_version="1.0.0")
-    out = tmp_path / "v2"
-    with pytest.raises(cm.MigrationError) as upgraded:
-        cm.upgrade_file(folder, out, schema_of(set_input), from_version="1.0.0")
-    assert str(upgraded.value) == str(loaded.value)
-    assert not out.exists()
+    refused_as_when_loaded(folder, tmp_path, set_input, match="in place")

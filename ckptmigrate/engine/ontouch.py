@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import NotReplayableError
 from ..formats.dcp import check_dcp_storable
+from ..formats.dcp_rewrite import walks_list
 from ..formats.dcp_tensors import NewTensor
 from ..values.checkpoint import Checkpoint
 from ..values.tensorinfo import TensorStub
@@ -323,7 +324,7 @@ def _settled(node: Any, leaf: Callable[[Any], Any]) -> Any:
     value, stored as bytes."""
     if isinstance(node, dict):
         return _dict_like(node, lambda v: _settled(v, leaf))
-    if isinstance(node, list) and any(isinstance(v, (dict, list, torch.Tensor)) for v in node):
+    if walks_list(node):
         return [_settled(v, leaf) for v in node]
     return leaf(node)
 

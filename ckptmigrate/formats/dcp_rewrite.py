@@ -54,6 +54,7 @@ __all__ = [
     "read_dcp_stubs",
     "rewrite_dcp_metadata",
     "stubs_complete",
+    "walks_list",
 ]
 
 #: The rank file of the values a rewrite changed (optimizer groups' parameter lists).
@@ -145,6 +146,15 @@ def stubs_complete(stubs: Checkpoint) -> bool:
     return not _has_names(stubs.optimizer) and not _has_names(stubs.extra)
 
 
+def walks_list(node: Any) -> bool:
+    """Whether DCP's flattening walks into ``node``: a list holding a container or a tensor
+    (a stub, a new one, a torch tensor); any other list (``params``) is one stored value."""
+    return isinstance(node, list) and any(
+        isinstance(v, (dict, list, TensorStub, NewTensor)) or hasattr(type(v), "__torch_function__")
+        for v in node
+    )
+
+
 def _flatten(node: Any, route: tuple[Any, ...], out: list[tuple[tuple[Any, ...], Any]]) -> None:
     """DCP's flattening: dicts and lists holding containers are walked, anything else is an
     entry (a list of plain values, as ``params``, is one value)."""
@@ -152,9 +162,7 @@ def _flatten(node: Any, route: tuple[Any, ...], out: list[tuple[tuple[Any, ...],
         for key, value in node.items():  # a key of a dict is a string in DCP's routes
             _flatten(value, (*route, key if isinstance(key, str) else str(key)), out)
         return
-    if isinstance(node, list) and any(
-        isinstance(v, (dict, list, TensorStub, NewTensor)) for v in node
-    ):
+    if walks_list(node):
         for i, value in enumerate(node):
             _flatten(value, (*route, i), out)
         return
